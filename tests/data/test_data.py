@@ -1,0 +1,260 @@
+"""Tests for the data modules (CPU-only, no network)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from zoo.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
+from zoo.errors import ZooError
+
+# ----------------------------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsDataModule:
+    dm = DigitsDataModule(image_size=32, channels=3, batch_size=16, augment=False)
+    dm.setup("fit")
+    return dm
+
+
+def test_digits_shapes_and_dtype(digits: DigitsDataModule) -> None:
+    assert digits.num_classes == 10
+    assert digits.class_names == [str(i) for i in range(10)]
+    x, y = digits.val_dataset[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.long
+    assert digits.mean.shape == (3,) and digits.std.shape == (3,)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 8), (1, 16), (3, 24)])
+def test_digits_channels_and_size(channels: int, size: int) -> None:
+    dm = DigitsDataModule(image_size=size, channels=channels)
+    dm.setup()
+    x, _ = dm.val_dataset[0]
+    assert x.shape == (channels, size, size)
+    if channels == 3:
+        assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+def test_digits_sizes_disjoint_and_stratified(digits: DigitsDataModule) -> None:
+    n_train, n_val = len(digits.train_dataset), len(digits.val_dataset)
+    assert n_train + n_val == 1797
+    assert abs(n_val - 0.2 * 1797) <= 1
+    train_idx, val_idx = set(digits.train_indices.tolist()), set(digits.val_indices.tolist())
+    assert not train_idx & val_idx
+    assert len(train_idx | val_idx) == 1797
+    val_counts = torch.bincount(digits.val_labels, minlength=10)
+    train_counts = torch.bincount(digits.train_labels, minlength=10)
+    assert (val_counts > 0).all()
+    # stratified: each class's share in val matches its share in train to within a sample or so
+    total = val_counts + train_counts
+    expected = total.float() * n_val / 1797
+    assert ((val_counts.float() - expected).abs() <= 1.0).all()
+
+
+def test_digits_split_is_deterministic() -> None:
+    a, b, c = DigitsDataModule(seed=0), DigitsDataModule(seed=0), DigitsDataModule(seed=1)
+    for dm in (a, b, c):
+        dm.setup()
+    assert torch.equal(a.val_images, b.val_images)
+    assert torch.equal(a.val_labels, b.val_labels)
+    assert not torch.equal(a.val_indices, c.val_indices)
+
+
+def test_digits_setup_is_idempotent(digits: DigitsDataModule) -> None:
+    val = digits.val_images
+    digits.setup("fit")
+    digits.setup("test")
+    assert digits.val_images is val
+
+
+def test_digits_normalisation(digits: DigitsDataModule) -> None:
+    x = digits.train_images
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.zeros(3), atol=1e-4)
+    assert torch.allclose(std, torch.ones(3), atol=1e-3)
+
+
+def test_digits_augmentation_changes_images_keeps_labels() -> None:
+    dm = DigitsDataModule(image_size=32, augment=True)
+    dm.setup()
+    pl.seed_everything(0, verbose=False)
+    n = 64
+    changed = 0
+    for i in range(n):
+        x, y = dm.train_dataset[i]
+        assert x.shape == dm.train_images[i].shape
+        assert y == dm.train_labels[i]
+        changed += int(not torch.equal(x, dm.train_images[i]))
+    assert changed > n // 2
+    # seeded: the same draws give the same images
+    pl.seed_everything(0, verbose=False)
+    first = torch.stack([dm.train_dataset[i][0] for i in range(8)])
+    pl.seed_everything(0, verbose=False)
+    second = torch.stack([dm.train_dataset[i][0] for i in range(8)])
+    assert torch.equal(first, second)
+
+
+def test_digits_dataloaders() -> None:
+    dm = DigitsDataModule(image_size=16, channels=1, batch_size=32)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 16, 16) and y.shape == (32,)
+    val = dm.val_dataloader()
+    assert sum(b[0].shape[0] for b in val) == len(dm.val_dataset)
+    assert len(dm.test_dataloader().dataset) == len(dm.val_dataset)
+    pred = next(iter(dm.predict_dataloader()))
+    assert isinstance(pred, torch.Tensor) and pred.shape == (32, 1, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"image_size": 4}, {"channels": 2}, {"val_fraction": 0.0}, {"val_fraction": 1.0}, {"batch_size": 0}],
+)
+def test_digits_rejects_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        DigitsDataModule(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- CIFAR
+
+
+def _write_fake_cifar10(root: Path, n_per_batch: int = 6) -> None:
+    # The real files are Python-2 pickles that torchvision loads with encoding="latin1", which turns their
+    # keys into ``str``; a Python-3 pickle therefore needs ``str`` keys to be read the same way.
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {
+            "data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, size=n_per_batch).tolist(),
+            "batch_label": name,
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    meta = {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+
+
+@pytest.fixture
+def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # torchvision verifies the md5 of every file: once via ``_check_integrity`` and once for the metadata file
+    # via the module-level ``check_integrity``; the fake files cannot match, so both checks are bypassed.
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    root = tmp_path / "cifar"
+    _write_fake_cifar10(root)
+    return root
+
+
+def test_cifar_missing_root_raises(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ZooError, match="nowhere") as info:
+        CIFARDataModule(root=str(missing), download=False)
+    assert "download" in str(info.value)
+
+
+def test_cifar_empty_root_raises(tmp_path: Path) -> None:
+    with pytest.raises(ZooError, match="download: true"):
+        CIFARDataModule(root=str(tmp_path), download=False)
+
+
+def test_cifar_bad_name_lists_valid_names(tmp_path: Path) -> None:
+    with pytest.raises(ZooError, match="cifar100"):
+        CIFARDataModule(root=str(tmp_path), dataset="svhn")
+
+
+def test_cifar_fake_loaders(fake_cifar: Path) -> None:
+    dm = CIFARDataModule(root=str(fake_cifar), batch_size=4, num_workers=0)
+    assert dm.num_classes == 10
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 30 and len(dm.val_dataset) == 6
+    assert dm.class_names == [f"class{i}" for i in range(10)]
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (4,) and y.dtype == torch.long
+    x, _ = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 32, 32)
+    x, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (4, 3, 32, 32)
+
+
+def test_cifar_fake_resize_and_root_is_batches_folder(fake_cifar: Path) -> None:
+    root = fake_cifar / "cifar-10-batches-py"
+    dm = CIFARDataModule(root=str(root), image_size=48, batch_size=3, num_workers=0)
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (3, 3, 48, 48)
+    assert next(iter(dm.predict_dataloader())).shape == (3, 3, 48, 48)
+
+
+def test_cifar_fraction_val_split(fake_cifar: Path) -> None:
+    dm = CIFARDataModule(root=str(fake_cifar), val_split="0.2", batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 30
+    assert set(dm.train_dataset.indices).isdisjoint(dm.val_dataset.indices)
+    with pytest.raises(ZooError, match="val_split"):
+        CIFARDataModule(root=str(fake_cifar), val_split="train")
+
+
+# ----------------------------------------------------------------------------------------- ImageFolder
+
+
+def _write_image_folder(
+    root: Path, classes: list[str], split_dirs: tuple[str, ...] = ("train", "val")
+) -> None:
+    rng = np.random.default_rng(0)
+    for split in split_dirs:
+        for cls in classes:
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                arr = rng.integers(0, 256, size=(20 + i, 28, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"img{i}.png")
+
+
+def test_image_folder_loaders(tmp_path: Path) -> None:
+    _write_image_folder(tmp_path, ["cat", "dog", "fish"])
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, batch_size=4, num_workers=0)
+    assert dm.num_classes == 3
+    assert dm.class_names == ["cat", "dog", "fish"]
+    assert dm.resize_size == 16 * 256 // 224
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 16, 16) and y.shape == (4,)
+    batches = list(dm.val_dataloader())
+    assert batches[0][0].shape == (4, 3, 16, 16)
+    labels = torch.cat([b[1] for b in batches])
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_image_folder_val_shares_train_mapping(tmp_path: Path) -> None:
+    _write_image_folder(tmp_path, ["a", "b", "c"], split_dirs=("train",))
+    _write_image_folder(tmp_path, ["c"], split_dirs=("val",))
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, batch_size=8, num_workers=0)
+    dm.setup("validate")
+    _, y = next(iter(dm.val_dataloader()))
+    assert y.tolist() == [2, 2, 2]
+
+
+def test_image_folder_missing_val_raises(tmp_path: Path) -> None:
+    _write_image_folder(tmp_path, ["cat", "dog"], split_dirs=("train",))
+    with pytest.raises(ZooError, match="val") as info:
+        ImageFolderDataModule(root=str(tmp_path))
+    assert str(tmp_path / "val") in str(info.value)
+
+
+def test_image_folder_missing_root_raises(tmp_path: Path) -> None:
+    with pytest.raises(ZooError, match="nowhere"):
+        ImageFolderDataModule(root=str(tmp_path / "nowhere"))

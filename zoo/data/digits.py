@@ -1,0 +1,203 @@
+"""The embedded default dataset: scikit-learn's 8x8 handwritten digits, upsampled to small images.
+
+``load_digits()`` ships inside scikit-learn, so this data module needs no network and no files on disk.
+It is meant for smoke tests, tutorials and quick experiments on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["DigitsDataModule", "RandomTranslate"]
+
+_NUM_SAMPLES = 1797
+
+
+class RandomTranslate(Dataset):
+    """Wrap a tensor dataset and shift each image randomly by up to ``max_shift`` pixels.
+
+    The shift is implemented as zero padding followed by a random crop back to the original size. It draws
+    from torch's global RNG, so ``lightning.seed_everything`` makes it deterministic.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int) -> None:
+        """Store ``images`` (N, C, H, W), ``labels`` (N,) and the maximum shift in pixels."""
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+        self.images = images
+        self.labels = labels
+        self.max_shift = int(max_shift)
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the randomly translated image and its (unchanged) label."""
+        image = self.images[index]
+        s = self.max_shift
+        if s > 0:
+            h, w = image.shape[-2:]
+            padded = F.pad(image, (s, s, s, s))
+            top, left = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            image = padded[:, top : top + h, left : left + w]
+        return image, self.labels[index]
+
+
+class _ImagesOnly(Dataset):
+    """A dataset over an image tensor that yields the images alone (for prediction)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """scikit-learn's digits (1797 images, 10 classes) as normalised ``channels x image_size^2`` tensors.
+
+    The train/val split is stratified and fixed by ``seed``; the test and predict loaders use the val split.
+    Images are scaled to [0, 1], bilinearly upsampled, replicated to ``channels`` channels and normalised
+    with the per-channel mean/std of the train split (stored as ``mean`` and ``std``).
+    """
+
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+        augment: bool = True,
+    ) -> None:
+        """Validate the arguments; the tensors themselves are built in ``setup``."""
+        super().__init__()
+        if int(image_size) != image_size or image_size < 8:
+            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+        n_val = math.ceil(_NUM_SAMPLES * float(val_fraction))
+        if n_val < self.num_classes or _NUM_SAMPLES - n_val < self.num_classes:
+            raise ValueError(
+                f"val_fraction={val_fraction!r} leaves fewer than {self.num_classes} samples in a split; "
+                "a stratified split needs at least one sample per class on each side"
+            )
+        if int(num_workers) != num_workers or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.batch_size = int(batch_size)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.augment = bool(augment)
+        self.class_names = [str(i) for i in range(self.num_classes)]
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+        self.train_images: torch.Tensor | None = None
+        self.train_labels: torch.Tensor | None = None
+        self.val_images: torch.Tensor | None = None
+        self.val_labels: torch.Tensor | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: TensorDataset | None = None
+
+    def _to_images(self, flat: torch.Tensor) -> torch.Tensor:
+        """Turn (N, 64) values in 0..16 into (N, channels, image_size, image_size) floats in [0, 1]."""
+        x = (flat.to(torch.float32) / 16.0).reshape(-1, 1, 8, 8)
+        if self.image_size != 8:
+            size = (self.image_size, self.image_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x.repeat(1, self.channels, 1, 1).contiguous()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the digits, split them and build the normalised tensors (once; later calls are no-ops)."""
+        if self.val_dataset is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        x = torch.as_tensor(digits.data, dtype=torch.float32)
+        y = torch.as_tensor(digits.target, dtype=torch.long)
+        indices = torch.arange(len(y)).numpy()
+        train_idx, val_idx = train_test_split(
+            indices, test_size=self.val_fraction, stratify=y.numpy(), random_state=self.seed, shuffle=True
+        )
+        train_idx = torch.as_tensor(train_idx, dtype=torch.long)
+        val_idx = torch.as_tensor(val_idx, dtype=torch.long)
+
+        train_images = self._to_images(x[train_idx])
+        val_images = self._to_images(x[val_idx])
+        mean = train_images.mean(dim=(0, 2, 3))
+        std = train_images.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        shape = (1, self.channels, 1, 1)
+        self.mean, self.std = mean, std
+        self.train_images = (train_images - mean.view(shape)) / std.view(shape)
+        self.val_images = (val_images - mean.view(shape)) / std.view(shape)
+        self.train_labels = y[train_idx]
+        self.val_labels = y[val_idx]
+        self.train_indices, self.val_indices = train_idx, val_idx
+
+        if self.augment:
+            self.train_dataset = RandomTranslate(self.train_images, self.train_labels, self.image_size // 8)
+        else:
+            self.train_dataset = TensorDataset(self.train_images, self.train_labels)
+        self.val_dataset = TensorDataset(self.val_images, self.val_labels)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        """Build a DataLoader with the module's common settings."""
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def _ensure_setup(self) -> None:
+        """Build the tensors if ``setup`` has not run yet (e.g. when a loader is requested directly)."""
+        if self.val_dataset is None:
+            self.setup()
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (and, with ``augment``, randomly translated) train split."""
+        self._ensure_setup()
+        assert self.train_dataset is not None
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The val split in a fixed order."""
+        self._ensure_setup()
+        assert self.val_dataset is not None
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The val split (digits has no separate test split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The val images only (no labels): each batch is a plain ``(B, C, H, W)`` tensor."""
+        self._ensure_setup()
+        assert self.val_images is not None
+        return self._loader(_ImagesOnly(self.val_images), shuffle=False)

@@ -1,0 +1,391 @@
+"""Data modules over image datasets on disk: CIFAR-10/100 and ImageNet-style image folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from zoo.errors import ZooError
+
+__all__ = [
+    "CIFAR_STATS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CIFARDataModule",
+    "ImageFolderDataModule",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Per-channel mean/std of the training images of each dataset.
+CIFAR_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+_CIFAR_CLASSES: dict[str, type[datasets.CIFAR10]] = {
+    "cifar10": datasets.CIFAR10,
+    "cifar100": datasets.CIFAR100,
+}
+_CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def _make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool) -> DataLoader:
+    """A DataLoader with the zoo's common settings (pinned memory on CUDA, persistent workers)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
+def _check_loader_args(batch_size: int, num_workers: int) -> None:
+    """Raise ``ValueError`` for a non-positive batch size or a negative worker count."""
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if int(num_workers) != num_workers or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+
+
+class _ImagesOnly(Dataset):
+    """Yield only the first element (the image) of each sample of a labelled dataset."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index][0]
+
+
+class CIFARDataModule(pl.LightningDataModule):
+    """CIFAR-10 or CIFAR-100 via ``torchvision.datasets`` with the standard augmentation.
+
+    Training images get ``RandomCrop(32, padding=4)`` and a horizontal flip; all images are resized to
+    ``image_size`` when it differs from 32 (for fine-tuning ImageNet models) and normalised with the
+    dataset's mean/std. ``val_split="test"`` validates on the official test set; a fraction such as
+    ``"0.1"`` instead holds out that share of the training set (fixed split, no augmentation).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/cifar",
+        dataset: str = "cifar10",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        image_size: int = 32,
+        augment: bool = True,
+        val_split: str = "test",
+    ) -> None:
+        """Validate the arguments and, unless ``download`` is set, check that the data is on disk."""
+        super().__init__()
+        name = str(dataset).lower().replace("-", "")
+        if name not in _CIFAR_CLASSES:
+            raise ZooError(f"unknown CIFAR dataset {dataset!r}; valid names: {', '.join(_CIFAR_CLASSES)}")
+        _check_loader_args(batch_size, num_workers)
+        if int(image_size) != image_size or image_size < 8:
+            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+        self.val_fraction = self._parse_val_split(val_split)
+        self.save_hyperparameters()
+        self.dataset_name = name
+        self.dataset_cls = _CIFAR_CLASSES[name]
+        self.download = bool(download)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.image_size = int(image_size)
+        self.augment = bool(augment)
+        self.val_split = str(val_split)
+        self.num_classes = _CIFAR_NUM_CLASSES[name]
+        self.mean, self.std = CIFAR_STATS[name]
+        self.class_names: list[str] | None = None
+        self.root = self._resolve_root(root)
+        if not self.download:
+            self._check_on_disk()
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    @staticmethod
+    def _parse_val_split(val_split: str) -> float | None:
+        """``None`` for ``"test"``, otherwise the held-out training fraction in (0, 1)."""
+        if str(val_split) == "test":
+            return None
+        try:
+            fraction = float(val_split)
+        except ValueError:
+            fraction = -1.0
+        if not 0.0 < fraction < 1.0:
+            raise ZooError(
+                f"invalid val_split {val_split!r}; use 'test' (the official test set) "
+                "or a fraction of the training set such as '0.1'"
+            )
+        return fraction
+
+    def _resolve_root(self, root: str) -> Path:
+        """Accept both the parent folder and the extracted ``cifar-*-python`` folder itself as ``root``."""
+        path = Path(os.path.expanduser(str(root)))
+        base = self.dataset_cls.base_folder
+        if path.name == base and not (path / base).exists():
+            return path.parent
+        return path
+
+    def _expected_files(self) -> list[Path]:
+        """The files torchvision reads for this dataset."""
+        cls = self.dataset_cls
+        folder = self.root / cls.base_folder
+        names = [n for n, _ in cls.train_list] + [n for n, _ in cls.test_list] + [cls.meta["filename"]]
+        return [folder / n for n in names]
+
+    def _check_on_disk(self) -> None:
+        """Raise ``ZooError`` naming the path and the fix when the dataset files are missing."""
+        folder = self.root / self.dataset_cls.base_folder
+        if not self.root.is_dir():
+            raise ZooError(
+                f"{self.dataset_name} root folder '{self.root}' does not exist; "
+                "pass download: true to fetch it, or point root at the folder that holds it"
+            )
+        missing = [p for p in self._expected_files() if not p.is_file()]
+        if missing:
+            raise ZooError(
+                f"{self.dataset_name} not found under '{self.root}' (missing '{missing[0]}'); "
+                f"pass download: true to fetch it, or point root at the folder that holds '{folder.name}'"
+            )
+
+    def train_transform(self) -> transforms.Compose:
+        """Augmentation (when enabled), resize, tensor conversion and normalisation for training."""
+        ops: list[Any] = []
+        if self.augment:
+            ops += [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        return transforms.Compose(ops + self._common_ops())
+
+    def eval_transform(self) -> transforms.Compose:
+        """Resize, tensor conversion and normalisation for validation and test."""
+        return transforms.Compose(self._common_ops())
+
+    def _common_ops(self) -> list[Any]:
+        """The deterministic tail shared by train and eval transforms."""
+        ops: list[Any] = []
+        if self.image_size != 32:
+            ops.append(transforms.Resize((self.image_size, self.image_size), antialias=True))
+        ops += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+        return ops
+
+    def prepare_data(self) -> None:
+        """Download the dataset when ``download`` is set; otherwise only check that it is present."""
+        if self.download:
+            self.dataset_cls(str(self.root), train=True, download=True)
+            self.dataset_cls(str(self.root), train=False, download=True)
+        else:
+            self._check_on_disk()
+
+    def _build(self, train: bool, transform: transforms.Compose) -> datasets.CIFAR10:
+        """Instantiate the torchvision dataset, turning a corrupt/missing download into a ZooError."""
+        try:
+            ds = self.dataset_cls(str(self.root), train=train, transform=transform, download=False)
+        except RuntimeError as err:
+            raise ZooError(
+                f"{self.dataset_name} under '{self.root}' is missing or corrupt ({err}); "
+                "pass download: true to fetch it again, or point root at a valid copy"
+            ) from err
+        if self.class_names is None:
+            self.class_names = list(ds.classes)
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets needed for ``stage`` (idempotent)."""
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            if self.val_fraction is None:
+                self.train_dataset = self._build(True, self.train_transform())
+                self.val_dataset = self._build(False, self.eval_transform())
+            else:
+                train_full = self._build(True, self.train_transform())
+                eval_full = self._build(True, self.eval_transform())
+                n = len(train_full)
+                n_val = max(1, round(n * self.val_fraction))
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+                self.train_dataset = Subset(train_full, sorted(perm[n_val:]))
+                self.val_dataset = Subset(eval_full, sorted(perm[:n_val]))
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            self.test_dataset = self._build(False, self.eval_transform())
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training data."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        return _make_loader(self.train_dataset, self.batch_size, self.num_workers, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation data (the test set with ``val_split="test"``), in a fixed order."""
+        if self.val_dataset is None:
+            self.setup("validate")
+        assert self.val_dataset is not None
+        return _make_loader(self.val_dataset, self.batch_size, self.num_workers, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The official test set, in a fixed order."""
+        if self.test_dataset is None:
+            self.setup("test")
+        assert self.test_dataset is not None
+        return _make_loader(self.test_dataset, self.batch_size, self.num_workers, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test-set images only (no labels): each batch is a plain ``(B, 3, H, W)`` tensor."""
+        if self.test_dataset is None:
+            self.setup("predict")
+        assert self.test_dataset is not None
+        return _make_loader(_ImagesOnly(self.test_dataset), self.batch_size, self.num_workers, shuffle=False)
+
+
+class _FixedClassImageFolder(datasets.ImageFolder):
+    """An ``ImageFolder`` whose class list is given (so train and val share one label mapping)."""
+
+    def __init__(self, root: str, classes: list[str], **kwargs: Any) -> None:
+        self._fixed_classes = list(classes)
+        super().__init__(root, allow_empty=True, **kwargs)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
+
+
+def _list_classes(folder: Path) -> list[str]:
+    """Sorted names of the class subdirectories of ``folder`` (hidden entries skipped)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """An ImageNet-style dataset: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``.
+
+    Training uses ``RandomResizedCrop(image_size)`` and a horizontal flip; evaluation resizes the short
+    side to ``resize_size`` (default ``image_size * 256 // 224``) and centre-crops ``image_size``. The
+    class list comes from the train folder and is shared by the val folder.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        image_size: int = 224,
+        resize_size: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        """Check the folders exist and list the classes (cheap); the datasets are built in ``setup``."""
+        super().__init__()
+        _check_loader_args(batch_size, num_workers)
+        if int(image_size) != image_size or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        if resize_size is not None and (int(resize_size) != resize_size or resize_size < image_size):
+            raise ValueError(
+                f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}"
+            )
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {tuple(std)}")
+        self.save_hyperparameters()
+        self.root = Path(os.path.expanduser(str(root)))
+        self.train_path = self.root / train_dir
+        self.val_path = self.root / val_dir
+        for label, path in (("root", self.root), ("train", self.train_path), ("val", self.val_path)):
+            if not path.is_dir():
+                raise ZooError(f"image folder {label} '{path}' does not exist; point root/{label}_dir at it")
+        self.class_names = _list_classes(self.train_path)
+        if not self.class_names:
+            raise ZooError(
+                f"train folder '{self.train_path}' has no class subdirectories (expected <class>/<images>)"
+            )
+        unknown = sorted(set(_list_classes(self.val_path)) - set(self.class_names))
+        if unknown:
+            raise ZooError(
+                f"val folder '{self.val_path}' has classes missing from the train folder: "
+                f"{', '.join(unknown[:5])}"
+            )
+        self.num_classes = len(self.class_names)
+        self.image_size = int(image_size)
+        self.resize_size = int(resize_size) if resize_size is not None else self.image_size * 256 // 224
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def train_transform(self) -> transforms.Compose:
+        """RandomResizedCrop + horizontal flip + normalisation."""
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(self.image_size, antialias=True),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def eval_transform(self) -> transforms.Compose:
+        """Resize the short side + centre crop + normalisation."""
+        return transforms.Compose(
+            [
+                transforms.Resize(self.resize_size, antialias=True),
+                transforms.CenterCrop(self.image_size),
+                transforms.ToTensor(),
+                transforms.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def _build(self, path: Path, transform: transforms.Compose) -> datasets.ImageFolder:
+        """An ImageFolder over ``path`` with the train folder's class mapping."""
+        ds = _FixedClassImageFolder(str(path), self.class_names, transform=transform)
+        if len(ds) == 0:
+            raise ZooError(f"image folder '{path}' contains no readable images")
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the image files (idempotent)."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._build(self.train_path, self.train_transform())
+        if self.val_dataset is None:
+            self.val_dataset = self._build(self.val_path, self.eval_transform())
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training images."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        return _make_loader(self.train_dataset, self.batch_size, self.num_workers, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation images in a fixed order."""
+        if self.val_dataset is None:
+            self.setup("validate")
+        assert self.val_dataset is not None
+        return _make_loader(self.val_dataset, self.batch_size, self.num_workers, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation folder (ImageNet-style datasets ship no labelled test split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The validation images only (no labels): each batch is a plain ``(B, C, H, W)`` tensor."""
+        if self.val_dataset is None:
+            self.setup("predict")
+        assert self.val_dataset is not None
+        return _make_loader(_ImagesOnly(self.val_dataset), self.batch_size, self.num_workers, shuffle=False)

@@ -1,0 +1,2 @@
+class ZooError(Exception):
+    """A user-facing error with one clear message."""

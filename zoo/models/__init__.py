@@ -1,0 +1,7 @@
+"""Model families. Importing this package registers every builder."""
+
+from zoo.models import resnet
+from zoo.models.resnet import *  # noqa: F403  (the builders and family classes)
+from zoo.models.resnet import DepthScaledResNet, HeunNet, ResNet
+
+__all__ = ["DepthScaledResNet", "HeunNet", "ResNet", *resnet.__all__]

@@ -1,0 +1,445 @@
+"""The residual-stack engine: the one place where forward rules and memory strategies live.
+
+A stack holds N residual functions f_0 .. f_{N-1} (any modules mapping ``x -> f(x)`` with the
+shape of ``x``) and applies one of the forward rules of MATH.md with step h:
+
+    euler   x_{n+1} = x_n + h f_n(x_n)                                          (R1)
+    heun    y_n = x_n + h f_n(x_n),  x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(y_n))  (H1)
+
+with ``h = 1/N`` (``scale="depth"``) or a fixed number (``scale=1.0`` is the plain ResNet).
+Heun needs theta_0 .. theta_N; a stack of N blocks takes N steps and uses theta_N := theta_{N-1}.
+
+Memory strategies:
+
+- ``"full"``: ordinary autograd, every activation is kept.
+- ``"adjoint"``: only the stack's output is kept. Backward rebuilds the activations by stepping
+  in reverse, (A1) for Euler and (A2) for Heun, and back-propagates through each step at the
+  rebuilt point. Gradients are approximate (exact in the limit of smooth weights and large N).
+
+``rule="momentum"`` and ``memory="reversible"`` are the Momentum ResNet engine (MATH.md section 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils import _pytree as pytree
+
+from zoo.errors import ZooError
+
+RULES = ("euler", "heun", "momentum")
+MEMORY_MODES = ("full", "adjoint", "reversible")
+_NOT_YET = {
+    "momentum": "rule='momentum' (Momentum ResNets, MATH.md section 4) is not implemented yet; "
+    "use rule='euler' or rule='heun'",
+    "reversible": "memory='reversible' (exact reversible backprop of Momentum ResNets) is not implemented "
+    "yet; use memory='full' or memory='adjoint'",
+}
+
+
+def _check_choice(kind: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ZooError(f"unknown {kind} {value!r}: choose one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def validate_rule_memory(rule: str, memory: str) -> None:
+    """Raise one clear error for an unknown or unsupported ``rule`` / ``memory`` pair."""
+    _check_choice("rule", rule, RULES)
+    _check_choice("memory", memory, MEMORY_MODES)
+    for name in (rule, memory):
+        if name in _NOT_YET:
+            raise ZooError(_NOT_YET[name])
+    if memory == "reversible" and rule != "momentum":
+        raise ZooError("memory='reversible' needs rule='momentum' (only the momentum rule is invertible)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Replay helpers: recomputation in backward must see the forward's random state, autocast state,
+# and must not touch BatchNorm running statistics a second time.
+
+
+class _RNGState:
+    """The CPU generator state and, for a CUDA input, that device's generator state."""
+
+    __slots__ = ("cpu", "cuda", "device")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Batch statistics as in training, but running statistics left untouched.
+
+    Setting ``track_running_stats=False`` on a training-mode BatchNorm makes it normalise with
+    the batch statistics and skip the running-average update (and ``num_batches_tracked``).
+    """
+    frozen = []
+    for m in modules:
+        for bn in m.modules():
+            if isinstance(bn, _BatchNorm) and bn.training and bn.track_running_stats:
+                bn.track_running_stats = False
+                frozen.append(bn)
+    try:
+        yield
+    finally:
+        for bn in frozen:
+            bn.track_running_stats = True
+
+
+class _Replay:
+    """Autocast state of the forward, replayed around every recomputation in backward."""
+
+    def __init__(self, device: torch.device):
+        self.device_type = device.type
+        self.autocast = torch.is_autocast_enabled(self.device_type)
+        self.dtype = torch.get_autocast_dtype(self.device_type)
+
+    def autocast_ctx(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class ResidualStack(nn.Module):
+    """A stack of residual functions integrated by a forward rule, with a memory strategy.
+
+    Args:
+        blocks: the residual functions f_n (each maps ``x, *args, **kwargs`` to a tensor shaped like
+            ``x``). The same module may appear several times: its weights are then tied.
+        rule: ``"euler"`` (R1), ``"heun"`` (H1) or ``"momentum"`` (M1).
+        scale: the step h: ``"depth"`` for 1/N, or a number (1.0 is the plain ResNet rule).
+        gamma: momentum term of the momentum rule.
+        memory: ``"full"`` (autograd), ``"adjoint"`` (store only the output, rebuild in backward),
+            or ``"reversible"`` (momentum rule only).
+        transition: an optional shape-changing module applied first with ordinary autograd (the
+            first block of a ResNet stage). It is child ``"0"`` and the residual blocks follow as
+            ``"1" .. "N"``, so a stage keeps torchvision's parameter names.
+        preserve_rng_state: replay the forward's random state when recomputing (dropout, stochastic
+            depth); turn off only when no block draws random numbers.
+
+    Blocks that expose a ``residual_step`` attribute (post-activation ResNet blocks, whose residual
+    function depends on the step) are told the step size whenever it changes.
+    """
+
+    def __init__(
+        self,
+        blocks: Iterable[nn.Module],
+        rule: str = "euler",
+        scale: float | str = 1.0,
+        gamma: float = 0.9,
+        memory: str = "full",
+        transition: nn.Module | None = None,
+        preserve_rng_state: bool = True,
+    ):
+        super().__init__()
+        validate_rule_memory(rule, memory)
+        if isinstance(scale, str):
+            if scale != "depth":
+                raise ZooError(f"unknown scale {scale!r}: use 'depth' (h = 1/N) or a positive number")
+        elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ZooError(f"scale must be 'depth' or a positive number, got {scale!r}")
+        if not 0.0 <= gamma < 1.0:
+            raise ZooError(f"gamma must lie in [0, 1), got {gamma}")
+        self.rule = rule
+        self.scale = scale
+        self.gamma = float(gamma)
+        self.memory = memory
+        self.preserve_rng_state = preserve_rng_state
+        self.has_transition = transition is not None
+        if transition is not None:
+            self.add_module("0", transition)
+        self._set_blocks(list(blocks))
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def _offset(self) -> int:
+        return 1 if self.has_transition else 0
+
+    @property
+    def transition(self) -> nn.Module | None:
+        return self._modules["0"] if self.has_transition else None
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The residual functions f_0 .. f_{N-1} (tied blocks appear several times)."""
+        return [self._modules[str(i + self._offset)] for i in range(self.depth)]
+
+    @property
+    def depth(self) -> int:
+        """N, the number of residual steps (the transition block is not counted)."""
+        return self._depth
+
+    @property
+    def step(self) -> float:
+        """The step h of the forward rule."""
+        if self.scale == "depth":
+            return 1.0 / max(self._depth, 1)
+        return float(self.scale)
+
+    def _set_blocks(self, blocks: list[nn.Module]) -> None:
+        for name in [k for k in self._modules if int(k) >= self._offset]:
+            del self._modules[name]
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise ZooError(f"block {i} of a ResidualStack is a {type(block).__name__}, not an nn.Module")
+            self.add_module(str(i + self._offset), block)
+        self._depth = len(blocks)
+        self._sync_step()
+
+    def _sync_step(self) -> None:
+        h = self.step
+        for block in self.blocks:
+            if hasattr(block, "residual_step"):
+                block.residual_step = h
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule!r}, depth={self.depth}, step={self.step:.4g}, memory={self.memory!r}"
+
+    # ---------------------------------------------------------------- depth operations (MATH.md s1)
+    def is_tied(self) -> bool:
+        """True when every residual step uses the same module."""
+        return self.depth > 0 and len({id(b) for b in self.blocks}) == 1
+
+    def tie(self, index: int = 0) -> ResidualStack:
+        """Share the weights of block ``index`` across the whole stack (theta_n = theta)."""
+        if self.depth:
+            shared = self.blocks[index]
+            self._set_blocks([shared] * self.depth)
+        return self
+
+    def untie(self) -> ResidualStack:
+        """Give every step its own copy of the weights (for fine-tuning after deepening)."""
+        seen: set[int] = set()
+        blocks = []
+        for b in self.blocks:
+            blocks.append(copy.deepcopy(b) if id(b) in seen else b)
+            seen.add(id(b))
+        self._set_blocks(blocks)
+        return self
+
+    def deepen(self, depth: int, mode: str = "copy") -> ResidualStack:
+        """Re-sample the stack to ``depth`` steps, keeping its function approximately unchanged.
+
+        ``"copy"``: step i takes theta_{floor(i N / N')} (a tied stack stays tied, as published);
+        ``"interpolate"``: parameters and buffers are linearly interpolated in depth s in [0, 1].
+        With ``scale="depth"`` the step becomes 1/N'.
+        """
+        if not isinstance(depth, int) or depth < 1:
+            raise ZooError(f"depth must be a positive integer, got {depth!r}")
+        _check_choice("deepen mode", mode, ("copy", "interpolate"))
+        old = self.blocks
+        if not old:
+            raise ZooError("cannot deepen an empty stack: there are no weights to copy")
+        if self.is_tied() or mode == "copy":
+            if self.is_tied():
+                new = [old[0]] * depth
+            else:
+                new = [copy.deepcopy(old[(i * len(old)) // depth]) for i in range(depth)]
+        else:
+            new = [_interpolate_block(old, i / max(depth - 1, 1) * (len(old) - 1)) for i in range(depth)]
+        self._set_blocks(new)
+        return self
+
+    def smoothness(self) -> torch.Tensor:
+        """max_n ||theta_{n+1} - theta_n|| over the stack (0 for a tied stack): the diagnostic of
+        how close the ResNet is to its neural ODE (MATH.md section 1)."""
+        blocks = self.blocks
+        diffs = [torch.zeros(())]
+        for a, b in zip(blocks[:-1], blocks[1:]):
+            if a is not b:
+                sq = sum(((pa.detach() - pb.detach()).float() ** 2).sum().cpu()
+                         for pa, pb in zip(a.parameters(), b.parameters()))
+                diffs.append(torch.as_tensor(sq).sqrt())
+        return torch.stack(diffs).max()
+
+    # ---------------------------------------------------------------- forward rules
+    def _f(self, n: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        fx = self._modules[str(min(n, self.depth - 1) + self._offset)](x, *args, **kwargs)
+        if fx.shape != x.shape:
+            raise ZooError(
+                f"residual block {n} of a ResidualStack maps shape {tuple(x.shape)} to {tuple(fx.shape)}; "
+                "a residual function must keep the shape (put shape changes in `transition`)"
+            )
+        return fx
+
+    def _step(self, n: int, x: torch.Tensor, args: tuple, kwargs: dict, rng: list | None = None):
+        """One step of the rule; ``rng`` collects (forward) the random state before each f call."""
+        h = self.step
+        if rng is not None:
+            rng.append(_RNGState(x.device))
+        fx = self._f(n, x, args, kwargs)
+        if self.rule == "euler":
+            return x + h * fx
+        y = x + h * fx
+        if rng is not None:
+            rng.append(_RNGState(x.device))
+        return x + (h / 2) * (fx + self._f(n + 1, y, args, kwargs))
+
+    def _inverse_step(self, n: int, x_next: torch.Tensor, args: tuple, kwargs: dict, rng: list | None):
+        """Approximate inverse of step n: (A1) for Euler, (A2) for Heun."""
+        h = self.step
+        if self.rule == "euler":
+            if rng is not None:
+                rng[0].restore()
+            return x_next - h * self._f(n, x_next, args, kwargs)
+        if rng is not None:
+            rng[1].restore()
+        fb = self._f(n + 1, x_next, args, kwargs)
+        y = x_next - h * fb
+        if rng is not None:
+            rng[0].restore()
+        return x_next - (h / 2) * (fb + self._f(n, y, args, kwargs))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ZooError(f"ResidualStack expects a floating-point tensor, got {kind}")
+        if self.has_transition:
+            x = self._modules["0"](x)
+        if self.depth == 0:
+            return x
+        if self.memory == "adjoint" and torch.is_grad_enabled():
+            params = self._trainable_parameters()
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            grad_leaves = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
+            if x.requires_grad or params or any(grad_leaves):
+                n_grad = sum(grad_leaves)
+                grad_tensors = [t for t, g in zip(leaves, grad_leaves) if g]
+                return _AdjointBackprop.apply(
+                    self, (leaves, spec, grad_leaves, n_grad), x, *grad_tensors, *params
+                )
+        for n in range(self.depth):
+            x = self._step(n, x, args, kwargs)
+        return x
+
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        seen: set[int] = set()
+        out = []
+        for block in self.blocks:
+            for p in block.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+
+def _interpolate_block(blocks: list[nn.Module], position: float) -> nn.Module:
+    """A copy of the block at fractional ``position`` along the stack, linearly interpolated."""
+    lo = min(int(math.floor(position)), len(blocks) - 1)
+    hi = min(lo + 1, len(blocks) - 1)
+    t = position - lo
+    new = copy.deepcopy(blocks[lo])
+    if hi == lo or t == 0.0:
+        return new
+    src_hi = dict(blocks[hi].state_dict())
+    with torch.no_grad():
+        for name, value in new.state_dict().items():
+            if value.is_floating_point():
+                value.lerp_(src_hi[name].to(value.dtype), t)
+            else:
+                value.copy_(torch.maximum(value, src_hi[name]))
+    return new
+
+
+class _AdjointBackprop(torch.autograd.Function):
+    """Store x_N only; rebuild x_n backward with (A1)/(A2) and back-propagate step by step."""
+
+    @staticmethod
+    def forward(ctx, stack: ResidualStack, arg_info: tuple, x: torch.Tensor, *inputs: torch.Tensor):
+        leaves, spec, grad_leaves, n_grad = arg_info
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        ctx.stack = stack
+        ctx.arg_info = arg_info
+        ctx.replay = _Replay(x.device)
+        ctx.rng = [] if stack.preserve_rng_state else None
+        rng_per_step = []
+        with torch.no_grad():
+            for n in range(stack.depth):
+                states: list | None = [] if ctx.rng is not None else None
+                x = stack._step(n, x, args, kwargs, rng=states)
+                rng_per_step.append(states)
+        ctx.rng = rng_per_step if ctx.rng is not None else None
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        stack: ResidualStack = ctx.stack
+        leaves, spec, grad_leaves, n_grad = ctx.arg_info
+        params = stack._trainable_parameters()
+        (x,) = ctx.saved_tensors
+        const_leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
+        args_c, kwargs_c = pytree.tree_unflatten(const_leaves, spec)
+        grad_arg_idx = [i for i, g in enumerate(grad_leaves) if g]
+        param_index = {id(p): i for i, p in enumerate(params)}
+        grad_args: list[torch.Tensor | None] = [None] * n_grad
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        blocks = stack.blocks
+        outer_rng = _RNGState(x.device) if ctx.rng is not None else None
+        g = grad_out
+        x = x.detach()
+        try:
+            with frozen_batchnorm_stats(blocks), ctx.replay.autocast_ctx():
+                for n in reversed(range(stack.depth)):
+                    rng = ctx.rng[n] if ctx.rng is not None else None
+                    with torch.no_grad():
+                        x_prev = stack._inverse_step(n, x, args_c, kwargs_c, rng)
+                    step_params = [p for p in _step_parameters(stack, blocks, n) if id(p) in param_index]
+                    with torch.enable_grad():
+                        xi = x_prev.detach().requires_grad_(True)
+                        vjp_leaves = list(const_leaves)
+                        for i in grad_arg_idx:
+                            vjp_leaves[i] = leaves[i].detach().requires_grad_(True)
+                        args_v, kwargs_v = pytree.tree_unflatten(vjp_leaves, spec)
+                        if rng is not None:
+                            rng[0].restore()
+                        y = stack._step(n, xi, args_v, kwargs_v)
+                        wrt = [xi] + step_params + [vjp_leaves[i] for i in grad_arg_idx]
+                        grads = torch.autograd.grad(y, wrt, g.to(y.dtype), allow_unused=True)
+                    g = grads[0] if grads[0] is not None else torch.zeros_like(xi)
+                    for p, gp in zip(step_params, grads[1 : 1 + len(step_params)]):
+                        if gp is not None:
+                            j = param_index[id(p)]
+                            grad_params[j] = gp if grad_params[j] is None else grad_params[j] + gp
+                    for j, ga in enumerate(grads[1 + len(step_params) :]):
+                        if ga is not None:
+                            grad_args[j] = ga if grad_args[j] is None else grad_args[j] + ga
+                    x = x_prev
+        finally:
+            if outer_rng is not None:
+                outer_rng.restore()
+        return (None, None, g, *grad_args, *grad_params)
+
+
+def _step_parameters(stack: ResidualStack, blocks: list[nn.Module], n: int) -> list[nn.Parameter]:
+    """Parameters step n touches: theta_n, and theta_{n+1} for Heun."""
+    used = [blocks[n]]
+    if stack.rule == "heun":
+        nxt = blocks[min(n + 1, len(blocks) - 1)]
+        if nxt is not blocks[n]:
+            used.append(nxt)
+    seen: set[int] = set()
+    out = []
+    for b in used:
+        for p in b.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out

@@ -1,0 +1,57 @@
+"""Model registry in the style of timm: ``register_model``, ``create_model``, ``list_models``."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from zoo.errors import ZooError
+
+_MODEL_ENTRYPOINTS: dict[str, Callable[..., Any]] = {}
+_MODEL_FAMILY: dict[str, str] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def register_model(fn: F) -> F:
+    """Register a builder function under its own name (``depth_scaled_resnet50`` ...)."""
+    name = fn.__name__
+    if name in _MODEL_ENTRYPOINTS and _MODEL_ENTRYPOINTS[name] is not fn:
+        raise ZooError(f"a model named {name!r} is already registered")
+    _MODEL_ENTRYPOINTS[name] = fn
+    _MODEL_FAMILY[name] = fn.__module__.rsplit(".", 1)[-1]
+    return fn
+
+
+def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
+    """Sorted names of registered models matching a shell-style ``pattern`` (and a family: file name)."""
+    return sorted(
+        n
+        for n in _MODEL_ENTRYPOINTS
+        if fnmatch.fnmatch(n, pattern) and (family is None or _MODEL_FAMILY[n] == family)
+    )
+
+
+def is_model(name: str) -> bool:
+    """True if ``name`` is a registered model."""
+    return name in _MODEL_ENTRYPOINTS
+
+
+def model_entrypoint(name: str) -> Callable[..., Any]:
+    """The builder registered as ``name``; a clear error with close matches if there is none."""
+    try:
+        return _MODEL_ENTRYPOINTS[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, _MODEL_ENTRYPOINTS, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ZooError(
+            f"unknown model {name!r}.{hint} See zoo.list_models() for the {len(_MODEL_ENTRYPOINTS)} models."
+        ) from None
+
+
+def create_model(name: str, weights: str | None = None, **kwargs: Any) -> Any:
+    """Build the registered model ``name``; ``weights`` and keyword arguments go to its builder."""
+    return model_entrypoint(name)(weights=weights, **kwargs)
