@@ -216,24 +216,30 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], fr
     ]
     for k in skipped:
         del sd[k]
-    missing = [k for k in own if k not in sd and k not in skipped]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
-                  if k in own and sd[k].shape != own[k].shape]
-    if mismatched or (strict and (missing or unexpected)):
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys and (strict or label == "shape mismatch"):
-                parts.append(f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise ZooError(
-            f"weights from {source} do not fit {type(model).__name__}: {'; '.join(parts)}"
-        )
+    check_state_dict(model, sd, source, strict=strict, ignore=skipped)
     model.load_state_dict(sd, strict=False)
     if skipped:
         from lightning.pytorch.utilities import rank_zero_info
 
         rank_zero_info(f"zoo: classifier {', '.join(skipped)} not loaded (other num_classes): trained from scratch")
     return model
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                     strict: bool = True, ignore: list[str] | tuple = ()) -> None:
+    """Raise one ZooError listing the first missing / unexpected / mis-shaped keys, if any."""
+    own = model.state_dict()
+    sd = state_dict
+    missing = [k for k in own if k not in sd and k not in ignore]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                  if k in own and hasattr(sd[k], "shape") and sd[k].shape != own[k].shape]
+    if mismatched or (strict and (missing or unexpected)):
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys and (strict or label == "shape mismatch"):
+                parts.append(f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+        raise ZooError(f"weights from {source} do not fit {type(model).__name__}: {'; '.join(parts)}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -71,6 +71,12 @@ class ImageClassifier(pl.LightningModule):
         if num_classes > 5:
             self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
+        from zoo.hub import check_state_dict
+
+        check_state_dict(self, checkpoint.get("state_dict", {}), source="checkpoint")
+
     # ---------------------------------------------------------------- steps
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with label smoothing, computed in float32 (safe under autocast)."""
