@@ -350,16 +350,30 @@ class ResNet(HubMixin, ImageClassifier):
         return getattr(self, name)
 
     def tie_stage(self, stage: int | str, index: int = 0) -> ResidualStack:
-        """Share the weights of one residual block across the stage."""
+        """Share the weights of residual block ``index`` across the stage (theta_n = theta)."""
         return self._stage(stage).tie(index)
 
     def untie_stage(self, stage: int | str) -> ResidualStack:
         """Give every block of the stage its own weights (after deepening a tied stage)."""
-        return self._stage(stage).untie()
+        out = self._stage(stage).untie()
+        self.hparams["tied"] = any(s.is_tied() and s.depth > 1 for s in self.stages)
+        return out
 
-    def deepen_stage(self, stage: int | str, depth: int, mode: str = "copy") -> ResidualStack:
-        """Re-sample a trained stage to ``depth`` residual blocks (``"copy"`` or ``"interpolate"``)."""
-        return self._stage(stage).deepen(depth, mode)
+    def deepen_stage(self, stage: int | str, blocks: int, mode: str = "copy") -> ResidualStack:
+        """Re-sample a trained stage to ``blocks`` blocks (counted as in ``layers``, the transition
+        block included) by ``"copy"`` or ``"interpolate"`` in depth; ``hparams.layers`` follows, so
+        ``save_pretrained`` / checkpoints rebuild the deeper model."""
+        st = self._stage(stage)
+        extra = 1 if st.transition is not None else 0
+        if not isinstance(blocks, int) or blocks <= extra:
+            raise ZooError(f"a stage with a transition block needs blocks > {extra}, got {blocks!r}")
+        st.deepen(blocks - extra, mode)
+        i = self.stages.index(st)
+        layers = list(self.layer_counts)
+        layers[i] = blocks
+        self.layer_counts = tuple(layers)
+        self.hparams["layers"] = list(layers)
+        return st
 
     def smoothness(self) -> dict[str, float]:
         """max_n ||theta_{n+1} - theta_n|| per stage: how close each stage is to a neural ODE."""

@@ -1,0 +1,179 @@
+"""The ResNet families: layout, rules per stage, depth operations, Lightning training."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchvision
+
+import zoo
+from zoo.errors import ZooError
+from zoo.models import DepthScaledResNet, HeunNet, ResNet
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
+            m.running_mean = torch.randn(m.running_mean.shape, generator=g) * 0.1
+            m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
+
+
+def test_stage_layout_transition_only_where_the_shape_changes():
+    m18 = zoo.depth_scaled_resnet18()
+    assert m18.layer1.transition is None and m18.layer1.depth == 2  # 64 -> 64, stride 1
+    assert all(s.transition is not None and s.depth == 1 for s in m18.stages[1:])
+    m50 = zoo.depth_scaled_resnet50()
+    assert [s.depth for s in m50.stages] == [2, 3, 5, 2]
+    assert m50.layer3.step == pytest.approx(1 / 5)
+    assert all(s.rule == "euler" and s.scale == "depth" for s in m50.stages)
+    assert all(s.rule == "heun" for s in zoo.heun_resnet34().stages)
+    assert all(s.scale == 1.0 for s in zoo.resnet34().stages)
+
+
+def test_plain_resnet_is_torchvision_exactly():
+    tv = torchvision.models.resnet34().eval()
+    randomise_bn(tv)
+    m = zoo.resnet34()
+    m.load_state_dict(tv.state_dict())
+    m.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), tv(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("builder", [zoo.depth_scaled_resnet50, zoo.heun_resnet50])
+def test_torchvision_weights_fold_the_depth_factor(builder, tmp_path):
+    tv = torchvision.models.resnet50().eval()
+    randomise_bn(tv)
+    torch.save(tv.state_dict(), tmp_path / "r50.pth")
+    m = builder(weights=str(tmp_path / "r50.pth")).eval()
+    sd_tv, sd = tv.state_dict(), m.state_dict()
+    # layer3 has a transition then 5 residual blocks: N = 5 multiplies their last BN, nothing else
+    torch.testing.assert_close(sd["layer3.2.bn3.weight"], 5 * sd_tv["layer3.2.bn3.weight"])
+    torch.testing.assert_close(sd["layer3.0.bn3.weight"], sd_tv["layer3.0.bn3.weight"])
+    torch.testing.assert_close(sd["layer3.2.bn2.weight"], sd_tv["layer3.2.bn2.weight"])
+    x = torch.randn(2, 3, 64, 64)
+    if builder is zoo.depth_scaled_resnet50:
+        with torch.no_grad():
+            ref = tv(x)
+            torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_depth_scaled_block_computes_post_activation_step():
+    """Inside a stack with step h a torchvision-layout block computes relu(x + h g(x))."""
+    m = zoo.depth_scaled_resnet50().eval()
+    randomise_bn(m)
+    block, h = m.layer3.blocks[1], m.layer3.step
+    x = torch.rand(2, 1024, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(x + h * block(x), torch.relu(x + h * block.branch(x)))
+
+
+def test_tiny_net_matches_the_published_description():
+    m = zoo.depth_scaled_tiny(depth=12)
+    assert m.conv1.kernel_size == (5, 5) and m.conv1.out_channels == 16
+    assert m.layer1.depth == 12 and m.layer1.transition is None and m.layer1.step == pytest.approx(1 / 12)
+    assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in m.layer1.blocks)  # last BN at zero
+    x = torch.randn(2, 3, 32, 32)
+    assert m.forward_features(x).shape == (2, 16, 10, 10)
+    m.eval()
+    with torch.no_grad():  # f = 0 at initialisation: the stack is the identity
+        feats = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        torch.testing.assert_close(m.layer1(feats), feats)
+
+
+def test_tied_cifar_resnet_and_depth_operations():
+    m = zoo.depth_scaled_cifar_resnet(layers=(4, 4, 4), tied=True)
+    assert all(s.is_tied() for s in m.stages)
+    n_tied = sum(p.numel() for p in m.parameters())
+    assert n_tied < sum(p.numel() for p in zoo.depth_scaled_cifar_resnet(layers=(4, 4, 4)).parameters())
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = m(x)
+    m.deepen_stage(2, 9)
+    assert m.layer2.depth == 8 and m.layer2.is_tied() and m.hparams["layers"] == [4, 9, 4]
+    for s in (1, 2, 3):
+        m.untie_stage(s)
+    assert not m.hparams["tied"] and not any(s.is_tied() for s in m.stages)
+    with torch.no_grad():
+        after = m(x)
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    rebuilt = DepthScaledResNet(**{k: v for k, v in m.hparams.items()})
+    rebuilt.load_state_dict(m.state_dict())  # the hparams describe the deepened model
+    assert set(m.smoothness()) == {"layer1", "layer2", "layer3"}
+    with pytest.raises(ZooError, match="no stage"):
+        m.deepen_stage(7, 3)
+
+
+def test_adjoint_model_gradients_approach_backprop_with_depth():
+    errors = []
+    for depth in (4, 32):
+        torch.manual_seed(0)
+        full = zoo.depth_scaled_tiny(depth=depth, num_classes=3, zero_init_last=False)
+        adj = zoo.depth_scaled_tiny(depth=depth, num_classes=3, zero_init_last=False, memory="adjoint")
+        adj.load_state_dict(full.state_dict())
+        x = torch.randn(4, 3, 12, 12)
+        g = []
+        for m in (full, adj):
+            m(x).logsumexp(-1).sum().backward()
+            g.append(torch.cat([p.grad.flatten() for p in m.layer1.parameters()]))
+        errors.append(float((g[1] - g[0]).norm() / g[0].norm()))
+    assert errors[1] < errors[0] / 2, errors
+
+
+def test_lightning_fit_lowers_the_loss():
+    from zoo.data import DigitsDataModule
+
+    pl.seed_everything(0)
+    dm = DigitsDataModule(image_size=16, batch_size=32, augment=False)
+    model = zoo.heun_cifar_resnet(layers=(1, 1, 1), memory="adjoint", optimizer="adamw", lr=3e-3,
+                                 weight_decay=0.0, scheduler="constant")
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=15, limit_val_batches=4, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, dm, verbose=False)
+    before = float(trainer.callback_metrics["val_loss"])
+    trainer.fit(model, dm)
+    after = float(trainer.callback_metrics["val_loss"])
+    assert after < before * 0.8, (before, after)
+    assert model.hparams.memory == "adjoint" and model.hparams.rule == "heun"
+    assert "weights" not in model.hparams
+
+
+def test_optimizer_groups_and_schedulers():
+    m = zoo.depth_scaled_resnet20_cifar(weight_decay=1e-3)
+    groups = m.parameter_groups()
+    assert groups[0]["weight_decay"] == 1e-3 and groups[1]["weight_decay"] == 0.0
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert id(m.conv1.weight) in decayed and id(m.bn1.weight) not in decayed and id(m.fc.bias) not in decayed
+    assert len(decayed) + len(groups[1]["params"]) == len(list(m.parameters()))
+    with pytest.raises(ZooError, match="unknown optimizer"):
+        zoo.depth_scaled_resnet20_cifar(optimizer="lbfgs")
+    with pytest.raises(ZooError, match="unknown scheduler"):
+        zoo.depth_scaled_resnet20_cifar(scheduler="poly")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rule": "midpoint"}, "unknown rule"),
+        ({"memory": "offload"}, "unknown memory"),
+        ({"block": "wide"}, "unknown block"),
+        ({"stem": "deep"}, "unknown stem"),
+        ({"layers": (2, 0)}, "layers must be"),
+        ({"layers": (2, 2), "widths": (8,)}, "widths has 1 entries"),
+    ],
+)
+def test_bad_model_arguments(kwargs, message):
+    with pytest.raises(ZooError, match=message):
+        ResNet(**kwargs)
+
+
+def test_family_classes():
+    assert isinstance(zoo.create_model("heun_resnet18"), HeunNet)
+    assert isinstance(zoo.create_model("depth_scaled_tiny", depth=3), DepthScaledResNet)
+    assert isinstance(zoo.depth_scaled_resnet18(), pl.LightningModule)
