@@ -135,7 +135,7 @@ def _build_source(spec: str, weights: str | None) -> Any:
         try:
             model = timm.create_model(name, pretrained=pretrained)
         except Exception as e:  # hub download errors come in many types
-            raise ZooError(f"cannot create timm model {name} with pretrained weights ({type(e).__name__}: {e})") from None
+            raise ZooError(f"cannot create timm model {name} with pretrained weights ({e})") from None
     if weight_file is not None:
         from zoo.hub import read_weights
 
