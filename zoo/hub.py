@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,7 +117,7 @@ def read_weights(weights: str | os.PathLike, model: nn.Module | None = None) -> 
         return _read_file(file)
     if path.is_file():
         return _read_file(path)
-    if model is not None and getattr(model, "torchvision_arch", None) and os.sep not in spec and "." not in spec:
+    if model is not None and getattr(model, "torchvision_arch", None) and _TORCHVISION_NAME.fullmatch(spec):
         return _read_torchvision(model.torchvision_arch, spec), False
     arch = getattr(model, "torchvision_arch", None) if model is not None else None
     hint = f", nor a torchvision weight name of {arch}" if arch else ""
@@ -147,14 +148,21 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     raise ZooError(f"{path} holds no state dict (expected tensors, or a dict with 'state_dict' or 'model')")
 
 
+# "IMAGENET1K_V2", "DEFAULT" or torchvision's enum spelling "ResNet50_Weights.IMAGENET1K_V2"
+_TORCHVISION_NAME = re.compile(r"(?:\w+_Weights\.)?\w+")
+
+
 def _read_torchvision(arch: str, name: str) -> dict[str, torch.Tensor]:
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
+    enum_name, _, name = name.rpartition(".")
+    if enum_name and enum_name != enum.__name__:
+        raise ZooError(f"{enum_name}.{name} are not weights of {arch}: use {enum.__name__}.<name> or just <name>")
     try:
         entry = enum[name]
     except KeyError:
-        valid = ", ".join(["DEFAULT", *enum.__members__])
+        valid = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise ZooError(f"{name!r} is not a torchvision weight of {arch}: choose one of {valid}") from None
     try:
         return entry.get_state_dict(progress=True, check_hash=False)

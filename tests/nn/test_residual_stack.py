@@ -293,6 +293,17 @@ def test_transition_is_child_zero_and_not_counted():
     torch.testing.assert_close(stack(x), ResidualStack(smooth_blocks(3), scale="depth")(t(x)))
 
 
+def test_indexing_follows_torchvision_numbering():
+    t, blocks = nn.Linear(3, 6), smooth_blocks(3)
+    stack = ResidualStack(blocks, transition=t)
+    assert len(stack) == 4 and stack[0] is t and stack[-1] is blocks[2]
+    assert list(stack) == [t, *blocks]
+    plain = ResidualStack(blocks)
+    assert len(plain) == 3 and plain[0] is blocks[0] and list(plain) == blocks
+    with pytest.raises(IndexError, match="out of range"):
+        stack[4]
+
+
 def test_tie_untie_deepen():
     x = torch.randn(4, 6)
     stack = ResidualStack(smooth_blocks(16), scale="depth").tie(3)

@@ -181,6 +181,20 @@ class ResidualStack(nn.Module):
         """The residual functions f_0 .. f_{N-1} (tied blocks appear several times)."""
         return [self._modules[str(i + self._offset)] for i in range(self.depth)]
 
+    def __len__(self) -> int:
+        """Number of children, transition included (``stack[i]`` indexes them as nn.Sequential does)."""
+        return self._depth + self._offset
+
+    def __getitem__(self, index: int) -> nn.Module:
+        """Child ``index`` in torchvision numbering: ``stage[0]`` is the transition block when there is one."""
+        size = len(self)
+        if not isinstance(index, int) or not -size <= index < size:
+            raise IndexError(f"index {index!r} is out of range for a ResidualStack of {size} modules")
+        return self._modules[str(index % size)]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return (self._modules[str(i)] for i in range(len(self)))
+
     @property
     def depth(self) -> int:
         """N, the number of residual steps (the transition block is not counted)."""

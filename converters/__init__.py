@@ -1,0 +1,401 @@
+"""Convert models of other libraries into zoo models: ``converters.transform(model, to=..., **options)``.
+
+    >>> import torchvision, converters
+    >>> net = torchvision.models.resnet50()
+    >>> ode = converters.transform(net, to="depth_scaled")          # same function, x + f(x)/N
+    >>> heun = converters.transform(net, to="heun", memory="adjoint")
+
+Two registries make a conversion:
+
+- **targets** (``to=...``): what to build. Each target handles one *family* of sources (``"resnet"``)
+  and lists the options it accepts. Adding one is a call to :func:`register_target`.
+- **sources**: one file per source library (``converters/torchvision.py``, ``converters/timm.py``)
+  detects its model classes, checks that the instance has a layout the zoo reproduces exactly, and
+  reads it into a family description (:class:`ResNetSpec` for the ``"resnet"`` family).
+
+Converters only build the zoo model and move weights (through :func:`zoo.hub.load_state_dict`,
+which folds the depth factor with the model's ``fold_plain_weights``); all forward logic stays in
+``zoo``. The converted model is on the source's device and dtype, in the same train/eval mode
+(per module, so a frozen BatchNorm stays in eval mode), with the same ``requires_grad`` flags.
+
+ResNet targets (family ``"resnet"``; the source block computes relu(x + g(x))):
+
+- ``"resnet"``: :class:`zoo.models.ResNet`, scale 1: the same block relu(x + g(x)), identical function.
+- ``"depth_scaled"``: :class:`zoo.models.DepthScaledResNet`: each stage of N residual blocks computes
+  x_{n+1} = relu(x_n + h g'(x_n)) with h = 1/N and g' = g/h (the last BatchNorm's weight and bias of
+  every residual branch multiplied by N), i.e. exactly the source function.
+- ``"heun"``: :class:`zoo.models.HeunNet` initialised from the same folded weights (h = 1/N, Heun's
+  rule, MATH.md section 2): a different function, a starting point for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import zoo.hub
+from zoo.errors import ZooError
+from zoo.models import DepthScaledResNet, HeunNet, ResNet
+from zoo.tasks import ImageClassifier
+
+__all__ = [
+    "RESNET_OPTIONS",
+    "ResNetSpec",
+    "Source",
+    "Target",
+    "check_resnet_layout",
+    "build_resnet",
+    "classifier_size",
+    "describe_module",
+    "list_sources",
+    "list_targets",
+    "read_resnet_stages",
+    "register_source",
+    "register_target",
+    "resnet_spec",
+    "source_device_dtype",
+    "transform",
+]
+
+# Source libraries, imported on first use (each registers its sources).
+_SOURCE_MODULES = ("converters.torchvision", "converters.timm")
+
+
+# ------------------------------------------------------------------------------------------------
+# Registries
+
+
+@dataclass(frozen=True)
+class Target:
+    """A conversion target: ``build(spec, options)`` returns the zoo model for a source description."""
+
+    name: str
+    family: str
+    build: Callable[[Any, dict[str, Any]], nn.Module]
+    options: tuple[str, ...]
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source model type: ``matches(model)`` detects it, ``read(model)`` describes it (or raises ZooError)."""
+
+    name: str
+    family: str
+    matches: Callable[[nn.Module], bool]
+    read: Callable[[nn.Module], Any]
+
+
+_TARGETS: dict[str, Target] = {}
+_SOURCES: dict[str, dict[str, Source]] = {}
+_loaded = False
+
+
+def register_target(name: str, family: str, options: tuple[str, ...], summary: str = ""):
+    """Decorator registering ``build(spec, options) -> model`` as target ``name`` for a source family."""
+
+    def deco(build: Callable[[Any, dict[str, Any]], nn.Module]):
+        if name in _TARGETS and _TARGETS[name].build is not build:
+            raise ZooError(f"a conversion target named {name!r} is already registered")
+        _TARGETS[name] = Target(name, family, build, tuple(options), summary)
+        return build
+
+    return deco
+
+
+def register_source(name: str, family: str, matches: Callable[[nn.Module], bool]):
+    """Decorator registering ``read(model) -> spec`` for the models ``matches`` accepts."""
+
+    def deco(read: Callable[[nn.Module], Any]):
+        _SOURCES.setdefault(family, {})[name] = Source(name, family, matches, read)
+        return read
+
+    return deco
+
+
+def _load_sources() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _SOURCE_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+
+
+def _get_target(to: str) -> Target:
+    if not isinstance(to, str) or to not in _TARGETS:
+        raise ZooError(f"unknown conversion target {to!r}: supported targets are {', '.join(map(repr, _TARGETS))}")
+    return _TARGETS[to]
+
+
+def list_targets() -> list[str]:
+    """Names accepted by ``transform(..., to=...)``."""
+    return list(_TARGETS)
+
+
+def list_sources(to: str) -> list[str]:
+    """The source model types ``transform`` converts to target ``to``."""
+    _load_sources()
+    return list(_SOURCES.get(_get_target(to).family, {}))
+
+
+def _class_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
+    """Convert ``model`` (a torchvision/timm ResNet ...) into the zoo model ``to``.
+
+    Args:
+        model: the source model; it is left unchanged (weights are copied, not shared).
+        to: a registered target (:func:`list_targets`): ``"resnet"``, ``"depth_scaled"``, ``"heun"``.
+        **options: target options, e.g. ``memory="adjoint"``, ``drop_path_rate``, or any
+            :class:`zoo.tasks.ImageClassifier` hyperparameter (``lr``, ``optimizer`` ...). The
+            architecture (``layers``, ``block``, ``num_classes``, ``in_chans``) is read from the source.
+
+    Returns:
+        the zoo model, on the source's device and dtype and in its train/eval mode.
+
+    Raises:
+        ZooError: unknown target, unsupported source type or variant, or unknown option.
+    """
+    target = _get_target(to)
+    _load_sources()
+    sources = _SOURCES.get(target.family, {})
+    source = next((s for s in sources.values() if s.matches(model)), None)
+    if source is None:
+        raise ZooError(
+            f"cannot convert a {_class_name(model)} to {to!r}: supported sources for {to!r} are "
+            f"{', '.join(sources) or 'none'}"
+        )
+    unknown = sorted(set(options) - set(target.options))
+    if unknown:
+        raise ZooError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for to={to!r}: "
+            f"accepted options are {', '.join(target.options)} (the architecture is read from the source model)"
+        )
+    spec = source.read(model)
+    converted = target.build(spec, dict(options))
+    _mirror_runtime_state(converted, model, getattr(spec, "modules", {}))
+    return converted
+
+
+# ------------------------------------------------------------------------------------------------
+# The ResNet family
+
+
+@dataclass
+class ResNetSpec:
+    """A plain post-activation ResNet read from a source library (torchvision layout and names).
+
+    ``state_dict`` and ``modules`` use the zoo's (torchvision's) names; the source file maps any
+    name that differs. ``label`` names the source in messages.
+    """
+
+    label: str
+    block: str
+    layers: tuple[int, ...]
+    num_classes: int
+    in_chans: int
+    state_dict: dict[str, torch.Tensor]
+    modules: dict[str, nn.Module]
+    device: torch.device
+    dtype: torch.dtype
+    constructor: dict[str, Any] = field(default_factory=dict)  # extra zoo arguments (drop_rate ...)
+
+
+def resnet_spec(model: nn.Module, label: str, block: str, layers: tuple[int, ...],
+                rename: Callable[[str], str] = str, constructor: dict[str, Any] | None = None) -> ResNetSpec:
+    """The :class:`ResNetSpec` of a checked source: its weights and modules under the zoo's names
+    (``rename`` maps a source name), classifier size, input channels, device and dtype."""
+    device, dtype = source_device_dtype(model, label)
+    return ResNetSpec(
+        label=label,
+        block=block,
+        layers=layers,
+        num_classes=classifier_size(model, label),
+        in_chans=model.conv1.in_channels,
+        state_dict={rename(k): v for k, v in model.state_dict().items()},
+        modules={rename(k): m for k, m in model.named_modules()},
+        device=device,
+        dtype=dtype,
+        constructor=dict(constructor or {}),
+    )
+
+
+def _classifier_options() -> tuple[str, ...]:
+    """ImageClassifier hyperparameters (lr, optimizer ...), num_classes excepted: it comes from the source."""
+    params = inspect.signature(ImageClassifier.__init__).parameters
+    return tuple(n for n, p in params.items() if n not in ("self", "num_classes")
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+RESNET_OPTIONS: tuple[str, ...] = ("memory", "drop_rate", "drop_path_rate", *_classifier_options())
+
+
+def source_device_dtype(model: nn.Module, label: str) -> tuple[torch.device, torch.dtype]:
+    """The one device and floating dtype of a source's parameters and buffers (ZooError if mixed)."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    if not tensors:
+        raise ZooError(f"{label} has no parameters to convert")
+    devices = {t.device for t in tensors}
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if len(devices) > 1:
+        raise ZooError(f"{label} is spread over several devices ({', '.join(map(str, devices))}): "
+                       "move it to one device first")
+    if len(dtypes) > 1:
+        raise ZooError(f"{label} mixes dtypes ({', '.join(map(str, dtypes))}): cast it to one dtype first")
+    return devices.pop(), dtypes.pop()
+
+
+def read_resnet_stages(model: nn.Module, label: str, block_kinds: Mapping[type, str]) -> tuple[str, tuple[int, ...]]:
+    """``(block, layers)`` of a torchvision-layout ResNet whose stages are ``layer1`` .. ``layerK``.
+
+    ``block_kinds`` maps the library's block classes to ``"basic"`` / ``"bottleneck"``; blocks of
+    other classes (subclasses included: they may change the forward) are rejected.
+    """
+    layers, kinds = [], set()
+    i = 1
+    while isinstance(getattr(model, f"layer{i}", None), nn.Module):
+        stage = getattr(model, f"layer{i}")
+        if not isinstance(stage, nn.Sequential) or len(stage) == 0:
+            raise ZooError(f"{label}: layer{i} is a {type(stage).__name__} of {len(list(stage.children()))} "
+                           "modules, expected a non-empty nn.Sequential of residual blocks")
+        for j, block in enumerate(stage):
+            kind = block_kinds.get(type(block))
+            if kind is None:
+                names = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in block_kinds)
+                raise ZooError(f"{label}: block layer{i}.{j} is a {_class_name(block)}; supported blocks are {names}")
+            kinds.add(kind)
+        layers.append(len(stage))
+        i += 1
+    if not layers:
+        raise ZooError(f"{label} has no stages layer1, layer2, ...: not a ResNet layout")
+    if len(kinds) > 1:
+        raise ZooError(f"{label} mixes basic and bottleneck blocks; the zoo ResNet uses one block type")
+    return kinds.pop(), tuple(layers)
+
+
+def describe_module(m: Any) -> str:
+    """A one-line description: the repr of a leaf module, the child types of a container."""
+    if not isinstance(m, nn.Module):
+        return repr(m)
+    children = list(m.children())
+    if not children:
+        return " ".join(repr(m).split())
+    return f"{type(m).__name__}({', '.join(type(c).__name__ for c in children)})"
+
+
+def classifier_size(model: nn.Module, label: str, name: str = "fc") -> int:
+    """``out_features`` of the source's ``nn.Linear`` classifier (ZooError for any other head)."""
+    fc = getattr(model, name, None)
+    if not isinstance(fc, nn.Linear):
+        raise ZooError(
+            f"{label}: the classifier {name} is {describe_module(fc)}, expected an nn.Linear (a model without "
+            "a head, num_classes=0, or a custom head is not supported: convert first, then replace the head)"
+        )
+    return fc.out_features
+
+
+_LAYOUT_ATTRS: dict[type, tuple[str, ...]] = {
+    nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                "padding_mode"),
+    nn.BatchNorm2d: ("num_features", "eps", "affine", "track_running_stats"),
+    nn.Linear: ("in_features", "out_features"),
+}
+
+
+def check_resnet_layout(modules: Mapping[str, nn.Module], model: nn.Module, label: str) -> None:
+    """ZooError unless every conv / BN / linear layer of the source has the zoo model's hyperparameters.
+
+    A safety net behind the source files' explicit checks: widths, groups, dilation, extra layers
+    with weights (attention, deep stems) all show up here.
+    """
+    own = dict(model.named_modules())
+    problems = []
+    for name, mine in own.items():
+        attrs = _LAYOUT_ATTRS.get(type(mine))
+        if attrs is None:
+            continue
+        theirs = modules.get(name)
+        if theirs is None:
+            problems.append(f"{name} is missing")
+            continue
+        if type(theirs) is not type(mine):
+            problems.append(f"{name} is a {type(theirs).__name__}, the zoo ResNet has a {type(mine).__name__}")
+            continue
+        diffs = [f"{a}={getattr(theirs, a)!r} (zoo: {getattr(mine, a)!r})" for a in attrs
+                 if getattr(theirs, a) != getattr(mine, a)]
+        if getattr(mine, "bias", None) is None and getattr(theirs, "bias", None) is not None:
+            diffs.append("has a bias (zoo: none)")
+        if diffs:
+            problems.append(f"{name} {', '.join(diffs)}")
+    for name, theirs in modules.items():
+        if name and name not in own and (any(True for _ in theirs.parameters(recurse=False))
+                                         or any(True for _ in theirs.buffers(recurse=False))):
+            problems.append(f"{name} ({type(theirs).__name__}) has no counterpart in the zoo ResNet")
+    if problems:
+        more = f" ... ({len(problems)} in all)" if len(problems) > 5 else ""
+        raise ZooError(
+            f"{label} does not have the standard ResNet layout the zoo reproduces: {'; '.join(problems[:5])}{more}"
+        )
+
+
+def build_resnet(cls: type[ResNet], spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
+    """Build ``cls`` with the source's architecture and load its weights, folding the depth factor."""
+    kwargs = {
+        "layers": spec.layers,
+        "block": spec.block,
+        "num_classes": spec.num_classes,
+        "in_chans": spec.in_chans,
+        **spec.constructor,
+        **options,
+    }
+    model = cls(**kwargs)
+    check_resnet_layout(spec.modules, model, spec.label)
+    model.to(device=spec.device, dtype=spec.dtype)
+    zoo.hub.load_state_dict(model, spec.state_dict, from_zoo=False, source=spec.label)
+    return model
+
+
+def _mirror_runtime_state(model: nn.Module, source: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Same train/eval mode (per module), BatchNorm momentum and requires_grad flags as the source."""
+    model.train(source.training)
+    for name, mine in model.named_modules():
+        theirs = modules.get(name)
+        if not name or theirs is None:
+            continue
+        mine.training = theirs.training
+        if isinstance(mine, _BatchNorm) and isinstance(theirs, _BatchNorm):
+            mine.momentum = theirs.momentum
+    params = dict(source.named_parameters())
+    for name, p in model.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        theirs = modules.get(prefix)
+        tp = getattr(theirs, leaf, None) if theirs is not None else params.get(name)
+        if isinstance(tp, nn.Parameter):
+            p.requires_grad_(tp.requires_grad)
+
+
+@register_target("resnet", "resnet", RESNET_OPTIONS, "zoo ResNet, scale 1: the same function")
+def _to_resnet(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
+    return build_resnet(ResNet, spec, options)
+
+
+@register_target("depth_scaled", "resnet", RESNET_OPTIONS,
+                 "zoo DepthScaledResNet x + f(x)/N, the 1/N folded into the last BN: the same function")
+def _to_depth_scaled(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
+    return build_resnet(DepthScaledResNet, spec, options)
+
+
+@register_target("heun", "resnet", RESNET_OPTIONS,
+                 "zoo HeunNet (H1) from the same folded weights: not function preserving")
+def _to_heun(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
+    return build_resnet(HeunNet, spec, options)

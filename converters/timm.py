@@ -1,0 +1,167 @@
+"""timm ResNets (``timm.models.resnet.ResNet``) with the torchvision layout as zoo models.
+
+Residual function. With their default arguments timm's ``BasicBlock`` and ``Bottleneck`` compute
+exactly torchvision's blocks,
+
+    relu(shortcut(x) + g(x)),  g = bn2(conv2(act1(bn1(conv1(x)))))                      (basic)
+                               g = bn3(conv3(act2(bn2(conv2(act1(bn1(conv1(x))))))))    (bottleneck, stride on the 3x3)
+
+because ``drop_block`` and ``aa`` are ``nn.Identity``, ``se`` is None, ``act1``/``act2``/``act3`` are
+ReLU and ``drop_path`` (stochastic depth on g, identity in eval mode) follows the same linear
+schedule as the zoo's ``drop_path_rate``. The zoo keeps the first, shape-changing block of a stage as
+an ordinary block and computes the N residual blocks of the stage as
+
+- ``to="resnet"``: relu(x + g(x)), scale 1: the same function;
+- ``to="depth_scaled"``: relu(x + h g'(x)) with h = 1/N and g' = g/h, i.e. the last BatchNorm's
+  weight and bias multiplied by N (``fold_plain_weights``): the same function;
+- ``to="heun"``: Heun's rule with step 1/N on f(x) = (relu(x + h g'(x)) - x)/h, from the same
+  folded weights: not the same function.
+
+State-dict names: timm's ResNet uses torchvision's names (``conv1``, ``bn1``, ``layer1.0.conv1``,
+``layer1.0.downsample.0/1``, ``fc``); its other modules (``act1``, ``global_pool``, ``aa``,
+``drop_block``, ``drop_path``) hold no weights. So :data:`KEY_RENAMES` is empty; a name that ever
+differs is mapped there. ``drop_rate`` (dropout before ``fc``) and the drop-path rate carry over.
+
+Supported: ``resnet18/34/50/101/152`` (``timm.create_model("resnet50")``) and any timm ResNet with
+a single 7x7 stride-2 ``conv1`` stem, a max-pool, BasicBlock/Bottleneck with cardinality 1 and
+base width 64, no SE/attention, no anti-aliasing, no DropBlock, ReLU, 1x1 conv downsample, output
+stride 32, average pooling and an ``nn.Linear`` head. Everything else (``resnet50d`` deep stems and
+average-pool downsampling, ``resnext*``, ``seresnet*``, ``resnetblur*``/``resnetaa*``, ...) raises a
+ZooError naming what is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch.nn as nn
+
+from converters import (
+    ResNetSpec,
+    describe_module,
+    read_resnet_stages,
+    register_source,
+    resnet_spec,
+)
+from zoo.errors import ZooError
+
+SOURCE_NAME = "timm.models.resnet.ResNet"
+
+# timm module / state-dict name prefix -> zoo name. Empty: timm's ResNet names are torchvision's.
+KEY_RENAMES: dict[str, str] = {}
+
+
+def rename(name: str) -> str:
+    """The zoo name of a timm module or state-dict key."""
+    for old, new in KEY_RENAMES.items():
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+
+def is_timm_resnet(model: object) -> bool:
+    # timm is only imported by whoever built the model: no timm module loaded means no timm model.
+    module = sys.modules.get("timm.models.resnet")
+    return module is not None and isinstance(model, module.ResNet)
+
+
+def _check(label: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise ZooError(f"{label}: {what} is not supported; only the torchvision-equivalent ResNet layout converts")
+
+
+def _is_relu(m: object) -> bool:
+    return type(m) is nn.ReLU
+
+
+def _check_block(label: str, name: str, block: nn.Module, kind: str) -> float:
+    """Explicit checks of one block; returns its drop-path rate."""
+    from timm.layers import DropPath
+
+    convs = [block.conv1, block.conv2] + ([block.conv3] if kind == "bottleneck" else [])
+    grouped = [c.groups for c in convs if c.groups != 1]
+    _check(label, not grouped,
+           f"grouped convolutions in {name} (cardinality={grouped[0] if grouped else 1}, a ResNeXt)")
+    if kind == "bottleneck":
+        planes = block.conv3.out_channels // 4
+        _check(label, block.conv2.out_channels == planes,
+               f"bottleneck width {block.conv2.out_channels} for {planes} planes in {name} (base_width != 64, "
+               "a wide ResNet)")
+        _check(label, block.conv1.out_channels == block.conv2.in_channels == planes,
+               f"a reduced first conv width in {name} (block_reduce_first != 1)")
+    else:
+        _check(label, block.conv1.out_channels == block.conv2.out_channels,
+               f"a reduced first conv width in {name} (block_reduce_first != 1)")
+    _check(label, getattr(block, "se", None) is None, f"SE/attention ({name}.se = {type(block.se).__name__})")
+    _check(label, type(getattr(block, "aa", nn.Identity())) is nn.Identity,
+           f"anti-aliased downsampling ({name}.aa = {type(block.aa).__name__})")
+    _check(label, type(getattr(block, "drop_block", nn.Identity())) is nn.Identity,
+           f"DropBlock ({name}.drop_block = {type(block.drop_block).__name__})")
+    acts = ("act1", "act2", "act3") if kind == "bottleneck" else ("act1", "act2")
+    for act in acts:
+        _check(label, _is_relu(getattr(block, act, None)),
+               f"the activation {name}.{act} = {type(getattr(block, act, None)).__name__} (only ReLU)")
+    _check(label, getattr(block, "dilation", 1) == 1 and all(c.dilation == (1, 1) for c in convs),
+           f"dilation in {name} (output_stride < 32)")
+    ds = block.downsample
+    _check(label, ds is None or (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
+                                 and ds[0].kernel_size == (1, 1)),
+           f"average-pool or 3x3 downsampling in {name}.downsample = {describe_module(ds)} "
+           "(avg_down / down_kernel_size)")
+    dp = block.drop_path
+    if dp is None:
+        return 0.0
+    _check(label, type(dp) is DropPath and getattr(dp, "scale_by_keep", True),
+           f"{name}.drop_path = {describe_module(dp)} (only timm's DropPath with scale_by_keep=True)")
+    return float(dp.drop_prob)
+
+
+def _drop_path_rate(label: str, rates: list[float]) -> float:
+    """The rate of timm's (and the zoo's) linear schedule rate * i / (n - 1) that gives ``rates``."""
+    n = len(rates)
+    rate = rates[-1] if n > 1 else 0.0
+    expected = [rate * i / max(n - 1, 1) for i in range(n)]
+    _check(label, all(math.isclose(r, e, rel_tol=1e-6, abs_tol=1e-12) for r, e in zip(rates, expected)),
+           f"a drop-path schedule {[round(r, 6) for r in rates]} that is not linear in the block index")
+    return rate
+
+
+@register_source(SOURCE_NAME, "resnet", is_timm_resnet)
+def read_timm_resnet(model: nn.Module) -> ResNetSpec:
+    """Describe a timm ResNet for the zoo's ResNet targets (ZooError for unsupported variants)."""
+    from timm.models import resnet as timm_resnet
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    label = f"timm {arch}" if arch else f"timm {type(model).__name__}"
+
+    for meth in ("forward", "forward_features", "forward_head"):
+        _check(label, getattr(type(model), meth) is getattr(timm_resnet.ResNet, meth),
+               f"a subclass overriding {meth} ({type(model).__qualname__})")
+    conv1 = model.conv1
+    _check(label, type(conv1) is nn.Conv2d,
+           f"the deep stem conv1 = {type(conv1).__name__} (stem_type='deep...', e.g. resnet50d)")
+    _check(label, conv1.kernel_size == (7, 7) and conv1.stride == (2, 2) and conv1.padding == (3, 3),
+           f"the stem conv {conv1} (only a 7x7 conv with stride 2 and padding 3)")
+    _check(label, _is_relu(model.act1), f"the stem activation act1 = {type(model.act1).__name__}")
+    mp = model.maxpool
+    _check(label, type(mp) is nn.MaxPool2d and (mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode)
+           == (3, 2, 1, 1, False), f"the stem pool {describe_module(mp)} (replace_stem_pool or anti-aliasing)")
+
+    block, layers = read_resnet_stages(
+        model, label, {timm_resnet.BasicBlock: "basic", timm_resnet.Bottleneck: "bottleneck"}
+    )
+    rates = [
+        _check_block(label, f"layer{i + 1}.{j}", b, block)
+        for i in range(len(layers))
+        for j, b in enumerate(getattr(model, f"layer{i + 1}"))
+    ]
+    pool = model.global_pool
+    pool_type = str(getattr(pool, "pool_type", "")).lower()
+    _check(label, pool_type == "fast" or pool_type.endswith("avg"),
+           f"global_pool {pool_type!r} (only average pooling)")
+    return resnet_spec(model, label, block, layers, rename=rename, constructor={
+        "drop_rate": float(getattr(model, "drop_rate", 0.0)),
+        "drop_path_rate": _drop_path_rate(label, rates),
+    })

@@ -1,0 +1,159 @@
+"""The model registry: names, patterns, builders, and the architectures the builders produce."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torchvision
+
+import zoo
+from zoo import registry
+from zoo.models import DepthScaledResNet, HeunNet, ResNet
+
+FAMILIES = {"": ResNet, "depth_scaled_": DepthScaledResNet, "heun_": HeunNet}
+IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
+SMALL_SUFFIXES = ("resnet20_cifar", "resnet56_cifar", "resnet110_cifar", "cifar_resnet", "tiny")
+IMAGENET_NAMES = [f"{p}resnet{d}" for p in FAMILIES for d in IMAGENET_DEPTHS]
+SMALL_NAMES = [f"{p}{s}" for p in FAMILIES for s in SMALL_SUFFIXES]
+
+
+def test_list_models_has_every_family_and_variant() -> None:
+    names = zoo.list_models()
+    assert names == sorted(names)
+    for prefix in ("depth_scaled_", "heun_"):
+        for depth in IMAGENET_DEPTHS:
+            assert f"{prefix}resnet{depth}" in names
+        for suffix in SMALL_SUFFIXES:
+            assert f"{prefix}{suffix}" in names
+    assert set(names) == set(IMAGENET_NAMES) | set(SMALL_NAMES)
+
+
+def test_list_models_patterns_and_family() -> None:
+    heun = zoo.list_models("heun_*")
+    assert heun and all(n.startswith("heun_") for n in heun)
+    assert len(heun) == len(IMAGENET_DEPTHS) + len(SMALL_SUFFIXES)
+    assert zoo.list_models("*resnet50") == ["depth_scaled_resnet50", "heun_resnet50", "resnet50"]
+    assert zoo.list_models("*_cifar") == sorted(n for n in SMALL_NAMES if n.endswith("_cifar"))
+    assert zoo.list_models("*tiny") == ["depth_scaled_tiny", "heun_tiny", "tiny"]
+    assert zoo.list_models("no_such_model*") == []
+    assert zoo.list_models(family="resnet") == zoo.list_models()
+    assert zoo.list_models(family="vit") == []
+    assert zoo.is_model("depth_scaled_resnet50") and not zoo.is_model("depth_scaled_resnet51")
+
+
+@pytest.mark.parametrize("name", IMAGENET_NAMES + SMALL_NAMES)
+def test_builder_importable_from_zoo(name: str) -> None:
+    builder = getattr(importlib.import_module("zoo"), name)
+    assert builder is registry.model_entrypoint(name)
+    assert name in zoo.__all__
+    assert builder.__name__ == name and builder.__doc__
+
+
+def test_from_zoo_import() -> None:
+    from zoo import depth_scaled_resnet50, heun_resnet20_cifar, heun_tiny
+
+    assert depth_scaled_resnet50 is registry.model_entrypoint("depth_scaled_resnet50")
+    assert heun_resnet20_cifar.__module__ == "zoo.models.resnet"
+    assert callable(heun_tiny)
+
+
+def test_create_model_class_and_kwargs() -> None:
+    m = zoo.create_model("depth_scaled_resnet20_cifar", layers=(1, 1, 1), num_classes=7, lr=0.01)
+    assert type(m) is DepthScaledResNet
+    assert m.hparams.layers == (1, 1, 1) and m.hparams.lr == 0.01
+    assert m.fc.out_features == 7 and m.fc.in_features == 64
+    assert [s.rule for s in m.stages] == ["euler"] * 3
+
+    h = zoo.create_model("heun_cifar_resnet", layers=(3, 2, 2), widths=(8, 16, 32))
+    assert type(h) is HeunNet
+    assert h.num_features == 32 and h.fc.out_features == 10
+    assert [s.rule for s in h.stages] == ["heun"] * 3
+    assert h.layer1.depth == 3 and h.layer1.step == pytest.approx(1 / 3)
+    assert h.layer2.depth == 1  # first block of a stage that changes the shape is the transition
+
+    p = zoo.create_model("resnet20_cifar", layers=(2, 2, 2))
+    assert type(p) is ResNet and p.layer1.step == 1.0
+
+    t = zoo.create_model("depth_scaled_tiny", depth=5)
+    assert type(t) is DepthScaledResNet and t.layer1.depth == 5 and t.layer1.step == pytest.approx(0.2)
+    assert all(not b.bn2.weight.detach().any() for b in t.layer1.blocks)  # zero_init_last by default
+
+
+def test_unknown_model_suggests_close_matches() -> None:
+    with pytest.raises(zoo.ZooError, match="depth_scaled_resnet50") as info:
+        zoo.create_model("depth_scaled_resnet5O")
+    assert "unknown model 'depth_scaled_resnet5O'" in str(info.value)
+    with pytest.raises(zoo.ZooError, match="heun_resnet18"):
+        zoo.create_model("heun_resent18")
+    with pytest.raises(zoo.ZooError, match="unknown model 'xyz'") as info:
+        zoo.create_model("xyz")
+    assert "Did you mean" not in str(info.value)
+
+
+def test_register_model_refuses_a_second_builder_of_the_same_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_MODEL_ENTRYPOINTS", dict(registry._MODEL_ENTRYPOINTS))
+    monkeypatch.setattr(registry, "_MODEL_FAMILY", dict(registry._MODEL_FAMILY))
+
+    def my_test_net(weights=None, **kwargs):
+        return torch.nn.Identity()
+
+    assert zoo.register_model(my_test_net) is my_test_net
+    assert zoo.register_model(my_test_net) is my_test_net  # the same function again is fine
+    assert zoo.list_models("my_test_*") == ["my_test_net"]
+    assert zoo.list_models(family="test_registry") == ["my_test_net"]
+
+    def other():
+        pass
+
+    other.__name__ = "my_test_net"
+    with pytest.raises(zoo.ZooError, match="already registered"):
+        zoo.register_model(other)
+
+
+@pytest.mark.parametrize("name", SMALL_NAMES)
+def test_small_models_build(name: str) -> None:
+    model = zoo.create_model(name).eval()
+    prefix = next(p for p in ("depth_scaled_", "heun_", "") if name.startswith(p))
+    assert type(model) is FAMILIES[prefix]
+    assert model.fc.out_features == 10
+    if name.endswith("_cifar"):  # ResNet-(6n+2): n blocks per stage, the first of stages 2 and 3 a transition
+        n = (int(name.split("resnet")[1].split("_")[0]) - 2) // 6
+        assert [s.depth for s in model.stages] == [n, n - 1, n - 1]
+    if name.endswith(("resnet20_cifar", "cifar_resnet", "tiny")):  # the cheap ones also run
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 16, 16))
+        assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def _numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("depth", IMAGENET_DEPTHS)
+def test_imagenet_models_match_torchvision_layout(depth: int) -> None:
+    with torch.device("meta"):  # no memory, no initialisation: only the structure is compared
+        reference = torchvision.models.get_model(f"resnet{depth}")
+        models = {prefix: zoo.create_model(f"{prefix}resnet{depth}") for prefix in FAMILIES}
+    ref_sd = reference.state_dict()
+    for prefix, model in models.items():
+        assert type(model) is FAMILIES[prefix]
+        assert model.torchvision_arch == f"resnet{depth}"
+        assert _numel(model) == _numel(reference)
+        sd = model.state_dict()
+        assert list(sd) == list(ref_sd)
+        assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
+
+
+def test_imagenet_model_num_classes() -> None:
+    with torch.device("meta"):
+        m = zoo.depth_scaled_resnet50(num_classes=10)
+    assert m.fc.out_features == 10 and m.fc.in_features == 2048
+    assert m.torchvision_arch == "resnet50"
+
+
+def test_small_imagenet_model_runs() -> None:
+    model = zoo.heun_resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
