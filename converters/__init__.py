@@ -14,7 +14,7 @@ Two registries make a conversion:
   reads it into a family description (:class:`ResNetSpec` for the ``"resnet"`` family).
 
 Converters only build the zoo model and move weights (through :func:`zoo.hub.load_state_dict`,
-which folds the depth factor with the model's ``fold_plain_weights``); all forward logic stays in
+which folds the depth factor with the model's ``adapt_state_dict``); all forward logic stays in
 ``zoo``. The converted model is on the source's device and dtype, in the same train/eval mode
 (per module, so a frozen BatchNorm stays in eval mode), with the same ``requires_grad`` flags.
 
@@ -361,7 +361,7 @@ def build_resnet(cls: type[ResNet], spec: ResNetSpec, options: dict[str, Any]) -
     model = cls(**kwargs)
     check_resnet_layout(spec.modules, model, spec.label)
     model.to(device=spec.device, dtype=spec.dtype)
-    zoo.hub.load_state_dict(model, spec.state_dict, from_zoo=False, source=spec.label)
+    zoo.hub.load_state_dict(model, spec.state_dict, source_hparams=None, source=spec.label)
     return model
 
 

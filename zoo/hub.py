@@ -10,10 +10,11 @@
 - ``"hf-hub:org/name"`` (optionally ``@revision``): a Hub repository written by ``save_pretrained``
   (``config.json`` + ``model.safetensors``) or holding a plain ``pytorch_model.bin``.
 
-Weights written by zoo (``save_pretrained``, Lightning checkpoints) are loaded as they are. Any other
-state dict is taken to come from the source architecture (a torchvision/timm ResNet ...) and goes
-through the model's ``fold_plain_weights`` hook, so that, e.g., ``depth_scaled_resnet50(weights=W)``
-computes the same function as torchvision's ``resnet50(weights=W)``.
+Every state dict goes through the model's ``adapt_state_dict(state_dict, source_hparams)`` hook, when it
+has one, with the hyperparameters the weights were saved with: the config of ``save_pretrained``, the
+``hyper_parameters`` of a Lightning checkpoint, or None for any other file (torchvision, timm, a plain
+``.pth``). A depth-scaled ResNet uses it to fold the step of the source into its weights, so that, e.g.,
+``depth_scaled_resnet50(weights=W)`` computes the same function as torchvision's ``resnet50(weights=W)``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp creates the file 0600; give it the mode an ordinary open() would (0666 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -104,8 +109,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 # Reading weights from any source
 
 
-def read_weights(weights: str | os.PathLike, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], bool]:
-    """Resolve ``weights`` to ``(state_dict, written_by_zoo)``."""
+def read_weights(
+    weights: str | os.PathLike, model: nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Resolve ``weights`` to ``(state_dict, source_hparams)``; ``source_hparams`` is None for weights
+    that do not record the hyperparameters they were trained with (torchvision, timm, ``.pth``)."""
     spec = str(weights)
     if spec.startswith("hf-hub:"):
         return _read_hf_hub(spec[len("hf-hub:"):])
@@ -118,7 +126,7 @@ def read_weights(weights: str | os.PathLike, model: nn.Module | None = None) -> 
     if path.is_file():
         return _read_file(path)
     if model is not None and getattr(model, "torchvision_arch", None) and _TORCHVISION_NAME.fullmatch(spec):
-        return _read_torchvision(model.torchvision_arch, spec), False
+        return _read_torchvision(model.torchvision_arch, spec), None
     arch = getattr(model, "torchvision_arch", None) if model is not None else None
     hint = f", nor a torchvision weight name of {arch}" if arch else ""
     raise ZooError(
@@ -127,24 +135,28 @@ def read_weights(weights: str | os.PathLike, model: nn.Module | None = None) -> 
     )
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     if path.suffix == ".safetensors":
         try:
             sd, meta = read_safetensors(path)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ZooError(f"cannot read {path} as safetensors ({e}); is the file complete?") from None
-        return sd, _META_CONFIG in meta
+        config = json.loads(meta[_META_CONFIG]) if _META_CONFIG in meta else None
+        return sd, (config or {}).get("init_args") if config is not None else None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ZooError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        from_zoo = "hyper_parameters" in obj or "pytorch-lightning_version" in obj
-        return dict(obj["state_dict"]), from_zoo
+        # a Lightning checkpoint records its module's hyperparameters (another module's are just
+        # passed on: what they lack, e.g. a step scale, means the plain source architecture)
+        hparams = obj.get("hyper_parameters")
+        is_lightning = "pytorch-lightning_version" in obj or isinstance(hparams, Mapping)
+        return dict(obj["state_dict"]), dict(hparams or {}) if is_lightning else None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        return dict(obj["model"]), False
+        return dict(obj["model"]), None
     if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj), False
+        return dict(obj), None
     raise ZooError(f"{path} holds no state dict (expected tensors, or a dict with 'state_dict' or 'model')")
 
 
@@ -196,18 +208,21 @@ def _read_hf_hub(repo: str) -> tuple[dict[str, torch.Tensor], bool]:
 
 def load_weights(model: nn.Module, weights: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load ``weights`` (see the module docstring) into ``model``; returns the model."""
-    state_dict, from_zoo = read_weights(weights, model)
-    load_state_dict(model, state_dict, from_zoo=from_zoo, strict=strict, source=str(weights))
+    state_dict, source_hparams = read_weights(weights, model)
+    load_state_dict(model, state_dict, source_hparams=source_hparams, strict=strict, source=str(weights))
     return model
 
 
-def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], from_zoo: bool = True,
-                    strict: bool = True, source: str = "state dict") -> nn.Module:
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                    source_hparams: Mapping[str, Any] | None = None, strict: bool = True,
+                    source: str = "state dict") -> nn.Module:
     """Load with one clear error listing the keys that do not fit.
 
-    A source state dict (``from_zoo=False``) goes through ``model.fold_plain_weights`` first. A
-    classifier whose shape differs from the model's (other ``num_classes``) is left at its
-    initialisation, as timm does when fine-tuning on a new label set.
+    The state dict goes through ``model.adapt_state_dict(state_dict, source_hparams)`` first, when the
+    model has that hook (``source_hparams``: the hyperparameters the weights were saved with, None for
+    a source architecture such as a torchvision ResNet). A classifier whose shape differs from the
+    model's (other ``num_classes``) is left at its initialisation, as timm does when fine-tuning on a
+    new label set.
     """
     sd = dict(state_dict)
     own = model.state_dict()
@@ -216,8 +231,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], fr
             if all(k.startswith(prefix) for k in sd):
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 break
-    if not from_zoo and hasattr(model, "fold_plain_weights"):
-        sd = model.fold_plain_weights(sd)
+    if hasattr(model, "adapt_state_dict"):
+        sd = model.adapt_state_dict(sd, source_hparams)
     skipped = [
         k for k in sd
         if k.startswith(_CLASSIFIER_PREFIXES) and k in own and sd[k].shape != own[k].shape
@@ -319,7 +334,7 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     if cls is not None and not issubclass(model_cls, cls):
         raise ZooError(f"{src} holds a {model_cls.__name__}, not a {cls.__name__}")
     model = model_cls(**{**config["init_args"], **overrides})
-    load_state_dict(model, state_dict, from_zoo=True, source=str(src))
+    load_state_dict(model, state_dict, source_hparams=config["init_args"], source=str(src))
     return model
 
 

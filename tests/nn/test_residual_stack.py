@@ -359,3 +359,14 @@ def test_shape_changing_block_and_integer_input_are_refused():
         stack(torch.randn(2, 6))
     with pytest.raises(ZooError, match="floating-point"):
         ResidualStack(smooth_blocks(2))(torch.ones(2, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("memory", ["full", "adjoint"])
+def test_torch_compile_gives_the_eager_result(memory):
+    stack = ResidualStack(smooth_blocks(4), rule="heun", scale="depth", memory=memory)
+    x = torch.randn(3, 6)
+    eager_x, eager_p = grads(stack, x)
+    compiled_x, compiled_p = grads(torch.compile(stack), x)
+    compiled_p = {k.removeprefix("_orig_mod."): v for k, v in compiled_p.items()}
+    torch.testing.assert_close(compiled_x, eager_x)
+    torch.testing.assert_close(compiled_p, eager_p)

@@ -19,7 +19,7 @@ Pre-activation blocks (the tiny CIFAR net) use f(x) = g(x) directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -182,7 +182,8 @@ class ResNet(HubMixin, ImageClassifier):
         scale: step of the rule, ``"depth"`` (1/N per stage) or a number.
         gamma: momentum term of the momentum rule.
         memory: ``"full"``, ``"adjoint"`` (store each stage's output only) (or ``"reversible"``).
-        tied: share the weights of the residual blocks within each stage.
+        tied: share the weights of the residual blocks within each stage: ``True`` for every stage,
+            or the numbers of the tied stages (``[2, 3]``; stages count from 1).
         num_classes, in_chans: classifier outputs, input channels.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over the blocks up to this rate.
@@ -202,7 +203,7 @@ class ResNet(HubMixin, ImageClassifier):
         scale: float | str = 1.0,
         gamma: float = 0.9,
         memory: str = "full",
-        tied: bool = False,
+        tied: bool | Sequence[int] = False,
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.0,
@@ -222,6 +223,12 @@ class ResNet(HubMixin, ImageClassifier):
         widths = tuple(widths) if widths is not None else tuple(64 * 2**i for i in range(len(layers)))
         if len(widths) != len(layers):
             raise ZooError(f"widths has {len(widths)} entries but layers has {len(layers)}: give one per stage")
+        if isinstance(tied, bool):
+            tied_stages = set(range(1, len(layers) + 1)) if tied else set()
+        else:
+            tied_stages = {int(i) for i in tied}
+            if not tied_stages <= set(range(1, len(layers) + 1)):
+                raise ZooError(f"tied must be true/false or stage numbers 1..{len(layers)}, got {list(tied)}")
         self.block_type = block
         self.layer_counts = layers
         block_cls = _BLOCK_CLASSES[block]
@@ -260,7 +267,7 @@ class ResNet(HubMixin, ImageClassifier):
                 inplanes = planes * block_cls.expansion
                 index += 1
             transition = blocks.pop(0) if blocks[0].downsample is not None else None
-            if tied and blocks:
+            if i + 1 in tied_stages and blocks:
                 blocks = [blocks[0]] * len(blocks)
             name = f"layer{i + 1}"
             self.add_module(
@@ -319,28 +326,43 @@ class ResNet(HubMixin, ImageClassifier):
         """Logits."""
         return self.forward_head(self.forward_features(x))
 
-    # ---------------------------------------------------------------- weights of plain ResNets
-    def fold_plain_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map a plain ResNet's state dict (torchvision/timm: x -> relu(x + g(x))) to this model.
+    # ---------------------------------------------------------------- weights saved at another step
+    def rescale_residual_weights(self, state_dict: Mapping[str, torch.Tensor],
+                                 source_scale: float | str = 1.0) -> dict[str, torch.Tensor]:
+        """Map weights trained with step ``source_scale`` to this model's steps, keeping the function.
 
-        A residual block of a stage with step h computes x + h f(x); scaling the last BatchNorm of
-        g by 1/h (N for ``scale="depth"``) makes it compute the source block exactly.
+        A residual block with step h computes relu(x + h g(x)) (post-activation) or x + h g(x)
+        (pre-activation), and g ends with a BatchNorm; scaling that BatchNorm's weight and bias by
+        h_source / h gives the source block exactly (N for plain weights in a depth-scaled stage,
+        1/N the other way). ``source_scale="depth"`` means step 1/N with this stage's depth N (weights of
+        another depth do not fit the state dict anyway).
         """
         out = dict(state_dict)
         for name, stage in zip(self.stage_names, self.stages):
-            factor = 1.0 / stage.step
+            source_step = 1.0 / max(stage.depth, 1) if source_scale == "depth" else float(source_scale)
+            factor = source_step / stage.step
             if factor == 1.0:
                 continue
             offset = 1 if stage.transition is not None else 0
             for j, block in enumerate(stage.blocks):
-                if not block.post_activation:
-                    continue
-                bn = [k for k, m in block.named_modules() if m is block.last_bn][0]
+                bn = next(k for k, m in block.named_modules() if m is block.last_bn)
                 for leaf in ("weight", "bias"):
                     key = f"{name}.{j + offset}.{bn}.{leaf}"
                     if key in out:
                         out[key] = out[key] * factor
         return out
+
+    def fold_plain_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a plain ResNet's state dict (torchvision/timm: x -> relu(x + g(x))) to this model:
+        the last BatchNorm of g multiplied by 1/h (N for ``scale="depth"``)."""
+        return self.rescale_residual_weights(state_dict, 1.0)
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                         source_hparams: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+        """Weight-loader hook (:func:`zoo.hub.load_state_dict`): weights without recorded
+        hyperparameters come from a plain ResNet (step 1); zoo weights record their ``scale``."""
+        source_scale = 1.0 if source_hparams is None else source_hparams.get("scale", 1.0)
+        return self.rescale_residual_weights(state_dict, source_scale)
 
     # ---------------------------------------------------------------- depth operations (MATH.md s1)
     def _stage(self, stage: int | str) -> ResidualStack:
@@ -351,13 +373,21 @@ class ResNet(HubMixin, ImageClassifier):
 
     def tie_stage(self, stage: int | str, index: int = 0) -> ResidualStack:
         """Share the weights of residual block ``index`` across the stage (theta_n = theta)."""
-        return self._stage(stage).tie(index)
+        out = self._stage(stage).tie(index)
+        self._record_tied()
+        return out
 
     def untie_stage(self, stage: int | str) -> ResidualStack:
         """Give every block of the stage its own weights (after deepening a tied stage)."""
         out = self._stage(stage).untie()
-        self.hparams["tied"] = any(s.is_tied() and s.depth > 1 for s in self.stages)
+        self._record_tied()
         return out
+
+    def _record_tied(self) -> None:
+        """Keep ``hparams.tied`` true to the stages, so that checkpoints and ``save_pretrained`` rebuild them."""
+        deep = [i + 1 for i, s in enumerate(self.stages) if s.depth > 1]
+        tied = [i for i in deep if self.stages[i - 1].is_tied()]
+        self.hparams["tied"] = bool(tied) if tied in ([], deep) else tied
 
     def deepen_stage(self, stage: int | str, blocks: int, mode: str = "copy") -> ResidualStack:
         """Re-sample a trained stage to ``blocks`` blocks (counted as in ``layers``, the transition
@@ -373,6 +403,7 @@ class ResNet(HubMixin, ImageClassifier):
         layers[i] = blocks
         self.layer_counts = tuple(layers)
         self.hparams["layers"] = list(layers)
+        self._record_tied()
         return st
 
     def smoothness(self) -> dict[str, float]:
