@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import randomize_batchnorm as randomise
 
 import zoo
 from zoo import hub
@@ -25,18 +26,6 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BatchNorm affine parameters and running statistics, so that folding 1/N matters."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
-            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
-            m.running_mean = torch.randn(m.running_mean.shape, generator=g) * 0.1
-            m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
-    return model
 
 
 def small_model(builder=zoo.depth_scaled_cifar_resnet, seed: int = 0, **kwargs) -> ResNet:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -34,8 +35,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        chain.append(error)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _summarise_config_error(error: BaseException) -> str:
+    """One line out of jsonargparse's nested report: the ZooError a constructor raised, the class path
+    that does not import, or the first error jsonargparse lists."""
+    chain = _exception_chain(error)
+    for e in chain:
+        if isinstance(e, ZooError):
+            return str(e)
+    for e in reversed(chain):
+        text = str(e)
+        if text.startswith("Problem with given class_path"):
+            missing = "has no attribute" in text or "No module named" in text
+            hint = " (zoo's model classes are zoo.models.<Class>; see zoo.list_models())" if missing else ""
+            return " ".join(text.split()) + hint
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return f"{type(error).__name__} while reading the configuration"
+    details = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
+    return " ".join(lines[:1] + details[:1])
+
+
 class ZooCLI(LightningCLI):
-    """LightningCLI with atomic checkpoints and a one-line summary of the final metrics."""
+    """LightningCLI with atomic checkpoints, one-line configuration errors and a one-line summary of the
+    final metrics."""
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:  # the parser is built with exit_on_error=False
+            raise ZooError(_summarise_config_error(e)) from None
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as e:  # jsonargparse wraps a constructor's ZooError in its own errors
+            if any(isinstance(x, ZooError) for x in _exception_chain(e)):
+                raise ZooError(_summarise_config_error(e)) from None
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -50,7 +95,11 @@ class ZooCLI(LightningCLI):
         if not keys:
             return
         text = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in keys)
-        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") if stage == "val" else ""
+        if self.subcommand == "fit":  # the checkpoint that was written (best if monitored, else last)
+            callback = self.trainer.checkpoint_callback
+            ckpt = (getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")) or ""
+        else:  # the checkpoint that was evaluated
+            ckpt = self.trainer.ckpt_path or ""
         _print_rank_zero(f"zoo: {text}" + (f" (checkpoint: {ckpt})" if ckpt else ""))
 
     def after_fit(self) -> None:
@@ -62,37 +111,60 @@ class ZooCLI(LightningCLI):
     def after_test(self) -> None:
         self._report("test")
 
+    def after_predict(self) -> None:
+        outputs = self.trainer.predict_loop.predictions or []
+        batches = [b for group in outputs for b in (group if isinstance(group, list) else [group])]
+        count = sum(len(b) for b in batches if hasattr(b, "__len__"))
+        _print_rank_zero(f"zoo: predicted {count} samples in {len(batches)} batches "
+                         "(add a lightning BasePredictionWriter callback to save them)")
+
 
 @rank_zero_only
 def _print_rank_zero(text: str) -> None:
     print(text, flush=True)
 
 
-def _check_config_paths(argv: list[str]) -> None:
-    """A missing recipe gets one line, not jsonargparse's usage dump."""
+def _option_values(argv: list[str], *names: str) -> list[str]:
+    """Values of ``--name value`` and ``--name=value`` on the command line."""
+    values = []
     for i, arg in enumerate(argv):
-        path = None
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if path is not None and not Path(path).is_file():
+        if arg in names and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif "=" in arg and arg.split("=", 1)[0] in names:
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
+# --ckpt_path values that name a checkpoint Lightning finds itself, not a file
+_CKPT_KEYWORDS = ("last", "best", "hpc", "registry", "null", "None")
+
+
+def _check_config_paths(argv: list[str]) -> None:
+    """A missing recipe or checkpoint gets one line, not a usage dump or a traceback."""
+    for path in _option_values(argv, "--config", "-c"):
+        if not Path(path).is_file():
             recipes = Path(__file__).resolve().parent.parent / "recipes"
             hint = f"; recipes are in {recipes}" if recipes.is_dir() else ""
             raise ZooError(f"recipe {path!r} does not exist{hint}")
+    for path in _option_values(argv, "--ckpt_path"):
+        if path not in _CKPT_KEYWORDS and not path.startswith("registry:") and not Path(path).is_file():
+            raise ZooError(f"checkpoint {path!r} does not exist: give a .ckpt file, 'last' or 'best'")
 
 
-def run_lightning(argv: list[str]) -> None:
-    """``zoo fit|validate|test|predict``: any LightningModule and LightningDataModule by class path."""
+def run_lightning(argv: list[str], from_command_line: bool = False) -> None:
+    """``zoo fit|validate|test|predict``: any LightningModule and LightningDataModule by class path.
+
+    ``from_command_line``: ``argv`` is ``sys.argv[1:]``, which LightningCLI reads itself.
+    """
     _check_config_paths(argv)
     ZooCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        args=None if from_command_line else argv,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "zoo"},
+        parser_kwargs={"prog": "zoo", "exit_on_error": False},
     )
 
 
@@ -106,8 +178,22 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _classifier_size(model: Any, state_dict: dict[str, Any]) -> int | None:
+    """``out_features`` the weights give the model's last ``nn.Linear`` (the head), when it differs."""
+    import torch.nn as nn
+
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    name, head = linears[-1]
+    weight = state_dict.get(f"{name}.weight")
+    if weight is None or weight.ndim != 2 or weight.shape[0] == head.out_features:
+        return None
+    return int(weight.shape[0])
+
+
 def _build_source(spec: str, weights: str | None) -> Any:
-    """``torchvision:<name>`` or ``timm:<name>``, with weights from a name or a file."""
+    """``torchvision:<name>`` or ``timm:<name>``, with weights from a name or a file (any head size)."""
     library, _, name = spec.partition(":")
     if not name or library not in ("torchvision", "timm"):
         raise ZooError(f"--from {spec!r}: use torchvision:<model name> or timm:<model name>")
@@ -118,12 +204,14 @@ def _build_source(spec: str, weights: str | None) -> Any:
         if name not in torchvision.models.list_models():
             raise ZooError(f"unknown torchvision model {name!r}: see torchvision.models.list_models()")
         named = weights if weights is not None and weight_file is None else None
-        try:
-            model = torchvision.models.get_model(name, weights=named)
-        except (ValueError, KeyError) as e:
-            raise ZooError(f"torchvision weights {weights!r} for {name}: {e}") from None
-        except OSError as e:
-            raise ZooError(f"cannot fetch torchvision weights {weights!r} for {name} ({e})") from None
+
+        def build(**kwargs: Any) -> Any:
+            try:
+                return torchvision.models.get_model(name, weights=named, **kwargs)
+            except (ValueError, KeyError) as e:
+                raise ZooError(f"torchvision weights {weights!r} for {name}: {e}") from None
+            except OSError as e:
+                raise ZooError(f"cannot fetch torchvision weights {weights!r} for {name} ({e})") from None
     else:
         import timm
 
@@ -132,20 +220,23 @@ def _build_source(spec: str, weights: str | None) -> Any:
         pretrained = weights is not None and weight_file is None
         if pretrained and weights not in ("hub", "pretrained"):
             raise ZooError(f"--weights {weights!r} is not a file; for timm give a file or 'hub' (timm's pretrained)")
-        try:
-            model = timm.create_model(name, pretrained=pretrained)
-        except Exception as e:  # hub download errors come in many types
-            raise ZooError(f"cannot create timm model {name} with pretrained weights ({e})") from None
+
+        def build(**kwargs: Any) -> Any:
+            try:
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
+            except Exception as e:  # hub download errors come in many types
+                raise ZooError(f"cannot create timm model {name} with pretrained weights ({e})") from None
+
+    model = build()
     if weight_file is not None:
-        from zoo.hub import read_weights
+        from zoo.hub import check_state_dict, read_weights
 
         state_dict, _ = read_weights(weight_file)
-        result = model.load_state_dict(state_dict, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ZooError(
-                f"{weight_file} does not fit {spec}: missing {result.missing_keys[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}"
-            )
+        num_classes = _classifier_size(model, state_dict)
+        if num_classes is not None:  # fine-tuned weights with another head: build the source to fit
+            model = build(num_classes=num_classes)
+        check_state_dict(model, state_dict, source=f"{weight_file} for {spec}")
+        model.load_state_dict(state_dict)
     return model.eval()
 
 
@@ -183,12 +274,13 @@ def convert_main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``zoo`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "convert":
             convert_main(argv[1:])
         else:
-            run_lightning(argv)
+            run_lightning(argv, from_command_line)
     except ZooError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision
+from helpers import randomize_batchnorm
 
 import converters
 import zoo
@@ -18,23 +19,6 @@ from zoo.errors import ZooError
 from zoo.models import DepthScaledResNet, HeunNet, ResNet
 
 SOURCES = ["tv_resnet18", "tv_resnet50", "timm_resnet18", "timm_resnet50"]
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine parameters and running statistics, so that folding mistakes show.
-
-    (timm zero-initialises the last BN of every block: without this the residual branches vanish.)
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model
 
 
 def build_source(name: str, **kwargs) -> nn.Module:

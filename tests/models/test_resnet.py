@@ -6,20 +6,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from helpers import randomize_batchnorm as randomise_bn
 
 import zoo
 from zoo.errors import ZooError
 from zoo.models import DepthScaledResNet, HeunNet, ResNet
-
-
-def randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
-            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
-            m.running_mean = torch.randn(m.running_mean.shape, generator=g) * 0.1
-            m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
 
 
 def test_stage_layout_transition_only_where_the_shape_changes():

@@ -1,0 +1,164 @@
+"""Every recipe in recipes/*.yaml parses (``zoo fit --config <recipe> --print_config``) and builds its model,
+data module and trainer with exactly the settings the YAML gives (nothing is trained).
+
+Data modules that read files at construction get a tmp root: CIFAR with ``download: true`` (the check on
+disk is skipped and nothing is fetched before ``prepare_data``), image folders with empty class folders.
+ImageNet weight names are served from the torch hub cache of the offline fixture (a random file put there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchvision
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from zoo.cli import ZooCLI, main
+from zoo.nn import ResidualStack
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+RULES = {"DepthScaledResNet": "euler", "HeunNet": "heun", "ResNet": "euler"}
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def plain(value: Any) -> Any:
+    """Tuples as lists, recursively, so that YAML values compare with hyperparameters."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def test_recipes_exist() -> None:
+    names = {p.name for p in RECIPES}
+    assert "digits_depth_scaled_resnet.yaml" in names
+    assert len(RECIPES) >= 2
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_print_config(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe parses (nothing is instantiated) and the printed config carries the recipe's values."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out, err = capsys.readouterr()
+    assert "zoo: error" not in err
+    printed = yaml.safe_load(out)
+    expected = load_recipe(recipe)
+    for section in ("model", "data"):
+        assert printed[section]["class_path"] == expected[section]["class_path"]
+        for key, value in expected[section].get("init_args", {}).items():
+            assert plain(printed[section]["init_args"][key]) == plain(value), (section, key)
+    for key, value in expected.get("trainer", {}).items():
+        if key != "callbacks":
+            assert plain(printed["trainer"][key]) == plain(value), ("trainer", key)
+    if "seed_everything" in expected:
+        assert printed["seed_everything"] == expected["seed_everything"]
+    assert list(tmp_path.iterdir()) == []  # printing the config writes nothing
+
+
+def _data_overrides(recipe: dict[str, Any], tmp_path: Path) -> list[str]:
+    """Arguments that let the recipe's data module be built without its dataset on disk."""
+    data_cls = recipe["data"]["class_path"].rsplit(".", 1)[-1]
+    if data_cls == "CIFARDataModule":
+        return ["--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.download", "true"]
+    if data_cls == "ImageFolderDataModule":
+        root = tmp_path / "imagenet"
+        for split in ("train", "val"):
+            for cls in ("n01440764", "n01443537"):
+                (root / split / cls).mkdir(parents=True)
+        return ["--data.init_args.root", str(root)]
+    return []
+
+
+def _seed_torchvision_cache(recipe: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Put a random torchvision checkpoint in the (tmp) torch hub cache for a recipe naming one."""
+    init = recipe["model"].get("init_args", {})
+    weights = init.get("weights")
+    if not weights or os.sep in weights or "." in weights or weights.startswith("hf-hub:"):
+        return None
+    model_cls = import_class(recipe["model"]["class_path"])
+    arch = model_cls(**{k: v for k, v in init.items() if k not in ("weights", "memory")}).torchvision_arch
+    assert arch, f"weights {weights!r} named, but the recipe's layout is no torchvision architecture"
+    entry = torchvision.models.get_model_weights(arch)[weights]
+    torch.manual_seed(0)
+    state_dict = torchvision.models.get_model(arch).state_dict()
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(entry.url)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, cache)
+    return state_dict
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_instantiates_what_it_says(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = load_recipe(recipe)
+    source_weights = _seed_torchvision_cache(expected)
+    args = ["--config", str(recipe), *_data_overrides(expected, tmp_path),
+            "--trainer.default_root_dir", str(tmp_path / "run")]
+    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 run=False, args=args)
+
+    # model: class, every init argument (weights is not a hyperparameter), and the stages it implies
+    model, init = cli.model, expected["model"].get("init_args", {})
+    assert type(model) is import_class(expected["model"]["class_path"])
+    for key, value in init.items():
+        if key != "weights":
+            assert plain(model.hparams[key]) == plain(value), key
+    if "layers" in init:
+        assert list(model.layer_counts) == list(init["layers"])
+        assert len(model.stages) == len(init["layers"])
+    stages = model.stages
+    assert all(isinstance(s, ResidualStack) for s in stages)
+    assert {s.rule for s in stages} == {RULES[type(model).__name__]}
+    assert {s.memory for s in stages} == {init.get("memory", "full")}
+    assert {s.scale for s in stages} == {"depth"}
+    if init.get("tied"):
+        assert all(s.is_tied() for s in stages if s.depth > 1)
+    if "num_classes" in init:
+        assert model.fc.out_features == init["num_classes"]
+    if source_weights is not None:  # the named weights were loaded (the classifier is not folded)
+        torch.testing.assert_close(model.fc.weight, source_weights["fc.weight"])
+
+    # data module: class and arguments (root is overridden above)
+    data, data_init = cli.datamodule, expected["data"].get("init_args", {})
+    assert type(data) is import_class(expected["data"]["class_path"])
+    for key, value in data_init.items():
+        if key not in ("root", "download"):
+            assert plain(data.hparams[key]) == plain(value), key
+    assert [p.name for p in tmp_path.iterdir() if p.name != "imagenet"] == []  # nothing downloaded or written
+
+    # trainer
+    trainer_cfg = expected.get("trainer", {})
+    if "max_epochs" in trainer_cfg:
+        assert cli.trainer.max_epochs == trainer_cfg["max_epochs"]
+    for callback in trainer_cfg.get("callbacks", []):
+        cls = import_class(callback["class_path"])
+        found = [c for c in cli.trainer.callbacks if type(c) is cls]
+        assert found, callback["class_path"]
+        if cls is ModelCheckpoint:
+            monitor = callback.get("init_args", {}).get("monitor")
+            assert found[0].monitor == monitor
+            # the monitored metric is one the model logs in validation
+            assert monitor in ("val_acc", "val_loss", "val_acc5")
