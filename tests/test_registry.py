@@ -10,9 +10,9 @@ import torchvision
 
 import zoo
 from zoo import registry
-from zoo.models import DepthScaledResNet, HeunNet, ResNet
+from zoo.models import DepthScaledResNet, HeunNet, MomentumResNet, ResNet
 
-FAMILIES = {"": ResNet, "depth_scaled_": DepthScaledResNet, "heun_": HeunNet}
+FAMILIES = {"": ResNet, "depth_scaled_": DepthScaledResNet, "heun_": HeunNet, "momentum_": MomentumResNet}
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 SMALL_SUFFIXES = ("resnet20_cifar", "resnet56_cifar", "resnet110_cifar", "cifar_resnet", "tiny")
 IMAGENET_NAMES = [f"{p}resnet{d}" for p in FAMILIES for d in IMAGENET_DEPTHS]
@@ -22,7 +22,7 @@ SMALL_NAMES = [f"{p}{s}" for p in FAMILIES for s in SMALL_SUFFIXES]
 def test_list_models_has_every_family_and_variant() -> None:
     names = zoo.list_models()
     assert names == sorted(names)
-    for prefix in ("depth_scaled_", "heun_"):
+    for prefix in ("depth_scaled_", "heun_", "momentum_"):
         for depth in IMAGENET_DEPTHS:
             assert f"{prefix}resnet{depth}" in names
         for suffix in SMALL_SUFFIXES:
@@ -34,9 +34,9 @@ def test_list_models_patterns_and_family() -> None:
     heun = zoo.list_models("heun_*")
     assert heun and all(n.startswith("heun_") for n in heun)
     assert len(heun) == len(IMAGENET_DEPTHS) + len(SMALL_SUFFIXES)
-    assert zoo.list_models("*resnet50") == ["depth_scaled_resnet50", "heun_resnet50", "resnet50"]
+    assert zoo.list_models("*resnet50") == ["depth_scaled_resnet50", "heun_resnet50", "momentum_resnet50", "resnet50"]
     assert zoo.list_models("*_cifar") == sorted(n for n in SMALL_NAMES if n.endswith("_cifar"))
-    assert zoo.list_models("*tiny") == ["depth_scaled_tiny", "heun_tiny", "tiny"]
+    assert zoo.list_models("*tiny") == ["depth_scaled_tiny", "heun_tiny", "momentum_tiny", "tiny"]
     assert zoo.list_models("no_such_model*") == []
     assert zoo.list_models(family="resnet") == zoo.list_models()
     assert zoo.list_models(family="vit") == []
@@ -115,7 +115,7 @@ def test_register_model_refuses_a_second_builder_of_the_same_name(monkeypatch: p
 @pytest.mark.parametrize("name", SMALL_NAMES)
 def test_small_models_build(name: str) -> None:
     model = zoo.create_model(name).eval()
-    prefix = next(p for p in ("depth_scaled_", "heun_", "") if name.startswith(p))
+    prefix = next(p for p in ("depth_scaled_", "heun_", "momentum_", "") if name.startswith(p))
     assert type(model) is FAMILIES[prefix]
     assert model.fc.out_features == 10
     if name.endswith("_cifar"):  # ResNet-(6n+2): n blocks per stage, the first of stages 2 and 3 a transition

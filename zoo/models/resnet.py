@@ -180,7 +180,8 @@ class ResNet(HubMixin, ImageClassifier):
             to ``widths[0]`` channels, average-pooled to 10x10, as in MATH.md section 3).
         rule: forward rule of every stage, ``"euler"``, ``"heun"`` (or ``"momentum"``).
         scale: step of the rule, ``"depth"`` (1/N per stage) or a number.
-        gamma: momentum term of the momentum rule.
+        gamma: momentum term of the momentum rule (M1).
+        init_velocity: initial velocity of the momentum rule: ``"zero"`` or ``"f"`` (v_0 = f_0(x_0)).
         memory: ``"full"``, ``"adjoint"`` (store each stage's output only) (or ``"reversible"``).
         tied: share the weights of the residual blocks within each stage: ``True`` for every stage,
             or the numbers of the tied stages (``[2, 3]``; stages count from 1).
@@ -203,6 +204,7 @@ class ResNet(HubMixin, ImageClassifier):
         scale: float | str = 1.0,
         gamma: float = 0.9,
         memory: str = "full",
+        init_velocity: str = "zero",
         tied: bool | Sequence[int] = False,
         num_classes: int = 1000,
         in_chans: int = 3,
@@ -272,7 +274,8 @@ class ResNet(HubMixin, ImageClassifier):
             name = f"layer{i + 1}"
             self.add_module(
                 name,
-                ResidualStack(blocks, rule=rule, scale=scale, gamma=gamma, memory=memory, transition=transition),
+                ResidualStack(blocks, rule=rule, scale=scale, gamma=gamma, memory=memory, transition=transition,
+                              init_velocity=init_velocity),
             )
             self.stage_names.append(name)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -425,6 +428,17 @@ class HeunNet(ResNet):
         super().__init__(*args, rule=rule, scale=scale, **kwargs)
 
 
+class MomentumResNet(ResNet):
+    """Momentum ResNet (M1): v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1} in every
+    stage after its shape-changing first block, with f(x) = relu(x + g(x)) - x for the post-activation
+    blocks (gamma = 0 is torchvision's ResNet). ``memory="reversible"`` (default) rebuilds the
+    activations exactly in backward, so training memory is flat in depth; ``"full"`` is autograd."""
+
+    def __init__(self, *args: Any, rule: str = "momentum", scale: float | str = 1.0, gamma: float = 0.9,
+                 memory: str = "reversible", **kwargs: Any):
+        super().__init__(*args, rule=rule, scale=scale, gamma=gamma, memory=memory, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Builders
 
@@ -485,7 +499,10 @@ def _register_family(prefix: str, cls: type[ResNet], doc: str) -> None:
          f"{doc} tiny CIFAR net of MATH.md section 3 with ``depth`` pre-activation blocks.")
 
 
-__all__: list[str] = ["ResNet", "DepthScaledResNet", "HeunNet", "BasicBlock", "Bottleneck", "PreActBlock"]
+__all__: list[str] = [
+    "ResNet", "DepthScaledResNet", "HeunNet", "MomentumResNet", "BasicBlock", "Bottleneck", "PreActBlock",
+]
 _register_family("", ResNet, "Plain")
 _register_family("depth_scaled_", DepthScaledResNet, "Depth-scaled (x + f(x)/N)")
 _register_family("heun_", HeunNet, "HeunNet (H1)")
+_register_family("momentum_", MomentumResNet, "Momentum ResNet (M1, exactly reversible)")

@@ -5,6 +5,7 @@ shape of ``x``) and applies one of the forward rules of MATH.md with step h:
 
     euler   x_{n+1} = x_n + h f_n(x_n)                                          (R1)
     heun    y_n = x_n + h f_n(x_n),  x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(y_n))  (H1)
+    momentum  v_{n+1} = gamma v_n + (1 - gamma) h f_n(x_n),  x_{n+1} = x_n + v_{n+1}   (M1, h = 1 by default)
 
 with ``h = 1/N`` (``scale="depth"``) or a fixed number (``scale=1.0`` is the plain ResNet).
 Heun needs theta_0 .. theta_N; a stack of N blocks takes N steps and uses theta_N := theta_{N-1}.
@@ -15,8 +16,13 @@ Memory strategies:
 - ``"adjoint"``: only the stack's output is kept. Backward rebuilds the activations by stepping
   in reverse, (A1) for Euler and (A2) for Heun, and back-propagates through each step at the
   rebuilt point. Gradients are approximate (exact in the limit of smooth weights and large N).
+- ``"reversible"`` (momentum rule): only x_N, v_N and an information buffer are kept. The forward
+  runs in exact fixed-point arithmetic (``zoo.ops.fixed_point``), so backward rebuilds every x_n and
+  v_n bit for bit with (M2) and back-propagates through each step: the gradients of full backprop,
+  with memory flat in depth.
 
-``rule="momentum"`` and ``memory="reversible"`` are the Momentum ResNet engine (MATH.md section 4).
+The momentum rule starts from v_0 = 0 (``init_velocity="zero"``), v_0 = f_0(x_0) (``"f"``) or
+v_0 = g(x_0) for a module g. It returns x_N.
 """
 
 from __future__ import annotations
@@ -33,15 +39,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from zoo.errors import ZooError
+from zoo.ops.fixed_point import FixedPoint, GammaRatio
 
 RULES = ("euler", "heun", "momentum")
 MEMORY_MODES = ("full", "adjoint", "reversible")
-_NOT_YET = {
-    "momentum": "rule='momentum' (Momentum ResNets, MATH.md section 4) is not implemented yet; "
-    "use rule='euler' or rule='heun'",
-    "reversible": "memory='reversible' (exact reversible backprop of Momentum ResNets) is not implemented "
-    "yet; use memory='full' or memory='adjoint'",
-}
+INIT_VELOCITIES = ("zero", "f")
 
 
 def _check_choice(kind: str, value: Any, choices: Sequence[str]) -> str:
@@ -50,15 +52,21 @@ def _check_choice(kind: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def validate_rule_memory(rule: str, memory: str) -> None:
-    """Raise one clear error for an unknown or unsupported ``rule`` / ``memory`` pair."""
+def validate_rule_memory(rule: str, memory: str, gamma: float = 0.9) -> None:
+    """Raise one clear error for an unknown or unsupported ``rule`` / ``memory`` / ``gamma``."""
     _check_choice("rule", rule, RULES)
     _check_choice("memory", memory, MEMORY_MODES)
-    for name in (rule, memory):
-        if name in _NOT_YET:
-            raise ZooError(_NOT_YET[name])
+    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma < 1.0):
+        raise ZooError(f"gamma must lie in [0, 1), got {gamma!r}")
     if memory == "reversible" and rule != "momentum":
-        raise ZooError("memory='reversible' needs rule='momentum' (only the momentum rule is invertible)")
+        raise ZooError("memory='reversible' needs rule='momentum' (only the momentum rule is invertible); "
+                       "use memory='adjoint' for the euler and heun rules")
+    if memory == "adjoint" and rule == "momentum":
+        raise ZooError("the momentum rule is exactly invertible: use memory='reversible' (exact, memory flat "
+                       "in depth) or memory='full'")
+    if memory == "reversible" and gamma == 0.0:
+        raise ZooError("memory='reversible' needs 0 < gamma < 1 (the inverse (M2) divides by gamma); "
+                       "gamma=0 is the plain ResNet: use memory='full'")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,16 +155,20 @@ class ResidualStack(nn.Module):
         memory: str = "full",
         transition: nn.Module | None = None,
         preserve_rng_state: bool = True,
+        init_velocity: str | nn.Module = "zero",
+        fixed_point_bits: int = 32,
     ):
         super().__init__()
-        validate_rule_memory(rule, memory)
+        validate_rule_memory(rule, memory, gamma)
         if isinstance(scale, str):
             if scale != "depth":
                 raise ZooError(f"unknown scale {scale!r}: use 'depth' (h = 1/N) or a positive number")
         elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ZooError(f"scale must be 'depth' or a positive number, got {scale!r}")
-        if not 0.0 <= gamma < 1.0:
-            raise ZooError(f"gamma must lie in [0, 1), got {gamma}")
+        if isinstance(init_velocity, str):
+            _check_choice("init_velocity", init_velocity, INIT_VELOCITIES)
+        elif not isinstance(init_velocity, nn.Module):
+            raise ZooError(f"init_velocity must be 'zero', 'f' or a module, got {type(init_velocity).__name__}")
         self.rule = rule
         self.scale = scale
         self.gamma = float(gamma)
@@ -165,6 +177,16 @@ class ResidualStack(nn.Module):
         self.has_transition = transition is not None
         if transition is not None:
             self.add_module("0", transition)
+        # a module g (v_0 = g(x_0)) is a child named "velocity"; "zero" / "f" are kept as strings
+        self.init_velocity = init_velocity if isinstance(init_velocity, str) else "module"
+        if isinstance(init_velocity, nn.Module):
+            self.velocity = init_velocity
+        self.ratio = GammaRatio(gamma) if memory == "reversible" else None
+        # diagnostic of memory="reversible": when True, backward keeps the rebuilt fixed-point
+        # (x_0, v_0) in ``last_rebuild`` (they equal the forward's bit for bit)
+        self.record_rebuild = False
+        self.last_rebuild: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fixed_point = FixedPoint(fixed_point_bits) if memory == "reversible" else None
         self._set_blocks(list(blocks))
 
     # ---------------------------------------------------------------- structure
@@ -208,7 +230,7 @@ class ResidualStack(nn.Module):
         return float(self.scale)
 
     def _set_blocks(self, blocks: list[nn.Module]) -> None:
-        for name in [k for k in self._modules if int(k) >= self._offset]:
+        for name in [k for k in self._modules if k.isdigit() and int(k) >= self._offset]:
             del self._modules[name]
         for i, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
@@ -224,7 +246,10 @@ class ResidualStack(nn.Module):
                 block.residual_step = h
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, depth={self.depth}, step={self.step:.4g}, memory={self.memory!r}"
+        text = f"rule={self.rule!r}, depth={self.depth}, step={self.step:.4g}, memory={self.memory!r}"
+        if self.rule == "momentum":
+            text += f", gamma={self.gamma}, init_velocity={self.init_velocity!r}"
+        return text
 
     # ---------------------------------------------------------------- depth operations (MATH.md s1)
     def is_tied(self) -> bool:
@@ -329,6 +354,8 @@ class ResidualStack(nn.Module):
             x = self._modules["0"](x)
         if self.depth == 0:
             return x
+        if self.rule == "momentum":
+            return self._momentum_forward(x, args, kwargs)
         if self.memory == "adjoint" and torch.is_grad_enabled():
             params = self._trainable_parameters()
             leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -344,14 +371,39 @@ class ResidualStack(nn.Module):
         return x
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
-        seen: set[int] = set()
-        out = []
-        for block in self.blocks:
-            for p in block.parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        """Trainable parameters of the blocks (and of the initial-velocity module), each once."""
+        return [p for p in _unique_parameters(self._velocity_modules() + self.blocks) if p.requires_grad]
+
+    # ---------------------------------------------------------------- momentum rule (M1)
+    def _velocity_modules(self) -> list[nn.Module]:
+        return [self.velocity] if self.init_velocity == "module" else []
+
+    def _initial_velocity(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """v_0: zeros, f_0(x_0), or g(x_0)."""
+        if self.init_velocity == "zero":
+            return torch.zeros_like(x)
+        v = self._f(0, x, args, kwargs) if self.init_velocity == "f" else self.velocity(x, *args, **kwargs)
+        if v.shape != x.shape:
+            raise ZooError(f"the initial velocity has shape {tuple(v.shape)}, the state {tuple(x.shape)}")
+        return v
+
+    def _momentum_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        if self.memory == "reversible" and torch.is_grad_enabled():
+            params = self._trainable_parameters()
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            grad_leaves = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
+            if x.requires_grad or params or any(grad_leaves):
+                grad_tensors = [t for t, g in zip(leaves, grad_leaves) if g]
+                return _ReversibleMomentum.apply(
+                    self, (leaves, spec, grad_leaves, sum(grad_leaves)), x, *grad_tensors, *params
+                )
+        # (M1) in floating point: memory="full", and any mode without gradients
+        c = (1.0 - self.gamma) * self.step
+        v = self._initial_velocity(x, args, kwargs)
+        for n in range(self.depth):
+            v = self.gamma * v + c * self._f(n, x, args, kwargs)
+            x = x + v
+        return x
 
 
 def _interpolate_block(blocks: list[nn.Module], position: float) -> nn.Module:
@@ -440,6 +492,139 @@ class _AdjointBackprop(torch.autograd.Function):
             if outer_rng is not None:
                 outer_rng.restore()
         return (None, None, g, *grad_args, *grad_params)
+
+
+class _ReversibleMomentum(torch.autograd.Function):
+    """(M1) in exact fixed point; backward rebuilds (x_n, v_n) bit for bit with (M2).
+
+    State: integers x, v = round(2^F x), round(2^F v); each step adds g_n = round(2^F (1-gamma) h f_n(x_n))
+    to v after multiplying v by gamma = n/d exactly (remainders kept in the buffer), then adds v to
+    x. Every operation is an integer operation with an exact inverse, and f_n is re-evaluated on
+    the same float input x_n = x_int / 2^F with the same random state, so the rebuild is exact.
+    Gradients (z = (x, v), a = dL/dx_{n+1} + dL/dv_{n+1}):
+        dL/dx_n = dL/dx_{n+1} + (1-gamma) h J_f^T a,  dL/dv_n = gamma a,  dL/dtheta_n += (1-gamma) h (df/dtheta)^T a.
+    """
+
+    @staticmethod
+    def forward(ctx, stack: ResidualStack, arg_info: tuple, x: torch.Tensor, *inputs: torch.Tensor):
+        leaves, spec, _, _ = arg_info
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        fp, ratio = stack.fixed_point, stack.ratio
+        c = (1.0 - stack.gamma) * stack.step
+        ctx.stack, ctx.arg_info, ctx.dtype = stack, arg_info, x.dtype
+        ctx.replay = _Replay(x.device)
+        keep_rng = stack.preserve_rng_state
+        rng: list[_RNGState] = []
+        with torch.no_grad():
+            xi = fp.to_fixed(x)
+            overflow = fp.out_of_range(x)
+            if keep_rng:
+                rng.append(_RNGState(x.device))
+            v0 = stack._initial_velocity(fp.to_float(xi, x.dtype), args, kwargs)
+            vi = fp.to_fixed(v0)
+            overflow = overflow | fp.out_of_range(v0)
+            buffer, words = torch.zeros_like(xi), []
+            for n in range(stack.depth):
+                if n and n % ratio.steps_per_word == 0:  # the buffer word is full: start a new one
+                    words.append(buffer)
+                    buffer = torch.zeros_like(xi)
+                if keep_rng:
+                    rng.append(_RNGState(x.device))
+                g = c * stack._f(n, fp.to_float(xi, x.dtype), args, kwargs).to(fp.work_dtype(x))
+                overflow = overflow | fp.out_of_range(g)
+                vi, buffer = ratio.multiply(vi, buffer)
+                vi = vi + fp.to_fixed(g)
+                xi = xi + vi
+            out = fp.to_float(xi, x.dtype)
+            overflow = overflow | fp.out_of_range(out) | fp.out_of_range(fp.to_float(vi, x.dtype))
+        ctx.rng = rng if keep_rng else None
+        ctx.n_words = len(words)
+        ctx.save_for_backward(xi, vi, buffer, overflow, *words)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        stack: ResidualStack = ctx.stack
+        fp, ratio, dtype = stack.fixed_point, stack.ratio, ctx.dtype
+        c = (1.0 - stack.gamma) * stack.step
+        leaves, spec, grad_leaves, n_grad = ctx.arg_info
+        xi, vi, buffer, overflow, *words = ctx.saved_tensors
+        if bool(overflow):  # the one host sync, in backward only
+            raise ZooError(
+                f"reversible momentum: a value of the state or of a residual function is not finite or exceeds "
+                f"the fixed-point range |x| < 2^{61 - fp.frac_bits}; the rebuild would not be exact. Normalise "
+                f"the input, lower fixed_point_bits (now {fp.frac_bits}), or use memory='full'"
+            )
+        params = stack._trainable_parameters()
+        param_index = {id(p): i for i, p in enumerate(params)}
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        grad_args: list[torch.Tensor | None] = [None] * n_grad
+        const_leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
+        grad_arg_idx = [i for i, g in enumerate(grad_leaves) if g]
+        blocks = stack.blocks
+        outer_rng = _RNGState(grad_out.device) if ctx.rng is not None else None
+
+        def vjp(fn, x_float: torch.Tensor, module_params: list[nn.Parameter], cotangent: torch.Tensor):
+            """Evaluate fn at x_float with grad; return (value, dL/dx) and accumulate parameter/argument grads."""
+            with torch.enable_grad():
+                xg = x_float.detach().requires_grad_(True)
+                vjp_leaves = list(const_leaves)
+                for i in grad_arg_idx:
+                    vjp_leaves[i] = leaves[i].detach().requires_grad_(True)
+                args_v, kwargs_v = pytree.tree_unflatten(vjp_leaves, spec)
+                value = fn(xg, args_v, kwargs_v)
+                wrt_params = [p for p in module_params if id(p) in param_index]
+                wrt = [xg, *wrt_params, *(vjp_leaves[i] for i in grad_arg_idx)]
+                grads = torch.autograd.grad(value, wrt, cotangent.to(value.dtype), allow_unused=True)
+            for p, gp in zip(wrt_params, grads[1 : 1 + len(wrt_params)]):
+                if gp is not None:
+                    j = param_index[id(p)]
+                    grad_params[j] = gp if grad_params[j] is None else grad_params[j] + gp
+            for j, ga in enumerate(grads[1 + len(wrt_params) :]):
+                if ga is not None:
+                    grad_args[j] = ga if grad_args[j] is None else grad_args[j] + ga
+            return value.detach(), (grads[0] if grads[0] is not None else torch.zeros_like(xg))
+
+        gx = grad_out.to(dtype)
+        gv = torch.zeros_like(gx)
+        try:
+            with frozen_batchnorm_stats(stack._velocity_modules() + blocks), ctx.replay.autocast_ctx():
+                for n in reversed(range(stack.depth)):
+                    xi = xi - vi  # x_n = x_{n+1} - v_{n+1}, exactly
+                    if ctx.rng is not None:
+                        ctx.rng[n + 1].restore()
+                    a = gx + gv
+                    g, gx_f = vjp(lambda t, a_, k_, n=n: c * stack._f(n, t, a_, k_).to(fp.work_dtype(t)),
+                                  fp.to_float(xi, dtype), _unique_parameters([blocks[n]]), a)
+                    with torch.no_grad():
+                        vi, buffer = ratio.divide(vi - fp.to_fixed(g), buffer)  # v_n, exactly
+                        if n and n % ratio.steps_per_word == 0:
+                            buffer = words.pop()
+                    gx, gv = gx + gx_f.to(dtype), stack.gamma * a
+                if stack.record_rebuild:  # diagnostic: the rebuilt fixed-point (x_0, v_0)
+                    stack.last_rebuild = (xi, vi)
+                if stack.init_velocity != "zero":  # v_0 = f_0(x_0) or g(x_0): its gradient flows into x_0
+                    if ctx.rng is not None:
+                        ctx.rng[0].restore()
+                    modules = [blocks[0]] if stack.init_velocity == "f" else stack._velocity_modules()
+                    _, gx_v = vjp(stack._initial_velocity, fp.to_float(xi, dtype), _unique_parameters(modules), gv)
+                    gx = gx + gx_v.to(dtype)
+        finally:
+            if outer_rng is not None:
+                outer_rng.restore()
+        return (None, None, gx, *grad_args, *grad_params)
+
+
+def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters of ``modules``, each once (tied blocks share them)."""
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def _step_parameters(stack: ResidualStack, blocks: list[nn.Module], n: int) -> list[nn.Parameter]:
