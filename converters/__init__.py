@@ -4,21 +4,27 @@
     >>> net = torchvision.models.resnet50()
     >>> ode = converters.transform(net, to="depth_scaled")          # same function, x + f(x)/N
     >>> heun = converters.transform(net, to="heun", memory="adjoint")
+    >>> mom = converters.transform(net, to="momentum", gamma=0.9)   # MomentumResNet, memory="reversible"
 
 Two registries make a conversion:
 
-- **targets** (``to=...``): what to build. Each target handles one *family* of sources (``"resnet"``)
-  and lists the options it accepts. Adding one is a call to :func:`register_target`.
-- **sources**: one file per source library (``converters/torchvision.py``, ``converters/timm.py``)
-  detects its model classes, checks that the instance has a layout the zoo reproduces exactly, and
-  reads it into a family description (:class:`ResNetSpec` for the ``"resnet"`` family).
+- **targets** (``to=...``): what to build. A target serves one or more *families* of sources
+  (``"resnet"``, ``"transformer"``) with one builder per family (:class:`Target` holds
+  ``builds``: family -> :class:`FamilyBuild`, each with the options it accepts); the source's family
+  picks the builder. Adding a target, or a family to a target, is a call to :func:`register_target`.
+- **sources**: one file per source library (``converters/torchvision.py``, ``converters/timm.py``,
+  ``converters/torch.py``) detects its model classes, checks that the instance has a layout the zoo
+  reproduces exactly, and reads it into a family description (:class:`ResNetSpec` for ``"resnet"``,
+  :class:`BlockStackSpec` for ``"transformer"``).
 
 Converters only build the zoo model and move weights (through :func:`zoo.hub.load_state_dict`,
 which folds the depth factor with the model's ``adapt_state_dict``); all forward logic stays in
 ``zoo``. The converted model is on the source's device and dtype, in the same train/eval mode
-(per module, so a frozen BatchNorm stays in eval mode), with the same ``requires_grad`` flags.
+(per module, so a frozen BatchNorm stays in eval mode), with the same ``requires_grad`` flags; the
+source is left unchanged (weights are copied, never shared).
 
-ResNet targets (family ``"resnet"``; the source block computes relu(x + g(x))):
+ResNet targets (family ``"resnet"``: torchvision and timm ResNets; the source block computes
+relu(x + g(x))):
 
 - ``"resnet"``: :class:`zoo.models.ResNet`, scale 1: the same block relu(x + g(x)), identical function.
 - ``"depth_scaled"``: :class:`zoo.models.DepthScaledResNet`: each stage of N residual blocks computes
@@ -26,6 +32,23 @@ ResNet targets (family ``"resnet"``; the source block computes relu(x + g(x))):
   every residual branch multiplied by N), i.e. exactly the source function.
 - ``"heun"``: :class:`zoo.models.HeunNet` initialised from the same folded weights (h = 1/N, Heun's
   rule, MATH.md section 2): a different function, a starting point for fine-tuning.
+- ``"momentum"``: :class:`zoo.models.MomentumResNet` with the same (unfolded) weights, the momentum
+  rule (M1, MATH.md section 4) v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1} on
+  the residual function f(x) = relu(x + g(x)) - x of every residual block (the shape-changing
+  first block of a stage stays an ordinary block). gamma = 0 (``memory="full"``) is the source
+  function; the defaults gamma = 0.9, ``memory="reversible"`` (exact rebuild in backward, needs
+  0 < gamma < 1) give a different function, the one ``zoo.momentum_resnet50(weights=...)`` builds
+  from the same weights. Options: ``gamma``, ``init_velocity`` and the ResNet options.
+
+Transformer targets (family ``"transformer"``: ``torch.nn.TransformerEncoder``, a timm
+``VisionTransformer``, or a timm ViT's ``blocks``; the source block computes block(x) = x + ...):
+
+- ``"momentum"``: the blocks become a momentum :class:`zoo.nn.ResidualStack` of the residual
+  functions f(x) = block(x, **kwargs) - x (:class:`zoo.nn.ResidualOf`), masks and other keyword
+  arguments passed to every block; gamma = 0 (``memory="full"``) is the source function. A ViT
+  comes back as a copy of itself (same class) with ``blocks`` replaced, an encoder as a
+  :class:`zoo.nn.TransformerEncoderStack` with the encoder's call. Options: ``gamma`` (0.9),
+  ``memory`` (``"reversible"``), ``init_velocity``.
 """
 
 from __future__ import annotations
@@ -34,19 +57,25 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-import torch
+import torch as _torch  # not `torch`: the submodule converters.torch takes that name in this package
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import zoo.hub
 from zoo.errors import ZooError
-from zoo.models import DepthScaledResNet, HeunNet, ResNet
+from zoo.models import DepthScaledResNet, HeunNet, MomentumResNet, ResNet
+from zoo.nn import ResidualOf, ResidualStack
 from zoo.tasks import ImageClassifier
 
 __all__ = [
+    "MOMENTUM_OPTIONS",
     "RESNET_OPTIONS",
+    "TRANSFORMER_OPTIONS",
+    "BlockStackSpec",
+    "FamilyBuild",
     "ResNetSpec",
     "Source",
     "Target",
@@ -65,7 +94,7 @@ __all__ = [
 ]
 
 # Source libraries, imported on first use (each registers its sources).
-_SOURCE_MODULES = ("converters.torchvision", "converters.timm")
+_SOURCE_MODULES = ("converters.torchvision", "converters.timm", "converters.torch")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,14 +102,46 @@ _SOURCE_MODULES = ("converters.torchvision", "converters.timm")
 
 
 @dataclass(frozen=True)
-class Target:
-    """A conversion target: ``build(spec, options)`` returns the zoo model for a source description."""
+class FamilyBuild:
+    """How one target builds from one source family: ``build(spec, options) -> model``."""
 
-    name: str
     family: str
     build: Callable[[Any, dict[str, Any]], nn.Module]
     options: tuple[str, ...]
     summary: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A conversion target: one builder per source family it serves (``builds``: family -> FamilyBuild),
+    in registration order. ``"momentum"`` serves ``"resnet"`` and ``"transformer"``; most serve one."""
+
+    name: str
+    builds: Mapping[str, FamilyBuild]
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(self.builds)
+
+    @property
+    def family(self) -> str:
+        """The first family (the only one for single-family targets)."""
+        return next(iter(self.builds))
+
+    @property
+    def build(self) -> Callable[[Any, dict[str, Any]], nn.Module]:
+        """The first family's builder (the only one for single-family targets)."""
+        return self.builds[self.family].build
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Every option of any family, each once (a family checks its own list)."""
+        return tuple(dict.fromkeys(o for b in self.builds.values() for o in b.options))
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(f"{b.family}: {b.summary}" if len(self.builds) > 1 else b.summary
+                         for b in self.builds.values() if b.summary)
 
 
 @dataclass(frozen=True)
@@ -99,12 +160,19 @@ _loaded = False
 
 
 def register_target(name: str, family: str, options: tuple[str, ...], summary: str = ""):
-    """Decorator registering ``build(spec, options) -> model`` as target ``name`` for a source family."""
+    """Decorator registering ``build(spec, options) -> model`` as target ``name`` for a source family.
+
+    Registering the same name for another family adds that family to the target (one name, a
+    builder per family); registering a second builder for the same name and family is an error.
+    """
 
     def deco(build: Callable[[Any, dict[str, Any]], nn.Module]):
-        if name in _TARGETS and _TARGETS[name].build is not build:
-            raise ZooError(f"a conversion target named {name!r} is already registered")
-        _TARGETS[name] = Target(name, family, build, tuple(options), summary)
+        target = _TARGETS.get(name)
+        builds = dict(target.builds) if target is not None else {}
+        if family in builds and builds[family].build is not build:
+            raise ZooError(f"a conversion target named {name!r} is already registered for family {family!r}")
+        builds[family] = FamilyBuild(family, build, tuple(options), summary)
+        _TARGETS[name] = Target(name, MappingProxyType(builds))
         return build
 
     return deco
@@ -134,15 +202,20 @@ def _get_target(to: str) -> Target:
     return _TARGETS[to]
 
 
+def _target_sources(target: Target) -> dict[str, Source]:
+    """The sources of every family the target serves, in the target's family order."""
+    return {name: s for family in target.families for name, s in _SOURCES.get(family, {}).items()}
+
+
 def list_targets() -> list[str]:
     """Names accepted by ``transform(..., to=...)``."""
     return list(_TARGETS)
 
 
 def list_sources(to: str) -> list[str]:
-    """The source model types ``transform`` converts to target ``to``."""
+    """The source model types ``transform`` converts to target ``to`` (of all the families it serves)."""
     _load_sources()
-    return list(_SOURCES.get(_get_target(to).family, {}))
+    return list(_target_sources(_get_target(to)))
 
 
 def _class_name(obj: Any) -> str:
@@ -151,39 +224,46 @@ def _class_name(obj: Any) -> str:
 
 
 def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
-    """Convert ``model`` (a torchvision/timm ResNet ...) into the zoo model ``to``.
+    """Convert ``model`` (a torchvision/timm ResNet, a timm ViT, a ``torch.nn.TransformerEncoder`` ...)
+    into the zoo model ``to``.
 
     Args:
         model: the source model; it is left unchanged (weights are copied, not shared).
-        to: a registered target (:func:`list_targets`): ``"resnet"``, ``"depth_scaled"``, ``"heun"``.
-        **options: target options, e.g. ``memory="adjoint"``, ``drop_path_rate``, or any
-            :class:`zoo.tasks.ImageClassifier` hyperparameter (``lr``, ``optimizer`` ...). The
-            architecture (``layers``, ``block``, ``num_classes``, ``in_chans``) is read from the source.
+        to: a registered target (:func:`list_targets`): ``"resnet"``, ``"depth_scaled"``, ``"heun"``,
+            ``"momentum"``. A target may serve several source families; the source's family picks
+            the builder and the options it accepts.
+        **options: target options, e.g. ``memory="adjoint"``, ``gamma=0.9``, ``drop_path_rate``, or any
+            :class:`zoo.tasks.ImageClassifier` hyperparameter (``lr``, ``optimizer`` ...) for the ResNet
+            family. The architecture (``layers``, ``block``, ``num_classes``, ``in_chans``) is read
+            from the source.
 
     Returns:
-        the zoo model, on the source's device and dtype and in its train/eval mode.
+        the converted model, on the source's device and dtype and in its train/eval mode.
 
     Raises:
         ZooError: unknown target, unsupported source type or variant, or unknown option.
     """
     target = _get_target(to)
     _load_sources()
-    sources = _SOURCES.get(target.family, {})
+    sources = _target_sources(target)
     source = next((s for s in sources.values() if s.matches(model)), None)
     if source is None:
         raise ZooError(
             f"cannot convert a {_class_name(model)} to {to!r}: supported sources for {to!r} are "
             f"{', '.join(sources) or 'none'}"
         )
-    unknown = sorted(set(options) - set(target.options))
+    how = target.builds[source.family]
+    unknown = sorted(set(options) - set(how.options))
     if unknown:
         raise ZooError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for to={to!r}: "
-            f"accepted options are {', '.join(target.options)} (the architecture is read from the source model)"
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for to={to!r} "
+            f"from a {source.name}: accepted options are {', '.join(how.options)} "
+            "(the architecture is read from the source model)"
         )
     spec = source.read(model)
-    converted = target.build(spec, dict(options))
-    _mirror_runtime_state(converted, model, getattr(spec, "modules", {}))
+    converted = how.build(spec, dict(options))
+    if isinstance(spec, ResNetSpec):  # other families copy the source whole: its state comes along
+        _mirror_runtime_state(converted, model, spec.modules)
     return converted
 
 
@@ -204,10 +284,10 @@ class ResNetSpec:
     layers: tuple[int, ...]
     num_classes: int
     in_chans: int
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, _torch.Tensor]
     modules: dict[str, nn.Module]
-    device: torch.device
-    dtype: torch.dtype
+    device: _torch.device
+    dtype: _torch.dtype
     constructor: dict[str, Any] = field(default_factory=dict)  # extra zoo arguments (drop_rate ...)
 
 
@@ -240,7 +320,7 @@ def _classifier_options() -> tuple[str, ...]:
 RESNET_OPTIONS: tuple[str, ...] = ("memory", "drop_rate", "drop_path_rate", *_classifier_options())
 
 
-def source_device_dtype(model: nn.Module, label: str) -> tuple[torch.device, torch.dtype]:
+def source_device_dtype(model: nn.Module, label: str) -> tuple[_torch.device, _torch.dtype]:
     """The one device and floating dtype of a source's parameters and buffers (ZooError if mixed)."""
     tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
     if not tensors:
@@ -399,3 +479,55 @@ def _to_depth_scaled(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
                  "zoo HeunNet (H1) from the same folded weights: not function preserving")
 def _to_heun(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
     return build_resnet(HeunNet, spec, options)
+
+
+MOMENTUM_OPTIONS: tuple[str, ...] = ("gamma", "init_velocity")
+
+
+@register_target("momentum", "resnet", (*RESNET_OPTIONS, *MOMENTUM_OPTIONS),
+                 "zoo MomentumResNet (M1) with f(x) = relu(x + g(x)) - x: gamma = 0 is the same function")
+def _to_momentum_resnet(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
+    return build_resnet(MomentumResNet, spec, options)
+
+
+# ------------------------------------------------------------------------------------------------
+# The transformer family: stacks of blocks x -> block(x), run as residual stacks of block(x) - x
+
+
+@dataclass
+class BlockStackSpec:
+    """A stack of shape-preserving blocks read from a source (the ``"transformer"`` family).
+
+    The source file deep-copies the source (``copy``: converters never share weights) and names the
+    copy's blocks in order; ``assemble(stack)`` puts the residual stack in the copy's place of the
+    blocks and returns the converted model. ``stack_class`` is the ResidualStack class to build
+    (:class:`zoo.nn.StackAsBlock` where the source's forward loops over its block list).
+    ``training`` is the train/eval mode of the blocks' container, given to the new wrapper modules.
+    """
+
+    label: str
+    copy: nn.Module
+    blocks: list[nn.Module]
+    assemble: Callable[[ResidualStack], nn.Module]
+    stack_class: type[ResidualStack] = ResidualStack
+    training: bool = False
+
+
+TRANSFORMER_OPTIONS: tuple[str, ...] = ("memory", "gamma", "init_velocity")
+
+
+def build_block_stack(spec: BlockStackSpec, rule: str, options: dict[str, Any]) -> nn.Module:
+    """The source with its blocks replaced by a ``rule`` stack of ``ResidualOf(block)``."""
+    stack = spec.stack_class([ResidualOf(b) for b in spec.blocks], rule=rule, **options)
+    # only the new wrappers: the copied blocks keep their own (per-module) train/eval mode
+    for m in (stack, *stack.blocks):
+        m.training = spec.training
+    return spec.assemble(stack)
+
+
+@register_target("momentum", "transformer", TRANSFORMER_OPTIONS,
+                 "the source with its blocks as a momentum ResidualStack of f(x) = block(x) - x: "
+                 "gamma = 0 (memory='full') is the same function")
+def _to_momentum_blocks(spec: BlockStackSpec, options: dict[str, Any]) -> nn.Module:
+    options = {"gamma": 0.9, "memory": "reversible", **options}
+    return build_block_stack(spec, "momentum", options)

@@ -15,7 +15,11 @@ an ordinary block and computes the N residual blocks of the stage as
 - ``to="depth_scaled"``: relu(x + h g'(x)) with h = 1/N and g' = g/h, i.e. the last BatchNorm's
   weight and bias multiplied by N (``fold_plain_weights``): the same function;
 - ``to="heun"``: Heun's rule with step 1/N on f(x) = (relu(x + h g'(x)) - x)/h, from the same
-  folded weights: not the same function.
+  folded weights: not the same function;
+- ``to="momentum"``: the momentum rule v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1}
+  on f(x) = relu(x + g(x)) - x (step 1, weights unchanged), as :class:`zoo.models.MomentumResNet` and
+  ``zoo.momentum_resnet*`` compute it: gamma = 0 (``memory="full"``) is the same function, so
+  ``transform(resnet152(weights=W), to="momentum")`` and ``momentum_resnet152(weights=W)`` agree.
 
 State-dict names: timm's ResNet uses torchvision's names (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0/1``, ``fc``); its other modules (``act1``, ``global_pool``, ``aa``,
@@ -28,16 +32,30 @@ base width 64, no SE/attention, no anti-aliasing, no DropBlock, ReLU, 1x1 conv d
 stride 32, average pooling and an ``nn.Linear`` head. Everything else (``resnet50d`` deep stems and
 average-pool downsampling, ``resnext*``, ``seresnet*``, ``resnetblur*``/``resnetaa*``, ...) raises a
 ZooError naming what is not supported.
+
+Vision transformers (family ``"transformer"``, ``to="momentum"``): a ``VisionTransformer`` (any
+subclass whose ``blocks`` is a non-empty ``nn.Sequential``) or a ViT's ``blocks`` alone. A timm block
+computes x + drop_path(ls1(attn(norm1(x)))) followed by the MLP branch, i.e. block(x) = x + (...), so
+the residual function is f(x) = block(x, attn_mask=..., is_causal=...) - x (:class:`zoo.nn.ResidualOf`)
+and the blocks run as a momentum :class:`zoo.nn.StackAsBlock`; gamma = 0 (``memory="full"``) is the
+source function. The result is a deep copy of the ViT (same class, weights copied, the source left
+unchanged) whose ``blocks`` is the stack: ``forward`` runs ``self.blocks(x)``, ``forward_features(x,
+attn_mask=...)`` loops over ``self.blocks`` and so calls the stack once with the mask, which goes
+to every block; ``set_grad_checkpointing`` checkpoints the stack as one function.
+``forward_intermediates`` (per-block outputs) is not supported. For ``blocks`` alone the result is
+the stack, called as ``stack(x, attn_mask=None, is_causal=False)``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
 import torch.nn as nn
 
 from converters import (
+    BlockStackSpec,
     ResNetSpec,
     describe_module,
     read_resnet_stages,
@@ -45,6 +63,7 @@ from converters import (
     resnet_spec,
 )
 from zoo.errors import ZooError
+from zoo.nn import StackAsBlock
 
 SOURCE_NAME = "timm.models.resnet.ResNet"
 
@@ -165,3 +184,62 @@ def read_timm_resnet(model: nn.Module) -> ResNetSpec:
         "drop_rate": float(getattr(model, "drop_rate", 0.0)),
         "drop_path_rate": _drop_path_rate(label, rates),
     })
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision transformers (family "transformer")
+
+VIT_SOURCE_NAME = "timm.models.vision_transformer.VisionTransformer"
+BLOCKS_SOURCE_NAME = "nn.Sequential of timm.models.vision_transformer blocks"
+
+
+def _vit_module():
+    return sys.modules.get("timm.models.vision_transformer")
+
+
+def is_timm_vit(model: object) -> bool:
+    module = _vit_module()
+    return module is not None and isinstance(model, module.VisionTransformer)
+
+
+def _vit_block_classes() -> tuple[type, ...]:
+    module = _vit_module()
+    names = ("Block", "ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock")
+    return tuple(getattr(module, n) for n in names if module is not None and hasattr(module, n))
+
+
+def is_timm_block_sequence(model: object) -> bool:
+    classes = _vit_block_classes()
+    return (bool(classes) and type(model) is nn.Sequential and len(model) > 0
+            and all(isinstance(b, classes) for b in model))
+
+
+def _block_list(label: str, blocks: object, where: str) -> list[nn.Module]:
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise ZooError(f"{label}: {where} is {describe_module(blocks)}, expected a non-empty nn.Sequential of blocks")
+    return list(blocks)
+
+
+@register_source(VIT_SOURCE_NAME, "transformer", is_timm_vit)
+def read_timm_vit(model: nn.Module) -> BlockStackSpec:
+    """Describe (a copy of) a timm VisionTransformer; the converted model is that copy, ``blocks`` replaced."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    label = f"timm {arch}" if arch else f"timm {type(model).__name__}"
+    _block_list(label, model.blocks, "blocks")
+    twin = copy.deepcopy(model)
+
+    def assemble(stack) -> nn.Module:
+        twin.blocks = stack
+        return twin
+
+    return BlockStackSpec(label=label, copy=twin, blocks=list(twin.blocks), assemble=assemble,
+                          stack_class=StackAsBlock, training=twin.blocks.training)
+
+
+@register_source(BLOCKS_SOURCE_NAME, "transformer", is_timm_block_sequence)
+def read_timm_blocks(model: nn.Sequential) -> BlockStackSpec:
+    """Describe (a copy of) a ViT's ``blocks``; the converted model is the residual stack itself."""
+    twin = copy.deepcopy(model)
+    return BlockStackSpec(label="timm ViT blocks", copy=twin, blocks=list(twin), assemble=lambda stack: stack,
+                          stack_class=StackAsBlock, training=twin.training)

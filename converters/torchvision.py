@@ -13,7 +13,11 @@ N residual blocks of the stage as
 - ``to="depth_scaled"``: relu(x + h g'(x)) with h = 1/N and g' = g/h, i.e. the last BatchNorm's
   weight and bias multiplied by N (``fold_plain_weights``): the same function;
 - ``to="heun"``: Heun's rule with step 1/N on f(x) = (relu(x + h g'(x)) - x)/h, from the same
-  folded weights: not the same function.
+  folded weights: not the same function;
+- ``to="momentum"``: the momentum rule v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1}
+  on f(x) = relu(x + g(x)) - x (step 1, weights unchanged), as :class:`zoo.models.MomentumResNet` and
+  ``zoo.momentum_resnet*`` compute it: gamma = 0 (``memory="full"``) is the same function, so
+  ``transform(resnet152(weights=W), to="momentum")`` and ``momentum_resnet152(weights=W)`` agree.
 
 torchvision's parameter names (``conv1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``) are
 the zoo's, so the state dict needs no renaming.

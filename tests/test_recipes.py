@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
-RULES = {"DepthScaledResNet": "euler", "HeunNet": "heun", "ResNet": "euler"}
+RULES = {"DepthScaledResNet": "euler", "HeunNet": "heun", "ResNet": "euler", "MomentumResNet": "momentum"}
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
@@ -133,7 +133,8 @@ def test_recipe_instantiates_what_it_says(recipe: Path, tmp_path: Path, monkeypa
     assert all(isinstance(s, ResidualStack) for s in stages)
     assert {s.rule for s in stages} == {RULES[type(model).__name__]}
     assert {s.memory for s in stages} == {init.get("memory", "full")}
-    assert {s.scale for s in stages} == {"depth"}
+    # the depth-scaled families step 1/N; the momentum rule (M1) and the plain ResNet step 1
+    assert {s.scale for s in stages} == ({1.0} if type(model).__name__ in ("MomentumResNet", "ResNet") else {"depth"})
     if init.get("tied"):
         assert all(s.is_tied() for s in stages if s.depth > 1)
     if "num_classes" in init:

@@ -267,6 +267,9 @@ def convert_main(argv: list[str]) -> None:
 
     source = _build_source(args.source, args.weights)
     model = converters.transform(source, to=args.to, **options)
+    if not hasattr(model, "hparams"):
+        raise ZooError(f"converting {args.source} to {args.to!r} gives a {type(model).__qualname__}, not a zoo model: "
+                       "save_pretrained cannot record how to rebuild it; call converters.transform in Python")
     out = save_pretrained(model, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"zoo: wrote {out} ({type(model).__name__}, {n / 1e6:.2f}M parameters)")

@@ -530,6 +530,8 @@ class _ReversibleMomentum(torch.autograd.Function):
                     buffer = torch.zeros_like(xi)
                 if keep_rng:
                     rng.append(_RNGState(x.device))
+                # every state (x_n, v_n) in range, not only the last: then no integer operation can wrap
+                overflow = overflow | fp.fixed_out_of_range(xi) | fp.fixed_out_of_range(vi)
                 g = c * stack._f(n, fp.to_float(xi, x.dtype), args, kwargs).to(fp.work_dtype(x))
                 overflow = overflow | fp.out_of_range(g)
                 vi, buffer = ratio.multiply(vi, buffer)

@@ -15,6 +15,7 @@ needed to detect a full buffer).
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -38,6 +39,13 @@ class GammaRatio:
         ratio = Fraction(gamma).limit_denominator(max_denominator)
         if not 0 < ratio.numerator < ratio.denominator:
             raise ZooError(f"gamma {gamma} is too close to 0 or 1 for a ratio n/d with d <= {max_denominator}")
+        if not math.isclose(ratio.numerator / ratio.denominator, gamma, rel_tol=1e-12):
+            # the forward would multiply by another gamma than the one of memory='full' and of the gradients
+            raise ZooError(
+                f"exact reversible momentum multiplies by gamma as a ratio n/d with d <= {max_denominator}; "
+                f"gamma={gamma} is not one (nearest {ratio.numerator}/{ratio.denominator}): use such a ratio "
+                f"(e.g. 0.9 = 9/10, 0.99 = 99/100) or memory='full'"
+            )
         self.n, self.d = ratio.numerator, ratio.denominator
         self.steps_per_word = self._capacity()
 
@@ -80,7 +88,8 @@ class FixedPoint:
 
     def __init__(self, frac_bits: int = 32):
         if not isinstance(frac_bits, int) or not 8 <= frac_bits <= 52:
-            raise ZooError(f"frac_bits must be an integer in [8, 52], got {frac_bits!r}")
+            raise ZooError(f"the fixed-point fractional bits (fixed_point_bits) must be an integer in [8, 52], "
+                           f"got {frac_bits!r}")
         self.frac_bits = frac_bits
         self.scale = float(2**frac_bits)
         self.limit = float(2 ** (61 - frac_bits))
@@ -100,6 +109,12 @@ class FixedPoint:
         work = torch.float64 if dtype == torch.float64 else torch.float32
         return (t.to(work) / self.scale).to(dtype)
 
+    def fixed_out_of_range(self, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`out_of_range` for the int64 fixed-point values themselves (|t| >= 2^61)."""
+        lo, hi = torch.aminmax(t)  # one pass over the tensor
+        return (hi >= 2**61) | (lo <= -(2**61))
+
     def out_of_range(self, t: torch.Tensor) -> torch.Tensor:
         """A 0-dim bool tensor: some value is non-finite or too large to represent (no host sync)."""
-        return ((t.abs() >= self.limit) | torch.isnan(t)).any()
+        lo, hi = torch.aminmax(t)  # one pass; NaN propagates into both
+        return (hi >= self.limit) | (lo <= -self.limit) | torch.isnan(hi)

@@ -1,0 +1,367 @@
+"""converters.transform(..., to="momentum"): torchvision/timm ResNets, timm ViTs and torch TransformerEncoders
+(CPU, random weights, no network), and ``zoo convert --to momentum``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+from helpers import randomize_batchnorm
+from timm.models.vision_transformer import VisionTransformer
+
+import converters
+import zoo
+from zoo.cli import main
+from zoo.errors import ZooError
+from zoo.models import MomentumResNet
+from zoo.nn import ResidualOf, ResidualStack, StackAsBlock, TransformerEncoderStack
+
+RESNETS = ["tv_resnet18", "tv_resnet50", "timm_resnet18", "timm_resnet50"]
+
+
+def build_resnet(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    lib, arch = name.split("_", 1)
+    model = getattr(torchvision.models, arch)(**kwargs) if lib == "tv" else timm.create_model(arch, **kwargs)
+    return randomize_batchnorm(model).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def assert_close_to_scale(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> None:
+    assert out.shape == ref.shape
+    err = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} for output scale {scale:.3g}"
+
+
+def grads_of(model: nn.Module, x: torch.Tensor, loss, seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:
+    """Gradients of ``loss(model(x))`` w.r.t. the input and every trainable parameter (fixed random state)."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    loss(model(x, **kwargs)).backward()
+    out = {"input": x.grad}
+    out.update({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    return out
+
+
+def assert_same_grads(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rtol: float = 1e-4) -> None:
+    assert mine.keys() == ref.keys()
+    for k, g in ref.items():
+        assert (g is None) == (mine[k] is None), k
+        if g is not None:
+            assert_close_to_scale(mine[k], g, rtol)
+
+
+def weighted_sum(out: torch.Tensor) -> torch.Tensor:
+    w = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return (out * w).sum()
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_momentum_target_serves_two_families() -> None:
+    assert "momentum" in converters.list_targets()
+    target = converters._get_target("momentum")
+    assert target.families == ("resnet", "transformer")
+    assert set(converters.list_sources("momentum")) == {
+        "torchvision.models.ResNet", "timm.models.resnet.ResNet", "torch.nn.TransformerEncoder",
+        "timm.models.vision_transformer.VisionTransformer", "nn.Sequential of timm.models.vision_transformer blocks",
+    }
+    # single-family targets are unchanged
+    assert set(converters.list_sources("depth_scaled")) == {"torchvision.models.ResNet", "timm.models.resnet.ResNet"}
+    assert converters._get_target("heun").families == ("resnet",)
+
+
+def test_register_target_adds_families_and_rejects_a_second_builder() -> None:
+    build = lambda spec, options: spec  # noqa: E731
+    converters.register_target("_test_multi", "resnet", ("memory",))(build)
+    converters.register_target("_test_multi", "transformer", ("gamma",))(build)
+    try:
+        target = converters._get_target("_test_multi")
+        assert target.families == ("resnet", "transformer") and target.options == ("memory", "gamma")
+        with pytest.raises(ZooError, match="already registered for family 'resnet'"):
+            converters.register_target("_test_multi", "resnet", ())(lambda spec, options: None)
+    finally:
+        del converters._TARGETS["_test_multi"]
+
+
+def test_unsupported_source_lists_every_family() -> None:
+    with pytest.raises(ZooError, match="cannot convert a torch.nn.modules.linear.Linear to 'momentum'") as err:
+        converters.transform(nn.Linear(3, 3), to="momentum")
+    for name in ("torchvision.models.ResNet", "timm.models.resnet.ResNet", "torch.nn.TransformerEncoder",
+                 "timm.models.vision_transformer.VisionTransformer"):
+        assert name in str(err.value)
+
+
+def test_options_are_checked_per_family() -> None:
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False)
+    with pytest.raises(ZooError, match="unknown option 'lr' for to='momentum' from a torch.nn.TransformerEncoder") \
+            as err:
+        converters.transform(enc, to="momentum", lr=0.1)
+    assert "memory, gamma, init_velocity" in str(err.value)
+    with pytest.raises(ZooError, match="gamma=0 is the plain ResNet"):
+        converters.transform(enc, to="momentum", gamma=0.0)  # reversible (default) needs gamma > 0
+    model = converters.transform(build_resnet("tv_resnet18"), to="momentum", lr=0.1, init_velocity="f")
+    assert model.hparams.lr == 0.1 and all(s.init_velocity == "f" for s in model.stages)
+
+
+# ------------------------------------------------------------------------------------------------ ResNets
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_resnet_gamma_zero_is_the_source(images, name: str) -> None:
+    source = build_resnet(name)
+    model = converters.transform(source, to="momentum", gamma=0.0, memory="full")
+    assert type(model) is MomentumResNet and not model.training
+    assert all(s.rule == "momentum" and s.gamma == 0.0 and s.memory == "full" for s in model.stages)
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with torch.no_grad():
+        assert_close_to_scale(model(images), source(images), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tv_resnet18", "timm_resnet18"])
+def test_resnet_momentum_equals_the_zoo_builder(images, tmp_path, name: str) -> None:
+    source = build_resnet(name)
+    model = converters.transform(source, to="momentum", gamma=0.9)
+    assert all(s.memory == "reversible" and s.gamma == 0.9 for s in model.stages)
+    weights = tmp_path / "source.pth"
+    torch.save(source.state_dict(), weights)
+    built = zoo.momentum_resnet18(weights=str(weights)).eval()
+    with torch.no_grad():
+        out = model(images)
+        assert torch.equal(out, built(images))
+        # a different function from the source (a starting point for fine-tuning, MATH.md section 4)
+        assert (out - source(images)).abs().max() > 1e-3 * source(images).abs().max()
+    x = images.clone().requires_grad_(True)  # the fixed-point reversible forward
+    assert_close_to_scale(model(x), out, rtol=1e-5)
+
+
+def test_resnet_reversible_grads_equal_full_grads(images) -> None:
+    source = build_resnet("tv_resnet18").train()
+    rev = converters.transform(source, to="momentum", gamma=0.9, memory="reversible")
+    full = converters.transform(source, to="momentum", gamma=0.9, memory="full")
+    assert rev.training and full.training
+    assert_same_grads(grads_of(rev, images, weighted_sum), grads_of(full, images, weighted_sum))
+    # running statistics updated once per forward, as with full backprop
+    for (k, a), b in zip(rev.state_dict().items(), full.state_dict().values()):
+        if "running_" in k:
+            assert_close_to_scale(a, b, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ zoo convert
+
+
+@pytest.mark.parametrize("out_name", ["converted", "converted.safetensors"])
+def test_cli_convert_to_momentum(images, tmp_path, out_name: str) -> None:
+    source = build_resnet("tv_resnet18")
+    weights = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), weights)
+    out = tmp_path / out_name
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["convert", "--from", "torchvision:resnet18", "--weights", str(weights), "--to", "momentum",
+              "--gamma", "0.9", "--out", str(out)])
+    assert f"wrote {out} (MomentumResNet" in stdout.getvalue()
+    built = zoo.momentum_resnet18(weights=str(out)).eval()
+    loaded = zoo.from_pretrained(out).eval()
+    assert type(loaded) is MomentumResNet
+    assert all(s.gamma == 0.9 and s.memory == "reversible" for s in loaded.stages)
+    reference = converters.transform(source, to="momentum", gamma=0.9)
+    with torch.no_grad():
+        ref = reference(images)
+        assert torch.equal(built(images), ref)
+        assert torch.equal(loaded(images), ref)
+
+
+def test_cli_refuses_to_save_a_non_zoo_result(tmp_path, monkeypatch) -> None:
+    import zoo.cli
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    monkeypatch.setattr(zoo.cli, "_build_source", lambda spec, weights: vit)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        main(["convert", "--from", "timm:vit_tiny_patch16_224", "--to", "momentum", "--out", str(tmp_path / "x")])
+    assert "gives a VisionTransformer, not a zoo model" in err.getvalue()
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ TransformerEncoder
+
+
+def build_encoder(batch_first: bool, dropout: float = 0.0, norm_first: bool = False) -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
+    nested = batch_first and not norm_first  # where torch can take its nested-tensor path
+    return nn.TransformerEncoder(layer, 3, norm=nn.LayerNorm(16), enable_nested_tensor=nested).eval()
+
+
+def encoder_inputs(batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(3, 6, 16, generator=g)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, -2:] = True
+    padding[2, -1] = True
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)  # True: not attended
+    return (src if batch_first else src.transpose(0, 1)), padding, causal
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_gamma_zero_is_the_source(batch_first: bool, norm_first: bool) -> None:
+    source = build_encoder(batch_first, norm_first=norm_first)
+    model = converters.transform(source, to="momentum", gamma=0.0, memory="full")
+    assert type(model) is TransformerEncoderStack and not model.training
+    assert isinstance(model.layers, ResidualStack) and model.layers.depth == 3
+    assert all(isinstance(b, ResidualOf) for b in model.layers.blocks)
+    src, padding, causal = encoder_inputs(batch_first)
+    calls = [
+        {},
+        {"src_key_padding_mask": padding},
+        {"mask": causal},  # causal mask detected, as the encoder does
+        {"mask": causal, "is_causal": True},
+        {"mask": causal, "src_key_padding_mask": padding},
+    ]
+    for kwargs in calls:
+        # with gradients: the encoder's regular (padded) path
+        assert_close_to_scale(model(src, **kwargs), source(src, **kwargs), rtol=1e-5)
+        with torch.no_grad():  # fast paths: the same values, except the nested path's zeros at padded positions
+            ref, out = source(src, **kwargs), model(src, **kwargs)
+            if "src_key_padding_mask" in kwargs:
+                keep = ~(padding if batch_first else padding.t())
+                ref, out = ref[keep], out[keep]
+            assert_close_to_scale(out, ref, rtol=1e-5)
+
+
+def test_encoder_masks_change_the_output() -> None:
+    model = converters.transform(build_encoder(True), to="momentum", gamma=0.9, memory="full")
+    src, padding, causal = encoder_inputs(True)
+    with torch.no_grad():
+        plain = model(src)
+        assert (model(src, src_key_padding_mask=padding) - plain)[0, :4].abs().max() > 1e-3
+        assert (model(src, mask=causal) - plain)[:, 0].abs().max() > 1e-3
+        # causal: the first position sees only itself, whatever the others hold
+        src2 = src.clone()
+        src2[:, 1:] = 0.0
+        torch.testing.assert_close(model(src2, mask=causal)[:, 0], model(src, mask=causal)[:, 0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_reversible_grads_equal_full_grads(batch_first: bool) -> None:
+    source = build_encoder(batch_first, dropout=0.1).train()
+    rev = converters.transform(source, to="momentum", gamma=0.9)
+    full = converters.transform(source, to="momentum", gamma=0.9, memory="full")
+    assert rev.layers.memory == "reversible" and rev.training
+    src, padding, causal = encoder_inputs(batch_first)
+    for kwargs in ({"src_key_padding_mask": padding}, {"mask": causal, "src_key_padding_mask": padding}):
+        assert_same_grads(grads_of(rev, src, weighted_sum, **kwargs), grads_of(full, src, weighted_sum, **kwargs))
+
+
+def test_encoder_reversible_rebuild_is_exact_in_eval_mode() -> None:
+    """Frozen eval-mode layers would take torch's fused fast path in the no-grad reversible forward and the
+    regular path when recomputed in backward: the stack turns the fast path off so the rebuild is exact."""
+    model = converters.transform(build_encoder(True), to="momentum", gamma=0.9)
+    model.requires_grad_(False)
+    model.layers.record_rebuild = True
+    src, padding, _ = encoder_inputs(True)
+    x = src.clone().requires_grad_(True)
+    model(x, src_key_padding_mask=padding).sum().backward()
+    x0, v0 = model.layers.last_rebuild
+    assert torch.equal(x0, model.layers.fixed_point.to_fixed(src)) and not v0.any()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_encoder_source_is_left_unchanged() -> None:
+    source = build_encoder(True)
+    before = copy.deepcopy(source.state_dict())
+    model = converters.transform(source, to="momentum", gamma=0.0, memory="full")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    for k, v in source.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ timm ViT
+
+
+def build_vit(**kwargs) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10,
+                             **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def token_mask(n: int = 17) -> torch.Tensor:
+    mask = torch.zeros(n, n)
+    mask[:, -5:] = float("-inf")  # no token attends to the last 5 patches
+    return mask
+
+
+def test_vit_gamma_zero_is_the_source(vit_images) -> None:
+    source = build_vit()
+    model = converters.transform(source, to="momentum", gamma=0.0, memory="full")
+    assert type(model) is VisionTransformer and model is not source and not model.training
+    assert isinstance(model.blocks, StackAsBlock) and model.blocks.depth == 4
+    assert isinstance(source.blocks, nn.Sequential)  # the source keeps its blocks
+    mask = token_mask()
+    with torch.no_grad():
+        assert_close_to_scale(model(vit_images), source(vit_images), rtol=1e-5)
+        # a mask goes through forward_features' block loop, which runs the stack once
+        assert_close_to_scale(model.forward_features(vit_images, attn_mask=mask),
+                              source.forward_features(vit_images, attn_mask=mask), rtol=1e-5)
+        assert (model.forward_features(vit_images, attn_mask=mask)
+                - model.forward_features(vit_images)).abs().max() > 1e-3
+    # weights are copied, not shared
+    with torch.no_grad():
+        model.blocks.blocks[0].module.attn.qkv.weight.zero_()
+    assert source.blocks[0].attn.qkv.weight.abs().sum() > 0
+
+
+def test_vit_reversible_grads_equal_full_grads(vit_images) -> None:
+    source = build_vit(drop_path_rate=0.1, proj_drop_rate=0.1).train()
+    rev = converters.transform(source, to="momentum", gamma=0.9)
+    full = converters.transform(source, to="momentum", gamma=0.9, memory="full")
+    assert rev.blocks.memory == "reversible" and rev.training and rev.blocks.blocks[1].training
+    assert_same_grads(grads_of(rev, vit_images, weighted_sum), grads_of(full, vit_images, weighted_sum))
+
+    class Features(nn.Module):
+        def __init__(self, vit):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, x, attn_mask):
+            return self.vit.forward_features(x, attn_mask=attn_mask)
+
+    mask = token_mask()
+    assert_same_grads(grads_of(Features(rev), vit_images, weighted_sum, attn_mask=mask),
+                      grads_of(Features(full), vit_images, weighted_sum, attn_mask=mask))
+
+
+def test_vit_block_sequence_and_grad_checkpointing(vit_images) -> None:
+    source = build_vit()
+    with torch.no_grad():
+        tokens = source.norm_pre(source._pos_embed(source.patch_embed(vit_images)))
+        stack = converters.transform(source.blocks, to="momentum", gamma=0.0, memory="full")
+        assert type(stack) is StackAsBlock
+        assert_close_to_scale(stack(tokens), source.blocks(tokens), rtol=1e-5)
+    model = converters.transform(source, to="momentum", gamma=0.9)
+    ref = model(vit_images)
+    model.set_grad_checkpointing(True)  # timm's checkpoint_seq runs the stack as one function
+    assert_close_to_scale(model(vit_images), ref, rtol=1e-6)

@@ -1,0 +1,669 @@
+"""Momentum ResNets (MATH.md section 4): the rule (M1), the exact fixed-point inverse (M2) of
+memory="reversible", the information buffer of ``zoo.ops.fixed_point``, and the 1-D x -> -x^3 experiment.
+
+Every reference here is computed independently of the engine: hand-written loops of (M1), Python
+integers for the buffer arithmetic, autograd through memory="full" for the gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import zoo
+from zoo.errors import ZooError
+from zoo.models.resnet import BasicBlock
+from zoo.nn import ResidualStack
+from zoo.ops.fixed_point import FixedPoint, GammaRatio
+
+INT64_MAX = 2**63 - 1
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only cost synchronisation (100x on a loaded 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class MLP(nn.Module):
+    """f(x) = W2 tanh(W1 x + b1) + b2, deterministic."""
+
+    def __init__(self, dim: int = 4, hidden: int = 8, gain: float = 1.0, seed: int = 0, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(hidden, dim, generator=g, dtype=dtype) * gain / dim**0.5)
+        self.b1 = nn.Parameter(torch.randn(hidden, generator=g, dtype=dtype) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(dim, hidden, generator=g, dtype=dtype) * gain / hidden**0.5)
+        self.b2 = nn.Parameter(torch.randn(dim, generator=g, dtype=dtype) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w1.T + self.b1) @ self.w2.T + self.b2
+
+
+def mlp_blocks(n: int, dim: int = 4, hidden: int = 8, seed: int = 0, **kw) -> list[nn.Module]:
+    return [MLP(dim, hidden, seed=seed * 1000 + k, **kw) for k in range(n)]
+
+
+def momentum_pair(blocks, **kwargs) -> tuple[ResidualStack, ResidualStack]:
+    """The same blocks (shared modules) under memory='full' and memory='reversible'."""
+    full = ResidualStack(blocks, rule="momentum", memory="full", **kwargs)
+    rev = ResidualStack(blocks, rule="momentum", memory="reversible", **kwargs)
+    return full, rev
+
+
+def weight_for(out: torch.Tensor) -> torch.Tensor:
+    """A fixed, non-uniform cotangent, so that every output entry matters."""
+    return torch.linspace(-1, 1, out.numel(), dtype=torch.float32).reshape(out.shape).to(out.dtype)
+
+
+def run(module: nn.Module, x: torch.Tensor, *args, **kwargs):
+    """(output, dL/dx, {name: dL/dp}) for L = <weight_for(out), out>; params without grad are absent."""
+    x = x.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = module(x, *args, **kwargs)
+    (out.float() * weight_for(out).float()).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+def assert_grads_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    out_a, gx_a, gp_a = a
+    out_b, gx_b, gp_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gx_a, gx_b, rtol=rtol, atol=atol)
+    assert sorted(gp_a) == sorted(gp_b)
+    assert gp_a, "no parameter received a gradient"
+    for name in gp_a:
+        torch.testing.assert_close(gp_a[name], gp_b[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def to_fixed_ref(t: torch.Tensor, frac_bits: int = 32) -> torch.Tensor:
+    """round(t 2^F) computed in float64 (exact for float32 inputs of moderate size)."""
+    return torch.round(t.double() * 2.0**frac_bits).to(torch.int64)
+
+
+def to_float_ref(t: torch.Tensor, frac_bits: int = 32) -> torch.Tensor:
+    """int -> float64 (exact below 2^53) -> float32: the single rounding of int64 -> float32."""
+    return (t.double() / 2.0**frac_bits).float()
+
+
+# ------------------------------------------------------------------------------------------- (M1)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9])
+@pytest.mark.parametrize("scale", [1.0, "depth", 0.3])
+def test_full_memory_matches_hand_written_momentum_loop(gamma, scale):
+    blocks = mlp_blocks(6)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    stack = ResidualStack(blocks, rule="momentum", gamma=gamma, scale=scale, memory="full")
+    h = 1 / 6 if scale == "depth" else scale
+    with torch.no_grad():
+        xn, v = x, torch.zeros_like(x)
+        for f in blocks:
+            v = gamma * v + ((1 - gamma) * h) * f(xn)
+            xn = xn + v
+        torch.testing.assert_close(stack(x), xn, rtol=1e-6, atol=1e-6)
+        # the rule really is second order: dropping the velocity term changes the result
+        euler = ResidualStack(blocks, rule="euler", scale=(1 - gamma) * h)
+        assert not torch.allclose(stack(x), euler(x), atol=1e-3)
+
+
+def test_full_memory_initial_velocity_f_and_module_match_definition():
+    blocks = mlp_blocks(4)
+    g = nn.Linear(4, 4)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    for init, v0_fn in (("f", blocks[0]), (g, g)):
+        stack = ResidualStack(blocks, rule="momentum", gamma=0.8, memory="full", init_velocity=init)
+        with torch.no_grad():
+            xn, v = x, v0_fn(x)
+            for f in blocks:
+                v = 0.8 * v + (1 - 0.8) * f(xn)
+                xn = xn + v
+            torch.testing.assert_close(stack(x), xn, rtol=1e-6, atol=1e-6)
+
+
+def test_gamma_zero_is_the_plain_resnet():
+    blocks = mlp_blocks(7)
+    x = torch.randn(3, 4)
+    mom = ResidualStack(blocks, rule="momentum", gamma=0.0, memory="full")
+    plain = ResidualStack(blocks, rule="euler", scale=1.0)
+    with torch.no_grad():
+        expected = x
+        for f in blocks:
+            expected = expected + f(expected)
+        torch.testing.assert_close(plain(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(mom(x), expected, rtol=1e-6, atol=1e-6)
+    assert_grads_close(run(mom, x), run(plain, x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- exactness
+
+
+def _worst_case_bounds(n: int, d: int, steps: int) -> list[int]:
+    """Python-int worst case of the buffer: every multiply adds the largest remainder (c mod d = d - 1)."""
+    bounds, i = [0], 0
+    for _ in range(steps):
+        i = (i * d + d - 1) // n
+        bounds.append(i)
+    return bounds
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("init", ["zero", "f"])
+def test_reversible_rebuilds_x0_v0_bit_for_bit_through_1000_layers(gamma, init):
+    depth = 1000
+    block = MLP(4, 8, seed=3)  # tied: one module, 1000 steps
+    stack = ResidualStack([block] * depth, rule="momentum", gamma=gamma, memory="reversible",
+                          init_velocity=init)
+    stack.record_rebuild = True
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    out = stack(x)
+    # the buffer word capacity: 1000 layers at gamma = 0.5 (63 multiplies a word) cross many words
+    s = stack.ratio.steps_per_word
+    n_words = out.grad_fn.n_words
+    assert n_words == (depth - 1) // s
+    if gamma == 0.5:
+        assert s == 63 and n_words == 15
+        words = out.grad_fn.saved_tensors[4:]
+        assert len(words) == 15 and all(bool((w != 0).any()) for w in words)  # they hold information
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in block.parameters())
+
+    x0, v0 = stack.last_rebuild
+    assert x0.dtype == torch.int64 and v0.dtype == torch.int64
+    assert torch.equal(x0, stack.fixed_point.to_fixed(x.detach()))
+    assert torch.equal(x0, to_fixed_ref(x.detach()))
+    if init == "zero":
+        assert torch.equal(v0, torch.zeros_like(x0))
+    else:
+        with torch.no_grad():
+            expected_v0 = to_fixed_ref(block(to_float_ref(to_fixed_ref(x.detach()))))
+        assert torch.equal(v0, expected_v0)
+        assert bool((v0 != 0).any())
+
+
+def _ratio_ref_multiply(c: int, i: int, n: int, d: int) -> tuple[int, int]:
+    """MATH.md section 4 in Python integers (floor division and floor modulus)."""
+    i = i * d
+    i = i + c % d
+    assert i <= INT64_MAX, "reference intermediate overflowed int64"
+    c = c // d
+    c = c * n
+    c = c + i % n
+    i = i // n
+    return c, i
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99, 0.75, 1 / 3, 0.999])
+def test_gamma_ratio_multiply_divide_are_exact_inverses(gamma):
+    ratio = GammaRatio(gamma)
+    n, d = ratio.n, ratio.d
+    assert n / d == pytest.approx(gamma, rel=1e-12)
+    rnd = random.Random(5)
+    lim = 2**61
+    cs = [rnd.randrange(-lim, lim) for _ in range(200)] + [0, 1, -1, d - 1, -d, d, -(d - 1), lim - 1, -lim]
+    cs += [rnd.randrange(-1000, 1000) for _ in range(50)]
+    bounds = _worst_case_bounds(n, d, ratio.steps_per_word)
+    near_full = bounds[ratio.steps_per_word - 1]  # one more multiply fills the word to its worst case
+    i_vals = [rnd.randrange(0, near_full + 1) for _ in range(len(cs) - 20)] + [near_full] * 10 + [0] * 10
+    c = torch.tensor(cs, dtype=torch.int64)
+    i = torch.tensor(i_vals, dtype=torch.int64)
+    c2, i2 = ratio.multiply(c, i)
+    expected = [_ratio_ref_multiply(cc, ii, n, d) for cc, ii in zip(cs, i_vals)]
+    assert c2.tolist() == [e[0] for e in expected]
+    assert i2.tolist() == [e[1] for e in expected]
+    assert bool((i2 >= 0).all())
+    # c2 is c * n/d up to less than one unit of n
+    assert all(abs(e[0] * d - cc * n) < n * d for e, cc in zip(expected, cs))
+    c3, i3 = ratio.divide(c2, i2)
+    assert torch.equal(c3, c) and torch.equal(i3, i)
+    # a chain of multiplies up to the word's capacity, undone in reverse order
+    cc, ii = c.clone(), torch.zeros_like(c)
+    history = []
+    for _ in range(ratio.steps_per_word if ratio.steps_per_word < 500 else 500):
+        history.append(cc)
+        cc, ii = ratio.multiply(cc, ii)
+        cc = cc + 12345  # an addition between multiplies, as the engine does
+    for prev in reversed(history):
+        cc, ii = ratio.divide(cc - 12345, ii)
+        assert torch.equal(cc, prev)
+    assert bool((ii == 0).all())
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99, 0.75, 1 / 3])
+def test_steps_per_word_is_the_largest_safe_count(gamma):
+    ratio = GammaRatio(gamma)
+    n, d, k = ratio.n, ratio.d, ratio.steps_per_word
+    # worst case in Python integers: the buffer after j multiplies from 0 is at most bounds[j]
+    bounds = _worst_case_bounds(n, d, k + 1)
+    assert all(b * d + d - 1 <= INT64_MAX for b in bounds[:k])  # multiplies 1..k never overflow
+    assert bounds[k] * d + d - 1 > INT64_MAX  # multiply k + 1 can overflow
+    # ... and the bound is reached by torch's multiply (c mod d = d - 1 every time), without wrapping
+    i = torch.zeros(1, dtype=torch.int64)
+    for j in range(k):
+        c = torch.tensor([d - 1 + d * (j % 7) - 3 * d], dtype=torch.int64)
+        _, i = ratio.multiply(c, i)
+    assert i.item() == bounds[k] and i.item() > 0
+    # closed form for gamma = 1/2: the buffer gains exactly one bit per multiply (2^j - 1 after j)
+    if (n, d) == (1, 2):
+        assert k == 63 and bounds[k] == 2**63 - 1
+    # real-valued recursion without the floor: b_j <= (d-1)/(d-n) ((d/n)^j - 1), so at least this many
+    # multiplies are safe (the floors only buy a few more)
+    k_real = 1 + math.log((INT64_MAX - (d - 1)) / d * (d - n) / (d - 1) + 1) / math.log(d / n)
+    assert math.floor(k_real + 1e-9) <= k <= 1.03 * k_real
+
+
+def test_fixed_point_conversions_and_range():
+    fp = FixedPoint(32)
+    x = torch.tensor([0.0, 1.5, -2.25, 2.0**-33, 3 * 2.0**-34, -(2.0**-33), 1e-3])
+    assert fp.to_fixed(x).tolist() == [0, 3 * 2**31, -9 * 2**30, 0, 1, 0, round(x[6].item() * 2**32)]  # half to even
+    torch.testing.assert_close(fp.to_float(fp.to_fixed(x), torch.float32), to_float_ref(to_fixed_ref(x)), rtol=0,
+                               atol=0)
+    assert fp.limit == 2.0**29
+    assert not fp.out_of_range(torch.tensor([2.0**29 - 1, -(2.0**29 - 1)], dtype=torch.float64)).item()
+    for bad in (2.0**29, -(2.0**29), float("inf"), float("-inf"), float("nan")):
+        assert fp.out_of_range(torch.tensor([0.0, bad])).item(), bad
+    assert fp.fixed_out_of_range(torch.tensor([2**61], dtype=torch.int64)).item()
+    assert not fp.fixed_out_of_range(torch.tensor([2**61 - 1, -(2**61 - 1)], dtype=torch.int64)).item()
+    # float64 keeps its precision: 48 fractional bits round-trip a float64 value to 2^-49
+    fp48 = FixedPoint(48)
+    y = torch.tensor([math.pi, -math.e], dtype=torch.float64)
+    assert (fp48.to_float(fp48.to_fixed(y), torch.float64) - y).abs().max() <= 2.0**-49
+
+
+# ------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("scale", [1.0, "depth"])
+def test_reversible_gradients_match_full_on_a_50_layer_mlp_stack(scale):
+    blocks = mlp_blocks(50, dim=6, hidden=12, seed=7)
+    full, rev = momentum_pair(blocks, gamma=0.9, scale=scale)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(8))
+    a, b = run(full, x), run(rev, x)
+    assert len(a[2]) == 4 * 50
+    assert_grads_close(a, b)
+
+
+def test_reversible_gradients_match_full_float64_tightly():
+    blocks = mlp_blocks(20, dim=3, hidden=5, seed=9, dtype=torch.float64)
+    full, rev = momentum_pair(blocks, gamma=0.75, scale=1.0, fixed_point_bits=48)  # resolution 2^-48
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert_grads_close(run(full, x), run(rev, x), rtol=1e-11, atol=1e-12)
+
+
+def _resnet_pair():
+    torch.manual_seed(10)
+    full = zoo.momentum_cifar_resnet(layers=(1, 4, 1), widths=(8, 8, 8), memory="full")
+    rev = zoo.momentum_cifar_resnet(layers=(1, 4, 1), widths=(8, 8, 8), memory="reversible")
+    rev.load_state_dict(full.state_dict())
+    return full.train(), rev.train()
+
+
+def test_reversible_gradients_match_full_on_momentum_cifar_resnet_and_batchnorm_updates_once():
+    full, rev = _resnet_pair()
+    assert rev.layer2.memory == "reversible" and rev.layer2.depth == 3 and rev.layer2.has_transition
+    bn_before = {k: v.clone() for k, v in full.state_dict().items() if "running" in k or "num_batches" in k}
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(11))
+    a, b = run(full, x), run(rev, x)
+    assert_grads_close(a, b, rtol=1e-3, atol=1e-5)
+    sa, sb = full.state_dict(), rev.state_dict()
+    for k in bn_before:
+        if "num_batches" in k:
+            assert sa[k].item() == sb[k].item() == 1, k  # one training step: one update
+        else:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+            assert not torch.equal(sb[k], bn_before[k]), k
+
+
+def test_reversible_gradients_match_full_on_a_basic_block_stage():
+    torch.manual_seed(12)
+    blocks = [BasicBlock(8, 8) for _ in range(5)]
+    twins = copy.deepcopy(blocks)  # the same weights, separate BatchNorm statistics
+    full = ResidualStack(blocks, rule="momentum", gamma=0.9, memory="full", transition=None).train()
+    rev = ResidualStack(twins, rule="momentum", gamma=0.9, memory="reversible", transition=None).train()
+    x = torch.randn(3, 8, 6, 6)
+    a, b = run(full, x), run(rev, x)
+    for blk_f, blk_r in zip(full.blocks, rev.blocks):
+        torch.testing.assert_close(blk_r.bn1.running_mean, blk_f.bn1.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(blk_r.bn2.running_var, blk_f.bn2.running_var, rtol=1e-5, atol=1e-6)
+        assert blk_r.bn1.num_batches_tracked.item() == blk_f.bn1.num_batches_tracked.item() == 1
+    assert_grads_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- parameters
+
+
+def test_frozen_parameters_get_no_grad_and_the_rest_are_right():
+    blocks = mlp_blocks(6, seed=13)
+    for p in blocks[2].parameters():
+        p.requires_grad_(False)
+    blocks[4].w1.requires_grad_(False)
+    full, rev = momentum_pair(blocks, gamma=0.9)
+    x = torch.randn(3, 4)
+    a, b = run(full, x), run(rev, x)
+    frozen = {f"{i}.{n}" for i, blk in enumerate(blocks) for n, p in blk.named_parameters() if not p.requires_grad}
+    assert len(frozen) == 5
+    assert not frozen & set(b[2]) and not frozen & set(a[2])
+    assert all(p.grad is None for blk in blocks for p in blk.parameters() if not p.requires_grad)
+    assert_grads_close(a, b)
+
+
+def test_frozen_stack_with_input_grad_only():
+    blocks = mlp_blocks(5, seed=14)
+    for blk in blocks:
+        blk.requires_grad_(False)
+    full, rev = momentum_pair(blocks, gamma=0.9)
+    x = torch.randn(3, 4)
+    a, b = run(full, x), run(rev, x)
+    assert not b[2]
+    torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-5)
+
+
+def test_tied_blocks_accumulate_gradients():
+    block = MLP(4, 8, seed=15)
+    full, rev = momentum_pair([block] * 8, gamma=0.9)
+    x = torch.randn(3, 4)
+    a, b = run(full, x), run(rev, x)
+    assert sorted(a[2]) == ["0.b1", "0.b2", "0.w1", "0.w2"]  # one set of weights
+    assert_grads_close(a, b)
+    # tying = the sum of the gradients of 8 untied copies holding the same weights
+    copies = [copy.deepcopy(block) for _ in range(8)]
+    untied = ResidualStack(copies, rule="momentum", gamma=0.9, memory="full")
+    c = run(untied, x)
+    for name in ("w1", "b1", "w2", "b2"):
+        summed = sum(c[2][f"{k}.{name}"] for k in range(8))
+        torch.testing.assert_close(b[2][f"0.{name}"], summed, rtol=1e-4, atol=1e-5)
+
+
+def test_partially_tied_blocks():
+    a_blk, b_blk = MLP(4, 8, seed=16), MLP(4, 8, seed=17)
+    full, rev = momentum_pair([a_blk, b_blk, a_blk, a_blk, b_blk], gamma=0.5)
+    x = torch.randn(2, 4)
+    assert_grads_close(run(full, x), run(rev, x))
+
+
+@pytest.mark.parametrize("init", ["f", "module"])
+def test_initial_velocity_gradients_match_full(init):
+    blocks = mlp_blocks(10, seed=18)
+    velocity = MLP(4, 6, seed=19) if init == "module" else "f"
+    full, rev = momentum_pair(blocks, gamma=0.9, init_velocity=velocity)
+    x = torch.randn(3, 4)
+    a, b = run(full, x), run(rev, x)
+    if init == "module":
+        assert {"velocity.w1", "velocity.b1", "velocity.w2", "velocity.b2"} <= set(b[2])
+        assert all(b[2][k].abs().sum() > 0 for k in b[2] if k.startswith("velocity"))
+    assert_grads_close(a, b)
+    # the initial velocity matters (its gradient path is exercised)
+    zero = ResidualStack(blocks, rule="momentum", gamma=0.9, memory="full")
+    assert not torch.allclose(run(zero, x)[1], a[1], atol=1e-4)
+
+
+class ArgBlock(nn.Module):
+    """f(x, t, *, scale, shift=0.0) = scale * tanh(W x + t) + shift."""
+
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(dim, dim, generator=g) / dim**0.5)
+
+    def forward(self, x, t, *, scale, shift=0.0):
+        return scale * torch.tanh(x @ self.w.T + t) + shift
+
+
+@pytest.mark.parametrize("t_grad", [True, False])
+@pytest.mark.parametrize("scale_grad", [True, False])
+def test_extra_positional_and_keyword_tensor_arguments(t_grad, scale_grad):
+    blocks = [ArgBlock(4, 20 + k) for k in range(6)]
+    full, rev = momentum_pair(blocks, gamma=0.9, init_velocity="f")
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(21))
+    t0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(22))
+    s0 = torch.rand(1, 4, generator=torch.Generator().manual_seed(23)) + 0.5
+
+    def grads_of(stack):
+        t = t0.clone().requires_grad_(t_grad)
+        s = s0.clone().requires_grad_(scale_grad)
+        res = run(stack, x, t, scale=s, shift=0.1)
+        return res, t.grad, s.grad
+
+    (a, ta, sa), (b, tb, sb) = grads_of(full), grads_of(rev)
+    assert_grads_close(a, b)
+    for ga, gb, wanted in ((ta, tb, t_grad), (sa, sb, scale_grad)):
+        if wanted:
+            assert gb is not None and gb.abs().sum() > 0
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+        else:
+            assert ga is None and gb is None
+
+
+# ------------------------------------------------------------------------------------------- replay
+
+
+class DropBlock(nn.Module):
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        self.f = MLP(dim, 16, seed=seed)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.drop(self.f(x))
+
+
+def test_dropout_is_replayed_in_backward():
+    blocks = [DropBlock(4, 30 + k) for k in range(6)]
+    full, rev = momentum_pair(blocks, gamma=0.9, init_velocity="f")
+    x = torch.randn(5, 4)
+    torch.manual_seed(31)
+    a = run(full, x)
+    after_full = torch.rand(3)
+    torch.manual_seed(31)
+    b = run(rev, x)
+    after_rev = torch.rand(3)
+    assert_grads_close(a, b)
+    torch.testing.assert_close(after_rev, after_full, rtol=0, atol=0)  # the generator ends where full's does
+    torch.manual_seed(32)  # another seed: other masks, other gradients (the comparison above is not vacuous)
+    c = run(full, x)
+    assert not torch.allclose(c[1], a[1], atol=1e-4)
+
+
+def test_bf16_autocast_on_cpu_matches_full():
+    blocks = [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(6)]
+    torch.manual_seed(33)
+    for blk in blocks:
+        blk.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+    full, rev = momentum_pair(blocks, gamma=0.9)
+    rev.record_rebuild = True
+    x = torch.randn(4, 8)
+
+    def run_autocast(stack):  # forward under autocast, backward outside it (as recommended)
+        xg = x.clone().requires_grad_(True)
+        stack.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = stack(xg)
+        (out.float() * weight_for(out).float()).sum().backward()
+        return out.detach(), xg.grad, {n: p.grad.clone() for n, p in stack.named_parameters()}
+
+    a, b = run_autocast(full), run_autocast(rev)
+    assert torch.isfinite(b[0]).all() and torch.isfinite(b[1]).all()
+    # backward replays the forward's autocast: the bf16 residuals are rebuilt bit for bit
+    assert torch.equal(rev.last_rebuild[0], to_fixed_ref(x))
+    assert torch.equal(rev.last_rebuild[1], torch.zeros_like(rev.last_rebuild[1]))
+    assert_grads_close(a, b, rtol=5e-2, atol=5e-2)
+    # and bf16 is a real approximation of the float32 result, not something else
+    c = run(full, x)
+    torch.testing.assert_close(b[0], c[0], rtol=5e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("memory", ["full", "reversible"])
+def test_gamma_outside_unit_interval_is_an_error(gamma, memory):
+    with pytest.raises(ZooError, match=r"gamma"):
+        ResidualStack(mlp_blocks(2), rule="momentum", gamma=gamma, memory=memory)
+
+
+def test_gamma_zero_with_reversible_memory_is_an_error():
+    with pytest.raises(ZooError, match=r"0 < gamma < 1.*divides by gamma"):
+        ResidualStack(mlp_blocks(2), rule="momentum", gamma=0.0, memory="reversible")
+    with pytest.raises(ZooError, match="gamma"):
+        GammaRatio(0.0)
+    ResidualStack(mlp_blocks(2), rule="momentum", gamma=0.0, memory="full")  # the plain ResNet is fine
+
+
+def test_gamma_without_an_exact_small_ratio_is_an_error_for_reversible():
+    """The reversible engine multiplies by n/d exactly; a gamma that is no such ratio would make the
+    reversible stack compute another network than memory='full' (and its gradients disagree)."""
+    with pytest.raises(ZooError, match=r"ratio n/d"):
+        ResidualStack(mlp_blocks(2), rule="momentum", gamma=0.12345, memory="reversible")
+    ResidualStack(mlp_blocks(2), rule="momentum", gamma=0.12345, memory="full")
+    for gamma in (0.9, 0.99, 0.95, 0.999, 1 / 3, 1 - 0.1):
+        assert GammaRatio(gamma).value == pytest.approx(gamma, rel=1e-12)
+
+
+@pytest.mark.parametrize("memory", ["full", "reversible"])
+def test_block_changing_the_shape_is_an_error(memory):
+    blocks = [MLP(4, 8), nn.Linear(4, 3)]
+    stack = ResidualStack(blocks, rule="momentum", gamma=0.9, memory=memory)
+    with pytest.raises(ZooError, match=r"block 1 .*maps shape \(2, 4\) to \(2, 3\).*keep the shape"):
+        stack(torch.randn(2, 4, requires_grad=True))
+    bad_velocity = ResidualStack(mlp_blocks(2), rule="momentum", gamma=0.9, memory=memory,
+                                 init_velocity=nn.Linear(4, 2))
+    with pytest.raises(ZooError, match="initial velocity has shape"):
+        bad_velocity(torch.randn(2, 4, requires_grad=True))
+
+
+@pytest.mark.parametrize("memory", ["full", "reversible"])
+@pytest.mark.parametrize("x", [torch.arange(8).reshape(2, 4), torch.ones(2, 4, dtype=torch.bool), [1.0, 2.0]])
+def test_non_floating_input_is_an_error(memory, x):
+    stack = ResidualStack(mlp_blocks(2), rule="momentum", gamma=0.9, memory=memory)
+    with pytest.raises(ZooError, match="floating-point tensor"):
+        stack(x)
+
+
+class Const(nn.Module):
+    """f(x) = a + w tanh(1e-9 x)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+        self.w = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.a + self.w * torch.tanh(1e-9 * x)
+
+
+class Fill(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full_like(x, self.value)
+
+
+def _range_error(stack: ResidualStack, x: torch.Tensor) -> None:
+    out = stack(x.requires_grad_(True))
+    with pytest.raises(ZooError, match=r"fixed-point range \|x\| < 2\^29"):
+        out.sum().backward()
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("case", ["big_input", "inf", "nan", "big_velocity", "big_intermediate"])
+def test_values_out_of_fixed_point_range_raise_in_backward(case):
+    x = torch.randn(2, 4)
+    blocks = mlp_blocks(3)
+    if case == "big_input":
+        x = x * 1e12
+    elif case in ("inf", "nan"):
+        blocks[1] = Fill(float(case))
+    elif case == "big_velocity":  # every residual step in range, the velocity it accumulates is not
+        blocks = [Const(4e9) for _ in range(30)]
+        x = x.double()
+    elif case == "big_intermediate":  # x_n leaves the range (and would wrap int64), then comes back
+        blocks = [Const(4e8) for _ in range(20)] + [Const(-4e8) for _ in range(20)]
+        x = torch.zeros(2, 1, dtype=torch.float64)
+    stack = ResidualStack(blocks, rule="momentum", gamma=0.5 if case == "big_intermediate" else 0.9,
+                          memory="reversible", fixed_point_bits=32)
+    _range_error(stack, x)
+
+
+def test_out_of_range_check_depends_on_fixed_point_bits():
+    stack = ResidualStack(mlp_blocks(3), rule="momentum", gamma=0.9, memory="reversible", fixed_point_bits=16)
+    x = (torch.randn(2, 4) * 1e12).requires_grad_(True)  # < 2^45: fine with 16 fractional bits
+    stack(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(ZooError, match="fixed_point_bits"):
+        ResidualStack(mlp_blocks(1), rule="momentum", memory="reversible", fixed_point_bits=64)
+
+
+# ------------------------------------------------------------------------------------------- 1-D
+
+
+def _fit_cube(stack: nn.Module, steps: int = 300) -> float:
+    x = torch.linspace(-1, 1, 64).unsqueeze(1)
+    y = -(x**3)
+    opt = torch.optim.Adam(stack.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((stack(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return ((stack(x) - y) ** 2).mean().item()
+
+
+def test_momentum_learns_minus_x_cubed_where_a_resnet_cannot():
+    """MATH.md section 4: x -> -x^3 on [-1, 1] with one MLP f: R -> R tied across 20 layers.
+
+    The depth-scaled ResNet x_{n+1} = x_n + f(x_n) / 20 discretises the first-order ODE x' = f(x). Its
+    flow is order-preserving (two trajectories of a 1-D autonomous ODE never cross; for the discrete map,
+    x + f(x)/20 is increasing whenever |f'| < 20), so the learned map is non-decreasing. The best
+    non-decreasing fit of the decreasing target -x^3 is a constant (0), with mean squared error
+    mean(x^6) ~ 1/7. The momentum rule is second order (eps x'' + x' = f(x)): the state (x, v) lives in
+    2-D phase space, where trajectories may overtake one another, so the map x_0 -> x_N can reverse the
+    order and fit -x^3 far better.
+    """
+    hidden = 16
+    torch.manual_seed(40)
+    f_res = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    f_mom = copy.deepcopy(f_res)  # the same initial weights
+    resnet = ResidualStack([f_res] * 20, rule="euler", scale="depth")
+    momentum = ResidualStack([f_mom] * 20, rule="momentum", gamma=0.9, memory="full")
+    assert resnet.is_tied() and momentum.is_tied()
+    mse_res, mse_mom = _fit_cube(resnet), _fit_cube(momentum)
+    x = torch.linspace(-1, 1, 64)
+    monotone_bound = (x**6).mean().item()  # the MSE of the best non-decreasing fit
+    with torch.no_grad():
+        learned = resnet(x.unsqueeze(1)).squeeze(1)
+    assert bool((learned[1:] >= learned[:-1] - 1e-6).all())  # the ResNet map is order-preserving
+    assert mse_res >= 0.95 * monotone_bound
+    assert mse_mom < 0.5 * mse_res, (mse_mom, mse_res)
+
+
+# ------------------------------------------------------------------------------------------- compile
+
+
+def test_torch_compile_of_a_reversible_stack_gives_the_eager_result():
+    blocks = mlp_blocks(3, seed=50)
+    rev = ResidualStack(blocks, rule="momentum", gamma=0.9, memory="reversible", init_velocity="f")
+    x = torch.randn(3, 4)
+    eager = run(rev, x)
+    compiled = torch.compile(rev, backend="aot_eager")
+    got = run(compiled, x)
+    torch.testing.assert_close(got[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], eager[1], rtol=0, atol=0)
+    assert sorted(k.removeprefix("_orig_mod.") for k in got[2]) == sorted(eager[2])
+    for k, g in got[2].items():
+        torch.testing.assert_close(g, eager[2][k.removeprefix("_orig_mod.")], rtol=0, atol=0)
