@@ -1,0 +1,537 @@
+"""Training memory and time of momentum ResNets (MATH.md section 4) against a plain ResNet and checkpointing.
+
+Two markdown tables, every number from one run of this script (so ratios compare like with like):
+
+1. torchvision ResNet-101 and ResNet-152, side by side, for
+
+   * ``plain``: the torchvision ResNet, ordinary autograd;
+   * ``checkpoint``: the same net, each stage run by ``torch.utils.checkpoint.checkpoint_sequential`` with
+     round(sqrt(n)) segments for its n blocks (``use_reentrant=False``);
+   * ``momentumnet``: the published package (``pip install momentumnet``, the ``bench`` extra),
+     ``transform_to_momentumnet(model, sub_layers=["layer1", ..., "layer4"], gamma=0.9, use_backprop=False,
+     keep_first_layer=True, is_residual=False)``; the row is skipped (and says so) where it does not import;
+   * ``zoo reversible`` / ``zoo full``: ``zoo.momentum_resnet101`` / ``152`` with ``memory="reversible"``
+     (exact fixed-point rebuild in backward) and ``memory="full"`` (autograd through the same rule), gamma 0.9;
+
+   with the peak working memory of one training step and the median step time, each also as a ratio to plain.
+
+2. Memory against depth for the CIFAR ResNet-(6n+2) (``zoo.cifar_resnet`` vs ``zoo.momentum_cifar_resnet``
+   with ``memory="reversible"``, 3 stages of n basic blocks, widths 16/32/64): peak working memory and ratio.
+
+A training step is forward, cross-entropy loss, backward and an SGD step (no momentum, so the optimiser keeps
+no state; gradients are allocated once before the measurement and zeroed in place).
+
+* Memory: every configuration in a fresh process (``--worker memory``), as ``/work/shared/reference/MEASURING.md``
+  describes: on CPU started with ``MALLOC_MMAP_THRESHOLD_=65536``, peak resident set during the first step
+  (VmHWM reset just before it) minus the baseline after building the model, the batch and the gradients; on
+  CUDA ``max_memory_allocated`` minus ``memory_allocated`` before the step.
+* Time: one process per model (``--worker time``) with the ordinary allocator (under the small mmap threshold
+  every large allocation is a fresh mapping that page-faults on first touch, which is not how training runs).
+  It builds every method, runs a warm-up round and ``--steps`` timed rounds, each round one step of every
+  method back to back, so the load of other processes on a shared machine hits them alike; the ratio to plain
+  is the median over rounds of the ratio within a round.
+* Threads: 1 on CPU by default (``--threads``): on a machine shared with other jobs, two OpenMP threads slow down
+  many-fold (a ResNet-101 step at batch 2 once measured 34x slower than with one thread while two other
+  processes ran).
+
+    python benchmarks/momentum_memory.py                        # CPU: batch 16, 128x128; depths 20 110 302 1202
+    python benchmarks/momentum_memory.py --batch 64 --size 224  # the GPU size (the default on CUDA)
+    python benchmarks/momentum_memory.py --archs 101 --depths 20 110 --json out.json
+    python benchmarks/momentum_memory.py --archs --depth-steps 2              # table 2 only, with step times
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIB = 2**20
+RESULT_TAG = "MOMENTUM_MEMORY_RESULT "
+METHODS = ("plain", "checkpoint", "momentumnet", "zoo-reversible", "zoo-full")
+METHOD_LABELS = {
+    "plain": "torchvision (plain)",
+    "checkpoint": "checkpoint_sequential, sqrt(n) segments/stage",
+    "momentumnet": "momentumnet package (use_backprop=False)",
+    "zoo-reversible": 'zoo momentum, memory="reversible"',
+    "zoo-full": 'zoo momentum, memory="full"',
+}
+DEPTH_METHODS = ("plain", "zoo-reversible")
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+GAMMA = 0.9
+# Targets (README): reversible peak <= checkpointing (and well below plain), flat in depth, time <= 1.4x plain.
+TIME_TARGET = 1.4
+FLAT_TARGET = 1.25  # reversible peak at the largest depth / at the smallest depth
+
+
+def momentumnet_status() -> str | None:
+    """None when the published ``momentumnet`` package imports, else why not."""
+    try:
+        from momentumnet import transform_to_momentumnet  # noqa: F401
+    except Exception as e:  # ImportError, or an incompatibility with this torch
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class CheckpointedStage(nn.Module):
+    """A torchvision stage (``nn.Sequential`` of blocks) run by ``checkpoint_sequential`` when training."""
+
+    def __init__(self, stage: nn.Sequential, segments: int):
+        super().__init__()
+        self.stage = stage
+        self.segments = segments
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return self.stage(x)
+        return torch.utils.checkpoint.checkpoint_sequential(self.stage, self.segments, x, use_reentrant=False)
+
+
+def build_imagenet(arch: int, method: str, seed: int) -> nn.Module:
+    """ResNet-``arch`` (101 or 152) for ``method``, randomly initialised from ``seed``, in train mode."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    if method.startswith("zoo-"):
+        import zoo
+
+        builder = getattr(zoo, f"momentum_resnet{arch}")
+        return builder(memory=method.removeprefix("zoo-"), gamma=GAMMA).train()
+    model = getattr(torchvision.models, f"resnet{arch}")(weights=None)
+    if method == "checkpoint":
+        for name in STAGES:
+            stage = getattr(model, name)
+            setattr(model, name, CheckpointedStage(stage, max(1, round(math.sqrt(len(stage))))))
+    elif method == "momentumnet":
+        from momentumnet import transform_to_momentumnet
+
+        # is_residual=False: the package then uses f(x) = block(x) - x, the residual function of a torchvision
+        # block (which returns relu(x + g(x))), as the zoo does; is_residual=True would feed block(x), x included,
+        # into the velocity, a different (and growing) rule. Same arithmetic cost either way.
+        model = transform_to_momentumnet(
+            model, sub_layers=list(STAGES), keep_first_layer=True, gamma=GAMMA, use_backprop=False,
+            is_residual=False,
+        )
+    elif method != "plain":
+        raise ValueError(f"unknown method {method!r}")
+    return model.train()
+
+
+def build_cifar(depth: int, method: str, seed: int) -> nn.Module:
+    """CIFAR ResNet-``depth`` (depth = 6n + 2): plain or momentum reversible."""
+    import zoo
+
+    n = (depth - 2) // 6
+    torch.manual_seed(seed)
+    kw = dict(layers=(n, n, n), widths=(16, 32, 64), num_classes=10)
+    if method == "plain":
+        return zoo.cifar_resnet(**kw).train()
+    return zoo.momentum_cifar_resnet(memory=method.removeprefix("zoo-"), gamma=GAMMA, **kw).train()
+
+
+def make_batch(batch: int, size: int, classes: int, seed: int, device: torch.device):
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ worker process
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_high_water() -> bool:
+    """Reset this process's peak RSS (VmHWM); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _high_water_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def build(table: str, arch: int, method: str, args: argparse.Namespace, device: torch.device):
+    """Model, batch and optimiser of one configuration; gradients allocated once."""
+    if table == "imagenet":
+        model = build_imagenet(arch, method, args.seed)
+        classes, size, batch = 1000, args.size, args.batch
+    else:
+        model = build_cifar(arch, method, args.seed)
+        classes, size, batch = 10, 32, args.depth_batch
+    model.to(device)
+    x, y = make_batch(batch, size, classes, args.seed, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.0)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return model, params, step
+
+
+def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration, one process: peak working memory of one training step."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, params, step = build(args.worker_table, args.worker_arch, args.worker_methods[0], args, device)
+    gc.collect()
+    out: dict[str, Any] = {
+        "params": sum(p.numel() for p in params),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        # the largest stage's parameters: a reversible stack returns its parameter gradients all at once
+        "max_stage_param_bytes": max(
+            (sum(p.numel() * p.element_size() for p in getattr(model, s).parameters())
+             for s in STAGES if hasattr(model, s)), default=0),
+    }
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        out["peak_method"] = "cuda.max_memory_allocated"
+    else:
+        base = _rss_bytes()
+        reset = _reset_high_water()
+        step()
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # ru_maxrss also holds the import peaks; VmHWM reset just before the step does not.
+        peak = _high_water_bytes() if reset else maxrss
+        out.update(peak_bytes=peak - base, baseline_rss=base, ru_maxrss_after=maxrss,
+                   peak_method="VmHWM reset before the step" if reset else "ru_maxrss")
+    out["first_step_time"] = time.perf_counter() - t0
+    return out
+
+
+def time_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """All methods of one table row group in one process, their steps alternating round by round.
+
+    Round 0 is the warm-up; rounds 1..steps are timed. Every round times one step of each method back to back,
+    so load from other processes hits all of them alike; the ratios to plain are taken per round.
+    """
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = {m: build(args.worker_table, args.worker_arch, m, args, device)[2] for m in args.worker_methods}
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for r in range(args.steps + 1):
+        for m, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if r:
+                times[m].append(time.perf_counter() - t0)
+    return {"step_times": times, "threads": torch.get_num_threads()}
+
+
+def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Re-invoke this script with ``--worker`` in a fresh interpreter and parse its JSON line.
+
+    Memory workers start with ``MALLOC_MMAP_THRESHOLD_=65536`` (the resident set then follows the live
+    tensors); time workers with the ordinary allocator, which reuses freed blocks as a training run does
+    (with the small threshold every large temporary is a fresh mapping and page-faults on first touch,
+    which slows the methods with many temporaries most).
+    """
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--worker", kind,
+        "--worker-table", table, "--worker-arch", str(arch), "--worker-methods", *methods,
+        "--batch", str(args.batch), "--size", str(args.size), "--depth-batch", str(args.depth_batch),
+        "--steps", str(args.steps if table == "imagenet" else args.depth_steps), "--seed", str(args.seed),
+        "--lr", str(args.lr), "--device", args.device, "--threads", str(args.threads),
+    ]
+    env = dict(os.environ)
+    if kind == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(
+        f"{kind} worker {table}/{arch}/{' '.join(methods)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def machine_line(device: torch.device, threads: int) -> str:
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    proc = platform.processor() or platform.machine()
+    return (
+        f"machine: {proc}, {os.cpu_count()} CPUs, {threads} torch threads, torch {torch.__version__}, "
+        f"device {dev}; date {datetime.date.today().isoformat()}"
+    )
+
+
+def _load() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def _ratio(a: float | None, b: float | None, fmt: str = ".2f") -> str:
+    return "-" if a is None or not b else f"{a / b:{fmt}}"
+
+
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1e3:.0f}"
+
+
+def imagenet_table(
+    results: dict[tuple[int, str], dict[str, Any] | None], archs: list[int], methods: list[str], skip: dict[str, str]
+) -> str:
+    header = ["model", "method", "peak (MiB)", "peak / plain", "step (ms)", "time / plain"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|--:|--:|--:|--:|"]
+    for arch in archs:
+        plain = results.get((arch, "plain"))
+        for method in methods:
+            r = results.get((arch, method))
+            if r is None:
+                cells = [f"ResNet-{arch}", METHOD_LABELS[method], f"skipped ({skip.get(method, 'failed')})", "-",
+                         "skipped", "-"]
+            else:
+                ratio = r.get("time_ratio")
+                cells = [
+                    f"ResNet-{arch}", METHOD_LABELS[method],
+                    f"{r['peak'] / MIB:.0f}", _ratio(r["peak"], plain and plain["peak"]),
+                    _ms(r.get("time")), "-" if ratio is None else f"{ratio:.2f}",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def depth_table(results: dict[tuple[int, str], dict[str, Any]], depths: list[int], timed: bool) -> str:
+    header = ["depth", "blocks/stage", "params (MiB)", "peak plain (MiB)", "peak reversible (MiB)",
+              "reversible / plain"]
+    if timed:
+        header += ["step plain (ms)", "step reversible (ms)", "time rev. / plain"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
+    for d in depths:
+        p, r = results[(d, "plain")], results[(d, "zoo-reversible")]
+        cells = [
+            str(d), str((d - 2) // 6), f"{p['param_bytes'] / MIB:.1f}",
+            f"{p['peak'] / MIB:.0f}", f"{r['peak'] / MIB:.0f}", _ratio(r["peak"], p["peak"], ".3f"),
+        ]
+        if timed:
+            ratio = r.get("time_ratio")
+            cells += [_ms(p.get("time")), _ms(r.get("time")), "-" if ratio is None else f"{ratio:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(imagenet: dict, archs: list[int], depth: dict, depths: list[int]) -> list[str]:
+    """One line per target: met, or missed by how much."""
+    out = []
+    for arch in archs:
+        plain, ck, rev = (imagenet.get((arch, m)) for m in ("plain", "checkpoint", "zoo-reversible"))
+        if plain and ck and rev:
+            ok = rev["peak"] <= ck["peak"]
+            how = (f"reversible {rev['peak'] / MIB:.0f} MiB = {rev['peak'] / plain['peak']:.2f}x plain, "
+                   f"checkpoint {ck['peak'] / MIB:.0f} MiB = {ck['peak'] / plain['peak']:.2f}x plain")
+            over = rev["peak"] - ck["peak"]
+            miss = "" if ok else f"; missed by {over / MIB:.0f} MiB ({rev['peak'] / ck['peak'] - 1:+.0%})"
+            out.append(f"- ResNet-{arch} memory (reversible <= checkpoint, well below plain): "
+                       f"{'met' if ok else 'MISSED'} ({how}{miss})")
+        if plain and rev and rev.get("time_ratio") is not None:
+            t = rev["time_ratio"]
+            miss = "" if t <= TIME_TARGET else f"; missed by {t - TIME_TARGET:.2f}x ({t / TIME_TARGET - 1:+.0%})"
+            out.append(f"- ResNet-{arch} time (reversible <= {TIME_TARGET}x plain): "
+                       f"{'met' if t <= TIME_TARGET else 'MISSED'} ({t:.2f}x{miss})")
+    if len(depths) >= 2:
+        lo, hi = min(depths), max(depths)
+        r_lo, r_hi = depth[(lo, "zoo-reversible")]["peak"], depth[(hi, "zoo-reversible")]["peak"]
+        p_lo, p_hi = depth[(lo, "plain")]["peak"], depth[(hi, "plain")]["peak"]
+        g = r_hi / r_lo
+        stage_bytes = [depth[(d, "plain")]["max_stage_param_bytes"] for d in (lo, hi)]
+        miss = "" if g <= FLAT_TARGET else f"; missed by {g / FLAT_TARGET - 1:+.0%} of the {FLAT_TARGET}x bound"
+        out.append(
+            f"- memory flat in depth (reversible peak at depth {hi} <= {FLAT_TARGET}x depth {lo}): "
+            f"{'met' if g <= FLAT_TARGET else 'MISSED'} ({r_lo / MIB:.0f} -> {r_hi / MIB:.0f} MiB, {g:.2f}x, "
+            f"+{(r_hi - r_lo) / MIB:.0f} MiB, against +{(stage_bytes[1] - stage_bytes[0]) / MIB:.0f} MiB of "
+            f"parameters in the largest stage; plain {p_lo / MIB:.0f} -> {p_hi / MIB:.0f} MiB, {p_hi / p_lo:.1f}x"
+            f"{miss})"
+        )
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", type=int, nargs="*", default=[101, 152], choices=[101, 152],
+                   help="torchvision ResNets for table 1 (none: skip the table)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="table 1 methods (plain is always included)")
+    p.add_argument("--batch", type=int, default=64 if cuda else 16, help="table 1 batch (64 on CUDA, else 16)")
+    p.add_argument("--size", type=int, default=224 if cuda else 128, help="table 1 image size (224 on CUDA, else 128)")
+    p.add_argument("--steps", type=int, default=2,
+                   help="table 1 timed rounds after a warm-up round, one step of every method each (0: no times)")
+    p.add_argument("--depths", type=int, nargs="*", default=[20, 110, 302, 1202],
+                   help="CIFAR depths 6n+2 for table 2 (none: skip the table)")
+    p.add_argument("--depth-batch", type=int, default=32)
+    p.add_argument("--depth-steps", type=int, default=0, help="table 2 timed rounds (0: memory only)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0 if cuda else 1,
+                   help="torch threads in the workers (0: torch's default; 1 on CPU: on a shared machine two "
+                        "OpenMP threads slow down many-fold whenever another process takes a core)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--json", metavar="PATH", help="also save the raw numbers here")
+    p.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-table", choices=["imagenet", "cifar"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-arch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-methods", nargs="+", choices=METHODS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if "plain" not in args.methods:
+        args.methods.insert(0, "plain")
+    args.methods = [m for m in METHODS if m in args.methods]
+    for d in args.depths:
+        if d < 8 or (d - 2) % 6:
+            p.error(f"depth {d} is not 6n+2 with n >= 1")
+    return args
+
+
+def _add_times(rows: dict[str, dict[str, Any]], timing: dict[str, Any]) -> None:
+    """Median step time of each method and the median over rounds of its time / plain's time in that round."""
+    times = timing["step_times"]
+    for m, ts in times.items():
+        rows[m]["step_times"] = ts
+        rows[m]["time"] = statistics.median(ts) if ts else None
+        ratios = [t / p for t, p in zip(ts, times["plain"])]
+        rows[m]["time_ratio"] = statistics.median(ratios) if ratios else None
+
+
+def _progress(started: float, what: str) -> None:
+    print(f"  done: {what}, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        result = memory_worker(args) if args.worker == "memory" else time_worker(args)
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return
+    device = torch.device(args.device)
+    threads = args.threads or torch.get_num_threads()
+    started, load_start = time.perf_counter(), _load()
+    skip: dict[str, str] = {}
+    if "momentumnet" in args.methods:
+        why = momentumnet_status()
+        if why is not None:
+            skip["momentumnet"] = f"momentumnet does not import: {why}"
+            print(f"  {skip['momentumnet']}; its rows are skipped", file=sys.stderr, flush=True)
+
+    # Table 1: a memory process per configuration, then one time process per architecture.
+    imagenet: dict[tuple[int, str], dict[str, Any] | None] = {}
+    for arch in args.archs:
+        ran = []
+        for method in args.methods:
+            imagenet[(arch, method)] = None
+            if method in skip:
+                continue
+            try:
+                r = run_worker("memory", "imagenet", arch, [method], args)
+                imagenet[(arch, method)] = dict(r, peak=r["peak_bytes"])
+                ran.append(method)
+            except RuntimeError as e:
+                if method != "momentumnet":
+                    raise
+                skip[method] = "momentumnet failed: " + str(e).strip().splitlines()[-1][:120]
+                print(f"  {skip[method]}", file=sys.stderr, flush=True)
+            _progress(started, f"memory ResNet-{arch} {method}")
+        if args.steps > 0:
+            timing = run_worker("time", "imagenet", arch, ran, args)
+            _add_times({m: imagenet[(arch, m)] for m in ran}, timing)
+            _progress(started, f"time ResNet-{arch} ({', '.join(ran)})")
+
+    # Table 2: memory (and optionally time) against depth.
+    depth: dict[tuple[int, str], dict[str, Any]] = {}
+    for d in args.depths:
+        for method in DEPTH_METHODS:
+            depth[(d, method)] = run_worker("memory", "cifar", d, [method], args)
+            depth[(d, method)]["peak"] = depth[(d, method)]["peak_bytes"]
+            _progress(started, f"memory CIFAR ResNet-{d} {method}")
+        if args.depth_steps > 0:
+            _add_times({m: depth[(d, m)] for m in DEPTH_METHODS},
+                       run_worker("time", "cifar", d, list(DEPTH_METHODS), args))
+            _progress(started, f"time CIFAR ResNet-{d}")
+
+    wall = time.perf_counter() - started
+    some = next(iter(r for r in [*imagenet.values(), *depth.values()] if r), None)
+    method_used = some["peak_method"] if some else ""
+    print("# Momentum ResNets: peak training memory and step time\n")
+    print(machine_line(device, threads))
+    print(f"load average (1/5/15 min) at start {load_start}, at end {_load()}; wall time {wall:.0f} s\n")
+    if args.archs:
+        print(f"## torchvision ResNets, batch {args.batch}, 3x{args.size}x{args.size}, gamma {GAMMA}\n")
+        print(imagenet_table(imagenet, args.archs, args.methods, skip) + "\n")
+        print(
+            "peak: working memory of one training step (forward, loss, backward, SGD step) above the baseline "
+            "(model, batch, gradients), one fresh process per configuration"
+            + (", MALLOC_MMAP_THRESHOLD_=65536" if device.type == "cpu" else "")
+            + f", peak from {method_used}. step: median over {args.steps} rounds after a warm-up round; each round "
+            "runs one step of every method back to back in one process per model (ordinary allocator); "
+            "time / plain: median over the rounds of the ratio within the round.\n"
+        )
+    if args.depths:
+        print(f"## Memory vs depth, CIFAR ResNet-(6n+2), widths 16/32/64, batch {args.depth_batch}, 3x32x32\n")
+        print(depth_table(depth, args.depths, args.depth_steps > 0) + "\n")
+        print("plain: zoo.cifar_resnet; reversible: zoo.momentum_cifar_resnet(memory=\"reversible\", gamma=0.9); "
+              "params: trainable parameters (their gradients are preallocated, so in the baseline).\n")
+    print("## Targets\n")
+    print("\n".join(verdicts(imagenet, args.archs, depth, args.depths)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({
+                "machine": machine_line(device, threads), "args": vars(args), "wall_s": wall, "skip": skip,
+                "imagenet": [{"arch": a, "method": m, **(r or {})} for (a, m), r in imagenet.items()],
+                "depth": [{"depth": d, "method": m, **r} for (d, m), r in depth.items()],
+            }, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
