@@ -10,6 +10,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+# The fused (torch.compile'd) fixed-point kernels compute the eager kernels' integers bit for bit
+# (tests/nn/test_momentum.py checks it with fusion on); the suite runs them eagerly, because every
+# process would compile them again for each dtype (seconds each), subprocesses included.
+os.environ.setdefault("ZOO_FUSED_FIXED_POINT", "0")
 
 
 @pytest.fixture(autouse=True)

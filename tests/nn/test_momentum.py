@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ def test_reversible_rebuilds_x0_v0_bit_for_bit_through_1000_layers(gamma, init):
     assert n_words == (depth - 1) // s
     if gamma == 0.5:
         assert s == 63 and n_words == 15
-        words = out.grad_fn.saved_tensors[4:]
+        words = out.grad_fn.state[3:]  # x, v, the last buffer word, then the full words
         assert len(words) == 15 and all(bool((w != 0).any()) for w in words)  # they hold information
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in block.parameters())
@@ -274,8 +275,14 @@ def test_fixed_point_conversions_and_range():
     assert not fp.out_of_range(torch.tensor([2.0**29 - 1, -(2.0**29 - 1)], dtype=torch.float64)).item()
     for bad in (2.0**29, -(2.0**29), float("inf"), float("-inf"), float("nan")):
         assert fp.out_of_range(torch.tensor([0.0, bad])).item(), bad
-    assert fp.fixed_out_of_range(torch.tensor([2**61], dtype=torch.int64)).item()
-    assert not fp.fixed_out_of_range(torch.tensor([2**61 - 1, -(2**61 - 1)], dtype=torch.int64)).item()
+    # the state bound |x_n| <= |x_0| + n max(|v_0|, G / (1 - gamma)), tested against half the range 2^28
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    g = (1 - 0.9) * 2.0**27 / 10  # V = 2^27 / 10
+    assert not fp.momentum_state_out_of_range(t(2.0**27), t(0.0), t(g), 0.9, 9).item()
+    assert fp.momentum_state_out_of_range(t(2.0**27), t(0.0), t(g), 0.9, 10).item()
+    assert fp.momentum_state_out_of_range(t(1.0), t(2.0**25), t(0.0), 0.9, 8).item()  # |v_0| = V
+    for bad in (float("nan"), float("inf")):
+        assert fp.momentum_state_out_of_range(t(1.0), t(0.0), t(bad), 0.9, 3).item()
     # float64 keeps its precision: 48 fractional bits round-trip a float64 value to 2^-49
     fp48 = FixedPoint(48)
     y = torch.tensor([math.pi, -math.e], dtype=torch.float64)
@@ -599,6 +606,32 @@ def test_values_out_of_fixed_point_range_raise_in_backward(case):
     _range_error(stack, x)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+def test_the_state_bound_holds_on_integer_trajectories(gamma):
+    """The bound of momentum_state_out_of_range is never below the true max |x_n|, |v_n| (no false pass)."""
+    fp, ratio = FixedPoint(32), GammaRatio(gamma)
+    gen = torch.Generator().manual_seed(3)
+    x0, v0 = torch.randn(64, generator=gen) * 3, torch.randn(64, generator=gen)
+    xi, vi, buf = fp.to_fixed(x0), fp.to_fixed(v0), torch.zeros(64, dtype=torch.int64)
+    steps, g_max, true_max = 60, 0.0, 0.0
+    for n in range(steps):
+        g = (1 - gamma) * torch.randn(64, generator=gen) * (1 + n % 7)  # same sign runs push the state far
+        g = g.abs() if n < 40 else g
+        g_max = max(g_max, g.abs().max().item())
+        vi, buf = ratio.multiply(vi, buf)
+        vi = vi + fp.to_fixed(g)
+        xi = xi + vi
+        true_max = max(true_max, xi.abs().max().item() / fp.scale, vi.abs().max().item() / fp.scale)
+    v_bound = max(v0.abs().max().item(), g_max / (1 - gamma))
+    bound = x0.abs().max().item() + steps * v_bound
+    assert true_max <= bound
+    assert true_max > 0.1 * bound  # the bound is not vacuous on a drifting trajectory
+    small = FixedPoint(61 - math.ceil(math.log2(2 * bound)) - 1)  # a range just above twice the bound
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert not small.momentum_state_out_of_range(t(x0.abs().max().item()), t(v0.abs().max().item()), t(g_max),
+                                                 gamma, steps).item()
+
+
 def test_out_of_range_check_depends_on_fixed_point_bits():
     stack = ResidualStack(mlp_blocks(3), rule="momentum", gamma=0.9, memory="reversible", fixed_point_bits=16)
     x = (torch.randn(2, 4) * 1e12).requires_grad_(True)  # < 2^45: fine with 16 fractional bits
@@ -667,3 +700,81 @@ def test_torch_compile_of_a_reversible_stack_gives_the_eager_result():
     assert sorted(k.removeprefix("_orig_mod.") for k in got[2]) == sorted(eager[2])
     for k, g in got[2].items():
         torch.testing.assert_close(g, eager[2][k.removeprefix("_orig_mod.")], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- transition and fusion
+
+
+class _Transition(nn.Module):
+    """A shape-changing first block (4 -> 6 features) with a wide hidden layer and dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 6))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_transition_is_recomputed_in_backward_not_stored():
+    torch.manual_seed(41)
+    transition, blocks = _Transition(), mlp_blocks(5, dim=6, hidden=12, seed=42)
+    full = ResidualStack(blocks, rule="momentum", memory="full", transition=transition)
+    rev = ResidualStack(blocks, rule="momentum", memory="reversible", transition=transition)
+    x = torch.randn(3, 4)
+    torch.manual_seed(43)
+    a = run(full, x)
+    torch.manual_seed(43)
+    b = run(rev, x)
+    assert "0.inner.0.weight" in b[2]  # the transition's parameters get their gradients
+    assert_grads_close(a, b)  # the same dropout mask in the transition's recomputation
+    torch.manual_seed(44)
+    assert not torch.allclose(run(full, x)[2]["0.inner.0.weight"], a[2]["0.inner.0.weight"], atol=1e-4)
+
+    saved: list[torch.Size] = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    for stack, stores_hidden in ((full, True), (rev, False)):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            stack(x.clone().requires_grad_(True))
+        assert any(s[-1:] == (32,) for s in saved) is stores_hidden, saved
+
+
+@pytest.mark.parametrize("depth", [30])
+def test_fused_kernels_compute_the_eager_integers(depth):
+    """The compiled kernels (the default outside this suite) give the eager results bit for bit."""
+    from zoo.ops import fixed_point
+
+    blocks = mlp_blocks(depth, dim=6, hidden=12, seed=45)
+    stack = ResidualStack(blocks, rule="momentum", memory="reversible", gamma=0.9, init_velocity="f",
+                          transition=nn.Linear(5, 6))
+    stack.record_rebuild = True
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(46))
+    results = []
+    for fused in (False, True):
+        fixed_point.set_fused(fused)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a compile failure falls back with a warning: fail instead
+                results.append((*run(stack, x), stack.last_rebuild))
+            assert fixed_point.fused_enabled() is fused
+        finally:
+            fixed_point.set_fused(False)
+    (out_e, gx_e, gp_e, rb_e), (out_f, gx_f, gp_f, rb_f) = results
+    assert torch.equal(out_e, out_f) and torch.equal(gx_e, gx_f)
+    assert gp_e.keys() == gp_f.keys() and all(torch.equal(gp_e[k], gp_f[k]) for k in gp_e)
+    assert torch.equal(rb_e[0], rb_f[0]) and torch.equal(rb_e[1], rb_f[1])
+    fp = stack.fixed_point
+    assert torch.equal(rb_f[0], fp.to_fixed(stack.transition(x)))  # the rebuild is x_0 itself
+
+
+def test_a_second_backward_through_the_same_forward_is_one_clear_error():
+    stack = ResidualStack(mlp_blocks(3), rule="momentum", memory="reversible")
+    out = stack(torch.randn(2, 4, requires_grad=True)).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(ZooError, match="retain_graph"):
+        out.backward()

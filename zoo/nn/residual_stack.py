@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from zoo.errors import ZooError
-from zoo.ops.fixed_point import FixedPoint, GammaRatio
+from zoo.ops.fixed_point import FixedPoint, GammaRatio, momentum_kernel
 
 RULES = ("euler", "heun", "momentum")
 MEMORY_MODES = ("full", "adjoint", "reversible")
@@ -136,9 +136,10 @@ class ResidualStack(nn.Module):
         gamma: momentum term of the momentum rule.
         memory: ``"full"`` (autograd), ``"adjoint"`` (store only the output, rebuild in backward),
             or ``"reversible"`` (momentum rule only).
-        transition: an optional shape-changing module applied first with ordinary autograd (the
-            first block of a ResNet stage). It is child ``"0"`` and the residual blocks follow as
-            ``"1" .. "N"``, so a stage keeps torchvision's parameter names.
+        transition: an optional shape-changing module applied first (the first block of a ResNet
+            stage), with ordinary autograd, except under ``memory="reversible"``, which stores only
+            its input and recomputes it in backward. It is child ``"0"`` and the residual blocks
+            follow as ``"1" .. "N"``, so a stage keeps torchvision's parameter names.
         preserve_rng_state: replay the forward's random state when recomputing (dropout, stochastic
             depth); turn off only when no block draws random numbers.
 
@@ -350,6 +351,16 @@ class ResidualStack(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ZooError(f"ResidualStack expects a floating-point tensor, got {kind}")
+        if self.rule == "momentum" and self.memory == "reversible" and self.depth and torch.is_grad_enabled():
+            params = self._reversible_parameters()
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            grad_leaves = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
+            if x.requires_grad or params or any(grad_leaves):
+                # the transition block too is rebuilt in backward (from the stored stage input)
+                grad_tensors = [t for t, g in zip(leaves, grad_leaves) if g]
+                return _ReversibleMomentum.apply(
+                    self, (leaves, spec, grad_leaves, sum(grad_leaves)), x, *grad_tensors, *params
+                )
         if self.has_transition:
             x = self._modules["0"](x)
         if self.depth == 0:
@@ -374,6 +385,11 @@ class ResidualStack(nn.Module):
         """Trainable parameters of the blocks (and of the initial-velocity module), each once."""
         return [p for p in _unique_parameters(self._velocity_modules() + self.blocks) if p.requires_grad]
 
+    def _reversible_parameters(self) -> list[nn.Parameter]:
+        """:meth:`_trainable_parameters` and the transition block's: memory='reversible' rebuilds all."""
+        modules = ([self.transition] if self.has_transition else []) + self._velocity_modules() + self.blocks
+        return [p for p in _unique_parameters(modules) if p.requires_grad]
+
     # ---------------------------------------------------------------- momentum rule (M1)
     def _velocity_modules(self) -> list[nn.Module]:
         return [self.velocity] if self.init_velocity == "module" else []
@@ -388,15 +404,6 @@ class ResidualStack(nn.Module):
         return v
 
     def _momentum_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        if self.memory == "reversible" and torch.is_grad_enabled():
-            params = self._trainable_parameters()
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            grad_leaves = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
-            if x.requires_grad or params or any(grad_leaves):
-                grad_tensors = [t for t, g in zip(leaves, grad_leaves) if g]
-                return _ReversibleMomentum.apply(
-                    self, (leaves, spec, grad_leaves, sum(grad_leaves)), x, *grad_tensors, *params
-                )
         # (M1) in floating point: memory="full", and any mode without gradients
         c = (1.0 - self.gamma) * self.step
         v = self._initial_velocity(x, args, kwargs)
@@ -503,26 +510,35 @@ class _ReversibleMomentum(torch.autograd.Function):
     the same float input x_n = x_int / 2^F with the same random state, so the rebuild is exact.
     Gradients (z = (x, v), a = dL/dx_{n+1} + dL/dv_{n+1}):
         dL/dx_n = dL/dx_{n+1} + (1-gamma) h J_f^T a,  dL/dv_n = gamma a,  dL/dtheta_n += (1-gamma) h (df/dtheta)^T a.
+
+    Stored for backward: the final integer state (x, v: int64; the last buffer word in the narrowest
+    integer type its static bound allows; full words as int64) and, with a transition block, the
+    stage input, from which the transition is recomputed (checkpointed) at the end of backward.
     """
 
     @staticmethod
-    def forward(ctx, stack: ResidualStack, arg_info: tuple, x: torch.Tensor, *inputs: torch.Tensor):
+    def forward(ctx, stack: ResidualStack, arg_info: tuple, x_in: torch.Tensor, *inputs: torch.Tensor):
         leaves, spec, _, _ = arg_info
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         fp, ratio = stack.fixed_point, stack.ratio
         c = (1.0 - stack.gamma) * stack.step
-        ctx.stack, ctx.arg_info, ctx.dtype = stack, arg_info, x.dtype
-        ctx.replay = _Replay(x.device)
+        step = momentum_kernel("step")
+        ctx.stack, ctx.arg_info = stack, arg_info
+        ctx.replay = _Replay(x_in.device)
         keep_rng = stack.preserve_rng_state
         rng: list[_RNGState] = []
         with torch.no_grad():
+            ctx.rng_transition = _RNGState(x_in.device) if keep_rng and stack.has_transition else None
+            x = stack.transition(x_in) if stack.has_transition else x_in
+            dtype = ctx.dtype = x.dtype
             xi = fp.to_fixed(x)
-            overflow = fp.out_of_range(x)
+            xf = fp.to_float(xi, dtype)  # every f_n sees x_n = x_int / 2^F, in forward and backward alike
             if keep_rng:
                 rng.append(_RNGState(x.device))
-            v0 = stack._initial_velocity(fp.to_float(xi, x.dtype), args, kwargs)
+            v0 = stack._initial_velocity(xf, args, kwargs)
             vi = fp.to_fixed(v0)
-            overflow = overflow | fp.out_of_range(v0)
+            x0_max, v0_max = fp.abs_max(x), fp.abs_max(v0)
+            g_max = torch.zeros((), dtype=torch.float64, device=x.device)
             buffer, words = torch.zeros_like(xi), []
             for n in range(stack.depth):
                 if n and n % ratio.steps_per_word == 0:  # the buffer word is full: start a new one
@@ -530,19 +546,20 @@ class _ReversibleMomentum(torch.autograd.Function):
                     buffer = torch.zeros_like(xi)
                 if keep_rng:
                     rng.append(_RNGState(x.device))
-                # every state (x_n, v_n) in range, not only the last: then no integer operation can wrap
-                overflow = overflow | fp.fixed_out_of_range(xi) | fp.fixed_out_of_range(vi)
-                g = c * stack._f(n, fp.to_float(xi, x.dtype), args, kwargs).to(fp.work_dtype(x))
-                overflow = overflow | fp.out_of_range(g)
-                vi, buffer = ratio.multiply(vi, buffer)
-                vi = vi + fp.to_fixed(g)
-                xi = xi + vi
-            out = fp.to_float(xi, x.dtype)
-            overflow = overflow | fp.out_of_range(out) | fp.out_of_range(fp.to_float(vi, x.dtype))
+                g = c * stack._f(n, xf, args, kwargs).to(fp.work_dtype(x))
+                g_max = torch.maximum(g_max, fp.abs_max(g))
+                xi, vi, buffer, xf = step(xi, vi, buffer, g, ratio.n, ratio.d, fp.scale, dtype)
+            # every state (x_n, v_n) in range, not only the last: then no integer operation can wrap
+            overflow = fp.momentum_state_out_of_range(x0_max, v0_max, g_max, stack.gamma, stack.depth)
+            last_word_steps = stack.depth - ratio.steps_per_word * len(words)
+            buffer = buffer.to(ratio.buffer_dtype(last_word_steps))  # exact: within its static bound
         ctx.rng = rng if keep_rng else None
         ctx.n_words = len(words)
-        ctx.save_for_backward(xi, vi, buffer, overflow, *words)
-        return out
+        # The integer state is not a save_for_backward tensor: backward takes it off ctx, so each x, v and
+        # buffer is freed as soon as the rebuild has stepped past it (a retained graph is not rebuilt twice).
+        ctx.state = [xi, vi, buffer, *words]
+        ctx.save_for_backward(overflow, x_in if stack.has_transition else None)
+        return xf
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -550,14 +567,22 @@ class _ReversibleMomentum(torch.autograd.Function):
         fp, ratio, dtype = stack.fixed_point, stack.ratio, ctx.dtype
         c = (1.0 - stack.gamma) * stack.step
         leaves, spec, grad_leaves, n_grad = ctx.arg_info
-        xi, vi, buffer, overflow, *words = ctx.saved_tensors
+        overflow, x_in = ctx.saved_tensors
+        if ctx.state is None:
+            raise ZooError(
+                "a reversible momentum stack rebuilds its states once: backward ran twice through the same "
+                "forward (retain_graph=True); run the forward again, or use memory='full'"
+            )
+        xi, vi, buffer, *words = ctx.state
+        ctx.state = None
         if bool(overflow):  # the one host sync, in backward only
             raise ZooError(
                 f"reversible momentum: a value of the state or of a residual function is not finite or exceeds "
                 f"the fixed-point range |x| < 2^{61 - fp.frac_bits}; the rebuild would not be exact. Normalise "
                 f"the input, lower fixed_point_bits (now {fp.frac_bits}), or use memory='full'"
             )
-        params = stack._trainable_parameters()
+        buffer = buffer.to(torch.int64)
+        params = stack._reversible_parameters()
         param_index = {id(p): i for i, p in enumerate(params)}
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         grad_args: list[torch.Tensor | None] = [None] * n_grad
@@ -565,6 +590,7 @@ class _ReversibleMomentum(torch.autograd.Function):
         grad_arg_idx = [i for i, g in enumerate(grad_leaves) if g]
         blocks = stack.blocks
         outer_rng = _RNGState(grad_out.device) if ctx.rng is not None else None
+        unstep = momentum_kernel("unstep")
 
         def vjp(fn, x_float: torch.Tensor, module_params: list[nn.Parameter], cotangent: torch.Tensor):
             """Evaluate fn at x_float with grad; return (value, dL/dx) and accumulate parameter/argument grads."""
@@ -589,28 +615,38 @@ class _ReversibleMomentum(torch.autograd.Function):
 
         gx = grad_out.to(dtype)
         gv = torch.zeros_like(gx)
+        modules = ([stack.transition] if stack.has_transition else []) + stack._velocity_modules() + blocks
         try:
-            with frozen_batchnorm_stats(stack._velocity_modules() + blocks), ctx.replay.autocast_ctx():
+            with frozen_batchnorm_stats(modules), ctx.replay.autocast_ctx():
+                with torch.no_grad():
+                    xi, xf = momentum_kernel("rewind")(xi, vi, fp.scale, dtype)  # x_{N-1} = x_N - v_N
                 for n in reversed(range(stack.depth)):
-                    xi = xi - vi  # x_n = x_{n+1} - v_{n+1}, exactly
                     if ctx.rng is not None:
                         ctx.rng[n + 1].restore()
                     a = gx + gv
                     g, gx_f = vjp(lambda t, a_, k_, n=n: c * stack._f(n, t, a_, k_).to(fp.work_dtype(t)),
-                                  fp.to_float(xi, dtype), _unique_parameters([blocks[n]]), a)
+                                  xf, _unique_parameters([blocks[n]]), a)
                     with torch.no_grad():
-                        vi, buffer = ratio.divide(vi - fp.to_fixed(g), buffer)  # v_n, exactly
+                        # v_n exactly, and x_{n-1} = x_n - v_n with its float value for the next f
+                        xi_prev, vi, buffer, xf_prev = unstep(xi, vi, buffer, g, ratio.n, ratio.d, fp.scale, dtype)
                         if n and n % ratio.steps_per_word == 0:
                             buffer = words.pop()
+                    if n:
+                        xi, xf = xi_prev, xf_prev
                     gx, gv = gx + gx_f.to(dtype), stack.gamma * a
                 if stack.record_rebuild:  # diagnostic: the rebuilt fixed-point (x_0, v_0)
                     stack.last_rebuild = (xi, vi)
                 if stack.init_velocity != "zero":  # v_0 = f_0(x_0) or g(x_0): its gradient flows into x_0
                     if ctx.rng is not None:
                         ctx.rng[0].restore()
-                    modules = [blocks[0]] if stack.init_velocity == "f" else stack._velocity_modules()
-                    _, gx_v = vjp(stack._initial_velocity, fp.to_float(xi, dtype), _unique_parameters(modules), gv)
+                    v_modules = [blocks[0]] if stack.init_velocity == "f" else stack._velocity_modules()
+                    _, gx_v = vjp(stack._initial_velocity, xf, _unique_parameters(v_modules), gv)
                     gx = gx + gx_v.to(dtype)
+                if stack.has_transition:  # x_0 = transition(x_in), recomputed from the stored input
+                    if ctx.rng_transition is not None:
+                        ctx.rng_transition.restore()
+                    _, gx = vjp(lambda t, a_, k_: stack.transition(t), x_in,
+                                _unique_parameters([stack.transition]), gx)
         finally:
             if outer_rng is not None:
                 outer_rng.restore()

@@ -16,6 +16,8 @@ needed to detect a full buffer).
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from fractions import Fraction
 
 import torch
@@ -23,6 +25,19 @@ import torch
 from zoo.errors import ZooError
 
 _INT64_MAX = 2**63 - 1
+
+
+def exact_multiply(c: torch.Tensor, i: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, i) -> (c n/d rounded down, the buffer with the lost bits): the multiply of the module docstring.
+
+    With n and d swapped it is the exact divide. Two integer divisions: each remainder is taken as
+    a - q b from its quotient, the scaled adds use ``alpha`` (one pass each); floor division of the
+    signed c is the costly pass on CPUs, and the buffer i is never negative, so it truncates.
+    """
+    q = torch.div(c, d, rounding_mode="floor")
+    i = torch.add(torch.sub(c, q, alpha=d), i, alpha=d)  # i d + (c mod d)
+    j = torch.div(i, n, rounding_mode="trunc")  # i >= 0: truncation is floor
+    return torch.add(torch.sub(i, j, alpha=n), q, alpha=n), j  # (c div d) n + (i mod n), i div n
 
 
 class GammaRatio:
@@ -66,24 +81,34 @@ class GammaRatio:
 
     def multiply(self, c: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c, i) -> (c * n/d rounded, buffer holding the lost bits); exactly undone by :meth:`divide`."""
-        n, d = self.n, self.d
-        i = i * d + torch.remainder(c, d)
-        c = torch.div(c, d, rounding_mode="floor") * n + torch.remainder(i, n)
-        return c, torch.div(i, n, rounding_mode="floor")
+        return exact_multiply(c, i, self.n, self.d)
 
     def divide(self, c: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact inverse of :meth:`multiply`."""
-        n, d = self.n, self.d
-        i = i * n + torch.remainder(c, n)
-        c = torch.div(c, n, rounding_mode="floor") * d + torch.remainder(i, d)
-        return c, torch.div(i, d, rounding_mode="floor")
+        return exact_multiply(c, i, self.d, self.n)
+
+    def buffer_bound(self, steps: int) -> int:
+        """Largest buffer value after ``steps`` multiplies from i = 0 (0 <= i <= bound)."""
+        bound = 0
+        for _ in range(steps):
+            bound = (bound * self.d + self.d - 1) // self.n
+        return bound
+
+    def buffer_dtype(self, steps: int) -> torch.dtype:
+        """The narrowest integer dtype that holds a buffer word after ``steps`` multiplies (for storage)."""
+        bound = self.buffer_bound(min(steps, self.steps_per_word))
+        for dtype in (torch.int8, torch.int16, torch.int32):
+            if bound <= torch.iinfo(dtype).max:
+                return dtype
+        return torch.int64
 
 
 class FixedPoint:
     """Conversions between floating tensors and int64 fixed point with ``frac_bits`` fractional bits.
 
     Representable values satisfy |x| < 2^(61 - frac_bits) (two bits of headroom, so that the sum
-    x + v of two representable values cannot wrap); :meth:`out_of_range` flags the others.
+    x + v of two representable values cannot wrap); :meth:`out_of_range` flags the others, and
+    :meth:`momentum_state_out_of_range` bounds every state of a momentum stack.
     """
 
     def __init__(self, frac_bits: int = 32):
@@ -106,15 +131,110 @@ class FixedPoint:
 
     def to_float(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """t / 2^F in ``dtype`` (a deterministic function of the integers)."""
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        return (t.to(work) / self.scale).to(dtype)
+        return _to_float(t, self.scale, dtype)
 
-    def fixed_out_of_range(self, t: torch.Tensor) -> torch.Tensor:
-        """:meth:`out_of_range` for the int64 fixed-point values themselves (|t| >= 2^61)."""
-        lo, hi = torch.aminmax(t)  # one pass over the tensor
-        return (hi >= 2**61) | (lo <= -(2**61))
+    def abs_max(self, t: torch.Tensor) -> torch.Tensor:
+        """max |t| as a 0-dim float64 tensor (one pass; NaN propagates; no host sync)."""
+        lo, hi = torch.aminmax(t)
+        return torch.maximum(-lo, hi).to(torch.float64)
+
+    def momentum_state_out_of_range(
+        self, x0_max: torch.Tensor, v0_max: torch.Tensor, g_max: torch.Tensor, gamma: float, steps: int
+    ) -> torch.Tensor:
+        """Whether some state of ``steps`` momentum steps may leave the range (a 0-dim bool tensor).
+
+        A bound from the float maxima, so no integer state needs its own pass: with |g_n| <= G,
+        v_{n+1} = gamma v_n + g_n gives |v_n| <= V = max(|v_0|, G / (1 - gamma)), and x_n = x_0 + sum v
+        gives |x_n| <= |x_0| + n V. Rounding adds a few units of 2^-F per step, covered by testing
+        against half the range. NaN or inf anywhere makes the bound non-finite and is flagged.
+        """
+        v_bound = torch.maximum(v0_max, g_max / (1.0 - gamma))
+        bound = x0_max + steps * v_bound
+        return ~(bound < self.limit / 2)
 
     def out_of_range(self, t: torch.Tensor) -> torch.Tensor:
         """A 0-dim bool tensor: some value is non-finite or too large to represent (no host sync)."""
         lo, hi = torch.aminmax(t)  # one pass; NaN propagates into both
         return (hi >= self.limit) | (lo <= -self.limit) | torch.isnan(hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused momentum steps. Each is a handful of integer passes over the state; on a CPU every pass is
+# memory-bound (and integer division is slow), so by default they run as one compiled kernel each
+# (torch.compile), which computes the same integers bit for bit (the operations are exact integer
+# operations and IEEE roundings, identical in any order). ``set_fused(False)`` or the environment
+# variable ZOO_FUSED_FIXED_POINT=0 keeps them eager; a failed compilation falls back to eager once,
+# with a warning.
+
+
+def _momentum_step(xi, vi, buffer, g, n: int, d: int, scale: float, out_dtype: torch.dtype):
+    """(M1) in fixed point: v <- gamma v + round(2^F g) (buffer keeps the lost bits), x <- x + v.
+
+    Returns (x, v, buffer, x / 2^F in ``out_dtype``), the last being the next residual function's input.
+    """
+    vi, buffer = exact_multiply(vi, buffer, n, d)
+    vi = vi + torch.round(g * scale).to(torch.int64)
+    xi = xi + vi
+    return xi, vi, buffer, _to_float(xi, scale, out_dtype)
+
+
+def _momentum_unstep(xi, vi, buffer, g, n: int, d: int, scale: float, out_dtype: torch.dtype):
+    """The inverse (M2) of step k, given x_k = ``xi``, v_{k+1} = ``vi`` and g = the step's residual at x_k.
+
+    Returns (x_{k-1} = x_k - v_k, v_k, buffer, x_{k-1} / 2^F): the state and input of step k - 1.
+    """
+    vi, buffer = exact_multiply(vi - torch.round(g * scale).to(torch.int64), buffer, d, n)
+    xi = xi - vi
+    return xi, vi, buffer, _to_float(xi, scale, out_dtype)
+
+
+def _rewind(xi, vi, scale: float, out_dtype: torch.dtype):
+    """x_k = x_{k+1} - v_{k+1} and its float value."""
+    xi = xi - vi
+    return xi, _to_float(xi, scale, out_dtype)
+
+
+def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return (t.to(work) * (1.0 / scale)).to(dtype)  # 1/2^F is exact: the same as dividing
+
+
+_EAGER = {"step": _momentum_step, "unstep": _momentum_unstep, "rewind": _rewind}
+_COMPILED: dict[str, object] = {}
+_FUSED = {"enabled": os.environ.get("ZOO_FUSED_FIXED_POINT", "1").lower() not in ("0", "false", "no", "off")}
+
+
+def set_fused(enabled: bool) -> None:
+    """Run the fixed-point momentum steps as compiled kernels (default) or as eager PyTorch ops."""
+    _FUSED["enabled"] = bool(enabled)
+
+
+def fused_enabled() -> bool:
+    return _FUSED["enabled"]
+
+
+def momentum_kernel(name: str):
+    """The step, unstep or rewind function: compiled when fusion is on (eager under a caller's
+    torch.compile, which traces it itself), else eager."""
+    if not _FUSED["enabled"] or torch.compiler.is_compiling():
+        return _EAGER[name]
+    fn = _COMPILED.get(name)
+    if fn is None:
+        fn = _COMPILED[name] = _with_eager_fallback(name, torch.compile(_EAGER[name], dynamic=True, fullgraph=True))
+    return fn
+
+
+def _with_eager_fallback(name: str, compiled):
+    def run(*args):
+        if not _FUSED["enabled"]:
+            return _EAGER[name](*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # no compiler toolchain, unsupported device...: same integers, eagerly
+            _FUSED["enabled"] = False
+            warnings.warn(f"zoo: the fused fixed-point kernels did not compile ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); running them eagerly "
+                          "(same results, slower). Set ZOO_FUSED_FIXED_POINT=0 to silence this.", stacklevel=3)
+            return _EAGER[name](*args)
+
+    return run
