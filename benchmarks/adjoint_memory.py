@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
+from peak_memory import peak_working_bytes, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "ADJOINT_MEMORY_RESULT "
@@ -67,11 +69,6 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Forward, loss and backward (gradients accumulate into the preallocated ``.grad``)."""
     loss_of(model, x, y).backward()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------------ saved tensors
@@ -125,29 +122,6 @@ def compare(depth: int, rule: str, args: argparse.Namespace, device: torch.devic
 # ------------------------------------------------------------------------------------------------ worker process
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_high_water() -> bool:
-    """Reset this process's peak RSS (VmHWM); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _high_water_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration, one process: peak working memory of a step, then the median time of further steps."""
     device = torch.device(args.device)
@@ -158,30 +132,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         p.grad = torch.zeros_like(p)
     gc.collect()
     out: dict[str, Any] = {}
-    if device.type == "cuda":
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        train_step(model, x, y)
-        sync(device)
-        out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
-        out["peak_method"] = "cuda.max_memory_allocated"
-    else:
-        base = _rss_bytes()
-        maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        reset = _reset_high_water()
-        train_step(model, x, y)
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        # ru_maxrss also holds the parent's RSS at exec time (and the import peaks); VmHWM reset just
-        # before the step does not, so it is the peak where the kernel lets us reset it.
-        peak = _high_water_bytes() if reset else maxrss
-        out.update(
-            peak_bytes=peak - base,
-            peak_method="VmHWM (reset before the step)" if reset else "ru_maxrss",
-            baseline_rss=base,
-            ru_maxrss_before=maxrss_before,
-            ru_maxrss_after=maxrss,
-        )
+    out.update(peak_working_bytes(lambda: train_step(model, x, y), device))
     times = []
     for _ in range(args.steps):
         sync(device)

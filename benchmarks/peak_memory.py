@@ -1,0 +1,62 @@
+"""Peak-memory helpers shared by the benchmarks (each benchmark measures a configuration in a fresh process).
+
+On CUDA the peak is ``torch.cuda.max_memory_allocated``; on CPU it is the process's resident-set high-water
+mark (VmHWM), reset just before the measured step through ``/proc/self/clear_refs`` where the kernel allows,
+so that import and build peaks do not count.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_high_water() -> bool:
+    """Reset this process's peak RSS (VmHWM); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def peak_working_bytes(step: Callable[[], object], device: torch.device) -> dict[str, object]:
+    """Run ``step`` once; its peak memory above what was live before it, and how that was measured."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base,
+                "peak_method": "cuda.max_memory_allocated"}
+    base = rss_bytes()
+    reset = reset_high_water()
+    step()
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # ru_maxrss also holds the import peaks; VmHWM reset just before the step does not.
+    peak = high_water_bytes() if reset else maxrss
+    return {"peak_bytes": peak - base, "baseline_rss": base, "ru_maxrss_after": maxrss,
+            "peak_method": "VmHWM reset before the step" if reset else "ru_maxrss"}
