@@ -55,6 +55,7 @@ import sys
 import torch.nn as nn
 
 from converters import (
+    AttentionSpec,
     BlockStackSpec,
     ResNetSpec,
     describe_module,
@@ -243,3 +244,155 @@ def read_timm_blocks(model: nn.Sequential) -> BlockStackSpec:
     twin = copy.deepcopy(model)
     return BlockStackSpec(label="timm ViT blocks", copy=twin, blocks=list(twin), assemble=lambda stack: stack,
                           stack_class=StackAsBlock, training=twin.training)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sinkhorn attention (family "attention", to="sinkhorn")
+
+ATTENTION_SOURCE_NAME = "timm model with timm.layers.Attention (Sinkhorn attention swapped in)"
+
+
+class _NotZooViT(Exception):
+    """The timm ViT does not map onto zoo.models.SinkformerViT (the message says why)."""
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise _NotZooViT(what)
+
+
+def _is_layer_norm(m: object, dim: int) -> bool:
+    return (isinstance(m, nn.LayerNorm) and type(m).forward in (nn.LayerNorm.forward, _timm_layer_norm().forward)
+            and tuple(m.normalized_shape) == (dim,) and m.eps == 1e-6 and m.elementwise_affine
+            and m.bias is not None)
+
+
+def _timm_layer_norm() -> type:
+    from timm.layers import LayerNorm
+
+    return LayerNorm
+
+
+def _drop_p(m: object, what: str) -> float:
+    _require(type(m) is nn.Dropout or type(m) is nn.Identity, f"{what} is {describe_module(m)}")
+    return float(m.p) if isinstance(m, nn.Dropout) else 0.0
+
+
+def sinkformer_vit_config(model: nn.Module) -> dict:
+    """The :class:`zoo.models.SinkformerViT` arguments that rebuild ``model`` (a timm VisionTransformer) with
+    the same parameter names and function at ``n_iter=1``; raises _NotZooViT naming what does not map."""
+    from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
+    from timm.layers.attention import Attention
+
+    vit = _vit_module()
+    _require(type(model) is vit.VisionTransformer, f"a subclass {type(model).__qualname__}")
+    pe = model.patch_embed
+    _require(type(pe) is PatchEmbed and type(pe.norm) is nn.Identity and pe.flatten and not pe.dynamic_img_pad
+             and pe.strict_img_size and pe.img_size is not None and pe.patch_size[0] == pe.patch_size[1]
+             and type(pe.proj) is nn.Conv2d and pe.proj.bias is not None and pe.proj.stride == pe.proj.kernel_size
+             and pe.proj.padding == (0, 0) and pe.proj.kernel_size == tuple(pe.patch_size),
+             f"the patch embedding {describe_module(pe)} (only a square-patch conv without norm, fixed image size)")
+    _require(model.reg_token is None, "register tokens")
+    _require(not model.no_embed_class and not model.dynamic_img_size, "no_embed_class / dynamic_img_size")
+    _require(isinstance(model.pos_embed, nn.Parameter), "no learned position embedding")
+    _require(model.attn_pool is None and model.global_pool in ("token", "avg") and not model.pool_include_prefix,
+             f"global_pool {model.global_pool!r} (only 'token' and 'avg')")
+    _require(type(model.patch_drop) is nn.Identity and type(model.norm_pre) is nn.Identity,
+             "patch dropout or a pre-norm")
+    dim = model.embed_dim
+    use_fc_norm = model.global_pool == "avg"
+    _require(_is_layer_norm(model.fc_norm if use_fc_norm else model.norm, dim)
+             and type(model.norm if use_fc_norm else model.fc_norm) is nn.Identity,
+             "a final norm / fc_norm layout other than timm's default for the pooling")
+    _require(type(model.head) is nn.Linear, f"the head {describe_module(model.head)} (only nn.Linear)")
+    blocks = _block_list("timm VisionTransformer", model.blocks, "blocks")
+    first = blocks[0]
+    mlp_hidden = getattr(getattr(first, "mlp", None), "fc1", None)
+    _require(isinstance(mlp_hidden, nn.Linear), "a block without an nn.Linear mlp.fc1")
+    mlp_ratio = mlp_hidden.out_features / dim
+    layer_scale = type(first.ls1) is LayerScale
+    attn_drop = proj_drop = 0.0
+    rates = []
+    for i, b in enumerate(blocks):
+        name = f"blocks.{i}"
+        _require(type(b) is vit.Block, f"{name} is a {type(b).__qualname__} (only timm's Block)")
+        a = b.attn
+        _require(type(a) is Attention and a.gate is None and type(a.norm) is nn.Identity and a.proj.bias is not None
+                 and a.attn_dim == dim and a.num_heads == first.attn.num_heads and a.scale == a.head_dim**-0.5,
+                 f"{name}.attn = {describe_module(a)} (only timm's Attention without gate / scale norm)")
+        qk_norm = type(a.q_norm) is not nn.Identity
+        _require(not qk_norm or (_is_layer_norm(a.q_norm, a.head_dim) and _is_layer_norm(a.k_norm, a.head_dim)),
+                 f"{name}.attn q/k norm {describe_module(a.q_norm)}")
+        _require(qk_norm == (type(first.attn.q_norm) is not nn.Identity)
+                 and (a.qkv.bias is None) == (first.attn.qkv.bias is None), f"{name}.attn differs from blocks.0")
+        _require(_is_layer_norm(b.norm1, dim) and _is_layer_norm(b.norm2, dim), f"{name} norms")
+        m = b.mlp
+        _require(type(m) is Mlp and type(m.act) is nn.GELU and m.act.approximate == "none"
+                 and type(m.norm) is nn.Identity and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear
+                 and m.fc1.bias is not None and m.fc2.bias is not None and m.fc1.out_features == int(dim * mlp_ratio),
+                 f"{name}.mlp = {describe_module(m)} (only timm's Mlp with exact GELU and the same ratio)")
+        for ls in (b.ls1, b.ls2):
+            _require(type(ls) is (LayerScale if layer_scale else nn.Identity), f"{name} layer scale differs")
+        dps = []
+        for dp in (b.drop_path1, b.drop_path2):
+            _require(type(dp) is nn.Identity or (type(dp) is DropPath and getattr(dp, "scale_by_keep", True)),
+                     f"{name} drop path {describe_module(dp)}")
+            dps.append(float(dp.drop_prob) if isinstance(dp, DropPath) else 0.0)
+        _require(dps[0] == dps[1], f"{name} drop path rates differ")
+        rates.append(dps[0])
+        a_drop = _drop_p(a.attn_drop, f"{name}.attn.attn_drop")
+        p_drop = _drop_p(a.proj_drop, f"{name}.attn.proj_drop")
+        m_drops = {_drop_p(m.drop1, f"{name}.mlp.drop1"), _drop_p(m.drop2, f"{name}.mlp.drop2")}
+        _require(m_drops == {p_drop} and (i == 0 or (a_drop, p_drop) == (attn_drop, proj_drop)),
+                 f"{name} dropout rates differ")
+        attn_drop, proj_drop = a_drop, p_drop
+    try:
+        drop_path_rate = _drop_path_rate("timm VisionTransformer", rates)
+    except ZooError as e:
+        raise _NotZooViT(str(e).split(": ", 1)[-1]) from None
+    return {
+        "img_size": list(pe.img_size),
+        "patch_size": int(pe.patch_size[0]),
+        "in_chans": int(pe.proj.in_channels),
+        "num_classes": int(model.head.out_features),
+        "embed_dim": int(dim),
+        "depth": len(blocks),
+        "num_heads": int(first.attn.num_heads),
+        "mlp_ratio": float(mlp_ratio),
+        "qkv_bias": first.attn.qkv.bias is not None,
+        "qk_norm": type(first.attn.q_norm) is not nn.Identity,
+        "init_values": 1e-5 if layer_scale else None,  # any value: the weights overwrite the scale
+        "class_token": model.cls_token is not None,
+        "global_pool": model.global_pool,
+        "drop_rate": _drop_p(model.head_drop, "head_drop"),
+        "pos_drop_rate": _drop_p(model.pos_drop, "pos_drop"),
+        "proj_drop_rate": proj_drop,
+        "attn_drop_rate": attn_drop,
+        "drop_path_rate": drop_path_rate,
+    }
+
+
+@register_source(VIT_SOURCE_NAME, "attention", is_timm_vit)
+def read_timm_vit_attention(model: nn.Module) -> AttentionSpec:
+    """A timm ViT for ``to="sinkhorn"``: the zoo SinkformerViT when its layout maps, else the ViT, attention swapped."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    label = f"timm {arch}" if arch else f"timm {type(model).__name__}"
+    try:
+        return AttentionSpec(label=label, model=model, vit_config=sinkformer_vit_config(model))
+    except _NotZooViT as e:
+        return AttentionSpec(label=label, model=model, why_not=str(e))
+
+
+def has_timm_attention(model: object) -> bool:
+    from timm.layers.attention import Attention
+
+    from zoo.nn import SinkhornAttention
+
+    return isinstance(model, nn.Module) and any(isinstance(m, (Attention, SinkhornAttention)) for m in model.modules())
+
+
+@register_source(ATTENTION_SOURCE_NAME, "attention", has_timm_attention)
+def read_timm_attention_model(model: nn.Module) -> AttentionSpec:
+    """Any module holding timm ``Attention`` layers (a timm model, a ViT's ``blocks``, a converted model)."""
+    return AttentionSpec(label=f"timm {type(model).__name__}", model=model)

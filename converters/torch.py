@@ -28,7 +28,7 @@ import copy
 
 import torch.nn as nn
 
-from converters import BlockStackSpec, register_source
+from converters import AttentionSpec, BlockStackSpec, register_source
 from zoo.errors import ZooError
 from zoo.nn import TransformerEncoderStack
 
@@ -59,3 +59,27 @@ def read_transformer_encoder(model: nn.TransformerEncoder) -> BlockStackSpec:
 
     return BlockStackSpec(label=label, copy=twin, blocks=list(twin.layers), assemble=assemble,
                           training=twin.training)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sinkhorn attention (family "attention", to="sinkhorn")
+
+MHA_SOURCE_NAME = "any torch module with nn.MultiheadAttention (nn.TransformerEncoder, nn.Transformer, ...)"
+
+
+def has_multihead_attention(model: object) -> bool:
+    return isinstance(model, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+@register_source(MHA_SOURCE_NAME, "attention", has_multihead_attention)
+def read_multihead_attention_model(model: nn.Module) -> AttentionSpec:
+    """Any module holding ``nn.MultiheadAttention`` (itself included): each becomes a
+    :class:`zoo.nn.SinkhornMultiheadAttention` with the same parameters and call. ``nn.TransformerEncoder``'s
+    nested-tensor fast path is turned off (``use_nested_tensor = False``) and ``nn.TransformerEncoderLayer``
+    skips its fused kernel (the Sinkhorn module carries a forward pre-hook), since neither calls the
+    attention module: both would silently compute softmax attention."""
+    if isinstance(model, (nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)):
+        base = next(c for c in (nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer) if isinstance(model, c))
+        if type(model).forward is not base.forward:
+            raise ZooError(f"torch {type(model).__name__} overrides forward; only torch's own forward converts")
+    return AttentionSpec(label=f"torch {type(model).__name__}", model=model)

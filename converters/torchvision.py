@@ -35,6 +35,7 @@ import torch.nn as nn
 from torchvision.models import resnet as tv_resnet
 
 from converters import (
+    AttentionSpec,
     ResNetSpec,
     describe_module,
     read_resnet_stages,
@@ -98,3 +99,33 @@ def read_torchvision_resnet(model: tv_resnet.ResNet) -> ResNetSpec:
         if isinstance(m, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
             _check(label, type(m.relu) is nn.ReLU, f"{name}.relu is a {type(m.relu).__name__}, not ReLU")
     return resnet_spec(model, label, block, layers)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sinkhorn attention (family "attention", to="sinkhorn")
+
+VIT_SOURCE_NAME = "torchvision.models.VisionTransformer"
+
+
+def is_torchvision_vit(model: object) -> bool:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+@register_source(VIT_SOURCE_NAME, "attention", is_torchvision_vit)
+def read_torchvision_vit(model: nn.Module) -> AttentionSpec:
+    """A torchvision ViT: its ``EncoderBlock``s call ``self_attention(x, x, x, need_weights=False)``, an
+    ``nn.MultiheadAttention`` (batch first) that becomes :class:`zoo.nn.SinkhornMultiheadAttention` with
+    the same ``in_proj_weight`` / ``out_proj``; the result is the torchvision model itself (a copy)."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    label = f"torchvision {type(model).__name__}"
+    blocks = [m for m in model.modules() if isinstance(m, EncoderBlock)]
+    if not blocks:
+        raise ZooError(f"{label} has no EncoderBlock to convert")
+    for i, b in enumerate(blocks):
+        if type(b).forward is not EncoderBlock.forward:
+            raise ZooError(f"{label}: block {i} is a {type(b).__qualname__} overriding forward; only torchvision's "
+                           "EncoderBlock converts")
+    return AttentionSpec(label=label, model=model)

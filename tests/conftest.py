@@ -12,8 +12,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 # The fused (torch.compile'd) fixed-point kernels compute the eager kernels' integers bit for bit
 # (tests/nn/test_momentum.py checks it with fusion on); the suite runs them eagerly, because every
-# process would compile them again for each dtype (seconds each), subprocesses included.
+# process would compile them again for each dtype and shape class (seconds each), subprocesses included.
 os.environ.setdefault("ZOO_FUSED_FIXED_POINT", "0")
+# The same for the compiled Sinkhorn chunk kernels (tests/ops/test_sinkhorn.py compares them with eager).
+os.environ.setdefault("ZOO_COMPILE_SINKHORN", "0")
 
 
 @pytest.fixture(autouse=True)

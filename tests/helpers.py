@@ -19,3 +19,20 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
                 m.running_var.copy_(0.5 + torch.rand(n, generator=g))
     return model
+
+
+def seed_hf_hub_cache(repo_id: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Put ``model.safetensors`` of ``repo_id`` in the (tmp, offline) Hugging Face cache, as a download would,
+    so that ``hf-hub:<repo_id>`` weights resolve without network."""
+    from pathlib import Path
+
+    import huggingface_hub.constants as hf_constants
+    from safetensors.torch import save_file
+
+    root = Path(hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))

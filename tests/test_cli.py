@@ -55,6 +55,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is
 ZOO_LINE = re.compile(r"^zoo: (.*)$", re.MULTILINE)
 
 
+def assert_convert_fails(argv: list[str], words: list[str], tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`zoo convert <argv>` exits with 2 and one `zoo: error:` line holding every word, writing nothing."""
+    code, _, err = run_main(["convert", *argv, "--out", str(tmp_path / "x")], capsys)
+    assert code == 2
+    (line,) = [x for x in err.splitlines() if x.startswith("zoo: error: ")]
+    for word in words:
+        assert word in line
+    assert not (tmp_path / "x").exists()
+
+
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """``zoo.cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
     try:
@@ -401,12 +412,7 @@ def test_convert_unknown_target_lists_the_supported_ones(tmp_path: Path, capsys:
     (["--from", "torchvision:resnet18", "--to", "depth_scaled", "--option", "layers=[1,1]"], ["'layers'"]),
 ])
 def test_convert_errors(argv: list[str], words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_main(["convert", *argv, "--out", str(tmp_path / "x")], capsys)
-    assert code == 2
-    (line,) = [x for x in err.splitlines() if x.startswith("zoo: error: ")]
-    for word in words:
-        assert word in line
-    assert not (tmp_path / "x").exists()
+    assert_convert_fails(argv, words, tmp_path, capsys)
 
 
 def test_convert_weight_file_with_another_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,11 +110,28 @@ def _seed_torchvision_cache(recipe: dict[str, Any]) -> dict[str, torch.Tensor] |
     return state_dict
 
 
+def _seed_hf_hub_cache(recipe: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Put random weights of the recipe's own architecture in the (tmp, offline) Hugging Face cache for a recipe
+    naming ``hf-hub:`` weights (a timm checkpoint for the ViT recipes: the zoo ViT has timm's names)."""
+    init = recipe["model"].get("init_args", {})
+    weights = init.get("weights")
+    if not weights or not weights.startswith("hf-hub:"):
+        return None
+    from helpers import seed_hf_hub_cache
+
+    torch.manual_seed(0)
+    model_cls = import_class(recipe["model"]["class_path"])
+    state_dict = model_cls(**{k: v for k, v in init.items() if k != "weights"}).state_dict()
+    seed_hf_hub_cache(weights[len("hf-hub:"):].partition("@")[0], state_dict)
+    return state_dict
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_instantiates_what_it_says(recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     expected = load_recipe(recipe)
     source_weights = _seed_torchvision_cache(expected)
+    hub_weights = _seed_hf_hub_cache(expected)
     args = ["--config", str(recipe), *_data_overrides(expected, tmp_path),
             "--trainer.default_root_dir", str(tmp_path / "run")]
     cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
@@ -126,21 +143,30 @@ def test_recipe_instantiates_what_it_says(recipe: Path, tmp_path: Path, monkeypa
     for key, value in init.items():
         if key != "weights":
             assert plain(model.hparams[key]) == plain(value), key
-    if "layers" in init:
-        assert list(model.layer_counts) == list(init["layers"])
-        assert len(model.stages) == len(init["layers"])
-    stages = model.stages
-    assert all(isinstance(s, ResidualStack) for s in stages)
-    assert {s.rule for s in stages} == {RULES[type(model).__name__]}
-    assert {s.memory for s in stages} == {init.get("memory", "full")}
-    # the depth-scaled families step 1/N; the momentum rule (M1) and the plain ResNet step 1
-    assert {s.scale for s in stages} == ({1.0} if type(model).__name__ in ("MomentumResNet", "ResNet") else {"depth"})
-    if init.get("tied"):
-        assert all(s.is_tied() for s in stages if s.depth > 1)
+    if type(model).__name__ in RULES:  # the ResNet families: residual stages
+        if "layers" in init:
+            assert list(model.layer_counts) == list(init["layers"])
+            assert len(model.stages) == len(init["layers"])
+        stages = model.stages
+        assert all(isinstance(s, ResidualStack) for s in stages)
+        assert {s.rule for s in stages} == {RULES[type(model).__name__]}
+        assert {s.memory for s in stages} == {init.get("memory", "full")}
+        # the depth-scaled families step 1/N; the momentum rule (M1) and the plain ResNet step 1
+        assert {s.scale for s in stages} == ({1.0} if type(model).__name__ in ("MomentumResNet", "ResNet")
+                                             else {"depth"})
+        if init.get("tied"):
+            assert all(s.is_tied() for s in stages if s.depth > 1)
+    if type(model).__name__ == "SinkformerViT":  # Sinkhorn attention in every block
+        assert len(model.blocks) == init.get("depth", 12)
+        assert {b.attn.n_iter for b in model.blocks} == {init.get("n_iter", 3)}
     if "num_classes" in init:
-        assert model.fc.out_features == init["num_classes"]
+        head = model.fc if hasattr(model, "fc") else model.head
+        assert head.out_features == init["num_classes"]
     if source_weights is not None:  # the named weights were loaded (the classifier is not folded)
         torch.testing.assert_close(model.fc.weight, source_weights["fc.weight"])
+    if hub_weights is not None:  # the hf-hub weights were loaded
+        own = model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in hub_weights.items())
 
     # data module: class and arguments (root is overridden above)
     data, data_init = cli.datamodule, expected["data"].get("init_args", {})

@@ -17,6 +17,8 @@ IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 SMALL_SUFFIXES = ("resnet20_cifar", "resnet56_cifar", "resnet110_cifar", "cifar_resnet", "tiny")
 IMAGENET_NAMES = [f"{p}resnet{d}" for p in FAMILIES for d in IMAGENET_DEPTHS]
 SMALL_NAMES = [f"{p}{s}" for p in FAMILIES for s in SMALL_SUFFIXES]
+VIT_NAMES = [f"sinkformer_vit_{s}" for s in ("tiny_patch16_224", "small_patch16_224", "base_patch16_224", "cats_dogs",
+                                            "mnist")]
 
 
 def test_list_models_has_every_family_and_variant() -> None:
@@ -27,7 +29,7 @@ def test_list_models_has_every_family_and_variant() -> None:
             assert f"{prefix}resnet{depth}" in names
         for suffix in SMALL_SUFFIXES:
             assert f"{prefix}{suffix}" in names
-    assert set(names) == set(IMAGENET_NAMES) | set(SMALL_NAMES)
+    assert set(names) == set(IMAGENET_NAMES) | set(SMALL_NAMES) | set(VIT_NAMES)
 
 
 def test_list_models_patterns_and_family() -> None:
@@ -38,8 +40,8 @@ def test_list_models_patterns_and_family() -> None:
     assert zoo.list_models("*_cifar") == sorted(n for n in SMALL_NAMES if n.endswith("_cifar"))
     assert zoo.list_models("*tiny") == ["depth_scaled_tiny", "heun_tiny", "momentum_tiny", "tiny"]
     assert zoo.list_models("no_such_model*") == []
-    assert zoo.list_models(family="resnet") == zoo.list_models()
-    assert zoo.list_models(family="vit") == []
+    assert zoo.list_models(family="resnet") == sorted(IMAGENET_NAMES + SMALL_NAMES)
+    assert zoo.list_models(family="vit") == sorted(VIT_NAMES)
     assert zoo.is_model("depth_scaled_resnet50") and not zoo.is_model("depth_scaled_resnet51")
 
 

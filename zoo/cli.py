@@ -197,7 +197,10 @@ def _build_source(spec: str, weights: str | None) -> Any:
     library, _, name = spec.partition(":")
     if not name or library not in ("torchvision", "timm"):
         raise ZooError(f"--from {spec!r}: use torchvision:<model name> or timm:<model name>")
-    weight_file = weights if weights is not None and os.path.exists(weights) else None
+    # a local file, or a Hugging Face Hub repository ("hf-hub:timm/vit_small_patch16_224.augreg_in21k"), read
+    # by zoo.hub and loaded into the source model
+    is_file = weights is not None and (os.path.exists(weights) or weights.startswith("hf-hub:"))
+    weight_file = weights if is_file else None
     if library == "torchvision":
         import torchvision
 
@@ -219,7 +222,8 @@ def _build_source(spec: str, weights: str | None) -> Any:
             raise ZooError(f"unknown timm model {name!r}: see timm.list_models()")
         pretrained = weights is not None and weight_file is None
         if pretrained and weights not in ("hub", "pretrained"):
-            raise ZooError(f"--weights {weights!r} is not a file; for timm give a file or 'hub' (timm's pretrained)")
+            raise ZooError(f"--weights {weights!r} is not a file; for timm give a file, 'hf-hub:org/name' or 'hub' "
+                           "(timm's pretrained)")
 
         def build(**kwargs: Any) -> Any:
             try:
@@ -246,7 +250,7 @@ def convert_main(argv: list[str]) -> None:
         description="Turn a torchvision/timm model with its weights into a zoo variant and save it.",
     )
     parser.add_argument("--from", dest="source", required=True, help="torchvision:<name> or timm:<name>")
-    parser.add_argument("--weights", help="weight name (torchvision), 'hub' (timm) or a weight file")
+    parser.add_argument("--weights", help="weight name (torchvision), 'hub' (timm), 'hf-hub:org/name' or a weight file")
     parser.add_argument("--to", required=True, help="target variant (see converters.list_targets())")
     parser.add_argument("--out", required=True, help="output folder (save_pretrained layout) or .safetensors file")
     parser.add_argument("--memory", help="memory strategy of the result (full, adjoint, ...)")

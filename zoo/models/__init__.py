@@ -1,7 +1,10 @@
 """Model families. Importing this package registers every builder."""
 
-from zoo.models import resnet
+from zoo.models import resnet, vit
 from zoo.models.resnet import *  # noqa: F403  (the builders and family classes)
 from zoo.models.resnet import DepthScaledResNet, HeunNet, MomentumResNet, ResNet
+from zoo.models.vit import *  # noqa: F403
+from zoo.models.vit import SinkformerViT
 
-__all__ = ["DepthScaledResNet", "HeunNet", "MomentumResNet", "ResNet", *resnet.__all__]
+__all__ = ["DepthScaledResNet", "HeunNet", "MomentumResNet", "ResNet", "SinkformerViT", *resnet.__all__,
+           *(n for n in vit.__all__ if n != "SinkformerViT")]

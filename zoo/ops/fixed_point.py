@@ -16,13 +16,12 @@ needed to detect a full buffer).
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from fractions import Fraction
 
 import torch
 
 from zoo.errors import ZooError
+from zoo.ops.compiled import CompiledKernels
 
 _INT64_MAX = 2**63 - 1
 
@@ -199,42 +198,20 @@ def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
     return (t.to(work) * (1.0 / scale)).to(dtype)  # 1/2^F is exact: the same as dividing
 
 
-_EAGER = {"step": _momentum_step, "unstep": _momentum_unstep, "rewind": _rewind}
-_COMPILED: dict[str, object] = {}
-_FUSED = {"enabled": os.environ.get("ZOO_FUSED_FIXED_POINT", "1").lower() not in ("0", "false", "no", "off")}
+_KERNELS = CompiledKernels({"step": _momentum_step, "unstep": _momentum_unstep, "rewind": _rewind},
+                           env="ZOO_FUSED_FIXED_POINT", what="the fused fixed-point kernels", fullgraph=True)
 
 
 def set_fused(enabled: bool) -> None:
     """Run the fixed-point momentum steps as compiled kernels (default) or as eager PyTorch ops."""
-    _FUSED["enabled"] = bool(enabled)
+    _KERNELS.set_enabled(enabled)
 
 
 def fused_enabled() -> bool:
-    return _FUSED["enabled"]
+    return _KERNELS.enabled
 
 
 def momentum_kernel(name: str):
     """The step, unstep or rewind function: compiled when fusion is on (eager under a caller's
     torch.compile, which traces it itself), else eager."""
-    if not _FUSED["enabled"] or torch.compiler.is_compiling():
-        return _EAGER[name]
-    fn = _COMPILED.get(name)
-    if fn is None:
-        fn = _COMPILED[name] = _with_eager_fallback(name, torch.compile(_EAGER[name], dynamic=True, fullgraph=True))
-    return fn
-
-
-def _with_eager_fallback(name: str, compiled):
-    def run(*args):
-        if not _FUSED["enabled"]:
-            return _EAGER[name](*args)
-        try:
-            return compiled(*args)
-        except Exception as e:  # no compiler toolchain, unsupported device...: same integers, eagerly
-            _FUSED["enabled"] = False
-            warnings.warn(f"zoo: the fused fixed-point kernels did not compile ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); running them eagerly "
-                          "(same results, slower). Set ZOO_FUSED_FIXED_POINT=0 to silence this.", stacklevel=3)
-            return _EAGER[name](*args)
-
-    return run
+    return _KERNELS[name]

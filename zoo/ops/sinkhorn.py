@@ -1,0 +1,490 @@
+"""Sinkhorn (doubly stochastic) attention, MATH.md section 5.
+
+With scores C_ij = scale * q_i . k_j + b_ij (b: the additive form of the masks), Sinkhorn alternates row and
+column normalisations of K = exp(C) in the log domain (S2):
+
+    f_i = -logsumexp_j (C_ij + g_j)                              (row step: rows sum to 1)
+    g_j = -logsumexp_i (C_ij + f_i) + log(n_rows / n_cols)       (column step: columns sum to n_rows / n_cols)
+    K_ij = exp(C_ij + f_i + g_j),   out_i = sum_j K_ij v_j
+
+``n_iter`` counts half-steps, starting with a row step (g = 0): ``n_iter=1`` is softmax attention (it calls
+:func:`torch.nn.functional.scaled_dot_product_attention`), odd ``n_iter`` ends on a row step (rows sum to 1),
+even ``n_iter`` ends on a column step. n_rows / n_cols count the non-empty rows / columns of the masked kernel
+(with padding only: valid queries / valid keys); for odd ``n_iter`` this constant cancels.
+
+For n_iter > 1 the kernel is a custom autograd function that works on a few (batch x head) slices at a time
+(about 4 MiB of scores per chunk, at least one slice: cache-sized, faster than larger chunks). Forward computes
+each half-step's potential with one log-sum-exp over the chunk's scores and keeps only the potentials (vectors),
+q, k, v and the masks; backward recomputes the chunk's scores (one matmul) and each half-step's matrix
+exp(C + f + g) from the saved potentials. Memory therefore holds a few score matrices *of one chunk*, never
+``n_iter`` copies (nor one copy) of the full (..., L, S) tensor. Gradients flow through every half-step (exact
+unrolled backward, no detaching, no implicit differentiation). The two chunk functions run under
+``torch.compile`` by default (each log-sum-exp and each backward half-step becomes one fused loop);
+``ZOO_COMPILE_SINKHORN=0`` or :func:`set_compile` keeps them eager.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from zoo.errors import ZooError
+from zoo.ops.compiled import CompiledKernels
+
+__all__ = ["sinkhorn_attention", "attention_column_sums", "column_sum_stats", "set_compile"]
+
+_CHUNK_BYTES = 4 * 2**20  # score-matrix bytes per chunk of (batch x head) slices (cache-sized: faster than larger)
+
+
+# ------------------------------------------------------------------------------------------------ argument checks
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_iter: int, dropout_p: float
+) -> torch.Size:
+    """Shape-only checks (no host sync); returns the broadcast leading shape."""
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ZooError(
+            f"sinkhorn_attention: n_iter must be an int >= 1 (number of half-steps; 1 is softmax, "
+            f"odd values end on a row step), got {n_iter!r}"
+        )
+    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
+        raise ZooError(
+            f"sinkhorn_attention: q, k, v must have shape (..., L, E), (..., S, E), (..., S, Ev); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ZooError(
+            f"sinkhorn_attention: q and k must have the same last (embedding) dim, got q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}: project them to the same head dim"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ZooError(
+            f"sinkhorn_attention: k and v must have the same length S (dim -2), got k {tuple(k.shape)} and "
+            f"v {tuple(v.shape)}: pass one value per key"
+        )
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError as err:
+        raise ZooError(
+            f"sinkhorn_attention: the leading (batch, head) dims of q {tuple(q.shape)}, k {tuple(k.shape)} and "
+            f"v {tuple(v.shape)} do not broadcast: use the same (B, H) for all three"
+        ) from err
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ZooError(f"sinkhorn_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    return lead
+
+
+def _padding_bias(
+    mask: torch.Tensor | None, name: str, lead: torch.Size, length: int, axis: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """A (B, S) / (B, L) padding mask (True = padded) as an additive bias of shape (B, 1.., L or 1, S or 1)."""
+    if mask is None:
+        return None
+    what = "keys S" if axis == -1 else "queries L"
+    if mask.dtype != torch.bool or mask.dim() != 2 or len(lead) < 1 or mask.shape != (lead[0], length):
+        first = lead[0] if len(lead) else "B"
+        raise ZooError(
+            f"sinkhorn_attention: {name} must be a bool tensor of shape (B, {what}) = ({first}, {length}) with "
+            f"True = padded, where B is the first leading dim of q (q needs a batch dim); got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
+    view = [mask.shape[0]] + [1] * (len(lead) - 1) + ([1, length] if axis == -1 else [length, 1])
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return bias.view(view)
+
+
+def _mask_bias(
+    attn_mask: torch.Tensor | None, lead: torch.Size, L: int, S: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        raise ZooError(
+            f"sinkhorn_attention: attn_mask must be bool (True = may attend) or an additive float tensor, got "
+            f"{attn_mask.dtype}"
+        )
+    try:
+        torch.broadcast_shapes(attn_mask.shape, (*lead, L, S))
+        ok = attn_mask.dim() <= len(lead) + 2
+    except RuntimeError:
+        ok = False
+    if not ok or torch.broadcast_shapes(attn_mask.shape, (*lead, L, S)) != (*lead, L, S):
+        raise ZooError(
+            f"sinkhorn_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
+            f"shape (..., L, S) = {(*lead, L, S)}: give it shape (L, S) or (B, H, L, S) (1s allowed)"
+        )
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
+    return attn_mask.to(dtype)
+
+
+def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
+    out = None
+    for b in biases:
+        if b is not None:
+            out = b if out is None else out + b
+    return out
+
+
+def _compact(bias: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """bias broadcastable to (*lead, L, S) as (Nb, L or 1, S or 1) plus the index of each flattened lead slice.
+
+    Avoids materialising a (N, L, S) copy of a mask that broadcasts over heads (key padding, a shared mask).
+    """
+    b = bias.reshape((1,) * (len(lead) + 2 - bias.dim()) + tuple(bias.shape))
+    blead = b.shape[:-2]
+    nb = math.prod(blead)
+    idx = torch.arange(nb, device=bias.device).reshape(blead).expand(lead).reshape(-1)
+    return b.reshape(nb, *b.shape[-2:]), idx
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+
+def _forward_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_iter: int,
+    scale: float,
+    masked: bool,
+    log_ratio: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Weights W (N, L, S) and the log-softmax outputs Y_1.. (plain autograd, for ``return_weights=True``).
+
+    Y_1 = log_softmax_row(C), Y_{l+1} = log_softmax along columns (l odd) or rows (l even) of Y_l; the weights are
+    softmax_row(Y_{n-1}) (odd n_iter) or exp(log_softmax_col(Y_{n-1}) + log(n_rows/n_cols)) (even n_iter). Empty
+    rows / columns (everything masked) stay at -inf instead of NaN.
+    """
+    qs, kt = q * scale, k.transpose(-1, -2)  # scale the (N, L, E) factor, not the (N, L, S) product
+    x = torch.bmm(qs, kt) if bias is None else torch.baddbmm(bias, qs, kt)
+    logs: list[torch.Tensor] = []
+    for step in range(1, n_iter):
+        x = torch.log_softmax(x, -1 if step % 2 == 1 else -2)
+        if masked:
+            x.nan_to_num_(nan=float("-inf"), neginf=float("-inf"))
+        logs.append(x)
+    if n_iter % 2 == 1:
+        w = torch.softmax(x, -1)
+    else:
+        y = torch.log_softmax(x, -2)
+        if masked:
+            y.nan_to_num_(nan=float("-inf"), neginf=float("-inf"))
+        logs.append(y)
+        w = (y if log_ratio is None else y + log_ratio).exp()
+    if masked:
+        w.nan_to_num_(nan=0.0)
+    return w, logs
+
+
+# The kernel of n_iter > 1 (custom autograd function below). Forward keeps only the potentials (vectors): f_l
+# (N, L, 1) after a row step l, g_l (N, 1, S) after a column step, without the log(n_rows / n_cols) constant
+# (applied to the output instead). Half-step l's matrix is P_l = exp(C + pots[l-1] + pots[l-2]) (rows or
+# columns sum to 1), so backward recomputes C with one matmul and each P_l with one fused exp, with no
+# log-sum-exp. Unrolled backward (exact, through every half-step): with dC the gradient of the scores and d the
+# gradient of pots[l-1], a row step gives dC -= d * P_l and d(pots[l-2]) = -sum_i d_i P_l,ij (a column step the
+# same along the other axis). The step functions are out of place so that torch.compile fuses each into one loop.
+
+
+def _neg_lse(x: torch.Tensor, dim: int, masked: bool) -> torch.Tensor:
+    """-logsumexp along dim; 0 (not +inf) for an empty (all -inf) row / column, so its entries stay -inf (masked
+    entries are -inf in C; with no mask no row or column is empty)."""
+    lse = torch.logsumexp(x, dim, keepdim=True)
+    return torch.where(lse == float("-inf"), 0.0, -lse) if masked else -lse
+
+
+def _potentials(c: torch.Tensor, n_iter: int, masked: bool) -> list[torch.Tensor]:
+    """pots[l-1]: f = -lse_j(C + g) after row step l (odd), g = -lse_i(C + f) after column step l (even)."""
+    pots = [_neg_lse(c, -1, masked)]
+    for step in range(2, n_iter + 1):
+        pots.append(_neg_lse(c + pots[-1], -1 if step % 2 == 1 else -2, masked))
+    return pots
+
+
+def _last_matrix(c: torch.Tensor, pots: list[torch.Tensor]) -> torch.Tensor:
+    """P_n = exp(C + f + g), the last half-step's matrix (the weights up to dropout and log(n_rows / n_cols))."""
+    return (c + pots[-1] + pots[-2]).exp()
+
+
+def _sinkhorn_forward(q, k, v, bias, keep, factor, n_iter: int):
+    """One chunk: out = factor * ((P_n * keep) v) and the potentials; q is pre-scaled, factor (N, 1, 1) or None."""
+    c = _scores(q, k, bias)
+    pots = _potentials(c, n_iter, bias is not None)
+    p = _last_matrix(c, pots)
+    out = torch.bmm(p if keep is None else p * keep, v)
+    return (out if factor is None else out * factor), pots
+
+
+def _sinkhorn_backward(q, k, v, bias, keep, factor, pots: list[torch.Tensor], dout, n_iter: int):
+    """dq (to be multiplied by the scale), dk, dv of one chunk, recomputing C and each P_l from the potentials."""
+    c = _scores(q, k, bias)
+    p = _last_matrix(c, pots)
+    if factor is not None:
+        dout = dout * factor
+    dp = torch.bmm(dout, v.transpose(-1, -2))
+    if keep is not None:
+        dp, p_kept = dp * keep, p * keep
+    else:
+        p_kept = p
+    dv = torch.bmm(p_kept.transpose(-1, -2), dout)
+    if n_iter % 2 == 1:  # last step on rows: softmax backward
+        dc = p * (dp - (p * dp).sum(-1, keepdim=True))
+        d = dc.sum(-2, keepdim=True)  # gradient of g_{n-1}
+    else:  # last step on columns
+        y = dp * p
+        dc = y - p * y.sum(-2, keepdim=True)
+        d = dc.sum(-1, keepdim=True)  # gradient of f_{n-1}
+    for step in range(n_iter - 1, 1, -1):
+        t = (c + pots[step - 1] + pots[step - 2]).exp() * d
+        dc, d = dc - t, -t.sum(-2 if step % 2 == 1 else -1, keepdim=True)
+    dc = dc - (c + pots[0]).exp() * d  # step 1: f_1 = -lse_j(C)
+    return torch.bmm(dc, k), torch.bmm(dc.transpose(-1, -2), q), dv
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """C = q k^T + bias with q already scaled."""
+    kt = k.transpose(-1, -2)
+    return torch.bmm(q, kt) if bias is None else torch.baddbmm(bias, q, kt)
+
+
+# By default the two chunk functions run compiled (torch.compile, dynamic shapes, one graph per n_iter / mask /
+# dropout / dtype variant): inductor fuses each log-sum-exp and each backward half-step into one loop over the
+# chunk, ~1.3x faster than eager on CPU. ZOO_COMPILE_SINKHORN=0 (or set_compile(False)) keeps them eager (same
+# values up to float rounding); a failed compilation falls back to eager once, with a warning.
+_KERNELS = CompiledKernels({"forward": _sinkhorn_forward, "backward": _sinkhorn_backward},
+                           env="ZOO_COMPILE_SINKHORN", what="the compiled Sinkhorn kernels")
+
+
+def set_compile(enabled: bool) -> None:
+    """Run the Sinkhorn chunk kernels compiled (default) or as eager PyTorch ops."""
+    _KERNELS.set_enabled(enabled)
+
+
+def _kernel(name: str):
+    """The forward or backward chunk function: compiled when enabled (eager under a caller's torch.compile)."""
+    return _KERNELS[name]
+
+
+class _SinkhornFunction(torch.autograd.Function):
+    """out = W v with W the Sinkhorn weights; chunked over the flattened leading dim, recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, bias_idx, keep, n_iter, scale, factor, chunk):  # type: ignore[override]
+        N = q.shape[0]
+        qs = q * scale  # scale the (N, L, E) factor, not the (N, L, S) product
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        pots: list[list[torch.Tensor]] = []
+        fwd = _kernel("forward")
+        for i in range(0, N, chunk):
+            sl = slice(i, min(i + chunk, N))
+            out[sl], p = fwd(
+                qs[sl], k[sl], v[sl], None if bias is None else bias[bias_idx[sl]],
+                None if keep is None else keep[sl], None if factor is None else factor[sl], n_iter,
+            )
+            pots.append(p)
+        flat = [torch.cat([p[j] for p in pots]) for j in range(n_iter)]  # (N, L, 1) / (N, 1, S) each
+        ctx.save_for_backward(qs, k, v, bias, bias_idx, keep, factor, *flat)
+        ctx.cfg = (n_iter, scale, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        qs, k, v, bias, bias_idx, keep, factor, *pots = ctx.saved_tensors
+        n_iter, scale, chunk = ctx.cfg
+        dout = dout.to(qs.dtype)
+        dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
+        N = qs.shape[0]
+        bwd = _kernel("backward")
+        for i in range(0, N, chunk):
+            sl = slice(i, min(i + chunk, N))
+            dq[sl], dk[sl], dv[sl] = bwd(
+                qs[sl], k[sl], v[sl], None if bias is None else bias[bias_idx[sl]],
+                None if keep is None else keep[sl], None if factor is None else factor[sl],
+                [p[sl] for p in pots], dout[sl], n_iter,
+            )
+        return dq.mul_(scale), dk, dv, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def sinkhorn_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_iter: int = 3,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    *,
+    query_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sinkhorn attention: ``n_iter`` alternating row / column normalisations of exp(C), then ``W v`` (S2).
+
+    Args:
+        q, k, v: (..., L, E), (..., S, E), (..., S, Ev) as in ``F.scaled_dot_product_attention``; the leading
+            dims broadcast (one leading dim, or none, is fine).
+        n_iter: half-steps, >= 1. 1 = softmax attention (SDPA itself); odd values end on a row step (rows sum
+            to 1, the published choice, 3-5 in practice); even values end on a column step.
+        attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S). Sinkhorn runs on the
+            masked kernel exp(C) * [allowed]: masked entries get zero weight and the marginals are imposed on the
+            entries left. With a causal mask the column step therefore makes each key's mass over the queries
+            *after* it equal to n_rows / n_cols (the limit of a lower-triangular doubly stochastic matrix is the
+            identity), which is not the usual column constraint: the published models keep softmax
+            (``n_iter=1``) in causal decoders. A float mask is a constant (no gradient) when n_iter > 1.
+        key_padding_mask: bool (B, S), True = padded key (``nn.MultiheadAttention``'s convention); B is the first
+            leading dim of q, and the mask broadcasts over every other leading dim (heads): it is viewed as
+            (B, 1, ..., 1, S). Padded keys get zero weight and are not counted in the column marginals.
+        scale: score scale, default 1 / sqrt(E).
+        dropout_p: dropout on the final weights (like SDPA: applied whenever dropout_p > 0, so pass 0.0 in eval).
+        return_weights: also return the weights W (..., L, S) (materialised, plain autograd: n_iter copies of
+            the scores are kept; use it for diagnostics, see :func:`column_sum_stats`).
+        query_padding_mask: bool (B, L), True = padded query. When it is None and L == S (self-attention) the
+            key padding mask also marks the queries; pass an all-False mask to keep every query.
+
+    Padded queries (and rows with no allowed key) are left out of the column sums and their output rows and
+    weights are zero, so each sequence of a padded batch gets the result it would get alone. Rows / columns
+    with nothing allowed give zeros, never NaN. n_rows / n_cols are the numbers of non-empty rows / columns.
+    bf16 / fp16 inputs are computed in float32 and returned in q's dtype (also under autocast).
+
+    Returns:
+        out (..., L, Ev), or (out, weights) with ``return_weights=True``.
+    """
+    lead = _check_inputs(q, k, v, n_iter, dropout_p)
+    L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    if query_padding_mask is None and key_padding_mask is not None and L == S:
+        query_padding_mask = key_padding_mask
+    out_dtype = q.dtype
+    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32  # working dtype
+    kpb = _padding_bias(key_padding_mask, "key_padding_mask", lead, S, -1, f32)
+    qpb = _padding_bias(query_padding_mask, "query_padding_mask", lead, L, -2, f32)
+    mb = _mask_bias(attn_mask, lead, L, S, f32)
+
+    if n_iter == 1 and not return_weights:
+        # softmax attention: SDPA itself, query padding applied to the output rows only
+        mask = attn_mask
+        if kpb is not None:
+            kpm = ~key_padding_mask.view(kpb.shape)  # type: ignore[union-attr]
+            if attn_mask is None:
+                mask = kpm
+            elif attn_mask.dtype == torch.bool:
+                mask = attn_mask & kpm
+            else:
+                mask = attn_mask + kpb.to(attn_mask.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        if qpb is not None:
+            out = out.masked_fill(query_padding_mask.view(qpb.shape), 0.0)  # type: ignore[union-attr]
+        return out
+
+    bias = _sum_biases(mb, kpb, qpb)
+    masked = bias is not None
+    device_type = q.device.type
+    with torch.autocast(device_type, enabled=False):
+        qf, kf, vf = (t.to(f32) for t in (q, k, v))
+        log_ratio = None
+        if n_iter % 2 == 0 and bias is not None:
+            valid = (bias > float("-inf")).expand(*lead, L, S)
+            n_rows = valid.any(-1).sum(-1, keepdim=True).clamp_min(1)
+            n_cols = valid.any(-2).sum(-1, keepdim=True).clamp_min(1)
+            log_ratio = (n_rows.to(f32).log() - n_cols.to(f32).log())[..., None]  # (..., 1, 1)
+        elif n_iter % 2 == 0 and L != S:
+            log_ratio = torch.full((*lead, 1, 1), math.log(L / S), dtype=f32, device=q.device)
+
+        if return_weights:
+            out, w = _weights_path(qf, kf, vf, bias, n_iter, scale, masked, log_ratio, lead, dropout_p)
+            return out.to(out_dtype), w.to(out_dtype)
+
+        N = math.prod(lead)
+        qn = qf.expand(*lead, L, E).reshape(N, L, E)
+        kn = kf.expand(*lead, S, E).reshape(N, S, E)
+        vn = vf.expand(*lead, S, vf.shape[-1]).reshape(N, S, vf.shape[-1])
+        bn, bidx = (None, None) if bias is None else _compact(bias, lead)
+        # output factor: n_rows / n_cols (even n_iter) times the dropout rescaling, (N, 1, 1) or None
+        factor = None if log_ratio is None else log_ratio.expand(*lead, 1, 1).reshape(N, 1, 1).exp()
+        keep = None
+        if dropout_p > 0.0:
+            keep = torch.empty((N, L, S), dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
+            keep_scale = torch.full((N, 1, 1), 1.0 / (1.0 - dropout_p), dtype=f32, device=q.device)
+            factor = keep_scale if factor is None else factor * keep_scale
+        chunk = max(1, _CHUNK_BYTES // (4 * L * S))
+        out = _SinkhornFunction.apply(qn, kn, vn, bn, bidx, keep, n_iter, scale, factor, chunk)
+        return out.reshape(*lead, L, vf.shape[-1]).to(out_dtype)
+
+
+def _weights_path(q, k, v, bias, n_iter, scale, masked, log_ratio, lead, dropout_p):
+    """Materialised weights with plain autograd (for ``return_weights=True``)."""
+    L, S = q.shape[-2], k.shape[-2]
+    lead_q = q.expand(*lead, L, q.shape[-1]).reshape(-1, L, q.shape[-1])
+    lead_k = k.expand(*lead, S, k.shape[-1]).reshape(-1, S, k.shape[-1])
+    b = None if bias is None else bias.expand(*lead, L, S).reshape(-1, L, S)
+    r = None if log_ratio is None else log_ratio.expand(*lead, 1, 1).reshape(-1, 1, 1)
+    w, _ = _forward_chunk(lead_q, lead_k, b, n_iter, scale, masked, r)
+    w = w.reshape(*lead, L, S)
+    wd = F.dropout(w, dropout_p) if dropout_p > 0.0 else w
+    return wd @ v, w
+
+
+def attention_column_sums(
+    weights: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    query_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Column sums of attention weights (..., L, S), rescaled by n_keys / n_queries: sum_i W_ij * S / L.
+
+    1 for every column of a doubly stochastic (Sinkhorn-limit) matrix; softmax attention has rows summing to 1
+    and columns anywhere in [0, L * S / L]. Padding masks (bool (B, S) / (B, L), True = padded, B the first
+    leading dim) restrict the counts to valid tokens; padded keys give NaN (ignored by :func:`column_sum_stats`).
+    Returns (..., S).
+    """
+    lead = weights.shape[:-2]
+    L, S = weights.shape[-2:]
+    w = weights.to(torch.float32)
+    if query_padding_mask is None and key_padding_mask is not None and L == S:
+        query_padding_mask = key_padding_mask
+    n_q = torch.full((), float(L), device=w.device)
+    n_k = torch.full((), float(S), device=w.device)
+    if query_padding_mask is not None:
+        qv = (~query_padding_mask).view(query_padding_mask.shape[0], *[1] * (len(lead) - 1), L)
+        w = w * qv[..., None]
+        n_q = qv.sum(-1, keepdim=True).to(torch.float32)
+    cols = w.sum(-2)
+    if key_padding_mask is not None:
+        kv = (~key_padding_mask).view(key_padding_mask.shape[0], *[1] * (len(lead) - 1), S)
+        n_k = kv.sum(-1, keepdim=True).to(torch.float32)
+        cols = (cols * n_k / n_q).masked_fill(~kv, float("nan"))
+        return cols
+    return cols * n_k / n_q
+
+
+def column_sum_stats(
+    weights: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    query_padding_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The MATH.md diagnostic: statistics of the rescaled column sums c_j = (S / L) sum_i W_ij over valid keys.
+
+    Returns 0-dim tensors (no host sync): ``mean``, ``std``, ``min``, ``max`` of c and ``dev`` = mean |c - 1|
+    (0 for a doubly stochastic matrix; trained Transformers drift towards 0).
+    """
+    c = attention_column_sums(weights, key_padding_mask, query_padding_mask).flatten()
+    ok = ~torch.isnan(c)
+    cnt = ok.sum().clamp_min(1)
+    z = torch.where(ok, c, torch.zeros_like(c))
+    mean = z.sum() / cnt
+    var = torch.where(ok, (c - mean) ** 2, torch.zeros_like(c)).sum() / cnt
+    inf = torch.full_like(c, float("inf"))
+    return {
+        "mean": mean,
+        "std": var.sqrt(),
+        "min": torch.where(ok, c, inf).amin(),
+        "max": torch.where(ok, c, -inf).amax(),
+        "dev": torch.where(ok, (c - 1).abs(), torch.zeros_like(c)).sum() / cnt,
+    }
