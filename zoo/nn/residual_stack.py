@@ -672,11 +672,4 @@ def _step_parameters(stack: ResidualStack, blocks: list[nn.Module], n: int) -> l
         nxt = blocks[min(n + 1, len(blocks) - 1)]
         if nxt is not blocks[n]:
             used.append(nxt)
-    seen: set[int] = set()
-    out = []
-    for b in used:
-        for p in b.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+    return _unique_parameters(used)
