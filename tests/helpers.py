@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn as nn
+import torchvision
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -36,3 +38,11 @@ def seed_hf_hub_cache(repo_id: str, state_dict: dict[str, torch.Tensor]) -> None
     snapshot = root / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))
+
+
+def build_resnet_source(name: str, **kwargs) -> nn.Module:
+    """A torchvision ("tv_resnet50") or timm ("timm_resnet18") ResNet, seeded, random BN statistics, eval."""
+    torch.manual_seed(0)
+    lib, arch = name.split("_", 1)
+    model = getattr(torchvision.models, arch)(**kwargs) if lib == "tv" else timm.create_model(arch, **kwargs)
+    return randomize_batchnorm(model).eval()

@@ -8,11 +8,9 @@ import copy
 import io
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
-import torchvision
-from helpers import randomize_batchnorm
+from helpers import build_resnet_source
 from timm.models.vision_transformer import VisionTransformer
 
 import converters
@@ -23,13 +21,6 @@ from zoo.models import MomentumResNet
 from zoo.nn import ResidualOf, ResidualStack, StackAsBlock, TransformerEncoderStack
 
 RESNETS = ["tv_resnet18", "tv_resnet50", "timm_resnet18", "timm_resnet50"]
-
-
-def build_resnet(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    lib, arch = name.split("_", 1)
-    model = getattr(torchvision.models, arch)(**kwargs) if lib == "tv" else timm.create_model(arch, **kwargs)
-    return randomize_batchnorm(model).eval()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +104,7 @@ def test_options_are_checked_per_family() -> None:
     assert "memory, gamma, init_velocity" in str(err.value)
     with pytest.raises(ZooError, match="gamma=0 is the plain ResNet"):
         converters.transform(enc, to="momentum", gamma=0.0)  # reversible (default) needs gamma > 0
-    model = converters.transform(build_resnet("tv_resnet18"), to="momentum", lr=0.1, init_velocity="f")
+    model = converters.transform(build_resnet_source("tv_resnet18"), to="momentum", lr=0.1, init_velocity="f")
     assert model.hparams.lr == 0.1 and all(s.init_velocity == "f" for s in model.stages)
 
 
@@ -122,7 +113,7 @@ def test_options_are_checked_per_family() -> None:
 
 @pytest.mark.parametrize("name", RESNETS)
 def test_resnet_gamma_zero_is_the_source(images, name: str) -> None:
-    source = build_resnet(name)
+    source = build_resnet_source(name)
     model = converters.transform(source, to="momentum", gamma=0.0, memory="full")
     assert type(model) is MomentumResNet and not model.training
     assert all(s.rule == "momentum" and s.gamma == 0.0 and s.memory == "full" for s in model.stages)
@@ -134,7 +125,7 @@ def test_resnet_gamma_zero_is_the_source(images, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["tv_resnet18", "timm_resnet18"])
 def test_resnet_momentum_equals_the_zoo_builder(images, tmp_path, name: str) -> None:
-    source = build_resnet(name)
+    source = build_resnet_source(name)
     model = converters.transform(source, to="momentum", gamma=0.9)
     assert all(s.memory == "reversible" and s.gamma == 0.9 for s in model.stages)
     weights = tmp_path / "source.pth"
@@ -150,7 +141,7 @@ def test_resnet_momentum_equals_the_zoo_builder(images, tmp_path, name: str) -> 
 
 
 def test_resnet_reversible_grads_equal_full_grads(images) -> None:
-    source = build_resnet("tv_resnet18").train()
+    source = build_resnet_source("tv_resnet18").train()
     rev = converters.transform(source, to="momentum", gamma=0.9, memory="reversible")
     full = converters.transform(source, to="momentum", gamma=0.9, memory="full")
     assert rev.training and full.training
@@ -166,7 +157,7 @@ def test_resnet_reversible_grads_equal_full_grads(images) -> None:
 
 @pytest.mark.parametrize("out_name", ["converted", "converted.safetensors"])
 def test_cli_convert_to_momentum(images, tmp_path, out_name: str) -> None:
-    source = build_resnet("tv_resnet18")
+    source = build_resnet_source("tv_resnet18")
     weights = tmp_path / "r18.pth"
     torch.save(source.state_dict(), weights)
     out = tmp_path / out_name

@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision
-from helpers import randomize_batchnorm
+from helpers import build_resnet_source
 
 import converters
 import zoo
@@ -21,16 +21,9 @@ from zoo.models import DepthScaledResNet, HeunNet, ResNet
 SOURCES = ["tv_resnet18", "tv_resnet50", "timm_resnet18", "timm_resnet50"]
 
 
-def build_source(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    lib, arch = name.split("_", 1)
-    model = getattr(torchvision.models, arch)(**kwargs) if lib == "tv" else timm.create_model(arch, **kwargs)
-    return randomize_batchnorm(model).eval()
-
-
 @pytest.fixture(scope="module")
 def sources() -> dict[str, nn.Module]:
-    return {name: build_source(name) for name in SOURCES}
+    return {name: build_resnet_source(name) for name in SOURCES}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +157,7 @@ def test_heun_from_folded_weights(sources, images, name: str) -> None:
 
 
 def test_converted_model_trains_one_step() -> None:
-    source = build_source("tv_resnet18", num_classes=10).train()
+    source = build_resnet_source("tv_resnet18", num_classes=10).train()
     model = converters.transform(source, to="depth_scaled", optimizer="sgd", lr=0.01, momentum=0.0,
                                  weight_decay=0.0, scheduler="constant")
     assert isinstance(model, pl.LightningModule) and model.training
@@ -181,7 +174,7 @@ def test_converted_model_trains_one_step() -> None:
 
 
 def test_converted_model_fits_with_a_lightning_trainer(tmp_path) -> None:
-    source = build_source("timm_resnet18", num_classes=4, in_chans=1).train()
+    source = build_resnet_source("timm_resnet18", num_classes=4, in_chans=1).train()
     model = converters.transform(source, to="depth_scaled", memory="adjoint", scheduler="constant", lr=0.01)
     assert model.hparams.in_chans == 1
     g = torch.Generator().manual_seed(3)
@@ -217,7 +210,7 @@ def test_save_pretrained_round_trip(sources, images, tmp_path, target: str) -> N
 
 
 def test_mode_device_dtype_and_flags_follow_the_source(images) -> None:
-    source = build_source("tv_resnet18").double().train()
+    source = build_resnet_source("tv_resnet18").double().train()
     source.layer2[0].bn1.eval()  # a frozen BN inside a training model
     source.layer1[1].bn2.momentum = 0.01
     source.conv1.weight.requires_grad_(False)
