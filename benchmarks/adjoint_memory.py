@@ -18,11 +18,9 @@ prints one markdown table with, per rule and depth:
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 import zoo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from peak_memory import peak_working_bytes, sync  # noqa: E402
+from common import machine_line, peak_working_bytes, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "ADJOINT_MEMORY_RESULT "
@@ -162,16 +160,6 @@ def run_worker(depth: int, rule: str, memory: str, args: argparse.Namespace) -> 
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def machine_line(device: torch.device) -> str:
-    """Processor, cores, threads, torch version, device and date."""
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    proc = platform.processor() or platform.machine()
-    return (
-        f"machine: {proc}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, device {dev}; date {datetime.date.today().isoformat()}"
-    )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -1,4 +1,6 @@
-"""Peak-memory helpers shared by the benchmarks (each benchmark measures a configuration in a fresh process).
+"""Helpers shared by the benchmarks: the machine line of a report, and peak memory of one step.
+
+Each benchmark measures memory in a fresh process per configuration.
 
 On CUDA the peak is ``torch.cuda.max_memory_allocated``; on CPU it is the process's resident-set high-water
 mark (VmHWM), reset just before the measured step through ``/proc/self/clear_refs`` where the kernel allows,
@@ -7,11 +9,23 @@ so that import and build peaks do not count.
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import resource
 from collections.abc import Callable
 
 import torch
+
+
+def machine_line(device: torch.device, threads: int = 0) -> str:
+    """Processor, cores, torch threads (``threads``, or torch's current count when 0), torch, device, date."""
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    proc = platform.processor() or platform.machine()
+    return (
+        f"machine: {proc}, {os.cpu_count()} CPUs, {threads or torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, device {dev}; date {datetime.date.today().isoformat()}"
+    )
 
 
 def sync(device: torch.device) -> None:

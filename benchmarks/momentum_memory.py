@@ -43,12 +43,10 @@ no state; gradients are allocated once before the measurement and zeroed in plac
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -60,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from peak_memory import peak_working_bytes, sync  # noqa: E402
+from common import machine_line, peak_working_bytes, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "MOMENTUM_MEMORY_RESULT "
@@ -272,15 +270,6 @@ def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argpa
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def machine_line(device: torch.device, threads: int) -> str:
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    proc = platform.processor() or platform.machine()
-    return (
-        f"machine: {proc}, {os.cpu_count()} CPUs, {threads} torch threads, torch {torch.__version__}, "
-        f"device {dev}; date {datetime.date.today().isoformat()}"
-    )
 
 
 def _load() -> str:

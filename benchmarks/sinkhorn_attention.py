@@ -21,11 +21,9 @@ before the measured step with ``MALLOC_MMAP_THRESHOLD_=65536``
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 import zoo.ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from peak_memory import peak_working_bytes, sync  # noqa: E402
+from common import machine_line, peak_working_bytes, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "SINKHORN_BENCH_RESULT "
@@ -131,15 +129,6 @@ def run_worker(method: str, seq: int, n_iter: int, args: argparse.Namespace) -> 
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def machine_line(device: torch.device, threads: int) -> str:
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    proc = platform.processor() or platform.machine()
-    return (
-        f"machine: {proc}, {os.cpu_count()} CPUs, {threads or torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, device {dev}; date {datetime.date.today().isoformat()}"
-    )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
