@@ -92,6 +92,8 @@ from zoo.nn import ResidualOf, ResidualStack
 from zoo.tasks import ImageClassifier
 
 __all__ = [
+    "MOE_OPTIONS",
+    "MOE_VIT_OPTIONS",
     "MOMENTUM_OPTIONS",
     "SINKHORN_OPTIONS",
     "SINKHORN_VIT_OPTIONS",
@@ -100,6 +102,7 @@ __all__ = [
     "TRANSFORMER_OPTIONS",
     "BlockStackSpec",
     "FamilyBuild",
+    "MLPSpec",
     "ResNetSpec",
     "Source",
     "Target",
@@ -675,6 +678,23 @@ def build_sinkformer_vit(spec: AttentionSpec, n_iter: int, record_stats: bool, i
     return model
 
 
+def _not_the_zoo_family(spec: AttentionSpec | MLPSpec, options: dict[str, Any], family: str, converts: str,
+                        returned: str, accepted: tuple[str, ...]) -> None:
+    """A source that does not map onto the zoo ViT ``family`` converts to itself: the family's own options are
+    refused (one error naming why the source did not map), else an info line says why it did not map."""
+    reason = f" ({spec.why_not})" if spec.why_not else ""
+    if options:
+        raise ZooError(
+            f"option{'s' if len(options) > 1 else ''} {', '.join(map(repr, sorted(options)))} only apply when the "
+            f"result is a zoo {family} (a timm VisionTransformer of the standard layout); {spec.label} converts "
+            f"to itself {converts}{reason}: accepted options are {', '.join(accepted)}"
+        )
+    if spec.why_not:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"zoo: {spec.label} is not a {family} layout ({spec.why_not}): returning it with {returned}")
+
+
 @register_target("sinkhorn", "attention", (*SINKHORN_OPTIONS, *SINKHORN_VIT_OPTIONS),
                  "Sinkhorn attention (S1) with the same weights: n_iter = 1 is the same function; a timm ViT of "
                  "the standard layout becomes the zoo SinkformerViT")
@@ -682,21 +702,92 @@ def _to_sinkhorn(spec: AttentionSpec, options: dict[str, Any]) -> nn.Module:
     n_iter, record_stats, inplace = _check_sinkhorn_options(options)
     if spec.vit_config is not None:
         return build_sinkformer_vit(spec, n_iter, record_stats, inplace, options)
-    if options:
-        reason = f" ({spec.why_not})" if spec.why_not else ""
-        raise ZooError(
-            f"option{'s' if len(options) > 1 else ''} {', '.join(map(repr, sorted(options)))} only apply when the "
-            f"result is a zoo SinkformerViT (a timm VisionTransformer of the standard layout); {spec.label} converts "
-            f"to itself with Sinkhorn attention{reason}: accepted options are {', '.join(SINKHORN_OPTIONS)}"
-        )
-    if spec.why_not:
-        from lightning.pytorch.utilities import rank_zero_info
-
-        rank_zero_info(f"zoo: {spec.label} is not a SinkformerViT layout ({spec.why_not}): "
-                       "returning it with its attention swapped")
+    _not_the_zoo_family(spec, options, "SinkformerViT", "with Sinkhorn attention", "its attention swapped",
+                        SINKHORN_OPTIONS)
     model = swap_attention(spec.model if inplace else copy.deepcopy(spec.model), n_iter=n_iter,
                            record_stats=record_stats)
     if hasattr(model, "set_n_iter"):  # a zoo SinkformerViT: keep its hyperparameters in step
         model.set_n_iter(n_iter)
         model.set_record_stats(record_stats)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# The MLP family: Transformer MLPs that become sparse mixtures of experts ("upcycling")
+
+
+@dataclass
+class MLPSpec:
+    """A source whose Transformer MLPs become :class:`zoo.nn.MoE` layers (the ``"mlp"`` family).
+
+    ``model`` is the source itself; ``blocks`` the name of its ``nn.Sequential`` of blocks (each with an
+    ``mlp``), ``""`` when the source is that sequence. ``vit_config``: the :class:`zoo.models.VisionMoE`
+    arguments when the source maps onto that family (a timm ``VisionTransformer`` of the standard layout), else
+    None and ``why_not`` says why.
+    """
+
+    label: str
+    model: nn.Module
+    blocks: str = "blocks"
+    vit_config: dict[str, Any] | None = None
+    why_not: str = ""
+
+
+MOE_OPTIONS: tuple[str, ...] = ("num_experts", "every", "moe_layers", "router", "k", "capacity_factor", "topk",
+                                "normalize_gates", "group_size", "lam", "p", "solver", "router_n_iter")
+MOE_VIT_OPTIONS: tuple[str, ...] = ("aux_loss_weight", *_classifier_options())
+
+
+def _moe_routing_options(options: dict[str, Any]) -> tuple[int, int, Any, dict[str, Any]]:
+    """Pop ``num_experts``, ``every``, ``moe_layers`` and the MoE routing options (MoE's own names)."""
+    num_experts = options.pop("num_experts", 8)
+    every = options.pop("every", 2)
+    layers = options.pop("moe_layers", None)
+    routing = {name: options.pop(name) for name in MOE_OPTIONS[3:] if name in options}
+    if "router_n_iter" in routing:
+        routing["n_iter"] = routing.pop("router_n_iter")
+    return num_experts, every, layers, routing
+
+
+def _copy_expert_flags(moe: nn.Module, dense: nn.Module | None) -> None:
+    """The experts get the ``requires_grad`` flags of the dense MLP they copy (a frozen MLP stays frozen)."""
+    for layer in ("fc1", "fc2"):
+        for leaf in ("weight", "bias"):
+            theirs = getattr(getattr(dense, layer, None), leaf, None)
+            mine = getattr(getattr(moe.experts, layer), leaf)
+            if isinstance(theirs, nn.Parameter) and isinstance(mine, nn.Parameter):
+                mine.requires_grad_(theirs.requires_grad)
+
+
+@register_target("moe", "mlp", (*MOE_OPTIONS, *MOE_VIT_OPTIONS),
+                 "sparse mixture of experts in every `every`-th block, each expert a copy of the dense MLP and the "
+                 "router at zero (upcycling); a timm ViT of the standard layout becomes the zoo VisionMoE")
+def _to_moe(spec: MLPSpec, options: dict[str, Any]) -> nn.Module:
+    from zoo.models.vmoe import VisionMoE, moe_block_indices
+    from zoo.nn.moe import MoE
+
+    num_experts, every, layers, routing = _moe_routing_options(options)
+    source = spec.model
+    if spec.vit_config is not None:
+        device, dtype = source_device_dtype(source, spec.label)
+        if "n_iter" in routing:
+            routing["router_n_iter"] = routing.pop("n_iter")
+        model = VisionMoE(**spec.vit_config, num_experts=num_experts, moe_every=every, moe_layers=layers,
+                          **routing, **options)
+        model.to(device=device, dtype=dtype)
+        _mirror_runtime_state(model, source, dict(source.named_modules()))
+        zoo.hub.load_state_dict(model, source.state_dict(), source_hparams=None, source=spec.label)
+        dense = dict(source.named_modules())
+        for i in model.moe_indices:
+            _copy_expert_flags(model.blocks[i].mlp, dense.get(f"blocks.{i}.mlp"))
+        return model
+    _not_the_zoo_family(spec, options, "VisionMoE", "with MoE MLPs", "its MLPs replaced by MoE layers", MOE_OPTIONS)
+    model = copy.deepcopy(source)
+    blocks = model.get_submodule(spec.blocks) if spec.blocks else model
+    for i in moe_block_indices(len(blocks), every, layers):
+        mlp = getattr(blocks[i], "mlp", None)
+        if mlp is None:
+            raise ZooError(f"{spec.label}: block {i} has no mlp to turn into experts")
+        blocks[i].mlp = MoE.from_mlp(mlp, num_experts, **routing)
+        _copy_expert_flags(blocks[i].mlp, mlp)
     return model

@@ -57,6 +57,7 @@ import torch.nn as nn
 from converters import (
     AttentionSpec,
     BlockStackSpec,
+    MLPSpec,
     ResNetSpec,
     describe_module,
     read_resnet_stages,
@@ -78,6 +79,13 @@ def rename(name: str) -> str:
         if name == old or name.startswith(old + "."):
             return new + name[len(old):]
     return name
+
+
+def timm_label(model: nn.Module) -> str:
+    """``"timm <architecture>"`` from the model's pretrained config (else its class name), for messages."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return f"timm {arch}" if arch else f"timm {type(model).__name__}"
 
 
 def is_timm_resnet(model: object) -> bool:
@@ -152,9 +160,7 @@ def read_timm_resnet(model: nn.Module) -> ResNetSpec:
     """Describe a timm ResNet for the zoo's ResNet targets (ZooError for unsupported variants)."""
     from timm.models import resnet as timm_resnet
 
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    label = f"timm {arch}" if arch else f"timm {type(model).__name__}"
+    label = timm_label(model)
 
     for meth in ("forward", "forward_features", "forward_head"):
         _check(label, getattr(type(model), meth) is getattr(timm_resnet.ResNet, meth),
@@ -224,9 +230,7 @@ def _block_list(label: str, blocks: object, where: str) -> list[nn.Module]:
 @register_source(VIT_SOURCE_NAME, "transformer", is_timm_vit)
 def read_timm_vit(model: nn.Module) -> BlockStackSpec:
     """Describe (a copy of) a timm VisionTransformer; the converted model is that copy, ``blocks`` replaced."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    label = f"timm {arch}" if arch else f"timm {type(model).__name__}"
+    label = timm_label(model)
     _block_list(label, model.blocks, "blocks")
     twin = copy.deepcopy(model)
 
@@ -375,9 +379,7 @@ def sinkformer_vit_config(model: nn.Module) -> dict:
 @register_source(VIT_SOURCE_NAME, "attention", is_timm_vit)
 def read_timm_vit_attention(model: nn.Module) -> AttentionSpec:
     """A timm ViT for ``to="sinkhorn"``: the zoo SinkformerViT when its layout maps, else the ViT, attention swapped."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    label = f"timm {arch}" if arch else f"timm {type(model).__name__}"
+    label = timm_label(model)
     try:
         return AttentionSpec(label=label, model=model, vit_config=sinkformer_vit_config(model))
     except _NotZooViT as e:
@@ -396,3 +398,24 @@ def has_timm_attention(model: object) -> bool:
 def read_timm_attention_model(model: nn.Module) -> AttentionSpec:
     """Any module holding timm ``Attention`` layers (a timm model, a ViT's ``blocks``, a converted model)."""
     return AttentionSpec(label=f"timm {type(model).__name__}", model=model)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixtures of experts (family "mlp", to="moe")
+
+
+@register_source(VIT_SOURCE_NAME, "mlp", is_timm_vit)
+def read_timm_vit_mlp(model: nn.Module) -> MLPSpec:
+    """A timm ViT for ``to="moe"``: the zoo VisionMoE when its layout maps, else the ViT with MoE MLPs."""
+    label = timm_label(model)
+    _block_list(label, model.blocks, "blocks")
+    try:
+        return MLPSpec(label=label, model=model, vit_config=sinkformer_vit_config(model))
+    except _NotZooViT as e:
+        return MLPSpec(label=label, model=model, why_not=str(e))
+
+
+@register_source(BLOCKS_SOURCE_NAME, "mlp", is_timm_block_sequence)
+def read_timm_blocks_mlp(model: nn.Sequential) -> MLPSpec:
+    """A ViT's ``blocks`` for ``to="moe"``: a copy with the MLPs of every ``every``-th block as MoE layers."""
+    return MLPSpec(label="timm ViT blocks", model=model, blocks="")

@@ -1,10 +1,13 @@
-"""Modules: the residual-stack engine and the layers families are built from."""
+"""Modules: the residual-stack engine and the layers families are built from (attention, MoE, top-k)."""
 
 from zoo.nn.attention import SinkhornAttention, SinkhornMultiheadAttention, attention_stats
+from zoo.nn.moe import MoE, Routing
 from zoo.nn.residual import ResidualOf, StackAsBlock, TransformerEncoderStack
 from zoo.nn.residual_stack import MEMORY_MODES, RULES, ResidualStack, frozen_batchnorm_stats
+from zoo.nn.topk import SmoothTopKLoss, SoftTopKMagnitude, prune_magnitude
 
 __all__ = [
-    "MEMORY_MODES", "RULES", "ResidualOf", "ResidualStack", "SinkhornAttention", "SinkhornMultiheadAttention",
-    "StackAsBlock", "TransformerEncoderStack", "attention_stats", "frozen_batchnorm_stats",
+    "MEMORY_MODES", "MoE", "RULES", "ResidualOf", "ResidualStack", "Routing", "SinkhornAttention",
+    "SinkhornMultiheadAttention", "SmoothTopKLoss", "SoftTopKMagnitude", "StackAsBlock", "TransformerEncoderStack",
+    "attention_stats", "frozen_batchnorm_stats", "prune_magnitude",
 ]

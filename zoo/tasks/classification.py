@@ -89,7 +89,7 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc(logits.detach(), y)
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return loss + self._routing("train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -105,9 +105,45 @@ class ImageClassifier(pl.LightningModule):
         acc(logits, y)
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{stage}_acc", acc, prog_bar=True)
+        self._routing(stage)
         if stage == "val" and hasattr(self, "val_acc5"):
             self.val_acc5(logits, y)
             self.log("val_acc5", self.val_acc5)
+
+    # ---------------------------------------------------------------- mixture-of-experts layers
+    def moe_modules(self) -> list[nn.Module]:
+        """The :class:`zoo.nn.MoE` layers of the network (found once, in module order)."""
+        layers = self.__dict__.get("_moe_layers")
+        if layers is None:
+            from zoo.nn.moe import MoE
+
+            layers = [m for m in self.modules() if isinstance(m, MoE)]
+            self.__dict__["_moe_layers"] = layers  # a plain attribute: not a submodule, not in the state dict
+        return layers
+
+    def _routing(self, stage: str) -> torch.Tensor | float:
+        """Log the routing statistics of the last forward of every MoE layer (averaged over layers) and return
+        the auxiliary loss ``aux_loss_weight * sum of the layers' aux_loss`` (0.0 without MoE layers).
+
+        Logged (``{stage}_moe/...``): ``aux_loss``, ``dropped_fraction`` (routed assignments over capacity),
+        ``router_entropy`` (mean entropy of the gates), ``expert_load_max`` (most tokens an expert got / mean
+        tokens per expert: 1 is perfectly balanced). Tensors only: no host sync in the step.
+        """
+        layers = self.moe_modules()
+        if not layers:
+            return 0.0
+        aux = torch.stack([m.aux_loss.float() for m in layers]).sum()
+        load = torch.stack([m.stats["tokens_per_expert"].float() for m in layers])
+        stats = {
+            "aux_loss": aux.detach(),
+            "dropped_fraction": torch.stack([m.stats["dropped_fraction"].float() for m in layers]).mean(),
+            "router_entropy": torch.stack([m.stats["router_entropy"].float() for m in layers]).mean(),
+            "expert_load_max": (load.amax(dim=1) / load.mean(dim=1).clamp_min(1e-12)).mean(),
+        }
+        on_step = stage == "train"
+        for name, value in stats.items():
+            self.log(f"{stage}_moe/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        return self.hparams.get("aux_loss_weight", 0.0) * aux
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
