@@ -1,6 +1,9 @@
-"""Lightning data modules: the embedded digits dataset, CIFAR-10/100 and ImageNet-style image folders."""
+"""Lightning data modules: the embedded digits dataset, CIFAR-10/100, ImageNet-style image folders, point clouds
+(ModelNet40 files and the embedded synthetic shapes)."""
 
 from zoo.data.digits import DigitsDataModule
+from zoo.data.pointcloud import ModelNet40DataModule, SyntheticPointCloudDataModule
 from zoo.data.vision import CIFARDataModule, ImageFolderDataModule
 
-__all__ = ["CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule"]
+__all__ = ["CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule", "ModelNet40DataModule",
+           "SyntheticPointCloudDataModule"]

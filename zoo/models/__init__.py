@@ -1,12 +1,17 @@
 """Model families. Importing this package registers every builder."""
 
-from zoo.models import resnet, vit, vmoe
+from zoo.models import pointcloud, resnet, vit, vmoe
+from zoo.models.pointcloud import *  # noqa: F403
+from zoo.models.pointcloud import PointCloudTransformer, SetTransformer
 from zoo.models.resnet import *  # noqa: F403  (the builders and family classes)
 from zoo.models.resnet import DepthScaledResNet, HeunNet, MomentumResNet, ResNet
 from zoo.models.vit import *  # noqa: F403
 from zoo.models.vit import SinkformerViT
 from zoo.models.vmoe import *  # noqa: F403
 from zoo.models.vmoe import VisionMoE
+from zoo.registry import is_model
 
-__all__ = ["DepthScaledResNet", "HeunNet", "MomentumResNet", "ResNet", "SinkformerViT", "VisionMoE", *resnet.__all__,
-           *(n for n in vit.__all__ if n != "SinkformerViT"), *(n for n in vmoe.__all__ if n != "VisionMoE")]
+# the family classes and every registered builder (building blocks stay in their family's module)
+__all__ = ["DepthScaledResNet", "HeunNet", "MomentumResNet", "PointCloudTransformer", "ResNet", "SetTransformer",
+           "SinkformerViT", "VisionMoE",
+           *(n for module in (resnet, vit, vmoe, pointcloud) for n in module.__all__ if is_model(n))]

@@ -27,7 +27,7 @@ from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchEmbed, resamp
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
-from zoo.nn.attention import SinkhornAttention, attention_stats, check_n_iter
+from zoo.nn.attention import SinkhornAttention, SinkhornSettings, check_n_iter
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
 
@@ -67,7 +67,7 @@ class SinkformerBlock(nn.Module):
         return x
 
 
-class SinkformerViT(HubMixin, ImageClassifier):
+class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
     """Vision transformer with Sinkhorn attention (Sinkformer), timm's ``VisionTransformer`` layout and names.
 
     Args:
@@ -196,24 +196,6 @@ class SinkformerViT(HubMixin, ImageClassifier):
     @property
     def attentions(self) -> list[SinkhornAttention]:
         return [b.attn for b in self.blocks]
-
-    def set_n_iter(self, n_iter: int) -> None:
-        """Change the Sinkhorn half-steps of every block (kept in ``hparams``, so checkpoints rebuild it)."""
-        check_n_iter(n_iter)
-        for attn in self.attentions:
-            attn.n_iter = n_iter
-        self.hparams["n_iter"] = n_iter
-
-    def set_record_stats(self, record_stats: bool = True) -> None:
-        """Turn the column-sum statistics of every attention on or off."""
-        for attn in self.attentions:
-            attn.record_stats, attn.stats = bool(record_stats), {}
-        self.hparams["record_stats"] = bool(record_stats)
-
-    def attention_stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{"blocks.0.attn": {"col_sum_err": ..., ...}, ...}`` of the last forward (``record_stats=True``):
-        column sums of the attention relative to n_rows / n_cols, detached tensors (MATH.md section 5)."""
-        return attention_stats(self)
 
     # ---------------------------------------------------------------- weights from timm
     def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],

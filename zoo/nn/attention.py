@@ -50,6 +50,33 @@ def attention_stats(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             if isinstance(m, (SinkhornAttention, SinkhornMultiheadAttention)) and m.stats}
 
 
+class SinkhornSettings:
+    """Mixin of the Sinkformer families: ``set_n_iter`` / ``set_record_stats`` / ``attention_stats`` over the
+    model's ``attentions`` (a list or property of its Sinkhorn attention modules)."""
+
+    attentions: list[nn.Module]
+    hparams: Any
+
+    def set_n_iter(self, n_iter: int) -> None:
+        """Change the Sinkhorn half-steps of every attention (kept in ``hparams``, so checkpoints rebuild it)."""
+        check_n_iter(n_iter)
+        for attn in self.attentions:
+            attn.n_iter = n_iter
+        self.hparams["n_iter"] = n_iter
+
+    def set_record_stats(self, record_stats: bool = True) -> None:
+        """Turn the column-sum statistics of every attention on or off."""
+        for attn in self.attentions:
+            _set_record_stats(attn, record_stats)
+        self.hparams["record_stats"] = bool(record_stats)
+
+    def attention_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{module name: {"mean", "std", "min", "max", "dev"}}`` of the last forward (``record_stats=True``):
+        column sums of each attention relative to n_rows / n_cols, detached 0-d tensors (MATH.md section 5)."""
+        return {name: dict(m.stats) for name, m in self.named_modules()  # type: ignore[attr-defined]
+                if any(m is a for a in self.attentions) and m.stats}
+
+
 def _set_record_stats(module: nn.Module, record_stats: bool) -> None:
     module.record_stats = bool(record_stats)
     module.stats = {}

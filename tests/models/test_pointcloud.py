@@ -1,0 +1,444 @@
+"""The point cloud families (zoo/models/pointcloud.py): Set Transformer / Set Sinkformer and Point Cloud
+Transformer / Sinkformer. At n_iter=1 the blocks compute torch's attention with the same weights; permutation
+invariance (and padding for the Set Transformer); order-independent farthest point sampling; the published PCT
+offset-attention; short training runs on the synthetic data; saving and reloading; errors; the recipes.
+CPU, random weights, no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from zoo.data.pointcloud import ModelNet40DataModule, SyntheticPointCloudDataModule
+from zoo.errors import ZooError
+from zoo.models.pointcloud import (
+    MAB,
+    PMA,
+    OffsetAttention,
+    PointCloudTransformer,
+    SetTransformer,
+    farthest_point_sample,
+    knn,
+    point_cloud_sinkformer,
+    point_cloud_transformer,
+    set_sinkformer_modelnet40,
+    set_transformer_modelnet40,
+)
+from zoo.registry import list_models, model_entrypoint
+
+NAMES = ["point_cloud_sinkformer", "point_cloud_transformer", "set_sinkformer_modelnet40",
+         "set_transformer_modelnet40"]
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+MY_RECIPES = ["pointcloud_set_sinkformer_synthetic", "pointcloud_pct_synthetic", "modelnet40_set_sinkformer",
+              "modelnet40_pct"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models run several times faster on one thread than on two when the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plain(value):
+    """Tuples as lists, so that hyperparameters compare with YAML values."""
+    return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def clouds(b: int = 2, n: int = 64, c: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(b, n, c, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def small_set(**kwargs) -> SetTransformer:
+    torch.manual_seed(0)
+    return SetTransformer(**{"num_classes": 5, "embed_dim": 16, "num_heads": 2, "num_inducing": 4, **kwargs})
+
+
+def small_pct(**kwargs) -> PointCloudTransformer:
+    torch.manual_seed(0)
+    return PointCloudTransformer(**{"num_classes": 5, "embed_dim": 8, "sample_points": (32, 16), "num_neighbors": 8,
+                                    "depth": 2, "fuse_dim": 32, "head_dims": (16,), **kwargs})
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random biases, norms and BatchNorm statistics (zero / one initialisations would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_builders_registered_with_the_published_settings() -> None:
+    assert list_models(family="pointcloud") == NAMES
+    assert all(model_entrypoint(n).__doc__ for n in NAMES)
+    st, sk = set_transformer_modelnet40(), set_sinkformer_modelnet40()
+    for m in (st, sk):
+        hp = m.hparams
+        assert (hp.embed_dim, hp.num_heads, hp.depth, hp.num_inducing, hp.num_seeds, hp.num_classes) == (
+            256, 4, 2, 16, 1, 40)
+        assert (hp.optimizer, hp.lr, hp.scheduler, list(hp.milestones), hp.lr_gamma) == ("adam", 1e-3, "step", [200],
+                                                                                          0.1)
+        assert len(m.encoder) == 2 and len(m.decoder) == 1 and m.head.out_features == 40
+    assert {a.n_iter for a in st.attentions} == {1} and {a.n_iter for a in sk.attentions} == {21}
+    assert len(sk.attentions) == 2 * 2 + 1 + 1  # two MABs per ISAB, the PMA, the decoder SAB
+    pct, pcs = point_cloud_transformer(), point_cloud_sinkformer()
+    for m in (pct, pcs):
+        hp = m.hparams
+        assert (hp.embed_dim, tuple(hp.sample_points), hp.num_neighbors, hp.depth, hp.fuse_dim) == (
+            64, (512, 256), 32, 4, 1024)
+        assert (hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.scheduler, hp.label_smoothing) == (
+            "sgd", 0.01, 0.9, 5e-4, "cosine", 0.2)
+        assert m.channels == 256 and m.fuse[0].in_features == 5 * 256 and m.head.out_features == 40
+    assert {b.attention for b in pct.blocks} == {"pct"} and {(b.attention, b.n_iter) for b in pcs.blocks} == {
+        ("sinkhorn", 21)}
+    # the PCT_Pytorch layout (max pooling) has the published 2.88M parameters
+    assert round(sum(p.numel() for p in point_cloud_transformer(pooling="max").parameters()) / 1e6, 2) == 2.88
+
+
+# ------------------------------------------------------------------------------------------------ Set Transformer
+
+
+def reference_mab(mab: MAB, x: torch.Tensor, y: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
+    """MAB with torch's nn.MultiheadAttention loaded with the same weights, LayerNorm and ReLU by hand."""
+    attn = mab.attn
+    mha = nn.MultiheadAttention(attn.embed_dim, attn.num_heads, kdim=attn.kdim, vdim=attn.vdim, batch_first=True,
+                                dtype=x.dtype)
+    mha.load_state_dict(attn.state_dict())
+    mha.eval()
+    if isinstance(mab.q_embed, nn.Linear):
+        x = F.linear(x, mab.q_embed.weight, mab.q_embed.bias)
+    dim = attn.embed_dim
+
+    def ln(t, norm):
+        return F.layer_norm(t, (dim,), norm.weight, norm.bias, norm.eps) if isinstance(norm, nn.LayerNorm) else t
+
+    h = ln(x + mha(x, y, y, key_padding_mask=key_padding_mask, need_weights=False)[0], mab.norm1)
+    return ln(h + F.relu(F.linear(h, mab.ff.weight, mab.ff.bias)), mab.norm2)
+
+
+def reference_set_transformer(model: SetTransformer, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """The whole softmax Set Transformer from reference MABs (eval mode: no dropout)."""
+    for isab in model.encoder:
+        h = reference_mab(isab.mab0, isab.inducing.expand(x.shape[0], -1, -1), x, mask)
+        x = reference_mab(isab.mab1, x, h)
+    z = reference_mab(model.pool.mab, model.pool.seeds.expand(x.shape[0], -1, -1), x, mask)
+    for sab in model.decoder:
+        z = reference_mab(sab.mab, z, z)
+    return F.linear(z.flatten(1), model.head.weight, model.head.bias)
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_mab_at_one_iteration_is_torch_multihead_attention(layer_norm: bool) -> None:
+    torch.manual_seed(0)
+    mab = randomize(MAB(3, 5, 16, 4, layer_norm=layer_norm, n_iter=1).double())
+    x, y = clouds(2, 7, 3, 1, torch.float64), clouds(2, 9, 5, 2, torch.float64)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(mab(x, y), reference_mab(mab, x, y), rtol=0, atol=1e-12)
+        torch.testing.assert_close(mab(x, y, mask), reference_mab(mab, x, y, mask), rtol=0, atol=1e-12)
+        mab.attn.n_iter = 3
+        assert (mab(x, y) - reference_mab(mab, x, y)).abs().max() > 1e-3
+
+
+def test_set_transformer_at_one_iteration_is_the_softmax_model() -> None:
+    model = randomize(small_set(depth=2, num_seeds=2, decoder_depth=1, in_chans=4).double()).eval()
+    x = clouds(3, 20, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_set_transformer(model, x), rtol=0, atol=1e-12)
+
+
+def test_sinkhorn_pma_with_one_seed_is_mean_pooling() -> None:
+    torch.manual_seed(0)
+    pma = randomize(PMA(16, 2, num_seeds=1, n_iter=3).double())
+    x = clouds(2, 11, 16, dtype=torch.float64)
+    mab, attn = pma.mab, pma.mab.attn
+    with torch.no_grad():
+        w_v, b_v = attn.in_proj_weight.chunk(3)[2], attn.in_proj_bias.chunk(3)[2]
+        pooled = attn.out_proj(F.linear(x, w_v, b_v).mean(dim=1, keepdim=True))
+        h = mab.norm1(pma.seeds + pooled)
+        torch.testing.assert_close(pma(x), mab.norm2(h + F.relu(mab.ff(h))), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_iter", [1, 21])
+def test_set_transformer_is_permutation_invariant_and_ignores_padding(n_iter: int) -> None:
+    model = randomize(small_set(n_iter=n_iter, num_seeds=2).double()).eval()
+    x = clouds(2, 30, dtype=torch.float64)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(model(x[:, perm]), out, rtol=0, atol=1e-12)
+        # pad the second cloud with 10 junk points: the same logits
+        padded = torch.cat([x, 100 * clouds(2, 10, seed=5, dtype=torch.float64)], dim=1)
+        mask = torch.zeros(2, 40, dtype=torch.bool)
+        mask[:, 30:] = True
+        torch.testing.assert_close(model(padded, padding_mask=mask), out, rtol=0, atol=1e-10)
+        # a batch of clouds of different sizes
+        mask[1, 20:] = True
+        torch.testing.assert_close(model(padded, padding_mask=mask)[1], model(x[1:, :20])[0], rtol=0, atol=1e-10)
+
+
+def test_set_transformer_attention_stats_and_n_iter() -> None:
+    model = small_set(n_iter=1, record_stats=True)
+    assert model.attention_stats() == {}
+    model(clouds())
+    stats = model.attention_stats()
+    assert "encoder.0.mab0.attn" in stats and "pool.mab.attn" in stats and len(stats) == 6
+    model.set_n_iter(21)
+    assert {a.n_iter for a in model.attentions} == {21} and model.hparams.n_iter == 21
+    model(clouds())
+    assert float(model.attention_stats()["encoder.0.mab1.attn"]["dev"]) < 1e-3  # 21 steps: doubly stochastic
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_farthest_point_sampling_is_order_independent_and_deterministic() -> None:
+    line = torch.tensor([[float(i), 0.0, 0.0] for i in range(11)]).unsqueeze(0)
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    for pts in (line, line[:, perm]):
+        chosen = pts[0, farthest_point_sample(pts, 5)[0], 0].tolist()
+        # 0 and 10 tie as farthest from the centroid 5: the lexicographically first (0) starts; then 10, then 5;
+        # then 2, 3, 7, 8 tie at distance 2: 2 (the first); then 7 and 8 tie at distance 2: 7
+        assert chosen == [0.0, 10.0, 5.0, 2.0, 7.0]
+    x = clouds(3, 100)
+    perm = torch.randperm(100, generator=torch.Generator().manual_seed(1))
+    a = torch.stack([x[b, i] for b, i in enumerate(farthest_point_sample(x, 20))])
+    b = torch.stack([x[:, perm][b, i] for b, i in enumerate(farthest_point_sample(x[:, perm], 20))])
+    assert torch.equal(a, b)
+    # each new centre is the farthest from the ones before
+    for s in range(1, 20):
+        d = torch.cdist(x[0], a[0, :s]).amin(dim=1)
+        assert torch.isclose(d.max(), torch.cdist(a[0, s:s + 1], a[0, :s]).min())
+    first = (x - x.mean(1, keepdim=True)).norm(dim=-1).argmax(-1)
+    assert torch.equal(a[:, 0], x[torch.arange(3), first])
+
+
+def test_knn_is_the_brute_force_neighbourhood() -> None:
+    x, c = clouds(2, 50, seed=1), clouds(2, 7, seed=2)
+    idx = knn(x, c, 6).sort(-1).values
+    ref = torch.cdist(c.double(), x.double()).topk(6, largest=False).indices.sort(-1).values
+    assert torch.equal(idx, ref)
+
+
+# ------------------------------------------------------------------------------------------------ PCT
+
+
+def reference_sa_layer(layer: OffsetAttention, x: torch.Tensor) -> torch.Tensor:
+    """PCT_Pytorch's SA_Layer (channels-first, conv1d weights) with the layer's weights, eval mode."""
+    xt = x.transpose(1, 2)  # (B, C, N)
+    w_qk = layer.qk.weight.unsqueeze(-1)
+    x_q = F.conv1d(xt, w_qk).permute(0, 2, 1)
+    x_k = F.conv1d(xt, w_qk)
+    x_v = F.conv1d(xt, layer.v.weight.unsqueeze(-1), layer.v.bias)
+    attention = torch.softmax(torch.bmm(x_q, x_k), dim=-1)
+    attention = attention / (1e-9 + attention.sum(dim=1, keepdim=True))
+    x_r = torch.bmm(x_v, attention)
+    lin, bn = layer.trans[0], layer.trans[1]
+    x_r = F.conv1d(xt - x_r, lin.weight.unsqueeze(-1), lin.bias)
+    x_r = F.relu(F.batch_norm(x_r, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    return (xt + x_r).transpose(1, 2)
+
+
+def test_offset_attention_pct_is_the_published_layer_and_two_sinkhorn_steps() -> None:
+    torch.manual_seed(0)
+    layer = randomize(OffsetAttention(16, attention="pct").double()).eval()
+    x = clouds(2, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_sa_layer(layer, x), rtol=0, atol=1e-12)
+        # softmax over keys + L1 over queries with C = Q Q^T symmetric = a column step, then a row step, of exp(C)
+        q = layer.qk(x)
+        k = torch.bmm(q, q.transpose(1, 2)).exp()
+        k = k / k.sum(dim=1, keepdim=True)
+        k = k / k.sum(dim=2, keepdim=True)
+        layer.record_stats = True
+        out = layer(x)
+        torch.testing.assert_close(out, x + layer.trans(x - torch.bmm(k, layer.v(x))), rtol=0, atol=1e-9)
+        assert set(layer.stats) == {"mean", "std", "min", "max", "dev"}
+
+
+@pytest.mark.parametrize("n_iter", [1, 5])
+def test_offset_attention_sinkhorn(n_iter: int) -> None:
+    torch.manual_seed(0)
+    layer = randomize(OffsetAttention(16, attention="sinkhorn", n_iter=n_iter).double()).eval()
+    x = clouds(2, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        q, v = layer.qk(x), layer.v(x)
+        k = torch.bmm(q, q.transpose(1, 2))  # unscaled, as PCT
+        for step in range(n_iter):  # rows first
+            k = k.log_softmax(dim=-1 if step % 2 == 0 else -2)
+        expected = x + layer.trans(x - torch.bmm(k.exp(), v))
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("attention, n_iter", [("pct", 1), ("sinkhorn", 1), ("sinkhorn", 21)])
+def test_pct_is_permutation_invariant(attention: str, n_iter: int) -> None:
+    model = randomize(small_pct(attention=attention, n_iter=n_iter, in_chans=6)).eval()
+    x = clouds(2, 64, 6)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 5)
+        torch.testing.assert_close(model(x[:, perm]), out, rtol=0, atol=1e-5)
+        assert (model(clouds(2, 64, 6, seed=9)) - out).abs().max() > 1e-4
+
+
+def test_pct_attention_stats_and_n_iter() -> None:
+    model = small_pct(attention="sinkhorn", n_iter=1, record_stats=True)
+    model(clouds())
+    assert list(model.attention_stats()) == ["blocks.0", "blocks.1"]
+    model.set_n_iter(3)
+    assert {b.n_iter for b in model.blocks} == {3}
+    with pytest.raises(ZooError, match="set_n_iter needs attention='sinkhorn'"):
+        small_pct().set_n_iter(3)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_and_eval(model: pl.LightningModule, epochs: int, tmp_path: Path,
+                   per_class: int = 16) -> tuple[float, float, float]:
+    """(train loss before, train loss after, train accuracy after) on 4 synthetic shapes (eval mode)."""
+    pl.seed_everything(0, verbose=False)
+    data = SyntheticPointCloudDataModule(shapes=["sphere", "cube", "torus", "cone"], num_points=64,
+                                         train_per_class=per_class, val_per_class=4, batch_size=16)
+    data.setup()
+    x, y = data.train_dataset.points, data.train_dataset.labels
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+        model.train()
+        return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
+
+    before, _ = evaluate()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    after, acc = evaluate()
+    return before, after, acc
+
+
+def test_set_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> None:
+    model = small_set(num_classes=4, embed_dim=32, num_heads=4, num_inducing=8, layer_norm=False, n_iter=5, lr=3e-3,
+                      scheduler="constant")
+    before, after, acc = train_and_eval(model, 12, tmp_path)
+    assert after < 0.8 * before and acc > 0.5, (before, after, acc)  # chance: 0.25
+
+
+def test_point_cloud_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> None:
+    model = small_pct(num_classes=4, attention="sinkhorn", n_iter=3, optimizer="adam", lr=2e-3, weight_decay=0.0,
+                      scheduler="constant", label_smoothing=0.0, drop_rate=0.0)
+    before, after, acc = train_and_eval(model, 8, tmp_path, per_class=32)  # enough steps for the BatchNorm stats
+    assert after < 0.8 * before and acc > 0.5, (before, after, acc)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+@pytest.mark.parametrize("build", [lambda: small_set(n_iter=3), lambda: small_pct(attention="sinkhorn", n_iter=3)],
+                         ids=["set", "pct"])
+def test_save_and_reload(build, tmp_path: Path) -> None:
+    model = randomize(build()).eval()
+    x = clouds()
+    with torch.no_grad():
+        out = model(x)
+    saved = model.save_pretrained(tmp_path / "m")
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    cls = type(model)
+    for reloaded in (cls.from_pretrained(saved), cls(**dict(model.hparams), weights=str(tmp_path / "sd.pth"))):
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.eval()(x), out, rtol=0, atol=0)
+    other = cls.from_pretrained(saved, num_classes=7)  # another label set: new classifier
+    assert other.head.out_features == 7
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("build, points, message", [
+    (small_set, clouds(2, 10, 4), r"expects points of shape \(B, N, 3\)"),
+    (small_set, torch.randn(10, 3), r"expects points of shape \(B, N, 3\)"),
+    (small_pct, clouds(2, 64, 2), r"expects points of shape \(B, N, 3\)"),
+    (small_pct, clouds(2, 20), "clouds need at least 32 points, got 20"),
+])
+def test_bad_points_are_one_clear_error(build, points: torch.Tensor, message: str) -> None:
+    with pytest.raises(ZooError, match=message):
+        build()(points)
+
+
+def test_bad_padding_mask_is_one_clear_error() -> None:
+    with pytest.raises(ZooError, match="padding_mask must be a bool tensor of shape"):
+        small_set()(clouds(2, 10), padding_mask=torch.zeros(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("build, kwargs, message", [
+    (small_set, {"n_iter": 0}, "n_iter must be an integer >= 1"),
+    (small_set, {"embed_dim": 10, "num_heads": 4}, "not divisible by num_heads"),
+    (small_set, {"num_inducing": 0}, "num_inducing must be a positive integer"),
+    (small_set, {"optimizer": "lamb"}, "unknown optimizer 'lamb'"),
+    (small_pct, {"attention": "linear"}, "unknown attention 'linear'"),
+    (small_pct, {"n_iter": 3}, "n_iter=3 needs attention='sinkhorn'"),
+    (small_pct, {"sample_points": (16, 32)}, "must not increase"),
+    (small_pct, {"sample_points": (32, 4)}, None),
+    (small_pct, {"num_neighbors": 40}, "num_neighbors=40 exceeds"),
+    (small_pct, {"pooling": "sum"}, "unknown pooling 'sum'"),
+    (small_pct, {"in_chans": 2}, "in_chans must be >= 3"),
+])
+def test_bad_options_are_one_clear_error(build, kwargs: dict, message: str | None) -> None:
+    if message is None:  # fine: more neighbours than the last stage's centres is allowed
+        build(**kwargs)
+        return
+    with pytest.raises(ZooError, match=message):
+        build(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("name", MY_RECIPES)
+def test_recipe_instantiates(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zoo.cli import ZooCLI
+
+    monkeypatch.chdir(tmp_path)
+    path = RECIPES / f"{name}.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 run=False, args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path / "run")])
+    model, data = cli.model, cli.datamodule
+    assert type(model) is (SetTransformer if "set" in name else PointCloudTransformer)
+    assert type(data) is (SyntheticPointCloudDataModule if "synthetic" in name else ModelNet40DataModule)
+    for key, value in recipe["model"]["init_args"].items():
+        assert plain(model.hparams[key]) == value, key
+    for key, value in recipe["data"]["init_args"].items():
+        assert plain(data.hparams[key]) == value, key
+    assert cli.trainer.max_epochs == recipe["trainer"]["max_epochs"]
+    assert model.head.out_features == recipe["model"]["init_args"]["num_classes"]
+    assert list(tmp_path.iterdir()) == []  # nothing read, downloaded or written
+    if "synthetic" in name:  # the synthetic recipes run: one train and one val batch
+        data.setup()
+        assert data.num_classes == model.hparams.num_classes
+        trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(model, data)
+        assert trainer.state.finished
+    else:  # ModelNet40 is not on disk: one clear error at setup
+        with pytest.raises(ZooError, match="does not exist"):
+            data.setup()
