@@ -99,10 +99,13 @@ def test_training_loss_adds_the_weighted_aux_loss_and_logs_routing() -> None:
     ce = torch.nn.functional.cross_entropy(model(x), y)
     assert torch.allclose(total, ce + 0.5 * aux, atol=1e-6)
     assert aux > 0.5  # each layer's Switch loss is >= 1 (equality at perfect balance)
-    for name in ("aux_loss", "dropped_fraction", "router_entropy", "expert_load_max"):
+    for name in ("aux_loss", "dropped_fraction", "router_entropy", "expert_load_max", "expert_load_min"):
         assert f"train_moe/{name}" in logged
     assert 0 < logged["train_moe/router_entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6
-    assert logged["train_moe/expert_load_max"] >= 1.0
+    assert logged["train_moe/expert_load_max"] >= 1.0 >= logged["train_moe/expert_load_min"] >= 0.0
+    # independent: tokens per expert of each layer from its own stats, max and min over the mean
+    loads = torch.stack([m.stats["tokens_per_expert"].float() for m in model.moe_modules()])
+    assert torch.allclose(logged["train_moe/expert_load_max"], (loads.amax(1) / loads.mean(1)).mean())
     expert = small_vmoe()
     expert.log = lambda name, value, **kw: logged.__setitem__(name, value)
     total = expert.training_step((x, y), 0)

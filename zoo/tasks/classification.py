@@ -127,7 +127,8 @@ class ImageClassifier(pl.LightningModule):
 
         Logged (``{stage}_moe/...``): ``aux_loss``, ``dropped_fraction`` (routed assignments over capacity),
         ``router_entropy`` (mean entropy of the gates), ``expert_load_max`` (most tokens an expert got / mean
-        tokens per expert: 1 is perfectly balanced). Tensors only: no host sync in the step.
+        tokens per expert: 1 is perfectly balanced), ``expert_load_min`` (fewest / mean: 0 is an idle expert).
+        Tensors only: no host sync in the step.
         """
         layers = self.moe_modules()
         if not layers:
@@ -139,6 +140,7 @@ class ImageClassifier(pl.LightningModule):
             "dropped_fraction": torch.stack([m.stats["dropped_fraction"].float() for m in layers]).mean(),
             "router_entropy": torch.stack([m.stats["router_entropy"].float() for m in layers]).mean(),
             "expert_load_max": (load.amax(dim=1) / load.mean(dim=1).clamp_min(1e-12)).mean(),
+            "expert_load_min": (load.amin(dim=1) / load.mean(dim=1).clamp_min(1e-12)).mean(),
         }
         on_step = stage == "train"
         for name, value in stats.items():
