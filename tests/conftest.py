@@ -71,3 +71,13 @@ def lightning_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     trainer.fit(model, DataLoader(data, batch_size=4))
     (ckpt,) = (root / "checkpoints").glob("*.ckpt")
     return ckpt, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def one_thread() -> None:
+    """One torch thread for the test (small models run fastest on one thread; two threads on a busy 2-core
+    machine are up to 10x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,6 +22,9 @@ VIT_NAMES = [f"sinkformer_vit_{s}" for s in ("tiny_patch16_224", "small_patch16_
 VMOE_NAMES = ["vmoe_small_patch32_224", "vmoe_tiny_patch32_224"]
 POINTCLOUD_NAMES = ["point_cloud_sinkformer", "point_cloud_transformer", "set_sinkformer_modelnet40",
                     "set_transformer_modelnet40"]
+TRANSLATION_NAMES = ["sinkformer_transformer_iwslt_de_en", "sinkformer_transformer_numbers",
+                     "sinkformer_transformer_toy", "transformer_iwslt_de_en"]
+OTHER_FAMILY_NAMES = VIT_NAMES + VMOE_NAMES + POINTCLOUD_NAMES + TRANSLATION_NAMES
 
 
 def test_list_models_has_every_family_and_variant() -> None:
@@ -32,7 +35,7 @@ def test_list_models_has_every_family_and_variant() -> None:
             assert f"{prefix}resnet{depth}" in names
         for suffix in SMALL_SUFFIXES:
             assert f"{prefix}{suffix}" in names
-    assert set(names) == {*IMAGENET_NAMES, *SMALL_NAMES, *VIT_NAMES, *VMOE_NAMES, *POINTCLOUD_NAMES}
+    assert set(names) == {*IMAGENET_NAMES, *SMALL_NAMES, *VIT_NAMES, *VMOE_NAMES, *POINTCLOUD_NAMES, *TRANSLATION_NAMES}
 
 
 def test_list_models_patterns_and_family() -> None:
@@ -47,10 +50,11 @@ def test_list_models_patterns_and_family() -> None:
     assert zoo.list_models(family="vit") == sorted(VIT_NAMES)
     assert zoo.list_models(family="vmoe") == VMOE_NAMES
     assert zoo.list_models(family="pointcloud") == POINTCLOUD_NAMES
+    assert zoo.list_models(family="translation") == TRANSLATION_NAMES
     assert zoo.is_model("depth_scaled_resnet50") and not zoo.is_model("depth_scaled_resnet51")
 
 
-@pytest.mark.parametrize("name", IMAGENET_NAMES + SMALL_NAMES + VIT_NAMES + VMOE_NAMES + POINTCLOUD_NAMES)
+@pytest.mark.parametrize("name", IMAGENET_NAMES + SMALL_NAMES + OTHER_FAMILY_NAMES)
 def test_builder_importable_from_zoo(name: str) -> None:
     builder = getattr(importlib.import_module("zoo"), name)
     assert builder is registry.model_entrypoint(name)

@@ -1,9 +1,11 @@
 """Lightning data modules: the embedded digits dataset, CIFAR-10/100, ImageNet-style image folders, point clouds
-(ModelNet40 files and the embedded synthetic shapes)."""
+(ModelNet40 files and the embedded synthetic shapes), translation (fairseq binarized data, parallel
+text, the embedded number words)."""
 
 from zoo.data.digits import DigitsDataModule
 from zoo.data.pointcloud import ModelNet40DataModule, SyntheticPointCloudDataModule
+from zoo.data.translation import FairseqBinarizedDataModule, NumbersDataModule, ParallelTextDataModule
 from zoo.data.vision import CIFARDataModule, ImageFolderDataModule
 
-__all__ = ["CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule", "ModelNet40DataModule",
-           "SyntheticPointCloudDataModule"]
+__all__ = ["CIFARDataModule", "DigitsDataModule", "FairseqBinarizedDataModule", "ImageFolderDataModule",
+           "ModelNet40DataModule", "NumbersDataModule", "ParallelTextDataModule", "SyntheticPointCloudDataModule"]

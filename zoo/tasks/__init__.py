@@ -1,5 +1,6 @@
-"""Lightning task logic shared by the families (loss, metrics, optimisation)."""
+"""Lightning task logic shared by the families (loss, metrics, optimisation, decoding)."""
 
 from zoo.tasks.classification import ImageClassifier
+from zoo.tasks.translation import TranslationTask
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "TranslationTask"]

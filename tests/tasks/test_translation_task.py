@@ -1,0 +1,177 @@
+"""Translation training logic (zoo/tasks/translation.py): fairseq's label-smoothed loss and inverse-sqrt schedule, the
+optimizer, a short run on the embedded numbers task (the loss falls, accuracy and BLEU rise), prediction, the
+vocabulary check, and the two translation recipes (the IWSLT'14 one run for two steps on a tiny fake
+fairseq-preprocess folder). CPU, no network."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.cli import ZooCLI, main
+from zoo.data.translation import EOS, Dictionary, NumbersDataModule, write_binarized_split
+from zoo.errors import ZooError
+from zoo.models.translation import SinkformerTranslation, sinkformer_transformer_numbers, sinkformer_transformer_toy
+from zoo.tasks.translation import inverse_sqrt_factor, label_smoothed_nll_loss
+
+pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended",
+                                         "ignore:.*does not have many workers", "ignore:.*tensorboardX",
+                                         "ignore:You are using a custom batch sampler"),
+              pytest.mark.usefixtures("one_thread")]
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def test_label_smoothed_loss_is_cross_entropy_with_smoothed_targets() -> None:
+    torch.manual_seed(0)
+    V, eps, pad = 11, 0.1, 1
+    lprobs = F.log_softmax(torch.randn(2, 5, V), -1)
+    target = torch.randint(4, V, (2, 5))
+    target[1, 3:] = pad
+    loss, nll = label_smoothed_nll_loss(lprobs, target, eps, ignore_index=pad)
+    # the target distribution: 1 - eps on the reference, eps / (V - 1) on every other symbol
+    q = torch.full((2, 5, V), eps / (V - 1)).scatter(-1, target.unsqueeze(-1), 1 - eps)
+    valid = target.ne(pad)
+    assert torch.allclose(loss, -(q * lprobs).sum(-1)[valid].sum(), atol=1e-5)
+    assert torch.allclose(nll, -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[valid].sum())
+    per_token, _ = label_smoothed_nll_loss(lprobs, target, eps, reduce=False)
+    assert per_token.shape == (2, 5)
+
+
+def test_inverse_sqrt_schedule_is_fairseqs() -> None:
+    f = inverse_sqrt_factor(4000, 0.0, 5e-4)
+    assert [f(u) for u in (0, 2000, 4000, 16000)] == [0.0, 0.5, 1.0, 0.5]
+    g = inverse_sqrt_factor(4000, 1e-7, 5e-4)
+    assert math.isclose(g(0) * 5e-4, 1e-7) and math.isclose(g(4000), 1.0)
+
+
+def test_optimizer_is_fairseqs_adam() -> None:
+    model = sinkformer_transformer_toy(src_vocab_size=20, warmup_updates=10, lr=1e-3)
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW) and conf["lr_scheduler"]["interval"] == "step"
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.98), 1e-8, 1e-4)
+    # decoupled weight decay on every parameter (fairseq's adam), tied weights once
+    assert len(opt.param_groups) == 1 and len(group["params"]) == len(list(model.parameters()))
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and math.isclose(lrs[5], 5e-4) and math.isclose(lrs[10], 1e-3)
+    assert math.isclose(lrs[11], 1e-3 * math.sqrt(10 / 11))
+    with pytest.raises(ZooError, match="unknown optimizer"):
+        sinkformer_transformer_toy(optimizer="adagrad")
+    with pytest.raises(ZooError, match="unknown scheduler"):
+        sinkformer_transformer_toy(scheduler="cosine")
+
+
+def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      num_sanity_val_steps=0, **kwargs)
+
+
+def test_numbers_task_learns_in_a_short_run(tmp_path: Path) -> None:
+    """150 updates on numbers below 10^4 (about 10 s on one thread): loss down, accuracy and BLEU up."""
+    pl.seed_everything(0, verbose=False)
+    dm = NumbersDataModule(train_size=1500, valid_size=64, test_size=32, max_number=9999, max_tokens=512, seed=0)
+    model = sinkformer_transformer_numbers(lr=3e-3, warmup_updates=30)
+    before = trainer(tmp_path).validate(model, dm, verbose=False)[0]
+    t = trainer(tmp_path, max_steps=150, check_val_every_n_epoch=1000, log_every_n_steps=5)
+    t.fit(model, dm)
+    after = trainer(tmp_path).validate(model, dm, verbose=False)[0]
+    assert after["val_loss"] < before["val_loss"] - 2.0
+    assert after["val_acc"] > before["val_acc"] + 0.5 and after["val_acc"] > 0.7  # measured 0.0 -> 0.90
+    assert after["val_bleu"] > before["val_bleu"] + 30  # measured 0 -> 57
+    assert math.isclose(after["val_ppl"], math.exp(after["val_nll_loss"]), rel_tol=1e-4)
+    assert float(t.callback_metrics["train_loss"]) < 1.5
+    # predict: translations of the test split as text, in the data module's vocabulary
+    out = [item for batch in trainer(tmp_path).predict(model, dm) for item in batch]
+    assert len(out) == 32 and {"id", "tokens", "score", "text"} <= set(out[0])
+    assert all(int(item["tokens"][-1]) == EOS and isinstance(item["text"], str) for item in out)
+    assert set(" ".join(item["text"] for item in out).split()) <= set(dm.tgt_dict.symbols)
+    # test: loss, accuracy and BLEU of the test split
+    tested = trainer(tmp_path).test(model, dm, verbose=False)[0]
+    assert {"test_loss", "test_acc", "test_bleu", "test_ppl"} <= set(tested) and tested["test_bleu"] > 30
+
+
+def test_vocabulary_mismatch_is_one_clear_error(tmp_path: Path) -> None:
+    dm = NumbersDataModule(train_size=50, valid_size=8, test_size=8, max_tokens=256)
+    model = sinkformer_transformer_numbers(src_vocab_size=60)
+    with pytest.raises(ZooError, match="vocabulary size mismatch: the source dictionary has 64 .* src_vocab_size: 64"):
+        trainer(tmp_path, max_steps=1).fit(model, dm)
+
+
+# ================================================================================================ recipes
+
+
+def fake_iwslt_dir(root: Path, vocab: int = 24) -> Path:
+    """A tiny fairseq-preprocess folder for de-en (random sentences)."""
+    rng = np.random.default_rng(0)
+    dicts = []
+    for lang in ("de", "en"):
+        d = Dictionary()
+        for i in range(vocab - 4):
+            d.add_symbol(f"{lang}{i}", n=100 - i)
+        dicts.append(d)
+    for split, n in (("train", 48), ("valid", 8), ("test", 8)):
+        src = [np.append(rng.integers(4, vocab, rng.integers(2, 9)), EOS) for _ in range(n)]
+        tgt = [np.append(rng.integers(4, vocab, rng.integers(2, 9)), EOS) for _ in range(n)]
+        write_binarized_split(root, split, "de", "en", src, tgt, *dicts)
+    return root
+
+
+def test_iwslt_recipe_instantiates_and_checks_the_dictionaries(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = fake_iwslt_dir(tmp_path / "data-bin")
+    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 run=False, args=["--config", str(RECIPES / "iwslt14_de_en_sinkformer.yaml"),
+                                  "--data.init_args.data_dir", str(data),
+                                  "--trainer.default_root_dir", str(tmp_path / "run")])
+    model, dm = cli.model, cli.datamodule
+    assert type(model) is SinkformerTranslation
+    assert len(model.encoder.layers) == 6 and len(model.decoder.layers) == 6
+    assert {a.n_iter for a in model.encoder_attentions} == {3}
+    assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
+    assert (model.src_vocab_size, model.tgt_vocab_size) == (8848, 6632)
+    assert cli.trainer.max_epochs == 30
+    dm.setup("fit")
+    with pytest.raises(ZooError, match="vocabulary size mismatch: the source dictionary has 24 symbols"):
+        model.check_dictionaries(dm.src_dict, dm.tgt_dict)
+
+
+def test_iwslt_recipe_runs_two_steps_on_a_fake_binarized_folder(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = fake_iwslt_dir(tmp_path / "data-bin")
+    small = {"src_vocab_size": "24", "tgt_vocab_size": "24", "encoder_layers": "1", "decoder_layers": "1",
+             "encoder_embed_dim": "32", "decoder_embed_dim": "32", "encoder_ffn_embed_dim": "32",
+             "decoder_ffn_embed_dim": "32", "warmup_updates": "2"}
+    args = ["fit", "--config", str(RECIPES / "iwslt14_de_en_sinkformer.yaml"), "--data.init_args.data_dir", str(data),
+            "--data.init_args.num_workers", "0", "--data.init_args.max_tokens", "128",
+            "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing",
+            "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run")]
+    for k, v in small.items():
+        args += [f"--model.init_args.{k}", v]
+    main(args)
+
+
+def test_numbers_recipe_instantiates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 run=False, args=["--config", str(RECIPES / "numbers_sinkformer_translation.yaml")])
+    model, dm = cli.model, cli.datamodule
+    assert type(dm) is NumbersDataModule
+    model.check_dictionaries(dm.src_dict, dm.tgt_dict)  # the recipe's vocabulary sizes are the task's
+    assert {a.n_iter for a in model.encoder_attentions} == {3} and model.hparams.beam == 1
+    ref = sinkformer_transformer_numbers()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}

@@ -1,0 +1,1170 @@
+"""Data for sequence-to-sequence translation, in fairseq's formats and conventions, without fairseq.
+
+Conventions (fairseq's ``Dictionary`` and ``LanguagePairDataset``):
+
+- token ids: ``<s>`` = 0 (bos), ``<pad>`` = 1, ``</s>`` = 2 (eos), ``<unk>`` = 3, then the ``dict.{lang}.txt`` symbols
+  in file order; every sentence ends with eos (``fairseq-preprocess`` appends it);
+- a batch (:func:`collate`) is a dict: ``src_tokens`` (B, S) left-padded by default (``left_pad_source=True``),
+  ``src_lengths`` (B,), ``prev_output_tokens`` (B, T) = the target with its eos moved to the front
+  (``</s> w1 .. wn``), ``target`` (B, T) = ``w1 .. wn </s>``, both right-padded; ``ntokens`` = number of target
+  tokens (a Python int), ``id`` (B,) the example indices;
+- batches hold at most ``max_tokens`` tokens, counted as ``batch size x longest example`` with an example's size
+  ``max(len(src), len(tgt))``; examples are sorted by length (shuffled first, then stable sorts by target and
+  source length, fairseq's ``ordered_indices``) and cut greedily into batches whose size is a multiple of
+  ``required_batch_size_multiple`` when possible (fairseq's ``batch_by_size``); the list of batches is shuffled
+  each epoch (seed + epoch).
+
+Data modules:
+
+- :class:`FairseqBinarizedDataModule` reads ``fairseq-preprocess`` output: ``dict.{lang}.txt`` and
+  ``{split}.{src}-{tgt}.{lang}.bin/.idx`` in fairseq's ``MMapIndexedDataset`` format (read with numpy memmap by
+  :class:`MMapIndexedDataset`; :func:`write_mmap_indexed_dataset` writes it);
+- :class:`ParallelTextDataModule` reads raw parallel text files (one sentence a line, whitespace-tokenised),
+  segments them with sentencepiece when it is installed or with a built-in BPE (subword-nmt's ``@@`` convention)
+  learned on the training text, and builds the dictionaries as ``fairseq-preprocess`` does;
+- :class:`NumbersDataModule`, the embedded task: German number words to English number words, generated with a
+  fixed seed, no files and no network (see :func:`german_number_tokens`).
+
+The index format (fairseq ``fairseq/data/indexed_dataset.py``, ``MMapIndexedDataset.Index``), little endian::
+
+    b"MMIDIDX\\x00\\x00"   9 bytes magic
+    <Q  version = 1
+    <B  dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 double, 8 uint16, 9 uint32, 10 uint64)
+    <Q  number of sequences N
+    int32[N]  sizes (tokens per sequence)
+    int64[N]  pointers (byte offset of each sequence in the .bin file)
+
+and the ``.bin`` file is the concatenation of the sequences in that dtype (uint16 when the vocabulary has fewer
+than 65500 symbols, as fairseq's ``best_fitting_int_dtype``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import struct
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.errors import ZooError
+
+__all__ = [
+    "BOS",
+    "EOS",
+    "PAD",
+    "UNK",
+    "BPETokenizer",
+    "Dictionary",
+    "FairseqBinarizedDataModule",
+    "LanguagePairDataset",
+    "MMapIndexedDataset",
+    "NUMBERS_SRC_VOCAB_SIZE",
+    "NUMBERS_TGT_VOCAB_SIZE",
+    "NumbersDataModule",
+    "ParallelTextDataModule",
+    "TokenBatchSampler",
+    "TranslationDataModule",
+    "batch_by_size",
+    "collate",
+    "english_number",
+    "german_number_tokens",
+    "numbers_dictionaries",
+    "post_process",
+    "write_binarized_split",
+    "write_mmap_indexed_dataset",
+]
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3  # fairseq's Dictionary: <s>, <pad>, </s>, <unk>
+
+
+# ================================================================================================ dictionary
+
+
+class Dictionary:
+    """fairseq's ``Dictionary``: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, then symbols in order.
+
+    ``dict.txt`` files hold one ``symbol count`` line per symbol after the 4 specials (a trailing
+    ``#fairseq:overwrite`` flag allowed), so ``len(Dictionary.load(f)) == 4 + lines``.
+    """
+
+    def __init__(self, bos: str = "<s>", pad: str = "<pad>", eos: str = "</s>", unk: str = "<unk>") -> None:
+        self.symbols: list[str] = []
+        self.count: list[int] = []
+        self.indices: dict[str, int] = {}
+        self.bos_word, self.pad_word, self.eos_word, self.unk_word = bos, pad, eos, unk
+        self.bos_index = self.add_symbol(bos)
+        self.pad_index = self.add_symbol(pad)
+        self.eos_index = self.add_symbol(eos)
+        self.unk_index = self.add_symbol(unk)
+        self.nspecial = len(self.symbols)
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def __getitem__(self, index: int) -> str:
+        return self.symbols[index] if 0 <= index < len(self.symbols) else self.unk_word
+
+    def __contains__(self, symbol: str) -> bool:
+        return symbol in self.indices
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Dictionary) and self.symbols == other.symbols
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.symbols))
+
+    def index(self, symbol: str) -> int:
+        """The id of ``symbol`` (``<unk>``'s when absent)."""
+        return self.indices.get(symbol, self.unk_index)
+
+    def add_symbol(self, word: str, n: int = 1, overwrite: bool = False) -> int:
+        """Add ``word`` (or add ``n`` to its count); returns its id."""
+        if word in self.indices and not overwrite:
+            idx = self.indices[word]
+            self.count[idx] += n
+            return idx
+        idx = len(self.symbols)
+        self.indices[word] = idx
+        self.symbols.append(word)
+        self.count.append(n)
+        return idx
+
+    def finalize(self, threshold: int = -1, nwords: int = -1, padding_factor: int = 8) -> None:
+        """fairseq's ``finalize``: sort the non-special symbols by decreasing count (ties alphabetically), keep those
+        seen at least ``threshold`` times (at most ``nwords`` in all), pad to a multiple of ``padding_factor`` with
+        ``madeupword0000``... symbols."""
+        if nwords <= 0:
+            nwords = len(self)
+        counts = Counter(dict(sorted(zip(self.symbols[self.nspecial:], self.count[self.nspecial:]))))
+        symbols, count = self.symbols[: self.nspecial], self.count[: self.nspecial]
+        for symbol, c in counts.most_common(nwords - self.nspecial):
+            if c >= threshold:
+                symbols.append(symbol)
+                count.append(c)
+        self.symbols, self.count = list(symbols), list(count)
+        self.indices = {s: i for i, s in enumerate(self.symbols)}
+        self.pad_to_multiple_(padding_factor)
+
+    def pad_to_multiple_(self, padding_factor: int) -> None:
+        """Add ``madeupwordNNNN`` symbols (count 0) until ``len(self)`` is a multiple of ``padding_factor``."""
+        if padding_factor > 1:
+            i = 0
+            while len(self) % padding_factor != 0:
+                self.add_symbol(f"madeupword{i:04d}", n=0)
+                i += 1
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Dictionary:
+        """Read a fairseq ``dict.txt`` (``symbol count`` lines); one ZooError for a malformed or missing file."""
+        d = cls()
+        path = Path(path)
+        if not path.is_file():
+            raise ZooError(f"dictionary {path} does not exist: give the folder written by fairseq-preprocess")
+        with open(path, encoding="utf-8") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.rstrip("\n").rstrip()
+                if not line:
+                    continue
+                try:
+                    word, field = line.rsplit(" ", 1)
+                    overwrite = False
+                    if field == "#fairseq:overwrite":
+                        overwrite = True
+                        word, field = word.rsplit(" ", 1)
+                    count = int(field)
+                except ValueError:
+                    raise ZooError(f"{path}, line {lineno}: expected '<symbol> <count>', got {line!r}") from None
+                if word in d and not overwrite:
+                    raise ZooError(f"{path}, line {lineno}: duplicate symbol {word!r} (add '#fairseq:overwrite' to "
+                                   "keep both)")
+                d.add_symbol(word, n=count, overwrite=overwrite)
+        return d
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the non-special symbols as ``symbol count`` lines (fairseq's format)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for s, c in zip(self.symbols[self.nspecial:], self.count[self.nspecial:]):
+                f.write(f"{s} {c}\n")
+
+    def encode_line(self, line: str | Sequence[str], append_eos: bool = True,
+                    add_if_not_exist: bool = False) -> np.ndarray:
+        """Ids of the whitespace-separated symbols of ``line`` (plus eos), int64."""
+        words = line.split() if isinstance(line, str) else list(line)
+        ids = [self.add_symbol(w) if add_if_not_exist else self.index(w) for w in words]
+        if append_eos:
+            ids.append(self.eos_index)
+        return np.asarray(ids, dtype=np.int64)
+
+    def string(self, tokens: torch.Tensor | Sequence[int], bpe_symbol: str | None = None,
+               escape_unk: bool = False) -> str:
+        """Symbols of ``tokens`` joined by spaces, without eos / pad / bos, post-processed by ``bpe_symbol``
+        (:func:`post_process`); ``escape_unk`` writes ``<unk>`` as ``<<unk>>`` (fairseq, for references)."""
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        skip = {self.eos_index, self.pad_index, self.bos_index}
+        words = [("<<unk>>" if escape_unk else self.unk_word) if i == self.unk_index else self[i]
+                 for i in ids if i not in skip]
+        return post_process(" ".join(words), bpe_symbol)
+
+
+def post_process(sentence: str, bpe_symbol: str | None) -> str:
+    """fairseq's ``post_process``: ``"@@ "`` / ``"subword_nmt"`` removes subword-nmt continuation markers,
+    ``"sentencepiece"`` joins pieces on ``▁``; None leaves the sentence as it is."""
+    if not bpe_symbol or bpe_symbol == "none":
+        return sentence
+    if bpe_symbol in ("sentencepiece", "\u2581"):
+        return sentence.replace(" ", "").replace("\u2581", " ").strip()
+    marker = "@@ " if bpe_symbol in ("subword_nmt", "@@ ", "@@") else bpe_symbol
+    return (sentence + " ").replace(marker, "").rstrip()
+
+
+# ================================================================================================ mmap format
+
+_HDR_MAGIC = b"MMIDIDX\x00\x00"
+_CODE_TO_DTYPE: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                                   7: np.double, 8: np.uint16, 9: np.uint32, 10: np.uint64}
+
+
+def best_fitting_dtype(vocab_size: int | None) -> type:
+    """fairseq's ``best_fitting_int_dtype``: uint16 below 65500 symbols, uint32 below 2^32 - 1, else int64."""
+    if vocab_size is None:
+        return np.uint32
+    if vocab_size < 65500:
+        return np.uint16
+    if vocab_size < 4294967295:
+        return np.uint32
+    return np.int64
+
+
+def _dtype_code(dtype: Any) -> int:
+    dt = np.dtype(dtype)
+    for code, d in _CODE_TO_DTYPE.items():
+        if np.dtype(d) == dt:
+            return code
+    raise ZooError(f"dtype {dt} has no code in fairseq's MMapIndexedDataset format; use uint16, uint32 or int64")
+
+
+def write_mmap_indexed_dataset(prefix: str | os.PathLike, sequences: Iterable[Sequence[int] | np.ndarray],
+                               dtype: Any = None, vocab_size: int | None = None) -> None:
+    """Write ``{prefix}.bin`` and ``{prefix}.idx`` in fairseq's ``MMapIndexedDataset`` format (see the module
+    docstring); ``dtype`` defaults to :func:`best_fitting_dtype` of ``vocab_size``."""
+    dtype = np.dtype(dtype if dtype is not None else best_fitting_dtype(vocab_size))
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    sizes: list[int] = []
+    top = np.iinfo(dtype).max if dtype.kind in "iu" else None
+    with open(prefix + ".bin", "wb") as data:
+        for seq in sequences:
+            raw = np.asarray(seq)
+            if top is not None and raw.size and int(raw.max()) > top:
+                raise ZooError(f"token id {int(raw.max())} does not fit {dtype} (max {top}): give a wider dtype or "
+                               "the vocabulary size")
+            arr = raw.astype(dtype)
+            data.write(arr.tobytes(order="C"))
+            sizes.append(int(arr.size))
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    if sizes:
+        pointers[1:] = np.cumsum(np.asarray(sizes[:-1], dtype=np.int64) * dtype.itemsize)
+    with open(prefix + ".idx", "wb") as index:
+        index.write(_HDR_MAGIC)
+        index.write(struct.pack("<Q", 1))
+        index.write(struct.pack("<B", _dtype_code(dtype)))
+        index.write(struct.pack("<Q", len(sizes)))
+        index.write(np.asarray(sizes, dtype=np.int32).tobytes(order="C"))
+        index.write(pointers.tobytes(order="C"))
+
+
+class MMapIndexedDataset:
+    """Reader of fairseq's ``MMapIndexedDataset`` (``{prefix}.idx`` + ``{prefix}.bin``) with numpy memmap.
+
+    ``ds[i]`` is the i-th sequence as int64 numpy array, ``ds.sizes`` the int32 lengths. Every inconsistency (bad
+    magic or version, unknown dtype, truncated index or data) is one ZooError naming the file.
+    """
+
+    def __init__(self, prefix: str | os.PathLike) -> None:
+        self.prefix = str(prefix)
+        idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
+        for p in (idx_path, bin_path):
+            if not os.path.isfile(p):
+                raise ZooError(f"{p} does not exist: expected fairseq-preprocess output (--dataset-impl mmap)")
+        with open(idx_path, "rb") as f:
+            head = f.read(9 + 8 + 1 + 8)
+        if len(head) < 26 or head[:9] != _HDR_MAGIC:
+            raise ZooError(f"{idx_path} is not a fairseq MMapIndexedDataset index (magic {head[:9]!r}, expected "
+                           f"{_HDR_MAGIC!r}): binarize with fairseq-preprocess --dataset-impl mmap (the default)")
+        (version,) = struct.unpack("<Q", head[9:17])
+        if version != 1:
+            raise ZooError(f"{idx_path}: index version {version} is not supported (fairseq writes version 1)")
+        (code,) = struct.unpack("<B", head[17:18])
+        if code not in _CODE_TO_DTYPE:
+            raise ZooError(f"{idx_path}: unknown dtype code {code} (fairseq's codes are 1..10)")
+        self.dtype = np.dtype(_CODE_TO_DTYPE[code])
+        (n,) = struct.unpack("<Q", head[18:26])
+        expected = 26 + n * (4 + 8)
+        actual = os.path.getsize(idx_path)
+        if actual < expected:
+            raise ZooError(f"{idx_path} is truncated: {actual} bytes for {n} sequences (expected {expected}); "
+                           "binarize the split again")
+        self._index = np.memmap(idx_path, mode="r", order="C")
+        self.sizes = np.frombuffer(self._index, dtype=np.int32, count=n, offset=26)
+        self.pointers = np.frombuffer(self._index, dtype=np.int64, count=n, offset=26 + 4 * n)
+        data_bytes = os.path.getsize(bin_path)
+        need = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
+        if data_bytes < need:
+            raise ZooError(f"{bin_path} is truncated: {data_bytes} bytes, the index needs {need}; binarize the "
+                           "split again")
+        self._data = np.memmap(bin_path, mode="r", order="C") if data_bytes else np.zeros(0, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return int(self.sizes.shape[0])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} sequences")
+        ptr, size = int(self.pointers[i]), int(self.sizes[i])
+        return np.frombuffer(self._data, dtype=self.dtype, count=size, offset=ptr).astype(np.int64)
+
+    def max_id(self) -> int:
+        """The largest token id in the data file (-1 when empty)."""
+        n = int(self.pointers[-1]) // self.dtype.itemsize + int(self.sizes[-1]) if len(self) else 0
+        return int(np.frombuffer(self._data, dtype=self.dtype, count=n).max()) if n else -1
+
+    def __getstate__(self) -> str:  # picklable for DataLoader workers: reopen the memmaps
+        return self.prefix
+
+    def __setstate__(self, state: str) -> None:
+        self.__init__(state)  # type: ignore[misc]
+
+
+def write_binarized_split(data_dir: str | os.PathLike, split: str, source_lang: str, target_lang: str,
+                          src_sequences: Sequence[Sequence[int]], tgt_sequences: Sequence[Sequence[int]],
+                          src_dict: Dictionary | None = None, tgt_dict: Dictionary | None = None) -> None:
+    """Write a split as ``fairseq-preprocess`` does: ``{split}.{src}-{tgt}.{lang}.bin/.idx`` (token ids ending in
+    eos) and, when given, ``dict.{lang}.txt``."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for lang, seqs, d in ((source_lang, src_sequences, src_dict), (target_lang, tgt_sequences, tgt_dict)):
+        vocab = len(d) if d is not None else None
+        write_mmap_indexed_dataset(data_dir / f"{split}.{source_lang}-{target_lang}.{lang}", seqs, vocab_size=vocab)
+        if d is not None:
+            d.save(data_dir / f"dict.{lang}.txt")
+
+
+# ================================================================================================ datasets
+
+
+class LanguagePairDataset(Dataset):
+    """Pairs of token-id sequences (each ending in eos); items are ``{"id", "source", "target"}`` (int64 tensors,
+    target None without targets)."""
+
+    def __init__(self, src: Sequence[np.ndarray], tgt: Sequence[np.ndarray] | None = None,
+                 src_sizes: np.ndarray | None = None, tgt_sizes: np.ndarray | None = None,
+                 indices: np.ndarray | None = None) -> None:
+        if tgt is not None and len(src) != len(tgt):
+            raise ZooError(f"source and target differ in length: {len(src)} vs {len(tgt)} sentences")
+        self.src, self.tgt = src, tgt
+        self.indices = np.arange(len(src)) if indices is None else np.asarray(indices)
+        full_src = np.asarray([len(s) for s in src] if src_sizes is None else src_sizes, dtype=np.int64)
+        self.src_sizes = full_src[self.indices]
+        if tgt is not None:
+            full_tgt = np.asarray([len(t) for t in tgt] if tgt_sizes is None else tgt_sizes, dtype=np.int64)
+            self.tgt_sizes: np.ndarray | None = full_tgt[self.indices]
+        else:
+            self.tgt_sizes = None
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.indices[i])
+        src = torch.as_tensor(np.asarray(self.src[j], dtype=np.int64))
+        tgt = torch.as_tensor(np.asarray(self.tgt[j], dtype=np.int64)) if self.tgt is not None else None
+        return {"id": i, "source": src, "target": tgt}
+
+    def num_tokens(self) -> np.ndarray:
+        """Size of each example: ``max(len(src), len(tgt))`` (fairseq's ``num_tokens``)."""
+        return self.src_sizes if self.tgt_sizes is None else np.maximum(self.src_sizes, self.tgt_sizes)
+
+    def filter_by_size(self, max_source_positions: int, max_target_positions: int) -> int:
+        """Drop examples longer than the model's positions; returns the number dropped."""
+        keep = self.src_sizes <= max_source_positions
+        if self.tgt_sizes is not None:
+            keep &= self.tgt_sizes <= max_target_positions
+        dropped = int((~keep).sum())
+        if dropped:
+            self.indices, self.src_sizes = self.indices[keep], self.src_sizes[keep]
+            if self.tgt_sizes is not None:
+                self.tgt_sizes = self.tgt_sizes[keep]
+        return dropped
+
+
+def _merge(values: Sequence[torch.Tensor], pad: int, left_pad: bool, eos: int | None = None,
+           move_eos_to_beginning: bool = False) -> torch.Tensor:
+    """fairseq's ``collate_tokens``: pad 1-d tensors into (B, max_len)."""
+    size = max(v.numel() for v in values)
+    out = values[0].new_full((len(values), size), pad)
+    for i, v in enumerate(values):
+        if move_eos_to_beginning:
+            v = torch.cat([v.new_full((1,), eos if eos is not None else v[-1]), v[:-1]])
+        dst = out[i, size - v.numel():] if left_pad else out[i, : v.numel()]
+        dst.copy_(v)
+    return out
+
+
+def collate(samples: Sequence[dict[str, Any]], pad: int = PAD, eos: int = EOS, left_pad_source: bool = True,
+            left_pad_target: bool = False) -> dict[str, Any]:
+    """A batch as fairseq's ``LanguagePairDataset.collate`` (without its sort by source length): ``id``,
+    ``src_tokens``, ``src_lengths``, and with targets ``prev_output_tokens`` (eos first), ``target``, ``ntokens``."""
+    if not samples:
+        return {}
+    ids = torch.as_tensor([s["id"] for s in samples], dtype=torch.long)
+    src = [s["source"] for s in samples]
+    batch: dict[str, Any] = {
+        "id": ids,
+        "src_tokens": _merge(src, pad, left_pad_source),
+        "src_lengths": torch.as_tensor([v.numel() for v in src], dtype=torch.long),
+        "nsentences": len(samples),
+    }
+    if samples[0].get("target") is not None:
+        tgt = [s["target"] for s in samples]
+        batch["target"] = _merge(tgt, pad, left_pad_target)
+        batch["prev_output_tokens"] = _merge(tgt, pad, left_pad_target, eos=eos, move_eos_to_beginning=True)
+        batch["ntokens"] = int(sum(v.numel() for v in tgt))
+    else:
+        batch["ntokens"] = int(sum(v.numel() for v in src))
+    return batch
+
+
+def batch_by_size(indices: Sequence[int], num_tokens: np.ndarray, max_tokens: int | None = None,
+                  max_sentences: int | None = None, required_batch_size_multiple: int = 1) -> list[list[int]]:
+    """fairseq's ``batch_by_size`` (its python fallback): cut ``indices`` (in order) into batches with
+    ``len(batch) * longest <= max_tokens`` and ``len(batch) <= max_sentences``; a full batch is cut to a multiple of
+    ``required_batch_size_multiple`` when it holds at least that many, the rest starting the next batch."""
+    max_tokens = max_tokens if max_tokens is not None and max_tokens > 0 else None
+    max_sentences = max_sentences if max_sentences is not None and max_sentences > 0 else None
+    if max_tokens is None and max_sentences is None:
+        raise ZooError("give max_tokens or max_sentences (batch_size) to batch translation examples")
+    mult = max(1, int(required_batch_size_multiple))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    lens: list[int] = []
+    longest = 0
+    for idx in indices:
+        n = int(num_tokens[idx])
+        if max_tokens is not None and n > max_tokens:
+            raise ZooError(f"example {idx} has {n} tokens, more than max_tokens={max_tokens}: raise max_tokens or "
+                           "lower max_source_positions / max_target_positions (longer examples are dropped)")
+        lens.append(n)
+        longest = max(longest, n)
+        full = len(batch) > 0 and (
+            (max_sentences is not None and len(batch) == max_sentences)
+            or (max_tokens is not None and (len(batch) + 1) * longest > max_tokens)
+        )
+        if full:
+            cut = max(mult * (len(batch) // mult), len(batch) % mult)
+            batches.append(batch[:cut])
+            batch, lens = batch[cut:], lens[cut:]
+            longest = max(lens) if lens else 0
+        batch.append(int(idx))
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class TokenBatchSampler:
+    """Batches of example indices by token count (:func:`batch_by_size` over length-sorted examples).
+
+    The batches are built once (examples shuffled with ``seed``, then stably sorted by target and source length, as
+    fairseq's ``ordered_indices``) and, with ``shuffle``, their order is shuffled each epoch with ``seed + epoch``
+    (Lightning calls :meth:`set_epoch`). Under ``torch.distributed`` (or with ``num_replicas`` / ``rank``) each rank
+    takes every ``num_replicas``-th batch, the list being padded by repeating its first batches so that all ranks run
+    the same number of steps; with Lightning set ``use_distributed_sampler: false`` so that it keeps this sampler.
+    Lightning calls ``set_epoch`` on ``batch_sampler.sampler``, not on the batch sampler: ``self.sampler`` is a
+    small proxy that forwards it.
+    """
+
+    def __init__(self, src_sizes: np.ndarray, tgt_sizes: np.ndarray | None, max_tokens: int | None = 4096,
+                 max_sentences: int | None = None, shuffle: bool = True, seed: int = 1,
+                 required_batch_size_multiple: int = 8, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        self.src_sizes = np.asarray(src_sizes, dtype=np.int64)
+        self.tgt_sizes = None if tgt_sizes is None else np.asarray(tgt_sizes, dtype=np.int64)
+        num_tokens = self.src_sizes if self.tgt_sizes is None else np.maximum(self.src_sizes, self.tgt_sizes)
+        self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
+        if shuffle:
+            order = np.random.default_rng(self.seed).permutation(len(self.src_sizes))
+        else:
+            order = np.arange(len(self.src_sizes))
+        if self.tgt_sizes is not None:
+            order = order[np.argsort(self.tgt_sizes[order], kind="mergesort")]
+        order = order[np.argsort(self.src_sizes[order], kind="mergesort")]
+        self.batches = batch_by_size(order, num_tokens, max_tokens, max_sentences, required_batch_size_multiple)
+        if num_replicas is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        self.num_replicas, self.rank = int(num_replicas or 1), int(rank or 0)
+        self.sampler = _EpochProxy(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _epoch_batches(self) -> list[list[int]]:
+        batches = list(self.batches)
+        if self.shuffle:
+            perm = np.random.default_rng(self.seed + self.epoch + 1).permutation(len(batches))
+            batches = [batches[i] for i in perm]
+        if self.num_replicas > 1 and batches:
+            total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
+            batches = (batches * math.ceil(total / len(batches)))[:total]
+            batches = batches[self.rank::self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._epoch_batches())
+
+    def __len__(self) -> int:
+        n = len(self.batches)
+        return math.ceil(n / self.num_replicas) if self.num_replicas > 1 else n
+
+
+class _EpochProxy:
+    """``batch_sampler.sampler`` for Lightning's ``_set_sampler_epoch``: forwards ``set_epoch``."""
+
+    def __init__(self, owner: TokenBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
+# ================================================================================================ tokenizers
+
+
+class BPETokenizer:
+    """Byte-pair encoding learned on whitespace-tokenised text (Sennrich et al.; subword-nmt's output convention:
+    a sub-word followed by another of the same word ends in ``@@``, so :func:`post_process` with ``"@@ "`` undoes
+    it). ``BPETokenizer.train(lines, num_merges)`` learns the merges (the most frequent pair first, ties broken by
+    the pair itself, pairs seen fewer than ``min_frequency`` times never merged); ``encode(line)`` segments."""
+
+    END = "</w>"
+
+    def __init__(self, merges: Sequence[tuple[str, str]]) -> None:
+        self.merges = [tuple(m) for m in merges]
+        self.ranks = {m: i for i, m in enumerate(self.merges)}
+        self._cache: dict[str, list[str]] = {}
+
+    @classmethod
+    def train(cls, lines: Iterable[str], num_merges: int, min_frequency: int = 2) -> BPETokenizer:
+        words = Counter(w for line in lines for w in line.split())
+        vocab = [(list(w[:-1]) + [w[-1] + cls.END], c) for w, c in sorted(words.items())]
+        stats: Counter = Counter()
+        where: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for i, (syms, c) in enumerate(vocab):
+            for pair in zip(syms, syms[1:]):
+                stats[pair] += c
+                where[pair].add(i)
+        heap = [(-c, p) for p, c in stats.items()]
+        heapq.heapify(heap)
+        merges: list[tuple[str, str]] = []
+        while heap and len(merges) < num_merges:
+            negc, pair = heapq.heappop(heap)
+            if stats.get(pair, 0) != -negc:  # stale entry
+                continue
+            if -negc < min_frequency:
+                break
+            merges.append(pair)
+            a, b = pair
+            changed: set[tuple[str, str]] = set()
+            for i in list(where.pop(pair, ())):
+                syms, c = vocab[i]
+                if not any(x == a and y == b for x, y in zip(syms, syms[1:])):
+                    continue
+                for p in zip(syms, syms[1:]):
+                    stats[p] -= c
+                    changed.add(p)
+                new, k = [], 0
+                while k < len(syms):
+                    if k + 1 < len(syms) and syms[k] == a and syms[k + 1] == b:
+                        new.append(a + b)
+                        k += 2
+                    else:
+                        new.append(syms[k])
+                        k += 1
+                vocab[i] = (new, c)
+                for p in zip(new, new[1:]):
+                    stats[p] += c
+                    where[p].add(i)
+                    changed.add(p)
+            stats.pop(pair, None)
+            for p in changed:
+                if p != pair and stats.get(p, 0) > 0:
+                    heapq.heappush(heap, (-stats[p], p))
+        return cls(merges)
+
+    def _segment(self, word: str) -> list[str]:
+        if word in self._cache:
+            return self._cache[word]
+        syms = list(word[:-1]) + [word[-1] + self.END]
+        while len(syms) > 1:
+            ranked = [(self.ranks.get(p, math.inf), k) for k, p in enumerate(zip(syms, syms[1:]))]
+            rank, k = min(ranked)
+            if rank == math.inf:
+                break
+            syms = syms[:k] + [syms[k] + syms[k + 1]] + syms[k + 2:]
+        out = [s + "@@" for s in syms[:-1]] + [syms[-1][: -len(self.END)]]
+        if out[-1] == "":  # the end marker was merged alone (cannot happen with END on the last char)
+            out = out[:-1]
+            out[-1] = out[-1][:-2]
+        self._cache[word] = out
+        return out
+
+    def encode(self, line: str) -> str:
+        """The sub-words of ``line`` joined by spaces."""
+        return " ".join(t for w in line.split() for t in self._segment(w))
+
+    @staticmethod
+    def decode(line: str) -> str:
+        return post_process(line, "@@ ")
+
+
+class _SentencePieceTokenizer:
+    """sentencepiece (when installed), trained in memory on the training text."""
+
+    def __init__(self, lines: Sequence[str], vocab_size: int) -> None:
+        import io
+
+        import sentencepiece as spm
+
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                       character_coverage=1.0, model_type="unigram", hard_vocab_limit=False)
+        self.sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+    def encode(self, line: str) -> str:
+        return " ".join(self.sp.encode(line, out_type=str))
+
+    @staticmethod
+    def decode(line: str) -> str:
+        return post_process(line, "sentencepiece")
+
+
+class _WordTokenizer:
+    def encode(self, line: str) -> str:
+        return " ".join(line.split())
+
+    @staticmethod
+    def decode(line: str) -> str:
+        return line
+
+
+# ================================================================================================ data modules
+
+
+class TranslationDataModule(pl.LightningDataModule):
+    """Base of the translation data modules: dictionaries, length-bucketed token batches, fairseq's collate.
+
+    Subclasses fill ``self.datasets`` (``{"train", "valid", "test"}`` -> :class:`LanguagePairDataset`) and the
+    dictionaries in :meth:`setup`. ``src_dict`` / ``tgt_dict`` set up the module on first access; the model
+    checks its vocabulary sizes against them (``len(dm.src_dict)``), and decodes hypotheses with
+    :meth:`decode_target` for BLEU.
+
+    Args:
+        max_tokens: tokens per batch (``batch size x longest example``).
+        max_sentences: sentences per batch (None: no limit).
+        left_pad_source / left_pad_target: fairseq's defaults (True / False). The model gives the same results
+            for the valid tokens either way (its positions count valid tokens only).
+        max_source_positions / max_target_positions: longer examples are dropped (as the model cannot embed them).
+        required_batch_size_multiple: batch sizes cut to multiples of this (fairseq's 8).
+        seed: seed of the example shuffle and of the epoch-wise batch shuffles.
+        num_workers: DataLoader workers.
+        remove_bpe: post-processing of decoded targets (``"@@ "``, ``"sentencepiece"`` or None).
+    """
+
+    def __init__(self, max_tokens: int | None = 4096, max_sentences: int | None = None, left_pad_source: bool = True,
+                 left_pad_target: bool = False, max_source_positions: int = 1024, max_target_positions: int = 1024,
+                 required_batch_size_multiple: int = 8, seed: int = 1, num_workers: int = 0,
+                 remove_bpe: str | None = None) -> None:
+        super().__init__()
+        if (max_tokens is None or max_tokens <= 0) and (max_sentences is None or max_sentences <= 0):
+            raise ZooError("give max_tokens or max_sentences (a positive number) to batch translation examples")
+        if int(num_workers) != num_workers or num_workers < 0:
+            raise ZooError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        self.max_tokens, self.max_sentences = max_tokens, max_sentences
+        self.left_pad_source, self.left_pad_target = bool(left_pad_source), bool(left_pad_target)
+        self.max_source_positions, self.max_target_positions = int(max_source_positions), int(max_target_positions)
+        self.required_batch_size_multiple = int(required_batch_size_multiple)
+        self.seed, self.num_workers = int(seed), int(num_workers)
+        self.remove_bpe = remove_bpe
+        self.datasets: dict[str, LanguagePairDataset] = {}
+        self._src_dict: Dictionary | None = None
+        self._tgt_dict: Dictionary | None = None
+        self.dropped: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- dictionaries
+    @property
+    def src_dict(self) -> Dictionary:
+        if self._src_dict is None:
+            self.setup_dictionaries()
+        assert self._src_dict is not None
+        return self._src_dict
+
+    @property
+    def tgt_dict(self) -> Dictionary:
+        if self._tgt_dict is None:
+            self.setup_dictionaries()
+        assert self._tgt_dict is not None
+        return self._tgt_dict
+
+    def setup_dictionaries(self) -> None:
+        """Build or read the dictionaries (default: the whole :meth:`setup`)."""
+        self.setup()
+
+    def decode_target(self, tokens: torch.Tensor | Sequence[int], escape_unk: bool = False) -> str:
+        """Target ids as text: symbols without eos/pad, sub-words joined (``remove_bpe``)."""
+        return self.tgt_dict.string(tokens, bpe_symbol=self.remove_bpe, escape_unk=escape_unk)
+
+    def decode_source(self, tokens: torch.Tensor | Sequence[int]) -> str:
+        return self.src_dict.string(tokens, bpe_symbol=self.remove_bpe)
+
+    # ---------------------------------------------------------------- loaders
+    def _add_split(self, name: str, dataset: LanguagePairDataset) -> None:
+        dropped = dataset.filter_by_size(self.max_source_positions, self.max_target_positions)
+        if dropped:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"zoo: {dropped} {name} examples longer than max_source_positions="
+                           f"{self.max_source_positions} / max_target_positions={self.max_target_positions} dropped")
+        self.dropped[name] = dropped
+        self.datasets[name] = dataset
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        if split not in self.datasets:
+            raise ZooError(f"{type(self).__name__} has no {split!r} split")
+        ds = self.datasets[split]
+        sampler = TokenBatchSampler(ds.src_sizes, ds.tgt_sizes, self.max_tokens, self.max_sentences, shuffle=shuffle,
+                                    seed=self.seed, required_batch_size_multiple=self.required_batch_size_multiple)
+        collate_fn = partial(collate, pad=self.src_dict.pad_index, eos=self.tgt_dict.eos_index,
+                             left_pad_source=self.left_pad_source, left_pad_target=self.left_pad_target)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (sources and references; ``predict_step`` uses the sources)."""
+        return self._loader("test", shuffle=False)
+
+
+class FairseqBinarizedDataModule(TranslationDataModule):
+    """``fairseq-preprocess`` output: ``data_dir/dict.{lang}.txt`` and ``{split}.{src}-{tgt}.{lang}.bin/.idx``.
+
+    Nothing is read at construction (so a recipe parses without the data); :meth:`setup` reads the dictionaries and
+    the splits (``{split}``, then ``{split}1``, ``{split}2``... concatenated as fairseq's ``combine``; the file
+    pair ``{split}.{tgt}-{src}`` is read when ``{split}.{src}-{tgt}`` is absent, as fairseq does).
+
+    Args:
+        data_dir: the ``--destdir`` of ``fairseq-preprocess``.
+        source_lang, target_lang: e.g. ``"de"``, ``"en"``.
+        train_subset, valid_subset, test_subset: split names (a missing test split is allowed).
+        remove_bpe: post-processing of decoded text for BLEU (``"@@ "`` for subword-nmt BPE, fairseq's
+            ``--eval-bleu-remove-bpe``).
+        Other arguments: :class:`TranslationDataModule`.
+    """
+
+    def __init__(self, data_dir: str, source_lang: str = "de", target_lang: str = "en", max_tokens: int | None = 4096,
+                 max_sentences: int | None = None, left_pad_source: bool = True, left_pad_target: bool = False,
+                 max_source_positions: int = 1024, max_target_positions: int = 1024,
+                 required_batch_size_multiple: int = 8, seed: int = 1, num_workers: int = 0,
+                 remove_bpe: str | None = "@@ ", train_subset: str = "train", valid_subset: str = "valid",
+                 test_subset: str = "test") -> None:
+        super().__init__(max_tokens=max_tokens, max_sentences=max_sentences, left_pad_source=left_pad_source,
+                         left_pad_target=left_pad_target, max_source_positions=max_source_positions,
+                         max_target_positions=max_target_positions,
+                         required_batch_size_multiple=required_batch_size_multiple, seed=seed,
+                         num_workers=num_workers, remove_bpe=remove_bpe)
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir).expanduser()
+        self.source_lang, self.target_lang = source_lang, target_lang
+        self.subsets = {"train": train_subset, "valid": valid_subset, "test": test_subset}
+
+    def setup_dictionaries(self) -> None:
+        if not self.data_dir.is_dir():
+            raise ZooError(f"data_dir {self.data_dir} does not exist: give the --destdir of fairseq-preprocess")
+        self._src_dict = Dictionary.load(self.data_dir / f"dict.{self.source_lang}.txt")
+        self._tgt_dict = Dictionary.load(self.data_dir / f"dict.{self.target_lang}.txt")
+
+    def _prefix(self, split: str, lang: str) -> Path | None:
+        src, tgt = self.source_lang, self.target_lang
+        for pair in (f"{src}-{tgt}", f"{tgt}-{src}"):
+            p = self.data_dir / f"{split}.{pair}.{lang}"
+            if Path(str(p) + ".idx").is_file():
+                return p
+        return None
+
+    def _read_split(self, name: str) -> LanguagePairDataset | None:
+        split = self.subsets[name]
+        srcs: list[MMapIndexedDataset] = []
+        tgts: list[MMapIndexedDataset] = []
+        for k in range(10**6):
+            part = split if k == 0 else f"{split}{k}"
+            ps, pt = self._prefix(part, self.source_lang), self._prefix(part, self.target_lang)
+            if ps is None or pt is None:
+                if k == 0:
+                    return None
+                break
+            s, t = MMapIndexedDataset(ps), MMapIndexedDataset(pt)
+            if len(s) != len(t):
+                raise ZooError(f"{ps} and {pt} hold {len(s)} and {len(t)} sentences: binarize the pair again")
+            srcs.append(s)
+            tgts.append(t)
+        src_items = _Concat(srcs)
+        tgt_items = _Concat(tgts)
+        src_sizes = np.concatenate([s.sizes for s in srcs]).astype(np.int64)
+        tgt_sizes = np.concatenate([t.sizes for t in tgts]).astype(np.int64)
+        for d, ds_list, lang in ((self.src_dict, srcs, self.source_lang), (self.tgt_dict, tgts, self.target_lang)):
+            top = max(ds.max_id() for ds in ds_list)
+            if top >= len(d):
+                raise ZooError(f"split {split!r} ({lang}) holds token id {top} but dict.{lang}.txt has {len(d)} "
+                               "symbols: the binarized files and the dictionary come from different runs")
+        return LanguagePairDataset(src_items, tgt_items, src_sizes, tgt_sizes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.setup_dictionaries()
+        for name in ("train", "valid", "test"):
+            ds = self._read_split(name)
+            if ds is None:
+                if name in ("train", "valid") and stage in (None, "fit"):
+                    raise ZooError(f"no {self.subsets[name]}.{self.source_lang}-{self.target_lang}.*.bin/.idx in "
+                                   f"{self.data_dir}: run fairseq-preprocess with --{name}pref")
+                continue
+            self._add_split(name, ds)
+
+
+class _Concat(Sequence):
+    """Concatenation of indexed datasets (sequence access by global index)."""
+
+    def __init__(self, parts: Sequence[MMapIndexedDataset]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k][i - int(self.offsets[k])]
+
+
+TOKENIZERS = ("auto", "bpe", "sentencepiece", "word")
+
+
+class ParallelTextDataModule(TranslationDataModule):
+    """Raw parallel text: ``train=(source_file, target_file)``, ``valid=(...)``, optional ``test=(...)``, one
+    whitespace-tokenised sentence a line (pre-tokenise with Moses or similar first if needed).
+
+    Tokenizer (``tokenizer``): ``"sentencepiece"`` (needs the package; trained in memory on the training text with
+    ``vocab_size`` pieces, joint over both sides when ``joint_tokenizer``), ``"bpe"`` (built-in
+    :class:`BPETokenizer` with ``bpe_merges`` merges, subword-nmt's ``@@`` markers), ``"word"`` (the tokens as
+    they are), or ``"auto"``: sentencepiece when importable, else ``"bpe"``. Dictionaries are built from the
+    tokenised training text like ``fairseq-preprocess`` (``threshold`` 0, ``padding_factor`` 8; one joined
+    dictionary with ``joined_dictionary``, needed by ``share_all_embeddings``).
+    """
+
+    def __init__(self, train: tuple[str, str], valid: tuple[str, str], test: tuple[str, str] | None = None,
+                 tokenizer: str = "auto", bpe_merges: int = 10000, vocab_size: int = 8000,
+                 joint_tokenizer: bool = True, joined_dictionary: bool = False, max_tokens: int | None = 4096,
+                 max_sentences: int | None = None, left_pad_source: bool = True, left_pad_target: bool = False,
+                 max_source_positions: int = 1024, max_target_positions: int = 1024,
+                 required_batch_size_multiple: int = 8, seed: int = 1, num_workers: int = 0) -> None:
+        if tokenizer not in TOKENIZERS:
+            raise ZooError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
+        if tokenizer == "auto":
+            try:
+                import sentencepiece  # noqa: F401
+
+                kind = "sentencepiece"
+            except ImportError:
+                kind = "bpe"
+        else:
+            kind = tokenizer
+        if kind == "sentencepiece":
+            try:
+                import sentencepiece  # noqa: F401, F811
+            except ImportError:
+                raise ZooError("tokenizer='sentencepiece' needs the sentencepiece package (pip install "
+                               "sentencepiece); or use tokenizer='bpe', the built-in BPE") from None
+        remove = {"sentencepiece": "sentencepiece", "bpe": "@@ ", "word": None}[kind]
+        super().__init__(max_tokens=max_tokens, max_sentences=max_sentences, left_pad_source=left_pad_source,
+                         left_pad_target=left_pad_target, max_source_positions=max_source_positions,
+                         max_target_positions=max_target_positions,
+                         required_batch_size_multiple=required_batch_size_multiple, seed=seed,
+                         num_workers=num_workers, remove_bpe=remove)
+        self.save_hyperparameters()
+        self.files = {"train": tuple(train), "valid": tuple(valid), **({"test": tuple(test)} if test else {})}
+        for name, pair in self.files.items():
+            if len(pair) != 2:
+                raise ZooError(f"{name} must be a (source_file, target_file) pair, got {pair!r}")
+        self.tokenizer_kind = kind
+        self.bpe_merges, self.vocab_size = int(bpe_merges), int(vocab_size)
+        self.joint_tokenizer, self.joined_dictionary = bool(joint_tokenizer), bool(joined_dictionary)
+        self.tokenizers: tuple[Any, Any] | None = None
+
+    @staticmethod
+    def _read_lines(path: str) -> list[str]:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ZooError(f"text file {p} does not exist")
+        with open(p, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+
+    def _make_tokenizer(self, lines: Sequence[str]) -> Any:
+        if self.tokenizer_kind == "word":
+            return _WordTokenizer()
+        if self.tokenizer_kind == "bpe":
+            return BPETokenizer.train(lines, self.bpe_merges)
+        return _SentencePieceTokenizer(lines, self.vocab_size)
+
+    def setup_dictionaries(self) -> None:
+        self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        text = {name: (self._read_lines(s), self._read_lines(t)) for name, (s, t) in self.files.items()}
+        for name, (s, t) in text.items():
+            if len(s) != len(t):
+                raise ZooError(f"{self.files[name][0]} and {self.files[name][1]} hold {len(s)} and {len(t)} lines: "
+                               "parallel files need one sentence per line on both sides")
+        src_train, tgt_train = text["train"]
+        if self.joint_tokenizer:
+            tok = self._make_tokenizer(list(src_train) + list(tgt_train))
+            self.tokenizers = (tok, tok)
+        else:
+            self.tokenizers = (self._make_tokenizer(src_train), self._make_tokenizer(tgt_train))
+        tokenised = {name: ([self.tokenizers[0].encode(x) for x in s], [self.tokenizers[1].encode(y) for y in t])
+                     for name, (s, t) in text.items()}
+        src_d, tgt_d = Dictionary(), Dictionary()
+        if self.joined_dictionary:
+            tgt_d = src_d
+        for line in tokenised["train"][0]:
+            src_d.encode_line(line, add_if_not_exist=True, append_eos=False)
+        for line in tokenised["train"][1]:
+            tgt_d.encode_line(line, add_if_not_exist=True, append_eos=False)
+        src_d.finalize(padding_factor=8)
+        if tgt_d is not src_d:
+            tgt_d.finalize(padding_factor=8)
+        self._src_dict, self._tgt_dict = src_d, tgt_d
+        for name, (s, t) in tokenised.items():
+            src = [src_d.encode_line(x) for x in s]
+            tgt = [tgt_d.encode_line(y) for y in t]
+            self._add_split(name, LanguagePairDataset(src, tgt))
+
+    def encode_source(self, line: str) -> torch.Tensor:
+        """A raw source sentence as token ids (tokenised as the training text, eos appended)."""
+        self.setup()
+        assert self.tokenizers is not None
+        return torch.as_tensor(self.src_dict.encode_line(self.tokenizers[0].encode(line)))
+
+
+# ================================================================================================ embedded numbers
+
+_DE_UNITS = ["", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"]
+_DE_TEENS = {10: ["zehn"], 11: ["elf"], 12: ["zwölf"], 13: ["drei", "zehn"], 14: ["vier", "zehn"],
+             15: ["fünf", "zehn"], 16: ["sech", "zehn"], 17: ["sieb", "zehn"], 18: ["acht", "zehn"],
+             19: ["neun", "zehn"]}
+_DE_TENS = ["", "", "zwanzig", "dreißig", "vierzig", "fünfzig", "sechzig", "siebzig", "achtzig", "neunzig"]
+_EN_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+            "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_EN_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def _de_below_100(n: int, final: bool) -> list[str]:
+    """n in 1..99; ``final``: the last part of the number (1 is ``eins``, else ``ein``)."""
+    if n < 10:
+        return ["eins" if final else "ein"] if n == 1 else [_DE_UNITS[n]]
+    if n < 20:
+        return list(_DE_TEENS[n])
+    tens, unit = divmod(n, 10)
+    if unit == 0:
+        return [_DE_TENS[tens]]
+    return ["ein" if unit == 1 else _DE_UNITS[unit], "und", _DE_TENS[tens]]
+
+
+def _de_below_1000(n: int, final: bool) -> list[str]:
+    hundreds, rest = divmod(n, 100)
+    out = []
+    if hundreds:
+        out += ["ein" if hundreds == 1 else _DE_UNITS[hundreds], "hundert"]
+    if rest:
+        out += _de_below_100(rest, final)
+    return out
+
+
+def german_number_tokens(n: int) -> list[str]:
+    """German number word of ``n`` (0 <= n < 10^6) as morphemes, e.g. 324 -> ``drei hundert vier und zwanzig``
+    (dreihundertvierundzwanzig): units before tens joined by ``und``, ``ein`` inside a compound and ``eins`` at its
+    end, 16 / 17 as ``sech zehn`` / ``sieb zehn``, 100 / 1000 as ``ein hundert`` / ``ein tausend``."""
+    if not 0 <= n < 10**6:
+        raise ZooError(f"german_number_tokens covers 0 .. 999999, got {n}")
+    if n == 0:
+        return ["null"]
+    thousands, rest = divmod(n, 1000)
+    out = []
+    if thousands:
+        out += _de_below_1000(thousands, final=False) + ["tausend"]
+    if rest:
+        out += _de_below_1000(rest, final=True)
+    return out
+
+
+def _en_below_1000(n: int) -> list[str]:
+    hundreds, rest = divmod(n, 100)
+    out = [_EN_ONES[hundreds], "hundred"] if hundreds else []
+    if rest:
+        if rest < 20:
+            out.append(_EN_ONES[rest])
+        else:
+            tens, unit = divmod(rest, 10)
+            out += [_EN_TENS[tens]] + ([_EN_ONES[unit]] if unit else [])
+    return out
+
+
+def english_number(n: int) -> str:
+    """English number words of ``n`` (0 <= n < 10^6), e.g. 324 -> ``three hundred twenty four``."""
+    if not 0 <= n < 10**6:
+        raise ZooError(f"english_number covers 0 .. 999999, got {n}")
+    if n == 0:
+        return "zero"
+    thousands, rest = divmod(n, 1000)
+    out = (_en_below_1000(thousands) + ["thousand"]) if thousands else []
+    return " ".join(out + _en_below_1000(rest))
+
+
+def _german_source(n: int) -> str:
+    """The German word as sub-words with subword-nmt markers: ``drei@@ hundert@@ vier@@ und@@ zwanzig``."""
+    parts = german_number_tokens(n)
+    return " ".join([p + "@@" for p in parts[:-1]] + [parts[-1]])
+
+
+def numbers_dictionaries() -> tuple[Dictionary, Dictionary]:
+    """The fixed source (German sub-words) and target (English words) dictionaries of the numbers task: every
+    symbol that can occur, in a fixed order, padded to a multiple of 8 (so their sizes never change)."""
+    de = sorted({t for n in range(1000) for t in german_number_tokens(n)} | {"tausend"})
+    src, tgt = Dictionary(), Dictionary()
+    for t in de:
+        src.add_symbol(t + "@@", n=0)
+        src.add_symbol(t, n=0)
+    for w in _EN_ONES + _EN_TENS[2:] + ["hundred", "thousand"]:
+        tgt.add_symbol(w, n=0)
+    src.pad_to_multiple_(8)
+    tgt.pad_to_multiple_(8)
+    return src, tgt
+
+
+NUMBERS_SRC_VOCAB_SIZE, NUMBERS_TGT_VOCAB_SIZE = (len(d) for d in numbers_dictionaries())
+
+
+class NumbersDataModule(TranslationDataModule):
+    """The embedded translation task: German number words (as sub-words) to English number words. No files, no
+    network; the splits are drawn with ``seed`` and disjoint.
+
+    Example: source ``drei@@ hundert@@ vier@@ und@@ zwanzig@@ tausend@@ fünf@@ hundert@@ zwölf`` (the word
+    dreihundertvierundzwanzigtausendfünfhundertzwölf, split into morphemes with subword-nmt's ``@@`` markers),
+    target ``three hundred twenty four thousand five hundred twelve``. The model must learn the vocabulary and the
+    German order of units before tens (``vier und zwanzig`` -> ``twenty four``).
+
+    Numbers are drawn in 0 .. ``max_number`` with a number of digits uniform in 1 .. digits(max_number), then a
+    uniform number with that many digits, so that short numbers are as frequent as long ones; duplicates are
+    removed and the valid / test numbers never occur in training. The dictionaries are fixed
+    (:func:`numbers_dictionaries`: ``NUMBERS_SRC_VOCAB_SIZE`` / ``NUMBERS_TGT_VOCAB_SIZE`` symbols).
+
+    Args:
+        train_size, valid_size, test_size: sentence pairs per split (at most what the range holds).
+        max_number: the largest number (< 10^6).
+        seed: seed of the draw (the batch shuffles use it too).
+        Other arguments: :class:`TranslationDataModule` (``max_tokens`` default 2048).
+    """
+
+    def __init__(self, train_size: int = 20000, valid_size: int = 400, test_size: int = 400,
+                 max_number: int = 999_999, seed: int = 0, max_tokens: int | None = 2048,
+                 max_sentences: int | None = None, left_pad_source: bool = True, left_pad_target: bool = False,
+                 required_batch_size_multiple: int = 8, num_workers: int = 0) -> None:
+        super().__init__(max_tokens=max_tokens, max_sentences=max_sentences, left_pad_source=left_pad_source,
+                         left_pad_target=left_pad_target, required_batch_size_multiple=required_batch_size_multiple,
+                         seed=seed, num_workers=num_workers, remove_bpe="@@ ")
+        if not 0 < max_number < 10**6:
+            raise ZooError(f"max_number must be in 1 .. 999999, got {max_number}")
+        sizes = (train_size, valid_size, test_size)
+        if any(int(s) != s or s < 1 for s in sizes):
+            raise ZooError(f"train_size, valid_size and test_size must be positive integers, got {sizes}")
+        if sum(sizes) > max_number + 1:
+            raise ZooError(f"{sum(sizes)} distinct numbers requested but 0 .. {max_number} holds {max_number + 1}: "
+                           "lower the split sizes or raise max_number")
+        self.save_hyperparameters()
+        self.train_size, self.valid_size, self.test_size = int(train_size), int(valid_size), int(test_size)
+        self.max_number = int(max_number)
+        self.numbers: dict[str, np.ndarray] = {}
+
+    def setup_dictionaries(self) -> None:
+        self._src_dict, self._tgt_dict = numbers_dictionaries()
+
+    def _draw(self, total: int) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        max_digits = len(str(self.max_number))
+        seen: dict[int, None] = {}
+        # small ranges (1-digit numbers ...) saturate: draw until enough distinct numbers, bounded
+        for _ in range(100):
+            d = rng.integers(1, max_digits + 1, size=4 * total)
+            lo = np.where(d == 1, 0, 10 ** (d - 1))
+            hi = np.minimum(10**d - 1, self.max_number)
+            nums = lo + (rng.random(4 * total) * (hi - lo + 1)).astype(np.int64)
+            for x in nums[nums <= self.max_number].tolist():
+                seen.setdefault(int(x), None)
+            if len(seen) >= total:
+                break
+        if len(seen) < total:  # fall back to a uniform draw over the whole range
+            rest = rng.permutation(self.max_number + 1)
+            for x in rest.tolist():
+                seen.setdefault(int(x), None)
+                if len(seen) >= total:
+                    break
+        return np.asarray(list(seen)[:total], dtype=np.int64)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.setup_dictionaries()
+        nums = self._draw(self.train_size + self.valid_size + self.test_size)
+        # valid / test first (short numbers are scarce: they go to every split in proportion)
+        splits = {"valid": nums[: self.valid_size],
+                  "test": nums[self.valid_size: self.valid_size + self.test_size],
+                  "train": nums[self.valid_size + self.test_size:]}
+        for name, values in splits.items():
+            self.numbers[name] = values
+            src = [self.src_dict.encode_line(_german_source(int(n))) for n in values]
+            tgt = [self.tgt_dict.encode_line(english_number(int(n))) for n in values]
+            self._add_split(name, LanguagePairDataset(src, tgt))
+
+    def pairs(self, split: str = "valid") -> list[tuple[str, str]]:
+        """The (German word, English words) pairs of a split, as text."""
+        self.setup()
+        return [("".join(german_number_tokens(int(n))), english_number(int(n))) for n in self.numbers[split]]

@@ -1,0 +1,945 @@
+"""Sinkformers for translation (MATH.md section 5): fairseq's encoder-decoder Transformer with Sinkhorn attention in
+the encoder self-attention; softmax in the causal decoder self-attention and in the encoder-decoder attention (the
+published IWSLT'14 model uses Sinkhorn in the encoder only). ``n_iter=1`` is fairseq's Transformer.
+
+Forward equations (fairseq ``TransformerModel``; E the width, H heads of width d = E / H, V the vocabulary):
+
+Positions and embeddings (encoder on the source x, decoder on ``prev_output_tokens`` = ``</s> y_1 .. y_{n-1}``):
+
+    p_t = pad + #{s <= t : x_s != pad}   for a token,   p_t = pad for padding       (pad = 1: positions start at 2)
+    P[p, j] = sin(p w_j), P[p, E/2 + j] = cos(p w_j),  w_j = exp(-j ln(10000) / (E/2 - 1)),  P[pad] = 0
+    h_t = dropout(s_E W_emb[x_t] + P[p_t])            s_E = sqrt(E) (1 if no_scale_embedding)
+
+(``learned_pos``: P is a learned table of max_positions + pad + 1 rows; ``layernorm_embedding`` adds a LayerNorm
+before the dropout). The encoder zeroes h at padded positions. Left or right padding give the same values at the
+valid tokens, since positions count valid tokens only.
+
+Attention (fairseq ``MultiheadAttention``: separate ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``):
+
+    q = W_q h + b_q,  k = W_k m + b_k,  v = W_v m + b_v       split into H heads
+    C = q k^T / sqrt(d) (+ -inf at masked keys),  A = Sinkhorn_{n_iter}(C) (n_iter = 1: row softmax)
+    MHA(h, m) = W_o concat_heads(dropout_att(A) v) + b_o
+
+Sinkhorn_{n_iter} alternates row and column normalisations of exp(C) over the valid tokens
+(:func:`zoo.ops.sinkhorn_attention`, (S1)-(S2)); padded queries get zero rows.
+
+Encoder layer (post-norm, fairseq's default ``encoder_normalize_before=False``; m the source padding):
+
+    h = LN_sa(h + dropout(MHA_sinkhorn(h, h; m)))
+    h = LN_ff(h + dropout(W_2 dropout_act(relu(W_1 h + b_1)) + b_2))
+
+Decoder layer (causal self-attention; cross-attention on the encoder output e):
+
+    h = LN_sa(h + dropout(MHA_softmax(h, h; causal)))
+    h = LN_ca(h + dropout(MHA_softmax(h, e; m)))
+    h = LN_ff(h + dropout(FFN(h)))
+
+Pre-norm (``*_normalize_before=True``): h = h + dropout(sublayer(LN(h))) and a final LayerNorm after the stack.
+Output: logits = h W_out^T, W_out = ``decoder.embed_tokens.weight`` with ``share_decoder_input_output_embed``;
+log p = log_softmax(logits).
+
+Parameter names are fairseq's, so a fairseq checkpoint's ``model`` state dict loads without renaming
+(``encoder.embed_tokens.weight``, ``encoder.embed_positions._float_tensor``, ``encoder.layers.{i}.self_attn.
+{k,v,q,out}_proj.{weight,bias}``, ``encoder.layers.{i}.self_attn_layer_norm``, ``fc1``, ``fc2``,
+``final_layer_norm``, ``decoder.layers.{i}.encoder_attn.*``, ``encoder_attn_layer_norm``,
+``decoder.output_projection.weight``, ``encoder.version`` / ``decoder.version`` = [3.]), and
+:meth:`SinkformerTranslation.from_fairseq_checkpoint` builds the model from a checkpoint file (no fairseq needed).
+Dictionary conventions are fairseq's: bos 0, pad 1, eos 2, unk 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.errors import ZooError
+from zoo.hub import HubMixin, load_state_dict, load_weights
+from zoo.nn.attention import SinkhornSettings, check_n_iter
+from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
+from zoo.registry import register_model
+from zoo.tasks.translation import TranslationTask
+
+__all__ = [
+    "EncoderOut",
+    "LearnedPositionalEmbedding",
+    "MultiheadAttention",
+    "SinkformerTranslation",
+    "SinusoidalPositionalEmbedding",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "from_fairseq_checkpoint",
+    "make_positions",
+    "read_fairseq_checkpoint",
+    "sinkformer_transformer_iwslt_de_en",
+    "sinkformer_transformer_numbers",
+    "sinkformer_transformer_toy",
+    "transformer_iwslt_de_en",
+]
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+ACTIVATIONS = ("relu", "gelu", "gelu_accurate", "tanh", "linear")
+IWSLT14_DE_EN_VOCAB = (8848, 6632)  # fairseq-preprocess on prepare-iwslt14.sh's BPE data: [de] 8848, [en] 6632 types
+
+
+def _activation(name: str) -> Any:
+    if name == "relu":
+        return F.relu
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_accurate":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "tanh":
+        return torch.tanh
+    if name == "linear":
+        return lambda x: x
+    raise ZooError(f"unknown activation_fn {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+
+
+# ================================================================================================ positions
+
+
+def make_positions(tokens: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """fairseq's ``make_positions``: padding_idx + 1, + 2, ... over the non-pad tokens, padding_idx at pads."""
+    mask = tokens.ne(padding_idx).int()
+    return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
+
+
+def sinusoidal_table(num_embeddings: int, embedding_dim: int, padding_idx: int | None) -> torch.Tensor:
+    """fairseq's ``SinusoidalPositionalEmbedding.get_embedding`` (sin half then cos half, row padding_idx zero)."""
+    half = embedding_dim // 2
+    step = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -step)
+    args = torch.arange(num_embeddings, dtype=torch.float).unsqueeze(1) * freqs.unsqueeze(0)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1).view(num_embeddings, -1)
+    if embedding_dim % 2 == 1:
+        emb = torch.cat([emb, torch.zeros(num_embeddings, 1)], dim=1)
+    if padding_idx is not None:
+        emb[padding_idx, :] = 0
+    return emb
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """fairseq's non-learned positions; its only state-dict entry is fairseq's ``_float_tensor`` placeholder (the
+    table is a non-persistent buffer, grown when a longer input comes)."""
+
+    def __init__(self, embedding_dim: int, padding_idx: int, init_size: int = 1024) -> None:
+        super().__init__()
+        self.embedding_dim, self.padding_idx = embedding_dim, padding_idx
+        self.register_buffer("_float_tensor", torch.zeros(1))
+        self.register_buffer("weights", sinusoidal_table(init_size, embedding_dim, padding_idx), persistent=False)
+        self.max_positions = int(1e5)
+
+    def _table(self, size: int) -> torch.Tensor:
+        if size > self.weights.size(0):  # a shape check, no device sync
+            self.weights = sinusoidal_table(size, self.embedding_dim, self.padding_idx).to(self._float_tensor)
+        return self.weights.to(self._float_tensor)
+
+    def forward(self, tokens: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, E); with ``step``, the embedding of decoder position ``step`` for every row."""
+        if step is not None:
+            pos = self.padding_idx + 1 + step
+            return self._table(pos + 1)[pos].expand(tokens.size(0), 1, -1)
+        table = self._table(self.padding_idx + 1 + tokens.size(1))
+        return table[make_positions(tokens, self.padding_idx)].detach()
+
+
+class LearnedPositionalEmbedding(nn.Embedding):
+    """fairseq's learned positions (``encoder_learned_pos``): max_positions + padding_idx + 1 rows."""
+
+    def __init__(self, max_positions: int, embedding_dim: int, padding_idx: int) -> None:
+        super().__init__(max_positions + padding_idx + 1, embedding_dim, padding_idx)
+        nn.init.normal_(self.weight, mean=0, std=embedding_dim**-0.5)
+        with torch.no_grad():
+            self.weight[padding_idx].zero_()
+        self.max_positions = max_positions
+
+    def forward(self, tokens: torch.Tensor, step: int | None = None) -> torch.Tensor:  # type: ignore[override]
+        if step is not None:
+            pos = torch.full((tokens.size(0), 1), self.padding_idx + 1 + step, device=tokens.device)
+        else:
+            pos = make_positions(tokens, self.padding_idx)
+        return F.embedding(pos, self.weight, self.padding_idx)
+
+
+def _positional_embedding(max_positions: int, dim: int, padding_idx: int, learned: bool) -> nn.Module:
+    if learned:
+        return LearnedPositionalEmbedding(max_positions, dim, padding_idx)
+    return SinusoidalPositionalEmbedding(dim, padding_idx, init_size=max_positions + padding_idx + 1)
+
+
+def _embedding(num: int, dim: int, padding_idx: int) -> nn.Embedding:
+    """fairseq's ``Embedding``: normal(0, dim^-1/2), padding row zero."""
+    m = nn.Embedding(num, dim, padding_idx=padding_idx)
+    nn.init.normal_(m.weight, mean=0, std=dim**-0.5)
+    nn.init.constant_(m.weight[padding_idx], 0)
+    return m
+
+
+# ================================================================================================ attention
+
+
+class MultiheadAttention(nn.Module):
+    """fairseq's ``MultiheadAttention`` parameters (``k_proj``, ``v_proj``, ``q_proj``, ``out_proj``), batch-first,
+    with Sinkhorn normalisation (``n_iter`` half-steps; 1 = softmax) and a key/value cache for decoding.
+
+    ``forward(query, key_value=None, key_padding_mask=None, attn_mask=None, cache=None, static_kv=False)``:
+    ``query`` (B, L, E), ``key_value`` (B, S, kdim) (None: self-attention), ``key_padding_mask`` (B, S) bool True
+    at pads, ``attn_mask`` bool (B or 1, 1, L, S) True = may attend. With ``cache`` (a dict) the projected keys and
+    values are kept: appended to (self-attention) or computed once (``static_kv``, encoder-decoder attention).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
+                 dropout: float = 0.0, n_iter: int = 1, record_stats: bool = False) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout = dropout
+        self.n_iter = check_n_iter(n_iter)
+        self.record_stats, self.stats = bool(record_stats), {}
+        self.k_proj = nn.Linear(self.kdim, embed_dim)
+        self.v_proj = nn.Linear(self.vdim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        gain = 1 / math.sqrt(2) if self.kdim == self.vdim == embed_dim else 1.0  # fairseq's reset_parameters
+        for lin in (self.k_proj, self.v_proj, self.q_proj):
+            nn.init.xavier_uniform_(lin.weight, gain=gain)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, n_iter={self.n_iter}"
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                cache: dict[str, torch.Tensor] | None = None, static_kv: bool = False) -> torch.Tensor:
+        B, L, E = query.shape
+        q = self._heads(self.q_proj(query))
+        if cache is not None and static_kv and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            kv = query if key_value is None else key_value
+            k, v = self._heads(self.k_proj(kv)), self._heads(self.v_proj(kv))
+            if cache is not None:
+                if not static_kv and "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        dropout_p = self.dropout if self.training else 0.0
+        if self.n_iter == 1 and not self.record_stats:
+            mask = attn_mask
+            if key_padding_mask is not None:
+                keep = ~key_padding_mask.view(B, 1, 1, -1)
+                mask = keep if mask is None else mask & keep
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:  # Sinkhorn (self-attention: padded queries are left out of the marginals and get zero rows)
+            out = sinkhorn_attention(q, k, v, n_iter=self.n_iter, attn_mask=attn_mask,
+                                     key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                     return_weights=self.record_stats)
+            if self.record_stats:
+                out, weights = out
+                self.stats = column_sum_stats(weights.detach(), key_padding_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, E))
+
+
+# ================================================================================================ layers
+
+
+class TransformerEncoderLayer(nn.Module):
+    """fairseq's ``TransformerEncoderLayer`` (names ``self_attn``, ``self_attn_layer_norm``, ``fc1``, ``fc2``,
+    ``final_layer_norm``) with Sinkhorn self-attention."""
+
+    def __init__(self, embed_dim: int, ffn_embed_dim: int, num_heads: int, dropout: float = 0.1,
+                 attention_dropout: float = 0.0, activation_dropout: float = 0.0, activation_fn: str = "relu",
+                 normalize_before: bool = False, n_iter: int = 3, record_stats: bool = False) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(embed_dim, num_heads, dropout=attention_dropout, n_iter=n_iter,
+                                            record_stats=record_stats)
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.activation_fn = _activation(activation_fn)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.normalize_before = normalize_before
+        self.fc1 = nn.Linear(embed_dim, ffn_embed_dim)
+        self.fc2 = nn.Linear(ffn_embed_dim, embed_dim)
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        x = residual + self.dropout(self.self_attn(x, key_padding_mask=padding_mask))
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        x = self.fc2(self.activation_dropout(self.activation_fn(self.fc1(x))))
+        x = residual + self.dropout(x)
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class TransformerDecoderLayer(nn.Module):
+    """fairseq's ``TransformerDecoderLayer`` (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
+    ``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``); softmax attention everywhere."""
+
+    def __init__(self, embed_dim: int, ffn_embed_dim: int, num_heads: int, encoder_embed_dim: int | None = None,
+                 dropout: float = 0.1, attention_dropout: float = 0.0, activation_dropout: float = 0.0,
+                 activation_fn: str = "relu", normalize_before: bool = False) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(embed_dim, num_heads, dropout=attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.encoder_attn = MultiheadAttention(embed_dim, num_heads, kdim=encoder_embed_dim, vdim=encoder_embed_dim,
+                                               dropout=attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.activation_fn = _activation(activation_fn)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.normalize_before = normalize_before
+        self.fc1 = nn.Linear(embed_dim, ffn_embed_dim)
+        self.fc2 = nn.Linear(ffn_embed_dim, embed_dim)
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.LayerNorm, fn: Any) -> torch.Tensor:
+        y = fn(norm(x) if self.normalize_before else x)
+        x = x + self.dropout(y)
+        return x if self.normalize_before else norm(x)
+
+    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor, encoder_padding_mask: torch.Tensor,
+                self_attn_mask: torch.Tensor | None, cache: dict[str, dict[str, torch.Tensor]] | None = None
+                ) -> torch.Tensor:
+        sa_cache = None if cache is None else cache.setdefault("self", {})
+        ca_cache = None if cache is None else cache.setdefault("cross", {})
+        x = self._sublayer(x, self.self_attn_layer_norm,
+                           lambda h: self.self_attn(h, attn_mask=self_attn_mask, cache=sa_cache))
+        x = self._sublayer(x, self.encoder_attn_layer_norm,
+                           lambda h: self.encoder_attn(h, encoder_out, key_padding_mask=encoder_padding_mask,
+                                                       cache=ca_cache, static_kv=True))
+        return self._sublayer(x, self.final_layer_norm,
+                              lambda h: self.fc2(self.activation_dropout(self.activation_fn(self.fc1(h)))))
+
+
+# ================================================================================================ encoder / decoder
+
+
+class EncoderOut(NamedTuple):
+    """Encoder output (B, S, E) and source padding mask (B, S), True at pads."""
+
+    out: torch.Tensor
+    padding_mask: torch.Tensor
+
+
+class TransformerEncoder(nn.Module):
+    """fairseq's ``TransformerEncoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
+    pre-norm, ``layernorm_embedding`` when asked, ``version`` buffer)."""
+
+    def __init__(self, embed_tokens: nn.Embedding, layers: int, ffn_embed_dim: int, num_heads: int,
+                 dropout: float, attention_dropout: float, activation_dropout: float, activation_fn: str,
+                 normalize_before: bool, max_positions: int, learned_pos: bool, no_token_positional_embeddings: bool,
+                 layernorm_embedding: bool, no_scale_embedding: bool, n_iter: int, record_stats: bool) -> None:
+        super().__init__()
+        self.register_buffer("version", torch.Tensor([3]))
+        dim = embed_tokens.embedding_dim
+        self.padding_idx = embed_tokens.padding_idx
+        self.max_source_positions = max_positions
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if no_scale_embedding else math.sqrt(dim)
+        self.embed_positions = (None if no_token_positional_embeddings
+                                else _positional_embedding(max_positions, dim, self.padding_idx, learned_pos))
+        self.layernorm_embedding = nn.LayerNorm(dim) if layernorm_embedding else None
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList([
+            TransformerEncoderLayer(dim, ffn_embed_dim, num_heads, dropout, attention_dropout, activation_dropout,
+                                    activation_fn, normalize_before, n_iter, record_stats)
+            for _ in range(layers)
+        ])
+        self.layer_norm = nn.LayerNorm(dim) if normalize_before else None
+
+    def forward(self, src_tokens: torch.Tensor) -> EncoderOut:
+        padding_mask = src_tokens.eq(self.padding_idx)
+        x = self.embed_scale * self.embed_tokens(src_tokens)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(src_tokens)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout(x)
+        x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))  # fairseq: zero the padded positions
+        for layer in self.layers:
+            x = layer(x, padding_mask)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return EncoderOut(x, padding_mask)
+
+
+class TransformerDecoder(nn.Module):
+    """fairseq's ``TransformerDecoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
+    pre-norm, ``output_projection`` tied to ``embed_tokens`` with ``share_input_output_embed``, ``version``)."""
+
+    def __init__(self, embed_tokens: nn.Embedding, layers: int, ffn_embed_dim: int, num_heads: int,
+                 encoder_embed_dim: int, dropout: float, attention_dropout: float, activation_dropout: float,
+                 activation_fn: str, normalize_before: bool, no_final_norm: bool, max_positions: int,
+                 learned_pos: bool, no_token_positional_embeddings: bool, layernorm_embedding: bool,
+                 no_scale_embedding: bool, share_input_output_embed: bool) -> None:
+        super().__init__()
+        self.register_buffer("version", torch.Tensor([3]))
+        dim = embed_tokens.embedding_dim
+        self.padding_idx = embed_tokens.padding_idx
+        self.max_target_positions = max_positions
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if no_scale_embedding else math.sqrt(dim)
+        self.embed_positions = (None if no_token_positional_embeddings
+                                else _positional_embedding(max_positions, dim, self.padding_idx, learned_pos))
+        self.layernorm_embedding = nn.LayerNorm(dim) if layernorm_embedding else None
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList([
+            TransformerDecoderLayer(dim, ffn_embed_dim, num_heads, encoder_embed_dim, dropout, attention_dropout,
+                                    activation_dropout, activation_fn, normalize_before)
+            for _ in range(layers)
+        ])
+        self.layer_norm = nn.LayerNorm(dim) if normalize_before and not no_final_norm else None
+        self.share_input_output_embed = share_input_output_embed
+        self.output_projection = nn.Linear(dim, embed_tokens.num_embeddings, bias=False)
+        if share_input_output_embed:
+            self.output_projection.weight = embed_tokens.weight
+        else:
+            nn.init.normal_(self.output_projection.weight, mean=0, std=dim**-0.5)
+
+    def forward(self, prev_output_tokens: torch.Tensor, encoder_out: EncoderOut,
+                cache: list[dict[str, dict[str, torch.Tensor]]] | None = None, step: int | None = None,
+                features_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V). With ``cache`` (a list, filled on the first call) and ``step``, ``prev_output_tokens``
+        is the last token of each row (B, 1) at decoder position ``step`` (decoding, no padding)."""
+        incremental = cache is not None
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(prev_output_tokens, step=step if incremental else None)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout(x)
+        mask = None
+        if not incremental:
+            T = prev_output_tokens.size(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            pad = prev_output_tokens.eq(self.padding_idx)
+            eye = torch.eye(T, dtype=torch.bool, device=x.device)
+            # causal, padded keys masked (a padded query keeps itself, so that no row is empty)
+            mask = causal & (~pad[:, None, None, :] | eye)
+        else:
+            while len(cache) < len(self.layers):
+                cache.append({})
+        for i, layer in enumerate(self.layers):
+            x = layer(x, encoder_out.out, encoder_out.padding_mask, mask, None if cache is None else cache[i])
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return x if features_only else self.output_projection(x)
+
+
+# ================================================================================================ the model
+
+
+class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
+    """fairseq's encoder-decoder Transformer with Sinkhorn attention in the encoder (Sinkformer, MATH.md section 5),
+    fairseq's parameter names and its ``transformer_iwslt_de_en`` shape by default.
+
+    Args:
+        src_vocab_size, tgt_vocab_size: dictionary sizes (4 specials + the lines of ``dict.{lang}.txt``; target
+            default: the source's).
+        encoder_layers, encoder_embed_dim, encoder_ffn_embed_dim, encoder_attention_heads: 6, 512, 1024, 4.
+        decoder_layers, decoder_embed_dim, decoder_ffn_embed_dim, decoder_attention_heads: 6, 512, 1024, 4.
+        encoder_normalize_before, decoder_normalize_before: pre-norm layers (fairseq's default False: post-norm);
+            ``no_decoder_final_norm`` drops the decoder's final LayerNorm of the pre-norm variant.
+        share_decoder_input_output_embed: tie ``decoder.output_projection`` to ``decoder.embed_tokens`` (fairseq's
+            ``--share-decoder-input-output-embed``; arch default False, the published IWSLT command sets it).
+        share_all_embeddings: one embedding for encoder, decoder and output (a joined dictionary: equal sizes).
+        dropout, attention_dropout, activation_dropout, activation_fn: 0.3 (IWSLT command), 0, 0, ``"relu"``.
+        max_source_positions, max_target_positions: 1024.
+        encoder_learned_pos, decoder_learned_pos, no_token_positional_embeddings, layernorm_embedding,
+            no_scale_embedding: fairseq's options of the same names (defaults off).
+        n_iter: Sinkhorn half-steps of the encoder self-attention (1 = the Transformer); the decoder always uses
+            softmax. Default 3 (MATH.md: 3 to 5 give near doubly stochastic matrices).
+        record_stats: record the column-sum statistics of the encoder attentions (:meth:`attention_stats`).
+        weights: a zoo checkpoint / ``save_pretrained`` output / ``hf-hub:``, or a fairseq checkpoint file whose
+            shape matches (see :meth:`from_fairseq_checkpoint` to build the model from the checkpoint itself).
+        optimizer, lr, betas, weight_decay, **kwargs: training settings of :class:`zoo.tasks.translation.
+            TranslationTask` (fairseq's IWSLT'14: Adam (0.9, 0.98), lr 5e-4, inverse_sqrt with 4000 warm-up updates,
+            weight decay 1e-4, label smoothing 0.1).
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int | None = None,
+        encoder_layers: int = 6,
+        encoder_embed_dim: int = 512,
+        encoder_ffn_embed_dim: int = 1024,
+        encoder_attention_heads: int = 4,
+        decoder_layers: int = 6,
+        decoder_embed_dim: int = 512,
+        decoder_ffn_embed_dim: int = 1024,
+        decoder_attention_heads: int = 4,
+        encoder_normalize_before: bool = False,
+        decoder_normalize_before: bool = False,
+        no_decoder_final_norm: bool = False,
+        share_decoder_input_output_embed: bool = False,
+        share_all_embeddings: bool = False,
+        dropout: float = 0.3,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+        activation_fn: str = "relu",
+        max_source_positions: int = 1024,
+        max_target_positions: int = 1024,
+        encoder_learned_pos: bool = False,
+        decoder_learned_pos: bool = False,
+        no_token_positional_embeddings: bool = False,
+        layernorm_embedding: bool = False,
+        no_scale_embedding: bool = False,
+        n_iter: int = 3,
+        record_stats: bool = False,
+        weights: str | None = None,
+        optimizer: str = "adam",
+        lr: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.98),
+        weight_decay: float = 1e-4,
+        **kwargs: Any,
+    ) -> None:
+        check_n_iter(n_iter)
+        tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
+        for name, v in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= UNK:
+                raise ZooError(f"{name} must be an integer > 3 (fairseq's 4 special symbols come first), got {v!r}")
+        for name, v in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
+            if not isinstance(v, int) or v < 0:
+                raise ZooError(f"{name} must be a non-negative integer, got {v!r}")
+        for side, dim, heads in (("encoder", encoder_embed_dim, encoder_attention_heads),
+                                 ("decoder", decoder_embed_dim, decoder_attention_heads)):
+            if dim % heads:
+                raise ZooError(f"{side}_embed_dim {dim} is not divisible by {side}_attention_heads {heads}")
+        if activation_fn not in ACTIVATIONS:
+            raise ZooError(f"unknown activation_fn {activation_fn!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if share_all_embeddings:
+            if src_vocab_size != tgt_vocab_size:
+                raise ZooError(f"share_all_embeddings needs a joined dictionary (one vocabulary), got source "
+                               f"{src_vocab_size} and target {tgt_vocab_size} symbols: build the data with "
+                               "joined_dictionary=True (fairseq-preprocess --joined-dictionary)")
+            if encoder_embed_dim != decoder_embed_dim:
+                raise ZooError(f"share_all_embeddings needs encoder_embed_dim == decoder_embed_dim, got "
+                               f"{encoder_embed_dim} and {decoder_embed_dim}")
+            share_decoder_input_output_embed = True
+        super().__init__(optimizer=optimizer, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
+        self.hparams["tgt_vocab_size"] = tgt_vocab_size
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
+        self.pad, self.eos, self.unk, self.bos = PAD, EOS, UNK, BOS
+        enc_embed = _embedding(src_vocab_size, encoder_embed_dim, PAD)
+        dec_embed = enc_embed if share_all_embeddings else _embedding(tgt_vocab_size, decoder_embed_dim, PAD)
+        self.encoder = TransformerEncoder(
+            enc_embed, encoder_layers, encoder_ffn_embed_dim, encoder_attention_heads, dropout, attention_dropout,
+            activation_dropout, activation_fn, encoder_normalize_before, max_source_positions, encoder_learned_pos,
+            no_token_positional_embeddings, layernorm_embedding, no_scale_embedding, n_iter, record_stats)
+        self.decoder = TransformerDecoder(
+            dec_embed, decoder_layers, decoder_ffn_embed_dim, decoder_attention_heads, encoder_embed_dim, dropout,
+            attention_dropout, activation_dropout, activation_fn, decoder_normalize_before, no_decoder_final_norm,
+            max_target_positions, decoder_learned_pos, no_token_positional_embeddings, layernorm_embedding,
+            no_scale_embedding, share_decoder_input_output_embed)
+        if weights is not None:
+            self.load_any_weights(weights)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of the target given the source (B, S) and the shifted target (B, T)."""
+        return self.decoder(prev_output_tokens, self.encoder(src_tokens))
+
+    def get_normalized_probs(self, logits: torch.Tensor, log_probs: bool = True) -> torch.Tensor:
+        """log_softmax (or softmax) over the vocabulary in float32 (float64 stays float64)."""
+        logits = _at_least_float32(logits)
+        return F.log_softmax(logits, -1) if log_probs else F.softmax(logits, -1)
+
+    # ---------------------------------------------------------------- incremental decoding (Seq2SeqDecoder)
+    def forward_encoder(self, src_tokens: torch.Tensor) -> EncoderOut:
+        return self.encoder(src_tokens)
+
+    def forward_decoder_step(self, tokens: torch.Tensor, step: int, encoder_out: EncoderOut,
+                             cache: list[dict[str, Any]]) -> torch.Tensor:
+        """log p(next | tokens so far) (N, V) from the last token (N, 1) at position ``step``; ``cache`` (a list,
+        empty at step 0) keeps each layer's self-attention keys/values and the encoder-attention keys/values,
+        so a step costs O(step) attention, not O(step^2)."""
+        logits = self.decoder(tokens, encoder_out, cache=cache, step=step)
+        return F.log_softmax(_at_least_float32(logits[:, -1]), dim=-1)
+
+    @staticmethod
+    def reorder_state(encoder_out: EncoderOut, cache: list[dict[str, Any]],
+                      index: torch.Tensor) -> tuple[EncoderOut, list[dict[str, Any]]]:
+        """Rows ``index`` of the encoder output and of every cached key/value (beam reordering)."""
+        enc = EncoderOut(encoder_out.out.index_select(0, index), encoder_out.padding_mask.index_select(0, index))
+        new = [{part: {k: v.index_select(0, index) for k, v in d.items()} for part, d in layer.items()}
+               for layer in cache]
+        return enc, new
+
+    def max_decoder_positions(self) -> int:
+        pos = self.decoder.embed_positions
+        limit = getattr(pos, "max_positions", self.decoder.max_target_positions) if pos is not None else 10**9
+        return min(self.decoder.max_target_positions, limit)
+
+    def translate(self, src_tokens: torch.Tensor, beam: int | None = None, **kwargs: Any) -> list[torch.Tensor]:
+        """The best translation (token ids ending in eos) of each source sentence (B, S), by beam search."""
+        return [h[0]["tokens"] for h in self.generate(src_tokens, beam=beam, **kwargs)]
+
+    # ---------------------------------------------------------------- Sinkhorn settings and diagnostics
+    @property
+    def attentions(self) -> list[MultiheadAttention]:
+        """The encoder self-attentions, the only Sinkhorn ones (``set_n_iter``, ``set_record_stats`` and
+        ``attention_stats`` of :class:`zoo.nn.attention.SinkhornSettings` act on them)."""
+        return [layer.self_attn for layer in self.encoder.layers]
+
+    encoder_attentions = attentions
+
+    def check_dictionaries(self, src_dict: Any = None, tgt_dict: Any = None) -> None:
+        """One ZooError when a dictionary's size differs from the model's vocabulary (a Dictionary, a dict.txt path
+        or a size)."""
+        for side, d, n in (("source", src_dict, self.src_vocab_size), ("target", tgt_dict, self.tgt_vocab_size)):
+            if d is None:
+                continue
+            size = _dictionary_size(d)
+            if size != n:
+                key = "src_vocab_size" if side == "source" else "tgt_vocab_size"
+                raise ZooError(f"vocabulary size mismatch: the {side} dictionary has {size} symbols but the model's "
+                               f"{side} embedding has {n} rows: set {key}: {size} (or use the dictionaries the "
+                               "weights were trained with)")
+
+    # ---------------------------------------------------------------- weights
+    def load_any_weights(self, weights: str | os.PathLike) -> None:
+        """Load zoo weights (see :func:`zoo.hub.load_weights`) or the ``model`` of a fairseq checkpoint file."""
+        path = Path(str(weights)).expanduser()
+        if path.is_file() and path.suffix not in (".safetensors", ".ckpt"):
+            ckpt = read_fairseq_checkpoint(path)
+            if "args" in ckpt or "cfg" in ckpt:
+                load_state_dict(self, ckpt["model"], source=str(path))
+                return
+        load_weights(self, weights)
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                         source_hparams: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+        """Weight-loader hook: fairseq's own upgrades of old checkpoints (``upgrade_state_dict_named``): drop the
+        stored sinusoidal table ``embed_positions.weights``, add ``_float_tensor``, rename ``layer_norms.{0,1,2}``,
+        take ``output_projection.weight`` from ``embed_out`` or the tied embedding; the ``version`` buffers become
+        the model's."""
+        sd = dict(state_dict)
+        own = self.state_dict()
+        for side in ("encoder", "decoder"):
+            sd.pop(f"{side}.embed_positions.weights", None)
+            key = f"{side}.embed_positions._float_tensor"
+            if key in own:
+                sd[key] = own[key]
+            version = sd.get(f"{side}.version")
+            normalize_before = self.hparams[f"{side}_normalize_before"]
+            limit = 2 if side == "encoder" else 3  # fairseq: encoder < 2, decoder <= 2 are old checkpoints
+            if version is not None and normalize_before and float(version.flatten()[0]) < limit:
+                raise ZooError(f"this checkpoint's {side} (version {float(version.flatten()[0]):g}) predates the "
+                               "final LayerNorm of pre-norm transformers (fairseq < 0.6): not supported")
+            if f"{side}.version" in own:
+                sd[f"{side}.version"] = own[f"{side}.version"]
+            names = {"0": "self_attn_layer_norm", "1": "final_layer_norm"} if side == "encoder" else \
+                {"0": "self_attn_layer_norm", "1": "encoder_attn_layer_norm", "2": "final_layer_norm"}
+            for k in list(sd):
+                parts = k.split(".")
+                if k.startswith(f"{side}.layers.") and len(parts) == 6 and parts[3] == "layer_norms":
+                    sd[".".join(parts[:3] + [names.get(parts[4], parts[4]), parts[5]])] = sd.pop(k)
+        if "decoder.output_projection.weight" not in sd:
+            src = "decoder.embed_tokens.weight" if self.decoder.share_input_output_embed else "decoder.embed_out"
+            if src in sd:
+                sd["decoder.output_projection.weight"] = sd[src]
+        sd.pop("decoder.embed_out", None)
+        if self.hparams.share_all_embeddings:
+            for a, b in (("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+                         ("decoder.embed_tokens.weight", "encoder.embed_tokens.weight")):
+                if a not in sd and b in sd:
+                    sd[a] = sd[b]
+        return sd
+
+    @classmethod
+    def from_fairseq_checkpoint(cls, checkpoint: str | os.PathLike | Mapping[str, Any], n_iter: int | None = None,
+                                src_dict: Any = None, tgt_dict: Any = None, **overrides: Any) -> SinkformerTranslation:
+        """A model with the architecture and weights of a fairseq ``transformer`` checkpoint (no fairseq needed).
+
+        ``checkpoint``: a ``checkpoint*.pt`` file or the loaded dict (``model`` + ``args`` (argparse Namespace) or
+        ``cfg`` (a dict, or an omegaconf DictConfig, which needs omegaconf)). The arch's defaults fill what the
+        args lack. ``n_iter``: Sinkhorn half-steps of the encoder (default: the checkpoint's ``n_iter`` or
+        ``sinkhorn_n_iter`` if it records one, else 1, which computes exactly the fairseq Transformer's function).
+        ``src_dict`` / ``tgt_dict`` (a ``dict.{lang}.txt`` path, a :class:`zoo.data.translation.Dictionary` or a
+        size) are checked against the embeddings. ``overrides`` go to the constructor (e.g. training settings).
+        A fairseq checkpoint is a pickle: load only files you trust (the loader first tries the safe
+        ``weights_only`` unpickler with ``argparse.Namespace`` allowed). One ZooError for an unreadable or truncated
+        file, an unknown architecture, an unsupported option or a vocabulary mismatch.
+        """
+        ckpt = read_fairseq_checkpoint(checkpoint)
+        where = str(checkpoint) if not isinstance(checkpoint, Mapping) else "checkpoint dict"
+        hparams, ckpt_n_iter = fairseq_hparams(ckpt, where)
+        state_dict = ckpt["model"]
+        for side in ("encoder", "decoder"):
+            key = f"{side}.embed_tokens.weight"
+            other = "decoder" if side == "encoder" else "encoder"
+            w = state_dict.get(key, state_dict.get(f"{other}.embed_tokens.weight")
+                               if hparams.get("share_all_embeddings") else None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                raise ZooError(f"{where}: its model holds no {key} (a 2-d tensor): not a fairseq transformer "
+                               "translation checkpoint")
+            hparams["src_vocab_size" if side == "encoder" else "tgt_vocab_size"] = int(w.shape[0])
+        hparams["n_iter"] = n_iter if n_iter is not None else (ckpt_n_iter or 1)
+        model = cls(**{**hparams, **overrides})
+        model.check_dictionaries(src_dict, tgt_dict)
+        load_state_dict(model, state_dict, source=where)
+        return model
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _dictionary_size(d: Any) -> int:
+    if isinstance(d, int):
+        return d
+    if isinstance(d, (str, os.PathLike)):
+        from zoo.data.translation import Dictionary
+
+        return len(Dictionary.load(d))
+    return len(d)
+
+
+# ================================================================================================ fairseq checkpoints
+
+# fairseq's base_architecture defaults (fairseq/models/transformer/transformer_legacy.py), the fields the zoo model
+# reads; decoder_embed_dim / decoder_ffn_embed_dim default to the encoder's
+_BASE = {
+    "encoder_embed_dim": 512, "encoder_ffn_embed_dim": 2048, "encoder_layers": 6, "encoder_attention_heads": 8,
+    "encoder_normalize_before": False, "encoder_learned_pos": False, "decoder_layers": 6,
+    "decoder_attention_heads": 8, "decoder_normalize_before": False, "decoder_learned_pos": False,
+    "attention_dropout": 0.0, "activation_dropout": 0.0, "activation_fn": "relu", "dropout": 0.1,
+    "share_decoder_input_output_embed": False, "share_all_embeddings": False, "no_token_positional_embeddings": False,
+    "no_scale_embedding": False, "layernorm_embedding": False, "max_source_positions": 1024,
+    "max_target_positions": 1024, "no_decoder_final_norm": False,
+}
+_BIG = {"encoder_embed_dim": 1024, "encoder_ffn_embed_dim": 4096, "encoder_attention_heads": 16,
+        "decoder_embed_dim": 1024, "decoder_ffn_embed_dim": 4096, "decoder_attention_heads": 16, "dropout": 0.3}
+FAIRSEQ_ARCHS: dict[str, dict[str, Any]] = {
+    "transformer": {},
+    "transformer_wmt_en_de": {},
+    "transformer_tiny": {"encoder_embed_dim": 64, "encoder_ffn_embed_dim": 64, "encoder_layers": 2,
+                         "encoder_attention_heads": 2, "decoder_layers": 2, "decoder_attention_heads": 2},
+    "transformer_iwslt_de_en": {"encoder_embed_dim": 512, "encoder_ffn_embed_dim": 1024, "encoder_attention_heads": 4,
+                                "encoder_layers": 6, "decoder_embed_dim": 512, "decoder_ffn_embed_dim": 1024,
+                                "decoder_attention_heads": 4, "decoder_layers": 6},
+    "transformer_vaswani_wmt_en_de_big": dict(_BIG),
+    "transformer_vaswani_wmt_en_fr_big": {**_BIG, "dropout": 0.1},
+    "transformer_wmt_en_de_big": {**_BIG, "attention_dropout": 0.1},
+    "transformer_wmt_en_de_big_t2t": {**_BIG, "encoder_normalize_before": True, "decoder_normalize_before": True,
+                                      "attention_dropout": 0.1, "activation_dropout": 0.1},
+}
+# options that change the parameters or the function in ways the zoo model does not implement: (name, harmless value)
+_UNSUPPORTED = (
+    ("adaptive_softmax_cutoff", None), ("adaptive_input", False), ("cross_self_attention", False),
+    ("no_cross_attention", False), ("tie_adaptive_weights", False), ("quant_noise_pq", 0), ("base_layers", 0),
+    ("encoder_layers_to_keep", None), ("decoder_layers_to_keep", None), ("scale_attn", False), ("scale_fc", False),
+    ("scale_heads", False), ("scale_resids", False), ("merge_src_tgt_embed", False),
+)
+_TRUSTED_GLOBALS = (argparse.Namespace,)
+
+
+def read_fairseq_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A fairseq checkpoint as a dict with ``model`` and ``args`` or ``cfg``, read without fairseq.
+
+    The file is first read with ``torch.load(weights_only=True)`` allowing ``argparse.Namespace``; if it holds other
+    objects (omegaconf configs, numpy scalars of the training state) it is read with ``weights_only=False`` (a
+    pickle: only for files you trust, as fairseq itself does). Unreadable or truncated files, a config that needs
+    omegaconf when it is not installed, and dicts without ``model`` give one ZooError each.
+    """
+    if isinstance(checkpoint, Mapping):
+        ckpt = dict(checkpoint)
+        where = "checkpoint dict"
+    else:
+        path = Path(checkpoint).expanduser()
+        where = str(path)
+        if not path.is_file():
+            raise ZooError(f"fairseq checkpoint {path} does not exist")
+        try:
+            with torch.serialization.safe_globals(list(_TRUSTED_GLOBALS)):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            except ModuleNotFoundError as e:
+                if e.name and e.name.split(".")[0] == "omegaconf":
+                    raise ZooError(f"{path} stores its config as an omegaconf DictConfig: pip install omegaconf to "
+                                   "read it (fairseq itself is not needed)") from None
+                raise ZooError(f"{path} holds objects of module {e.name!r}, which is not installed: load the "
+                               "checkpoint where it is and torch.save({'model': ..., 'args': ...}) again") from None
+            except Exception as e:
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ZooError(f"cannot read fairseq checkpoint {path} ({type(e).__name__}: {first}); is the file "
+                               "complete? (a truncated download or an interrupted save)") from None
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
+        raise ZooError(f"{where} is not a fairseq checkpoint: expected a dict with a 'model' state dict")
+    return dict(ckpt)
+
+
+def _as_flat_dict(obj: Any, where: str) -> dict[str, Any]:
+    """argparse Namespace / dict / omegaconf DictConfig -> a flat dict (``encoder.embed_dim`` ->
+    ``encoder_embed_dim``, ``quant_noise.pq`` -> ``quant_noise_pq``)."""
+    if obj is None:
+        return {}
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    elif type(obj).__module__.startswith("omegaconf"):
+        try:
+            from omegaconf import OmegaConf
+        except ImportError:  # pragma: no cover (unpickling it needed omegaconf)
+            raise ZooError(f"{where}: the config is an omegaconf DictConfig: pip install omegaconf") from None
+        obj = OmegaConf.to_container(obj, resolve=True)
+    if not isinstance(obj, Mapping):
+        raise ZooError(f"{where}: the model config is a {type(obj).__name__}, expected an argparse Namespace or a "
+                       "dict")
+    flat: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, (Mapping, argparse.Namespace)) and k in ("encoder", "decoder", "quant_noise"):
+            for kk, vv in _as_flat_dict(v, where).items():
+                flat[f"{k}_{kk}"] = vv
+        else:
+            flat[k] = v
+    return flat
+
+
+def fairseq_hparams(ckpt: Mapping[str, Any], where: str = "checkpoint") -> tuple[dict[str, Any], int | None]:
+    """Constructor arguments of :class:`SinkformerTranslation` from a fairseq checkpoint's ``args`` / ``cfg``
+    (the arch's defaults fill missing fields), and the checkpoint's Sinkhorn ``n_iter`` if it records one."""
+    args = ckpt.get("args")
+    if args is not None:
+        model_cfg = _as_flat_dict(args, where)
+    else:
+        cfg = ckpt.get("cfg")
+        if cfg is None:
+            raise ZooError(f"{where} has neither 'args' nor 'cfg': cannot tell its architecture")
+        cfg = _as_flat_dict(cfg, where) if not isinstance(cfg, Mapping) else dict(cfg)
+        model_cfg = _as_flat_dict(cfg.get("model"), where)
+        if not model_cfg:
+            raise ZooError(f"{where}: cfg['model'] is empty: cannot tell its architecture")
+    arch = model_cfg.get("arch") or model_cfg.get("_name")
+    base_arch = arch[len("sinkformer_"):] if isinstance(arch, str) and arch.startswith("sinkformer_") else arch
+    if base_arch not in FAIRSEQ_ARCHS:
+        raise ZooError(f"{where}: architecture {arch!r} is not supported; this converter reads fairseq's "
+                       f"translation transformer ({', '.join(sorted(FAIRSEQ_ARCHS))})")
+    defaults = {**_BASE, **FAIRSEQ_ARCHS[base_arch]}
+
+    def get(name: str) -> Any:
+        v = model_cfg.get(name)
+        return defaults.get(name) if v is None else v
+
+    for name, harmless in _UNSUPPORTED:
+        v = model_cfg.get(name, harmless)
+        if v not in (harmless, None, False, 0, "", "None"):
+            raise ZooError(f"{where}: option {name}={v!r} is not supported by the zoo transformer; convert a "
+                           f"checkpoint trained without it")
+    hp: dict[str, Any] = {}
+    for name in ("encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers", "encoder_attention_heads",
+                 "decoder_layers", "decoder_attention_heads", "max_source_positions", "max_target_positions"):
+        hp[name] = int(get(name))
+    hp["decoder_embed_dim"] = int(model_cfg.get("decoder_embed_dim") or defaults.get("decoder_embed_dim")
+                                  or hp["encoder_embed_dim"])
+    hp["decoder_ffn_embed_dim"] = int(model_cfg.get("decoder_ffn_embed_dim") or defaults.get("decoder_ffn_embed_dim")
+                                      or hp["encoder_ffn_embed_dim"])
+    for name in ("encoder_normalize_before", "decoder_normalize_before", "encoder_learned_pos", "decoder_learned_pos",
+                 "share_decoder_input_output_embed", "share_all_embeddings", "no_token_positional_embeddings",
+                 "no_scale_embedding", "layernorm_embedding", "no_decoder_final_norm"):
+        hp[name] = bool(get(name))
+    for name in ("dropout", "attention_dropout"):
+        hp[name] = float(get(name))
+    act_drop = model_cfg.get("activation_dropout") or model_cfg.get("relu_dropout") or 0.0
+    hp["activation_dropout"] = float(act_drop)
+    hp["activation_fn"] = str(get("activation_fn"))
+    if hp["activation_fn"] not in ACTIVATIONS:
+        raise ZooError(f"{where}: activation_fn {hp['activation_fn']!r} is not supported (one of "
+                       f"{', '.join(ACTIVATIONS)})")
+    for name in ("decoder_output_dim", "decoder_input_dim"):
+        v = model_cfg.get(name)
+        if v is not None and int(v) != hp["decoder_embed_dim"]:
+            raise ZooError(f"{where}: {name}={v} differs from decoder_embed_dim={hp['decoder_embed_dim']} (extra "
+                           "projections): not supported by the zoo transformer")
+    n_iter = model_cfg.get("n_iter", model_cfg.get("sinkhorn_n_iter"))
+    return hp, (int(n_iter) if n_iter is not None else None)
+
+
+def from_fairseq_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], n_iter: int | None = None,
+                            src_dict: Any = None, tgt_dict: Any = None, **overrides: Any) -> SinkformerTranslation:
+    """:meth:`SinkformerTranslation.from_fairseq_checkpoint` as a function."""
+    return SinkformerTranslation.from_fairseq_checkpoint(checkpoint, n_iter=n_iter, src_dict=src_dict,
+                                                         tgt_dict=tgt_dict, **overrides)
+
+
+# ================================================================================================ builders
+
+
+def _build(weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> SinkformerTranslation:
+    return SinkformerTranslation(weights=weights, **{**defaults, **kwargs})
+
+
+_IWSLT = {"src_vocab_size": IWSLT14_DE_EN_VOCAB[0], "tgt_vocab_size": IWSLT14_DE_EN_VOCAB[1],
+          "encoder_layers": 6, "encoder_embed_dim": 512, "encoder_ffn_embed_dim": 1024, "encoder_attention_heads": 4,
+          "decoder_layers": 6, "decoder_embed_dim": 512, "decoder_ffn_embed_dim": 1024, "decoder_attention_heads": 4,
+          "share_decoder_input_output_embed": True, "dropout": 0.3}
+
+
+@register_model
+def sinkformer_transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any) -> SinkformerTranslation:
+    """The published IWSLT'14 de-en Sinkformer (MATH.md section 5): fairseq's ``transformer_iwslt_de_en`` (6+6
+    layers, 512 wide, 4 heads, FFN 1024, post-norm) with Sinkhorn attention in the encoder (``n_iter=3``),
+    ``--share-decoder-input-output-embed``, dropout 0.3; fairseq's dictionary sizes of prepare-iwslt14.sh (de 8848,
+    en 6632); Adam (0.9, 0.98), lr 5e-4, inverse_sqrt 4000 warm-up, weight decay 1e-4, label smoothing 0.1."""
+    return _build(weights, {**_IWSLT, "n_iter": 3}, kwargs)
+
+
+@register_model
+def transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any) -> SinkformerTranslation:
+    """fairseq's ``transformer_iwslt_de_en`` as the published baseline (``n_iter=1``: softmax attention, the
+    Transformer itself; 34.43 BLEU after 30 epochs in the Sinkformers paper); otherwise as
+    :func:`sinkformer_transformer_iwslt_de_en`."""
+    return _build(weights, {**_IWSLT, "n_iter": 1}, kwargs)
+
+
+@register_model
+def sinkformer_transformer_toy(weights: str | None = None, src_vocab_size: int = 64,
+                                **kwargs: Any) -> SinkformerTranslation:
+    """A toy model for tests and toy data: fairseq's ``transformer_tiny`` shape (2+2 layers, 64 wide, 2 heads,
+    FFN 64) with Sinkhorn encoder attention (``n_iter=3``), dropout 0.1; ``src_vocab_size`` 64 by default."""
+    defaults = {"src_vocab_size": src_vocab_size, "encoder_layers": 2, "encoder_embed_dim": 64,
+                "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 2, "decoder_layers": 2, "decoder_embed_dim": 64,
+                "decoder_ffn_embed_dim": 64, "decoder_attention_heads": 2, "dropout": 0.1, "n_iter": 3}
+    return _build(weights, defaults, kwargs)
+
+
+@register_model
+def sinkformer_transformer_numbers(weights: str | None = None, **kwargs: Any) -> SinkformerTranslation:
+    """The embedded task's model (:class:`zoo.data.translation.NumbersDataModule`, German number words to English):
+    2+2 layers, 64 wide, 4 heads, FFN 128, shared decoder embeddings, dropout 0.1, ``n_iter=3``, Adam lr 3e-3
+    with 100 warm-up updates, no weight decay, label smoothing 0.1, greedy validation BLEU (beam 1)."""
+    from zoo.data.translation import NUMBERS_SRC_VOCAB_SIZE, NUMBERS_TGT_VOCAB_SIZE
+
+    defaults = {"src_vocab_size": NUMBERS_SRC_VOCAB_SIZE, "tgt_vocab_size": NUMBERS_TGT_VOCAB_SIZE,
+                "encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
+                "encoder_attention_heads": 4, "decoder_layers": 2, "decoder_embed_dim": 64,
+                "decoder_ffn_embed_dim": 128, "decoder_attention_heads": 4, "share_decoder_input_output_embed": True,
+                "dropout": 0.1, "n_iter": 3, "lr": 3e-3, "warmup_updates": 100, "weight_decay": 0.0, "beam": 1,
+                "max_len_a": 1.0, "max_len_b": 5}
+    return _build(weights, defaults, kwargs)

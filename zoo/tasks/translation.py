@@ -1,0 +1,468 @@
+"""Sequence-to-sequence training logic as fairseq's ``translation`` task: label-smoothed cross-entropy, Adam with the
+inverse square-root schedule, validation loss / perplexity / token accuracy, BLEU by beam search, and the decoders
+(greedy and beam search with cached decoder keys and values).
+
+Loss (fairseq's ``label_smoothed_cross_entropy``), with lprobs = log p(y | x) over the V symbols, eps the label
+smoothing and the sums over the non-pad target tokens t:
+
+    nll    = -sum_t lprobs[t, y_t]
+    smooth = -sum_t sum_v lprobs[t, v]
+    loss   = (1 - eps - eps / (V - 1)) * nll + eps / (V - 1) * smooth
+
+The gradient is that of loss / ntokens (fairseq's ``sample_size`` is the number of target tokens). Logged values are
+per token in nats (fairseq logs base 2; the perplexity exp(nll / ntokens) = 2^(nll / ntokens / ln 2) is the same).
+
+Learning rate (fairseq's ``inverse_sqrt`` after u updates, lr_0 = ``warmup_init_lr``, W = ``warmup_updates``):
+
+    lr(u) = lr_0 + u (lr - lr_0) / W        for u < W
+    lr(u) = lr sqrt(W / u)                  for u >= W
+
+Optimizer: fairseq's ``adam`` is Adam with *decoupled* weight decay on every parameter (its
+``fairseq/optim/adam.py`` applies p -= wd * lr * p), i.e. ``torch.optim.AdamW`` on all parameters.
+
+Decoding (fairseq's ``SequenceGenerator``): the decoder starts from eos; at step s the log-probabilities get pad
+-> -inf, unk -> -unk_penalty, eos -> -inf while s < min_len, every symbol but eos -> -inf once s >= max_len; beam
+search keeps the 2K best continuations of the K beams, finalises those among the first K that end in eos with
+score sum(lprobs) / (s + 1)^lenpen, continues with the first K that do not, and finishes a sentence with K
+finalised hypotheses. One deviation: max_len = min(max_len_a * n + max_len_b, max_target_positions - 1) uses
+each sentence's own source length n (tokens with eos) instead of the batch's padded length, so that a sentence
+decodes the same alone or in any batch. The decoding loops check finished sentences on the host once per step
+(one device-to-host copy per step, one more when a hypothesis ends); the forward passes have no host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import SacreBLEUScore
+
+from zoo.errors import ZooError
+
+__all__ = [
+    "Seq2SeqDecoder",
+    "TranslationTask",
+    "beam_search",
+    "greedy_search",
+    "inverse_sqrt_factor",
+    "label_smoothed_nll_loss",
+]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("inverse_sqrt", "constant")
+
+
+# ================================================================================================ loss, schedule
+
+
+def label_smoothed_nll_loss(lprobs: torch.Tensor, target: torch.Tensor, epsilon: float,
+                            ignore_index: int | None = None, reduce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq's ``label_smoothed_nll_loss``: (loss, nll_loss), summed over the tokens when ``reduce``.
+
+    ``lprobs`` (..., V) log-probabilities, ``target`` (...) ids; tokens equal to ``ignore_index`` count for nothing.
+    """
+    if target.dim() == lprobs.dim() - 1:
+        target = target.unsqueeze(-1)
+    nll_loss = -lprobs.gather(dim=-1, index=target)
+    smooth_loss = -lprobs.sum(dim=-1, keepdim=True)
+    if ignore_index is not None:
+        pad_mask = target.eq(ignore_index)
+        nll_loss = nll_loss.masked_fill(pad_mask, 0.0)
+        smooth_loss = smooth_loss.masked_fill(pad_mask, 0.0)
+    else:
+        nll_loss, smooth_loss = nll_loss.squeeze(-1), smooth_loss.squeeze(-1)
+    if reduce:
+        nll_loss, smooth_loss = nll_loss.sum(), smooth_loss.sum()
+    eps_i = epsilon / (lprobs.size(-1) - 1)
+    loss = (1.0 - epsilon - eps_i) * nll_loss + eps_i * smooth_loss
+    return loss, nll_loss
+
+
+def inverse_sqrt_factor(warmup_updates: int, warmup_init_lr: float, lr: float) -> Callable[[int], float]:
+    """lr(u) / lr of fairseq's ``inverse_sqrt`` schedule after u updates (a ``LambdaLR`` factor)."""
+    if warmup_updates <= 0:
+        return lambda u: 1.0 / math.sqrt(max(u, 1))
+    w0 = warmup_init_lr if warmup_init_lr >= 0 else 0.0
+
+    def factor(u: int) -> float:
+        if u < warmup_updates:
+            return (w0 + u * (lr - w0) / warmup_updates) / lr
+        return math.sqrt(warmup_updates / u)
+
+    return factor
+
+
+# ================================================================================================ decoding
+
+
+class Seq2SeqDecoder(Protocol):
+    """What the decoders need from a model (implemented by :class:`zoo.models.translation.SinkformerTranslation`)."""
+
+    pad: int
+    eos: int
+    unk: int
+
+    def forward_encoder(self, src_tokens: torch.Tensor) -> Any: ...
+
+    def forward_decoder_step(self, tokens: torch.Tensor, step: int, encoder_out: Any,
+                             cache: list[dict[str, torch.Tensor]]) -> torch.Tensor: ...
+
+    def reorder_state(self, encoder_out: Any, cache: list[dict[str, torch.Tensor]],
+                      index: torch.Tensor) -> tuple[Any, list[dict[str, torch.Tensor]]]: ...
+
+    def max_decoder_positions(self) -> int: ...
+
+
+def _max_lens(model: Seq2SeqDecoder, src_tokens: torch.Tensor, max_len_a: float, max_len_b: int) -> list[int]:
+    lens = src_tokens.ne(model.pad).sum(1).tolist()  # one host copy before the loop
+    top = model.max_decoder_positions() - 1
+    return [max(0, min(int(max_len_a * n + max_len_b), top)) for n in lens]
+
+
+def _mask_lprobs(lprobs: torch.Tensor, step: int, max_len: torch.Tensor, min_len: int, pad: int, eos: int,
+                 unk: int, unk_penalty: float) -> torch.Tensor:
+    """fairseq's per-step constraints; ``max_len`` (N,) per row."""
+    lprobs = lprobs.clone()
+    lprobs[lprobs != lprobs] = -math.inf
+    lprobs[:, pad] = -math.inf
+    if unk_penalty:
+        lprobs[:, unk] -= unk_penalty
+    force = (max_len <= step).unsqueeze(1)  # (N, 1): only eos allowed
+    not_eos = torch.ones(lprobs.size(1), dtype=torch.bool, device=lprobs.device)
+    not_eos[eos] = False
+    lprobs = lprobs.masked_fill(force & not_eos, -math.inf)
+    if step < min_len:  # where eos is not forced
+        lprobs[:, eos] = torch.where(force.squeeze(1), lprobs[:, eos], torch.full_like(lprobs[:, eos], -math.inf))
+    return lprobs
+
+
+@torch.no_grad()
+def greedy_search(model: Seq2SeqDecoder, src_tokens: torch.Tensor, max_len_a: float = 0.0, max_len_b: int = 200,
+                  min_len: int = 1, lenpen: float = 1.0, unk_penalty: float = 0.0) -> list[dict[str, Any]]:
+    """Argmax decoding with the decoder's key/value cache: per sentence ``{"tokens"`` (ending in eos), ``"score"``
+    (sum of log-probabilities / length^lenpen), ``"positional_scores"}`` (CPU tensors)."""
+    B = src_tokens.size(0)
+    max_lens = _max_lens(model, src_tokens, max_len_a, max_len_b)
+    max_len = torch.as_tensor(max_lens, device=src_tokens.device)
+    enc = model.forward_encoder(src_tokens)
+    cache: list[dict[str, torch.Tensor]] = []
+    tokens = src_tokens.new_full((B, 1), model.eos)
+    picked: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    done = torch.zeros(B, dtype=torch.bool, device=src_tokens.device)
+    for step in range(max(max_lens) + 1):
+        lprobs = model.forward_decoder_step(tokens[:, -1:], step, enc, cache)
+        lprobs = _mask_lprobs(lprobs, step, max_len, min_len, model.pad, model.eos, model.unk, unk_penalty)
+        score, tok = lprobs.max(dim=-1)
+        picked.append(tok)
+        scores.append(score)
+        tokens = torch.cat([tokens, tok.unsqueeze(1)], dim=1)
+        done |= tok.eq(model.eos)
+        if bool(done.all()):  # one host sync per step
+            break
+    toks = torch.stack(picked, 1).cpu()
+    sc = torch.stack(scores, 1).cpu()
+    out = []
+    for i in range(B):
+        ends = (toks[i] == model.eos).nonzero()
+        n = int(ends[0]) + 1 if len(ends) else toks.size(1)
+        out.append({"tokens": toks[i, :n].clone(), "score": float(sc[i, :n].double().sum()) / n**lenpen,
+                    "positional_scores": sc[i, :n].clone()})
+    return out
+
+
+@torch.no_grad()
+def beam_search(model: Seq2SeqDecoder, src_tokens: torch.Tensor, beam: int = 5, lenpen: float = 1.0,
+                max_len_a: float = 0.0, max_len_b: int = 200, min_len: int = 1, unk_penalty: float = 0.0,
+                nbest: int = 1) -> list[list[dict[str, Any]]]:
+    """fairseq's beam search (see the module docstring) with the decoder's key/value cache, sentences leaving the
+    batch once finished. Returns, per sentence, the ``nbest`` best hypotheses ``{"tokens"`` (ending in eos),
+    ``"score"`` (normalised), ``"positional_scores"}``, best first (CPU tensors)."""
+    if beam < 1 or nbest < 1 or nbest > beam:
+        raise ZooError(f"beam must be >= 1 and 1 <= nbest <= beam, got beam={beam}, nbest={nbest}")
+    B, K, device = src_tokens.size(0), int(beam), src_tokens.device
+    max_lens = _max_lens(model, src_tokens, max_len_a, max_len_b)
+    enc = model.forward_encoder(src_tokens)
+    rows = torch.arange(B, device=device).repeat_interleave(K)
+    cache: list[dict[str, torch.Tensor]] = []
+    enc, cache = model.reorder_state(enc, cache, rows)
+    tokens = src_tokens.new_full((B * K, 1), model.eos)
+    hist: torch.Tensor | None = None  # cumulative scores after each step (N, step)
+    cum: torch.Tensor | None = None
+    finalized: list[list[dict[str, Any]]] = [[] for _ in range(B)]
+    sent_ids = list(range(B))
+    max_len_rows = torch.as_tensor(max_lens, device=device).repeat_interleave(K)
+    for step in range(max(max_lens) + 1):
+        n_act = len(sent_ids)
+        lprobs = model.forward_decoder_step(tokens[:, -1:], step, enc, cache)
+        lprobs = _mask_lprobs(lprobs, step, max_len_rows, min_len, model.pad, model.eos, model.unk, unk_penalty)
+        if hist is None or cum is None:
+            hist, cum = lprobs.new_zeros(lprobs.size(0), 0), lprobs.new_zeros(lprobs.size(0))
+        V = lprobs.size(1)
+        if 2 * K > V - 1:
+            raise ZooError(f"beam {beam} is too large for a vocabulary of {V} symbols: use beam <= {(V - 1) // 2}")
+        lp = lprobs.view(n_act, K, V)
+        if step == 0:  # every beam holds the same prefix: expand the first only
+            cand = lp[:, 0, :]
+        else:
+            cand = (lp + cum.view(n_act, K, 1)).view(n_act, K * V)
+        kk = min(2 * K, cand.size(1) - 1)
+        top_scores, top_idx = cand.topk(kk, dim=1)
+        cand_beam, cand_tok = top_idx // V, top_idx % V
+        eos_mask = cand_tok.eq(model.eos) & top_scores.ne(-math.inf)
+        fin = eos_mask[:, :K].cpu()  # one host copy per step
+        if bool(fin.any()):
+            b_idx, j_idx = fin.nonzero(as_tuple=True)
+            b_dev, j_dev = b_idx.to(device), j_idx.to(device)
+            src_rows = b_dev * K + cand_beam[b_dev, j_dev]
+            sc = top_scores[b_dev, j_dev]
+            hyp = torch.cat([tokens[src_rows, 1:], tokens.new_full((len(b_idx), 1), model.eos)], 1).cpu()
+            cum_pos = torch.cat([hist[src_rows], sc.unsqueeze(1)], 1).cpu()
+            pos = torch.cat([cum_pos[:, :1], cum_pos[:, 1:] - cum_pos[:, :-1]], 1)
+            norm = (sc / (step + 1) ** lenpen).cpu().tolist()
+            for i, b in enumerate(b_idx.tolist()):
+                s = sent_ids[b]
+                if len(finalized[s]) < K:
+                    finalized[s].append({"tokens": hyp[i], "score": norm[i], "positional_scores": pos[i]})
+        keep = [b for b in range(n_act) if len(finalized[sent_ids[b]]) < K and step < max_lens[sent_ids[b]]]
+        if not keep:
+            break
+        # continue with the first K candidates that do not end in eos
+        order = eos_mask.long() * kk + torch.arange(kk, device=device)
+        _, active = order.topk(K, dim=1, largest=False)
+        keep_t = torch.as_tensor(keep, device=device)
+        active = active[keep_t]
+        new_beam = cand_beam[keep_t].gather(1, active)
+        new_tok = cand_tok[keep_t].gather(1, active)
+        new_scores = top_scores[keep_t].gather(1, active)
+        src_rows = (keep_t.unsqueeze(1) * K + new_beam).view(-1)
+        tokens = torch.cat([tokens[src_rows], new_tok.view(-1, 1)], 1)
+        hist = torch.cat([hist[src_rows], new_scores.view(-1, 1)], 1)
+        cum = new_scores.view(-1)
+        max_len_rows = max_len_rows[src_rows]
+        enc, cache = model.reorder_state(enc, cache, src_rows)
+        sent_ids = [sent_ids[b] for b in keep]
+    return [sorted(f, key=lambda h: -h["score"])[:nbest] for f in finalized]
+
+
+# ================================================================================================ Lightning task
+
+
+class TranslationTask(pl.LightningModule):
+    """A LightningModule for translation with fairseq's training and evaluation recipe.
+
+    Subclasses build the network and implement ``forward(src_tokens, prev_output_tokens) -> logits`` and the
+    :class:`Seq2SeqDecoder` methods; batches are the dicts of :func:`zoo.data.translation.collate`.
+
+    Args:
+        optimizer: ``"adam"`` (fairseq's Adam: decoupled weight decay on every parameter = ``torch.optim.AdamW``),
+            ``"adamw"`` (the same) or ``"sgd"`` (Nesterov momentum ``momentum``, like fairseq's ``nag``).
+        lr: peak learning rate (fairseq IWSLT'14: 5e-4).
+        betas, adam_eps: Adam's (0.9, 0.98) and 1e-8.
+        weight_decay: 1e-4 (IWSLT'14 settings).
+        momentum: SGD momentum.
+        scheduler: ``"inverse_sqrt"`` (per update, ``warmup_updates`` linear warm-up from ``warmup_init_lr``) or
+            ``"constant"``.
+        warmup_updates, warmup_init_lr: 4000 and 0 (fairseq's defaults).
+        label_smoothing: epsilon of the label-smoothed cross-entropy (0.1).
+        eval_bleu: compute BLEU on the validation set by beam search (``val_bleu``, 0..100).
+        eval_bleu_every_n_epochs: how often (epochs; the last epoch of a run may be skipped: use ``zoo validate``).
+        beam, lenpen, max_len_a, max_len_b, min_len, unk_penalty: decoding settings of validation BLEU, ``test`` and
+            ``predict`` (fairseq's ``--eval-bleu-args '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}'``).
+        eval_bleu_tokenize: sacrebleu tokenisation of the decoded text (``"13a"``, ``"none"`` for tokenized BLEU);
+            torchmetrics' own implementation, sacrebleu is not needed.
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "adam",
+        lr: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.98),
+        adam_eps: float = 1e-8,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.99,
+        scheduler: str = "inverse_sqrt",
+        warmup_updates: int = 4000,
+        warmup_init_lr: float = 0.0,
+        label_smoothing: float = 0.1,
+        eval_bleu: bool = True,
+        eval_bleu_every_n_epochs: int = 1,
+        beam: int = 5,
+        lenpen: float = 1.0,
+        max_len_a: float = 1.2,
+        max_len_b: int = 10,
+        min_len: int = 1,
+        unk_penalty: float = 0.0,
+        eval_bleu_tokenize: str = "13a",
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ZooError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise ZooError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if lr <= 0:
+            raise ZooError(f"lr must be positive, got {lr}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ZooError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if beam < 1 or eval_bleu_every_n_epochs < 1:
+            raise ZooError(f"beam and eval_bleu_every_n_epochs must be >= 1, got {beam}, {eval_bleu_every_n_epochs}")
+        self.save_hyperparameters(ignore=["weights"])
+        self.val_loss, self.val_nll, self.val_acc = MeanMetric(), MeanMetric(), MeanMetric()
+        self.test_loss, self.test_nll, self.test_acc = MeanMetric(), MeanMetric(), MeanMetric()
+        try:
+            self.val_bleu = SacreBLEUScore(tokenize=eval_bleu_tokenize)
+            self.test_bleu = SacreBLEUScore(tokenize=eval_bleu_tokenize)
+        except (ValueError, ModuleNotFoundError) as e:
+            raise ZooError(f"eval_bleu_tokenize={eval_bleu_tokenize!r} is not available ({e}): use '13a', 'none', "
+                           "'intl', 'char' or 'zh'") from None
+        self._bleu_this_epoch = False
+
+    # ---------------------------------------------------------------- hooks the subclass provides
+    pad: int = 1
+    eos: int = 2
+    unk: int = 3
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
+        from zoo.hub import check_state_dict
+
+        check_state_dict(self, checkpoint.get("state_dict", {}), source="checkpoint")
+
+    def setup(self, stage: str) -> None:
+        """Check the vocabulary sizes against the data module's dictionaries (one clear error when they differ)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "src_dict") and hasattr(self, "check_dictionaries"):
+            self.check_dictionaries(dm.src_dict, dm.tgt_dict)
+
+    # ---------------------------------------------------------------- loss
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed label-smoothed loss, summed nll and the number of correct argmax tokens (teacher forcing)."""
+        logits = self(batch["src_tokens"], batch["prev_output_tokens"])
+        lprobs = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+        target = batch["target"]
+        loss, nll = label_smoothed_nll_loss(lprobs, target, self.hparams.label_smoothing, ignore_index=self.pad)
+        valid = target.ne(self.pad)
+        correct = (lprobs.argmax(-1).eq(target) & valid).sum()
+        return loss, nll, correct
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, nll, _ = self.compute_loss(batch)
+        ntok = batch["ntokens"]
+        self.log("train_loss", loss / ntok, prog_bar=True, batch_size=ntok)
+        self.log("train_nll_loss", nll / ntok, batch_size=ntok)
+        return loss / ntok
+
+    def _reset_metrics(self, stage: str) -> None:
+        # reset at the start of the epoch, in the epoch's grad mode: states left by an inference-mode run (validate)
+        # cannot be updated in place under fit's no_grad validation
+        for name in ("loss", "nll", "acc", "bleu"):
+            getattr(self, f"{stage}_{name}").reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics("test")
+
+    def on_validation_epoch_start(self) -> None:
+        """BLEU every ``eval_bleu_every_n_epochs`` epochs of ``fit`` (not in the sanity check), always in
+        ``validate``."""
+        self._reset_metrics("val")
+        hp, trainer = self.hparams, self.trainer
+        every = (self.current_epoch + 1) % hp.eval_bleu_every_n_epochs == 0 and not trainer.sanity_checking
+        self._bleu_this_epoch = bool(hp.eval_bleu) and (every or trainer.state.fn != "fit")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self._bleu_this_epoch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test", True)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str, bleu: bool) -> None:
+        loss, nll, correct = self.compute_loss(batch)
+        ntok = batch["ntokens"]
+        w = torch.as_tensor(float(ntok), device=loss.device)
+        getattr(self, f"{stage}_loss").update(loss / ntok, w)
+        getattr(self, f"{stage}_nll").update(nll / ntok, w)
+        getattr(self, f"{stage}_acc").update(correct.float() / ntok, w)
+        if bleu:
+            hyps = self.generate(batch["src_tokens"])
+            refs = [self._decode(t, escape_unk=True) for t in batch["target"]]
+            getattr(self, f"{stage}_bleu").update([self._decode(h[0]["tokens"]) for h in hyps], [[r] for r in refs])
+
+    def _log_epoch(self, stage: str, bleu: bool) -> None:
+        loss, nll, acc = (getattr(self, f"{stage}_{m}") for m in ("loss", "nll", "acc"))
+        if loss.update_count == 0:
+            return
+        nll_value = nll.compute()
+        self.log(f"{stage}_loss", loss.compute(), prog_bar=True)
+        self.log(f"{stage}_nll_loss", nll_value)
+        self.log(f"{stage}_ppl", torch.exp(nll_value))
+        self.log(f"{stage}_acc", acc.compute(), prog_bar=True)
+        for m in (loss, nll, acc):
+            m.reset()
+        if bleu:
+            metric = getattr(self, f"{stage}_bleu")
+            self.log(f"{stage}_bleu", metric.compute() * 100.0, prog_bar=True)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self._bleu_this_epoch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", True)
+
+    # ---------------------------------------------------------------- decoding
+    def _decode(self, tokens: torch.Tensor, escape_unk: bool = False) -> str:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "decode_target"):
+            return dm.decode_target(tokens, escape_unk=escape_unk)
+        ids = [int(t) for t in tokens.tolist() if t not in (self.pad, self.eos)]
+        return " ".join("<<unk>>" if escape_unk and i == self.unk else str(i) for i in ids)
+
+    def generate(self, src_tokens: torch.Tensor, beam: int | None = None, **overrides: Any) -> list[list[dict]]:
+        """Beam search with the task's settings (``beam=1`` gives the greedy translation); keyword arguments
+        override ``lenpen``, ``max_len_a``, ``max_len_b``, ``min_len``, ``unk_penalty``, ``nbest``."""
+        hp = self.hparams
+        kwargs = {"lenpen": hp.lenpen, "max_len_a": hp.max_len_a, "max_len_b": hp.max_len_b, "min_len": hp.min_len,
+                  "unk_penalty": hp.unk_penalty, **overrides}
+        was_training = self.training
+        self.eval()
+        try:
+            return beam_search(self, src_tokens, beam=beam or hp.beam, **kwargs)  # type: ignore[arg-type]
+        finally:
+            self.train(was_training)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> tuple[dict[str, Any], ...]:
+        """Translations of ``batch["src_tokens"]`` (or of a (B, S) tensor): a tuple with, per sentence, ``{"id",
+        "tokens", "score"}`` plus ``"text"`` when the data module decodes (a tuple, so that ``zoo predict`` counts
+        sentences, not dicts)."""
+        src = batch["src_tokens"] if isinstance(batch, dict) else batch
+        ids = batch["id"].tolist() if isinstance(batch, dict) and "id" in batch else list(range(src.size(0)))
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        out = []
+        for i, hyps in zip(ids, self.generate(src)):
+            best = hyps[0]
+            item = {"id": i, "tokens": best["tokens"], "score": best["score"]}
+            if dm is not None and hasattr(dm, "decode_target"):
+                item["text"] = dm.decode_target(best["tokens"])
+            out.append(item)
+        return tuple(out)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer in ("adam", "adamw"):
+            opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+                                    weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
+                                  weight_decay=hp.weight_decay)
+        if hp.scheduler == "constant":
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_factor(hp.warmup_updates, hp.warmup_init_lr,
+                                                                           hp.lr))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
