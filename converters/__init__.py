@@ -124,7 +124,7 @@ __all__ = [
 ]
 
 # Source libraries, imported on first use (each registers its sources).
-_SOURCE_MODULES = ("converters.torchvision", "converters.timm", "converters.torch")
+_SOURCE_MODULES = ("converters.torchvision", "converters.timm", "converters.torch", "converters.fairseq")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -583,6 +583,7 @@ class AttentionSpec:
     model: nn.Module
     vit_config: dict[str, Any] | None = None
     why_not: str = ""
+    build: Callable[..., nn.Module] | None = None  # (n_iter, record_stats, inplace, options) -> the zoo model
 
 
 SINKHORN_OPTIONS: tuple[str, ...] = ("n_iter", "record_stats", "inplace")
@@ -702,6 +703,8 @@ def _to_sinkhorn(spec: AttentionSpec, options: dict[str, Any]) -> nn.Module:
     n_iter, record_stats, inplace = _check_sinkhorn_options(options)
     if spec.vit_config is not None:
         return build_sinkformer_vit(spec, n_iter, record_stats, inplace, options)
+    if spec.build is not None:  # a source with its own zoo family (fairseq's transformer -> SinkformerTranslation)
+        return spec.build(n_iter, record_stats, inplace, options)
     _not_the_zoo_family(spec, options, "SinkformerViT", "with Sinkhorn attention", "its attention swapped",
                         SINKHORN_OPTIONS)
     model = swap_attention(spec.model if inplace else copy.deepcopy(spec.model), n_iter=n_iter,

@@ -837,7 +837,10 @@ def fairseq_hparams(ckpt: Mapping[str, Any], where: str = "checkpoint") -> tuple
         if not model_cfg:
             raise ZooError(f"{where}: cfg['model'] is empty: cannot tell its architecture")
     arch = model_cfg.get("arch") or model_cfg.get("_name")
-    base_arch = arch[len("sinkformer_"):] if isinstance(arch, str) and arch.startswith("sinkformer_") else arch
+    base_arch = arch
+    if isinstance(arch, str) and arch.startswith("sinkformer"):  # the zoo_fairseq plugin's archs and aliases
+        rest = arch[len("sinkformer"):].lstrip("_")
+        base_arch = rest if rest in FAIRSEQ_ARCHS else (f"transformer_{rest}" if rest else "transformer")
     if base_arch not in FAIRSEQ_ARCHS:
         raise ZooError(f"{where}: architecture {arch!r} is not supported; this converter reads fairseq's "
                        f"translation transformer ({', '.join(sorted(FAIRSEQ_ARCHS))})")
