@@ -26,7 +26,7 @@ from zoo.nn import ResidualStack
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
-RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+RECIPES = sorted(RECIPE_DIR.rglob("*.yaml"))  # recipes/*.yaml and recipes/<topic>/*.yaml (nmt/)
 RULES = {"DepthScaledResNet": "euler", "HeunNet": "heun", "ResNet": "euler", "MomentumResNet": "momentum"}
 
 
