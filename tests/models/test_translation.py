@@ -23,6 +23,7 @@ from zoo.errors import ZooError
 from zoo.models.translation import (
     SinkformerTranslation,
     from_fairseq_checkpoint,
+    read_fairseq_checkpoint,
     sinkformer_transformer_iwslt_de_en,
     sinkformer_transformer_numbers,
     sinkformer_transformer_toy,
@@ -495,6 +496,25 @@ def test_checkpoint_needing_omegaconf_gives_one_clear_error(tmp_path: Path, monk
     monkeypatch.setitem(sys.modules, "omegaconf", None)  # `import omegaconf` now raises ImportError
     with pytest.raises(ZooError, match="omegaconf DictConfig: pip install omegaconf"):
         from_fairseq_checkpoint(path)
+
+
+class _NotAFairseqClass:
+    pass
+
+
+def test_checkpoint_reader_allow_list(tmp_path: Path) -> None:
+    """Allowed: Namespace args, numpy scalars of the training state; anything else is refused before unpickling."""
+    import numpy as np
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"model": {}, "args": argparse.Namespace(arch="transformer"),
+                "extra_state": {"best": np.float64(1.5), "steps": np.int64(3)}}, ok)
+    ckpt = read_fairseq_checkpoint(ok)
+    assert ckpt["args"].arch == "transformer" and float(ckpt["extra_state"]["best"]) == 1.5
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {}, "args": _NotAFairseqClass()}, bad)
+    with pytest.raises(ZooError, match=r"outside the fairseq checkpoint allow-list \(.*_NotAFairseqClass\)"):
+        read_fairseq_checkpoint(bad)
 
 
 # ================================================================================================ builders, saving

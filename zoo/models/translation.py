@@ -756,16 +756,51 @@ _UNSUPPORTED = (
     ("encoder_layers_to_keep", None), ("decoder_layers_to_keep", None), ("scale_attn", False), ("scale_fc", False),
     ("scale_heads", False), ("scale_resids", False), ("merge_src_tgt_embed", False),
 )
-_TRUSTED_GLOBALS = (argparse.Namespace,)
+# The classes fairseq checkpoint files hold besides tensors and builtins, allowed by name for torch.load's
+# weights_only unpickler: the args Namespace, an omegaconf config (fairseq >= 0.10 may pickle one), numpy scalars of
+# the training state, fairseq's config enums. Anything else is refused (no fallback to the full unpickler).
+_ALLOWED_GLOBALS = ("argparse.Namespace", "typing.Any", "collections.OrderedDict", "collections.defaultdict",
+                    "_codecs.encode", "numpy.dtype", "numpy.ndarray")
+_ALLOWED_PREFIXES = ("omegaconf.", "numpy.core.multiarray.", "numpy._core.multiarray.", "numpy.dtypes.",
+                     "fairseq.dataclass.constants.")
+
+
+def _allowed_globals(path: Path) -> list[Any]:
+    """The allow-listed classes/functions ``path`` refers to, imported; one ZooError for any other global or for
+    an allowed one whose library is missing (omegaconf)."""
+    import importlib
+
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    refused = sorted(n for n in names if n not in _ALLOWED_GLOBALS and not n.startswith(_ALLOWED_PREFIXES))
+    if refused:
+        raise ZooError(f"{path} holds objects outside the fairseq checkpoint allow-list ({', '.join(refused[:5])}): "
+                       "load it where those classes exist and torch.save({'model': state_dict, 'args': "
+                       "argparse.Namespace(...)}) again")
+    found = []
+    for name in sorted(names):
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            if module.split(".")[0] == "omegaconf":
+                raise ZooError(f"{path} stores its config as an omegaconf DictConfig: pip install omegaconf to "
+                               "read it (fairseq itself is not needed)") from None
+            raise ZooError(f"{path} holds {name}, which cannot be imported here: load the checkpoint where it can "
+                           "and torch.save({'model': ..., 'args': ...}) again") from None
+    if any(n.startswith("numpy") for n in names):  # a pickled numpy dtype rebuilds through its DType class
+        import numpy as np
+
+        found += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return found
 
 
 def read_fairseq_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """A fairseq checkpoint as a dict with ``model`` and ``args`` or ``cfg``, read without fairseq.
 
-    The file is first read with ``torch.load(weights_only=True)`` allowing ``argparse.Namespace``; if it holds other
-    objects (omegaconf configs, numpy scalars of the training state) it is read with ``weights_only=False`` (a
-    pickle: only for files you trust, as fairseq itself does). Unreadable or truncated files, a config that needs
-    omegaconf when it is not installed, and dicts without ``model`` give one ZooError each.
+    The file is read with ``torch.load(weights_only=True)`` and an explicit allow-list of the classes fairseq
+    checkpoints hold (``argparse.Namespace``, omegaconf configs, numpy scalars, fairseq's config enums; nothing is
+    unpickled beyond it). Unreadable or truncated files, other classes, a config that needs omegaconf when it is not
+    installed, and dicts without ``model`` give one ZooError each.
     """
     if isinstance(checkpoint, Mapping):
         ckpt = dict(checkpoint)
@@ -776,21 +811,15 @@ def read_fairseq_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -
         if not path.is_file():
             raise ZooError(f"fairseq checkpoint {path} does not exist")
         try:
-            with torch.serialization.safe_globals(list(_TRUSTED_GLOBALS)):
+            allowed = _allowed_globals(path)
+            with torch.serialization.safe_globals(allowed):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except ModuleNotFoundError as e:
-                if e.name and e.name.split(".")[0] == "omegaconf":
-                    raise ZooError(f"{path} stores its config as an omegaconf DictConfig: pip install omegaconf to "
-                                   "read it (fairseq itself is not needed)") from None
-                raise ZooError(f"{path} holds objects of module {e.name!r}, which is not installed: load the "
-                               "checkpoint where it is and torch.save({'model': ..., 'args': ...}) again") from None
-            except Exception as e:
-                first = (str(e).splitlines() or [type(e).__name__])[0]
-                raise ZooError(f"cannot read fairseq checkpoint {path} ({type(e).__name__}: {first}); is the file "
-                               "complete? (a truncated download or an interrupted save)") from None
+        except ZooError:
+            raise
+        except Exception as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ZooError(f"cannot read fairseq checkpoint {path} ({type(e).__name__}: {first}); is the file "
+                           "complete? (a truncated download or an interrupted save)") from None
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
         raise ZooError(f"{where} is not a fairseq checkpoint: expected a dict with a 'model' state dict")
     return dict(ckpt)
