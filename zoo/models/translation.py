@@ -345,7 +345,37 @@ class EncoderOut(NamedTuple):
     padding_mask: torch.Tensor
 
 
-class TransformerEncoder(nn.Module):
+class _TokenEmbedder(nn.Module):
+    """The input embedding fairseq's encoder and decoder share (``version`` buffer, ``embed_tokens``,
+    ``embed_positions``, ``layernorm_embedding``, dropout):
+
+        x = dropout(LN_emb(embed_scale * E[tokens] + P[positions]))     embed_scale = sqrt(dim) unless no_scale
+    """
+
+    def __init__(self, embed_tokens: nn.Embedding, dropout: float, max_positions: int, learned_pos: bool,
+                 no_token_positional_embeddings: bool, layernorm_embedding: bool, no_scale_embedding: bool) -> None:
+        super().__init__()
+        self.register_buffer("version", torch.Tensor([3]))
+        dim = embed_tokens.embedding_dim
+        self.padding_idx = embed_tokens.padding_idx
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if no_scale_embedding else math.sqrt(dim)
+        self.embed_positions = (None if no_token_positional_embeddings
+                                else _positional_embedding(max_positions, dim, self.padding_idx, learned_pos))
+        self.layernorm_embedding = nn.LayerNorm(dim) if layernorm_embedding else None
+        self.dropout = nn.Dropout(dropout)
+
+    def embed(self, tokens: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Embedded tokens (B, T, dim); ``step``: the decoder position of a single incremental token."""
+        x = self.embed_scale * self.embed_tokens(tokens)
+        if self.embed_positions is not None:
+            x = x + (self.embed_positions(tokens) if step is None else self.embed_positions(tokens, step=step))
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return self.dropout(x)
+
+
+class TransformerEncoder(_TokenEmbedder):
     """fairseq's ``TransformerEncoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
     pre-norm, ``layernorm_embedding`` when asked, ``version`` buffer)."""
 
@@ -353,17 +383,10 @@ class TransformerEncoder(nn.Module):
                  dropout: float, attention_dropout: float, activation_dropout: float, activation_fn: str,
                  normalize_before: bool, max_positions: int, learned_pos: bool, no_token_positional_embeddings: bool,
                  layernorm_embedding: bool, no_scale_embedding: bool, n_iter: int, record_stats: bool) -> None:
-        super().__init__()
-        self.register_buffer("version", torch.Tensor([3]))
+        super().__init__(embed_tokens, dropout, max_positions, learned_pos, no_token_positional_embeddings,
+                         layernorm_embedding, no_scale_embedding)
         dim = embed_tokens.embedding_dim
-        self.padding_idx = embed_tokens.padding_idx
         self.max_source_positions = max_positions
-        self.embed_tokens = embed_tokens
-        self.embed_scale = 1.0 if no_scale_embedding else math.sqrt(dim)
-        self.embed_positions = (None if no_token_positional_embeddings
-                                else _positional_embedding(max_positions, dim, self.padding_idx, learned_pos))
-        self.layernorm_embedding = nn.LayerNorm(dim) if layernorm_embedding else None
-        self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList([
             TransformerEncoderLayer(dim, ffn_embed_dim, num_heads, dropout, attention_dropout, activation_dropout,
                                     activation_fn, normalize_before, n_iter, record_stats)
@@ -373,12 +396,7 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, src_tokens: torch.Tensor) -> EncoderOut:
         padding_mask = src_tokens.eq(self.padding_idx)
-        x = self.embed_scale * self.embed_tokens(src_tokens)
-        if self.embed_positions is not None:
-            x = x + self.embed_positions(src_tokens)
-        if self.layernorm_embedding is not None:
-            x = self.layernorm_embedding(x)
-        x = self.dropout(x)
+        x = self.embed(src_tokens)
         x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))  # fairseq: zero the padded positions
         for layer in self.layers:
             x = layer(x, padding_mask)
@@ -387,7 +405,7 @@ class TransformerEncoder(nn.Module):
         return EncoderOut(x, padding_mask)
 
 
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(_TokenEmbedder):
     """fairseq's ``TransformerDecoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
     pre-norm, ``output_projection`` tied to ``embed_tokens`` with ``share_input_output_embed``, ``version``)."""
 
@@ -396,17 +414,10 @@ class TransformerDecoder(nn.Module):
                  activation_fn: str, normalize_before: bool, no_final_norm: bool, max_positions: int,
                  learned_pos: bool, no_token_positional_embeddings: bool, layernorm_embedding: bool,
                  no_scale_embedding: bool, share_input_output_embed: bool) -> None:
-        super().__init__()
-        self.register_buffer("version", torch.Tensor([3]))
+        super().__init__(embed_tokens, dropout, max_positions, learned_pos, no_token_positional_embeddings,
+                         layernorm_embedding, no_scale_embedding)
         dim = embed_tokens.embedding_dim
-        self.padding_idx = embed_tokens.padding_idx
         self.max_target_positions = max_positions
-        self.embed_tokens = embed_tokens
-        self.embed_scale = 1.0 if no_scale_embedding else math.sqrt(dim)
-        self.embed_positions = (None if no_token_positional_embeddings
-                                else _positional_embedding(max_positions, dim, self.padding_idx, learned_pos))
-        self.layernorm_embedding = nn.LayerNorm(dim) if layernorm_embedding else None
-        self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList([
             TransformerDecoderLayer(dim, ffn_embed_dim, num_heads, encoder_embed_dim, dropout, attention_dropout,
                                     activation_dropout, activation_fn, normalize_before)
@@ -426,12 +437,7 @@ class TransformerDecoder(nn.Module):
         """Logits (B, T, V). With ``cache`` (a list, filled on the first call) and ``step``, ``prev_output_tokens``
         is the last token of each row (B, 1) at decoder position ``step`` (decoding, no padding)."""
         incremental = cache is not None
-        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
-        if self.embed_positions is not None:
-            x = x + self.embed_positions(prev_output_tokens, step=step if incremental else None)
-        if self.layernorm_embedding is not None:
-            x = self.layernorm_embedding(x)
-        x = self.dropout(x)
+        x = self.embed(prev_output_tokens, step=step if incremental else None)
         mask = None
         if not incremental:
             T = prev_output_tokens.size(1)
