@@ -259,7 +259,32 @@ class MultiheadAttention(nn.Module):
 # ================================================================================================ layers
 
 
-class TransformerEncoderLayer(nn.Module):
+class _ResidualLayer(nn.Module):
+    """What fairseq's encoder and decoder layers share: the feed-forward block (``fc1``, ``fc2``,
+    ``final_layer_norm``) and the residual sublayer rule, post-norm x = LN(x + drop(f(x))) or pre-norm
+    x = x + drop(f(LN(x))) (``normalize_before``)."""
+
+    def _init_ffn(self, embed_dim: int, ffn_embed_dim: int, dropout: float, activation_dropout: float,
+                  activation_fn: str, normalize_before: bool) -> None:
+        self.dropout = nn.Dropout(dropout)
+        self.activation_fn = _activation(activation_fn)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.normalize_before = normalize_before
+        self.fc1 = nn.Linear(embed_dim, ffn_embed_dim)
+        self.fc2 = nn.Linear(ffn_embed_dim, embed_dim)
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2(drop(act(fc1(x))))."""
+        return self.fc2(self.activation_dropout(self.activation_fn(self.fc1(x))))
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.LayerNorm, fn: Any) -> torch.Tensor:
+        y = fn(norm(x) if self.normalize_before else x)
+        x = x + self.dropout(y)
+        return x if self.normalize_before else norm(x)
+
+
+class TransformerEncoderLayer(_ResidualLayer):
     """fairseq's ``TransformerEncoderLayer`` (names ``self_attn``, ``self_attn_layer_norm``, ``fc1``, ``fc2``,
     ``final_layer_norm``) with Sinkhorn self-attention."""
 
@@ -270,32 +295,14 @@ class TransformerEncoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(embed_dim, num_heads, dropout=attention_dropout, n_iter=n_iter,
                                             record_stats=record_stats)
         self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.activation_fn = _activation(activation_fn)
-        self.activation_dropout = nn.Dropout(activation_dropout)
-        self.normalize_before = normalize_before
-        self.fc1 = nn.Linear(embed_dim, ffn_embed_dim)
-        self.fc2 = nn.Linear(ffn_embed_dim, embed_dim)
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self._init_ffn(embed_dim, ffn_embed_dim, dropout, activation_dropout, activation_fn, normalize_before)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        residual = x
-        if self.normalize_before:
-            x = self.self_attn_layer_norm(x)
-        x = residual + self.dropout(self.self_attn(x, key_padding_mask=padding_mask))
-        if not self.normalize_before:
-            x = self.self_attn_layer_norm(x)
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x)
-        x = self.fc2(self.activation_dropout(self.activation_fn(self.fc1(x))))
-        x = residual + self.dropout(x)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
-        return x
+        x = self._sublayer(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, key_padding_mask=padding_mask))
+        return self._sublayer(x, self.final_layer_norm, self._ffn)
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_ResidualLayer):
     """fairseq's ``TransformerDecoderLayer`` (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
     ``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``); softmax attention everywhere."""
 
@@ -308,18 +315,7 @@ class TransformerDecoderLayer(nn.Module):
         self.encoder_attn = MultiheadAttention(embed_dim, num_heads, kdim=encoder_embed_dim, vdim=encoder_embed_dim,
                                                dropout=attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.activation_fn = _activation(activation_fn)
-        self.activation_dropout = nn.Dropout(activation_dropout)
-        self.normalize_before = normalize_before
-        self.fc1 = nn.Linear(embed_dim, ffn_embed_dim)
-        self.fc2 = nn.Linear(ffn_embed_dim, embed_dim)
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
-
-    def _sublayer(self, x: torch.Tensor, norm: nn.LayerNorm, fn: Any) -> torch.Tensor:
-        y = fn(norm(x) if self.normalize_before else x)
-        x = x + self.dropout(y)
-        return x if self.normalize_before else norm(x)
+        self._init_ffn(embed_dim, ffn_embed_dim, dropout, activation_dropout, activation_fn, normalize_before)
 
     def forward(self, x: torch.Tensor, encoder_out: torch.Tensor, encoder_padding_mask: torch.Tensor,
                 self_attn_mask: torch.Tensor | None, cache: dict[str, dict[str, torch.Tensor]] | None = None
@@ -331,8 +327,7 @@ class TransformerDecoderLayer(nn.Module):
         x = self._sublayer(x, self.encoder_attn_layer_norm,
                            lambda h: self.encoder_attn(h, encoder_out, key_padding_mask=encoder_padding_mask,
                                                        cache=ca_cache, static_kv=True))
-        return self._sublayer(x, self.final_layer_norm,
-                              lambda h: self.fc2(self.activation_dropout(self.activation_fn(self.fc1(h)))))
+        return self._sublayer(x, self.final_layer_norm, self._ffn)
 
 
 # ================================================================================================ encoder / decoder
