@@ -88,18 +88,19 @@ def test_numbers_task_learns_in_a_short_run(tmp_path: Path) -> None:
     t.fit(model, dm)
     after = trainer(tmp_path).validate(model, dm, verbose=False)[0]
     assert after["val_loss"] < before["val_loss"] - 2.0
-    assert after["val_acc"] > before["val_acc"] + 0.5 and after["val_acc"] > 0.7  # measured 0.0 -> 0.90
-    assert after["val_bleu"] > before["val_bleu"] + 30  # measured 0 -> 57
+    assert after["val_acc"] > before["val_acc"] + 0.5 and after["val_acc"] > 0.8  # measured 0.0 -> 0.93
+    assert after["val_bleu"] > before["val_bleu"] + 50  # measured 0.1 -> 76.0 (test split 76.9)
     assert math.isclose(after["val_ppl"], math.exp(after["val_nll_loss"]), rel_tol=1e-4)
     assert float(t.callback_metrics["train_loss"]) < 1.5
     # predict: translations of the test split as text, in the data module's vocabulary
     out = [item for batch in trainer(tmp_path).predict(model, dm) for item in batch]
     assert len(out) == 32 and {"id", "tokens", "score", "text"} <= set(out[0])
     assert all(int(item["tokens"][-1]) == EOS and isinstance(item["text"], str) for item in out)
-    assert set(" ".join(item["text"] for item in out).split()) <= set(dm.tgt_dict.symbols)
+    words = " ".join(item["text"] for item in out).replace(",", " , ").replace("-", " @-@ ").split()
+    assert set(words) <= set(dm.tgt_dict.symbols)
     # test: loss, accuracy and BLEU of the test split
     tested = trainer(tmp_path).test(model, dm, verbose=False)[0]
-    assert {"test_loss", "test_acc", "test_bleu", "test_ppl"} <= set(tested) and tested["test_bleu"] > 30
+    assert {"test_loss", "test_acc", "test_bleu", "test_ppl"} <= set(tested) and tested["test_bleu"] > 50
 
 
 def test_vocabulary_mismatch_is_one_clear_error(tmp_path: Path) -> None:
@@ -189,11 +190,11 @@ def test_published_finding_transformer_weights_as_a_sinkformer_lose_little_and_r
     model.set_n_iter(3)  # the same weights, Sinkhorn in the encoder self-attention
     sinkhorn = trainer(tmp_path).validate(model, dm, verbose=False)[0]
     model.hparams.lr, model.hparams.warmup_updates = 3e-4, 0  # lr / 10, no new warm-up
-    trainer(tmp_path, max_steps=40, check_val_every_n_epoch=1000).fit(model, dm)
+    trainer(tmp_path, max_steps=80, check_val_every_n_epoch=1000).fit(model, dm)
     tuned = trainer(tmp_path).validate(model, dm, verbose=False)[0]
-    # measured: loss 0.988 (softmax) -> 1.018 as a Sinkformer -> 0.994 after 40 updates; token accuracy 0.916 ->
-    # 0.916 -> 0.923
+    # measured: loss 0.990 (softmax) -> 1.014 as a Sinkformer -> 0.999 after 80 updates; token accuracy 0.933 ->
+    # 0.928 -> 0.938
     assert sinkhorn["val_loss"] > softmax["val_loss"] + 1e-3  # another function, a little worse
     assert sinkhorn["val_loss"] < softmax["val_loss"] + 0.2 and sinkhorn["val_acc"] > softmax["val_acc"] - 0.05
-    assert tuned["val_loss"] < sinkhorn["val_loss"] - 0.01 and tuned["val_loss"] < softmax["val_loss"] + 0.03
+    assert tuned["val_loss"] < sinkhorn["val_loss"] - 0.008 and tuned["val_loss"] < softmax["val_loss"] + 0.03
     assert tuned["val_acc"] >= sinkhorn["val_acc"]

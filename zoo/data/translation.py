@@ -23,7 +23,7 @@ Data modules:
   segments them with sentencepiece when it is installed or with a built-in BPE (subword-nmt's ``@@`` convention)
   learned on the training text, and builds the dictionaries as ``fairseq-preprocess`` does;
 - :class:`NumbersDataModule`, the embedded task: German number words to English number words, generated with a
-  fixed seed, no files and no network (see :func:`german_number_tokens`).
+  fixed seed with the num2words package, no files and no network (see :func:`german_number_tokens`).
 
 The index format (fairseq ``fairseq/data/indexed_dataset.py``, ``MMapIndexedDataset.Index``), little endian::
 
@@ -75,7 +75,11 @@ __all__ = [
     "TranslationDataModule",
     "batch_by_size",
     "collate",
+    "ENGLISH_NUMBER_TOKENS",
+    "GERMAN_NUMBER_MORPHEMES",
     "english_number",
+    "english_number_tokens",
+    "german_number",
     "german_number_tokens",
     "numbers_dictionaries",
     "post_process",
@@ -987,76 +991,73 @@ class ParallelTextDataModule(TranslationDataModule):
 
 # ================================================================================================ embedded numbers
 
-_DE_UNITS = ["", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"]
-_DE_TEENS = {10: ["zehn"], 11: ["elf"], 12: ["zwölf"], 13: ["drei", "zehn"], 14: ["vier", "zehn"],
-             15: ["fünf", "zehn"], 16: ["sech", "zehn"], 17: ["sieb", "zehn"], 18: ["acht", "zehn"],
-             19: ["neun", "zehn"]}
-_DE_TENS = ["", "", "zwanzig", "dreißig", "vierzig", "fünfzig", "sechzig", "siebzig", "achtzig", "neunzig"]
-_EN_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-            "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
-_EN_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+# The number words come from num2words (``num2words(n, lang="de")`` / ``lang="en"``); the zoo only segments them.
+# German compounds are split into these morphemes by greedy longest match (unambiguous for 0 .. 999999: ``sech`` /
+# ``sieb`` occur only before ``zehn``, the tens words are whole morphemes, ``eins`` only at the end).
+GERMAN_NUMBER_MORPHEMES = (
+    "null", "ein", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sech", "sieben", "sieb", "acht", "neun", "zehn",
+    "elf", "zwölf", "zwanzig", "dreißig", "vierzig", "fünfzig", "sechzig", "siebzig", "achtzig", "neunzig", "und",
+    "hundert", "tausend",
+)
+ENGLISH_NUMBER_TOKENS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty", "forty",
+    "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand", "and", ",", "@-@",
+)
+_MORPHEMES_LONGEST_FIRST = sorted(GERMAN_NUMBER_MORPHEMES, key=len, reverse=True)
 
 
-def _de_below_100(n: int, final: bool) -> list[str]:
-    """n in 1..99; ``final``: the last part of the number (1 is ``eins``, else ``ein``)."""
-    if n < 10:
-        return ["eins" if final else "ein"] if n == 1 else [_DE_UNITS[n]]
-    if n < 20:
-        return list(_DE_TEENS[n])
-    tens, unit = divmod(n, 10)
-    if unit == 0:
-        return [_DE_TENS[tens]]
-    return ["ein" if unit == 1 else _DE_UNITS[unit], "und", _DE_TENS[tens]]
+def _num2words(n: int, lang: str) -> str:
+    if not 0 <= n < 10**6:
+        raise ZooError(f"the numbers task covers 0 .. 999999, got {n}")
+    try:
+        from num2words import num2words
+    except ImportError:  # a dependency of zoo; only a broken environment lacks it
+        raise ZooError("the embedded numbers task needs the num2words package: pip install num2words") from None
+    return num2words(n, lang=lang)
 
 
-def _de_below_1000(n: int, final: bool) -> list[str]:
-    hundreds, rest = divmod(n, 100)
-    out = []
-    if hundreds:
-        out += ["ein" if hundreds == 1 else _DE_UNITS[hundreds], "hundert"]
-    if rest:
-        out += _de_below_100(rest, final)
-    return out
+def german_number(n: int) -> str:
+    """The German number word of ``n`` (0 <= n < 10^6) as num2words spells it, e.g. 324 ->
+    ``dreihundertvierundzwanzig``."""
+    return _num2words(n, "de")
 
 
 def german_number_tokens(n: int) -> list[str]:
-    """German number word of ``n`` (0 <= n < 10^6) as morphemes, e.g. 324 -> ``drei hundert vier und zwanzig``
-    (dreihundertvierundzwanzig): units before tens joined by ``und``, ``ein`` inside a compound and ``eins`` at its
-    end, 16 / 17 as ``sech zehn`` / ``sieb zehn``, 100 / 1000 as ``ein hundert`` / ``ein tausend``."""
-    if not 0 <= n < 10**6:
-        raise ZooError(f"german_number_tokens covers 0 .. 999999, got {n}")
-    if n == 0:
-        return ["null"]
-    thousands, rest = divmod(n, 1000)
-    out = []
-    if thousands:
-        out += _de_below_1000(thousands, final=False) + ["tausend"]
-    if rest:
-        out += _de_below_1000(rest, final=True)
-    return out
-
-
-def _en_below_1000(n: int) -> list[str]:
-    hundreds, rest = divmod(n, 100)
-    out = [_EN_ONES[hundreds], "hundred"] if hundreds else []
-    if rest:
-        if rest < 20:
-            out.append(_EN_ONES[rest])
-        else:
-            tens, unit = divmod(rest, 10)
-            out += [_EN_TENS[tens]] + ([_EN_ONES[unit]] if unit else [])
+    """:func:`german_number` split into morphemes (:data:`GERMAN_NUMBER_MORPHEMES`, greedy longest match), e.g.
+    324 -> ``drei hundert vier und zwanzig``; ``"".join`` of the result is the word."""
+    word, out, i = german_number(n), [], 0
+    while i < len(word):
+        piece = next((m for m in _MORPHEMES_LONGEST_FIRST if word.startswith(m, i)), None)
+        if piece is None:
+            raise ZooError(f"num2words spelled {n} as {word!r}, which does not split into the German number "
+                           f"morphemes at {word[i:]!r}: this num2words version spells differently; install "
+                           "num2words>=0.5.13")
+        out.append(piece)
+        i += len(piece)
     return out
 
 
 def english_number(n: int) -> str:
-    """English number words of ``n`` (0 <= n < 10^6), e.g. 324 -> ``three hundred twenty four``."""
-    if not 0 <= n < 10**6:
-        raise ZooError(f"english_number covers 0 .. 999999, got {n}")
-    if n == 0:
-        return "zero"
-    thousands, rest = divmod(n, 1000)
-    out = (_en_below_1000(thousands) + ["thousand"]) if thousands else []
-    return " ".join(out + _en_below_1000(rest))
+    """English number words of ``n`` (0 <= n < 10^6) as num2words spells them, e.g. 324512 -> ``three hundred and
+    twenty-four thousand, five hundred and twelve``."""
+    return _num2words(n, "en")
+
+
+def english_number_tokens(n: int) -> list[str]:
+    """:func:`english_number` as tokens, hyphens and commas split off Moses-style (``twenty @-@ four``, ``,``)."""
+    words = english_number(n).replace(",", " , ").replace("-", " @-@ ").split()
+    unknown = [w for w in words if w not in ENGLISH_NUMBER_TOKENS]
+    if unknown:
+        raise ZooError(f"num2words spelled {n} as {english_number(n)!r} with words outside the numbers task's "
+                       f"vocabulary ({unknown}): install num2words>=0.5.13")
+    return words
+
+
+def _english_detokenize(line: str) -> str:
+    """Inverse of :func:`english_number_tokens`' splitting: ``twenty @-@ four thousand , five`` -> ``twenty-four
+    thousand, five``."""
+    return line.replace(" @-@ ", "-").replace(" ,", ",")
 
 
 def _german_source(n: int) -> str:
@@ -1068,12 +1069,11 @@ def _german_source(n: int) -> str:
 def numbers_dictionaries() -> tuple[Dictionary, Dictionary]:
     """The fixed source (German sub-words) and target (English words) dictionaries of the numbers task: every
     symbol that can occur, in a fixed order, padded to a multiple of 8 (so their sizes never change)."""
-    de = sorted({t for n in range(1000) for t in german_number_tokens(n)} | {"tausend"})
     src, tgt = Dictionary(), Dictionary()
-    for t in de:
+    for t in GERMAN_NUMBER_MORPHEMES:
         src.add_symbol(t + "@@", n=0)
         src.add_symbol(t, n=0)
-    for w in _EN_ONES + _EN_TENS[2:] + ["hundred", "thousand"]:
+    for w in ENGLISH_NUMBER_TOKENS:
         tgt.add_symbol(w, n=0)
     src.pad_to_multiple_(8)
     tgt.pad_to_multiple_(8)
@@ -1087,10 +1087,13 @@ class NumbersDataModule(TranslationDataModule):
     """The embedded translation task: German number words (as sub-words) to English number words. No files, no
     network; the splits are drawn with ``seed`` and disjoint.
 
-    Example: source ``drei@@ hundert@@ vier@@ und@@ zwanzig@@ tausend@@ fünf@@ hundert@@ zwölf`` (the word
-    dreihundertvierundzwanzigtausendfünfhundertzwölf, split into morphemes with subword-nmt's ``@@`` markers),
-    target ``three hundred twenty four thousand five hundred twelve``. The model must learn the vocabulary and the
-    German order of units before tens (``vier und zwanzig`` -> ``twenty four``).
+    Both sides are spelled by the num2words package. Example: source ``drei@@ hundert@@ vier@@ und@@ zwanzig@@
+    tausend@@ fünf@@ hundert@@ zwölf`` (num2words' dreihundertvierundzwanzigtausendfünfhundertzwölf split into
+    morphemes with subword-nmt's ``@@`` markers), target ``three hundred and twenty @-@ four thousand , five
+    hundred and twelve`` (num2words' "three hundred and twenty-four thousand, five hundred and twelve" with hyphens
+    and commas split off Moses-style; :meth:`decode_target` joins them back). The model must learn the vocabulary,
+    the German order of units before tens (``vier und zwanzig`` -> ``twenty @-@ four``) and where English puts
+    ``and`` and commas, which German does not mark.
 
     Numbers are drawn in 0 .. ``max_number`` with a number of digits uniform in 1 .. digits(max_number), then a
     uniform number with that many digits, so that short numbers are as frequent as long ones; duplicates are
@@ -1161,10 +1164,14 @@ class NumbersDataModule(TranslationDataModule):
         for name, values in splits.items():
             self.numbers[name] = values
             src = [self.src_dict.encode_line(_german_source(int(n))) for n in values]
-            tgt = [self.tgt_dict.encode_line(english_number(int(n))) for n in values]
+            tgt = [self.tgt_dict.encode_line(english_number_tokens(int(n))) for n in values]
             self._add_split(name, LanguagePairDataset(src, tgt))
 
     def pairs(self, split: str = "valid") -> list[tuple[str, str]]:
-        """The (German word, English words) pairs of a split, as text."""
+        """The (German word, English words) pairs of a split, as num2words spells them."""
         self.setup()
-        return [("".join(german_number_tokens(int(n))), english_number(int(n))) for n in self.numbers[split]]
+        return [(german_number(int(n)), english_number(int(n))) for n in self.numbers[split]]
+
+    def decode_target(self, tokens: torch.Tensor | Sequence[int], escape_unk: bool = False) -> str:
+        """Target ids as English text as num2words writes it (``twenty-four thousand, five``)."""
+        return _english_detokenize(super().decode_target(tokens, escape_unk=escape_unk))

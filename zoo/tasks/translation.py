@@ -40,9 +40,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.text import SacreBLEUScore
 
 from zoo.errors import ZooError
+from zoo.tasks.bleu import CorpusBLEU
 
 __all__ = [
     "Seq2SeqDecoder",
@@ -275,7 +275,7 @@ class TranslationTask(pl.LightningModule):
         beam, lenpen, max_len_a, max_len_b, min_len, unk_penalty: decoding settings of validation BLEU, ``test`` and
             ``predict`` (fairseq's ``--eval-bleu-args '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}'``).
         eval_bleu_tokenize: sacrebleu tokenisation of the decoded text (``"13a"``, ``"none"`` for tokenized BLEU);
-            torchmetrics' own implementation, sacrebleu is not needed.
+            the score is sacrebleu's corpus BLEU over the whole split and all processes (:class:`CorpusBLEU`).
     """
 
     def __init__(
@@ -314,12 +314,8 @@ class TranslationTask(pl.LightningModule):
         self.save_hyperparameters(ignore=["weights"])
         self.val_loss, self.val_nll, self.val_acc = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_loss, self.test_nll, self.test_acc = MeanMetric(), MeanMetric(), MeanMetric()
-        try:
-            self.val_bleu = SacreBLEUScore(tokenize=eval_bleu_tokenize)
-            self.test_bleu = SacreBLEUScore(tokenize=eval_bleu_tokenize)
-        except (ValueError, ModuleNotFoundError) as e:
-            raise ZooError(f"eval_bleu_tokenize={eval_bleu_tokenize!r} is not available ({e}): use '13a', 'none', "
-                           "'intl', 'char' or 'zh'") from None
+        self.val_bleu = CorpusBLEU(tokenize=eval_bleu_tokenize)
+        self.test_bleu = CorpusBLEU(tokenize=eval_bleu_tokenize)
         self._bleu_this_epoch = False
 
     # ---------------------------------------------------------------- hooks the subclass provides
@@ -405,7 +401,7 @@ class TranslationTask(pl.LightningModule):
             m.reset()
         if bleu:
             metric = getattr(self, f"{stage}_bleu")
-            self.log(f"{stage}_bleu", metric.compute() * 100.0, prog_bar=True)
+            self.log(f"{stage}_bleu", metric.compute(), prog_bar=True)
             metric.reset()
 
     def on_validation_epoch_end(self) -> None:
