@@ -22,7 +22,8 @@ A training step is forward, cross-entropy loss, backward and an SGD step (no mom
 no state; gradients are allocated once before the measurement and zeroed in place).
 
 * Memory: every configuration in a fresh process (``--worker memory``), as ``/work/shared/reference/MEASURING.md``
-  describes: on CPU started with ``MALLOC_MMAP_THRESHOLD_=65536``, peak resident set during the first step
+  describes: after one warm-up step (which also compiles the fused kernels), on CPU started with
+  ``MALLOC_MMAP_THRESHOLD_=65536``, peak resident set during the next step
   (VmHWM reset just before it) minus the baseline after building the model, the batch and the gradients; on
   CUDA ``max_memory_allocated`` minus ``memory_allocated`` before the step.
 * Time: one process per model (``--worker time``) with the ordinary allocator (under the small mmap threshold
@@ -186,23 +187,15 @@ def build(table: str, arch: int, method: str, args: argparse.Namespace, device: 
     return model, params, step
 
 
-def _compile_fused_kernels(device: torch.device) -> None:
-    """Compile the fused fixed-point kernels on a tiny 4-D reversible stack (dynamic shapes: once for all)."""
-    from zoo.nn import ResidualStack
-
-    stack = ResidualStack([nn.Conv2d(3, 3, 3, padding=1) for _ in range(2)], rule="momentum", gamma=GAMMA,
-                          memory="reversible").to(device)
-    stack(torch.randn(2, 3, 5, 5, device=device, requires_grad=True)).sum().backward()
-
-
 def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration, one process: peak working memory of one training step."""
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, params, step = build(args.worker_table, args.worker_arch, args.worker_methods[0], args, device)
-    if args.worker_methods[0] == "zoo-reversible":
-        _compile_fused_kernels(device)  # compilation is a one-time cost, not the step's working memory
+    # one warm-up step, for every method: one-time costs (the compilation of the fused kernels for exactly the
+    # variants and shapes the model uses, library caches) are not a training step's working memory
+    step()
     gc.collect()
     out: dict[str, Any] = {
         "params": sum(p.numel() for p in params),
@@ -478,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
         print(imagenet_table(imagenet, args.archs, args.methods, skip) + "\n")
         print(
             "peak: working memory of one training step (forward, loss, backward, SGD step) above the baseline "
-            "(model, batch, gradients), one fresh process per configuration"
+            "(model, batch, gradients), one fresh process per configuration, measured on the step after a "
+            "warm-up step"
             + (", MALLOC_MMAP_THRESHOLD_=65536" if device.type == "cpu" else "")
             + f", peak from {method_used}. step: median over {args.steps} rounds after a warm-up round; each round "
             "runs one step of every method back to back in one process per model (ordinary allocator); "

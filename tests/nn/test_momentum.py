@@ -744,16 +744,23 @@ def test_transition_is_recomputed_in_backward_not_stored():
         assert any(s[-1:] == (32,) for s in saved) is stores_hidden, saved
 
 
-@pytest.mark.parametrize("depth", [30])
-def test_fused_kernels_compute_the_eager_integers(depth):
-    """The compiled kernels (the default outside this suite) give the eager results bit for bit."""
+@pytest.mark.parametrize("blocks", ["mlp", "basic"])
+def test_fused_kernels_compute_the_eager_integers(blocks):
+    """The compiled kernels (the default outside this suite) give the eager results bit for bit: generic residual
+    functions (tail "identity", 30 MLP blocks) and ResNet blocks whose relu(x + g) - x tail the kernels fuse."""
     from zoo.ops import fixed_point
 
-    blocks = mlp_blocks(depth, dim=6, hidden=12, seed=45)
-    stack = ResidualStack(blocks, rule="momentum", memory="reversible", gamma=0.9, init_velocity="f",
-                          transition=nn.Linear(5, 6))
+    if blocks == "mlp":
+        stack = ResidualStack(mlp_blocks(30, dim=6, hidden=12, seed=45), rule="momentum", memory="reversible",
+                              gamma=0.9, init_velocity="f", transition=nn.Linear(5, 6))
+        x = torch.randn(7, 5, generator=torch.Generator().manual_seed(46))
+    else:
+        torch.manual_seed(47)
+        stack = ResidualStack([BasicBlock(6, 6) for _ in range(4)], rule="momentum", memory="reversible",
+                              gamma=0.9, init_velocity="f", transition=nn.Conv2d(3, 6, 3, padding=1)).train()
+        assert stack.blocks[0].split_residual(torch.randn(2, 6, 5, 5))[1] == "relu"
+        x = torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(48))
     stack.record_rebuild = True
-    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(46))
     results = []
     for fused in (False, True):
         fixed_point.set_fused(fused)

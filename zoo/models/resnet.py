@@ -30,6 +30,7 @@ from torchvision.ops import stochastic_depth
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
 from zoo.nn import ResidualStack
+from zoo.ops.fixed_point import post_activation_residual
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
 
@@ -92,8 +93,16 @@ class _ResNetBlock(nn.Module):
         if not self.post_activation:
             return g
         if h == 1.0:  # the momentum and plain rules: the same values without two element-wise passes
-            return F.relu(x + g) - x
+            return post_activation_residual(x, g)
         return (F.relu(x + h * g) - x) / h
+
+    def split_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+        """Inside a stack: (g(x), tail) with the residual function f(x) = residual_tail(x, g(x), tail), so that a
+        reversible momentum stack fuses the element-wise tail into its fixed-point step (None: no split)."""
+        h = self.residual_step
+        if h is None or (self.post_activation and h != 1.0):
+            return None
+        return self._g(x), ("relu" if self.post_activation else "identity")
 
 
 class BasicBlock(_ResNetBlock):
@@ -111,7 +120,8 @@ class BasicBlock(_ResNetBlock):
         self.downsample = downsample
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        # in-place ReLUs as torchvision's (a BatchNorm's backward does not need its output)
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
 
     @property
     def last_bn(self) -> nn.BatchNorm2d:
@@ -135,8 +145,8 @@ class Bottleneck(_ResNetBlock):
         self.downsample = downsample
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         return self.bn3(self.conv3(out))
 
     @property

@@ -319,6 +319,21 @@ class ResidualStack(nn.Module):
             )
         return fx
 
+    def _residual_parts(self, n: int, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, str]:
+        """(g, tail) with f_n(x) = residual_tail(x, g, tail) (zoo.ops.fixed_point): a block that offers
+        ``split_residual(x)`` (the ResNet blocks: its branch output and ``"relu"``) leaves its element-wise tail
+        to the reversible engine's fused kernels; any other gives (f_n(x), ``"identity"``)."""
+        block = self._modules[str(min(n, self.depth - 1) + self._offset)]
+        split = getattr(block, "split_residual", None)
+        parts = split(x) if split is not None and not args and not kwargs else None
+        if parts is None:
+            return self._f(n, x, args, kwargs), "identity"
+        if parts[0].shape != x.shape:
+            raise ZooError(f"residual block {n} of a ResidualStack maps shape {tuple(x.shape)} to "
+                           f"{tuple(parts[0].shape)}; a residual function must keep the shape (put shape changes in "
+                           "`transition`)")
+        return parts
+
     def _step(self, n: int, x: torch.Tensor, args: tuple, kwargs: dict, rng: list | None = None):
         """One step of the rule; ``rng`` collects (forward) the random state before each f call."""
         h = self.step
@@ -511,8 +526,14 @@ class _ReversibleMomentum(torch.autograd.Function):
     Gradients (z = (x, v), a = dL/dx_{n+1} + dL/dv_{n+1}):
         dL/dx_n = dL/dx_{n+1} + (1-gamma) h J_f^T a,  dL/dv_n = gamma a,  dL/dtheta_n += (1-gamma) h (df/dtheta)^T a.
 
-    Stored for backward: the final integer state (x, v: int64; the last buffer word in the narrowest
-    integer type its static bound allows; full words as int64) and, with a transition block, the
+    Each step is one fused kernel (zoo.ops.fixed_point) that also applies the residual function's element-wise
+    tail when the block leaves it out (``split_residual``: f = relu(x + g) - x of a post-activation ResNet block),
+    and updates the state in place; backward runs one kernel per step for the inverse and the tail's part of the
+    gradient, and one for the gradient accumulation, around f_n's recomputed graph.
+
+    Stored for backward: the final integer state (x, v: int64; each buffer word, in forward too, in the
+    narrowest integer type its static bound allows: full words int64, int8 for up to 29 steps at gamma 0.9),
+    and, with a transition block, the
     stage input, from which the transition is recomputed (checkpointed) at the end of backward.
     """
 
@@ -522,7 +543,6 @@ class _ReversibleMomentum(torch.autograd.Function):
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         fp, ratio = stack.fixed_point, stack.ratio
         c = (1.0 - stack.gamma) * stack.step
-        step = momentum_kernel("step")
         ctx.stack, ctx.arg_info = stack, arg_info
         ctx.replay = _Replay(x_in.device)
         keep_rng = stack.preserve_rng_state
@@ -535,24 +555,32 @@ class _ReversibleMomentum(torch.autograd.Function):
             xf = fp.to_float(xi, dtype)  # every f_n sees x_n = x_int / 2^F, in forward and backward alike
             if keep_rng:
                 rng.append(_RNGState(x.device))
-            v0 = stack._initial_velocity(xf, args, kwargs)
-            vi = fp.to_fixed(v0)
-            x0_max, v0_max = fp.abs_max(x), fp.abs_max(v0)
+            if stack.init_velocity == "zero":
+                vi = torch.zeros_like(xi)
+                x0_max, v0_max = fp.abs_max(x), torch.zeros((), dtype=torch.float64, device=x.device)
+            else:
+                v0 = stack._initial_velocity(xf, args, kwargs)
+                vi = fp.to_fixed(v0)
+                x0_max, v0_max = fp.abs_max(x), fp.abs_max(v0)
             g_max = torch.zeros((), dtype=torch.float64, device=x.device)
-            buffer, words = torch.zeros_like(xi), []
+            def new_word(start: int) -> torch.Tensor:
+                # each word in the narrowest integer type its static bound allows (the kernels compute in int64)
+                steps = min(ratio.steps_per_word, stack.depth - start)
+                return torch.zeros_like(xi, dtype=ratio.buffer_dtype(steps))
+
+            buffer, words = new_word(0), []
             for n in range(stack.depth):
                 if n and n % ratio.steps_per_word == 0:  # the buffer word is full: start a new one
                     words.append(buffer)
-                    buffer = torch.zeros_like(xi)
+                    buffer = new_word(n)
                 if keep_rng:
                     rng.append(_RNGState(x.device))
-                g = c * stack._f(n, xf, args, kwargs).to(fp.work_dtype(x))
-                g_max = torch.maximum(g_max, fp.abs_max(g))
-                xi, vi, buffer, xf = step(xi, vi, buffer, g, ratio.n, ratio.d, fp.scale, dtype)
+                g, tail = stack._residual_parts(n, xf, args, kwargs)
+                step = momentum_kernel("step", c=c, tail=tail, n=ratio.n, d=ratio.d, scale=fp.scale)
+                # in place: (xi, vi, buffer) <- step n's state, xf <- x_{n+1} as a float, f_n's input no longer needed
+                g_max = torch.maximum(g_max, step(xi, vi, buffer, xf, g).to(torch.float64))
             # every state (x_n, v_n) in range, not only the last: then no integer operation can wrap
             overflow = fp.momentum_state_out_of_range(x0_max, v0_max, g_max, stack.gamma, stack.depth)
-            last_word_steps = stack.depth - ratio.steps_per_word * len(words)
-            buffer = buffer.to(ratio.buffer_dtype(last_word_steps))  # exact: within its static bound
         ctx.rng = rng if keep_rng else None
         ctx.n_words = len(words)
         # The integer state is not a save_for_backward tensor: backward takes it off ctx, so each x, v and
@@ -581,7 +609,6 @@ class _ReversibleMomentum(torch.autograd.Function):
                 f"the fixed-point range |x| < 2^{61 - fp.frac_bits}; the rebuild would not be exact. Normalise "
                 f"the input, lower fixed_point_bits (now {fp.frac_bits}), or use memory='full'"
             )
-        buffer = buffer.to(torch.int64)
         params = stack._reversible_parameters()
         param_index = {id(p): i for i, p in enumerate(params)}
         grad_params: list[torch.Tensor | None] = [None] * len(params)
@@ -590,20 +617,22 @@ class _ReversibleMomentum(torch.autograd.Function):
         grad_arg_idx = [i for i, g in enumerate(grad_leaves) if g]
         blocks = stack.blocks
         outer_rng = _RNGState(grad_out.device) if ctx.rng is not None else None
-        unstep = momentum_kernel("unstep")
 
-        def vjp(fn, x_float: torch.Tensor, module_params: list[nn.Parameter], cotangent: torch.Tensor):
-            """Evaluate fn at x_float with grad; return (value, dL/dx) and accumulate parameter/argument grads."""
+        def run_with_grad(fn, x_float: torch.Tensor):
+            """fn(x_float, args, kwargs) with grad, on a fresh leaf for x and for the arguments that need grad."""
             with torch.enable_grad():
                 xg = x_float.detach().requires_grad_(True)
                 vjp_leaves = list(const_leaves)
                 for i in grad_arg_idx:
                     vjp_leaves[i] = leaves[i].detach().requires_grad_(True)
                 args_v, kwargs_v = pytree.tree_unflatten(vjp_leaves, spec)
-                value = fn(xg, args_v, kwargs_v)
-                wrt_params = [p for p in module_params if id(p) in param_index]
-                wrt = [xg, *wrt_params, *(vjp_leaves[i] for i in grad_arg_idx)]
-                grads = torch.autograd.grad(value, wrt, cotangent.to(value.dtype), allow_unused=True)
+                return fn(xg, args_v, kwargs_v), xg, vjp_leaves
+
+        def backprop(value, xg, vjp_leaves, module_params: list[nn.Parameter], cotangent: torch.Tensor):
+            """dL/dx for the cotangent of ``value``; parameter and argument gradients are accumulated."""
+            wrt_params = [p for p in module_params if id(p) in param_index]
+            wrt = [xg, *wrt_params, *(vjp_leaves[i] for i in grad_arg_idx)]
+            grads = torch.autograd.grad(value, wrt, cotangent.to(value.dtype), allow_unused=True)
             for p, gp in zip(wrt_params, grads[1 : 1 + len(wrt_params)]):
                 if gp is not None:
                     j = param_index[id(p)]
@@ -611,41 +640,55 @@ class _ReversibleMomentum(torch.autograd.Function):
             for j, ga in enumerate(grads[1 + len(wrt_params) :]):
                 if ga is not None:
                     grad_args[j] = ga if grad_args[j] is None else grad_args[j] + ga
-            return value.detach(), (grads[0] if grads[0] is not None else torch.zeros_like(xg))
+            return grads[0] if grads[0] is not None else torch.zeros_like(xg)
 
-        gx = grad_out.to(dtype)
-        gv = torch.zeros_like(gx)
+        def vjp(fn, x_float: torch.Tensor, module_params: list[nn.Parameter], cotangent: torch.Tensor):
+            return backprop(*run_with_grad(fn, x_float), module_params, cotangent)
+
+        # gx = dL/dx_n and a = dL/dx_{n+1} + dL/dv_{n+1} (so dL/dv_n = gamma a), updated in place: own copies
+        gx = grad_out.to(dtype, copy=True)
+        a = gx.clone()
+        gv: torch.Tensor | None = None  # dL/dv_0, for the initial velocity's gradient
         modules = ([stack.transition] if stack.has_transition else []) + stack._velocity_modules() + blocks
         try:
             with frozen_batchnorm_stats(modules), ctx.replay.autocast_ctx():
                 with torch.no_grad():
-                    xi, xf = momentum_kernel("rewind")(xi, vi, fp.scale, dtype)  # x_{N-1} = x_N - v_N
+                    xf = momentum_kernel("rewind", scale=fp.scale, dtype=dtype)(xi, vi)  # x_{N-1} = x_N - v_N
                 for n in reversed(range(stack.depth)):
                     if ctx.rng is not None:
                         ctx.rng[n + 1].restore()
-                    a = gx + gv
-                    g, gx_f = vjp(lambda t, a_, k_, n=n: c * stack._f(n, t, a_, k_).to(fp.work_dtype(t)),
-                                  xf, _unique_parameters([blocks[n]]), a)
+                    g, xg, vjp_leaves = run_with_grad(lambda t, a_, k_, n=n: stack._residual_parts(n, t, a_, k_),
+                                                      xf)
+                    g, tail = g
                     with torch.no_grad():
-                        # v_n exactly, and x_{n-1} = x_n - v_n with its float value for the next f
-                        xi_prev, vi, buffer, xf_prev = unstep(xi, vi, buffer, g, ratio.n, ratio.d, fp.scale, dtype)
+                        # v_n exactly, x_{n-1} = x_n - v_n and its float value, the tail's part of the gradient
+                        unstep = momentum_kernel("unstep", c=c, tail=tail, n=ratio.n, d=ratio.d, scale=fp.scale,
+                                                 first=n == 0)
+                        grad_g = unstep(xi, vi, buffer, xf, g.detach(), a, gx)
                         if n and n % ratio.steps_per_word == 0:
                             buffer = words.pop()
-                    if n:
-                        xi, xf = xi_prev, xf_prev
-                    gx, gv = gx + gx_f.to(dtype), stack.gamma * a
+                    grad_branch = backprop(g, xg, vjp_leaves, _unique_parameters([blocks[n]]), grad_g)
+                    del g, xg
+                    with torch.no_grad():
+                        if n == 0 and stack.init_velocity != "zero":
+                            gv = stack.gamma * a
+                        momentum_kernel("accumulate", gamma=stack.gamma, last=n == 0)(gx, a, grad_branch)
+                        if n:  # f_n's graph is gone: x_{n-1} as a float into the same buffer
+                            momentum_kernel("refresh", scale=fp.scale)(xi, xf)
+                    del grad_g, grad_branch  # before f_{n-1}'s recomputation allocates
                 if stack.record_rebuild:  # diagnostic: the rebuilt fixed-point (x_0, v_0)
                     stack.last_rebuild = (xi, vi)
                 if stack.init_velocity != "zero":  # v_0 = f_0(x_0) or g(x_0): its gradient flows into x_0
                     if ctx.rng is not None:
                         ctx.rng[0].restore()
                     v_modules = [blocks[0]] if stack.init_velocity == "f" else stack._velocity_modules()
-                    _, gx_v = vjp(stack._initial_velocity, xf, _unique_parameters(v_modules), gv)
+                    gx_v = vjp(stack._initial_velocity, xf, _unique_parameters(v_modules), gv)
                     gx = gx + gx_v.to(dtype)
+                del xi, vi, buffer, xf, a, gv  # the state is rebuilt: free it before the transition's recomputation
                 if stack.has_transition:  # x_0 = transition(x_in), recomputed from the stored input
                     if ctx.rng_transition is not None:
                         ctx.rng_transition.restore()
-                    _, gx = vjp(lambda t, a_, k_: stack.transition(t), x_in,
+                    gx = vjp(lambda t, a_, k_: stack.transition(t), x_in,
                                 _unique_parameters([stack.transition]), gx)
         finally:
             if outer_rng is not None:

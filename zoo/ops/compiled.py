@@ -10,6 +10,7 @@ kernels switch to eager for the rest of the process with one warning: they compu
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,30 +26,45 @@ class CompiledKernels:
         env: the environment variable that turns compilation off when "0", "false", "no" or "off".
         what: how the warning names these kernels ("the fused fixed-point kernels").
         fullgraph: passed to ``torch.compile``.
+        options: kernel name -> inductor options for its compilation (``torch.compile(options=...)``).
     """
 
-    def __init__(self, eager: dict[str, Callable[..., Any]], env: str, what: str, fullgraph: bool = False):
+    def __init__(self, eager: dict[str, Callable[..., Any]], env: str, what: str, fullgraph: bool = False,
+                 options: dict[str, dict[str, Any]] | None = None):
         self.eager = dict(eager)
         self.env, self.what, self.fullgraph = env, what, fullgraph
+        self.options = dict(options or {})
         self.enabled = os.environ.get(env, "1").lower() not in ("0", "false", "no", "off")
-        self._compiled: dict[str, Callable[..., Any]] = {}
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._variants: dict[tuple, Callable[..., Any]] = {}
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
 
     def __getitem__(self, name: str) -> Callable[..., Any]:
+        return self.get(name)
+
+    def get(self, name: str, **static: Any) -> Callable[..., Any]:
+        """The kernel ``name`` with the keyword arguments ``static`` bound as compile-time constants (one
+        compilation per distinct set of values: integer divisors become multiplications, branches on a string
+        disappear); the remaining arguments are dynamic."""
+        key = (name, tuple(sorted(static.items())))
+        eager = self._variants.get(key)
+        if eager is None:
+            eager = self._variants[key] = _bind_constants(self.eager[name], static, len(self._variants))
         if not self.enabled or torch.compiler.is_compiling():
-            return self.eager[name]
-        fn = self._compiled.get(name)
+            return eager
+        fn = self._compiled.get(key)
         if fn is None:
-            compiled = torch.compile(self.eager[name], dynamic=True, fullgraph=self.fullgraph)
-            fn = self._compiled[name] = self._with_eager_fallback(name, compiled)
+            # dynamic=None: shapes become dynamic once a second shape is seen, the bound constants never do
+            compiled = torch.compile(eager, dynamic=None, fullgraph=self.fullgraph, options=self.options.get(name))
+            fn = self._compiled[key] = self._with_eager_fallback(eager, compiled)
         return fn
 
-    def _with_eager_fallback(self, name: str, compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def _with_eager_fallback(self, eager: Callable[..., Any], compiled: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
             if not self.enabled:
-                return self.eager[name](*args)
+                return eager(*args)
             try:
                 return compiled(*args)
             except Exception as e:  # no compiler toolchain, unsupported device ...: the same values, eagerly
@@ -56,6 +72,22 @@ class CompiledKernels:
                 first = str(e).splitlines()[0][:200] if str(e) else ""
                 warnings.warn(f"zoo: {self.what} did not compile ({type(e).__name__}: {first}); running them "
                               f"eagerly (same results, slower). Set {self.env}=0 to silence this.", stacklevel=3)
-                return self.eager[name](*args)
+                return eager(*args)
 
         return run
+
+
+def _bind_constants(fn: Callable[..., Any], static: dict[str, Any], index: int) -> Callable[..., Any]:
+    """``fn`` with keyword-only defaults ``static``, as a new function with its own code object.
+
+    Not ``functools.partial``: torch.compile keeps its compiled variants (at most ``recompile_limit``) per code
+    object, and every partial runs through one shared wrapper, so a few kernels x constants would exhaust the
+    limit. A renamed copy of the code has a cache of its own, and its keyword defaults are compile-time constants.
+    """
+    if not static:
+        return fn
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_v{index}")
+    bound = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    bound.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
+    bound.__qualname__, bound.__doc__ = code.co_name, fn.__doc__
+    return bound

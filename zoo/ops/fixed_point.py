@@ -158,39 +158,99 @@ class FixedPoint:
 
 
 # --------------------------------------------------------------------------------------------------
-# Fused momentum steps. Each is a handful of integer passes over the state; on a CPU every pass is
-# memory-bound (and integer division is slow), so by default they run as one compiled kernel each
-# (torch.compile), which computes the same integers bit for bit (the operations are exact integer
-# operations and IEEE roundings, identical in any order). ``set_fused(False)`` or the environment
-# variable ZOO_FUSED_FIXED_POINT=0 keeps them eager; a failed compilation falls back to eager once,
-# with a warning.
+# Fused momentum steps. A step is a handful of integer passes over the state plus the element-wise tail of
+# the residual function; on a CPU every pass is memory-bound (and integer division is slow), so by default
+# each runs as one compiled kernel (torch.compile) which computes the same integers bit for bit (exact
+# integer operations and IEEE roundings, no reassociation or contraction). The kernels update the state in
+# place: a fresh int64 output of a stage-sized tensor costs as much again in page faults on a CPU.
+# ``set_fused(False)`` or the environment variable ZOO_FUSED_FIXED_POINT=0 keeps them eager; a failed
+# compilation falls back to eager once, with a warning.
+
+RESIDUAL_TAILS = ("identity", "relu")
 
 
-def _momentum_step(xi, vi, buffer, g, n: int, d: int, scale: float, out_dtype: torch.dtype):
-    """(M1) in fixed point: v <- gamma v + round(2^F g) (buffer keeps the lost bits), x <- x + v.
+def post_activation_residual(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """f(x) = relu(x + g) - x: the residual function of a post-activation block x -> relu(x + g(x))
+    (torchvision's BasicBlock and Bottleneck inside a stage), so that x + f(x) is the block's output."""
+    return torch.relu(x + g) - x
 
-    Returns (x, v, buffer, x / 2^F in ``out_dtype``), the last being the next residual function's input.
+
+def residual_tail(x: torch.Tensor, g: torch.Tensor, tail: str) -> torch.Tensor:
+    """The residual function f from its input x and its last computed tensor g: ``"identity"`` f = g;
+    ``"relu"`` f = :func:`post_activation_residual` (x, g)."""
+    return post_activation_residual(x, g) if tail == "relu" else g
+
+
+def _momentum_step_(xi, vi, buffer, xf, g, *, c: float, tail: str, n: int, d: int, scale: float):
+    """(M1) in fixed point, in place: v <- gamma v + round(2^F c f) (the buffer keeps the lost bits), x <- x + v,
+    and ``xf`` <- x / 2^F, the next residual function's input; f = residual_tail(xf, g, tail).
+
+    Returns max |c f| (0-dim; infinite when g holds a NaN) for the range check, without a host sync.
     """
-    vi, buffer = exact_multiply(vi, buffer, n, d)
-    vi = vi + torch.round(g * scale).to(torch.int64)
-    xi = xi + vi
-    return xi, vi, buffer, _to_float(xi, scale, out_dtype)
+    work = torch.float64 if xf.dtype == torch.float64 else torch.float32
+    gc = c * residual_tail(xf.to(work), g.to(work), tail)
+    v, b = exact_multiply(vi, buffer.to(torch.int64), n, d)  # the buffer word may be stored narrower
+    v = v + torch.round(gc * scale).to(torch.int64)
+    x = xi + v
+    bound = torch.where(torch.isnan(g).any(), math.inf, gc.abs().amax())
+    xi.copy_(x)
+    vi.copy_(v)
+    buffer.copy_(b)
+    xf.copy_(_to_float(x, scale, xf.dtype))
+    return bound
 
 
-def _momentum_unstep(xi, vi, buffer, g, n: int, d: int, scale: float, out_dtype: torch.dtype):
-    """The inverse (M2) of step k, given x_k = ``xi``, v_{k+1} = ``vi`` and g = the step's residual at x_k.
+def _momentum_unstep_(xi, vi, buffer, xf, g, a, gx, *, c: float, tail: str, n: int, d: int, scale: float,
+                      first: bool):
+    """The inverse (M2) of step k and the element-wise part of its gradient, in place.
 
-    Returns (x_{k-1} = x_k - v_k, v_k, buffer, x_{k-1} / 2^F): the state and input of step k - 1.
+    Given x_k = ``xi`` (and its float ``xf``), v_{k+1} = ``vi``, g = the residual function's last tensor at x_k
+    (f = residual_tail(xf, g, tail)) and a = dL/dx_{k+1} + dL/dv_{k+1}: ``xi``, ``vi`` <- x_{k-1} = x_k - v_k,
+    v_k; ``gx`` += the direct part of c (df/dx)^T a (the tail's, -c a where x + g <= 0 for ``"relu"``). Returns
+    c (df/dg)^T a, the cotangent of g, in g's dtype: for ``"relu"`` written into g itself (g's values are dead
+    after this kernel, and a ResNet block's g, its last BatchNorm's output, is saved by no autograd node), else a
+    new tensor. ``xf`` is left alone (f_k's graph still holds it; the caller
+    refreshes it with :func:`_refresh_float_` afterwards). For the ``first`` step (k = 0) only v_0 is rebuilt:
+    ``xi`` keeps x_0.
     """
-    vi, buffer = exact_multiply(vi - torch.round(g * scale).to(torch.int64), buffer, d, n)
-    xi = xi - vi
-    return xi, vi, buffer, _to_float(xi, scale, out_dtype)
+    work = torch.float64 if xf.dtype == torch.float64 else torch.float32
+    xw, gw = xf.to(work), g.to(work)
+    gc = c * residual_tail(xw, gw, tail)
+    v, b = exact_multiply(vi - torch.round(gc * scale).to(torch.int64), buffer.to(torch.int64), d, n)
+    ca = c * a.to(work)
+    if tail == "relu":
+        positive = (xw + gw) > 0  # relu's derivative, 0 at 0 as autograd's
+        grad_g = torch.where(positive, ca, 0.0)
+        gx.copy_(gx + torch.where(positive, 0.0, -ca).to(gx.dtype))
+    else:
+        grad_g = ca
+    if not first:
+        xi.copy_(xi - v)
+    vi.copy_(v)
+    buffer.copy_(b)
+    if tail == "relu":
+        g.copy_(grad_g)  # one stage-sized buffer less at the backward's peak
+        return g
+    return grad_g.to(g.dtype)
 
 
-def _rewind(xi, vi, scale: float, out_dtype: torch.dtype):
-    """x_k = x_{k+1} - v_{k+1} and its float value."""
-    xi = xi - vi
-    return xi, _to_float(xi, scale, out_dtype)
+def _accumulate_(gx, a, grad_branch, *, gamma: float, last: bool):
+    """In place: gx += grad_branch (the rest of c J_f^T a), and unless ``last`` a <- gx + gamma a, the next
+    step's a = dL/dx_k + dL/dv_k (dL/dv_k = gamma a)."""
+    gx.copy_(gx + grad_branch.to(gx.dtype))
+    if not last:
+        a.copy_(gx + gamma * a)
+
+
+def _refresh_float_(xi, xf, *, scale: float):
+    """In place xf <- xi / 2^F (a separate pass so that backward needs one float state buffer, not two)."""
+    xf.copy_(_to_float(xi, scale, xf.dtype))
+
+
+def _rewind_(xi, vi, *, scale: float, dtype: torch.dtype):
+    """In place x <- x - v (x_{N-1} = x_N - v_N); returns its float value."""
+    xi.copy_(xi - vi)
+    return _to_float(xi, scale, dtype)
 
 
 def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -198,8 +258,15 @@ def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
     return (t.to(work) * (1.0 / scale)).to(dtype)  # 1/2^F is exact: the same as dividing
 
 
-_KERNELS = CompiledKernels({"step": _momentum_step, "unstep": _momentum_unstep, "rewind": _rewind},
-                           env="ZOO_FUSED_FIXED_POINT", what="the fused fixed-point kernels", fullgraph=True)
+# The step kernels divide int64 by the constants n and d. Inductor's CPU vectorisation turns that into a per-lane
+# division by a runtime vector; scalar code (simdlen 1) lets the C++ compiler use multiply-and-shift for the
+# constant divisors, about twice as fast on x86 (AVX2 has no 64-bit vector division either way). Other backends
+# ignore the option.
+_SCALAR_CPU = {"cpp.simdlen": 1}
+_KERNELS = CompiledKernels({"step": _momentum_step_, "unstep": _momentum_unstep_, "accumulate": _accumulate_,
+                            "rewind": _rewind_, "refresh": _refresh_float_},
+                           env="ZOO_FUSED_FIXED_POINT", what="the fused fixed-point kernels", fullgraph=True,
+                           options={"step": _SCALAR_CPU, "unstep": _SCALAR_CPU})
 
 
 def set_fused(enabled: bool) -> None:
@@ -211,7 +278,8 @@ def fused_enabled() -> bool:
     return _KERNELS.enabled
 
 
-def momentum_kernel(name: str):
-    """The step, unstep or rewind function: compiled when fusion is on (eager under a caller's
-    torch.compile, which traces it itself), else eager."""
-    return _KERNELS[name]
+def momentum_kernel(name: str, **static):
+    """The step, unstep, accumulate, refresh or rewind function with its keyword-only constants bound (``c``, ``tail``,
+    ``n``, ``d``, ``scale``, ``gamma`` ...): compiled once per set of constants when fusion is on (eager under
+    a caller's torch.compile, which traces it itself), else eager."""
+    return _KERNELS.get(name, **static)

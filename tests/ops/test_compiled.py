@@ -1,0 +1,41 @@
+"""CompiledKernels (zoo/ops/compiled.py): kernels with bound compile-time constants, eager or compiled."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from zoo.ops.compiled import CompiledKernels, _bind_constants
+
+
+def scaled_floor_div(t: torch.Tensor, *, d: int, scale: float) -> torch.Tensor:
+    return torch.div(t, d, rounding_mode="floor") * scale
+
+
+def test_bound_constants_are_keyword_defaults_of_a_separate_function() -> None:
+    a = _bind_constants(scaled_floor_div, {"d": 3, "scale": 2.0}, 0)
+    b = _bind_constants(scaled_floor_div, {"d": 5, "scale": 1.0}, 1)
+    t = torch.arange(-7, 8)
+    assert torch.equal(a(t), torch.div(t, 3, rounding_mode="floor") * 2.0)
+    assert torch.equal(b(t), torch.div(t, 5, rounding_mode="floor") * 1.0)
+    # each variant has its own code object (torch.compile keeps one cache per code object)
+    assert a.__code__ is not b.__code__ and a.__code__ is not scaled_floor_div.__code__
+    assert scaled_floor_div.__kwdefaults__ is None  # the original is untouched
+    assert _bind_constants(scaled_floor_div, {}, 2) is scaled_floor_div
+
+
+def test_many_constant_sets_compile_without_exhausting_the_recompile_limit() -> None:
+    """More variants than torch._dynamo's per-code recompile limit (8): each compiled once, the eager values."""
+    kernels = CompiledKernels({"k": scaled_floor_div}, env="ZOO_TEST_UNUSED", what="test kernels", fullgraph=True,
+                              options={"k": {"cpp.simdlen": 1}})
+    t = torch.arange(-50, 50, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compilation falls back with a warning: fail instead
+        for d in range(2, 11):  # 9 variants
+            k = kernels.get("k", d=d, scale=0.5)
+            assert k is kernels.get("k", d=d, scale=0.5)  # cached per set of constants
+            assert torch.equal(k(t), torch.div(t, d, rounding_mode="floor") * 0.5)
+    assert kernels.enabled
+    kernels.set_enabled(False)
+    assert kernels.get("k", d=3, scale=1.0)(t).equal(torch.div(t, 3, rounding_mode="floor") * 1.0)
