@@ -511,6 +511,41 @@ def test_bf16_autocast_on_cpu_matches_full():
     torch.testing.assert_close(b[0], c[0], rtol=5e-2, atol=5e-2)
 
 
+def test_fused_relu_tail_with_stochastic_depth_and_autocast_matches_full():
+    """ResNet blocks hand the engine g(x) and the tail relu(x + g) - x (split_residual), and backward writes g's
+    cotangent over g: with stochastic depth (replayed) and under bf16 autocast, gradients equal full backprop's
+    and the rebuilt x_0 is bit for bit the input."""
+    torch.manual_seed(34)
+    blocks = [BasicBlock(8, 8, drop_path=0.4) for _ in range(5)]
+    twins = copy.deepcopy(blocks)
+    full = ResidualStack(blocks, rule="momentum", gamma=0.9, memory="full").train()
+    rev = ResidualStack(twins, rule="momentum", gamma=0.9, memory="reversible").train()
+    rev.record_rebuild = True
+    assert rev.blocks[0].split_residual(torch.randn(2, 8, 4, 4))[1] == "relu"
+    x = torch.randn(3, 8, 6, 6)
+    torch.manual_seed(35)
+    a = run(full, x)
+    torch.manual_seed(35)
+    b = run(rev, x)
+    assert_grads_close(a, b, rtol=1e-3, atol=1e-5)
+    assert torch.equal(rev.last_rebuild[0], to_fixed_ref(x))
+    torch.manual_seed(36)  # other stochastic-depth draws give other gradients: the comparison is not vacuous
+    assert not torch.allclose(run(full, x)[1], a[1], atol=1e-4)
+
+    def run_autocast(stack, seed):
+        xg = x.clone().requires_grad_(True)
+        stack.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = stack(xg)
+        (out.float() * weight_for(out).float()).sum().backward()
+        return out.detach().float(), xg.grad, {n: p.grad.clone() for n, p in stack.named_parameters()}
+
+    a, b = run_autocast(full, 37), run_autocast(rev, 37)
+    assert torch.equal(rev.last_rebuild[0], to_fixed_ref(x))
+    assert_grads_close(a, b, rtol=5e-2, atol=5e-2)
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
