@@ -19,12 +19,17 @@ has one, with the hyperparameters the weights were saved with: the config of ``s
 
 from __future__ import annotations
 
-import importlib
+import fcntl
+import functools
+import glob
 import json
+import math
 import os
+import pickle
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +49,68 @@ _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "heads.head.")
 # Atomic writes
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _is_stale(entry: Path) -> bool:
+    """True when no live writer holds ``entry`` (a temporary of :func:`atomic_write`): its writer died."""
+    try:
+        fd = os.open(entry, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # locked: a writer is alive
+        return False
+    else:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers of ``path`` left behind (``.<name>.*.tmp`` beside it, file or folder); a
+    temporary that a live writer holds (locked) is kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if _is_stale(entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file.
+
+    ``tmp_path`` lies in a private folder ``.<name>.<random>.tmp`` beside ``path`` that the writer holds locked
+    (``flock``) while it writes, so whatever the writer (or a library it calls, such as safetensors, which
+    writes its own temporary beside the file it is given) leaves after a kill is named after ``path`` and
+    removed by the next write of ``path``. The file gets the mode an ordinary ``open()`` gives
+    (``0666 & ~umask``), whatever the writer created it with.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stale_temporaries(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    lock = os.open(folder, os.O_RDONLY)
     try:
-        # mkstemp creates the file 0600; give it the mode an ordinary open() would (0666 & ~umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = folder / path.name
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
     return path
 
 
@@ -91,18 +141,71 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype), read from a file's header
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], TensorSpecs]:
+    """The metadata and the (shape, dtype) of every tensor of a ``.safetensors`` file (aliases expanded), read
+    from its header alone: nothing is allocated for the tensors. One ZooError for a file that is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ZooError(f"{path} is empty (0 bytes): the file was not written completely; save or download it again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            specs = {}
+            for k in f.keys():
+                piece = f.get_slice(k)
+                specs[k] = (tuple(int(n) for n in piece.get_shape()), _SAFETENSORS_DTYPES[piece.get_dtype()])
+    except ZooError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt or truncated headers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ZooError(f"cannot read {path} as safetensors ({first}); is the file complete?") from None
+    for alias, name in _aliases(meta, path).items():
+        specs[alias] = specs[name]
+    return meta, specs
+
+
+def _aliases(meta: Mapping[str, str], path: Path) -> dict[str, str]:
+    """The alias table of a tied state dict (``zoo.aliases`` metadata), checked."""
+    try:
+        aliases = json.loads(meta.get(_META_ALIASES, "{}"))
+    except json.JSONDecodeError as e:
+        raise ZooError(f"{path}: metadata {_META_ALIASES!r} is not JSON ({e})") from None
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ZooError(f"{path}: metadata {_META_ALIASES!r} must map tensor names to tensor names")
+    return aliases
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A state dict (aliases expanded) and the file's metadata."""
     from safetensors import safe_open
 
+    meta, specs = safetensors_header(path)
+    aliases = _aliases(meta, Path(path))
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    for alias, name in json.loads(meta.get(_META_ALIASES, "{}")).items():
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as e:
+        raise ZooError(f"cannot read the tensors of {path} ({type(e).__name__}: {e}); is the file complete?") from None
+    for alias, name in aliases.items():
+        if name not in tensors:
+            raise ZooError(f"{path}: alias {alias!r} names {name!r}, which the file does not hold")
         tensors[alias] = tensors[name]
     return tensors, meta
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,27 +240,67 @@ def read_weights(
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     if path.suffix == ".safetensors":
-        try:
-            sd, meta = read_safetensors(path)
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ZooError(f"cannot read {path} as safetensors ({e}); is the file complete?") from None
-        config = json.loads(meta[_META_CONFIG]) if _META_CONFIG in meta else None
-        return sd, (config or {}).get("init_args") if config is not None else None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ZooError(f"cannot read weights from {path}: {str(e).splitlines()[0]}") from None
+        sd, meta = read_safetensors(path)
+        config = _config_from_metadata(meta, path)
+        return sd, config["init_args"] if config is not None else None
+    obj = load_checkpoint_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         # a Lightning checkpoint records its module's hyperparameters (another module's are just
         # passed on: what they lack, e.g. a step scale, means the plain source architecture)
         hparams = obj.get("hyper_parameters")
         is_lightning = "pytorch-lightning_version" in obj or isinstance(hparams, Mapping)
-        return dict(obj["state_dict"]), dict(hparams or {}) if is_lightning else None
+        return _tensors(obj["state_dict"], path), _lightning_init_args(hparams) if is_lightning else None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        return dict(obj["model"]), None
-    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj), None
+        return _tensors(obj["model"], path), None
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _tensors(obj, path), None
     raise ZooError(f"{path} holds no state dict (expected tensors, or a dict with 'state_dict' or 'model')")
+
+
+def _tensors(state_dict: Mapping[Any, Any], path: Path) -> dict[str, torch.Tensor]:
+    """A state dict of string keys and tensors, or one ZooError naming the first entry that is not."""
+    for k, v in state_dict.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ZooError(f"{path}: state dict entry {k!r} is a {type(v).__name__}, not a tensor")
+    return dict(state_dict)
+
+
+def _lightning_init_args(hparams: Any) -> dict[str, Any]:
+    """A Lightning checkpoint's ``hyper_parameters`` without LightningCLI's own keys (``_class_path`` ...)."""
+    if hparams is None:
+        return {}
+    if not isinstance(hparams, Mapping):
+        raise ZooError(f"the checkpoint's hyper_parameters are a {type(hparams).__name__}, not a mapping")
+    return {k: v for k, v in hparams.items() if not (isinstance(k, str) and k.startswith("_"))}
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of an untrusted ``.pth`` / ``.pt`` / ``.bin`` / Lightning ``.ckpt`` file: tensors and plain
+    containers only (``weights_only=True``, no allow-list beyond torch's own), one clear ZooError for an empty,
+    truncated or foreign file. Nothing in the file can run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"checkpoint {str(path)!r} does not exist: give the path of a weight or .ckpt file")
+    if path.stat().st_size == 0:
+        raise ZooError(f"{path} is empty (0 bytes): the file was not written completely; save or download it again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused classes, truncated zip, not a torch file at all, ...
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if isinstance(e, pickle.UnpicklingError) and found:
+            # weights_only refuses any class outside plain containers and tensors; say which one
+            raise ZooError(
+                f"{path} holds the class {found.group(1)}: zoo loads weights with torch.load(weights_only=True) and "
+                "never runs code from a file; save the state dict alone (torch.save(model.state_dict(), path)) or "
+                "use safetensors"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        lines = text.strip().splitlines()
+        first = reason.group(1).strip() if reason else lines[0] if lines else type(e).__name__
+        raise ZooError(
+            f"cannot read weights from {path} ({first}): not a complete torch file; re-save or download it again"
+        ) from None
 
 
 # "IMAGENET1K_V2", "DEFAULT" or torchvision's enum spelling "ResNet50_Weights.IMAGENET1K_V2"
@@ -185,21 +328,67 @@ def _read_torchvision(arch: str, name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _read_hf_hub(repo: str) -> tuple[dict[str, torch.Tensor], bool]:
-    repo_id, _, revision = repo.partition("@")
+def _hf_hub_file(repo: str, filename: str, required: bool = True) -> Path | None:
+    """``filename`` of the Hub repository ``org/name[@revision]``, through the Hugging Face cache (offline once
+    cached); None when it is missing and not ``required``."""
     from huggingface_hub import hf_hub_download
 
-    errors = []
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+    except Exception as e:  # missing file, no network and no cache ...
+        if not required:
+            return None
+        raise ZooError(
+            f"cannot get {filename} of hf-hub:{repo} ({type(e).__name__}); check the name, or the cache when offline"
+        ) from None
+
+
+def _read_hf_hub(repo: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     for filename in (WEIGHTS_NAME, "pytorch_model.bin"):
-        try:
-            path = hf_hub_download(repo_id, filename, revision=revision or None)
-        except Exception as e:  # missing file, no network and no cache ...
-            errors.append(f"{filename}: {type(e).__name__}")
-            continue
-        return _read_file(Path(path))
+        path = _hf_hub_file(repo, filename, required=False)
+        if path is not None:
+            return _read_file(path)
     raise ZooError(
-        f"cannot get weights of hf-hub:{repo} ({'; '.join(errors)}); check the name, or the cache when offline"
+        f"cannot get weights of hf-hub:{repo} (neither {WEIGHTS_NAME} nor pytorch_model.bin); check the name, or "
+        "the cache when offline"
     )
+
+
+def recorded_num_classes(weights: str | os.PathLike | None) -> int | None:
+    """The ``num_classes`` a zoo weight source records (a ``save_pretrained`` folder or file, an ``hf-hub:``
+    repository written by it, a Lightning checkpoint), None for sources that record none (torchvision names,
+    timm or plain ``.pth`` files). Builders use it to build the head the weights hold when the caller gives no
+    ``num_classes`` (timm's behaviour for pretrained configs)."""
+    if weights is None:
+        return None
+    hparams = _recorded_hparams(str(weights))
+    value = (hparams or {}).get("num_classes")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ZooError(f"weights {str(weights)!r} record num_classes={value!r}, not a non-negative integer")
+    return value
+
+
+def _recorded_hparams(spec: str) -> dict[str, Any] | None:
+    if spec.startswith("hf-hub:"):
+        path = _hf_hub_file(spec[len("hf-hub:"):], WEIGHTS_NAME, required=False)
+        if path is None:
+            return None
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            path = path / WEIGHTS_NAME
+        if not path.is_file():
+            return None
+    if path.suffix == ".safetensors":
+        config = _config_from_metadata(safetensors_header(path)[0], path)
+        return config["init_args"] if config is not None else None
+    obj = load_checkpoint_file(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
+        return _lightning_init_args(obj["hyper_parameters"])
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,13 +411,33 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     model has that hook (``source_hparams``: the hyperparameters the weights were saved with, None for
     a source architecture such as a torchvision ResNet). A classifier whose shape differs from the
     model's (other ``num_classes``) is left at its initialisation, as timm does when fine-tuning on a
-    new label set.
+    new label set. A floating-point tensor of another precision is cast to the model's (with an info line);
+    an integer or boolean tensor for a floating-point parameter, or the reverse, is refused.
     """
+    sd, skipped, cast = fit_state_dict(model, state_dict, source_hparams, strict, source)
+    model.load_state_dict(sd, strict=False)
+    from lightning.pytorch.utilities import rank_zero_info
+
+    if cast:
+        rank_zero_info(f"zoo: {source}: cast to the model's precision: {', '.join(cast[:5])}"
+                       f"{' ...' if len(cast) > 5 else ''}")
+    if skipped:
+        rank_zero_info(f"zoo: classifier {', '.join(skipped)} not loaded (other num_classes): trained from scratch")
+    return model
+
+
+def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                   source_hparams: Mapping[str, Any] | None = None, strict: bool = True,
+                   source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """What :func:`load_state_dict` loads, checked: ``(state_dict, skipped classifier keys, cast keys)``.
+
+    Works on meta tensors too (a model built on the meta device, a file's shapes and dtypes), so that a file
+    is checked against an architecture before anything is allocated."""
     sd = dict(state_dict)
     own = model.state_dict()
     if not any(k in own for k in sd):
         for prefix in ("model.", "module.", "net."):
-            if all(k.startswith(prefix) for k in sd):
+            if sd and all(k.startswith(prefix) for k in sd):
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 break
     if hasattr(model, "adapt_state_dict"):
@@ -240,12 +449,28 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     for k in skipped:
         del sd[k]
     check_state_dict(model, sd, source, strict=strict, ignore=skipped)
-    model.load_state_dict(sd, strict=False)
-    if skipped:
-        from lightning.pytorch.utilities import rank_zero_info
+    cast = []
+    for k, v in sd.items():
+        mine = own.get(k)
+        if mine is None or v.dtype == mine.dtype:
+            continue
+        if _dtype_kind(v.dtype) != _dtype_kind(mine.dtype):
+            raise ZooError(
+                f"weights from {source}: {k} is {v.dtype} but the model's is {mine.dtype}; zoo casts only between "
+                "floating-point precisions: the file holds the wrong tensor (check its source, or convert it)"
+            )
+        if mine.is_floating_point():
+            cast.append(f"{k} {str(v.dtype).removeprefix('torch.')}")
+            sd[k] = v.to(mine.dtype)
+    return sd, skipped, cast
 
-        rank_zero_info(f"zoo: classifier {', '.join(skipped)} not loaded (other num_classes): trained from scratch")
-    return model
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
@@ -283,8 +508,13 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into a folder, or one ``.safetensors`` file
-    whose metadata holds the config. Each file is written to a temporary name, then renamed."""
+    """Write ``config.json`` + ``model.safetensors`` into a folder, or one ``.safetensors`` file.
+
+    The weights file is the single source of truth: its metadata holds the config, and ``from_pretrained``
+    reads only it. ``config.json`` is a copy for people and tools that look for one, written after the
+    weights; each file is written to a temporary name and renamed, so a reader sees either the old or the new
+    weights, never a mix, even when a save is killed between the two files (``config.json`` then lags
+    behind until the next save)."""
     path = Path(path)
     config = model_config(model)
     meta = {_META_CONFIG: json.dumps(config)}
@@ -296,45 +526,175 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _resolve_pretrained(src: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _config_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any] | None:
+    """The zoo config of a ``.safetensors`` file's metadata, checked in form; None when there is none."""
+    if _META_CONFIG not in meta:
+        return None
+    try:
+        config = json.loads(meta[_META_CONFIG])
+    except json.JSONDecodeError as e:
+        raise ZooError(f"{path}: metadata {_META_CONFIG!r} is not JSON ({e}); the file is damaged or not zoo's"
+                       ) from None
+    if not isinstance(config, dict):
+        raise ZooError(f"{path}: metadata {_META_CONFIG!r} must be a JSON object, got {type(config).__name__}")
+    if not isinstance(config.get("class_path"), str):
+        raise ZooError(f"{path}: metadata {_META_CONFIG!r} lacks 'class_path' (the zoo model class it holds)")
+    init_args = config.setdefault("init_args", {})
+    if not isinstance(init_args, dict):
+        raise ZooError(f"{path}: 'init_args' of {_META_CONFIG!r} must be a JSON object, got {type(init_args).__name__}")
+    return config
+
+
+# init_args a file may not set: they would make the constructor read or fetch something else
+_FORBIDDEN_INIT_ARGS = ("weights",)
+# no architecture hyperparameter of a zoo model is larger than this unless the file's weights are: a bound that
+# keeps a crafted config from building millions of modules on the meta device before the shape check
+_MAX_INIT_INT = 1 << 16
+
+
+@functools.cache
+def _init_parser(cls: type) -> Any:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, fail_untyped=False)
+    return parser
+
+
+def check_init_args(cls: type, init_args: Mapping[str, Any], source: str, max_int: int | None = None) -> None:
+    """Check a file's constructor arguments against ``cls``'s signature and types (jsonargparse, as LightningCLI
+    does) before anything is built; one ZooError naming the key and the reason."""
+    for key in init_args:
+        if not isinstance(key, str):
+            raise ZooError(f"{source}: init_args key {key!r} is not a string")
+        if key in _FORBIDDEN_INIT_ARGS:
+            raise ZooError(f"{source}: init_args may not set {key!r} (a file cannot make the model load other files)")
+    if max_int is not None:
+        for key, value in init_args.items():
+            for n in _ints(value):
+                if n > max_int:
+                    raise ZooError(
+                        f"{source}: init_args {key}={value!r} is larger than the file's weights can hold "
+                        f"(at most {max_int}); the file is damaged or crafted"
+                    )
+    from jsonargparse import ArgumentError
+
+    try:
+        _init_parser(cls).parse_object(dict(init_args), defaults=False)
+    except (ArgumentError, TypeError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ZooError(f"{source}: init_args do not fit {cls.__name__}: {' '.join(lines[:2])}") from None
+
+
+def _ints(value: Any) -> Iterator[int]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _ints(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _ints(v)
+
+
+def build_checked(cls: type, init_args: Mapping[str, Any], specs: TensorSpecs,
+                  source: str, source_hparams: Mapping[str, Any] | None = None, max_extra_bytes: int = 1 << 28,
+                  ) -> nn.Module:
+    """``cls(**init_args)``, after building it on the meta device and checking its state dict against the
+    file's tensor shapes and dtypes (``specs``): a config that does not match its weights is refused before any
+    memory is allocated. Tensors the file does not hold (non-persistent buffers) may add ``max_extra_bytes``."""
+    try:
+        with torch.device("meta"):
+            skeleton = cls(**init_args)
+    except ZooError as e:
+        raise ZooError(f"{source}: {e}") from None
+    except Exception as e:
+        raise ZooError(f"{source}: the config does not build a {cls.__name__} ({type(e).__name__}: {e})") from None
+    fake = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
+    fit_state_dict(skeleton, fake, source_hparams, strict=True, source=source)
+    file_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+    model_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(skeleton))
+    if model_bytes > file_bytes + max_extra_bytes:
+        raise ZooError(
+            f"{source}: the config builds {model_bytes / 2**20:.0f} MiB of tensors but the file holds "
+            f"{file_bytes / 2**20:.0f} MiB; refusing to allocate for a config that does not match its weights"
+        )
+    del skeleton, fake
+    return cls(**init_args)
+
+
+def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _resolve_source(src: str | os.PathLike) -> Path:
     spec = str(src)
     if spec.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-
-        repo_id, _, revision = spec[len("hf-hub:"):].partition("@")
-        try:
-            file = hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision or None)
-        except Exception as e:
-            raise ZooError(f"cannot get {WEIGHTS_NAME} of {spec} ({type(e).__name__}); check the name") from None
-        path = Path(file)
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            path = path / WEIGHTS_NAME
-        if not path.is_file():
-            raise ZooError(f"no pretrained model at {spec}: expected a save_pretrained folder or .safetensors file")
-    state_dict, meta = read_safetensors(path)
-    if _META_CONFIG not in meta:
-        raise ZooError(f"{path} was not written by zoo's save_pretrained (no config in its metadata)")
-    return json.loads(meta[_META_CONFIG]), state_dict
-
-
-def _import_class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise ZooError(f"model class {class_path} from the config cannot be imported") from None
+        return _hf_hub_file(spec[len("hf-hub:"):], WEIGHTS_NAME)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise ZooError(
+            f"no pretrained model at {spec}: expected a save_pretrained folder, a .safetensors file, a Lightning "
+            ".ckpt or 'hf-hub:org/name'"
+        )
+    return path
 
 
 def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides: Any) -> nn.Module:
-    """Rebuild a model saved by ``save_pretrained`` (folder, ``.safetensors`` or ``hf-hub:``)."""
-    config, state_dict = _resolve_pretrained(src)
-    model_cls = _import_class(config["class_path"])
+    """Rebuild a model saved by ``save_pretrained`` (folder, ``.safetensors`` or ``hf-hub:``) or a Lightning
+    ``.ckpt`` of a zoo model.
+
+    Nothing a file says is imported or called: its class path must name a registered zoo model class, its
+    constructor arguments are checked against that class's signature and types, and the architecture is built
+    on the meta device and checked against the file's tensor shapes and dtypes before memory is allocated.
+    Keyword arguments override the file's constructor arguments."""
+    from zoo.registry import model_class
+
+    path = _resolve_source(src)
+    source = str(src)
+    if path.suffix == ".safetensors":
+        meta, specs = safetensors_header(path)
+        config = _config_from_metadata(meta, path)
+        if config is None:
+            raise ZooError(f"{path} was not written by zoo's save_pretrained (no config in its metadata); load it "
+                           "into a model with zoo.load_weights(model, path) or a builder's weights=")
+        model_cls = model_class(config["class_path"])
+        init_args = config["init_args"]
+        state_dict = None
+    else:
+        obj = load_checkpoint_file(path)
+        if not (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)):
+            raise ZooError(f"{path} is neither a save_pretrained file nor a Lightning checkpoint (no 'state_dict'); "
+                           "load plain weights with zoo.load_weights(model, path) or a builder's weights=")
+        hparams = obj.get("hyper_parameters") or {}
+        class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+        if class_path is None and cls is None:
+            raise ZooError(f"{path} does not name its model class (a checkpoint written outside LightningCLI); "
+                           "call <Family>.from_pretrained(path), e.g. zoo.models.MomentumResNet.from_pretrained")
+        model_cls = model_class(class_path) if class_path is not None else cls
+        init_args = _lightning_init_args(hparams)
+        state_dict = _tensors(obj["state_dict"], path)
+        specs = {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
     if cls is not None and not issubclass(model_cls, cls):
         raise ZooError(f"{src} holds a {model_cls.__name__}, not a {cls.__name__}")
-    model = model_cls(**{**config["init_args"], **overrides})
-    load_state_dict(model, state_dict, source_hparams=config["init_args"], source=str(src))
+    largest = max((math.prod(shape) for shape, _ in specs.values()), default=0)
+    check_init_args(model_cls, init_args, source, max_int=max(_MAX_INIT_INT, largest))
+    args = {**init_args, **overrides}
+    if overrides:
+        check_init_args(model_cls, args, source)
+    model = build_checked(model_cls, args, specs, source, source_hparams=init_args)
+    if state_dict is None:
+        state_dict, _ = read_safetensors(path)
+    load_state_dict(model, state_dict, source_hparams=init_args, source=source)
     return model
 
 
@@ -347,5 +707,6 @@ class HubMixin:
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike, **overrides: Any) -> nn.Module:
-        """Load a model saved by ``save_pretrained``; keyword arguments override its config."""
+        """Load a model saved by ``save_pretrained`` (or a Lightning checkpoint of this family); keyword arguments
+        override its config."""
         return from_pretrained(src, cls=cls, **overrides)

@@ -10,6 +10,10 @@ from zoo.errors import ZooError
 
 _MODEL_ENTRYPOINTS: dict[str, Callable[..., Any]] = {}
 _MODEL_FAMILY: dict[str, str] = {}
+# family classes by every class path a config may spell them with ("zoo.models.resnet.MomentumResNet" as
+# save_pretrained writes it, "zoo.models.MomentumResNet" as LightningCLI does): a file names a class, the
+# registry resolves it; nothing named in a file is ever imported
+_MODEL_CLASSES: dict[str, type] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,6 +26,26 @@ def register_model(fn: F) -> F:
     _MODEL_ENTRYPOINTS[name] = fn
     _MODEL_FAMILY[name] = fn.__module__.rsplit(".", 1)[-1]
     return fn
+
+
+def register_model_class(cls: type, *aliases: str) -> type:
+    """Register a family class (``zoo.models.MomentumResNet`` ...) that configs and checkpoints may name."""
+    for path in (f"{cls.__module__}.{cls.__qualname__}", *aliases):
+        if _MODEL_CLASSES.get(path, cls) is not cls:
+            raise ZooError(f"a model class {path!r} is already registered")
+        _MODEL_CLASSES[path] = cls
+    return cls
+
+
+def model_class(class_path: str) -> type:
+    """The registered family class a config names; one clear error for anything else (nothing is imported)."""
+    if not isinstance(class_path, str) or class_path not in _MODEL_CLASSES:
+        known = sorted({f"zoo.models.{c.__name__}" for c in _MODEL_CLASSES.values()})
+        raise ZooError(
+            f"class_path {class_path!r} is not a registered zoo model class; a file may only name one of "
+            f"{', '.join(known)}"
+        )
+    return _MODEL_CLASSES[class_path]
 
 
 def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
