@@ -27,7 +27,9 @@ def sinkhorn_reference(scores: torch.Tensor, n_iter: int) -> torch.Tensor:
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
-    return a.shape == b.shape and bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
+    if a.shape != b.shape:
+        return False
+    return a.numel() == 0 or bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
 
 
 def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -224,6 +226,60 @@ def test_mha_record_stats_with_padding() -> None:
     assert w is None and set(mine.stats) == {"mean", "std", "min", "max", "dev"}
     assert torch.isfinite(torch.stack(list(mine.stats.values()))).all()
     assert abs(float(mine.stats["mean"]) - 1.0) < 1e-5  # rows sum to 1 over valid keys and queries
+
+
+@pytest.mark.parametrize("n_iter", [1, 3])
+@pytest.mark.parametrize("record_stats", [False, True])
+def test_empty_batch_or_sequence_gives_the_source_modules_result(n_iter: int, record_stats: bool) -> None:
+    """An empty batch, an empty sequence, and (MHA) cross-attention to no key: the source module's output and
+    gradients (empty, or the zero attention plus out_proj's bias for no key), for n_iter > 1 too (raised before)."""
+    torch.manual_seed(0)
+    ref = Attention(16, num_heads=4, qkv_bias=True)
+    mine = SinkhornAttention.from_timm(ref, n_iter=n_iter, record_stats=record_stats)
+    for shape in [(0, 5, 16), (2, 0, 16)]:
+        x = seeded(*shape)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, expected = mine(xa), ref(xb)
+        assert out.shape == expected.shape and torch.equal(out, expected)
+        out.sum().backward()
+        expected.sum().backward()
+        assert xa.grad.shape == xb.grad.shape == shape
+    ref_mha, mha = mha_pair(n_iter=n_iter, batch_first=True)
+    mha.record_stats = record_stats
+    for q_shape, kv_shape, kpm in [((0, 5, 16), (0, 5, 16), True), ((2, 0, 16), (2, 0, 16), True),
+                                   ((2, 5, 16), (2, 0, 16), False), ((2, 5, 16), (2, 0, 16), True)]:
+        kw = {"key_padding_mask": torch.zeros(kv_shape[:2], dtype=torch.bool)} if kpm else {}
+        q, kv = seeded(*q_shape, seed=1), seeded(*kv_shape, seed=2)
+        leaves = [q.clone().requires_grad_(), kv.clone().requires_grad_()]
+        ref_leaves = [q.clone().requires_grad_(), kv.clone().requires_grad_()]
+        out, w = mha(leaves[0], leaves[1], leaves[1], **kw)
+        expected, expected_w = ref_mha(ref_leaves[0], ref_leaves[1], ref_leaves[1], **kw)
+        assert out.shape == expected.shape and w.shape == expected_w.shape
+        assert close(out, expected)
+        params = [mha.in_proj_weight, mha.out_proj.weight, mha.out_proj.bias]
+        grads = torch.autograd.grad(out.square().sum(), leaves + params)
+        ref_grads = torch.autograd.grad(expected.square().sum(), ref_leaves + params)
+        for g, r in zip(grads, ref_grads):
+            assert g.shape == r.shape and close(g, r)
+        if record_stats:
+            assert set(mha.stats) == {"mean", "std", "min", "max", "dev"}
+
+
+def test_mha_training_with_padding_and_weights_backpropagates() -> None:
+    """Training mode, key padding, need_weights=True (torch's default): the weights path (plain autograd) gives
+    finite gradients equal to need_weights=False's (an in-place nan_to_num broke its backward before)."""
+    _, mine = mha_pair(n_iter=3, batch_first=True)
+    mine.train()
+    x = seeded(2, 6, 16)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1, 4:] = True
+    grads = []
+    for need_weights in (True, False):
+        xx = x.clone().requires_grad_()
+        out, _ = mine(xx, xx, xx, key_padding_mask=kpm, need_weights=need_weights)
+        grads.append(torch.autograd.grad(out.square().sum(), [xx, mine.in_proj_weight]))
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all() and close(a, b)
 
 
 # ------------------------------------------------------------------------------------------------ errors

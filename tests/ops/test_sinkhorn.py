@@ -172,6 +172,33 @@ def test_fully_masked_rows_and_columns_give_no_nan():
         torch.testing.assert_close(out.detach(), ref.float(), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_iter", [1, 2, 3, 4])
+@pytest.mark.parametrize("mask", ["attn_mask", "key_padding"])
+def test_weights_path_backward_with_masks_equals_the_kernel(mask, n_iter):
+    """return_weights=True (plain autograd) with masks, empty rows and columns included: finite gradients equal to
+    the custom kernel's (n_iter > 1) or SDPA's (n_iter = 1); it raised an in-place modification error before."""
+    q, k, v = qkv(L=5, S=6, dtype=torch.float64)
+    if mask == "attn_mask":
+        m = torch.ones(5, 6, dtype=torch.bool)
+        m[2, :] = False  # empty row
+        m[:, 4] = False  # empty column
+        kw = {"attn_mask": m}
+    else:
+        kw = {"key_padding_mask": padding(2, 6, [6, 3]), "query_padding_mask": padding(2, 5, [5, 2])}
+    a = [t.clone().requires_grad_() for t in (q, k, v)]
+    b = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, w = sinkhorn_attention(*a, n_iter=n_iter, return_weights=True, **kw)
+    ref = sinkhorn_attention(*b, n_iter=n_iter, **kw)
+    torch.testing.assert_close(out, ref)
+    dout = rand(*out.shape, dtype=torch.float64, seed=7)
+    ga = torch.autograd.grad((out * dout).sum(), a, retain_graph=True)
+    gb = torch.autograd.grad((ref * dout).sum(), b)
+    for x, y in zip(ga, gb):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y)
+    assert torch.isfinite(torch.autograd.grad(w.square().sum(), a[0])[0]).all()
+
+
 # ------------------------------------------------------------------------------------------------ shapes, dtypes
 
 
@@ -188,6 +215,75 @@ def test_leading_dims_single_and_none():
     out = sinkhorn_attention(q3, k3, v3, key_padding_mask=kpm)
     torch.testing.assert_close(out[1, :3], sinkhorn_attention(q3[1, :3], k3[1, :3], v3[1, :3]), atol=1e-5,
                                rtol=1e-5)
+
+
+EMPTY_SHAPES = {"batch": (0, 2, 3, 4), "heads": (2, 0, 3, 4), "queries": (2, 2, 0, 4), "keys": (2, 2, 3, 0)}
+
+
+def empty_case_masks(mask, B, L, S):
+    """(kwargs for sinkhorn_attention, attn_mask for SDPA) of one mask kind on an empty shape."""
+    if mask == "bool":
+        m = torch.ones(L, S, dtype=torch.bool)
+        return {"attn_mask": m}, m
+    if mask == "float":
+        m = torch.zeros(B, 1, L, S)
+        return {"attn_mask": m}, m
+    if mask == "key_padding":
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        return {"key_padding_mask": kpm}, ~kpm[:, None, None, :]
+    if mask == "query_padding":
+        return {"query_padding_mask": torch.zeros(B, L, dtype=torch.bool)}, None
+    return {}, None
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 3])
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "key_padding", "query_padding"])
+@pytest.mark.parametrize("empty", EMPTY_SHAPES)
+def test_empty_dimensions_give_what_sdpa_gives(empty, mask, n_iter):
+    """No batch, head, query or key: SDPA's output (empty, or zero rows when S = 0) and SDPA's gradients, for
+    every n_iter (raised ZeroDivisionError / ValueError for n_iter > 1), with and without the weights."""
+    B, H, L, S = EMPTY_SHAPES[empty]
+    q, k, v = rand(B, H, L, 4, seed=1), rand(B, H, S, 4, seed=2), rand(B, H, S, 5, seed=3)
+    kw, sdpa_mask = empty_case_masks(mask, B, L, S)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, attn_mask=sdpa_mask)
+    dout = rand(*ref.shape, seed=4)
+    ref_grads = torch.autograd.grad((ref * dout).sum(), leaves)
+    assert ref.shape == (B, H, L, 5)
+    for return_weights in (False, True):
+        mine = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sinkhorn_attention(*mine, n_iter=n_iter, return_weights=return_weights, **kw)
+        if return_weights:
+            out, w = out
+            assert w.shape == (B, H, L, S) and w.dtype == q.dtype
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert torch.equal(out, ref.detach())  # empty, or exact zeros (an empty sum) when S = 0
+        grads = torch.autograd.grad((out * dout).sum(), mine)
+        for g, r in zip(grads, ref_grads):
+            assert g.shape == r.shape and torch.equal(g, r)
+
+
+def test_empty_dimensions_with_dropout_bf16_and_embedding_dim_zero():
+    for B, H, L, S in EMPTY_SHAPES.values():
+        q, k, v = rand(B, H, L, 4), rand(B, H, S, 4), rand(B, H, S, 5)
+        out = sinkhorn_attention(q, k, v, n_iter=3, dropout_p=0.5)
+        assert out.shape == (B, H, L, 5) and not out.any()
+        out = sinkhorn_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), n_iter=2)
+        assert out.dtype == torch.bfloat16 and out.shape == (B, H, L, 5) and not out.any()
+    # E = 0: every score is 0, uniform weights (SDPA: the mean of the values); 1 / sqrt(0) raised before
+    q, k, v = rand(2, 3, 4, 0), rand(2, 3, 5, 0), rand(2, 3, 5, 6)
+    for n_iter in (1, 2, 3):
+        torch.testing.assert_close(sinkhorn_attention(q, k, v, n_iter=n_iter),
+                                   F.scaled_dot_product_attention(q, k, v))
+
+
+def test_column_sum_stats_of_empty_weights():
+    """No valid column: the statistics of the empty set (mean, std, dev 0; min +inf, max -inf, as with every key
+    padded); amin of an empty tensor raised."""
+    for shape in [(0, 2, 3, 4), (2, 2, 3, 0)]:
+        st = column_sum_stats(torch.zeros(shape))
+        assert float(st["mean"]) == 0.0 and float(st["dev"]) == 0.0 and float(st["std"]) == 0.0
+        assert float(st["min"]) == float("inf") and float(st["max"]) == float("-inf")
 
 
 def test_chunking_does_not_change_results(monkeypatch):

@@ -155,31 +155,38 @@ def _forward_chunk(
     masked: bool,
     log_ratio: torch.Tensor | None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Weights W (N, L, S) and the log-softmax outputs Y_1.. (plain autograd, for ``return_weights=True``).
+    """Weights W (N, L, S) and the log-domain iterates Y_1.. (plain autograd, for ``return_weights=True``).
 
-    Y_1 = log_softmax_row(C), Y_{l+1} = log_softmax along columns (l odd) or rows (l even) of Y_l; the weights are
-    softmax_row(Y_{n-1}) (odd n_iter) or exp(log_softmax_col(Y_{n-1}) + log(n_rows/n_cols)) (even n_iter). Empty
-    rows / columns (everything masked) stay at -inf instead of NaN.
+    Y_1 = log_softmax_row(C), Y_{l+1} = log_softmax along columns (l odd) or rows (l even) of Y_l, each written
+    Y + neg_lse(Y); the weights are exp(Y_{n-1} + neg_lse_row) (odd n_iter) or exp(Y_{n-1} + neg_lse_col +
+    log(n_rows/n_cols)) (even n_iter). Empty rows / columns (everything masked) stay at -inf, with weight 0 and
+    finite gradients (:func:`_neg_lse_safe`); out of place, so autograd can differentiate through every step.
     """
     qs, kt = q * scale, k.transpose(-1, -2)  # scale the (N, L, E) factor, not the (N, L, S) product
     x = torch.bmm(qs, kt) if bias is None else torch.baddbmm(bias, qs, kt)
     logs: list[torch.Tensor] = []
     for step in range(1, n_iter):
-        x = torch.log_softmax(x, -1 if step % 2 == 1 else -2)
-        if masked:
-            x.nan_to_num_(nan=float("-inf"), neginf=float("-inf"))
+        x = x + _neg_lse_safe(x, -1 if step % 2 == 1 else -2, masked)
         logs.append(x)
-    if n_iter % 2 == 1:
-        w = torch.softmax(x, -1)
-    else:
-        y = torch.log_softmax(x, -2)
-        if masked:
-            y.nan_to_num_(nan=float("-inf"), neginf=float("-inf"))
-        logs.append(y)
-        w = (y if log_ratio is None else y + log_ratio).exp()
-    if masked:
-        w.nan_to_num_(nan=0.0)
-    return w, logs
+    x = x + _neg_lse_safe(x, -1 if n_iter % 2 == 1 else -2, masked)
+    if n_iter % 2 == 0:
+        logs.append(x)
+        if log_ratio is not None:
+            x = x + log_ratio
+    return x.exp(), logs
+
+
+def _neg_lse_safe(x: torch.Tensor, dim: int, masked: bool) -> torch.Tensor:
+    """-logsumexp along dim for autograd: 0 for an empty (all -inf) row / column, with a zero (not NaN) gradient.
+
+    logsumexp's backward, exp(x - lse), is NaN when x and lse are both -inf, and a where after it does not stop
+    0 * NaN: the empty rows are replaced by zeros *before* the log-sum-exp.
+    """
+    if not masked:
+        return -torch.logsumexp(x, dim, keepdim=True)
+    empty = (x == float("-inf")).all(dim, keepdim=True)
+    lse = torch.logsumexp(torch.where(empty, 0.0, x), dim, keepdim=True)
+    return torch.where(empty, 0.0, -lse)
 
 
 # The kernel of n_iter > 1 (custom autograd function below). Forward keeps only the potentials (vectors): f_l
@@ -352,6 +359,10 @@ def sinkhorn_attention(
     Padded queries (and rows with no allowed key) are left out of the column sums and their output rows and
     weights are zero, so each sequence of a padded batch gets the result it would get alone. Rows / columns
     with nothing allowed give zeros, never NaN. n_rows / n_cols are the numbers of non-empty rows / columns.
+    Empty dimensions give what SDPA gives for every ``n_iter``: with no (batch x head) slice or no query, an
+    empty output (and weights); with no key (S = 0), zero output rows (W v is an empty sum; the weights are an
+    empty (..., L, 0) tensor), like a row with every key masked; backward gives gradients of the inputs' shapes
+    (zero for q when S = 0). E = 0 (empty dot products) makes every score 0 whatever the scale.
     bf16 / fp16 inputs are computed in float32 and returned in q's dtype (also under autocast).
 
     Returns:
@@ -359,7 +370,8 @@ def sinkhorn_attention(
     """
     lead = _check_inputs(q, k, v, n_iter, dropout_p)
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    # E = 0: every score is an empty dot product, 0 whatever the scale (SDPA gives uniform weights too)
+    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
     if query_padding_mask is None and key_padding_mask is not None and L == S:
         query_padding_mask = key_padding_mask
     out_dtype = q.dtype
@@ -386,6 +398,9 @@ def sinkhorn_attention(
 
     bias = _sum_biases(mb, kpb, qpb)
     masked = bias is not None
+    # an empty kernel (no (batch x head) slice, no query or no key): no iteration to run; the weights are an empty
+    # (..., L, S) tensor and out = W v is empty, or zero rows when S = 0 (an empty sum, as SDPA returns)
+    empty = math.prod(lead) * L * S == 0
     device_type = q.device.type
     with torch.autocast(device_type, enabled=False):
         qf, kf, vf = (t.to(f32) for t in (q, k, v))
@@ -395,12 +410,12 @@ def sinkhorn_attention(
             n_rows = valid.any(-1).sum(-1, keepdim=True).clamp_min(1)
             n_cols = valid.any(-2).sum(-1, keepdim=True).clamp_min(1)
             log_ratio = (n_rows.to(f32).log() - n_cols.to(f32).log())[..., None]  # (..., 1, 1)
-        elif n_iter % 2 == 0 and L != S:
+        elif n_iter % 2 == 0 and L != S and not empty:
             log_ratio = torch.full((*lead, 1, 1), math.log(L / S), dtype=f32, device=q.device)
 
-        if return_weights:
+        if return_weights or empty:  # the empty kernel through plain autograd too: gradients of the right shapes
             out, w = _weights_path(qf, kf, vf, bias, n_iter, scale, masked, log_ratio, lead, dropout_p)
-            return out.to(out_dtype), w.to(out_dtype)
+            return (out.to(out_dtype), w.to(out_dtype)) if return_weights else out.to(out_dtype)
 
         N = math.prod(lead)
         qn = qf.expand(*lead, L, E).reshape(N, L, E)
@@ -421,11 +436,11 @@ def sinkhorn_attention(
 
 def _weights_path(q, k, v, bias, n_iter, scale, masked, log_ratio, lead, dropout_p):
     """Materialised weights with plain autograd (for ``return_weights=True``)."""
-    L, S = q.shape[-2], k.shape[-2]
-    lead_q = q.expand(*lead, L, q.shape[-1]).reshape(-1, L, q.shape[-1])
-    lead_k = k.expand(*lead, S, k.shape[-1]).reshape(-1, S, k.shape[-1])
-    b = None if bias is None else bias.expand(*lead, L, S).reshape(-1, L, S)
-    r = None if log_ratio is None else log_ratio.expand(*lead, 1, 1).reshape(-1, 1, 1)
+    L, S, N = q.shape[-2], k.shape[-2], math.prod(lead)  # N, not -1: the reshapes must work when L or S is 0
+    lead_q = q.expand(*lead, L, q.shape[-1]).reshape(N, L, q.shape[-1])
+    lead_k = k.expand(*lead, S, k.shape[-1]).reshape(N, S, k.shape[-1])
+    b = None if bias is None else bias.expand(*lead, L, S).reshape(N, L, S)
+    r = None if log_ratio is None else log_ratio.expand(*lead, 1, 1).reshape(N, 1, 1)
     w, _ = _forward_chunk(lead_q, lead_k, b, n_iter, scale, masked, r)
     w = w.reshape(*lead, L, S)
     wd = F.dropout(w, dropout_p) if dropout_p > 0.0 else w
@@ -481,10 +496,14 @@ def column_sum_stats(
     mean = z.sum() / cnt
     var = torch.where(ok, (c - mean) ** 2, torch.zeros_like(c)).sum() / cnt
     inf = torch.full_like(c, float("inf"))
+    # min / max over no valid column: +inf / -inf (as with every key padded); amin of an empty tensor raises
+    low, high = torch.where(ok, c, inf), torch.where(ok, c, -inf)
+    if c.numel() == 0:  # a shape, not a value: no host sync
+        low, high = c.new_full((1,), float("inf")), c.new_full((1,), float("-inf"))
     return {
         "mean": mean,
         "std": var.sqrt(),
-        "min": torch.where(ok, c, inf).amin(),
-        "max": torch.where(ok, c, -inf).amax(),
+        "min": low.amin(),
+        "max": high.amax(),
         "dev": torch.where(ok, (c - 1).abs(), torch.zeros_like(c)).sum() / cnt,
     }
