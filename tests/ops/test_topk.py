@@ -423,6 +423,184 @@ def test_gradient_of_the_mask_is_the_block_average():
     torch.testing.assert_close(J, ref)
 
 
+# ------------------------------------------------------------------------------------------------ non-finite entries
+
+INF = math.inf
+SOLVES = [(2.0, "pav"), (P43, "pav"), (2.0, "dykstra")]
+
+
+def nonfinite_rows(seed: int, count: int = 40, n: int = 7):
+    """Rows of n entries, each finite, +inf or -inf at random (every mix, all-infinite rows included), with the
+    same rows where the infinities are +-M."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, n, generator=g, dtype=torch.float64)
+    kind = torch.randint(0, 3, (count, n), generator=g)
+    kind[0], kind[1] = 2, 1  # all -inf, all +inf
+    with_inf = torch.where(kind == 1, INF, torch.where(kind == 2, -INF, x))
+    return with_inf, kind
+
+
+def with_big(x: torch.Tensor, M: float) -> torch.Tensor:
+    return torch.where(torch.isinf(x), torch.copysign(torch.full_like(x, M), x), x)
+
+
+@pytest.mark.parametrize("p,solver", SOLVES)
+def test_mask_with_infinite_entries_is_the_limit_of_large_finite_ones(p, solver):
+    """soft_topk_mask at +-inf equals the operator at +-M for large M (the limit; exact shares for the tied
+    infinite entries): -inf entries are 0 while finite ones remain, and share k - n_finite - n_+inf equally when
+    k exceeds those; +inf entries are 1, or share k when there are more of them than k. Returned NaN before."""
+    x, kind = nonfinite_rows(30)
+    n = x.shape[-1]
+    for k in range(1, n + 1):
+        for lam in (0.05, 0.7):
+            y = soft_topk_mask(x, k, p=p, lam=lam, solver=solver, n_iter=300)
+            assert torch.isfinite(y).all()
+            ref = soft_topk_mask(with_big(x, 1e4), k, p=p, lam=lam, solver=solver, n_iter=300)
+            torch.testing.assert_close(y, ref, atol=1e-7, rtol=0)
+            torch.testing.assert_close(y.sum(-1), torch.full((x.shape[0],), float(k), dtype=x.dtype))
+            n_pos, n_neg, n_fin = ((kind == c).sum(-1, keepdim=True).double() for c in (1, 2, 0))
+            neg_share = ((k - n_pos - n_fin).clamp(min=0) / n_neg.clamp(min=1)).expand_as(y)
+            pos_share = (k / n_pos.clamp(min=1)).clamp(max=1).expand_as(y)
+            torch.testing.assert_close(y[kind == 2], neg_share[kind == 2], atol=1e-15, rtol=0)
+            torch.testing.assert_close(y[kind == 1], pos_share[kind == 1], atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("p,solver", SOLVES)
+def test_magnitude_with_infinite_entries_is_the_limit_of_large_finite_ones(p, solver):
+    """soft_topk_magnitude: an infinite entry has the largest magnitude and its output tends to +-inf with M
+    (also when more than k tie at infinity: each takes ~ M k / (m + k lam)); the finite entries get the operator
+    on the row at +-M, i.e. the finite row with k less the infinite entries (0 when they are k or more)."""
+    x, kind = nonfinite_rows(31)
+    n = x.shape[-1]
+    for k in range(1, n + 1):
+        for lam in (0.05, 0.7):
+            y = soft_topk_magnitude(x, k, p=p, lam=lam, solver=solver, n_iter=300)
+            fin = kind == 0
+            assert torch.equal(y[~fin], x[~fin])  # +-inf, sign kept
+            for M in (1e4, 1e6):
+                ref = soft_topk_magnitude(with_big(x, M), k, p=p, lam=lam, solver=solver, n_iter=300)
+                torch.testing.assert_close(y[fin], ref[fin], atol=1e-7, rtol=0)
+                assert (ref[~fin].sign() == x[~fin].sign()).all() and (ref[~fin].abs() > M / 20).all()
+
+
+@pytest.mark.parametrize("p", [2.0, P43])
+def test_infinite_entries_small_lam_gives_the_hard_selection(p):
+    """lam -> 0: the hard mask where it is unique (k <= n_finite + n_+inf, distinct finite values); beyond, the
+    finite and +inf entries are 1 as in topk_mask and the -inf entries share what is left (topk_mask picks some
+    of them: a tie)."""
+    x, kind = nonfinite_rows(32)
+    n = x.shape[-1]
+    for k in range(1, n + 1):
+        y = soft_topk_mask(x, k, p=p, lam=1e-7)
+        hard = topk_mask(x, k)
+        n_pos, n_fin = (kind == 1).sum(-1), (kind == 0).sum(-1)
+        unique = (k <= n_pos + n_fin) & ((k >= n_pos) | (n_pos == 0)) & ((k < n_pos) | (k - n_pos <= n_fin))
+        unique &= ~((kind == 1).any(-1) & (k < n_pos))
+        assert torch.equal(y[unique], hard[unique])
+        beyond = k > n_pos + n_fin
+        assert torch.equal(y[beyond][kind[beyond] != 2], hard[beyond][kind[beyond] != 2])
+        torch.testing.assert_close(y[beyond].sum(-1), hard[beyond].sum(-1))
+
+
+@pytest.mark.parametrize("kind", ["mask", "magnitude"])
+@pytest.mark.parametrize("p,solver", SOLVES)
+def test_infinite_entries_leave_other_rows_and_k_le_finite_unchanged(kind, p, solver):
+    """Rows without infinities are computed as before (bitwise: the same solver on the same values); a row whose
+    infinities are never selected (-inf entries, k <= n_finite) equals the row without them."""
+    f = RELAXED[kind]
+    x = rand(4, 9, seed=33)
+    x_inf = x.clone()
+    x_inf[1, [2, 5]] = -INF
+    for work in (torch.float64, torch.float32):  # float32 on the CPU: the numpy sort path
+        a, b = x.to(work), x_inf.to(work)
+        for k in (1, 4, 7):
+            ya = f(a, k, p=p, lam=0.4, solver=solver, n_iter=300)
+            yb = f(b, k, p=p, lam=0.4, solver=solver, n_iter=300)
+            assert torch.equal(ya[[0, 2, 3]], yb[[0, 2, 3]])
+            if kind == "mask":
+                alone = f(b[1, torch.isfinite(b[1])], k, p=p, lam=0.4, solver=solver, n_iter=300)
+                torch.testing.assert_close(yb[1, torch.isfinite(b[1])], alone)
+                assert torch.equal(yb[1, [2, 5]], torch.zeros(2, dtype=work))
+
+
+@pytest.mark.parametrize("kind", ["mask", "magnitude"])
+@pytest.mark.parametrize("p", [2.0, P43])
+def test_gradcheck_finite_entries_beside_infinite_ones(kind, p):
+    """Finite, zero gradient at the infinite entries; gradcheck on the finite entries."""
+    f = RELAXED[kind]
+    fin = rand(3, 6, seed=34, scale=1.5)
+    slots = torch.tensor([[1, 4], [0, 7], [3, 5]])
+
+    def build(t: torch.Tensor) -> torch.Tensor:
+        full = torch.empty(3, 8, dtype=t.dtype)
+        keep = torch.ones(3, 8, dtype=torch.bool).scatter_(1, slots, False)
+        full[keep] = t.reshape(-1)
+        full[~keep] = torch.tensor([-INF, -INF, INF, -INF, INF, INF], dtype=t.dtype)
+        return full
+
+    finite_out = torch.ones(3, 8, dtype=torch.bool).scatter_(1, slots, False)  # the magnitude: +-inf elsewhere
+    for k in (2, 5, 7):
+        for lam in (0.3, 2.0):
+            leaf = fin.clone().requires_grad_(True)
+            assert torch.autograd.gradcheck(lambda t, k=k, lam=lam: f(build(t), k, p=p, lam=lam)[finite_out],
+                                            (leaf,))
+            full = build(fin).requires_grad_(True)
+            (f(full, k, p=p, lam=lam) * rand(3, 8, seed=35)).nan_to_num(posinf=0.0, neginf=0.0).sum().backward()
+            assert torch.isfinite(full.grad).all() and (full.grad[torch.isinf(full)] == 0).all()
+
+
+def test_nan_entry_makes_its_row_nan():
+    """A NaN has no place in the order: the relaxed output of every entry depends on the whole row, so a row
+    holding a NaN gives NaN (values and gradient), for every solver; other rows are untouched. (The hard
+    operators follow torch.topk, which ranks NaN above everything.) Returned partly-NaN rows before."""
+    x = rand(3, 6, seed=36)
+    x_nan = x.clone()
+    x_nan[1, 2] = math.nan
+    for f in RELAXED.values():
+        for p, solver in SOLVES:
+            for work in (torch.float64, torch.float32):
+                leaf = x_nan.to(work).clone().requires_grad_(True)
+                y = f(leaf, 2, p=p, lam=0.5, solver=solver)
+                assert torch.isnan(y[1]).all()
+                assert torch.equal(y[[0, 2]], f(x.to(work), 2, p=p, lam=0.5, solver=solver)[[0, 2]])
+                y.nansum().backward()
+                assert torch.isnan(leaf.grad[1]).all() and torch.isfinite(leaf.grad[[0, 2]]).all()
+
+
+def test_hard_magnitude_of_infinite_entries_left_out_is_zero():
+    """topk_magnitude keeps x where selected and 0 elsewhere: an infinite entry left out was inf * 0 = NaN."""
+    x = torch.tensor([[0.3, -INF, 0.1, -INF], [INF, 2.0, INF, INF]])
+    y = topk_magnitude(x, 1)
+    assert not torch.isnan(y).any()
+    assert (y[0] == -INF).sum() == 1 and (y[0] == 0).sum() == 3 and (y[1] == INF).sum() == 1
+
+
+def test_infinite_entries_on_the_device_path_without_host_sync(monkeypatch):
+    """The accelerator path (no numpy, no host sync) handles the non-finite entries the same way."""
+    x, _ = nonfinite_rows(37, count=6)
+    x = x.float()
+    refs = {(name, p, solver): f(x, 3, p=p, lam=0.5, solver=solver) for name, f in RELAXED.items()
+            for p, solver in SOLVES}
+    monkeypatch.setattr(topk_module, "_on_host", lambda v: False)
+    leaf = x.clone().requires_grad_(True)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    outs = {}
+    for name, f in RELAXED.items():
+        for p, solver in SOLVES:
+            out = f(leaf, 3, p=p, lam=0.5, solver=solver)
+            out.nan_to_num(posinf=0.0, neginf=0.0).sum().backward()
+            outs[(name, p, solver)] = out.detach()
+    monkeypatch.undo()
+    for key, out in outs.items():
+        torch.testing.assert_close(out, refs[key], atol=2e-6, rtol=0)
+    assert torch.isfinite(leaf.grad).all()
+
+
 # ------------------------------------------------------------------------------------------------ dtypes, syncs
 
 
@@ -449,7 +627,7 @@ def test_half_precision_and_autocast():
 def test_no_host_sync_on_the_device_path(monkeypatch):
     """With an int k the forward and backward never read tensor values on the host (the accelerator path:
     torch.sort instead of numpy)."""
-    monkeypatch.setattr(topk_module, "_numpy_path", lambda v: False)
+    monkeypatch.setattr(topk_module, "_on_host", lambda v: False)
     x = rand(3, 20, seed=20, dtype=torch.float32).requires_grad_(True)
 
     def forbidden(*args, **kwargs):

@@ -60,6 +60,23 @@ violating pairs (weighted means); ``n_iter`` rounds of Dykstra's alternating pro
 Its backward is the Jacobian of the exact solution at the block Dykstra found (L entries raised above y, R
 entries lowered below it).
 
+Non-finite entries. An infinite entry is the limit of a finite one: the operators at x_i = +-inf are the limits
+of the operators at x_i = +-M as M -> inf (the infinite entries of a row going to infinity together, so those of
+one sign tie). Mask (p = 2 and 4/3, both solvers): with n+ entries at +inf, n- at -inf and n_f finite ones, the
++inf entries get 1 each when k >= n+ (k / n+ each otherwise), the finite entries get the operator on the finite
+entries alone with k - n+ (all 1 when k >= n+ + n_f, all 0 when k <= n+), and the -inf entries get 0, or share
+what is left, (k - n+ - n_f) / n- each: the mask stays in the capped simplex (sums to k), and lam -> 0 gives the
+hard mask up to the order among tied infinite entries, which topk_mask picks arbitrarily. Magnitude: |+-inf| is
+the largest magnitude; the output there is +-inf (it grows like M, also when more than k entries are infinite),
+and the finite entries get the operator on the finite entries alone with k less the infinite ones (0 when those
+are k or more). The gradient at an infinite entry is 0 (it cannot move), elsewhere that of the finite problem.
+They are computed by replacing the infinite entries with finite surrogates far enough out that no pooled block
+mixes them with finite entries (:func:`_nonfinite_rows`), then writing the exact values at the infinite entries.
+A NaN has no place in the order and every output of a row depends on the whole row: a row holding a NaN gives NaN
+everywhere (value and gradient); other rows are unaffected. (The hard operators follow ``torch.topk``, which ranks
+NaN above every number, and give 1 / NaN there.) On the CPU the extra work runs only when a non-finite entry is
+present (one host-side check); on an accelerator it always runs (a few element-wise passes, no host sync).
+
 ``k`` is an int, or an integer tensor giving k per row (shape x.shape without ``dim``, or broadcastable to it).
 An int k costs no host sync. A tensor k's values must be checked: on the CPU it is checked at once (ZooError);
 on an accelerator the check is ``torch._assert_async`` (no sync: a bad k fails at the next synchronisation with a
@@ -180,24 +197,32 @@ def topk_mask(x: torch.Tensor, k: int | torch.Tensor, dim: int = -1) -> torch.Te
     """topkmask(x)_i = 1 if x_i is among the k largest entries along ``dim``, else 0 (x's dtype, no gradient).
 
     ``k``: an int, or an integer tensor with one k per row (shape x.shape without ``dim``, or broadcastable).
-    Ties are broken arbitrarily (exactly k ones per row).
+    Ties are broken arbitrarily (exactly k ones per row); NaN ranks above every number (``torch.topk``'s order).
     """
     flat, kk, shape, d = _rows("topk_mask", x, k, dim)
     return _unrows(_hard_rows(flat.detach(), kk), shape, d)
 
 
 def topk_magnitude(x: torch.Tensor, k: int | torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """topkmag(x) = x * topkmask(|x|): keeps the k entries of largest magnitude (gradient: the mask)."""
+    """topkmag(x) = x * topkmask(|x|): keeps the k entries of largest magnitude (gradient: the mask).
+
+    Written with ``torch.where``, not a product, so that an infinite entry left out is 0, not inf * 0 = NaN.
+    """
     flat, kk, shape, d = _rows("topk_magnitude", x, k, dim)
-    return x * _unrows(_hard_rows(flat.detach().abs(), kk), shape, d)
+    keep = _unrows(_hard_rows(flat.detach().abs(), kk), shape, d) > 0
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # ------------------------------------------------------------------------------------------------ sorting
 
 
+def _on_host(v: torch.Tensor) -> bool:
+    """CPU tensors outside torch.compile: values may be read on the host (no device to synchronise with)."""
+    return v.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _numpy_path(v: torch.Tensor) -> bool:
-    return (v.device.type == "cpu" and v.dtype == torch.float32 and v.numel() > 0
-            and not torch.compiler.is_compiling())
+    return _on_host(v) and v.dtype == torch.float32 and v.numel() > 0
 
 
 def _np_keys(a: np.ndarray, descending: bool = False) -> np.ndarray:
@@ -477,6 +502,44 @@ def _mask_pav_rows(x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: boo
     return ((x - gamma) / lam).clamp_(0.0, 1.0)
 
 
+def _nonfinite_rows(x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool):
+    """Infinite and NaN entries (module docstring, "Non-finite entries"): (x with finite surrogates, the infinite
+    entries (bool), the rows holding a NaN (rows, 1), the exact outputs at the infinite entries).
+
+    Mask: +inf entries become max_f + D, -inf entries min_f - D (max_f / min_f: the row's finite extremes, 0 if
+    none), D = 2 lam + 8 eps max(|max_f|, |min_f|) (at least two band widths and a few ulps): then the finite
+    entries get exactly the solution of the row without its infinite entries, with k less the +inf entries (clip
+    makes the surrogates exactly 0 or 1 there, or the finite entries exactly 0 or 1 when the surrogates share), and
+    the infinite entries' exact shares replace the surrogates' rounded ones. Magnitude: infinite entries become
+    +-c with c = 2 a + 2 lam (a + a^(1/3) + 1), a = max_f |x| (c / (1 + lam) > a for p = 2, y_L(c) > a for
+    p = 4/3): they stay above every finite entry's singleton value, so no pooled block mixes the two.
+    """
+    big = torch.finfo(x.dtype).max
+    finite = torch.isfinite(x)
+    nan = torch.isnan(x)
+    inf = ~finite & ~nan
+    row_nan = nan.any(-1, keepdim=True)
+    none = ~finite.any(-1, keepdim=True)
+    if mag:
+        a = torch.where(finite, x.abs(), 0.0).amax(-1, keepdim=True)
+        c = (2.0 * a + 2.0 * lam * (a + a.pow(1.0 / 3.0) + 1.0)).clamp(max=big)
+        xs = torch.where(inf, torch.copysign(c, x), torch.where(nan, 0.0, x))
+        return xs, inf, row_nan, x
+    hi = torch.where(none, 0.0, torch.where(finite, x, -math.inf).amax(-1, keepdim=True))
+    lo = torch.where(none, 0.0, torch.where(finite, x, math.inf).amin(-1, keepdim=True))
+    gap = 2.0 * lam + 8.0 * torch.finfo(x.dtype).eps * torch.maximum(hi.abs(), lo.abs())
+    pos, neg = x == math.inf, x == -math.inf
+    xs = torch.where(pos, (hi + gap).clamp(max=big), torch.where(neg, (lo - gap).clamp(min=-big), x))
+    xs = torch.where(nan, 0.0, xs)
+    n_pos = pos.sum(-1, keepdim=True).to(x.dtype)
+    n_neg = neg.sum(-1, keepdim=True).to(x.dtype)
+    n_fin = finite.sum(-1, keepdim=True).to(x.dtype)
+    share_pos = (kk / n_pos.clamp_min(1.0)).clamp(max=1.0)  # k among the +inf entries, or each of them 1
+    share_neg = ((kk - n_pos - n_fin) / n_neg.clamp_min(1.0)).clamp(0.0, 1.0)  # what the others leave
+    exact = torch.where(pos, share_pos, share_neg)
+    return xs, inf, row_nan, exact.pow(1.0 / 3.0) if p43 else exact
+
+
 class _SoftTopKFunction(torch.autograd.Function):
     """y* of (T1) on (rows, n) x, with the closed-form backward.
 
@@ -490,16 +553,29 @@ class _SoftTopKFunction(torch.autograd.Function):
         rows, n = x.shape
         chunks = _row_chunks(rows, n, x.device)
         ctx.cfg = (kk if isinstance(kk, int) else None, lam, p43, mag, chunks)
+        # non-finite entries: always handled on an accelerator (no host sync), skipped when absent on the CPU
+        inf = row_nan = None
+        if not (_on_host(x) and bool(torch.isfinite(x).all())):
+            x, inf, row_nan, exact = _nonfinite_rows(x, kk, lam, p43, mag)
+        ctx.nonfinite = inf is not None
 
         def k_of(sl: slice) -> int | torch.Tensor:
             return kk if isinstance(kk, int) else kk[sl]
+
+        def finish(out: torch.Tensor) -> torch.Tensor:
+            return out if inf is None else torch.where(row_nan, math.nan, torch.where(inf, exact, out))
 
         if not mag and solver == "pav":
             e = torch.empty_like(x)
             for sl in chunks:
                 e[sl] = _mask_pav_rows(x[sl], k_of(sl), lam, p43)
-            ctx.save_for_backward(e, None, None, None, None, None)
-            return e * e * e if p43 else e
+            blk = None
+            if inf is not None:  # exact shares at the infinite entries; the block of the finite entries alone
+                e = torch.where(inf, exact, e)
+                blk = (e > 0) & (e < 1) & ~inf
+            ctx.save_for_backward(e, blk, None, None, None, None, inf, row_nan)
+            out = e * e * e if p43 else e
+            return out if inf is None else torch.where(row_nan, math.nan, out)
         perm = torch.empty(x.shape, dtype=torch.long, device=x.device)
         blk = torch.empty(x.shape, dtype=torch.bool, device=x.device)
         e_s = torch.empty_like(x)
@@ -514,29 +590,37 @@ class _SoftTopKFunction(torch.autograd.Function):
             perm[sl], blk[sl], e_s[sl] = p, b, e
             out[sl] = torch.empty_like(e).scatter_(-1, p, e * e * e if p43 else e)
         if not mag:  # Dykstra mask: backward in the original order, with the block Dykstra found
-            ctx.save_for_backward(out, torch.empty_like(blk).scatter_(-1, perm, blk), None, None, None, None)
-            return out
+            blk_o = torch.empty_like(blk).scatter_(-1, perm, blk)
+            if inf is not None:
+                blk_o = blk_o & ~inf
+            ctx.save_for_backward(out, blk_o, None, None, None, None, inf, row_nan)
+            return finish(out)
         neg = x < 0
-        ctx.save_for_backward(None, blk, perm, e_s if p43 else None, neg, kk if isinstance(kk, torch.Tensor) else None)
-        return torch.where(neg, -out, out)
+        ctx.save_for_backward(None, blk, perm, e_s if p43 else None, neg, kk if isinstance(kk, torch.Tensor) else None,
+                              inf, row_nan)
+        return finish(torch.where(neg, -out, out))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        e_o, blk, perm, e_s, neg, kt = ctx.saved_tensors
+        e_o, blk, perm, e_s, neg, kt, inf, row_nan = ctx.saved_tensors
         kint, lam, p43, mag, chunks = ctx.cfg
         gx = torch.empty_like(grad)
         if not mag:
             for sl in chunks:
                 gx[sl] = _mask_vjp(grad[sl], e_o[sl], None if blk is None else blk[sl], lam, p43)
-            return gx, None, None, None, None, None, None
-        grad = torch.where(neg, -grad, grad)
-        for sl in chunks:
-            p = perm[sl]
-            L = torch.arange(grad.shape[-1], device=grad.device) < (kint if kt is None else kt[sl])
-            vjp = _vjp_sorted(grad[sl].gather(-1, p), blk[sl], L, None if e_s is None else e_s[sl], lam, p43, mag)
-            gx[sl] = torch.empty_like(vjp).scatter_(-1, p, vjp)
-        return torch.where(neg, -gx, gx), None, None, None, None, None, None
+        else:
+            grad = torch.where(neg, -grad, grad)
+            for sl in chunks:
+                p = perm[sl]
+                L = torch.arange(grad.shape[-1], device=grad.device) < (kint if kt is None else kt[sl])
+                vjp = _vjp_sorted(grad[sl].gather(-1, p), blk[sl], L, None if e_s is None else e_s[sl], lam, p43,
+                                  mag)
+                gx[sl] = torch.empty_like(vjp).scatter_(-1, p, vjp)
+            gx = torch.where(neg, -gx, gx)
+        if ctx.nonfinite:  # an infinite entry cannot move: gradient 0; a row holding a NaN: NaN
+            gx = torch.where(row_nan, math.nan, torch.where(inf, 0.0, gx))
+        return gx, None, None, None, None, None, None
 
 
 def _soft(name: str, x, k, dim, p, lam, solver, n_iter, mag: bool) -> torch.Tensor:
@@ -564,7 +648,9 @@ def soft_topk_mask(
 
     Equivalently y*_i = clip(grad r*(x_i - gamma), 0, 1) for a per-row threshold gamma: p = 2 gives
     clip((x_i - gamma) / lam, 0, 1), p = 4/3 gives clip(((x_i - gamma) / lam)^3, 0, 1). Sums to k; exactly 1 on
-    the entries above the relaxed band and exactly 0 below it; lam -> 0 gives :func:`topk_mask`.
+    the entries above the relaxed band and exactly 0 below it; lam -> 0 gives :func:`topk_mask`. Infinite entries:
+    the limit of large finite ones (-inf entries get 0 while finite ones remain, then share the rest equally; see
+    the module docstring); a row holding a NaN gives NaN.
 
     Args:
         x: any shape, floating point; the operator acts along ``dim``, every other dim is a batch.
@@ -591,7 +677,8 @@ def soft_topk_magnitude(
     Exactly 0 outside about k entries (the top k, plus the R entries of the pooled block when magnitudes nearly
     tie at the k-th); for p = 2 the entries kept outside the block are x_i / (1 + lam). MATH.md's bound
     ||y* - topk_magnitude(x)||_inf <= lam ||x||_inf (p = 2) holds when |x|_[k] >= (1 + lam) |x|_[k+1] (no block);
-    near a tie at the k-th entry the hard operator jumps and no such bound holds. Arguments as in
-    :func:`soft_topk_mask`.
+    near a tie at the k-th entry the hard operator jumps and no such bound holds. Infinite entries are the largest
+    magnitudes and come out as +-inf (the limit), with zero gradient; a row holding a NaN gives NaN. Arguments as
+    in :func:`soft_topk_mask`.
     """
     return _soft("soft_topk_magnitude", x, k, dim, p, lam, solver, n_iter, mag=True)
