@@ -244,6 +244,36 @@ def test_padded_batch_equals_each_sequence_alone(name: str) -> None:
     assert torch.equal(residual[pm], x[pm])
 
 
+@pytest.mark.parametrize("name", ["token_k1", "token_k2_cap1", "token_k2_soft", "expert", "expert_k3", "expert_soft",
+                                  "expert_cf1_group5"])
+def test_nan_and_inf_in_padded_tokens_change_nothing(name: str) -> None:
+    """Padded tokens never reach the router's matmul nor the experts: NaN / inf there give exactly what zeros
+    there give (output, aux loss, gradients of router, experts and input), the padded output rows and input
+    gradient rows are exactly 0, and everything is finite. (A NaN pad made the router's gradient NaN, and the
+    token-choice aux loss NaN.)"""
+    pm = padding([10, 6, 3], 10)
+    clean = seeded(3, 10, DIM).masked_fill(pm.unsqueeze(-1), 0.0)
+    dirty = clean.clone()
+    dirty[1, 6:] = float("nan")
+    dirty[2, 3:5] = float("inf")
+    dirty[2, 5:] = -float("inf")
+    results = []
+    for x in (clean, dirty):
+        moe = make(**ROUTINGS[name], router_bias=True).train()
+        leaf = x.clone().requires_grad_(True)
+        out = moe(leaf, pm)
+        target = seeded(3, 10, DIM, seed=1)
+        (F.mse_loss(out, target, reduction="sum") + moe.aux_loss).backward()
+        results.append((out.detach(), moe.aux_loss.detach(), leaf.grad, {n: p.grad for n, p in moe.named_parameters()}))
+    (out_c, aux_c, gx_c, grads_c), (out_d, aux_d, gx_d, grads_d) = results
+    assert torch.equal(out_d, out_c) and torch.equal(aux_d, aux_c) and torch.isfinite(aux_d)
+    assert torch.equal(out_d[pm], torch.zeros_like(out_d[pm]))
+    assert torch.equal(gx_d, gx_c) and torch.equal(gx_d[pm], torch.zeros_like(gx_d[pm]))
+    for pname, g in grads_d.items():
+        assert torch.isfinite(g).all() and torch.equal(g, grads_c[pname]), pname
+    assert grads_d["router.weight"].abs().sum() > 0
+
+
 def test_unbatched_input_equals_batch_of_one() -> None:
     for name in ("token_k2_cap1", "expert"):
         moe = make(**ROUTINGS[name])

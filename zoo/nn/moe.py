@@ -39,8 +39,9 @@ with E). Shapes are static and nothing syncs with the host (the hard routers tra
 padding, soft expert choice hands soft_topk_mask a per-group k, which it checks with a sync on the CPU and an async
 assert on accelerators), so the module runs under ``torch.compile``, autocast and DDP (every expert parameter takes
 part in every step: an empty slot is a zero row that still goes through the matmuls). Padded tokens
-(``padding_mask`` True) are never routed, never counted (capacity, aux loss, stats), and their output rows are
-exactly zero.
+(``padding_mask`` True) are replaced by zeros before the router's matmul (so that inf / NaN there change nothing,
+gradients included), never routed, never counted (capacity, aux loss, stats), their output rows are exactly zero
+and the gradient of x there is exactly zero.
 
 ``capacity_factor=None`` (no limit) makes every buffer as long as the call has tokens (token choice C = T;
 expert choice k = n), i.e. E times the dense MLP's compute: meant for exactness checks and upcycling, not speed.
@@ -376,14 +377,28 @@ class MoE(nn.Module):
             bias = self.router.bias.to(dtype) if self.router.bias is not None else None
             return F.linear(flat.to(dtype), self.router.weight.to(dtype), bias)
 
+    def _flat_tokens(self, x: torch.Tensor,
+                     padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (N, dim) tokens with the padded ones replaced by zeros, and the valid ones (N,) bool (None: all).
+
+        Padded tokens never reach the router's matmul nor the experts: their values, inf or NaN included, change
+        nothing (not even the gradients: a NaN row would make d W_r = sum_t dlogits_t x_t^T NaN even where
+        dlogits_t = 0, since 0 * NaN = NaN), and the gradient of x there is exactly 0. ``torch.where``, not a
+        product with the mask, for the same reason.
+        """
+        flat = x.reshape(-1, self.dim)
+        if padding_mask is None:
+            return flat, None
+        valid = ~padding_mask.reshape(-1)
+        return torch.where(valid.unsqueeze(-1), flat, flat.new_zeros(())), valid
+
     def _soft_mask(self, scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
         return soft_topk_mask(scores, k, dim=-1, p=self.p, lam=self.lam, solver=self.solver, n_iter=self.n_iter)
 
     def route(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
         """The dispatch of ``x`` (B, T, dim) or (T, dim): buffer slots, combine weights, aux loss and stats."""
         self._check(x, padding_mask)
-        flat = x.reshape(-1, self.dim)
-        valid = None if padding_mask is None else ~padding_mask.reshape(-1)
+        flat, valid = self._flat_tokens(x, padding_mask)
         logits = self._logits(flat)
         if self.router_type == "token_choice":
             return self._token_choice(logits, valid)
@@ -515,7 +530,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """MoE(x) (M1), shaped like x; sets ``self.aux_loss`` and ``self.stats``."""
         routing = self.route(x, padding_mask)
-        flat = x.reshape(-1, self.dim)
+        flat, _ = self._flat_tokens(x, padding_mask)  # padded tokens are never dispatched, and are zeros anyway
         N = flat.shape[0]
         E, C = routing.index.shape
         # gather into a static (E, C, dim) buffer; empty slots read the appended zero row N
