@@ -483,6 +483,46 @@ def test_dropout_is_replayed_in_backward():
     assert not torch.allclose(c[1], a[1], atol=1e-4)
 
 
+def test_dropout_in_some_blocks_of_a_deep_stack_is_replayed():
+    """Deterministic blocks share one stored random state, blocks that draw store their own (60 blocks, 40 of
+    them with dropout: the stored states span two slabs of the log): gradients are full backprop's."""
+    blocks = [DropBlock(4, 40 + k) if k % 3 else MLP(4, 16, seed=40 + k) for k in range(60)]
+    full, rev = momentum_pair(blocks, gamma=0.9, scale=0.1, init_velocity="f")
+    x = torch.randn(5, 4)
+    torch.manual_seed(41)
+    a = run(full, x)
+    after_full = torch.rand(3)
+    torch.manual_seed(41)
+    b = run(rev, x)
+    after_rev = torch.rand(3)
+    assert_grads_close(a, b)
+    torch.testing.assert_close(after_rev, after_full, rtol=0, atol=0)
+    torch.manual_seed(42)
+    assert not torch.allclose(run(full, x)[1], a[1], atol=1e-4)
+
+
+def test_rng_log_stores_a_state_only_when_it_changed_and_restores_each_record():
+    from zoo.nn.residual_stack import _RNGLog
+
+    log = _RNGLog(torch.device("cpu"))
+    torch.manual_seed(5)
+    expected = []
+    for k in range(200):
+        log.record()
+        expected.append(torch.rand(2) if k % 4 == 0 else None)  # every 4th record is followed by a draw
+    assert len(log) == 200
+    assert log._stored == 51  # the first state and one per draw: the records between two draws share one
+    assert sum(s.shape[0] for s in log._slabs) == 16 + 32 + 64  # slabs double
+    for k in reversed(range(200)):
+        log.restore(k)
+        if expected[k] is not None:
+            assert torch.equal(torch.rand(2), expected[k])
+    plain = _RNGLog(torch.device("cpu"))
+    for _ in range(500):
+        plain.record()
+    assert plain._stored == 1 and len(plain._slabs) == 1  # nothing per step without random draws
+
+
 def test_bf16_autocast_on_cpu_matches_full():
     blocks = [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(6)]
     torch.manual_seed(33)

@@ -90,6 +90,60 @@ class _RNGState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+class _RNGLog:
+    """The generator states a forward saw before each residual-function call, replayed in backward.
+
+    :meth:`record` notes the current state (the CPU generator's and, for a CUDA input, that device's) and
+    :meth:`restore` ``(k)`` sets the state of the k-th record back. A state equal to the last stored one is not
+    stored again: calls that draw no random numbers (no dropout, eval mode) share one stored state, so a
+    deterministic stack stores one whatever its depth, and nothing small stays allocated per step. That is the
+    point: a small tensor kept per step, allocated between a step's large temporaries, pins freed blocks of
+    glibc's heap, and the process's resident memory then grows with depth although the live tensors do not
+    (issue 13: a tied stack on a 1 MiB state peaked at 215 MiB at depth 100 and 3.1 GiB at depth 3000). States
+    that differ (blocks that draw) are copied into slabs whose sizes double: one allocation per doubling, not
+    one per step. Comparing costs a copy of the state (5 KB on CPU, 16 bytes on CUDA), about 10 us.
+    """
+
+    _FIRST_SLAB = 16  # rows of the first slab; slab k has 16 * 2^k
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._slabs: list[torch.Tensor] = []  # rows: the CPU state's bytes, then the CUDA state's
+        self._stored = 0
+        self._cpu_bytes = 0
+        self._records: list[int] = []  # record k -> its row
+
+    def _row(self, index: int) -> torch.Tensor:
+        k = (index // self._FIRST_SLAB + 1).bit_length() - 1
+        return self._slabs[k][index - self._FIRST_SLAB * ((1 << k) - 1)]
+
+    def record(self) -> None:
+        state = torch.get_rng_state()
+        if self.cuda:
+            self._cpu_bytes = state.numel()
+            state = torch.cat([state, torch.cuda.get_rng_state(self.device)])
+        if not (self._stored and torch.equal(state, self._row(self._stored - 1))):
+            if self._stored == self._FIRST_SLAB * ((1 << len(self._slabs)) - 1):  # the slabs are full
+                self._slabs.append(state.new_empty((self._FIRST_SLAB << len(self._slabs), state.numel())))
+            self._row(self._stored).copy_(state)
+            self._stored += 1
+        self._records.append(self._stored - 1)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def restore(self, k: int) -> None:
+        """Set the generators to the state of the k-th :meth:`record`."""
+        # copies: torch.set_rng_state of a view with a storage offset crashes (torch 2.14, segmentation fault)
+        row = self._row(self._records[k])
+        if self.cuda:
+            torch.set_rng_state(row[: self._cpu_bytes].clone())
+            torch.cuda.set_rng_state(row[self._cpu_bytes :].clone(), self.device)
+        else:
+            torch.set_rng_state(row.clone())
+
+
 @contextlib.contextmanager
 def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Batch statistics as in training, but running statistics left untouched.
@@ -334,32 +388,36 @@ class ResidualStack(nn.Module):
                            "`transition`)")
         return parts
 
-    def _step(self, n: int, x: torch.Tensor, args: tuple, kwargs: dict, rng: list | None = None):
-        """One step of the rule; ``rng`` collects (forward) the random state before each f call."""
+    def _calls_per_step(self) -> int:
+        return 2 if self.rule == "heun" else 1
+
+    def _step(self, n: int, x: torch.Tensor, args: tuple, kwargs: dict, rng: _RNGLog | None = None):
+        """One step of the rule; ``rng`` records (forward) the random state before each f call."""
         h = self.step
         if rng is not None:
-            rng.append(_RNGState(x.device))
+            rng.record()
         fx = self._f(n, x, args, kwargs)
         if self.rule == "euler":
             return x + h * fx
         y = x + h * fx
         if rng is not None:
-            rng.append(_RNGState(x.device))
+            rng.record()
         return x + (h / 2) * (fx + self._f(n + 1, y, args, kwargs))
 
-    def _inverse_step(self, n: int, x_next: torch.Tensor, args: tuple, kwargs: dict, rng: list | None):
-        """Approximate inverse of step n: (A1) for Euler, (A2) for Heun."""
+    def _inverse_step(self, n: int, x_next: torch.Tensor, args: tuple, kwargs: dict, rng: _RNGLog | None):
+        """Approximate inverse of step n: (A1) for Euler, (A2) for Heun; ``rng`` replays the forward's states
+        (record ``n`` for Euler's f_n, records ``2n``, ``2n + 1`` for Heun's two calls)."""
         h = self.step
         if self.rule == "euler":
             if rng is not None:
-                rng[0].restore()
+                rng.restore(n)
             return x_next - h * self._f(n, x_next, args, kwargs)
         if rng is not None:
-            rng[1].restore()
+            rng.restore(2 * n + 1)
         fb = self._f(n + 1, x_next, args, kwargs)
         y = x_next - h * fb
         if rng is not None:
-            rng[0].restore()
+            rng.restore(2 * n)
         return x_next - (h / 2) * (fb + self._f(n, y, args, kwargs))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -456,14 +514,10 @@ class _AdjointBackprop(torch.autograd.Function):
         ctx.stack = stack
         ctx.arg_info = arg_info
         ctx.replay = _Replay(x.device)
-        ctx.rng = [] if stack.preserve_rng_state else None
-        rng_per_step = []
+        ctx.rng = _RNGLog(x.device) if stack.preserve_rng_state else None
         with torch.no_grad():
             for n in range(stack.depth):
-                states: list | None = [] if ctx.rng is not None else None
-                x = stack._step(n, x, args, kwargs, rng=states)
-                rng_per_step.append(states)
-        ctx.rng = rng_per_step if ctx.rng is not None else None
+                x = stack._step(n, x, args, kwargs, rng=ctx.rng)
         ctx.save_for_backward(x)
         return x
 
@@ -486,9 +540,8 @@ class _AdjointBackprop(torch.autograd.Function):
         try:
             with frozen_batchnorm_stats(blocks), ctx.replay.autocast_ctx():
                 for n in reversed(range(stack.depth)):
-                    rng = ctx.rng[n] if ctx.rng is not None else None
                     with torch.no_grad():
-                        x_prev = stack._inverse_step(n, x, args_c, kwargs_c, rng)
+                        x_prev = stack._inverse_step(n, x, args_c, kwargs_c, ctx.rng)
                     step_params = [p for p in _step_parameters(stack, blocks, n) if id(p) in param_index]
                     with torch.enable_grad():
                         xi = x_prev.detach().requires_grad_(True)
@@ -496,8 +549,8 @@ class _AdjointBackprop(torch.autograd.Function):
                         for i in grad_arg_idx:
                             vjp_leaves[i] = leaves[i].detach().requires_grad_(True)
                         args_v, kwargs_v = pytree.tree_unflatten(vjp_leaves, spec)
-                        if rng is not None:
-                            rng[0].restore()
+                        if ctx.rng is not None:
+                            ctx.rng.restore(stack._calls_per_step() * n)
                         y = stack._step(n, xi, args_v, kwargs_v)
                         wrt = [xi] + step_params + [vjp_leaves[i] for i in grad_arg_idx]
                         grads = torch.autograd.grad(y, wrt, g.to(y.dtype), allow_unused=True)
@@ -545,16 +598,17 @@ class _ReversibleMomentum(torch.autograd.Function):
         c = (1.0 - stack.gamma) * stack.step
         ctx.stack, ctx.arg_info = stack, arg_info
         ctx.replay = _Replay(x_in.device)
-        keep_rng = stack.preserve_rng_state
-        rng: list[_RNGState] = []
+        # records: the transition's (when there is one), v_0's, then f_n's before each call
+        rng = ctx.rng = _RNGLog(x_in.device) if stack.preserve_rng_state else None
         with torch.no_grad():
-            ctx.rng_transition = _RNGState(x_in.device) if keep_rng and stack.has_transition else None
+            if rng is not None and stack.has_transition:
+                rng.record()
             x = stack.transition(x_in) if stack.has_transition else x_in
             dtype = ctx.dtype = x.dtype
             xi = fp.to_fixed(x)
             xf = fp.to_float(xi, dtype)  # every f_n sees x_n = x_int / 2^F, in forward and backward alike
-            if keep_rng:
-                rng.append(_RNGState(x.device))
+            if rng is not None:
+                rng.record()
             if stack.init_velocity == "zero":
                 vi = torch.zeros_like(xi)
                 x0_max, v0_max = fp.abs_max(x), torch.zeros((), dtype=torch.float64, device=x.device)
@@ -573,15 +627,15 @@ class _ReversibleMomentum(torch.autograd.Function):
                 if n and n % ratio.steps_per_word == 0:  # the buffer word is full: start a new one
                     words.append(buffer)
                     buffer = new_word(n)
-                if keep_rng:
-                    rng.append(_RNGState(x.device))
+                if rng is not None:
+                    rng.record()
                 g, tail = stack._residual_parts(n, xf, args, kwargs)
                 step = momentum_kernel("step", c=c, tail=tail, n=ratio.n, d=ratio.d, scale=fp.scale)
-                # in place: (xi, vi, buffer) <- step n's state, xf <- x_{n+1} as a float, f_n's input no longer needed
-                g_max = torch.maximum(g_max, step(xi, vi, buffer, xf, g).to(torch.float64))
+                # in place: (xi, vi, buffer) <- step n's state, xf <- x_{n+1} as a float, f_n's input no longer needed;
+                # g_max in place too (no small tensor allocated per step, see _RNGLog)
+                torch.maximum(g_max, step(xi, vi, buffer, xf, g), out=g_max)
             # every state (x_n, v_n) in range, not only the last: then no integer operation can wrap
             overflow = fp.momentum_state_out_of_range(x0_max, v0_max, g_max, stack.gamma, stack.depth)
-        ctx.rng = rng if keep_rng else None
         ctx.n_words = len(words)
         # The integer state is not a save_for_backward tensor: backward takes it off ctx, so each x, v and
         # buffer is freed as soon as the rebuild has stepped past it (a retained graph is not rebuilt twice).
@@ -617,6 +671,7 @@ class _ReversibleMomentum(torch.autograd.Function):
         grad_arg_idx = [i for i, g in enumerate(grad_leaves) if g]
         blocks = stack.blocks
         outer_rng = _RNGState(grad_out.device) if ctx.rng is not None else None
+        first_call = 2 if stack.has_transition else 1  # the record of f_0's call (see forward)
 
         def run_with_grad(fn, x_float: torch.Tensor):
             """fn(x_float, args, kwargs) with grad, on a fresh leaf for x and for the arguments that need grad."""
@@ -656,7 +711,7 @@ class _ReversibleMomentum(torch.autograd.Function):
                     xf = momentum_kernel("rewind", scale=fp.scale, dtype=dtype)(xi, vi)  # x_{N-1} = x_N - v_N
                 for n in reversed(range(stack.depth)):
                     if ctx.rng is not None:
-                        ctx.rng[n + 1].restore()
+                        ctx.rng.restore(first_call + n)
                     g, xg, vjp_leaves = run_with_grad(lambda t, a_, k_, n=n: stack._residual_parts(n, t, a_, k_),
                                                       xf)
                     g, tail = g
@@ -680,14 +735,14 @@ class _ReversibleMomentum(torch.autograd.Function):
                     stack.last_rebuild = (xi, vi)
                 if stack.init_velocity != "zero":  # v_0 = f_0(x_0) or g(x_0): its gradient flows into x_0
                     if ctx.rng is not None:
-                        ctx.rng[0].restore()
+                        ctx.rng.restore(first_call - 1)
                     v_modules = [blocks[0]] if stack.init_velocity == "f" else stack._velocity_modules()
                     gx_v = vjp(stack._initial_velocity, xf, _unique_parameters(v_modules), gv)
                     gx = gx + gx_v.to(dtype)
                 del xi, vi, buffer, xf, a, gv  # the state is rebuilt: free it before the transition's recomputation
                 if stack.has_transition:  # x_0 = transition(x_in), recomputed from the stored input
-                    if ctx.rng_transition is not None:
-                        ctx.rng_transition.restore()
+                    if ctx.rng is not None:
+                        ctx.rng.restore(0)
                     gx = vjp(lambda t, a_, k_: stack.transition(t), x_in,
                                 _unique_parameters([stack.transition]), gx)
         finally:
