@@ -655,15 +655,18 @@ class Fill(nn.Module):
         return torch.full_like(x, self.value)
 
 
+RANGE_ERROR = (r"fixed-point range \|x\| < 2\^29.*Normalise the input, lower fixed_point_bits \(now 32\), "
+               r"or use memory='full'")
+
+
 def _range_error(stack: ResidualStack, x: torch.Tensor) -> None:
-    out = stack(x.requires_grad_(True))
-    with pytest.raises(ZooError, match=r"fixed-point range \|x\| < 2\^29"):
-        out.sum().backward()
+    """On CPU the forward itself raises (reading the range flag costs no device sync there)."""
+    with pytest.raises(ZooError, match=RANGE_ERROR):
+        stack(x.requires_grad_(True))
     assert x.grad is None
 
 
-@pytest.mark.parametrize("case", ["big_input", "inf", "nan", "big_velocity", "big_intermediate"])
-def test_values_out_of_fixed_point_range_raise_in_backward(case):
+def _out_of_range_case(case: str) -> tuple[ResidualStack, torch.Tensor]:
     x = torch.randn(2, 4)
     blocks = mlp_blocks(3)
     if case == "big_input":
@@ -678,7 +681,63 @@ def test_values_out_of_fixed_point_range_raise_in_backward(case):
         x = torch.zeros(2, 1, dtype=torch.float64)
     stack = ResidualStack(blocks, rule="momentum", gamma=0.5 if case == "big_intermediate" else 0.9,
                           memory="reversible", fixed_point_bits=32)
-    _range_error(stack, x)
+    return stack, x
+
+
+OUT_OF_RANGE_CASES = ["big_input", "inf", "nan", "big_velocity", "big_intermediate"]
+
+
+@pytest.mark.parametrize("case", OUT_OF_RANGE_CASES)
+def test_values_out_of_fixed_point_range_raise_in_forward(case):
+    _range_error(*_out_of_range_case(case))
+
+
+@pytest.mark.parametrize("case", OUT_OF_RANGE_CASES)
+def test_on_an_accelerator_out_of_range_poisons_the_output_and_backward_raises(case, monkeypatch):
+    """Where reading the range flag would synchronise the device, forward fills its output with NaN on the device
+    (no wrong finite value reaches code that skips backward) and backward raises the range error; the CPU run
+    here takes that branch when the host read is declared costly."""
+    import zoo.nn.residual_stack as engine
+
+    stack, x = _out_of_range_case(case)
+    monkeypatch.setattr(engine, "_host_read_is_free", lambda t: False)
+    out = stack(x.requires_grad_(True))
+    assert torch.isnan(out).all()
+    with pytest.raises(ZooError, match=RANGE_ERROR):
+        out.sum().backward()
+    assert x.grad is None
+    # the same branch leaves an in-range forward untouched: memory='full''s value, no NaN
+    blocks = mlp_blocks(3)
+    full, rev = momentum_pair(blocks, gamma=0.9)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(rev(x.requires_grad_(True)), full(x), rtol=1e-6, atol=1e-6)
+
+
+def test_refuse_out_of_range_raises_or_poisons_by_the_flag():
+    from zoo.nn.residual_stack import _refuse_out_of_range
+
+    fp = FixedPoint(32)
+    out = torch.randn(3, 2)
+    same = out.clone()
+    assert torch.equal(_refuse_out_of_range(out, torch.tensor(False), fp, raise_now=False), same)
+    assert torch.equal(_refuse_out_of_range(out, torch.tensor(False), fp, raise_now=True), same)
+    with pytest.raises(ZooError, match=RANGE_ERROR):
+        _refuse_out_of_range(out, torch.tensor(True), fp, raise_now=True)
+    assert torch.isnan(_refuse_out_of_range(out, torch.tensor(True), fp, raise_now=False)).all()
+
+
+def test_without_gradients_a_reversible_stack_returns_the_float_rule_of_full_memory():
+    """Under no_grad (or when nothing needs a gradient) nothing is rebuilt, so the reversible stack runs (M1) in
+    floating point, as memory='full' does: an input outside the fixed-point range gives full's value, not an
+    error and not a fixed-point result."""
+    blocks = mlp_blocks(3)
+    full, rev = momentum_pair(blocks, gamma=0.9)
+    x = torch.randn(2, 4) * 1e12
+    with torch.no_grad():
+        expected = full(x)
+        got = rev(x)
+    assert torch.isfinite(got).all() and got.abs().max() > 1e11
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])

@@ -19,7 +19,8 @@ Memory strategies:
 - ``"reversible"`` (momentum rule): only x_N, v_N and an information buffer are kept. The forward
   runs in exact fixed-point arithmetic (``zoo.ops.fixed_point``), so backward rebuilds every x_n and
   v_n bit for bit with (M2) and back-propagates through each step: the gradients of full backprop,
-  with memory flat in depth.
+  with memory flat in depth. A state outside the fixed-point range raises a ZooError in forward on CPU;
+  on an accelerator (no host sync in forward) the output is NaN and backward raises the error.
 
 The momentum rule starts from v_0 = 0 (``init_velocity="zero"``), v_0 = f_0(x_0) (``"f"``) or
 v_0 = g(x_0) for a module g. It returns x_N.
@@ -588,6 +589,9 @@ class _ReversibleMomentum(torch.autograd.Function):
     narrowest integer type its static bound allows: full words int64, int8 for up to 29 steps at gamma 0.9),
     and, with a transition block, the
     stage input, from which the transition is recomputed (checkpointed) at the end of backward.
+
+    Range: a state outside |x| < 2^(61 - F) would make the forward wrong; see :func:`_refuse_out_of_range` (an
+    error in forward on CPU, a NaN output and an error in backward on an accelerator).
     """
 
     @staticmethod
@@ -641,7 +645,7 @@ class _ReversibleMomentum(torch.autograd.Function):
         # buffer is freed as soon as the rebuild has stepped past it (a retained graph is not rebuilt twice).
         ctx.state = [xi, vi, buffer, *words]
         ctx.save_for_backward(overflow, x_in if stack.has_transition else None)
-        return xf
+        return _refuse_out_of_range(xf, overflow, fp, raise_now=_host_read_is_free(xf))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -657,12 +661,8 @@ class _ReversibleMomentum(torch.autograd.Function):
             )
         xi, vi, buffer, *words = ctx.state
         ctx.state = None
-        if bool(overflow):  # the one host sync, in backward only
-            raise ZooError(
-                f"reversible momentum: a value of the state or of a residual function is not finite or exceeds "
-                f"the fixed-point range |x| < 2^{61 - fp.frac_bits}; the rebuild would not be exact. Normalise "
-                f"the input, lower fixed_point_bits (now {fp.frac_bits}), or use memory='full'"
-            )
+        if bool(overflow):  # on an accelerator the one host sync, in backward only (the forward output is NaN)
+            raise _out_of_range_error(fp)
         params = stack._reversible_parameters()
         param_index = {id(p): i for i, p in enumerate(params)}
         grad_params: list[torch.Tensor | None] = [None] * len(params)
@@ -749,6 +749,37 @@ class _ReversibleMomentum(torch.autograd.Function):
             if outer_rng is not None:
                 outer_rng.restore()
         return (None, None, gx, *grad_args, *grad_params)
+
+
+def _out_of_range_error(fp: FixedPoint) -> ZooError:
+    return ZooError(
+        f"reversible momentum: a value of the state or of a residual function is not finite or exceeds the "
+        f"fixed-point range |x| < 2^{61 - fp.frac_bits}; the forward in exact fixed point would be wrong and the "
+        f"rebuild not exact. Normalise the input, lower fixed_point_bits (now {fp.frac_bits}), or use memory='full'"
+    )
+
+
+def _host_read_is_free(t: torch.Tensor) -> bool:
+    """Whether reading a flag computed next to ``t`` costs no device synchronisation: a CPU tensor, outside
+    torch.compile's tracing (where a data-dependent branch would break the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _refuse_out_of_range(out: torch.Tensor, overflow: torch.Tensor, fp: FixedPoint, raise_now: bool) -> torch.Tensor:
+    """The reversible forward's output, never a wrong finite value when some state left the fixed-point range.
+
+    ``overflow`` is the 0-dim flag of :meth:`FixedPoint.momentum_state_out_of_range`. With ``raise_now`` (a CPU
+    tensor: reading the flag is no device sync) a set flag raises the range error here, in forward. Otherwise (an
+    accelerator, where reading it would synchronise the device) the output is filled with NaN on the device when
+    the flag is set (``masked_fill_`` with the 0-dim flag, no sync), so code that reads the output without calling
+    backward sees NaN, not a plausible number; backward raises the same error. A device-side assert was not chosen:
+    on CUDA it leaves the context unusable.
+    """
+    if raise_now:
+        if bool(overflow):
+            raise _out_of_range_error(fp)
+        return out
+    return out.masked_fill_(overflow, float("nan"))
 
 
 def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
