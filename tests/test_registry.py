@@ -157,6 +157,14 @@ def test_imagenet_models_match_torchvision_layout(depth: int) -> None:
         assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
 
 
+@pytest.mark.parametrize("name", IMAGENET_NAMES + SMALL_NAMES + OTHER_FAMILY_NAMES)
+def test_every_builder_builds_with_its_defaults(name: str) -> None:
+    """The argument checks (zoo.validation) accept every builder's own defaults (meta device: no memory)."""
+    with torch.device("meta"):
+        model = zoo.create_model(name)
+    assert isinstance(model, torch.nn.Module) and sum(p.numel() for p in model.parameters()) > 0
+
+
 def test_imagenet_model_num_classes() -> None:
     with torch.device("meta"):
         m = zoo.depth_scaled_resnet50(num_classes=10)

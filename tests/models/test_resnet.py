@@ -142,21 +142,21 @@ def test_optimizer_groups_and_schedulers():
     decayed = {id(p) for p in groups[0]["params"]}
     assert id(m.conv1.weight) in decayed and id(m.bn1.weight) not in decayed and id(m.fc.bias) not in decayed
     assert len(decayed) + len(groups[1]["params"]) == len(list(m.parameters()))
-    with pytest.raises(ZooError, match="unknown optimizer"):
+    with pytest.raises(ZooError, match="optimizer must be one of 'sgd', 'adamw', 'adam', got 'lbfgs'"):
         zoo.depth_scaled_resnet20_cifar(optimizer="lbfgs")
-    with pytest.raises(ZooError, match="unknown scheduler"):
+    with pytest.raises(ZooError, match="scheduler must be one of 'cosine', 'step', 'constant', got 'poly'"):
         zoo.depth_scaled_resnet20_cifar(scheduler="poly")
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rule": "midpoint"}, "unknown rule"),
-        ({"memory": "offload"}, "unknown memory"),
-        ({"block": "wide"}, "unknown block"),
-        ({"stem": "deep"}, "unknown stem"),
+        ({"rule": "midpoint"}, "rule must be one of 'euler', 'heun', 'momentum', got 'midpoint'"),
+        ({"memory": "offload"}, "memory must be one of 'full', 'adjoint', 'reversible', got 'offload'"),
+        ({"block": "wide"}, "block must be one of 'basic', 'bottleneck', 'preact', got 'wide'"),
+        ({"stem": "deep"}, "stem must be one of 'imagenet', 'cifar', 'tiny', got 'deep'"),
         ({"layers": (2, 0)}, "layers must be"),
-        ({"layers": (2, 2), "widths": (8,)}, "widths has 1 entries"),
+        ({"layers": (2, 2), "widths": (8,)}, "widths must be a list of 2 integers >= 1, got \\(8,\\)"),
     ],
 )
 def test_bad_model_arguments(kwargs, message):

@@ -137,10 +137,10 @@ def test_attention_stats_per_layer() -> None:
 @pytest.mark.parametrize("kwargs, message", [
     ({"n_iter": 0}, "n_iter must be an integer >= 1"),
     ({"n_iter": 2.0}, "n_iter must be an integer >= 1"),
-    ({"global_pool": "map"}, "unknown global_pool 'map'"),
+    ({"global_pool": "map"}, "global_pool must be one of 'token', 'avg', got 'map'"),
     ({"class_token": False}, "global_pool='token' needs class_token=True"),
     ({"patch_size": 10}, "not a multiple of patch_size 10"),
-    ({"optimizer": "lamb"}, "unknown optimizer 'lamb'"),
+    ({"optimizer": "lamb"}, "optimizer must be one of 'sgd', 'adamw', 'adam', got 'lamb'"),
 ])
 def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ZooError, match=message):

@@ -146,7 +146,7 @@ def test_trains_with_hard_and_soft_expert_choice(topk: str, tmp_path) -> None:
     ({"moe_every": 0}, "every .* must be an integer >= 1"),
     ({"moe_layers": [4]}, r"block indices in \[0, 3\]"),
     ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
-    ({"aux_loss_weight": -1.0}, "aux_loss_weight must be >= 0"),
+    ({"aux_loss_weight": -1.0}, "aux_loss_weight must be a finite number >= 0, got -1.0"),
     ({"router": "top1"}, "unknown router 'top1'"),
 ])
 def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:

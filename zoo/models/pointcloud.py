@@ -58,6 +58,7 @@ from zoo.nn.attention import SinkhornMultiheadAttention, SinkhornSettings, check
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
+from zoo.validation import boolean, choice, int_sequence, integer, non_negative_int, positive_int, probability
 
 __all__ = [
     "ISAB",
@@ -87,12 +88,6 @@ def _check_points(points: torch.Tensor, in_chans: int, model: str) -> None:
         )
     if points.shape[1] < 1:
         raise ZooError(f"{model}: a point cloud needs at least one point, got shape {tuple(points.shape)}")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ZooError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,13 +226,14 @@ class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         check_n_iter(n_iter)
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("num_heads", num_heads),
                             ("depth", depth), ("num_inducing", num_inducing), ("num_seeds", num_seeds)):
-            _positive_int(value, name)
-        if isinstance(decoder_depth, bool) or not isinstance(decoder_depth, int) or decoder_depth < 0:
-            raise ZooError(f"decoder_depth must be an integer >= 0, got {decoder_depth!r}")
+            positive_int(name, value)
+        non_negative_int("decoder_depth", decoder_depth)
+        boolean("layer_norm", layer_norm)
+        boolean("record_stats", record_stats)
+        probability("drop_rate", drop_rate)
         if embed_dim % num_heads:
-            raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ZooError(f"drop_rate must be in [0, 1), got {drop_rate}")
+            raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: give an embed_dim that "
+                           f"is a multiple of num_heads")
         super().__init__(num_classes=num_classes, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                          scheduler=scheduler, milestones=milestones, **kwargs)
         self.in_chans = in_chans
@@ -477,31 +473,24 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         **kwargs: Any,
     ) -> None:
         check_n_iter(n_iter)
-        if attention not in ATTENTIONS:
-            raise ZooError(f"unknown attention {attention!r}: choose one of {', '.join(ATTENTIONS)}")
+        choice("attention", attention, ATTENTIONS)
         if attention == "pct" and n_iter != 1:
             raise ZooError(f"n_iter={n_iter} needs attention='sinkhorn' (attention='pct' is PCT's softmax + L1 "
                            f"normalisation, which has no iterations)")
-        if pooling not in POOLINGS:
-            raise ZooError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
-        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("num_neighbors", num_neighbors),
-                            ("depth", depth), ("fuse_dim", fuse_dim)):
-            _positive_int(value, name)
-        sample_points = tuple(sample_points)
-        if not sample_points or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sample_points):
-            raise ZooError(f"sample_points must be a non-empty list of positive integers, got {sample_points!r}")
+        choice("pooling", pooling, POOLINGS)
+        for name, value in (("embed_dim", embed_dim), ("num_neighbors", num_neighbors), ("depth", depth),
+                            ("fuse_dim", fuse_dim)):
+            positive_int(name, value)
+        integer("in_chans", in_chans, 3, hint="the first 3 channels are xyz: give in_chans >= 3")
+        boolean("record_stats", record_stats)
+        probability("drop_rate", drop_rate)
+        sample_points = int_sequence("sample_points", sample_points, min_value=1)
+        head_dims = int_sequence("head_dims", head_dims, min_value=1, allow_empty=True)
         if any(b > a for a, b in zip(sample_points, sample_points[1:])):
             raise ZooError(f"sample_points must not increase from one stage to the next, got {sample_points!r}")
         if len(sample_points) > 1 and num_neighbors > min(sample_points[:-1]):
             raise ZooError(f"num_neighbors={num_neighbors} exceeds the {min(sample_points[:-1])} points a later "
                            f"stage groups from (sample_points={sample_points!r}): use fewer neighbours")
-        head_dims = tuple(head_dims)
-        for d in head_dims:
-            _positive_int(d, "every entry of head_dims")
-        if in_chans < 3:
-            raise ZooError(f"in_chans must be >= 3 (xyz first), got {in_chans}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ZooError(f"drop_rate must be in [0, 1), got {drop_rate}")
         super().__init__(num_classes=num_classes, optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, scheduler=scheduler, label_smoothing=label_smoothing, **kwargs)
         self.in_chans = in_chans

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,9 +31,11 @@ from torchvision.ops import stochastic_depth
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
 from zoo.nn import ResidualStack
+from zoo.nn.residual_stack import INIT_VELOCITIES, MEMORY_MODES, RULES
 from zoo.ops.fixed_point import post_activation_residual
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
+from zoo.validation import boolean, choice, finite_float, int_sequence, positive_int, probability
 
 BLOCKS = ("basic", "bottleneck", "preact")
 STEMS = ("imagenet", "cifar", "tiny")
@@ -226,26 +229,36 @@ class ResNet(HubMixin, ImageClassifier):
         weights: str | None = None,
         **kwargs: Any,
     ):
-        super().__init__(num_classes=num_classes, **kwargs)
-        if block not in _BLOCK_CLASSES:
-            raise ZooError(f"unknown block {block!r}: choose one of {', '.join(BLOCKS)}")
-        if stem not in STEMS:
-            raise ZooError(f"unknown stem {stem!r}: choose one of {', '.join(STEMS)}")
-        layers = tuple(int(n) for n in layers)
-        if not layers or any(n < 1 for n in layers):
-            raise ZooError(f"layers must be a non-empty list of positive block counts, got {list(layers)}")
-        widths = tuple(widths) if widths is not None else tuple(64 * 2**i for i in range(len(layers)))
-        if len(widths) != len(layers):
-            raise ZooError(f"widths has {len(widths)} entries but layers has {len(layers)}: give one per stage")
-        if isinstance(tied, bool):
-            tied_stages = set(range(1, len(layers) + 1)) if tied else set()
+        # hparams keep the arguments as given: the checked values get their own names
+        choice("block", block, BLOCKS)
+        choice("stem", stem, STEMS)
+        layer_counts = int_sequence("layers", layers, min_value=1)
+        stage_widths = (int_sequence("widths", widths, min_value=1, length=len(layer_counts)) if widths is not None
+                        else tuple(64 * 2**i for i in range(len(layer_counts))))
+        choice("rule", rule, RULES)
+        choice("memory", memory, MEMORY_MODES)
+        if scale != "depth":
+            finite_float("scale", scale, 0.0, low_open=True, hint="give 'depth' (h = 1/N) or a positive number")
+        probability("gamma", gamma)
+        choice("init_velocity", init_velocity, INIT_VELOCITIES)
+        stage_numbers = set(range(1, len(layer_counts) + 1))
+        if isinstance(tied, (bool, np.bool_)):
+            tied_stages = stage_numbers if tied else set()
         else:
-            tied_stages = {int(i) for i in tied}
-            if not tied_stages <= set(range(1, len(layers) + 1)):
-                raise ZooError(f"tied must be true/false or stage numbers 1..{len(layers)}, got {list(tied)}")
+            hint = f"give true/false or stage numbers 1..{len(layer_counts)} (stages count from 1)"
+            tied_stages = set(int_sequence("tied", tied, min_value=1, allow_empty=True, hint=hint))
+            if not tied_stages <= stage_numbers:
+                raise ZooError(f"tied must be true/false or stage numbers 1..{len(layer_counts)}, got {list(tied)}; "
+                               "stages count from 1")
+        positive_int("in_chans", in_chans)
+        probability("drop_rate", drop_rate)
+        probability("drop_path_rate", drop_path_rate)
+        boolean("zero_init_last", zero_init_last)
+        super().__init__(num_classes=num_classes, **kwargs)
         self.block_type = block
-        self.layer_counts = layers
+        self.layer_counts = layer_counts
         block_cls = _BLOCK_CLASSES[block]
+        layers, widths = layer_counts, stage_widths
 
         self.conv1: nn.Module
         if stem == "imagenet":
@@ -478,7 +491,7 @@ def _cifar(cls: type[ResNet], n: int, weights: str | None, kwargs: dict) -> ResN
 
 def _tiny(cls: type[ResNet], weights: str | None, kwargs: dict) -> ResNet:
     """MATH.md section 3: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0."""
-    depth = kwargs.pop("depth", 16)
+    depth = positive_int("depth", kwargs.pop("depth", 16))
     kwargs.setdefault("num_classes", 10)
     kwargs.setdefault("zero_init_last", True)
     return cls(layers=(depth,), widths=(16,), block="preact", stem="tiny", weights=weights, **kwargs)

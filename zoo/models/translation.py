@@ -66,6 +66,7 @@ from zoo.nn.attention import SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
 from zoo.registry import register_model
 from zoo.tasks.translation import TranslationTask
+from zoo.validation import boolean, choice, integer, non_negative_int, positive_int, probability
 
 __all__ = [
     "EncoderOut",
@@ -522,17 +523,36 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         check_n_iter(n_iter)
         tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
         for name, v in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= UNK:
-                raise ZooError(f"{name} must be an integer > 3 (fairseq's 4 special symbols come first), got {v!r}")
+            integer(name, v, UNK + 1, hint="fairseq's 4 special symbols come first: give the dictionary's size "
+                    "(4 + the lines of dict.{lang}.txt)")
         for name, v in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
-            if not isinstance(v, int) or v < 0:
-                raise ZooError(f"{name} must be a non-negative integer, got {v!r}")
+            non_negative_int(name, v)
+        for name, v in (("encoder_embed_dim", encoder_embed_dim), ("encoder_ffn_embed_dim", encoder_ffn_embed_dim),
+                        ("encoder_attention_heads", encoder_attention_heads), ("decoder_embed_dim", decoder_embed_dim),
+                        ("decoder_ffn_embed_dim", decoder_ffn_embed_dim),
+                        ("decoder_attention_heads", decoder_attention_heads),
+                        ("max_source_positions", max_source_positions),
+                        ("max_target_positions", max_target_positions)):
+            positive_int(name, v)
+        for name, v in (("dropout", dropout), ("attention_dropout", attention_dropout),
+                        ("activation_dropout", activation_dropout)):
+            probability(name, v)
+        for name, v in (("encoder_normalize_before", encoder_normalize_before),
+                        ("decoder_normalize_before", decoder_normalize_before),
+                        ("no_decoder_final_norm", no_decoder_final_norm),
+                        ("share_decoder_input_output_embed", share_decoder_input_output_embed),
+                        ("share_all_embeddings", share_all_embeddings), ("encoder_learned_pos", encoder_learned_pos),
+                        ("decoder_learned_pos", decoder_learned_pos),
+                        ("no_token_positional_embeddings", no_token_positional_embeddings),
+                        ("layernorm_embedding", layernorm_embedding), ("no_scale_embedding", no_scale_embedding),
+                        ("record_stats", record_stats)):
+            boolean(name, v)
         for side, dim, heads in (("encoder", encoder_embed_dim, encoder_attention_heads),
                                  ("decoder", decoder_embed_dim, decoder_attention_heads)):
             if dim % heads:
-                raise ZooError(f"{side}_embed_dim {dim} is not divisible by {side}_attention_heads {heads}")
-        if activation_fn not in ACTIVATIONS:
-            raise ZooError(f"unknown activation_fn {activation_fn!r}: choose one of {', '.join(ACTIVATIONS)}")
+                raise ZooError(f"{side}_embed_dim {dim} is not divisible by {side}_attention_heads {heads}: give an "
+                               f"embed_dim that is a multiple of the heads")
+        choice("activation_fn", activation_fn, ACTIVATIONS)
         if share_all_embeddings:
             if src_vocab_size != tgt_vocab_size:
                 raise ZooError(f"share_all_embeddings needs a joined dictionary (one vocabulary), got source "

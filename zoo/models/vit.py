@@ -30,6 +30,7 @@ from zoo.hub import HubMixin, load_weights
 from zoo.nn.attention import SinkhornAttention, SinkhornSettings, check_n_iter
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
+from zoo.validation import boolean, choice, finite_float, image_size, optional, positive_int, probability
 
 GLOBAL_POOLS = ("token", "avg")
 
@@ -119,20 +120,34 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         **kwargs: Any,
     ) -> None:
         check_n_iter(n_iter)
-        if global_pool not in GLOBAL_POOLS:
-            raise ZooError(f"unknown global_pool {global_pool!r}: choose one of {', '.join(GLOBAL_POOLS)}")
+        size = image_size("img_size", img_size)
+        positive_int("patch_size", patch_size)
+        positive_int("in_chans", in_chans)
+        positive_int("embed_dim", embed_dim)
+        positive_int("depth", depth)
+        positive_int("num_heads", num_heads)
+        finite_float("mlp_ratio", mlp_ratio, 0.0, hint="give a number >= 0 (0 removes the MLP branch)")
+        optional(positive_int, "attn_head_dim", attn_head_dim)
+        for name, flag in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("class_token", class_token),
+                           ("record_stats", record_stats)):
+            boolean(name, flag)
+        optional(finite_float, "init_values", init_values)
+        choice("global_pool", global_pool, GLOBAL_POOLS)
+        for name, rate in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate),
+                           ("proj_drop_rate", proj_drop_rate), ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            probability(name, rate)
         if global_pool == "token" and not class_token:
             raise ZooError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
-        if not (isinstance(depth, int) and depth >= 1):
-            raise ZooError(f"depth must be a positive integer, got {depth!r}")
-        if mlp_ratio < 0:
-            raise ZooError(f"mlp_ratio must be >= 0 (0 removes the MLP), got {mlp_ratio}")
         if attn_head_dim is None and embed_dim % num_heads:
             raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: give attn_head_dim")
+        if 0 < mlp_ratio and int(embed_dim * mlp_ratio) < 1:
+            raise ZooError(f"mlp_ratio={mlp_ratio} gives an MLP of {int(embed_dim * mlp_ratio)} hidden units for "
+                           f"embed_dim {embed_dim}: use a larger mlp_ratio, or 0 to remove the MLP branch")
+        if any(s % patch_size for s in size):
+            raise ZooError(f"img_size {img_size} is not a multiple of patch_size {patch_size}: give an img_size whose "
+                           f"height and width are multiples of {patch_size}")
         super().__init__(num_classes=num_classes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if len(size) != 2 or any(s % patch_size for s in size):
-            raise ZooError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.num_prefix_tokens = 1 if class_token else 0
         self.embed_dim = self.num_features = embed_dim
         self.global_pool = global_pool

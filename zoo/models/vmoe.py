@@ -35,6 +35,7 @@ from zoo.errors import ZooError
 from zoo.models.vit import SinkformerViT
 from zoo.nn.moe import MoE
 from zoo.registry import register_model
+from zoo.validation import finite_float, int_sequence, positive_int
 
 __all__ = ["VisionMoE", "vmoe_small_patch32_224", "vmoe_tiny_patch32_224", "moe_block_indices"]
 
@@ -45,12 +46,12 @@ def moe_block_indices(depth: int, every: int = 2, layers: Sequence[int] | None =
     """The blocks that get an MoE MLP: ``layers`` when given, else every ``every``-th block ending with the last
     (``every=2``, depth 12: 1, 3, ..., 11; ``every=1``: all)."""
     if layers is not None:
-        out = sorted({int(i) for i in layers})
-        if not out or out[0] < 0 or out[-1] >= depth:
-            raise ZooError(f"moe_layers {list(layers)} must be a non-empty list of block indices in [0, {depth - 1}]")
+        out = sorted(set(int_sequence("moe_layers", layers, min_value=0)))
+        if out[-1] >= depth:
+            raise ZooError(f"moe_layers {list(layers)} must be a non-empty list of block indices in [0, {depth - 1}] "
+                           f"(blocks count from 0; depth={depth})")
         return out
-    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-        raise ZooError(f"every (moe_every) must be an integer >= 1, got {every!r}")
+    positive_int("every (moe_every)", every)
     if every > depth:
         raise ZooError(f"every={every} exceeds depth={depth}: no block would get an MoE; use every <= depth")
     return [i for i in range(depth) if (i + 1) % every == 0]
@@ -94,8 +95,8 @@ class VisionMoE(SinkformerViT):
         weights: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if aux_loss_weight < 0:
-            raise ZooError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
+        positive_int("num_experts", num_experts)
+        finite_float("aux_loss_weight", aux_loss_weight, 0.0)
         super().__init__(img_size=img_size, patch_size=patch_size, n_iter=n_iter, weights=None, **kwargs)
         if self.blocks[0].mlp is None:
             raise ZooError("a V-MoE needs MLP blocks: mlp_ratio must be > 0")

@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.errors import ZooError
+from zoo.validation import (
+    boolean,
+    choice,
+    finite_float,
+    int_sequence,
+    pair_in_unit_interval,
+    positive_int,
+    probability,
+)
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("cosine", "step", "constant")
@@ -56,14 +65,20 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ZooError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if scheduler not in SCHEDULERS:
-            raise ZooError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        if not (isinstance(num_classes, int) and num_classes >= 1):
-            raise ZooError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if lr <= 0:
-            raise ZooError(f"lr must be positive, got {lr}")
+        choice("optimizer", optimizer, OPTIMIZERS)
+        choice("scheduler", scheduler, SCHEDULERS)
+        positive_int("num_classes", num_classes)
+        finite_float("lr", lr, 0.0, low_open=True)
+        probability("momentum", momentum)
+        finite_float("weight_decay", weight_decay, 0.0)
+        pair_in_unit_interval("betas", betas)
+        if boolean("nesterov", nesterov) and optimizer == "sgd" and momentum == 0:
+            raise ZooError("nesterov=True needs momentum > 0 (Nesterov's method is a momentum method); "
+                           "set momentum (e.g. 0.9) or nesterov=False")
+        finite_float("warmup_epochs", warmup_epochs, 0.0)
+        int_sequence("milestones", milestones, min_value=0, allow_empty=True)
+        finite_float("lr_gamma", lr_gamma, 0.0, low_open=True)
+        finite_float("label_smoothing", label_smoothing, 0.0, 1.0)
         self.save_hyperparameters(ignore=["weights"])
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -43,6 +43,15 @@ from torchmetrics import MeanMetric
 
 from zoo.errors import ZooError
 from zoo.tasks.bleu import CorpusBLEU
+from zoo.validation import (
+    boolean,
+    choice,
+    finite_float,
+    non_negative_int,
+    pair_in_unit_interval,
+    positive_int,
+    probability,
+)
 
 __all__ = [
     "Seq2SeqDecoder",
@@ -301,16 +310,28 @@ class TranslationTask(pl.LightningModule):
         eval_bleu_tokenize: str = "13a",
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ZooError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if scheduler not in SCHEDULERS:
-            raise ZooError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        if lr <= 0:
-            raise ZooError(f"lr must be positive, got {lr}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ZooError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if beam < 1 or eval_bleu_every_n_epochs < 1:
-            raise ZooError(f"beam and eval_bleu_every_n_epochs must be >= 1, got {beam}, {eval_bleu_every_n_epochs}")
+        choice("optimizer", optimizer, OPTIMIZERS)
+        choice("scheduler", scheduler, SCHEDULERS)
+        finite_float("lr", lr, 0.0, low_open=True)
+        pair_in_unit_interval("betas", betas)
+        finite_float("adam_eps", adam_eps, 0.0, low_open=True)
+        finite_float("weight_decay", weight_decay, 0.0)
+        probability("momentum", momentum)
+        non_negative_int("warmup_updates", warmup_updates)
+        # fairseq's convention: a negative warmup_init_lr (its default -1) means "unset", i.e. start from 0
+        finite_float("warmup_init_lr", warmup_init_lr)
+        probability("label_smoothing", label_smoothing)
+        boolean("eval_bleu", eval_bleu)
+        positive_int("eval_bleu_every_n_epochs", eval_bleu_every_n_epochs)
+        positive_int("beam", beam)
+        finite_float("lenpen", lenpen)
+        finite_float("max_len_a", max_len_a, 0.0)
+        non_negative_int("max_len_b", max_len_b)
+        non_negative_int("min_len", min_len)
+        finite_float("unk_penalty", unk_penalty)
+        if not isinstance(eval_bleu_tokenize, str):
+            raise ZooError(f"eval_bleu_tokenize must be the name of a sacrebleu tokenizer (such as '13a' or 'none'), "
+                           f"got {eval_bleu_tokenize!r} ({type(eval_bleu_tokenize).__name__})")
         self.save_hyperparameters(ignore=["weights"])
         self.val_loss, self.val_nll, self.val_acc = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_loss, self.test_nll, self.test_acc = MeanMetric(), MeanMetric(), MeanMetric()
