@@ -919,3 +919,16 @@ def test_a_second_backward_through_the_same_forward_is_one_clear_error():
     out.backward(retain_graph=True)
     with pytest.raises(ZooError, match="retain_graph"):
         out.backward()
+
+
+@pytest.mark.parametrize("init", ["zero", "f"])
+def test_double_backward_is_one_clear_error_naming_create_graph(init):
+    """create_graph=True (Hessian-vector products, gradient penalties) is refused with its real cause, not blamed on
+    retain_graph; first-order gradients of the same stack keep working afterwards."""
+    stack = ResidualStack(mlp_blocks(3), rule="momentum", memory="reversible", init_velocity=init)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(ZooError, match=r"double backward.*create_graph=True.*memory='reversible'.*memory='full'"):
+        torch.autograd.grad(stack(x).pow(2).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(stack(x).pow(2).sum(), x)
+    full = ResidualStack(stack.blocks, rule="momentum", memory="full", init_velocity=init)
+    torch.testing.assert_close(gx, torch.autograd.grad(full(x).pow(2).sum(), x)[0], rtol=1e-4, atol=1e-5)

@@ -374,3 +374,16 @@ def test_torch_compile_gives_the_eager_result(memory):
     compiled_p = {k.removeprefix("_orig_mod."): v for k, v in compiled_p.items()}
     torch.testing.assert_close(compiled_x, eager_x)
     torch.testing.assert_close(compiled_p, eager_p)
+
+
+@pytest.mark.parametrize("rule", ["euler", "heun"])
+def test_adjoint_double_backward_is_one_clear_error(rule):
+    """The adjoint's step-by-step gradients have no graph: create_graph=True is refused with its cause and the fix,
+    instead of torch's 'element 0 of tensors does not require grad' at the second derivative."""
+    stack = ResidualStack(smooth_blocks(3), rule=rule, scale="depth", memory="adjoint")
+    x = torch.randn(2, 6, requires_grad=True)
+    with pytest.raises(ZooError, match=r"double backward.*create_graph=True.*memory='adjoint'.*memory='full'"):
+        torch.autograd.grad(stack(x).pow(2).sum(), x, create_graph=True)
+    full = ResidualStack(stack.blocks, rule=rule, scale="depth", memory="full")  # the fix named works
+    (gx,) = torch.autograd.grad(full(x).pow(2).sum(), x, create_graph=True)
+    assert torch.autograd.grad(gx.sum(), x)[0].abs().sum() > 0

@@ -524,6 +524,7 @@ class _AdjointBackprop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        _refuse_double_backward("adjoint")
         stack: ResidualStack = ctx.stack
         leaves, spec, grad_leaves, n_grad = ctx.arg_info
         params = stack._trainable_parameters()
@@ -649,6 +650,7 @@ class _ReversibleMomentum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        _refuse_double_backward("reversible")
         stack: ResidualStack = ctx.stack
         fp, ratio, dtype = stack.fixed_point, stack.ratio, ctx.dtype
         c = (1.0 - stack.gamma) * stack.step
@@ -749,6 +751,23 @@ class _ReversibleMomentum(torch.autograd.Function):
             if outer_rng is not None:
                 outer_rng.restore()
         return (None, None, gx, *grad_args, *grad_params)
+
+
+def _refuse_double_backward(memory: str) -> None:
+    """One clear error for ``create_graph=True`` (double backward: Hessian-vector products, gradient penalties).
+
+    Autograd runs a Function's backward with grad mode on exactly when the caller asked for ``create_graph``. The
+    rebuilding backward computes each step's gradient by its own ``autograd.grad`` on a recomputed graph, with the
+    state rebuilt outside any graph, so the gradient it returns is not differentiable (and the reversible one rebuilds
+    its state once only)."""
+    if torch.is_grad_enabled():
+        why = ("rebuilds its states once, outside any graph" if memory == "reversible"
+               else "rebuilds its activations outside any graph, and its gradients are approximations")
+        raise ZooError(
+            f"double backward (torch.autograd.grad(..., create_graph=True), e.g. a Hessian-vector product or a "
+            f"gradient penalty) is not supported by memory={memory!r}: its backward {why}, so the gradient it "
+            f"returns has no graph; use memory='full' for double backward"
+        )
 
 
 def _out_of_range_error(fp: FixedPoint) -> ZooError:
