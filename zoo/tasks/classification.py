@@ -196,7 +196,18 @@ class ImageClassifier(pl.LightningModule):
         if hp.scheduler == "step":
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp.milestones), gamma=hp.lr_gamma)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self.trainer.estimated_stepping_batches
+        if not (math.isfinite(total) and total >= 1):
+            # max_epochs=-1 with max_steps=-1 (inf), or an iterable dataset of unknown length without max_steps
+            # (Lightning then reports max_steps, -1): a cosine over an unknown number of steps cannot be laid out
+            raise ZooError(
+                "scheduler='cosine' needs a bounded run (it decays over the total number of optimizer steps), but "
+                f"this trainer's run has no known step count (max_epochs={self.trainer.max_epochs}, "
+                f"max_steps={self.trainer.max_steps}); set --trainer.max_epochs N or --trainer.max_steps N "
+                "(Trainer(max_epochs=...) / Trainer(max_steps=...)), or use --model.init_args.scheduler constant "
+                "or step, which need no total"
+            )
+        total = int(total)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = min(int(round(hp.warmup_epochs * total / max_epochs)), total - 1)
 
