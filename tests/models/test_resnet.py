@@ -168,3 +168,41 @@ def test_family_classes():
     assert isinstance(zoo.create_model("heun_resnet18"), HeunNet)
     assert isinstance(zoo.create_model("depth_scaled_tiny", depth=3), DepthScaledResNet)
     assert isinstance(zoo.depth_scaled_resnet18(), pl.LightningModule)
+
+
+# ------------------------------------------------------------------------------------------------ builder defaults
+
+PREFIXES = ["", "depth_scaled_", "heun_", "momentum_"]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_cifar_and_tiny_builders_take_block_and_stem(prefix: str) -> None:
+    """The CIFAR and tiny builders' block, stem, layers and widths are defaults, not fixed arguments (block= gave
+    "got multiple values for keyword argument 'block'")."""
+    x = torch.randn(1, 3, 16, 16)
+    cifar = zoo.create_model(f"{prefix}cifar_resnet", block="bottleneck", layers=(1, 2, 1), widths=(4, 4, 8)).eval()
+    assert cifar.block_type == "bottleneck" and cifar.hparams.stem == "cifar" and cifar.num_features == 32
+    assert type(cifar.layer2[1]).__name__ == "Bottleneck" and cifar.conv1.kernel_size == (3, 3)
+    r20 = zoo.create_model(f"{prefix}resnet20_cifar", block="bottleneck", stem="imagenet").eval()
+    assert r20.block_type == "bottleneck" and r20.conv1.kernel_size == (7, 7)
+    assert r20.layer_counts == (3, 3, 3) and r20.num_features == 256
+    tiny = zoo.create_model(f"{prefix}tiny", block="basic", stem="cifar", layers=(2, 2), widths=(4, 8)).eval()
+    assert tiny.block_type == "basic" and tiny.conv1.kernel_size == (3, 3) and tiny.layer_counts == (2, 2)
+    assert tiny.hparams.zero_init_last is True and tiny.fc.out_features == 10  # the other defaults stay
+    deep = zoo.create_model(f"{prefix}tiny", depth=3, stem="imagenet")
+    assert deep.block_type == "preact" and deep.layer_counts == (3,) and deep.conv1.kernel_size == (7, 7)
+    with torch.no_grad():
+        for model in (cifar, r20, tiny, deep.eval()):
+            out = model(x)
+            assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_builders_say_what_they_fix(prefix: str) -> None:
+    with pytest.raises(ZooError, match=r"the ResNet-18 builders fix layers=\[2, 2, 2, 2\] and block='basic'.*"
+                                       r"got layers=\(1, 1\)"):
+        zoo.create_model(f"{prefix}resnet18", layers=(1, 1))
+    with pytest.raises(ZooError, match=r"block='bottleneck'.*got block='basic'"):
+        zoo.create_model(f"{prefix}resnet50", block="basic")
+    with pytest.raises(ZooError, match=r"give depth or layers, not both"):
+        zoo.create_model(f"{prefix}tiny", depth=3, layers=(3,))

@@ -478,23 +478,40 @@ _IMAGENET = {
 
 def _imagenet(cls: type[ResNet], depth: int, weights: str | None, kwargs: dict) -> ResNet:
     block, layers = _IMAGENET[depth]
+    fixed = [name for name in ("layers", "block") if name in kwargs]
+    if fixed:
+        raise ZooError(f"the ResNet-{depth} builders fix layers={list(layers)} and block={block!r} (torchvision's "
+                       f"resnet{depth}), got {', '.join(f'{n}={kwargs[n]!r}' for n in fixed)}; for another layout use "
+                       "the cifar_resnet builders (stem='imagenet' for the ImageNet stem) or zoo.models."
+                       f"{cls.__name__}(layers=..., block=...)")
     return cls(layers=layers, block=block, weights=weights, **kwargs)
 
 
 def _cifar(cls: type[ResNet], n: int, weights: str | None, kwargs: dict) -> ResNet:
-    """He et al.'s CIFAR ResNet-(6n+2): 3x3 stem, three stages of n basic blocks, 16/32/64 channels."""
+    """He et al.'s CIFAR ResNet-(6n+2): 3x3 stem, three stages of n basic blocks, 16/32/64 channels (each a
+    default: ``layers``, ``widths``, ``block`` and ``stem`` may be given)."""
     kwargs.setdefault("num_classes", 10)
     kwargs.setdefault("layers", (n, n, n))
     kwargs.setdefault("widths", (16, 32, 64))
-    return cls(block="basic", stem="cifar", weights=weights, **kwargs)
+    kwargs.setdefault("block", "basic")
+    kwargs.setdefault("stem", "cifar")
+    return cls(weights=weights, **kwargs)
 
 
 def _tiny(cls: type[ResNet], weights: str | None, kwargs: dict) -> ResNet:
-    """MATH.md section 3: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0."""
+    """MATH.md section 3: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0
+    (defaults: ``depth`` N = 16, or ``layers``; ``widths``, ``block`` and ``stem`` may be given too)."""
+    if "depth" in kwargs and "layers" in kwargs:
+        raise ZooError(f"give depth or layers, not both (depth={kwargs['depth']!r} is layers=(depth,)), got "
+                       f"layers={kwargs['layers']!r}")
     depth = positive_int("depth", kwargs.pop("depth", 16))
+    kwargs.setdefault("layers", (depth,))
+    kwargs.setdefault("widths", (16,))
+    kwargs.setdefault("block", "preact")
+    kwargs.setdefault("stem", "tiny")
     kwargs.setdefault("num_classes", 10)
     kwargs.setdefault("zero_init_last", True)
-    return cls(layers=(depth,), widths=(16,), block="preact", stem="tiny", weights=weights, **kwargs)
+    return cls(weights=weights, **kwargs)
 
 
 def _register_family(prefix: str, cls: type[ResNet], doc: str) -> None:
