@@ -7,25 +7,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from zoo.errors import ZooError
-from zoo.hub import atomic_write
+from zoo.hub import atomic_write, load_checkpoint_file
+from zoo.registry import model_class
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file and renamed: never half-written on disk."""
+    """Lightning checkpoints written to a temporary file and renamed: never half-written on disk; read back
+    with ``torch.load(weights_only=True)`` whatever the caller asks (nothing in a checkpoint file runs code)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -33,6 +42,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         import torch
 
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """The checkpoint at ``path`` through ``zoo.hub.load_checkpoint_file``: one clear ZooError for an empty,
+        truncated or foreign file, or one that holds code. ``weights_only=False`` (``zoo validate
+        --weights_only false``) is not honoured. ``map_location=None`` loads on the CPU, as Lightning's default
+        ``lambda storage, loc: storage`` does; any other value is handed to ``torch.load``."""
+        if not _is_local_file_protocol(path):  # s3://, gs://, http...: Lightning's fsspec reader, weights only
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        if map_location is None:
+            return load_checkpoint_file(path)
+        import torch
+
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception:
+            load_checkpoint_file(path)  # raises the clear error for a bad file
+            raise
 
 
 def _exception_chain(error: BaseException) -> list[BaseException]:
@@ -64,9 +90,112 @@ def _summarise_config_error(error: BaseException) -> str:
     return " ".join(lines[:1] + details[:1])
 
 
+_PLAIN_LEAF_TYPES = (bool, int, float, str, type(None))
+_PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset, Sequence, Mapping, AbstractSet, typing.Union, types.UnionType)
+
+
+def _is_plain_type(annotation: Any) -> bool:
+    """Whether jsonargparse reads values of this type without importing anything: numbers, strings, enums and
+    literals, in unions and containers. ``Any``, an untyped argument or a class type may take a class path
+    (``{"class_path": "some.module.Class"}`` or just ``"some.module.Class"``) that jsonargparse imports."""
+    if annotation in _PLAIN_LEAF_TYPES or (isinstance(annotation, type) and issubclass(annotation, Enum)):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return True
+    if origin in _PLAIN_CONTAINERS:
+        return all(a is Ellipsis or _is_plain_type(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _is_plain_value(value: Any) -> bool:
+    """Numbers, strings and None in lists, tuples and string-keyed dicts."""
+    if isinstance(value, _PLAIN_LEAF_TYPES):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_value(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain_value(v) for k, v in value.items())
+    return False
+
+
+def _checkpoint_model(path: str, hparams: Mapping[str, Any], chosen: str | None) -> tuple[str, dict[str, Any]]:
+    """``(class_path, init_args)`` for the model a checkpoint's hyperparameters describe, checked before
+    jsonargparse sees them: the class is a registered zoo class (resolved by the registry, never imported by
+    the name in the file) or exactly the class ``chosen`` on the command line / in the recipe (already
+    imported at the user's word); every argument is a named, plainly typed argument of its signature with
+    plain data (jsonargparse then checks the values against the types)."""
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    init_args = dict(hparams)
+    init_args.pop("_instantiator", None)  # Lightning's: a function named by the file, never used here
+    # the checkpoint's weights are its state_dict: a file never makes the model read another file or the network
+    init_args.pop("weights", None)
+    name = init_args.pop("_class_path", chosen)
+    if name is None:
+        raise ZooError(f"{path} does not say which model it holds: give --model (e.g. zoo.models.ResNet)")
+    try:
+        cls = model_class(name)
+    except ZooError as e:
+        if name != chosen:
+            also = f", or the model given with --model ({chosen})" if chosen else ""
+            raise ZooError(f"checkpoint {path}: {e}{also}") from None
+        module, _, attr = chosen.rpartition(".")
+        cls = getattr(importlib.import_module(module), attr)  # the user's own class, named on the command line
+        class_path = chosen
+    else:
+        try:  # the recipe's spelling of the same class keeps the recipe's init_args in place
+            same = chosen is not None and model_class(chosen) is cls
+        except ZooError:
+            same = False
+        class_path = chosen if same else f"{cls.__module__}.{cls.__qualname__}"
+    params = {p.name: p.annotation for p in get_signature_parameters(cls, None, logger=False)}
+    for key, value in init_args.items():
+        if key not in params:
+            raise ZooError(f"checkpoint {path} sets {key!r}, which is not an argument of {cls.__name__}: the file "
+                           f"was written for another model; give the matching --model")
+        if not _is_plain_type(params[key]) or not _is_plain_value(value):
+            raise ZooError(f"checkpoint {path} sets {key!r} of {cls.__name__} (type {params[key]}) to "
+                           f"{type(value).__name__} data that could name code to import; a checkpoint may only "
+                           f"hold numbers, strings and lists of them: give {key} on the command line instead")
+    return class_path, init_args
+
+
 class ZooCLI(LightningCLI):
-    """LightningCLI with atomic checkpoints, one-line configuration errors and a one-line summary of the
-    final metrics."""
+    """LightningCLI with atomic checkpoints read without running code, one-line configuration errors and a
+    one-line summary of the final metrics."""
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: the checkpoint's hyperparameters update the model's configuration (Lightning's
+        behaviour), read safely. Lightning hands the file's ``_class_path`` and hyperparameters straight to
+        jsonargparse, which imports the module a crafted file names; here the file is read by
+        ``zoo.hub.load_checkpoint_file`` and checked by ``_checkpoint_model`` first."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():  # "last", "best", "registry:...": Lightning finds the file
+            return
+        checkpoint = load_checkpoint_file(path)
+        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+            raise ZooError(f"{path} is not a Lightning checkpoint (it has no 'state_dict'): --ckpt_path takes a "
+                           ".ckpt written by zoo fit or a Trainer; for plain weights use --model.init_args.weights "
+                           f"{path}")
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if not isinstance(hparams, Mapping):
+            raise ZooError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict; "
+                           "the checkpoint was not written by Lightning")
+        model = self.config[subcommand].get("model")
+        chosen = getattr(model, "class_path", None)
+        if not set(hparams) - {"_instantiator"}:
+            return
+        class_path, init_args = _checkpoint_model(str(path), hparams, chosen)
+        update = {subcommand: {"model": {"class_path": class_path, "init_args": init_args}}}
+        try:
+            self.config = self.parser.parse_object(update, self.config)
+        except ArgumentError as e:
+            raise ZooError(f"the hyperparameters in checkpoint {path} do not fit {class_path}: "
+                           f"{_summarise_config_error(e)}") from None
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         try:
