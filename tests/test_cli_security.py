@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_cli import DIGITS, QUICK, ROOT, TINY_DATA, TINY_MODEL, run_main
+from test_cli import DIGITS, QUICK, ROOT, TINY_DATA, TINY_MODEL, assert_convert_fails, run_main
 
 from zoo.cli import AtomicCheckpointIO, ZooCLI, _checkpoint_model
 from zoo.errors import ZooError
@@ -264,3 +264,44 @@ def test_lightning_restore_reads_with_weights_only(tmp_path: Path) -> None:
     assert (tmp_path / "RAN").read_text() == "ran"
     with pytest.raises(ZooError, match="empty"):
         io.load_checkpoint(_bad_checkpoints(tmp_path)["empty"][0])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. trainer settings Lightning refuses: one line
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp"], ["fsdp", "requires a GPU"]),
+    (["--trainer.accelerator", "tpu_v9"], ["invalid accelerator name", "tpu_v9"]),
+    (["--trainer.strategy", "no_such_strategy"], ["invalid strategy name"]),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", "-3"], ["devices", "int > 0"]),
+    (["--trainer.max_epochs", "-2"], ["max_epochs", "-2"]),
+], ids=["fsdp_on_cpu", "unknown_accelerator", "unknown_strategy", "negative_devices", "negative_epochs"])
+def test_trainer_setting_errors_are_one_line(options: list[str], words: list[str], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_zoo(["fit", "--config", str(DIGITS), *TINY_MODEL, *TINY_DATA, *QUICK,
+                                     "--trainer.default_root_dir", str(tmp_path), *options], capsys))
+    for word in [*words, "--trainer.<option>"]:
+        assert word in line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_lightning_configuration_error_at_run_time_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``zoo validate`` of a module without ``validation_step``: Lightning finds it when the run starts."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_zoo(["validate", "--model", "lightning.pytorch.LightningModule",
+                                     "--data", "zoo.data.DigitsDataModule", *TINY_DATA, *QUICK,
+                                     "--trainer.default_root_dir", str(tmp_path)], capsys))
+    assert "validation_step()" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# 2./3. zoo convert: an --option that is not YAML, a --weights file that is not weights
+
+
+def test_convert_option_that_is_not_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_convert_fails(["--from", "torchvision:resnet18", "--to", "depth_scaled", "--option", "memory=[1,2"],
+                         ["--option memory=", "not a YAML value", "quote"], tmp_path, capsys)

@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -161,6 +162,13 @@ def _checkpoint_model(path: str, hparams: Mapping[str, Any], chosen: str | None)
     return class_path, init_args
 
 
+def _trainer_error(error: BaseException, subcommand: str | None) -> str:
+    """Lightning's configuration error in one line, with where to change it."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return (f"{text} (a trainer setting: change it with --trainer.<option> or in the recipe's trainer: section; "
+            f"zoo {subcommand or 'fit'} --print_config shows them all)")
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI with atomic checkpoints read without running code, one-line configuration errors and a
     one-line summary of the final metrics."""
@@ -212,11 +220,20 @@ class ZooCLI(LightningCLI):
             raise
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as e:  # Trainer(...) refusing its arguments
+            raise ZooError(_trainer_error(e, self.subcommand)) from None
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO or strategy._checkpoint_io is None:
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except MisconfigurationException as e:  # found when the run starts (a strategy's or the model's set-up)
+            raise ZooError(_trainer_error(e, self.subcommand)) from None
 
     def _report(self, stage: str) -> None:
         metrics = self.trainer.callback_metrics
@@ -301,10 +318,16 @@ def run_lightning(argv: list[str], from_command_line: bool = False) -> None:
 # zoo convert
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
+    """``--option KEY=VALUE``: the value read as YAML (numbers, lists, true/false, null; anything else a string)."""
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ZooError(f"--option {key}={text!r}: not a YAML value ({problem}); write e.g. {key}=[1,2] for a list, "
+                       f"or quote a string: {key}='\"{text}\"'") from None
 
 
 def _classifier_size(model: Any, state_dict: dict[str, Any]) -> int | None:
@@ -394,7 +417,7 @@ def convert_main(argv: list[str]) -> None:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ZooError(f"--option {item!r}: write KEY=VALUE")
-        options[key.replace("-", "_")] = _parse_value(value)
+        options[key.replace("-", "_")] = _parse_value(key, value)
     import converters
     from zoo.hub import save_pretrained
 
