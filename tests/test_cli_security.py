@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torchvision
 from test_cli import DIGITS, QUICK, ROOT, TINY_DATA, TINY_MODEL, assert_convert_fails, run_main
 
 from zoo.cli import AtomicCheckpointIO, ZooCLI, _checkpoint_model
@@ -305,3 +306,27 @@ def test_lightning_configuration_error_at_run_time_is_one_line(tmp_path: Path, c
 def test_convert_option_that_is_not_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert_convert_fails(["--from", "torchvision:resnet18", "--to", "depth_scaled", "--option", "memory=[1,2"],
                          ["--option memory=", "not a YAML value", "quote"], tmp_path, capsys)
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "text", "no_tensors", "list", "code"])
+def test_convert_weights_file_that_is_not_weights(case: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``--weights FILE`` is read by zoo.hub.read_weights (``weights_only=True``); nothing in it runs."""
+    path = tmp_path / f"{case}.pth"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif case == "text":
+        path.write_text("conv1.weight: 0.5\n")
+    elif case == "no_tensors":
+        torch.save({"lr": 0.1, "arch": "resnet18"}, path)
+    elif case == "list":
+        torch.save([torch.zeros(2)], path)
+    else:
+        torch.save({"conv1.weight": _RunsCode(tmp_path / "RAN")}, path)
+    for source in ("torchvision:resnet18", "timm:resnet18"):
+        assert_convert_fails(["--from", source, "--weights", str(path), "--to", "depth_scaled"], [str(path)],
+                             tmp_path, capsys)
+    assert not (tmp_path / "RAN").exists()
