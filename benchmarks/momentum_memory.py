@@ -17,6 +17,18 @@ Two markdown tables, every number from one run of this script (so ratios compare
 
 2. Memory against depth for the CIFAR ResNet-(6n+2) (``zoo.cifar_resnet`` vs ``zoo.momentum_cifar_resnet``
    with ``memory="reversible"``, 3 stages of n basic blocks, widths 16/32/64): peak working memory and ratio.
+3. Memory against depth of a tied stack with glibc's DEFAULT allocator (``--tied-depths``): one residual
+   function f(x) = tanh(x W^T + b), W 256x256, shared by every step, on a 1024x256 float32 state (1 MiB), under
+   ``memory="reversible"`` (momentum, gamma 0.9, h = 1), ``memory="adjoint"`` (Euler, h = 1/N) and plain autograd
+   (momentum, ``memory="full"``; only up to ``--tied-plain-max``, it grows by megabytes per step). Every
+   configuration in a fresh process started without any ``MALLOC_*`` or ``GLIBC_TUNABLES`` variable: one warm-up
+   step of the measured stack (compiles the fused kernels), ``malloc_trim(0)`` (the warm-up's freed pages go back
+   to the system, so the measured steps cannot run on them), then the peak resident set (VmHWM, reset before
+   them) of two training steps above the resident set just before them. The reversible rows also give the
+   information buffer's size (log2(1/gamma) bits per step and element, live by design). Table 2 uses the small mmap
+   threshold, under which the resident set follows the live tensors; this one shows what a user sees (issue 13:
+   a small tensor kept per step, the saved random state, pinned freed heap blocks and the process grew with
+   depth although the live tensors did not).
 
 A training step is forward, cross-entropy loss, backward and an SGD step (no momentum, so the optimiser keeps
 no state; gradients are allocated once before the measurement and zeroed in place).
@@ -39,11 +51,13 @@ no state; gradients are allocated once before the measurement and zeroed in plac
     python benchmarks/momentum_memory.py --batch 64 --size 224  # the GPU size (the default on CUDA)
     python benchmarks/momentum_memory.py --archs 101 --depths 20 110 --json out.json
     python benchmarks/momentum_memory.py --archs --depth-steps 2              # table 2 only, with step times
+    python benchmarks/momentum_memory.py --archs --depths --tied-depths 100 3000   # table 3 only
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -78,6 +92,13 @@ GAMMA = 0.9
 # Targets (README): reversible peak <= checkpointing (and well below plain), flat in depth, time <= 1.4x plain.
 TIME_TARGET = 1.4
 FLAT_TARGET = 1.25  # reversible peak at the largest depth / at the smallest depth
+
+
+TIED_METHODS = ("plain", "reversible", "adjoint")
+TIED_LABELS = {"plain": 'plain (momentum, memory="full")', "reversible": 'memory="reversible"',
+               "adjoint": 'memory="adjoint" (Euler)'}
+TIED_ROWS, TIED_DIM = 1024, 256  # the state: 1 MiB of float32
+TIED_FLAT_TARGET = 1.5  # issue 13: the peak at the largest depth within 1.5x of the smallest depth's
 
 
 def momentumnet_status() -> str | None:
@@ -211,6 +232,51 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def tied_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Table 3, one configuration per process: peak resident memory of two training steps of a tied stack."""
+    from common import high_water_bytes, reset_high_water, rss_bytes
+
+    from zoo.nn import ResidualStack
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method, depth = args.worker_methods[0], args.worker_arch
+    torch.manual_seed(args.seed)
+    block = nn.Sequential(nn.Linear(TIED_DIM, TIED_DIM), nn.Tanh())
+    x = torch.randn(TIED_ROWS, TIED_DIM)
+
+    def stack_of(n: int) -> ResidualStack:
+        if method == "adjoint":
+            return ResidualStack([block] * n, rule="euler", scale="depth", memory="adjoint")
+        return ResidualStack([block] * n, rule="momentum", gamma=GAMMA, memory="full" if method == "plain" else method)
+
+    def step(stack: ResidualStack) -> None:
+        stack(x).square().mean().backward()
+
+    stack = stack_of(depth)
+    step(stack)  # warm-up: compiles the fused kernels (their variants depend on the depth), allocates the gradients
+    gc.collect()
+    # Hand the freed heap pages back to the system (glibc's malloc_trim), so that the measured steps cannot run
+    # on pages the warm-up left resident: the peak below is what two steps need, from a trimmed heap.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = rss_bytes()
+    if not reset_high_water():
+        raise RuntimeError("table 3 needs /proc/self/clear_refs to reset the peak resident set")
+    t0 = time.perf_counter()
+    for _ in range(2):
+        step(stack)
+    elapsed = (time.perf_counter() - t0) / 2
+    buffer = 0
+    if method == "reversible":  # the information buffer: live, log2(1/gamma) bits per step and element
+        from zoo.ops.fixed_point import GammaRatio
+
+        ratio = GammaRatio(GAMMA)
+        for start in range(0, depth, ratio.steps_per_word):
+            word = ratio.buffer_dtype(min(ratio.steps_per_word, depth - start))
+            buffer += x.numel() * torch.empty((), dtype=word).element_size()
+    return {"peak_bytes": high_water_bytes() - base, "baseline_rss": base, "time": elapsed, "buffer_bytes": buffer}
+
+
 def time_worker(args: argparse.Namespace) -> dict[str, Any]:
     """All methods of one table row group in one process, their steps alternating round by round.
 
@@ -237,9 +303,9 @@ def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argpa
     """Re-invoke this script with ``--worker`` in a fresh interpreter and parse its JSON line.
 
     Memory workers start with ``MALLOC_MMAP_THRESHOLD_=65536`` (the resident set then follows the live
-    tensors); time workers with the ordinary allocator, which reuses freed blocks as a training run does
-    (with the small threshold every large temporary is a fresh mapping and page-faults on first touch,
-    which slows the methods with many temporaries most).
+    tensors); tied workers (table 3) without any malloc setting; time workers with the ordinary allocator,
+    which reuses freed blocks as a training run does (with the small threshold every large temporary is a fresh
+    mapping and page-faults on first touch, which slows the methods with many temporaries most).
     """
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker", kind,
@@ -251,6 +317,8 @@ def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argpa
     env = dict(os.environ)
     if kind == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    elif kind == "tied":  # glibc's defaults, as a user runs
+        env = {k: v for k, v in env.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -322,6 +390,40 @@ def depth_table(results: dict[tuple[int, str], dict[str, Any]], depths: list[int
     return "\n".join(lines)
 
 
+def tied_table(results: dict[tuple[int, str], dict[str, Any]], depths: list[int]) -> str:
+    header = (["depth"] + [f"{TIED_LABELS[m]} peak (MiB)" for m in TIED_METHODS]
+              + ["reversible buffer (MiB)", "reversible / plain", "step reversible (s)", "step adjoint (s)"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
+    for d in depths:
+        r = {m: results.get((d, m)) for m in TIED_METHODS}
+        peak = {m: None if r[m] is None else r[m]["peak_bytes"] for m in TIED_METHODS}
+        cells = [str(d)] + ["not run" if peak[m] is None else f"{peak[m] / MIB:.0f}" for m in TIED_METHODS]
+        cells += ["-" if r["reversible"] is None else f"{r['reversible']['buffer_bytes'] / MIB:.1f}",
+                  _ratio(peak["reversible"], peak["plain"], ".3f"),
+                  *("-" if r[m] is None else f"{r[m]['time']:.1f}" for m in ("reversible", "adjoint"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tied_verdicts(results: dict[tuple[int, str], dict[str, Any]], depths: list[int]) -> list[str]:
+    out = []
+    if len(depths) < 2:
+        return out
+    lo, hi = min(depths), max(depths)
+    for m in ("reversible", "adjoint"):
+        a, b = results[(lo, m)]["peak_bytes"], results[(hi, m)]["peak_bytes"]
+        ok = b <= TIED_FLAT_TARGET * a
+        miss = "" if ok else f"; missed by {b / a / TIED_FLAT_TARGET - 1:+.0%} of the bound"
+        line = (f"- tied stack, default allocator, {m} (peak at depth {hi} <= {TIED_FLAT_TARGET}x depth {lo}): "
+                f"{'met' if ok else 'MISSED'} ({a / MIB:.0f} -> {b / MIB:.0f} MiB, {b / a:.2f}x{miss})")
+        if m == "reversible":  # the buffer is live memory the exact rebuild needs, not allocator growth
+            ba, bb = results[(lo, m)]["buffer_bytes"], results[(hi, m)]["buffer_bytes"]
+            line += (f"; less the information buffer ({ba / MIB:.1f} -> {bb / MIB:.1f} MiB, live by design): "
+                     f"{(a - ba) / MIB:.0f} -> {(b - bb) / MIB:.0f} MiB, {(b - bb) / (a - ba):.2f}x")
+        out.append(line)
+    return out
+
+
 def verdicts(imagenet: dict, archs: list[int], depth: dict, depths: list[int]) -> list[str]:
     """One line per target: met, or missed by how much."""
     out = []
@@ -374,6 +476,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CIFAR depths 6n+2 for table 2 (none: skip the table)")
     p.add_argument("--depth-batch", type=int, default=32)
     p.add_argument("--depth-steps", type=int, default=0, help="table 2 timed rounds (0: memory only)")
+    p.add_argument("--tied-depths", type=int, nargs="*", default=[100, 300, 1000, 3000],
+                   help="table 3 depths of the tied stack, default allocator (none: skip the table)")
+    p.add_argument("--tied-plain-max", type=int, default=300,
+                   help="table 3: plain autograd only up to this depth (about 5 MiB per step)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0 if cuda else 1,
@@ -381,10 +487,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "OpenMP threads slow down many-fold whenever another process takes a core)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--json", metavar="PATH", help="also save the raw numbers here")
-    p.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
-    p.add_argument("--worker-table", choices=["imagenet", "cifar"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["memory", "time", "tied"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-table", choices=["imagenet", "cifar", "tied"], help=argparse.SUPPRESS)
     p.add_argument("--worker-arch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--worker-methods", nargs="+", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker-methods", nargs="+", choices=METHODS + TIED_METHODS[1:], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if "plain" not in args.methods:
         args.methods.insert(0, "plain")
@@ -412,7 +518,8 @@ def _progress(started: float, what: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        result = memory_worker(args) if args.worker == "memory" else time_worker(args)
+        worker = {"memory": memory_worker, "time": time_worker, "tied": tied_worker}[args.worker]
+        result = worker(args)
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
     device = torch.device(args.device)
@@ -460,6 +567,15 @@ def main(argv: list[str] | None = None) -> None:
                        run_worker("time", "cifar", d, list(DEPTH_METHODS), args))
             _progress(started, f"time CIFAR ResNet-{d}")
 
+    # Table 3: a tied stack against depth, glibc's default allocator.
+    tied: dict[tuple[int, str], dict[str, Any]] = {}
+    for d in args.tied_depths:
+        for method in TIED_METHODS:
+            if method == "plain" and d > args.tied_plain_max:
+                continue
+            tied[(d, method)] = run_worker("tied", "tied", d, [method], args)
+            _progress(started, f"tied stack depth {d} {method}")
+
     wall = time.perf_counter() - started
     some = next(iter(r for r in [*imagenet.values(), *depth.values()] if r), None)
     method_used = some["peak_method"] if some else ""
@@ -483,14 +599,23 @@ def main(argv: list[str] | None = None) -> None:
         print(depth_table(depth, args.depths, args.depth_steps > 0) + "\n")
         print("plain: zoo.cifar_resnet; reversible: zoo.momentum_cifar_resnet(memory=\"reversible\", gamma=0.9); "
               "params: trainable parameters (their gradients are preallocated, so in the baseline).\n")
+    if args.tied_depths:
+        print(f"## Memory vs depth, tied stack, glibc's default allocator, state {TIED_ROWS}x{TIED_DIM} float32\n")
+        print(tied_table(tied, args.tied_depths) + "\n")
+        print("f(x) = tanh(x W^T + b), one module for every step; peak: resident set (VmHWM reset before) of two "
+              "training steps above the resident set just before them, one fresh process per configuration "
+              "started without MALLOC_* / GLIBC_TUNABLES (glibc's default allocator), after a warm-up step of the "
+              "same stack and malloc_trim(0); buffer: the reversible stack's information-buffer words (live, "
+              "log2(1/gamma) bits per step and element); step: mean of the two measured steps.\n")
     print("## Targets\n")
-    print("\n".join(verdicts(imagenet, args.archs, depth, args.depths)))
+    print("\n".join(verdicts(imagenet, args.archs, depth, args.depths) + tied_verdicts(tied, args.tied_depths)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({
                 "machine": machine_line(device, threads), "args": vars(args), "wall_s": wall, "skip": skip,
                 "imagenet": [{"arch": a, "method": m, **(r or {})} for (a, m), r in imagenet.items()],
                 "depth": [{"depth": d, "method": m, **r} for (d, m), r in depth.items()],
+                "tied": [{"depth": d, "method": m, **r} for (d, m), r in tied.items()],
             }, f, indent=2)
 
 
