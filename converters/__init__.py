@@ -34,11 +34,13 @@ relu(x + g(x))):
   rule, MATH.md section 2): a different function, a starting point for fine-tuning.
 - ``"momentum"``: :class:`zoo.models.MomentumResNet` with the same (unfolded) weights, the momentum
   rule (M1, MATH.md section 4) v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1} on
-  the residual function f(x) = relu(x + g(x)) - x of every residual block (the shape-changing
-  first block of a stage stays an ordinary block). gamma = 0 (``memory="full"``) is the source
+  the residual function f(x) = relu(x + g(x)) - x of every residual block; the first block of every
+  stage stays an ordinary block, also where it keeps the shape (``layer1`` of ResNet-18/34), as in the
+  published Momentum ResNets (``momentumnet.transform_to_momentumnet(..., keep_first_layer=True)``);
+  ``keep_first_block=False`` puts such a block in the momentum stack. gamma = 0 (``memory="full"``) is the source
   function; the defaults gamma = 0.9, ``memory="reversible"`` (exact rebuild in backward, needs
   0 < gamma < 1) give a different function, the one ``zoo.momentum_resnet50(weights=...)`` builds
-  from the same weights. Options: ``gamma``, ``init_velocity`` and the ResNet options.
+  from the same weights. Options: ``gamma``, ``init_velocity``, ``keep_first_block`` and the ResNet options.
 
 Transformer targets (family ``"transformer"``: ``torch.nn.TransformerEncoder``, a timm
 ``VisionTransformer``, or a timm ViT's ``blocks``; the source block computes block(x) = x + ...):
@@ -512,7 +514,7 @@ def _to_heun(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
     return build_resnet(HeunNet, spec, options)
 
 
-MOMENTUM_OPTIONS: tuple[str, ...] = ("gamma", "init_velocity")
+MOMENTUM_OPTIONS: tuple[str, ...] = ("gamma", "init_velocity", "keep_first_block")
 
 
 @register_target("momentum", "resnet", (*RESNET_OPTIONS, *MOMENTUM_OPTIONS),

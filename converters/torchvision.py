@@ -15,7 +15,9 @@ N residual blocks of the stage as
 - ``to="heun"``: Heun's rule with step 1/N on f(x) = (relu(x + h g'(x)) - x)/h, from the same
   folded weights: not the same function;
 - ``to="momentum"``: the momentum rule v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1}
-  on f(x) = relu(x + g(x)) - x (step 1, weights unchanged), as :class:`zoo.models.MomentumResNet` and
+  on f(x) = relu(x + g(x)) - x (step 1, weights unchanged) over the blocks after the first of every stage
+  (which stays an ordinary block even where it keeps the shape, as published; ``keep_first_block=False``:
+  only shape-changing first blocks do), as :class:`zoo.models.MomentumResNet` and
   ``zoo.momentum_resnet*`` compute it: gamma = 0 (``memory="full"``) is the same function, so
   ``transform(resnet152(weights=W), to="momentum")`` and ``momentum_resnet152(weights=W)`` agree.
 

@@ -140,6 +140,32 @@ def test_resnet_momentum_equals_the_zoo_builder(images, tmp_path, name: str) -> 
     assert_close_to_scale(model(x), out, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tv_resnet18", "timm_resnet18"])
+def test_resnet_momentum_keeps_every_first_block_as_published(images, name: str) -> None:
+    """The first block of every stage stays an ordinary block (layer1's too, though it keeps the shape), as in
+    momentumnet.transform_to_momentumnet(..., keep_first_layer=True); keep_first_block=False moves it into the stack."""
+    source = build_resnet_source(name)
+    model = converters.transform(source, to="momentum", gamma=0.9)
+    assert model.hparams.keep_first_block is True
+    assert [s.depth for s in model.stages] == [1, 1, 1, 1] and all(s.transition is not None for s in model.stages)
+    with torch.no_grad():  # written out over the source's own blocks: v <- 0.9 v + 0.1 (block(x) - x), x <- x + v
+        x = source.maxpool(source.act1(source.bn1(source.conv1(images)))) if name.startswith("timm") else \
+            source.maxpool(source.relu(source.bn1(source.conv1(images))))
+        for stage in (source.layer1, source.layer2, source.layer3, source.layer4):
+            x = stage[0](x)
+            v = torch.zeros_like(x)
+            for block in list(stage)[1:]:
+                v = 0.9 * v + 0.1 * (block(x) - x)
+                x = x + v
+        ref = source.fc(torch.flatten(x.mean((2, 3), keepdim=True), 1))
+        assert_close_to_scale(model(images), ref, rtol=1e-5)
+    moved = converters.transform(source, to="momentum", gamma=0.9, keep_first_block=False)
+    assert moved.layer1.transition is None and moved.layer1.depth == 2
+    assert list(moved.state_dict()) == list(model.state_dict()) == list(source.state_dict())
+    with torch.no_grad():
+        assert (moved(images) - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
 def test_resnet_reversible_grads_equal_full_grads(images) -> None:
     source = build_resnet_source("tv_resnet18").train()
     rev = converters.transform(source, to="momentum", gamma=0.9, memory="reversible")

@@ -101,6 +101,114 @@ def test_torchvision_weight_name_from_the_hub_cache(tv_resnet18, name):
         assert torch.equal(sd[k], v), k
 
 
+# ------------------------------------------------------------------------------------------------ the published model
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def torchvision_source(depth: int) -> torchvision.models.ResNet:
+    """torchvision ResNet-``depth``, random weights (no download), random BatchNorm statistics, eval mode."""
+    torch.manual_seed(depth)
+    return randomise_bn(getattr(torchvision.models, f"resnet{depth}")(), seed=depth).eval()
+
+
+def published_momentum_forward(tv: torchvision.models.ResNet, x: torch.Tensor, gamma: float,
+                               v_factor: float | None = None) -> torch.Tensor:
+    """Sander et al.'s Momentum ResNet over torchvision's blocks, written out independently: the first block of
+    every stage as it is, then v <- gamma v + (1 - gamma) (block(x) - x), x <- x + v over the others (v_0 = 0).
+    ``v_factor`` replaces gamma in ``gamma v`` only (the momentumnet package's fixed-point rounding)."""
+    v_factor = gamma if v_factor is None else v_factor
+    x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+    for name in STAGES:
+        stage = getattr(tv, name)
+        x = stage[0](x)
+        v = torch.zeros_like(x)
+        for block in list(stage)[1:]:
+            v = v_factor * v + (1 - gamma) * (block(x) - x)
+            x = x + v
+    return tv.fc(torch.flatten(tv.avgpool(x), 1))
+
+
+def relative_difference(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.detach() - ref.detach()).norm() / ref.detach().norm())
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_the_first_block_of_every_stage_is_an_ordinary_block(depth):
+    with torch.device("meta"):
+        default = getattr(zoo, f"momentum_resnet{depth}")()
+        moved = getattr(zoo, f"momentum_resnet{depth}")(keep_first_block=False)
+        plain = getattr(zoo, f"resnet{depth}")()
+    counts = default.layer_counts
+    assert all(s.transition is not None for s in default.stages)
+    assert [s.depth for s in default.stages] == [n - 1 for n in counts]
+    basic = default.block_type == "basic"  # layer1's first basic block keeps the shape (64 -> 64, stride 1)
+    assert moved.layer1.depth == counts[0] - (0 if basic else 1) and (moved.layer1.transition is None) == basic
+    assert (plain.layer1.transition is None) == basic  # the other families are unchanged
+    assert list(default.state_dict()) == list(moved.state_dict()) == list(plain.state_dict())  # same names
+
+
+def test_first_block_computes_torchvision_basic_block_exactly():
+    tv = torchvision_source(18)
+    model = zoo.momentum_resnet18()
+    model.load_state_dict(tv.state_dict())
+    model.eval()
+    x = torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(2))
+    first = model.layer1[0]
+    assert first is model.layer1.transition and first.residual_step is None  # an ordinary block, not f
+    with torch.no_grad():
+        assert torch.equal(first(x), tv.layer1[0](x))
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+def test_momentum_resnet_is_the_published_rule_over_torchvision_blocks(depth):
+    """Against the rule written out over torchvision's own blocks (no momentumnet needed). Before the first block of
+    layer1 was kept, ResNet-18/34 differed by 0.34 relative."""
+    tv = torchvision_source(depth)
+    model = getattr(zoo, f"momentum_resnet{depth}")(gamma=0.9)  # memory="reversible"
+    model.load_state_dict(tv.state_dict())
+    model.eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = published_momentum_forward(tv, x, 0.9)
+        assert relative_difference(model(x), ref) < 1e-5  # no_grad: the float rule of memory="full"
+    # with gradients, memory="reversible" runs the fixed-point forward: the same up to its rounding
+    assert relative_difference(model(x.clone().requires_grad_(True)), ref) < 1e-5
+    moved = getattr(zoo, f"momentum_resnet{depth}")(gamma=0.9, keep_first_block=False)
+    moved.load_state_dict(tv.state_dict())
+    with torch.no_grad():
+        assert relative_difference(moved.eval()(x), ref) > 1e-2  # the option gives the other model
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_equals_the_published_momentumnet_package(depth):
+    """``momentumnet.transform_to_momentumnet(torchvision_resnet, keep_first_layer=True)`` (the published package,
+    the ``bench`` extra) on the same weights, gamma 0.9. The package's residual function for a torchvision block is
+    block(x) - x = relu(x + g(x)) - x (``is_residual=False``), the zoo's f; its eval forward is the training rule.
+
+    ``use_backprop=True`` (plain float arithmetic): the same to float rounding (measured at 64x64: 0 in no_grad,
+    <= 7e-7 relative with the zoo's fixed-point reversible forward, tested above for ResNet-18/34).
+    ``use_backprop=False`` stores v in the package's fixed-point TorchExactRep, whose v *= gamma multiplies by
+    58983/65536 = 0.90000916 (its 16-bit rational for 0.9) while the f term keeps 1 - 0.9: that rule, written out,
+    is the package to float rounding, and the zoo (exact gamma) differs from it by 7e-6 (ResNet-34) .. 1.2e-4
+    (ResNet-152) relative at 64x64, growing with depth."""
+    momentumnet = pytest.importorskip("momentumnet")
+    tv = torchvision_source(depth)
+    model = getattr(zoo, f"momentum_resnet{depth}")(gamma=0.9)
+    model.load_state_dict(tv.state_dict())
+    model.eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    float_rule = momentumnet.transform_to_momentumnet(tv, gamma=0.9, keep_first_layer=True, use_backprop=True)
+    exact_rep = momentumnet.transform_to_momentumnet(tv, gamma=0.9, keep_first_layer=True, use_backprop=False)
+    with torch.no_grad():
+        out, ref = model(x), float_rule.eval()(x)
+        assert relative_difference(out, ref) < 1e-6
+        packaged = exact_rep.eval()(x)
+        # the package's own rounding of gamma in v (see above), reproduced over torchvision's blocks
+        assert relative_difference(published_momentum_forward(tv, x, 0.9, v_factor=58983 / 65536), packaged) < 1e-5
+        assert relative_difference(out, packaged) < 3e-4
+
+
 # ------------------------------------------------------------------------------------------------ reversible backprop
 
 

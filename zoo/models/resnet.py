@@ -3,6 +3,8 @@
 Every stage is a :class:`zoo.nn.ResidualStack`. Its first block, when it changes the shape (stride
 or channels), is an ordinary ResNet block (the stack's ``transition``); the others are residual
 functions integrated by the stage's forward rule with step h (1/N for ``scale="depth"``).
+``keep_first_block=True`` (the default of Momentum ResNets, as published) makes the first block of
+every stage the transition, also where it keeps the shape.
 
 Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1.weight``, ``fc``), which
 timm's ResNets share, so their state dicts load without renaming.
@@ -206,6 +208,10 @@ class ResNet(HubMixin, ImageClassifier):
         zero_init_last: initialise the last BatchNorm of every block at zero (f = 0 at init).
         weights: torchvision weight name (``"IMAGENET1K_V1"``), a file (``.pth``, ``.ckpt``,
             ``.safetensors``, a ``save_pretrained`` folder) or ``"hf-hub:org/name"``.
+        keep_first_block: make the first block of every stage an ordinary block (the stack's transition)
+            even where it keeps the shape (``layer1`` of a basic-block ResNet, every stage of the tiny net);
+            without it only shape-changing first blocks are. Same parameter names either way.
+            True by default for :class:`MomentumResNet` (the published definition), False otherwise.
         **kwargs: training hyperparameters of :class:`zoo.tasks.ImageClassifier`.
     """
 
@@ -227,6 +233,7 @@ class ResNet(HubMixin, ImageClassifier):
         drop_path_rate: float = 0.0,
         zero_init_last: bool = False,
         weights: str | None = None,
+        keep_first_block: bool = False,
         **kwargs: Any,
     ):
         # hparams keep the arguments as given: the checked values get their own names
@@ -254,6 +261,7 @@ class ResNet(HubMixin, ImageClassifier):
         probability("drop_rate", drop_rate)
         probability("drop_path_rate", drop_path_rate)
         boolean("zero_init_last", zero_init_last)
+        boolean("keep_first_block", keep_first_block)
         super().__init__(num_classes=num_classes, **kwargs)
         self.block_type = block
         self.layer_counts = layer_counts
@@ -293,7 +301,9 @@ class ResNet(HubMixin, ImageClassifier):
                 blocks.append(block_cls(inplanes, planes, s, downsample, drop_path=rate))
                 inplanes = planes * block_cls.expansion
                 index += 1
-            transition = blocks.pop(0) if blocks[0].downsample is not None else None
+            # the first block is an ordinary block (the stack's transition) when it changes the shape, and with
+            # keep_first_block also when it keeps it (the published Momentum ResNets keep it in every stage)
+            transition = blocks.pop(0) if blocks[0].downsample is not None or keep_first_block else None
             if i + 1 in tied_stages and blocks:
                 blocks = [blocks[0]] * len(blocks)
             name = f"layer{i + 1}"
@@ -455,13 +465,18 @@ class HeunNet(ResNet):
 
 class MomentumResNet(ResNet):
     """Momentum ResNet (M1): v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1} in every
-    stage after its shape-changing first block, with f(x) = relu(x + g(x)) - x for the post-activation
-    blocks (gamma = 0 is torchvision's ResNet). ``memory="reversible"`` (default) rebuilds the
-    activations exactly in backward, so training memory is flat in depth; ``"full"`` is autograd."""
+    stage after its first block, with f(x) = relu(x + g(x)) - x for the post-activation blocks (gamma = 0 is
+    torchvision's ResNet). As published (Sander et al. 2021; the ``momentumnet`` package's
+    ``transform_to_momentumnet(..., keep_first_layer=True)``), the first block of every stage stays an ordinary
+    block, also where it keeps the shape (``layer1`` of ResNet-18/34); ``keep_first_block=False`` puts a
+    shape-keeping first block in the momentum stack instead. ``memory="reversible"`` (default) rebuilds the
+    activations exactly in backward (the first block recomputed from the stage input), so training memory is
+    flat in depth; ``"full"`` is autograd."""
 
     def __init__(self, *args: Any, rule: str = "momentum", scale: float | str = 1.0, gamma: float = 0.9,
-                 memory: str = "reversible", **kwargs: Any):
-        super().__init__(*args, rule=rule, scale=scale, gamma=gamma, memory=memory, **kwargs)
+                 memory: str = "reversible", keep_first_block: bool = True, **kwargs: Any):
+        super().__init__(*args, rule=rule, scale=scale, gamma=gamma, memory=memory,
+                         keep_first_block=keep_first_block, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
