@@ -297,7 +297,12 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
             ) from None
         reason = re.search(r"WeightsUnpickler error: \s*(.+)", text)
         lines = text.strip().splitlines()
-        first = reason.group(1).strip() if reason else lines[0] if lines else type(e).__name__
+        if reason:
+            first = reason.group(1).strip()
+        elif isinstance(e, (KeyError, pickle.UnpicklingError, EOFError)):  # pickle's raw "invalid load key" ...
+            first = f"not a torch or pickle file: {type(e).__name__} {text.strip()[:40]}"
+        else:
+            first = lines[0] if lines else type(e).__name__
         raise ZooError(
             f"cannot read weights from {path} ({first}): not a complete torch file; re-save or download it again"
         ) from None
