@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_weights
+from zoo.hub import HubMixin, load_weights, recorded_num_classes
 from zoo.nn.attention import SinkhornMultiheadAttention, SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
 from zoo.registry import register_model
@@ -561,6 +561,10 @@ def _set_modelnet40(weights: str | None, n_iter: int, kwargs: dict[str, Any]) ->
                 "num_seeds": 1, "decoder_depth": 1, "layer_norm": True, "n_iter": n_iter, "drop_rate": 0.5,
                 "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "step", "milestones": (200,),
                 "lr_gamma": 0.1}
+    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
+        recorded = recorded_num_classes(weights)
+        if recorded is not None:
+            kwargs["num_classes"] = recorded
     return SetTransformer(weights=weights, **{**defaults, **kwargs})
 
 
@@ -584,6 +588,10 @@ def _pct(weights: str | None, attention: str, n_iter: int, kwargs: dict[str, Any
                 "depth": 4, "fuse_dim": 1024, "head_dims": (512, 256), "pooling": "max+avg", "attention": attention,
                 "n_iter": n_iter, "drop_rate": 0.5, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
                 "weight_decay": 5e-4, "scheduler": "cosine", "label_smoothing": 0.2}
+    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
+        recorded = recorded_num_classes(weights)
+        if recorded is not None:
+            kwargs["num_classes"] = recorded
     return PointCloudTransformer(weights=weights, **{**defaults, **kwargs})
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torchvision.ops import stochastic_depth
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_weights
+from zoo.hub import HubMixin, load_weights, recorded_num_classes
 from zoo.nn import ResidualStack
 from zoo.nn.residual_stack import INIT_VELOCITIES, MEMORY_MODES, RULES
 from zoo.ops.fixed_point import post_activation_residual
@@ -207,7 +207,9 @@ class ResNet(HubMixin, ImageClassifier):
         drop_path_rate: stochastic depth, linearly increasing over the blocks up to this rate.
         zero_init_last: initialise the last BatchNorm of every block at zero (f = 0 at init).
         weights: torchvision weight name (``"IMAGENET1K_V1"``), a file (``.pth``, ``.ckpt``,
-            ``.safetensors``, a ``save_pretrained`` folder) or ``"hf-hub:org/name"``.
+            ``.safetensors``, a ``save_pretrained`` folder) or ``"hf-hub:org/name"``. The builders
+            (``zoo.resnet50(weights=...)`` ...) given zoo weights and no ``num_classes`` build the head the
+            weights record; a different ``num_classes`` re-initialises the head.
         keep_first_block: make the first block of every stage an ordinary block (the stack's transition)
             even where it keeps the shape (``layer1`` of a basic-block ResNet, every stage of the tiny net);
             without it only shape-changing first blocks are. Same parameter names either way.
@@ -536,7 +538,12 @@ def _register_family(prefix: str, cls: type[ResNet], doc: str) -> None:
 
     def make(name: str, build, text: str) -> None:
         def builder(weights: str | None = None, **kwargs: Any) -> ResNet:
-            return build(weights, dict(kwargs))
+            kwargs = dict(kwargs)
+            if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (as timm)
+                recorded = recorded_num_classes(weights)
+                if recorded is not None:
+                    kwargs["num_classes"] = recorded
+            return build(weights, kwargs)
 
         builder.__name__ = builder.__qualname__ = name
         builder.__module__ = __name__

@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_weights
+from zoo.hub import HubMixin, load_weights, recorded_num_classes
 from zoo.nn.attention import SinkhornAttention, SinkhornSettings, check_n_iter
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
@@ -85,7 +85,9 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: timm's dropout rates
             (stochastic depth linear in the block index up to ``drop_path_rate``).
         weights: a file (timm or zoo state dict, ``.ckpt``, ``.safetensors``, ``save_pretrained`` folder) or
-            ``"hf-hub:org/name"`` (e.g. ``"hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k"``).
+            ``"hf-hub:org/name"`` (e.g. ``"hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k"``). The
+            builders given zoo weights and no ``num_classes`` build the head the weights record (so do the
+            V-MoE and point-cloud builders).
         optimizer, lr, weight_decay, **kwargs: training hyperparameters of :class:`zoo.tasks.ImageClassifier`
             (ViT defaults: AdamW, lr 5e-4, weight decay 0.05).
     """
@@ -244,6 +246,10 @@ __all__ = [
 
 
 def _build(weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> SinkformerViT:
+    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
+        recorded = recorded_num_classes(weights)
+        if recorded is not None:
+            kwargs["num_classes"] = recorded
     return SinkformerViT(weights=weights, **{**defaults, **kwargs})
 
 

@@ -32,6 +32,7 @@ import torch
 from timm.layers import trunc_normal_
 
 from zoo.errors import ZooError
+from zoo.hub import recorded_num_classes
 from zoo.models.vit import SinkformerViT
 from zoo.nn.moe import MoE
 from zoo.registry import register_model
@@ -149,6 +150,10 @@ class VisionMoE(SinkformerViT):
 
 
 def _build(weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> VisionMoE:
+    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
+        recorded = recorded_num_classes(weights)
+        if recorded is not None:
+            kwargs["num_classes"] = recorded
     return VisionMoE(weights=weights, **{**defaults, **kwargs})
 
 
