@@ -355,3 +355,20 @@ def test_crafted_file_in_a_fresh_process_runs_nothing(tmp_path):
     assert "refused:" in out.stdout, out.stderr
     time.sleep(0.2)
     assert not marker.exists()
+
+
+def test_momentum_file_saved_before_keep_first_block_rebuilds_what_was_saved(tmp_path):
+    """A Momentum ResNet-18 file written before keep_first_block existed (its config lacks the key) had layer1's
+    first block inside the momentum stack: from_pretrained rebuilds that function, weights= warns."""
+    torch.manual_seed(0)
+    old = zoo.momentum_resnet18(num_classes=4, keep_first_block=False, memory="full").eval()
+    config = hub.model_config(old)
+    del config["init_args"]["keep_first_block"]
+    path = crafted(tmp_path / "old.safetensors", config, {k: v.contiguous() for k, v in old.state_dict().items()})
+    loaded = zoo.from_pretrained(path).eval()
+    assert loaded.hparams.keep_first_block is False
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old(x))
+    with pytest.warns(UserWarning, match="keep_first_block=False to reproduce"):
+        zoo.momentum_resnet18(weights=str(path), memory="full")

@@ -693,6 +693,8 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
         raise ZooError(f"{src} holds a {model_cls.__name__}, not a {cls.__name__}")
     largest = max((math.prod(shape) for shape, _ in specs.values()), default=0)
     check_init_args(model_cls, init_args, source, max_int=max(_MAX_INIT_INT, largest))
+    # arguments added after the file was written take the value that reproduces what it was built with
+    init_args = {**getattr(model_cls, "legacy_init_args", {}), **init_args}
     args = {**init_args, **overrides}
     if overrides:
         check_init_args(model_cls, args, source)

@@ -402,6 +402,16 @@ class ResNet(HubMixin, ImageClassifier):
         """Weight-loader hook (:func:`zoo.hub.load_state_dict`): weights without recorded
         hyperparameters come from a plain ResNet (step 1); zoo weights record their ``scale``."""
         source_scale = 1.0 if source_hparams is None else source_hparams.get("scale", 1.0)
+        if (source_hparams is not None and source_hparams.get("rule") == "momentum"
+                and "keep_first_block" not in source_hparams and self.hparams.get("keep_first_block")
+                and any(s.transition is not None and s.transition.downsample is None for s in self.stages)):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            # same parameter names, other function: the saved model had this block inside its momentum stack
+            rank_zero_warn("zoo: these Momentum ResNet weights were saved before keep_first_block existed, with the "
+                           "shape-keeping first block inside the momentum stack; this model keeps it an ordinary block "
+                           "(the published definition), so it computes another function: build it with "
+                           "keep_first_block=False to reproduce the saved model")
         return self.rescale_residual_weights(state_dict, source_scale)
 
     # ---------------------------------------------------------------- depth operations (MATH.md s1)
@@ -474,6 +484,9 @@ class MomentumResNet(ResNet):
     shape-keeping first block in the momentum stack instead. ``memory="reversible"`` (default) rebuilds the
     activations exactly in backward (the first block recomputed from the stage input), so training memory is
     flat in depth; ``"full"`` is autograd."""
+
+    # what a file saved before an argument existed was built with (zoo.hub.from_pretrained fills it in)
+    legacy_init_args = {"keep_first_block": False}
 
     def __init__(self, *args: Any, rule: str = "momentum", scale: float | str = 1.0, gamma: float = 0.9,
                  memory: str = "reversible", keep_first_block: bool = True, **kwargs: Any):
