@@ -466,39 +466,32 @@ class DropBlock(nn.Module):
         return self.drop(self.f(x))
 
 
-def test_dropout_is_replayed_in_backward():
-    blocks = [DropBlock(4, 30 + k) for k in range(6)]
-    full, rev = momentum_pair(blocks, gamma=0.9, init_velocity="f")
+def assert_random_state_replayed(blocks: list[nn.Module], seed: int, **stack_kwargs) -> None:
+    """Reversible gradients equal full backprop's under the same seed, the generator ends where full's does, and
+    another seed gives other gradients (so the comparison is not vacuous)."""
+    full, rev = momentum_pair(blocks, gamma=0.9, init_velocity="f", **stack_kwargs)
     x = torch.randn(5, 4)
-    torch.manual_seed(31)
+    torch.manual_seed(seed)
     a = run(full, x)
     after_full = torch.rand(3)
-    torch.manual_seed(31)
+    torch.manual_seed(seed)
     b = run(rev, x)
     after_rev = torch.rand(3)
     assert_grads_close(a, b)
-    torch.testing.assert_close(after_rev, after_full, rtol=0, atol=0)  # the generator ends where full's does
-    torch.manual_seed(32)  # another seed: other masks, other gradients (the comparison above is not vacuous)
-    c = run(full, x)
-    assert not torch.allclose(c[1], a[1], atol=1e-4)
+    torch.testing.assert_close(after_rev, after_full, rtol=0, atol=0)
+    torch.manual_seed(seed + 1)
+    assert not torch.allclose(run(full, x)[1], a[1], atol=1e-4)
+
+
+def test_dropout_is_replayed_in_backward():
+    assert_random_state_replayed([DropBlock(4, 30 + k) for k in range(6)], seed=31)
 
 
 def test_dropout_in_some_blocks_of_a_deep_stack_is_replayed():
     """Deterministic blocks share one stored random state, blocks that draw store their own (60 blocks, 40 of
     them with dropout: the stored states span two slabs of the log): gradients are full backprop's."""
     blocks = [DropBlock(4, 40 + k) if k % 3 else MLP(4, 16, seed=40 + k) for k in range(60)]
-    full, rev = momentum_pair(blocks, gamma=0.9, scale=0.1, init_velocity="f")
-    x = torch.randn(5, 4)
-    torch.manual_seed(41)
-    a = run(full, x)
-    after_full = torch.rand(3)
-    torch.manual_seed(41)
-    b = run(rev, x)
-    after_rev = torch.rand(3)
-    assert_grads_close(a, b)
-    torch.testing.assert_close(after_rev, after_full, rtol=0, atol=0)
-    torch.manual_seed(42)
-    assert not torch.allclose(run(full, x)[1], a[1], atol=1e-4)
+    assert_random_state_replayed(blocks, seed=41, scale=0.1)
 
 
 def test_rng_log_stores_a_state_only_when_it_changed_and_restores_each_record():
