@@ -2,89 +2,87 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import functools
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.errors import ZooError
-from zoo.validation import (
-    boolean,
-    choice,
-    finite_float,
-    int_sequence,
-    pair_in_unit_interval,
-    positive_int,
-    probability,
+from zoo.tasks.optim import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    WarmupCosineLR,
+    build_optimization,
+    check_factory,
+    parameter_groups,
 )
-
-OPTIMIZERS = ("sgd", "adamw", "adam")
-SCHEDULERS = ("cosine", "step", "constant")
+from zoo.validation import finite_float, non_negative_int
 
 
 class ImageClassifier(pl.LightningModule):
-    """A LightningModule for classification: cross-entropy, accuracy, optimizer and LR schedule.
+    """A LightningModule for classification: cross-entropy, accuracy, and the injected optimiser and schedule.
 
-    Subclasses build the network and implement ``forward(x) -> logits``; the hyperparameters below
-    (and the subclass's own arguments) are saved with ``save_hyperparameters``.
+    Subclasses build the network and implement ``forward(x) -> logits``; the architecture's arguments (and
+    ``num_classes``, ``label_smoothing``) are saved with ``save_hyperparameters``; the training settings are not
+    (they are not part of the model: a checkpoint or ``save_pretrained`` folder rebuilds the architecture).
 
     Args:
         num_classes: number of classes of the classifier head.
-        optimizer: ``"sgd"`` (momentum, optionally Nesterov), ``"adamw"`` or ``"adam"``.
-        lr: peak learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 / decoupled weight decay; not applied to norms and biases.
-        betas: Adam betas.
-        nesterov: Nesterov momentum for SGD.
-        scheduler: ``"cosine"`` (per step, after a linear warm-up), ``"step"`` (multiply by
-            ``lr_gamma`` at each epoch in ``milestones``) or ``"constant"``.
-        warmup_epochs: linear warm-up length (fractions allowed) for ``"cosine"``.
-        milestones: epochs at which ``"step"`` decays the learning rate.
-        lr_gamma: decay factor of ``"step"``.
+        optimizer: builds the optimiser from the parameter groups (LightningCLI's ``OptimizerCallable``:
+            ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``, or ``class_path: torch.optim.SGD`` in
+            YAML); its ``weight_decay`` applies to weights only (:func:`zoo.tasks.optim.parameter_groups`).
+            None: the family's ``default_optimizer``.
+        lr_scheduler: builds the schedule from the optimiser (``LRSchedulerCallable``); schedules that need the
+            run length (:class:`zoo.tasks.optim.WarmupCosineLR`) get it from the Trainer. None: the family's
+            ``default_lr_scheduler`` (a constant rate when that is None too).
         label_smoothing: label smoothing of the cross-entropy.
+
+    Extra training losses (an MoE layer's load-balancing loss ...) come from the model through
+    :meth:`auxiliary_losses`; :meth:`diagnostics` adds logged values. Both are empty here.
     """
+
+    # the optimiser and schedule a family trains with when none is given (LightningCLI shows them as null)
+    default_optimizer: OptimizerCallable = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9,
+                                                             weight_decay=5e-4)
+    default_lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR
 
     def __init__(
         self,
         num_classes: int = 1000,
-        optimizer: str = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        nesterov: bool = False,
-        scheduler: str = "cosine",
-        warmup_epochs: float = 0.0,
-        milestones: Sequence[int] = (),
-        lr_gamma: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        choice("optimizer", optimizer, OPTIMIZERS)
-        choice("scheduler", scheduler, SCHEDULERS)
-        positive_int("num_classes", num_classes)
-        finite_float("lr", lr, 0.0, low_open=True)
-        probability("momentum", momentum)
-        finite_float("weight_decay", weight_decay, 0.0)
-        pair_in_unit_interval("betas", betas)
-        if boolean("nesterov", nesterov) and optimizer == "sgd" and momentum == 0:
-            raise ZooError("nesterov=True needs momentum > 0 (Nesterov's method is a momentum method); "
-                           "set momentum (e.g. 0.9) or nesterov=False")
-        finite_float("warmup_epochs", warmup_epochs, 0.0)
-        int_sequence("milestones", milestones, min_value=0, allow_empty=True)
-        finite_float("lr_gamma", lr_gamma, 0.0, low_open=True)
+        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without a "
+                         "classifier (forward returns the pooled features, as timm's num_classes=0)")
+        self.optimizer_factory = check_factory("optimizer", optimizer)
+        self.lr_scheduler_factory = check_factory("lr_scheduler", lr_scheduler)
         finite_float("label_smoothing", label_smoothing, 0.0, 1.0)
-        self.save_hyperparameters(ignore=["weights"])
+        self.save_hyperparameters(ignore=["weights", "optimizer", "lr_scheduler"])
+        self._make_metrics(num_classes)
+
+    def _make_metrics(self, num_classes: int) -> None:
+        """Accuracy metrics for ``num_classes`` classes (none without a classifier)."""
+        for name in ("train_acc", "val_acc", "test_acc", "val_acc5"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if num_classes < 2:
+            return
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         if num_classes > 5:
             self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+
+    def set_num_classes(self, num_classes: int) -> None:
+        """Record a new head size (``reset_classifier``): hyperparameters and metrics follow."""
+        non_negative_int("num_classes", num_classes)
+        self.hparams["num_classes"] = int(num_classes)
+        self._make_metrics(int(num_classes))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
@@ -97,14 +95,20 @@ class ImageClassifier(pl.LightningModule):
         """Cross-entropy with label smoothing, computed in float32 (safe under autocast)."""
         return F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
 
+    def _check_head(self) -> None:
+        if not hasattr(self, "train_acc"):
+            raise ZooError(f"this model has num_classes={self.hparams.num_classes}: it returns features, not class "
+                           "scores; give it a classifier before training (model.reset_classifier(num_classes))")
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._check_head()
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
         self.train_acc(logits.detach(), y)
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss + self._routing("train")
+        return loss + self._extra_terms("train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -113,6 +117,7 @@ class ImageClassifier(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: Any, stage: str) -> None:
+        self._check_head()
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
@@ -120,103 +125,48 @@ class ImageClassifier(pl.LightningModule):
         acc(logits, y)
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{stage}_acc", acc, prog_bar=True)
-        self._routing(stage)
+        self._extra_terms(stage)
         if stage == "val" and hasattr(self, "val_acc5"):
             self.val_acc5(logits, y)
             self.log("val_acc5", self.val_acc5)
 
-    # ---------------------------------------------------------------- mixture-of-experts layers
-    def moe_modules(self) -> list[nn.Module]:
-        """The :class:`zoo.nn.MoE` layers of the network (found once, in module order)."""
-        layers = self.__dict__.get("_moe_layers")
-        if layers is None:
-            from zoo.nn.moe import MoE
+    # ---------------------------------------------------------------- extra losses from the model
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """Weighted extra losses of the last forward, added to the training loss (and logged as ``{stage}_{name}``);
+        a family with such losses (V-MoE's load balancing) overrides this. Tensors only: no host sync."""
+        return {}
 
-            layers = [m for m in self.modules() if isinstance(m, MoE)]
-            self.__dict__["_moe_layers"] = layers  # a plain attribute: not a submodule, not in the state dict
-        return layers
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Values of the last forward logged as ``{stage}_{name}`` (per step in training, per epoch otherwise),
+        e.g. V-MoE's routing statistics; empty here."""
+        return {}
 
-    def _routing(self, stage: str) -> torch.Tensor | float:
-        """Log the routing statistics of the last forward of every MoE layer (averaged over layers) and return
-        the auxiliary loss ``aux_loss_weight * sum of the layers' aux_loss`` (0.0 without MoE layers).
-
-        Logged (``{stage}_moe/...``): ``aux_loss``, ``dropped_fraction`` (routed assignments over capacity),
-        ``router_entropy`` (mean entropy of the gates), ``expert_load_max`` (most tokens an expert got / mean
-        tokens per expert: 1 is perfectly balanced), ``expert_load_min`` (fewest / mean: 0 is an idle expert).
-        Tensors only: no host sync in the step.
-        """
-        layers = self.moe_modules()
-        if not layers:
-            return 0.0
-        aux = torch.stack([m.aux_loss.float() for m in layers]).sum()
-        load = torch.stack([m.stats["tokens_per_expert"].float() for m in layers])
-        stats = {
-            "aux_loss": aux.detach(),
-            "dropped_fraction": torch.stack([m.stats["dropped_fraction"].float() for m in layers]).mean(),
-            "router_entropy": torch.stack([m.stats["router_entropy"].float() for m in layers]).mean(),
-            "expert_load_max": (load.amax(dim=1) / load.mean(dim=1).clamp_min(1e-12)).mean(),
-            "expert_load_min": (load.amin(dim=1) / load.mean(dim=1).clamp_min(1e-12)).mean(),
-        }
+    def _extra_terms(self, stage: str) -> torch.Tensor | float:
+        """Log the model's auxiliary losses and diagnostics; return the sum of the losses (0.0 without any)."""
+        losses = self.auxiliary_losses()
         on_step = stage == "train"
-        for name, value in stats.items():
-            self.log(f"{stage}_moe/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
-        return self.hparams.get("aux_loss_weight", 0.0) * aux
+        for name, value in {**{k: v.detach() for k, v in losses.items()}, **self.diagnostics()}.items():
+            self.log(f"{stage}_{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        return sum(losses.values()) if losses else 0.0
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(dim=-1)
+        out = self(x)
+        return out.softmax(dim=-1) if hasattr(self, "train_acc") else out  # class probabilities, or features
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Two groups: weights with decay; norms, biases and 1-d parameters without."""
-        decay, no_decay, seen = [], [], set()
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
-                (no_decay if is_norm or name.endswith("bias") or p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        """Weights (the optimiser's weight decay) and norms, biases, 1-d parameters (no decay)."""
+        return parameter_groups(self)
 
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        groups = self.parameter_groups()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        else:
-            opt = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas))
-        if hp.scheduler == "constant":
-            return opt
-        if hp.scheduler == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp.milestones), gamma=hp.lr_gamma)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        total = self.trainer.estimated_stepping_batches
-        if not (math.isfinite(total) and total >= 1):
-            # max_epochs=-1 with max_steps=-1 (inf), or an iterable dataset of unknown length without max_steps
-            # (Lightning then reports max_steps, -1): a cosine over an unknown number of steps cannot be laid out
-            raise ZooError(
-                "scheduler='cosine' needs a bounded run (it decays over the total number of optimizer steps), but "
-                f"this trainer's run has no known step count (max_epochs={self.trainer.max_epochs}, "
-                f"max_steps={self.trainer.max_steps}); set --trainer.max_epochs N or --trainer.max_steps N "
-                "(Trainer(max_epochs=...) / Trainer(max_steps=...)), or use --model.init_args.scheduler constant "
-                "or step, which need no total"
-            )
-        total = int(total)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = min(int(round(hp.warmup_epochs * total / max_epochs)), total - 1)
+    def configure_optimizers(self, total_steps: int | None = None, steps_per_epoch: float | None = None) -> Any:
+        """The optimiser over :meth:`parameter_groups` and its schedule, in Lightning's format.
 
-        def cosine_with_warmup(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(total - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
+        Under a Trainer the run length comes from it; in a plain PyTorch loop call
+        ``model.configure_optimizers(total_steps=N)`` (and ``steps_per_epoch`` for an epoch-counted warm-up) and
+        take ``["optimizer"]`` and ``["lr_scheduler"]["scheduler"]`` (step it every ``["interval"]``).
+        """
+        trainer = self._trainer if total_steps is None else None
+        return build_optimization(self, self.optimizer_factory or type(self).default_optimizer,
+                                  self.lr_scheduler_factory or type(self).default_lr_scheduler,
+                                  trainer=trainer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

@@ -1,0 +1,273 @@
+"""Optimisation shared by the tasks: weight-decay parameter groups, learning-rate schedules, and the injected
+optimiser / schedule factories (LightningCLI's ``OptimizerCallable`` / ``LRSchedulerCallable``).
+
+A task takes ``optimizer`` (``params -> torch.optim.Optimizer``) and ``lr_scheduler`` (``optimizer -> scheduler``)
+as callables, in YAML::
+
+    model:
+      init_args:
+        optimizer:
+          class_path: torch.optim.SGD
+          init_args: {lr: 0.1, momentum: 0.9, weight_decay: 5.0e-4}
+        lr_scheduler:
+          class_path: zoo.tasks.optim.WarmupCosineLR
+          init_args: {warmup_epochs: 1}
+
+and in Python ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)``. The optimiser
+receives :func:`parameter_groups`: its own ``weight_decay`` applies to the weights, norms, biases and other 1-d
+parameters get none. Schedules that need the length of the run (:class:`WarmupCosineLR`) have
+``bind_run_length``; the task calls it with the Trainer's step count (or the ``total_steps`` given to
+``configure_optimizers`` without a Trainer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch.nn as nn
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from zoo.errors import ZooError
+from zoo.validation import finite_float, non_negative_int, optional, positive_int
+
+__all__ = [
+    "InverseSqrtLR",
+    "LRSchedulerCallable",
+    "OptimizerCallable",
+    "WarmupCosineLR",
+    "build_optimization",
+    "check_factory",
+    "parameter_groups",
+]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def parameter_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Two parameter groups: weights (the optimiser's own ``weight_decay``) and the parameters without decay
+    (``weight_decay=0``): those of normalisation layers, biases, every parameter with at most one dimension, and the
+    names in ``no_weight_decay`` or in ``model.no_weight_decay()`` (timm's convention: ``pos_embed``, ``cls_token``).
+
+    Each parameter appears once (shared weights too); frozen parameters are left out. The no-decay group is
+    omitted when empty.
+    """
+    skip = set(no_weight_decay)
+    if callable(getattr(model, "no_weight_decay", None)):
+        skip |= set(model.no_weight_decay())
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{name}" if module_name else name
+            exempt = isinstance(module, _NORMS) or name.endswith("bias") or p.ndim <= 1 or full in skip
+            (no_decay if exempt else decay).append(p)
+    groups: list[dict[str, Any]] = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def check_factory(name: str, factory: Any) -> Any:
+    """``optimizer`` / ``lr_scheduler`` must be callables (or None); the string form of earlier versions gets one
+    error that shows the new form."""
+    if factory is None or callable(factory):
+        return factory
+    example = ("functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9) in Python, or in YAML optimizer: "
+               "{class_path: torch.optim.SGD, init_args: {lr: 0.1, momentum: 0.9}}" if name == "optimizer" else
+               "functools.partial(zoo.tasks.optim.WarmupCosineLR, warmup_epochs=1) in Python, or in YAML "
+               "lr_scheduler: {class_path: zoo.tasks.optim.WarmupCosineLR, init_args: {warmup_epochs: 1}}")
+    raise ZooError(f"{name} must be a callable that builds the {name.replace('_', ' ')} (LightningCLI's "
+                   f"{'OptimizerCallable' if name == 'optimizer' else 'LRSchedulerCallable'}), got {factory!r}; "
+                   f"training settings are no longer model arguments of their own (lr, momentum, weight_decay ...): "
+                   f"give e.g. {example}")
+
+
+class _RunLengthScheduler(LRScheduler):
+    """A per-step schedule whose factor depends on the length of the run, known once the Trainer (or the user)
+    calls :meth:`bind_run_length`; until then the learning rates stay at their base values."""
+
+    interval = "step"
+
+    def __init__(self, optimizer: Optimizer, total_steps: int | None, steps_per_epoch: float | None,
+                 last_epoch: int = -1) -> None:
+        self.total_steps: int | None = None
+        self.steps_per_epoch: float | None = None
+        super().__init__(optimizer, last_epoch)
+        if total_steps is not None:
+            self.bind_run_length(total_steps, steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        raise NotImplementedError
+
+    def bind_run_length(self, total_steps: int, steps_per_epoch: float | None = None) -> None:
+        """Fix the number of optimiser steps of the run (and per epoch, for epoch-counted warm-ups); the current
+        learning rates are set for the current step."""
+        positive_int("total_steps", total_steps, hint="give the number of optimizer steps of the run")
+        if steps_per_epoch is not None:
+            finite_float("steps_per_epoch", steps_per_epoch, 0.0, low_open=True)
+        self.total_steps = int(total_steps)
+        self.steps_per_epoch = None if steps_per_epoch is None else float(steps_per_epoch)
+        self._on_bind()
+        lrs = self._compute(self.last_epoch)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+    def _on_bind(self) -> None:
+        pass
+
+    def _compute(self, step: int) -> list[float]:
+        f = self.factor(max(step, 0))
+        return [base * f for base in self.base_lrs]
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        if self.total_steps is None:
+            if self.last_epoch <= 0:
+                return list(self.base_lrs)  # construction: set for real by bind_run_length
+            raise ZooError(f"{type(self).__name__} was stepped before it knew the length of the run: under a "
+                           "Trainer the task binds it; in a plain loop build it with total_steps=N (or call "
+                           "model.configure_optimizers(total_steps=N))")
+        return self._compute(self.last_epoch)
+
+
+class WarmupCosineLR(_RunLengthScheduler):
+    """Linear warm-up then cosine decay, per optimiser step t of a run of T steps with W warm-up steps:
+
+        lr(t) = lr (t + 1) / (W + 1)                                              t < W
+        lr(t) = lr [r + (1 - r) (1 + cos(pi min(1, (t - W) / (T - W)))) / 2]     t >= W
+
+    with r = ``min_lr_ratio``. W is ``warmup_steps``, or ``warmup_epochs`` (fractions allowed) times the steps
+    per epoch, and at most T - 1.
+
+    Args:
+        optimizer: the optimiser.
+        warmup_epochs: warm-up length in epochs (needs the steps per epoch; the Trainer provides them).
+        warmup_steps: warm-up length in optimiser steps (give one of the two).
+        min_lr_ratio: final learning rate / peak learning rate.
+        total_steps, steps_per_epoch: the run length, when known at construction (a plain PyTorch loop);
+            under a Trainer the task sets them.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_epochs: float = 0.0, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.0, total_steps: int | None = None, steps_per_epoch: float | None = None,
+                 last_epoch: int = -1) -> None:
+        finite_float("warmup_epochs", warmup_epochs, 0.0)
+        non_negative_int("warmup_steps", warmup_steps)
+        finite_float("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
+        optional(positive_int, "total_steps", total_steps)
+        if warmup_epochs and warmup_steps:
+            raise ZooError(f"give warmup_epochs or warmup_steps, not both (got {warmup_epochs} and {warmup_steps})")
+        self.warmup_epochs = float(warmup_epochs)
+        self.warmup_steps = int(warmup_steps)
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.warmup = 0
+        super().__init__(optimizer, total_steps, steps_per_epoch, last_epoch)
+
+    def _on_bind(self) -> None:
+        assert self.total_steps is not None
+        if self.warmup_epochs:
+            if self.steps_per_epoch is None:
+                raise ZooError(f"warmup_epochs={self.warmup_epochs} needs the number of steps per epoch: give "
+                               "steps_per_epoch (or use warmup_steps)")
+            warmup = int(round(self.warmup_epochs * self.steps_per_epoch))
+        else:
+            warmup = self.warmup_steps
+        self.warmup = min(warmup, self.total_steps - 1)
+
+    def factor(self, step: int) -> float:
+        assert self.total_steps is not None
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min((step - self.warmup) / max(self.total_steps - self.warmup, 1), 1.0)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class InverseSqrtLR(LRScheduler):
+    """fairseq's ``inverse_sqrt`` schedule after u updates (lr_0 = ``warmup_init_lr``, W = ``warmup_updates``):
+
+        lr(u) = lr_0 + u (lr - lr_0) / W        u < W
+        lr(u) = lr sqrt(W / u)                  u >= W
+
+    (W = 0: lr / sqrt(max(u, 1))). ``warmup_init_lr < 0`` means 0, as fairseq. Per optimiser step.
+    """
+
+    interval = "step"
+
+    def __init__(self, optimizer: Optimizer, warmup_updates: int = 4000, warmup_init_lr: float = -1.0,
+                 last_epoch: int = -1) -> None:
+        non_negative_int("warmup_updates", warmup_updates)
+        finite_float("warmup_init_lr", warmup_init_lr)
+        self.warmup_updates = int(warmup_updates)
+        self.warmup_init_lr = float(warmup_init_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, update: int, lr: float) -> float:
+        """The learning rate after ``update`` updates for the peak ``lr``."""
+        w = self.warmup_updates
+        if w <= 0:
+            return lr / math.sqrt(max(update, 1))
+        if update < w:
+            w0 = max(self.warmup_init_lr, 0.0)
+            return w0 + update * (lr - w0) / w
+        return lr * math.sqrt(w / update)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return [self.lr_at(max(self.last_epoch, 0), base) for base in self.base_lrs]
+
+
+def _trainer_run_length(trainer: Any) -> tuple[int, float | None]:
+    """(optimiser steps of the run, optimiser steps per epoch) of a Trainer's fit."""
+    total = trainer.estimated_stepping_batches
+    if not (math.isfinite(total) and total >= 1):
+        # max_epochs=-1 with max_steps=-1 (inf), or an iterable dataset of unknown length without max_steps
+        raise ZooError(
+            "this learning-rate schedule decays over the whole run, but this trainer's run has no known step count "
+            f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}); set --trainer.max_epochs N or "
+            "--trainer.max_steps N (Trainer(max_epochs=...) / Trainer(max_steps=...)), or give a schedule that "
+            "needs no total (e.g. lr_scheduler: {class_path: torch.optim.lr_scheduler.MultiStepLR, ...}, or none)"
+        )
+    batches = getattr(trainer, "num_training_batches", math.inf)
+    per_epoch = None
+    if isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1:
+        per_epoch = max(1.0, math.ceil(batches / max(trainer.accumulate_grad_batches, 1)))
+    elif trainer.max_epochs and trainer.max_epochs > 0:
+        per_epoch = total / trainer.max_epochs
+    return int(total), per_epoch
+
+
+def build_optimization(model: nn.Module, optimizer: Callable[..., Optimizer],
+                       lr_scheduler: Callable[[Optimizer], Any] | None, trainer: Any = None,
+                       total_steps: int | None = None, steps_per_epoch: float | None = None) -> Any:
+    """Lightning's ``configure_optimizers`` value: the optimiser over :func:`parameter_groups`, and the schedule
+    (with its interval: ``scheduler.interval`` if it has one, else per epoch) bound to the run length.
+
+    The run length comes from ``total_steps`` (and ``steps_per_epoch``) when given, else from the ``trainer``;
+    without either, a schedule that needs it gets one clear error.
+    """
+    opt = optimizer(parameter_groups(model))
+    if not isinstance(opt, Optimizer):
+        raise ZooError(f"optimizer must build a torch.optim.Optimizer from the parameter groups, got "
+                       f"{type(opt).__name__}")
+    if lr_scheduler is None:
+        return opt
+    sched = lr_scheduler(opt)
+    if isinstance(sched, _RunLengthScheduler) and sched.total_steps is None:
+        if total_steps is None:
+            if trainer is None:
+                raise ZooError(f"{type(sched).__name__} decays over the whole run: outside a Trainer give the "
+                               "number of optimizer steps, model.configure_optimizers(total_steps=N)")
+            total_steps, per_epoch = _trainer_run_length(trainer)
+            steps_per_epoch = per_epoch if steps_per_epoch is None else steps_per_epoch
+        sched.bind_run_length(total_steps, steps_per_epoch)
+    config: dict[str, Any] = {"scheduler": sched, "interval": getattr(sched, "interval", "epoch")}
+    if isinstance(sched, ReduceLROnPlateau):
+        config["monitor"] = "val_loss"
+    return {"optimizer": opt, "lr_scheduler": config}
