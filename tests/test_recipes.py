@@ -1,5 +1,5 @@
-"""Every recipe in recipes/*.yaml parses (``zoo fit --config <recipe> --print_config``) and builds its model,
-data module and trainer with exactly the settings the YAML gives (nothing is trained).
+"""Every recipe shipped in zoo/recipes/*.yaml parses (``zoo fit --config <recipe> --print_config``) and builds
+its model, data module and trainer with exactly the settings the YAML gives (nothing is trained).
 
 Data modules that read files at construction get a tmp root: CIFAR with ``download: true`` (the check on
 disk is skipped and nothing is fetched before ``prepare_data``), image folders with empty class folders.
@@ -25,7 +25,8 @@ from zoo.nn import ResidualStack
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = ROOT / "zoo" / "recipes"  # shipped in the package; the clone's recipes/ is a symlink to it
 RECIPES = sorted(RECIPE_DIR.rglob("*.yaml"))  # recipes/*.yaml and recipes/<topic>/*.yaml (nmt/)
 RULES = {"DepthScaledResNet": "euler", "HeunNet": "heun", "ResNet": "euler", "MomentumResNet": "momentum"}
 
@@ -52,6 +53,9 @@ def test_recipes_exist() -> None:
     names = {p.name for p in RECIPES}
     assert "digits_depth_scaled_resnet.yaml" in names
     assert len(RECIPES) >= 2
+    # the clone's recipes/ (README: zoo fit --config recipes/<name>.yaml) is the package's folder
+    assert (ROOT / "recipes").resolve() == RECIPE_DIR.resolve()
+    assert (ROOT / "recipes" / "digits_depth_scaled_resnet.yaml").is_file()
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
