@@ -64,8 +64,8 @@ Attention targets (family ``"attention"``: a timm ``VisionTransformer``, a torch
   architecture). A timm ``VisionTransformer`` of the standard layout (class token or average pooling,
   learned position embedding, timm ``Block``/``Attention``/``Mlp``, no register tokens) becomes the zoo
   :class:`zoo.models.SinkformerViT` LightningModule (trains with ``Trainer.fit``, saves with
-  ``save_pretrained``, accepts the ImageClassifier options ``lr``, ``optimizer`` ...); any other source
-  comes back as itself (same class) with its attention swapped (an info line says why a ViT did not map).
+  ``save_pretrained``, accepts the training settings ``optimizer``, ``lr_scheduler``, ``label_smoothing``); any
+  other source comes back as itself (same class) with its attention swapped (an info line says why a ViT did not map).
   Copies: like every target, the source is left unchanged by default: the conversion works on a deep
   copy (the result's parameters are that copy's, moved by no further copy). ``inplace=True`` copies
   nothing: the swap happens in the source itself (which is returned), or the SinkformerViT is built
@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -91,7 +90,6 @@ import zoo.hub
 from zoo.errors import ZooError
 from zoo.models import DepthScaledResNet, HeunNet, MomentumResNet, ResNet
 from zoo.nn import ResidualOf, ResidualStack
-from zoo.tasks import ImageClassifier
 
 __all__ = [
     "MOE_OPTIONS",
@@ -101,6 +99,7 @@ __all__ = [
     "SINKHORN_VIT_OPTIONS",
     "AttentionSpec",
     "RESNET_OPTIONS",
+    "TRAINING_OPTIONS",
     "TRANSFORMER_OPTIONS",
     "BlockStackSpec",
     "FamilyBuild",
@@ -266,8 +265,8 @@ def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
             ``"momentum"``, ``"sinkhorn"``. A target may serve several source families; the source's family picks
             the builder and the options it accepts.
         **options: target options, e.g. ``memory="adjoint"``, ``gamma=0.9``, ``drop_path_rate``, or any
-            :class:`zoo.tasks.ImageClassifier` hyperparameter (``lr``, ``optimizer`` ...) for the ResNet
-            family. The architecture (``layers``, ``block``, ``num_classes``, ``in_chans``) is read
+            training setting of :class:`zoo.tasks.ImageClassifier` (``optimizer``, ``lr_scheduler`` callables,
+            ``label_smoothing``). The architecture (``layers``, ``block``, ``num_classes``, ``in_chans``) is read
             from the source.
 
     Returns:
@@ -343,14 +342,12 @@ def resnet_spec(model: nn.Module, label: str, block: str, layers: tuple[int, ...
     )
 
 
-def _classifier_options() -> tuple[str, ...]:
-    """ImageClassifier hyperparameters (lr, optimizer ...), num_classes excepted: it comes from the source."""
-    params = inspect.signature(ImageClassifier.__init__).parameters
-    return tuple(n for n, p in params.items() if n not in ("self", "num_classes")
-                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+# the training settings a converted LightningModule takes (zoo.tasks.ImageClassifier's injected factories and loss
+# option); listed here, not read from the task's signature
+TRAINING_OPTIONS: tuple[str, ...] = ("optimizer", "lr_scheduler", "label_smoothing")
 
 
-RESNET_OPTIONS: tuple[str, ...] = ("memory", "drop_rate", "drop_path_rate", *_classifier_options())
+RESNET_OPTIONS: tuple[str, ...] = ("memory", "drop_rate", "drop_path_rate", *TRAINING_OPTIONS)
 
 
 def source_device_dtype(model: nn.Module, label: str) -> tuple[_torch.device, _torch.dtype]:
@@ -589,7 +586,7 @@ class AttentionSpec:
 
 
 SINKHORN_OPTIONS: tuple[str, ...] = ("n_iter", "record_stats", "inplace")
-SINKHORN_VIT_OPTIONS: tuple[str, ...] = _classifier_options()
+SINKHORN_VIT_OPTIONS: tuple[str, ...] = TRAINING_OPTIONS
 
 
 def _attention_classes() -> tuple[type, type]:
@@ -740,7 +737,7 @@ class MLPSpec:
 
 MOE_OPTIONS: tuple[str, ...] = ("num_experts", "every", "moe_layers", "router", "k", "capacity_factor", "topk",
                                 "normalize_gates", "group_size", "lam", "p", "solver", "router_n_iter")
-MOE_VIT_OPTIONS: tuple[str, ...] = ("aux_loss_weight", *_classifier_options())
+MOE_VIT_OPTIONS: tuple[str, ...] = ("aux_loss_weight", *TRAINING_OPTIONS)
 
 
 def _moe_routing_options(options: dict[str, Any]) -> tuple[int, int, Any, dict[str, Any]]:

@@ -4,6 +4,8 @@ the settings where every token's weights sum to 1 and nothing is dropped; trains
 
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as pl
 import pytest
 import timm
@@ -64,8 +66,9 @@ def test_sparse_default_runs_trains_and_keeps_flags(tmp_path) -> None:
     src = timm_vit()
     src.blocks[3].mlp.fc1.weight.requires_grad_(False)
     src.patch_embed.proj.weight.requires_grad_(False)
-    model = converters.transform(src, to="moe", num_experts=4, every=1, lr=1e-3, optimizer="adam",
-                                 scheduler="constant", weight_decay=0.0)
+    model = converters.transform(src, to="moe", num_experts=4, every=1,
+                                 optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+                                 lr_scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0))
     assert model.moe_indices == [0, 1, 2, 3] and model.hparams.router == "expert_choice"
     assert not model.blocks[3].mlp.experts.fc1.weight.requires_grad
     assert model.blocks[3].mlp.experts.fc2.weight.requires_grad and model.blocks[2].mlp.experts.fc1.weight.requires_grad
@@ -92,8 +95,8 @@ def test_timm_vit_outside_the_zoo_layout_and_blocks_get_moe_mlps() -> None:
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ZooError, match=r"'lr' only apply when the result is a zoo VisionMoE.*register tokens"):
-        converters.transform(src, to="moe", lr=0.1)
+    with pytest.raises(ZooError, match=r"'optimizer' only apply when the result is a zoo VisionMoE.*register"):
+        converters.transform(src, to="moe", optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     blocks = converters.transform(src.blocks, to="moe", num_experts=2, moe_layers=[0], **exact)
     assert type(blocks) is nn.Sequential and type(blocks[0].mlp) is MoE and type(blocks[1].mlp) is not MoE
     t = torch.randn(2, 5, 48)

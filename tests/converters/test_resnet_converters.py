@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import lightning.pytorch as pl
 import pytest
@@ -158,13 +159,13 @@ def test_heun_from_folded_weights(sources, images, name: str) -> None:
 
 def test_converted_model_trains_one_step() -> None:
     source = build_resnet_source("tv_resnet18", num_classes=10).train()
-    model = converters.transform(source, to="depth_scaled", optimizer="sgd", lr=0.01, momentum=0.0,
-                                 weight_decay=0.0, scheduler="constant")
+    model = converters.transform(source, to="depth_scaled", optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+                                 lr_scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0))
     assert isinstance(model, pl.LightningModule) and model.training
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
-    opt = model.configure_optimizers()
-    assert isinstance(opt, torch.optim.SGD)
+    opt = model.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.01
     loss = model.loss(model(x), y)
     opt.zero_grad()
     loss.backward()
@@ -175,7 +176,8 @@ def test_converted_model_trains_one_step() -> None:
 
 def test_converted_model_fits_with_a_lightning_trainer(tmp_path) -> None:
     source = build_resnet_source("timm_resnet18", num_classes=4, in_chans=1).train()
-    model = converters.transform(source, to="depth_scaled", memory="adjoint", scheduler="constant", lr=0.01)
+    model = converters.transform(source, to="depth_scaled", memory="adjoint",
+                                 optimizer=functools.partial(torch.optim.SGD, lr=0.01))
     assert model.hparams.in_chans == 1
     g = torch.Generator().manual_seed(3)
     data = torch.utils.data.TensorDataset(
@@ -197,11 +199,11 @@ def test_converted_model_fits_with_a_lightning_trainer(tmp_path) -> None:
 
 @pytest.mark.parametrize("target", ["depth_scaled", "heun"])
 def test_save_pretrained_round_trip(sources, images, tmp_path, target: str) -> None:
-    model = converters.transform(sources["timm_resnet18"], to=target, memory="adjoint", lr=0.05)
+    model = converters.transform(sources["timm_resnet18"], to=target, memory="adjoint", label_smoothing=0.05)
     model.save_pretrained(tmp_path / "converted")
     loaded = zoo.from_pretrained(tmp_path / "converted").eval()
     assert type(loaded) is type(model)
-    assert loaded.hparams.lr == 0.05 and all(stage.memory == "adjoint" for stage in loaded.stages)
+    assert loaded.hparams.label_smoothing == 0.05 and all(stage.memory == "adjoint" for stage in loaded.stages)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
 
@@ -272,7 +274,9 @@ def test_unsupported_source_type() -> None:
 def test_unknown_option() -> None:
     with pytest.raises(ZooError, match="unknown option 'tied'") as err:
         converters.transform(torchvision.models.resnet18(), to="depth_scaled", tied=True)
-    assert "memory" in str(err.value) and "lr" in str(err.value) and "optimizer" in str(err.value)
+    assert "memory" in str(err.value) and "lr_scheduler" in str(err.value) and "optimizer" in str(err.value)
+    with pytest.raises(ZooError, match="unknown option 'lr'"):  # training settings come as an optimizer callable
+        converters.transform(torchvision.models.resnet18(), to="depth_scaled", lr=0.1)
     with pytest.raises(ZooError, match="'layers'"):
         converters.transform(torchvision.models.resnet18(), to="resnet", layers=(1, 1, 1, 1))
 

@@ -5,6 +5,7 @@ source function; n_iter=3 differs, trains and lowers the loss. CPU, random weigh
 from __future__ import annotations
 
 import copy
+import functools
 
 import lightning.pytorch as pl
 import pytest
@@ -118,8 +119,9 @@ def test_timm_vit_inplace_shares_parameters_and_mirrors_state() -> None:
     src = timm_vit(global_pool="avg", drop_path_rate=0.1)
     src.patch_embed.requires_grad_(False)
     src.blocks[0].train()
-    model = converters.transform(src, to="sinkhorn", n_iter=3, inplace=True, lr=1e-3, record_stats=True)
-    assert type(model) is SinkformerViT and model.hparams.lr == 1e-3 and model.hparams.global_pool == "avg"
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    model = converters.transform(src, to="sinkhorn", n_iter=3, inplace=True, optimizer=adam, record_stats=True)
+    assert type(model) is SinkformerViT and model.optimizer_factory is adam and model.hparams.global_pool == "avg"
     assert model.hparams.drop_path_rate == pytest.approx(0.1)
     assert model.blocks[0].attn.qkv.weight is src.blocks[0].attn.qkv.weight and model.pos_embed is src.pos_embed
     assert not model.patch_embed.proj.weight.requires_grad and src.blocks[1].attn.qkv.weight.requires_grad
@@ -134,7 +136,8 @@ def test_timm_vit_dtype_and_trainer_fit(tmp_path) -> None:
     assert model.pos_embed.dtype == torch.float64
     with torch.no_grad():
         assert close(model(images().double()), src(images().double()), 1e-10)
-    model = converters.transform(timm_vit(), to="sinkhorn", n_iter=3, optimizer="adam", lr=1e-3, scheduler="constant")
+    model = converters.transform(timm_vit(), to="sinkhorn", n_iter=3,
+                                 optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
     x, y = images(8), torch.arange(8) % 7
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
@@ -159,8 +162,8 @@ def test_timm_vit_outside_the_zoo_layout_keeps_its_class_with_attention_swapped(
     with torch.no_grad():
         assert not close(three(x), src(x), 1e-3)
     assert lowers_loss(three, x, torch.arange(4) % 7)
-    with pytest.raises(ZooError, match=r"'lr' only apply when the result is a zoo SinkformerViT.*register tokens"):
-        converters.transform(src, to="sinkhorn", lr=0.1)
+    with pytest.raises(ZooError, match=r"'optimizer' only apply when the result is a zoo SinkformerViT.*register"):
+        converters.transform(src, to="sinkhorn", optimizer=functools.partial(torch.optim.SGD, lr=0.1))
 
 
 def test_timm_blocks_and_converted_models_convert_again() -> None:

@@ -1,7 +1,10 @@
-"""ImageClassifier's learning-rate schedules with real Lightning trainers: the cosine schedule needs a run of known
-length, and says so (issue 13: ``--trainer.max_epochs -1`` with the cosine schedule raised an OverflowError)."""
+"""ImageClassifier's injected training settings with real Lightning trainers and in a plain PyTorch loop: optimiser
+and schedule callables, weight-decay groups, schedules bound to the run length, the auxiliary-loss interface."""
 
 from __future__ import annotations
+
+import functools
+import math
 
 import lightning.pytorch as pl
 import pytest
@@ -10,6 +13,10 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import zoo
 from zoo.errors import ZooError
+from zoo.tasks.optim import InverseSqrtLR, WarmupCosineLR, parameter_groups
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1)
+CONSTANT = functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0)
 
 
 def tiny_model(**kwargs):
@@ -29,44 +36,198 @@ class Stream(IterableDataset):
         yield from images()
 
 
+class RecordLR(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
 def trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs)
 
 
+# ------------------------------------------------------------------------------------------------ schedules
+
+
 @pytest.mark.parametrize("data", ["sized", "iterable"])
 def test_cosine_with_an_unbounded_run_is_one_clear_error(data: str) -> None:
-    # sized data, max_epochs=-1 and max_steps=-1: Lightning estimates inf steps (int(inf) was an OverflowError);
-    # an iterable dataset of unknown length without max_steps: Lightning reports -1 (the cosine then ran over 1 step)
+    # sized data, max_epochs=-1 and max_steps=-1: Lightning estimates inf steps; an iterable dataset of unknown
+    # length without max_steps: Lightning reports -1 (the cosine would run over 1 step)
     loader = DataLoader(images() if data == "sized" else Stream(), batch_size=4)
     bounds = {"max_epochs": -1, "max_steps": -1} if data == "sized" else {"max_epochs": 2}
-    model = tiny_model(scheduler="cosine")
-    with pytest.raises(ZooError, match=r"scheduler='cosine' needs a bounded run") as info:
+    model = tiny_model(lr_scheduler=WarmupCosineLR)
+    with pytest.raises(ZooError, match=r"decays over the whole run") as info:
         trainer(**bounds).fit(model, loader)
-    text = str(info.value)
-    for fix in ("--trainer.max_epochs", "--trainer.max_steps", "scheduler constant or step"):
-        assert fix in text
+    for fix in ("--trainer.max_epochs", "--trainer.max_steps", "MultiStepLR"):
+        assert fix in str(info.value)
 
 
-@pytest.mark.parametrize("scheduler", ["constant", "step"])
-def test_unbounded_run_with_a_schedule_that_needs_no_total_trains(scheduler: str) -> None:
-    model = tiny_model(scheduler=scheduler, milestones=(1,), lr=0.05)
-    t = trainer(max_epochs=-1, max_steps=3)  # bounded by steps only: max_epochs stays -1
+@pytest.mark.parametrize("schedule", ["constant", "multistep"])
+def test_unbounded_run_with_a_schedule_that_needs_no_total_trains(schedule: str) -> None:
+    sched = CONSTANT if schedule == "constant" else functools.partial(torch.optim.lr_scheduler.MultiStepLR,
+                                                                      milestones=[1], gamma=0.5)
+    record = RecordLR()
+    model = tiny_model(optimizer=functools.partial(torch.optim.SGD, lr=0.05), lr_scheduler=sched)
+    t = trainer(max_epochs=-1, max_steps=4, callbacks=[record])  # bounded by steps only: max_epochs stays -1
     t.fit(model, DataLoader(images(), batch_size=4))
-    assert t.global_step == 3
+    assert t.global_step == 4
+    # two batches per epoch; MultiStepLR steps per epoch (its interval): halved from the second epoch on
+    expected = [0.05] * 4 if schedule == "constant" else [0.05, 0.05, 0.025, 0.025]
+    assert record.lrs == pytest.approx(expected, rel=1e-9)
 
 
 def test_cosine_bounded_by_max_steps_alone_decays_to_zero() -> None:
-    model = tiny_model(scheduler="cosine", lr=0.1)
-    lrs = []
-
-    class Record(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    t = trainer(max_epochs=-1, max_steps=4, callbacks=[Record()])
-    t.fit(model, DataLoader(images(), batch_size=4))
+    record = RecordLR()
+    t = trainer(max_epochs=-1, max_steps=4, callbacks=[record])
+    t.fit(tiny_model(optimizer=SGD), DataLoader(images(), batch_size=4))  # default schedule: the cosine
     assert t.global_step == 4
     # cosine over the 4 steps: 0.1 * (1 + cos(pi * s / 4)) / 2 for s = 0 .. 3
     expected = [0.1, 0.1 * (1 + 2 ** -0.5) / 2, 0.05, 0.1 * (1 - 2 ** -0.5) / 2]
-    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert record.lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_warmup_epochs_count_epochs_in_a_run_bounded_by_steps() -> None:
+    # 8 images, batch 4: 2 steps per epoch; warmup_epochs=1 is 2 warm-up steps even without max_epochs
+    record = RecordLR()
+    model = tiny_model(optimizer=SGD, lr_scheduler=functools.partial(WarmupCosineLR, warmup_epochs=1))
+    trainer(max_epochs=-1, max_steps=6, callbacks=[record]).fit(model, DataLoader(images(), batch_size=4))
+    cosine = [0.1 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)]
+    assert record.lrs == pytest.approx([0.1 / 3, 0.2 / 3, *cosine], rel=1e-6)
+
+
+def test_warmup_cosine_against_its_formula() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    sched = WarmupCosineLR(opt, warmup_steps=3, min_lr_ratio=0.1, total_steps=10)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warm = [2.0 * (t + 1) / 4 for t in range(3)]
+    decay = [2.0 * (0.1 + 0.9 * (1 + math.cos(math.pi * min(1.0, (t - 3) / 7))) / 2) for t in range(3, 12)]
+    assert seen == pytest.approx(warm + decay, rel=1e-12)
+    with pytest.raises(ZooError, match="warmup_epochs or warmup_steps"):
+        WarmupCosineLR(opt, warmup_epochs=1, warmup_steps=2)
+    with pytest.raises(ZooError, match="steps per epoch"):
+        WarmupCosineLR(torch.optim.SGD([p], lr=1.0), warmup_epochs=1, total_steps=10)
+
+
+def test_inverse_sqrt_against_fairseq_formula() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=5e-4)
+    sched = InverseSqrtLR(opt, warmup_updates=4, warmup_init_lr=1e-7)
+    seen = []
+    for _ in range(9):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warm = [1e-7 + u * (5e-4 - 1e-7) / 4 for u in range(4)]
+    decay = [5e-4 * math.sqrt(4 / u) for u in range(4, 9)]
+    assert seen == pytest.approx(warm + decay, rel=1e-12)
+
+
+def test_reduce_on_plateau_monitors_the_validation_loss() -> None:
+    model = tiny_model(lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
+    config = model.configure_optimizers()
+    assert config["lr_scheduler"]["monitor"] == "val_loss" and config["lr_scheduler"]["interval"] == "epoch"
+
+
+# ------------------------------------------------------------------------------------------------ plain PyTorch
+
+
+def test_plain_pytorch_loop_with_the_recipe_optimiser_and_decay_groups() -> None:
+    model = tiny_model(optimizer=functools.partial(torch.optim.SGD, lr=0.5, weight_decay=0.1),
+                       lr_scheduler=functools.partial(WarmupCosineLR, warmup_steps=1))
+    config = model.configure_optimizers(total_steps=3)  # no Trainer
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
+                                                        if p.ndim > 1}  # conv and linear weights
+    norms = {f"{m}.{n}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+             for n, _ in mod.named_parameters(recurse=False)}
+    assert {names[id(p)] for p in no_decay["params"]} == norms | {n for n, _ in model.named_parameters()
+                                                                   if n.endswith("bias")}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    x, y = images()[:]
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr = opt.param_groups[0]["lr"]
+    assert lr == pytest.approx(0.25)  # warm-up step 0 of 1: lr / 2
+    opt.zero_grad()
+    model.loss(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    sched.step()
+    # plain SGD (no momentum): p - lr (g + wd p) for weights, p - lr g for norms and biases
+    for n, p in model.named_parameters():
+        wd = 0.1 if p.ndim > 1 else 0.0
+        torch.testing.assert_close(p.detach(), before[n] - lr * (grads[n] + wd * before[n]), rtol=1e-6, atol=1e-7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # cosine from its peak
+
+
+def test_configure_optimizers_without_a_trainer_needs_the_run_length_for_the_cosine() -> None:
+    with pytest.raises(ZooError, match=r"configure_optimizers\(total_steps=N\)"):
+        tiny_model().configure_optimizers()
+    opt = tiny_model(lr_scheduler=CONSTANT).configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9  # the family default
+    with pytest.raises(ZooError, match="total_steps"):  # None is the family's default schedule (the cosine)
+        tiny_model(optimizer=SGD, lr_scheduler=None).configure_optimizers()
+
+
+def test_timm_no_weight_decay_names_are_exempt() -> None:
+    model = zoo.sinkformer_vit_tiny_patch16_224(img_size=32, depth=1)
+    decay, no_decay = parameter_groups(model)
+    exempt = {id(p) for p in no_decay["params"]}
+    assert id(model.pos_embed) in exempt and id(model.cls_token) in exempt
+    assert id(model.blocks[0].attn.qkv.weight) not in exempt
+
+
+def test_training_settings_are_not_hyperparameters_and_strings_get_the_new_form() -> None:
+    model = tiny_model(optimizer=SGD, lr_scheduler=CONSTANT)
+    assert "optimizer" not in model.hparams and "lr_scheduler" not in model.hparams
+    with pytest.raises(ZooError, match=r"optimizer must be a callable.*class_path: torch.optim.SGD"):
+        tiny_model(optimizer="sgd")
+    with pytest.raises(ZooError, match=r"lr_scheduler must be a callable.*WarmupCosineLR"):
+        tiny_model(lr_scheduler="cosine")
+    with pytest.raises(TypeError, match="lr"):
+        tiny_model(lr=0.1)
+
+
+# ------------------------------------------------------------------------------------------------ extra losses
+
+
+class WithAuxLoss(type(tiny_model())):
+    """A model with an extra loss through the task's interface (as V-MoE's load balancing)."""
+
+    def auxiliary_losses(self):
+        return {"weights_l2": 0.5 * self.fc.weight.pow(2).sum()}
+
+    def diagnostics(self):
+        return {"fc_norm": self.fc.weight.detach().norm()}
+
+
+def test_auxiliary_losses_join_the_training_loss_and_are_logged() -> None:
+    torch.manual_seed(0)
+    model = WithAuxLoss(layers=(1, 1, 1), widths=(4, 4, 4), num_classes=3, stem="cifar", optimizer=SGD,
+                        lr_scheduler=CONSTANT)
+    x, y = images()[:4]
+    t = trainer(max_steps=1)
+    t.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert {"train_weights_l2", "train_fc_norm"} <= set(t.logged_metrics)
+    # the returned loss is cross-entropy + 0.5 ||W||^2: its gradient in fc.weight has the extra W
+    model.train()
+    loss = model.training_step((x, y), 0)
+    ce = model.loss(model(x), y)
+    torch.testing.assert_close(loss - ce, 0.5 * model.fc.weight.pow(2).sum())
+
+
+def test_features_model_cannot_train_and_says_how_to_fix() -> None:
+    model = zoo.cifar_resnet(layers=(1, 1, 1), widths=(4, 4, 4), num_classes=0)
+    with pytest.raises(ZooError, match=r"reset_classifier"):
+        model.training_step(images()[:2], 0)

@@ -234,6 +234,9 @@ def _trainer_run_length(trainer: Any) -> tuple[int, float | None]:
             "--trainer.max_steps N (Trainer(max_epochs=...) / Trainer(max_steps=...)), or give a schedule that "
             "needs no total (e.g. lr_scheduler: {class_path: torch.optim.lr_scheduler.MultiStepLR, ...}, or none)"
         )
+    if getattr(trainer, "train_dataloader", None) is None and hasattr(trainer, "fit_loop"):
+        # Lightning counts the batches only for runs bounded by epochs; set the data up as it does then
+        trainer.fit_loop.setup_data()
     batches = getattr(trainer, "num_training_batches", math.inf)
     per_epoch = None
     if isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1:
