@@ -58,8 +58,8 @@ def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
 
 
 def is_model(name: str) -> bool:
-    """True if ``name`` is a registered model."""
-    return name in _MODEL_ENTRYPOINTS
+    """True if ``name`` is a registered model (a pretrained tag, ``"resnet50.tv2_in1k"``, is ignored, as in timm)."""
+    return isinstance(name, str) and name.partition(".")[0] in _MODEL_ENTRYPOINTS
 
 
 def model_entrypoint(name: str) -> Callable[..., Any]:
@@ -76,6 +76,19 @@ def model_entrypoint(name: str) -> Callable[..., Any]:
         ) from None
 
 
-def create_model(name: str, weights: str | None = None, **kwargs: Any) -> Any:
-    """Build the registered model ``name``; ``weights`` and keyword arguments go to its builder."""
-    return model_entrypoint(name)(weights=weights, **kwargs)
+def create_model(name: str, weights: str | None = None, pretrained: bool = False, **kwargs: Any) -> Any:
+    """Build the registered model ``name`` (``"arch"`` or ``"arch.tag"``, as in timm).
+
+    A tag passes its :class:`zoo.pretrained.PretrainedCfg` to the builder as ``pretrained_cfg`` (an unknown tag is
+    one error listing the architecture's tags); ``pretrained=True`` loads the weights of that cfg, or of the
+    architecture's default tag without one. ``weights`` and the other keyword arguments go to the builder.
+    """
+    arch, _, tag = name.partition(".") if isinstance(name, str) else (name, "", "")
+    builder = model_entrypoint(arch)
+    if tag:
+        from zoo.pretrained import get_pretrained_cfg
+
+        kwargs["pretrained_cfg"] = get_pretrained_cfg(name)
+    if pretrained:  # only when asked: a builder without tags keeps its plain signature
+        kwargs["pretrained"] = pretrained
+    return builder(weights=weights, **kwargs)

@@ -1,0 +1,474 @@
+"""Pretrained configurations as data (timm's ``pretrained_cfg`` / ``default_cfgs``), and the one builder helper.
+
+Every family declares its weights and published configurations next to its builders as ``default_cfgs``, a
+mapping ``"arch.tag" -> PretrainedCfg`` registered with :func:`register_pretrained_cfgs`. An entry says where the
+weights come from (``source``: a torchvision weights enum name such as ``"ResNet152_Weights.IMAGENET1K_V2"``,
+``"hf-hub:timm/resnet50.a1_in1k"``, a file, or None for a published configuration without weights), the
+evaluation transform in timm's keys (``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``), the
+number of classes, the license, what function converted weights compute (``conversion``), and accuracies marked
+``published`` or ``measured``, of the ``source`` weights or of this ``model``.
+
+    >>> import zoo
+    >>> names = zoo.list_pretrained("momentum_resnet152.*")  # "momentum_resnet152.tv2_in1k", ...
+    >>> m = zoo.create_model("momentum_resnet152.tv2_in1k", pretrained=True)  # doctest: +SKIP
+
+As in timm, the first tag registered for an architecture is its default (``pretrained=True`` without a tag), and
+``model.pretrained_cfg`` (alias ``default_cfg``) describes the model AS BUILT (its input size and number of
+classes), so ``timm.data.resolve_data_config({}, model=m)`` gives the right transform.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import inspect
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from zoo.errors import ZooError
+
+__all__ = [
+    "PretrainedCfg",
+    "build_model",
+    "get_pretrained_cfg",
+    "list_pretrained",
+    "register_pretrained_cfgs",
+    "resolve_pretrained_cfg",
+    "split_model_name_tag",
+]
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+METRIC_KINDS = ("published", "measured")
+METRIC_OF = ("source", "model")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+CROP_MODES = ("center", "squash", "border")
+
+
+@dataclass
+class PretrainedCfg:
+    """One pretrained configuration: timm's ``PretrainedCfg`` keys, and zoo's ``source``, ``model_args``,
+    ``conversion``, ``metrics``, ``recipe``.
+
+    ``metrics`` maps a name (``"imagenet-1k/top1"``) to ``{"value": float, "kind": "published" | "measured",
+    "of": "source" | "model", "note": str (optional)}``: ``of="source"`` is the accuracy of the weights as
+    published by their source (torchvision, timm), ``of="model"`` that of this model (after a conversion or a
+    refit). ``model_args`` are the builder keyword arguments the tag implies (``{"gamma": 0.9}``); a caller's
+    own keyword arguments win, as in timm.
+    """
+
+    architecture: str | None = None
+    tag: str | None = None
+    source: str | None = None
+    # weight locations in timm's keys (informative: zoo reads ``source``)
+    url: str | None = None
+    file: str | None = None
+    hf_hub_id: str | None = None
+    # input / data config (timm.data.resolve_data_config reads these)
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    test_input_size: tuple[int, int, int] | None = None
+    min_input_size: tuple[int, int, int] | None = None
+    fixed_input_size: bool = False
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    test_crop_pct: float | None = None
+    crop_mode: str = "center"
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    # head / classifier and meta-data
+    num_classes: int = 1000
+    pool_size: tuple[int, ...] | None = None
+    first_conv: str | None = None
+    classifier: str | None = None
+    license: str | None = None
+    description: str | None = None
+    origin_url: str | None = None
+    paper_name: str | None = None
+    paper_ids: str | tuple[str, ...] | None = None
+    notes: tuple[str, ...] | None = None
+    # zoo's keys
+    model_args: dict[str, Any] = field(default_factory=dict)
+    conversion: str | None = None
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "test_input_size", "min_input_size", "pool_size", "mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        if isinstance(self.notes, (list, str)):
+            self.notes = (self.notes,) if isinstance(self.notes, str) else tuple(self.notes)
+        where = f"pretrained cfg {self.name or '(unnamed)'}"
+        for name in ("input_size", "test_input_size", "min_input_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (not isinstance(value, tuple) or len(value) != 3
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise ZooError(f"{where}: {name} must be (channels, height, width) of positive integers, got {value!r}")
+        channels = self.input_size[0]
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if (not isinstance(value, tuple) or len(value) != channels
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
+                raise ZooError(f"{where}: {name} must hold {channels} finite numbers (one per input channel), "
+                               f"got {value!r}")
+        if any(s <= 0 for s in self.std):
+            raise ZooError(f"{where}: std must be positive, got {self.std!r}")
+        for name in ("crop_pct", "test_crop_pct"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                raise ZooError(f"{where}: {name} must be in (0, 1] (crop size / resize size), got {value!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ZooError(f"{where}: interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                           f"got {self.interpolation!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ZooError(f"{where}: crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ZooError(f"{where}: num_classes must be a non-negative integer, got {self.num_classes!r}")
+        if not isinstance(self.model_args, Mapping):
+            raise ZooError(f"{where}: model_args must be a mapping of builder arguments, got {self.model_args!r}")
+        self.model_args = dict(self.model_args)
+        for key, metric in self.metrics.items():
+            if not isinstance(metric, Mapping) or not {"value", "kind", "of"} <= set(metric):
+                raise ZooError(f"{where}: metric {key!r} must be a mapping with value, kind and of, got {metric!r}")
+            if metric["kind"] not in METRIC_KINDS or metric["of"] not in METRIC_OF:
+                raise ZooError(f"{where}: metric {key!r} has kind {metric['kind']!r} (one of {METRIC_KINDS}) and of "
+                               f"{metric['of']!r} (one of {METRIC_OF})")
+            if not (isinstance(metric["value"], (int, float)) and math.isfinite(metric["value"])):
+                raise ZooError(f"{where}: metric {key!r} has a value that is not a finite number: {metric['value']!r}")
+
+    @property
+    def name(self) -> str | None:
+        """``"arch.tag"`` (or the architecture alone, or None)."""
+        if self.architecture and self.tag:
+            return f"{self.architecture}.{self.tag}"
+        return self.architecture
+
+    @property
+    def has_weights(self) -> bool:
+        """True when the entry names weights (``source``); False for a published configuration alone."""
+        return self.source is not None
+
+    def to_dict(self, remove_source: bool = False, remove_null: bool = True) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` dict (``pool_size``, ``first_conv``, ``classifier`` kept even when None;
+        other None or empty values dropped with ``remove_null``; weight locations dropped with ``remove_source``)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = copy.deepcopy(getattr(self, f.name))
+            if remove_source and f.name in ("url", "file", "hf_hub_id", "source"):
+                continue
+            if remove_null and (value is None or value == {}) and f.name not in ("pool_size", "first_conv",
+                                                                                 "classifier"):
+                continue
+            out[f.name] = value
+        return out
+
+    def replace(self, **changes: Any) -> PretrainedCfg:
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(copy.deepcopy(self), **changes)
+
+
+# ------------------------------------------------------------------------------------------------
+# The table: architecture -> tag -> cfg (insertion order: the first tag is the architecture's default)
+
+_PRETRAINED_CFGS: dict[str, dict[str, PretrainedCfg]] = {}
+_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+
+
+def split_model_name_tag(name: str, no_tag: str = "") -> tuple[str, str]:
+    """``"resnet50.tv2_in1k"`` -> ``("resnet50", "tv2_in1k")`` (timm's rule: the first dot splits)."""
+    if not isinstance(name, str) or not name:
+        raise ZooError(f"a model name must be a non-empty string such as 'resnet50' or 'resnet50.tv2_in1k', "
+                       f"got {name!r}")
+    arch, _, tag = name.partition(".")
+    return arch, tag or no_tag
+
+
+def _as_cfg(value: PretrainedCfg | Mapping[str, Any], where: str) -> PretrainedCfg:
+    if isinstance(value, PretrainedCfg):
+        return copy.deepcopy(value)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - _CFG_FIELDS)
+        if unknown:
+            raise ZooError(f"{where}: unknown pretrained cfg keys {unknown}; known keys are {sorted(_CFG_FIELDS)}")
+        return PretrainedCfg(**copy.deepcopy(dict(value)))
+    raise ZooError(f"{where}: a pretrained cfg must be a PretrainedCfg or a mapping, got {type(value).__name__}")
+
+
+def register_pretrained_cfgs(cfgs: Mapping[str, PretrainedCfg | Mapping[str, Any]]) -> dict[str, PretrainedCfg]:
+    """Register ``{"arch.tag": cfg}`` (a family's ``default_cfgs``); returns the registered cfgs, with their
+    ``architecture`` and ``tag`` filled in. The first tag registered for an architecture is its default.
+    Registering the same entry again is a no-op; another entry under a registered name is refused."""
+    out: dict[str, PretrainedCfg] = {}
+    for name, value in cfgs.items():
+        arch, tag = split_model_name_tag(name)
+        if not tag:
+            raise ZooError(f"pretrained cfg {name!r} has no tag: name entries 'arch.tag' (e.g. 'resnet50.tv2_in1k')")
+        cfg = _as_cfg(value, f"pretrained cfg {name!r}")
+        if cfg.architecture not in (None, arch) or cfg.tag not in (None, tag):
+            raise ZooError(f"pretrained cfg {name!r} says architecture={cfg.architecture!r}, tag={cfg.tag!r}")
+        cfg.architecture, cfg.tag = arch, tag
+        tags = _PRETRAINED_CFGS.setdefault(arch, {})
+        if tag in tags and tags[tag] != cfg:
+            raise ZooError(f"a different pretrained cfg {name!r} is already registered")
+        tags.setdefault(tag, cfg)
+        out[name] = copy.deepcopy(cfg)
+    return out
+
+
+def _natural_key(name: str) -> list[int | str]:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name.lower())]
+
+
+def _filters(value: str | Iterable[str] | None) -> list[str]:
+    if not value:
+        return []
+    patterns = [value] if isinstance(value, str) else list(value)
+    # as timm: a filter without a tag also matches every tag of the names it matches ("resnet50" -> "resnet50.*")
+    return [p for f in patterns for p in ([f] if "." in f else [f, f"{f}.*"])]
+
+
+def list_pretrained(filter: str | Iterable[str] = "", exclude_filters: str | Iterable[str] = "",
+                    has_weights: bool | None = None) -> list[str]:
+    """Sorted (naturally, as timm) ``"arch.tag"`` names of the registered pretrained cfgs matching the shell-style
+    ``filter`` (one pattern or several) and none of ``exclude_filters``. ``has_weights=True`` keeps the entries
+    with weights (timm's ``list_pretrained`` lists only these), ``False`` the published configurations without."""
+    names = {f"{arch}.{tag}" for arch, tags in _PRETRAINED_CFGS.items() for tag in tags}
+    include = _filters(filter)
+    if include:
+        names = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)}
+    exclude = _filters(exclude_filters)
+    names = {n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    if has_weights is not None:
+        names = {n for n in names if _lookup(n).has_weights == has_weights}
+    return sorted(names, key=_natural_key)
+
+
+def _lookup(name: str) -> PretrainedCfg:
+    arch, tag = split_model_name_tag(name)
+    return _PRETRAINED_CFGS[arch][tag]
+
+
+def get_pretrained_cfg(name: str, allow_unregistered: bool = True) -> PretrainedCfg | None:
+    """A copy of the cfg of ``"arch.tag"``, or of the architecture's default tag for ``"arch"``; None for an
+    architecture without registered cfgs (``allow_unregistered``; else one ZooError). An unknown tag of an
+    architecture that has cfgs is one ZooError listing its tags."""
+    arch, tag = split_model_name_tag(name)
+    tags = _PRETRAINED_CFGS.get(arch)
+    if not tags:
+        if tag or not allow_unregistered:
+            from zoo.registry import is_model
+
+            what = "no pretrained cfgs" if is_model(arch) else "not a registered model"
+            raise ZooError(f"{arch!r} has {what}: see zoo.list_pretrained() for the names with tags")
+        return None
+    if not tag:
+        return copy.deepcopy(next(iter(tags.values())))
+    if tag not in tags:
+        raise ZooError(f"{arch!r} has no pretrained tag {tag!r}; its tags are {', '.join(tags)} "
+                       "(zoo.list_pretrained(" + repr(arch) + "))")
+    return copy.deepcopy(tags[tag])
+
+
+def pretrained_cfgs_of(arch: str) -> list[PretrainedCfg]:
+    """Copies of every cfg registered for ``arch``, default first."""
+    return [copy.deepcopy(c) for c in _PRETRAINED_CFGS.get(arch, {}).values()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolving the cfg of a build
+
+_TORCHVISION_ENUM = re.compile(r"(\w+_Weights)\.(\w+)")
+
+
+def _source_matches(source: str | None, weights: str) -> bool:
+    """True when ``weights`` (as a builder's ``weights=`` spells it) names the entry's ``source``: the same string,
+    or the torchvision weight name alone (``"IMAGENET1K_V2"`` for ``"ResNet50_Weights.IMAGENET1K_V2"``), or
+    torchvision's ``"DEFAULT"`` alias of it."""
+    if source is None:
+        return False
+    if weights == source:
+        return True
+    found = _TORCHVISION_ENUM.fullmatch(source)
+    if not found:
+        return False
+    enum_name, member = found.groups()
+    enum_given, _, given = weights.rpartition(".")
+    if enum_given not in ("", enum_name):
+        return False
+    if given == member:
+        return True
+    if given == "DEFAULT":
+        import torchvision
+
+        try:
+            return torchvision.models.get_weight(f"{enum_name}.DEFAULT").name == member
+        except (ValueError, KeyError, AttributeError):
+            return False
+    return False
+
+
+def _signature_defaults(cls: Callable[..., Any]) -> dict[str, Any]:
+    """Keyword defaults of ``cls`` and of the classes it passes ``**kwargs`` to (its MRO's ``__init__``)."""
+    out: dict[str, Any] = {}
+    for klass in reversed(getattr(cls, "__mro__", (cls,))):
+        init = klass.__dict__.get("__init__") if isinstance(klass, type) else klass
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        out.update({p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+    return out
+
+
+def _agrees(cfg: PretrainedCfg, effective: Mapping[str, Any]) -> bool:
+    return all(k in effective and effective[k] == v for k, v in cfg.model_args.items())
+
+
+def resolve_pretrained_cfg(arch: str, pretrained_cfg: PretrainedCfg | Mapping[str, Any] | str | None = None,
+                           weights: str | os.PathLike | None = None,
+                           base_cfg: PretrainedCfg | Mapping[str, Any] | None = None,
+                           model_kwargs: Mapping[str, Any] | None = None) -> PretrainedCfg:
+    """The cfg a build of ``arch`` starts from: ``pretrained_cfg`` (a cfg, a mapping, or a tag of ``arch``); else
+    the table entry whose source ``weights`` names (among several, the one whose ``model_args`` agree with
+    ``model_kwargs``); else, for other weights (a file), the architecture's default cfg with that ``source``;
+    else the default tag's cfg; else ``base_cfg`` (the family's description of an architecture without tags)."""
+    if isinstance(pretrained_cfg, str):
+        return get_pretrained_cfg(f"{arch}.{pretrained_cfg}")
+    if pretrained_cfg is not None:
+        cfg = _as_cfg(pretrained_cfg, f"pretrained_cfg of {arch}")
+        cfg.architecture = cfg.architecture or arch
+        return cfg
+    default = get_pretrained_cfg(arch)
+    if default is None:
+        default = _as_cfg(base_cfg, f"base cfg of {arch}") if base_cfg is not None else PretrainedCfg()
+        default.architecture = default.architecture or arch
+    if weights is None:
+        return default
+    spec = str(weights)
+    candidates = [c for c in pretrained_cfgs_of(arch) if _source_matches(c.source, spec)]
+    if candidates:
+        effective = dict(model_kwargs or {})
+        return next((c for c in candidates if _agrees(c, effective)), candidates[0])
+    # weights outside the table (a file, another hub repository): the architecture's transforms, that source
+    return default.replace(tag=None, source=spec, url=None, file=None, hf_hub_id=None, license=None, metrics={},
+                           conversion=None, model_args={}, recipe=None, description=None, notes=None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The builder helper
+
+FEATURE_CLASSES = ("getter",)
+
+
+def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str, Any] | None = None,
+                kwargs: Mapping[str, Any] | None = None, *, pretrained: bool = False,
+                weights: str | os.PathLike | None = None,
+                base_cfg: PretrainedCfg | Mapping[str, Any] | None = None) -> nn.Module:
+    """Build ``cls`` for the registered architecture ``arch`` as timm's ``build_model_with_cfg`` does.
+
+    Keyword arguments: the builder's ``defaults`` < the tag's ``model_args`` < the caller's ``kwargs``. Handles
+    ``pretrained_cfg`` (a cfg, mapping or tag; :func:`zoo.create_model` passes the cfg of ``"arch.tag"``),
+    ``pretrained=True`` (the weights of the cfg's ``source``; without a tag the default tag's), ``weights=`` (any
+    source zoo reads; a torchvision name or hub id of a table entry makes that entry the model's cfg), the head the
+    weights hold (a zoo file records it; a table entry has ``num_classes``) unless ``num_classes`` is given,
+    ``num_classes=0`` (pooled features, no classifier) and ``global_pool=''`` (unpooled) passed to the model, and
+    ``features_only=True`` (with ``out_indices``, ``feature_cls="getter"``, ``output_fmt``, ``norm``): a timm
+    :class:`~timm.models.FeatureGetterNet` over the model's ``forward_intermediates``, with ``feature_info``.
+
+    Sets ``model.pretrained_cfg`` (a dict in timm's keys, alias ``default_cfg``) to the cfg of the model AS BUILT:
+    ``num_classes`` is the model's, and a model's ``pretrained_cfg_as_built(cfg: dict) -> dict`` hook, when it has
+    one, corrects what its arguments changed (e.g. the ``input_size`` of a ViT built at another image size).
+    """
+    from zoo.hub import load_state_dict, read_weights, recorded_num_classes
+
+    kw = dict(kwargs or {})
+    cfg_arg = kw.pop("pretrained_cfg", None)
+    overlay = kw.pop("pretrained_cfg_overlay", None)
+    features_only = kw.pop("features_only", False)
+    feature_cfg = {k: kw.pop(k) for k in ("out_indices", "feature_cls", "output_fmt", "norm") if k in kw}
+    if feature_cfg and not features_only:
+        raise ZooError(f"{', '.join(feature_cfg)} only apply with features_only=True (a feature extractor)")
+    if not isinstance(pretrained, bool):
+        raise ZooError(f"pretrained must be True or False, got {pretrained!r}")
+    merged = {**dict(defaults or {}), **kw}
+    effective = {**_signature_defaults(cls), **merged}
+    cfg = resolve_pretrained_cfg(arch, cfg_arg, weights, base_cfg, effective)
+    if overlay:
+        cfg = cfg.replace(**dict(overlay))
+    # the tag's model arguments; the caller's own win (timm's rule), and then the tag's claims no longer hold
+    for k, v in cfg.model_args.items():
+        if k not in kw:
+            merged[k] = v
+    effective = {**_signature_defaults(cls), **merged}
+    if not _agrees(cfg, effective):
+        differ = {k: effective.get(k) for k, v in cfg.model_args.items() if effective.get(k) != v}
+        cfg = cfg.replace(
+            conversion=None, metrics={k: m for k, m in cfg.metrics.items() if m["of"] == "source"},
+            notes=(*(cfg.notes or ()), f"built with {differ}, not the tag's {cfg.model_args}: the tag's conversion "
+                                       "and model metrics do not apply"))
+    source = weights
+    if source is None and pretrained:
+        if not cfg.has_weights:
+            hint = f"; train it with the recipe {cfg.recipe!r}" if cfg.recipe else ""
+            raise ZooError(f"{cfg.name or arch} is a published configuration without weights, so pretrained=True "
+                           f"has nothing to load{hint}; build it without pretrained=True, or name a tag with weights "
+                           f"(zoo.list_pretrained({arch!r}, has_weights=True))")
+        source = cfg.source
+    if "num_classes" not in kw and source is not None:  # the head the weights hold (timm's rule)
+        recorded = recorded_num_classes(source) if weights is not None else None
+        if recorded is not None:
+            merged["num_classes"] = recorded
+        elif _source_matches(cfg.source, str(source)):
+            merged["num_classes"] = cfg.num_classes
+
+    model = cls(**merged)
+    if source is not None:
+        state_dict, source_hparams = read_weights(source, model)
+        own = model.state_dict()
+        if cfg.classifier:  # a model built without the head (num_classes=0) leaves the source's head out
+            head = tuple(f"{c}." for c in ([cfg.classifier] if isinstance(cfg.classifier, str) else cfg.classifier))
+            state_dict = {k: v for k, v in state_dict.items() if not (k.startswith(head) and k not in own)}
+        load_state_dict(model, state_dict, source_hparams=source_hparams, source=str(source))
+
+    as_built = cfg.to_dict()
+    as_built["num_classes"] = int(getattr(model, "num_classes", as_built.get("num_classes", 0)))
+    hook = getattr(model, "pretrained_cfg_as_built", None)
+    if callable(hook):
+        as_built = hook(as_built)
+    model.pretrained_cfg = as_built
+    model.default_cfg = model.pretrained_cfg
+    if features_only:
+        model = _feature_extractor(model, feature_cfg)
+    return model
+
+
+def _feature_extractor(model: nn.Module, feature_cfg: dict[str, Any]) -> nn.Module:
+    from timm.models import FeatureGetterNet
+
+    feature_cls = feature_cfg.pop("feature_cls", "getter")
+    if not (feature_cls == "getter" or (isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet))):
+        raise ZooError(f"feature_cls must be 'getter' (timm's FeatureGetterNet over forward_intermediates), got "
+                       f"{feature_cls!r}: zoo's stages are residual stacks, not the module sequence timm's "
+                       "hook-based extractors walk")
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
+        raise ZooError(f"{type(model).__name__} has no forward_intermediates / feature_info, so features_only=True "
+                       "cannot build a feature extractor")
+    feature_cls = FeatureGetterNet if isinstance(feature_cls, str) else feature_cls
+    out_indices = feature_cfg.pop("out_indices", tuple(range(len(model.feature_info))))
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
+    extractor = feature_cls(model, out_indices=out_indices, **feature_cfg)
+    extractor.pretrained_cfg = cfg
+    extractor.default_cfg = extractor.pretrained_cfg
+    return extractor
