@@ -40,6 +40,7 @@ from zoo.errors import ZooError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 _META_CONFIG = "zoo.config"
 _META_ALIASES = "zoo.aliases"
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "heads.head.")
@@ -512,14 +513,18 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into a folder, or one ``.safetensors`` file.
+def save_pretrained(model: nn.Module, path: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` + a ``README.md`` model card into a folder, or one
+    ``.safetensors`` file.
 
     The weights file is the single source of truth: its metadata holds the config, and ``from_pretrained``
-    reads only it. ``config.json`` is a copy for people and tools that look for one, written after the
-    weights; each file is written to a temporary name and renamed, so a reader sees either the old or the new
-    weights, never a mix, even when a save is killed between the two files (``config.json`` then lags
+    reads only it. ``config.json`` (a copy for people and tools that look for one) and the model card
+    (:func:`zoo.model_card.model_card`; ``repo_id`` names the Hub repository in its usage line) are written after
+    the weights; each file is written to a temporary name and renamed, so a reader sees either the old or the new
+    weights, never a mix, even when a save is killed between the files (``config.json`` and the card then lag
     behind until the next save)."""
+    from zoo.model_card import model_card
+
     path = Path(path)
     config = model_config(model)
     meta = {_META_CONFIG: json.dumps(config)}
@@ -528,7 +533,29 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
         return save_safetensors(state_dict, path, meta)
     save_safetensors(state_dict, path / WEIGHTS_NAME, meta)
     atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    card = model_card(model, config, repo_id=repo_id)
+    atomic_write(path / CARD_NAME, lambda tmp: Path(tmp).write_text(card))
     return path
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, commit_message: str = "Upload zoo model", create_pr: bool = False,
+                ) -> Any:
+    """Upload ``model`` to the Hugging Face Hub repository ``repo_id`` (created when missing) in
+    ``save_pretrained``'s layout (``model.safetensors``, ``config.json``, ``README.md``), through
+    ``huggingface_hub`` (its token: ``token``, ``HF_TOKEN`` or ``huggingface-cli login``). Returns the commit
+    information; ``zoo.from_pretrained(f"hf-hub:{repo_id}")`` and builders' ``weights="hf-hub:..."`` read it back."""
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ZooError(f"repo_id must be 'namespace/name' (a Hub user or organisation and a repository name), got "
+                       f"{repo_id!r}")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="zoo-push-") as folder:
+        save_pretrained(model, folder, repo_id=repo_id)
+        api.create_repo(repo_id=repo_id, private=private, repo_type="model", exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                 commit_message=commit_message, create_pr=create_pr)
 
 
 def _config_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any] | None:
@@ -552,6 +579,12 @@ def _config_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any]
 
 # init_args a file may not set: they would make the constructor read or fetch something else
 _FORBIDDEN_INIT_ARGS = ("weights",)
+# training settings that files written before they were injected (optimizer / lr_scheduler callables) recorded as
+# model arguments; dropped when the class no longer takes them (they are not part of the model)
+_LEGACY_TRAINING_ARGS = frozenset({
+    "optimizer", "lr", "momentum", "weight_decay", "betas", "nesterov", "adam_eps", "scheduler", "warmup_epochs",
+    "milestones", "lr_gamma", "warmup_updates", "warmup_init_lr",
+})
 # no architecture hyperparameter of a zoo model is larger than this unless the file's weights are: a bound that
 # keeps a crafted config from building millions of modules on the meta device before the shape check
 _MAX_INIT_INT = 1 << 16
@@ -564,6 +597,21 @@ def _init_parser(cls: type) -> Any:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, fail_untyped=False)
     return parser
+
+
+def drop_legacy_training_args(cls: type, init_args: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``init_args`` without the training settings an earlier version saved as model arguments (``lr``,
+    ``optimizer: "sgd"`` ...), which ``cls`` no longer takes; one info line names what was dropped."""
+    accepted = {key.split(".")[0] for key in _init_parser(cls).get_defaults()}
+    dropped = sorted(k for k in init_args if k in _LEGACY_TRAINING_ARGS
+                     and (k not in accepted or (k == "optimizer" and isinstance(init_args[k], str))))
+    if not dropped:
+        return dict(init_args)
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(f"zoo: {source} was saved with training settings as model arguments ({', '.join(dropped)}); "
+                   "they are not part of the model and were dropped (give optimizer= / lr_scheduler= to train)")
+    return {k: v for k, v in init_args.items() if k not in dropped}
 
 
 def check_init_args(cls: type, init_args: Mapping[str, Any], source: str, max_int: int | None = None) -> None:
@@ -692,6 +740,7 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     if cls is not None and not issubclass(model_cls, cls):
         raise ZooError(f"{src} holds a {model_cls.__name__}, not a {cls.__name__}")
     largest = max((math.prod(shape) for shape, _ in specs.values()), default=0)
+    init_args = drop_legacy_training_args(model_cls, init_args, source)
     check_init_args(model_cls, init_args, source, max_int=max(_MAX_INIT_INT, largest))
     # arguments added after the file was written take the value that reproduces what it was built with
     init_args = {**getattr(model_cls, "legacy_init_args", {}), **init_args}
@@ -708,9 +757,13 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
 class HubMixin:
     """``save_pretrained`` / ``from_pretrained`` for zoo models."""
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Save config and weights (folder or single ``.safetensors`` file)."""
-        return save_pretrained(self, path)  # type: ignore[arg-type]
+    def save_pretrained(self, path: str | os.PathLike, repo_id: str | None = None) -> Path:
+        """Save weights, config and model card (folder) or weights with the config (one ``.safetensors`` file)."""
+        return save_pretrained(self, path, repo_id=repo_id)  # type: ignore[arg-type]
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload to the Hugging Face Hub in ``save_pretrained``'s layout (see :func:`zoo.hub.push_to_hub`)."""
+        return push_to_hub(self, repo_id, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike, **overrides: Any) -> nn.Module:
