@@ -119,7 +119,8 @@ def test_ckpt_class_path_of_a_foreign_module_is_never_imported(tmp_path: Path) -
     {"class_path": "{name}.Net"},  # no _class_path: Lightning merged the dict into the model's config as it is
     {"_class_path": "zoo.models.DepthScaledResNet", "class_path": "{name}.Net"},
     {"_class_path": "zoo.models.DepthScaledResNet", "init_args": {"class_path": "{name}.Net"}},
-    {"_class_path": "zoo.models.DepthScaledResNet", "_instantiator": "{name}.Net", "lr": "{{class_path: {name}.Net}}"},
+    {"_class_path": "zoo.models.DepthScaledResNet", "_instantiator": "{name}.Net",
+     "label_smoothing": "{{class_path: {name}.Net}}"},
 ], ids=["class_path_key", "both_keys", "init_args_key", "instantiator_and_yaml_string"])
 def test_ckpt_hyperparameters_naming_a_module_import_nothing(
     hparams: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -170,16 +171,20 @@ def test_ckpt_class_path_resolves_through_the_registry(tmp_path: Path, monkeypat
     """Any registered spelling of a zoo class works; the checkpoint's class and hyperparameters replace the
     recipe's (Lightning's behaviour), the recipe's other arguments stay."""
     monkeypatch.chdir(tmp_path)
-    ckpt = lightning_file(tmp_path / "heun.ckpt", {"_class_path": "zoo.HeunNet", "gamma": 0.5, "lr": 0.25,
+    ckpt = lightning_file(tmp_path / "heun.ckpt", {"_class_path": "zoo.HeunNet", "gamma": 0.5, "label_smoothing": 0.25,
                                                    "_instantiator": "lightning.pytorch.cli.instantiate_module"})
     model = parsed_model_config([*VALIDATE, "--ckpt_path", str(ckpt)], monkeypatch)
     assert model.class_path == "zoo.models.resnet.HeunNet"
-    assert (model.init_args.gamma, model.init_args.lr) == (0.5, 0.25)
+    assert (model.init_args.gamma, model.init_args.label_smoothing) == (0.5, 0.25)
     assert model.init_args.stem == "cifar" and model.init_args.num_classes == 10  # the recipe's
     # the recipe's own spelling of the same class is kept
-    path, init_args = _checkpoint_model("x.ckpt", {"_class_path": "zoo.models.resnet.DepthScaledResNet", "lr": 1.0},
+    path, init_args = _checkpoint_model("x.ckpt", {"_class_path": "zoo.models.resnet.DepthScaledResNet", "gamma": 0.5},
                                         chosen="zoo.models.DepthScaledResNet")
-    assert (path, init_args) == ("zoo.models.DepthScaledResNet", {"lr": 1.0})
+    assert (path, init_args) == ("zoo.models.DepthScaledResNet", {"gamma": 0.5})
+    # checkpoints written before training settings were injected: those arguments are dropped
+    old = {"_class_path": "zoo.models.DepthScaledResNet", "gamma": 0.5, "optimizer": "sgd", "lr": 0.1,
+           "scheduler": "cosine", "warmup_epochs": 1, "momentum": 0.9}
+    assert _checkpoint_model("old.ckpt", old, chosen=None)[1] == {"gamma": 0.5}
 
 
 @pytest.mark.parametrize("hparams, words", [
@@ -304,7 +309,8 @@ def test_lightning_configuration_error_at_run_time_is_one_line(tmp_path: Path, c
 
 
 def test_convert_option_that_is_not_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert_convert_fails(["--from", "torchvision:resnet18", "--to", "depth_scaled", "--option", "memory=[1,2"],
+    assert_convert_fails(["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled",
+                          "--option", "memory=[1,2"],
                          ["--option memory=", "not a YAML value", "quote"], tmp_path, capsys)
 
 

@@ -65,10 +65,10 @@ def test_convert_from_hf_hub_weights_with_options(timm_source, tmp_path: Path,
     out_dir = tmp_path / "sink"
     code, out, err = run_main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights",
                                "hf-hub:timm/vit_tiny_patch16_224.zoo_test", "--to", "sinkhorn", "--n-iter", "1",
-                               "--option", "lr=0.0001", "--option", "record_stats=true", "--out", str(out_dir)], capsys)
+                               "--option", "label_smoothing=0.1", "--option", "record_stats=true", "--out", str(out_dir)], capsys)
     assert code == 0, err
     model = SinkformerViT.from_pretrained(out_dir).eval()
-    assert (model.hparams.n_iter, model.hparams.lr, model.hparams.record_stats) == (1, 1e-4, True)
+    assert (model.hparams.n_iter, model.hparams.label_smoothing, model.hparams.record_stats) == (1, 0.1, True)
     x = images()
     with torch.no_grad():
         assert close(model(x), source(x))
@@ -76,10 +76,12 @@ def test_convert_from_hf_hub_weights_with_options(timm_source, tmp_path: Path,
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--from", "timm:vit_tiny_patch16_224", "--to", "sinkhorn", "--n-iter", "0"], ["n_iter must be an integer >= 1"]),
-    (["--from", "timm:vit_tiny_patch16_224", "--to", "sinkhorn", "--option", "gamma=0.9"],
+    (["--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "sinkhorn", "--n-iter", "0"],
+     ["n_iter must be an integer >= 1"]),
+    (["--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "sinkhorn", "--option", "gamma=0.9"],
      ["unknown option 'gamma'", "n_iter"]),
-    (["--from", "timm:resnet18", "--to", "sinkhorn"], ["cannot convert", "'sinkhorn'", "MultiheadAttention"]),
+    (["--from", "timm:resnet18", "--weights", "none", "--to", "sinkhorn"],
+     ["cannot convert", "'sinkhorn'", "MultiheadAttention"]),
     (["--from", "timm:vit_tiny_patch16_224", "--weights", "hf-hub:timm/not_in_the_cache", "--to", "sinkhorn"],
      ["hf-hub:timm/not_in_the_cache"]),
 ])

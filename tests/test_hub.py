@@ -4,6 +4,7 @@ for weights that do not fit, atomic writes. Everything runs offline: the tests f
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -217,14 +218,14 @@ def test_zoo_load_weights_function(tmp_path):
 
 
 def test_hf_hub_repo_from_the_cache(tmp_path):
-    source = small_model(**DEEP, seed=6, lr=0.02)
+    source = small_model(**DEEP, seed=6, label_smoothing=0.02)
     source.save_pretrained(tmp_path / "saved")
     put_in_hf_cache("org/name", {"config.json": tmp_path / "saved" / "config.json",
                                  "model.safetensors": tmp_path / "saved" / "model.safetensors"})
     expected = outputs(source, SMALL_IMAGE)
 
     loaded = zoo.from_pretrained("hf-hub:org/name")
-    assert type(loaded) is DepthScaledResNet and loaded.hparams.lr == 0.02
+    assert type(loaded) is DepthScaledResNet and loaded.hparams.label_smoothing == 0.02
     assert_same_state(loaded.state_dict(), source.state_dict())
     torch.testing.assert_close(outputs(loaded, SMALL_IMAGE), expected, rtol=0, atol=0)
 
@@ -234,7 +235,7 @@ def test_hf_hub_repo_from_the_cache(tmp_path):
 
     at_commit = zoo.from_pretrained(f"hf-hub:org/name@{COMMIT}")
     assert_same_state(at_commit.state_dict(), source.state_dict())
-    assert DepthScaledResNet.from_pretrained("hf-hub:org/name").hparams.lr == 0.02
+    assert DepthScaledResNet.from_pretrained("hf-hub:org/name").hparams.label_smoothing == 0.02
 
 
 def test_hf_hub_repo_with_a_plain_pytorch_model_bin(tmp_path):
@@ -257,21 +258,24 @@ def test_hf_hub_repo_not_in_the_cache_is_a_clear_error():
 
 @pytest.mark.parametrize("target", ["folder", "m.safetensors"])
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, target):
-    source = small_model(**DEEP, seed=8, lr=0.03, memory="adjoint", optimizer="adamw", num_classes=7)
+    source = small_model(**DEEP, seed=8, label_smoothing=0.03, memory="adjoint", num_classes=7,
+                         optimizer=functools.partial(torch.optim.AdamW, lr=0.03))
     path = tmp_path / target
     assert source.save_pretrained(path) == path
     if target == "folder":
-        assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
         config = json.loads((path / "config.json").read_text())
         assert config["class_path"] == "zoo.models.resnet.DepthScaledResNet"
-        assert config["init_args"]["lr"] == 0.03 and "weights" not in config["init_args"]
+        assert config["init_args"]["label_smoothing"] == 0.03 and "weights" not in config["init_args"]
+        assert "optimizer" not in config["init_args"]  # training settings are not part of the model
     else:
         assert list(tmp_path.iterdir()) == [path]
 
     loaded = zoo.from_pretrained(path)
     assert type(loaded) is DepthScaledResNet
     assert jsonable(loaded.hparams) == jsonable(source.hparams)
-    assert loaded.hparams.lr == 0.03 and loaded.hparams.memory == "adjoint" and loaded.hparams.optimizer == "adamw"
+    assert loaded.hparams.label_smoothing == 0.03 and loaded.hparams.memory == "adjoint"
+    assert loaded.optimizer_factory is None  # the default optimizer: training settings are given again
     assert all(s.memory == "adjoint" for s in loaded.stages)
     assert_same_state(loaded.state_dict(), source.state_dict())
     torch.testing.assert_close(outputs(loaded, SMALL_IMAGE), outputs(source, SMALL_IMAGE), rtol=0, atol=0)
@@ -279,8 +283,8 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, target):
 
 def test_from_pretrained_overrides_and_class_check(tmp_path):
     small_model(**DEEP).save_pretrained(tmp_path / "ds")
-    model = zoo.from_pretrained(tmp_path / "ds", lr=0.5)
-    assert model.hparams.lr == 0.5
+    model = zoo.from_pretrained(tmp_path / "ds", label_smoothing=0.5)
+    assert model.hparams.label_smoothing == 0.5
     assert isinstance(ResNet.from_pretrained(tmp_path / "ds"), DepthScaledResNet)  # a subclass is fine
     small_model(zoo.cifar_resnet, **DEEP).save_pretrained(tmp_path / "plain")
     with pytest.raises(ZooError, match="not a DepthScaledResNet"):

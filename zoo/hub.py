@@ -581,7 +581,7 @@ def _config_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any]
 _FORBIDDEN_INIT_ARGS = ("weights",)
 # training settings that files written before they were injected (optimizer / lr_scheduler callables) recorded as
 # model arguments; dropped when the class no longer takes them (they are not part of the model)
-_LEGACY_TRAINING_ARGS = frozenset({
+LEGACY_TRAINING_ARGS = frozenset({
     "optimizer", "lr", "momentum", "weight_decay", "betas", "nesterov", "adam_eps", "scheduler", "warmup_epochs",
     "milestones", "lr_gamma", "warmup_updates", "warmup_init_lr",
 })
@@ -602,8 +602,10 @@ def _init_parser(cls: type) -> Any:
 def drop_legacy_training_args(cls: type, init_args: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``init_args`` without the training settings an earlier version saved as model arguments (``lr``,
     ``optimizer: "sgd"`` ...), which ``cls`` no longer takes; one info line names what was dropped."""
-    accepted = {key.split(".")[0] for key in _init_parser(cls).get_defaults()}
-    dropped = sorted(k for k in init_args if k in _LEGACY_TRAINING_ARGS
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+
+    accepted = {p.name for p in get_signature_parameters(cls, None, logger=False)}
+    dropped = sorted(k for k in init_args if k in LEGACY_TRAINING_ARGS
                      and (k not in accepted or (k == "optimizer" and isinstance(init_args[k], str))))
     if not dropped:
         return dict(init_args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,13 +23,24 @@ __all__ = ["describe_factory", "model_card"]
 _PIPELINES = {"ImageClassifier": "image-classification", "TranslationTask": "translation"}
 
 
+def _public_path(cls: type) -> str:
+    """The shortest already-imported module path that exports ``cls`` (``torch.optim.SGD``, not
+    ``torch.optim.sgd.SGD``), as one would write it in a recipe; nothing is imported."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def describe_factory(factory: Any) -> dict[str, Any] | None:
     """``{"class_path": ..., "init_args": {...}}`` of an optimiser / schedule callable when it can be read
     (a class, ``functools.partial`` of one, or LightningCLI's callable), else its repr under ``"callable"``."""
     if factory is None:
         return None
     if inspect.isclass(factory):
-        return {"class_path": f"{factory.__module__}.{factory.__qualname__}", "init_args": {}}
+        return {"class_path": _public_path(factory), "init_args": {}}
     if isinstance(factory, functools.partial):
         target = factory.func
         args = factory.args
@@ -36,7 +48,7 @@ def describe_factory(factory: Any) -> dict[str, Any] | None:
             target, args = args[0], args[1:]
         if inspect.isclass(target) and not args:
             kwargs = {k: v for k, v in factory.keywords.items() if _plain(v)}
-            return {"class_path": f"{target.__module__}.{target.__qualname__}", "init_args": kwargs}
+            return {"class_path": _public_path(target), "init_args": kwargs}
     return {"callable": repr(factory)}
 
 

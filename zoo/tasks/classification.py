@@ -36,24 +36,23 @@ class ImageClassifier(pl.LightningModule):
             YAML); its ``weight_decay`` applies to weights only (:func:`zoo.tasks.optim.parameter_groups`).
             None: the family's ``default_optimizer``.
         lr_scheduler: builds the schedule from the optimiser (``LRSchedulerCallable``); schedules that need the
-            run length (:class:`zoo.tasks.optim.WarmupCosineLR`) get it from the Trainer. None: the family's
-            ``default_lr_scheduler`` (a constant rate when that is None too).
+            run length (:class:`zoo.tasks.optim.WarmupCosineLR`, the default: cosine over the run) get it from the
+            Trainer. None: a constant learning rate.
         label_smoothing: label smoothing of the cross-entropy.
 
     Extra training losses (an MoE layer's load-balancing loss ...) come from the model through
     :meth:`auxiliary_losses`; :meth:`diagnostics` adds logged values. Both are empty here.
     """
 
-    # the optimiser and schedule a family trains with when none is given (LightningCLI shows them as null)
+    # the optimiser a family trains with when none is given (LightningCLI shows it as null)
     default_optimizer: OptimizerCallable = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9,
                                                              weight_decay=5e-4)
-    default_lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR
 
     def __init__(
         self,
         num_classes: int = 1000,
         optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         label_smoothing: float = 0.0,
     ):
         super().__init__()
@@ -168,5 +167,5 @@ class ImageClassifier(pl.LightningModule):
         """
         trainer = self._trainer if total_steps is None else None
         return build_optimization(self, self.optimizer_factory or type(self).default_optimizer,
-                                  self.lr_scheduler_factory or type(self).default_lr_scheduler,
+                                  self.lr_scheduler_factory,
                                   trainer=trainer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
