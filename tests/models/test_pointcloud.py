@@ -6,6 +6,7 @@ CPU, random weights, no network."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -31,6 +32,7 @@ from zoo.models.pointcloud import (
     set_transformer_modelnet40,
 )
 from zoo.registry import list_models, model_entrypoint
+from zoo.tasks.optim import WarmupCosineLR
 
 NAMES = ["point_cloud_sinkformer", "point_cloud_transformer", "set_sinkformer_modelnet40",
          "set_transformer_modelnet40"]
@@ -68,6 +70,14 @@ def small_pct(**kwargs) -> PointCloudTransformer:
                                     "depth": 2, "fuse_dim": 32, "head_dims": (16,), **kwargs})
 
 
+def optimization(model: nn.Module) -> tuple[torch.optim.Optimizer, object]:
+    """The optimiser and schedule (None: constant) the model trains with (a plain loop of 10 epochs of 10 steps)."""
+    config = model.configure_optimizers(total_steps=100, steps_per_epoch=10)
+    if isinstance(config, torch.optim.Optimizer):
+        return config, None
+    return config["optimizer"], config["lr_scheduler"]["scheduler"]
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random biases, norms and BatchNorm statistics (zero / one initialisations would hide mistakes)."""
     g = torch.Generator().manual_seed(seed)
@@ -92,8 +102,11 @@ def test_builders_registered_with_the_published_settings() -> None:
         hp = m.hparams
         assert (hp.embed_dim, hp.num_heads, hp.depth, hp.num_inducing, hp.num_seeds, hp.num_classes) == (
             256, 4, 2, 16, 1, 40)
-        assert (hp.optimizer, hp.lr, hp.scheduler, list(hp.milestones), hp.lr_gamma) == ("adam", 1e-3, "step", [200],
-                                                                                          0.1)
+        opt, sched = optimization(m)
+        assert (type(opt), opt.defaults["lr"], opt.defaults["weight_decay"]) == (torch.optim.Adam, 1e-3, 0.0)
+        assert (type(sched), dict(sched.milestones), sched.gamma) == (torch.optim.lr_scheduler.MultiStepLR, {200: 1},
+                                                                      0.1)
+        assert not {"optimizer", "lr", "lr_scheduler", "scheduler", "milestones"} & set(hp)
         assert len(m.encoder) == 2 and len(m.decoder) == 1 and m.head.out_features == 40
     assert {a.n_iter for a in st.attentions} == {1} and {a.n_iter for a in sk.attentions} == {21}
     assert len(sk.attentions) == 2 * 2 + 1 + 1  # two MABs per ISAB, the PMA, the decoder SAB
@@ -102,8 +115,11 @@ def test_builders_registered_with_the_published_settings() -> None:
         hp = m.hparams
         assert (hp.embed_dim, tuple(hp.sample_points), hp.num_neighbors, hp.depth, hp.fuse_dim) == (
             64, (512, 256), 32, 4, 1024)
-        assert (hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.scheduler, hp.label_smoothing) == (
-            "sgd", 0.01, 0.9, 5e-4, "cosine", 0.2)
+        opt, sched = optimization(m)
+        assert (type(opt), opt.defaults["lr"], opt.defaults["momentum"], opt.defaults["weight_decay"]) == (
+            torch.optim.SGD, 0.01, 0.9, 5e-4)
+        assert isinstance(sched, WarmupCosineLR) and hp.label_smoothing == 0.2
+        assert not {"optimizer", "lr", "momentum", "weight_decay", "scheduler"} & set(hp)
         assert m.channels == 256 and m.fuse[0].in_features == 5 * 256 and m.head.out_features == 40
     assert {b.attention for b in pct.blocks} == {"pct"} and {(b.attention, b.n_iter) for b in pcs.blocks} == {
         ("sinkhorn", 21)}
@@ -337,15 +353,15 @@ def train_and_eval(model: pl.LightningModule, epochs: int, tmp_path: Path,
 
 
 def test_set_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> None:
-    model = small_set(num_classes=4, embed_dim=32, num_heads=4, num_inducing=8, layer_norm=False, n_iter=5, lr=3e-3,
-                      scheduler="constant")
+    model = small_set(num_classes=4, embed_dim=32, num_heads=4, num_inducing=8, layer_norm=False, n_iter=5,
+                      optimizer=functools.partial(torch.optim.Adam, lr=3e-3), lr_scheduler=None)
     before, after, acc = train_and_eval(model, 12, tmp_path)
     assert after < 0.8 * before and acc > 0.5, (before, after, acc)  # chance: 0.25
 
 
 def test_point_cloud_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> None:
-    model = small_pct(num_classes=4, attention="sinkhorn", n_iter=3, optimizer="adam", lr=2e-3, weight_decay=0.0,
-                      scheduler="constant", label_smoothing=0.0, drop_rate=0.0)
+    model = small_pct(num_classes=4, attention="sinkhorn", n_iter=3, optimizer=functools.partial(torch.optim.Adam,
+                      lr=2e-3), lr_scheduler=None, label_smoothing=0.0, drop_rate=0.0)
     before, after, acc = train_and_eval(model, 8, tmp_path, per_class=32)  # enough steps for the BatchNorm stats
     assert after < 0.8 * before and acc > 0.5, (before, after, acc)
 
@@ -393,7 +409,10 @@ def test_bad_padding_mask_is_one_clear_error() -> None:
     (small_set, {"n_iter": 0}, "n_iter must be an integer >= 1"),
     (small_set, {"embed_dim": 10, "num_heads": 4}, "not divisible by num_heads"),
     (small_set, {"num_inducing": 0}, "num_inducing must be an integer >= 1, got 0"),
-    (small_set, {"optimizer": "lamb"}, "optimizer must be one of 'sgd', 'adamw', 'adam', got 'lamb'"),
+    (small_set, {"optimizer": "adam"}, "optimizer must be a callable that builds the optimizer"),
+    (small_set, {"lr": 0.1}, "lr is a training setting, not an argument of SetTransformer: give the optimiser"),
+    (small_pct, {"momentum": 0.9, "scheduler": "step"}, "momentum, scheduler are training settings, not arguments "
+                                                         "of PointCloudTransformer"),
     (small_pct, {"attention": "linear"}, "attention must be one of 'pct', 'sinkhorn', got 'linear'"),
     (small_pct, {"n_iter": 3}, "n_iter=3 needs attention='sinkhorn'"),
     (small_pct, {"sample_points": (16, 32)}, "must not increase"),
@@ -425,8 +444,15 @@ def test_recipe_instantiates(name: str, tmp_path: Path, monkeypatch: pytest.Monk
     model, data = cli.model, cli.datamodule
     assert type(model) is (SetTransformer if "set" in name else PointCloudTransformer)
     assert type(data) is (SyntheticPointCloudDataModule if "synthetic" in name else ModelNet40DataModule)
-    for key, value in recipe["model"]["init_args"].items():
+    init_args = dict(recipe["model"]["init_args"])
+    settings = {key: init_args.pop(key) for key in ("optimizer", "lr_scheduler") if key in init_args}
+    for key, value in init_args.items():
         assert plain(model.hparams[key]) == value, key
+    opt, sched = optimization(model)  # the recipe's training settings, built as the recipe says
+    assert type(opt).__name__ == settings["optimizer"]["class_path"].rsplit(".", 1)[1]
+    assert {k: opt.defaults[k] for k in settings["optimizer"]["init_args"]} == settings["optimizer"]["init_args"]
+    if "lr_scheduler" in settings:
+        assert type(sched).__name__ == settings["lr_scheduler"]["class_path"].rsplit(".", 1)[1]
     for key, value in recipe["data"]["init_args"].items():
         assert plain(data.hparams[key]) == value, key
     assert cli.trainer.max_epochs == recipe["trainer"]["max_epochs"]

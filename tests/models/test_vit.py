@@ -4,6 +4,8 @@ saving and reloading; column-sum statistics; errors. CPU, random weights, no net
 
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as pl
 import pytest
 import timm
@@ -96,14 +98,23 @@ def test_cats_dogs_configuration_of_the_published_experiment() -> None:
     hp = model.hparams
     assert (hp.depth, hp.num_heads, hp.patch_size, hp.embed_dim, hp.num_classes) == (6, 8, 16, 128, 2)
     assert model.blocks[0].attn.head_dim == 64 and model.blocks[0].mlp.fc1.out_features == 128
-    assert (hp.optimizer, hp.lr, hp.n_iter) == ("adam", 5e-5, 3)
+    assert hp.n_iter == 3 and not {"optimizer", "lr", "lr_scheduler", "weight_decay"} & set(hp)
+    opt = model.configure_optimizers()  # the published training: Adam lr 5e-5, constant (no schedule)
+    assert type(opt) is torch.optim.Adam and {g["lr"] for g in opt.param_groups} == {5e-5}
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0}
+    mnist = zoo.sinkformer_vit_mnist().configure_optimizers(total_steps=10)["optimizer"]
+    assert type(mnist) is torch.optim.Adam and mnist.defaults["lr"] == 5e-4
+    plain = zoo.sinkformer_vit_tiny_patch16_224(img_size=32, depth=1).configure_optimizers(total_steps=10)
+    assert type(plain["optimizer"]) is torch.optim.AdamW and plain["optimizer"].defaults["lr"] == 5e-4
+    assert plain["optimizer"].defaults["weight_decay"] == 0.05  # SinkformerViT.default_optimizer
     small = zoo.sinkformer_vit_cats_dogs(img_size=64, num_classes=3, n_iter=5)
     assert small(images(2, 64)).shape == (2, 3) and small.blocks[5].attn.n_iter == 5
 
 
 def test_trains_saves_and_reloads(tmp_path) -> None:
     pl.seed_everything(0, verbose=False)
-    model = zoo.sinkformer_vit_mnist(patch_size=7, img_size=28, lr=3e-3, scheduler="constant")
+    model = zoo.sinkformer_vit_mnist(patch_size=7, img_size=28, optimizer=functools.partial(torch.optim.Adam, lr=3e-3),
+                                     lr_scheduler=None)
     x, y = images(16, 28, 1), torch.arange(16) % 10
     before = model.loss(model(x), y).item()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False,
@@ -137,10 +148,14 @@ def test_attention_stats_per_layer() -> None:
 @pytest.mark.parametrize("kwargs, message", [
     ({"n_iter": 0}, "n_iter must be an integer >= 1"),
     ({"n_iter": 2.0}, "n_iter must be an integer >= 1"),
-    ({"global_pool": "map"}, "global_pool must be one of 'token', 'avg', got 'map'"),
+    ({"global_pool": "map"}, "global_pool must be one of 'token', 'avg', 'avgmax', 'max', '', got 'map'.*attention "
+                             "pools"),
     ({"class_token": False}, "global_pool='token' needs class_token=True"),
     ({"patch_size": 10}, "not a multiple of patch_size 10"),
-    ({"optimizer": "lamb"}, "optimizer must be one of 'sgd', 'adamw', 'adam', got 'lamb'"),
+    ({"optimizer": "adamw"}, "optimizer must be a callable that builds the optimizer"),
+    ({"lr": 1e-3, "weight_decay": 0.1}, "lr, weight_decay are training settings, not arguments of SinkformerViT"),
+    ({"num_classes": -1}, "num_classes must be an integer >= 0"),
+    ({"fc_norm": "yes"}, "fc_norm must be True or False"),
 ])
 def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ZooError, match=message):

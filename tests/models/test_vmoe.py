@@ -4,6 +4,8 @@ routing statistics, training with hard and soft routers, saving and reloading; e
 
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as pl
 import pytest
 import timm
@@ -54,7 +56,9 @@ def test_builders_and_moe_placement() -> None:
     assert model.hparams.n_iter == 1 and model.blocks[0].attn.n_iter == 1  # softmax attention
     small = zoo.vmoe_small_patch32_224(img_size=64, depth=2)
     assert (small.embed_dim, small.blocks[1].mlp.num_experts, small.blocks[1].mlp.k) == (384, 32, 28)
-    assert (small.hparams.group_size, small.hparams.weight_decay, small.hparams.lr) == (400, 0.1, 1e-3)
+    opt = small.configure_optimizers(total_steps=10)["optimizer"]  # the published AdamW lr 1e-3, weight decay 0.1
+    assert small.hparams.group_size == 400 and type(opt) is torch.optim.AdamW
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"]) == (1e-3, 0.1)
     assert small(images(2, 64)).shape == (2, 1000)
 
 
@@ -119,7 +123,7 @@ def test_plain_models_are_unchanged_by_the_moe_hooks() -> None:
     model.log = lambda name, value, **kw: logged.__setitem__(name, value)
     x, y = images(4, 28, 1), torch.arange(4)
     assert torch.allclose(model.training_step((x, y), 0), torch.nn.functional.cross_entropy(model(x), y))
-    assert not any("moe" in k for k in logged) and model.moe_modules() == []
+    assert not any("moe" in k for k in logged) and model.auxiliary_losses() == {} == model.diagnostics()
 
 
 @pytest.mark.parametrize("topk", ["hard", "soft"])
@@ -127,7 +131,8 @@ def test_trains_with_hard_and_soft_expert_choice(topk: str, tmp_path) -> None:
     pl.seed_everything(0, verbose=False)
     model = zoo.vmoe_tiny_patch32_224(img_size=16, patch_size=4, in_chans=1, num_classes=4, embed_dim=32, depth=2,
                                       num_heads=2, mlp_ratio=2.0, num_experts=4, moe_every=1, topk=topk,
-                                      lr=3e-3, scheduler="constant", weight_decay=0.0)
+                                      optimizer=functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0),
+                                      lr_scheduler=None)
     x, y = images(16, 16, 1), torch.arange(16) % 4
     before = model.loss(model(x), y).item()
     router_before = model.blocks[0].mlp.router.weight.detach().clone()

@@ -41,11 +41,24 @@ Farthest point sampling (:func:`farthest_point_sample`) depends on the point set
 lexicographic order of their coordinates first, the first centre is the point farthest from the centroid and
 ties go to the lexicographically first point, so the model is permutation invariant (kNN ties at the k-th
 distance, which have probability zero for real-valued coordinates, are the only exception).
+
+**timm's model protocol where it applies**: ``num_classes`` (0: no classifier, ``forward`` returns the pre-logits
+features), ``num_features`` (width of ``forward_features``' last dimension), ``head_hidden_size`` (width of the
+pre-logits features), ``reset_classifier(num_classes)``, ``get_classifier()``, ``forward_features`` (unpooled:
+the Set Transformer's PMA seeds (B, k, E), PCT's fused per-point features (B, S, fuse_dim)) and
+``forward_head(x, pre_logits)`` (pooling: the seeds concatenated / PCT's max (+ avg); PCT's LBR head layers;
+the classifier). ``pretrained_cfg`` has the keys that apply to point clouds: ``num_classes``, ``classifier``,
+license, source and metrics, plus zoo's ``in_chans`` (channels per point) and ``min_num_points``; timm's image
+keys (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``) are left out on purpose (a cloud of N
+points is not an image: ``timm.data.resolve_data_config`` does not apply; the point preprocessing of a published
+configuration is in its ``notes``). ``global_pool`` (the PMA is a learned pooling, PCT's pooling sets its head's
+width), ``forward_intermediates`` and ``features_only`` do not apply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,9 +66,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_weights, recorded_num_classes
+from zoo.hub import HubMixin, load_weights
+from zoo.models.vit import refuse_training_settings
 from zoo.nn.attention import SinkhornMultiheadAttention, SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
+from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
 from zoo.validation import boolean, choice, int_sequence, integer, non_negative_int, positive_int, probability
@@ -70,12 +85,64 @@ __all__ = [
     "SetTransformer",
     "point_cloud_sinkformer",
     "point_cloud_transformer",
+    "default_cfgs",
     "set_sinkformer_modelnet40",
     "set_transformer_modelnet40",
 ]
 
 ATTENTIONS = ("pct", "sinkhorn")
 POOLINGS = ("max+avg", "max")
+# timm's image data keys, left out of a point-cloud model's pretrained_cfg (a cloud is not an image)
+_IMAGE_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
+               "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv")
+
+
+class _PointCloudProtocol:
+    """timm's model protocol where it applies to point clouds (see the module docstring): the classifier
+    ``head`` (``nn.Identity`` with ``num_classes=0``) and ``pretrained_cfg`` without the image keys."""
+
+    head: nn.Module
+    num_classes: int
+    in_chans: int
+    head_hidden_size: int
+    hparams: Any
+    training: bool
+
+    def min_num_points(self) -> int:
+        return 1
+
+    def pretrained_cfg_as_built(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """``cfg`` for this model as built: timm's image keys dropped, ``num_classes`` of the head, ``in_chans``
+        (channels per point) and ``min_num_points`` (the fewest points a cloud may have)."""
+        out = {k: v for k, v in cfg.items() if k not in _IMAGE_KEYS}
+        out["num_classes"] = self.num_classes
+        out["in_chans"] = self.in_chans
+        out["min_num_points"] = self.min_num_points()
+        out.setdefault("classifier", "head")
+        return out
+
+    def _set_pretrained_cfg(self) -> None:
+        self.pretrained_cfg = self.pretrained_cfg_as_built(PretrainedCfg(classifier="head").to_dict())
+        self.default_cfg = self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``head``; ``nn.Identity`` without one)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier of ``num_classes`` outputs (0: none, ``forward`` returns the pre-logits features),
+        initialised as ``nn.Linear``; ``hparams`` follow. ``global_pool`` does not apply (None only)."""
+        non_negative_int("num_classes", num_classes)
+        if global_pool is not None:
+            raise ZooError(f"{type(self).__name__} has no global_pool to change (got {global_pool!r}): its pooling is "
+                           "part of the architecture (the Set Transformer's PMA is learned; PCT's pooling sets its "
+                           "head's width); call reset_classifier(num_classes) without global_pool")
+        ref = next(self.parameters())  # type: ignore[attr-defined]
+        self.head = (nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.head.train(self.training)
+        self.num_classes = num_classes
+        self.set_num_classes(num_classes)  # type: ignore[attr-defined]
 
 
 def _check_points(points: torch.Tensor, in_chans: int, model: str) -> None:
@@ -177,7 +244,7 @@ class PMA(nn.Module):
         return self.mab(self.seeds.expand(x.shape[0], -1, -1), x, key_padding_mask=padding_mask)
 
 
-class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
+class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClassifier):
     """Set Transformer / Set Sinkformer classifier of point clouds (or any set of vectors), see the module docstring.
 
     ``forward(points, padding_mask=None)``: points (B, N, in_chans) -> logits (B, num_classes); ``padding_mask``
@@ -186,7 +253,7 @@ class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
 
     Args:
         in_chans: channels per point (3: xyz).
-        num_classes: classifier outputs.
+        num_classes: classifier outputs (0: none; ``forward`` returns the concatenated seeds).
         embed_dim, num_heads: width and heads of every block.
         depth: number of ISAB encoder blocks; ``num_inducing``: inducing points per ISAB.
         num_seeds: PMA seeds k (the classifier reads the k pooled vectors concatenated).
@@ -197,9 +264,12 @@ class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         record_stats: record the column-sum statistics of every attention (:meth:`attention_stats`).
         drop_rate: dropout before the PMA and before the classifier (0.5 in the published ModelNet model).
         weights: a file (state dict, ``.ckpt``, ``.safetensors``, ``save_pretrained`` folder) or ``"hf-hub:org/name"``.
-        optimizer, lr, weight_decay, scheduler, milestones, **kwargs: training hyperparameters of
-            :class:`zoo.tasks.ImageClassifier` (published: Adam 1e-3, lr / 10 after epoch 200 of 300).
+        **kwargs: the training settings of :class:`zoo.tasks.ImageClassifier` (``optimizer``, ``lr_scheduler``,
+            ``label_smoothing``); without ``optimizer``, :attr:`default_optimizer` (the published Adam 1e-3).
+            The ModelNet40 builders also set the published schedule (lr / 10 after epoch 200 of 300).
     """
+
+    default_optimizer = functools.partial(torch.optim.Adam, lr=1e-3)
 
     def __init__(
         self,
@@ -216,14 +286,12 @@ class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         record_stats: bool = False,
         drop_rate: float = 0.0,
         weights: str | None = None,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        scheduler: str = "step",
-        milestones: Sequence[int] = (200,),
         **kwargs: Any,
     ) -> None:
+        refuse_training_settings(type(self), kwargs)
         check_n_iter(n_iter)
+        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without a "
+                         "classifier")
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("num_heads", num_heads),
                             ("depth", depth), ("num_inducing", num_inducing), ("num_seeds", num_seeds)):
             positive_int(name, value)
@@ -234,10 +302,11 @@ class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         if embed_dim % num_heads:
             raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: give an embed_dim that "
                            f"is a multiple of num_heads")
-        super().__init__(num_classes=num_classes, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                         scheduler=scheduler, milestones=milestones, **kwargs)
+        super().__init__(num_classes=num_classes, **kwargs)
         self.in_chans = in_chans
+        self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
+        self.head_hidden_size = num_seeds * embed_dim
         opts = {"layer_norm": layer_norm, "n_iter": n_iter, "record_stats": record_stats}
         self.encoder = nn.ModuleList([
             ISAB(in_chans if i == 0 else embed_dim, embed_dim, num_heads, num_inducing, **opts) for i in range(depth)
@@ -246,7 +315,8 @@ class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         self.pool = PMA(embed_dim, num_heads, num_seeds, **opts)
         self.decoder = nn.ModuleList([SAB(embed_dim, embed_dim, num_heads, **opts) for _ in range(decoder_depth)])
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(num_seeds * embed_dim, num_classes)
+        self.head = nn.Linear(num_seeds * embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_pretrained_cfg()
         if weights is not None:
             load_weights(self, weights)
 
@@ -270,9 +340,15 @@ class SetTransformer(SinkhornSettings, HubMixin, ImageClassifier):
             z = block(z)
         return z
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The seeds (B, num_seeds, embed_dim) concatenated (B, head_hidden_size), dropout, and (unless
+        ``pre_logits``) the classifier."""
+        x = self.head_drop(x.flatten(1))
+        return x if pre_logits else self.head(x)
+
     def forward(self, points: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, num_classes) of points (B, N, in_chans)."""
-        return self.head(self.head_drop(self.forward_features(points, padding_mask).flatten(1)))
+        return self.forward_head(self.forward_features(points, padding_mask))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,7 +497,7 @@ class OffsetAttention(nn.Module):
         return x + self.trans(x - out)
 
 
-class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
+class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClassifier):
     """Point Cloud Transformer (PCT) / Point Cloud Sinkformer classifier, see the module docstring.
 
     ``forward(points)``: points (B, N, in_chans) with xyz in the first 3 channels (used for sampling and
@@ -429,7 +505,7 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
 
     Args:
         in_chans: channels per point (3: xyz; 6: xyz + normals).
-        num_classes: classifier outputs.
+        num_classes: classifier outputs (0: none; ``forward`` returns the last head layer's features).
         embed_dim: width E of the input embedding; stage s of the neighbour embedding doubles it, the attention
             layers are E * 2^len(sample_points) wide (published: 64 -> 128 -> 256).
         sample_points: FPS centres of each sampling-and-grouping stage, non-increasing (published: 512, 256).
@@ -442,11 +518,14 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         n_iter: Sinkhorn half-steps with ``attention="sinkhorn"`` (1 = softmax attention).
         record_stats: record the column-sum statistics of every attention (:meth:`attention_stats`).
         drop_rate: dropout of the classifier layers (published: 0.5).
+        label_smoothing: of the cross-entropy (published: 0.2).
         weights: a file (state dict, ``.ckpt``, ``.safetensors``, ``save_pretrained`` folder) or ``"hf-hub:org/name"``.
-        optimizer, lr, momentum, weight_decay, scheduler, label_smoothing, **kwargs: training hyperparameters of
-            :class:`zoo.tasks.ImageClassifier` (published: SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine,
-            label smoothing 0.2).
+        **kwargs: the training settings of :class:`zoo.tasks.ImageClassifier` (``optimizer``, ``lr_scheduler``);
+            without ``optimizer``, :attr:`default_optimizer`; with the task's default schedule (cosine over the run)
+            these are the published settings (SGD lr 0.01, momentum 0.9, weight decay 5e-4).
     """
+
+    default_optimizer = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def __init__(
         self,
@@ -463,16 +542,14 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         n_iter: int = 1,
         record_stats: bool = False,
         drop_rate: float = 0.5,
-        weights: str | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        scheduler: str = "cosine",
         label_smoothing: float = 0.2,
+        weights: str | None = None,
         **kwargs: Any,
     ) -> None:
+        refuse_training_settings(type(self), kwargs)
         check_n_iter(n_iter)
+        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without a "
+                         "classifier")
         choice("attention", attention, ATTENTIONS)
         if attention == "pct" and n_iter != 1:
             raise ZooError(f"n_iter={n_iter} needs attention='sinkhorn' (attention='pct' is PCT's softmax + L1 "
@@ -491,9 +568,9 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         if len(sample_points) > 1 and num_neighbors > min(sample_points[:-1]):
             raise ZooError(f"num_neighbors={num_neighbors} exceeds the {min(sample_points[:-1])} points a later "
                            f"stage groups from (sample_points={sample_points!r}): use fewer neighbours")
-        super().__init__(num_classes=num_classes, optimizer=optimizer, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, scheduler=scheduler, label_smoothing=label_smoothing, **kwargs)
+        super().__init__(num_classes=num_classes, label_smoothing=label_smoothing, **kwargs)
         self.in_chans = in_chans
+        self.num_classes = num_classes
         self.sample_points = sample_points
         self.embedding = nn.Sequential(_LBR(in_chans, embed_dim), _LBR(embed_dim, embed_dim))
         self.neighbor_embedding = nn.ModuleList(
@@ -512,9 +589,14 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
             layers += [_LBR(width, d, negative_slope=0.2), nn.Dropout(drop_rate)]
             width = d
         self.mlp_head = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_classes)
+        self.head_hidden_size = width
+        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_pretrained_cfg()
         if weights is not None:
             load_weights(self, weights)
+
+    def min_num_points(self) -> int:
+        return self.sample_points[0]
 
     @property
     def attentions(self) -> list[OffsetAttention]:
@@ -527,7 +609,7 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         super().set_n_iter(n_iter)
 
     def forward_features(self, points: torch.Tensor) -> torch.Tensor:
-        """Pooled global feature (B, num_features)."""
+        """The fused per-centre features before pooling (B, S, fuse_dim), S = ``sample_points[-1]``."""
         _check_points(points, self.in_chans, type(self).__name__)
         if points.shape[1] < self.sample_points[0]:
             raise ZooError(
@@ -544,68 +626,116 @@ class PointCloudTransformer(SinkhornSettings, HubMixin, ImageClassifier):
         for block in self.blocks:
             x = block(x)
             outs.append(x)
-        x = self.fuse(torch.cat([*outs[1:], outs[0]], dim=-1))
-        return torch.cat([x.amax(dim=1), x.mean(dim=1)], dim=-1) if self.pooling == "max+avg" else x.amax(dim=1)
+        return self.fuse(torch.cat([*outs[1:], outs[0]], dim=-1))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Max (+ average) pooling over the centres (B, num_features), the LBR + dropout head layers
+        (B, head_hidden_size) and (unless ``pre_logits``) the classifier."""
+        x = torch.cat([x.amax(dim=1), x.mean(dim=1)], dim=-1) if self.pooling == "max+avg" else x.amax(dim=1)
+        x = self.mlp_head(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) of points (B, N, in_chans)."""
-        return self.head(self.mlp_head(self.forward_features(points)))
+        return self.forward_head(self.forward_features(points))
+
+
+# ------------------------------------------------------------------------------------------------
+# Published configurations (no weights are published): the Sinkformers paper's ModelNet40 models
+
+SINKFORMERS_PAPER = "arXiv:2110.11773"  # Sander, Ablin, Blondel, Peyre: Sinkformers (AISTATS 2022)
+_SET_NOTE = ("ModelNet40, 5000 points sampled on each mesh surface, standardised, rotation about z in +-0.1 pi and "
+             "scaling in [0.8, 1.25]; Adam lr 1e-3, batch 64, 300 epochs, lr / 10 after epoch 200")
+_PCT_NOTE = ("ModelNet40 (PointNet's HDF5 files), 1024 points scaled to the unit sphere, scaling U(2/3, 3/2) and "
+             "translation U(-0.2, 0.2); SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine, label smoothing 0.2, "
+             "batch 32, 300 epochs")
+
+
+_SET_MODELNET40 = {"in_chans": 3, "num_classes": 40, "embed_dim": 256, "num_heads": 4, "depth": 2,
+                   "num_inducing": 16, "num_seeds": 1, "decoder_depth": 1, "layer_norm": True}
+_PCT_MODELNET40 = {"in_chans": 3, "num_classes": 40, "embed_dim": 64, "sample_points": (512, 256),
+                   "num_neighbors": 32, "depth": 4, "fuse_dim": 1024, "head_dims": (512, 256), "pooling": "max+avg"}
+
+
+def _published(architecture: dict[str, Any], metrics: dict[str, float], recipe: str, note: str) -> PretrainedCfg:
+    """A published configuration: its architecture as ``model_args`` (a model built otherwise loses the published
+    accuracies, which are of this architecture), its accuracies, and the recipe that trains it."""
+    return PretrainedCfg(
+        num_classes=architecture["num_classes"], classifier="head", paper_ids=SINKFORMERS_PAPER, recipe=recipe,
+        model_args=dict(architecture),
+        metrics={f"modelnet40/top1_{stat}": {"value": value, "kind": "published", "of": "model",
+                                             "note": f"{stat} test accuracy over runs"}
+                 for stat, value in metrics.items()},
+        notes=(f"published configuration without weights: {note}",),
+    )
+
+
+default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs({
+    "set_sinkformer_modelnet40.sinkformers_paper": _published(
+        {**_SET_MODELNET40, "n_iter": 21}, {"best": 89.1, "median": 88.4}, "modelnet40_set_sinkformer", _SET_NOTE),
+    "set_transformer_modelnet40.sinkformers_paper": _published(
+        {**_SET_MODELNET40, "n_iter": 1}, {"best": 87.8, "median": 86.3}, "modelnet40_set_sinkformer",
+        _SET_NOTE + " (the recipe with --model.init_args.n_iter 1)"),
+    "point_cloud_sinkformer.sinkformers_paper": _published(
+        {**_PCT_MODELNET40, "attention": "sinkhorn", "n_iter": 21}, {"median": 92.8}, "modelnet40_pct",
+        _PCT_NOTE + " (the recipe with --model.init_args.attention sinkhorn --model.init_args.n_iter 21)"),
+    "point_cloud_transformer.sinkformers_paper": _published(
+        {**_PCT_MODELNET40, "attention": "pct", "n_iter": 1}, {"median": 92.5}, "modelnet40_pct", _PCT_NOTE),
+})
 
 
 # ------------------------------------------------------------------------------------------------
 # Builders
 
-
-def _set_modelnet40(weights: str | None, n_iter: int, kwargs: dict[str, Any]) -> SetTransformer:
-    defaults = {"in_chans": 3, "num_classes": 40, "embed_dim": 256, "num_heads": 4, "depth": 2, "num_inducing": 16,
-                "num_seeds": 1, "decoder_depth": 1, "layer_norm": True, "n_iter": n_iter, "drop_rate": 0.5,
-                "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "step", "milestones": (200,),
-                "lr_gamma": 0.1}
-    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
-        recorded = recorded_num_classes(weights)
-        if recorded is not None:
-            kwargs["num_classes"] = recorded
-    return SetTransformer(weights=weights, **{**defaults, **kwargs})
+_SET_TRAINING = {"drop_rate": 0.5}
+# the published schedule: lr / 10 after epoch 200 (of 300)
+_SET_SCHEDULE = functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[200], gamma=0.1)
+_PCT_TRAINING = {"drop_rate": 0.5, "label_smoothing": 0.2}
 
 
 @register_model
-def set_transformer_modelnet40(weights: str | None = None, **kwargs: Any) -> SetTransformer:
+def set_transformer_modelnet40(pretrained: bool = False, *, weights: str | None = None,
+                               **kwargs: Any) -> SetTransformer:
     """The ModelNet40 Set Transformer (softmax, ``n_iter=1``): 2 ISAB (256 wide, 4 heads, 16 inducing points),
-    PMA (1 seed) + SAB, dropout 0.5, 40 classes; Adam lr 1e-3, lr / 10 after epoch 200 (of 300; batch 64,
-    5000 points). Published (Sinkformers paper, MATH.md section 5): best 87.8%, median 86.3%."""
-    return _set_modelnet40(weights, 1, kwargs)
+    PMA (1 seed) + SAB, dropout 0.5, 40 classes; trains with Adam lr 1e-3, lr / 10 after epoch 200 (of 300; batch
+    64, 5000 points). Published (Sinkformers paper): best 87.8%, median 86.3%; no weights."""
+    kwargs.setdefault("lr_scheduler", _SET_SCHEDULE)
+    defaults = {**_SET_MODELNET40, **_SET_TRAINING, "n_iter": 1}
+    return build_model(SetTransformer, "set_transformer_modelnet40", defaults, kwargs, pretrained=pretrained,
+                       weights=weights)
 
 
 @register_model
-def set_sinkformer_modelnet40(weights: str | None = None, **kwargs: Any) -> SetTransformer:
+def set_sinkformer_modelnet40(pretrained: bool = False, *, weights: str | None = None,
+                              **kwargs: Any) -> SetTransformer:
     """The ModelNet40 Set Sinkformer: :func:`set_transformer_modelnet40` with 21 Sinkhorn half-steps in every
-    attention. Published (MATH.md section 5): best 89.1%, median 88.4%."""
-    return _set_modelnet40(weights, 21, kwargs)
-
-
-def _pct(weights: str | None, attention: str, n_iter: int, kwargs: dict[str, Any]) -> PointCloudTransformer:
-    defaults = {"in_chans": 3, "num_classes": 40, "embed_dim": 64, "sample_points": (512, 256), "num_neighbors": 32,
-                "depth": 4, "fuse_dim": 1024, "head_dims": (512, 256), "pooling": "max+avg", "attention": attention,
-                "n_iter": n_iter, "drop_rate": 0.5, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
-                "weight_decay": 5e-4, "scheduler": "cosine", "label_smoothing": 0.2}
-    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
-        recorded = recorded_num_classes(weights)
-        if recorded is not None:
-            kwargs["num_classes"] = recorded
-    return PointCloudTransformer(weights=weights, **{**defaults, **kwargs})
+    attention. Published (Sinkformers paper): best 89.1%, median 88.4%; no weights (recipe
+    ``modelnet40_set_sinkformer``)."""
+    kwargs.setdefault("lr_scheduler", _SET_SCHEDULE)
+    defaults = {**_SET_MODELNET40, **_SET_TRAINING, "n_iter": 21}
+    return build_model(SetTransformer, "set_sinkformer_modelnet40", defaults, kwargs, pretrained=pretrained,
+                       weights=weights)
 
 
 @register_model
-def point_cloud_transformer(weights: str | None = None, **kwargs: Any) -> PointCloudTransformer:
+def point_cloud_transformer(pretrained: bool = False, *, weights: str | None = None,
+                            **kwargs: Any) -> PointCloudTransformer:
     """PCT (Guo et al. 2021) for ModelNet40: embedding 64, neighbour embedding 512 / 256 centres with 32
     neighbours, 4 offset-attention layers (256 wide, softmax + L1), fusion 1024, max + avg pooling, head 512 / 256
-    with dropout 0.5; SGD lr 0.01 (PCT_Pytorch's ``--lr 1e-4`` x 100), momentum 0.9, weight decay 5e-4, cosine,
-    label smoothing 0.2 (1024 points, batch 32). Published (MATH.md section 5): median 92.5%."""
-    return _pct(weights, "pct", 1, kwargs)
+    with dropout 0.5, label smoothing 0.2; trains with SGD lr 0.01 (PCT_Pytorch's ``--lr 1e-4`` x 100), momentum
+    0.9, weight decay 5e-4, cosine (1024 points, batch 32). Published (Sinkformers paper): median 92.5%; no
+    weights (recipe ``modelnet40_pct``)."""
+    defaults = {**_PCT_MODELNET40, **_PCT_TRAINING, "attention": "pct", "n_iter": 1}
+    return build_model(PointCloudTransformer, "point_cloud_transformer", defaults, kwargs, pretrained=pretrained,
+                       weights=weights)
 
 
 @register_model
-def point_cloud_sinkformer(weights: str | None = None, **kwargs: Any) -> PointCloudTransformer:
+def point_cloud_sinkformer(pretrained: bool = False, *, weights: str | None = None,
+                           **kwargs: Any) -> PointCloudTransformer:
     """The Point Cloud Sinkformer: :func:`point_cloud_transformer` with the offset-attention normalisation
-    replaced by 21 Sinkhorn half-steps (``attention="sinkhorn"``). Published (MATH.md section 5): median 92.8%."""
-    return _pct(weights, "sinkhorn", 21, kwargs)
+    replaced by 21 Sinkhorn half-steps (``attention="sinkhorn"``). Published (Sinkformers paper): median 92.8%; no
+    weights."""
+    defaults = {**_PCT_MODELNET40, **_PCT_TRAINING, "attention": "sinkhorn", "n_iter": 21}
+    return build_model(PointCloudTransformer, "point_cloud_sinkformer", defaults, kwargs, pretrained=pretrained,
+                       weights=weights)

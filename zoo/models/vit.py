@@ -13,26 +13,50 @@ Parameter names are timm's ``VisionTransformer`` ones (``patch_embed.proj``, ``c
 ``blocks.{i}.attn.qkv``, ``norm``, ``head`` ...), so timm checkpoints (``.pth``, ``.safetensors``,
 ``hf-hub:timm/...``) load without renaming; a position embedding of another grid (a 224 checkpoint in a
 32x32 model) is resampled as timm does, a classifier of another size is re-initialised.
+
+timm's model protocol, with timm's ``VisionTransformer`` semantics: ``num_classes``, ``num_features``,
+``head_hidden_size``, ``feature_info`` (one entry per block, ``blocks.{i}``, reduction = patch size),
+``pretrained_cfg`` / ``default_cfg`` (the model as built: its input size), ``reset_classifier``,
+``get_classifier``, ``forward_features``, ``forward_head(x, pre_logits)``, ``forward_intermediates``,
+``prune_intermediate_layers``, ``set_grad_checkpointing`` (every block recomputed in backward, as timm's
+``checkpoint_seq``), ``num_classes=0`` (pooled features) and ``global_pool=''`` (unpooled tokens).
+The pretrained configurations (timm's hf-hub weights, the published configurations) are ``default_cfgs``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_weights, recorded_num_classes
+from zoo.hub import HubMixin, load_weights
 from zoo.nn.attention import SinkhornAttention, SinkhornSettings, check_n_iter
+from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
-from zoo.validation import boolean, choice, finite_float, image_size, optional, positive_int, probability
+from zoo.validation import (
+    boolean,
+    choice,
+    finite_float,
+    image_size,
+    non_negative_int,
+    optional,
+    positive_int,
+    probability,
+)
 
-GLOBAL_POOLS = ("token", "avg")
+# timm's VisionTransformer pools, less its attention pools ('map', 'prr', which need modules of their own)
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "")
+OUTPUT_FORMATS = ("NCHW", "NLC")
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # timm's ViT normalisation (IMAGENET_INCEPTION_MEAN / _STD)
 
 
 def _norm(dim: int, **kwargs: Any) -> nn.Module:
@@ -68,18 +92,46 @@ class SinkformerBlock(nn.Module):
         return x
 
 
+# training settings that were model arguments before they were injected (zoo.hub.LEGACY_TRAINING_ARGS)
+_TRAINING_SETTINGS = ("lr", "momentum", "weight_decay", "betas", "nesterov", "adam_eps", "scheduler", "warmup_epochs",
+                      "milestones", "lr_gamma")
+
+
+def refuse_training_settings(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """One ZooError for a training setting given as a model argument (``lr=``, ``weight_decay=`` ...), showing the
+    injected form (the optimiser and schedule are callables given to the task)."""
+    given = [k for k in kwargs if k in _TRAINING_SETTINGS]
+    if given:
+        what = "is a training setting, not an argument" if len(given) == 1 else "are training settings, not arguments"
+        raise ZooError(
+            f"{', '.join(given)} {what} of {cls.__name__}: give the optimiser and schedule as callables, e.g. "
+            f"optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05), "
+            f"lr_scheduler=zoo.tasks.optim.WarmupCosineLR (YAML: optimizer: {{class_path: torch.optim.AdamW, "
+            f"init_args: {{lr: 1.0e-3, weight_decay: 0.05}}}}); default: {cls.__name__}.default_optimizer"
+        )
+
+
+def _vit_cfg(**changes: Any) -> PretrainedCfg:
+    """timm's ViT data config (bicubic, crop 0.9, mean = std = 0.5, fixed input size) with ``changes``."""
+    base = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9, "mean": INCEPTION_MEAN,
+            "std": INCEPTION_STD, "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head"}
+    return PretrainedCfg(**{**base, **changes})
+
+
 class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
     """Vision transformer with Sinkhorn attention (Sinkformer), timm's ``VisionTransformer`` layout and names.
 
     Args:
         img_size, patch_size, in_chans: input size (int or (H, W)), square patch size, input channels.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0: no classifier (``forward`` returns the pooled features, as timm).
         embed_dim, depth, num_heads: width, number of blocks, heads per block.
         mlp_ratio: MLP hidden size / embed_dim; 0 removes the MLP branch (attention-only blocks).
         attn_head_dim: width of a head (default embed_dim / num_heads).
         qkv_bias, qk_norm, init_values: qkv bias, LayerNorm of q and k, LayerScale initial value (None: off).
-        class_token: prepend a class token; ``global_pool``: ``"token"`` (class token, final ``norm``) or
-            ``"avg"`` (mean of the patch tokens, then ``fc_norm``), as timm.
+        class_token: prepend a class token; ``global_pool``: ``"token"`` (class token), ``"avg"``, ``"max"``,
+            ``"avgmax"`` (over the patch tokens) or ``""`` (no pooling: ``forward`` returns every token), as timm.
+        fc_norm: the final LayerNorm after the pooling (``fc_norm``) instead of before it (``norm``); None: after
+            it for the average / max pools, as timm.
         n_iter: Sinkhorn half-steps of every attention (1 = softmax, the Transformer).
         record_stats: record the column-sum statistics of every attention (see :meth:`attention_stats`).
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: timm's dropout rates
@@ -88,9 +140,12 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             ``"hf-hub:org/name"`` (e.g. ``"hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k"``). The
             builders given zoo weights and no ``num_classes`` build the head the weights record (so do the
             V-MoE and point-cloud builders).
-        optimizer, lr, weight_decay, **kwargs: training hyperparameters of :class:`zoo.tasks.ImageClassifier`
-            (ViT defaults: AdamW, lr 5e-4, weight decay 0.05).
+        **kwargs: the training settings of :class:`zoo.tasks.ImageClassifier` (``optimizer``, ``lr_scheduler``
+            callables, ``label_smoothing``); without ``optimizer``, :attr:`default_optimizer`.
     """
+
+    #: AdamW, lr 5e-4, weight decay 0.05 (DeiT's ViT recipe; norms, biases, pos_embed and cls_token undecayed)
+    default_optimizer = functools.partial(torch.optim.AdamW, lr=5e-4, weight_decay=0.05)
 
     def __init__(
         self,
@@ -108,6 +163,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         init_values: float | None = None,
         class_token: bool = True,
         global_pool: str = "token",
+        fc_norm: bool | None = None,
         n_iter: int = 3,
         record_stats: bool = False,
         drop_rate: float = 0.0,
@@ -116,15 +172,15 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         weights: str | None = None,
-        optimizer: str = "adamw",
-        lr: float = 5e-4,
-        weight_decay: float = 0.05,
         **kwargs: Any,
     ) -> None:
+        refuse_training_settings(type(self), kwargs)
         check_n_iter(n_iter)
         size = image_size("img_size", img_size)
         positive_int("patch_size", patch_size)
         positive_int("in_chans", in_chans)
+        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without "
+                         "a classifier (forward returns the pooled features, as timm's num_classes=0)")
         positive_int("embed_dim", embed_dim)
         positive_int("depth", depth)
         positive_int("num_heads", num_heads)
@@ -133,14 +189,13 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         for name, flag in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("class_token", class_token),
                            ("record_stats", record_stats)):
             boolean(name, flag)
+        optional(boolean, "fc_norm", fc_norm)
         optional(finite_float, "init_values", init_values)
-        choice("global_pool", global_pool, GLOBAL_POOLS)
+        self._check_pool(global_pool, class_token)
         for name, rate in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate),
                            ("proj_drop_rate", proj_drop_rate), ("attn_drop_rate", attn_drop_rate),
                            ("drop_path_rate", drop_path_rate)):
             probability(name, rate)
-        if global_pool == "token" and not class_token:
-            raise ZooError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
         if attn_head_dim is None and embed_dim % num_heads:
             raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: give attn_head_dim")
         if 0 < mlp_ratio and int(embed_dim * mlp_ratio) < 1:
@@ -149,10 +204,13 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         if any(s % patch_size for s in size):
             raise ZooError(f"img_size {img_size} is not a multiple of patch_size {patch_size}: give an img_size whose "
                            f"height and width are multiples of {patch_size}")
-        super().__init__(num_classes=num_classes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.num_classes = num_classes
         self.num_prefix_tokens = 1 if class_token else 0
-        self.embed_dim = self.num_features = embed_dim
+        self.has_class_token = class_token
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.global_pool = global_pool
+        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size=size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -166,14 +224,27 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
                             init_values=init_values, drop_path=rates[i], n_iter=n_iter, record_stats=record_stats)
             for i in range(depth)
         ])
-        use_fc_norm = global_pool == "avg"
+        # timm's feature_info: every block, at the patch grid (stride = patch size)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size)
+                             for i in range(depth)]
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else _norm(embed_dim)
         self.fc_norm = _norm(embed_dim) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
+        # timm's pretrained_cfg of the model as built (a builder replaces it with its table entry, as built)
+        self.pretrained_cfg = self.pretrained_cfg_as_built(_vit_cfg().to_dict())
+        self.default_cfg = self.pretrained_cfg
         if weights is not None:
             load_weights(self, weights)
+
+    @staticmethod
+    def _check_pool(global_pool: Any, class_token: bool) -> None:
+        choice("global_pool", global_pool, GLOBAL_POOLS, hint="choose 'token', 'avg', 'avgmax', 'max' or '' (no "
+               "pooling); timm's attention pools 'map' and 'prr' are not available")
+        if global_pool == "token" and not class_token:
+            raise ZooError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
 
     def _init_weights(self) -> None:
         """timm's default ViT initialisation: truncated normal (std 0.02) linears and position embedding."""
@@ -182,32 +253,178 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                _init_linear(m)
+
+    # ---------------------------------------------------------------- timm's model protocol
+    def pretrained_cfg_as_built(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """``cfg`` (timm's ``pretrained_cfg`` keys) for this model as built: ``input_size`` = (in_chans, H, W) of
+        its patch embedding, the only size it takes (``fixed_input_size``: the position embedding has one grid);
+        ``mean`` / ``std`` with one value per input channel (a cfg of another channel count gets the mean of its
+        values, repeated); ``num_classes`` of the head. ``timm.data.resolve_data_config({}, model=m)`` reads it."""
+        out = dict(cfg)
+        chans = self.patch_embed.proj.in_channels
+        height, width = self.patch_embed.img_size
+        out["input_size"] = (chans, height, width)
+        out["fixed_input_size"] = True
+        for key in ("test_input_size", "min_input_size"):
+            if key in out and tuple(out[key]) != out["input_size"]:
+                del out[key]
+        for key, default in (("mean", INCEPTION_MEAN), ("std", INCEPTION_STD)):
+            values = tuple(out.get(key) or default)
+            out[key] = values if len(values) == chans else (sum(values) / len(values),) * chans
+        out["num_classes"] = self.num_classes
+        out.setdefault("first_conv", "patch_embed.proj")
+        out.setdefault("classifier", "head")
+        return out
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay besides norms and biases (timm's: position embedding, class token)."""
+        return {"pos_embed", "cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward instead of keeping its activations (timm's ``checkpoint_seq``, one
+        block per segment, non-reentrant): the same gradients for about one block's activations of memory."""
+        self.grad_checkpointing = boolean("enable", enable)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``head``; ``nn.Identity`` without one)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head of ``num_classes`` outputs (0: none, ``forward`` returns the pooled features) and, when
+        given, a new ``global_pool`` (``''``: unpooled tokens); the final norm stays where it is (timm). The new
+        head is initialised as the constructor does (truncated normal, std 0.02); ``hparams`` follow, so a
+        checkpoint or ``save_pretrained`` rebuilds this model."""
+        non_negative_int("num_classes", num_classes)
+        if global_pool is not None:
+            self._check_pool(global_pool, self.has_class_token)
+            self.global_pool = global_pool
+            self.hparams["global_pool"] = global_pool
+            self.hparams["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)
+        ref = self.pos_embed
+        if num_classes > 0:
+            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            _init_linear(self.head)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
+        self.num_classes = num_classes
+        self.set_num_classes(num_classes)
 
     # ---------------------------------------------------------------- forward
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens after the last block and ``norm``: ``(B, prefix + patches, embed_dim)``."""
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        if attn_mask is None:
-            x = self.blocks(x)
-        else:
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens after the last block and ``norm``: ``(B, prefix + patches, embed_dim)``."""
+        x = self._embed(x)
+        if attn_mask is not None:
             for block in self.blocks:
                 x = block(x, attn_mask=attn_mask)
+        elif self.grad_checkpointing:
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """timm's ``global_pool_nlc``: the class token, or the average / max / their mean over the patch tokens;
+        ``''``: the tokens unchanged."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
+            return x[:, 0]
+        x = x[:, self.num_prefix_tokens:]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
-        x = self.head_drop(self.fc_norm(x))
+        """Pool, ``fc_norm``, head dropout and (unless ``pre_logits``) the classifier."""
+        x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits."""
+        """Logits (pooled features with ``num_classes=0``; every token with ``global_pool=''``)."""
         return self.forward_head(self.forward_features(x))
+
+    def _take_indices(self, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+        try:
+            return feature_take_indices(len(self.blocks), indices)
+        except (AssertionError, RuntimeError, TypeError) as e:
+            raise ZooError(f"indices {indices!r} do not select blocks of this model ({len(self.blocks)} blocks): give "
+                           f"None (all), an int n (the last n) or a list of block indices (negative from the end); "
+                           f"{e}") from None
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]] | dict[str, Any]:
+        """timm's ``VisionTransformer.forward_intermediates``: the outputs of the blocks ``indices`` (None: all, an
+        int n: the last n, a list: those, negative from the end), with ``norm`` the final norm applied to each,
+        the patch tokens as ``(B, C, H, W)`` (``"NCHW"``) or ``(B, patches, C)`` (``"NLC"``), with their prefix
+        (class) tokens when ``return_prefix_tokens`` (pairs); and, unless ``intermediates_only``, the final
+        features (``forward_features``). ``stop_early``: no block past the last one taken."""
+        choice("output_fmt", output_fmt, OUTPUT_FORMATS)
+        take_indices, max_index = self._take_indices(indices)
+        intermediates = []
+        batch, _, height, width = x.shape
+        x = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        for i, block in enumerate(blocks):
+            if attn_mask is not None:
+                x = block(x, attn_mask=attn_mask)
+            elif self.grad_checkpointing:
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm with ``prune_norm``, the head and
+        ``fc_norm`` with ``prune_head``) for feature extraction; returns the absolute indices kept (timm)."""
+        take_indices, max_index = self._take_indices(indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
 
     # ---------------------------------------------------------------- Sinkhorn settings and diagnostics
     @property
@@ -231,12 +448,78 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         return sd
 
 
+def _init_linear(m: nn.Linear) -> None:
+    trunc_normal_(m.weight, std=0.02)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretrained configurations (timm's default_cfgs): timm's hf-hub weights, and the published configurations
+
+SINKFORMERS_PAPER = "arXiv:2110.11773"  # Sander, Ablin, Blondel, Peyre: Sinkformers (AISTATS 2022)
+_TIMM_RESULTS = "timm's results-imagenet.csv (top-1 of the source model, i.e. of n_iter=1)"
+_SINKHORN_CONVERSION = (
+    "timm's weights unchanged, every attention normalised by 3 Sinkhorn half-steps (rows, columns, rows) of the "
+    "same kernel exp(q k^T / sqrt(d_head)) instead of one row softmax: before fine-tuning this is another function "
+    "than the source ViT (whose accuracy does not carry over; not measured here); n_iter=1 computes timm's model "
+    "exactly"
+)
+
+
+def _from_timm(source: str, top1: float) -> PretrainedCfg:
+    """A tag loading timm's ``source`` weights (hf-hub), with timm's data config (checked against timm's table
+    in the tests) and the source's published ImageNet-1k top-1."""
+    return _vit_cfg(
+        source=f"hf-hub:timm/{source}", hf_hub_id=f"timm/{source}", license="apache-2.0",
+        origin_url="https://github.com/google-research/vision_transformer", paper_ids="arXiv:2106.10270",
+        model_args={"n_iter": 3}, conversion=_SINKHORN_CONVERSION,
+        metrics={"imagenet-1k/top1": {"value": top1, "kind": "published", "of": "source", "note": _TIMM_RESULTS}},
+        notes=(f"weights of timm's {source}",),
+    )
+
+
+# the published configurations' architectures (the builders' defaults; a tag's model_args: a model built otherwise
+# loses the published accuracies, which are of this architecture)
+_CATS_DOGS = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 128, "depth": 6, "num_heads": 8,
+              "attn_head_dim": 64, "mlp_ratio": 1.0, "qkv_bias": False, "num_classes": 2, "n_iter": 3}
+_MNIST = {"img_size": 28, "in_chans": 1, "embed_dim": 128, "depth": 1, "num_heads": 1, "attn_head_dim": 64,
+          "mlp_ratio": 0.0, "qkv_bias": False, "num_classes": 10, "n_iter": 3}  # any patch size dividing 28
+
+default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs({
+    "sinkformer_vit_tiny_patch16_224.augreg_in21k_ft_in1k": _from_timm(
+        "vit_tiny_patch16_224.augreg_in21k_ft_in1k", 75.452),
+    "sinkformer_vit_small_patch16_224.augreg_in21k_ft_in1k": _from_timm(
+        "vit_small_patch16_224.augreg_in21k_ft_in1k", 81.402),
+    "sinkformer_vit_small_patch16_224.augreg_in1k": _from_timm("vit_small_patch16_224.augreg_in1k", 78.842),
+    "sinkformer_vit_base_patch16_224.augreg2_in21k_ft_in1k": _from_timm(
+        "vit_base_patch16_224.augreg2_in21k_ft_in1k", 85.108),
+    "sinkformer_vit_base_patch16_224.augreg_in21k_ft_in1k": _from_timm(
+        "vit_base_patch16_224.augreg_in21k_ft_in1k", 84.534),
+    "sinkformer_vit_base_patch16_224.augreg_in1k": _from_timm("vit_base_patch16_224.augreg_in1k", 79.154),
+    "sinkformer_vit_cats_dogs.sinkformers_paper": _vit_cfg(
+        num_classes=2, paper_ids=SINKFORMERS_PAPER, model_args=_CATS_DOGS,
+        metrics={"cats-vs-dogs/top1": {"value": 79.5, "kind": "published", "of": "model",
+                                       "note": "median test accuracy; the Transformer (n_iter=1): 79.0%"}},
+        notes=("published configuration without weights: Adam lr 5e-5, batch 64 (no zoo recipe ships for it)",),
+    ),
+    "sinkformer_vit_mnist.sinkformers_paper": _vit_cfg(
+        input_size=(1, 28, 28), mean=(0.1307,), std=(0.3081,), crop_pct=1.0, num_classes=10,
+        paper_ids=SINKFORMERS_PAPER, model_args=_MNIST,
+        notes=("published configuration without weights: one attention layer, one head, no MLP, any patch size; "
+               "published without a number: the Sinkformer beats the Transformer at small patches and ties at "
+               "patch 28 (one token); Adam lr 5e-4 (no zoo recipe ships for it); mean / std: MNIST's usual ones",),
+    ),
+})
+
+
 # ------------------------------------------------------------------------------------------------
 # Builders
 
 __all__ = [
     "SinkformerBlock",
     "SinkformerViT",
+    "default_cfgs",
     "sinkformer_vit_base_patch16_224",
     "sinkformer_vit_cats_dogs",
     "sinkformer_vit_mnist",
@@ -245,47 +528,55 @@ __all__ = [
 ]
 
 
-def _build(weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> SinkformerViT:
-    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
-        recorded = recorded_num_classes(weights)
-        if recorded is not None:
-            kwargs["num_classes"] = recorded
-    return SinkformerViT(weights=weights, **{**defaults, **kwargs})
+def _build(arch: str, defaults: dict[str, Any], kwargs: dict[str, Any], pretrained: bool,
+           weights: str | None) -> SinkformerViT:
+    return build_model(SinkformerViT, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
+                       base_cfg=_vit_cfg())
 
 
 @register_model
-def sinkformer_vit_tiny_patch16_224(weights: str | None = None, **kwargs: Any) -> SinkformerViT:
-    """Sinkformer ViT-Ti/16 (timm ``vit_tiny_patch16_224``: 192 wide, 12 blocks, 3 heads), ``n_iter=3``."""
-    return _build(weights, {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs)
+def sinkformer_vit_tiny_patch16_224(pretrained: bool = False, *, weights: str | None = None,
+                                    **kwargs: Any) -> SinkformerViT:
+    """Sinkformer ViT-Ti/16 (timm ``vit_tiny_patch16_224``: 192 wide, 12 blocks, 3 heads), ``n_iter=3``.
+    ``pretrained=True``: timm's ``augreg_in21k_ft_in1k`` weights (hf-hub), see :data:`default_cfgs`."""
+    return _build("sinkformer_vit_tiny_patch16_224", {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs,
+                  pretrained, weights)
 
 
 @register_model
-def sinkformer_vit_small_patch16_224(weights: str | None = None, **kwargs: Any) -> SinkformerViT:
-    """Sinkformer ViT-S/16 (timm ``vit_small_patch16_224``: 384 wide, 12 blocks, 6 heads), ``n_iter=3``."""
-    return _build(weights, {"embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs)
+def sinkformer_vit_small_patch16_224(pretrained: bool = False, *, weights: str | None = None,
+                                     **kwargs: Any) -> SinkformerViT:
+    """Sinkformer ViT-S/16 (timm ``vit_small_patch16_224``: 384 wide, 12 blocks, 6 heads), ``n_iter=3``.
+    ``pretrained=True``: timm's ``augreg_in21k_ft_in1k`` weights (hf-hub); tag ``augreg_in1k`` too."""
+    return _build("sinkformer_vit_small_patch16_224", {"embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs,
+                  pretrained, weights)
 
 
 @register_model
-def sinkformer_vit_base_patch16_224(weights: str | None = None, **kwargs: Any) -> SinkformerViT:
-    """Sinkformer ViT-B/16 (timm ``vit_base_patch16_224``: 768 wide, 12 blocks, 12 heads), ``n_iter=3``."""
-    return _build(weights, {"embed_dim": 768, "depth": 12, "num_heads": 12}, kwargs)
+def sinkformer_vit_base_patch16_224(pretrained: bool = False, *, weights: str | None = None,
+                                    **kwargs: Any) -> SinkformerViT:
+    """Sinkformer ViT-B/16 (timm ``vit_base_patch16_224``: 768 wide, 12 blocks, 12 heads), ``n_iter=3``.
+    ``pretrained=True``: timm's ``augreg2_in21k_ft_in1k`` weights (hf-hub, timm's default); tags
+    ``augreg_in21k_ft_in1k``, ``augreg_in1k`` too."""
+    return _build("sinkformer_vit_base_patch16_224", {"embed_dim": 768, "depth": 12, "num_heads": 12}, kwargs,
+                  pretrained, weights)
 
 
 @register_model
-def sinkformer_vit_cats_dogs(weights: str | None = None, **kwargs: Any) -> SinkformerViT:
-    """The published cats-vs-dogs Sinkformer (MATH.md section 5): 224 px, patch 16, 128 wide, depth 6, 8 heads
-    of width 64, MLP 128, no qkv bias, 2 classes, Adam lr 5e-5 (published: 79.5% vs 79.0% Transformer)."""
-    defaults = {"img_size": 224, "patch_size": 16, "embed_dim": 128, "depth": 6, "num_heads": 8, "attn_head_dim": 64,
-                "mlp_ratio": 1.0, "qkv_bias": False, "num_classes": 2, "optimizer": "adam", "lr": 5e-5,
-                "weight_decay": 0.0, "scheduler": "constant"}
-    return _build(weights, defaults, kwargs)
+def sinkformer_vit_cats_dogs(pretrained: bool = False, *, weights: str | None = None,
+                             **kwargs: Any) -> SinkformerViT:
+    """The published cats-vs-dogs Sinkformer (Sinkformers paper): 224 px, patch 16, 128 wide, depth 6, 8 heads
+    of width 64, MLP 128, no qkv bias, 2 classes, ``n_iter=3``; trains with Adam lr 5e-5 at a constant rate
+    (published median test accuracy 79.5%, the Transformer 79.0%). No weights are published."""
+    kwargs.setdefault("optimizer", functools.partial(torch.optim.Adam, lr=5e-5))
+    kwargs.setdefault("lr_scheduler", None)  # constant learning rate
+    return _build("sinkformer_vit_cats_dogs", _CATS_DOGS, kwargs, pretrained, weights)
 
 
 @register_model
-def sinkformer_vit_mnist(weights: str | None = None, patch_size: int = 7, **kwargs: Any) -> SinkformerViT:
-    """The published MNIST Sinkformer (MATH.md section 5): one block, one head of width 64, no MLP, 128 wide,
-    28x28x1 input, variable ``patch_size`` (a divisor of 28), Adam lr 5e-4 (Sinkformer better at small patches)."""
-    defaults = {"img_size": 28, "patch_size": patch_size, "in_chans": 1, "embed_dim": 128, "depth": 1,
-                "num_heads": 1, "attn_head_dim": 64, "mlp_ratio": 0.0, "qkv_bias": False, "num_classes": 10,
-                "optimizer": "adam", "lr": 5e-4, "weight_decay": 0.0}
-    return _build(weights, defaults, kwargs)
+def sinkformer_vit_mnist(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> SinkformerViT:
+    """The published MNIST Sinkformer (Sinkformers paper): one block, one head of width 64, no MLP, 128 wide,
+    28x28x1 input, ``patch_size`` any divisor of 28 (default 7), ``n_iter=3``; trains with Adam lr 5e-4 (the
+    Sinkformer is better than the Transformer at small patches). No weights are published."""
+    kwargs.setdefault("optimizer", functools.partial(torch.optim.Adam, lr=5e-4))
+    return _build("sinkformer_vit_mnist", {**_MNIST, "patch_size": 7}, kwargs, pretrained, weights)

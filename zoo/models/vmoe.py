@@ -11,8 +11,10 @@ as V-MoE's "Every-2")::
 The router is the MoE's: ``"expert_choice"`` (each expert takes its k tokens of the group, load balanced by
 construction, the published relaxed-router setting) or ``"token_choice"`` (top-k experts per token, capacity,
 Switch load-balancing loss weighted by ``aux_loss_weight``), with the hard top-k or the relaxed one
-(``topk="soft"``: sparse and differentiable, MATH.md section 6). The Lightning task adds the auxiliary losses
-to the training loss and logs the routing statistics (tokens per expert, dropped tokens, router entropy).
+(``topk="soft"``: sparse and differentiable, MATH.md section 6). The model hands the weighted load-balancing
+loss to the Lightning task through :meth:`VisionMoE.auxiliary_losses` (added to the training loss) and the routing
+statistics through :meth:`VisionMoE.diagnostics` (logged as ``{stage}_moe/...``:
+:func:`zoo.nn.moe.routing_statistics`). timm's model protocol is SinkformerViT's.
 
 Upcycling: a dense checkpoint (a timm ViT's ``blocks.{i}.mlp.fc1/fc2``) loads into the experts of the MoE
 blocks, every expert a copy of the dense MLP and the router at zero; ``converters.transform(vit, to="moe")``
@@ -25,6 +27,7 @@ drop or share tokens, which fine-tuning adapts to.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,13 +35,13 @@ import torch
 from timm.layers import trunc_normal_
 
 from zoo.errors import ZooError
-from zoo.hub import recorded_num_classes
-from zoo.models.vit import SinkformerViT
-from zoo.nn.moe import MoE
+from zoo.models.vit import SinkformerViT, _vit_cfg
+from zoo.nn.moe import MoE, routing_statistics
+from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.validation import finite_float, int_sequence, positive_int
 
-__all__ = ["VisionMoE", "vmoe_small_patch32_224", "vmoe_tiny_patch32_224", "moe_block_indices"]
+__all__ = ["VisionMoE", "default_cfgs", "vmoe_small_patch32_224", "vmoe_tiny_patch32_224", "moe_block_indices"]
 
 _EXPERT_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -72,6 +75,7 @@ class VisionMoE(SinkformerViT):
         aux_loss_weight: weight of the summed load-balancing losses in the training loss (token choice; the
             expert-choice loss is exactly zero).
         weights: as SinkformerViT; a dense ViT checkpoint is upcycled (experts = copies, router = 0).
+        **kwargs: SinkformerViT's (and the training settings; default optimiser SinkformerViT's AdamW).
     """
 
     def __init__(
@@ -126,9 +130,29 @@ class VisionMoE(SinkformerViT):
             if moe.router.bias is not None:
                 torch.nn.init.zeros_(moe.router.bias)
 
+    def moe_modules(self) -> list[MoE]:
+        """The :class:`zoo.nn.MoE` layers, in block order (of the blocks kept by ``prune_intermediate_layers``)."""
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{"blocks.1.mlp": {"tokens_per_expert": ..., "dropped_fraction": ..., ...}, ...}`` of the last forward."""
-        return {f"blocks.{i}.mlp": dict(self.blocks[i].mlp.stats) for i in self.moe_indices}
+        return {f"blocks.{i}.mlp": dict(block.mlp.stats) for i, block in enumerate(self.blocks)
+                if isinstance(block.mlp, MoE)}
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """``{"moe_aux_loss": aux_loss_weight * sum of the MoE layers' load-balancing losses}`` of the last forward
+        (graph attached: the task adds it to the training loss; exactly 0 for expert choice)."""
+        layers = self.moe_modules()
+        if not layers:
+            return {}
+        total = torch.stack([m.aux_loss.float() for m in layers]).sum()
+        return {"moe_aux_loss": self.hparams["aux_loss_weight"] * total}
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """The routing statistics of the last forward (:func:`zoo.nn.moe.routing_statistics`) as ``moe/aux_loss``
+        (unweighted sum), ``moe/dropped_fraction``, ``moe/router_entropy``, ``moe/expert_load_max``,
+        ``moe/expert_load_min``: the task logs them as ``{stage}_moe/...``."""
+        return {f"moe/{name}": value for name, value in routing_statistics(self.moe_modules()).items()}
 
     def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],
                          source_hparams: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -146,30 +170,63 @@ class VisionMoE(SinkformerViT):
 
 
 # ------------------------------------------------------------------------------------------------
+# Pretrained configurations: dense timm weights upcycled, and the published relaxed-router experiment
+
+_UPCYCLE_CONVERSION = (
+    "upcycled: every expert of an MoE block a copy of that block's dense MLP, the router at zero (gates 1/E); with "
+    "the builder's sparse router (expert choice, k=28 of 400 tokens) tokens are shared out, another function until "
+    "fine-tuned; router='expert_choice', k=None, group_size=None, capacity_factor=None (every expert takes every "
+    "token with weight 1/E) or router='token_choice', normalize_gates=True, capacity_factor=None (any k) compute "
+    "timm's dense ViT exactly"
+)
+
+default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs({
+    "vmoe_small_patch32_224.augreg_in21k_ft_in1k": _vit_cfg(
+        source="hf-hub:timm/vit_small_patch32_224.augreg_in21k_ft_in1k",
+        hf_hub_id="timm/vit_small_patch32_224.augreg_in21k_ft_in1k", license="apache-2.0",
+        origin_url="https://github.com/google-research/vision_transformer", paper_ids="arXiv:2106.10270",
+        conversion=_UPCYCLE_CONVERSION,
+        metrics={"imagenet-1k/top1": {"value": 76.010, "kind": "published", "of": "source",
+                                      "note": "timm's results-imagenet.csv (the dense vit_small_patch32_224)"}},
+        notes=("weights of timm's dense vit_small_patch32_224.augreg_in21k_ft_in1k, upcycled",),
+    ),
+    "vmoe_small_patch32_224.relaxed_topk_jft300m": _vit_cfg(
+        num_classes=18291, paper_ids="arXiv:2302.01425", model_args={"topk": "soft"},
+        notes=("published configuration without weights: V-MoE S/32 with the relaxed top-k router (p = 2, Dykstra, "
+               "10 iterations), 32 experts, k = 28 of 400 tokens, 7 epochs of JFT-300M (18291 classes, not public), "
+               "Adam (0.9, 0.999), lr 1e-3, 10k warm-up steps, linear decay, weight decay 0.1; published without an "
+               "absolute number: the relaxed router beat the hard one on precision-at-1 (no zoo recipe ships for "
+               "it; recipes/digits_vmoe_soft.yaml is a small analogue)",),
+    ),
+})
+
+
+# ------------------------------------------------------------------------------------------------
 # Builders
 
 
-def _build(weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> VisionMoE:
-    if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (timm's behaviour)
-        recorded = recorded_num_classes(weights)
-        if recorded is not None:
-            kwargs["num_classes"] = recorded
-    return VisionMoE(weights=weights, **{**defaults, **kwargs})
+def _build(arch: str, defaults: dict[str, Any], kwargs: dict[str, Any], pretrained: bool,
+           weights: str | None) -> VisionMoE:
+    return build_model(VisionMoE, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
+                       base_cfg=_vit_cfg())
 
 
 @register_model
-def vmoe_tiny_patch32_224(weights: str | None = None, **kwargs: Any) -> VisionMoE:
+def vmoe_tiny_patch32_224(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> VisionMoE:
     """V-MoE Ti/32 (ViT-Ti: 192 wide, 12 blocks, 3 heads; patch 32), 8 experts in every other block,
-    expert-choice router (capacity factor 2). ``weights`` may be a dense timm ``vit_tiny_patch32``-shaped ViT."""
-    return _build(weights, {"embed_dim": 192, "depth": 12, "num_heads": 3, "num_experts": 8}, kwargs)
+    expert-choice router (capacity factor 2). ``weights`` may be a dense timm ViT of that shape (upcycled); timm
+    publishes no Ti/32 weights, so there is no pretrained tag."""
+    return _build("vmoe_tiny_patch32_224", {"embed_dim": 192, "depth": 12, "num_heads": 3, "num_experts": 8},
+                  kwargs, pretrained, weights)
 
 
 @register_model
-def vmoe_small_patch32_224(weights: str | None = None, **kwargs: Any) -> VisionMoE:
-    """V-MoE S/32 as in the published relaxed-router experiment (MATH.md section 7): ViT-S (384 wide, 12 blocks,
-    6 heads), 32 experts in every other block, expert choice with k = 28 tokens per expert in groups of 400 tokens
-    (8 images of 50), Adam (0.9, 0.999), lr 1e-3 with warm-up and weight decay 0.1; ``topk="soft"`` for the
-    relaxed router. ``weights`` may be a dense ``hf-hub:timm/vit_small_patch32_224...`` checkpoint (upcycled)."""
-    defaults = {"embed_dim": 384, "depth": 12, "num_heads": 6, "num_experts": 32, "k": 28, "group_size": 400,
-                "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1}
-    return _build(weights, defaults, kwargs)
+def vmoe_small_patch32_224(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> VisionMoE:
+    """V-MoE S/32 as in the published relaxed-router experiment: ViT-S (384 wide, 12 blocks, 6 heads), 32 experts
+    in every other block, expert choice with k = 28 tokens per expert in groups of 400 tokens (8 images of 50);
+    trains with AdamW lr 1e-3, weight decay 0.1; ``topk="soft"`` (tag ``relaxed_topk_jft300m``) for the relaxed
+    router. ``pretrained=True``: timm's dense ``vit_small_patch32_224.augreg_in21k_ft_in1k`` upcycled (tag
+    ``augreg_in21k_ft_in1k``, see :data:`default_cfgs` for the settings that compute the dense model exactly)."""
+    kwargs.setdefault("optimizer", functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))
+    defaults = {"embed_dim": 384, "depth": 12, "num_heads": 6, "num_experts": 32, "k": 28, "group_size": 400}
+    return _build("vmoe_small_patch32_224", defaults, kwargs, pretrained, weights)

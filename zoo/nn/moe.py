@@ -57,7 +57,7 @@ dispatched pairs). :meth:`MoE.route` returns the dispatch itself (:class:`Routin
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from zoo.errors import ZooError
 from zoo.ops.topk import soft_topk_mask
 
-__all__ = ["MoE", "Routing", "BatchedLinear"]
+__all__ = ["MoE", "Routing", "BatchedLinear", "routing_statistics"]
 
 ROUTERS = ("token_choice", "expert_choice")
 TOPKS = ("hard", "soft")
@@ -541,3 +541,25 @@ class MoE(nn.Module):
         self.aux_loss = routing.aux_loss
         self.stats = routing.stats
         return out[:N].view(x.shape)
+
+
+def routing_statistics(layers: Sequence[MoE]) -> dict[str, torch.Tensor]:
+    """The routing statistics of the last forward of MoE ``layers``, over the layers (what a training loop logs):
+
+    * ``aux_loss``: sum of the layers' ``aux_loss`` (unweighted, detached);
+    * ``dropped_fraction``, ``router_entropy``: means over the layers of their ``stats``;
+    * ``expert_load_max`` / ``expert_load_min``: mean over the layers of max_e n_e / mean_e n_e (min_e likewise),
+      n_e the tokens expert e processed: 1 / 1 is perfect balance, a minimum of 0 an idle expert.
+
+    Empty when there is no layer or a layer has not run yet. Detached 0-d float tensors; no host sync.
+    """
+    if not layers or any(not m.stats for m in layers):
+        return {}
+    loads = [m.stats["tokens_per_expert"].float() for m in layers]  # layers may have different numbers of experts
+    return {
+        "aux_loss": torch.stack([m.aux_loss.detach().float() for m in layers]).sum(),
+        "dropped_fraction": torch.stack([m.stats["dropped_fraction"].float() for m in layers]).mean(),
+        "router_entropy": torch.stack([m.stats["router_entropy"].float() for m in layers]).mean(),
+        "expert_load_max": torch.stack([n.amax() / n.mean().clamp_min(1e-12) for n in loads]).mean(),
+        "expert_load_min": torch.stack([n.amin() / n.mean().clamp_min(1e-12) for n in loads]).mean(),
+    }
