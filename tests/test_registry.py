@@ -71,9 +71,9 @@ def test_from_zoo_import() -> None:
 
 
 def test_create_model_class_and_kwargs() -> None:
-    m = zoo.create_model("depth_scaled_resnet20_cifar", layers=(1, 1, 1), num_classes=7, lr=0.01)
+    m = zoo.create_model("depth_scaled_resnet20_cifar", layers=(1, 1, 1), num_classes=7, label_smoothing=0.1)
     assert type(m) is DepthScaledResNet
-    assert m.hparams.layers == (1, 1, 1) and m.hparams.lr == 0.01
+    assert m.hparams.layers == (1, 1, 1) and m.hparams.label_smoothing == 0.1
     assert m.fc.out_features == 7 and m.fc.in_features == 64
     assert [s.rule for s in m.stages] == ["euler"] * 3
 

@@ -401,7 +401,8 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
     if feature_cfg and not features_only:
         raise ZooError(f"{', '.join(feature_cfg)} only apply with features_only=True (a feature extractor)")
     if not isinstance(pretrained, bool):
-        raise ZooError(f"pretrained must be True or False, got {pretrained!r}")
+        hint = " (weights are given by keyword: weights=...)" if isinstance(pretrained, (str, os.PathLike)) else ""
+        raise ZooError(f"pretrained must be True or False, got {pretrained!r}{hint}")
     merged = {**dict(defaults or {}), **kw}
     effective = {**_signature_defaults(cls), **merged}
     cfg = resolve_pretrained_cfg(arch, cfg_arg, weights, base_cfg, effective)
@@ -420,6 +421,10 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
                                        "and model metrics do not apply"))
     source = weights
     if source is None and pretrained:
+        if not cfg.has_weights and cfg.tag is None:
+            raise ZooError(f"{arch} has no pretrained weights (no tag in zoo.list_pretrained({arch!r})); build it "
+                           "without pretrained=True, or give weights=... (a file, a save_pretrained folder, "
+                           "'hf-hub:org/name')")
         if not cfg.has_weights:
             hint = f"; train it with the recipe {cfg.recipe!r}" if cfg.recipe else ""
             raise ZooError(f"{cfg.name or arch} is a published configuration without weights, so pretrained=True "

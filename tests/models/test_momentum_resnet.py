@@ -3,6 +3,7 @@ against autograd, initial velocity, save/load, Lightning training and gradient a
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -309,7 +310,7 @@ def _images(n: int, seed: int = 0) -> TensorDataset:
 
 
 def test_lightning_fit_two_steps_reversible_changes_the_weights():
-    model = small(seed=5, lr=0.05, scheduler="constant")
+    model = small(seed=5, optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9), lr_scheduler=None)
     assert model.layer1.memory == "reversible"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = _trainer(max_steps=2, limit_val_batches=0)
@@ -329,7 +330,8 @@ def test_gradient_accumulation_reversible_equals_full():
     data = DataLoader(_images(8, seed=1), batch_size=4, shuffle=False)
     states = {}
     for memory in ("reversible", "full"):
-        model = small(seed=6, memory=memory, lr=0.1, scheduler="constant")
+        model = small(seed=6, memory=memory, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+                      lr_scheduler=None)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         trainer = _trainer(max_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
         trainer.fit(model, data)

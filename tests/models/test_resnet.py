@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -122,8 +124,8 @@ def test_lightning_fit_lowers_the_loss():
 
     pl.seed_everything(0)
     dm = DigitsDataModule(image_size=16, batch_size=32, augment=False)
-    model = zoo.heun_cifar_resnet(layers=(1, 1, 1), memory="adjoint", optimizer="adamw", lr=3e-3,
-                                 weight_decay=0.0, scheduler="constant")
+    model = zoo.heun_cifar_resnet(layers=(1, 1, 1), memory="adjoint", lr_scheduler=None,  # constant rate
+                                 optimizer=functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0))
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=15, limit_val_batches=4, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(model, dm, verbose=False)
@@ -136,16 +138,28 @@ def test_lightning_fit_lowers_the_loss():
 
 
 def test_optimizer_groups_and_schedulers():
-    m = zoo.depth_scaled_resnet20_cifar(weight_decay=1e-3)
-    groups = m.parameter_groups()
-    assert groups[0]["weight_decay"] == 1e-3 and groups[1]["weight_decay"] == 0.0
-    decayed = {id(p) for p in groups[0]["params"]}
+    """Training settings are injected (issue 14): the family's default SGD recipe, decay on weights only, a cosine
+    schedule over the run; none of them is an architecture argument or a hyperparameter of the checkpoint."""
+    m = zoo.depth_scaled_resnet20_cifar()
+    assert ResNet.default_optimizer.func is torch.optim.SGD
+    assert ResNet.default_optimizer.keywords == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    config = m.configure_optimizers(total_steps=10)
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.SGD) and [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0]
+    assert all(g["lr"] == 0.1 and g["momentum"] == 0.9 for g in opt.param_groups)
+    assert isinstance(sched, zoo.tasks.optim.WarmupCosineLR)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(m.conv1.weight) in decayed and id(m.bn1.weight) not in decayed and id(m.fc.bias) not in decayed
-    assert len(decayed) + len(groups[1]["params"]) == len(list(m.parameters()))
-    with pytest.raises(ZooError, match="optimizer must be one of 'sgd', 'adamw', 'adam', got 'lbfgs'"):
+    assert len(decayed) + len(opt.param_groups[1]["params"]) == len(list(m.parameters()))
+    own = zoo.depth_scaled_resnet20_cifar(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))
+    opt = own.configure_optimizers(total_steps=10)["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert not {"optimizer", "lr_scheduler", "lr", "weight_decay"} & set(own.hparams)
+    with pytest.raises(ZooError, match="optimizer must be a callable"):
         zoo.depth_scaled_resnet20_cifar(optimizer="lbfgs")
-    with pytest.raises(ZooError, match="scheduler must be one of 'cosine', 'step', 'constant', got 'poly'"):
-        zoo.depth_scaled_resnet20_cifar(scheduler="poly")
+    for old in ({"lr": 0.1}, {"weight_decay": 1e-3}, {"scheduler": "cosine"}, {"momentum": 0.9}):
+        with pytest.raises(ZooError, match=f"{next(iter(old))}.*optimizer=functools.partial"):
+            zoo.depth_scaled_resnet20_cifar(**old)
 
 
 @pytest.mark.parametrize(

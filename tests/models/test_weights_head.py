@@ -4,6 +4,7 @@ an explicit ``num_classes`` the recorded one is built; an explicit other one re-
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning
@@ -75,7 +76,8 @@ def test_builder_builds_the_recorded_head(tmp_path: Path, name: str, target: str
 
 def test_head_from_a_real_lightning_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = zoo.resnet18(num_classes=10, widths=(4, 4, 8, 8), lr=0.05, scheduler="constant")
+    model = zoo.resnet18(num_classes=10, widths=(4, 4, 8, 8), lr_scheduler=None,
+                         optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,

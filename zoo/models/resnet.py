@@ -21,6 +21,8 @@ Pre-activation blocks (the tiny CIFAR net) use f(x) = g(x) directly.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,16 +33,27 @@ import torch.nn.functional as F
 from torchvision.ops import stochastic_depth
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_weights, recorded_num_classes
+from zoo.hub import HubMixin, load_weights
 from zoo.nn import ResidualStack
 from zoo.nn.residual_stack import INIT_VELOCITIES, MEMORY_MODES, RULES
 from zoo.ops.fixed_point import post_activation_residual
+from zoo.pretrained import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    PretrainedCfg,
+    build_model,
+    register_pretrained_cfgs,
+)
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
-from zoo.validation import boolean, choice, finite_float, int_sequence, positive_int, probability
+from zoo.validation import boolean, choice, finite_float, int_sequence, non_negative_int, positive_int, probability
 
 BLOCKS = ("basic", "bottleneck", "preact")
 STEMS = ("imagenet", "cifar", "tiny")
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")  # timm's SelectAdaptivePool2d types
+# CIFAR-10 statistics (zoo.data.vision.CIFAR_STATS["cifar10"]): the CIFAR and tiny nets' default transform
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 # torchvision architecture names by (block, layers), for weight names such as "IMAGENET1K_V2".
 TORCHVISION_ARCHS = {
@@ -202,7 +215,11 @@ class ResNet(HubMixin, ImageClassifier):
         memory: ``"full"``, ``"adjoint"`` (store each stage's output only) (or ``"reversible"``).
         tied: share the weights of the residual blocks within each stage: ``True`` for every stage,
             or the numbers of the tied stages (``[2, 3]``; stages count from 1).
-        num_classes, in_chans: classifier outputs, input channels.
+        num_classes, in_chans: classifier outputs (0: no classifier, ``forward`` returns the pooled features, as
+            timm's ``num_classes=0``), input channels.
+        global_pool: timm's global pooling before the classifier: ``"avg"`` (torchvision's), ``"max"``,
+            ``"avgmax"``, ``"catavgmax"`` (twice the features), or ``""`` (none: ``forward`` returns the unpooled
+            feature map; needs ``num_classes=0``).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over the blocks up to this rate.
         zero_init_last: initialise the last BatchNorm of every block at zero (f = 0 at init).
@@ -214,8 +231,18 @@ class ResNet(HubMixin, ImageClassifier):
             even where it keeps the shape (``layer1`` of a basic-block ResNet, every stage of the tiny net);
             without it only shape-changing first blocks are. Same parameter names either way.
             True by default for :class:`MomentumResNet` (the published definition), False otherwise.
-        **kwargs: training hyperparameters of :class:`zoo.tasks.ImageClassifier`.
+        **kwargs: the task's arguments (:class:`zoo.tasks.ImageClassifier`: ``optimizer``, ``lr_scheduler``,
+            ``label_smoothing``); none of them changes the architecture.
+
+    timm's model protocol: ``num_classes``, ``num_features``, ``head_hidden_size``, ``pretrained_cfg`` (alias
+    ``default_cfg``), ``feature_info`` (the stem's activation and every stage, as timm's ResNet),
+    :meth:`reset_classifier`, :meth:`get_classifier`, :meth:`forward_features`, :meth:`forward_head`,
+    :meth:`forward_intermediates`, :meth:`prune_intermediate_layers`, :meth:`set_grad_checkpointing`.
+    Trains by default with SGD (lr 0.1, momentum 0.9, weight decay 5e-4 on weights only: ``default_optimizer``)
+    and the task's cosine schedule over the run; ``optimizer=`` / ``lr_scheduler=`` replace them.
     """
+
+    default_optimizer = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def __init__(
         self,
@@ -231,6 +258,7 @@ class ResNet(HubMixin, ImageClassifier):
         tied: bool | Sequence[int] = False,
         num_classes: int = 1000,
         in_chans: int = 3,
+        global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         zero_init_last: bool = False,
@@ -260,6 +288,8 @@ class ResNet(HubMixin, ImageClassifier):
                 raise ZooError(f"tied must be true/false or stage numbers 1..{len(layer_counts)}, got {list(tied)}; "
                                "stages count from 1")
         positive_int("in_chans", in_chans)
+        _check_head(num_classes, global_pool)
+        _check_task_kwargs(type(self).__name__, kwargs)
         probability("drop_rate", drop_rate)
         probability("drop_path_rate", drop_path_rate)
         boolean("zero_init_last", zero_init_last)
@@ -315,10 +345,17 @@ class ResNet(HubMixin, ImageClassifier):
                               init_velocity=init_velocity),
             )
             self.stage_names.append(name)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = inplanes  # channels of forward_features' output
+        self.global_pool, self.fc = _head(inplanes, num_classes, global_pool)
         self.dropout = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(inplanes, num_classes)
-        self.num_features = inplanes
+        self.num_classes = num_classes
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()  # what pre_logits returns
+        self.grad_checkpointing = False
+        self.feature_info = _feature_info(stem, widths[0], [w * block_cls.expansion for w in widths])
+        # the description of the model as built; the builders (zoo.pretrained.build_model) replace it with the
+        # table entry of the weights or tag it was built from
+        self.pretrained_cfg = self.pretrained_cfg_as_built(_base_cfg(stem).to_dict())
+        self.default_cfg = self.pretrained_cfg
         self._init_weights(zero_init_last)
         if weights is not None:
             load_weights(self, weights)
@@ -351,20 +388,124 @@ class ResNet(HubMixin, ImageClassifier):
             return None
         return TORCHVISION_ARCHS.get((self.block_type, self.layer_counts))
 
+    # ---------------------------------------------------------------- timm's model protocol
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature map before pooling."""
+        """Feature map before pooling, ``(B, num_features, H', W')``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in self.stages:
-            x = stage(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.dropout(torch.flatten(self.avgpool(x), 1))
+        """Global pooling, dropout and the classifier; ``pre_logits=True`` stops before the classifier."""
+        x = self.dropout(self.global_pool(x))
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits."""
+        """Logits (pooled features with ``num_classes=0``, the feature map with ``global_pool=''`` too)."""
         return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        """The classifier (``fc``; an ``nn.Identity`` without one), or its name ``"fc"``."""
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none), optionally with another ``global_pool``, as timm's;
+        ``hparams`` and the accuracy metrics follow, so checkpoints and ``save_pretrained`` rebuild this head."""
+        pool = self.hparams.get("global_pool", "avg") if global_pool is None else global_pool
+        _check_head(num_classes, pool)
+        device, dtype = self.conv1.weight.device, self.conv1.weight.dtype
+        self.global_pool, self.fc = _head(self.num_features, num_classes, pool)
+        self.fc.to(device=device, dtype=dtype)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.num_classes = num_classes
+        self.hparams["global_pool"] = pool
+        self.set_num_classes(num_classes)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: the features of ``feature_info`` (index 0: the stem's activation,
+        1..K: the stages) selected by ``indices`` (None: all; an int n: the last n; a list: those, negative from
+        the end), and the final feature map unless ``intermediates_only``. ``stop_early`` skips the stages after
+        the last selected one; ``norm`` changes nothing (a ResNet has no final norm); ``output_fmt`` is NCHW."""
+        if output_fmt != "NCHW":
+            raise ZooError(f"a ResNet's intermediates are NCHW feature maps; output_fmt={output_fmt!r} is not offered")
+        take_indices, max_index = _take_indices(len(self.stage_names) + 1, indices)
+        intermediates = []
+        x = self.relu(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        names = self.stage_names[:max_index] if stop_early else self.stage_names
+        for i, name in enumerate(names, start=1):
+            x = getattr(self, name)(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's: replace the stages after the last of ``indices`` by ``nn.Identity`` and (``prune_head``) the
+        head by none (``reset_classifier(0, '')``); returns the absolute indices kept."""
+        take_indices, max_index = _take_indices(len(self.stage_names) + 1, indices)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, nn.Identity())
+        if max_index == 0:
+            self.maxpool = nn.Identity()  # it follows the stem's feature
+        prune_end = max_index < len(self.stage_names)
+        if prune_end:  # the features end at the last kept one: the head sized for the final features goes too
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every stage, as timm's (``enable=False`` turns it off). Under
+        ``memory="full"`` each stage keeps only the input of its first block and of every residual step and
+        recomputes the rest in backward (same values and gradients, less memory, one more forward). Under
+        ``"adjoint"`` (only each stage's output is stored) and ``"reversible"`` (flat in depth) no step's
+        activations are stored anyway: there it is a no-op."""
+        enable = boolean("enable", enable)
+        self.grad_checkpointing = enable
+        for name in self.stage_names:
+            stage = getattr(self, name)
+            if isinstance(stage, ResidualStack):
+                stage.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise learning-rate decay ...): the stem, then each stage (``coarse``) or
+        each block."""
+        return {"stem": r"^conv1|bn1|maxpool", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
+
+    def pretrained_cfg_as_built(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """``cfg`` (timm's ``pretrained_cfg`` dict) corrected to this model: its input channels (one mean / std
+        per channel: the average of the cfg's when their number differs), the final feature map's ``pool_size``
+        at the cfg's input size, ``num_classes``, ``first_conv`` and ``classifier``."""
+        cfg = dict(cfg)
+        in_chans = self.hparams.get("in_chans", 3)
+        for key in ("input_size", "test_input_size"):
+            if cfg.get(key) is not None:
+                cfg[key] = (in_chans, *tuple(cfg[key])[1:])
+        for key in ("mean", "std"):
+            values = tuple(cfg.get(key) or (IMAGENET_DEFAULT_MEAN if key == "mean" else IMAGENET_DEFAULT_STD))
+            cfg[key] = values if len(values) == in_chans else (sum(values) / len(values),) * in_chans
+        size = tuple(cfg.get("input_size", (in_chans, 224, 224)))[1:]
+        cfg["pool_size"] = tuple(self._final_size(s) for s in size)
+        cfg["num_classes"] = self.num_classes
+        cfg["first_conv"], cfg["classifier"] = "conv1", "fc"
+        return cfg
+
+    def _final_size(self, size: int) -> int:
+        """Height (or width) of forward_features' output for an input of ``size`` pixels (every stride-2 conv and
+        pool of the stem and stages maps n to ceil(n / 2); the tiny stem pools to 10)."""
+        stem = self.hparams.get("stem", "imagenet")
+        size = {"imagenet": math.ceil(math.ceil(size / 2) / 2), "cifar": size, "tiny": 10}[stem]
+        for _ in self.stage_names[1:]:
+            size = math.ceil(size / 2)
+        return size
 
     # ---------------------------------------------------------------- weights saved at another step
     def rescale_residual_weights(self, state_dict: Mapping[str, torch.Tensor],
@@ -495,7 +636,274 @@ class MomentumResNet(ResNet):
 
 
 # ------------------------------------------------------------------------------------------------
-# Builders
+# Heads, feature info, the configuration of an architecture without weights
+
+
+def _check_head(num_classes: int, global_pool: str) -> None:
+    non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for no classifier (forward "
+                     "returns the pooled features, as timm's num_classes=0)")
+    choice("global_pool", global_pool, GLOBAL_POOLS)
+    if global_pool == "" and num_classes:
+        raise ZooError(f"global_pool='' (no pooling: the feature map) needs num_classes=0, got num_classes="
+                       f"{num_classes}: a classifier takes pooled features; give num_classes=0 for the unpooled "
+                       "features, or global_pool='avg'")
+
+
+def _check_task_kwargs(cls_name: str, kwargs: Mapping[str, Any]) -> None:
+    """What a ResNet passes on must be an argument of the task; training settings of earlier versions (``lr``,
+    ``scheduler`` ...) get one error showing the injected form."""
+    import inspect
+
+    accepted = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "num_classes"}
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ZooError(f"{cls_name} got unknown argument(s) {', '.join(unknown)}: training settings (lr, momentum, "
+                       "weight_decay, scheduler ...) are not model arguments; give the optimiser and schedule as "
+                       "callables, e.g. optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, "
+                       "weight_decay=5e-4), lr_scheduler=None for a constant rate (YAML: optimizer: {class_path: "
+                       f"torch.optim.SGD, init_args: {{lr: 0.1}}}}); the task takes {', '.join(sorted(accepted))}")
+
+
+def _head(num_features: int, num_classes: int, global_pool: str) -> tuple[nn.Module, nn.Module]:
+    """timm's classifier head: its ``SelectAdaptivePool2d`` (flattened unless ``global_pool=''``) and a linear
+    layer (``nn.Identity`` for ``num_classes=0``). The pooling holds no parameters, so state dicts are
+    torchvision's."""
+    from timm.layers import SelectAdaptivePool2d
+
+    pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+    fc = nn.Linear(num_features * pool.feat_mult(), num_classes) if num_classes else nn.Identity()
+    return pool, fc
+
+
+def _feature_info(stem: str, stem_chs: int, stage_chs: Sequence[int]) -> list[dict[str, Any]]:
+    """timm's ResNet ``feature_info``: the stem's activation (``relu``, timm's ``act1``), then every stage, with
+    channels and reduction (input size / feature size). The tiny stem pools to 10x10 whatever the input: its
+    stages' reduction is given at its 32 px CIFAR input (3.2)."""
+    info = [{"num_chs": stem_chs, "reduction": 2 if stem == "imagenet" else 1, "module": "relu"}]
+    reduction: float = {"imagenet": 4, "cifar": 1, "tiny": 3.2}[stem]
+    for i, chs in enumerate(stage_chs):
+        if i:
+            reduction *= 2
+        info.append({"num_chs": chs, "reduction": reduction, "module": f"layer{i + 1}"})
+    return info
+
+
+def _take_indices(num_features: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices`` with one ZooError for indices out of range."""
+    from timm.models._features import feature_take_indices
+
+    valid = (indices is None or (isinstance(indices, int) and not isinstance(indices, bool))
+             or (isinstance(indices, Sequence) and not isinstance(indices, str) and len(indices) > 0
+                 and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)))
+    if valid:
+        try:
+            return feature_take_indices(num_features, indices)
+        except AssertionError:
+            pass
+    raise ZooError(f"indices={indices!r} do not select features of this model, which has {num_features} "
+                   f"(feature_info: 0 the stem, 1..{num_features - 1} the stages): give None (all), n (the last n, "
+                   f"1..{num_features}) or a non-empty list of indices in -{num_features}..{num_features - 1}")
+
+
+def _base_cfg(stem: str) -> PretrainedCfg:
+    """An architecture's transform when it has no weights: ImageNet's (224 px, torchvision's resize 256 / crop 224)
+    for the ImageNet stem, CIFAR-10's (32 px, no crop) for the CIFAR and tiny nets."""
+    if stem == "imagenet":
+        return PretrainedCfg(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear",
+                             first_conv="conv1", classifier="fc")
+    return PretrainedCfg(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear", mean=CIFAR10_MEAN,
+                         std=CIFAR10_STD, num_classes=10, first_conv="conv1", classifier="fc")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretrained configurations (zoo.list_pretrained("*resnet*")): the source weights as data, then what each family
+# computes with them.
+
+# torchvision's ResNet weights: tag, weights enum, file, resize size (crop 224, bilinear, ImageNet mean/std),
+# published ImageNet-1K acc@1 / acc@5 (torchvision's meta "_metrics"), training recipe. The first is the default.
+_TORCHVISION_WEIGHTS: dict[str, list[tuple[str, str, str, int, float, float, str]]] = {
+    "resnet18": [
+        ("tv_in1k", "ResNet18_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+         256, 69.758, 89.078, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+    ],
+    "resnet34": [
+        ("tv_in1k", "ResNet34_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet34-b627a593.pth",
+         256, 73.314, 91.42, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+    ],
+    "resnet50": [
+        ("tv2_in1k", "ResNet50_Weights.IMAGENET1K_V2", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+         232, 80.858, 95.434, "https://github.com/pytorch/vision/issues/3995#issuecomment-1013906621"),
+        ("tv_in1k", "ResNet50_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+         256, 76.13, 92.862, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+    ],
+    "resnet101": [
+        ("tv2_in1k", "ResNet101_Weights.IMAGENET1K_V2", "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+         232, 81.886, 95.78, "https://github.com/pytorch/vision/issues/3995#new-recipe"),
+        ("tv_in1k", "ResNet101_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+         256, 77.374, 93.546, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+    ],
+    "resnet152": [
+        ("tv2_in1k", "ResNet152_Weights.IMAGENET1K_V2", "https://download.pytorch.org/models/resnet152-f82ba261.pth",
+         232, 82.284, 96.002, "https://github.com/pytorch/vision/issues/3995#new-recipe"),
+        ("tv_in1k", "ResNet152_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+         256, 78.312, 94.046, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+    ],
+}
+
+_TIMM_URL = "https://github.com/huggingface/pytorch-image-models"
+_FB_SSL_URL = "https://github.com/facebookresearch/semi-supervised-ImageNet1K-models"
+_GLUON_URL = "https://cv.gluon.ai/model_zoo/classification.html"
+_RSB = "arXiv:2110.00476"  # ResNet strikes back
+# timm's Hugging Face Hub weights of the same layout and parameter names (timm.models.get_pretrained_cfg): tag,
+# input size, test input size, crop_pct, test_crop_pct, interpolation, normalisation ("imagenet" or "half":
+# mean = std = 0.5), license, origin, paper. timm's own copies of the torchvision weights (tv_in1k, tv2_in1k) are
+# the entries above; timm's cfgs publish no accuracy, so these entries carry none.
+_TIMM_WEIGHTS: dict[str, list[tuple[str, int, int | None, float, float | None, str, str, str, str | None,
+                                    str | None]]] = {
+    "resnet18": [
+        ("a1_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a2_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a3_in1k", 160, 224, 0.95, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("fb_ssl_yfcc100m_ft_in1k", 224, None, 0.875, None, "bilinear", "imagenet", "cc-by-nc-4.0", _FB_SSL_URL, None),
+        ("fb_swsl_ig1b_ft_in1k", 224, None, 0.875, None, "bilinear", "imagenet", "cc-by-nc-4.0", _FB_SSL_URL, None),
+        ("gluon_in1k", 224, None, 0.875, None, "bicubic", "imagenet", "apache-2.0", _GLUON_URL, None),
+    ],
+    "resnet34": [
+        ("a1_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a2_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a3_in1k", 160, 224, 0.95, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("bt_in1k", 224, 288, 0.875, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, None),
+        ("gluon_in1k", 224, None, 0.875, None, "bicubic", "imagenet", "apache-2.0", _GLUON_URL, None),
+        ("ra4_e3600_r224_in1k", 224, 288, 0.9, 1.0, "bicubic", "half", "apache-2.0", _TIMM_URL, _RSB),
+    ],
+    "resnet50": [
+        ("a1_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a1h_in1k", 176, 224, 0.9, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a2_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a3_in1k", 160, 224, 0.95, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("am_in1k", 224, None, 0.875, None, "bicubic", "imagenet", "apache-2.0", None, None),
+        ("b1k_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("b2k_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("bt_in1k", 224, 288, 0.875, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, None),
+        ("c1_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("c2_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("d_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("fb_ssl_yfcc100m_ft_in1k", 224, None, 0.875, None, "bilinear", "imagenet", "cc-by-nc-4.0", _FB_SSL_URL, None),
+        ("fb_swsl_ig1b_ft_in1k", 224, None, 0.875, None, "bilinear", "imagenet", "cc-by-nc-4.0", _FB_SSL_URL, None),
+        ("gluon_in1k", 224, None, 0.875, None, "bicubic", "imagenet", "apache-2.0", _GLUON_URL, None),
+        ("ra_in1k", 224, 288, 0.875, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, None),
+        ("ram_in1k", 224, 288, 0.875, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, None),
+    ],
+    "resnet101": [
+        ("a1_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a1h_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a2_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a3_in1k", 160, 224, 0.95, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("gluon_in1k", 224, None, 0.875, None, "bicubic", "imagenet", "apache-2.0", _GLUON_URL, None),
+    ],
+    "resnet152": [
+        ("a1_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a1h_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a2_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("a3_in1k", 160, 224, 0.95, 0.95, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
+        ("gluon_in1k", 224, None, 0.875, None, "bicubic", "imagenet", "apache-2.0", _GLUON_URL, None),
+    ],
+}
+
+_TORCHVISION_TERMS = ("torchvision's code is BSD-3-Clause; of its weights torchvision says they 'may have their own "
+                      "licenses or terms and conditions derived from the dataset used for training' (ImageNet-1k): "
+                      "check those terms for your use")
+
+
+def _source_cfgs(arch: str) -> dict[str, PretrainedCfg]:
+    """The source weights of a torchvision architecture, by tag (as the plain ResNet uses them), default first."""
+    out = {}
+    for tag, enum, url, resize, top1, top5, recipe in _TORCHVISION_WEIGHTS[arch]:
+        note = f"torchvision's meta for {enum} (ImageNet-1K val, resize {resize}, crop 224)"
+        out[tag] = PretrainedCfg(
+            source=enum, url=url, input_size=(3, 224, 224), crop_pct=224 / resize, interpolation="bilinear",
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_classes=1000, first_conv="conv1",
+            classifier="fc", license="bsd-3-clause", origin_url="https://github.com/pytorch/vision",
+            paper_ids="arXiv:1512.03385", notes=(_TORCHVISION_TERMS, f"training recipe: {recipe}"),
+            metrics={"imagenet-1k/top1": {"value": top1, "kind": "published", "of": "source", "note": note},
+                     "imagenet-1k/top5": {"value": top5, "kind": "published", "of": "source", "note": note}})
+    for tag, size, test_size, crop, test_crop, interp, norm, license, origin, paper in _TIMM_WEIGHTS[arch]:
+        stats = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if norm == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
+        out[tag] = PretrainedCfg(
+            source=f"hf-hub:timm/{arch}.{tag}", hf_hub_id=f"timm/{arch}.{tag}", input_size=(3, size, size),
+            test_input_size=(3, test_size, test_size) if test_size else None, crop_pct=crop, test_crop_pct=test_crop,
+            interpolation=interp, mean=stats[0], std=stats[1], num_classes=1000, first_conv="conv1",
+            classifier="fc", license=license, origin_url=origin, paper_ids=paper,
+            notes=(f"timm's {arch}.{tag} weights (timm.models.get_pretrained_cfg('{arch}.{tag}')); timm's cfg "
+                   "publishes no accuracy",))
+    return out
+
+
+_MOMENTUM_REFIT = {
+    "imagenet-1k/top1@refit-1-epoch": {
+        "value": 73.5, "kind": "published", "of": "model",
+        "note": "after refit: 26.5% top-1 error after 1 epoch of refit of a pretrained ResNet-152 moved to gamma = "
+                "0.9 (Sander et al. 2021, Momentum Residual Neural Networks, arXiv:2102.07870); published for that "
+                "refit, not measured on these weights"},
+    "imagenet-1k/top1@refit-5-epochs": {
+        "value": 76.5, "kind": "published", "of": "model",
+        "note": "after refit: 23.5% top-1 error after 5 epochs of refit (same source); recipe "
+                "imagenet_refit_momentum_resnet152"},
+}
+
+
+def _family_cfgs(prefix: str, arch: str) -> dict[str, PretrainedCfg]:
+    """What each family computes with each source weight of ``arch`` (``"resnet50"``), keyed ``"name.tag"``."""
+    name = f"{prefix}{arch}"
+    out = {}
+    for tag, src in _source_cfgs(arch).items():
+        what = f"{src.source}"
+        if prefix == "":
+            out[f"{name}.{tag}"] = src.replace(conversion=(
+                f"none: the plain zoo ResNet is the source architecture with the same parameter names; {what} loads "
+                "unchanged and computes the source function (its published accuracy is this model's)"))
+        elif prefix == "depth_scaled_":
+            out[f"{name}.{tag}"] = src.replace(conversion=(
+                f"{what} with the last BatchNorm of every residual block (each stage's first block excepted) "
+                "multiplied by N, the stage's number of residual steps: x + (1/N) f(x) is then the source block "
+                "relu(x + g(x)) exactly, so the model computes the source function (to float rounding; its "
+                "published accuracy is this model's)"),
+                recipe="imagenet_finetune_depth_scaled_resnet50" if (arch, tag) == ("resnet50", "tv2_in1k") else None)
+        elif prefix == "heun_":
+            out[f"{name}.{tag}"] = src.replace(conversion=(
+                f"{what} folded at step h = 1/N as for depth_scaled_{arch}, so that the Euler predictor of step n, "
+                "y = x_n + h f_n(x_n), is source block n, B_n(x_n); Heun's rule then returns x_{n+1} = x_n + h/2 "
+                "(f_n(x_n) + f_{n+1}(y)) = (x_n + B_{n+1}(B_n(x_n))) / 2 (the last step uses B_{N-1} twice): the "
+                "mean of the step's input and two source blocks composed, NOT the source function (whose step is "
+                "y); the published accuracy is of the source only, the model needs fine-tuning"))
+        else:
+            out[f"{name}.{tag}"] = src.replace(model_args={"gamma": 0.9}, conversion=(
+                f"{what} in the momentum rule at gamma = 0.9 (v_0 = 0; each stage's first block an ordinary "
+                "block, as published): v_{n+1} = 0.9 v_n + 0.1 (B_n(x_n) - x_n), x_{n+1} = x_n + v_{n+1}, with "
+                "B_n(x) = relu(x + g_n(x)) source block n, so each block's update enters at a tenth and persists "
+                "through the velocity: NOT the source function before a refit (gamma = 0 is: tag "
+                f"{tag}_gamma0); the published accuracy is of the source only"),
+                metrics={**src.metrics, **(_MOMENTUM_REFIT if arch == "resnet152" and tag.startswith("tv") else {})},
+                recipe="imagenet_refit_momentum_resnet152" if (arch, tag) == ("resnet152", "tv2_in1k") else None)
+            out[f"{name}.{tag}_gamma0"] = src.replace(model_args={"gamma": 0.0, "memory": "full"}, conversion=(
+                f"{what} in the momentum rule at gamma = 0 (memory='full': the reversible engine divides by "
+                "gamma): v_{n+1} = B_n(x_n) - x_n, x_{n+1} = B_n(x_n), the source function exactly (its published "
+                "accuracy is this model's)"))
+    return out
+
+
+default_cfgs = {
+    name: cfg
+    for prefix in ("", "depth_scaled_", "heun_", "momentum_")
+    for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    for name, cfg in _family_cfgs(prefix, arch).items()
+}
+register_pretrained_cfgs(default_cfgs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders (timm's signature: ``pretrained``, then keyword arguments; every one goes through
+# zoo.pretrained.build_model)
 
 _IMAGENET = {
     18: ("basic", (2, 2, 2, 2)),
@@ -506,7 +914,8 @@ _IMAGENET = {
 }
 
 
-def _imagenet(cls: type[ResNet], depth: int, weights: str | None, kwargs: dict) -> ResNet:
+def _imagenet(cls: type[ResNet], arch: str, depth: int, pretrained: bool, weights: str | None,
+              kwargs: dict[str, Any]) -> ResNet:
     block, layers = _IMAGENET[depth]
     fixed = [name for name in ("layers", "block") if name in kwargs]
     if fixed:
@@ -514,72 +923,457 @@ def _imagenet(cls: type[ResNet], depth: int, weights: str | None, kwargs: dict) 
                        f"resnet{depth}), got {', '.join(f'{n}={kwargs[n]!r}' for n in fixed)}; for another layout use "
                        "the cifar_resnet builders (stem='imagenet' for the ImageNet stem) or zoo.models."
                        f"{cls.__name__}(layers=..., block=...)")
-    return cls(layers=layers, block=block, weights=weights, **kwargs)
+    return build_model(cls, arch, {"layers": layers, "block": block}, kwargs, pretrained=pretrained, weights=weights,
+                       base_cfg=_base_cfg("imagenet"))
 
 
-def _cifar(cls: type[ResNet], n: int, weights: str | None, kwargs: dict) -> ResNet:
-    """He et al.'s CIFAR ResNet-(6n+2): 3x3 stem, three stages of n basic blocks, 16/32/64 channels (each a
-    default: ``layers``, ``widths``, ``block`` and ``stem`` may be given)."""
-    kwargs.setdefault("num_classes", 10)
-    kwargs.setdefault("layers", (n, n, n))
-    kwargs.setdefault("widths", (16, 32, 64))
-    kwargs.setdefault("block", "basic")
-    kwargs.setdefault("stem", "cifar")
-    return cls(weights=weights, **kwargs)
+def _cifar(cls: type[ResNet], arch: str, n: int, pretrained: bool, weights: str | None,
+           kwargs: dict[str, Any]) -> ResNet:
+    """He et al.'s CIFAR ResNet-(6n+2): 3x3 stem, three stages of n basic blocks, 16/32/64 channels (each a default:
+    ``layers``, ``widths``, ``block`` and ``stem`` may be given)."""
+    defaults = {"num_classes": 10, "layers": (n, n, n), "widths": (16, 32, 64), "block": "basic", "stem": "cifar"}
+    return build_model(cls, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
+                       base_cfg=_base_cfg(kwargs.get("stem", "cifar")))
 
 
-def _tiny(cls: type[ResNet], weights: str | None, kwargs: dict) -> ResNet:
-    """MATH.md section 3: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0
-    (defaults: ``depth`` N = 16, or ``layers``; ``widths``, ``block`` and ``stem`` may be given too)."""
+def _tiny(cls: type[ResNet], arch: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> ResNet:
+    """MATH.md section 3: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0 (defaults:
+    ``depth`` N = 16, or ``layers``; ``widths``, ``block`` and ``stem`` may be given too)."""
     if "depth" in kwargs and "layers" in kwargs:
         raise ZooError(f"give depth or layers, not both (depth={kwargs['depth']!r} is layers=(depth,)), got "
                        f"layers={kwargs['layers']!r}")
+    kwargs = dict(kwargs)
     depth = positive_int("depth", kwargs.pop("depth", 16))
-    kwargs.setdefault("layers", (depth,))
-    kwargs.setdefault("widths", (16,))
-    kwargs.setdefault("block", "preact")
-    kwargs.setdefault("stem", "tiny")
-    kwargs.setdefault("num_classes", 10)
-    kwargs.setdefault("zero_init_last", True)
-    return cls(weights=weights, **kwargs)
+    defaults = {"layers": (depth,), "widths": (16,), "block": "preact", "stem": "tiny", "num_classes": 10,
+                "zero_init_last": True}
+    return build_model(cls, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
+                       base_cfg=_base_cfg(kwargs.get("stem", "tiny")))
 
 
-def _register_family(prefix: str, cls: type[ResNet], doc: str) -> None:
-    import sys
+# ------------------------------------------------------------------------------------------------
+# ResNet
 
-    module = sys.modules[__name__]
 
-    def make(name: str, build, text: str) -> None:
-        def builder(weights: str | None = None, **kwargs: Any) -> ResNet:
-            kwargs = dict(kwargs)
-            if weights is not None and "num_classes" not in kwargs:  # build the head the weights hold (as timm)
-                recorded = recorded_num_classes(weights)
-                if recorded is not None:
-                    kwargs["num_classes"] = recorded
-            return build(weights, kwargs)
+@register_model
+def resnet18(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Plain ResNet-18: torchvision's ``resnet18`` (same layout, parameter names and function), each stage a
+    residual stack at step 1.
 
-        builder.__name__ = builder.__qualname__ = name
-        builder.__module__ = __name__
-        builder.__doc__ = text
-        setattr(module, name, register_model(builder))
-        __all__.append(name)
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("resnet18.*")``): ``tv_in1k``
+    (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads the default
+    tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(ResNet, "resnet18", 18, pretrained, weights, kwargs)
 
-    for depth in _IMAGENET:
-        make(f"{prefix}resnet{depth}", lambda w, kw, d=depth: _imagenet(cls, d, w, kw),
-             f"{doc} ResNet-{depth} (torchvision layout and weights).")
-    for depth in (20, 56, 110):
-        make(f"{prefix}resnet{depth}_cifar", lambda w, kw, d=depth: _cifar(cls, (d - 2) // 6, w, kw),
-             f"{doc} CIFAR ResNet-{depth} (3 stages of {(depth - 2) // 6} blocks, 16/32/64 channels).")
-    make(f"{prefix}cifar_resnet", lambda w, kw: _cifar(cls, 3, w, kw),
-         f"{doc} CIFAR-style ResNet with configurable ``layers`` (blocks per stage), ``widths`` and ``tied``.")
-    make(f"{prefix}tiny", lambda w, kw: _tiny(cls, w, kw),
-         f"{doc} tiny CIFAR net of MATH.md section 3 with ``depth`` pre-activation blocks.")
+
+@register_model
+def resnet34(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Plain ResNet-34: torchvision's ``resnet34`` (same layout, parameter names and function), each stage a
+    residual stack at step 1.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("resnet34.*")``): ``tv_in1k``
+    (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads the default
+    tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(ResNet, "resnet34", 34, pretrained, weights, kwargs)
+
+
+@register_model
+def resnet50(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Plain ResNet-50: torchvision's ``resnet50`` (same layout, parameter names and function), each stage a
+    residual stack at step 1.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("resnet50.*")``): ``tv2_in1k``
+    (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same layout;
+    ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(ResNet, "resnet50", 50, pretrained, weights, kwargs)
+
+
+@register_model
+def resnet101(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Plain ResNet-101: torchvision's ``resnet101`` (same layout, parameter names and function), each stage a
+    residual stack at step 1.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("resnet101.*")``): ``tv2_in1k``
+    (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same layout;
+    ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(ResNet, "resnet101", 101, pretrained, weights, kwargs)
+
+
+@register_model
+def resnet152(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Plain ResNet-152: torchvision's ``resnet152`` (same layout, parameter names and function), each stage a
+    residual stack at step 1.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("resnet152.*")``): ``tv2_in1k``
+    (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same layout;
+    ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(ResNet, "resnet152", 152, pretrained, weights, kwargs)
+
+
+@register_model
+def resnet20_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-20 for CIFAR (He et al.): 3x3 stem, 3 stages of 3 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(ResNet, "resnet20_cifar", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def resnet56_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-56 for CIFAR (He et al.): 3x3 stem, 3 stages of 9 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(ResNet, "resnet56_cifar", 9, pretrained, weights, kwargs)
+
+
+@register_model
+def resnet110_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-110 for CIFAR (He et al.): 3x3 stem, 3 stages of 18 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(ResNet, "resnet110_cifar", 18, pretrained, weights, kwargs)
+
+
+@register_model
+def cifar_resnet(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3), ``widths``
+    (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
+    return _cifar(ResNet, "cifar_resnet", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """The tiny CIFAR net of MATH.md section 3 as a ResNet: 5x5 conv to 16 channels, pooled to 10x10, ``depth``
+    (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
+    return _tiny(ResNet, "tiny", pretrained, weights, kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# DepthScaledResNet
+
+
+@register_model
+def depth_scaled_resnet18(pretrained: bool = False, *, weights: str | None = None,
+                          **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-18 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are folded
+    (last BatchNorm of each block times N), so they compute the source function exactly.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("depth_scaled_resnet18.*")``):
+    ``tv_in1k`` (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads
+    the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(DepthScaledResNet, "depth_scaled_resnet18", 18, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_resnet34(pretrained: bool = False, *, weights: str | None = None,
+                          **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-34 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are folded
+    (last BatchNorm of each block times N), so they compute the source function exactly.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("depth_scaled_resnet34.*")``):
+    ``tv_in1k`` (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads
+    the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(DepthScaledResNet, "depth_scaled_resnet34", 34, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_resnet50(pretrained: bool = False, *, weights: str | None = None,
+                          **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-50 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are folded
+    (last BatchNorm of each block times N), so they compute the source function exactly.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("depth_scaled_resnet50.*")``):
+    ``tv2_in1k`` (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same
+    layout; ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(DepthScaledResNet, "depth_scaled_resnet50", 50, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_resnet101(pretrained: bool = False, *, weights: str | None = None,
+                           **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-101 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are
+    folded (last BatchNorm of each block times N), so they compute the source function exactly.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("depth_scaled_resnet101.*")``):
+    ``tv2_in1k`` (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same
+    layout; ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(DepthScaledResNet, "depth_scaled_resnet101", 101, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_resnet152(pretrained: bool = False, *, weights: str | None = None,
+                           **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-152 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are
+    folded (last BatchNorm of each block times N), so they compute the source function exactly.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("depth_scaled_resnet152.*")``):
+    ``tv2_in1k`` (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same
+    layout; ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(DepthScaledResNet, "depth_scaled_resnet152", 152, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_resnet20_cifar(pretrained: bool = False, *, weights: str | None = None,
+                                **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-20 for CIFAR (He et al.): 3x3 stem, 3 stages of 3 basic blocks, 16/32/64 channels, 10
+    classes (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(DepthScaledResNet, "depth_scaled_resnet20_cifar", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_resnet56_cifar(pretrained: bool = False, *, weights: str | None = None,
+                                **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-56 for CIFAR (He et al.): 3x3 stem, 3 stages of 9 basic blocks, 16/32/64 channels, 10
+    classes (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(DepthScaledResNet, "depth_scaled_resnet56_cifar", 9, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_resnet110_cifar(pretrained: bool = False, *, weights: str | None = None,
+                                 **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-110 for CIFAR (He et al.): 3x3 stem, 3 stages of 18 basic blocks, 16/32/64 channels, 10
+    classes (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(DepthScaledResNet, "depth_scaled_resnet110_cifar", 18, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_cifar_resnet(pretrained: bool = False, *, weights: str | None = None,
+                              **kwargs: Any) -> DepthScaledResNet:
+    """Depth-scaled ResNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3),
+    ``widths`` (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
+    return _cifar(DepthScaledResNet, "depth_scaled_cifar_resnet", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def depth_scaled_tiny(pretrained: bool = False, *, weights: str | None = None,
+                      **kwargs: Any) -> DepthScaledResNet:
+    """The tiny CIFAR net of MATH.md section 3 as a DepthScaledResNet: 5x5 conv to 16 channels, pooled to 10x10,
+    ``depth`` (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
+    return _tiny(DepthScaledResNet, "depth_scaled_tiny", pretrained, weights, kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# HeunNet
+
+
+@register_model
+def heun_resnet18(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-18 (H1): Heun's rule x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))), h = 1/N, in every
+    stage; source weights are folded as for the depth-scaled net (a starting point for fine-tuning: not the source
+    function).
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("heun_resnet18.*")``): ``tv_in1k``
+    (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads the default
+    tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(HeunNet, "heun_resnet18", 18, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_resnet34(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-34 (H1): Heun's rule x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))), h = 1/N, in every
+    stage; source weights are folded as for the depth-scaled net (a starting point for fine-tuning: not the source
+    function).
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("heun_resnet34.*")``): ``tv_in1k``
+    (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads the default
+    tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(HeunNet, "heun_resnet34", 34, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_resnet50(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-50 (H1): Heun's rule x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))), h = 1/N, in every
+    stage; source weights are folded as for the depth-scaled net (a starting point for fine-tuning: not the source
+    function).
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("heun_resnet50.*")``): ``tv2_in1k``
+    (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same layout;
+    ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(HeunNet, "heun_resnet50", 50, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_resnet101(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-101 (H1): Heun's rule x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))), h = 1/N, in every
+    stage; source weights are folded as for the depth-scaled net (a starting point for fine-tuning: not the source
+    function).
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("heun_resnet101.*")``): ``tv2_in1k``
+    (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same layout;
+    ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(HeunNet, "heun_resnet101", 101, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_resnet152(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-152 (H1): Heun's rule x_{n+1} = x_n + h/2 (f_n(x_n) + f_{n+1}(x_n + h f_n(x_n))), h = 1/N, in every
+    stage; source weights are folded as for the depth-scaled net (a starting point for fine-tuning: not the source
+    function).
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("heun_resnet152.*")``): ``tv2_in1k``
+    (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same layout;
+    ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(HeunNet, "heun_resnet152", 152, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_resnet20_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-20 for CIFAR (He et al.): 3x3 stem, 3 stages of 3 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(HeunNet, "heun_resnet20_cifar", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_resnet56_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-56 for CIFAR (He et al.): 3x3 stem, 3 stages of 9 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(HeunNet, "heun_resnet56_cifar", 9, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_resnet110_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-110 for CIFAR (He et al.): 3x3 stem, 3 stages of 18 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(HeunNet, "heun_resnet110_cifar", 18, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_cifar_resnet(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """HeunNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3), ``widths``
+    (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
+    return _cifar(HeunNet, "heun_cifar_resnet", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def heun_tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
+    """The tiny CIFAR net of MATH.md section 3 as a HeunNet: 5x5 conv to 16 channels, pooled to 10x10, ``depth``
+    (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
+    return _tiny(HeunNet, "heun_tiny", pretrained, weights, kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# MomentumResNet
+
+
+@register_model
+def momentum_resnet18(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-18 (M1): v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n), x_{n+1} = x_n + v_{n+1} after each
+    stage's first block, gamma 0.9, ``memory='reversible'`` (exact backprop, memory flat in depth); gamma = 0 (with
+    ``memory='full'``) is torchvision's ``resnet18``.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("momentum_resnet18.*")``):
+    ``tv_in1k`` (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads
+    the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(MomentumResNet, "momentum_resnet18", 18, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_resnet34(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-34 (M1): v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n), x_{n+1} = x_n + v_{n+1} after each
+    stage's first block, gamma 0.9, ``memory='reversible'`` (exact backprop, memory flat in depth); gamma = 0 (with
+    ``memory='full'``) is torchvision's ``resnet34``.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("momentum_resnet34.*")``):
+    ``tv_in1k`` (torchvision's IMAGENET1K_V1), and timm's Hub weights of the same layout; ``pretrained=True`` loads
+    the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(MomentumResNet, "momentum_resnet34", 34, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_resnet50(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-50 (M1): v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n), x_{n+1} = x_n + v_{n+1} after each
+    stage's first block, gamma 0.9, ``memory='reversible'`` (exact backprop, memory flat in depth); gamma = 0 (with
+    ``memory='full'``) is torchvision's ``resnet50``.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("momentum_resnet50.*")``):
+    ``tv2_in1k`` (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same
+    layout; ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(MomentumResNet, "momentum_resnet50", 50, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_resnet101(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-101 (M1): v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n), x_{n+1} = x_n + v_{n+1} after each
+    stage's first block, gamma 0.9, ``memory='reversible'`` (exact backprop, memory flat in depth); gamma = 0 (with
+    ``memory='full'``) is torchvision's ``resnet101``.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("momentum_resnet101.*")``):
+    ``tv2_in1k`` (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same
+    layout; ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(MomentumResNet, "momentum_resnet101", 101, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_resnet152(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-152 (M1): v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n), x_{n+1} = x_n + v_{n+1} after each
+    stage's first block, gamma 0.9, ``memory='reversible'`` (exact backprop, memory flat in depth); gamma = 0 (with
+    ``memory='full'``) is torchvision's ``resnet152``.
+
+    torchvision's layout (layers and block fixed). Tags (``zoo.list_pretrained("momentum_resnet152.*")``):
+    ``tv2_in1k`` (torchvision's IMAGENET1K_V2, the default), ``tv_in1k`` (V1), and timm's Hub weights of the same
+    layout; ``pretrained=True`` loads the default tag, ``weights=`` any source zoo reads.
+    """
+    return _imagenet(MomentumResNet, "momentum_resnet152", 152, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_resnet20_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-20 for CIFAR (He et al.): 3x3 stem, 3 stages of 3 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(MomentumResNet, "momentum_resnet20_cifar", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_resnet56_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-56 for CIFAR (He et al.): 3x3 stem, 3 stages of 9 basic blocks, 16/32/64 channels, 10 classes
+    (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(MomentumResNet, "momentum_resnet56_cifar", 9, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_resnet110_cifar(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-110 for CIFAR (He et al.): 3x3 stem, 3 stages of 18 basic blocks, 16/32/64 channels, 10
+    classes (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
+    return _cifar(MomentumResNet, "momentum_resnet110_cifar", 18, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_cifar_resnet(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3),
+    ``widths`` (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
+    return _cifar(MomentumResNet, "momentum_cifar_resnet", 3, pretrained, weights, kwargs)
+
+
+@register_model
+def momentum_tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
+    """The tiny CIFAR net of MATH.md section 3 as a MomentumResNet: 5x5 conv to 16 channels, pooled to 10x10,
+    ``depth`` (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
+    return _tiny(MomentumResNet, "momentum_tiny", pretrained, weights, kwargs)
 
 
 __all__: list[str] = [
     "ResNet", "DepthScaledResNet", "HeunNet", "MomentumResNet", "BasicBlock", "Bottleneck", "PreActBlock",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet20_cifar", "resnet56_cifar",
+    "resnet110_cifar", "cifar_resnet", "tiny", "depth_scaled_resnet18", "depth_scaled_resnet34",
+    "depth_scaled_resnet50", "depth_scaled_resnet101", "depth_scaled_resnet152", "depth_scaled_resnet20_cifar",
+    "depth_scaled_resnet56_cifar", "depth_scaled_resnet110_cifar", "depth_scaled_cifar_resnet", "depth_scaled_tiny",
+    "heun_resnet18", "heun_resnet34", "heun_resnet50", "heun_resnet101", "heun_resnet152", "heun_resnet20_cifar",
+    "heun_resnet56_cifar", "heun_resnet110_cifar", "heun_cifar_resnet", "heun_tiny", "momentum_resnet18",
+    "momentum_resnet34", "momentum_resnet50", "momentum_resnet101", "momentum_resnet152", "momentum_resnet20_cifar",
+    "momentum_resnet56_cifar", "momentum_resnet110_cifar", "momentum_cifar_resnet", "momentum_tiny",
 ]
-_register_family("", ResNet, "Plain")
-_register_family("depth_scaled_", DepthScaledResNet, "Depth-scaled (x + f(x)/N)")
-_register_family("heun_", HeunNet, "HeunNet (H1)")
-_register_family("momentum_", MomentumResNet, "Momentum ResNet (M1, exactly reversible)")

@@ -243,6 +243,10 @@ class ResidualStack(nn.Module):
         self.record_rebuild = False
         self.last_rebuild: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fixed_point = FixedPoint(fixed_point_bits) if memory == "reversible" else None
+        # activation checkpointing of memory="full" (timm's set_grad_checkpointing): the transition and every step
+        # keep only their input and are recomputed in backward (same values and gradients, running statistics
+        # updated once). "adjoint" and "reversible" store no per-step activations already, so it changes nothing.
+        self.grad_checkpointing = False
         self._set_blocks(list(blocks))
 
     # ---------------------------------------------------------------- structure
@@ -435,12 +439,13 @@ class ResidualStack(nn.Module):
                 return _ReversibleMomentum.apply(
                     self, (leaves, spec, grad_leaves, sum(grad_leaves)), x, *grad_tensors, *params
                 )
+        checkpointing = self.grad_checkpointing and self.memory == "full" and torch.is_grad_enabled()
         if self.has_transition:
-            x = self._modules["0"](x)
+            x = self._checkpoint(self._modules["0"], x) if checkpointing else self._modules["0"](x)
         if self.depth == 0:
             return x
         if self.rule == "momentum":
-            return self._momentum_forward(x, args, kwargs)
+            return self._momentum_forward(x, args, kwargs, checkpointing)
         if self.memory == "adjoint" and torch.is_grad_enabled():
             params = self._trainable_parameters()
             leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -452,8 +457,18 @@ class ResidualStack(nn.Module):
                     self, (leaves, spec, grad_leaves, n_grad), x, *grad_tensors, *params
                 )
         for n in range(self.depth):
-            x = self._step(n, x, args, kwargs)
+            x = self._checkpoint(self._step, n, x, args, kwargs) if checkpointing else self._step(n, x, args, kwargs)
         return x
+
+    def _checkpoint(self, fn: Any, *inputs: Any) -> Any:
+        """``fn(*inputs)`` with its activations recomputed in backward (torch's non-reentrant checkpoint; the
+        random state replayed; BatchNorm running statistics frozen during the recomputation, so that they are
+        updated once per forward, as without checkpointing)."""
+        from torch.utils.checkpoint import checkpoint
+
+        modules = list(self.children())
+        return checkpoint(fn, *inputs, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
+                          context_fn=lambda: (contextlib.nullcontext(), frozen_batchnorm_stats(modules)))
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the blocks (and of the initial-velocity module), each once."""
@@ -477,14 +492,25 @@ class ResidualStack(nn.Module):
             raise ZooError(f"the initial velocity has shape {tuple(v.shape)}, the state {tuple(x.shape)}")
         return v
 
-    def _momentum_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _momentum_forward(self, x: torch.Tensor, args: tuple, kwargs: dict,
+                          checkpointing: bool = False) -> torch.Tensor:
         # (M1) in floating point: memory="full", and any mode without gradients
-        c = (1.0 - self.gamma) * self.step
+        if checkpointing:
+            v = (self._checkpoint(self._initial_velocity, x, args, kwargs) if self.init_velocity != "zero"
+                 else torch.zeros_like(x))
+            for n in range(self.depth):
+                x, v = self._checkpoint(self._momentum_step, n, x, v, args, kwargs)
+            return x
         v = self._initial_velocity(x, args, kwargs)
         for n in range(self.depth):
-            v = self.gamma * v + c * self._f(n, x, args, kwargs)
-            x = x + v
+            x, v = self._momentum_step(n, x, v, args, kwargs)
         return x
+
+    def _momentum_step(self, n: int, x: torch.Tensor, v: torch.Tensor, args: tuple,
+                       kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of (M1): v_{n+1} = gamma v_n + (1 - gamma) h f_n(x_n), x_{n+1} = x_n + v_{n+1}."""
+        v = self.gamma * v + (1.0 - self.gamma) * self.step * self._f(n, x, args, kwargs)
+        return x + v, v
 
 
 def _interpolate_block(blocks: list[nn.Module], position: float) -> nn.Module:
