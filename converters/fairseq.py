@@ -3,7 +3,9 @@
 A live fairseq ``TransformerModel`` (``transformer`` archs, or the ``zoo_fairseq`` plugin's ``sinkformer``)
 becomes the native zoo :class:`zoo.models.translation.SinkformerTranslation`: the architecture is read from the
 model's ``args`` / ``cfg`` and the weights from its state dict by the same code that reads fairseq checkpoint files
-(:meth:`SinkformerTranslation.from_fairseq_checkpoint`), so the zoo model's encoder self-attention computes
+(:meth:`SinkformerTranslation.from_fairseq_checkpoint`; the args' training settings, ``lr``, ``optimizer`` ...,
+are not read: the zoo model gets the task's default optimiser unless given one), so the zoo model's encoder
+self-attention computes
 
     A = Sinkhorn_{n_iter}(q k^T / sqrt(d)),   out = W_o (A v) + b_o        (MATH.md section 5, S1-S2)
 
@@ -27,8 +29,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from converters import AttentionSpec, register_source, source_device_dtype
+from converters import TRAINING_OPTIONS, AttentionSpec, register_source, source_device_dtype
 from zoo.errors import ZooError
+from zoo.tasks.optim import check_factory
+from zoo.validation import probability
 
 __all__ = ["SOURCE_NAME", "fairseq_model_args", "is_fairseq_transformer", "read_fairseq_transformer"]
 
@@ -126,13 +130,21 @@ def read_fairseq_transformer(model: nn.Module) -> AttentionSpec:
     zoo_model.train(model.training)
 
     def build(n_iter: int, record_stats: bool, inplace: bool, options: dict[str, Any]) -> nn.Module:
-        if options:
-            raise ZooError(f"option{'s' if len(options) > 1 else ''} {', '.join(map(repr, sorted(options)))} do not "
-                           f"apply to a {label}: accepted options are n_iter, record_stats, inplace (set training "
-                           "hyperparameters on the returned SinkformerTranslation's hparams or in a recipe)")
+        unknown = sorted(set(options) - set(TRAINING_OPTIONS))
+        if unknown:
+            raise ZooError(f"option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} do not apply "
+                           f"to a {label}: accepted options are n_iter, record_stats, inplace, "
+                           f"{', '.join(TRAINING_OPTIONS)} (the architecture is the source's)")
         converted = zoo_model if inplace else copy.deepcopy(zoo_model)
         converted.set_n_iter(n_iter)
         converted.set_record_stats(record_stats)
+        # the training settings the caller gives (the source's own are not read): as the constructor takes them
+        if "optimizer" in options:
+            converted.optimizer_factory = check_factory("optimizer", options["optimizer"])
+        if "lr_scheduler" in options:
+            converted.lr_scheduler_factory = check_factory("lr_scheduler", options["lr_scheduler"])
+        if "label_smoothing" in options:
+            converted.hparams["label_smoothing"] = probability("label_smoothing", options["label_smoothing"])
         return converted
 
     return AttentionSpec(label=label, model=zoo_model, build=build)

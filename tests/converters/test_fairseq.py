@@ -7,6 +7,7 @@ CPU, tiny random models (fairseq's transformer_tiny shape)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import converters
+from zoo.errors import ZooError
 from zoo.models.translation import SinkformerTranslation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,11 +147,27 @@ def test_transform_live_model(tmp_path: Path, fs: object) -> None:
 
 
 def test_transform_rejects_unsupported(fs: object) -> None:
-    from zoo.errors import ZooError
-
     model = fairseq_model(adaptive_softmax_cutoff="5,10", share_decoder_input_output_embed=False)
     with pytest.raises(ZooError, match="adaptive_softmax_cutoff"):
         converters.transform(model, to="sinkhorn", n_iter=1)
+    with pytest.raises(ZooError, match="unknown option 'lr' .*accepted options are n_iter, record_stats, inplace, "
+                                       "optimizer, lr_scheduler, label_smoothing"):
+        converters.transform(fairseq_model(), to="sinkhorn", lr=1e-3)
+
+
+def test_transform_takes_training_settings_not_the_sources(fs: object) -> None:
+    """The converted model trains with what the caller injects; the fairseq args' own settings are not read."""
+    model = fairseq_model(lr=[0.25], optimizer="nag", label_smoothing=0.3)
+    plain = converters.transform(model, to="sinkhorn")
+    assert plain.optimizer_factory is None and plain.hparams.label_smoothing == 0.1  # the task's defaults
+    assert not {"lr", "optimizer", "lr_scheduler"} & set(plain.hparams)
+    sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    tuned = converters.transform(model, to="sinkhorn", optimizer=sgd, lr_scheduler=None, label_smoothing=0.2)
+    conf = tuned.configure_optimizers()
+    assert type(conf) is torch.optim.SGD and conf.param_groups[0]["lr"] == 0.1  # constant: no schedule
+    assert tuned.hparams.label_smoothing == 0.2
+    with pytest.raises(ZooError, match="optimizer must be a callable"):
+        converters.transform(model, to="sinkhorn", optimizer="sgd")
 
 
 def test_plugin_registers_and_matches_transformer(fs: object) -> None:
@@ -248,6 +266,9 @@ def test_fairseq_train_with_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     zoo_model = SinkformerTranslation.from_fairseq_checkpoint(path, src_dict=data / "dict.de.txt",
                                                               tgt_dict=data / "dict.en.txt").eval()
     assert zoo_model.hparams.n_iter == 3
+    # the checkpoint's training settings (adam, lr 1e-3, label smoothing ...) are not the architecture's: not read
+    assert not {"lr", "optimizer", "lr_scheduler", "adam_betas", "criterion"} & set(zoo_model.hparams)
+    assert zoo_model.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == 5e-4  # the task default
     from fairseq import checkpoint_utils
 
     import zoo_fairseq  # noqa: F401  (fairseq rebuilds the plugin model from the checkpoint)

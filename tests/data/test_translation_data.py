@@ -3,6 +3,7 @@ format fairseq's indexed_dataset.py writes), token batching, collate, the three 
 
 from __future__ import annotations
 
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -32,6 +33,7 @@ from zoo.data.translation import (
     english_number_tokens,
     german_number,
     german_number_tokens,
+    number_digits,
     post_process,
     write_binarized_split,
     write_mmap_indexed_dataset,
@@ -178,6 +180,45 @@ def test_token_batch_sampler_epochs_and_ranks() -> None:
     assert {i for r in ranks for b in r for i in b} == set(range(200))
     ordered = list(TokenBatchSampler(src, tgt, max_tokens=200, shuffle=False))
     assert [i for b in ordered for i in b] == sorted(range(200), key=lambda i: (src[i], tgt[i], i))
+
+
+def test_token_batch_sampler_takes_lightnings_distributed_sampler() -> None:
+    """What Lightning does under DDP with use_distributed_sampler (its default): it rebuilds the batch sampler
+    (created in the data module's hook) with its DistributedSampler as ``sampler`` (this raised a TypeError before:
+    the sampler was no BatchSampler). Training: the same number of batches on both ranks, every example in some
+    batch; evaluation: every example exactly once, on the ranks together."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    dm = NumbersDataModule(train_size=300, valid_size=41, test_size=8, max_number=9999, max_tokens=96)
+    dm.setup()
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):  # Lightning's
+        loaders = {"train": dm.train_dataloader(), "valid": dm.val_dataloader()}
+    single = {k: [b["id"].tolist() for b in v] for k, v in loaders.items()}
+    shards: dict[str, list[list[list[int]]]] = {"train": [], "valid": []}
+    for rank in range(2):
+        for split, stage in (("train", RunningStage.TRAINING), ("valid", RunningStage.VALIDATING)):
+            loader = loaders[split]
+            sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=split == "train")
+            sharded = _update_dataloader(loader, sampler, mode=stage)
+            assert isinstance(sharded.batch_sampler, TokenBatchSampler)
+            assert (sharded.batch_sampler.num_replicas, sharded.batch_sampler.rank) == (2, rank)
+            batches = [b["id"].tolist() for b in sharded]
+            assert len(batches) == len(sharded)
+            shards[split].append(batches)
+    n_train, n_valid = len(dm.datasets["train"]), len(dm.datasets["valid"])
+    assert len(shards["train"][0]) == len(shards["train"][1]) == math.ceil(len(single["train"]) / 2)
+    assert {i for rank in shards["train"] for b in rank for i in b} == set(range(n_train))
+    seen = sorted(i for rank in shards["valid"] for b in rank for i in b)
+    assert seen == list(range(n_valid)) and all(len(rank) >= 1 for rank in shards["valid"])
+    # a split smaller than the number of processes: repeated so that every process has a batch
+    tiny = [list(TokenBatchSampler(np.array([3]), np.array([4]), max_tokens=64, num_replicas=3, rank=r,
+                                   even_batches=False)) for r in range(3)]
+    assert tiny == [[[0]]] * 3
+    with pytest.raises(ZooError, match="drop_last must be False"):
+        TokenBatchSampler(np.array([3]), None, drop_last=True)
 
 
 # ======================================================================================= fairseq-preprocess output
@@ -343,22 +384,98 @@ def test_number_tokens_split_every_spelling() -> None:
 
 
 def test_numbers_data_module() -> None:
-    dm = NumbersDataModule(train_size=300, valid_size=40, test_size=30, seed=1, max_tokens=256)
+    dm = NumbersDataModule(train_size=3000, valid_size=60, test_size=30, seed=1, max_tokens=256)
     dm.setup("fit")
     assert (len(dm.src_dict), len(dm.tgt_dict)) == (NUMBERS_SRC_VOCAB_SIZE, NUMBERS_TGT_VOCAB_SIZE) == (64, 40)
+    train, valid, test = (dm.numbers[k] for k in ("train", "valid", "test"))
+    assert (len(train), len(valid), len(test)) == (3000, 60, 30)
+    assert len(set(valid.tolist())) == 60 and len(set(test.tolist())) == 30  # distinct within a split
+    assert train.min() >= 0 and max(train.max(), valid.max(), test.max()) <= 999_999
+    digits = {k: np.array([len(str(n)) for n in v.tolist()]) for k, v in dm.numbers.items()}  # counted as text
+    # every length equally represented: evaluation 10 (test 5) numbers of each of the 6 lengths, training draws a
+    # length uniformly (500 expected each; before, 1-digit numbers were 0 of 20000 and all 10 in validation)
+    assert np.bincount(digits["valid"], minlength=7)[1:].tolist() == [10] * 6
+    assert np.bincount(digits["test"], minlength=7)[1:].tolist() == [5] * 6
+    counts = np.bincount(digits["train"], minlength=7)[1:]
+    assert counts.min() > 400 and counts.max() < 600, counts
+    # held out where the length holds enough numbers (15 of 90 2-digit numbers: yes; 15 of 10: no)
     sets = {k: set(v.tolist()) for k, v in dm.numbers.items()}
-    assert [len(sets[k]) for k in ("train", "valid", "test")] == [300, 40, 30]
-    assert not sets["train"] & sets["valid"] and not sets["train"] & sets["test"] and not sets["valid"] & sets["test"]
-    assert min(len(str(n)) for n in sets["train"]) == 1 and max(len(str(n)) for n in sets["train"]) == 6
+    at_least_10 = {k: {n for n in v if n >= 10} for k, v in sets.items()}
+    assert not at_least_10["train"] & at_least_10["valid"] and not at_least_10["train"] & at_least_10["test"]
+    assert not at_least_10["valid"] & at_least_10["test"]
+    assert set(range(10)) <= sets["train"] and sets["valid"] >= set(range(10)) and len(sets["test"] & set(range(10)))
+    # batches carry the digits as length classes, and the right words
     for b in dm.train_dataloader():
         assert not (b["src_tokens"] == UNK).any() and not (b["target"] == UNK).any()
+        ids = b["id"].numpy()
+        assert b["length"].tolist() == digits["train"][dm.datasets["train"].indices[ids]].tolist()
     b = next(iter(dm.val_dataloader()))
     i = int(b["id"][0])
     german, english = dm.pairs("valid")[i]
     assert dm.decode_target(b["target"][0]) == english
     assert dm.decode_source(b["src_tokens"][0]) == german
-    again = NumbersDataModule(train_size=300, valid_size=40, test_size=30, seed=1)
+    assert int(b["length"][0]) == len(str(int(valid[i])))
+    again = NumbersDataModule(train_size=3000, valid_size=60, test_size=30, seed=1)
     again.setup()
     assert all(np.array_equal(again.numbers[k], dm.numbers[k]) for k in dm.numbers)
-    with pytest.raises(ZooError, match="distinct numbers requested"):
-        NumbersDataModule(train_size=90, valid_size=10, test_size=10, max_number=99)
+    with pytest.raises(ZooError, match="valid_size=101 distinct numbers requested but 0 .. 99 holds 100"):
+        NumbersDataModule(train_size=90, valid_size=101, test_size=10, max_number=99)
+    with pytest.raises(ZooError, match="max_number must be an integer in 1 .. 999999"):
+        NumbersDataModule(max_number=10**6)
+
+
+def test_numbers_default_sampling_covers_short_numbers() -> None:
+    """The recipe's sizes (400 / 400 of 0 .. 999999): 1- and 2-digit numbers (100 in all) are too few to hold out
+    (null -> zero occurs in no other number): training sees every one of them, a sixth of its draws each; the
+    longer ones are held out. Drawn without spelling them (setup would take seconds)."""
+    dm = NumbersDataModule()
+    numbers = dm._draw()
+    digits = {k: np.array([len(str(n)) for n in v.tolist()]) for k, v in numbers.items()}
+    assert np.bincount(digits["valid"], minlength=7)[1:].tolist() == [10, 79, 79, 78, 77, 77]
+    counts = np.bincount(digits["train"], minlength=7)[1:]
+    assert counts.min() > 3000 and counts.max() < 3700, counts  # 20000 / 6 = 3333 expected each
+    train = set(numbers["train"].tolist())
+    assert set(range(100)) <= train
+    held = {n for k in ("valid", "test") for n in numbers[k].tolist() if n >= 100}
+    assert len(held) == 800 - 10 - 10 - 79 - 79 and not held & train
+
+
+def test_numbers_number_digits() -> None:
+    x = np.array([0, 1, 9, 10, 99, 100, 999, 1000, 99_999, 100_000, 999_999])
+    assert number_digits(x).tolist() == [len(str(n)) for n in x.tolist()]
+
+
+@pytest.mark.parametrize("text,n", [
+    ("acht", 8), ("null", 0), ("sieben", 7), ("Elf", 11), ("einundzwanzig", 21), ("dreihundertvierundzwanzig", 324),
+    ("Dreihundert vierund-zwanzig", 324), ("zwoelf", 12), ("fuenfhundertdreissig", 530),
+    ("dreihundertvierundzwanzigtausendfünfhundertzwölf", 324512), (999_999, 999_999), (17, 17),
+])
+def test_numbers_encode_source(text: str | int, n: int) -> None:
+    """Raw German text (a word, any case, spaces or hyphens inside, ASCII ue/oe/ss) -> exactly the ids of the
+    training data's source for that number (the sub-words with their @@ markers)."""
+    dm = NumbersDataModule(train_size=8, valid_size=8, test_size=8)
+    expected = dm.src_dict.encode_line(" ".join([p + "@@" for p in german_number_tokens(n)[:-1]]
+                                                + german_number_tokens(n)[-1:]))
+    ids = dm.encode_source(text)
+    assert ids.dtype == torch.int64 and ids.tolist() == expected.tolist() and int(ids[-1]) == EOS
+    assert dm.decode_source(ids) == german_number(n)
+    assert not (ids == UNK).any()
+
+
+def test_numbers_encode_source_matches_the_data_and_batches() -> None:
+    dm = NumbersDataModule(train_size=50, valid_size=40, test_size=8, seed=3)
+    dm.setup()
+    ds = dm.datasets["valid"]
+    for i, n in enumerate(dm.numbers["valid"].tolist()):
+        assert dm.encode_source(german_number(n)).tolist() == ds[i]["source"].tolist()
+    batch = dm.encode_sources(["acht", "dreihundertvierundzwanzig"])
+    assert batch.shape == (2, 6) and batch[0, :4].tolist() == [PAD] * 4  # left-padded as the loaders pad
+    assert [dm.decode_source(row) for row in batch] == ["acht", "dreihundertvierundzwanzig"]
+    for bad, match in (("eight", "'eight' is not a German number word .*dreihundertvierundzwanzig"),
+                       ("324", "'324' is written in digits: give the German word .*dreihundertvierundzwanzig"),
+                       ("", "an empty text is not a German number word"),
+                       (3.5, "a German number word \\(str\\) or a number \\(int\\) is needed, got float")):
+        with pytest.raises(ZooError, match=match):
+            dm.encode_source(bad)
+    with pytest.raises(ZooError, match="a non-empty list of sentences"):
+        dm.encode_sources("acht")

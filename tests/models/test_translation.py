@@ -7,6 +7,7 @@ saving and reloading. CPU, random weights, no fairseq."""
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import types
@@ -29,6 +30,7 @@ from zoo.models.translation import (
     sinkformer_transformer_toy,
     transformer_iwslt_de_en,
 )
+from zoo.tasks.optim import InverseSqrtLR
 from zoo.tasks.translation import beam_search, greedy_search
 
 # fairseq passes a bool key padding mask with a float future mask, as the reference does
@@ -429,9 +431,14 @@ def test_checkpoint_dictionaries_and_weights_argument(tmp_path: Path) -> None:
         tgt_dict.add_symbol(f"t{i}")
     src_dict.save(tmp_path / "dict.de.txt")
     tgt_dict.save(tmp_path / "dict.en.txt")
+    sgd = functools.partial(torch.optim.SGD, lr=1e-4)
     model = SinkformerTranslation.from_fairseq_checkpoint(path, n_iter=3, src_dict=tmp_path / "dict.de.txt",
-                                                          tgt_dict=tgt_dict, lr=1e-4)
-    assert model.hparams.lr == 1e-4 and model.hparams.n_iter == 3
+                                                          tgt_dict=tgt_dict, optimizer=sgd)
+    assert model.optimizer_factory is sgd and model.hparams.n_iter == 3
+    # the checkpoint's training settings (lr 5e-4, adam, label smoothing ...) stay out of the architecture
+    assert not {"lr", "optimizer", "adam_betas", "lr_scheduler", "criterion"} & set(model.hparams)
+    opt = model.configure_optimizers()["optimizer"]
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["initial_lr"] == 1e-4
     with pytest.raises(ZooError, match="vocabulary size mismatch.*source dictionary has 28.*tgt|src_vocab_size: 28"):
         from_fairseq_checkpoint(path, src_dict=VS - 1)
     tgt_dict.add_symbol("extra")
@@ -531,14 +538,25 @@ def test_registered_builders_and_published_configuration() -> None:
     assert (hp.src_vocab_size, hp.tgt_vocab_size, hp.dropout, hp.n_iter) == (8848, 6632, 0.3, 3)
     assert not hp.encoder_normalize_before and model.encoder.layer_norm is None
     assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
-    assert (hp.optimizer, hp.lr, tuple(hp.betas), hp.weight_decay, hp.warmup_updates, hp.label_smoothing) == (
-        "adam", 5e-4, (0.9, 0.98), 1e-4, 4000, 0.1)
+    # training settings are injected, not architecture: fairseq's IWSLT'14 Adam and inverse_sqrt by default
+    assert not {"optimizer", "lr_scheduler", "lr", "betas", "weight_decay", "warmup_updates"} & set(hp)
+    assert hp.label_smoothing == 0.1
+    conf = model.configure_optimizers()
+    group, sched = conf["optimizer"].param_groups[0], conf["lr_scheduler"]["scheduler"]
+    assert type(conf["optimizer"]) is torch.optim.AdamW and conf["lr_scheduler"]["interval"] == "step"
+    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.98), 1e-8,
+                                                                                          1e-4)
+    assert type(sched) is InverseSqrtLR and (sched.warmup_updates, sched.warmup_init_lr) == (4000, -1.0)
     assert all(a.n_iter == 3 for a in model.encoder_attentions)
     # the Transformer baseline has the same state dict
     base = transformer_iwslt_de_en()
     assert base.hparams.n_iter == 1
     assert {k: v.shape for k, v in base.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-    assert sinkformer_transformer_numbers().hparams.encoder_embed_dim == 64
+    numbers = sinkformer_transformer_numbers()
+    assert numbers.hparams.encoder_embed_dim == 64
+    conf = numbers.configure_optimizers()
+    group, sched = conf["optimizer"].param_groups[0], conf["lr_scheduler"]["scheduler"]
+    assert (group["initial_lr"], group["weight_decay"], sched.warmup_updates) == (3e-3, 0.0, 100)
     for name in names:
         assert zoo.registry.model_entrypoint(name).__doc__
 

@@ -53,7 +53,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from zoo.errors import ZooError
 
@@ -81,6 +81,8 @@ __all__ = [
     "english_number_tokens",
     "german_number",
     "german_number_tokens",
+    "german_source_text",
+    "number_digits",
     "numbers_dictionaries",
     "post_process",
     "write_binarized_split",
@@ -368,14 +370,18 @@ def write_binarized_split(data_dir: str | os.PathLike, split: str, source_lang: 
 
 class LanguagePairDataset(Dataset):
     """Pairs of token-id sequences (each ending in eos); items are ``{"id", "source", "target"}`` (int64 tensors,
-    target None without targets)."""
+    target None without targets), plus ``"length"`` (an int) when ``lengths`` is given: a length class per example
+    (the numbers task: the number's digits) by which the task reports exact-match accuracy."""
 
     def __init__(self, src: Sequence[np.ndarray], tgt: Sequence[np.ndarray] | None = None,
                  src_sizes: np.ndarray | None = None, tgt_sizes: np.ndarray | None = None,
-                 indices: np.ndarray | None = None) -> None:
+                 indices: np.ndarray | None = None, lengths: Sequence[int] | np.ndarray | None = None) -> None:
         if tgt is not None and len(src) != len(tgt):
             raise ZooError(f"source and target differ in length: {len(src)} vs {len(tgt)} sentences")
+        if lengths is not None and len(lengths) != len(src):
+            raise ZooError(f"lengths holds {len(lengths)} length classes for {len(src)} sentences: give one each")
         self.src, self.tgt = src, tgt
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.indices = np.arange(len(src)) if indices is None else np.asarray(indices)
         full_src = np.asarray([len(s) for s in src] if src_sizes is None else src_sizes, dtype=np.int64)
         self.src_sizes = full_src[self.indices]
@@ -392,7 +398,10 @@ class LanguagePairDataset(Dataset):
         j = int(self.indices[i])
         src = torch.as_tensor(np.asarray(self.src[j], dtype=np.int64))
         tgt = torch.as_tensor(np.asarray(self.tgt[j], dtype=np.int64)) if self.tgt is not None else None
-        return {"id": i, "source": src, "target": tgt}
+        item: dict[str, Any] = {"id": i, "source": src, "target": tgt}
+        if self.lengths is not None:
+            item["length"] = int(self.lengths[j])
+        return item
 
     def num_tokens(self) -> np.ndarray:
         """Size of each example: ``max(len(src), len(tgt))`` (fairseq's ``num_tokens``)."""
@@ -427,7 +436,8 @@ def _merge(values: Sequence[torch.Tensor], pad: int, left_pad: bool, eos: int | 
 def collate(samples: Sequence[dict[str, Any]], pad: int = PAD, eos: int = EOS, left_pad_source: bool = True,
             left_pad_target: bool = False) -> dict[str, Any]:
     """A batch as fairseq's ``LanguagePairDataset.collate`` (without its sort by source length): ``id``,
-    ``src_tokens``, ``src_lengths``, and with targets ``prev_output_tokens`` (eos first), ``target``, ``ntokens``."""
+    ``src_tokens``, ``src_lengths``, and with targets ``prev_output_tokens`` (eos first), ``target``, ``ntokens``;
+    ``length`` (B,) when the samples carry length classes."""
     if not samples:
         return {}
     ids = torch.as_tensor([s["id"] for s in samples], dtype=torch.long)
@@ -438,6 +448,8 @@ def collate(samples: Sequence[dict[str, Any]], pad: int = PAD, eos: int = EOS, l
         "src_lengths": torch.as_tensor([v.numel() for v in src], dtype=torch.long),
         "nsentences": len(samples),
     }
+    if "length" in samples[0]:
+        batch["length"] = torch.as_tensor([s["length"] for s in samples], dtype=torch.long)
     if samples[0].get("target") is not None:
         tgt = [s["target"] for s in samples]
         batch["target"] = _merge(tgt, pad, left_pad_target)
@@ -484,38 +496,80 @@ def batch_by_size(indices: Sequence[int], num_tokens: np.ndarray, max_tokens: in
     return batches
 
 
-class TokenBatchSampler:
-    """Batches of example indices by token count (:func:`batch_by_size` over length-sorted examples).
+class TokenBatchSampler(BatchSampler):
+    """Batches of example indices by token count (:func:`batch_by_size` over length-sorted examples), aware of
+    distributed training.
 
     The batches are built once (examples shuffled with ``seed``, then stably sorted by target and source length, as
     fairseq's ``ordered_indices``) and, with ``shuffle``, their order is shuffled each epoch with ``seed + epoch``
-    (Lightning calls :meth:`set_epoch`). Under ``torch.distributed`` (or with ``num_replicas`` / ``rank``) each rank
-    takes every ``num_replicas``-th batch, the list being padded by repeating its first batches so that all ranks run
-    the same number of steps; with Lightning set ``use_distributed_sampler: false`` so that it keeps this sampler.
-    Lightning calls ``set_epoch`` on ``batch_sampler.sampler``, not on the batch sampler: ``self.sampler`` is a
-    small proxy that forwards it.
+    (Lightning calls :meth:`set_epoch`).
+
+    With several processes (``num_replicas`` / ``rank``; else those of the ``sampler`` Lightning passes in, a
+    ``DistributedSampler``; else ``torch.distributed``'s when it is initialised) each process takes its share:
+
+    - ``even_batches=True`` (training): every ``num_replicas``-th batch of the epoch's order, the list padded by
+      repeating its first batches so that all processes run the same number of steps (fairseq's sharding; DDP's
+      gradient all-reduce needs equal step counts);
+    - ``even_batches=False`` (evaluation): every ``num_replicas``-th example of the length-sorted order, batched on
+      each process, so that every example is seen exactly once (corpus BLEU over all processes is the split's) and
+      every process gets at least one batch (as long as the split holds ``num_replicas`` examples; a smaller split
+      is padded by repeating examples).
+
+    Lightning's ``use_distributed_sampler`` (its default, True) works as written: Lightning rebuilds this batch
+    sampler with its ``DistributedSampler`` as ``sampler`` (it subclasses ``BatchSampler`` and takes ``sampler``
+    and ``drop_last``), and only that sampler's ``num_replicas`` and ``rank`` are used (its shuffle and seed are
+    not: the batches shuffle with ``seed``). ``use_distributed_sampler: false`` works too (ranks from
+    ``torch.distributed``). ``self.sampler`` is a small proxy through which Lightning's ``set_epoch`` reaches this
+    batch sampler.
+
+    Args:
+        src_sizes, tgt_sizes: tokens per example (target None: source only).
+        max_tokens, max_sentences, required_batch_size_multiple: :func:`batch_by_size`.
+        shuffle, seed: shuffle the examples (once) and the batch order (each epoch).
+        num_replicas, rank: the processes (None: from ``sampler`` or ``torch.distributed``).
+        even_batches: equal batch counts on every process by repeating batches (training), or each example once.
+        sampler: a distributed sampler whose ``num_replicas`` / ``rank`` are used (what Lightning injects).
+        drop_last: must be False (every example is batched); an argument so that Lightning can set it.
     """
 
     def __init__(self, src_sizes: np.ndarray, tgt_sizes: np.ndarray | None, max_tokens: int | None = 4096,
                  max_sentences: int | None = None, shuffle: bool = True, seed: int = 1,
                  required_batch_size_multiple: int = 8, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, even_batches: bool = True, sampler: Any = None,
+                 drop_last: bool = False) -> None:
+        if drop_last:
+            raise ZooError("TokenBatchSampler batches every example: drop_last must be False")
         self.src_sizes = np.asarray(src_sizes, dtype=np.int64)
         self.tgt_sizes = None if tgt_sizes is None else np.asarray(tgt_sizes, dtype=np.int64)
-        num_tokens = self.src_sizes if self.tgt_sizes is None else np.maximum(self.src_sizes, self.tgt_sizes)
+        self.num_tokens = self.src_sizes if self.tgt_sizes is None else np.maximum(self.src_sizes, self.tgt_sizes)
+        self.max_tokens, self.max_sentences = max_tokens, max_sentences
+        self.required_batch_size_multiple = required_batch_size_multiple
         self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
-        if shuffle:
+        self.even_batches, self.drop_last = bool(even_batches), False
+        if num_replicas is None and sampler is not None and hasattr(sampler, "num_replicas"):
+            num_replicas, rank = sampler.num_replicas, sampler.rank
+        if num_replicas is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        self.num_replicas, self.rank = int(num_replicas or 1), int(rank or 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ZooError(f"rank must be in 0 .. num_replicas - 1 = {self.num_replicas - 1}, got {self.rank}")
+        if self.shuffle:
             order = np.random.default_rng(self.seed).permutation(len(self.src_sizes))
         else:
             order = np.arange(len(self.src_sizes))
         if self.tgt_sizes is not None:
             order = order[np.argsort(self.tgt_sizes[order], kind="mergesort")]
         order = order[np.argsort(self.src_sizes[order], kind="mergesort")]
-        self.batches = batch_by_size(order, num_tokens, max_tokens, max_sentences, required_batch_size_multiple)
-        if num_replicas is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        self.num_replicas, self.rank = int(num_replicas or 1), int(rank or 0)
+        if self.num_replicas > 1 and not self.even_batches and len(order):
+            # each example once: every num_replicas-th of the sorted order (a split smaller than the number of
+            # processes is repeated so that every process has one example)
+            order = np.resize(order, max(len(order), self.num_replicas))[self.rank::self.num_replicas]
+        self.batches = self._batch(order)
         self.sampler = _EpochProxy(self)
+
+    def _batch(self, order: np.ndarray) -> list[list[int]]:
+        return batch_by_size(order, self.num_tokens, self.max_tokens, self.max_sentences,
+                             self.required_batch_size_multiple)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -525,7 +579,7 @@ class TokenBatchSampler:
         if self.shuffle:
             perm = np.random.default_rng(self.seed + self.epoch + 1).permutation(len(batches))
             batches = [batches[i] for i in perm]
-        if self.num_replicas > 1 and batches:
+        if self.num_replicas > 1 and self.even_batches and batches:
             total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
             batches = (batches * math.ceil(total / len(batches)))[:total]
             batches = batches[self.rank::self.num_replicas]
@@ -536,7 +590,7 @@ class TokenBatchSampler:
 
     def __len__(self) -> int:
         n = len(self.batches)
-        return math.ceil(n / self.num_replicas) if self.num_replicas > 1 else n
+        return math.ceil(n / self.num_replicas) if self.num_replicas > 1 and self.even_batches else n
 
 
 class _EpochProxy:
@@ -738,6 +792,22 @@ class TranslationDataModule(pl.LightningDataModule):
     def decode_source(self, tokens: torch.Tensor | Sequence[int]) -> str:
         return self.src_dict.string(tokens, bpe_symbol=self.remove_bpe)
 
+    def encode_source(self, line: str) -> torch.Tensor:
+        """A source sentence as token ids (eos appended). Here the line must already be segmented as the data
+        (e.g. BPE'd with the codes the binarized data were made with); the modules that segment raw text
+        themselves (:class:`ParallelTextDataModule`, :class:`NumbersDataModule`) override this."""
+        if not isinstance(line, str):
+            raise ZooError(f"encode_source takes one sentence (a str), got {type(line).__name__}")
+        return torch.as_tensor(self.src_dict.encode_line(line))
+
+    def encode_sources(self, lines: Sequence[str]) -> torch.Tensor:
+        """Sentences as a padded batch of source ids (B, S), padded as the loaders pad (``left_pad_source``): the
+        input of ``model.translate``; :meth:`decode_target` turns its outputs back into text."""
+        if isinstance(lines, str) or not len(lines):
+            raise ZooError("encode_sources takes a non-empty list of sentences; for one sentence use "
+                           "encode_sources([sentence])")
+        return _merge([self.encode_source(line) for line in lines], self.src_dict.pad_index, self.left_pad_source)
+
     # ---------------------------------------------------------------- loaders
     def _add_split(self, name: str, dataset: LanguagePairDataset) -> None:
         dropped = dataset.filter_by_size(self.max_source_positions, self.max_target_positions)
@@ -755,8 +825,10 @@ class TranslationDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise ZooError(f"{type(self).__name__} has no {split!r} split")
         ds = self.datasets[split]
+        # training: the same number of batches on every process (DDP); evaluation: every example once
         sampler = TokenBatchSampler(ds.src_sizes, ds.tgt_sizes, self.max_tokens, self.max_sentences, shuffle=shuffle,
-                                    seed=self.seed, required_batch_size_multiple=self.required_batch_size_multiple)
+                                    seed=self.seed, required_batch_size_multiple=self.required_batch_size_multiple,
+                                    even_batches=split == "train")
         collate_fn = partial(collate, pad=self.src_dict.pad_index, eos=self.tgt_dict.eos_index,
                              left_pad_source=self.left_pad_source, left_pad_target=self.left_pad_target)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers,
@@ -1023,18 +1095,26 @@ def german_number(n: int) -> str:
     return _num2words(n, "de")
 
 
-def german_number_tokens(n: int) -> list[str]:
-    """:func:`german_number` split into morphemes (:data:`GERMAN_NUMBER_MORPHEMES`, greedy longest match), e.g.
-    324 -> ``drei hundert vier und zwanzig``; ``"".join`` of the result is the word."""
-    word, out, i = german_number(n), [], 0
+def _split_german(word: str) -> list[str] | None:
+    """``word`` split into :data:`GERMAN_NUMBER_MORPHEMES` by greedy longest match; None if it does not split."""
+    out, i = [], 0
     while i < len(word):
         piece = next((m for m in _MORPHEMES_LONGEST_FIRST if word.startswith(m, i)), None)
         if piece is None:
-            raise ZooError(f"num2words spelled {n} as {word!r}, which does not split into the German number "
-                           f"morphemes at {word[i:]!r}: this num2words version spells differently; install "
-                           "num2words>=0.5.13")
+            return None
         out.append(piece)
         i += len(piece)
+    return out
+
+
+def german_number_tokens(n: int) -> list[str]:
+    """:func:`german_number` split into morphemes (:data:`GERMAN_NUMBER_MORPHEMES`, greedy longest match), e.g.
+    324 -> ``drei hundert vier und zwanzig``; ``"".join`` of the result is the word."""
+    word = german_number(n)
+    out = _split_german(word)
+    if out is None:
+        raise ZooError(f"num2words spelled {n} as {word!r}, which does not split into the German number "
+                       "morphemes: this num2words version spells differently; install num2words>=0.5.13")
     return out
 
 
@@ -1060,10 +1140,42 @@ def _english_detokenize(line: str) -> str:
     return line.replace(" @-@ ", "-").replace(" ,", ",")
 
 
-def _german_source(n: int) -> str:
-    """The German word as sub-words with subword-nmt markers: ``drei@@ hundert@@ vier@@ und@@ zwanzig``."""
-    parts = german_number_tokens(n)
+def _with_markers(parts: Sequence[str]) -> str:
+    """Sub-words with subword-nmt's markers: ``drei@@ hundert@@ vier@@ und@@ zwanzig``."""
     return " ".join([p + "@@" for p in parts[:-1]] + [parts[-1]])
+
+
+def _german_source(n: int) -> str:
+    """The German word of ``n`` as the model's source text (sub-words with ``@@`` markers)."""
+    return _with_markers(german_number_tokens(n))
+
+
+# ASCII spellings of the German letters (Swiss "ss" only occurs in dreißig among the morphemes)
+_ASCII_GERMAN = (("ue", "ü"), ("oe", "ö"), ("dreissig", "dreißig"))
+
+
+def german_source_text(text: str | int) -> str:
+    """The model's source text of a German number word: ``"dreihundertvierundzwanzig"`` -> ``drei@@ hundert@@
+    vier@@ und@@ zwanzig`` (case, spaces and hyphens inside the word ignored; ``ue`` / ``oe`` / ``ss`` read as
+    ü / ö / ß); an int is spelled by num2words first. One ZooError for a text that is not a German number word."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ZooError(f"a German number word (str) or a number (int) is needed, got {type(text).__name__}")
+    if isinstance(text, int):
+        return _german_source(text)
+    word = "".join(text.lower().replace("-", " ").split())
+    for ascii_form, letter in _ASCII_GERMAN:
+        word = word.replace(ascii_form, letter)
+    if not word:
+        raise ZooError("an empty text is not a German number word: give e.g. 'dreihundertvierundzwanzig'")
+    if word.isdigit():
+        raise ZooError(f"{text!r} is written in digits: give the German word (e.g. german_number({int(word)}) = "
+                       f"{german_number(int(word)) if int(word) < 10**6 else '...'!r}) or the int {int(word)}")
+    parts = _split_german(word)
+    if parts is None:
+        raise ZooError(f"{text!r} is not a German number word of the numbers task: it does not split into its "
+                       f"morphemes ({', '.join(GERMAN_NUMBER_MORPHEMES)}); give a number below one million as "
+                       "num2words spells it, e.g. 'dreihundertvierundzwanzig'")
+    return _with_markers(parts)
 
 
 def numbers_dictionaries() -> tuple[Dictionary, Dictionary]:
@@ -1083,9 +1195,32 @@ def numbers_dictionaries() -> tuple[Dictionary, Dictionary]:
 NUMBERS_SRC_VOCAB_SIZE, NUMBERS_TGT_VOCAB_SIZE = (len(d) for d in numbers_dictionaries())
 
 
+def number_digits(numbers: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Digits of each non-negative number (0 has one): the numbers task's length classes."""
+    n = np.asarray(numbers, dtype=np.int64)
+    return np.searchsorted(10 ** np.arange(1, 19, dtype=np.int64), n, side="right") + 1  # integers, no log10
+
+
+def _spread(total: int, capacities: Sequence[int]) -> list[int]:
+    """``total`` items spread as evenly as possible over bins holding at most ``capacities`` each (water-filling:
+    what a full bin cannot take goes to the others; the first bins take the remainders)."""
+    quota, left, open_bins = [0] * len(capacities), total, list(range(len(capacities)))
+    while left > 0 and open_bins:
+        share, extra = divmod(left, len(open_bins))
+        for k, b in enumerate(list(open_bins)):
+            take = min(share + (1 if k < extra else 0), capacities[b] - quota[b])
+            quota[b] += take
+            left -= take
+            if quota[b] == capacities[b]:
+                open_bins.remove(b)
+        if share == 0 and extra == 0:
+            break
+    return quota
+
+
 class NumbersDataModule(TranslationDataModule):
     """The embedded translation task: German number words (as sub-words) to English number words. No files, no
-    network; the splits are drawn with ``seed`` and disjoint.
+    network; the splits are drawn with ``seed``.
 
     Both sides are spelled by the num2words package. Example: source ``drei@@ hundert@@ vier@@ und@@ zwanzig@@
     tausend@@ fünf@@ hundert@@ zwölf`` (num2words' dreihundertvierundzwanzigtausendfünfhundertzwölf split into
@@ -1093,15 +1228,28 @@ class NumbersDataModule(TranslationDataModule):
     hundred and twelve`` (num2words' "three hundred and twenty-four thousand, five hundred and twelve" with hyphens
     and commas split off Moses-style; :meth:`decode_target` joins them back). The model must learn the vocabulary,
     the German order of units before tens (``vier und zwanzig`` -> ``twenty @-@ four``) and where English puts
-    ``and`` and commas, which German does not mark.
+    ``and`` and commas, which German does not mark. :meth:`encode_source` turns a German word (``"acht"``,
+    ``"dreihundertvierundzwanzig"``) into the model's input.
 
-    Numbers are drawn in 0 .. ``max_number`` with a number of digits uniform in 1 .. digits(max_number), then a
-    uniform number with that many digits, so that short numbers are as frequent as long ones; duplicates are
-    removed and the valid / test numbers never occur in training. The dictionaries are fixed
-    (:func:`numbers_dictionaries`: ``NUMBERS_SRC_VOCAB_SIZE`` / ``NUMBERS_TGT_VOCAB_SIZE`` symbols).
+    Sampling, by length (the number of digits d = 1 .. digits(max_number)), so that every length is equally
+    represented in training whatever how few numbers it holds:
+
+    - valid and test: ``valid_size`` / ``test_size`` distinct numbers each, spread evenly over the lengths (a
+      length holding fewer numbers than its share gives all of them, the others take the rest);
+    - train: ``train_size`` draws, the length uniform, then a number of that length uniform (with replacement:
+      the ten 1-digit numbers are a sixth of the draws below 10^6, as the 900000 6-digit ones);
+    - held out: the valid and test numbers of a length never occur in training, nor in each other, when together
+      they take at most a quarter of the length's numbers. Shorter lengths (by default 1 and 2 digits: 100
+      numbers) are closed classes, all of whose numbers training must see (``null`` -> ``zero`` occurs in no
+      other number): there valid and test measure the learned words, drawn from the whole length.
+
+    Batches carry ``length`` (the digits), by which the task reports exact-match accuracy (``val_exact_len{d}``).
+    The dictionaries are fixed (:func:`numbers_dictionaries`: ``NUMBERS_SRC_VOCAB_SIZE`` /
+    ``NUMBERS_TGT_VOCAB_SIZE`` symbols).
 
     Args:
-        train_size, valid_size, test_size: sentence pairs per split (at most what the range holds).
+        train_size, valid_size, test_size: sentence pairs per split (valid / test: at most the numbers of
+            0 .. max_number).
         max_number: the largest number (< 10^6).
         seed: seed of the draw (the batch shuffles use it too).
         Other arguments: :class:`TranslationDataModule` (``max_tokens`` default 2048).
@@ -1114,14 +1262,15 @@ class NumbersDataModule(TranslationDataModule):
         super().__init__(max_tokens=max_tokens, max_sentences=max_sentences, left_pad_source=left_pad_source,
                          left_pad_target=left_pad_target, required_batch_size_multiple=required_batch_size_multiple,
                          seed=seed, num_workers=num_workers, remove_bpe="@@ ")
-        if not 0 < max_number < 10**6:
-            raise ZooError(f"max_number must be in 1 .. 999999, got {max_number}")
+        if isinstance(max_number, bool) or int(max_number) != max_number or not 0 < max_number < 10**6:
+            raise ZooError(f"max_number must be an integer in 1 .. 999999, got {max_number!r}")
         sizes = (train_size, valid_size, test_size)
-        if any(int(s) != s or s < 1 for s in sizes):
+        if any(isinstance(x, bool) or int(x) != x or x < 1 for x in sizes):
             raise ZooError(f"train_size, valid_size and test_size must be positive integers, got {sizes}")
-        if sum(sizes) > max_number + 1:
-            raise ZooError(f"{sum(sizes)} distinct numbers requested but 0 .. {max_number} holds {max_number + 1}: "
-                           "lower the split sizes or raise max_number")
+        for name, size in (("valid_size", valid_size), ("test_size", test_size)):
+            if size > max_number + 1:
+                raise ZooError(f"{name}={size} distinct numbers requested but 0 .. {max_number} holds "
+                               f"{max_number + 1}: lower {name} or raise max_number")
         self.save_hyperparameters()
         self.train_size, self.valid_size, self.test_size = int(train_size), int(valid_size), int(test_size)
         self.max_number = int(max_number)
@@ -1130,47 +1279,67 @@ class NumbersDataModule(TranslationDataModule):
     def setup_dictionaries(self) -> None:
         self._src_dict, self._tgt_dict = numbers_dictionaries()
 
-    def _draw(self, total: int) -> np.ndarray:
+    def length_ranges(self) -> list[tuple[int, int]]:
+        """(lowest, highest) number of each length d = 1 .. digits(max_number)."""
+        return [(0 if d == 1 else 10 ** (d - 1), min(10**d - 1, self.max_number))
+                for d in range(1, len(str(self.max_number)) + 1)]
+
+    def _draw(self) -> dict[str, np.ndarray]:
+        """The numbers of each split (see the class docstring)."""
         rng = np.random.default_rng(self.seed)
-        max_digits = len(str(self.max_number))
-        seen: dict[int, None] = {}
-        # small ranges (1-digit numbers ...) saturate: draw until enough distinct numbers, bounded
-        for _ in range(100):
-            d = rng.integers(1, max_digits + 1, size=4 * total)
-            lo = np.where(d == 1, 0, 10 ** (d - 1))
-            hi = np.minimum(10**d - 1, self.max_number)
-            nums = lo + (rng.random(4 * total) * (hi - lo + 1)).astype(np.int64)
-            for x in nums[nums <= self.max_number].tolist():
-                seen.setdefault(int(x), None)
-            if len(seen) >= total:
-                break
-        if len(seen) < total:  # fall back to a uniform draw over the whole range
-            rest = rng.permutation(self.max_number + 1)
-            for x in rest.tolist():
-                seen.setdefault(int(x), None)
-                if len(seen) >= total:
-                    break
-        return np.asarray(list(seen)[:total], dtype=np.int64)
+        ranges = self.length_ranges()
+        counts = [hi - lo + 1 for lo, hi in ranges]
+        quotas = {name: _spread(size, counts) for name, size in (("valid", self.valid_size),
+                                                                  ("test", self.test_size))}
+        held: list[np.ndarray] = []
+        splits: dict[str, list[np.ndarray]] = {"valid": [], "test": [], "train": []}
+        for k, (lo, count) in enumerate(zip((lo for lo, _ in ranges), counts)):
+            qv, qt = quotas["valid"][k], quotas["test"][k]
+            if 4 * (qv + qt) <= count:  # held out: valid, test and training disjoint
+                picked = lo + rng.choice(count, size=qv + qt, replace=False)
+                splits["valid"].append(picked[:qv])
+                splits["test"].append(picked[qv:])
+                held.append(picked)
+            else:  # a closed class: training sees every number of it
+                splits["valid"].append(lo + rng.choice(count, size=qv, replace=False))
+                splits["test"].append(lo + rng.choice(count, size=qt, replace=False))
+                held.append(np.zeros(0, dtype=np.int64))
+        lengths = rng.integers(0, len(ranges), size=self.train_size)
+        train = np.zeros(self.train_size, dtype=np.int64)
+        for k, (lo, count) in enumerate(zip((lo for lo, _ in ranges), counts)):
+            blocked = held[k]
+            todo = np.flatnonzero(lengths == k)
+            while len(todo):  # rejection of held-out numbers (they are at most a quarter of the length)
+                draw = lo + rng.integers(0, count, size=len(todo))
+                train[todo] = draw
+                todo = todo[np.isin(draw, blocked)]
+        splits["train"].append(train)
+        return {name: np.concatenate(parts).astype(np.int64) for name, parts in splits.items()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         self.setup_dictionaries()
-        nums = self._draw(self.train_size + self.valid_size + self.test_size)
-        # valid / test first (short numbers are scarce: they go to every split in proportion)
-        splits = {"valid": nums[: self.valid_size],
-                  "test": nums[self.valid_size: self.valid_size + self.test_size],
-                  "train": nums[self.valid_size + self.test_size:]}
-        for name, values in splits.items():
+        encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # training repeats numbers: spell each once
+        for name, values in self._draw().items():
             self.numbers[name] = values
-            src = [self.src_dict.encode_line(_german_source(int(n))) for n in values]
-            tgt = [self.tgt_dict.encode_line(english_number_tokens(int(n))) for n in values]
-            self._add_split(name, LanguagePairDataset(src, tgt))
+            for n in set(values.tolist()) - encoded.keys():
+                encoded[n] = (self.src_dict.encode_line(_german_source(n)),
+                              self.tgt_dict.encode_line(english_number_tokens(n)))
+            src = [encoded[n][0] for n in values.tolist()]
+            tgt = [encoded[n][1] for n in values.tolist()]
+            self._add_split(name, LanguagePairDataset(src, tgt, lengths=number_digits(values)))
 
     def pairs(self, split: str = "valid") -> list[tuple[str, str]]:
         """The (German word, English words) pairs of a split, as num2words spells them."""
         self.setup()
         return [(german_number(int(n)), english_number(int(n))) for n in self.numbers[split]]
+
+    def encode_source(self, line: str | int) -> torch.Tensor:
+        """A German number word as the model's source ids (eos appended): ``"acht"``, ``"Dreihundert vierund-
+        zwanzig"`` (case, spaces, hyphens ignored) -> the ids of ``drei@@ hundert@@ vier@@ und@@ zwanzig``; an int
+        is spelled by num2words first. One ZooError for a text that is not a German number word."""
+        return torch.as_tensor(self.src_dict.encode_line(german_source_text(line)))
 
     def decode_target(self, tokens: torch.Tensor | Sequence[int], escape_unk: bool = False) -> str:
         """Target ids as English text as num2words writes it (``twenty-four thousand, five``)."""

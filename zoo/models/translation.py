@@ -50,6 +50,7 @@ Dictionary conventions are fairseq's: bos 0, pad 1, eos 2, unk 3.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -65,6 +66,7 @@ from zoo.hub import HubMixin, load_state_dict, load_weights
 from zoo.nn.attention import SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
 from zoo.registry import register_model
+from zoo.tasks.optim import InverseSqrtLR
 from zoo.tasks.translation import TranslationTask
 from zoo.validation import boolean, choice, integer, non_negative_int, positive_int, probability
 
@@ -89,6 +91,9 @@ __all__ = [
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 ACTIVATIONS = ("relu", "gelu", "gelu_accurate", "tanh", "linear")
+# the training settings earlier versions took as model arguments (now inside optimizer / lr_scheduler)
+_TRAINING_ARGS = ("lr", "betas", "adam_eps", "weight_decay", "momentum", "scheduler", "warmup_updates",
+                  "warmup_init_lr")
 IWSLT14_DE_EN_VOCAB = (8848, 6632)  # fairseq-preprocess on prepare-iwslt14.sh's BPE data: [de] 8848, [en] 6632 types
 
 
@@ -478,9 +483,10 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         record_stats: record the column-sum statistics of the encoder attentions (:meth:`attention_stats`).
         weights: a zoo checkpoint / ``save_pretrained`` output / ``hf-hub:``, or a fairseq checkpoint file whose
             shape matches (see :meth:`from_fairseq_checkpoint` to build the model from the checkpoint itself).
-        optimizer, lr, betas, weight_decay, **kwargs: training settings of :class:`zoo.tasks.translation.
-            TranslationTask` (fairseq's IWSLT'14: Adam (0.9, 0.98), lr 5e-4, inverse_sqrt with 4000 warm-up updates,
-            weight decay 1e-4, label smoothing 0.1).
+        **kwargs: the training and decoding settings of :class:`zoo.tasks.translation.TranslationTask`:
+            ``optimizer`` / ``lr_scheduler`` (injected callables; default fairseq's IWSLT'14 Adam: AdamW (0.9, 0.98),
+            lr 5e-4, weight decay 1e-4, and inverse_sqrt with 4000 warm-up updates), ``label_smoothing`` (0.1),
+            ``eval_bleu``, ``beam``, ``lenpen``, ``max_len_a``, ``max_len_b`` ...
     """
 
     def __init__(
@@ -514,13 +520,17 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         n_iter: int = 3,
         record_stats: bool = False,
         weights: str | None = None,
-        optimizer: str = "adam",
-        lr: float = 5e-4,
-        betas: tuple[float, float] = (0.9, 0.98),
-        weight_decay: float = 1e-4,
         **kwargs: Any,
     ) -> None:
         check_n_iter(n_iter)
+        legacy = sorted(set(kwargs) & set(_TRAINING_ARGS))
+        if legacy:
+            raise ZooError(f"{', '.join(legacy)}: training settings are no longer model arguments; give "
+                           "optimizer=functools.partial(torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98), "
+                           "weight_decay=1e-4) and lr_scheduler=functools.partial(zoo.tasks.optim.InverseSqrtLR, "
+                           "warmup_updates=4000) (in YAML: optimizer: {class_path: torch.optim.AdamW, init_args: "
+                           "{lr: 5.0e-4, ...}}, lr_scheduler: {class_path: zoo.tasks.optim.InverseSqrtLR, "
+                           "init_args: {warmup_updates: 4000}})")
         tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
         for name, v in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
             integer(name, v, UNK + 1, hint="fairseq's 4 special symbols come first: give the dictionary's size "
@@ -562,7 +572,7 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
                 raise ZooError(f"share_all_embeddings needs encoder_embed_dim == decoder_embed_dim, got "
                                f"{encoder_embed_dim} and {decoder_embed_dim}")
             share_decoder_input_output_embed = True
-        super().__init__(optimizer=optimizer, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
+        super().__init__(**kwargs)
         self.hparams["tgt_vocab_size"] = tgt_vocab_size
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         self.pad, self.eos, self.unk, self.bos = PAD, EOS, UNK, BOS
@@ -702,7 +712,9 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         args lack. ``n_iter``: Sinkhorn half-steps of the encoder (default: the checkpoint's ``n_iter`` or
         ``sinkhorn_n_iter`` if it records one, else 1, which computes exactly the fairseq Transformer's function).
         ``src_dict`` / ``tgt_dict`` (a ``dict.{lang}.txt`` path, a :class:`zoo.data.translation.Dictionary` or a
-        size) are checked against the embeddings. ``overrides`` go to the constructor (e.g. training settings).
+        size) are checked against the embeddings. ``overrides`` go to the constructor (architecture options, or
+        ``optimizer`` / ``lr_scheduler`` callables); the checkpoint's own training settings (its ``lr``,
+        ``optimizer``, ``weight_decay`` ...) are not read: only its architecture is.
         A fairseq checkpoint is a pickle: load only files you trust (the loader first tries the safe
         ``weights_only`` unpickler with ``argparse.Namespace`` allowed). One ZooError for an unreadable or truncated
         file, an unknown architecture, an unsupported option or a vocabulary mismatch.
@@ -959,7 +971,8 @@ def sinkformer_transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any
     """The published IWSLT'14 de-en Sinkformer (MATH.md section 5): fairseq's ``transformer_iwslt_de_en`` (6+6
     layers, 512 wide, 4 heads, FFN 1024, post-norm) with Sinkhorn attention in the encoder (``n_iter=3``),
     ``--share-decoder-input-output-embed``, dropout 0.3; fairseq's dictionary sizes of prepare-iwslt14.sh (de 8848,
-    en 6632); Adam (0.9, 0.98), lr 5e-4, inverse_sqrt 4000 warm-up, weight decay 1e-4, label smoothing 0.1."""
+    en 6632). Trains with the task's defaults, fairseq's IWSLT'14 command: AdamW (0.9, 0.98), lr 5e-4, weight decay
+    1e-4, inverse_sqrt with 4000 warm-up updates, label smoothing 0.1."""
     return _build(weights, {**_IWSLT, "n_iter": 3}, kwargs)
 
 
@@ -985,14 +998,21 @@ def sinkformer_transformer_toy(weights: str | None = None, src_vocab_size: int =
 @register_model
 def sinkformer_transformer_numbers(weights: str | None = None, **kwargs: Any) -> SinkformerTranslation:
     """The embedded task's model (:class:`zoo.data.translation.NumbersDataModule`, German number words to English):
-    2+2 layers, 64 wide, 4 heads, FFN 128, shared decoder embeddings, dropout 0.1, ``n_iter=3``, Adam lr 3e-3
-    with 100 warm-up updates, no weight decay, label smoothing 0.1, greedy validation BLEU (beam 1)."""
+    2+2 layers, 64 wide, 4 heads, FFN 128, shared decoder embeddings, dropout 0.1, ``n_iter=3``, greedy validation
+    BLEU (beam 1); trains with AdamW (0.9, 0.98) lr 3e-3 without weight decay and inverse_sqrt with 100 warm-up
+    updates (the ``nmt/numbers_sinkformer`` recipe's settings), label smoothing 0.1."""
     from zoo.data.translation import NUMBERS_SRC_VOCAB_SIZE, NUMBERS_TGT_VOCAB_SIZE
 
     defaults = {"src_vocab_size": NUMBERS_SRC_VOCAB_SIZE, "tgt_vocab_size": NUMBERS_TGT_VOCAB_SIZE,
                 "encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
                 "encoder_attention_heads": 4, "decoder_layers": 2, "decoder_embed_dim": 64,
                 "decoder_ffn_embed_dim": 128, "decoder_attention_heads": 4, "share_decoder_input_output_embed": True,
-                "dropout": 0.1, "n_iter": 3, "lr": 3e-3, "warmup_updates": 100, "weight_decay": 0.0, "beam": 1,
-                "max_len_a": 1.0, "max_len_b": 5}
+                "dropout": 0.1, "n_iter": 3, "beam": 1, "max_len_a": 1.0, "max_len_b": 5}
+    kwargs.setdefault("optimizer", NUMBERS_OPTIMIZER)
+    kwargs.setdefault("lr_scheduler", NUMBERS_LR_SCHEDULER)
     return _build(weights, defaults, kwargs)
+
+
+# the numbers recipe's training settings (zoo/recipes/nmt/numbers_sinkformer.yaml)
+NUMBERS_OPTIMIZER = functools.partial(torch.optim.AdamW, lr=3e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+NUMBERS_LR_SCHEDULER = functools.partial(InverseSqrtLR, warmup_updates=100)

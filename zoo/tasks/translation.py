@@ -12,13 +12,16 @@ smoothing and the sums over the non-pad target tokens t:
 The gradient is that of loss / ntokens (fairseq's ``sample_size`` is the number of target tokens). Logged values are
 per token in nats (fairseq logs base 2; the perplexity exp(nll / ntokens) = 2^(nll / ntokens / ln 2) is the same).
 
-Learning rate (fairseq's ``inverse_sqrt`` after u updates, lr_0 = ``warmup_init_lr``, W = ``warmup_updates``):
+Training settings are injected (LightningCLI's ``OptimizerCallable`` / ``LRSchedulerCallable``); the defaults are
+fairseq's IWSLT'14 ones. Learning rate: fairseq's ``inverse_sqrt`` (:class:`zoo.tasks.optim.InverseSqrtLR`, per
+update u, lr_0 = ``warmup_init_lr``, W = ``warmup_updates``):
 
     lr(u) = lr_0 + u (lr - lr_0) / W        for u < W
     lr(u) = lr sqrt(W / u)                  for u >= W
 
 Optimizer: fairseq's ``adam`` is Adam with *decoupled* weight decay on every parameter (its
-``fairseq/optim/adam.py`` applies p -= wd * lr * p), i.e. ``torch.optim.AdamW`` on all parameters.
+``fairseq/optim/adam.py`` applies p -= wd * lr * p), i.e. ``torch.optim.AdamW`` on all parameters (one parameter
+group: unlike the image tasks, norms and biases decay too, as in fairseq).
 
 Decoding (fairseq's ``SequenceGenerator``): the decoder starts from eos; at step s the log-probabilities get pad
 -> -inf, unk -> -unk_penalty, eos -> -inf while s < min_len, every symbol but eos -> -inf once s >= max_len; beam
@@ -32,38 +35,39 @@ decodes the same alone or in any batch. The decoding loops check finished senten
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from zoo.errors import ZooError
 from zoo.tasks.bleu import CorpusBLEU
-from zoo.validation import (
-    boolean,
-    choice,
-    finite_float,
-    non_negative_int,
-    pair_in_unit_interval,
-    positive_int,
-    probability,
+from zoo.tasks.optim import (
+    InverseSqrtLR,
+    LRSchedulerCallable,
+    OptimizerCallable,
+    build_optimization,
+    check_factory,
+    parameter_groups,
 )
+from zoo.validation import boolean, finite_float, non_negative_int, positive_int, probability
 
 __all__ = [
+    "ExactMatchByLength",
     "Seq2SeqDecoder",
     "TranslationTask",
     "beam_search",
     "greedy_search",
-    "inverse_sqrt_factor",
     "label_smoothed_nll_loss",
 ]
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("inverse_sqrt", "constant")
+# fairseq's IWSLT'14 settings: --optimizer adam --adam-betas '(0.9, 0.98)' --lr 5e-4 --weight-decay 0.0001
+FAIRSEQ_ADAM = functools.partial(torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=1e-4)
 
 
 # ================================================================================================ loss, schedule
@@ -92,18 +96,60 @@ def label_smoothed_nll_loss(lprobs: torch.Tensor, target: torch.Tensor, epsilon:
     return loss, nll_loss
 
 
-def inverse_sqrt_factor(warmup_updates: int, warmup_init_lr: float, lr: float) -> Callable[[int], float]:
-    """lr(u) / lr of fairseq's ``inverse_sqrt`` schedule after u updates (a ``LambdaLR`` factor)."""
-    if warmup_updates <= 0:
-        return lambda u: 1.0 / math.sqrt(max(u, 1))
-    w0 = warmup_init_lr if warmup_init_lr >= 0 else 0.0
 
-    def factor(u: int) -> float:
-        if u < warmup_updates:
-            return (w0 + u * (lr - w0) / warmup_updates) / lr
-        return math.sqrt(warmup_updates / u)
+# ================================================================================================ exact match
 
-    return factor
+
+class ExactMatchByLength(Metric):
+    """Sentence exact match of decoded text (hypothesis == reference), overall and by length class.
+
+    ``update(hypotheses, references, lengths=None)``: strings, and optionally one length class per sentence (an
+    int tensor; the numbers task: the number's digits; classes above ``max_length`` count as ``max_length``).
+    :meth:`compute` gives ``{"exact": ..., "exact_len{n}": ...}`` (fractions in 0..1) for the classes seen; the
+    counts are summed across DDP processes first, so the values are those of the whole split.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    correct: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, max_length: int = 32) -> None:
+        super().__init__()
+        self.max_length = int(max_length)
+        # index 0 .. max_length: the length classes; the last entry (max_length + 1): every sentence
+        self.add_state("correct", torch.zeros(self.max_length + 2, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(self.max_length + 2, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, hypotheses: Sequence[str], references: Sequence[str],
+               lengths: torch.Tensor | None = None) -> None:
+        if isinstance(hypotheses, str) or len(hypotheses) != len(references):
+            raise ZooError(f"ExactMatchByLength.update needs as many hypotheses as references, got "
+                           f"{len(hypotheses)} and {len(references)}")
+        if lengths is not None and len(lengths) != len(hypotheses):
+            raise ZooError(f"ExactMatchByLength.update: {len(lengths)} length classes for {len(hypotheses)} "
+                           "sentences")
+        if not hypotheses:
+            return
+        dev = self.correct.device
+        match = torch.tensor([h == r for h, r in zip(hypotheses, references)], dtype=torch.int64, device=dev)
+        everything = torch.full_like(match, self.max_length + 1)
+        self.correct.index_add_(0, everything, match)
+        self.total.index_add_(0, everything, torch.ones_like(match))
+        if lengths is not None:
+            idx = torch.as_tensor(lengths, device=dev).long().clamp(0, self.max_length)
+            self.correct.index_add_(0, idx, match)
+            self.total.index_add_(0, idx, torch.ones_like(match))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        total, correct = self.total.tolist(), self.correct.tolist()  # at the end of an epoch: one host copy
+        out = {"exact": torch.tensor(correct[-1] / max(total[-1], 1), dtype=torch.float32)}
+        for n in range(self.max_length + 1):
+            if total[n]:
+                out[f"exact_len{n}"] = torch.tensor(correct[n] / total[n], dtype=torch.float32)
+        return out
 
 
 # ================================================================================================ decoding
@@ -266,20 +312,23 @@ class TranslationTask(pl.LightningModule):
     """A LightningModule for translation with fairseq's training and evaluation recipe.
 
     Subclasses build the network and implement ``forward(src_tokens, prev_output_tokens) -> logits`` and the
-    :class:`Seq2SeqDecoder` methods; batches are the dicts of :func:`zoo.data.translation.collate`.
+    :class:`Seq2SeqDecoder` methods; batches are the dicts of :func:`zoo.data.translation.collate`. The training
+    settings (``optimizer``, ``lr_scheduler``) are not saved in the hyperparameters: a checkpoint or a
+    ``save_pretrained`` folder rebuilds the model, not its optimiser.
 
     Args:
-        optimizer: ``"adam"`` (fairseq's Adam: decoupled weight decay on every parameter = ``torch.optim.AdamW``),
-            ``"adamw"`` (the same) or ``"sgd"`` (Nesterov momentum ``momentum``, like fairseq's ``nag``).
-        lr: peak learning rate (fairseq IWSLT'14: 5e-4).
-        betas, adam_eps: Adam's (0.9, 0.98) and 1e-8.
-        weight_decay: 1e-4 (IWSLT'14 settings).
-        momentum: SGD momentum.
-        scheduler: ``"inverse_sqrt"`` (per update, ``warmup_updates`` linear warm-up from ``warmup_init_lr``) or
-            ``"constant"``.
-        warmup_updates, warmup_init_lr: 4000 and 0 (fairseq's defaults).
+        optimizer: builds the optimiser from the parameters (LightningCLI's ``OptimizerCallable``:
+            ``functools.partial(torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98), weight_decay=1e-4)``, or
+            ``class_path: torch.optim.AdamW`` + ``init_args`` in YAML); every parameter is in one group, so its
+            ``weight_decay`` applies to all of them (fairseq's adam). None: the class's ``default_optimizer``,
+            fairseq's IWSLT'14 Adam (AdamW, lr 5e-4, betas (0.9, 0.98), eps 1e-8, weight decay 1e-4).
+        lr_scheduler: builds the schedule from the optimiser (``LRSchedulerCallable``): default
+            :class:`zoo.tasks.optim.InverseSqrtLR` (fairseq's inverse_sqrt, 4000 warm-up updates from 0, per
+            update); None: a constant learning rate.
         label_smoothing: epsilon of the label-smoothed cross-entropy (0.1).
-        eval_bleu: compute BLEU on the validation set by beam search (``val_bleu``, 0..100).
+        eval_bleu: decode the validation set by beam search: ``val_bleu`` (0..100) and the sentence exact-match
+            accuracy ``val_exact`` (0..1), by length class ``val_exact_len{n}`` when the batches carry ``length``
+            (the numbers task: digits).
         eval_bleu_every_n_epochs: how often (epochs; the last epoch of a run may be skipped: use ``zoo validate``).
         beam, lenpen, max_len_a, max_len_b, min_len, unk_penalty: decoding settings of validation BLEU, ``test`` and
             ``predict`` (fairseq's ``--eval-bleu-args '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}'``).
@@ -287,17 +336,13 @@ class TranslationTask(pl.LightningModule):
             the score is sacrebleu's corpus BLEU over the whole split and all processes (:class:`CorpusBLEU`).
     """
 
+    # the optimiser when none is given (LightningCLI shows it as null)
+    default_optimizer: OptimizerCallable = FAIRSEQ_ADAM
+
     def __init__(
         self,
-        optimizer: str = "adam",
-        lr: float = 5e-4,
-        betas: tuple[float, float] = (0.9, 0.98),
-        adam_eps: float = 1e-8,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.99,
-        scheduler: str = "inverse_sqrt",
-        warmup_updates: int = 4000,
-        warmup_init_lr: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = InverseSqrtLR,
         label_smoothing: float = 0.1,
         eval_bleu: bool = True,
         eval_bleu_every_n_epochs: int = 1,
@@ -310,16 +355,8 @@ class TranslationTask(pl.LightningModule):
         eval_bleu_tokenize: str = "13a",
     ) -> None:
         super().__init__()
-        choice("optimizer", optimizer, OPTIMIZERS)
-        choice("scheduler", scheduler, SCHEDULERS)
-        finite_float("lr", lr, 0.0, low_open=True)
-        pair_in_unit_interval("betas", betas)
-        finite_float("adam_eps", adam_eps, 0.0, low_open=True)
-        finite_float("weight_decay", weight_decay, 0.0)
-        probability("momentum", momentum)
-        non_negative_int("warmup_updates", warmup_updates)
-        # fairseq's convention: a negative warmup_init_lr (its default -1) means "unset", i.e. start from 0
-        finite_float("warmup_init_lr", warmup_init_lr)
+        self.optimizer_factory = check_factory("optimizer", optimizer)
+        self.lr_scheduler_factory = check_factory("lr_scheduler", lr_scheduler)
         probability("label_smoothing", label_smoothing)
         boolean("eval_bleu", eval_bleu)
         positive_int("eval_bleu_every_n_epochs", eval_bleu_every_n_epochs)
@@ -332,11 +369,12 @@ class TranslationTask(pl.LightningModule):
         if not isinstance(eval_bleu_tokenize, str):
             raise ZooError(f"eval_bleu_tokenize must be the name of a sacrebleu tokenizer (such as '13a' or 'none'), "
                            f"got {eval_bleu_tokenize!r} ({type(eval_bleu_tokenize).__name__})")
-        self.save_hyperparameters(ignore=["weights"])
+        self.save_hyperparameters(ignore=["weights", "optimizer", "lr_scheduler"])
         self.val_loss, self.val_nll, self.val_acc = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_loss, self.test_nll, self.test_acc = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_bleu = CorpusBLEU(tokenize=eval_bleu_tokenize)
         self.test_bleu = CorpusBLEU(tokenize=eval_bleu_tokenize)
+        self.val_exact, self.test_exact = ExactMatchByLength(), ExactMatchByLength()
         self._bleu_this_epoch = False
 
     # ---------------------------------------------------------------- hooks the subclass provides
@@ -377,7 +415,7 @@ class TranslationTask(pl.LightningModule):
     def _reset_metrics(self, stage: str) -> None:
         # reset at the start of the epoch, in the epoch's grad mode: states left by an inference-mode run (validate)
         # cannot be updated in place under fit's no_grad validation
-        for name in ("loss", "nll", "acc", "bleu"):
+        for name in ("loss", "nll", "acc", "bleu", "exact"):
             getattr(self, f"{stage}_{name}").reset()
 
     def on_test_epoch_start(self) -> None:
@@ -405,13 +443,15 @@ class TranslationTask(pl.LightningModule):
         getattr(self, f"{stage}_nll").update(nll / ntok, w)
         getattr(self, f"{stage}_acc").update(correct.float() / ntok, w)
         if bleu:
-            hyps = self.generate(batch["src_tokens"])
+            hyps = [self._decode(h[0]["tokens"]) for h in self.generate(batch["src_tokens"])]
             refs = [self._decode(t, escape_unk=True) for t in batch["target"]]
-            getattr(self, f"{stage}_bleu").update([self._decode(h[0]["tokens"]) for h in hyps], [[r] for r in refs])
+            getattr(self, f"{stage}_bleu").update(hyps, [[r] for r in refs])
+            getattr(self, f"{stage}_exact").update(hyps, refs, batch.get("length"))
 
     def _log_epoch(self, stage: str, bleu: bool) -> None:
         loss, nll, acc = (getattr(self, f"{stage}_{m}") for m in ("loss", "nll", "acc"))
-        if loss.update_count == 0:
+        # under DDP every process computes (the metrics synchronise), even one that saw no batch
+        if loss.update_count == 0 and (self._trainer is None or self.trainer.world_size == 1):
             return
         nll_value = nll.compute()
         self.log(f"{stage}_loss", loss.compute(), prog_bar=True)
@@ -424,6 +464,10 @@ class TranslationTask(pl.LightningModule):
             metric = getattr(self, f"{stage}_bleu")
             self.log(f"{stage}_bleu", metric.compute(), prog_bar=True)
             metric.reset()
+            exact = getattr(self, f"{stage}_exact")
+            for name, value in exact.compute().items():  # the same keys on every process (synchronised counts)
+                self.log(f"{stage}_{name}", value)
+            exact.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self._bleu_this_epoch)
@@ -469,17 +513,23 @@ class TranslationTask(pl.LightningModule):
         return tuple(out)
 
     # ---------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer in ("adam", "adamw"):
-            opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
-                                    weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
-                                  weight_decay=hp.weight_decay)
-        if hp.scheduler == "constant":
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_factor(hp.warmup_updates, hp.warmup_init_lr,
-                                                                           hp.lr))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """One group of every trainable parameter (tied weights once): fairseq's adam decays all of them."""
+        return [{"params": [g for group in parameter_groups(self) for g in group["params"]]}]
+
+    def configure_optimizers(self, total_steps: int | None = None, steps_per_epoch: float | None = None) -> Any:
+        """The optimiser over :meth:`parameter_groups` and its schedule, in Lightning's format (the default
+        inverse-sqrt schedule steps every update: ``["lr_scheduler"]["interval"] == "step"``).
+
+        Without a Trainer (a plain PyTorch loop) call it as it is and take ``["optimizer"]`` and
+        ``["lr_scheduler"]["scheduler"]``; ``total_steps`` (and ``steps_per_epoch``) are needed only by schedules
+        that decay over the run (:class:`zoo.tasks.optim.WarmupCosineLR`).
+        """
+        factory = self.optimizer_factory or type(self).default_optimizer
+
+        def one_group(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+            return factory([{"params": [p for group in groups for p in group["params"]]}])
+
+        trainer = self._trainer if total_steps is None else None
+        return build_optimization(self, one_group, self.lr_scheduler_factory, trainer=trainer,
+                                  total_steps=total_steps, steps_per_epoch=steps_per_epoch)
