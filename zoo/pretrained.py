@@ -460,7 +460,7 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
 
 
 def _feature_extractor(model: nn.Module, feature_cfg: dict[str, Any]) -> nn.Module:
-    from timm.models import FeatureGetterNet
+    from timm.models._features import FeatureGetterNet
 
     feature_cls = feature_cfg.pop("feature_cls", "getter")
     if not (feature_cls == "getter" or (isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet))):
