@@ -243,7 +243,8 @@ def _error_cases(tmp: Path, lightning_ckpt: Path) -> dict[str, tuple[list[str], 
         "unknown_memory": (["fit", "--config", str(DIGITS), *small, "--model.init_args.memory", "everything"],
                            ["memory", "'everything'", "full", "adjoint"]),
         "convert_unknown_torchvision_model": (
-            ["convert", "--from", "torchvision:resnet19", "--to", "depth_scaled", "--out", str(tmp / "r19")],
+            ["convert", "--from", "torchvision:resnet19", "--weights", "none", "--to", "depth_scaled",
+             "--out", str(tmp / "r19")],
             ["resnet19", "unknown torchvision model"]),
     }
 
@@ -334,7 +335,7 @@ def test_convert_torchvision_weight_file_to_folder(tmp_path: Path, capsys: pytes
                                "--to", "depth_scaled", "--out", str(out_dir)], capsys)
     assert code == 0, err
     assert zoo_lines(out) and zoo_lines(out)[-1].startswith(f"wrote {out_dir} (DepthScaledResNet, 11.")
-    assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # + card
     model = zoo.from_pretrained(out_dir)
     assert type(model) is DepthScaledResNet
     assert list(model.hparams["layers"]) == [2, 2, 2, 2]
@@ -371,14 +372,13 @@ def test_convert_timm_with_options(tmp_path: Path, capsys: pytest.CaptureFixture
     save_file(source.state_dict(), str(weights))
     out_file = tmp_path / "plain.safetensors"
     code, out, err = run_main(["convert", "--from", "timm:resnet18", "--weights", str(weights), "--to", "resnet",
-                               "--out", str(out_file), "--memory", "adjoint", "--option", "lr=0.01",
-                               "--option", "label-smoothing=0.1"], capsys)
+                               "--out", str(out_file), "--memory", "adjoint", "--option", "label-smoothing=0.1"],
+                             capsys)
     assert code == 0, err
     assert zoo_lines(out)[-1].startswith(f"wrote {out_file} (ResNet, ")
     model = zoo.from_pretrained(out_file)
     assert type(model) is ResNet
     assert model.hparams["memory"] == "adjoint"
-    assert model.hparams["lr"] == 0.01
     assert model.hparams["label_smoothing"] == 0.1
     assert all(stage.memory == "adjoint" for stage in model.stages)
     assert_same_function(model, source)
@@ -390,7 +390,7 @@ def test_convert_timm_with_options(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_convert_unknown_target_lists_the_supported_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_main(["convert", "--from", "torchvision:resnet18", "--to", "depth_scaledd",
+    code, _, err = run_main(["convert", "--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaledd",
                              "--out", str(tmp_path / "x")], capsys)
     assert code == 2
     (line,) = [x for x in err.splitlines() if x.startswith("zoo: error: ")]
@@ -403,13 +403,17 @@ def test_convert_unknown_target_lists_the_supported_ones(tmp_path: Path, capsys:
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--from", "timm:resnet19", "--to", "depth_scaled"], ["unknown timm model", "resnet19"]),
-    (["--from", "resnet18", "--to", "depth_scaled"], ["torchvision:<model name>"]),
-    (["--from", "keras:resnet18", "--to", "depth_scaled"], ["keras:resnet18"]),
+    (["--from", "timm:resnet19", "--weights", "none", "--to", "depth_scaled"], ["unknown timm model", "resnet19"]),
+    (["--from", "resnet18", "--weights", "none", "--to", "depth_scaled"], ["torchvision:<model name>"]),
+    (["--from", "keras:resnet18", "--weights", "none", "--to", "depth_scaled"], ["keras:resnet18"]),
     (["--from", "torchvision:resnet18", "--weights", "IMAGENET9K_V9", "--to", "depth_scaled"], ["IMAGENET9K_V9"]),
     (["--from", "timm:resnet18", "--weights", "IMAGENET9K_V9", "--to", "depth_scaled"], ["IMAGENET9K_V9"]),
-    (["--from", "torchvision:resnet18", "--to", "depth_scaled", "--option", "lr"], ["KEY=VALUE"]),
-    (["--from", "torchvision:resnet18", "--to", "depth_scaled", "--option", "layers=[1,1]"], ["'layers'"]),
+    (["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "lr"], ["KEY=VALUE"]),
+    (["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "layers=[1,1]"],
+     ["'layers'"]),
+    (["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "lr=0.1"], ["'lr'"]),
+    # no weights given: one error naming the fix, nothing written (a random model only on purpose)
+    (["--from", "torchvision:resnet18", "--to", "depth_scaled"], ["needs --weights", "--weights none"]),
 ])
 def test_convert_errors(argv: list[str], words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert_convert_fails(argv, words, tmp_path, capsys)
@@ -440,6 +444,114 @@ def test_convert_weight_file_that_does_not_fit(tmp_path: Path, capsys: pytest.Ca
     (line,) = [x for x in err.splitlines() if x.startswith("zoo: error: ")]
     assert "for torchvision:resnet18 do not fit" in line
     assert "layer1.2." in line  # resnet34 has 3 blocks in layer1, resnet18 two
+
+
+def test_convert_weights_none_writes_a_random_model_on_purpose(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--weights none`` (any case) is the explicit way to a randomly initialised model; the line says so."""
+    out_dir = tmp_path / "random"
+    code, out, err = run_main(["convert", "--from", "torchvision:resnet18", "--weights", "None", "--to", "depth_scaled",
+                               "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    assert zoo_lines(out)[-1].startswith(f"wrote {out_dir} (DepthScaledResNet, 11.")
+    assert "randomly initialised" in zoo_lines(out)[-1]
+    assert type(zoo.from_pretrained(out_dir)) is DepthScaledResNet
+
+
+# ------------------------------------------------------------------------------------------------
+# zoo --help, zoo recipes, and --config with a recipe name
+
+RECIPE_FILES = {p.relative_to(ROOT / "zoo" / "recipes").with_suffix("").as_posix(): p
+                for p in (ROOT / "zoo" / "recipes").rglob("*.yaml")}
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    listed = re.findall(r"^    (\w+) ", out, re.MULTILINE)  # argparse's subcommand lines
+    assert listed == ["fit", "validate", "test", "predict", "convert", "recipes"], out
+    assert "the name of a recipe shipped with zoo" in " ".join(out.split())  # --config: a name as well as a path
+    code, out, _ = run_main(["convert", "--help"], capsys)
+    assert code == 0 and "'none'" in out and "--weights" in out
+    code, out, _ = run_main(["recipes", "--help"], capsys)
+    assert code == 0 and "--config" in out and "--show" in out
+
+
+def first_comment_line(path: Path) -> str:
+    return next(line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#"))
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_description(capsys: pytest.CaptureFixture[str]) -> None:
+    assert {"digits_depth_scaled_resnet", "nmt/numbers_sinkformer"} <= set(RECIPE_FILES)
+    code, out, err = run_main(["recipes"], capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith("Run one")}
+    assert set(rows) == set(RECIPE_FILES), out
+    for name, path in RECIPE_FILES.items():
+        words = first_comment_line(path).split()[:4]  # the description starts as the recipe's comment does
+        assert rows[name].split()[1:5] == words, (name, rows[name])
+    assert "zoo fit --config <name>" in out
+
+    code, out, _ = run_main(["recipes", "nmt/*"], capsys)
+    assert code == 0
+    names = [line.split()[0] for line in out.splitlines() if line and not line.startswith("Run one")]
+    assert names == sorted(k for k in RECIPE_FILES if k.startswith("nmt/"))
+
+
+def test_recipes_show_and_path(capsys: pytest.CaptureFixture[str]) -> None:
+    path = RECIPE_FILES["nmt/numbers_sinkformer"]
+    assert run_main(["recipes", "--show", "nmt/numbers_sinkformer"], capsys)[1] == path.read_text()
+    code, out, _ = run_main(["recipes", "--path", "digits_depth_scaled_resnet.yaml"], capsys)
+    assert code == 0 and Path(out.strip()).samefile(RECIPE_FILES["digits_depth_scaled_resnet"])
+    code, _, err = run_main(["recipes", "--show", "numbers_sinkformer"], capsys)
+    assert code == 2 and "nmt/numbers_sinkformer" in err
+    code, _, err = run_main(["recipes", "resnet9000"], capsys)
+    assert code == 2 and "no shipped recipe matches 'resnet9000'" in err
+
+
+def printed_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    code, out, err = run_main([*argv, "--print_config"], capsys)
+    assert code == 0, err
+    return yaml.safe_load(out)
+
+
+@pytest.mark.parametrize("value", ["digits_depth_scaled_resnet", "digits_depth_scaled_resnet.yaml",
+                                   "recipes/digits_depth_scaled_resnet.yaml", "nmt/numbers_sinkformer"])
+def test_config_takes_a_recipe_name(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a folder without the files (an installed zoo): the name finds the shipped recipe; the README's
+    ``recipes/<name>.yaml`` spelling too."""
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load(RECIPE_FILES[value.removeprefix("recipes/").removesuffix(".yaml")].read_text())
+    for argv in (["fit", "--config", value], ["fit", f"--config={value}"], ["validate", "-c", value]):
+        config = printed_config(argv, capsys)
+        assert config["model"]["class_path"] == recipe["model"]["class_path"]
+        assert config["data"]["init_args"] | recipe["data"]["init_args"] == config["data"]["init_args"]
+
+
+def test_an_existing_path_wins_over_a_recipe_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    own = yaml.safe_load(DIGITS.read_text()) | {"seed_everything": 1234}
+    for name in ("digits_depth_scaled_resnet", "digits_depth_scaled_resnet.yaml"):
+        (tmp_path / name).write_text(yaml.safe_dump(own))
+        assert printed_config(["fit", "--config", name], capsys)["seed_everything"] == 1234
+    assert yaml.safe_load(DIGITS.read_text())["seed_everything"] != 1234
+
+
+def test_unknown_recipe_name_is_one_error_with_close_names(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(["fit", "--config", "digits_resnet"], capsys)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("zoo: error: 'digits_resnet' does not exist")
+    assert "digits_depth_scaled_resnet" in line and "digits_momentum_resnet" in line
+    code, _, err = run_main(["fit", "--config", "numbers_sinkformer"], capsys)  # the topic folder is part of it
+    assert code == 2 and "nmt/numbers_sinkformer" in err
+    code, _, err = run_main(["fit", "--config", "../../etc/passwd_recipe"], capsys)  # names stay in zoo/recipes
+    assert code == 2 and "does not exist" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------

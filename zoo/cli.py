@@ -1,14 +1,20 @@
-"""The ``zoo`` command: LightningCLI subcommands (fit, validate, test, predict) plus ``zoo convert``.
+"""The ``zoo`` command: LightningCLI subcommands (fit, validate, test, predict) plus ``zoo convert`` and
+``zoo recipes``.
 
-    zoo fit --config recipes/digits_depth_scaled_resnet.yaml --trainer.max_epochs 3
+    zoo recipes                                                   # the recipes shipped in the package
+    zoo fit --config digits_depth_scaled_resnet --trainer.max_epochs 3
+    zoo fit --config my_recipe.yaml                               # any file: a path that exists always wins
     zoo convert --from torchvision:resnet50 --weights IMAGENET1K_V2 --to depth_scaled --out r50_ds/
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import fnmatch
 import importlib
 import os
+import re
 import sys
 import types
 import typing
@@ -27,10 +33,141 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from zoo.errors import ZooError
-from zoo.hub import atomic_write, load_checkpoint_file
+from zoo.hub import LEGACY_TRAINING_ARGS, atomic_write, load_checkpoint_file
 from zoo.registry import model_class
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_HELP = {
+    "fit": "Train (and validate) a model on a data module: zoo fit --config <recipe>.",
+    "validate": "One pass over the validation split (--ckpt_path a checkpoint).",
+    "test": "One pass over the test split (--ckpt_path a checkpoint).",
+    "predict": "Predict on the data module's predict split; save with zoo.callbacks.PredictionWriter.",
+}
+# zoo's own subcommands, dispatched by main() before LightningCLI; listed in ``zoo --help`` beside Lightning's
+ZOO_SUBCOMMANDS = {
+    "convert": "Turn a torchvision/timm model with its weights into a zoo model and save it (zoo convert --help).",
+    "recipes": "List the recipes shipped with zoo; --config takes their names (zoo recipes --help).",
+}
+DESCRIPTION = ("zoo: residual networks read as differential equations. fit/validate/test/predict are Lightning's "
+               "CLI (any option of the model, data and trainer: zoo fit --config <recipe> --print_config shows "
+               "them); convert and recipes are zoo's.")
+CONFIG_HELP = ("A recipe: a YAML/JSON file, or the name of a recipe shipped with zoo (see zoo recipes), e.g. "
+               "digits_depth_scaled_resnet or nmt/numbers_sinkformer; a file that exists wins over a recipe name.")
+
+# ------------------------------------------------------------------------------------------------
+# the shipped recipes
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def list_recipes(filter: str = "") -> dict[str, Path]:
+    """The recipes shipped in ``zoo/recipes``, by name (the path below that folder without ``.yaml``, e.g.
+    ``digits_depth_scaled_resnet``, ``nmt/numbers_sinkformer``), sorted. ``filter``: a shell-style pattern
+    (``digits_*``, ``*sinkformer*``) or, without wildcards, a substring of the name."""
+    if not RECIPE_DIR.is_dir():
+        return {}
+    found = {p.relative_to(RECIPE_DIR).with_suffix("").as_posix(): p
+             for p in RECIPE_DIR.rglob("*") if p.suffix in RECIPE_SUFFIXES and p.is_file()}
+    if filter:
+        wildcard = any(c in filter for c in "*?[")
+        found = {k: v for k, v in found.items() if (fnmatch.fnmatchcase(k, filter) if wildcard else filter in k)}
+    return dict(sorted(found.items()))
+
+
+SUMMARY_WIDTH = 120
+
+
+def recipe_summary(path: str | os.PathLike) -> str:
+    """The first sentence of the recipe's leading comment (its description; lines joined, cut at about
+    ``SUMMARY_WIDTH`` characters), or ``""`` when the file does not start with a comment."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text.startswith("#"):
+            if text or lines:
+                break
+            continue
+        text = text.lstrip("#").strip()
+        if not text or line.startswith("#  "):  # a blank comment line or an indented command ends the paragraph
+            if lines:
+                break
+            continue
+        lines.append(text)
+    summary = " ".join(lines)
+    end = re.search(r"[.!?](\s+(?=[A-Z])|$)", summary)  # a sentence ends before a capital (not "e.g. x")
+    summary = summary[: end.start() + 1] if end else summary
+    if len(summary) > SUMMARY_WIDTH:
+        summary = summary[: SUMMARY_WIDTH - 4].rsplit(" ", 1)[0] + " ..."
+    return summary
+
+
+def _recipe_name(value: str) -> str:
+    """``--config`` value as a recipe name: ``.yaml`` dropped, and a leading ``recipes/`` (the clone's folder,
+    as the README writes it) or ``zoo/recipes/`` as well."""
+    name = value.replace(os.sep, "/")
+    for suffix in RECIPE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    for prefix in ("./", "zoo/recipes/", "recipes/"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value as a file path: a file that exists as given is taken as it is; otherwise a shipped
+    recipe of that name (with or without ``.yaml``); otherwise one ZooError listing the close recipe names."""
+    if Path(value).is_file():
+        return value
+    recipes = list_recipes()
+    name = _recipe_name(value)
+    if name in recipes:
+        return str(recipes[name])
+    raise _unknown_recipe(value, name, recipes)
+
+
+def _unknown_recipe(value: str, name: str, recipes: Mapping[str, Path]) -> ZooError:
+    """The error for a ``--config`` / ``--show`` value that is no file and no recipe, with the close names."""
+    base = name.rsplit("/", 1)[-1]
+    close = difflib.get_close_matches(name, recipes, n=5, cutoff=0.6)
+    close += [k for k in recipes if k not in close and base and (base in k or k.rsplit("/", 1)[-1] == base)]
+    close += [k for k in difflib.get_close_matches(base, recipes, n=5, cutoff=0.6) if k not in close]
+    hint = (f"close recipe names: {', '.join(close[:6])}" if close
+            else f"zoo recipes lists the {len(recipes)} shipped recipes")
+    return ZooError(f"{value!r} does not exist: it is neither a file nor a recipe shipped with zoo; {hint} "
+                    "(give a recipe name, e.g. digits_depth_scaled_resnet, or the path of a YAML file)")
+
+
+def recipes_main(argv: list[str]) -> None:
+    """``zoo recipes``: the shipped recipes with their one-line descriptions; ``--show NAME`` prints one."""
+    parser = argparse.ArgumentParser(
+        prog="zoo recipes",
+        description="List the recipes shipped with zoo (name and the first line of its comment). Any subcommand's "
+                    "--config takes a name as well as a path: zoo fit --config digits_depth_scaled_resnet. A file "
+                    "that exists wins over a recipe of the same name. To change a recipe, copy it: "
+                    "zoo recipes --show NAME > my.yaml, edit, zoo fit --config my.yaml (or override single "
+                    "settings on the command line: --trainer.max_epochs 3).",
+    )
+    parser.add_argument("filter", nargs="?", default="",
+                        help="only names matching this shell-style pattern (digits_*, *sinkformer*) or, without "
+                             "wildcards, holding this text")
+    parser.add_argument("--show", metavar="NAME", help="print the recipe NAME (its YAML) instead of the list")
+    parser.add_argument("--path", metavar="NAME", help="print the file path of the recipe NAME")
+    args = parser.parse_args(argv)
+    if args.show or args.path:
+        value = args.show or args.path
+        recipes, name = list_recipes(), _recipe_name(value)
+        if name not in recipes:
+            raise _unknown_recipe(value, name, recipes)
+        path = recipes[name]
+        print(path.read_text(encoding="utf-8") if args.show else path, end="" if args.show else "\n")
+        return
+    recipes = list_recipes(args.filter)
+    if not recipes:
+        raise ZooError(f"no shipped recipe matches {args.filter!r}: zoo recipes without a filter lists them all")
+    width = max(len(name) for name in recipes)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}".rstrip())
+    print(f"\nRun one: zoo fit --config <name>; show or copy one: zoo recipes --show <name>. Files: {RECIPE_DIR}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -151,6 +288,9 @@ def _checkpoint_model(path: str, hparams: Mapping[str, Any], chosen: str | None)
             same = False
         class_path = chosen if same else f"{cls.__module__}.{cls.__qualname__}"
     params = {p.name: p.annotation for p in get_signature_parameters(cls, None, logger=False)}
+    for key in [k for k, v in init_args.items() if k in LEGACY_TRAINING_ARGS
+                and (k not in params or (k == "optimizer" and isinstance(v, str)))]:
+        del init_args[key]  # a training setting saved as a model argument before they were injected
     for key, value in init_args.items():
         if key not in params:
             raise ZooError(f"checkpoint {path} sets {key!r}, which is not an argument of {cls.__name__}: the file "
@@ -171,7 +311,23 @@ def _trainer_error(error: BaseException, subcommand: str | None) -> str:
 
 class ZooCLI(LightningCLI):
     """LightningCLI with atomic checkpoints read without running code, one-line configuration errors and a
-    one-line summary of the final metrics."""
+    one-line summary of the final metrics; its help lists zoo's own subcommands (convert, recipes)."""
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        parser = super().init_parser(**kwargs)
+        parser._option_string_actions["--config"].help = CONFIG_HELP
+        return parser
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        """Lightning's subcommands, then zoo's (``main`` runs those before LightningCLI: listed for ``--help``)."""
+        super()._add_subcommands(parser, **kwargs)
+        from jsonargparse import ArgumentParser
+
+        action = parser._subcommands_action
+        for choice in getattr(action, "_choices_actions", []):  # Lightning's first docstring lines end mid-sentence
+            choice.help = LIGHTNING_HELP.get(choice.dest, choice.help)
+        for name, text in ZOO_SUBCOMMANDS.items():
+            action.add_subcommand(name, ArgumentParser(prog=f"zoo {name}", description=text), help=text)
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path``: the checkpoint's hyperparameters update the model's configuration (Lightning's
@@ -229,6 +385,17 @@ class ZooCLI(LightningCLI):
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's, and ``predict`` with a :class:`zoo.callbacks.PredictionWriter` does not also keep every
+        prediction in memory unless ``--return_predictions true`` says so."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            from zoo.callbacks import PredictionWriter
+
+            if any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
+                kwargs["return_predictions"] = False
+        return kwargs
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
@@ -258,11 +425,18 @@ class ZooCLI(LightningCLI):
         self._report("test")
 
     def after_predict(self) -> None:
+        from zoo.callbacks import PredictionWriter
+
+        writers = [c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)]
+        if writers:
+            text = "; ".join(w.summary() for w in writers)
+            _print_rank_zero(f"zoo: {text}")
+            return
         outputs = self.trainer.predict_loop.predictions or []
         batches = [b for group in outputs for b in (group if isinstance(group, list) else [group])]
         count = sum(len(b) for b in batches if hasattr(b, "__len__"))
-        _print_rank_zero(f"zoo: predicted {count} samples in {len(batches)} batches "
-                         "(add a lightning BasePredictionWriter callback to save them)")
+        _print_rank_zero(f"zoo: predicted {count} samples in {len(batches)} batches (to save them: "
+                         "--trainer.callbacks+=zoo.callbacks.PredictionWriter --trainer.callbacks.output preds.pt)")
 
 
 @rank_zero_only
@@ -285,32 +459,39 @@ def _option_values(argv: list[str], *names: str) -> list[str]:
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry", "null", "None")
 
 
-def _check_config_paths(argv: list[str]) -> None:
-    """A missing recipe or checkpoint gets one line, not a usage dump or a traceback."""
-    for path in _option_values(argv, "--config", "-c"):
-        if not Path(path).is_file():
-            recipes = Path(__file__).resolve().parent.parent / "recipes"
-            hint = f"; recipes are in {recipes}" if recipes.is_dir() else ""
-            raise ZooError(f"recipe {path!r} does not exist{hint}")
+def _resolve_config_paths(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config``/``-c`` value made a file path (:func:`resolve_config`: a file as given,
+    else a shipped recipe's path); a missing recipe or checkpoint gets one line, not a usage dump or a traceback."""
+    resolved = list(argv)
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            resolved[i + 1] = resolve_config(argv[i + 1])
+        elif arg.startswith("--config="):
+            resolved[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
     for path in _option_values(argv, "--ckpt_path"):
         if path not in _CKPT_KEYWORDS and not path.startswith("registry:") and not Path(path).is_file():
             raise ZooError(f"checkpoint {path!r} does not exist: give a .ckpt file, 'last' or 'best'")
+    return resolved
 
 
 def run_lightning(argv: list[str], from_command_line: bool = False) -> None:
     """``zoo fit|validate|test|predict``: any LightningModule and LightningDataModule by class path.
 
-    ``from_command_line``: ``argv`` is ``sys.argv[1:]``, which LightningCLI reads itself.
+    ``from_command_line``: ``argv`` is ``sys.argv[1:]``, which LightningCLI reads itself (a recipe name given
+    to ``--config`` is replaced there by the recipe's path, so that DDP's worker processes, started again with
+    ``sys.argv``, read the same file).
     """
-    _check_config_paths(argv)
+    resolved = _resolve_config_paths(argv)
+    if from_command_line and resolved != argv:
+        sys.argv[1:] = resolved
     ZooCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=None if from_command_line else argv,
+        args=None if from_command_line else resolved,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "zoo", "exit_on_error": False},
+        parser_kwargs={"prog": "zoo", "exit_on_error": False, "description": DESCRIPTION},
     )
 
 
@@ -399,10 +580,13 @@ def _build_source(spec: str, weights: str | None) -> Any:
 def convert_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="zoo convert",
-        description="Turn a torchvision/timm model with its weights into a zoo variant and save it.",
+        description="Turn a torchvision/timm model with its weights into a zoo variant and save it "
+                    "(save_pretrained layout: zoo.from_pretrained reads it back).",
     )
     parser.add_argument("--from", dest="source", required=True, help="torchvision:<name> or timm:<name>")
-    parser.add_argument("--weights", help="weight name (torchvision), 'hub' (timm), 'hf-hub:org/name' or a weight file")
+    parser.add_argument("--weights", help="required: a weight name (torchvision, e.g. IMAGENET1K_V2), 'hub' (timm's "
+                                          "pretrained), 'hf-hub:org/name', a weight file, or 'none' for a randomly "
+                                          "initialised model (a file named none: ./none)")
     parser.add_argument("--to", required=True, help="target variant (see converters.list_targets())")
     parser.add_argument("--out", required=True, help="output folder (save_pretrained layout) or .safetensors file")
     parser.add_argument("--memory", help="memory strategy of the result (full, adjoint, ...)")
@@ -411,6 +595,11 @@ def convert_main(argv: list[str]) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="any other option of the target, value parsed as YAML; repeatable")
     args = parser.parse_args(argv)
+    if args.weights is None:
+        raise ZooError("zoo convert needs --weights: give the source's weights (a torchvision weight name such as "
+                       "IMAGENET1K_V2, 'hub' for timm's pretrained, 'hf-hub:org/name' or a weight file), or "
+                       "--weights none to convert a randomly initialised model on purpose")
+    weights = None if args.weights.lower() == "none" else args.weights
     options: dict[str, Any] = {k: v for k, v in (("memory", args.memory), ("gamma", args.gamma),
                                                  ("n_iter", args.n_iter)) if v is not None}
     for item in args.option:
@@ -421,14 +610,15 @@ def convert_main(argv: list[str]) -> None:
     import converters
     from zoo.hub import save_pretrained
 
-    source = _build_source(args.source, args.weights)
+    source = _build_source(args.source, weights)
     model = converters.transform(source, to=args.to, **options)
     if not hasattr(model, "hparams"):
         raise ZooError(f"converting {args.source} to {args.to!r} gives a {type(model).__qualname__}, not a zoo model: "
                        "save_pretrained cannot record how to rebuild it; call converters.transform in Python")
     out = save_pretrained(model, args.out)
     n = sum(p.numel() for p in model.parameters())
-    print(f"zoo: wrote {out} ({type(model).__name__}, {n / 1e6:.2f}M parameters)")
+    random = ", randomly initialised: --weights none" if weights is None else ""
+    print(f"zoo: wrote {out} ({type(model).__name__}, {n / 1e6:.2f}M parameters{random})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -438,6 +628,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "convert":
             convert_main(argv[1:])
+        elif argv and argv[0] == "recipes":
+            recipes_main(argv[1:])
         else:
             run_lightning(argv, from_command_line)
     except ZooError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
@@ -44,20 +45,52 @@ def test_digits_channels_and_size(channels: int, size: int) -> None:
         assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
 
 
-def test_digits_sizes_disjoint_and_stratified(digits: DigitsDataModule) -> None:
-    n_train, n_val = len(digits.train_dataset), len(digits.val_dataset)
-    assert n_train + n_val == 1797
-    assert abs(n_val - 0.2 * 1797) <= 1
-    train_idx, val_idx = set(digits.train_indices.tolist()), set(digits.val_indices.tolist())
-    assert not train_idx & val_idx
-    assert len(train_idx | val_idx) == 1797
-    val_counts = torch.bincount(digits.val_labels, minlength=10)
-    train_counts = torch.bincount(digits.train_labels, minlength=10)
-    assert (val_counts > 0).all()
-    # stratified: each class's share in val matches its share in train to within a sample or so
-    total = val_counts + train_counts
-    expected = total.float() * n_val / 1797
-    assert ((val_counts.float() - expected).abs() <= 1.0).all()
+def assert_stratified(split_labels: torch.Tensor, all_labels: torch.Tensor) -> None:
+    """Each class's count in the split is its share of the whole, to within one image."""
+    counts = torch.bincount(split_labels, minlength=10).float()
+    expected = torch.bincount(all_labels, minlength=10).float() * len(split_labels) / len(all_labels)
+    assert (counts > 0).all()
+    assert ((counts - expected).abs() <= 1.0).all(), (counts, expected)
+
+
+def test_digits_three_splits_disjoint_and_stratified(digits: DigitsDataModule) -> None:
+    from sklearn.datasets import load_digits
+
+    all_labels = torch.as_tensor(load_digits().target)
+    n_train, n_val, n_test = len(digits.train_dataset), len(digits.val_dataset), len(digits.test_dataset)
+    assert (n_val, n_test) == (math.ceil(0.2 * 1797), math.ceil(0.1 * 1797)) == (360, 180)
+    assert n_train == 1797 - 360 - 180
+    train, val, test = (set(i.tolist()) for i in (digits.train_indices, digits.val_indices, digits.test_indices))
+    assert len(train) == n_train and len(val) == n_val and len(test) == n_test
+    assert not train & val and not train & test and not val & test
+    assert train | val | test == set(range(1797))
+    # labels and images are those of the images the indices name
+    for indices, labels in ((digits.train_indices, digits.train_labels), (digits.val_indices, digits.val_labels),
+                            (digits.test_indices, digits.test_labels)):
+        assert torch.equal(all_labels[indices], labels)
+    assert torch.equal(digits.test_dataset[5][0], digits.test_images[5])
+    for labels in (digits.val_labels, digits.test_labels, digits.train_labels):
+        assert_stratified(labels, all_labels)
+
+
+def test_digits_val_split_is_the_two_way_split_of_earlier_versions() -> None:
+    """The test split comes out of the training part: val is the split that the 80/20 split always gave (the
+    README's val numbers stay comparable), and test_fraction=0 is that two-way split exactly, without a test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    y = load_digits().target
+    old_train, old_val = train_test_split(np.arange(1797), test_size=0.2, stratify=y, random_state=0, shuffle=True)
+    three, two = DigitsDataModule(image_size=8), DigitsDataModule(image_size=8, test_fraction=0)
+    three.setup()
+    two.setup()
+    assert three.val_indices.tolist() == two.val_indices.tolist() == old_val.tolist()
+    assert two.train_indices.tolist() == old_train.tolist()
+    assert set(three.train_indices.tolist()) | set(three.test_indices.tolist()) == set(old_train.tolist())
+    with pytest.raises(ZooError, match="test_fraction=0"):
+        two.test_dataloader()
+    with pytest.raises(ZooError, match="test_fraction=0"):
+        two.predict_dataloader()
 
 
 def test_digits_split_is_deterministic() -> None:
@@ -66,7 +99,9 @@ def test_digits_split_is_deterministic() -> None:
         dm.setup()
     assert torch.equal(a.val_images, b.val_images)
     assert torch.equal(a.val_labels, b.val_labels)
+    assert torch.equal(a.test_indices, b.test_indices) and torch.equal(a.test_images, b.test_images)
     assert not torch.equal(a.val_indices, c.val_indices)
+    assert not torch.equal(a.test_indices, c.test_indices)
 
 
 def test_digits_setup_is_idempotent(digits: DigitsDataModule) -> None:
@@ -111,14 +146,19 @@ def test_digits_dataloaders() -> None:
     assert x.shape == (32, 1, 16, 16) and y.shape == (32,)
     val = dm.val_dataloader()
     assert sum(b[0].shape[0] for b in val) == len(dm.val_dataset)
-    assert len(dm.test_dataloader().dataset) == len(dm.val_dataset)
-    pred = next(iter(dm.predict_dataloader()))
-    assert isinstance(pred, torch.Tensor) and pred.shape == (32, 1, 16, 16)
+    test = list(dm.test_dataloader())  # the held-out split, in a fixed order
+    assert torch.equal(torch.cat([b[1] for b in test]), dm.test_labels)
+    assert torch.equal(torch.cat([b[0] for b in test]), dm.test_images)
+    pred = list(dm.predict_dataloader())  # the test images, without labels
+    assert isinstance(pred[0], torch.Tensor) and pred[0].shape == (32, 1, 16, 16)
+    assert torch.equal(torch.cat(pred), dm.test_images)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"image_size": 4}, {"channels": 2}, {"val_fraction": 0.0}, {"val_fraction": 1.0}, {"batch_size": 0}],
+    [{"image_size": 4}, {"channels": 2}, {"val_fraction": 0.0}, {"val_fraction": 1.0}, {"batch_size": 0},
+     {"test_fraction": -0.1}, {"test_fraction": 1.0}, {"val_fraction": 0.5, "test_fraction": 0.5},
+     {"test_fraction": 0.002}],
 )
 def test_digits_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):

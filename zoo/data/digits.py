@@ -13,9 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from zoo.errors import ZooError
+
 __all__ = ["DigitsDataModule", "RandomTranslate"]
 
 _NUM_SAMPLES = 1797
+
+
+def _split_sizes(val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Images in the val and test splits: ``ceil(1797 * fraction)`` each (scikit-learn's rounding of a
+    fractional ``test_size``)."""
+    return math.ceil(_NUM_SAMPLES * val_fraction), math.ceil(_NUM_SAMPLES * test_fraction)
 
 
 class RandomTranslate(Dataset):
@@ -67,9 +75,15 @@ class _ImagesOnly(Dataset):
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's digits (1797 images, 10 classes) as normalised ``channels x image_size^2`` tensors.
 
-    The train/val split is stratified and fixed by ``seed``; the test and predict loaders use the val split.
+    Three disjoint splits, each stratified (every class in the proportion of the whole) and fixed by ``seed``:
+    val (``val_fraction`` of the images, 360 by default: the split the module always had) is drawn first, then
+    the held-out test split (``test_fraction`` of all images, 180 by default) is carved out of the rest, and
+    the remainder (1257) trains. ``zoo test`` / ``Trainer.test`` therefore report accuracy on images that
+    neither training nor model selection saw; ``test_fraction=0`` gives the two-way train/val split of
+    earlier versions (and no test split). The predict loader yields the test images (without labels).
     Images are scaled to [0, 1], bilinearly upsampled, replicated to ``channels`` channels and normalised
-    with the per-channel mean/std of the train split (stored as ``mean`` and ``std``).
+    with the per-channel mean/std of the train split (stored as ``mean`` and ``std``). ``train_indices``,
+    ``val_indices`` and ``test_indices`` are the images' positions in ``sklearn.datasets.load_digits()``.
     """
 
     num_classes: int = 10
@@ -80,6 +94,7 @@ class DigitsDataModule(pl.LightningDataModule):
         channels: int = 3,
         batch_size: int = 64,
         val_fraction: float = 0.2,
+        test_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
         augment: bool = True,
@@ -94,11 +109,15 @@ class DigitsDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
-        n_val = math.ceil(_NUM_SAMPLES * float(val_fraction))
-        if n_val < self.num_classes or _NUM_SAMPLES - n_val < self.num_classes:
+        if not 0.0 <= float(test_fraction) < 1.0:
+            raise ValueError(f"test_fraction must lie in [0, 1) (0: no test split), got {test_fraction!r}")
+        n_val, n_test = _split_sizes(float(val_fraction), float(test_fraction))
+        sizes = {"val": n_val, "train": _NUM_SAMPLES - n_val - n_test} | ({"test": n_test} if n_test else {})
+        if min(sizes.values()) < self.num_classes:
             raise ValueError(
-                f"val_fraction={val_fraction!r} leaves fewer than {self.num_classes} samples in a split; "
-                "a stratified split needs at least one sample per class on each side"
+                f"val_fraction={val_fraction!r}, test_fraction={test_fraction!r} give splits of "
+                f"{', '.join(f'{k} {v}' for k, v in sizes.items())} images: a stratified split needs at least one "
+                f"image of each of the {self.num_classes} classes in each split"
             )
         if int(num_workers) != num_workers or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
@@ -107,6 +126,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.channels = int(channels)
         self.batch_size = int(batch_size)
         self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.augment = bool(augment)
@@ -117,8 +137,11 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_labels: torch.Tensor | None = None
         self.val_images: torch.Tensor | None = None
         self.val_labels: torch.Tensor | None = None
+        self.test_images: torch.Tensor | None = None
+        self.test_labels: torch.Tensor | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: TensorDataset | None = None
+        self.test_dataset: TensorDataset | None = None
 
     def _to_images(self, flat: torch.Tensor) -> torch.Tensor:
         """Turn (N, 64) values in 0..16 into (N, channels, image_size, image_size) floats in [0, 1]."""
@@ -139,29 +162,37 @@ class DigitsDataModule(pl.LightningDataModule):
         x = torch.as_tensor(digits.data, dtype=torch.float32)
         y = torch.as_tensor(digits.target, dtype=torch.long)
         indices = torch.arange(len(y)).numpy()
+        labels = y.numpy()
+        # val first, exactly as the two-way split of earlier versions drew it; the test split then comes out of
+        # the rest (a count of images, stratified over the rest's labels), so val is unchanged by test_fraction
         train_idx, val_idx = train_test_split(
-            indices, test_size=self.val_fraction, stratify=y.numpy(), random_state=self.seed, shuffle=True
+            indices, test_size=self.val_fraction, stratify=labels, random_state=self.seed, shuffle=True
         )
-        train_idx = torch.as_tensor(train_idx, dtype=torch.long)
-        val_idx = torch.as_tensor(val_idx, dtype=torch.long)
+        _, n_test = _split_sizes(self.val_fraction, self.test_fraction)
+        test_idx = train_idx[:0]
+        if n_test:
+            train_idx, test_idx = train_test_split(
+                train_idx, test_size=n_test, stratify=labels[train_idx], random_state=self.seed, shuffle=True
+            )
+        train_idx, val_idx, test_idx = (torch.as_tensor(i, dtype=torch.long) for i in (train_idx, val_idx, test_idx))
 
         train_images = self._to_images(x[train_idx])
-        val_images = self._to_images(x[val_idx])
         mean = train_images.mean(dim=(0, 2, 3))
         std = train_images.std(dim=(0, 2, 3)).clamp_min(1e-6)
         shape = (1, self.channels, 1, 1)
         self.mean, self.std = mean, std
         self.train_images = (train_images - mean.view(shape)) / std.view(shape)
-        self.val_images = (val_images - mean.view(shape)) / std.view(shape)
-        self.train_labels = y[train_idx]
-        self.val_labels = y[val_idx]
-        self.train_indices, self.val_indices = train_idx, val_idx
+        self.val_images = (self._to_images(x[val_idx]) - mean.view(shape)) / std.view(shape)
+        self.test_images = (self._to_images(x[test_idx]) - mean.view(shape)) / std.view(shape)
+        self.train_labels, self.val_labels, self.test_labels = y[train_idx], y[val_idx], y[test_idx]
+        self.train_indices, self.val_indices, self.test_indices = train_idx, val_idx, test_idx
 
         if self.augment:
             self.train_dataset = RandomTranslate(self.train_images, self.train_labels, self.image_size // 8)
         else:
             self.train_dataset = TensorDataset(self.train_images, self.train_labels)
         self.val_dataset = TensorDataset(self.val_images, self.val_labels)
+        self.test_dataset = TensorDataset(self.test_images, self.test_labels)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         """Build a DataLoader with the module's common settings."""
@@ -192,12 +223,22 @@ class DigitsDataModule(pl.LightningDataModule):
         assert self.val_dataset is not None
         return self._loader(self.val_dataset, shuffle=False)
 
+    def _check_test_split(self) -> None:
+        if self.test_fraction == 0:
+            raise ZooError("DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 (e.g. "
+                           "--data.init_args.test_fraction 0.1) for a held-out split, or validate on the val split")
+
     def test_dataloader(self) -> DataLoader:
-        """The val split (digits has no separate test split)."""
-        return self.val_dataloader()
+        """The held-out test split in a fixed order (disjoint from train and val)."""
+        self._check_test_split()
+        self._ensure_setup()
+        assert self.test_dataset is not None
+        return self._loader(self.test_dataset, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """The val images only (no labels): each batch is a plain ``(B, C, H, W)`` tensor."""
+        """The test images only (no labels), in the order of ``test_indices``: each batch is a plain
+        ``(B, C, H, W)`` tensor."""
+        self._check_test_split()
         self._ensure_setup()
-        assert self.val_images is not None
-        return self._loader(_ImagesOnly(self.val_images), shuffle=False)
+        assert self.test_images is not None
+        return self._loader(_ImagesOnly(self.test_images), shuffle=False)

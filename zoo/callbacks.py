@@ -1,0 +1,237 @@
+"""Lightning callbacks shipped with zoo.
+
+``PredictionWriter`` saves what ``predict_step`` returns to one file, in the dataset's order, also under DDP:
+
+    zoo predict --config digits_depth_scaled_resnet --ckpt_path run.ckpt \\
+        --trainer.callbacks+=zoo.callbacks.PredictionWriter --trainer.callbacks.output preds.pt
+
+or in a recipe's ``trainer: callbacks:`` list (``class_path: zoo.callbacks.PredictionWriter``, ``init_args: {output:
+preds.csv, top_k: 3}``), or in Python: ``Trainer(callbacks=[PredictionWriter("preds.pt")]).predict(model, dm)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from zoo.errors import ZooError
+from zoo.hub import atomic_write
+
+__all__ = ["PredictionWriter"]
+
+_FORMATS = {".pt": "pt", ".pth": "pt", ".csv": "csv"}
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write the predictions of ``Trainer.predict`` (``zoo predict``) to ``output``, one entry per sample in the
+    order of the predict dataset, atomically (``zoo.hub.atomic_write``: never a half-written file).
+
+    Each batch's output is split into samples: a tensor along its first dimension, a dict of tensors key by
+    key, a list or tuple item by item (its length must be the batch size). ``ImageClassifier.predict_step``
+    gives class probabilities, (B, num_classes); the translation task a tuple of per-sentence dicts.
+
+    - ``.pt`` / ``.pth`` (``torch.save``; read with ``torch.load(path)``): ``{"index": LongTensor (N,), the
+      samples' positions in the predict dataset, ascending; "predictions": the per-sample outputs stacked back
+      (a tensor when every sample's is a tensor of one shape, a dict of such for dicts, else a list)}``.
+      Several predict dataloaders: a list with one such dict per dataloader.
+    - ``.csv``: a header, then one row per sample: ``index`` and the sample's values (a 1-D prediction per
+      sample; the columns are the data module's ``class_names`` when there is one name per column, else
+      0, 1, ...). Predictions that are not one number or one row per sample need ``.pt``.
+    - ``top_k``: instead of the full (N, C) scores, the k best classes per sample, as ``torch.topk`` gives them:
+      ``.pt`` holds ``predictions = {"values": (N, k), "indices": (N, k)}``, ``.csv`` the columns
+      ``top1_class, top1_score, ..., topk_class, topk_score`` (class indices; scores as predict_step gave them).
+
+    DDP: every process keeps the outputs of its own samples with their dataset indices (Lightning's predict
+    sampler splits the dataset without repeating samples); at the end of the epoch they are gathered on rank 0
+    (``torch.distributed.gather_object``, no shared file system needed), which writes the one file in dataset
+    order; all processes then wait for it (a barrier), so the file exists when ``predict`` returns anywhere.
+    With a writer, ``zoo predict`` no longer also keeps the predictions in memory (``return_predictions``
+    defaults to false; give ``--return_predictions true`` to keep them).
+    """
+
+    def __init__(self, output: str | os.PathLike, top_k: int | None = None) -> None:
+        """``output``: the file to write (``.pt``, ``.pth`` or ``.csv``); ``top_k``: keep the k best classes."""
+        super().__init__(write_interval="batch")
+        path = Path(output)
+        if path.is_dir():
+            raise ZooError(f"PredictionWriter output {str(output)!r} is a folder: give a file path such as "
+                           f"{path / 'predictions.pt'}")
+        if path.suffix.lower() not in _FORMATS:
+            raise ZooError(f"PredictionWriter output {str(output)!r}: give a file ending in .pt (torch.save, any "
+                           "predictions) or .csv (one row of numbers per sample)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ZooError(f"PredictionWriter top_k={top_k!r}: give a positive number of classes, or leave it unset "
+                           "for all the scores")
+        self.output = path
+        self.format = _FORMATS[path.suffix.lower()]
+        self.top_k = top_k
+        self._samples: dict[int, list[tuple[int, Any]]] = {}
+        self.written: int | None = None  # samples written (rank 0), None before the end of predict
+
+    # ---------------------------------------------------------------------------------------------- collect
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._samples = {}
+        self.written = None
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        """Split the batch's output into samples and keep them with their dataset indices (on the CPU)."""
+        samples = self._samples.setdefault(dataloader_idx, [])
+        if self.top_k is not None:
+            prediction = self._top_k(prediction)
+        items = _unbatch(_to_cpu(prediction))
+        if batch_indices is None or len(batch_indices) == 0:  # not a torch DataLoader: positions count on
+            if trainer.world_size > 1:
+                raise ZooError("PredictionWriter under DDP needs the dataset indices of each batch, which Lightning "
+                               "records only for torch DataLoaders: return a DataLoader from predict_dataloader")
+            start = samples[-1][0] + 1 if samples else 0
+            batch_indices = range(start, start + len(items))
+        if len(items) != len(batch_indices):
+            raise ZooError(f"predict_step returned {_describe(prediction)} for a batch of {len(batch_indices)} "
+                           "samples: PredictionWriter writes one prediction per sample, so the output's first "
+                           "dimension (or length) must be the batch size")
+        if self.format == "csv" and not samples:  # check the first batch: fail before predicting everything
+            if dataloader_idx > 0:
+                raise ZooError("PredictionWriter: several predict dataloaders need a .pt output (a .csv holds one)")
+            _csv_row(items[0], prediction)
+        samples.extend(zip((int(i) for i in batch_indices), items))
+
+    def _top_k(self, prediction: Any) -> dict[str, torch.Tensor]:
+        if not (isinstance(prediction, torch.Tensor) and prediction.ndim == 2 and prediction.is_floating_point()):
+            raise ZooError(f"PredictionWriter top_k={self.top_k} needs class scores, a (batch, classes) float tensor, "
+                           f"from predict_step; it returned {_describe(prediction)}: leave top_k unset")
+        if self.top_k > prediction.shape[1]:
+            raise ZooError(f"PredictionWriter top_k={self.top_k} is more than the {prediction.shape[1]} classes")
+        values, indices = prediction.topk(self.top_k, dim=1)
+        return {"values": values, "indices": indices}
+
+    # ---------------------------------------------------------------------------------------------- write
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Gather every process's samples on rank 0, order them by dataset index and write the file."""
+        local = self._samples
+        self._samples = {}
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] | None = [None] * trainer.world_size if trainer.global_rank == 0 else None
+            torch.distributed.gather_object(local, gathered, dst=0)
+            parts = gathered or []
+        else:
+            parts = [local]
+        if trainer.global_rank == 0:
+            merged: dict[int, dict[int, Any]] = {}
+            for part in parts:
+                for loader, samples in part.items():
+                    merged.setdefault(loader, {}).update(samples)  # a sample seen twice keeps one entry
+            loaders = [dict(sorted(merged[k].items())) for k in sorted(merged)]
+            self.written = sum(len(x) for x in loaders)
+            names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+            if self.format == "pt":
+                tables = [{"index": torch.tensor(list(x), dtype=torch.long), "predictions": _collate(list(x.values()))}
+                          for x in loaders]
+                data = tables[0] if len(tables) == 1 else tables
+                atomic_write(self.output, lambda tmp: torch.save(data, tmp))
+            else:
+                text = _csv_text(loaders[0] if loaders else {}, names, self.top_k)
+                atomic_write(self.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        trainer.strategy.barrier("zoo.callbacks.PredictionWriter")
+
+    def summary(self) -> str:
+        """One line: what was written where."""
+        if self.written is None:
+            return f"predictions not written to {self.output} (predict did not finish)"
+        return f"wrote {self.written} predictions to {self.output}"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(map(str, value))}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _unbatch(prediction: Any) -> list[Any]:
+    """One entry per sample: rows of a tensor, dicts of rows of a dict, items of a list or tuple."""
+    if isinstance(prediction, torch.Tensor):
+        if prediction.ndim == 0:
+            raise ZooError("predict_step returned a scalar tensor: PredictionWriter writes one prediction per "
+                           "sample, so return a tensor whose first dimension is the batch")
+        return list(prediction.unbind(0))
+    if isinstance(prediction, Mapping):
+        columns = {k: _unbatch(v) for k, v in prediction.items()}
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ZooError(f"predict_step returned a dict whose entries have different batch sizes "
+                           f"({ {k: len(v) for k, v in columns.items()} }): PredictionWriter needs one per sample")
+        (n,) = lengths
+        return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+    if isinstance(prediction, (list, tuple)):
+        return list(prediction)
+    raise ZooError(f"predict_step returned {_describe(prediction)}: PredictionWriter writes tensors, dicts of "
+                   "tensors or one item per sample in a list or tuple")
+
+
+def _collate(samples: list[Any]) -> Any:
+    """Samples stacked back: a tensor for tensors of one shape, a dict of collated entries for dicts with the same
+    keys, a tensor for plain numbers, else the list."""
+    if not samples:
+        return []
+    first = samples[0]
+    if all(isinstance(s, torch.Tensor) for s in samples) and len({s.shape for s in samples}) == 1:
+        return torch.stack(samples)
+    if all(isinstance(s, Mapping) for s in samples) and len({tuple(s) for s in samples}) == 1:
+        return {k: _collate([s[k] for s in samples]) for k in first}
+    if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in samples):
+        return torch.tensor(samples)
+    return samples
+
+
+def _csv_row(sample: Any, prediction: Any) -> list[float]:
+    """A sample's numbers for one CSV row (a number, or a 1-D tensor / top-k dict)."""
+    if isinstance(sample, Mapping) and set(sample) == {"values", "indices"}:  # top_k
+        return [x for pair in zip(sample["indices"].tolist(), sample["values"].tolist()) for x in pair]
+    if isinstance(sample, torch.Tensor) and sample.ndim <= 1:
+        return sample.reshape(-1).tolist()
+    if isinstance(sample, (int, float)) and not isinstance(sample, bool):
+        return [sample]
+    raise ZooError(f"PredictionWriter: a .csv holds one row of numbers per sample, and predict_step returned "
+                   f"{_describe(prediction)}: write to a .pt file instead (torch.save keeps any predictions)")
+
+
+def _csv_text(samples: Mapping[int, Any], class_names: Sequence[str] | None, top_k: int | None) -> str:
+    rows = [[index, *_csv_row(sample, sample)] for index, sample in samples.items()]
+    width = len(rows[0]) - 1 if rows else 0
+    if top_k is not None:
+        header = [f"top{i}_{kind}" for i in range(1, top_k + 1) for kind in ("class", "score")]
+    elif class_names is not None and len(class_names) == width:
+        header = [str(name) for name in class_names]
+    else:
+        header = [str(i) for i in range(width)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["index", *header])
+    writer.writerows(rows)
+    return out.getvalue()
