@@ -220,3 +220,55 @@ def test_builders_say_what_they_fix(prefix: str) -> None:
         zoo.create_model(f"{prefix}resnet50", block="basic")
     with pytest.raises(ZooError, match=r"give depth or layers, not both"):
         zoo.create_model(f"{prefix}tiny", depth=3, layers=(3,))
+
+
+def _saved_tensors(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The loss of one training forward, and how many tensors autograd saved for backward outside checkpoints."""
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).logsumexp(-1).sum()
+    return loss, count
+
+
+@pytest.mark.parametrize("name, memory", [("depth_scaled_cifar_resnet", "full"), ("heun_cifar_resnet", "full"),
+                                          ("momentum_cifar_resnet", "full"), ("heun_cifar_resnet", "adjoint"),
+                                          ("momentum_cifar_resnet", "reversible")])
+def test_grad_checkpointing(name: str, memory: str) -> None:
+    """set_grad_checkpointing (timm's): under memory='full' every step is recomputed in backward, so autograd
+    keeps fewer tensors, while outputs, gradients (with stochastic depth: the random state is replayed) and the
+    BatchNorm running statistics (updated once) are those without it; adjoint / reversible stacks store no
+    per-step activations already, so it changes nothing there."""
+    kwargs = {"layers": (3, 3, 3), "widths": (4, 8, 8), "memory": memory, "drop_path_rate": 0.2}
+    if name.startswith("momentum_"):
+        kwargs["init_velocity"] = "f"
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = zoo.create_model(name, **kwargs).train()
+        randomise_bn(model)
+        model.set_grad_checkpointing(checkpointing)
+        assert all(s.grad_checkpointing is checkpointing for s in model.stages)
+        torch.manual_seed(1)
+        loss, saved = _saved_tensors(model, x)
+        loss.backward()
+        runs.append((loss.detach(), saved, {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
+    (loss0, saved0, grads0, state0), (loss1, saved1, grads1, state1) = runs
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    for k, v in state0.items():  # running means / variances and num_batches_tracked: one update per forward
+        torch.testing.assert_close(state1[k], v, rtol=1e-6, atol=0, msg=k)
+    assert int(state1["layer2.0.bn1.num_batches_tracked"]) == 1  # a transition block: one call per forward
+    if memory == "full":
+        assert saved1 < saved0 / 2, (saved0, saved1)
+    else:
+        assert saved1 == saved0
+    with pytest.raises(ZooError, match="enable"):
+        model.set_grad_checkpointing("yes")

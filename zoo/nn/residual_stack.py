@@ -165,6 +165,26 @@ def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
             bn.track_running_stats = True
 
 
+@contextlib.contextmanager
+def restored_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Training-mode BatchNorms run as they are (the same kernels, so activation checkpointing saves the same
+    tensors), and their running statistics are put back afterwards: a recomputation leaves no trace."""
+    saved = []
+    for m in modules:
+        for bn in m.modules():
+            if isinstance(bn, _BatchNorm) and bn.training and bn.track_running_stats:
+                saved.append((bn, [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+                                   if b is not None]))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bn, values in saved:
+                for buffer, value in zip([b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+                                          if b is not None], values):
+                    buffer.copy_(value)
+
+
 class _Replay:
     """Autocast state of the forward, replayed around every recomputation in backward."""
 
@@ -462,13 +482,13 @@ class ResidualStack(nn.Module):
 
     def _checkpoint(self, fn: Any, *inputs: Any) -> Any:
         """``fn(*inputs)`` with its activations recomputed in backward (torch's non-reentrant checkpoint; the
-        random state replayed; BatchNorm running statistics frozen during the recomputation, so that they are
+        random state replayed; BatchNorm running statistics restored after the recomputation, so that they are
         updated once per forward, as without checkpointing)."""
         from torch.utils.checkpoint import checkpoint
 
         modules = list(self.children())
         return checkpoint(fn, *inputs, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
-                          context_fn=lambda: (contextlib.nullcontext(), frozen_batchnorm_stats(modules)))
+                          context_fn=lambda: (contextlib.nullcontext(), restored_batchnorm_stats(modules)))
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the blocks (and of the initial-velocity module), each once."""
