@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+import zoo
 from zoo.data.pointcloud import ModelNet40DataModule, SyntheticPointCloudDataModule
 from zoo.errors import ZooError
 from zoo.models.pointcloud import (
@@ -364,6 +365,60 @@ def test_point_cloud_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> N
                       lr=2e-3), lr_scheduler=None, label_smoothing=0.0, drop_rate=0.0)
     before, after, acc = train_and_eval(model, 8, tmp_path, per_class=32)  # enough steps for the BatchNorm stats
     assert after < 0.8 * before and acc > 0.5, (before, after, acc)
+
+
+# ------------------------------------------------------------------------------------------------ timm's protocol
+
+
+@pytest.mark.parametrize("build, unpooled", [(lambda: small_set(num_seeds=2), (2, 2, 16)),
+                                             (lambda: small_pct(), (2, 16, 32))], ids=["set", "pct"])
+def test_timm_protocol_where_it_applies(build, unpooled: tuple[int, ...], tmp_path: Path) -> None:
+    model = randomize(build()).eval()
+    x = clouds()
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_features(x)  # unpooled: the seeds / the fused per-centre features
+        assert features.shape == unpooled
+        assert model.num_features == features.shape[-1]  # timm's: the channels of forward_features
+        assert torch.equal(model.forward_head(features), logits)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        assert pre_logits.shape == (2, model.head_hidden_size)
+        assert model.head_hidden_size == (16 if isinstance(model, PointCloudTransformer) else 2 * 16)
+        torch.testing.assert_close(model.get_classifier()(pre_logits), logits, rtol=0, atol=0)
+        model.reset_classifier(0)  # no classifier: forward gives the pre-logits features
+        assert isinstance(model.get_classifier(), nn.Identity) and model.num_classes == 0 == model.hparams.num_classes
+        torch.testing.assert_close(model(x), pre_logits, rtol=0, atol=0)
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3) and model.val_acc.num_classes == 3
+    again = type(model).from_pretrained(model.save_pretrained(tmp_path / "m"))  # hparams follow the new head
+    assert again.head.out_features == 3 and again.num_classes == 3
+    with pytest.raises(ZooError, match="has no global_pool to change"):
+        model.reset_classifier(0, "avg")
+    cfg = model.pretrained_cfg  # the keys that apply to point clouds: no image size, mean, std, crop
+    assert cfg is model.default_cfg and not {"input_size", "mean", "std", "crop_pct", "interpolation"} & set(cfg)
+    assert (cfg["num_classes"], cfg["classifier"], cfg["in_chans"]) == (5, "head", 3)  # as built (timm's rule)
+    assert cfg["min_num_points"] == (32 if isinstance(model, PointCloudTransformer) else 1)
+
+
+def test_builders_without_classifier_and_the_published_configurations() -> None:
+    features = set_sinkformer_modelnet40(num_classes=0, embed_dim=32)
+    assert features(clouds()).shape == (2, 32) and features.pretrained_cfg["num_classes"] == 0
+    published = {"set_sinkformer_modelnet40": ({"best": 89.1, "median": 88.4}, "modelnet40_set_sinkformer"),
+                 "set_transformer_modelnet40": ({"best": 87.8, "median": 86.3}, "modelnet40_set_sinkformer"),
+                 "point_cloud_sinkformer": ({"median": 92.8}, "modelnet40_pct"),
+                 "point_cloud_transformer": ({"median": 92.5}, "modelnet40_pct")}  # the Sinkformers paper's numbers
+    for name, (accuracy, recipe) in published.items():
+        cfg = zoo.get_pretrained_cfg(name)
+        assert cfg.source is None and cfg.recipe == recipe and (RECIPES / f"{recipe}.yaml").is_file()
+        assert {k.removeprefix("modelnet40/top1_"): m["value"] for k, m in cfg.metrics.items()} == accuracy
+        assert all((m["kind"], m["of"]) == ("published", "model") for m in cfg.metrics.values())
+        with pytest.raises(ZooError, match=f"{name}.sinkformers_paper is a published configuration without weights.*"
+                                           f"recipe '{recipe}'"):
+            zoo.create_model(name, pretrained=True)
+    # another architecture than the published one: the published accuracy no longer applies to it
+    assert set_sinkformer_modelnet40().pretrained_cfg["metrics"] == zoo.get_pretrained_cfg(
+        "set_sinkformer_modelnet40").metrics
+    assert set_sinkformer_modelnet40(n_iter=3).pretrained_cfg.get("metrics", {}) == {}
 
 
 # ------------------------------------------------------------------------------------------------ weights

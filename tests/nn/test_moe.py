@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from zoo.errors import ZooError
-from zoo.nn.moe import MoE
+from zoo.nn.moe import MoE, routing_statistics
 from zoo.ops.topk import soft_topk_mask
 
 DIM, HIDDEN, E = 8, 16, 4
@@ -555,3 +555,28 @@ def test_bad_inputs_raise_one_clear_error() -> None:
         moe(seeded(2, 3, DIM), torch.zeros(2, 3))
     with pytest.raises(ZooError, match=r"expected \(2, 3\)"):
         moe(seeded(2, 3, DIM), torch.zeros(3, 2, dtype=torch.bool))
+
+
+def test_routing_statistics_over_layers() -> None:
+    """The logged summary over the layers (zoo.nn.moe.routing_statistics) from stats set by hand, and from a run."""
+    a, b = MoE(DIM, HIDDEN, 4, router="token_choice"), MoE(DIM, HIDDEN, 2, router="expert_choice")
+    assert routing_statistics([a, b]) == {} and routing_statistics([]) == {}  # nothing ran yet
+    weight = torch.tensor(2.0, requires_grad=True)
+    a.aux_loss, b.aux_loss = 0.6 * weight, torch.zeros(())
+    a.stats = {"tokens_per_expert": torch.tensor([4, 0, 2, 2]), "dropped_fraction": torch.tensor(0.25),
+               "router_entropy": torch.tensor(1.0)}
+    b.stats = {"tokens_per_expert": torch.tensor([3, 3]), "dropped_fraction": torch.tensor(0.0),
+               "router_entropy": torch.tensor(0.5)}
+    stats = routing_statistics([a, b])
+    # loads: a 4 / 2 = 2 (max over mean), 0 (min); b 1 and 1: means over the two layers 1.5 and 0.5
+    expected = {"aux_loss": 1.2, "dropped_fraction": 0.125, "router_entropy": 0.75, "expert_load_max": 1.5,
+                "expert_load_min": 0.5}
+    assert stats.keys() == expected.keys()
+    for name, value in expected.items():
+        assert stats[name].dim() == 0 and not stats[name].requires_grad, name
+        torch.testing.assert_close(stats[name], torch.tensor(value), msg=name)
+    x = seeded(2, 6, DIM)
+    a(x), b(x)  # after a forward: the layers' own stats
+    stats = routing_statistics([a, b])
+    torch.testing.assert_close(stats["aux_loss"], a.aux_loss.detach() + b.aux_loss.detach())
+    assert stats["expert_load_max"] >= 1.0 >= stats["expert_load_min"] >= 0.0

@@ -582,9 +582,9 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
         self.blocks = nn.ModuleList([OffsetAttention(channels, attention, n_iter, record_stats) for _ in range(depth)])
         self.fuse = _LBR(channels * (depth + 1), fuse_dim, negative_slope=0.2)
         self.pooling = pooling
-        self.num_features = fuse_dim * (2 if pooling == "max+avg" else 1)
+        self.num_features = fuse_dim  # channels of forward_features (timm's); the pooled width is 2x for max+avg
         layers: list[nn.Module] = []
-        width = self.num_features
+        width = fuse_dim * (2 if pooling == "max+avg" else 1)
         for d in head_dims:
             layers += [_LBR(width, d, negative_slope=0.2), nn.Dropout(drop_rate)]
             width = d
@@ -629,8 +629,8 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
         return self.fuse(torch.cat([*outs[1:], outs[0]], dim=-1))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Max (+ average) pooling over the centres (B, num_features), the LBR + dropout head layers
-        (B, head_hidden_size) and (unless ``pre_logits``) the classifier."""
+        """Max (+ average, concatenated) pooling over the centres (B, num_features or 2 num_features), the LBR +
+        dropout head layers (B, head_hidden_size) and (unless ``pre_logits``) the classifier."""
         x = torch.cat([x.amax(dim=1), x.mean(dim=1)], dim=-1) if self.pooling == "max+avg" else x.amax(dim=1)
         x = self.mlp_head(x)
         return x if pre_logits else self.head(x)

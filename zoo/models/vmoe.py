@@ -175,8 +175,8 @@ class VisionMoE(SinkformerViT):
 _UPCYCLE_CONVERSION = (
     "upcycled: every expert of an MoE block a copy of that block's dense MLP, the router at zero (gates 1/E); with "
     "the builder's sparse router (expert choice, k=28 of 400 tokens) tokens are shared out, another function until "
-    "fine-tuned; router='expert_choice', k=None, group_size=None, capacity_factor=None (every expert takes every "
-    "token with weight 1/E) or router='token_choice', normalize_gates=True, capacity_factor=None (any k) compute "
+    "fine-tuned; router='expert_choice', group_size=None, capacity_factor=None (every expert takes every token "
+    "with weight 1/E) or router='token_choice', normalize_gates=True, capacity_factor=None (any k) compute "
     "timm's dense ViT exactly"
 )
 
@@ -225,8 +225,14 @@ def vmoe_small_patch32_224(pretrained: bool = False, *, weights: str | None = No
     """V-MoE S/32 as in the published relaxed-router experiment: ViT-S (384 wide, 12 blocks, 6 heads), 32 experts
     in every other block, expert choice with k = 28 tokens per expert in groups of 400 tokens (8 images of 50);
     trains with AdamW lr 1e-3, weight decay 0.1; ``topk="soft"`` (tag ``relaxed_topk_jft300m``) for the relaxed
-    router. ``pretrained=True``: timm's dense ``vit_small_patch32_224.augreg_in21k_ft_in1k`` upcycled (tag
+    router. A ``capacity_factor`` given replaces the published k (k = round(capacity_factor * n / E)); with
+    ``router="token_choice"`` neither the published k nor the groups apply.
+    ``pretrained=True``: timm's dense ``vit_small_patch32_224.augreg_in21k_ft_in1k`` upcycled (tag
     ``augreg_in21k_ft_in1k``, see :data:`default_cfgs` for the settings that compute the dense model exactly)."""
     kwargs.setdefault("optimizer", functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))
     defaults = {"embed_dim": 384, "depth": 12, "num_heads": 6, "num_experts": 32, "k": 28, "group_size": 400}
+    if kwargs.get("router", "expert_choice") != "expert_choice":  # the published k and groups are expert choice's
+        del defaults["k"], defaults["group_size"]
+    elif "capacity_factor" in kwargs:  # the caller sizes the experts' buffers: the published k no longer applies
+        del defaults["k"]
     return _build("vmoe_small_patch32_224", defaults, kwargs, pretrained, weights)
