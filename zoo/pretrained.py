@@ -391,7 +391,7 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
     ``num_classes`` is the model's, and a model's ``pretrained_cfg_as_built(cfg: dict) -> dict`` hook, when it has
     one, corrects what its arguments changed (e.g. the ``input_size`` of a ViT built at another image size).
     """
-    from zoo.hub import load_state_dict, read_weights, recorded_num_classes
+    from zoo.hub import _recorded_hparams, load_state_dict, read_weights, recorded_num_classes
 
     kw = dict(kwargs or {})
     cfg_arg = kw.pop("pretrained_cfg", None)
@@ -435,6 +435,10 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
         recorded = recorded_num_classes(source) if weights is not None else None
         if recorded is not None:
             merged["num_classes"] = recorded
+            # and its pooling (a zoo file saved after reset_classifier(0, '') holds the unpooled model)
+            pool = (_recorded_hparams(str(source)) or {}).get("global_pool")
+            if isinstance(pool, str) and "global_pool" not in kw and "global_pool" in effective:
+                merged["global_pool"] = pool
         elif _source_matches(cfg.source, str(source)):
             merged["num_classes"] = cfg.num_classes
 

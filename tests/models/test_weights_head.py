@@ -97,3 +97,18 @@ def test_weights_that_record_no_head_keep_the_builder_default(tmp_path: Path) ->
     torch.save(plain.state_dict(), tmp_path / "plain.pth")  # a bare state dict records no num_classes
     assert zoo.hub.recorded_num_classes(tmp_path / "plain.pth") is None
     assert zoo.resnet18(weights=str(tmp_path / "plain.pth"), widths=(4, 4, 8, 8)).fc.out_features == 1000
+
+
+@pytest.mark.parametrize("pool", ["", "max"])
+def test_builder_builds_the_recorded_headless_model(tmp_path: Path, pool: str) -> None:
+    """A model saved after reset_classifier(0, pool) (timm's feature idiom) reloads through its builder as saved:
+    no classifier, the same pooling (an unpooled model stays unpooled)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(zoo.cifar_resnet(layers=(1, 1, 1), widths=(4, 4, 8))).eval()
+    model.reset_classifier(0, pool)
+    model.save_pretrained(tmp_path / "features")
+    loaded = zoo.cifar_resnet(weights=str(tmp_path / "features"), layers=(1, 1, 1), widths=(4, 4, 8)).eval()
+    assert loaded.num_classes == 0 and loaded.hparams.global_pool == pool
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -864,16 +864,17 @@ def _family_cfgs(prefix: str, arch: str) -> dict[str, PretrainedCfg]:
                 "unchanged and computes the source function (its published accuracy is this model's)"))
         elif prefix == "depth_scaled_":
             out[f"{name}.{tag}"] = src.replace(conversion=(
-                f"{what} with the last BatchNorm of every residual block (each stage's first block excepted) "
-                "multiplied by N, the stage's number of residual steps: x + (1/N) f(x) is then the source block "
-                "relu(x + g(x)) exactly, so the model computes the source function (to float rounding; its "
-                "published accuracy is this model's)"),
+                f"{what} with the last BatchNorm of every block of a residual stack (a shape-changing first "
+                "block of a stage stays an ordinary block) multiplied by N, the stack's number of steps: x + (1/N) "
+                "f(x) is then the source block relu(x + g(x)) exactly, so the model computes the source function "
+                "(to float rounding; its published accuracy is this model's)"),
                 recipe="imagenet_finetune_depth_scaled_resnet50" if (arch, tag) == ("resnet50", "tv2_in1k") else None)
         elif prefix == "heun_":
             out[f"{name}.{tag}"] = src.replace(conversion=(
                 f"{what} folded at step h = 1/N as for depth_scaled_{arch}, so that the Euler predictor of step n, "
                 "y = x_n + h f_n(x_n), is source block n, B_n(x_n); Heun's rule then returns x_{n+1} = x_n + h/2 "
-                "(f_n(x_n) + f_{n+1}(y)) = (x_n + B_{n+1}(B_n(x_n))) / 2 (the last step uses B_{N-1} twice): the "
+                "(f_n(x_n) + f_{n+1}(y)) = (x_n + B_{n+1}(B_n(x_n))) / 2 over the stack's blocks B_0 .. B_{N-1} "
+                "(the last step uses B_{N-1} twice): the "
                 "mean of the step's input and two source blocks composed, NOT the source function (whose step is "
                 "y); the published accuracy is of the source only, the model needs fine-tuning"))
         else:
@@ -882,7 +883,7 @@ def _family_cfgs(prefix: str, arch: str) -> dict[str, PretrainedCfg]:
                 "block, as published): v_{n+1} = 0.9 v_n + 0.1 (B_n(x_n) - x_n), x_{n+1} = x_n + v_{n+1}, with "
                 "B_n(x) = relu(x + g_n(x)) source block n, so each block's update enters at a tenth and persists "
                 "through the velocity: NOT the source function before a refit (gamma = 0 is: tag "
-                f"{tag}_gamma0); the published accuracy is of the source only"),
+                f"{tag}_gamma0); the source's published accuracy is not this model's before a refit"),
                 metrics={**src.metrics, **(_MOMENTUM_REFIT if arch == "resnet152" and tag.startswith("tv") else {})},
                 recipe="imagenet_refit_momentum_resnet152" if (arch, tag) == ("resnet152", "tv2_in1k") else None)
             out[f"{name}.{tag}_gamma0"] = src.replace(model_args={"gamma": 0.0, "memory": "full"}, conversion=(
