@@ -20,7 +20,7 @@ import torchvision
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from zoo.cli import ZooCLI, main
+from zoo.cli import ZooCLI, list_recipes, main, resolve_config
 from zoo.nn import ResidualStack
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
@@ -56,6 +56,17 @@ def test_recipes_exist() -> None:
     # the clone's recipes/ (README: zoo fit --config recipes/<name>.yaml) is the package's folder
     assert (ROOT / "recipes").resolve() == RECIPE_DIR.resolve()
     assert (ROOT / "recipes" / "digits_depth_scaled_resnet.yaml").is_file()
+
+
+def test_every_recipe_is_found_by_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``zoo recipes`` names (zoo.cli.list_recipes) are the files; ``--config <name>`` reads that file from any
+    folder, with or without ``.yaml``."""
+    monkeypatch.chdir(tmp_path)
+    names = {p.relative_to(RECIPE_DIR).with_suffix("").as_posix(): p for p in RECIPES}
+    assert {k: v.resolve() for k, v in list_recipes().items()} == {k: v.resolve() for k, v in names.items()}
+    for name, path in names.items():
+        for value in (name, f"{name}.yaml"):
+            assert Path(resolve_config(value)).samefile(path)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
