@@ -177,3 +177,43 @@ def test_small_imagenet_model_runs() -> None:
     model = zoo.heun_resnet18(num_classes=10).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_create_model_with_a_pretrained_tag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm's naming: "arch.tag" builds arch with that tag's pretrained cfg (no weights unless pretrained=True);
+    is_model ignores the tag; a builder without tags keeps its plain signature (pretrained is passed only when
+    asked for)."""
+    with torch.device("meta"):
+        m = zoo.create_model("heun_resnet34.tv_in1k")
+    assert type(m) is HeunNet and m.pretrained_cfg["tag"] == "tv_in1k"
+    assert m.pretrained_cfg["source"] == "ResNet34_Weights.IMAGENET1K_V1"
+    assert zoo.is_model("resnet50.tv2_in1k") and not zoo.is_model("resnet51.tv2_in1k")
+    with pytest.raises(zoo.ZooError, match="unknown model 'resnet51'"):
+        zoo.create_model("resnet51.tv2_in1k")
+    monkeypatch.setattr(registry, "_MODEL_ENTRYPOINTS", dict(registry._MODEL_ENTRYPOINTS))
+    monkeypatch.setattr(registry, "_MODEL_FAMILY", dict(registry._MODEL_FAMILY))
+    seen = {}
+
+    def my_plain_net(weights=None, **kwargs):
+        seen.update(kwargs, weights=weights)
+        return torch.nn.Identity()
+
+    zoo.register_model(my_plain_net)
+    zoo.create_model("my_plain_net", width=3)
+    assert seen == {"width": 3, "weights": None}
+
+
+@pytest.mark.parametrize("name", IMAGENET_NAMES + SMALL_NAMES)
+def test_resnet_builders_are_explicit_functions(name: str) -> None:
+    """Builders are ``def`` functions of their module (issue 14: nothing generated with setattr), with timm's
+    signature: ``pretrained`` first, then keyword-only ``weights`` and the model's arguments."""
+    import inspect
+
+    import zoo.models.resnet as resnet
+
+    builder = registry.model_entrypoint(name)
+    assert builder.__qualname__ == name and builder.__module__ == "zoo.models.resnet"
+    assert f"\ndef {name}(" in inspect.getsource(resnet)
+    params = inspect.signature(builder).parameters
+    assert list(params) == ["pretrained", "weights", "kwargs"]
+    assert params["pretrained"].default is False and params["weights"].kind is inspect.Parameter.KEYWORD_ONLY
