@@ -33,8 +33,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from zoo.errors import ZooError
-from zoo.hub import LEGACY_TRAINING_ARGS, atomic_write, load_checkpoint_file
+from zoo.hub import atomic_write, load_checkpoint_file
 from zoo.registry import model_class
+from zoo.tasks.optim import LEGACY_TRAINING_ARGS
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 LIGHTNING_HELP = {
@@ -108,7 +109,7 @@ def _recipe_name(value: str) -> str:
     name = value.replace(os.sep, "/")
     for suffix in RECIPE_SUFFIXES:
         name = name.removesuffix(suffix)
-    for prefix in ("./", "zoo/recipes/", "recipes/"):
+    for prefix in ("zoo/recipes/", "recipes/"):
         name = name.removeprefix(prefix)
     return name
 
@@ -162,6 +163,9 @@ def recipes_main(argv: list[str]) -> None:
         print(path.read_text(encoding="utf-8") if args.show else path, end="" if args.show else "\n")
         return
     recipes = list_recipes(args.filter)
+    if not recipes and not list_recipes():
+        raise ZooError(f"no recipes found in {RECIPE_DIR}: this zoo was installed without its package data; "
+                       "reinstall it (pip install zoo), or give --config the path of a YAML file")
     if not recipes:
         raise ZooError(f"no shipped recipe matches {args.filter!r}: zoo recipes without a filter lists them all")
     width = max(len(name) for name in recipes)
