@@ -68,12 +68,7 @@ POINT_SHAPES = {"set_": (6, 3), "point_cloud_": (16, 3)}  # (points, coordinates
 
 # Other helpers' families whose protocol is still in progress: parametrisations expected to fail, listed with the
 # reason (strict=False: they pass as soon as the family is done). Nothing of the ResNet families is listed.
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    (test, name): "zoo/models/pointcloud.py (another helper's, in progress): PointCloudTransformer.num_features is "
-                  "the pooled (max + mean) width, 2x the channels of forward_features' output; timm's num_features "
-                  "is the channels of forward_features"
-    for test in ("default_cfgs_non_std",) for name in ("point_cloud_transformer", "point_cloud_sinkformer")
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def create(name: str, **kwargs) -> torch.nn.Module:
