@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from zoo.errors import ZooError
 from zoo.hub import atomic_write, load_checkpoint_file
 from zoo.registry import model_class
-from zoo.tasks.optim import LEGACY_TRAINING_ARGS
+from zoo.tasks.optim import is_legacy_training_arg
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 LIGHTNING_HELP = {
@@ -292,8 +292,7 @@ def _checkpoint_model(path: str, hparams: Mapping[str, Any], chosen: str | None)
             same = False
         class_path = chosen if same else f"{cls.__module__}.{cls.__qualname__}"
     params = {p.name: p.annotation for p in get_signature_parameters(cls, None, logger=False)}
-    for key in [k for k, v in init_args.items() if k in LEGACY_TRAINING_ARGS
-                and (k not in params or (k == "optimizer" and isinstance(v, str)))]:
+    for key in [k for k, v in init_args.items() if is_legacy_training_arg(k, v, params)]:
         del init_args[key]  # a training setting saved as a model argument before they were injected
     for key, value in init_args.items():
         if key not in params:

@@ -579,12 +579,6 @@ def _config_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any]
 
 # init_args a file may not set: they would make the constructor read or fetch something else
 _FORBIDDEN_INIT_ARGS = ("weights",)
-# training settings that files written before they were injected (optimizer / lr_scheduler callables) recorded as
-# model arguments; dropped when the class no longer takes them (they are not part of the model)
-LEGACY_TRAINING_ARGS = frozenset({
-    "optimizer", "lr", "momentum", "weight_decay", "betas", "nesterov", "adam_eps", "scheduler", "warmup_epochs",
-    "milestones", "lr_gamma", "warmup_updates", "warmup_init_lr",
-})
 # no architecture hyperparameter of a zoo model is larger than this unless the file's weights are: a bound that
 # keeps a crafted config from building millions of modules on the meta device before the shape check
 _MAX_INIT_INT = 1 << 16
@@ -605,8 +599,9 @@ def drop_legacy_training_args(cls: type, init_args: Mapping[str, Any], source: s
     from jsonargparse._parameter_resolvers import get_signature_parameters
 
     accepted = {p.name for p in get_signature_parameters(cls, None, logger=False)}
-    dropped = sorted(k for k in init_args if k in LEGACY_TRAINING_ARGS
-                     and (k not in accepted or (k == "optimizer" and isinstance(init_args[k], str))))
+    from zoo.tasks.optim import is_legacy_training_arg
+
+    dropped = sorted(k for k, v in init_args.items() if is_legacy_training_arg(k, v, accepted))
     if not dropped:
         return dict(init_args)
     from lightning.pytorch.utilities import rank_zero_info

@@ -161,6 +161,8 @@ def model_card(model: nn.Module, config: Mapping[str, Any], repo_id: str | None 
                   json.dumps(training, indent=2, sort_keys=True, default=repr), "```", ""]
     if cfg:
         shown = {k: v for k, v in cfg.items() if k not in ("metrics", "description") and _plain(v)}
-        parts += ["## Pretrained configuration", "", "timm's keys (`timm.data.resolve_data_config({}, model=model)` "
-                  "reads them):", "", "```json", json.dumps(shown, indent=2, sort_keys=True), "```", ""]
+        reads = (" (`timm.data.resolve_data_config({}, model=model)` reads the input size and transforms)"
+                 if "input_size" in shown else "")
+        parts += ["## Pretrained configuration", "", f"timm's keys{reads}:", "", "```json",
+                  json.dumps(shown, indent=2, sort_keys=True), "```", ""]
     return "\n".join(parts)

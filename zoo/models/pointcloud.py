@@ -67,12 +67,12 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
-from zoo.models.vit import refuse_training_settings
 from zoo.nn.attention import SinkhornMultiheadAttention, SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
 from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
+from zoo.tasks.optim import refuse_training_settings
 from zoo.validation import boolean, choice, int_sequence, integer, non_negative_int, positive_int, probability
 
 __all__ = [

@@ -42,6 +42,7 @@ from zoo.nn.attention import SinkhornAttention, SinkhornSettings, check_n_iter
 from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
+from zoo.tasks.optim import refuse_training_settings
 from zoo.validation import (
     boolean,
     choice,
@@ -90,25 +91,6 @@ class SinkformerBlock(nn.Module):
         if self.mlp is not None:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
-
-
-# training settings that were model arguments before they were injected (zoo.hub.LEGACY_TRAINING_ARGS)
-_TRAINING_SETTINGS = ("lr", "momentum", "weight_decay", "betas", "nesterov", "adam_eps", "scheduler", "warmup_epochs",
-                      "milestones", "lr_gamma")
-
-
-def refuse_training_settings(cls: type, kwargs: Mapping[str, Any]) -> None:
-    """One ZooError for a training setting given as a model argument (``lr=``, ``weight_decay=`` ...), showing the
-    injected form (the optimiser and schedule are callables given to the task)."""
-    given = [k for k in kwargs if k in _TRAINING_SETTINGS]
-    if given:
-        what = "is a training setting, not an argument" if len(given) == 1 else "are training settings, not arguments"
-        raise ZooError(
-            f"{', '.join(given)} {what} of {cls.__name__}: give the optimiser and schedule as callables, e.g. "
-            f"optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05), "
-            f"lr_scheduler=zoo.tasks.optim.WarmupCosineLR (YAML: optimizer: {{class_path: torch.optim.AdamW, "
-            f"init_args: {{lr: 1.0e-3, weight_decay: 0.05}}}}); default: {cls.__name__}.default_optimizer"
-        )
 
 
 def _vit_cfg(**changes: Any) -> PretrainedCfg:

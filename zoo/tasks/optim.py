@@ -23,7 +23,7 @@ parameters get none. Schedules that need the length of the run (:class:`WarmupCo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch.nn as nn
@@ -36,13 +36,23 @@ from zoo.validation import finite_float, non_negative_int, optional, positive_in
 
 __all__ = [
     "InverseSqrtLR",
+    "LEGACY_TRAINING_ARGS",
     "LRSchedulerCallable",
     "OptimizerCallable",
     "WarmupCosineLR",
     "build_optimization",
     "check_factory",
+    "is_legacy_training_arg",
     "parameter_groups",
+    "refuse_training_settings",
 ]
+
+# training settings that were model arguments before the optimiser and schedule were injected: files and checkpoints
+# of earlier versions still carry them (zoo.hub drops them), and a model given one refuses it with the new form
+LEGACY_TRAINING_ARGS = frozenset({
+    "lr", "momentum", "weight_decay", "betas", "nesterov", "adam_eps", "scheduler", "warmup_epochs", "milestones",
+    "lr_gamma", "warmup_updates", "warmup_init_lr",
+})
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
@@ -73,6 +83,27 @@ def parameter_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> l
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def is_legacy_training_arg(key: str, value: Any, accepted: Iterable[str]) -> bool:
+    """True for a training setting that a file of an earlier version saved as a model argument: one of
+    :data:`LEGACY_TRAINING_ARGS` that the class does not take (``accepted``), or the string form of ``optimizer``
+    (``"sgd"``, now a callable)."""
+    return (key in LEGACY_TRAINING_ARGS and key not in set(accepted)) or (key == "optimizer" and isinstance(value, str))
+
+
+def refuse_training_settings(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """One ZooError for a training setting given as a model argument (``lr=``, ``weight_decay=`` ...), showing the
+    injected form (the optimiser and schedule are callables given to the task)."""
+    given = [k for k in kwargs if k in LEGACY_TRAINING_ARGS]
+    if given:
+        what = "is a training setting, not an argument" if len(given) == 1 else "are training settings, not arguments"
+        raise ZooError(
+            f"{', '.join(given)} {what} of {cls.__name__}: give the optimiser and schedule as callables, e.g. "
+            "optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4), "
+            "lr_scheduler=zoo.tasks.optim.WarmupCosineLR or None for a constant rate (YAML: optimizer: {class_path: "
+            f"torch.optim.SGD, init_args: {{lr: 0.1}}}}); default: {cls.__name__}.default_optimizer"
+        )
 
 
 def check_factory(name: str, factory: Any) -> Any:
