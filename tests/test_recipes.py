@@ -84,13 +84,46 @@ def test_print_config(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     for section in ("model", "data"):
         assert printed[section]["class_path"] == expected[section]["class_path"]
         for key, value in expected[section].get("init_args", {}).items():
-            assert plain(printed[section]["init_args"][key]) == plain(value), (section, key)
+            got = printed[section]["init_args"][key]
+            if isinstance(value, dict) and "class_path" in value:  # an injected callable: its defaults are printed
+                assert got["class_path"] == value["class_path"], (section, key)
+                for name, setting in value.get("init_args", {}).items():
+                    assert plain(got["init_args"][name]) == plain(setting), (section, key, name)
+            else:
+                assert plain(got) == plain(value), (section, key)
     for key, value in expected.get("trainer", {}).items():
         if key != "callbacks":
             assert plain(printed["trainer"][key]) == plain(value), ("trainer", key)
     if "seed_everything" in expected:
         assert printed["seed_everything"] == expected["seed_everything"]
     assert list(tmp_path.iterdir()) == []  # printing the config writes nothing
+
+
+TRAINING = ("optimizer", "lr_scheduler")
+
+
+def check_training_settings(model: pl.LightningModule, init: dict[str, Any]) -> None:
+    """The injected optimiser and schedule are the recipe's (class and settings), built as a plain PyTorch user
+    would build them (``configure_optimizers(total_steps=...)``), and are not hyperparameters of the model."""
+    assert not set(TRAINING) & set(model.hparams)
+    config = model.configure_optimizers(total_steps=10, steps_per_epoch=5)
+    opt = config["optimizer"] if isinstance(config, dict) else config
+    spec = init.get("optimizer")
+    if spec is not None:
+        assert type(opt) is import_class(spec["class_path"])
+        for name, value in spec.get("init_args", {}).items():
+            assert plain(opt.defaults[name]) == plain(value), ("optimizer", name)
+    if "lr_scheduler" not in init:  # omitted: the task's default, the cosine
+        assert type(config["lr_scheduler"]["scheduler"]).__name__ == "WarmupCosineLR"
+    elif init["lr_scheduler"] is None:  # a constant learning rate
+        assert not isinstance(config, dict) or "lr_scheduler" not in config
+    else:
+        sched = config["lr_scheduler"]["scheduler"]
+        assert type(sched) is import_class(init["lr_scheduler"]["class_path"])
+        for name, value in init["lr_scheduler"].get("init_args", {}).items():
+            got = getattr(sched, name)
+            got = sorted(got.elements()) if name == "milestones" else got  # MultiStepLR keeps a Counter
+            assert plain(got) == plain(value), ("lr_scheduler", name)
 
 
 def _data_overrides(recipe: dict[str, Any], tmp_path: Path) -> list[str]:
@@ -114,7 +147,7 @@ def _seed_torchvision_cache(recipe: dict[str, Any]) -> dict[str, torch.Tensor] |
     if not weights or os.sep in weights or "." in weights or weights.startswith("hf-hub:"):
         return None
     model_cls = import_class(recipe["model"]["class_path"])
-    arch = model_cls(**{k: v for k, v in init.items() if k not in ("weights", "memory")}).torchvision_arch
+    arch = model_cls(**{k: v for k, v in init.items() if k not in ("weights", "memory", *TRAINING)}).torchvision_arch
     assert arch, f"weights {weights!r} named, but the recipe's layout is no torchvision architecture"
     entry = torchvision.models.get_model_weights(arch)[weights]
     torch.manual_seed(0)
@@ -136,7 +169,7 @@ def _seed_hf_hub_cache(recipe: dict[str, Any]) -> dict[str, torch.Tensor] | None
 
     torch.manual_seed(0)
     model_cls = import_class(recipe["model"]["class_path"])
-    state_dict = model_cls(**{k: v for k, v in init.items() if k != "weights"}).state_dict()
+    state_dict = model_cls(**{k: v for k, v in init.items() if k not in ("weights", *TRAINING)}).state_dict()
     seed_hf_hub_cache(weights[len("hf-hub:"):].partition("@")[0], state_dict)
     return state_dict
 
@@ -156,8 +189,9 @@ def test_recipe_instantiates_what_it_says(recipe: Path, tmp_path: Path, monkeypa
     model, init = cli.model, expected["model"].get("init_args", {})
     assert type(model) is import_class(expected["model"]["class_path"])
     for key, value in init.items():
-        if key != "weights":
+        if key not in ("weights", *TRAINING):
             assert plain(model.hparams[key]) == plain(value), key
+    check_training_settings(model, init)
     if type(model).__name__ in RULES:  # the ResNet families: residual stages
         if "layers" in init:
             assert list(model.layer_counts) == list(init["layers"])
