@@ -160,6 +160,8 @@ def test_optimizer_groups_and_schedulers():
     for old in ({"lr": 0.1}, {"weight_decay": 1e-3}, {"scheduler": "cosine"}, {"momentum": 0.9}):
         with pytest.raises(ZooError, match=f"{next(iter(old))}.*optimizer=functools.partial"):
             zoo.depth_scaled_resnet20_cifar(**old)
+    with pytest.raises(ZooError, match=r"unknown argument\(s\) widht: .*label_smoothing, lr_scheduler, optimizer"):
+        zoo.depth_scaled_resnet20_cifar(widht=3)
 
 
 @pytest.mark.parametrize(

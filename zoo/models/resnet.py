@@ -46,6 +46,7 @@ from zoo.pretrained import (
 )
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
+from zoo.tasks.optim import refuse_training_settings
 from zoo.validation import boolean, choice, finite_float, int_sequence, non_negative_int, positive_int, probability
 
 BLOCKS = ("basic", "bottleneck", "preact")
@@ -289,6 +290,7 @@ class ResNet(HubMixin, ImageClassifier):
                                "stages count from 1")
         positive_int("in_chans", in_chans)
         _check_head(num_classes, global_pool)
+        refuse_training_settings(type(self), kwargs)
         _check_task_kwargs(type(self).__name__, kwargs)
         probability("drop_rate", drop_rate)
         probability("drop_path_rate", drop_path_rate)
@@ -650,18 +652,14 @@ def _check_head(num_classes: int, global_pool: str) -> None:
 
 
 def _check_task_kwargs(cls_name: str, kwargs: Mapping[str, Any]) -> None:
-    """What a ResNet passes on must be an argument of the task; training settings of earlier versions (``lr``,
-    ``scheduler`` ...) get one error showing the injected form."""
+    """What a ResNet passes on must be an argument of the task: anything else is one ZooError (not a TypeError)."""
     import inspect
 
     accepted = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "num_classes"}
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
-        raise ZooError(f"{cls_name} got unknown argument(s) {', '.join(unknown)}: training settings (lr, momentum, "
-                       "weight_decay, scheduler ...) are not model arguments; give the optimiser and schedule as "
-                       "callables, e.g. optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, "
-                       "weight_decay=5e-4), lr_scheduler=None for a constant rate (YAML: optimizer: {class_path: "
-                       f"torch.optim.SGD, init_args: {{lr: 0.1}}}}); the task takes {', '.join(sorted(accepted))}")
+        raise ZooError(f"{cls_name} got unknown argument(s) {', '.join(unknown)}: it takes its architecture's "
+                       f"arguments and the task's ({', '.join(sorted(accepted))})")
 
 
 def _head(num_features: int, num_classes: int, global_pool: str) -> tuple[nn.Module, nn.Module]:
