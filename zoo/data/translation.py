@@ -1232,12 +1232,16 @@ class NumbersDataModule(TranslationDataModule):
     ``"dreihundertvierundzwanzig"``) into the model's input.
 
     Sampling, by length (the number of digits d = 1 .. digits(max_number)), so that every length is equally
-    represented in training whatever how few numbers it holds:
+    represented in training however few numbers it holds:
 
     - valid and test: ``valid_size`` / ``test_size`` distinct numbers each, spread evenly over the lengths (a
-      length holding fewer numbers than its share gives all of them, the others take the rest);
-    - train: ``train_size`` draws, the length uniform, then a number of that length uniform (with replacement:
-      the ten 1-digit numbers are a sixth of the draws below 10^6, as the 900000 6-digit ones);
+      length holding fewer numbers than its share gives all of them, the others take the rest), uniform within a
+      length;
+    - train: ``train_size`` draws, the length uniform, then a number of that length (with replacement: the ten
+      1-digit numbers are a sixth of the draws below 10^6, as the 900000 6-digit ones); within a length half the
+      draws are uniform and half have each digit after the first 0 with probability 1/2, so that round numbers
+      (``einhundert``, ``zwanzigtausendfünf``) and the ``and`` English puts in them are frequent (uniform draws
+      hold 9 round hundreds in 900 three-digit numbers);
     - held out: the valid and test numbers of a length never occur in training, nor in each other, when together
       they take at most a quarter of the length's numbers. Shorter lengths (by default 1 and 2 digits: 100
       numbers) are closed classes, all of whose numbers training must see (``null`` -> ``zero`` occurs in no
@@ -1284,6 +1288,25 @@ class NumbersDataModule(TranslationDataModule):
         return [(0 if d == 1 else 10 ** (d - 1), min(10**d - 1, self.max_number))
                 for d in range(1, len(str(self.max_number)) + 1)]
 
+    @staticmethod
+    def _of_length(rng: np.random.Generator, lo: int, hi: int, size: int) -> np.ndarray:
+        """``size`` numbers in lo .. hi (one length): half uniform, half with each digit after the first 0 with
+        probability 1/2 (else 1 .. 9), so that round numbers (100, 2000, 30005) and the ``and`` English puts
+        after hundred / thousand are frequent: uniform draws hold one round hundred in a hundred."""
+        digits = len(str(hi))
+        out = np.zeros(size, dtype=np.int64)
+        todo = np.arange(size)
+        while len(todo):  # above hi (max_number cuts the longest length): drawn again
+            n = len(todo)
+            draw = lo + rng.integers(0, hi - lo + 1, size=n)
+            if digits > 1:
+                later = np.where(rng.random((n, digits - 1)) < 0.5, 0, rng.integers(1, 10, size=(n, digits - 1)))
+                sparse = rng.integers(1, 10, size=n) * 10 ** (digits - 1) + later @ 10 ** np.arange(digits - 2, -1, -1)
+                draw = np.where(rng.random(n) < 0.5, draw, sparse)
+            out[todo] = draw
+            todo = todo[draw > hi]
+        return out
+
     def _draw(self) -> dict[str, np.ndarray]:
         """The numbers of each split (see the class docstring)."""
         rng = np.random.default_rng(self.seed)
@@ -1296,6 +1319,7 @@ class NumbersDataModule(TranslationDataModule):
         for k, (lo, count) in enumerate(zip((lo for lo, _ in ranges), counts)):
             qv, qt = quotas["valid"][k], quotas["test"][k]
             if 4 * (qv + qt) <= count:  # held out: valid, test and training disjoint
+                # uniform: a draw weighted to round numbers would hold out most of them (all 9 round hundreds)
                 picked = lo + rng.choice(count, size=qv + qt, replace=False)
                 splits["valid"].append(picked[:qv])
                 splits["test"].append(picked[qv:])
@@ -1306,13 +1330,12 @@ class NumbersDataModule(TranslationDataModule):
                 held.append(np.zeros(0, dtype=np.int64))
         lengths = rng.integers(0, len(ranges), size=self.train_size)
         train = np.zeros(self.train_size, dtype=np.int64)
-        for k, (lo, count) in enumerate(zip((lo for lo, _ in ranges), counts)):
-            blocked = held[k]
+        for k, (lo, hi) in enumerate(ranges):
             todo = np.flatnonzero(lengths == k)
             while len(todo):  # rejection of held-out numbers (they are at most a quarter of the length)
-                draw = lo + rng.integers(0, count, size=len(todo))
+                draw = self._of_length(rng, lo, hi, len(todo))
                 train[todo] = draw
-                todo = todo[np.isin(draw, blocked)]
+                todo = todo[np.isin(draw, held[k])]
         splits["train"].append(train)
         return {name: np.concatenate(parts).astype(np.int64) for name, parts in splits.items()}
 
