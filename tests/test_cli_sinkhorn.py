@@ -65,7 +65,8 @@ def test_convert_from_hf_hub_weights_with_options(timm_source, tmp_path: Path,
     out_dir = tmp_path / "sink"
     code, out, err = run_main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights",
                                "hf-hub:timm/vit_tiny_patch16_224.zoo_test", "--to", "sinkhorn", "--n-iter", "1",
-                               "--option", "label_smoothing=0.1", "--option", "record_stats=true", "--out", str(out_dir)], capsys)
+                               "--option", "label_smoothing=0.1", "--option", "record_stats=true", "--out",
+                               str(out_dir)], capsys)
     assert code == 0, err
     model = SinkformerViT.from_pretrained(out_dir).eval()
     assert (model.hparams.n_iter, model.hparams.label_smoothing, model.hparams.record_stats) == (1, 0.1, True)

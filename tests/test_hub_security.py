@@ -248,7 +248,8 @@ def test_save_pretrained_files_get_the_umask_mode(tmp_path):
         small_model().save_pretrained(tmp_path / "one.safetensors")
     finally:
         os.umask(old)
-    for f in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json", tmp_path / "one.safetensors"):
+    for f in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json", tmp_path / "m" / "README.md",
+              tmp_path / "one.safetensors"):
         assert (f.stat().st_mode & 0o777) == 0o644, f
 
 
@@ -293,7 +294,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_save_but_a_live_writer_is_lef
     (target.parent / ".config.json.abc123.tmp").write_text("{")  # an old-style stale temporary
     small_model().save_pretrained(tmp_path / "m")
     assert _temporaries(target.parent) == []
-    assert sorted(p.name for p in target.parent.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_a_save_killed_between_the_two_files_never_reads_mixed(tmp_path, monkeypatch):

@@ -498,6 +498,23 @@ def run_lightning(argv: list[str], from_command_line: bool = False) -> None:
     )
 
 
+def load_recipe(recipe: str, *overrides: str) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """The model and data module a recipe builds, for use without a Trainer (a plain PyTorch loop):
+
+        model, data = zoo.cli.load_recipe("digits_depth_scaled_resnet", "--model.init_args.optimizer.lr=0.05")
+        config = model.configure_optimizers(total_steps=N, steps_per_epoch=M)   # the recipe's optimiser
+
+    ``recipe`` is a shipped recipe name or a YAML path; ``overrides`` are command-line options as ``zoo fit``
+    takes them. The model carries the recipe's optimiser and schedule (``configure_optimizers``); the data module
+    is not set up yet (call ``prepare_data()`` and ``setup("fit")``).
+    """
+    args = ["--config", resolve_config(recipe), *overrides]
+    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 run=False, args=args, save_config_callback=None,
+                 parser_kwargs={"prog": "zoo", "exit_on_error": False, "description": DESCRIPTION})
+    return cli.model, cli.datamodule
+
+
 # ------------------------------------------------------------------------------------------------
 # zoo convert
 

@@ -104,8 +104,9 @@ def test_options_are_checked_per_family() -> None:
     assert "memory, gamma, init_velocity" in str(err.value)
     with pytest.raises(ZooError, match="gamma=0 is the plain ResNet"):
         converters.transform(enc, to="momentum", gamma=0.0)  # reversible (default) needs gamma > 0
-    model = converters.transform(build_resnet_source("tv_resnet18"), to="momentum", lr=0.1, init_velocity="f")
-    assert model.hparams.lr == 0.1 and all(s.init_velocity == "f" for s in model.stages)
+    model = converters.transform(build_resnet_source("tv_resnet18"), to="momentum", label_smoothing=0.1,
+                                 init_velocity="f")
+    assert model.hparams.label_smoothing == 0.1 and all(s.init_velocity == "f" for s in model.stages)
 
 
 # ------------------------------------------------------------------------------------------------ ResNets
@@ -210,7 +211,8 @@ def test_cli_refuses_to_save_a_non_zoo_result(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(zoo.cli, "_build_source", lambda spec, weights: vit)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
-        main(["convert", "--from", "timm:vit_tiny_patch16_224", "--to", "momentum", "--out", str(tmp_path / "x")])
+        main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "momentum", "--out",
+              str(tmp_path / "x")])
     assert "gives a VisionTransformer, not a zoo model" in err.getvalue()
     assert not (tmp_path / "x").exists()
 
