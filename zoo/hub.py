@@ -368,7 +368,7 @@ def recorded_num_classes(weights: str | os.PathLike | None) -> int | None:
     ``num_classes`` (timm's behaviour for pretrained configs)."""
     if weights is None:
         return None
-    hparams = _recorded_hparams(str(weights))
+    hparams = recorded_hparams(str(weights))
     value = (hparams or {}).get("num_classes")
     if value is None:
         return None
@@ -377,7 +377,9 @@ def recorded_num_classes(weights: str | os.PathLike | None) -> int | None:
     return value
 
 
-def _recorded_hparams(spec: str) -> dict[str, Any] | None:
+def recorded_hparams(spec: str) -> dict[str, Any] | None:
+    """The constructor arguments zoo weights record (save_pretrained config, Lightning hyper_parameters); None
+    for weights that record none (torchvision names, plain files) or cannot be read here."""
     if spec.startswith("hf-hub:"):
         path = _hf_hub_file(spec[len("hf-hub:"):], WEIGHTS_NAME, required=False)
         if path is None:

@@ -71,8 +71,9 @@ class PretrainedCfg:
     url: str | None = None
     file: str | None = None
     hf_hub_id: str | None = None
-    # input / data config (timm.data.resolve_data_config reads these)
-    input_size: tuple[int, int, int] = (3, 224, 224)
+    # input / data config (timm.data.resolve_data_config reads these); input_size None: not an image model (point
+    # clouds), and to_dict leaves out every image key
+    input_size: tuple[int, int, int] | None = (3, 224, 224)
     test_input_size: tuple[int, int, int] | None = None
     min_input_size: tuple[int, int, int] | None = None
     fixed_input_size: bool = False
@@ -114,7 +115,7 @@ class PretrainedCfg:
             if (not isinstance(value, tuple) or len(value) != 3
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
                 raise ZooError(f"{where}: {name} must be (channels, height, width) of positive integers, got {value!r}")
-        channels = self.input_size[0]
+        channels = self.input_size[0] if self.input_size is not None else len(self.mean)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if (not isinstance(value, tuple) or len(value) != channels
@@ -166,6 +167,8 @@ class PretrainedCfg:
             value = copy.deepcopy(getattr(self, f.name))
             if remove_source and f.name in ("url", "file", "hf_hub_id", "source"):
                 continue
+            if self.input_size is None and f.name in IMAGE_KEYS and remove_null:
+                continue  # not an image model
             if remove_null and (value is None or value == {}) and f.name not in ("pool_size", "first_conv",
                                                                                  "classifier"):
                 continue
@@ -175,6 +178,11 @@ class PretrainedCfg:
     def replace(self, **changes: Any) -> PretrainedCfg:
         """A copy with ``changes`` (checked again)."""
         return dataclasses.replace(copy.deepcopy(self), **changes)
+
+
+# timm's keys that describe an image input (left out of the dict of a cfg without an input_size)
+IMAGE_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
+              "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +399,7 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
     ``num_classes`` is the model's, and a model's ``pretrained_cfg_as_built(cfg: dict) -> dict`` hook, when it has
     one, corrects what its arguments changed (e.g. the ``input_size`` of a ViT built at another image size).
     """
-    from zoo.hub import _recorded_hparams, load_state_dict, read_weights, recorded_num_classes
+    from zoo.hub import load_state_dict, read_weights, recorded_hparams, recorded_num_classes
 
     kw = dict(kwargs or {})
     cfg_arg = kw.pop("pretrained_cfg", None)
@@ -436,7 +444,7 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
         if recorded is not None:
             merged["num_classes"] = recorded
             # and its pooling (a zoo file saved after reset_classifier(0, '') holds the unpooled model)
-            pool = (_recorded_hparams(str(source)) or {}).get("global_pool")
+            pool = (recorded_hparams(str(source)) or {}).get("global_pool")
             if isinstance(pool, str) and "global_pool" not in kw and "global_pool" in effective:
                 merged["global_pool"] = pool
         elif _source_matches(cfg.source, str(source)):

@@ -69,7 +69,7 @@ from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
 from zoo.nn.attention import SinkhornMultiheadAttention, SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
-from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
+from zoo.pretrained import IMAGE_KEYS, PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
 from zoo.tasks.optim import refuse_training_settings
@@ -93,8 +93,6 @@ __all__ = [
 ATTENTIONS = ("pct", "sinkhorn")
 POOLINGS = ("max+avg", "max")
 # timm's image data keys, left out of a point-cloud model's pretrained_cfg (a cloud is not an image)
-_IMAGE_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
-               "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv")
 
 
 class _PointCloudProtocol:
@@ -114,7 +112,7 @@ class _PointCloudProtocol:
     def pretrained_cfg_as_built(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """``cfg`` for this model as built: timm's image keys dropped, ``num_classes`` of the head, ``in_chans``
         (channels per point) and ``min_num_points`` (the fewest points a cloud may have)."""
-        out = {k: v for k, v in cfg.items() if k not in _IMAGE_KEYS}
+        out = {k: v for k, v in cfg.items() if k not in IMAGE_KEYS}
         out["num_classes"] = self.num_classes
         out["in_chans"] = self.in_chans
         out["min_num_points"] = self.min_num_points()
@@ -122,7 +120,7 @@ class _PointCloudProtocol:
         return out
 
     def _set_pretrained_cfg(self) -> None:
-        self.pretrained_cfg = self.pretrained_cfg_as_built(PretrainedCfg(classifier="head").to_dict())
+        self.pretrained_cfg = self.pretrained_cfg_as_built(PretrainedCfg(input_size=None, classifier="head").to_dict())
         self.default_cfg = self.pretrained_cfg
 
     def get_classifier(self) -> nn.Module:
@@ -661,7 +659,8 @@ def _published(architecture: dict[str, Any], metrics: dict[str, float], recipe: 
     """A published configuration: its architecture as ``model_args`` (a model built otherwise loses the published
     accuracies, which are of this architecture), its accuracies, and the recipe that trains it."""
     return PretrainedCfg(
-        num_classes=architecture["num_classes"], classifier="head", paper_ids=SINKFORMERS_PAPER, recipe=recipe,
+        input_size=None, num_classes=architecture["num_classes"], classifier="head", paper_ids=SINKFORMERS_PAPER,
+        recipe=recipe,
         model_args=dict(architecture),
         metrics={f"modelnet40/top1_{stat}": {"value": value, "kind": "published", "of": "model",
                                              "note": f"{stat} test accuracy over runs"}
