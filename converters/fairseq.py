@@ -119,6 +119,7 @@ def read_fairseq_transformer(model: nn.Module) -> AttentionSpec:
     state = model.state_dict()
     ckpt = {"model": state, "args": argparse.Namespace(**fairseq_model_args(model))}
     zoo_model = SinkformerTranslation.from_fairseq_checkpoint(ckpt, n_iter=1)
+    zoo_model.pretrained_cfg.update(source=label, description=f"converted from a live {label}")
     zoo_model.to(device=device, dtype=dtype)
     # share the source's parameter tensors (names are fairseq's; tied embeddings stay tied)
     params = dict(model.named_parameters(remove_duplicate=False))

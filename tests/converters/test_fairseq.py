@@ -161,6 +161,8 @@ def test_transform_takes_training_settings_not_the_sources(fs: object) -> None:
     plain = converters.transform(model, to="sinkhorn")
     assert plain.optimizer_factory is None and plain.hparams.label_smoothing == 0.1  # the task's defaults
     assert not {"lr", "optimizer", "lr_scheduler"} & set(plain.hparams)
+    assert plain.pretrained_cfg["source"].startswith("fairseq TransformerModel")
+    assert "fairseq's parameters by name" in plain.pretrained_cfg["conversion"]
     sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     tuned = converters.transform(model, to="sinkhorn", optimizer=sgd, lr_scheduler=None, label_smoothing=0.2)
     conf = tuned.configure_optimizers()

@@ -561,6 +561,41 @@ def test_registered_builders_and_published_configuration() -> None:
         assert zoo.registry.model_entrypoint(name).__doc__
 
 
+def test_pretrained_cfg_describes_the_model_as_built(tmp_path: Path) -> None:
+    """timm's pretrained_cfg (alias default_cfg) with the keys that apply to translation: the vocabulary sizes in
+    place of num_classes, the output projection as classifier, the builder's name, recipe and paper."""
+    from zoo.cli import list_recipes
+
+    for name, recipe in (("sinkformer_transformer_iwslt_de_en", "nmt/iwslt14_de_en_sinkformer"),
+                         ("transformer_iwslt_de_en", "nmt/iwslt14_de_en_sinkformer"),
+                         ("sinkformer_transformer_numbers", "nmt/numbers_sinkformer"),
+                         ("sinkformer_transformer_toy", None)):
+        model = zoo.create_model(name)
+        cfg = model.pretrained_cfg
+        assert model.default_cfg is cfg and cfg["architecture"] == name and cfg.get("recipe") == recipe
+        assert (cfg["src_vocab_size"], cfg["tgt_vocab_size"]) == (model.src_vocab_size, model.tgt_vocab_size)
+        head = model.get_submodule(cfg["classifier"])
+        assert head.weight.shape == (model.tgt_vocab_size, model.hparams.decoder_embed_dim)
+        assert cfg["source"] is None and cfg["paper_ids"] == "arXiv:2110.11773"
+        assert not {"input_size", "mean", "std", "num_classes"} & set(cfg)  # image keys do not apply
+        assert recipe is None or recipe in list_recipes()
+    model = sinkformer_transformer_toy(src_vocab_size=30, tgt_vocab_size=20)
+    assert (model.pretrained_cfg["src_vocab_size"], model.pretrained_cfg["tgt_vocab_size"]) == (30, 20)
+    # a fairseq checkpoint: its file is the source, and the conversion is said
+    args = fairseq_args()
+    path = save_checkpoint(tmp_path / "checkpoint_best.pt", args, fairseq_state_dict(args))
+    converted = SinkformerTranslation.from_fairseq_checkpoint(path)
+    cfg = converted.pretrained_cfg
+    assert cfg["source"] == str(path) and "transformer_iwslt_de_en" in cfg["description"]
+    assert "n_iter=1 the model computes the fairseq Transformer's log-probabilities" in cfg["conversion"]
+    assert (cfg["src_vocab_size"], cfg["tgt_vocab_size"]) == (VS, VT)
+    assert SinkformerTranslation(src_vocab_size=VS, tgt_vocab_size=VT, encoder_layers=2, decoder_layers=2,
+                                 encoder_embed_dim=C, decoder_embed_dim=C, encoder_ffn_embed_dim=FFN,
+                                 decoder_ffn_embed_dim=FFN, encoder_attention_heads=H, decoder_attention_heads=H,
+                                 share_decoder_input_output_embed=True, weights=str(path)
+                                 ).pretrained_cfg["source"] == str(path)
+
+
 def test_constructor_errors() -> None:
     with pytest.raises(ZooError, match="n_iter"):
         sinkformer_transformer_toy(n_iter=0)

@@ -1,4 +1,4 @@
-"""Sinkformers for translation (MATH.md section 5): fairseq's encoder-decoder Transformer with Sinkhorn attention in
+"""Sinkformers for translation (Sander et al. 2022): fairseq's encoder-decoder Transformer with Sinkhorn attention in
 the encoder self-attention; softmax in the causal decoder self-attention and in the encoder-decoder attention (the
 published IWSLT'14 model uses Sinkhorn in the encoder only). ``n_iter=1`` is fairseq's Transformer.
 
@@ -66,7 +66,7 @@ from zoo.hub import HubMixin, load_state_dict, load_weights
 from zoo.nn.attention import SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
 from zoo.registry import register_model
-from zoo.tasks.optim import InverseSqrtLR
+from zoo.tasks.optim import InverseSqrtLR, refuse_training_settings
 from zoo.tasks.translation import TranslationTask
 from zoo.validation import boolean, choice, integer, non_negative_int, positive_int, probability
 
@@ -80,6 +80,7 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "fairseq_arch",
     "from_fairseq_checkpoint",
     "make_positions",
     "read_fairseq_checkpoint",
@@ -87,13 +88,11 @@ __all__ = [
     "sinkformer_transformer_numbers",
     "sinkformer_transformer_toy",
     "transformer_iwslt_de_en",
+    "translation_cfg",
 ]
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 ACTIVATIONS = ("relu", "gelu", "gelu_accurate", "tanh", "linear")
-# the training settings earlier versions took as model arguments (now inside optimizer / lr_scheduler)
-_TRAINING_ARGS = ("lr", "betas", "adam_eps", "weight_decay", "momentum", "scheduler", "warmup_updates",
-                  "warmup_init_lr")
 IWSLT14_DE_EN_VOCAB = (8848, 6632)  # fairseq-preprocess on prepare-iwslt14.sh's BPE data: [de] 8848, [en] 6632 types
 
 
@@ -461,7 +460,7 @@ class TransformerDecoder(_TokenEmbedder):
 
 
 class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
-    """fairseq's encoder-decoder Transformer with Sinkhorn attention in the encoder (Sinkformer, MATH.md section 5),
+    """fairseq's encoder-decoder Transformer with Sinkhorn attention in the encoder (Sinkformer, Sander et al. 2022),
     fairseq's parameter names and its ``transformer_iwslt_de_en`` shape by default.
 
     Args:
@@ -479,7 +478,7 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         encoder_learned_pos, decoder_learned_pos, no_token_positional_embeddings, layernorm_embedding,
             no_scale_embedding: fairseq's options of the same names (defaults off).
         n_iter: Sinkhorn half-steps of the encoder self-attention (1 = the Transformer); the decoder always uses
-            softmax. Default 3 (MATH.md: 3 to 5 give near doubly stochastic matrices).
+            softmax. Default 3 (3 to 5 give near doubly stochastic matrices).
         record_stats: record the column-sum statistics of the encoder attentions (:meth:`attention_stats`).
         weights: a zoo checkpoint / ``save_pretrained`` output / ``hf-hub:``, or a fairseq checkpoint file whose
             shape matches (see :meth:`from_fairseq_checkpoint` to build the model from the checkpoint itself).
@@ -523,14 +522,7 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         **kwargs: Any,
     ) -> None:
         check_n_iter(n_iter)
-        legacy = sorted(set(kwargs) & set(_TRAINING_ARGS))
-        if legacy:
-            raise ZooError(f"{', '.join(legacy)}: training settings are no longer model arguments; give "
-                           "optimizer=functools.partial(torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98), "
-                           "weight_decay=1e-4) and lr_scheduler=functools.partial(zoo.tasks.optim.InverseSqrtLR, "
-                           "warmup_updates=4000) (in YAML: optimizer: {class_path: torch.optim.AdamW, init_args: "
-                           "{lr: 5.0e-4, ...}}, lr_scheduler: {class_path: zoo.tasks.optim.InverseSqrtLR, "
-                           "init_args: {warmup_updates: 4000}})")
+        refuse_training_settings(type(self), kwargs)
         tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
         for name, v in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
             integer(name, v, UNK + 1, hint="fairseq's 4 special symbols come first: give the dictionary's size "
@@ -587,6 +579,9 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
             attention_dropout, activation_dropout, activation_fn, decoder_normalize_before, no_decoder_final_norm,
             max_target_positions, decoder_learned_pos, no_token_positional_embeddings, layernorm_embedding,
             no_scale_embedding, share_decoder_input_output_embed)
+        self.pretrained_cfg = translation_cfg(src_vocab_size, tgt_vocab_size,
+                                              source=None if weights is None else str(weights))
+        self.default_cfg = self.pretrained_cfg  # timm's alias
         if weights is not None:
             self.load_any_weights(weights)
 
@@ -736,7 +731,29 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         model = cls(**{**hparams, **overrides})
         model.check_dictionaries(src_dict, tgt_dict)
         load_state_dict(model, state_dict, source=where)
+        arch = fairseq_arch(ckpt)
+        model.pretrained_cfg.update(
+            source=where, description=f"fairseq {arch or 'transformer'} checkpoint",
+            conversion=("fairseq's parameters by name (fairseq's own upgrades of old checkpoints applied): with "
+                        "n_iter=1 the model computes the fairseq Transformer's log-probabilities; n_iter > 1 puts "
+                        "Sinkhorn attention in the encoder self-attention with the same weights"))
         return model
+
+
+SINKFORMERS_PAPER = "arXiv:2110.11773"  # Sander, Ablin, Blondel, Peyre: Sinkformers (AISTATS 2022)
+
+
+def translation_cfg(src_vocab_size: int, tgt_vocab_size: int, **entries: Any) -> dict[str, Any]:
+    """A translation model's ``pretrained_cfg`` (timm's dict, alias ``default_cfg``) with the keys that apply to a
+    sequence-to-sequence model: ``architecture``, ``tag``, ``source`` (the weights it was built from), ``license``,
+    ``classifier`` (the output projection over the target vocabulary), ``paper_ids``, ``conversion``,
+    ``description``, ``recipe``, and, for timm's ``num_classes`` (no classes here), the vocabulary sizes
+    ``src_vocab_size`` / ``tgt_vocab_size``. timm's image keys (``input_size``, ``mean`` ...) do not apply."""
+    cfg: dict[str, Any] = {"architecture": None, "tag": None, "source": None, "license": None,
+                           "classifier": "decoder.output_projection", "src_vocab_size": int(src_vocab_size),
+                           "tgt_vocab_size": int(tgt_vocab_size), "paper_ids": SINKFORMERS_PAPER}
+    cfg.update(entries)
+    return cfg
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -884,6 +901,22 @@ def _as_flat_dict(obj: Any, where: str) -> dict[str, Any]:
     return flat
 
 
+def fairseq_arch(ckpt: Mapping[str, Any]) -> str | None:
+    """The ``arch`` a fairseq checkpoint's ``args`` / ``cfg["model"]`` records (None when it cannot be read)."""
+    try:
+        args = ckpt.get("args")
+        if args is not None:
+            flat = _as_flat_dict(args, "checkpoint")
+        else:
+            cfg = ckpt.get("cfg")
+            cfg = _as_flat_dict(cfg, "checkpoint") if not isinstance(cfg, Mapping) else dict(cfg)
+            flat = _as_flat_dict(cfg.get("model"), "checkpoint")
+    except ZooError:
+        return None
+    arch = flat.get("arch") or flat.get("_name")
+    return arch if isinstance(arch, str) else None
+
+
 def fairseq_hparams(ckpt: Mapping[str, Any], where: str = "checkpoint") -> tuple[dict[str, Any], int | None]:
     """Constructor arguments of :class:`SinkformerTranslation` from a fairseq checkpoint's ``args`` / ``cfg``
     (the arch's defaults fill missing fields), and the checkpoint's Sinkhorn ``n_iter`` if it records one."""
@@ -956,10 +989,16 @@ def from_fairseq_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], n
 # ================================================================================================ builders
 
 
-def _build(weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> SinkformerTranslation:
-    return SinkformerTranslation(weights=weights, **{**defaults, **kwargs})
+def _build(arch: str, weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any],
+           **cfg: Any) -> SinkformerTranslation:
+    model = SinkformerTranslation(weights=weights, **{**defaults, **kwargs})
+    model.pretrained_cfg.update(architecture=arch, **cfg)
+    return model
 
 
+_IWSLT_DESCRIPTION = ("IWSLT'14 German-English (fairseq's prepare-iwslt14.sh); published test BLEU (Sinkformers "
+                      "paper): Transformer 34.43 after 30 epochs, 34.68 after 5 more at lr/10; the same weights with "
+                      "Sinkhorn attention 33.81 untrained, 34.73 after the 5 epochs")
 _IWSLT = {"src_vocab_size": IWSLT14_DE_EN_VOCAB[0], "tgt_vocab_size": IWSLT14_DE_EN_VOCAB[1],
           "encoder_layers": 6, "encoder_embed_dim": 512, "encoder_ffn_embed_dim": 1024, "encoder_attention_heads": 4,
           "decoder_layers": 6, "decoder_embed_dim": 512, "decoder_ffn_embed_dim": 1024, "decoder_attention_heads": 4,
@@ -968,12 +1007,13 @@ _IWSLT = {"src_vocab_size": IWSLT14_DE_EN_VOCAB[0], "tgt_vocab_size": IWSLT14_DE
 
 @register_model
 def sinkformer_transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any) -> SinkformerTranslation:
-    """The published IWSLT'14 de-en Sinkformer (MATH.md section 5): fairseq's ``transformer_iwslt_de_en`` (6+6
+    """The published IWSLT'14 de-en Sinkformer (Sander et al. 2022): fairseq's ``transformer_iwslt_de_en`` (6+6
     layers, 512 wide, 4 heads, FFN 1024, post-norm) with Sinkhorn attention in the encoder (``n_iter=3``),
     ``--share-decoder-input-output-embed``, dropout 0.3; fairseq's dictionary sizes of prepare-iwslt14.sh (de 8848,
     en 6632). Trains with the task's defaults, fairseq's IWSLT'14 command: AdamW (0.9, 0.98), lr 5e-4, weight decay
     1e-4, inverse_sqrt with 4000 warm-up updates, label smoothing 0.1."""
-    return _build(weights, {**_IWSLT, "n_iter": 3}, kwargs)
+    return _build("sinkformer_transformer_iwslt_de_en", weights, {**_IWSLT, "n_iter": 3}, kwargs,
+                  recipe="nmt/iwslt14_de_en_sinkformer", description=_IWSLT_DESCRIPTION)
 
 
 @register_model
@@ -981,7 +1021,8 @@ def transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any) -> Sinkfo
     """fairseq's ``transformer_iwslt_de_en`` as the published baseline (``n_iter=1``: softmax attention, the
     Transformer itself; 34.43 BLEU after 30 epochs in the Sinkformers paper); otherwise as
     :func:`sinkformer_transformer_iwslt_de_en`."""
-    return _build(weights, {**_IWSLT, "n_iter": 1}, kwargs)
+    return _build("transformer_iwslt_de_en", weights, {**_IWSLT, "n_iter": 1}, kwargs,
+                  recipe="nmt/iwslt14_de_en_sinkformer", description=_IWSLT_DESCRIPTION)
 
 
 @register_model
@@ -992,7 +1033,7 @@ def sinkformer_transformer_toy(weights: str | None = None, src_vocab_size: int =
     defaults = {"src_vocab_size": src_vocab_size, "encoder_layers": 2, "encoder_embed_dim": 64,
                 "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 2, "decoder_layers": 2, "decoder_embed_dim": 64,
                 "decoder_ffn_embed_dim": 64, "decoder_attention_heads": 2, "dropout": 0.1, "n_iter": 3}
-    return _build(weights, defaults, kwargs)
+    return _build("sinkformer_transformer_toy", weights, defaults, kwargs)
 
 
 @register_model
@@ -1010,7 +1051,10 @@ def sinkformer_transformer_numbers(weights: str | None = None, **kwargs: Any) ->
                 "dropout": 0.1, "n_iter": 3, "beam": 1, "max_len_a": 1.0, "max_len_b": 5}
     kwargs.setdefault("optimizer", NUMBERS_OPTIMIZER)
     kwargs.setdefault("lr_scheduler", NUMBERS_LR_SCHEDULER)
-    return _build(weights, defaults, kwargs)
+    return _build("sinkformer_transformer_numbers", weights, defaults, kwargs, recipe="nmt/numbers_sinkformer",
+                  description="the embedded German-to-English number-words task (zoo.data.translation."
+                              "NumbersDataModule); its recipe reaches val BLEU 100.0, exact match 100% at every "
+                              "number length (measured, CPU, 10 epochs)")
 
 
 # the numbers recipe's training settings (zoo/recipes/nmt/numbers_sinkformer.yaml)
