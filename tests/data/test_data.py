@@ -58,8 +58,8 @@ def test_digits_three_splits_disjoint_and_stratified(digits: DigitsDataModule) -
 
     all_labels = torch.as_tensor(load_digits().target)
     n_train, n_val, n_test = len(digits.train_dataset), len(digits.val_dataset), len(digits.test_dataset)
-    assert (n_val, n_test) == (math.ceil(0.2 * 1797), math.ceil(0.1 * 1797)) == (360, 180)
-    assert n_train == 1797 - 360 - 180
+    assert (n_val, n_test) == (math.ceil(0.2 * 1797) - math.ceil(0.1 * 1797), math.ceil(0.1 * 1797)) == (180, 180)
+    assert n_train == 1797 - 360
     train, val, test = (set(i.tolist()) for i in (digits.train_indices, digits.val_indices, digits.test_indices))
     assert len(train) == n_train and len(val) == n_val and len(test) == n_test
     assert not train & val and not train & test and not val & test
@@ -73,20 +73,22 @@ def test_digits_three_splits_disjoint_and_stratified(digits: DigitsDataModule) -
         assert_stratified(labels, all_labels)
 
 
-def test_digits_val_split_is_the_two_way_split_of_earlier_versions() -> None:
-    """The test split comes out of the training part: val is the split that the 80/20 split always gave (the
-    README's val numbers stay comparable), and test_fraction=0 is that two-way split exactly, without a test split."""
+def test_digits_train_split_is_the_two_way_split_of_earlier_versions() -> None:
+    """The val and test splits come out of the held-out 20% of earlier versions: the training split (and so what
+    the recipes train) is unchanged, and val_fraction=0.2, test_fraction=0 is that two-way split exactly, without a
+    test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     y = load_digits().target
     old_train, old_val = train_test_split(np.arange(1797), test_size=0.2, stratify=y, random_state=0, shuffle=True)
-    three, two = DigitsDataModule(image_size=8), DigitsDataModule(image_size=8, test_fraction=0)
+    three = DigitsDataModule(image_size=8)
+    two = DigitsDataModule(image_size=8, val_fraction=0.2, test_fraction=0)
     three.setup()
     two.setup()
-    assert three.val_indices.tolist() == two.val_indices.tolist() == old_val.tolist()
-    assert two.train_indices.tolist() == old_train.tolist()
-    assert set(three.train_indices.tolist()) | set(three.test_indices.tolist()) == set(old_train.tolist())
+    assert three.train_indices.tolist() == two.train_indices.tolist() == old_train.tolist()
+    assert two.val_indices.tolist() == old_val.tolist()
+    assert set(three.val_indices.tolist()) | set(three.test_indices.tolist()) == set(old_val.tolist())
     with pytest.raises(ZooError, match="test_fraction=0"):
         two.test_dataloader()
     with pytest.raises(ZooError, match="test_fraction=0"):

@@ -21,9 +21,11 @@ _NUM_SAMPLES = 1797
 
 
 def _split_sizes(val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """Images in the val and test splits: ``ceil(1797 * fraction)`` each (scikit-learn's rounding of a
-    fractional ``test_size``)."""
-    return math.ceil(_NUM_SAMPLES * val_fraction), math.ceil(_NUM_SAMPLES * test_fraction)
+    """Images in the val and test splits: ``ceil(1797 * (val_fraction + test_fraction))`` held out and
+    ``ceil(1797 * test_fraction)`` of them for test (scikit-learn's rounding of a fractional ``test_size``)."""
+    held_out = math.ceil(_NUM_SAMPLES * (val_fraction + test_fraction))
+    n_test = math.ceil(_NUM_SAMPLES * test_fraction)
+    return held_out - n_test, n_test
 
 
 class RandomTranslate(Dataset):
@@ -76,11 +78,13 @@ class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's digits (1797 images, 10 classes) as normalised ``channels x image_size^2`` tensors.
 
     Three disjoint splits, each stratified (every class in the proportion of the whole) and fixed by ``seed``:
-    val (``val_fraction`` of the images, 360 by default: the split the module always had) is drawn first, then
-    the held-out test split (``test_fraction`` of all images, 180 by default) is carved out of the rest, and
-    the remainder (1257) trains. ``zoo test`` / ``Trainer.test`` therefore report accuracy on images that
-    neither training nor model selection saw; ``test_fraction=0`` gives the two-way train/val split of
-    earlier versions (and no test split). The predict loader yields the test images (without labels).
+    ``val_fraction + test_fraction`` of the images are held out first (20% by default: exactly the held-out
+    split of earlier versions, so the training split and the models the recipes train are unchanged), then the
+    held-out images are split into the test split (``test_fraction`` of all images, 180 by default) and the val
+    split (the rest, 180). The training split has 1437 images. ``zoo test`` / ``Trainer.test`` report accuracy
+    on images that neither training nor model selection (checkpointing on ``val_acc``) saw; ``test_fraction=0``
+    gives the two-way train/val split of earlier versions (and no test split). The predict loader yields the
+    test images (without labels).
     Images are scaled to [0, 1], bilinearly upsampled, replicated to ``channels`` channels and normalised
     with the per-channel mean/std of the train split (stored as ``mean`` and ``std``). ``train_indices``,
     ``val_indices`` and ``test_indices`` are the images' positions in ``sklearn.datasets.load_digits()``.
@@ -93,7 +97,7 @@ class DigitsDataModule(pl.LightningDataModule):
         image_size: int = 32,
         channels: int = 3,
         batch_size: int = 64,
-        val_fraction: float = 0.2,
+        val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
@@ -163,16 +167,17 @@ class DigitsDataModule(pl.LightningDataModule):
         y = torch.as_tensor(digits.target, dtype=torch.long)
         indices = torch.arange(len(y)).numpy()
         labels = y.numpy()
-        # val first, exactly as the two-way split of earlier versions drew it; the test split then comes out of
-        # the rest (a count of images, stratified over the rest's labels), so val is unchanged by test_fraction
+        # the held-out part first, exactly as the two-way split of earlier versions drew it (test_size 0.2 by
+        # default), so the training split is unchanged; the held-out part is then split into test and val
         train_idx, val_idx = train_test_split(
-            indices, test_size=self.val_fraction, stratify=labels, random_state=self.seed, shuffle=True
+            indices, test_size=self.val_fraction + self.test_fraction, stratify=labels, random_state=self.seed,
+            shuffle=True,
         )
         _, n_test = _split_sizes(self.val_fraction, self.test_fraction)
-        test_idx = train_idx[:0]
+        test_idx = val_idx[:0]
         if n_test:
-            train_idx, test_idx = train_test_split(
-                train_idx, test_size=n_test, stratify=labels[train_idx], random_state=self.seed, shuffle=True
+            val_idx, test_idx = train_test_split(
+                val_idx, test_size=n_test, stratify=labels[val_idx], random_state=self.seed, shuffle=True
             )
         train_idx, val_idx, test_idx = (torch.as_tensor(i, dtype=torch.long) for i in (train_idx, val_idx, test_idx))
 
