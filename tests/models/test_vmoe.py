@@ -103,9 +103,9 @@ def test_training_loss_adds_the_weighted_aux_loss_and_logs_routing() -> None:
     ce = torch.nn.functional.cross_entropy(model(x), y)
     assert torch.allclose(total, ce + 0.5 * aux, atol=1e-6)
     assert aux > 0.5  # each layer's Switch loss is >= 1 (equality at perfect balance)
-    assert model.auxiliary_losses().keys() == {"moe_aux_loss"}  # the one interface the task reads
-    torch.testing.assert_close(model.auxiliary_losses()["moe_aux_loss"], 0.5 * aux)
-    torch.testing.assert_close(logged["train_moe_aux_loss"], 0.5 * aux.detach())
+    assert model.auxiliary_losses().keys() == {"moe/weighted_aux_loss"}  # the one interface the task reads
+    torch.testing.assert_close(model.auxiliary_losses()["moe/weighted_aux_loss"], 0.5 * aux)
+    torch.testing.assert_close(logged["train_moe/weighted_aux_loss"], 0.5 * aux.detach())
     for name in ("aux_loss", "dropped_fraction", "router_entropy", "expert_load_max", "expert_load_min"):
         assert f"train_moe/{name}" in logged
     assert 0 < logged["train_moe/router_entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6

@@ -140,13 +140,14 @@ class VisionMoE(SinkformerViT):
                 if isinstance(block.mlp, MoE)}
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        """``{"moe_aux_loss": aux_loss_weight * sum of the MoE layers' load-balancing losses}`` of the last forward
-        (graph attached: the task adds it to the training loss; exactly 0 for expert choice)."""
+        """``{"moe/weighted_aux_loss": aux_loss_weight * sum of the MoE layers' load-balancing losses}`` of the last
+        forward (graph attached: the task adds it to the training loss and logs it as ``{stage}_moe/weighted_aux_loss``
+        beside the unweighted ``moe/aux_loss`` of :meth:`diagnostics`; exactly 0 for expert choice)."""
         layers = self.moe_modules()
         if not layers:
             return {}
         total = torch.stack([m.aux_loss.float() for m in layers]).sum()
-        return {"moe_aux_loss": self.hparams["aux_loss_weight"] * total}
+        return {"moe/weighted_aux_loss": self.hparams["aux_loss_weight"] * total}
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """The routing statistics of the last forward (:func:`zoo.nn.moe.routing_statistics`) as ``moe/aux_loss``
