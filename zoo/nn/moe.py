@@ -65,13 +65,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
-from zoo.ops.topk import soft_topk_mask
+from zoo.ops.topk import check_relaxed, soft_topk_mask
 
 __all__ = ["MoE", "Routing", "BatchedLinear", "routing_statistics"]
 
 ROUTERS = ("token_choice", "expert_choice")
 TOPKS = ("hard", "soft")
-SOLVERS = ("pav", "dykstra")
 _AUTO = "auto"
 # below every gate probability (S in [0, 1]) by far more than the relaxation width: padded tokens stay out of
 # the relaxed mask's pooled blocks (and are masked out again afterwards)
@@ -246,17 +245,7 @@ class MoE(nn.Module):
             lam = 0.1 / E if lam is None else lam
             solver = "dykstra" if solver is None else solver
             n_iter = 10 if n_iter is None else n_iter
-            if solver not in SOLVERS:
-                raise ZooError(f"unknown solver {solver!r}: use 'pav' or 'dykstra'")
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not (p == 2 or abs(p - 4 / 3) < 1e-6):
-                raise ZooError(f"p must be 2 (piecewise linear) or 4/3 (smooth; solver='pav'), the relaxed top-k's "
-                               f"implemented values, got {p!r}")
-            if solver == "dykstra" and p != 2:
-                raise ZooError("solver='dykstra' needs p=2: use solver='pav' for other p")
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
-                raise ZooError(f"lam must be > 0 (the relaxation strength; -> 0 is the hard top-k), got {lam!r}")
-            if not _is_int(n_iter) or n_iter < 1:
-                raise ZooError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+            check_relaxed("MoE", p, lam, solver, n_iter)
             if token_choice and k == E:
                 raise ZooError(f"topk='soft' with k == num_experts == {E} selects every expert: nothing to relax; "
                                "use topk='hard'")

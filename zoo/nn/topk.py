@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
 from zoo.errors import ZooError
-from zoo.ops.topk import _check_relaxed, soft_topk_magnitude, soft_topk_mask
+from zoo.ops.topk import check_relaxed, soft_topk_magnitude, soft_topk_mask
 
 __all__ = ["SmoothTopKLoss", "SoftTopKMagnitude", "prune_magnitude"]
 
@@ -49,7 +49,7 @@ class SmoothTopKLoss(nn.Module):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ZooError(f"SmoothTopKLoss: k must be an int >= 1, got {k!r}")
-        p43 = _check_relaxed("SmoothTopKLoss", p, lam, solver, n_iter)
+        p43 = check_relaxed("SmoothTopKLoss", p, lam, solver, n_iter)
         if reduction not in REDUCTIONS:
             raise ZooError(f"SmoothTopKLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.k, self.p, self.lam, self.solver, self.n_iter, self.reduction = int(k), float(p), float(lam), solver, \
@@ -129,7 +129,7 @@ class SoftTopKMagnitude(nn.Module):
                  n_iter: int = 100) -> None:
         super().__init__()
         _keep_count(keep, None, "SoftTopKMagnitude")
-        _check_relaxed("SoftTopKMagnitude", p, lam, solver, n_iter)
+        check_relaxed("SoftTopKMagnitude", p, lam, solver, n_iter)
         self.keep, self.p, self.lam, self.solver, self.n_iter = keep, float(p), float(lam), solver, n_iter
 
     def extra_repr(self) -> str:

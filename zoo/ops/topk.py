@@ -95,7 +95,7 @@ from torch.autograd.function import once_differentiable
 
 from zoo.errors import ZooError
 
-__all__ = ["topk_mask", "topk_magnitude", "soft_topk_mask", "soft_topk_magnitude", "SOLVERS"]
+__all__ = ["topk_mask", "topk_magnitude", "soft_topk_mask", "soft_topk_magnitude", "SOLVERS", "check_relaxed"]
 
 SOLVERS = ("pav", "dykstra")
 _P43 = 4.0 / 3.0
@@ -141,8 +141,10 @@ def _check_k(name: str, k: int | torch.Tensor, n: int, batch: torch.Size, device
     return int(k)
 
 
-def _check_relaxed(name: str, p: float, lam: float, solver: str, n_iter: int) -> bool:
-    """Checks p, lam, solver and n_iter; returns True for p = 4/3."""
+def check_relaxed(name: str, p: float, lam: float, solver: str, n_iter: int) -> bool:
+    """The relaxed top-k's options checked in one place (the ops, :mod:`zoo.nn.topk` and the MoE router): ``p``
+    2 or 4/3, ``lam`` > 0, ``solver`` in :data:`SOLVERS` (Dykstra for p = 2 only), ``n_iter`` >= 1 (Dykstra
+    iterations); one ZooError prefixed by ``name`` otherwise. Returns True for p = 4/3."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise ZooError(f"{name}: p must be 2 or 4/3 (the values implemented), got {p!r}")
     if p == 2:
@@ -624,7 +626,7 @@ class _SoftTopKFunction(torch.autograd.Function):
 
 
 def _soft(name: str, x, k, dim, p, lam, solver, n_iter, mag: bool) -> torch.Tensor:
-    p43 = _check_relaxed(name, p, lam, solver, n_iter)
+    p43 = check_relaxed(name, p, lam, solver, n_iter)
     flat, kk, shape, d = _rows(name, x, k, dim)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
