@@ -35,7 +35,7 @@ from torchvision.ops import stochastic_depth
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
 from zoo.nn import ResidualStack
-from zoo.nn.residual_stack import INIT_VELOCITIES, MEMORY_MODES, RULES
+from zoo.nn.residual_stack import DEFAULT_GAMMA, INIT_VELOCITIES, MEMORY_MODES, RULES
 from zoo.ops.fixed_point import post_activation_residual
 from zoo.pretrained import (
     IMAGENET_DEFAULT_MEAN,
@@ -253,7 +253,7 @@ class ResNet(HubMixin, ImageClassifier):
         stem: str = "imagenet",
         rule: str = "euler",
         scale: float | str = 1.0,
-        gamma: float = 0.9,
+        gamma: float = DEFAULT_GAMMA,
         memory: str = "full",
         init_velocity: str = "zero",
         tied: bool | Sequence[int] = False,
@@ -631,7 +631,7 @@ class MomentumResNet(ResNet):
     # what a file saved before an argument existed was built with (zoo.hub.from_pretrained fills it in)
     legacy_init_args = {"keep_first_block": False}
 
-    def __init__(self, *args: Any, rule: str = "momentum", scale: float | str = 1.0, gamma: float = 0.9,
+    def __init__(self, *args: Any, rule: str = "momentum", scale: float | str = 1.0, gamma: float = DEFAULT_GAMMA,
                  memory: str = "reversible", keep_first_block: bool = True, **kwargs: Any):
         super().__init__(*args, rule=rule, scale=scale, gamma=gamma, memory=memory,
                          keep_first_block=keep_first_block, **kwargs)

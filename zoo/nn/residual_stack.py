@@ -53,7 +53,11 @@ def _check_choice(kind: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def validate_rule_memory(rule: str, memory: str, gamma: float = 0.9) -> None:
+# the published momentum term of the momentum rule (M1): the one default every signature uses
+DEFAULT_GAMMA = 0.9
+
+
+def validate_rule_memory(rule: str, memory: str, gamma: float = DEFAULT_GAMMA) -> None:
     """Raise one clear error for an unknown or unsupported ``rule`` / ``memory`` / ``gamma``."""
     _check_choice("rule", rule, RULES)
     _check_choice("memory", memory, MEMORY_MODES)
@@ -217,6 +221,11 @@ class ResidualStack(nn.Module):
             follow as ``"1" .. "N"``, so a stage keeps torchvision's parameter names.
         preserve_rng_state: replay the forward's random state when recomputing (dropout, stochastic
             depth); turn off only when no block draws random numbers.
+        init_velocity: v_0 of the momentum rule: ``"zero"``, ``"f"`` (v_0 = f_0(x_0)) or a module g
+            (v_0 = g(x_0), a child named ``"velocity"``).
+        fixed_point_bits: fractional bits of the fixed-point state under ``memory="reversible"`` (x and v are
+            int64 with this many bits after the point, so every state must stay below 2^(61 - bits) in size:
+            2^29 for 32 bits; the forward checks it).
 
     Blocks that expose a ``residual_step`` attribute (post-activation ResNet blocks, whose residual
     function depends on the step) are told the step size whenever it changes.
@@ -227,7 +236,7 @@ class ResidualStack(nn.Module):
         blocks: Iterable[nn.Module],
         rule: str = "euler",
         scale: float | str = 1.0,
-        gamma: float = 0.9,
+        gamma: float = DEFAULT_GAMMA,
         memory: str = "full",
         transition: nn.Module | None = None,
         preserve_rng_state: bool = True,
@@ -446,6 +455,9 @@ class ResidualStack(nn.Module):
         return x_next - (h / 2) * (fb + self._f(n, y, args, kwargs))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x_N from x_0 = ``transition(x)`` (or ``x``) by the stack's rule; ``args`` and ``kwargs`` (masks, a
+        conditioning tensor ...) reach every block, tensors among them get gradients under every memory strategy.
+        """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ZooError(f"ResidualStack expects a floating-point tensor, got {kind}")
