@@ -6,7 +6,7 @@ MoE blocks (``moe_every=2``: blocks 1, 3, 5, ... counted from 0, i.e. every seco
 as V-MoE's "Every-2")::
 
     x = x + attn(norm1(x))
-    x = x + MoE(norm2(x)),   MoE(x) = sum_{(e, w) routed from x} w * MLP_e(x)               (M1)
+    x = x + MoE(norm2(x)),   MoE(x) = sum_{(e, w) routed from x} w * MLP_e(x)               (E1)
 
 The router is the MoE's: ``"expert_choice"`` (each expert takes its k tokens of the group, load balanced by
 construction, the published relaxed-router setting) or ``"token_choice"`` (top-k experts per token, capacity,

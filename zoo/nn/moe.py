@@ -3,7 +3,7 @@
 E expert MLPs (fc1 -> GELU -> drop -> fc2 -> drop, timm's layout) and a linear router with gates computed in
 float32,
 
-    S = softmax(W_r x)  over the E experts,          MoE(x) = sum_{(e, w) routed from x} w * MLP_e(x)       (M1)
+    S = softmax(W_r x)  over the E experts,          MoE(x) = sum_{(e, w) routed from x} w * MLP_e(x)       (E1)
 
 Two routers pick the (token, expert, weight) triples:
 
@@ -15,7 +15,7 @@ Two routers pick the (token, expert, weight) triples:
   S_te / sum_{j in top-k(t)} S_tj with ``normalize_gates`` (default: on when k > 1; with k = 1 it would make
   every weight 1 and cut the router out of the loss). Load-balancing loss (Switch), over the valid tokens:
 
-      aux = E * sum_e f_e P_e,   f_e = #(assignments to e, before capacity) / (k T_valid),   P_e = mean_t S_te  (M2)
+      aux = E * sum_e f_e P_e,   f_e = #(assignments to e, before capacity) / (k T_valid),   P_e = mean_t S_te  (E2)
 
 * ``expert_choice`` (Zhou et al. 2022): in every group of n tokens (default: each sequence; ``group_size``
   regroups the flattened tokens) each expert takes the k tokens with the highest S_te, with
@@ -25,7 +25,7 @@ Two routers pick the (token, expert, weight) triples:
 ``topk="soft"`` replaces the hard top-k by the relaxed operator of MATH.md section 6
 (:func:`zoo.ops.topk.soft_topk_mask`: sparse, sums to k, the hard mask as lam -> 0, differentiable):
 
-    m = soft_topk_mask(S, k, p, lam),   w = m * S,   dispatched: the k largest w, weight w (or normalised)  (M3)
+    m = soft_topk_mask(S, k, p, lam),   w = m * S,   dispatched: the k largest w, weight w (or normalised)  (E3)
 
 over the experts of each token (token choice) or over the tokens of a group for each expert (expert choice;
 the published setting: p = 2, Dykstra, 10 iterations). m is monotone in S, so the dispatched set is the hard
@@ -149,7 +149,7 @@ def _is_int(value: Any) -> bool:
 
 
 class MoE(nn.Module):
-    """Mixture of ``num_experts`` MLPs ``dim -> hidden_dim -> dim`` with a top-k router, (M1)-(M3) above.
+    """Mixture of ``num_experts`` MLPs ``dim -> hidden_dim -> dim`` with a top-k router, (E1)-(E3) above.
 
     Args:
         dim, hidden_dim: the MLP widths (timm ``Mlp(dim, hidden_dim)``); ``hidden_dim`` defaults to ``dim``.
@@ -443,7 +443,7 @@ class MoE(nn.Module):
         weight = torch.zeros(E * C + 1, dtype=comb.dtype, device=logits.device).scatter(0, slot, comb_flat * keep)
         index, weight = index[:-1].view(E, C), weight[:-1].view(E, C)
 
-        # load-balancing loss (M2) and stats, over the valid tokens
+        # load-balancing loss (E2) and stats, over the valid tokens
         denom = n_valid.clamp(min=1)
         f = counts[:E].to(gates.dtype) / (k * denom)
         gates_valid = gates if valid is None else gates * valid.unsqueeze(-1)
@@ -517,7 +517,7 @@ class MoE(nn.Module):
     # -------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """MoE(x) (M1), shaped like x; sets ``self.aux_loss`` and ``self.stats``."""
+        """MoE(x) (E1), shaped like x; sets ``self.aux_loss`` and ``self.stats``."""
         routing = self.route(x, padding_mask)
         flat, _ = self._flat_tokens(x, padding_mask)  # padded tokens are never dispatched, and are zeros anyway
         N = flat.shape[0]
