@@ -379,7 +379,7 @@ class TransformerEncoder(_TokenEmbedder):
     """fairseq's ``TransformerEncoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
     pre-norm, ``layernorm_embedding`` when asked, ``version`` buffer)."""
 
-    def __init__(self, embed_tokens: nn.Embedding, layers: int, ffn_embed_dim: int, num_heads: int,
+    def __init__(self, embed_tokens: nn.Embedding, *, layers: int, ffn_embed_dim: int, num_heads: int,
                  dropout: float, attention_dropout: float, activation_dropout: float, activation_fn: str,
                  normalize_before: bool, max_positions: int, learned_pos: bool, no_token_positional_embeddings: bool,
                  layernorm_embedding: bool, no_scale_embedding: bool, n_iter: int, record_stats: bool) -> None:
@@ -409,7 +409,7 @@ class TransformerDecoder(_TokenEmbedder):
     """fairseq's ``TransformerDecoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
     pre-norm, ``output_projection`` tied to ``embed_tokens`` with ``share_input_output_embed``, ``version``)."""
 
-    def __init__(self, embed_tokens: nn.Embedding, layers: int, ffn_embed_dim: int, num_heads: int,
+    def __init__(self, embed_tokens: nn.Embedding, *, layers: int, ffn_embed_dim: int, num_heads: int,
                  encoder_embed_dim: int, dropout: float, attention_dropout: float, activation_dropout: float,
                  activation_fn: str, normalize_before: bool, no_final_norm: bool, max_positions: int,
                  learned_pos: bool, no_token_positional_embeddings: bool, layernorm_embedding: bool,
@@ -570,15 +570,18 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         self.pad, self.eos, self.unk, self.bos = PAD, EOS, UNK, BOS
         enc_embed = _embedding(src_vocab_size, encoder_embed_dim, PAD)
         dec_embed = enc_embed if share_all_embeddings else _embedding(tgt_vocab_size, decoder_embed_dim, PAD)
+        shared = {"dropout": dropout, "attention_dropout": attention_dropout, "activation_dropout": activation_dropout,
+                  "activation_fn": activation_fn, "no_token_positional_embeddings": no_token_positional_embeddings,
+                  "layernorm_embedding": layernorm_embedding, "no_scale_embedding": no_scale_embedding}
         self.encoder = TransformerEncoder(
-            enc_embed, encoder_layers, encoder_ffn_embed_dim, encoder_attention_heads, dropout, attention_dropout,
-            activation_dropout, activation_fn, encoder_normalize_before, max_source_positions, encoder_learned_pos,
-            no_token_positional_embeddings, layernorm_embedding, no_scale_embedding, n_iter, record_stats)
+            enc_embed, layers=encoder_layers, ffn_embed_dim=encoder_ffn_embed_dim, num_heads=encoder_attention_heads,
+            normalize_before=encoder_normalize_before, max_positions=max_source_positions,
+            learned_pos=encoder_learned_pos, n_iter=n_iter, record_stats=record_stats, **shared)
         self.decoder = TransformerDecoder(
-            dec_embed, decoder_layers, decoder_ffn_embed_dim, decoder_attention_heads, encoder_embed_dim, dropout,
-            attention_dropout, activation_dropout, activation_fn, decoder_normalize_before, no_decoder_final_norm,
-            max_target_positions, decoder_learned_pos, no_token_positional_embeddings, layernorm_embedding,
-            no_scale_embedding, share_decoder_input_output_embed)
+            dec_embed, layers=decoder_layers, ffn_embed_dim=decoder_ffn_embed_dim, num_heads=decoder_attention_heads,
+            encoder_embed_dim=encoder_embed_dim, normalize_before=decoder_normalize_before,
+            no_final_norm=no_decoder_final_norm, max_positions=max_target_positions, learned_pos=decoder_learned_pos,
+            share_input_output_embed=share_decoder_input_output_embed, **shared)
         self.pretrained_cfg = translation_cfg(src_vocab_size, tgt_vocab_size,
                                               source=None if weights is None else str(weights))
         self.default_cfg = self.pretrained_cfg  # timm's alias
