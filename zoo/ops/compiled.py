@@ -30,7 +30,7 @@ class CompiledKernels:
     """
 
     def __init__(self, eager: dict[str, Callable[..., Any]], env: str, what: str, fullgraph: bool = False,
-                 options: dict[str, dict[str, Any]] | None = None):
+                 options: dict[str, dict[str, Any]] | None = None) -> None:
         self.eager = dict(eager)
         self.env, self.what, self.fullgraph = env, what, fullgraph
         self.options = dict(options or {})
@@ -39,9 +39,11 @@ class CompiledKernels:
         self._variants: dict[tuple, Callable[..., Any]] = {}
 
     def set_enabled(self, enabled: bool) -> None:
+        """Compile the kernels (``enabled`` True) or run them eagerly from now on."""
         self.enabled = bool(enabled)
 
     def __getitem__(self, name: str) -> Callable[..., Any]:
+        """The kernel ``name`` with no constants bound: ``get(name)``."""
         return self.get(name)
 
     def get(self, name: str, **static: Any) -> Callable[..., Any]:

@@ -16,7 +16,9 @@ needed to detect a full buffer).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -47,7 +49,7 @@ class GammaRatio:
         max_denominator: gamma is rounded to the closest n/d with d <= this (0.9 -> 9/10).
     """
 
-    def __init__(self, gamma: float, max_denominator: int = 1000):
+    def __init__(self, gamma: float, max_denominator: int = 1000) -> None:
         if not 0.0 < gamma < 1.0:
             raise ZooError(f"exact reversible momentum needs 0 < gamma < 1 (the inverse divides by gamma), got {gamma}")
         ratio = Fraction(gamma).limit_denominator(max_denominator)
@@ -108,9 +110,12 @@ class FixedPoint:
     Representable values satisfy |x| < 2^(61 - frac_bits) (two bits of headroom, so that the sum
     x + v of two representable values cannot wrap); :meth:`out_of_range` flags the others, and
     :meth:`momentum_state_out_of_range` bounds every state of a momentum stack.
+
+    Args:
+        frac_bits: F, the number of fractional bits, an int in [8, 52].
     """
 
-    def __init__(self, frac_bits: int = 32):
+    def __init__(self, frac_bits: int = 32) -> None:
         if not isinstance(frac_bits, int) or not 8 <= frac_bits <= 52:
             raise ZooError(f"the fixed-point fractional bits (fixed_point_bits) must be an integer in [8, 52], "
                            f"got {frac_bits!r}")
@@ -120,6 +125,7 @@ class FixedPoint:
 
     @staticmethod
     def work_dtype(t: torch.Tensor) -> torch.dtype:
+        """The floating dtype the conversions of ``t`` compute in: float64 for float64, else float32."""
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
     def to_fixed(self, t: torch.Tensor) -> torch.Tensor:
@@ -146,6 +152,12 @@ class FixedPoint:
         v_{n+1} = gamma v_n + g_n gives |v_n| <= V = max(|v_0|, G / (1 - gamma)), and x_n = x_0 + sum v
         gives |x_n| <= |x_0| + n V. Rounding adds a few units of 2^-F per step, covered by testing
         against half the range. NaN or inf anywhere makes the bound non-finite and is flagged.
+
+        Args:
+            x0_max, v0_max: max |x_0| and max |v_0|, 0-dim tensors (see :meth:`abs_max`).
+            g_max: G, a bound on max |g_n| over the steps (0-dim tensor).
+            gamma: the momentum term.
+            steps: the number of steps n.
         """
         v_bound = torch.maximum(v0_max, g_max / (1.0 - gamma))
         bound = x0_max + steps * v_bound
@@ -181,7 +193,8 @@ def residual_tail(x: torch.Tensor, g: torch.Tensor, tail: str) -> torch.Tensor:
     return post_activation_residual(x, g) if tail == "relu" else g
 
 
-def _momentum_step_(xi, vi, buffer, xf, g, *, c: float, tail: str, n: int, d: int, scale: float):
+def _momentum_step_(xi: torch.Tensor, vi: torch.Tensor, buffer: torch.Tensor, xf: torch.Tensor, g: torch.Tensor, *,
+                    c: float, tail: str, n: int, d: int, scale: float) -> torch.Tensor:
     """(M1) in fixed point, in place: v <- gamma v + round(2^F c f) (the buffer keeps the lost bits), x <- x + v,
     and ``xf`` <- x / 2^F, the next residual function's input; f = residual_tail(xf, g, tail).
 
@@ -200,8 +213,9 @@ def _momentum_step_(xi, vi, buffer, xf, g, *, c: float, tail: str, n: int, d: in
     return bound
 
 
-def _momentum_unstep_(xi, vi, buffer, xf, g, a, gx, *, c: float, tail: str, n: int, d: int, scale: float,
-                      first: bool):
+def _momentum_unstep_(xi: torch.Tensor, vi: torch.Tensor, buffer: torch.Tensor, xf: torch.Tensor, g: torch.Tensor,
+                      a: torch.Tensor, gx: torch.Tensor, *, c: float, tail: str, n: int, d: int, scale: float,
+                      first: bool) -> torch.Tensor:
     """The inverse (M2) of step k and the element-wise part of its gradient, in place.
 
     Given x_k = ``xi`` (and its float ``xf``), v_{k+1} = ``vi``, g = the residual function's last tensor at x_k
@@ -234,7 +248,7 @@ def _momentum_unstep_(xi, vi, buffer, xf, g, a, gx, *, c: float, tail: str, n: i
     return grad_g.to(g.dtype)
 
 
-def _accumulate_(gx, a, grad_branch, *, gamma: float, last: bool):
+def _accumulate_(gx: torch.Tensor, a: torch.Tensor, grad_branch: torch.Tensor, *, gamma: float, last: bool) -> None:
     """In place: gx += grad_branch (the rest of c J_f^T a), and unless ``last`` a <- gx + gamma a, the next
     step's a = dL/dx_k + dL/dv_k (dL/dv_k = gamma a)."""
     gx.copy_(gx + grad_branch.to(gx.dtype))
@@ -242,12 +256,12 @@ def _accumulate_(gx, a, grad_branch, *, gamma: float, last: bool):
         a.copy_(gx + gamma * a)
 
 
-def _refresh_float_(xi, xf, *, scale: float):
+def _refresh_float_(xi: torch.Tensor, xf: torch.Tensor, *, scale: float) -> None:
     """In place xf <- xi / 2^F (a separate pass so that backward needs one float state buffer, not two)."""
     xf.copy_(_to_float(xi, scale, xf.dtype))
 
 
-def _rewind_(xi, vi, *, scale: float, dtype: torch.dtype):
+def _rewind_(xi: torch.Tensor, vi: torch.Tensor, *, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """In place x <- x - v (x_{N-1} = x_N - v_N); returns its float value."""
     xi.copy_(xi - vi)
     return _to_float(xi, scale, dtype)
@@ -270,15 +284,17 @@ _KERNELS = CompiledKernels({"step": _momentum_step_, "unstep": _momentum_unstep_
 
 
 def set_fused(enabled: bool) -> None:
-    """Run the fixed-point momentum steps as compiled kernels (default) or as eager PyTorch ops."""
+    """Run the fixed-point momentum steps as compiled kernels (``enabled`` True, the default) or as eager
+    PyTorch ops (False)."""
     _KERNELS.set_enabled(enabled)
 
 
 def fused_enabled() -> bool:
+    """Whether the fixed-point momentum steps run as compiled kernels (see :func:`set_fused`)."""
     return _KERNELS.enabled
 
 
-def momentum_kernel(name: str, **static):
+def momentum_kernel(name: str, **static: Any) -> Callable[..., Any]:
     """The step, unstep, accumulate, refresh or rewind function with its keyword-only constants bound (``c``, ``tail``,
     ``n``, ``d``, ``scale``, ``gamma`` ...): compiled once per set of constants when fusion is on (eager under
     a caller's torch.compile, which traces it itself), else eager."""

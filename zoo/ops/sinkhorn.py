@@ -26,6 +26,8 @@ unrolled backward, no detaching, no implicit differentiation). The two chunk fun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +220,15 @@ def _last_matrix(c: torch.Tensor, pots: list[torch.Tensor]) -> torch.Tensor:
     return (c + pots[-1] + pots[-2]).exp()
 
 
-def _sinkhorn_forward(q, k, v, bias, keep, factor, n_iter: int):
+def _sinkhorn_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    factor: torch.Tensor | None,
+    n_iter: int,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One chunk: out = factor * ((P_n * keep) v) and the potentials; q is pre-scaled, factor (N, 1, 1) or None."""
     c = _scores(q, k, bias)
     pots = _potentials(c, n_iter, bias is not None)
@@ -227,7 +237,17 @@ def _sinkhorn_forward(q, k, v, bias, keep, factor, n_iter: int):
     return (out if factor is None else out * factor), pots
 
 
-def _sinkhorn_backward(q, k, v, bias, keep, factor, pots: list[torch.Tensor], dout, n_iter: int):
+def _sinkhorn_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    factor: torch.Tensor | None,
+    pots: list[torch.Tensor],
+    dout: torch.Tensor,
+    n_iter: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (to be multiplied by the scale), dk, dv of one chunk, recomputing C and each P_l from the potentials."""
     c = _scores(q, k, bias)
     p = _last_matrix(c, pots)
@@ -268,11 +288,11 @@ _KERNELS = CompiledKernels({"forward": _sinkhorn_forward, "backward": _sinkhorn_
 
 
 def set_compile(enabled: bool) -> None:
-    """Run the Sinkhorn chunk kernels compiled (default) or as eager PyTorch ops."""
+    """Run the Sinkhorn chunk kernels compiled (``enabled`` True, the default) or as eager PyTorch ops (False)."""
     _KERNELS.set_enabled(enabled)
 
 
-def _kernel(name: str):
+def _kernel(name: str) -> Callable[..., Any]:
     """The forward or backward chunk function: compiled when enabled (eager under a caller's torch.compile)."""
     return _KERNELS[name]
 
@@ -281,7 +301,19 @@ class _SinkhornFunction(torch.autograd.Function):
     """out = W v with W the Sinkhorn weights; chunked over the flattened leading dim, recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, bias_idx, keep, n_iter, scale, factor, chunk):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        bias_idx: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        n_iter: int,
+        scale: float,
+        factor: torch.Tensor | None,
+        chunk: int,
+    ) -> torch.Tensor:
         N = q.shape[0]
         qs = q * scale  # scale the (N, L, E) factor, not the (N, L, S) product
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
@@ -300,7 +332,7 @@ class _SinkhornFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         qs, k, v, bias, bias_idx, keep, factor, *pots = ctx.saved_tensors
         n_iter, scale, chunk = ctx.cfg
         dout = dout.to(qs.dtype)
@@ -434,7 +466,18 @@ def sinkhorn_attention(
         return out.reshape(*lead, L, vf.shape[-1]).to(out_dtype)
 
 
-def _weights_path(q, k, v, bias, n_iter, scale, masked, log_ratio, lead, dropout_p):
+def _weights_path(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_iter: int,
+    scale: float,
+    masked: bool,
+    log_ratio: torch.Tensor | None,
+    lead: torch.Size,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialised weights with plain autograd (for ``return_weights=True``)."""
     L, S, N = q.shape[-2], k.shape[-2], math.prod(lead)  # N, not -1: the reshapes must work when L or S is 0
     lead_q = q.expand(*lead, L, q.shape[-1]).reshape(N, L, q.shape[-1])
@@ -457,6 +500,12 @@ def attention_column_sums(
     1 for every column of a doubly stochastic (Sinkhorn-limit) matrix; softmax attention has rows summing to 1
     and columns anywhere in [0, L * S / L]. Padding masks (bool (B, S) / (B, L), True = padded, B the first
     leading dim) restrict the counts to valid tokens; padded keys give NaN (ignored by :func:`column_sum_stats`).
+
+    Args:
+        weights: attention weights (..., L, S), e.g. ``sinkhorn_attention(..., return_weights=True)[1]``.
+        key_padding_mask: bool (B, S), True = padded key, or None.
+        query_padding_mask: bool (B, L), True = padded query, or None (then, when L == S, the key padding mask).
+
     Returns (..., S).
     """
     lead = weights.shape[:-2]
@@ -487,7 +536,8 @@ def column_sum_stats(
     """The MATH.md diagnostic: statistics of the rescaled column sums c_j = (S / L) sum_i W_ij over valid keys.
 
     Returns 0-dim tensors (no host sync): ``mean``, ``std``, ``min``, ``max`` of c and ``dev`` = mean |c - 1|
-    (0 for a doubly stochastic matrix; trained Transformers drift towards 0).
+    (0 for a doubly stochastic matrix; trained Transformers drift towards 0). Arguments as in
+    :func:`attention_column_sums`.
     """
     c = attention_column_sums(weights, key_padding_mask, query_padding_mask).flatten()
     ok = ~torch.isnan(c)

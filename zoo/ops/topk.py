@@ -88,6 +88,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,7 +167,8 @@ def check_relaxed(name: str, p: float, lam: float, solver: str, n_iter: int) -> 
     return p43
 
 
-def _rows(name: str, x: torch.Tensor, k: int | torch.Tensor, dim: int):
+def _rows(name: str, x: torch.Tensor, k: int | torch.Tensor,
+          dim: int) -> tuple[torch.Tensor, int | torch.Tensor, torch.Size, int]:
     """x as (rows, n) with the operator along the last dim, k checked, and how to put the result back."""
     d = _check_dim(name, x, dim)
     xm = x.movedim(d, -1)
@@ -198,8 +201,12 @@ def _hard_rows(flat: torch.Tensor, kk: int | torch.Tensor) -> torch.Tensor:
 def topk_mask(x: torch.Tensor, k: int | torch.Tensor, dim: int = -1) -> torch.Tensor:
     """topkmask(x)_i = 1 if x_i is among the k largest entries along ``dim``, else 0 (x's dtype, no gradient).
 
-    ``k``: an int, or an integer tensor with one k per row (shape x.shape without ``dim``, or broadcastable).
     Ties are broken arbitrarily (exactly k ones per row); NaN ranks above every number (``torch.topk``'s order).
+
+    Args:
+        x: any shape, floating point; the operator acts along ``dim``, every other dim is a batch.
+        k: int in [1, n], or an integer tensor with one k per row (shape x.shape without ``dim``, or broadcastable).
+        dim: the dimension the k largest entries are taken along.
     """
     flat, kk, shape, d = _rows("topk_mask", x, k, dim)
     return _unrows(_hard_rows(flat.detach(), kk), shape, d)
@@ -209,6 +216,7 @@ def topk_magnitude(x: torch.Tensor, k: int | torch.Tensor, dim: int = -1) -> tor
     """topkmag(x) = x * topkmask(|x|): keeps the k entries of largest magnitude (gradient: the mask).
 
     Written with ``torch.where``, not a product, so that an infinite entry left out is 0, not inf * 0 = NaN.
+    Arguments as in :func:`topk_mask`.
     """
     flat, kk, shape, d = _rows("topk_magnitude", x, k, dim)
     keep = _unrows(_hard_rows(flat.detach().abs(), kk), shape, d) > 0
@@ -290,7 +298,8 @@ def _cubic_root(P: torch.Tensor | float, Q: torch.Tensor) -> torch.Tensor:
     return z - torch.where(d > 0, (z * z * z + P * z + Q) / d.clamp_min(tiny), 0.0)
 
 
-def _singletons(s: torch.Tensor, L: torch.Tensor, lam: float, p43: bool, mag: bool):
+def _singletons(s: torch.Tensor, L: torch.Tensor, lam: float, p43: bool,
+                mag: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (the minimiser of each h_i alone) and (s - y) / lam on L for the magnitude (None for the mask: 1)."""
     if not mag:
         return s - lam * L.to(s.dtype), None
@@ -333,7 +342,8 @@ def _pav_gamma(s: torch.Tensor, y: torch.Tensor, kk: int | torch.Tensor, lam: fl
     cl = Lf.cumsum(-1)  # L entries among sorted[0:j + 1]
     cr = (n - kk - torch.arange(n, device=s.device, dtype=s.dtype)) + (cl - Lf)  # R entries among sorted[j:n]
 
-    def root_piece(G: torch.Tensor):
+    def root_piece(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         c = (G <= 0).sum(-1, keepdim=True)
         lo, hi, has_lo, has_hi = (c - 1).clamp_min(0), c.clamp_max(n - 1), c > 0, c < n
         clc = torch.where(has_lo, cl.gather(-1, lo), 0.0)  # L entries among sorted[0:c)
@@ -390,7 +400,8 @@ def _pav_gamma(s: torch.Tensor, y: torch.Tensor, kk: int | torch.Tensor, lam: fl
     return torch.where(no_violation, gamma_nv, m + lam * t)
 
 
-def _pav_sorted(s, L, kk, lam, p43, mag):
+def _pav_sorted(s: torch.Tensor, L: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool,
+                mag: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """e = (s - v*) / lam in sorted order and the pooled block (bool): v*_i = max(y_i, gamma) on L, min on R."""
     y, e_single = _singletons(s, L, lam, p43, mag)
     gamma = _pav_gamma(s, y, kk, lam, p43, mag)
@@ -402,7 +413,8 @@ def _pav_sorted(s, L, kk, lam, p43, mag):
 # ------------------------------------------------------------------------------------------------ Dykstra
 
 
-def _dykstra_sorted(s, L, lam, mag, n_iter):
+def _dykstra_sorted(s: torch.Tensor, L: torch.Tensor, lam: float, mag: bool,
+                    n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """e = (s - v) / lam and the block, v after ``n_iter`` rounds of Dykstra's projections onto C1 and C2.
 
     Each projection pools the violating pairs (u, w) (u < w) of its constraint set at their weighted mean
@@ -504,7 +516,8 @@ def _mask_pav_rows(x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: boo
     return ((x - gamma) / lam).clamp_(0.0, 1.0)
 
 
-def _nonfinite_rows(x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool):
+def _nonfinite_rows(x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool,
+                    mag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Infinite and NaN entries (module docstring, "Non-finite entries"): (x with finite surrogates, the infinite
     entries (bool), the rows holding a NaN (rows, 1), the exact outputs at the infinite entries).
 
@@ -551,7 +564,9 @@ class _SoftTopKFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, kk, lam, p43, mag, solver, n_iter):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool, solver: str, n_iter: int
+    ) -> torch.Tensor:
         rows, n = x.shape
         chunks = _row_chunks(rows, n, x.device)
         ctx.cfg = (kk if isinstance(kk, int) else None, lam, p43, mag, chunks)
@@ -604,7 +619,7 @@ class _SoftTopKFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         e_o, blk, perm, e_s, neg, kt, inf, row_nan = ctx.saved_tensors
         kint, lam, p43, mag, chunks = ctx.cfg
         gx = torch.empty_like(grad)
@@ -625,7 +640,8 @@ class _SoftTopKFunction(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
-def _soft(name: str, x, k, dim, p, lam, solver, n_iter, mag: bool) -> torch.Tensor:
+def _soft(name: str, x: torch.Tensor, k: int | torch.Tensor, dim: int, p: float, lam: float, solver: str, n_iter: int,
+          mag: bool) -> torch.Tensor:
     p43 = check_relaxed(name, p, lam, solver, n_iter)
     flat, kk, shape, d = _rows(name, x, k, dim)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -657,6 +673,7 @@ def soft_topk_mask(
     Args:
         x: any shape, floating point; the operator acts along ``dim``, every other dim is a batch.
         k: int in [1, n], or an integer tensor of k per row (x.shape without ``dim``, or broadcastable).
+        dim: the dimension the operator acts along.
         p: 2 (piecewise linear) or 4/3 (continuously differentiable).
         lam: regularisation strength > 0.
         solver: ``"pav"`` (exact) or ``"dykstra"`` (p = 2 only, ``n_iter`` iterations; approximate).
