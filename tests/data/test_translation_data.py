@@ -1,4 +1,4 @@
-"""Translation data (zoo/data/translation.py): fairseq's dictionary and mmap index format (bytes checked against the
+"""Translation data (zoo/data/translation/): fairseq's dictionary and mmap index format (bytes checked against the
 format fairseq's indexed_dataset.py writes), token batching, collate, the three data modules. CPU, no network."""
 
 from __future__ import annotations
