@@ -1,11 +1,13 @@
 """Lightning data modules: the embedded digits dataset, CIFAR-10/100, ImageNet-style image folders, point clouds
 (ModelNet40 files and the embedded synthetic shapes), translation (fairseq binarized data, parallel
-text, the embedded number words)."""
+text, the embedded number words). The image and point-cloud modules share :class:`ZooDataModule`'s loaders."""
 
+from zoo.data.base import ZooDataModule
 from zoo.data.digits import DigitsDataModule
 from zoo.data.pointcloud import ModelNet40DataModule, SyntheticPointCloudDataModule
 from zoo.data.translation import FairseqBinarizedDataModule, NumbersDataModule, ParallelTextDataModule
 from zoo.data.vision import CIFARDataModule, ImageFolderDataModule
 
 __all__ = ["CIFARDataModule", "DigitsDataModule", "FairseqBinarizedDataModule", "ImageFolderDataModule",
-           "ModelNet40DataModule", "NumbersDataModule", "ParallelTextDataModule", "SyntheticPointCloudDataModule"]
+           "ModelNet40DataModule", "NumbersDataModule", "ParallelTextDataModule", "SyntheticPointCloudDataModule",
+           "ZooDataModule"]

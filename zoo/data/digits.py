@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from zoo.data.base import ZooDataModule
 from zoo.errors import ZooError
 
 __all__ = ["DigitsDataModule", "RandomTranslate"]
@@ -61,20 +61,7 @@ class RandomTranslate(Dataset):
         return image, self.labels[index]
 
 
-class _ImagesOnly(Dataset):
-    """A dataset over an image tensor that yields the images alone (for prediction)."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
-
-
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(ZooDataModule):
     """scikit-learn's digits (1797 images, 10 classes) as normalised ``channels x image_size^2`` tensors.
 
     Three disjoint splits, each stratified (every class in the proportion of the whole) and fixed by ``seed``:
@@ -104,13 +91,11 @@ class DigitsDataModule(pl.LightningDataModule):
         augment: bool = True,
     ) -> None:
         """Validate the arguments; the tensors themselves are built in ``setup``."""
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if int(image_size) != image_size or image_size < 8:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
         if not 0.0 <= float(test_fraction) < 1.0:
@@ -123,16 +108,12 @@ class DigitsDataModule(pl.LightningDataModule):
                 f"{', '.join(f'{k} {v}' for k, v in sizes.items())} images: a stratified split needs at least one "
                 f"image of each of the {self.num_classes} classes in each split"
             )
-        if int(num_workers) != num_workers or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         self.save_hyperparameters()
         self.image_size = int(image_size)
         self.channels = int(channels)
-        self.batch_size = int(batch_size)
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.seed = int(seed)
-        self.num_workers = int(num_workers)
         self.augment = bool(augment)
         self.class_names = [str(i) for i in range(self.num_classes)]
         self.mean: torch.Tensor | None = None
@@ -143,9 +124,6 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_labels: torch.Tensor | None = None
         self.test_images: torch.Tensor | None = None
         self.test_labels: torch.Tensor | None = None
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: TensorDataset | None = None
-        self.test_dataset: TensorDataset | None = None
 
     def _to_images(self, flat: torch.Tensor) -> torch.Tensor:
         """Turn (N, 64) values in 0..16 into (N, channels, image_size, image_size) floats in [0, 1]."""
@@ -199,35 +177,6 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_dataset = TensorDataset(self.val_images, self.val_labels)
         self.test_dataset = TensorDataset(self.test_images, self.test_labels)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        """Build a DataLoader with the module's common settings."""
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
-
-    def _ensure_setup(self) -> None:
-        """Build the tensors if ``setup`` has not run yet (e.g. when a loader is requested directly)."""
-        if self.val_dataset is None:
-            self.setup()
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (and, with ``augment``, randomly translated) train split."""
-        self._ensure_setup()
-        assert self.train_dataset is not None
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The val split in a fixed order."""
-        self._ensure_setup()
-        assert self.val_dataset is not None
-        return self._loader(self.val_dataset, shuffle=False)
-
     def _check_test_split(self) -> None:
         if self.test_fraction == 0:
             raise ZooError("DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 (e.g. "
@@ -236,14 +185,10 @@ class DigitsDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The held-out test split in a fixed order (disjoint from train and val)."""
         self._check_test_split()
-        self._ensure_setup()
-        assert self.test_dataset is not None
-        return self._loader(self.test_dataset, shuffle=False)
+        return super().test_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         """The test images only (no labels), in the order of ``test_indices``: each batch is a plain
         ``(B, C, H, W)`` tensor."""
         self._check_test_split()
-        self._ensure_setup()
-        assert self.test_images is not None
-        return self._loader(_ImagesOnly(self.test_images), shuffle=False)
+        return super().predict_dataloader()

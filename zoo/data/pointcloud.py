@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data.base import ZooDataModule
 from zoo.errors import ZooError
 
 __all__ = [
@@ -237,62 +237,23 @@ class PointCloudDataset(Dataset):
         return cloud, self.labels[index]
 
 
-class _PointsOnly(Dataset):
-    def __init__(self, dataset: PointCloudDataset) -> None:
-        self.dataset = dataset
+class _PointCloudDataModule(ZooDataModule):
+    """The point cloud modules' common part: the train augmentation, and a train loader that drops its last
+    incomplete batch. Subclasses set ``train_dataset`` and ``val_dataset`` in setup; val, test and predict read
+    the val split."""
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.dataset[index][0]
-
-
-class _PointCloudDataModule(pl.LightningDataModule):
-    """Loaders shared by the point cloud modules: subclasses set ``train_dataset`` and ``val_dataset`` in setup."""
-
+    test_split = "val"
     num_classes: int
     class_names: list[str]
 
     def __init__(self, batch_size: int, num_workers: int, augment_args: dict[str, Any]) -> None:
-        super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ZooError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ZooError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-        self.batch_size, self.num_workers = batch_size, num_workers
+        super().__init__(batch_size, num_workers)
         self.augmentation = PointCloudAugment(**augment_args)
-        self.train_dataset: PointCloudDataset | None = None
-        self.val_dataset: PointCloudDataset | None = None
-
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
-                          drop_last=drop_last)
-
-    def _ensure_setup(self) -> None:
-        if self.val_dataset is None:
-            self.setup()
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented train split (the last incomplete batch is dropped: BatchNorm needs 2 samples)."""
-        self._ensure_setup()
-        assert self.train_dataset is not None
-        return self._loader(self.train_dataset, shuffle=True, drop_last=len(self.train_dataset) > self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        self._ensure_setup()
-        assert self.val_dataset is not None
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        """The val / test clouds only (no labels): each batch is a (B, N, C) tensor."""
-        self._ensure_setup()
-        assert self.val_dataset is not None
-        return self._loader(_PointsOnly(self.val_dataset), shuffle=False)
+        train = self._split("train", "fit")
+        return self._loader(train, shuffle=True, drop_last=len(train) > self.batch_size)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ ModelNet40

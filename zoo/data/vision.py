@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 from torchvision import datasets, transforms
 
+from zoo.data.base import ZooDataModule
 from zoo.errors import ZooError
 
 __all__ = [
@@ -38,47 +38,14 @@ _CIFAR_CLASSES: dict[str, type[datasets.CIFAR10]] = {
 _CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
-def _make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool) -> DataLoader:
-    """A DataLoader with the zoo's common settings (pinned memory on CUDA, persistent workers)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        drop_last=False,
-    )
-
-
-def _check_loader_args(batch_size: int, num_workers: int) -> None:
-    """Raise ``ValueError`` for a non-positive batch size or a negative worker count."""
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if int(num_workers) != num_workers or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-
-
-class _ImagesOnly(Dataset):
-    """Yield only the first element (the image) of each sample of a labelled dataset."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index][0]
-
-
-class CIFARDataModule(pl.LightningDataModule):
+class CIFARDataModule(ZooDataModule):
     """CIFAR-10 or CIFAR-100 via ``torchvision.datasets`` with the standard augmentation.
 
     Training images get ``RandomCrop(32, padding=4)`` and a horizontal flip; all images are resized to
     ``image_size`` when it differs from 32 (for fine-tuning ImageNet models) and normalised with the
     dataset's mean/std. ``val_split="test"`` validates on the official test set; a fraction such as
-    ``"0.1"`` instead holds out that share of the training set (fixed split, no augmentation).
+    ``"0.1"`` instead holds out that share of the training set (fixed split, no augmentation). Test and predict
+    read the official test set.
     """
 
     def __init__(
@@ -93,11 +60,10 @@ class CIFARDataModule(pl.LightningDataModule):
         val_split: str = "test",
     ) -> None:
         """Validate the arguments and, unless ``download`` is set, check that the data is on disk."""
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         name = str(dataset).lower().replace("-", "")
         if name not in _CIFAR_CLASSES:
             raise ZooError(f"unknown CIFAR dataset {dataset!r}; valid names: {', '.join(_CIFAR_CLASSES)}")
-        _check_loader_args(batch_size, num_workers)
         if int(image_size) != image_size or image_size < 8:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         self.val_fraction = self._parse_val_split(val_split)
@@ -105,8 +71,6 @@ class CIFARDataModule(pl.LightningDataModule):
         self.dataset_name = name
         self.dataset_cls = _CIFAR_CLASSES[name]
         self.download = bool(download)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
         self.image_size = int(image_size)
         self.augment = bool(augment)
         self.val_split = str(val_split)
@@ -116,9 +80,6 @@ class CIFARDataModule(pl.LightningDataModule):
         self.root = self._resolve_root(root)
         if not self.download:
             self._check_on_disk()
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
 
     @staticmethod
     def _parse_val_split(val_split: str) -> float | None:
@@ -223,34 +184,6 @@ class CIFARDataModule(pl.LightningDataModule):
         if stage in (None, "test", "predict") and self.test_dataset is None:
             self.test_dataset = self._build(False, self.eval_transform())
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training data."""
-        if self.train_dataset is None:
-            self.setup("fit")
-        assert self.train_dataset is not None
-        return _make_loader(self.train_dataset, self.batch_size, self.num_workers, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation data (the test set with ``val_split="test"``), in a fixed order."""
-        if self.val_dataset is None:
-            self.setup("validate")
-        assert self.val_dataset is not None
-        return _make_loader(self.val_dataset, self.batch_size, self.num_workers, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The official test set, in a fixed order."""
-        if self.test_dataset is None:
-            self.setup("test")
-        assert self.test_dataset is not None
-        return _make_loader(self.test_dataset, self.batch_size, self.num_workers, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test-set images only (no labels): each batch is a plain ``(B, 3, H, W)`` tensor."""
-        if self.test_dataset is None:
-            self.setup("predict")
-        assert self.test_dataset is not None
-        return _make_loader(_ImagesOnly(self.test_dataset), self.batch_size, self.num_workers, shuffle=False)
-
 
 class _FixedClassImageFolder(datasets.ImageFolder):
     """An ``ImageFolder`` whose class list is given (so train and val share one label mapping)."""
@@ -268,13 +201,16 @@ def _list_classes(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(ZooDataModule):
     """An ImageNet-style dataset: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``.
 
     Training uses ``RandomResizedCrop(image_size)`` and a horizontal flip; evaluation resizes the short
     side to ``resize_size`` (default ``image_size * 256 // 224``) and centre-crops ``image_size``. The
-    class list comes from the train folder and is shared by the val folder.
+    class list comes from the train folder and is shared by the val folder. Test and predict read the val folder
+    (ImageNet-style datasets ship no labelled test split).
     """
+
+    test_split = "val"
 
     def __init__(
         self,
@@ -289,8 +225,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         """Check the folders exist and list the classes (cheap); the datasets are built in ``setup``."""
-        super().__init__()
-        _check_loader_args(batch_size, num_workers)
+        super().__init__(batch_size, num_workers)
         if int(image_size) != image_size or image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
         if resize_size is not None and (int(resize_size) != resize_size or resize_size < image_size):
@@ -322,12 +257,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.num_classes = len(self.class_names)
         self.image_size = int(image_size)
         self.resize_size = int(resize_size) if resize_size is not None else self.image_size * 256 // 224
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
 
     def train_transform(self) -> transforms.Compose:
         """RandomResizedCrop + horizontal flip + normalisation."""
@@ -364,28 +295,3 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.train_dataset = self._build(self.train_path, self.train_transform())
         if self.val_dataset is None:
             self.val_dataset = self._build(self.val_path, self.eval_transform())
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training images."""
-        if self.train_dataset is None:
-            self.setup("fit")
-        assert self.train_dataset is not None
-        return _make_loader(self.train_dataset, self.batch_size, self.num_workers, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation images in a fixed order."""
-        if self.val_dataset is None:
-            self.setup("validate")
-        assert self.val_dataset is not None
-        return _make_loader(self.val_dataset, self.batch_size, self.num_workers, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The validation folder (ImageNet-style datasets ship no labelled test split)."""
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        """The validation images only (no labels): each batch is a plain ``(B, C, H, W)`` tensor."""
-        if self.val_dataset is None:
-            self.setup("predict")
-        assert self.val_dataset is not None
-        return _make_loader(_ImagesOnly(self.val_dataset), self.batch_size, self.num_workers, shuffle=False)
