@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_state_dict, load_weights
 from zoo.nn.attention import SinkhornSettings, check_n_iter
-from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
+from zoo.ops.masks import AllowedMask, PaddingMask
+from zoo.ops.sinkhorn import attention, column_sum_stats
 from zoo.registry import register_model
 from zoo.tasks.optim import InverseSqrtLR, refuse_training_settings
 from zoo.tasks.translation import TranslationTask
@@ -245,19 +246,16 @@ class MultiheadAttention(nn.Module):
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
         dropout_p = self.dropout if self.training else 0.0
-        if self.n_iter == 1 and not self.record_stats:
-            mask = attn_mask
-            if key_padding_mask is not None:
-                keep = ~key_padding_mask.view(B, 1, 1, -1)
-                mask = keep if mask is None else mask & keep
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        else:  # Sinkhorn (self-attention: padded queries are left out of the marginals and get zero rows)
-            out = sinkhorn_attention(q, k, v, n_iter=self.n_iter, attn_mask=attn_mask,
-                                     key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                     return_weights=self.record_stats)
-            if self.record_stats:
-                out, weights = out
-                self.stats = column_sum_stats(weights.detach(), key_padding_mask)
+        # Sinkhorn (or recorded weights): padded queries of the self-attention are left out of the marginals and get
+        # zero rows; softmax keeps every row (fairseq computes the padded positions too)
+        pad_queries = key_value is None and (self.n_iter > 1 or self.record_stats)
+        mask = None if attn_mask is None else AllowedMask(attn_mask)
+        if key_padding_mask is not None:
+            mask = PaddingMask(key_padding_mask, key_padding_mask if pad_queries else None) & mask
+        out = attention(q, k, v, mask, self.n_iter, dropout_p=dropout_p, return_weights=self.record_stats)
+        if self.record_stats:
+            out, weights = out
+            self.stats = column_sum_stats(weights.detach(), key_padding_mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, E))
 
 

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 from zoo.ops.compiled import CompiledKernels
+from zoo.ops.masks import AttentionMask, mask_from_tensors, resolve
 
-__all__ = ["sinkhorn_attention", "attention_column_sums", "column_sum_stats", "set_compile"]
+__all__ = ["attention", "sinkhorn_attention", "attention_column_sums", "column_sum_stats", "set_compile"]
 
 _CHUNK_BYTES = 4 * 2**20  # score-matrix bytes per chunk of (batch x head) slices (cache-sized: faster than larger)
 
@@ -77,60 +78,6 @@ def _check_inputs(
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ZooError(f"sinkhorn_attention: dropout_p must be in [0, 1), got {dropout_p}")
     return lead
-
-
-def _padding_bias(
-    mask: torch.Tensor | None, name: str, lead: torch.Size, length: int, axis: int, dtype: torch.dtype
-) -> torch.Tensor | None:
-    """A (B, S) / (B, L) padding mask (True = padded) as an additive bias of shape (B, 1.., L or 1, S or 1)."""
-    if mask is None:
-        return None
-    what = "keys S" if axis == -1 else "queries L"
-    if mask.dtype != torch.bool or mask.dim() != 2 or len(lead) < 1 or mask.shape != (lead[0], length):
-        first = lead[0] if len(lead) else "B"
-        raise ZooError(
-            f"sinkhorn_attention: {name} must be a bool tensor of shape (B, {what}) = ({first}, {length}) with "
-            f"True = padded, where B is the first leading dim of q (q needs a batch dim); got "
-            f"{mask.dtype} {tuple(mask.shape)}"
-        )
-    view = [mask.shape[0]] + [1] * (len(lead) - 1) + ([1, length] if axis == -1 else [length, 1])
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return bias.view(view)
-
-
-def _mask_bias(
-    attn_mask: torch.Tensor | None, lead: torch.Size, L: int, S: int, dtype: torch.dtype
-) -> torch.Tensor | None:
-    if attn_mask is None:
-        return None
-    if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
-        raise ZooError(
-            f"sinkhorn_attention: attn_mask must be bool (True = may attend) or an additive float tensor, got "
-            f"{attn_mask.dtype}"
-        )
-    try:
-        torch.broadcast_shapes(attn_mask.shape, (*lead, L, S))
-        ok = attn_mask.dim() <= len(lead) + 2
-    except RuntimeError:
-        ok = False
-    if not ok or torch.broadcast_shapes(attn_mask.shape, (*lead, L, S)) != (*lead, L, S):
-        raise ZooError(
-            f"sinkhorn_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
-            f"shape (..., L, S) = {(*lead, L, S)}: give it shape (L, S) or (B, H, L, S) (1s allowed)"
-        )
-    if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
-            ~attn_mask, float("-inf")
-        )
-    return attn_mask.to(dtype)
-
-
-def _sum_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
-    out = None
-    for b in biases:
-        if b is not None:
-            out = b if out is None else out + b
-    return out
 
 
 def _compact(bias: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,35 +347,58 @@ def sinkhorn_attention(
     Returns:
         out (..., L, Ev), or (out, weights) with ``return_weights=True``.
     """
+    same_length = q.dim() >= 2 and k.dim() >= 2 and q.shape[-2] == k.shape[-2]
+    if query_padding_mask is None and key_padding_mask is not None and same_length:
+        query_padding_mask = key_padding_mask  # self-attention: the padded keys are the padded queries
+    mask = mask_from_tensors(attn_mask, key_padding_mask, query_padding_mask)
+    return attention(q, k, v, mask, n_iter, scale=scale, dropout_p=dropout_p, return_weights=return_weights)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask | None = None,
+    n_iter: int = 3,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The attention entry point: softmax (``n_iter=1``, ``F.scaled_dot_product_attention``) or Sinkhorn (S2).
+
+    The one place that chooses the kernel: ``n_iter == 1`` without ``return_weights`` is SDPA itself (the padded
+    queries' output rows set to zero); otherwise the Sinkhorn op (chunked custom autograd function, or the
+    materialised weights with ``return_weights=True``). Semantics as :func:`sinkhorn_attention`, with the masks
+    given as one typed mask of :mod:`zoo.ops.masks` (``PaddingMask``, ``CausalMask``, ``AllowedMask``,
+    ``BlockedMask``, ``AdditiveMask``, or their combination ``a & b``); a :class:`~zoo.ops.masks.PaddingMask`
+    marks only the queries it names (no self-attention default).
+
+    Args:
+        q, k, v: (..., L, E), (..., S, E), (..., S, Ev), leading dims broadcasting.
+        mask: the typed mask, or None.
+        n_iter: Sinkhorn half-steps, >= 1 (1 = softmax attention).
+        scale: score scale, default 1 / sqrt(E).
+        dropout_p: dropout on the final weights (applied whenever > 0).
+        return_weights: also return the weights W (..., L, S).
+
+    Returns:
+        out (..., L, Ev), or (out, weights) with ``return_weights=True``.
+    """
     lead = _check_inputs(q, k, v, n_iter, dropout_p)
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
     # E = 0: every score is an empty dot product, 0 whatever the scale (SDPA gives uniform weights too)
     scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
-    if query_padding_mask is None and key_padding_mask is not None and L == S:
-        query_padding_mask = key_padding_mask
-    out_dtype = q.dtype
-    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32  # working dtype
-    kpb = _padding_bias(key_padding_mask, "key_padding_mask", lead, S, -1, f32)
-    qpb = _padding_bias(query_padding_mask, "query_padding_mask", lead, L, -2, f32)
-    mb = _mask_bias(attn_mask, lead, L, S, f32)
+    masks = resolve(mask, lead, L, S, q.device)
 
     if n_iter == 1 and not return_weights:
         # softmax attention: SDPA itself, query padding applied to the output rows only
-        mask = attn_mask
-        if kpb is not None:
-            kpm = ~key_padding_mask.view(kpb.shape)  # type: ignore[union-attr]
-            if attn_mask is None:
-                mask = kpm
-            elif attn_mask.dtype == torch.bool:
-                mask = attn_mask & kpm
-            else:
-                mask = attn_mask + kpb.to(attn_mask.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        if qpb is not None:
-            out = out.masked_fill(query_padding_mask.view(qpb.shape), 0.0)  # type: ignore[union-attr]
-        return out
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.sdpa_mask(), dropout_p=dropout_p, scale=scale)
+        return masks.zero_padded_queries(out)
 
-    bias = _sum_biases(mb, kpb, qpb)
+    out_dtype = q.dtype
+    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32  # working dtype
+    bias = masks.bias(f32)
     masked = bias is not None
     # an empty kernel (no (batch x head) slice, no query or no key): no iteration to run; the weights are an empty
     # (..., L, S) tensor and out = W v is empty, or zero rows when S = 0 (an empty sum, as SDPA returns)
