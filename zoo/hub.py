@@ -40,6 +40,7 @@ from zoo.errors import ZooError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+HF_HUB_PREFIX = "hf-hub:"
 CARD_NAME = "README.md"
 _META_CONFIG = "zoo.config"
 _META_ALIASES = "zoo.aliases"
@@ -219,8 +220,9 @@ def read_weights(
     """Resolve ``weights`` to ``(state_dict, source_hparams)``; ``source_hparams`` is None for weights
     that do not record the hyperparameters they were trained with (torchvision, timm, ``.pth``)."""
     spec = str(weights)
-    if spec.startswith("hf-hub:"):
-        return _read_hf_hub(spec[len("hf-hub:"):])
+    repo = _hf_hub_repo(spec)
+    if repo is not None:  # save_pretrained's safetensors, else a plain PyTorch state dict
+        return _read_file(_hf_hub_file(repo, WEIGHTS_NAME, "pytorch_model.bin"))
     path = Path(spec).expanduser()
     if path.is_dir():
         file = path / WEIGHTS_NAME
@@ -334,31 +336,31 @@ def _read_torchvision(arch: str, name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _hf_hub_file(repo: str, filename: str, required: bool = True) -> Path | None:
-    """``filename`` of the Hub repository ``org/name[@revision]``, through the Hugging Face cache (offline once
-    cached); None when it is missing and not ``required``."""
+def _hf_hub_repo(spec: str) -> str | None:
+    """``org/name[@revision]`` of a ``"hf-hub:org/name[@revision]"`` source; None for any other source."""
+    return spec[len(HF_HUB_PREFIX):] if spec.startswith(HF_HUB_PREFIX) else None
+
+
+def _hf_hub_file(repo: str, *filenames: str, required: bool = True) -> Path | None:
+    """The first of ``filenames`` that the Hub repository ``org/name[@revision]`` holds, through the Hugging Face
+    cache (offline once cached). Every download from the Hub goes through here. When none can be had: one
+    ZooError naming the repository (and the file, or the files tried), or None when not ``required``."""
     from huggingface_hub import hf_hub_download
 
     repo_id, _, revision = repo.partition("@")
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision or None))
-    except Exception as e:  # missing file, no network and no cache ...
-        if not required:
-            return None
-        raise ZooError(
-            f"cannot get {filename} of hf-hub:{repo} ({type(e).__name__}); check the name, or the cache when offline"
-        ) from None
-
-
-def _read_hf_hub(repo: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    for filename in (WEIGHTS_NAME, "pytorch_model.bin"):
-        path = _hf_hub_file(repo, filename, required=False)
-        if path is not None:
-            return _read_file(path)
-    raise ZooError(
-        f"cannot get weights of hf-hub:{repo} (neither {WEIGHTS_NAME} nor pytorch_model.bin); check the name, or "
-        "the cache when offline"
-    )
+    failures: list[Exception] = []
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+        except Exception as e:  # missing file, no network and no cache ...
+            failures.append(e)
+    if not required:
+        return None
+    if len(filenames) == 1:
+        what, why = filenames[0], type(failures[0]).__name__
+    else:
+        what, why = "weights", "neither " + " nor ".join(filenames)
+    raise ZooError(f"cannot get {what} of {HF_HUB_PREFIX}{repo} ({why}); check the name, or the cache when offline")
 
 
 def recorded_num_classes(weights: str | os.PathLike | None) -> int | None:
@@ -380,8 +382,9 @@ def recorded_num_classes(weights: str | os.PathLike | None) -> int | None:
 def recorded_hparams(spec: str) -> dict[str, Any] | None:
     """The constructor arguments zoo weights record (save_pretrained config, Lightning hyper_parameters); None
     for weights that record none (torchvision names, plain files) or cannot be read here."""
-    if spec.startswith("hf-hub:"):
-        path = _hf_hub_file(spec[len("hf-hub:"):], WEIGHTS_NAME, required=False)
+    repo = _hf_hub_repo(spec)
+    if repo is not None:
+        path = _hf_hub_file(repo, WEIGHTS_NAME, required=False)
         if path is None:
             return None
     else:
@@ -688,8 +691,9 @@ def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 def _resolve_source(src: str | os.PathLike) -> Path:
     spec = str(src)
-    if spec.startswith("hf-hub:"):
-        return _hf_hub_file(spec[len("hf-hub:"):], WEIGHTS_NAME)
+    repo = _hf_hub_repo(spec)
+    if repo is not None:
+        return _hf_hub_file(repo, WEIGHTS_NAME)
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / WEIGHTS_NAME
