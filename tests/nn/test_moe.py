@@ -46,7 +46,7 @@ def reference_weights(moe: MoE, x: torch.Tensor, padding_mask: torch.Tensor | No
     N, n_exp = flat.shape[0], moe.num_experts
     valid = [True] * N if padding_mask is None else (~padding_mask.reshape(-1)).tolist()
     gates = torch.softmax(flat @ moe.router.weight.t(), dim=-1)
-    soft = {"p": moe.p, "lam": moe.lam, "solver": moe.solver, "n_iter": moe.n_iter}
+    soft = {"p": moe.p, "lam": moe.lam, "solver": moe.solver, "dykstra_iters": moe.dykstra_iters}
     R = torch.zeros(N, n_exp)
     if moe.router_type == "token_choice":
         k = moe.k
@@ -339,7 +339,7 @@ def test_stats_are_detached_and_correct() -> None:
         s = gates[g * 10:g * 10 + length]
         k = 5 if length == 10 else 2
         full[g * 10:g * 10 + length] = s * soft_topk_mask(s, k, dim=0, p=2.0, lam=0.05, solver="dykstra",
-                                                           n_iter=10)
+                                                           dykstra_iters=10)
     torch.testing.assert_close(moe.stats["dropped_soft_weight"], 1 - R.sum() / full.sum(), rtol=1e-4, atol=1e-6)
     assert out.shape == x.shape
 
@@ -530,6 +530,8 @@ def test_inductor_compile_matches_eager(name: str) -> None:
     ({"router": "expert_choice", "capacity_factor": -1.0}, "capacity_factor must be"),
     ({"num_experts": 0}, "num_experts must be"),
     ({"lam": 0.1}, "only apply with topk='soft'"),
+    ({"dykstra_iters": 10}, "dykstra_iters only apply with topk='soft'"),
+    ({"topk": "soft", "dykstra_iters": 0}, "dykstra_iters must be an int >= 1"),
     ({"topk": "soft", "k": 4}, "nothing to relax"),
     ({"topk": "soft", "normalize_gates": True}, "no gradient"),
     ({"topk": "soft", "solver": "sinkhorn"}, "unknown solver"),
@@ -543,6 +545,24 @@ def test_inductor_compile_matches_eager(name: str) -> None:
 def test_bad_options_raise_one_clear_error(kwargs: dict, match: str) -> None:
     with pytest.raises(ZooError, match=match):
         MoE(DIM, HIDDEN, kwargs.pop("num_experts", E), **kwargs)
+
+
+def test_n_iter_is_the_deprecated_name_of_dykstra_iters() -> None:
+    """MoE(n_iter=) (the old name) sets the router's Dykstra iterations, with a FutureWarning naming dykstra_iters:
+    the same routing as the new name (and not the default 10's); .n_iter reads .dykstra_iters (warning); both
+    names given is one ZooError."""
+    x = seeded(2, 11, DIM)
+    soft = {"router": "expert_choice", "topk": "soft", "lam": 0.05, "solver": "dykstra"}
+    new = make(**soft, dykstra_iters=2)
+    with pytest.warns(FutureWarning, match="MoE: n_iter= is deprecated.*use dykstra_iters="):
+        old = make(**soft, n_iter=2)
+    assert old.dykstra_iters == 2
+    assert torch.equal(routing_matrix(old, x), routing_matrix(new, x)) and torch.equal(old(x), new(x))
+    assert (routing_matrix(new, x) - routing_matrix(make(**soft), x)).abs().max() > 1e-6
+    with pytest.warns(FutureWarning, match=r"MoE.n_iter is deprecated.*use .dykstra_iters"):
+        assert old.n_iter == 2
+    with pytest.raises(ZooError, match="n_iter= is the deprecated name of dykstra_iters=; give dykstra_iters"):
+        make(**soft, n_iter=2, dykstra_iters=2)
 
 
 def test_bad_inputs_raise_one_clear_error() -> None:

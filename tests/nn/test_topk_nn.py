@@ -68,17 +68,40 @@ def test_value_is_the_smoothed_top_k_sum_minus_the_target_score(p, k):
 def test_gradient_is_soft_topk_mask_minus_target(p, solver):
     x = rand(5, 8, seed=3).requires_grad_(True)
     t = torch.tensor([0, 7, 3, 3, 1])
-    SmoothTopKLoss(k=2, p=p, lam=0.5, solver=solver, n_iter=50, reduction="sum")(x, t).backward()
+    SmoothTopKLoss(k=2, p=p, lam=0.5, solver=solver, dykstra_iters=50, reduction="sum")(x, t).backward()
     onehot = torch.zeros(5, 8, dtype=torch.float64).scatter_(-1, t[:, None], 1.0)
-    ref = soft_topk_mask(x.detach(), 2, p=p, lam=0.5, solver=solver, n_iter=50) - onehot
+    ref = soft_topk_mask(x.detach(), 2, p=p, lam=0.5, solver=solver, dykstra_iters=50) - onehot
     torch.testing.assert_close(x.grad, ref)
     # a dense (k-hot) target, mean over the leading dims
     x.grad = None
     dense = torch.zeros(5, 8, dtype=torch.float64)
     dense[:, :2] = 1.0
-    SmoothTopKLoss(k=2, p=p, lam=0.5, solver=solver, n_iter=50)(x, dense).backward()
-    torch.testing.assert_close(x.grad, (soft_topk_mask(x.detach(), 2, p=p, lam=0.5, solver=solver, n_iter=50)
+    SmoothTopKLoss(k=2, p=p, lam=0.5, solver=solver, dykstra_iters=50)(x, dense).backward()
+    torch.testing.assert_close(x.grad, (soft_topk_mask(x.detach(), 2, p=p, lam=0.5, solver=solver, dykstra_iters=50)
                                         - dense) / 5)
+
+
+def test_n_iter_is_the_deprecated_name_of_dykstra_iters():
+    """SmoothTopKLoss / SoftTopKMagnitude(n_iter=) (the old name): the Dykstra iterations, with a FutureWarning
+    naming dykstra_iters, the same results as the new name; the old attribute reads the new one (warning); both
+    names given is one ZooError."""
+    x, t = rand(3, 8, seed=5), torch.tensor([0, 7, 3])
+    new_loss = SmoothTopKLoss(k=2, lam=0.8, solver="dykstra", dykstra_iters=3, reduction="none")
+    assert (new_loss(x, t) - SmoothTopKLoss(k=2, lam=0.8, solver="dykstra", reduction="none")(x, t)).abs().max() > 1e-6
+    with pytest.warns(FutureWarning, match="SmoothTopKLoss: n_iter= is deprecated.*use dykstra_iters="):
+        old_loss = SmoothTopKLoss(k=2, lam=0.8, solver="dykstra", n_iter=3, reduction="none")
+    assert old_loss.dykstra_iters == 3 and torch.equal(old_loss(x, t), new_loss(x, t))
+    with pytest.warns(FutureWarning, match=r"SmoothTopKLoss.n_iter is deprecated.*use .dykstra_iters"):
+        assert old_loss.n_iter == 3
+    raw = rand(4, 6, seed=6)
+    new_mag = SoftTopKMagnitude(5, lam=0.5, solver="dykstra", dykstra_iters=3)
+    with pytest.warns(FutureWarning, match="SoftTopKMagnitude: n_iter= is deprecated.*use dykstra_iters="):
+        old_mag = SoftTopKMagnitude(5, lam=0.5, solver="dykstra", n_iter=3)
+    assert torch.equal(old_mag(raw), new_mag(raw))
+    assert (new_mag(raw) - SoftTopKMagnitude(5, lam=0.5, solver="dykstra")(raw)).abs().max() > 1e-6
+    for cls, args in ((SmoothTopKLoss, (2,)), (SoftTopKMagnitude, (5,))):
+        with pytest.raises(ZooError, match="n_iter= is the deprecated name of dykstra_iters=; give dykstra_iters"):
+            cls(*args, solver="dykstra", n_iter=3, dykstra_iters=3)
 
 
 def test_reductions_and_leading_dims():

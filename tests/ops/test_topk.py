@@ -248,7 +248,7 @@ def test_mask_sums_to_k_and_lies_in_0_1(p, solver):
     x = rand(8, 50, seed=8)
     ks = torch.randint(1, 51, (8,), generator=torch.Generator().manual_seed(1))
     for k in (1, 13, 50, ks):
-        y = soft_topk_mask(x, k, p=p, lam=0.5, solver=solver, n_iter=10)
+        y = soft_topk_mask(x, k, p=p, lam=0.5, solver=solver, dykstra_iters=10)
         expected = ks.double() if isinstance(k, torch.Tensor) else torch.full((8,), float(k), dtype=torch.float64)
         torch.testing.assert_close(y.sum(-1), expected, atol=1e-9, rtol=0)
         if solver == "pav":
@@ -315,16 +315,16 @@ def test_dykstra_matches_pav_after_enough_iterations():
     ks = torch.randint(1, 11, (20,), generator=torch.Generator().manual_seed(2))
     for f in RELAXED.values():
         ref = f(x, ks, lam=0.8)
-        assert (f(x, ks, lam=0.8, solver="dykstra", n_iter=10) - ref).abs().max() > 1e-5  # not converged yet
-        torch.testing.assert_close(f(x, ks, lam=0.8, solver="dykstra", n_iter=1000), ref, atol=1e-5, rtol=0)
+        assert (f(x, ks, lam=0.8, solver="dykstra", dykstra_iters=10) - ref).abs().max() > 1e-5  # not converged yet
+        torch.testing.assert_close(f(x, ks, lam=0.8, solver="dykstra", dykstra_iters=1000), ref, atol=1e-5, rtol=0)
     x = rand(3, 7, seed=14, dtype=torch.float32)
-    torch.testing.assert_close(soft_topk_mask(x, 3, solver="dykstra", n_iter=200), soft_topk_mask(x, 3),
+    torch.testing.assert_close(soft_topk_mask(x, 3, solver="dykstra", dykstra_iters=200), soft_topk_mask(x, 3),
                                atol=1e-5, rtol=0)
 
 
 def test_dykstra_leaves_far_entries_exact():
     x = torch.cat([torch.linspace(10, 9, 5), torch.linspace(0.3, -0.3, 6), torch.linspace(-9, -10, 5)])
-    y = soft_topk_mask(x.double(), 8, lam=0.5, solver="dykstra", n_iter=10)
+    y = soft_topk_mask(x.double(), 8, lam=0.5, solver="dykstra", dykstra_iters=10)
     assert torch.equal(y[:5], torch.ones(5, dtype=torch.float64))
     assert torch.equal(y[11:], torch.zeros(5, dtype=torch.float64))
 
@@ -406,7 +406,7 @@ def test_gradcheck_pav(kind, p):
 def test_gradcheck_dykstra(kind):
     f = RELAXED[kind]
     x = rand(2, 6, seed=17).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: f(t, 2, lam=0.7, solver="dykstra", n_iter=300), (x,))
+    assert torch.autograd.gradcheck(lambda t: f(t, 2, lam=0.7, solver="dykstra", dykstra_iters=300), (x,))
 
 
 def test_gradient_of_the_mask_is_the_block_average():
@@ -453,9 +453,9 @@ def test_mask_with_infinite_entries_is_the_limit_of_large_finite_ones(p, solver)
     n = x.shape[-1]
     for k in range(1, n + 1):
         for lam in (0.05, 0.7):
-            y = soft_topk_mask(x, k, p=p, lam=lam, solver=solver, n_iter=300)
+            y = soft_topk_mask(x, k, p=p, lam=lam, solver=solver, dykstra_iters=300)
             assert torch.isfinite(y).all()
-            ref = soft_topk_mask(with_big(x, 1e4), k, p=p, lam=lam, solver=solver, n_iter=300)
+            ref = soft_topk_mask(with_big(x, 1e4), k, p=p, lam=lam, solver=solver, dykstra_iters=300)
             torch.testing.assert_close(y, ref, atol=1e-7, rtol=0)
             torch.testing.assert_close(y.sum(-1), torch.full((x.shape[0],), float(k), dtype=x.dtype))
             n_pos, n_neg, n_fin = ((kind == c).sum(-1, keepdim=True).double() for c in (1, 2, 0))
@@ -474,11 +474,11 @@ def test_magnitude_with_infinite_entries_is_the_limit_of_large_finite_ones(p, so
     n = x.shape[-1]
     for k in range(1, n + 1):
         for lam in (0.05, 0.7):
-            y = soft_topk_magnitude(x, k, p=p, lam=lam, solver=solver, n_iter=300)
+            y = soft_topk_magnitude(x, k, p=p, lam=lam, solver=solver, dykstra_iters=300)
             fin = kind == 0
             assert torch.equal(y[~fin], x[~fin])  # +-inf, sign kept
             for M in (1e4, 1e6):
-                ref = soft_topk_magnitude(with_big(x, M), k, p=p, lam=lam, solver=solver, n_iter=300)
+                ref = soft_topk_magnitude(with_big(x, M), k, p=p, lam=lam, solver=solver, dykstra_iters=300)
                 torch.testing.assert_close(y[fin], ref[fin], atol=1e-7, rtol=0)
                 assert (ref[~fin].sign() == x[~fin].sign()).all() and (ref[~fin].abs() > M / 20).all()
 
@@ -514,11 +514,11 @@ def test_infinite_entries_leave_other_rows_and_k_le_finite_unchanged(kind, p, so
     for work in (torch.float64, torch.float32):  # float32 on the CPU: the numpy sort path
         a, b = x.to(work), x_inf.to(work)
         for k in (1, 4, 7):
-            ya = f(a, k, p=p, lam=0.4, solver=solver, n_iter=300)
-            yb = f(b, k, p=p, lam=0.4, solver=solver, n_iter=300)
+            ya = f(a, k, p=p, lam=0.4, solver=solver, dykstra_iters=300)
+            yb = f(b, k, p=p, lam=0.4, solver=solver, dykstra_iters=300)
             assert torch.equal(ya[[0, 2, 3]], yb[[0, 2, 3]])
             if kind == "mask":
-                alone = f(b[1, torch.isfinite(b[1])], k, p=p, lam=0.4, solver=solver, n_iter=300)
+                alone = f(b[1, torch.isfinite(b[1])], k, p=p, lam=0.4, solver=solver, dykstra_iters=300)
                 torch.testing.assert_close(yb[1, torch.isfinite(b[1])], alone)
                 assert torch.equal(yb[1, [2, 5]], torch.zeros(2, dtype=work))
 
@@ -637,7 +637,7 @@ def test_no_host_sync_on_the_device_path(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     for f in RELAXED.values():
         for p, solver in ((2.0, "pav"), (P43, "pav"), (2.0, "dykstra")):
-            f(x, 4, p=p, lam=0.5, solver=solver, n_iter=5).sum().backward()
+            f(x, 4, p=p, lam=0.5, solver=solver, dykstra_iters=5).sum().backward()
     topk_mask(x, 4)
     monkeypatch.undo()
     assert torch.isfinite(x.grad).all()
@@ -662,7 +662,7 @@ def test_no_host_sync_on_the_device_path(monkeypatch):
         ({"lam": -1.0}, "lam must be a finite float > 0"),
         ({"solver": "sort"}, "unknown solver 'sort'"),
         ({"solver": "dykstra", "p": P43}, "supports p = 2 only"),
-        ({"n_iter": 0}, "n_iter must be an int >= 1"),
+        ({"dykstra_iters": 0}, "dykstra_iters must be an int >= 1"),
         ({"dim": 2}, r"dim must be an int in \[-2, 1\]"),
         ({"dim": 1.0}, "dim must be an int"),
     ],
@@ -674,6 +674,27 @@ def test_bad_arguments(kwargs, match):
     for f in RELAXED.values():
         with pytest.raises(ZooError, match=match):
             f(x, k, **args)
+
+
+@pytest.mark.parametrize("kind", ["mask", "magnitude"])
+def test_n_iter_is_the_deprecated_name_of_dykstra_iters(kind):
+    """n_iter= (the old name) still sets the Dykstra iterations, with a FutureWarning naming dykstra_iters;
+    giving both names (by keyword or the new one positionally, even at its default value) is one ZooError."""
+    f = RELAXED[kind]
+    x = rand(4, 9, seed=31)
+    new = f(x, 3, lam=0.8, solver="dykstra", dykstra_iters=3)
+    assert (new - f(x, 3, lam=0.8, solver="dykstra")).abs().max() > 1e-6  # 3 iterations are not the default 100
+    with pytest.warns(FutureWarning, match="n_iter= is deprecated.*use dykstra_iters="):
+        old = f(x, 3, lam=0.8, solver="dykstra", n_iter=3)
+    assert torch.equal(old, new)
+    assert torch.equal(f(x, 3, -1, 2.0, 0.8, "dykstra", 3), new)  # the new name keeps the old position
+    for given in ({"dykstra_iters": 3}, {"dykstra_iters": 100}):
+        with pytest.raises(ZooError, match="n_iter= is the deprecated name of dykstra_iters=; give dykstra_iters"):
+            f(x, 3, lam=0.8, solver="dykstra", n_iter=3, **given)
+    with pytest.raises(ZooError, match="not both"):
+        f(x, 3, -1, 2.0, 0.8, "dykstra", 3, n_iter=3)
+    with pytest.warns(FutureWarning), pytest.raises(ZooError, match="dykstra_iters must be an int >= 1"):
+        topk_module.check_relaxed("check", 2.0, 1.0, "dykstra", n_iter=0)
 
 
 def test_bad_inputs():

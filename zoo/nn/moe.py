@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo._deprecation import renamed_argument, renamed_attribute
 from zoo.errors import ZooError
 from zoo.ops.topk import check_relaxed, soft_topk_mask
 
@@ -164,12 +165,15 @@ class MoE(nn.Module):
         topk: ``"hard"`` or ``"soft"`` (relaxed top-k of :func:`zoo.ops.topk.soft_topk_mask`).
         normalize_gates: token choice only: weights S_te / sum over the token's top-k; default ``k > 1``.
         group_size: expert choice only: groups of this many flattened tokens instead of one group per sequence.
-        p, lam, solver, n_iter: the relaxed top-k (``topk="soft"`` only): defaults p = 2, Dykstra, 10 iterations
-            (the published MoE setting) and lam = 0.1 / E (gate probabilities are ~1/E apart, so this relaxes
-            the few entries nearest the k-th; lam -> 0 is the hard router).
+        p, lam, solver, dykstra_iters: the relaxed top-k (``topk="soft"`` only): defaults p = 2, Dykstra,
+            ``dykstra_iters`` = 10 iterations (the published MoE setting) and lam = 0.1 / E (gate probabilities
+            are ~1/E apart, so this relaxes the few entries nearest the k-th; lam -> 0 is the hard router).
         bias: biases of fc1 / fc2 (bool or a pair, as timm). ``router_bias``: bias of the router (default off).
         drop: dropout after GELU and after fc2 (float or pair, as timm).
+        n_iter: deprecated name of ``dykstra_iters`` (FutureWarning; giving both is an error).
     """
+
+    n_iter = renamed_attribute("n_iter", "dykstra_iters")
 
     def __init__(
         self,
@@ -185,14 +189,17 @@ class MoE(nn.Module):
         p: float | None = None,
         lam: float | None = None,
         solver: str | None = None,
-        n_iter: int | None = None,
+        dykstra_iters: int | None = None,
         bias: bool | tuple[bool, bool] = True,
         router_bias: bool = False,
         drop: float | tuple[float, float] = 0.0,
         device: Any = None,
         dtype: Any = None,
+        *,
+        n_iter: int | None = None,
     ) -> None:
         super().__init__()
+        dykstra_iters = renamed_argument("MoE", "dykstra_iters", dykstra_iters, "n_iter", n_iter)
         dd = {"device": device, "dtype": dtype}
         if not _is_int(dim) or dim < 1:
             raise ZooError(f"dim must be a positive integer, got {dim!r}")
@@ -235,7 +242,7 @@ class MoE(nn.Module):
             normalize_gates = False
             if group_size is not None and (not _is_int(group_size) or group_size < 1):
                 raise ZooError(f"group_size must be an integer >= 1, got {group_size!r}")
-        soft_options = {"p": p, "lam": lam, "solver": solver, "n_iter": n_iter}
+        soft_options = {"p": p, "lam": lam, "solver": solver, "dykstra_iters": dykstra_iters}
         if topk == "hard":
             given = [name for name, value in soft_options.items() if value is not None]
             if given:
@@ -244,8 +251,8 @@ class MoE(nn.Module):
             p = 2.0 if p is None else p
             lam = 0.1 / E if lam is None else lam
             solver = "dykstra" if solver is None else solver
-            n_iter = 10 if n_iter is None else n_iter
-            check_relaxed("MoE", p, lam, solver, n_iter)
+            dykstra_iters = 10 if dykstra_iters is None else dykstra_iters
+            check_relaxed("MoE", p, lam, solver, dykstra_iters)
             if token_choice and k == E:
                 raise ZooError(f"topk='soft' with k == num_experts == {E} selects every expert: nothing to relax; "
                                "use topk='hard'")
@@ -256,7 +263,7 @@ class MoE(nn.Module):
         self.router_type, self.topk, self.k = router, topk, k
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.normalize_gates, self.group_size = normalize_gates, group_size
-        self.p, self.lam, self.solver, self.n_iter = p, lam, solver, n_iter
+        self.p, self.lam, self.solver, self.dykstra_iters = p, lam, solver, dykstra_iters
         self.router = nn.Linear(dim, E, bias=router_bias, **dd)
         self.experts = Experts(E, dim, hidden_dim, bias=_pair(bias), drop=_pair(drop), **dd)
         self.aux_loss: torch.Tensor = torch.zeros(())
@@ -338,7 +345,7 @@ class MoE(nn.Module):
         if self.group_size is not None:
             parts.append(f"group_size={self.group_size}")
         if self.topk == "soft":
-            parts.append(f"p={self.p}, lam={self.lam}, solver={self.solver}, n_iter={self.n_iter}")
+            parts.append(f"p={self.p}, lam={self.lam}, solver={self.solver}, dykstra_iters={self.dykstra_iters}")
         return ", ".join(parts)
 
     # -------------------------------------------------------------------------------------------- checks
@@ -382,7 +389,8 @@ class MoE(nn.Module):
         return torch.where(valid.unsqueeze(-1), flat, flat.new_zeros(())), valid
 
     def _soft_mask(self, scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-        return soft_topk_mask(scores, k, dim=-1, p=self.p, lam=self.lam, solver=self.solver, n_iter=self.n_iter)
+        return soft_topk_mask(scores, k, dim=-1, p=self.p, lam=self.lam, solver=self.solver,
+                              dykstra_iters=self.dykstra_iters)
 
     def route(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
         """The dispatch of ``x`` (B, T, dim) or (T, dim): buffer slots, combine weights, aux loss and stats."""

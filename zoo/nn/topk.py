@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
+from zoo._deprecation import renamed_arguments, renamed_attribute
 from zoo.errors import ZooError
 from zoo.ops.topk import check_relaxed, soft_topk_magnitude, soft_topk_mask
 
@@ -34,8 +35,9 @@ class SmoothTopKLoss(nn.Module):
 
     Args:
         k: how many classes the smoothed top-k sums (1 <= k <= number of classes).
-        p, lam, solver, n_iter: as in :func:`zoo.ops.topk.soft_topk_mask` (p = 2 or 4/3, lam > 0, ``"pav"``
-            exact or ``"dykstra"`` for p = 2).
+        p, lam, solver, dykstra_iters: as in :func:`zoo.ops.topk.soft_topk_mask` (p = 2 or 4/3, lam > 0,
+            ``"pav"`` exact or ``"dykstra"`` for p = 2, with ``dykstra_iters`` iterations).
+        n_iter: deprecated name of ``dykstra_iters`` (FutureWarning; giving both is an error).
         reduction: ``"mean"`` (over all leading dims), ``"sum"`` or ``"none"`` (shape x.shape[:-1]).
 
     ``forward(x, target)``: x of shape (..., C); target either class indices (integer, shape x.shape[:-1]; t is
@@ -44,21 +46,24 @@ class SmoothTopKLoss(nn.Module):
     gradient is exactly y* - t.
     """
 
-    def __init__(self, k: int = 1, p: float = 2.0, lam: float = 1.0, solver: str = "pav", n_iter: int = 100,
-                 reduction: str = "mean") -> None:
+    n_iter = renamed_attribute("n_iter", "dykstra_iters")
+
+    @renamed_arguments(n_iter="dykstra_iters")
+    def __init__(self, k: int = 1, p: float = 2.0, lam: float = 1.0, solver: str = "pav", dykstra_iters: int = 100,
+                 reduction: str = "mean", *, n_iter: int | None = None) -> None:
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ZooError(f"SmoothTopKLoss: k must be an int >= 1, got {k!r}")
-        p43 = check_relaxed("SmoothTopKLoss", p, lam, solver, n_iter)
+        p43 = check_relaxed("SmoothTopKLoss", p, lam, solver, dykstra_iters)
         if reduction not in REDUCTIONS:
             raise ZooError(f"SmoothTopKLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.k, self.p, self.lam, self.solver, self.n_iter, self.reduction = int(k), float(p), float(lam), solver, \
-            n_iter, reduction
+        self.k, self.p, self.lam, self.solver, self.dykstra_iters = int(k), float(p), float(lam), solver, dykstra_iters
+        self.reduction = reduction
         self._q = 4.0 / 3.0 if p43 else 2.0
 
     def extra_repr(self) -> str:
-        return (f"k={self.k}, p={self.p:.4g}, lam={self.lam:g}, solver={self.solver!r}, n_iter={self.n_iter}, "
-                f"reduction={self.reduction!r}")
+        return (f"k={self.k}, p={self.p:.4g}, lam={self.lam:g}, solver={self.solver!r}, "
+                f"dykstra_iters={self.dykstra_iters}, reduction={self.reduction!r}")
 
     def _target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         C = x.shape[-1]
@@ -85,7 +90,8 @@ class SmoothTopKLoss(nn.Module):
         xw = x.to(work)
         t = self._target(xw, target)
         with torch.no_grad():
-            y = soft_topk_mask(xw, self.k, dim=-1, p=self.p, lam=self.lam, solver=self.solver, n_iter=self.n_iter)
+            y = soft_topk_mask(xw, self.k, dim=-1, p=self.p, lam=self.lam, solver=self.solver,
+                               dykstra_iters=self.dykstra_iters)
             reg = (self.lam / self._q) * y.abs().pow(self._q).sum(-1)
         loss = (xw * (y - t)).sum(-1) - reg
         if self.reduction == "mean":
@@ -123,14 +129,20 @@ class SoftTopKMagnitude(nn.Module):
 
         parametrize.register_parametrization(layer, "weight", SoftTopKMagnitude(0.1, lam=1e-4))
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)  # bake the sparse weight
+
+    ``p``, ``lam``, ``solver``, ``dykstra_iters``: as in :func:`zoo.ops.topk.soft_topk_magnitude` (``n_iter``: the
+    deprecated name of ``dykstra_iters``).
     """
 
+    n_iter = renamed_attribute("n_iter", "dykstra_iters")
+
+    @renamed_arguments(n_iter="dykstra_iters")
     def __init__(self, keep: int | float, p: float = 2.0, lam: float = 1e-4, solver: str = "pav",
-                 n_iter: int = 100) -> None:
+                 dykstra_iters: int = 100, *, n_iter: int | None = None) -> None:
         super().__init__()
         _keep_count(keep, None, "SoftTopKMagnitude")
-        check_relaxed("SoftTopKMagnitude", p, lam, solver, n_iter)
-        self.keep, self.p, self.lam, self.solver, self.n_iter = keep, float(p), float(lam), solver, n_iter
+        check_relaxed("SoftTopKMagnitude", p, lam, solver, dykstra_iters)
+        self.keep, self.p, self.lam, self.solver, self.dykstra_iters = keep, float(p), float(lam), solver, dykstra_iters
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, p={self.p:.4g}, lam={self.lam:g}, solver={self.solver!r}"
@@ -138,7 +150,7 @@ class SoftTopKMagnitude(nn.Module):
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         k = _keep_count(self.keep, raw.numel(), "SoftTopKMagnitude")
         out = soft_topk_magnitude(raw.reshape(-1), k, p=self.p, lam=self.lam, solver=self.solver,
-                                  n_iter=self.n_iter)
+                                  dykstra_iters=self.dykstra_iters)
         return out.reshape(raw.shape)
 
 

@@ -55,7 +55,7 @@ singleton and to alpha_j sum_B g_i / sum_B beta_i on the block B; then
 
 Dykstra (``solver="dykstra"``, p = 2): (T2) is the (weighted, 1 + lam w_i for the magnitude) projection of y onto
 the non-increasing cone C1 ∩ C2, C1 = {v1 >= v2, v3 >= v4, ..}, C2 = {v2 >= v3, ..}; each projection pools the
-violating pairs (weighted means); ``n_iter`` rounds of Dykstra's alternating projections with correction terms
+violating pairs (weighted means); ``dykstra_iters`` rounds of Dykstra's alternating projections with correction terms
 (published: 100 to match PAV, 10 inside an MoE router). Vectorised over rows; the only loop is over iterations.
 Its backward is the Jacobian of the exact solution at the block Dykstra found (L entries raised above y, R
 entries lowered below it).
@@ -95,6 +95,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from zoo._deprecation import renamed_arguments
 from zoo.errors import ZooError
 
 __all__ = ["topk_mask", "topk_magnitude", "soft_topk_mask", "soft_topk_magnitude", "SOLVERS", "check_relaxed"]
@@ -143,10 +144,13 @@ def _check_k(name: str, k: int | torch.Tensor, n: int, batch: torch.Size, device
     return int(k)
 
 
-def check_relaxed(name: str, p: float, lam: float, solver: str, n_iter: int) -> bool:
+@renamed_arguments(n_iter="dykstra_iters")
+def check_relaxed(name: str, p: float, lam: float, solver: str, dykstra_iters: int, *,
+                  n_iter: int | None = None) -> bool:
     """The relaxed top-k's options checked in one place (the ops, :mod:`zoo.nn.topk` and the MoE router): ``p``
-    2 or 4/3, ``lam`` > 0, ``solver`` in :data:`SOLVERS` (Dykstra for p = 2 only), ``n_iter`` >= 1 (Dykstra
-    iterations); one ZooError prefixed by ``name`` otherwise. Returns True for p = 4/3."""
+    2 or 4/3, ``lam`` > 0, ``solver`` in :data:`SOLVERS` (Dykstra for p = 2 only), ``dykstra_iters`` >= 1
+    (Dykstra iterations; ``n_iter`` is its deprecated name); one ZooError prefixed by ``name`` otherwise.
+    Returns True for p = 4/3."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise ZooError(f"{name}: p must be 2 or 4/3 (the values implemented), got {p!r}")
     if p == 2:
@@ -162,8 +166,8 @@ def check_relaxed(name: str, p: float, lam: float, solver: str, n_iter: int) -> 
         raise ZooError(f"{name}: unknown solver {solver!r}; use one of {SOLVERS}")
     if solver == "dykstra" and p43:
         raise ZooError(f"{name}: solver='dykstra' supports p = 2 only, got p = {p}; use solver='pav' for p = 4/3")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ZooError(f"{name}: n_iter must be an int >= 1 (Dykstra iterations), got {n_iter!r}")
+    if isinstance(dykstra_iters, bool) or not isinstance(dykstra_iters, int) or dykstra_iters < 1:
+        raise ZooError(f"{name}: dykstra_iters must be an int >= 1 (Dykstra iterations), got {dykstra_iters!r}")
     return p43
 
 
@@ -414,8 +418,8 @@ def _pav_sorted(s: torch.Tensor, L: torch.Tensor, kk: int | torch.Tensor, lam: f
 
 
 def _dykstra_sorted(s: torch.Tensor, L: torch.Tensor, lam: float, mag: bool,
-                    n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """e = (s - v) / lam and the block, v after ``n_iter`` rounds of Dykstra's projections onto C1 and C2.
+                    dykstra_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e = (s - v) / lam and the block, v after ``dykstra_iters`` rounds of Dykstra's projections onto C1 and C2.
 
     Each projection pools the violating pairs (u, w) (u < w) of its constraint set at their weighted mean
     (weights a, b: 1, or 1 + lam w_i for the magnitude). Its Dykstra correction t - P(t) is (c, -(a/b) c) on a
@@ -440,7 +444,7 @@ def _dykstra_sorted(s: torch.Tensor, L: torch.Tensor, lam: float, mag: bool,
             au, aw = a[:, off:off + 2 * m:2], a[:, off + 1:off + 2 * m:2]
             beta, rho = aw / (au + aw), au / aw
         steps.append((u, w, beta, rho, v.new_zeros(rows, m), v.new_empty(rows, m), v.new_empty(rows, m)))
-    for _ in range(n_iter):
+    for _ in range(dykstra_iters):
         for u, w, beta, rho, c, hd, e in steps:
             torch.sub(w, u, out=hd)
             hd.mul_(0.5 if beta is None else beta)
@@ -565,7 +569,8 @@ class _SoftTopKFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool, solver: str, n_iter: int
+        ctx: Any, x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool, solver: str,
+        dykstra_iters: int,
     ) -> torch.Tensor:
         rows, n = x.shape
         chunks = _row_chunks(rows, n, x.device)
@@ -603,7 +608,7 @@ class _SoftTopKFunction(torch.autograd.Function):
             if solver == "pav":
                 e, b = _pav_sorted(s, L, k_of(sl), lam, p43, mag)
             else:
-                e, b = _dykstra_sorted(s, L, lam, mag, n_iter)
+                e, b = _dykstra_sorted(s, L, lam, mag, dykstra_iters)
             perm[sl], blk[sl], e_s[sl] = p, b, e
             out[sl] = torch.empty_like(e).scatter_(-1, p, e * e * e if p43 else e)
         if not mag:  # Dykstra mask: backward in the original order, with the block Dykstra found
@@ -640,19 +645,20 @@ class _SoftTopKFunction(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
-def _soft(name: str, x: torch.Tensor, k: int | torch.Tensor, dim: int, p: float, lam: float, solver: str, n_iter: int,
-          mag: bool) -> torch.Tensor:
-    p43 = check_relaxed(name, p, lam, solver, n_iter)
+def _soft(name: str, x: torch.Tensor, k: int | torch.Tensor, dim: int, p: float, lam: float, solver: str,
+          dykstra_iters: int, mag: bool) -> torch.Tensor:
+    p43 = check_relaxed(name, p, lam, solver, dykstra_iters)
     flat, kk, shape, d = _rows(name, x, k, dim)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        out = _SoftTopKFunction.apply(flat.to(work), kk, float(lam), p43, mag, solver, n_iter)
+        out = _SoftTopKFunction.apply(flat.to(work), kk, float(lam), p43, mag, solver, dykstra_iters)
     return _unrows(out.to(x.dtype), shape, d)
 
 
 # ------------------------------------------------------------------------------------------------ public API
 
 
+@renamed_arguments(n_iter="dykstra_iters")
 def soft_topk_mask(
     x: torch.Tensor,
     k: int | torch.Tensor,
@@ -660,7 +666,9 @@ def soft_topk_mask(
     p: float = 2.0,
     lam: float = 1.0,
     solver: str = "pav",
-    n_iter: int = 100,
+    dykstra_iters: int = 100,
+    *,
+    n_iter: int | None = None,
 ) -> torch.Tensor:
     """Relaxed top-k mask: y* = argmax_{0 <= y <= 1, sum y = k} <x, y> - (lam / p) ||y||_p^p along ``dim`` (T1).
 
@@ -676,12 +684,14 @@ def soft_topk_mask(
         dim: the dimension the operator acts along.
         p: 2 (piecewise linear) or 4/3 (continuously differentiable).
         lam: regularisation strength > 0.
-        solver: ``"pav"`` (exact) or ``"dykstra"`` (p = 2 only, ``n_iter`` iterations; approximate).
-        n_iter: Dykstra iterations (ignored by PAV).
+        solver: ``"pav"`` (exact) or ``"dykstra"`` (p = 2 only, ``dykstra_iters`` iterations; approximate).
+        dykstra_iters: Dykstra iterations (ignored by PAV).
+        n_iter: deprecated name of ``dykstra_iters`` (FutureWarning; giving both is an error).
     """
-    return _soft("soft_topk_mask", x, k, dim, p, lam, solver, n_iter, mag=False)
+    return _soft("soft_topk_mask", x, k, dim, p, lam, solver, dykstra_iters, mag=False)
 
 
+@renamed_arguments(n_iter="dykstra_iters")
 def soft_topk_magnitude(
     x: torch.Tensor,
     k: int | torch.Tensor,
@@ -689,7 +699,9 @@ def soft_topk_magnitude(
     p: float = 2.0,
     lam: float = 1.0,
     solver: str = "pav",
-    n_iter: int = 100,
+    dykstra_iters: int = 100,
+    *,
+    n_iter: int | None = None,
 ) -> torch.Tensor:
     """Relaxed top-k in magnitude: y* of (T1) with phi(u) = u^2 / 2, s = |x| sorted, carrying sign(x).
 
@@ -700,4 +712,4 @@ def soft_topk_magnitude(
     magnitudes and come out as +-inf (the limit), with zero gradient; a row holding a NaN gives NaN. Arguments as
     in :func:`soft_topk_mask`.
     """
-    return _soft("soft_topk_magnitude", x, k, dim, p, lam, solver, n_iter, mag=True)
+    return _soft("soft_topk_magnitude", x, k, dim, p, lam, solver, dykstra_iters, mag=True)
