@@ -29,7 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
-from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
+from zoo.ops.masks import (
+    AdditiveMask,
+    AttentionMask,
+    BlockedMask,
+    CausalMask,
+    PaddingMask,
+    mask_from_tensors,
+)
+from zoo.ops.sinkhorn import attention, column_sum_stats
 
 __all__ = ["SinkhornAttention", "SinkhornMultiheadAttention", "attention_stats", "check_n_iter"]
 
@@ -161,10 +169,9 @@ class SinkhornAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if is_causal:  # timm: is_causal takes precedence over attn_mask
-            attn_mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-        out = sinkhorn_attention(
-            q, k, v, n_iter=self.n_iter, attn_mask=attn_mask, scale=self.scale,
+        mask = CausalMask() if is_causal else mask_from_tensors(attn_mask)  # timm: is_causal takes precedence
+        out = attention(
+            q, k, v, mask, self.n_iter, scale=self.scale,
             dropout_p=self.attn_drop.p if self.training else 0.0, return_weights=self.record_stats,
         )
         if self.record_stats:
@@ -282,51 +289,45 @@ class SinkhornMultiheadAttention(nn.MultiheadAttention):
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-        # masks: key padding bool (B, S) True = padded (or additive); attn mask additive or bool True = attend
+        # masks in torch's conventions: key padding bool (B, S) True = padded, or additive; attn_mask bool
+        # True = NOT allowed, or additive; is_causal when attn_mask is None
         key_padding_mask = _canonical_bool_or_float(key_padding_mask, "key_padding_mask", dtype)
         attn_mask = _canonical_bool_or_float(attn_mask, "attn_mask", dtype)
         S = k.shape[1]
-        if is_causal and attn_mask is None:
-            attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+        mask: AttentionMask | None = None
         if attn_mask is not None:
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask.view(B, H, L, S)
-            attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
-        query_padding_mask = None
+            mask = BlockedMask(attn_mask) if attn_mask.dtype == torch.bool else AdditiveMask(attn_mask)
+        elif is_causal:
+            mask = CausalMask()
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             # additive (nn.TransformerEncoder(Layer) turns bool masks into 0 / -inf floats): the -inf keys are
-            # padding (out of the marginals, as a bool mask), finite values go into attn_mask; no host sync
+            # padding (out of the marginals, as a bool mask), finite values are an additive mask; no host sync
             padded = torch.isneginf(key_padding_mask)
-            extra = key_padding_mask.masked_fill(padded, 0.0).view(B, 1, 1, S)
-            if attn_mask is None:
-                attn_mask = extra
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=q.device).masked_fill(
-                    ~attn_mask, float("-inf")) + extra
-            else:
-                attn_mask = attn_mask + extra
+            mask = mask & AdditiveMask(key_padding_mask.masked_fill(padded, 0.0).view(B, 1, 1, S))
             key_padding_mask = padded
+        query_padding_mask = None
         if key_padding_mask is not None and L == S:
             # self-attention: padded queries get no mass; cross-attention keeps every query
             query_padding_mask = key_padding_mask if self_attention else torch.zeros_like(key_padding_mask)
 
-        # extra keys: learned bias_k / bias_v, then a zero key (torch's order)
+        # extra keys: learned bias_k / bias_v, then a zero key (torch's order), visible to every query
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(B, 1, E)], dim=1)
             v = torch.cat([v, self.bias_v.expand(B, 1, E)], dim=1)
-            attn_mask, key_padding_mask = self._pad_masks(attn_mask, key_padding_mask)
+            mask, key_padding_mask = self._pad_masks(mask, key_padding_mask)
         q, k, v = (t.reshape(B, t.shape[1], H, D).transpose(1, 2) for t in (q, k, v))
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(B, H, 1, D)], dim=2)
             v = torch.cat([v, v.new_zeros(B, H, 1, D)], dim=2)
-            attn_mask, key_padding_mask = self._pad_masks(attn_mask, key_padding_mask)
+            mask, key_padding_mask = self._pad_masks(mask, key_padding_mask)
+        if key_padding_mask is not None:
+            mask = PaddingMask(key_padding_mask, query_padding_mask) & mask
 
         want_weights = need_weights or self.record_stats
-        out = sinkhorn_attention(
-            q, k, v, n_iter=self.n_iter, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout if self.training else 0.0, return_weights=want_weights,
-            query_padding_mask=query_padding_mask,
-        )
+        out = attention(q, k, v, mask, self.n_iter, dropout_p=self.dropout if self.training else 0.0,
+                        return_weights=want_weights)
         weights = None
         if want_weights:
             out, weights = out
@@ -345,11 +346,11 @@ class SinkhornMultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
     @staticmethod
-    def _pad_masks(attn_mask: torch.Tensor | None,
-                   key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _pad_masks(mask: AttentionMask | None,
+                   key_padding_mask: torch.Tensor | None) -> tuple[AttentionMask | None, torch.Tensor | None]:
         """One more (always visible) key column in both masks."""
-        if attn_mask is not None:
-            attn_mask = F.pad(attn_mask, (0, 1), value=True if attn_mask.dtype == torch.bool else 0.0)
+        if mask is not None:
+            mask = mask.pad_keys(1)
         if key_padding_mask is not None:
             key_padding_mask = F.pad(key_padding_mask, (0, 1), value=False)
-        return attn_mask, key_padding_mask
+        return mask, key_padding_mask
