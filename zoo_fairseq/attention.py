@@ -22,7 +22,8 @@ from torch import Tensor
 
 from zoo.errors import ZooError
 from zoo.nn.attention import check_n_iter
-from zoo.ops.sinkhorn import sinkhorn_attention
+from zoo.ops.masks import AdditiveMask, AttentionMask, BlockedMask, PaddingMask
+from zoo.ops.sinkhorn import attention
 
 __all__ = ["SinkhornMultiheadAttention", "sinkhornize"]
 
@@ -102,15 +103,17 @@ class SinkhornMultiheadAttention(MultiheadAttention):
             return x.view(T, B, H, d).permute(1, 2, 0, 3)  # (B, H, T, d)
 
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(query)), heads(self.v_proj(query))
-        kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = ~attn_mask  # fairseq / torch: True = masked; sinkhorn_attention: True = may attend
-        # n_iter = 1: keep every query row (fairseq computes the padded positions too)
-        qpm = torch.zeros_like(kpm) if (kpm is not None and self.n_iter == 1) else None
+        mask: AttentionMask | None = None
+        if attn_mask is not None:  # fairseq / torch: a bool mask is True where attention is NOT allowed
+            mask = BlockedMask(attn_mask) if attn_mask.dtype == torch.bool else AdditiveMask(attn_mask)
+        if key_padding_mask is not None:
+            # n_iter = 1 keeps every query row (fairseq computes the padded positions too); Sinkhorn leaves the
+            # padded queries out of the column marginals
+            kpm = key_padding_mask.to(torch.bool)
+            mask = PaddingMask(kpm, None if self.n_iter == 1 else kpm) & mask
         drop = self.dropout_module
         dropout_p = float(drop.p) if (drop.p > 0 and (self.training or drop.apply_during_inference)) else 0.0
-        res = sinkhorn_attention(q, k, v, n_iter=self.n_iter, attn_mask=attn_mask, key_padding_mask=kpm,
-                                 dropout_p=dropout_p, return_weights=need_weights, query_padding_mask=qpm)
+        res = attention(q, k, v, mask, self.n_iter, dropout_p=dropout_p, return_weights=need_weights)
         out, weights = res if need_weights else (res, None)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, E))
         if weights is not None:
