@@ -95,38 +95,9 @@ def _compact(bias: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.
 # ------------------------------------------------------------------------------------------------ kernel
 
 
-def _forward_chunk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    bias: torch.Tensor | None,
-    n_iter: int,
-    scale: float,
-    masked: bool,
-    log_ratio: torch.Tensor | None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Weights W (N, L, S) and the log-domain iterates Y_1.. (plain autograd, for ``return_weights=True``).
-
-    Y_1 = log_softmax_row(C), Y_{l+1} = log_softmax along columns (l odd) or rows (l even) of Y_l, each written
-    Y + neg_lse(Y); the weights are exp(Y_{n-1} + neg_lse_row) (odd n_iter) or exp(Y_{n-1} + neg_lse_col +
-    log(n_rows/n_cols)) (even n_iter). Empty rows / columns (everything masked) stay at -inf, with weight 0 and
-    finite gradients (:func:`_neg_lse_safe`); out of place, so autograd can differentiate through every step.
-    """
-    qs, kt = q * scale, k.transpose(-1, -2)  # scale the (N, L, E) factor, not the (N, L, S) product
-    x = torch.bmm(qs, kt) if bias is None else torch.baddbmm(bias, qs, kt)
-    logs: list[torch.Tensor] = []
-    for step in range(1, n_iter):
-        x = x + _neg_lse_safe(x, -1 if step % 2 == 1 else -2, masked)
-        logs.append(x)
-    x = x + _neg_lse_safe(x, -1 if n_iter % 2 == 1 else -2, masked)
-    if n_iter % 2 == 0:
-        logs.append(x)
-        if log_ratio is not None:
-            x = x + log_ratio
-    return x.exp(), logs
-
-
 def _neg_lse_safe(x: torch.Tensor, dim: int, masked: bool) -> torch.Tensor:
-    """-logsumexp along dim for autograd: 0 for an empty (all -inf) row / column, with a zero (not NaN) gradient.
+    """-logsumexp along dim for autograd (the weights path): 0 for an empty (all -inf) row / column, with a zero
+    (not NaN) gradient.
 
     logsumexp's backward, exp(x - lse), is NaN when x and lse are both -inf, and a where after it does not stop
     0 * NaN: the empty rows are replaced by zeros *before* the log-sum-exp.
@@ -154,17 +125,24 @@ def _neg_lse(x: torch.Tensor, dim: int, masked: bool) -> torch.Tensor:
     return torch.where(lse == float("-inf"), 0.0, -lse) if masked else -lse
 
 
-def _potentials(c: torch.Tensor, n_iter: int, masked: bool) -> list[torch.Tensor]:
-    """pots[l-1]: f = -lse_j(C + g) after row step l (odd), g = -lse_i(C + f) after column step l (even)."""
-    pots = [_neg_lse(c, -1, masked)]
+def _potentials(
+    c: torch.Tensor, n_iter: int, masked: bool, neg_lse: Callable[..., torch.Tensor] = _neg_lse
+) -> list[torch.Tensor]:
+    """pots[l-1]: f = -lse_j(C + g) after row step l (odd), g = -lse_i(C + f) after column step l (even).
+
+    The one Sinkhorn iteration: the kernel runs it with :func:`_neg_lse` (its backward is written by hand), the
+    weights path with :func:`_neg_lse_safe` (plain autograd through every half-step).
+    """
+    pots = [neg_lse(c, -1, masked)]
     for step in range(2, n_iter + 1):
-        pots.append(_neg_lse(c + pots[-1], -1 if step % 2 == 1 else -2, masked))
+        pots.append(neg_lse(c + pots[-1], -1 if step % 2 == 1 else -2, masked))
     return pots
 
 
 def _last_matrix(c: torch.Tensor, pots: list[torch.Tensor]) -> torch.Tensor:
-    """P_n = exp(C + f + g), the last half-step's matrix (the weights up to dropout and log(n_rows / n_cols))."""
-    return (c + pots[-1] + pots[-2]).exp()
+    """P_n = exp(C + f + g), the last half-step's matrix (the weights up to dropout and log(n_rows / n_cols));
+    exp(C + f_1), the row softmax, for n_iter = 1."""
+    return (c + pots[-1] + pots[-2]).exp() if len(pots) > 1 else (c + pots[0]).exp()
 
 
 def _sinkhorn_forward(
@@ -448,14 +426,20 @@ def _weights_path(
     lead: torch.Size,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialised weights with plain autograd (for ``return_weights=True``)."""
+    """Materialised weights with plain autograd (for ``return_weights=True``): the kernel's iteration
+    (:func:`_potentials`, :func:`_last_matrix`) on the whole (N, L, S) scores, W = P_n * n_rows / n_cols, out = W v.
+
+    The kernel exists for memory (it keeps only the potentials and recomputes the scores in backward); the
+    weights, once asked for, are materialised anyway, so autograd through the same iteration costs no more.
+    """
     L, S, N = q.shape[-2], k.shape[-2], math.prod(lead)  # N, not -1: the reshapes must work when L or S is 0
     lead_q = q.expand(*lead, L, q.shape[-1]).reshape(N, L, q.shape[-1])
     lead_k = k.expand(*lead, S, k.shape[-1]).reshape(N, S, k.shape[-1])
     b = None if bias is None else bias.expand(*lead, L, S).reshape(N, L, S)
     r = None if log_ratio is None else log_ratio.expand(*lead, 1, 1).reshape(N, 1, 1)
-    w, _ = _forward_chunk(lead_q, lead_k, b, n_iter, scale, masked, r)
-    w = w.reshape(*lead, L, S)
+    c = _scores(lead_q * scale, lead_k, b)  # scale the (N, L, E) factor, not the (N, L, S) product
+    w = _last_matrix(c, _potentials(c, n_iter, masked, _neg_lse_safe))
+    w = (w if r is None else w * r.exp()).reshape(*lead, L, S)
     wd = F.dropout(w, dropout_p) if dropout_p > 0.0 else w
     return wd @ v, w
 
