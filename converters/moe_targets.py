@@ -2,7 +2,7 @@
 
 Mixture-of-experts target (family ``"mlp"``: a timm ``VisionTransformer``, or a timm ViT's ``blocks``):
 
-- ``"moe"``: the MLP of every ``every``-th block (or of the blocks ``moe_layers``) becomes a
+- ``"moe"``: the MLP of every ``moe_every``-th block (or of the blocks ``moe_blocks``) becomes a
   :class:`zoo.nn.MoE` whose experts are copies of the dense MLP (fc1, GELU, fc2, with its ``requires_grad``
   flags) and whose router starts at zero. With identical experts the result is the source function whenever
   every token's combine weights sum to 1 and no token is dropped (token choice with ``normalize_gates=True,
@@ -10,8 +10,10 @@ Mixture-of-experts target (family ``"mlp"``: a timm ``VisionTransformer``, or a 
   point for fine-tuning. A timm ``VisionTransformer`` of the standard layout becomes the zoo
   :class:`zoo.models.VisionMoE` LightningModule (accepts ``aux_loss_weight`` and the training settings); any
   other source comes back as a copy of itself with ``MoE.from_mlp`` layers in place of the chosen MLPs.
-  Options: ``num_experts`` (8), ``every`` (2), ``moe_layers``, ``router``, ``k``, ``capacity_factor``, ``topk``,
-  ``normalize_gates``, ``group_size``, ``lam``, ``p``, ``solver``, ``router_n_iter``.
+  Options (VisionMoE's names): ``num_experts`` (8), ``moe_every`` (2), ``moe_blocks``, ``router``, ``k``,
+  ``capacity_factor``, ``topk``, ``normalize_gates``, ``group_size``, ``lam``, ``p``, ``solver``,
+  ``dykstra_iters``; ``every``, ``moe_layers`` and ``router_n_iter`` are deprecated names of ``moe_every``,
+  ``moe_blocks`` and ``dykstra_iters`` (FutureWarning; giving both names is an error).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from converters.registry import (
     register_target,
     source_device_dtype,
 )
+from zoo._deprecation import renamed_argument
 from zoo.errors import ZooError
 
 __all__ = ["MOE_OPTIONS", "MOE_VIT_OPTIONS", "MLPSpec"]
@@ -52,20 +55,26 @@ class MLPSpec:
     why_not: str = ""
 
 
-MOE_OPTIONS: tuple[str, ...] = ("num_experts", "every", "moe_layers", "router", "k", "capacity_factor", "topk",
-                                "normalize_gates", "group_size", "lam", "p", "solver", "router_n_iter")
+MOE_OPTIONS: tuple[str, ...] = ("num_experts", "moe_every", "moe_blocks", "router", "k", "capacity_factor", "topk",
+                                "normalize_gates", "group_size", "lam", "p", "solver", "dykstra_iters")
 MOE_VIT_OPTIONS: tuple[str, ...] = ("aux_loss_weight", *TRAINING_OPTIONS)
+# deprecated option names (one release) -> their names in MOE_OPTIONS
+_RENAMED_MOE_OPTIONS: dict[str, str] = {"every": "moe_every", "moe_layers": "moe_blocks",
+                                        "router_n_iter": "dykstra_iters"}
 
 
 def _moe_routing_options(options: dict[str, Any]) -> tuple[int, int, Any, dict[str, Any]]:
-    """Pop ``num_experts``, ``every``, ``moe_layers`` and the MoE routing options (MoE's own names)."""
+    """Pop ``num_experts``, ``moe_every``, ``moe_blocks`` and the MoE routing options (the names of MoE and
+    VisionMoE alike), the deprecated names mapped to theirs."""
+    for old, new in _RENAMED_MOE_OPTIONS.items():
+        if old in options:
+            options[new] = renamed_argument("converters.transform(to='moe')", new, options.get(new), old,
+                                            options.pop(old), new_given=new in options, stacklevel=5)
     num_experts = options.pop("num_experts", 8)
-    every = options.pop("every", 2)
-    layers = options.pop("moe_layers", None)
+    moe_every = options.pop("moe_every", 2)
+    moe_blocks = options.pop("moe_blocks", None)
     routing = {name: options.pop(name) for name in MOE_OPTIONS[3:] if name in options}
-    if "router_n_iter" in routing:
-        routing["n_iter"] = routing.pop("router_n_iter")
-    return num_experts, every, layers, routing
+    return num_experts, moe_every, moe_blocks, routing
 
 
 def _copy_expert_flags(moe: nn.Module, dense: nn.Module | None) -> None:
@@ -78,20 +87,18 @@ def _copy_expert_flags(moe: nn.Module, dense: nn.Module | None) -> None:
                 mine.requires_grad_(theirs.requires_grad)
 
 
-@register_target("moe", "mlp", (*MOE_OPTIONS, *MOE_VIT_OPTIONS),
-                 "sparse mixture of experts in every `every`-th block, each expert a copy of the dense MLP and the "
+@register_target("moe", "mlp", (*MOE_OPTIONS, *MOE_VIT_OPTIONS, *_RENAMED_MOE_OPTIONS),
+                 "sparse mixture of experts in every `moe_every`-th block, each expert a copy of the dense MLP and the "
                  "router at zero (upcycling); a timm ViT of the standard layout becomes the zoo VisionMoE")
 def _to_moe(spec: MLPSpec, options: dict[str, Any]) -> nn.Module:
     from zoo.models.vmoe import VisionMoE, moe_block_indices
     from zoo.nn.moe import MoE
 
-    num_experts, every, layers, routing = _moe_routing_options(options)
+    num_experts, moe_every, moe_blocks, routing = _moe_routing_options(options)
     source = spec.model
     if spec.vit_config is not None:
         device, dtype = source_device_dtype(source, spec.label)
-        if "n_iter" in routing:
-            routing["router_n_iter"] = routing.pop("n_iter")
-        model = VisionMoE(**spec.vit_config, num_experts=num_experts, moe_every=every, moe_layers=layers,
+        model = VisionMoE(**spec.vit_config, num_experts=num_experts, moe_every=moe_every, moe_blocks=moe_blocks,
                           **routing, **options)
         model.to(device=device, dtype=dtype)
         _mirror_runtime_state(model, source, dict(source.named_modules()))
@@ -103,7 +110,7 @@ def _to_moe(spec: MLPSpec, options: dict[str, Any]) -> nn.Module:
     _not_the_zoo_family(spec, options, "VisionMoE", "with MoE MLPs", "its MLPs replaced by MoE layers", MOE_OPTIONS)
     model = copy.deepcopy(source)
     blocks = model.get_submodule(spec.blocks) if spec.blocks else model
-    for i in moe_block_indices(len(blocks), every, layers):
+    for i in moe_block_indices(len(blocks), moe_every, moe_blocks):
         mlp = getattr(blocks[i], "mlp", None)
         if mlp is None:
             raise ZooError(f"{spec.label}: block {i} has no mlp to turn into experts")

@@ -97,8 +97,9 @@ FAMILY_CASES = [
     # VisionMoE
     ("vmoe_tiny_patch32_224", "num_experts", 0),
     ("vmoe_tiny_patch32_224", "num_experts", 8.0),
-    ("vmoe_tiny_patch32_224", "moe_layers", "1"),
-    ("vmoe_tiny_patch32_224", "moe_layers", (1, -1)),
+    ("vmoe_tiny_patch32_224", "moe_blocks", "1"),
+    ("vmoe_tiny_patch32_224", "moe_blocks", (1, -1)),
+    ("vmoe_tiny_patch32_224", "moe_every", 0),
     ("vmoe_tiny_patch32_224", "aux_loss_weight", NAN),
     ("vmoe_tiny_patch32_224", "depth", 2.5),
     # SetTransformer

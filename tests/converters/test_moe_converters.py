@@ -66,7 +66,7 @@ def test_sparse_default_runs_trains_and_keeps_flags(tmp_path) -> None:
     src = timm_vit()
     src.blocks[3].mlp.fc1.weight.requires_grad_(False)
     src.patch_embed.proj.weight.requires_grad_(False)
-    model = converters.transform(src, to="moe", num_experts=4, every=1,
+    model = converters.transform(src, to="moe", num_experts=4, moe_every=1,
                                  optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
                                  lr_scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0))
     assert model.moe_indices == [0, 1, 2, 3] and model.hparams.router == "expert_choice"
@@ -97,21 +97,49 @@ def test_timm_vit_outside_the_zoo_layout_and_blocks_get_moe_mlps() -> None:
         torch.testing.assert_close(model(x), src(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ZooError, match=r"'optimizer' only apply when the result is a zoo VisionMoE.*register"):
         converters.transform(src, to="moe", optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-    blocks = converters.transform(src.blocks, to="moe", num_experts=2, moe_layers=[0], **exact)
+    blocks = converters.transform(src.blocks, to="moe", num_experts=2, moe_blocks=[0], **exact)
     assert type(blocks) is nn.Sequential and type(blocks[0].mlp) is MoE and type(blocks[1].mlp) is not MoE
     t = torch.randn(2, 5, 48)
     with torch.no_grad():
         torch.testing.assert_close(blocks(t), src.blocks(t), rtol=1e-5, atol=1e-5)
 
 
+def test_every_moe_layers_and_router_n_iter_are_deprecated_option_names() -> None:
+    """The options every, moe_layers, router_n_iter (the old names) convert as moe_every, moe_blocks, dykstra_iters,
+    with FutureWarnings naming the new names, into a VisionMoE or a timm model's blocks; both names: one ZooError."""
+    src = timm_vit()
+    soft = {"num_experts": 4, "topk": "soft", "lam": 0.05}
+    x = images()
+    for source, new_names, old_names in (
+            (src, {"moe_every": 1, "dykstra_iters": 2}, {"every": 1, "router_n_iter": 2}),
+            (src.blocks, {"moe_blocks": [1, 2], "dykstra_iters": 2}, {"moe_layers": [1, 2], "router_n_iter": 2})):
+        new = converters.transform(source, to="moe", **soft, **new_names)
+        with pytest.warns(FutureWarning) as caught:
+            old = converters.transform(source, to="moe", **soft, **old_names)
+        messages = " ".join(str(w.message) for w in caught if w.category is FutureWarning)
+        for name in old_names:
+            assert f"converters.transform(to='moe'): {name}= is deprecated" in messages
+        assert type(old) is type(new) and old.state_dict().keys() == new.state_dict().keys()
+        moes = [m for m in old.modules() if isinstance(m, MoE)]
+        assert len(moes) == (4 if source is src else 2) and {m.dykstra_iters for m in moes} == {2}
+        t = x if source is src else torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert torch.equal(old(t), new(t))
+    assert old[1].mlp.dykstra_iters == 2 and type(old[0].mlp) is not MoE
+    for both in ({"every": 1, "moe_every": 1}, {"moe_layers": [1], "moe_blocks": [1]},
+                 {"router_n_iter": 2, "dykstra_iters": 2}):
+        with pytest.raises(ZooError, match="is the deprecated name of .*; give .* only, not both"):
+            converters.transform(src, to="moe", **soft, **both)
+
+
 def test_bad_options() -> None:
     src = timm_vit()
-    with pytest.raises(ZooError, match=r"unknown option 'gamma'.*accepted options are num_experts, every"):
+    with pytest.raises(ZooError, match=r"unknown option 'gamma'.*accepted options are num_experts, moe_every"):
         converters.transform(src, to="moe", gamma=0.9)
     with pytest.raises(ZooError, match="unknown router 'top2'"):
         converters.transform(src, to="moe", router="top2")
-    with pytest.raises(ZooError, match="every=9 exceeds depth=4"):
-        converters.transform(src, to="moe", every=9)
+    with pytest.raises(ZooError, match="moe_every=9 exceeds depth=4"):
+        converters.transform(src, to="moe", moe_every=9)
     with pytest.raises(ZooError, match=r"cannot convert a .*Linear to 'moe'"):
         converters.transform(nn.Linear(3, 3), to="moe")
 
@@ -128,7 +156,7 @@ def test_zoo_convert_to_moe_writes_a_vmoe_checkpoint(tmp_path, capsys: pytest.Ca
     out_file = tmp_path / "vmoe.safetensors"
     code, out, err = run_main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights", str(weights),
                                "--to", "moe", "--option", "num_experts=4", "--option", "capacity_factor=null",
-                               "--option", "every=6", "--out", str(out_file)], capsys)
+                               "--option", "moe_every=6", "--out", str(out_file)], capsys)
     assert code == 0, err
     assert zoo_lines(out)[-1].startswith(f"wrote {out_file} (VisionMoE")
     model = zoo.from_pretrained(out_file).eval()

@@ -5,6 +5,7 @@ routing statistics, training with hard and soft routers, saving and reloading; e
 from __future__ import annotations
 
 import functools
+import json
 
 import lightning.pytorch as pl
 import pytest
@@ -14,6 +15,7 @@ from helpers import seed_hf_hub_cache
 from torch.utils.data import DataLoader, TensorDataset
 
 import zoo
+from zoo import hub
 from zoo.errors import ZooError
 from zoo.models.vmoe import VisionMoE, moe_block_indices
 from zoo.nn.moe import MoE
@@ -45,7 +47,7 @@ def small_vmoe(**kwargs) -> VisionMoE:
 def test_builders_and_moe_placement() -> None:
     assert {"vmoe_tiny_patch32_224", "vmoe_small_patch32_224"} <= set(zoo.list_models("vmoe_*"))
     assert moe_block_indices(12, 2) == [1, 3, 5, 7, 9, 11] and moe_block_indices(4, 1) == [0, 1, 2, 3]
-    assert moe_block_indices(12, 2, layers=[5, 0, 5]) == [0, 5]
+    assert moe_block_indices(12, 2, moe_blocks=[5, 0, 5]) == [0, 5]
     model = small_vmoe()
     assert model.moe_indices == [1, 3]
     kinds = [type(b.mlp).__name__ for b in model.blocks]
@@ -90,6 +92,74 @@ def test_a_vmoe_checkpoint_loads_as_is(tmp_path) -> None:
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert again.blocks[1].mlp.router_type == "token_choice" and again.blocks[1].mlp.k == 2
+
+
+def test_router_n_iter_and_moe_layers_are_deprecated_names() -> None:
+    """VisionMoE(router_n_iter=, moe_layers=) and moe_block_indices(every=, layers=) (the old names): FutureWarnings
+    naming dykstra_iters / moe_blocks / moe_every, the same model as the new names (hyperparameters recorded under
+    the new names only); giving both names is one ZooError."""
+    soft = {"topk": "soft", "lam": 0.05, "num_experts": 4}
+    torch.manual_seed(0)
+    new = small_vmoe(**soft, dykstra_iters=2, moe_blocks=[0, 2]).eval()
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning) as caught:
+        old = small_vmoe(**soft, router_n_iter=2, moe_layers=[0, 2]).eval()
+    messages = sorted(str(w.message) for w in caught if w.category is FutureWarning)
+    assert len(messages) == 2
+    assert messages[0].startswith("VisionMoE: moe_layers= is deprecated") and "use moe_blocks=" in messages[0]
+    assert messages[1].startswith("VisionMoE: router_n_iter= is deprecated") and "use dykstra_iters=" in messages[1]
+    assert old.moe_indices == new.moe_indices == [0, 2] and old.blocks[2].mlp.dykstra_iters == 2
+    assert dict(old.hparams) == dict(new.hparams) and {"router_n_iter", "moe_layers"}.isdisjoint(old.hparams)
+    assert {"router_n_iter", "moe_layers"}.isdisjoint(old.hparams_initial)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(old(x), new(x))
+        torch.manual_seed(0)
+        assert (small_vmoe(**soft, moe_blocks=[0, 2]).eval()(x) - new(x)).abs().max() > 1e-6  # 2 iterations, not 10
+    for given in ({"router_n_iter": 2, "dykstra_iters": 2}, {"moe_layers": [1], "moe_blocks": [1]}):
+        with pytest.raises(ZooError, match="is the deprecated name of .*; give .* only, not both"):
+            small_vmoe(**soft, **given)
+    with pytest.warns(FutureWarning, match="every= is deprecated.*use moe_every="):
+        assert moe_block_indices(12, every=3) == moe_block_indices(12, 3) == [2, 5, 8, 11]
+    with pytest.warns(FutureWarning, match="layers= is deprecated.*use moe_blocks="):
+        assert moe_block_indices(12, layers=[5, 0]) == [0, 5]
+    with pytest.raises(ZooError, match="not both"):
+        moe_block_indices(12, 2, every=2)
+
+
+@pytest.mark.parametrize("kind", ["save_pretrained", "lightning"])
+def test_files_saved_with_the_old_names_still_load(kind: str, tmp_path) -> None:
+    """A save_pretrained file or Lightning checkpoint written by the previous release (constructor arguments
+    router_n_iter / moe_layers) loads into the same model, with the FutureWarnings; saved again, it has the new
+    names only."""
+    torch.manual_seed(0)
+    model = small_vmoe(topk="soft", lam=0.05, dykstra_iters=3, moe_blocks=[0, 2]).eval()
+    sd, meta = hub.read_safetensors(model.save_pretrained(tmp_path / "new") / "model.safetensors")
+    config = json.loads(meta["zoo.config"])
+    args = config["init_args"]
+    assert {"router_n_iter", "moe_layers"}.isdisjoint(args)
+    assert (args["dykstra_iters"], args["moe_blocks"]) == (3, [0, 2])
+    args["router_n_iter"], args["moe_layers"] = args.pop("dykstra_iters"), args.pop("moe_blocks")  # the old names
+    if kind == "save_pretrained":
+        path = tmp_path / "old.safetensors"
+        hub.save_safetensors(sd, path, metadata={"zoo.config": json.dumps(config), "format": "pt"})
+    else:
+        path = tmp_path / "old.ckpt"
+        torch.save({"state_dict": sd, "pytorch-lightning_version": "2.6.6",
+                    "hyper_parameters": {**args, "_class_path": config["class_path"]}}, path)
+    with pytest.warns(FutureWarning) as caught:
+        again = zoo.from_pretrained(path).eval()
+    messages = " ".join(str(w.message) for w in caught if w.category is FutureWarning)
+    assert "router_n_iter= is deprecated" in messages and "moe_layers= is deprecated" in messages
+    assert type(again) is VisionMoE and again.moe_indices == [0, 2] and again.blocks[2].mlp.dykstra_iters == 3
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    resaved = json.loads(hub.read_safetensors(again.save_pretrained(tmp_path / "resaved") / "model.safetensors")[1][
+        "zoo.config"])["init_args"]
+    assert {"router_n_iter", "moe_layers"}.isdisjoint(resaved) and resaved["dykstra_iters"] == 3
 
 
 def test_training_loss_adds_the_weighted_aux_loss_and_logs_routing() -> None:
@@ -150,9 +220,11 @@ def test_trains_with_hard_and_soft_expert_choice(topk: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"moe_every": 5}, "every=5 exceeds depth=4"),
-    ({"moe_every": 0}, "every .* must be an integer >= 1"),
-    ({"moe_layers": [4]}, r"block indices in \[0, 3\]"),
+    ({"moe_every": 5}, "moe_every=5 exceeds depth=4"),
+    ({"moe_every": 0}, "moe_every must be an integer >= 1"),
+    ({"moe_blocks": [4]}, r"moe_blocks \[4\] must be a non-empty list of block indices in \[0, 3\]"),
+    ({"topk": "soft", "dykstra_iters": 0}, "dykstra_iters must be an int >= 1"),
+    ({"dykstra_iters": 10}, "dykstra_iters only apply with topk='soft'"),
     ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
     ({"aux_loss_weight": -1.0}, "aux_loss_weight must be a finite number >= 0, got -1.0"),
     ({"router": "top1"}, "unknown router 'top1'"),

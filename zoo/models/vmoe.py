@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from timm.layers import trunc_normal_
 
+from zoo._deprecation import renamed_argument, renamed_arguments
 from zoo.errors import ZooError
 from zoo.models.vit import SinkformerViT, _vit_cfg
 from zoo.nn.moe import MoE, routing_statistics
@@ -44,21 +45,26 @@ from zoo.validation import finite_float, int_sequence, positive_int
 __all__ = ["VisionMoE", "default_cfgs", "vmoe_small_patch32_224", "vmoe_tiny_patch32_224", "moe_block_indices"]
 
 _EXPERT_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+_DEPRECATED_ARGS = ("router_n_iter", "moe_layers")  # VisionMoE's deprecated names of dykstra_iters, moe_blocks
 
 
-def moe_block_indices(depth: int, every: int = 2, layers: Sequence[int] | None = None) -> list[int]:
-    """The blocks that get an MoE MLP: ``layers`` when given, else every ``every``-th block ending with the last
-    (``every=2``, depth 12: 1, 3, ..., 11; ``every=1``: all)."""
-    if layers is not None:
-        out = sorted(set(int_sequence("moe_layers", layers, min_value=0)))
+@renamed_arguments(every="moe_every", layers="moe_blocks")
+def moe_block_indices(depth: int, moe_every: int = 2, moe_blocks: Sequence[int] | None = None, *,
+                      every: int | None = None, layers: Sequence[int] | None = None) -> list[int]:
+    """The blocks that get an MoE MLP: the block indices ``moe_blocks`` when given, else every ``moe_every``-th
+    block ending with the last (``moe_every=2``, depth 12: 1, 3, ..., 11; ``moe_every=1``: all). ``every`` and
+    ``layers`` are the deprecated names of ``moe_every`` and ``moe_blocks``."""
+    if moe_blocks is not None:
+        out = sorted(set(int_sequence("moe_blocks", moe_blocks, min_value=0)))
         if out[-1] >= depth:
-            raise ZooError(f"moe_layers {list(layers)} must be a non-empty list of block indices in [0, {depth - 1}] "
-                           f"(blocks count from 0; depth={depth})")
+            raise ZooError(f"moe_blocks {list(moe_blocks)} must be a non-empty list of block indices in "
+                           f"[0, {depth - 1}] (blocks count from 0; depth={depth})")
         return out
-    positive_int("every (moe_every)", every)
-    if every > depth:
-        raise ZooError(f"every={every} exceeds depth={depth}: no block would get an MoE; use every <= depth")
-    return [i for i in range(depth) if (i + 1) % every == 0]
+    positive_int("moe_every", moe_every)
+    if moe_every > depth:
+        raise ZooError(f"moe_every={moe_every} exceeds depth={depth}: no block would get an MoE; use "
+                       "moe_every <= depth")
+    return [i for i in range(depth) if (i + 1) % moe_every == 0]
 
 
 class VisionMoE(SinkformerViT):
@@ -67,14 +73,17 @@ class VisionMoE(SinkformerViT):
     Args (besides those of :class:`zoo.models.SinkformerViT`: sizes, ``n_iter`` = 1 softmax attention, dropout
     rates, ``weights`` and the training hyperparameters):
         num_experts: experts per MoE layer.
-        moe_every: an MoE in every ``moe_every``-th block, ending with the last; ``moe_layers``: explicit indices.
+        moe_every: an MoE in every ``moe_every``-th block, ending with the last; ``moe_blocks``: explicit block
+            indices instead (counted from 0).
         router, k, capacity_factor, topk, normalize_gates, group_size: the :class:`zoo.nn.MoE` routing options
             (expert choice by default: k = round(capacity_factor * n / E) tokens per expert and group).
-        lam, p, solver, router_n_iter: the relaxed top-k of ``topk="soft"`` (MoE's ``lam``, ``p``, ``solver``,
-            ``n_iter``; defaults: Dykstra, p = 2, 10 iterations, as published).
+        lam, p, solver, dykstra_iters: the relaxed top-k of ``topk="soft"`` (MoE's; defaults: Dykstra, p = 2,
+            10 iterations, as published).
         aux_loss_weight: weight of the summed load-balancing losses in the training loss (token choice; the
             expert-choice loss is exactly zero).
         weights: as SinkformerViT; a dense ViT checkpoint is upcycled (experts = copies, router = 0).
+        router_n_iter, moe_layers: deprecated names of ``dykstra_iters`` and ``moe_blocks`` (FutureWarning;
+            giving both names is an error). Files saved with them still load; the model saves the new names.
         **kwargs: SinkformerViT's (and the training settings; default optimiser SinkformerViT's AdamW).
     """
 
@@ -84,7 +93,7 @@ class VisionMoE(SinkformerViT):
         patch_size: int = 32,
         num_experts: int = 8,
         moe_every: int = 2,
-        moe_layers: Sequence[int] | None = None,
+        moe_blocks: Sequence[int] | None = None,
         router: str = "expert_choice",
         k: int | None = None,
         capacity_factor: float | None | str = "auto",
@@ -94,21 +103,31 @@ class VisionMoE(SinkformerViT):
         lam: float | None = None,
         p: float | None = None,
         solver: str | None = None,
-        router_n_iter: int | None = None,
+        dykstra_iters: int | None = None,
         aux_loss_weight: float = 0.01,
         n_iter: int = 1,
         weights: str | None = None,
+        *,
+        router_n_iter: int | None = None,
+        moe_layers: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
+        # the deprecated names map to the new ones before the hyperparameters are recorded
+        dykstra_iters = renamed_argument("VisionMoE", "dykstra_iters", dykstra_iters, "router_n_iter", router_n_iter)
+        moe_blocks = renamed_argument("VisionMoE", "moe_blocks", moe_blocks, "moe_layers", moe_layers)
+        router_n_iter = moe_layers = None
         positive_int("num_experts", num_experts)
         finite_float("aux_loss_weight", aux_loss_weight, 0.0)
         super().__init__(img_size=img_size, patch_size=patch_size, n_iter=n_iter, weights=None, **kwargs)
+        for deprecated in _DEPRECATED_ARGS:  # saved under the new names only
+            self.hparams.pop(deprecated, None)
+            getattr(self, "_hparams_initial", {}).pop(deprecated, None)
         if self.blocks[0].mlp is None:
             raise ZooError("a V-MoE needs MLP blocks: mlp_ratio must be > 0")
-        self.moe_indices = moe_block_indices(len(self.blocks), moe_every, moe_layers)
+        self.moe_indices = moe_block_indices(len(self.blocks), moe_every, moe_blocks)
         options = {"router": router, "k": k, "capacity_factor": capacity_factor, "topk": topk,
                    "normalize_gates": normalize_gates, "group_size": group_size, "lam": lam, "p": p,
-                   "solver": solver, "n_iter": router_n_iter}
+                   "solver": solver, "dykstra_iters": dykstra_iters}
         for i in self.moe_indices:
             mlp = self.blocks[i].mlp
             drop = (mlp.drop1.p, mlp.drop2.p)
