@@ -5,7 +5,7 @@ markdown table with, per device and n, the median time of one forward + backward
 
 * ``topk``: ``torch.topk(x, k).values.sum().backward()`` (the baseline of the ratios);
 * ``pav p=2`` / ``pav p=4/3``: ``soft_topk_mask(x, k, p=..., solver="pav").backward(g)`` (exact);
-* ``dykstra 10`` / ``dykstra 100``: ``soft_topk_mask(x, k, solver="dykstra", n_iter=...)`` (p = 2; 10 is the
+* ``dykstra 10`` / ``dykstra 100``: ``soft_topk_mask(x, k, solver="dykstra", dykstra_iters=...)`` (p = 2; 10 is the
   published MoE-router setting, 100 the one published to match PAV);
 * ``torchsort``: ``torchsort.soft_rank(x, regularization_strength=1).backward(g)`` (a soft rank, not a top-k
   mask: the usual differentiable-sorting baseline), when torchsort is installed.
@@ -54,8 +54,8 @@ def make_step(method: str, x: torch.Tensor, k: int, g: torch.Tensor, lam: float)
     if method == "pav p=4/3":
         return lambda: soft_topk_mask(x, k, p=4.0 / 3.0, lam=lam).backward(g)
     if method.startswith("dykstra"):
-        n_iter = int(method.split()[1])
-        return lambda: soft_topk_mask(x, k, p=2.0, lam=lam, solver="dykstra", n_iter=n_iter).backward(g)
+        iters = int(method.split()[1])
+        return lambda: soft_topk_mask(x, k, p=2.0, lam=lam, solver="dykstra", dykstra_iters=iters).backward(g)
     if torchsort is None:
         return None
     return lambda: torchsort.soft_rank(x, regularization_strength=lam).backward(g)
