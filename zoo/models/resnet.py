@@ -35,8 +35,8 @@ from torchvision.ops import stochastic_depth
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
 from zoo.nn import ResidualStack
+from zoo.nn.residual_function import ResidualFunctionWithTail, residual_tail
 from zoo.nn.residual_stack import DEFAULT_GAMMA, INIT_VELOCITIES, MEMORY_MODES, RULES
-from zoo.ops.fixed_point import post_activation_residual
 from zoo.pretrained import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -74,11 +74,13 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class _ResNetBlock(nn.Module):
+class _ResNetBlock(nn.Module, ResidualFunctionWithTail):
     """Shared logic: full block output as a transition, residual function inside a stack.
 
+    Implements the engine's block interface (:class:`zoo.nn.residual_function.ResidualFunctionWithTail`):
     ``residual_step`` is None for a transition block (output ``act(shortcut(x) + g(x))``); a
-    :class:`ResidualStack` sets it to its step h, and the block then returns its residual function.
+    :class:`ResidualStack` sets it to its step h (:meth:`set_residual_step`), and the block then returns its
+    residual function, whose element-wise tail :meth:`split_residual` hands to the engine.
     """
 
     post_activation = True
@@ -112,8 +114,12 @@ class _ResNetBlock(nn.Module):
         if not self.post_activation:
             return g
         if h == 1.0:  # the momentum and plain rules: the same values without two element-wise passes
-            return post_activation_residual(x, g)
+            return residual_tail(x, g, "relu")
         return (F.relu(x + h * g) - x) / h
+
+    def set_residual_step(self, h: float | None) -> None:
+        """The stack's step h (None: not inside a stack)."""
+        self.residual_step = h
 
     def split_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
         """Inside a stack: (g(x), tail) with the residual function f(x) = residual_tail(x, g(x), tail), so that a

@@ -3,11 +3,14 @@
 from zoo.nn.attention import SinkhornAttention, SinkhornMultiheadAttention, attention_stats
 from zoo.nn.moe import MoE, Routing
 from zoo.nn.residual import ResidualOf, StackAsBlock, TransformerEncoderStack
+from zoo.nn.residual_function import ResidualFunction, ResidualFunctionWithTail
 from zoo.nn.residual_stack import MEMORY_MODES, RULES, ResidualStack, frozen_batchnorm_stats
+from zoo.nn.rules import ForwardRule, register_rule
 from zoo.nn.topk import SmoothTopKLoss, SoftTopKMagnitude, prune_magnitude
 
 __all__ = [
-    "MEMORY_MODES", "MoE", "RULES", "ResidualOf", "ResidualStack", "Routing", "SinkhornAttention",
-    "SinkhornMultiheadAttention", "SmoothTopKLoss", "SoftTopKMagnitude", "StackAsBlock", "TransformerEncoderStack",
-    "attention_stats", "frozen_batchnorm_stats", "prune_magnitude",
+    "MEMORY_MODES", "ForwardRule", "MoE", "RULES", "ResidualFunction", "ResidualFunctionWithTail", "ResidualOf",
+    "ResidualStack", "Routing", "SinkhornAttention", "SinkhornMultiheadAttention", "SmoothTopKLoss",
+    "SoftTopKMagnitude", "StackAsBlock", "TransformerEncoderStack", "attention_stats", "frozen_batchnorm_stats",
+    "prune_magnitude", "register_rule",
 ]
