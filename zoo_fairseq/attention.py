@@ -21,20 +21,21 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
 from zoo.errors import ZooError
-from zoo.nn.attention import check_n_iter
+from zoo.nn.attention import SinkhornCore, check_n_iter
 from zoo.ops.masks import AdditiveMask, AttentionMask, BlockedMask, PaddingMask
-from zoo.ops.sinkhorn import attention
 
 __all__ = ["SinkhornMultiheadAttention", "sinkhornize"]
 
 
-class SinkhornMultiheadAttention(MultiheadAttention):
+class SinkhornMultiheadAttention(SinkhornCore, MultiheadAttention):
     """fairseq's ``MultiheadAttention`` (self-attention) with Sinkhorn normalisation (``n_iter`` half-steps).
 
     Build it like fairseq's module plus ``n_iter`` (keyword), or turn an existing fairseq module into one in place
     with :meth:`from_fairseq` (no new parameters, same names). Incremental decoding, encoder-decoder attention,
     ``add_bias_kv`` / ``add_zero_attn`` and ``before_softmax`` are fairseq's own code when ``n_iter == 1`` and an
-    error otherwise (Sinkhorn belongs to the encoder self-attention).
+    error otherwise (Sinkhorn belongs to the encoder self-attention). The attention itself is the zoo.nn core
+    (:class:`zoo.nn.attention.SinkhornCore`); the projections are fairseq's ``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``.
     """
 
     n_iter: int = 1
@@ -113,8 +114,7 @@ class SinkhornMultiheadAttention(MultiheadAttention):
             mask = PaddingMask(kpm, None if self.n_iter == 1 else kpm) & mask
         drop = self.dropout_module
         dropout_p = float(drop.p) if (drop.p > 0 and (self.training or drop.apply_during_inference)) else 0.0
-        res = attention(q, k, v, mask, self.n_iter, dropout_p=dropout_p, return_weights=need_weights)
-        out, weights = res if need_weights else (res, None)
+        out, weights = self.attend(q, k, v, mask, dropout_p, need_weights)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, E))
         if weights is not None:
             weights = weights.transpose(0, 1) if need_head_weights else weights.mean(dim=1)

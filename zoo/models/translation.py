@@ -63,9 +63,8 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_state_dict, load_weights
-from zoo.nn.attention import SinkhornSettings, check_n_iter
+from zoo.nn.attention import SinkhornCore, SinkhornSettings, check_n_iter
 from zoo.ops.masks import AllowedMask, PaddingMask
-from zoo.ops.sinkhorn import attention, column_sum_stats
 from zoo.registry import register_model
 from zoo.tasks.optim import InverseSqrtLR, refuse_training_settings
 from zoo.tasks.translation import TranslationTask
@@ -194,9 +193,10 @@ def _embedding(num: int, dim: int, padding_idx: int) -> nn.Embedding:
 # ================================================================================================ attention
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(SinkhornCore, nn.Module):
     """fairseq's ``MultiheadAttention`` parameters (``k_proj``, ``v_proj``, ``q_proj``, ``out_proj``), batch-first,
-    with Sinkhorn normalisation (``n_iter`` half-steps; 1 = softmax) and a key/value cache for decoding.
+    with Sinkhorn normalisation (``n_iter`` half-steps; 1 = softmax) and a key/value cache for decoding; the attention
+    itself is the zoo.nn core (:class:`zoo.nn.attention.SinkhornCore`).
 
     ``forward(query, key_value=None, key_padding_mask=None, attn_mask=None, cache=None, static_kv=False)``:
     ``query`` (B, L, E), ``key_value`` (B, S, kdim) (None: self-attention), ``key_padding_mask`` (B, S) bool True
@@ -252,10 +252,7 @@ class MultiheadAttention(nn.Module):
         mask = None if attn_mask is None else AllowedMask(attn_mask)
         if key_padding_mask is not None:
             mask = PaddingMask(key_padding_mask, key_padding_mask if pad_queries else None) & mask
-        out = attention(q, k, v, mask, self.n_iter, dropout_p=dropout_p, return_weights=self.record_stats)
-        if self.record_stats:
-            out, weights = out
-            self.stats = column_sum_stats(weights.detach(), key_padding_mask)
+        out, _ = self.attend(q, k, v, mask, dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, E))
 
 

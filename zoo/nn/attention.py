@@ -39,7 +39,7 @@ from zoo.ops.masks import (
 )
 from zoo.ops.sinkhorn import attention, column_sum_stats
 
-__all__ = ["SinkhornAttention", "SinkhornMultiheadAttention", "attention_stats", "check_n_iter"]
+__all__ = ["SinkhornCore", "SinkhornAttention", "SinkhornMultiheadAttention", "attention_stats", "check_n_iter"]
 
 
 def check_n_iter(n_iter: Any) -> int:
@@ -90,11 +90,56 @@ def _set_record_stats(module: nn.Module, record_stats: bool) -> None:
     module.stats = {}
 
 
+class SinkhornCore:
+    """The attention core every Sinkhorn attention module is built on (zoo.nn's two, the translation and the
+    fairseq ``MultiheadAttention``): ``n_iter`` half-steps, the column-sum statistics, and the one call to the op
+    entry point :func:`zoo.ops.sinkhorn.attention` (which holds the ``n_iter = 1`` SDPA shortcut) in :meth:`attend`.
+    The module projects q, k, v and builds the typed mask (:mod:`zoo.ops.masks`); the core attends."""
+
+    n_iter: int = 1
+    record_stats: bool = False
+    stats: dict[str, torch.Tensor]
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: AttentionMask | None,
+        dropout_p: float,
+        need_weights: bool = False,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out (..., L, Ev), weights (..., L, S) or None) of Sinkhorn_{n_iter} attention; with ``record_stats``
+        also stores the column-sum statistics of the weights over the mask's valid tokens in ``self.stats``."""
+        want_weights = need_weights or self.record_stats
+        res = attention(q, k, v, mask, self.n_iter, scale=scale, dropout_p=dropout_p, return_weights=want_weights)
+        if not want_weights:
+            return res, None  # type: ignore[return-value]
+        out, weights = res
+        if self.record_stats:
+            self.stats = column_sum_stats(weights.detach(), *_padding_of(mask, weights.shape[-2]))
+        return out, (weights if need_weights else None)
+
+
+def _padding_of(mask: AttentionMask | None, L: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (keys, queries) padding masks (True = padded) of a typed mask, for the column-sum statistics: the
+    queries it names, no padded query when it names none (an all-False mask, as column_sum_stats would otherwise
+    take the key padding for the queries when L == S)."""
+    for part in () if mask is None else mask.parts():
+        if isinstance(part, PaddingMask):
+            queries = part.queries
+            if queries is None and part.keys is not None and part.keys.shape[-1] == L:
+                queries = torch.zeros_like(part.keys)
+            return part.keys, queries
+    return None, None
+
+
 # ------------------------------------------------------------------------------------------------
 # timm's Attention
 
 
-class SinkhornAttention(nn.Module):
+class SinkhornAttention(SinkhornCore, nn.Module):
     """timm's ``Attention`` (multi-head self-attention with a fused qkv projection) with Sinkhorn attention.
 
     Same constructor (plus ``n_iter``, ``record_stats``), parameter names (``qkv``, ``q_norm``,
@@ -170,13 +215,7 @@ class SinkhornAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         mask = CausalMask() if is_causal else mask_from_tensors(attn_mask)  # timm: is_causal takes precedence
-        out = attention(
-            q, k, v, mask, self.n_iter, scale=self.scale,
-            dropout_p=self.attn_drop.p if self.training else 0.0, return_weights=self.record_stats,
-        )
-        if self.record_stats:
-            out, weights = out
-            self.stats = column_sum_stats(weights.detach())
+        out, _ = self.attend(q, k, v, mask, self.attn_drop.p if self.training else 0.0, scale=self.scale)
         x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
@@ -200,7 +239,7 @@ def _canonical_bool_or_float(mask: torch.Tensor | None, name: str, dtype: torch.
     raise ZooError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
 
 
-class SinkhornMultiheadAttention(nn.MultiheadAttention):
+class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` with Sinkhorn attention (a subclass: same constructor plus ``n_iter``,
     ``record_stats``; same parameters ``in_proj_weight``/``in_proj_bias`` or ``q/k/v_proj_weight``,
     ``bias_k``/``bias_v``, ``out_proj``; same call).
@@ -325,19 +364,10 @@ class SinkhornMultiheadAttention(nn.MultiheadAttention):
         if key_padding_mask is not None:
             mask = PaddingMask(key_padding_mask, query_padding_mask) & mask
 
-        want_weights = need_weights or self.record_stats
-        out = attention(q, k, v, mask, self.n_iter, dropout_p=self.dropout if self.training else 0.0,
-                        return_weights=want_weights)
-        weights = None
-        if want_weights:
-            out, weights = out
-            if self.record_stats:
-                self.stats = column_sum_stats(weights.detach(), key_padding_mask, query_padding_mask)
+        out, weights = self.attend(q, k, v, mask, self.dropout if self.training else 0.0, need_weights)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))
-        if need_weights and average_attn_weights:
+        if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
-        if not need_weights:
-            weights = None
         if not batched:
             out = out.squeeze(0)
             weights = weights.squeeze(0) if weights is not None else None
