@@ -20,7 +20,12 @@ exp(C + f + g) from the saved potentials. Memory therefore holds a few score mat
 ``n_iter`` copies (nor one copy) of the full (..., L, S) tensor. Gradients flow through every half-step (exact
 unrolled backward, no detaching, no implicit differentiation). The two chunk functions run under
 ``torch.compile`` by default (each log-sum-exp and each backward half-step becomes one fused loop);
-``ZOO_COMPILE_SINKHORN=0`` or :func:`set_compile` keeps them eager.
+``ZOO_COMPILE_SINKHORN=0`` or :func:`set_compile` keeps them eager. ``return_weights=True`` materialises the
+weights by the same iteration under plain autograd.
+
+:func:`attention` is the entry point (it chooses SDPA or the Sinkhorn kernel) and takes one typed mask of
+:mod:`zoo.ops.masks`; :func:`sinkhorn_attention` is the same with the masks as tensors (SDPA-style ``attn_mask``,
+``nn.MultiheadAttention``-style padding masks).
 """
 
 from __future__ import annotations
@@ -291,6 +296,9 @@ def sinkhorn_attention(
     query_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sinkhorn attention: ``n_iter`` alternating row / column normalisations of exp(C), then ``W v`` (S2).
+
+    The masks as tensors: builds the typed mask (:func:`zoo.ops.masks.mask_from_tensors`) and calls
+    :func:`attention`.
 
     Args:
         q, k, v: (..., L, E), (..., S, E), (..., S, Ev) as in ``F.scaled_dot_product_attention``; the leading
