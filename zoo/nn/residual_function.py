@@ -15,7 +15,7 @@ import torch
 
 from zoo.ops.fixed_point import RESIDUAL_TAILS, residual_tail
 
-__all__ = ["RESIDUAL_TAILS", "ResidualFunction", "ResidualFunctionWithTail", "residual_tail"]
+__all__ = ["RESIDUAL_TAILS", "ResidualFunction", "ResidualFunctionWithTail", "has_tail", "residual_tail"]
 
 # ``residual_tail(x, g, tail)`` (re-exported from the kernels): the residual function from its input x and its last
 # computed tensor g; ``"identity"``: f = g, ``"relu"``: f = relu(x + g) - x (x + f is a post-activation block's
@@ -43,3 +43,16 @@ class ResidualFunctionWithTail(Protocol):
     def set_residual_step(self, h: float | None) -> None: ...
 
     def split_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, str] | None: ...
+
+
+def has_tail(block: object) -> bool:
+    """Whether ``block`` implements :class:`ResidualFunctionWithTail` (checked once per class: the engine asks at
+    every step, and a protocol check walks the class's attributes)."""
+    cls = type(block)
+    known = _HAS_TAIL.get(cls)
+    if known is None:
+        known = _HAS_TAIL[cls] = issubclass(cls, ResidualFunctionWithTail)
+    return known
+
+
+_HAS_TAIL: dict[type, bool] = {}

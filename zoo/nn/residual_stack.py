@@ -46,7 +46,7 @@ from zoo.nn.memory.replay import RNGLog as _RNGLog  # noqa: F401
 from zoo.nn.memory.replay import RNGState as _RNGState  # noqa: F401
 from zoo.nn.memory.replay import frozen_batchnorm_stats, restored_batchnorm_stats
 from zoo.nn.memory.reversible import _refuse_out_of_range  # noqa: F401
-from zoo.nn.residual_function import ResidualFunctionWithTail
+from zoo.nn.residual_function import has_tail
 from zoo.nn.rules import DEFAULT_GAMMA, RULES, ForwardRule
 from zoo.ops.fixed_point import FixedPoint, GammaRatio
 
@@ -216,7 +216,7 @@ class ResidualStack(nn.Module):
     def _sync_step(self) -> None:
         h = self.step
         for block in self.blocks:
-            if isinstance(block, ResidualFunctionWithTail):
+            if has_tail(block):
                 block.set_residual_step(h)
 
     def extra_repr(self) -> str:
@@ -299,7 +299,7 @@ class ResidualStack(nn.Module):
         ``"relu"``) leaves its element-wise tail to the reversible engine's fused kernels; any other gives
         (f_n(x), ``"identity"``)."""
         block = self._modules[str(min(n, self.depth - 1) + self._offset)]
-        tailed = isinstance(block, ResidualFunctionWithTail) and not args and not kwargs
+        tailed = has_tail(block) and not args and not kwargs
         parts = block.split_residual(x) if tailed else None
         if parts is None:
             return self.residual(n, x, args, kwargs), "identity"
