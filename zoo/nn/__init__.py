@@ -1,6 +1,6 @@
 """Modules: the residual-stack engine and the layers families are built from (attention, MoE, top-k)."""
 
-from zoo.nn.attention import SinkhornAttention, SinkhornMultiheadAttention, attention_stats
+from zoo.nn.attention import SinkhornAttention, SinkhornCore, SinkhornMultiheadAttention, attention_stats
 from zoo.nn.moe import MoE, Routing
 from zoo.nn.residual import ResidualOf, StackAsBlock, TransformerEncoderStack
 from zoo.nn.residual_function import ResidualFunction, ResidualFunctionWithTail
@@ -10,7 +10,7 @@ from zoo.nn.topk import SmoothTopKLoss, SoftTopKMagnitude, prune_magnitude
 
 __all__ = [
     "MEMORY_MODES", "ForwardRule", "MoE", "RULES", "ResidualFunction", "ResidualFunctionWithTail", "ResidualOf",
-    "ResidualStack", "Routing", "SinkhornAttention", "SinkhornMultiheadAttention", "SmoothTopKLoss",
+    "ResidualStack", "Routing", "SinkhornAttention", "SinkhornCore", "SinkhornMultiheadAttention", "SmoothTopKLoss",
     "SoftTopKMagnitude", "StackAsBlock", "TransformerEncoderStack", "attention_stats", "frozen_batchnorm_stats",
     "prune_magnitude", "register_rule",
 ]

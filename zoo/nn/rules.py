@@ -17,6 +17,8 @@ from typing import ClassVar
 
 import torch
 
+from zoo.errors import ZooError
+
 __all__ = [
     "DEFAULT_GAMMA", "EulerRule", "ForwardRule", "HeunRule", "MomentumRule", "RULES", "ResidualCall", "State",
     "register_rule",
@@ -77,7 +79,7 @@ RULES: Mapping[str, type[ForwardRule]] = types.MappingProxyType(_RULES)
 def register_rule(cls: type[ForwardRule]) -> type[ForwardRule]:
     """Class decorator: make ``cls`` available as ``ResidualStack(rule=cls.name)``."""
     if cls.name in _RULES:
-        raise ValueError(f"a forward rule named {cls.name!r} is registered already")
+        raise ZooError(f"a forward rule named {cls.name!r} is registered already: give the new rule another name")
     _RULES[cls.name] = cls
     return cls
 
