@@ -99,9 +99,9 @@ def saved_bytes_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_of(model, x, y)
     loss.backward()
-    grad = torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in model.parameters()
-    ])
+    grad = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in model.parameters()]
+    )
     return sum(seen.values()), grad
 
 
@@ -145,9 +145,23 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def run_worker(depth: int, rule: str, memory: str, args: argparse.Namespace) -> dict[str, Any]:
     """Re-invoke this script with ``--worker`` in a fresh interpreter and parse its JSON line."""
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker",
-        "--worker-depth", str(depth), "--worker-rule", rule, "--worker-memory", memory,
-        "--batch", str(args.batch), "--steps", str(args.steps), "--seed", str(args.seed), "--device", args.device,
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--worker-depth",
+        str(depth),
+        "--worker-rule",
+        rule,
+        "--worker-memory",
+        memory,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
     ]
     if args.zero_init_last:
         cmd.append("--zero-init-last")
@@ -155,7 +169,7 @@ def run_worker(depth: int, rule: str, memory: str, args: argparse.Namespace) -> 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     raise RuntimeError(f"worker {depth}/{rule}/{memory} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -165,22 +179,33 @@ def run_worker(depth: int, rule: str, memory: str, args: argparse.Namespace) -> 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One markdown table, full and adjoint side by side."""
     header = [
-        "rule", "N",
-        "saved full (MiB)", "saved adjoint (MiB)", "saved adj/full",
-        "peak full (MiB)", "peak adjoint (MiB)", "peak adj/full",
-        "step full (ms)", "step adjoint (ms)", "time adj/full",
+        "rule",
+        "N",
+        "saved full (MiB)",
+        "saved adjoint (MiB)",
+        "saved adj/full",
+        "peak full (MiB)",
+        "peak adjoint (MiB)",
+        "peak adj/full",
+        "step full (ms)",
+        "step adjoint (ms)",
+        "time adj/full",
         "grad rel. error",
     ]
     align = ["---", "--:"] + ["--:"] * (len(header) - 2)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         cells = [
-            r["rule"], str(r["depth"]),
-            f"{r['saved_full'] / MIB:.2f}", f"{r['saved_adjoint'] / MIB:.2f}",
+            r["rule"],
+            str(r["depth"]),
+            f"{r['saved_full'] / MIB:.2f}",
+            f"{r['saved_adjoint'] / MIB:.2f}",
             f"{r['saved_adjoint'] / r['saved_full']:.3f}",
-            f"{r['peak_full'] / MIB:.1f}", f"{r['peak_adjoint'] / MIB:.1f}",
+            f"{r['peak_full'] / MIB:.1f}",
+            f"{r['peak_adjoint'] / MIB:.1f}",
             f"{r['peak_adjoint'] / r['peak_full']:.2f}",
-            f"{r['time_full'] * 1e3:.0f}", f"{r['time_adjoint'] * 1e3:.0f}",
+            f"{r['time_full'] * 1e3:.0f}",
+            f"{r['time_adjoint'] * 1e3:.0f}",
             f"{r['time_adjoint'] / r['time_full']:.2f}",
             f"{r['grad_rel_err']:.2e}",
         ]
@@ -196,8 +221,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (memory) step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--zero-init-last", action="store_true",
-                   help="last BN of each block at zero (f = 0 at init: the adjoint rebuild is then exact)")
+    p.add_argument(
+        "--zero-init-last",
+        action="store_true",
+        help="last BN of each block at zero (f = 0 at init: the adjoint rebuild is then exact)",
+    )
     p.add_argument("--json", metavar="PATH", help="also save the raw numbers here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-depth", type=int, help=argparse.SUPPRESS)

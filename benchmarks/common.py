@@ -64,13 +64,19 @@ def peak_working_bytes(step: Callable[[], object], device: torch.device) -> dict
         torch.cuda.reset_peak_memory_stats(device)
         step()
         sync(device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base,
-                "peak_method": "cuda.max_memory_allocated"}
+        return {
+            "peak_bytes": torch.cuda.max_memory_allocated(device) - base,
+            "peak_method": "cuda.max_memory_allocated",
+        }
     base = rss_bytes()
     reset = reset_high_water()
     step()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # ru_maxrss also holds the import peaks; VmHWM reset just before the step does not.
     peak = high_water_bytes() if reset else maxrss
-    return {"peak_bytes": peak - base, "baseline_rss": base, "ru_maxrss_after": maxrss,
-            "peak_method": "VmHWM reset before the step" if reset else "ru_maxrss"}
+    return {
+        "peak_bytes": peak - base,
+        "baseline_rss": base,
+        "ru_maxrss_after": maxrss,
+        "peak_method": "VmHWM reset before the step" if reset else "ru_maxrss",
+    }

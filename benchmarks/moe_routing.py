@@ -56,8 +56,14 @@ def build(cell: str, args: argparse.Namespace, num_experts: int, device: torch.d
         cf = None if cell == "all experts" else args.capacity_factor
         module = MoE(args.dim, hidden, num_experts, router="token_choice", k=1, capacity_factor=cf)
     else:
-        module = MoE(args.dim, hidden, num_experts, router="expert_choice", capacity_factor=args.capacity_factor,
-                     topk="soft" if cell == "expert soft" else "hard")
+        module = MoE(
+            args.dim,
+            hidden,
+            num_experts,
+            router="expert_choice",
+            capacity_factor=args.capacity_factor,
+            topk="soft" if cell == "expert soft" else "hard",
+        )
     module = module.to(device).train()
     for p in module.parameters():
         p.grad = torch.zeros_like(p)
@@ -72,8 +78,7 @@ def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     loss.backward()
 
 
-def time_cells(args: argparse.Namespace, num_experts: int, device: torch.device,
-               cells: list[str]) -> dict[str, float]:
+def time_cells(args: argparse.Namespace, num_experts: int, device: torch.device, cells: list[str]) -> dict[str, float]:
     """Median forward + backward time of every cell at one E, interleaved."""
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, args.seq, args.dim, generator=gen).to(device)
@@ -94,8 +99,11 @@ def time_cells(args: argparse.Namespace, num_experts: int, device: torch.device,
 
 def format_table(rows: list[dict[str, Any]], cells: list[str]) -> str:
     moe_cells = [c for c in cells if c != "dense"]
-    header = ["device", "E", "expert params (M)", "dense (ms)"] + [f"{c} (ms)" for c in moe_cells] + \
-        [f"{c}/dense" for c in moe_cells]
+    header = (
+        ["device", "E", "expert params (M)", "dense (ms)"]
+        + [f"{c} (ms)" for c in moe_cells]
+        + [f"{c}/dense" for c in moe_cells]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
     for r in rows:
         t = r["times"]
@@ -146,17 +154,22 @@ def main(argv: list[str] | None = None) -> None:
                 alone = time_cells(args, num_experts, device, ["dense", "all experts"])
                 times["all experts"] = alone["all experts"]
                 ratios["all experts"] = alone["all experts"] / alone["dense"]
-            rows.append({"device": name, "experts": num_experts, "expert_params": params, "times": times,
-                         "ratios": ratios})
+            rows.append(
+                {"device": name, "experts": num_experts, "expert_params": params, "times": times, "ratios": ratios}
+            )
             print(f"  done: {name} E={num_experts}", file=sys.stderr, flush=True)
-    print(f"# MoE routing, forward + backward, x ({args.batch}, {args.seq}, {args.dim}) float32, expert hidden "
-          f"{args.mlp_ratio * args.dim}, capacity factor {args.capacity_factor}\n")
+    print(
+        f"# MoE routing, forward + backward, x ({args.batch}, {args.seq}, {args.dim}) float32, expert hidden "
+        f"{args.mlp_ratio * args.dim}, capacity factor {args.capacity_factor}\n"
+    )
     for line in dict.fromkeys(machines):
         print(line + "\n")
     print(format_table(rows, args.cells) + "\n")
-    print(f"time: median of {args.steps} forward + backward steps after a warm-up step, the cells of one E "
-          "interleaved in one process; ratios against the dense MLP timed in the same pass ('all experts' is timed "
-          "after the others, interleaved with the dense MLP only).")
+    print(
+        f"time: median of {args.steps} forward + backward steps after a warm-up step, the cells of one E "
+        "interleaved in one process; ratios against the dense MLP timed in the same pass ('all experts' is timed "
+        "after the others, interleaved with the dense MLP only)."
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machines": machines, "rows": rows}, f, indent=2)

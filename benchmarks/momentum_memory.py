@@ -95,8 +95,11 @@ FLAT_TARGET = 1.25  # reversible peak at the largest depth / at the smallest dep
 
 
 TIED_METHODS = ("plain", "reversible", "adjoint")
-TIED_LABELS = {"plain": 'plain (momentum, memory="full")', "reversible": 'memory="reversible"',
-               "adjoint": 'memory="adjoint" (Euler)'}
+TIED_LABELS = {
+    "plain": 'plain (momentum, memory="full")',
+    "reversible": 'memory="reversible"',
+    "adjoint": 'memory="adjoint" (Euler)',
+}
 TIED_ROWS, TIED_DIM = 1024, 256  # the state: 1 MiB of float32
 TIED_FLAT_TARGET = 1.5  # issue 13: the peak at the largest depth within 1.5x of the smallest depth's
 
@@ -150,7 +153,11 @@ def build_imagenet(arch: int, method: str, seed: int) -> nn.Module:
         # block (which returns relu(x + g(x))), as the zoo does; is_residual=True would feed block(x), x included,
         # into the velocity, a different (and growing) rule. Same arithmetic cost either way.
         model = transform_to_momentumnet(
-            model, sub_layers=list(STAGES), keep_first_layer=True, gamma=GAMMA, use_backprop=False,
+            model,
+            sub_layers=list(STAGES),
+            keep_first_layer=True,
+            gamma=GAMMA,
+            use_backprop=False,
             is_residual=False,
         )
     elif method != "plain":
@@ -223,8 +230,13 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         # the largest stage's parameters: a reversible stack returns its parameter gradients all at once
         "max_stage_param_bytes": max(
-            (sum(p.numel() * p.element_size() for p in getattr(model, s).parameters())
-             for s in STAGES if hasattr(model, s)), default=0),
+            (
+                sum(p.numel() * p.element_size() for p in getattr(model, s).parameters())
+                for s in STAGES
+                if hasattr(model, s)
+            ),
+            default=0,
+        ),
     }
     t0 = time.perf_counter()
     out.update(peak_working_bytes(step, device))
@@ -308,11 +320,32 @@ def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argpa
     mapping and page-faults on first touch, which slows the methods with many temporaries most).
     """
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", kind,
-        "--worker-table", table, "--worker-arch", str(arch), "--worker-methods", *methods,
-        "--batch", str(args.batch), "--size", str(args.size), "--depth-batch", str(args.depth_batch),
-        "--steps", str(args.steps if table == "imagenet" else args.depth_steps), "--seed", str(args.seed),
-        "--lr", str(args.lr), "--device", args.device, "--threads", str(args.threads),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--worker-table",
+        table,
+        "--worker-arch",
+        str(arch),
+        "--worker-methods",
+        *methods,
+        "--batch",
+        str(args.batch),
+        "--size",
+        str(args.size),
+        "--depth-batch",
+        str(args.depth_batch),
+        "--steps",
+        str(args.steps if table == "imagenet" else args.depth_steps),
+        "--seed",
+        str(args.seed),
+        "--lr",
+        str(args.lr),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
     ]
     env = dict(os.environ)
     if kind == "memory":
@@ -324,7 +357,7 @@ def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argpa
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     raise RuntimeError(
         f"{kind} worker {table}/{arch}/{' '.join(methods)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     )
@@ -358,30 +391,49 @@ def imagenet_table(
         for method in methods:
             r = results.get((arch, method))
             if r is None:
-                cells = [f"ResNet-{arch}", METHOD_LABELS[method], f"skipped ({skip.get(method, 'failed')})", "-",
-                         "skipped", "-"]
+                cells = [
+                    f"ResNet-{arch}",
+                    METHOD_LABELS[method],
+                    f"skipped ({skip.get(method, 'failed')})",
+                    "-",
+                    "skipped",
+                    "-",
+                ]
             else:
                 ratio = r.get("time_ratio")
                 cells = [
-                    f"ResNet-{arch}", METHOD_LABELS[method],
-                    f"{r['peak'] / MIB:.0f}", _ratio(r["peak"], plain and plain["peak"]),
-                    _ms(r.get("time")), "-" if ratio is None else f"{ratio:.2f}",
+                    f"ResNet-{arch}",
+                    METHOD_LABELS[method],
+                    f"{r['peak'] / MIB:.0f}",
+                    _ratio(r["peak"], plain and plain["peak"]),
+                    _ms(r.get("time")),
+                    "-" if ratio is None else f"{ratio:.2f}",
                 ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def depth_table(results: dict[tuple[int, str], dict[str, Any]], depths: list[int], timed: bool) -> str:
-    header = ["depth", "blocks/stage", "params (MiB)", "peak plain (MiB)", "peak reversible (MiB)",
-              "reversible / plain"]
+    header = [
+        "depth",
+        "blocks/stage",
+        "params (MiB)",
+        "peak plain (MiB)",
+        "peak reversible (MiB)",
+        "reversible / plain",
+    ]
     if timed:
         header += ["step plain (ms)", "step reversible (ms)", "time rev. / plain"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
     for d in depths:
         p, r = results[(d, "plain")], results[(d, "zoo-reversible")]
         cells = [
-            str(d), str((d - 2) // 6), f"{p['param_bytes'] / MIB:.1f}",
-            f"{p['peak'] / MIB:.0f}", f"{r['peak'] / MIB:.0f}", _ratio(r["peak"], p["peak"], ".3f"),
+            str(d),
+            str((d - 2) // 6),
+            f"{p['param_bytes'] / MIB:.1f}",
+            f"{p['peak'] / MIB:.0f}",
+            f"{r['peak'] / MIB:.0f}",
+            _ratio(r["peak"], p["peak"], ".3f"),
         ]
         if timed:
             ratio = r.get("time_ratio")
@@ -391,16 +443,21 @@ def depth_table(results: dict[tuple[int, str], dict[str, Any]], depths: list[int
 
 
 def tied_table(results: dict[tuple[int, str], dict[str, Any]], depths: list[int]) -> str:
-    header = (["depth"] + [f"{TIED_LABELS[m]} peak (MiB)" for m in TIED_METHODS]
-              + ["reversible buffer (MiB)", "reversible / plain", "step reversible (s)", "step adjoint (s)"])
+    header = (
+        ["depth"]
+        + [f"{TIED_LABELS[m]} peak (MiB)" for m in TIED_METHODS]
+        + ["reversible buffer (MiB)", "reversible / plain", "step reversible (s)", "step adjoint (s)"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
     for d in depths:
         r = {m: results.get((d, m)) for m in TIED_METHODS}
         peak = {m: None if r[m] is None else r[m]["peak_bytes"] for m in TIED_METHODS}
         cells = [str(d)] + ["not run" if peak[m] is None else f"{peak[m] / MIB:.0f}" for m in TIED_METHODS]
-        cells += ["-" if r["reversible"] is None else f"{r['reversible']['buffer_bytes'] / MIB:.1f}",
-                  _ratio(peak["reversible"], peak["plain"], ".3f"),
-                  *("-" if r[m] is None else f"{r[m]['time']:.1f}" for m in ("reversible", "adjoint"))]
+        cells += [
+            "-" if r["reversible"] is None else f"{r['reversible']['buffer_bytes'] / MIB:.1f}",
+            _ratio(peak["reversible"], peak["plain"], ".3f"),
+            *("-" if r[m] is None else f"{r[m]['time']:.1f}" for m in ("reversible", "adjoint")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -414,12 +471,16 @@ def tied_verdicts(results: dict[tuple[int, str], dict[str, Any]], depths: list[i
         a, b = results[(lo, m)]["peak_bytes"], results[(hi, m)]["peak_bytes"]
         ok = b <= TIED_FLAT_TARGET * a
         miss = "" if ok else f"; missed by {b / a / TIED_FLAT_TARGET - 1:+.0%} of the bound"
-        line = (f"- tied stack, default allocator, {m} (peak at depth {hi} <= {TIED_FLAT_TARGET}x depth {lo}): "
-                f"{'met' if ok else 'MISSED'} ({a / MIB:.0f} -> {b / MIB:.0f} MiB, {b / a:.2f}x{miss})")
+        line = (
+            f"- tied stack, default allocator, {m} (peak at depth {hi} <= {TIED_FLAT_TARGET}x depth {lo}): "
+            f"{'met' if ok else 'MISSED'} ({a / MIB:.0f} -> {b / MIB:.0f} MiB, {b / a:.2f}x{miss})"
+        )
         if m == "reversible":  # the buffer is live memory the exact rebuild needs, not allocator growth
             ba, bb = results[(lo, m)]["buffer_bytes"], results[(hi, m)]["buffer_bytes"]
-            line += (f"; less the information buffer ({ba / MIB:.1f} -> {bb / MIB:.1f} MiB, live by design): "
-                     f"{(a - ba) / MIB:.0f} -> {(b - bb) / MIB:.0f} MiB, {(b - bb) / (a - ba):.2f}x")
+            line += (
+                f"; less the information buffer ({ba / MIB:.1f} -> {bb / MIB:.1f} MiB, live by design): "
+                f"{(a - ba) / MIB:.0f} -> {(b - bb) / MIB:.0f} MiB, {(b - bb) / (a - ba):.2f}x"
+            )
         out.append(line)
     return out
 
@@ -431,17 +492,23 @@ def verdicts(imagenet: dict, archs: list[int], depth: dict, depths: list[int]) -
         plain, ck, rev = (imagenet.get((arch, m)) for m in ("plain", "checkpoint", "zoo-reversible"))
         if plain and ck and rev:
             ok = rev["peak"] <= ck["peak"]
-            how = (f"reversible {rev['peak'] / MIB:.0f} MiB = {rev['peak'] / plain['peak']:.2f}x plain, "
-                   f"checkpoint {ck['peak'] / MIB:.0f} MiB = {ck['peak'] / plain['peak']:.2f}x plain")
+            how = (
+                f"reversible {rev['peak'] / MIB:.0f} MiB = {rev['peak'] / plain['peak']:.2f}x plain, "
+                f"checkpoint {ck['peak'] / MIB:.0f} MiB = {ck['peak'] / plain['peak']:.2f}x plain"
+            )
             over = rev["peak"] - ck["peak"]
             miss = "" if ok else f"; missed by {over / MIB:.0f} MiB ({rev['peak'] / ck['peak'] - 1:+.0%})"
-            out.append(f"- ResNet-{arch} memory (reversible <= checkpoint, well below plain): "
-                       f"{'met' if ok else 'MISSED'} ({how}{miss})")
+            out.append(
+                f"- ResNet-{arch} memory (reversible <= checkpoint, well below plain): "
+                f"{'met' if ok else 'MISSED'} ({how}{miss})"
+            )
         if plain and rev and rev.get("time_ratio") is not None:
             t = rev["time_ratio"]
             miss = "" if t <= TIME_TARGET else f"; missed by {t - TIME_TARGET:.2f}x ({t / TIME_TARGET - 1:+.0%})"
-            out.append(f"- ResNet-{arch} time (reversible <= {TIME_TARGET}x plain): "
-                       f"{'met' if t <= TIME_TARGET else 'MISSED'} ({t:.2f}x{miss})")
+            out.append(
+                f"- ResNet-{arch} time (reversible <= {TIME_TARGET}x plain): "
+                f"{'met' if t <= TIME_TARGET else 'MISSED'} ({t:.2f}x{miss})"
+            )
     if len(depths) >= 2:
         lo, hi = min(depths), max(depths)
         r_lo, r_hi = depth[(lo, "zoo-reversible")]["peak"], depth[(hi, "zoo-reversible")]["peak"]
@@ -464,27 +531,60 @@ def verdicts(imagenet: dict, archs: list[int], depth: dict, depths: list[int]) -
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--archs", type=int, nargs="*", default=[101, 152], choices=[101, 152],
-                   help="torchvision ResNets for table 1 (none: skip the table)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="table 1 methods (plain is always included)")
+    p.add_argument(
+        "--archs",
+        type=int,
+        nargs="*",
+        default=[101, 152],
+        choices=[101, 152],
+        help="torchvision ResNets for table 1 (none: skip the table)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="table 1 methods (plain is always included)",
+    )
     p.add_argument("--batch", type=int, default=64 if cuda else 16, help="table 1 batch (64 on CUDA, else 16)")
     p.add_argument("--size", type=int, default=224 if cuda else 128, help="table 1 image size (224 on CUDA, else 128)")
-    p.add_argument("--steps", type=int, default=2,
-                   help="table 1 timed rounds after a warm-up round, one step of every method each (0: no times)")
-    p.add_argument("--depths", type=int, nargs="*", default=[20, 110, 302, 1202],
-                   help="CIFAR depths 6n+2 for table 2 (none: skip the table)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="table 1 timed rounds after a warm-up round, one step of every method each (0: no times)",
+    )
+    p.add_argument(
+        "--depths",
+        type=int,
+        nargs="*",
+        default=[20, 110, 302, 1202],
+        help="CIFAR depths 6n+2 for table 2 (none: skip the table)",
+    )
     p.add_argument("--depth-batch", type=int, default=32)
     p.add_argument("--depth-steps", type=int, default=0, help="table 2 timed rounds (0: memory only)")
-    p.add_argument("--tied-depths", type=int, nargs="*", default=[100, 300, 1000, 3000],
-                   help="table 3 depths of the tied stack, default allocator (none: skip the table)")
-    p.add_argument("--tied-plain-max", type=int, default=300,
-                   help="table 3: plain autograd only up to this depth (about 5 MiB per step)")
+    p.add_argument(
+        "--tied-depths",
+        type=int,
+        nargs="*",
+        default=[100, 300, 1000, 3000],
+        help="table 3 depths of the tied stack, default allocator (none: skip the table)",
+    )
+    p.add_argument(
+        "--tied-plain-max",
+        type=int,
+        default=300,
+        help="table 3: plain autograd only up to this depth (about 5 MiB per step)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0 if cuda else 1,
-                   help="torch threads in the workers (0: torch's default; 1 on CPU: on a shared machine two "
-                        "OpenMP threads slow down many-fold whenever another process takes a core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0 if cuda else 1,
+        help="torch threads in the workers (0: torch's default; 1 on CPU: on a shared machine two "
+        "OpenMP threads slow down many-fold whenever another process takes a core)",
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--json", metavar="PATH", help="also save the raw numbers here")
     p.add_argument("--worker", choices=["memory", "time", "tied"], help=argparse.SUPPRESS)
@@ -563,8 +663,9 @@ def main(argv: list[str] | None = None) -> None:
             depth[(d, method)]["peak"] = depth[(d, method)]["peak_bytes"]
             _progress(started, f"memory CIFAR ResNet-{d} {method}")
         if args.depth_steps > 0:
-            _add_times({m: depth[(d, m)] for m in DEPTH_METHODS},
-                       run_worker("time", "cifar", d, list(DEPTH_METHODS), args))
+            _add_times(
+                {m: depth[(d, m)] for m in DEPTH_METHODS}, run_worker("time", "cifar", d, list(DEPTH_METHODS), args)
+            )
             _progress(started, f"time CIFAR ResNet-{d}")
 
     # Table 3: a tied stack against depth, glibc's default allocator.
@@ -597,26 +698,37 @@ def main(argv: list[str] | None = None) -> None:
     if args.depths:
         print(f"## Memory vs depth, CIFAR ResNet-(6n+2), widths 16/32/64, batch {args.depth_batch}, 3x32x32\n")
         print(depth_table(depth, args.depths, args.depth_steps > 0) + "\n")
-        print("plain: zoo.cifar_resnet; reversible: zoo.momentum_cifar_resnet(memory=\"reversible\", gamma=0.9); "
-              "params: trainable parameters (their gradients are preallocated, so in the baseline).\n")
+        print(
+            'plain: zoo.cifar_resnet; reversible: zoo.momentum_cifar_resnet(memory="reversible", gamma=0.9); '
+            "params: trainable parameters (their gradients are preallocated, so in the baseline).\n"
+        )
     if args.tied_depths:
         print(f"## Memory vs depth, tied stack, glibc's default allocator, state {TIED_ROWS}x{TIED_DIM} float32\n")
         print(tied_table(tied, args.tied_depths) + "\n")
-        print("f(x) = tanh(x W^T + b), one module for every step; peak: resident set (VmHWM reset before) of two "
-              "training steps above the resident set just before them, one fresh process per configuration "
-              "started without MALLOC_* / GLIBC_TUNABLES (glibc's default allocator), after a warm-up step of the "
-              "same stack and malloc_trim(0); buffer: the reversible stack's information-buffer words (live, "
-              "log2(1/gamma) bits per step and element); step: mean of the two measured steps.\n")
+        print(
+            "f(x) = tanh(x W^T + b), one module for every step; peak: resident set (VmHWM reset before) of two "
+            "training steps above the resident set just before them, one fresh process per configuration "
+            "started without MALLOC_* / GLIBC_TUNABLES (glibc's default allocator), after a warm-up step of the "
+            "same stack and malloc_trim(0); buffer: the reversible stack's information-buffer words (live, "
+            "log2(1/gamma) bits per step and element); step: mean of the two measured steps.\n"
+        )
     print("## Targets\n")
     print("\n".join(verdicts(imagenet, args.archs, depth, args.depths) + tied_verdicts(tied, args.tied_depths)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({
-                "machine": machine_line(device, threads), "args": vars(args), "wall_s": wall, "skip": skip,
-                "imagenet": [{"arch": a, "method": m, **(r or {})} for (a, m), r in imagenet.items()],
-                "depth": [{"depth": d, "method": m, **r} for (d, m), r in depth.items()],
-                "tied": [{"depth": d, "method": m, **r} for (d, m), r in tied.items()],
-            }, f, indent=2)
+            json.dump(
+                {
+                    "machine": machine_line(device, threads),
+                    "args": vars(args),
+                    "wall_s": wall,
+                    "skip": skip,
+                    "imagenet": [{"arch": a, "method": m, **(r or {})} for (a, m), r in imagenet.items()],
+                    "depth": [{"depth": d, "method": m, **r} for (d, m), r in depth.items()],
+                    "tied": [{"depth": d, "method": m, **r} for (d, m), r in tied.items()],
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

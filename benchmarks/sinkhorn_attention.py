@@ -115,16 +115,35 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_worker(method: str, seq: int, n_iter: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", "--worker-method", method,
-        "--worker-seq", str(seq), "--worker-n-iter", str(n_iter), "--batch", str(args.batch),
-        "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--steps", str(args.steps),
-        "--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--worker-method",
+        method,
+        "--worker-seq",
+        str(seq),
+        "--worker-n-iter",
+        str(n_iter),
+        "--batch",
+        str(args.batch),
+        "--heads",
+        str(args.heads),
+        "--head-dim",
+        str(args.head_dim),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
     ]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     raise RuntimeError(f"worker {method}/{seq}/{n_iter} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -133,8 +152,16 @@ def run_worker(method: str, seq: int, n_iter: int, args: argparse.Namespace) -> 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = [
-        "seq", "n_iter", "sdpa (ms)", "zoo (ms)", "naive (ms)", "zoo/sdpa", "naive/sdpa",
-        "peak sdpa (MiB)", "peak zoo (MiB)", "peak naive (MiB)",
+        "seq",
+        "n_iter",
+        "sdpa (ms)",
+        "zoo (ms)",
+        "naive (ms)",
+        "zoo/sdpa",
+        "naive/sdpa",
+        "peak sdpa (MiB)",
+        "peak zoo (MiB)",
+        "peak naive (MiB)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
     for r in rows:
@@ -142,8 +169,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ms = {m: f"{r[m]['step_time'] * 1e3:.0f}" if m in r else "-" for m in METHODS}
         mib = {m: f"{r[m]['peak_bytes'] / MIB:.0f}" if m in r else "-" for m in METHODS}
         ratio = {m: f"{r[m]['step_time'] / base:.2f}" if m in r else "-" for m in METHODS}
-        cells = [str(r["seq"]), str(r["n_iter"]), ms["sdpa"], ms["zoo"], ms["naive"], ratio["zoo"], ratio["naive"],
-                 mib["sdpa"], mib["zoo"], mib["naive"]]
+        cells = [
+            str(r["seq"]),
+            str(r["n_iter"]),
+            ms["sdpa"],
+            ms["zoo"],
+            ms["naive"],
+            ratio["zoo"],
+            ratio["naive"],
+            mib["sdpa"],
+            mib["zoo"],
+            mib["naive"],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -180,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for seq in args.seqs:
         cells = [("sdpa", 1)] + [
-            (m, n) for n in args.n_iters for m in ("zoo", "naive")
+            (m, n)
+            for n in args.n_iters
+            for m in ("zoo", "naive")
             if m in args.methods and not (m == "naive" and seq > args.naive_max_seq)
         ]
         mem = {c: run_worker(c[0], seq, c[1], args) for c in cells}  # memory: fresh processes first
@@ -192,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
                     row[c[0]] = {**mem[c], "step_time": times[c]}
             rows.append(row)
         print(f"  done: seq {seq}", file=sys.stderr, flush=True)
-    print(f"# Sinkhorn attention, forward + backward, q/k/v ({args.batch}, {args.heads}, seq, {args.head_dim}) "
-          f"float32\n")
+    print(
+        f"# Sinkhorn attention, forward + backward, q/k/v ({args.batch}, {args.heads}, seq, {args.head_dim}) float32\n"
+    )
     print(machine_line(device, args.threads) + "\n")
     print(format_table(rows) + "\n")
     print(

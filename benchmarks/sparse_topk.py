@@ -108,10 +108,22 @@ def dykstra_vs_pav(rows: list[dict[str, Any]]) -> str:
     out = []
     for dev in dict.fromkeys(r["device"] for r in rows):
         for m in ("dykstra 10", "dykstra 100"):
-            wins = [r["n"] for r in rows if r["device"] == dev and r["times"].get(m) is not None
-                    and r["times"].get("pav p=2") is not None and r["times"][m] < r["times"]["pav p=2"]]
-            out.append(f"{dev}, {m}: " + (f"faster than pav p=2 at n = {', '.join(map(str, wins))}" if wins
-                                          else "slower than pav p=2 at every n"))
+            wins = [
+                r["n"]
+                for r in rows
+                if r["device"] == dev
+                and r["times"].get(m) is not None
+                and r["times"].get("pav p=2") is not None
+                and r["times"][m] < r["times"]["pav p=2"]
+            ]
+            out.append(
+                f"{dev}, {m}: "
+                + (
+                    f"faster than pav p=2 at n = {', '.join(map(str, wins))}"
+                    if wins
+                    else "slower than pav p=2 at every n"
+                )
+            )
     return "; ".join(out)
 
 
@@ -150,14 +162,23 @@ def main(argv: list[str] | None = None) -> None:
     for dev in args.devices:
         print(machine_line(torch.device(dev), args.threads if dev == "cpu" else 0) + "\n")
     print(format_table(rows, args.methods) + "\n")
-    print(f"time: median of {args.rounds} forward + backward rounds after a warm-up round, all methods interleaved "
-          "in one process; ratios against torch.topk (forward + backward through the values) at the same n in the "
-          f"same run. torchsort: {'soft_rank' if torchsort is not None else 'not installed'}.")
+    print(
+        f"time: median of {args.rounds} forward + backward rounds after a warm-up round, all methods interleaved "
+        "in one process; ratios against torch.topk (forward + backward through the values) at the same n in the "
+        f"same run. torchsort: {'soft_rank' if torchsort is not None else 'not installed'}."
+    )
     print("Dykstra vs PAV: " + dykstra_vs_pav(rows) + ".")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": [machine_line(torch.device(d), args.threads) for d in args.devices],
-                       "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "machine": [machine_line(torch.device(d), args.threads) for d in args.devices],
+                    "args": vars(args),
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

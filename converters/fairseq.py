@@ -98,8 +98,10 @@ def _check_layout(model: nn.Module, label: str) -> None:
     allowed = (MultiheadAttention,) + ((plugin.SinkhornMultiheadAttention,) if plugin is not None else ())
     for name, m in model.named_modules():
         if isinstance(m, MultiheadAttention) and type(m) not in allowed:
-            raise ZooError(f"{label}: {name} is a {type(m).__module__}.{type(m).__qualname__}, a subclass of "
-                           "fairseq's MultiheadAttention that may change the forward: not converted")
+            raise ZooError(
+                f"{label}: {name} is a {type(m).__module__}.{type(m).__qualname__}, a subclass of "
+                "fairseq's MultiheadAttention that may change the forward: not converted"
+            )
         if getattr(m, "n_iter", 1) != 1 and name.startswith("decoder."):
             raise ZooError(f"{label}: {name} uses Sinkhorn attention in the decoder: the zoo model has softmax there")
 
@@ -133,9 +135,11 @@ def read_fairseq_transformer(model: nn.Module) -> AttentionSpec:
     def build(n_iter: int, record_stats: bool, inplace: bool, options: dict[str, Any]) -> nn.Module:
         unknown = sorted(set(options) - set(TRAINING_OPTIONS))
         if unknown:
-            raise ZooError(f"option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} do not apply "
-                           f"to a {label}: accepted options are n_iter, record_stats, inplace, "
-                           f"{', '.join(TRAINING_OPTIONS)} (the architecture is the source's)")
+            raise ZooError(
+                f"option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} do not apply "
+                f"to a {label}: accepted options are n_iter, record_stats, inplace, "
+                f"{', '.join(TRAINING_OPTIONS)} (the architecture is the source's)"
+            )
         converted = zoo_model if inplace else copy.deepcopy(zoo_model)
         converted.set_n_iter(n_iter)
         converted.set_record_stats(record_stats)

@@ -55,12 +55,28 @@ class MLPSpec:
     why_not: str = ""
 
 
-MOE_OPTIONS: tuple[str, ...] = ("num_experts", "moe_every", "moe_blocks", "router", "k", "capacity_factor", "topk",
-                                "normalize_gates", "group_size", "lam", "p", "solver", "dykstra_iters")
+MOE_OPTIONS: tuple[str, ...] = (
+    "num_experts",
+    "moe_every",
+    "moe_blocks",
+    "router",
+    "k",
+    "capacity_factor",
+    "topk",
+    "normalize_gates",
+    "group_size",
+    "lam",
+    "p",
+    "solver",
+    "dykstra_iters",
+)
 MOE_VIT_OPTIONS: tuple[str, ...] = ("aux_loss_weight", *TRAINING_OPTIONS)
 # deprecated option names (one release) -> their names in MOE_OPTIONS
-_RENAMED_MOE_OPTIONS: dict[str, str] = {"every": "moe_every", "moe_layers": "moe_blocks",
-                                        "router_n_iter": "dykstra_iters"}
+_RENAMED_MOE_OPTIONS: dict[str, str] = {
+    "every": "moe_every",
+    "moe_layers": "moe_blocks",
+    "router_n_iter": "dykstra_iters",
+}
 
 
 def _moe_routing_options(options: dict[str, Any]) -> tuple[int, int, Any, dict[str, Any]]:
@@ -68,8 +84,15 @@ def _moe_routing_options(options: dict[str, Any]) -> tuple[int, int, Any, dict[s
     VisionMoE alike), the deprecated names mapped to theirs."""
     for old, new in _RENAMED_MOE_OPTIONS.items():
         if old in options:
-            options[new] = renamed_argument("converters.transform(to='moe')", new, options.get(new), old,
-                                            options.pop(old), new_given=new in options, stacklevel=5)
+            options[new] = renamed_argument(
+                "converters.transform(to='moe')",
+                new,
+                options.get(new),
+                old,
+                options.pop(old),
+                new_given=new in options,
+                stacklevel=5,
+            )
     num_experts = options.pop("num_experts", 8)
     moe_every = options.pop("moe_every", 2)
     moe_blocks = options.pop("moe_blocks", None)
@@ -87,9 +110,13 @@ def _copy_expert_flags(moe: nn.Module, dense: nn.Module | None) -> None:
                 mine.requires_grad_(theirs.requires_grad)
 
 
-@register_target("moe", "mlp", (*MOE_OPTIONS, *MOE_VIT_OPTIONS, *_RENAMED_MOE_OPTIONS),
-                 "sparse mixture of experts in every `moe_every`-th block, each expert a copy of the dense MLP and the "
-                 "router at zero (upcycling); a timm ViT of the standard layout becomes the zoo VisionMoE")
+@register_target(
+    "moe",
+    "mlp",
+    (*MOE_OPTIONS, *MOE_VIT_OPTIONS, *_RENAMED_MOE_OPTIONS),
+    "sparse mixture of experts in every `moe_every`-th block, each expert a copy of the dense MLP and the "
+    "router at zero (upcycling); a timm ViT of the standard layout becomes the zoo VisionMoE",
+)
 def _to_moe(spec: MLPSpec, options: dict[str, Any]) -> nn.Module:
     from zoo.models.vmoe import VisionMoE, moe_block_indices
     from zoo.nn.moe import MoE
@@ -98,8 +125,9 @@ def _to_moe(spec: MLPSpec, options: dict[str, Any]) -> nn.Module:
     source = spec.model
     if spec.vit_config is not None:
         device, dtype = source_device_dtype(source, spec.label)
-        model = VisionMoE(**spec.vit_config, num_experts=num_experts, moe_every=moe_every, moe_blocks=moe_blocks,
-                          **routing, **options)
+        model = VisionMoE(
+            **spec.vit_config, num_experts=num_experts, moe_every=moe_every, moe_blocks=moe_blocks, **routing, **options
+        )
         model.to(device=device, dtype=dtype)
         _mirror_runtime_state(model, source, dict(source.named_modules()))
         zoo.hub.load_state_dict(model, source.state_dict(), source_hparams=None, source=spec.label)

@@ -87,8 +87,9 @@ class Target:
 
     @property
     def summary(self) -> str:
-        return "; ".join(f"{b.family}: {b.summary}" if len(self.builds) > 1 else b.summary
-                         for b in self.builds.values() if b.summary)
+        return "; ".join(
+            f"{b.family}: {b.summary}" if len(self.builds) > 1 else b.summary for b in self.builds.values() if b.summary
+        )
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,9 @@ def source_device_dtype(model: nn.Module, label: str) -> tuple[torch.device, tor
     devices = {t.device for t in tensors}
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     if len(devices) > 1:
-        raise ZooError(f"{label} is spread over several devices ({', '.join(map(str, devices))}): "
-                       "move it to one device first")
+        raise ZooError(
+            f"{label} is spread over several devices ({', '.join(map(str, devices))}): move it to one device first"
+        )
     if len(dtypes) > 1:
         raise ZooError(f"{label} mixes dtypes ({', '.join(map(str, dtypes))}): cast it to one dtype first")
     return devices.pop(), dtypes.pop()
@@ -277,8 +279,14 @@ def _mirror_runtime_state(model: nn.Module, source: nn.Module, modules: Mapping[
             p.requires_grad_(tp.requires_grad)
 
 
-def _not_the_zoo_family(spec: AttentionSpec | MLPSpec, options: dict[str, Any], family: str, converts: str,
-                        returned: str, accepted: tuple[str, ...]) -> None:
+def _not_the_zoo_family(
+    spec: AttentionSpec | MLPSpec,
+    options: dict[str, Any],
+    family: str,
+    converts: str,
+    returned: str,
+    accepted: tuple[str, ...],
+) -> None:
     """A source that does not map onto the zoo ViT ``family`` converts to itself: the family's own options are
     refused (one error naming why the source did not map), else an info line says why it did not map."""
     reason = f" ({spec.why_not})" if spec.why_not else ""

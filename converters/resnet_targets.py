@@ -68,8 +68,14 @@ class ResNetSpec:
     constructor: dict[str, Any] = field(default_factory=dict)  # extra zoo arguments (drop_rate ...)
 
 
-def resnet_spec(model: nn.Module, label: str, block: str, layers: tuple[int, ...],
-                rename: Callable[[str], str] = str, constructor: dict[str, Any] | None = None) -> ResNetSpec:
+def resnet_spec(
+    model: nn.Module,
+    label: str,
+    block: str,
+    layers: tuple[int, ...],
+    rename: Callable[[str], str] = str,
+    constructor: dict[str, Any] | None = None,
+) -> ResNetSpec:
     """The :class:`ResNetSpec` of a checked source: its weights and modules under the zoo's names
     (``rename`` maps a source name), classifier size, input channels, device and dtype."""
     device, dtype = source_device_dtype(model, label)
@@ -101,8 +107,10 @@ def read_resnet_stages(model: nn.Module, label: str, block_kinds: Mapping[type, 
     while isinstance(getattr(model, f"layer{i}", None), nn.Module):
         stage = getattr(model, f"layer{i}")
         if not isinstance(stage, nn.Sequential) or len(stage) == 0:
-            raise ZooError(f"{label}: layer{i} is a {type(stage).__name__} of {len(list(stage.children()))} "
-                           "modules, expected a non-empty nn.Sequential of residual blocks")
+            raise ZooError(
+                f"{label}: layer{i} is a {type(stage).__name__} of {len(list(stage.children()))} "
+                "modules, expected a non-empty nn.Sequential of residual blocks"
+            )
         for j, block in enumerate(stage):
             kind = block_kinds.get(type(block))
             if kind is None:
@@ -119,8 +127,16 @@ def read_resnet_stages(model: nn.Module, label: str, block_kinds: Mapping[type, 
 
 
 _LAYOUT_ATTRS: dict[type, tuple[str, ...]] = {
-    nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                "padding_mode"),
+    nn.Conv2d: (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ),
     nn.BatchNorm2d: ("num_features", "eps", "affine", "track_running_stats"),
     nn.Linear: ("in_features", "out_features"),
 }
@@ -145,15 +161,23 @@ def check_resnet_layout(modules: Mapping[str, nn.Module], model: nn.Module, labe
         if type(theirs) is not type(mine):
             problems.append(f"{name} is a {type(theirs).__name__}, the zoo ResNet has a {type(mine).__name__}")
             continue
-        diffs = [f"{a}={getattr(theirs, a)!r} (zoo: {getattr(mine, a)!r})" for a in attrs
-                 if getattr(theirs, a) != getattr(mine, a)]
+        diffs = [
+            f"{a}={getattr(theirs, a)!r} (zoo: {getattr(mine, a)!r})"
+            for a in attrs
+            if getattr(theirs, a) != getattr(mine, a)
+        ]
         if getattr(mine, "bias", None) is None and getattr(theirs, "bias", None) is not None:
             diffs.append("has a bias (zoo: none)")
         if diffs:
             problems.append(f"{name} {', '.join(diffs)}")
     for name, theirs in modules.items():
-        if name and name not in own and (any(True for _ in theirs.parameters(recurse=False))
-                                         or any(True for _ in theirs.buffers(recurse=False))):
+        if (
+            name
+            and name not in own
+            and (
+                any(True for _ in theirs.parameters(recurse=False)) or any(True for _ in theirs.buffers(recurse=False))
+            )
+        ):
             problems.append(f"{name} ({type(theirs).__name__}) has no counterpart in the zoo ResNet")
     if problems:
         more = f" ... ({len(problems)} in all)" if len(problems) > 5 else ""
@@ -184,14 +208,19 @@ def _to_resnet(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
     return build_resnet(ResNet, spec, options)
 
 
-@register_target("depth_scaled", "resnet", RESNET_OPTIONS,
-                 "zoo DepthScaledResNet x + f(x)/N, the 1/N folded into the last BN: the same function")
+@register_target(
+    "depth_scaled",
+    "resnet",
+    RESNET_OPTIONS,
+    "zoo DepthScaledResNet x + f(x)/N, the 1/N folded into the last BN: the same function",
+)
 def _to_depth_scaled(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
     return build_resnet(DepthScaledResNet, spec, options)
 
 
-@register_target("heun", "resnet", RESNET_OPTIONS,
-                 "zoo HeunNet (H1) from the same folded weights: not function preserving")
+@register_target(
+    "heun", "resnet", RESNET_OPTIONS, "zoo HeunNet (H1) from the same folded weights: not function preserving"
+)
 def _to_heun(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
     return build_resnet(HeunNet, spec, options)
 
@@ -199,7 +228,11 @@ def _to_heun(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
 MOMENTUM_OPTIONS: tuple[str, ...] = ("gamma", "init_velocity", "keep_first_block")
 
 
-@register_target("momentum", "resnet", (*RESNET_OPTIONS, *MOMENTUM_OPTIONS),
-                 "zoo MomentumResNet (M1) with f(x) = relu(x + g(x)) - x: gamma = 0 is the same function")
+@register_target(
+    "momentum",
+    "resnet",
+    (*RESNET_OPTIONS, *MOMENTUM_OPTIONS),
+    "zoo MomentumResNet (M1) with f(x) = relu(x + g(x)) - x: gamma = 0 is the same function",
+)
 def _to_momentum_resnet(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
     return build_resnet(MomentumResNet, spec, options)

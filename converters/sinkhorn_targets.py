@@ -142,8 +142,9 @@ def _check_sinkhorn_options(options: dict[str, Any]) -> tuple[int, bool, bool]:
     return n_iter, record_stats, inplace
 
 
-def build_sinkformer_vit(spec: AttentionSpec, n_iter: int, record_stats: bool, inplace: bool,
-                         options: dict[str, Any]) -> nn.Module:
+def build_sinkformer_vit(
+    spec: AttentionSpec, n_iter: int, record_stats: bool, inplace: bool, options: dict[str, Any]
+) -> nn.Module:
     """The zoo :class:`SinkformerViT` LightningModule with the source ViT's weights (copied; shared with
     ``inplace=True``), device, dtype, train/eval modes and ``requires_grad`` flags."""
     from zoo.models import SinkformerViT
@@ -162,20 +163,25 @@ def build_sinkformer_vit(spec: AttentionSpec, n_iter: int, record_stats: bool, i
     return model
 
 
-
-@register_target("sinkhorn", "attention", (*SINKHORN_OPTIONS, *SINKHORN_VIT_OPTIONS),
-                 "Sinkhorn attention (S1) with the same weights: n_iter = 1 is the same function; a timm ViT of "
-                 "the standard layout becomes the zoo SinkformerViT")
+@register_target(
+    "sinkhorn",
+    "attention",
+    (*SINKHORN_OPTIONS, *SINKHORN_VIT_OPTIONS),
+    "Sinkhorn attention (S1) with the same weights: n_iter = 1 is the same function; a timm ViT of "
+    "the standard layout becomes the zoo SinkformerViT",
+)
 def _to_sinkhorn(spec: AttentionSpec, options: dict[str, Any]) -> nn.Module:
     n_iter, record_stats, inplace = _check_sinkhorn_options(options)
     if spec.vit_config is not None:
         return build_sinkformer_vit(spec, n_iter, record_stats, inplace, options)
     if spec.build is not None:  # a source with its own zoo family (fairseq's transformer -> SinkformerTranslation)
         return spec.build(n_iter, record_stats, inplace, options)
-    _not_the_zoo_family(spec, options, "SinkformerViT", "with Sinkhorn attention", "its attention swapped",
-                        SINKHORN_OPTIONS)
-    model = swap_attention(spec.model if inplace else copy.deepcopy(spec.model), n_iter=n_iter,
-                           record_stats=record_stats)
+    _not_the_zoo_family(
+        spec, options, "SinkformerViT", "with Sinkhorn attention", "its attention swapped", SINKHORN_OPTIONS
+    )
+    model = swap_attention(
+        spec.model if inplace else copy.deepcopy(spec.model), n_iter=n_iter, record_stats=record_stats
+    )
     if hasattr(model, "set_n_iter"):  # a zoo SinkformerViT: keep its hyperparameters in step
         model.set_n_iter(n_iter)
         model.set_record_stats(record_stats)

@@ -79,7 +79,7 @@ def rename(name: str) -> str:
     """The zoo name of a timm module or state-dict key."""
     for old, new in KEY_RENAMES.items():
         if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -111,39 +111,68 @@ def _check_block(label: str, name: str, block: nn.Module, kind: str) -> float:
 
     convs = [block.conv1, block.conv2] + ([block.conv3] if kind == "bottleneck" else [])
     grouped = [c.groups for c in convs if c.groups != 1]
-    _check(label, not grouped,
-           f"grouped convolutions in {name} (cardinality={grouped[0] if grouped else 1}, a ResNeXt)")
+    _check(
+        label, not grouped, f"grouped convolutions in {name} (cardinality={grouped[0] if grouped else 1}, a ResNeXt)"
+    )
     if kind == "bottleneck":
         planes = block.conv3.out_channels // 4
-        _check(label, block.conv2.out_channels == planes,
-               f"bottleneck width {block.conv2.out_channels} for {planes} planes in {name} (base_width != 64, "
-               "a wide ResNet)")
-        _check(label, block.conv1.out_channels == block.conv2.in_channels == planes,
-               f"a reduced first conv width in {name} (block_reduce_first != 1)")
+        _check(
+            label,
+            block.conv2.out_channels == planes,
+            f"bottleneck width {block.conv2.out_channels} for {planes} planes in {name} (base_width != 64, "
+            "a wide ResNet)",
+        )
+        _check(
+            label,
+            block.conv1.out_channels == block.conv2.in_channels == planes,
+            f"a reduced first conv width in {name} (block_reduce_first != 1)",
+        )
     else:
-        _check(label, block.conv1.out_channels == block.conv2.out_channels,
-               f"a reduced first conv width in {name} (block_reduce_first != 1)")
+        _check(
+            label,
+            block.conv1.out_channels == block.conv2.out_channels,
+            f"a reduced first conv width in {name} (block_reduce_first != 1)",
+        )
     _check(label, getattr(block, "se", None) is None, f"SE/attention ({name}.se = {type(block.se).__name__})")
-    _check(label, type(getattr(block, "aa", nn.Identity())) is nn.Identity,
-           f"anti-aliased downsampling ({name}.aa = {type(block.aa).__name__})")
-    _check(label, type(getattr(block, "drop_block", nn.Identity())) is nn.Identity,
-           f"DropBlock ({name}.drop_block = {type(block.drop_block).__name__})")
+    _check(
+        label,
+        type(getattr(block, "aa", nn.Identity())) is nn.Identity,
+        f"anti-aliased downsampling ({name}.aa = {type(block.aa).__name__})",
+    )
+    _check(
+        label,
+        type(getattr(block, "drop_block", nn.Identity())) is nn.Identity,
+        f"DropBlock ({name}.drop_block = {type(block.drop_block).__name__})",
+    )
     acts = ("act1", "act2", "act3") if kind == "bottleneck" else ("act1", "act2")
     for act in acts:
-        _check(label, _is_relu(getattr(block, act, None)),
-               f"the activation {name}.{act} = {type(getattr(block, act, None)).__name__} (only ReLU)")
-    _check(label, getattr(block, "dilation", 1) == 1 and all(c.dilation == (1, 1) for c in convs),
-           f"dilation in {name} (output_stride < 32)")
+        _check(
+            label,
+            _is_relu(getattr(block, act, None)),
+            f"the activation {name}.{act} = {type(getattr(block, act, None)).__name__} (only ReLU)",
+        )
+    _check(
+        label,
+        getattr(block, "dilation", 1) == 1 and all(c.dilation == (1, 1) for c in convs),
+        f"dilation in {name} (output_stride < 32)",
+    )
     ds = block.downsample
-    _check(label, ds is None or (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
-                                 and ds[0].kernel_size == (1, 1)),
-           f"average-pool or 3x3 downsampling in {name}.downsample = {describe_module(ds)} "
-           "(avg_down / down_kernel_size)")
+    _check(
+        label,
+        ds is None
+        or (
+            isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d and ds[0].kernel_size == (1, 1)
+        ),
+        f"average-pool or 3x3 downsampling in {name}.downsample = {describe_module(ds)} (avg_down / down_kernel_size)",
+    )
     dp = block.drop_path
     if dp is None:
         return 0.0
-    _check(label, type(dp) is DropPath and getattr(dp, "scale_by_keep", True),
-           f"{name}.drop_path = {describe_module(dp)} (only timm's DropPath with scale_by_keep=True)")
+    _check(
+        label,
+        type(dp) is DropPath and getattr(dp, "scale_by_keep", True),
+        f"{name}.drop_path = {describe_module(dp)} (only timm's DropPath with scale_by_keep=True)",
+    )
     return float(dp.drop_prob)
 
 
@@ -152,8 +181,11 @@ def _drop_path_rate(label: str, rates: list[float]) -> float:
     n = len(rates)
     rate = rates[-1] if n > 1 else 0.0
     expected = [rate * i / max(n - 1, 1) for i in range(n)]
-    _check(label, all(math.isclose(r, e, rel_tol=1e-6, abs_tol=1e-12) for r, e in zip(rates, expected)),
-           f"a drop-path schedule {[round(r, 6) for r in rates]} that is not linear in the block index")
+    _check(
+        label,
+        all(math.isclose(r, e, rel_tol=1e-6, abs_tol=1e-12) for r, e in zip(rates, expected)),
+        f"a drop-path schedule {[round(r, 6) for r in rates]} that is not linear in the block index",
+    )
     return rate
 
 
@@ -165,17 +197,30 @@ def read_timm_resnet(model: nn.Module) -> ResNetSpec:
     label = timm_label(model)
 
     for meth in ("forward", "forward_features", "forward_head"):
-        _check(label, getattr(type(model), meth) is getattr(timm_resnet.ResNet, meth),
-               f"a subclass overriding {meth} ({type(model).__qualname__})")
+        _check(
+            label,
+            getattr(type(model), meth) is getattr(timm_resnet.ResNet, meth),
+            f"a subclass overriding {meth} ({type(model).__qualname__})",
+        )
     conv1 = model.conv1
-    _check(label, type(conv1) is nn.Conv2d,
-           f"the deep stem conv1 = {type(conv1).__name__} (stem_type='deep...', e.g. resnet50d)")
-    _check(label, conv1.kernel_size == (7, 7) and conv1.stride == (2, 2) and conv1.padding == (3, 3),
-           f"the stem conv {conv1} (only a 7x7 conv with stride 2 and padding 3)")
+    _check(
+        label,
+        type(conv1) is nn.Conv2d,
+        f"the deep stem conv1 = {type(conv1).__name__} (stem_type='deep...', e.g. resnet50d)",
+    )
+    _check(
+        label,
+        conv1.kernel_size == (7, 7) and conv1.stride == (2, 2) and conv1.padding == (3, 3),
+        f"the stem conv {conv1} (only a 7x7 conv with stride 2 and padding 3)",
+    )
     _check(label, _is_relu(model.act1), f"the stem activation act1 = {type(model.act1).__name__}")
     mp = model.maxpool
-    _check(label, type(mp) is nn.MaxPool2d and (mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode)
-           == (3, 2, 1, 1, False), f"the stem pool {describe_module(mp)} (replace_stem_pool or anti-aliasing)")
+    _check(
+        label,
+        type(mp) is nn.MaxPool2d
+        and (mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode) == (3, 2, 1, 1, False),
+        f"the stem pool {describe_module(mp)} (replace_stem_pool or anti-aliasing)",
+    )
 
     block, layers = read_resnet_stages(
         model, label, {timm_resnet.BasicBlock: "basic", timm_resnet.Bottleneck: "bottleneck"}
@@ -187,12 +232,18 @@ def read_timm_resnet(model: nn.Module) -> ResNetSpec:
     ]
     pool = model.global_pool
     pool_type = str(getattr(pool, "pool_type", "")).lower()
-    _check(label, pool_type == "fast" or pool_type.endswith("avg"),
-           f"global_pool {pool_type!r} (only average pooling)")
-    return resnet_spec(model, label, block, layers, rename=rename, constructor={
-        "drop_rate": float(getattr(model, "drop_rate", 0.0)),
-        "drop_path_rate": _drop_path_rate(label, rates),
-    })
+    _check(label, pool_type == "fast" or pool_type.endswith("avg"), f"global_pool {pool_type!r} (only average pooling)")
+    return resnet_spec(
+        model,
+        label,
+        block,
+        layers,
+        rename=rename,
+        constructor={
+            "drop_rate": float(getattr(model, "drop_rate", 0.0)),
+            "drop_path_rate": _drop_path_rate(label, rates),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,8 +270,9 @@ def _vit_block_classes() -> tuple[type, ...]:
 
 def is_timm_block_sequence(model: object) -> bool:
     classes = _vit_block_classes()
-    return (bool(classes) and type(model) is nn.Sequential and len(model) > 0
-            and all(isinstance(b, classes) for b in model))
+    return (
+        bool(classes) and type(model) is nn.Sequential and len(model) > 0 and all(isinstance(b, classes) for b in model)
+    )
 
 
 def _block_list(label: str, blocks: object, where: str) -> list[nn.Module]:
@@ -240,16 +292,28 @@ def read_timm_vit(model: nn.Module) -> BlockStackSpec:
         twin.blocks = stack
         return twin
 
-    return BlockStackSpec(label=label, copy=twin, blocks=list(twin.blocks), assemble=assemble,
-                          stack_class=StackAsBlock, training=twin.blocks.training)
+    return BlockStackSpec(
+        label=label,
+        copy=twin,
+        blocks=list(twin.blocks),
+        assemble=assemble,
+        stack_class=StackAsBlock,
+        training=twin.blocks.training,
+    )
 
 
 @register_source(BLOCKS_SOURCE_NAME, "transformer", is_timm_block_sequence)
 def read_timm_blocks(model: nn.Sequential) -> BlockStackSpec:
     """Describe (a copy of) a ViT's ``blocks``; the converted model is the residual stack itself."""
     twin = copy.deepcopy(model)
-    return BlockStackSpec(label="timm ViT blocks", copy=twin, blocks=list(twin), assemble=lambda stack: stack,
-                          stack_class=StackAsBlock, training=twin.training)
+    return BlockStackSpec(
+        label="timm ViT blocks",
+        copy=twin,
+        blocks=list(twin),
+        assemble=lambda stack: stack,
+        stack_class=StackAsBlock,
+        training=twin.training,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,9 +332,14 @@ def _require(ok: bool, what: str) -> None:
 
 
 def _is_layer_norm(m: object, dim: int) -> bool:
-    return (isinstance(m, nn.LayerNorm) and type(m).forward in (nn.LayerNorm.forward, _timm_layer_norm().forward)
-            and tuple(m.normalized_shape) == (dim,) and m.eps == 1e-6 and m.elementwise_affine
-            and m.bias is not None)
+    return (
+        isinstance(m, nn.LayerNorm)
+        and type(m).forward in (nn.LayerNorm.forward, _timm_layer_norm().forward)
+        and tuple(m.normalized_shape) == (dim,)
+        and m.eps == 1e-6
+        and m.elementwise_affine
+        and m.bias is not None
+    )
 
 
 def _timm_layer_norm() -> type:
@@ -293,23 +362,38 @@ def sinkformer_vit_config(model: nn.Module) -> dict:
     vit = _vit_module()
     _require(type(model) is vit.VisionTransformer, f"a subclass {type(model).__qualname__}")
     pe = model.patch_embed
-    _require(type(pe) is PatchEmbed and type(pe.norm) is nn.Identity and pe.flatten and not pe.dynamic_img_pad
-             and pe.strict_img_size and pe.img_size is not None and pe.patch_size[0] == pe.patch_size[1]
-             and type(pe.proj) is nn.Conv2d and pe.proj.bias is not None and pe.proj.stride == pe.proj.kernel_size
-             and pe.proj.padding == (0, 0) and pe.proj.kernel_size == tuple(pe.patch_size),
-             f"the patch embedding {describe_module(pe)} (only a square-patch conv without norm, fixed image size)")
+    _require(
+        type(pe) is PatchEmbed
+        and type(pe.norm) is nn.Identity
+        and pe.flatten
+        and not pe.dynamic_img_pad
+        and pe.strict_img_size
+        and pe.img_size is not None
+        and pe.patch_size[0] == pe.patch_size[1]
+        and type(pe.proj) is nn.Conv2d
+        and pe.proj.bias is not None
+        and pe.proj.stride == pe.proj.kernel_size
+        and pe.proj.padding == (0, 0)
+        and pe.proj.kernel_size == tuple(pe.patch_size),
+        f"the patch embedding {describe_module(pe)} (only a square-patch conv without norm, fixed image size)",
+    )
     _require(model.reg_token is None, "register tokens")
     _require(not model.no_embed_class and not model.dynamic_img_size, "no_embed_class / dynamic_img_size")
     _require(isinstance(model.pos_embed, nn.Parameter), "no learned position embedding")
-    _require(model.attn_pool is None and model.global_pool in ("token", "avg") and not model.pool_include_prefix,
-             f"global_pool {model.global_pool!r} (only 'token' and 'avg')")
-    _require(type(model.patch_drop) is nn.Identity and type(model.norm_pre) is nn.Identity,
-             "patch dropout or a pre-norm")
+    _require(
+        model.attn_pool is None and model.global_pool in ("token", "avg") and not model.pool_include_prefix,
+        f"global_pool {model.global_pool!r} (only 'token' and 'avg')",
+    )
+    _require(
+        type(model.patch_drop) is nn.Identity and type(model.norm_pre) is nn.Identity, "patch dropout or a pre-norm"
+    )
     dim = model.embed_dim
     use_fc_norm = model.global_pool == "avg"
-    _require(_is_layer_norm(model.fc_norm if use_fc_norm else model.norm, dim)
-             and type(model.norm if use_fc_norm else model.fc_norm) is nn.Identity,
-             "a final norm / fc_norm layout other than timm's default for the pooling")
+    _require(
+        _is_layer_norm(model.fc_norm if use_fc_norm else model.norm, dim)
+        and type(model.norm if use_fc_norm else model.fc_norm) is nn.Identity,
+        "a final norm / fc_norm layout other than timm's default for the pooling",
+    )
     _require(type(model.head) is nn.Linear, f"the head {describe_module(model.head)} (only nn.Linear)")
     blocks = _block_list("timm VisionTransformer", model.blocks, "blocks")
     first = blocks[0]
@@ -323,34 +407,58 @@ def sinkformer_vit_config(model: nn.Module) -> dict:
         name = f"blocks.{i}"
         _require(type(b) is vit.Block, f"{name} is a {type(b).__qualname__} (only timm's Block)")
         a = b.attn
-        _require(type(a) is Attention and a.gate is None and type(a.norm) is nn.Identity and a.proj.bias is not None
-                 and a.attn_dim == dim and a.num_heads == first.attn.num_heads and a.scale == a.head_dim**-0.5,
-                 f"{name}.attn = {describe_module(a)} (only timm's Attention without gate / scale norm)")
+        _require(
+            type(a) is Attention
+            and a.gate is None
+            and type(a.norm) is nn.Identity
+            and a.proj.bias is not None
+            and a.attn_dim == dim
+            and a.num_heads == first.attn.num_heads
+            and a.scale == a.head_dim**-0.5,
+            f"{name}.attn = {describe_module(a)} (only timm's Attention without gate / scale norm)",
+        )
         qk_norm = type(a.q_norm) is not nn.Identity
-        _require(not qk_norm or (_is_layer_norm(a.q_norm, a.head_dim) and _is_layer_norm(a.k_norm, a.head_dim)),
-                 f"{name}.attn q/k norm {describe_module(a.q_norm)}")
-        _require(qk_norm == (type(first.attn.q_norm) is not nn.Identity)
-                 and (a.qkv.bias is None) == (first.attn.qkv.bias is None), f"{name}.attn differs from blocks.0")
+        _require(
+            not qk_norm or (_is_layer_norm(a.q_norm, a.head_dim) and _is_layer_norm(a.k_norm, a.head_dim)),
+            f"{name}.attn q/k norm {describe_module(a.q_norm)}",
+        )
+        _require(
+            qk_norm == (type(first.attn.q_norm) is not nn.Identity)
+            and (a.qkv.bias is None) == (first.attn.qkv.bias is None),
+            f"{name}.attn differs from blocks.0",
+        )
         _require(_is_layer_norm(b.norm1, dim) and _is_layer_norm(b.norm2, dim), f"{name} norms")
         m = b.mlp
-        _require(type(m) is Mlp and type(m.act) is nn.GELU and m.act.approximate == "none"
-                 and type(m.norm) is nn.Identity and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear
-                 and m.fc1.bias is not None and m.fc2.bias is not None and m.fc1.out_features == int(dim * mlp_ratio),
-                 f"{name}.mlp = {describe_module(m)} (only timm's Mlp with exact GELU and the same ratio)")
+        _require(
+            type(m) is Mlp
+            and type(m.act) is nn.GELU
+            and m.act.approximate == "none"
+            and type(m.norm) is nn.Identity
+            and type(m.fc1) is nn.Linear
+            and type(m.fc2) is nn.Linear
+            and m.fc1.bias is not None
+            and m.fc2.bias is not None
+            and m.fc1.out_features == int(dim * mlp_ratio),
+            f"{name}.mlp = {describe_module(m)} (only timm's Mlp with exact GELU and the same ratio)",
+        )
         for ls in (b.ls1, b.ls2):
             _require(type(ls) is (LayerScale if layer_scale else nn.Identity), f"{name} layer scale differs")
         dps = []
         for dp in (b.drop_path1, b.drop_path2):
-            _require(type(dp) is nn.Identity or (type(dp) is DropPath and getattr(dp, "scale_by_keep", True)),
-                     f"{name} drop path {describe_module(dp)}")
+            _require(
+                type(dp) is nn.Identity or (type(dp) is DropPath and getattr(dp, "scale_by_keep", True)),
+                f"{name} drop path {describe_module(dp)}",
+            )
             dps.append(float(dp.drop_prob) if isinstance(dp, DropPath) else 0.0)
         _require(dps[0] == dps[1], f"{name} drop path rates differ")
         rates.append(dps[0])
         a_drop = _drop_p(a.attn_drop, f"{name}.attn.attn_drop")
         p_drop = _drop_p(a.proj_drop, f"{name}.attn.proj_drop")
         m_drops = {_drop_p(m.drop1, f"{name}.mlp.drop1"), _drop_p(m.drop2, f"{name}.mlp.drop2")}
-        _require(m_drops == {p_drop} and (i == 0 or (a_drop, p_drop) == (attn_drop, proj_drop)),
-                 f"{name} dropout rates differ")
+        _require(
+            m_drops == {p_drop} and (i == 0 or (a_drop, p_drop) == (attn_drop, proj_drop)),
+            f"{name} dropout rates differ",
+        )
         attn_drop, proj_drop = a_drop, p_drop
     try:
         drop_path_rate = _drop_path_rate("timm VisionTransformer", rates)

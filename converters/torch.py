@@ -57,8 +57,7 @@ def read_transformer_encoder(model: nn.TransformerEncoder) -> BlockStackSpec:
         out.training = twin.training
         return out
 
-    return BlockStackSpec(label=label, copy=twin, blocks=list(twin.layers), assemble=assemble,
-                          training=twin.training)
+    return BlockStackSpec(label=label, copy=twin, blocks=list(twin.layers), assemble=assemble, training=twin.training)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,14 +75,19 @@ def read_torchvision_resnet(model: tv_resnet.ResNet) -> ResNetSpec:
             f"{label} is a wide ResNet (width_per_group={width}): only the resnet18/34/50/101/152 layout "
             "(width_per_group=64) converts"
         )
-    _check(label, getattr(model, "dilation", 1) == 1,
-           "replace_stride_with_dilation (dilated stages) is not supported")
+    _check(label, getattr(model, "dilation", 1) == 1, "replace_stride_with_dilation (dilated stages) is not supported")
     for meth in ("forward", "_forward_impl"):
-        _check(label, getattr(type(model), meth) is getattr(tv_resnet.ResNet, meth),
-               f"{type(model).__qualname__} overrides {meth}; only torchvision's own forward converts")
+        _check(
+            label,
+            getattr(type(model), meth) is getattr(tv_resnet.ResNet, meth),
+            f"{type(model).__qualname__} overrides {meth}; only torchvision's own forward converts",
+        )
     norm = getattr(model, "_norm_layer", nn.BatchNorm2d)
-    _check(label, norm is nn.BatchNorm2d,
-           f"norm_layer {getattr(norm, '__name__', norm)!r} is not supported; the zoo uses nn.BatchNorm2d")
+    _check(
+        label,
+        norm is nn.BatchNorm2d,
+        f"norm_layer {getattr(norm, '__name__', norm)!r} is not supported; the zoo uses nn.BatchNorm2d",
+    )
 
     block, layers = read_resnet_stages(model, label, BLOCK_KINDS)
     arch = TORCHVISION_ARCHS.get((block, layers))
@@ -92,11 +97,18 @@ def read_torchvision_resnet(model: tv_resnet.ResNet) -> ResNetSpec:
     _check(label, isinstance(conv1, nn.Conv2d), f"conv1 is a {type(conv1).__name__}, expected the 7x7 nn.Conv2d")
     _check(label, type(model.relu) is nn.ReLU, f"the stem activation is a {type(model.relu).__name__}, not ReLU")
     mp = model.maxpool
-    _check(label, type(mp) is nn.MaxPool2d and (mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode)
-           == (3, 2, 1, 1, False), f"the stem pool {describe_module(mp)} is not MaxPool2d(3, stride=2, padding=1)")
+    _check(
+        label,
+        type(mp) is nn.MaxPool2d
+        and (mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode) == (3, 2, 1, 1, False),
+        f"the stem pool {describe_module(mp)} is not MaxPool2d(3, stride=2, padding=1)",
+    )
     pool = model.avgpool
-    _check(label, type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)),
-           f"the global pool {describe_module(pool)} is not AdaptiveAvgPool2d(1)")
+    _check(
+        label,
+        type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)),
+        f"the global pool {describe_module(pool)} is not AdaptiveAvgPool2d(1)",
+    )
     for name, m in model.named_modules():
         if isinstance(m, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
             _check(label, type(m.relu) is nn.ReLU, f"{name}.relu is a {type(m.relu).__name__}, not ReLU")
@@ -128,6 +140,8 @@ def read_torchvision_vit(model: nn.Module) -> AttentionSpec:
         raise ZooError(f"{label} has no EncoderBlock to convert")
     for i, b in enumerate(blocks):
         if type(b).forward is not EncoderBlock.forward:
-            raise ZooError(f"{label}: block {i} is a {type(b).__qualname__} overriding forward; only torchvision's "
-                           "EncoderBlock converts")
+            raise ZooError(
+                f"{label}: block {i} is a {type(b).__qualname__} overriding forward; only torchvision's "
+                "EncoderBlock converts"
+            )
     return AttentionSpec(label=label, model=model)

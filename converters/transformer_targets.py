@@ -56,9 +56,13 @@ def build_block_stack(spec: BlockStackSpec, rule: str, options: dict[str, Any]) 
     return spec.assemble(stack)
 
 
-@register_target("momentum", "transformer", TRANSFORMER_OPTIONS,
-                 "the source with its blocks as a momentum ResidualStack of f(x) = block(x) - x: "
-                 "gamma = 0 (memory='full') is the same function")
+@register_target(
+    "momentum",
+    "transformer",
+    TRANSFORMER_OPTIONS,
+    "the source with its blocks as a momentum ResidualStack of f(x) = block(x) - x: "
+    "gamma = 0 (memory='full') is the same function",
+)
 def _to_momentum_blocks(spec: BlockStackSpec, options: dict[str, Any]) -> nn.Module:
     options = {"gamma": 0.9, "memory": "reversible", **options}
     return build_block_stack(spec, "momentum", options)

@@ -63,12 +63,20 @@ def lightning_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 
     root = tmp_path_factory.mktemp("lightning_ckpt")
     pl.seed_everything(0, verbose=False)
-    model = zoo.depth_scaled_cifar_resnet(layers=(2, 2, 2), widths=(8, 16, 32),
-                                          optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    model = zoo.depth_scaled_cifar_resnet(
+        layers=(2, 2, 2), widths=(8, 16, 32), optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+    )
     data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
     )
     trainer.fit(model, DataLoader(data, batch_size=4))
     (ckpt,) = (root / "checkpoints").glob("*.ckpt")

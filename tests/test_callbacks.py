@@ -28,8 +28,14 @@ from zoo.models import DepthScaledResNet
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--model.init_args.layers", "[1,1,1]", "--model.init_args.widths", "[4,8,8]"]
 TINY_DATA = ["--data.init_args.image_size", "8", "--data.init_args.batch_size", "16"]
-QUIET = ["--trainer.enable_model_summary", "false", "--trainer.logger", "false",
-         "--trainer.enable_progress_bar", "false"]
+QUIET = [
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def tiny_model(seed: int = 0) -> DepthScaledResNet:
@@ -49,10 +55,20 @@ def digits() -> DigitsDataModule:
     return dm
 
 
-def predict(model: pl.LightningModule, writer: PredictionWriter, datamodule: pl.LightningDataModule | None = None,
-            dataloaders: DataLoader | None = None) -> None:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[writer])
+def predict(
+    model: pl.LightningModule,
+    writer: PredictionWriter,
+    datamodule: pl.LightningDataModule | None = None,
+    dataloaders: DataLoader | None = None,
+) -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     trainer.predict(model, datamodule=datamodule, dataloaders=dataloaders, return_predictions=False)
 
 
@@ -74,8 +90,9 @@ def test_pt_holds_class_probabilities_in_dataset_order(digits: DigitsDataModule,
     assert set(data) == {"index", "predictions"}
     n = len(digits.test_images)
     assert torch.equal(data["index"], torch.arange(n))
-    torch.testing.assert_close(data["predictions"], expected_probabilities(model, digits.test_images),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        data["predictions"], expected_probabilities(model, digits.test_images), rtol=1e-5, atol=1e-6
+    )
     assert writer.written == n and writer.summary() == f"wrote {n} predictions to {tmp_path / 'out' / 'preds.pt'}"
     assert leftovers(tmp_path / "out") == []
 
@@ -116,8 +133,9 @@ class Translator(pl.LightningModule):
 
     def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> tuple[dict, ...]:
         (ids,) = batch
-        return tuple({"id": int(i), "tokens": torch.arange(int(i) % 4 + 1), "score": -float(i) / 2, "text": f"s{i}"}
-                     for i in ids)
+        return tuple(
+            {"id": int(i), "tokens": torch.arange(int(i) % 4 + 1), "score": -float(i) / 2, "text": f"s{i}"} for i in ids
+        )
 
 
 def test_per_sample_dicts_of_any_shape(tmp_path: Path) -> None:
@@ -132,10 +150,13 @@ def test_per_sample_dicts_of_any_shape(tmp_path: Path) -> None:
     assert out["text"] == [f"s{i * 10}" for i in range(10)]
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"output": "preds.txt"}, [".pt", ".csv"]),
-    ({"output": "preds.pt", "top_k": 0}, ["top_k=0"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"output": "preds.txt"}, [".pt", ".csv"]),
+        ({"output": "preds.pt", "top_k": 0}, ["top_k=0"]),
+    ],
+)
 def test_bad_arguments(kwargs: dict, words: list[str]) -> None:
     with pytest.raises(ZooError) as info:
         PredictionWriter(**kwargs)
@@ -183,8 +204,16 @@ def test_unwritable_predictions_fail_on_the_first_batch(tmp_path: Path) -> None:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Lightning checkpoint of the tiny model (written by a Trainer, no training needed)."""
     root = tmp_path_factory.mktemp("writer_ckpt")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         max_epochs=1, limit_train_batches=1, limit_val_batches=0, default_root_dir=root)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
     dm = DigitsDataModule(image_size=8, batch_size=16)
     trainer.fit(tiny_model(2).train(), datamodule=dm)
     path = root / "tiny.ckpt"
@@ -194,13 +223,26 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def zoo_predict_args(ckpt: Path, output: Path) -> list[str]:
     """``zoo predict`` with the recipe given by name and the writer added on the command line (README's form)."""
-    return ["predict", "--config", "digits_depth_scaled_resnet", *TINY_MODEL, *TINY_DATA, *QUIET,
-            "--trainer.accelerator", "cpu", "--ckpt_path", str(ckpt),
-            "--trainer.callbacks+=zoo.callbacks.PredictionWriter", "--trainer.callbacks.output", str(output)]
+    return [
+        "predict",
+        "--config",
+        "digits_depth_scaled_resnet",
+        *TINY_MODEL,
+        *TINY_DATA,
+        *QUIET,
+        "--trainer.accelerator",
+        "cpu",
+        "--ckpt_path",
+        str(ckpt),
+        "--trainer.callbacks+=zoo.callbacks.PredictionWriter",
+        "--trainer.callbacks.output",
+        str(output),
+    ]
 
 
-def test_zoo_predict_writes_the_file(checkpoint: Path, digits: DigitsDataModule, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zoo_predict_writes_the_file(
+    checkpoint: Path, digits: DigitsDataModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
@@ -208,30 +250,47 @@ def test_zoo_predict_writes_the_file(checkpoint: Path, digits: DigitsDataModule,
     assert f"zoo: wrote {len(digits.test_images)} predictions to {tmp_path / 'preds.pt'}" in out.getvalue()
     data = torch.load(tmp_path / "preds.pt", weights_only=True)
     model = DepthScaledResNet.load_from_checkpoint(checkpoint, map_location="cpu")
-    torch.testing.assert_close(data["predictions"], expected_probabilities(model, digits.test_images),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        data["predictions"], expected_probabilities(model, digits.test_images), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.distributed
-def test_zoo_predict_under_ddp_writes_one_file_in_dataset_order(checkpoint: Path, digits: DigitsDataModule,
-                                                                 tmp_path: Path) -> None:
+def test_zoo_predict_under_ddp_writes_one_file_in_dataset_order(
+    checkpoint: Path, digits: DigitsDataModule, tmp_path: Path
+) -> None:
     """2 CPU processes (gloo): Lightning's predict sampler deals the samples out in turn (0, 2, 4, ... and 1, 3,
     ...); rank 0 writes one file, in dataset order, equal to the model applied to the test images here."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "zoo.cli", *zoo_predict_args(checkpoint, tmp_path / "ddp.csv"),
-           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.callbacks.top_k", "2"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoo.cli",
+        *zoo_predict_args(checkpoint, tmp_path / "ddp.csv"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.callbacks.top_k",
+        "2",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout
     n = len(digits.test_images)
     assert [x for x in proc.stdout.splitlines() if x.startswith("zoo: ")] == [
-        f"zoo: wrote {n} predictions to {tmp_path / 'ddp.csv'}"]  # printed once, by rank 0
+        f"zoo: wrote {n} predictions to {tmp_path / 'ddp.csv'}"
+    ]  # printed once, by rank 0
     rows = list(csv.reader((tmp_path / "ddp.csv").open()))[1:]
     assert [int(row[0]) for row in rows] == list(range(n))
     model = DepthScaledResNet.load_from_checkpoint(checkpoint, map_location="cpu")
     values, indices = expected_probabilities(model, digits.test_images).topk(2, dim=1)
     assert torch.equal(torch.tensor([[int(row[1]), int(row[3])] for row in rows]), indices)
-    torch.testing.assert_close(torch.tensor([[float(row[2]), float(row[4])] for row in rows]), values,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([[float(row[2]), float(row[4])] for row in rows]), values, rtol=1e-5, atol=1e-6
+    )
     assert leftovers(tmp_path) == []

@@ -42,21 +42,27 @@ IMAGENET = ROOT / "recipes" / "imagenet_finetune_depth_scaled_resnet50.yaml"
 TINY_MODEL = ["--model.init_args.layers", "[1,1,1]", "--model.init_args.widths", "[4,8,8]"]
 TINY_DATA = ["--data.init_args.image_size", "8", "--data.init_args.batch_size", "16"]
 QUICK = [
-    "--trainer.max_epochs", "1",
-    "--trainer.limit_train_batches", "2",
-    "--trainer.limit_val_batches", "2",
-    "--trainer.limit_test_batches", "2",
-    "--trainer.limit_predict_batches", "2",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.logger", "false",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.limit_test_batches",
+    "2",
+    "--trainer.limit_predict_batches",
+    "2",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.logger",
+    "false",
 ]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
 
 ZOO_LINE = re.compile(r"^zoo: (.*)$", re.MULTILINE)
 
 
-def assert_convert_fails(argv: list[str], words: list[str], tmp_path: Path,
-                         capsys: pytest.CaptureFixture[str]) -> None:
+def assert_convert_fails(argv: list[str], words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`zoo convert <argv>` exits with 2 and one `zoo: error:` line holding every word, writing nothing."""
     code, _, err = run_main(["convert", *argv, "--out", str(tmp_path / "x")], capsys)
     assert code == 2
@@ -109,8 +115,18 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                main(["fit", "--config", str(DIGITS), *TINY_MODEL, *TINY_DATA, *QUICK,
-                      "--trainer.default_root_dir", str(root / "run")])
+                main(
+                    [
+                        "fit",
+                        "--config",
+                        str(DIGITS),
+                        *TINY_MODEL,
+                        *TINY_DATA,
+                        *QUICK,
+                        "--trainer.default_root_dir",
+                        str(root / "run"),
+                    ]
+                )
                 code = 0
             except SystemExit as e:
                 code = e.code
@@ -142,14 +158,30 @@ def test_fit_prints_val_acc_and_writes_one_complete_checkpoint(fitted: dict) -> 
 
 @pytest.mark.parametrize("subcommand, stage", [("validate", "val"), ("test", "test")])
 def test_validate_and_test_from_the_fit_checkpoint(
-    fitted: dict, subcommand: str, stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    fitted: dict,
+    subcommand: str,
+    stage: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert fitted["ckpts"], "fit wrote no checkpoint"
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_main([subcommand, "--config", str(DIGITS), *TINY_MODEL, *TINY_DATA, *QUICK,
-                               "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(fitted["ckpts"][0])],
-                              capsys)
+    code, out, err = run_main(
+        [
+            subcommand,
+            "--config",
+            str(DIGITS),
+            *TINY_MODEL,
+            *TINY_DATA,
+            *QUICK,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--ckpt_path",
+            str(fitted["ckpts"][0]),
+        ],
+        capsys,
+    )
     assert code == 0, err[-2000:]
     lines = [line for line in zoo_lines(out) if line.startswith(f"{stage}_acc ")]
     assert len(lines) == 1, out[-2000:]
@@ -160,17 +192,34 @@ def test_validate_and_test_from_the_fit_checkpoint(
         assert lines[0].split()[1] == fit_line.split()[1]
 
 
-def test_predict_returns_class_probabilities(fitted: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_returns_class_probabilities(
+    fitted: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``zoo predict`` exits 0; the predictions (softmax over the 10 digits) are kept by the trainer."""
     monkeypatch.chdir(tmp_path)
-    args = ["predict", "--config", str(DIGITS), *TINY_MODEL, *TINY_DATA, *QUICK,
-            "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(fitted["ckpts"][0])]
+    args = [
+        "predict",
+        "--config",
+        str(DIGITS),
+        *TINY_MODEL,
+        *TINY_DATA,
+        *QUICK,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--ckpt_path",
+        str(fitted["ckpts"][0]),
+    ]
     code, out, err = run_main(args, capsys)
     assert code == 0, err[-2000:]
     # main() does not hand the CLI object back: run the same CLI to look at what predict returned
-    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 args=args, save_config_kwargs={"overwrite": True})
+    cli = ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
     predictions = cli.trainer.predict_loop.predictions
     assert len(predictions) == 2
     for batch in predictions:
@@ -183,16 +232,23 @@ def test_predict_returns_class_probabilities(fitted: dict, tmp_path: Path, capsy
 # progress bar and atomic checkpoints of the main job's trainer
 
 
-def test_digits_recipe_trains_with_a_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_digits_recipe_trains_with_a_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_main(["fit", "--config", str(DIGITS), "--print_config"], capsys)
     assert code == 0
     config = yaml.safe_load(out)
     assert config["trainer"]["enable_progress_bar"] in (None, True)  # None: Trainer's default, on
 
-    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 run=False, args=["--config", str(DIGITS), "--trainer.default_root_dir", str(tmp_path)])
+    cli = ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(DIGITS), "--trainer.default_root_dir", str(tmp_path)],
+    )
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, ProgressBar)
     assert bar.is_enabled
@@ -220,32 +276,79 @@ def _error_cases(tmp: Path, lightning_ckpt: Path) -> dict[str, tuple[list[str], 
     return {
         # run through the installed console script when there is one (see _run_zoo)
         "missing_recipe": (["fit", "--config", str(tmp / "recipes" / "nope.yaml")], ["nope.yaml", "does not exist"]),
-        "ckpt_path_missing": (["validate", "--config", str(DIGITS), *small, "--ckpt_path", str(tmp / "nope.ckpt")],
-                              ["nope.ckpt"]),
+        "ckpt_path_missing": (
+            ["validate", "--config", str(DIGITS), *small, "--ckpt_path", str(tmp / "nope.ckpt")],
+            ["nope.ckpt"],
+        ),
         "unknown_model_class": (
-            ["fit", "--config", str(DIGITS), "--model.class_path", "zoo.models.NoSuchNet", *small], ["NoSuchNet"]),
+            ["fit", "--config", str(DIGITS), "--model.class_path", "zoo.models.NoSuchNet", *small],
+            ["NoSuchNet"],
+        ),
         "ckpt_keys_do_not_fit": (
             ["validate", "--config", str(DIGITS), *small, "--ckpt_path", str(bad_ckpt)],
             # the fixture's net has 2 blocks per stage and widths 8/16/32: layer1.1.* is unexpected here
-            ["do not fit", "unexpected", "layer1.1.", "shape mismatch"]),
+            ["do not fit", "unexpected", "layer1.1.", "shape mismatch"],
+        ),
         "cifar_root_missing": (
-            ["fit", "--config", str(CIFAR), *small, "--data.init_args.root", missing_root,
-             "--data.init_args.num_workers", "0", "--trainer.precision", "32-true"],
-            [missing_root, "does not exist"]),
+            [
+                "fit",
+                "--config",
+                str(CIFAR),
+                *small,
+                "--data.init_args.root",
+                missing_root,
+                "--data.init_args.num_workers",
+                "0",
+                "--trainer.precision",
+                "32-true",
+            ],
+            [missing_root, "does not exist"],
+        ),
         "image_folder_root_missing": (
-            ["fit", "--config", str(IMAGENET), *small, "--model.init_args.weights", "null",
-             "--model.init_args.layers", "[1,1,1,1]", "--model.init_args.widths", "[4,4,8,8]",
-             "--data.init_args.root", missing_root, "--data.init_args.num_workers", "0",
-             "--trainer.strategy", "auto", "--trainer.precision", "32-true"],
-            [missing_root, "does not exist"]),
-        "unknown_rule": (["fit", "--config", str(DIGITS), *small, "--model.init_args.rule", "eulr"],
-                         ["rule", "'eulr'", "euler", "heun"]),
-        "unknown_memory": (["fit", "--config", str(DIGITS), *small, "--model.init_args.memory", "everything"],
-                           ["memory", "'everything'", "full", "adjoint"]),
+            [
+                "fit",
+                "--config",
+                str(IMAGENET),
+                *small,
+                "--model.init_args.weights",
+                "null",
+                "--model.init_args.layers",
+                "[1,1,1,1]",
+                "--model.init_args.widths",
+                "[4,4,8,8]",
+                "--data.init_args.root",
+                missing_root,
+                "--data.init_args.num_workers",
+                "0",
+                "--trainer.strategy",
+                "auto",
+                "--trainer.precision",
+                "32-true",
+            ],
+            [missing_root, "does not exist"],
+        ),
+        "unknown_rule": (
+            ["fit", "--config", str(DIGITS), *small, "--model.init_args.rule", "eulr"],
+            ["rule", "'eulr'", "euler", "heun"],
+        ),
+        "unknown_memory": (
+            ["fit", "--config", str(DIGITS), *small, "--model.init_args.memory", "everything"],
+            ["memory", "'everything'", "full", "adjoint"],
+        ),
         "convert_unknown_torchvision_model": (
-            ["convert", "--from", "torchvision:resnet19", "--weights", "none", "--to", "depth_scaled",
-             "--out", str(tmp / "r19")],
-            ["resnet19", "unknown torchvision model"]),
+            [
+                "convert",
+                "--from",
+                "torchvision:resnet19",
+                "--weights",
+                "none",
+                "--to",
+                "depth_scaled",
+                "--out",
+                str(tmp / "r19"),
+            ],
+            ["resnet19", "unknown torchvision model"],
+        ),
     }
 
 
@@ -272,17 +375,24 @@ def _run_zoo(args: list[str], cwd: Path, env: dict[str, str], script: bool = Fal
 
 
 @pytest.fixture(scope="module")
-def subprocess_runs(tmp_path_factory: pytest.TempPathFactory,
-                    lightning_ckpt: tuple[Path, dict]) -> dict[str, tuple[subprocess.CompletedProcess[str], list[str]]]:
+def subprocess_runs(
+    tmp_path_factory: pytest.TempPathFactory, lightning_ckpt: tuple[Path, dict]
+) -> dict[str, tuple[subprocess.CompletedProcess[str], list[str]]]:
     """Every error case (and one plain ``--print_config``) through ``python -m zoo.cli``, 3 at a time."""
     tmp = tmp_path_factory.mktemp("zoo_errors")
     cases = _error_cases(tmp, lightning_ckpt[0])
     cases["print_config"] = (["fit", "--config", str(DIGITS), "--print_config"], [])
-    env = {**os.environ, "TORCH_HOME": str(tmp / "torch"), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp / "torch"),
+        "HF_HOME": str(tmp / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(_run_zoo, args, tmp, env, name == "missing_recipe")
-                   for name, (args, _) in cases.items()}
+        futures = {
+            name: pool.submit(_run_zoo, args, tmp, env, name == "missing_recipe") for name, (args, _) in cases.items()
+        }
         return {name: (future.result(), cases[name][1]) for name, future in futures.items()}
 
 
@@ -305,13 +415,30 @@ def test_console_run_has_no_args_warning(subprocess_runs: dict) -> None:
     assert "args parameter is intended" not in proc.stderr
 
 
-def test_ckpt_keys_error_in_process(lightning_ckpt: tuple[Path, dict], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ckpt_keys_error_in_process(
+    lightning_ckpt: tuple[Path, dict],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The error names the first unexpected keys of the checkpoint, as computed here."""
     monkeypatch.chdir(tmp_path)
     bad = _strip_hparams(lightning_ckpt[0], tmp_path / "other.ckpt")
-    code, _, err = run_main(["test", "--config", str(DIGITS), *TINY_MODEL, *TINY_DATA, *QUICK,
-                             "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(bad)], capsys)
+    code, _, err = run_main(
+        [
+            "test",
+            "--config",
+            str(DIGITS),
+            *TINY_MODEL,
+            *TINY_DATA,
+            *QUICK,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--ckpt_path",
+            str(bad),
+        ],
+        capsys,
+    )
     assert code == 2
     (line,) = [x for x in err.splitlines() if x.startswith("zoo: error: ")]
     model = DepthScaledResNet(layers=[1, 1, 1], widths=[4, 8, 8], stem="cifar", num_classes=10)
@@ -331,8 +458,20 @@ def test_convert_torchvision_weight_file_to_folder(tmp_path: Path, capsys: pytes
     weights = tmp_path / "r18.pth"
     torch.save(source.state_dict(), weights)
     out_dir = tmp_path / "r18"
-    code, out, err = run_main(["convert", "--from", "torchvision:resnet18", "--weights", str(weights),
-                               "--to", "depth_scaled", "--out", str(out_dir)], capsys)
+    code, out, err = run_main(
+        [
+            "convert",
+            "--from",
+            "torchvision:resnet18",
+            "--weights",
+            str(weights),
+            "--to",
+            "depth_scaled",
+            "--out",
+            str(out_dir),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert zoo_lines(out) and zoo_lines(out)[-1].startswith(f"wrote {out_dir} (DepthScaledResNet, 11.")
     assert sorted(p.name for p in out_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # + card
@@ -342,8 +481,9 @@ def test_convert_torchvision_weight_file_to_folder(tmp_path: Path, capsys: pytes
     assert_same_function(model, source)
 
 
-def test_convert_named_torchvision_weights_from_the_hub_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                              offline_caches: Path) -> None:
+def test_convert_named_torchvision_weights_from_the_hub_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], offline_caches: Path
+) -> None:
     """``--weights IMAGENET1K_V1`` loads offline from the torch hub cache (a random file put there)."""
     torch.manual_seed(1)
     source = randomize_batchnorm(torchvision.models.resnet18(), seed=1).eval()
@@ -353,8 +493,20 @@ def test_convert_named_torchvision_weights_from_the_hub_cache(tmp_path: Path, ca
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(source.state_dict(), cache)
     out_file = tmp_path / "r18.safetensors"
-    code, out, err = run_main(["convert", "--from", "torchvision:resnet18", "--weights", "IMAGENET1K_V1",
-                               "--to", "depth_scaled", "--out", str(out_file)], capsys)
+    code, out, err = run_main(
+        [
+            "convert",
+            "--from",
+            "torchvision:resnet18",
+            "--weights",
+            "IMAGENET1K_V1",
+            "--to",
+            "depth_scaled",
+            "--out",
+            str(out_file),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert out_file.is_file()
     assert not [p for p in walk_files(tmp_path) if p.name.endswith(".tmp")]
@@ -371,9 +523,24 @@ def test_convert_timm_with_options(tmp_path: Path, capsys: pytest.CaptureFixture
     weights = tmp_path / "timm_r18.safetensors"
     save_file(source.state_dict(), str(weights))
     out_file = tmp_path / "plain.safetensors"
-    code, out, err = run_main(["convert", "--from", "timm:resnet18", "--weights", str(weights), "--to", "resnet",
-                               "--out", str(out_file), "--memory", "adjoint", "--option", "label-smoothing=0.1"],
-                             capsys)
+    code, out, err = run_main(
+        [
+            "convert",
+            "--from",
+            "timm:resnet18",
+            "--weights",
+            str(weights),
+            "--to",
+            "resnet",
+            "--out",
+            str(out_file),
+            "--memory",
+            "adjoint",
+            "--option",
+            "label-smoothing=0.1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert zoo_lines(out)[-1].startswith(f"wrote {out_file} (ResNet, ")
     model = zoo.from_pretrained(out_file)
@@ -383,15 +550,39 @@ def test_convert_timm_with_options(tmp_path: Path, capsys: pytest.CaptureFixture
     assert all(stage.memory == "adjoint" for stage in model.stages)
     assert_same_function(model, source)
 
-    code, _, err = run_main(["convert", "--from", "timm:resnet18", "--weights", str(weights), "--to", "heun",
-                             "--out", str(tmp_path / "heun")], capsys)
+    code, _, err = run_main(
+        [
+            "convert",
+            "--from",
+            "timm:resnet18",
+            "--weights",
+            str(weights),
+            "--to",
+            "heun",
+            "--out",
+            str(tmp_path / "heun"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert type(zoo.from_pretrained(tmp_path / "heun")) is HeunNet
 
 
 def test_convert_unknown_target_lists_the_supported_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_main(["convert", "--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaledd",
-                             "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_main(
+        [
+            "convert",
+            "--from",
+            "torchvision:resnet18",
+            "--weights",
+            "none",
+            "--to",
+            "depth_scaledd",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+    )
     assert code == 2
     (line,) = [x for x in err.splitlines() if x.startswith("zoo: error: ")]
     assert "'depth_scaledd'" in line
@@ -402,19 +593,30 @@ def test_convert_unknown_target_lists_the_supported_ones(tmp_path: Path, capsys:
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--from", "timm:resnet19", "--weights", "none", "--to", "depth_scaled"], ["unknown timm model", "resnet19"]),
-    (["--from", "resnet18", "--weights", "none", "--to", "depth_scaled"], ["torchvision:<model name>"]),
-    (["--from", "keras:resnet18", "--weights", "none", "--to", "depth_scaled"], ["keras:resnet18"]),
-    (["--from", "torchvision:resnet18", "--weights", "IMAGENET9K_V9", "--to", "depth_scaled"], ["IMAGENET9K_V9"]),
-    (["--from", "timm:resnet18", "--weights", "IMAGENET9K_V9", "--to", "depth_scaled"], ["IMAGENET9K_V9"]),
-    (["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "lr"], ["KEY=VALUE"]),
-    (["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "layers=[1,1]"],
-     ["'layers'"]),
-    (["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "lr=0.1"], ["'lr'"]),
-    # no weights given: one error naming the fix, nothing written (a random model only on purpose)
-    (["--from", "torchvision:resnet18", "--to", "depth_scaled"], ["needs --weights", "--weights none"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--from", "timm:resnet19", "--weights", "none", "--to", "depth_scaled"], ["unknown timm model", "resnet19"]),
+        (["--from", "resnet18", "--weights", "none", "--to", "depth_scaled"], ["torchvision:<model name>"]),
+        (["--from", "keras:resnet18", "--weights", "none", "--to", "depth_scaled"], ["keras:resnet18"]),
+        (["--from", "torchvision:resnet18", "--weights", "IMAGENET9K_V9", "--to", "depth_scaled"], ["IMAGENET9K_V9"]),
+        (["--from", "timm:resnet18", "--weights", "IMAGENET9K_V9", "--to", "depth_scaled"], ["IMAGENET9K_V9"]),
+        (
+            ["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "lr"],
+            ["KEY=VALUE"],
+        ),
+        (
+            ["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "layers=[1,1]"],
+            ["'layers'"],
+        ),
+        (
+            ["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "lr=0.1"],
+            ["'lr'"],
+        ),
+        # no weights given: one error naming the fix, nothing written (a random model only on purpose)
+        (["--from", "torchvision:resnet18", "--to", "depth_scaled"], ["needs --weights", "--weights none"]),
+    ],
+)
 def test_convert_errors(argv: list[str], words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert_convert_fails(argv, words, tmp_path, capsys)
 
@@ -425,8 +627,20 @@ def test_convert_weight_file_with_another_head(tmp_path: Path, capsys: pytest.Ca
     source = torchvision.models.resnet18(num_classes=7).eval()
     weights = tmp_path / "r18_7.pth"
     torch.save(source.state_dict(), weights)
-    code, _, _ = run_main(["convert", "--from", "torchvision:resnet18", "--weights", str(weights),
-                           "--to", "depth_scaled", "--out", str(tmp_path / "x")], capsys)
+    code, _, _ = run_main(
+        [
+            "convert",
+            "--from",
+            "torchvision:resnet18",
+            "--weights",
+            str(weights),
+            "--to",
+            "depth_scaled",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+    )
     assert code == 0
     model = zoo.from_pretrained(tmp_path / "x").eval()
     assert model.hparams.num_classes == 7
@@ -438,20 +652,45 @@ def test_convert_weight_file_with_another_head(tmp_path: Path, capsys: pytest.Ca
 def test_convert_weight_file_that_does_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weights = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), weights)
-    code, _, err = run_main(["convert", "--from", "torchvision:resnet18", "--weights", str(weights),
-                             "--to", "depth_scaled", "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_main(
+        [
+            "convert",
+            "--from",
+            "torchvision:resnet18",
+            "--weights",
+            str(weights),
+            "--to",
+            "depth_scaled",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+    )
     assert code == 2
     (line,) = [x for x in err.splitlines() if x.startswith("zoo: error: ")]
     assert "for torchvision:resnet18 do not fit" in line
     assert "layer1.2." in line  # resnet34 has 3 blocks in layer1, resnet18 two
 
 
-def test_convert_weights_none_writes_a_random_model_on_purpose(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_weights_none_writes_a_random_model_on_purpose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--weights none`` (any case) is the explicit way to a randomly initialised model; the line says so."""
     out_dir = tmp_path / "random"
-    code, out, err = run_main(["convert", "--from", "torchvision:resnet18", "--weights", "None", "--to", "depth_scaled",
-                               "--out", str(out_dir)], capsys)
+    code, out, err = run_main(
+        [
+            "convert",
+            "--from",
+            "torchvision:resnet18",
+            "--weights",
+            "None",
+            "--to",
+            "depth_scaled",
+            "--out",
+            str(out_dir),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert zoo_lines(out)[-1].startswith(f"wrote {out_dir} (DepthScaledResNet, 11.")
     assert "randomly initialised" in zoo_lines(out)[-1]
@@ -461,8 +700,10 @@ def test_convert_weights_none_writes_a_random_model_on_purpose(tmp_path: Path,
 # ------------------------------------------------------------------------------------------------
 # zoo --help, zoo recipes, and --config with a recipe name
 
-RECIPE_FILES = {p.relative_to(ROOT / "zoo" / "recipes").with_suffix("").as_posix(): p
-                for p in (ROOT / "zoo" / "recipes").rglob("*.yaml")}
+RECIPE_FILES = {
+    p.relative_to(ROOT / "zoo" / "recipes").with_suffix("").as_posix(): p
+    for p in (ROOT / "zoo" / "recipes").rglob("*.yaml")
+}
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -515,10 +756,18 @@ def printed_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
     return yaml.safe_load(out)
 
 
-@pytest.mark.parametrize("value", ["digits_depth_scaled_resnet", "digits_depth_scaled_resnet.yaml",
-                                   "recipes/digits_depth_scaled_resnet.yaml", "nmt/numbers_sinkformer"])
-def test_config_takes_a_recipe_name(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "value",
+    [
+        "digits_depth_scaled_resnet",
+        "digits_depth_scaled_resnet.yaml",
+        "recipes/digits_depth_scaled_resnet.yaml",
+        "nmt/numbers_sinkformer",
+    ],
+)
+def test_config_takes_a_recipe_name(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """From a folder without the files (an installed zoo): the name finds the shipped recipe; the README's
     ``recipes/<name>.yaml`` spelling too."""
     monkeypatch.chdir(tmp_path)
@@ -529,8 +778,9 @@ def test_config_takes_a_recipe_name(value: str, tmp_path: Path, capsys: pytest.C
         assert config["data"]["init_args"] | recipe["data"]["init_args"] == config["data"]["init_args"]
 
 
-def test_an_existing_path_wins_over_a_recipe_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_existing_path_wins_over_a_recipe_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     own = yaml.safe_load(DIGITS.read_text()) | {"seed_everything": 1234}
     for name in ("digits_depth_scaled_resnet", "digits_depth_scaled_resnet.yaml"):
@@ -539,8 +789,9 @@ def test_an_existing_path_wins_over_a_recipe_name(tmp_path: Path, capsys: pytest
     assert yaml.safe_load(DIGITS.read_text())["seed_everything"] != 1234
 
 
-def test_unknown_recipe_name_is_one_error_with_close_names(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_recipe_name_is_one_error_with_close_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out, err = run_main(["fit", "--config", "digits_resnet"], capsys)
     assert code == 2
@@ -562,9 +813,23 @@ def test_unknown_recipe_name_is_one_error_with_close_names(tmp_path: Path, capsy
 def test_main_job_trains_the_digits(tmp_path: Path) -> None:
     """``zoo fit --config recipes/digits_depth_scaled_resnet.yaml`` as written (6 epochs: minutes on 2 cores)."""
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--config", str(DIGITS),
-                           "--trainer.default_root_dir", str(tmp_path / "run")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoo.cli",
+            "fit",
+            "--config",
+            str(DIGITS),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in zoo_lines(proc.stdout) if x.startswith("val_acc ")]

@@ -49,15 +49,28 @@ def marker_module(folder: Path, name: str) -> Path:
 def assert_import_writes(folder: Path, name: str, marker: Path) -> None:
     """The module does write its marker when imported (in a fresh interpreter): the checks can fail."""
     assert not marker.exists()
-    subprocess.run([sys.executable, "-c", f"import {name}"], cwd=folder, check=True, timeout=120,
-                   env={**os.environ, "PYTHONPATH": str(folder)})
+    subprocess.run(
+        [sys.executable, "-c", f"import {name}"],
+        cwd=folder,
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(folder)},
+    )
     assert marker.read_text() == "imported"
 
 
 def lightning_file(path: Path, hyper_parameters: Any) -> Path:
     """A Lightning-shaped checkpoint: an (empty) state dict and the given hyperparameters."""
-    torch.save({"state_dict": {}, "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0,
-                "hyper_parameters": hyper_parameters}, path)
+    torch.save(
+        {
+            "state_dict": {},
+            "pytorch-lightning_version": pl.__version__,
+            "epoch": 0,
+            "global_step": 0,
+            "hyper_parameters": hyper_parameters,
+        },
+        path,
+    )
     return path
 
 
@@ -90,8 +103,14 @@ def parsed_model_config(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Any
 
     with monkeypatch.context() as patch, pytest.raises(_Parsed) as caught:
         patch.setattr(ZooCLI, "instantiate_classes", stop)
-        ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-               args=argv, parser_kwargs={"exit_on_error": False})
+        ZooCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            parser_kwargs={"exit_on_error": False},
+        )
     return caught.value.args[0]
 
 
@@ -105,9 +124,23 @@ def test_ckpt_class_path_of_a_foreign_module_is_never_imported(tmp_path: Path) -
     marker = marker_module(tmp_path, "zoo_side_effect_ckpt")
     ckpt = lightning_file(tmp_path / "crafted.ckpt", {"_class_path": "zoo_side_effect_ckpt.Net", "width": 2})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", *VALIDATE, "--trainer.default_root_dir", str(tmp_path),
-                           "--ckpt_path", str(ckpt)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoo.cli",
+            *VALIDATE,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--ckpt_path",
+            str(ckpt),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert not marker.exists()
     line = one_error_line(proc.returncode, proc.stderr)
     assert "'zoo_side_effect_ckpt.Net' is not a registered zoo model class" in line
@@ -115,23 +148,35 @@ def test_ckpt_class_path_of_a_foreign_module_is_never_imported(tmp_path: Path) -
     assert_import_writes(tmp_path, "zoo_side_effect_ckpt", marker)
 
 
-@pytest.mark.parametrize("hparams", [
-    {"class_path": "{name}.Net"},  # no _class_path: Lightning merged the dict into the model's config as it is
-    {"_class_path": "zoo.models.DepthScaledResNet", "class_path": "{name}.Net"},
-    {"_class_path": "zoo.models.DepthScaledResNet", "init_args": {"class_path": "{name}.Net"}},
-    {"_class_path": "zoo.models.DepthScaledResNet", "_instantiator": "{name}.Net",
-     "label_smoothing": "{{class_path: {name}.Net}}"},
-], ids=["class_path_key", "both_keys", "init_args_key", "instantiator_and_yaml_string"])
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"class_path": "{name}.Net"},  # no _class_path: Lightning merged the dict into the model's config as it is
+        {"_class_path": "zoo.models.DepthScaledResNet", "class_path": "{name}.Net"},
+        {"_class_path": "zoo.models.DepthScaledResNet", "init_args": {"class_path": "{name}.Net"}},
+        {
+            "_class_path": "zoo.models.DepthScaledResNet",
+            "_instantiator": "{name}.Net",
+            "label_smoothing": "{{class_path: {name}.Net}}",
+        },
+    ],
+    ids=["class_path_key", "both_keys", "init_args_key", "instantiator_and_yaml_string"],
+)
 def test_ckpt_hyperparameters_naming_a_module_import_nothing(
-    hparams: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    hparams: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
     name = f"zoo_side_effect_{request.node.callspec.id}"
     marker = marker_module(tmp_path, name)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    hparams = {k: v.format(name=name) if isinstance(v, str) else {kk: vv.format(name=name) for kk, vv in v.items()}
-               for k, v in hparams.items()}
+    hparams = {
+        k: v.format(name=name) if isinstance(v, str) else {kk: vv.format(name=name) for kk, vv in v.items()}
+        for k, v in hparams.items()
+    }
     ckpt = lightning_file(tmp_path / "crafted.ckpt", hparams)
     result = run_zoo([*VALIDATE, "--ckpt_path", str(ckpt)], capsys)
     assert not marker.exists()
@@ -140,8 +185,9 @@ def test_ckpt_hyperparameters_naming_a_module_import_nothing(
     assert_import_writes(tmp_path, name, marker)
 
 
-def test_ckpt_on_the_users_own_class_sets_only_plain_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ckpt_on_the_users_own_class_sets_only_plain_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A class given with --model (not a zoo class) may be named by its checkpoint; an argument whose type
     takes a class (here ``backbone: nn.Module | None``) is refused, in either spelling, and imports nothing."""
     marker = marker_module(tmp_path, "zoo_side_effect_backbone")
@@ -171,32 +217,55 @@ def test_ckpt_class_path_resolves_through_the_registry(tmp_path: Path, monkeypat
     """Any registered spelling of a zoo class works; the checkpoint's class and hyperparameters replace the
     recipe's (Lightning's behaviour), the recipe's other arguments stay."""
     monkeypatch.chdir(tmp_path)
-    ckpt = lightning_file(tmp_path / "heun.ckpt", {"_class_path": "zoo.HeunNet", "gamma": 0.5, "label_smoothing": 0.25,
-                                                   "_instantiator": "lightning.pytorch.cli.instantiate_module"})
+    ckpt = lightning_file(
+        tmp_path / "heun.ckpt",
+        {
+            "_class_path": "zoo.HeunNet",
+            "gamma": 0.5,
+            "label_smoothing": 0.25,
+            "_instantiator": "lightning.pytorch.cli.instantiate_module",
+        },
+    )
     model = parsed_model_config([*VALIDATE, "--ckpt_path", str(ckpt)], monkeypatch)
     assert model.class_path == "zoo.models.resnet.HeunNet"
     assert (model.init_args.gamma, model.init_args.label_smoothing) == (0.5, 0.25)
     assert model.init_args.stem == "cifar" and model.init_args.num_classes == 10  # the recipe's
     # the recipe's own spelling of the same class is kept
-    path, init_args = _checkpoint_model("x.ckpt", {"_class_path": "zoo.models.resnet.DepthScaledResNet", "gamma": 0.5},
-                                        chosen="zoo.models.DepthScaledResNet")
+    path, init_args = _checkpoint_model(
+        "x.ckpt",
+        {"_class_path": "zoo.models.resnet.DepthScaledResNet", "gamma": 0.5},
+        chosen="zoo.models.DepthScaledResNet",
+    )
     assert (path, init_args) == ("zoo.models.DepthScaledResNet", {"gamma": 0.5})
     # checkpoints written before training settings were injected: those arguments are dropped
-    old = {"_class_path": "zoo.models.DepthScaledResNet", "gamma": 0.5, "optimizer": "sgd", "lr": 0.1,
-           "scheduler": "cosine", "warmup_epochs": 1, "momentum": 0.9}
+    old = {
+        "_class_path": "zoo.models.DepthScaledResNet",
+        "gamma": 0.5,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "scheduler": "cosine",
+        "warmup_epochs": 1,
+        "momentum": 0.9,
+    }
     assert _checkpoint_model("old.ckpt", old, chosen=None)[1] == {"gamma": 0.5}
 
 
-@pytest.mark.parametrize("hparams, words", [
-    ({"_class_path": "zoo.models.HeunNet", "gamma": "strong"}, ["do not fit", "gamma"]),
-    ({"_class_path": "zoo.models.HeunNet", "depth_of_field": 3}, ["'depth_of_field'", "not an argument of HeunNet"]),
-    ({"_class_path": "zoo.models.HeunNet", "layers": [1, torch.zeros(1)]}, ["'layers'", "could name code"]),
-    ({"_class_path": "os.system"}, ["'os.system' is not a registered zoo model class"]),
-    (["not", "a", "dict"], ["'hyper_parameters' is a list"]),
-])
-def test_ckpt_hyperparameters_are_checked_against_the_signature(hparams: Any, words: list[str], tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "hparams, words",
+    [
+        ({"_class_path": "zoo.models.HeunNet", "gamma": "strong"}, ["do not fit", "gamma"]),
+        (
+            {"_class_path": "zoo.models.HeunNet", "depth_of_field": 3},
+            ["'depth_of_field'", "not an argument of HeunNet"],
+        ),
+        ({"_class_path": "zoo.models.HeunNet", "layers": [1, torch.zeros(1)]}, ["'layers'", "could name code"]),
+        ({"_class_path": "os.system"}, ["'os.system' is not a registered zoo model class"]),
+        (["not", "a", "dict"], ["'hyper_parameters' is a list"]),
+    ],
+)
+def test_ckpt_hyperparameters_are_checked_against_the_signature(
+    hparams: Any, words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     ckpt = lightning_file(tmp_path / "c.ckpt", hparams)
     line = one_error_line(*run_zoo([*VALIDATE, "--ckpt_path", str(ckpt)], capsys))
@@ -231,14 +300,19 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
     torch.save({"w": torch.zeros(2)}, plain)
     code = tmp_path / "code.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": _RunsCode(tmp_path / "RAN")}, code)
-    return {"empty": (empty, ["empty"]), "truncated": (truncated, []), "text": (text, []),
-            "plain_state_dict": (plain, ["not a Lightning checkpoint", "--model.init_args.weights"]),
-            "code": (code, ["exec", "weights_only=True"])}
+    return {
+        "empty": (empty, ["empty"]),
+        "truncated": (truncated, []),
+        "text": (text, []),
+        "plain_state_dict": (plain, ["not a Lightning checkpoint", "--model.init_args.weights"]),
+        "code": (code, ["exec", "weights_only=True"]),
+    }
 
 
 @pytest.mark.parametrize("case", ["empty", "truncated", "text", "plain_state_dict", "code"])
-def test_ckpt_path_to_a_bad_file_is_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ckpt_path_to_a_bad_file_is_one_line(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     path, words = _bad_checkpoints(tmp_path)[case]
     result = run_zoo([*VALIDATE, "--ckpt_path", str(path)], capsys)
@@ -276,31 +350,67 @@ def test_lightning_restore_reads_with_weights_only(tmp_path: Path) -> None:
 # 2. trainer settings Lightning refuses: one line
 
 
-@pytest.mark.parametrize("options, words", [
-    (["--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp"], ["fsdp", "requires a GPU"]),
-    (["--trainer.accelerator", "tpu_v9"], ["invalid accelerator name", "tpu_v9"]),
-    (["--trainer.strategy", "no_such_strategy"], ["invalid strategy name"]),
-    (["--trainer.accelerator", "cpu", "--trainer.devices", "-3"], ["devices", "int > 0"]),
-    (["--trainer.max_epochs", "-2"], ["max_epochs", "-2"]),
-], ids=["fsdp_on_cpu", "unknown_accelerator", "unknown_strategy", "negative_devices", "negative_epochs"])
-def test_trainer_setting_errors_are_one_line(options: list[str], words: list[str], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp"], ["fsdp", "requires a GPU"]),
+        (["--trainer.accelerator", "tpu_v9"], ["invalid accelerator name", "tpu_v9"]),
+        (["--trainer.strategy", "no_such_strategy"], ["invalid strategy name"]),
+        (["--trainer.accelerator", "cpu", "--trainer.devices", "-3"], ["devices", "int > 0"]),
+        (["--trainer.max_epochs", "-2"], ["max_epochs", "-2"]),
+    ],
+    ids=["fsdp_on_cpu", "unknown_accelerator", "unknown_strategy", "negative_devices", "negative_epochs"],
+)
+def test_trainer_setting_errors_are_one_line(
+    options: list[str],
+    words: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
-    line = one_error_line(*run_zoo(["fit", "--config", str(DIGITS), *TINY_MODEL, *TINY_DATA, *QUICK,
-                                     "--trainer.default_root_dir", str(tmp_path), *options], capsys))
+    line = one_error_line(
+        *run_zoo(
+            [
+                "fit",
+                "--config",
+                str(DIGITS),
+                *TINY_MODEL,
+                *TINY_DATA,
+                *QUICK,
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                *options,
+            ],
+            capsys,
+        )
+    )
     for word in [*words, "--trainer.<option>"]:
         assert word in line
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_lightning_configuration_error_at_run_time_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lightning_configuration_error_at_run_time_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``zoo validate`` of a module without ``validation_step``: Lightning finds it when the run starts."""
     monkeypatch.chdir(tmp_path)
-    line = one_error_line(*run_zoo(["validate", "--model", "lightning.pytorch.LightningModule",
-                                     "--data", "zoo.data.DigitsDataModule", *TINY_DATA, *QUICK,
-                                     "--trainer.default_root_dir", str(tmp_path)], capsys))
+    line = one_error_line(
+        *run_zoo(
+            [
+                "validate",
+                "--model",
+                "lightning.pytorch.LightningModule",
+                "--data",
+                "zoo.data.DigitsDataModule",
+                *TINY_DATA,
+                *QUICK,
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ],
+            capsys,
+        )
+    )
     assert "validation_step()" in line
 
 
@@ -309,14 +419,18 @@ def test_lightning_configuration_error_at_run_time_is_one_line(tmp_path: Path, c
 
 
 def test_convert_option_that_is_not_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert_convert_fails(["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled",
-                          "--option", "memory=[1,2"],
-                         ["--option memory=", "not a YAML value", "quote"], tmp_path, capsys)
+    assert_convert_fails(
+        ["--from", "torchvision:resnet18", "--weights", "none", "--to", "depth_scaled", "--option", "memory=[1,2"],
+        ["--option memory=", "not a YAML value", "quote"],
+        tmp_path,
+        capsys,
+    )
 
 
 @pytest.mark.parametrize("case", ["empty", "truncated", "text", "no_tensors", "list", "code"])
-def test_convert_weights_file_that_is_not_weights(case: str, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_weights_file_that_is_not_weights(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--weights FILE`` is read by zoo.hub.read_weights (``weights_only=True``); nothing in it runs."""
     path = tmp_path / f"{case}.pth"
     if case == "empty":
@@ -333,6 +447,7 @@ def test_convert_weights_file_that_is_not_weights(case: str, tmp_path: Path,
     else:
         torch.save({"conv1.weight": _RunsCode(tmp_path / "RAN")}, path)
     for source in ("torchvision:resnet18", "timm:resnet18"):
-        assert_convert_fails(["--from", source, "--weights", str(path), "--to", "depth_scaled"], [str(path)],
-                             tmp_path, capsys)
+        assert_convert_fails(
+            ["--from", source, "--weights", str(path), "--to", "depth_scaled"], [str(path)], tmp_path, capsys
+        )
     assert not (tmp_path / "RAN").exists()

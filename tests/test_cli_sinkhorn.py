@@ -37,12 +37,27 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     return a.shape == b.shape and bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
 
 
-def test_convert_timm_vit_file_loads_into_the_zoo_builder(timm_source, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_timm_vit_file_loads_into_the_zoo_builder(
+    timm_source, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source, weights = timm_source
     out_file = tmp_path / "sink.safetensors"
-    code, out, err = run_main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights", str(weights),
-                               "--to", "sinkhorn", "--n-iter", "3", "--out", str(out_file)], capsys)
+    code, out, err = run_main(
+        [
+            "convert",
+            "--from",
+            "timm:vit_tiny_patch16_224",
+            "--weights",
+            str(weights),
+            "--to",
+            "sinkhorn",
+            "--n-iter",
+            "3",
+            "--out",
+            str(out_file),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert zoo_lines(out)[-1].startswith(f"wrote {out_file} (SinkformerViT, 5.")
     assert not [p for p in walk_files(tmp_path) if p.name.endswith(".tmp")]
@@ -58,15 +73,32 @@ def test_convert_timm_vit_file_loads_into_the_zoo_builder(timm_source, tmp_path:
         assert close(same_as_timm(x), out)
 
 
-def test_convert_from_hf_hub_weights_with_options(timm_source, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_from_hf_hub_weights_with_options(
+    timm_source, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source, _ = timm_source
     seed_hf_hub_cache("timm/vit_tiny_patch16_224.zoo_test", source.state_dict())
     out_dir = tmp_path / "sink"
-    code, out, err = run_main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights",
-                               "hf-hub:timm/vit_tiny_patch16_224.zoo_test", "--to", "sinkhorn", "--n-iter", "1",
-                               "--option", "label_smoothing=0.1", "--option", "record_stats=true", "--out",
-                               str(out_dir)], capsys)
+    code, out, err = run_main(
+        [
+            "convert",
+            "--from",
+            "timm:vit_tiny_patch16_224",
+            "--weights",
+            "hf-hub:timm/vit_tiny_patch16_224.zoo_test",
+            "--to",
+            "sinkhorn",
+            "--n-iter",
+            "1",
+            "--option",
+            "label_smoothing=0.1",
+            "--option",
+            "record_stats=true",
+            "--out",
+            str(out_dir),
+        ],
+        capsys,
+    )
     assert code == 0, err
     model = SinkformerViT.from_pretrained(out_dir).eval()
     assert (model.hparams.n_iter, model.hparams.label_smoothing, model.hparams.record_stats) == (1, 0.1, True)
@@ -76,16 +108,28 @@ def test_convert_from_hf_hub_weights_with_options(timm_source, tmp_path: Path,
     assert len(model.attention_stats()) == 12
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "sinkhorn", "--n-iter", "0"],
-     ["n_iter must be an integer >= 1"]),
-    (["--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "sinkhorn", "--option", "gamma=0.9"],
-     ["unknown option 'gamma'", "n_iter"]),
-    (["--from", "timm:resnet18", "--weights", "none", "--to", "sinkhorn"],
-     ["cannot convert", "'sinkhorn'", "MultiheadAttention"]),
-    (["--from", "timm:vit_tiny_patch16_224", "--weights", "hf-hub:timm/not_in_the_cache", "--to", "sinkhorn"],
-     ["hf-hub:timm/not_in_the_cache"]),
-])
-def test_convert_sinkhorn_errors(argv: list[str], words: list[str], tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (
+            ["--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "sinkhorn", "--n-iter", "0"],
+            ["n_iter must be an integer >= 1"],
+        ),
+        (
+            ["--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "sinkhorn", "--option", "gamma=0.9"],
+            ["unknown option 'gamma'", "n_iter"],
+        ),
+        (
+            ["--from", "timm:resnet18", "--weights", "none", "--to", "sinkhorn"],
+            ["cannot convert", "'sinkhorn'", "MultiheadAttention"],
+        ),
+        (
+            ["--from", "timm:vit_tiny_patch16_224", "--weights", "hf-hub:timm/not_in_the_cache", "--to", "sinkhorn"],
+            ["hf-hub:timm/not_in_the_cache"],
+        ),
+    ],
+)
+def test_convert_sinkhorn_errors(
+    argv: list[str], words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert_convert_fails(argv, words, tmp_path, capsys)

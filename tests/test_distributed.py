@@ -16,12 +16,30 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("memory", ["adjoint"])  # SyncBatchNorm needs GPUs: not here
 def test_ddp_two_cpu_processes(tmp_path, memory):
     cmd = [
-        sys.executable, "-m", "zoo.cli", "fit", "--config", str(ROOT / "recipes/digits_depth_scaled_resnet.yaml"),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-        "--model.init_args.memory", memory,
+        sys.executable,
+        "-m",
+        "zoo.cli",
+        "fit",
+        "--config",
+        str(ROOT / "recipes/digits_depth_scaled_resnet.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--model.init_args.memory",
+        memory,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -38,10 +56,28 @@ def test_ddp_two_cpu_processes_vmoe_soft_router(tmp_path):
     """Every expert and the router take part in every step (no unused parameters under DDP); the routing
     statistics are logged and synchronised across the two processes."""
     cmd = [
-        sys.executable, "-m", "zoo.cli", "fit", "--config", str(ROOT / "recipes/digits_vmoe_soft.yaml"),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+        sys.executable,
+        "-m",
+        "zoo.cli",
+        "fit",
+        "--config",
+        str(ROOT / "recipes/digits_vmoe_soft.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -52,8 +52,9 @@ class MomentumMLP(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)  # the same initial weights in every process and every run
         self.embed = nn.Linear(8, dim)
-        self.stack = ResidualStack([MLPBlock(dim, 32) for _ in range(depth)], rule="momentum", gamma=0.9,
-                                   memory=memory, init_velocity="f")
+        self.stack = ResidualStack(
+            [MLPBlock(dim, 32) for _ in range(depth)], rule="momentum", gamma=0.9, memory=memory, init_velocity="f"
+        )
         self.head = nn.Linear(dim, 3)
         self.grad_file = grad_file
 
@@ -80,8 +81,14 @@ def global_batch() -> TensorDataset:
 
 
 def fit_one_step(model: MomentumMLP, batch_size: int, dataset: TensorDataset | None = None, **trainer_kwargs) -> None:
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, **trainer_kwargs)
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     trainer.fit(model, DataLoader(dataset or global_batch(), batch_size=batch_size, shuffle=False))
 
 
@@ -110,8 +117,9 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(tmp_path):
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(HERE), out=str(tmp_path))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout

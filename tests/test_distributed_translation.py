@@ -25,9 +25,24 @@ DATA = [arg for k, v in SIZES.items() for arg in (f"--data.init_args.{k}", str(v
 
 
 def zoo(tmp_path: Path, subcommand: str, *args: str, devices: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "zoo.cli", subcommand, "--config", str(RECIPE), *DATA, *args,
-           "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoo.cli",
+        subcommand,
+        "--config",
+        str(RECIPE),
+        *DATA,
+        *args,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(devices),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     if devices > 1:
         cmd += ["--trainer.strategy", "ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -49,8 +64,15 @@ def test_numbers_recipe_trains_and_validates_under_ddp_as_written(tmp_path: Path
     dm = NumbersDataModule(**SIZES)
     assert len(dm.val_dataloader()) % 2 == 1
     # 5 epochs (about 100 updates a process) with a short warm-up: enough for non-zero BLEU and exact matches
-    fit = zoo(tmp_path, "fit", "--trainer.max_epochs", "5", "--model.init_args.lr_scheduler.init_args.warmup_updates",
-              "5", devices=2)
+    fit = zoo(
+        tmp_path,
+        "fit",
+        "--trainer.max_epochs",
+        "5",
+        "--model.init_args.lr_scheduler.init_args.warmup_updates",
+        "5",
+        devices=2,
+    )
     assert "distributed_backend=gloo" in fit.stderr + fit.stdout
     trained = reported(fit)
     assert {"val_loss", "val_bleu", "val_exact", "val_exact_len1", "val_exact_len4"} <= set(trained)

@@ -186,8 +186,9 @@ def test_safetensors_file(tmp_path, writer):
         hub.save_safetensors(plain.state_dict(), path)  # no zoo config: a source state dict, folded
         model = zoo.depth_scaled_cifar_resnet(**DEEP, weights=str(path))
         torch.testing.assert_close(outputs(model, SMALL_IMAGE), outputs(plain, SMALL_IMAGE), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(model.state_dict()["layer3.2.bn2.weight"],
-                                   2 * plain.state_dict()["layer3.2.bn2.weight"])
+        torch.testing.assert_close(
+            model.state_dict()["layer3.2.bn2.weight"], 2 * plain.state_dict()["layer3.2.bn2.weight"]
+        )
     assert list(tmp_path.iterdir()) == [path]  # no temp file left next to it
 
 
@@ -220,8 +221,13 @@ def test_zoo_load_weights_function(tmp_path):
 def test_hf_hub_repo_from_the_cache(tmp_path):
     source = small_model(**DEEP, seed=6, label_smoothing=0.02)
     source.save_pretrained(tmp_path / "saved")
-    put_in_hf_cache("org/name", {"config.json": tmp_path / "saved" / "config.json",
-                                 "model.safetensors": tmp_path / "saved" / "model.safetensors"})
+    put_in_hf_cache(
+        "org/name",
+        {
+            "config.json": tmp_path / "saved" / "config.json",
+            "model.safetensors": tmp_path / "saved" / "model.safetensors",
+        },
+    )
     expected = outputs(source, SMALL_IMAGE)
 
     loaded = zoo.from_pretrained("hf-hub:org/name")
@@ -258,8 +264,14 @@ def test_hf_hub_repo_not_in_the_cache_is_a_clear_error():
 
 @pytest.mark.parametrize("target", ["folder", "m.safetensors"])
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, target):
-    source = small_model(**DEEP, seed=8, label_smoothing=0.03, memory="adjoint", num_classes=7,
-                         optimizer=functools.partial(torch.optim.AdamW, lr=0.03))
+    source = small_model(
+        **DEEP,
+        seed=8,
+        label_smoothing=0.03,
+        memory="adjoint",
+        num_classes=7,
+        optimizer=functools.partial(torch.optim.AdamW, lr=0.03),
+    )
     path = tmp_path / target
     assert source.save_pretrained(path) == path
     if target == "folder":
@@ -315,8 +327,9 @@ def test_tied_model_keeps_its_tying(tmp_path, target):
     assert aliases["layer2.2.bn2.weight"] == "layer2.1.bn2.weight"  # layer2.0 is the (untied) transition
     assert stored | aliases.keys() == source.state_dict().keys() and not stored & aliases.keys()
     n_params = sum(p.numel() for p in source.parameters())  # parameters() counts a shared one once
-    assert sum(source.state_dict()[k].numel() for k in stored if "running" not in k and "num_batches" not in k) \
-        == n_params
+    assert (
+        sum(source.state_dict()[k].numel() for k in stored if "running" not in k and "num_batches" not in k) == n_params
+    )
 
     loaded = zoo.from_pretrained(path)
     assert loaded.hparams.tied is True
@@ -410,8 +423,12 @@ def test_other_num_classes_keeps_the_classifier_at_init(tmp_path, tv_resnet18, c
     tv = tv_resnet18.state_dict()
     torch.testing.assert_close(model.state_dict()["conv1.weight"], tv["conv1.weight"], rtol=0, atol=0)
     tv_features = torch.nn.Sequential(*list(tv_resnet18.children())[:-1])
-    torch.testing.assert_close(outputs(model, IMAGE) - model.fc.bias, outputs(tv_features, IMAGE).flatten(1)
-                               @ model.fc.weight.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        outputs(model, IMAGE) - model.fc.bias,
+        outputs(tv_features, IMAGE).flatten(1) @ model.fc.weight.T,
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -486,8 +503,14 @@ def test_atomic_write_gives_normal_file_permissions(tmp_path):
 
 def test_lightning_checkpoint_of_a_plain_resnet_is_folded(tmp_path):
     plain = small_model(zoo.cifar_resnet, **DEEP, seed=14)
-    torch.save({"state_dict": {"model." + k: v for k, v in plain.state_dict().items()},
-                "pytorch-lightning_version": "2.6.6", "hyper_parameters": {"lr": 0.1}}, tmp_path / "plain.ckpt")
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in plain.state_dict().items()},
+            "pytorch-lightning_version": "2.6.6",
+            "hyper_parameters": {"lr": 0.1},
+        },
+        tmp_path / "plain.ckpt",
+    )
     model = zoo.depth_scaled_cifar_resnet(**DEEP, weights=str(tmp_path / "plain.ckpt"))
     torch.testing.assert_close(outputs(model, SMALL_IMAGE), outputs(plain, SMALL_IMAGE), rtol=1e-4, atol=1e-5)
 

@@ -31,8 +31,9 @@ def small_model(**kwargs) -> DepthScaledResNet:
     return zoo.depth_scaled_cifar_resnet(**{**SMALL, **kwargs}).eval()
 
 
-def crafted(path: Path, config: object, tensors: dict[str, torch.Tensor] | None = None,
-            raw_config: str | None = None) -> Path:
+def crafted(
+    path: Path, config: object, tensors: dict[str, torch.Tensor] | None = None, raw_config: str | None = None
+) -> Path:
     """A .safetensors file whose metadata holds ``config`` (or the raw text ``raw_config``)."""
     meta = {"format": "pt", "zoo.config": raw_config if raw_config is not None else json.dumps(config)}
     save_file(tensors if tensors is not None else {"w": torch.zeros(2)}, str(path), metadata=meta)
@@ -42,11 +43,14 @@ def crafted(path: Path, config: object, tensors: dict[str, torch.Tensor] | None 
 # ------------------------------------------------------------------------------------------------ no code from files
 
 
-@pytest.mark.parametrize("class_path, init_args", [
-    ("subprocess.Popen", {"args": ["touch", "{marker}"]}),
-    ("os.system", {"command": "touch {marker}"}),
-    ("builtins.exec", {"source": "open('{marker}', 'w').close()"}),
-])
+@pytest.mark.parametrize(
+    "class_path, init_args",
+    [
+        ("subprocess.Popen", {"args": ["touch", "{marker}"]}),
+        ("os.system", {"command": "touch {marker}"}),
+        ("builtins.exec", {"source": "open('{marker}', 'w').close()"}),
+    ],
+)
 def test_config_naming_a_callable_runs_nothing(tmp_path, class_path, init_args):
     marker = tmp_path / "pwned"
     args = json.loads(json.dumps(init_args).replace("{marker}", str(marker)))
@@ -100,8 +104,9 @@ def test_config_building_far_more_than_the_file_holds_is_refused(tmp_path):
     tensors = {k: v.contiguous() for k, v in good.state_dict().items()}
     path = crafted(tmp_path / "m.safetensors", config, tensors)
     with pytest.raises(ZooError, match="refusing to allocate"):
-        hub.build_checked(DepthScaledResNet, config["init_args"], hub.safetensors_header(path)[1], "test",
-                          max_extra_bytes=-1)
+        hub.build_checked(
+            DepthScaledResNet, config["init_args"], hub.safetensors_header(path)[1], "test", max_extra_bytes=-1
+        )
 
 
 def test_huge_depth_is_refused_before_the_meta_build(tmp_path):
@@ -119,12 +124,15 @@ def test_huge_depth_is_refused_before_the_meta_build(tmp_path):
 # ------------------------------------------------------------------------------------------------ init_args checked
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"not_an_argument": 1}, "not_an_argument"),
-    ({"layers": "111"}, "layers"),
-    ({"num_classes": "ten"}, "num_classes"),
-    ({"weights": "hf-hub:someone/else"}, "weights"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"not_an_argument": 1}, "not_an_argument"),
+        ({"layers": "111"}, "layers"),
+        ({"num_classes": "ten"}, "num_classes"),
+        ({"weights": "hf-hub:someone/else"}, "weights"),
+    ],
+)
 def test_init_args_are_checked_against_the_signature(tmp_path, change, match):
     good = small_model()
     config = hub.model_config(good)
@@ -150,12 +158,15 @@ def test_empty_and_truncated_safetensors(tmp_path):
             zoo.from_pretrained(tmp_path / "cut.safetensors")
 
 
-@pytest.mark.parametrize("raw, match", [
-    ("{not json", "is not JSON"),
-    ('["a list"]', "must be a JSON object"),
-    ('{"init_args": {}}', "lacks 'class_path'"),
-    ('{"class_path": "zoo.models.ResNet", "init_args": [1, 2]}', "'init_args'"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ("{not json", "is not JSON"),
+        ('["a list"]', "must be a JSON object"),
+        ('{"init_args": {}}', "lacks 'class_path'"),
+        ('{"class_path": "zoo.models.ResNet", "init_args": [1, 2]}', "'init_args'"),
+    ],
+)
 def test_malformed_metadata(tmp_path, raw, match):
     path = crafted(tmp_path / "m.safetensors", None, raw_config=raw)
     with pytest.raises(ZooError, match=match):
@@ -197,10 +208,15 @@ def test_from_pretrained_loads_a_lightning_checkpoint(lightning_ckpt):
 
 def test_from_pretrained_resolves_lightning_cli_class_path(tmp_path):
     good = small_model()
-    hparams = {"_class_path": "zoo.models.DepthScaledResNet", **dict(good.hparams),
-               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
-    torch.save({"state_dict": good.state_dict(), "hyper_parameters": hparams,
-                "pytorch-lightning_version": "2.6.0"}, tmp_path / "cli.ckpt")
+    hparams = {
+        "_class_path": "zoo.models.DepthScaledResNet",
+        **dict(good.hparams),
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    }
+    torch.save(
+        {"state_dict": good.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0"},
+        tmp_path / "cli.ckpt",
+    )
     model = zoo.from_pretrained(tmp_path / "cli.ckpt")
     assert type(model) is DepthScaledResNet
     x = torch.randn(2, 3, 16, 16)
@@ -217,8 +233,9 @@ def test_from_pretrained_resolves_lightning_cli_class_path(tmp_path):
 
 def test_float64_weights_are_cast_with_an_info_line(tmp_path, caplog):
     good = small_model()
-    torch.save({k: (v.double() if v.is_floating_point() else v) for k, v in good.state_dict().items()},
-               tmp_path / "f64.pth")
+    torch.save(
+        {k: (v.double() if v.is_floating_point() else v) for k, v in good.state_dict().items()}, tmp_path / "f64.pth"
+    )
     with caplog.at_level(logging.INFO):
         model = zoo.depth_scaled_cifar_resnet(**SMALL, weights=str(tmp_path / "f64.pth"))
     assert "cast to the model's precision" in caplog.text
@@ -248,8 +265,12 @@ def test_save_pretrained_files_get_the_umask_mode(tmp_path):
         small_model().save_pretrained(tmp_path / "one.safetensors")
     finally:
         os.umask(old)
-    for f in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json", tmp_path / "m" / "README.md",
-              tmp_path / "one.safetensors"):
+    for f in (
+        tmp_path / "m" / "model.safetensors",
+        tmp_path / "m" / "config.json",
+        tmp_path / "m" / "README.md",
+        tmp_path / "one.safetensors",
+    ):
         assert (f.stat().st_mode & 0o777) == 0o644, f
 
 
@@ -343,8 +364,9 @@ def test_recorded_num_classes(tmp_path, lightning_ckpt):
 def test_crafted_file_in_a_fresh_process_runs_nothing(tmp_path):
     """End to end in a fresh interpreter (nothing imported beforehand): the marker never appears."""
     marker = tmp_path / "pwned"
-    path = crafted(tmp_path / "evil.safetensors",
-                   {"class_path": "subprocess.Popen", "init_args": {"args": ["touch", str(marker)]}})
+    path = crafted(
+        tmp_path / "evil.safetensors", {"class_path": "subprocess.Popen", "init_args": {"args": ["touch", str(marker)]}}
+    )
     code = textwrap.dedent(f"""
         import zoo
         try:

@@ -30,14 +30,24 @@ def front_matter(text: str) -> dict:
 
 
 def test_save_pretrained_writes_a_card_that_huggingface_hub_parses(tmp_path) -> None:
-    model = small_model(optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-                        lr_scheduler=functools.partial(WarmupCosineLR, warmup_epochs=2))
+    model = small_model(
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        lr_scheduler=functools.partial(WarmupCosineLR, warmup_epochs=2),
+    )
     model.pretrained_cfg = {
-        "architecture": "depth_scaled_cifar_resnet", "tag": "test", "license": "bsd-3-clause",
-        "source": "hf-hub:someone/resnet-source", "conversion": "the 1/N factor folded into the last BatchNorm",
-        "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "num_classes": 3,
-        "metrics": {"digits/top1": {"value": 97.8, "kind": "measured", "of": "model", "note": "6 epochs"},
-                    "imagenet-1k/top1": {"value": 80.9, "kind": "published", "of": "source"}},
+        "architecture": "depth_scaled_cifar_resnet",
+        "tag": "test",
+        "license": "bsd-3-clause",
+        "source": "hf-hub:someone/resnet-source",
+        "conversion": "the 1/N factor folded into the last BatchNorm",
+        "input_size": (3, 32, 32),
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "num_classes": 3,
+        "metrics": {
+            "digits/top1": {"value": 97.8, "kind": "measured", "of": "model", "note": "6 epochs"},
+            "imagenet-1k/top1": {"value": 80.9, "kind": "published", "of": "source"},
+        },
     }
     folder = model.save_pretrained(tmp_path / "m", repo_id="someone/zoo-model")
     text = (folder / "README.md").read_text()
@@ -101,23 +111,37 @@ def test_push_to_hub_uploads_the_save_pretrained_folder(tmp_path, monkeypatch) -
 
 def test_describe_factory_reads_partials_classes_and_lightning_cli_callables() -> None:
     assert describe_factory(functools.partial(torch.optim.AdamW, lr=1e-3)) == {
-        "class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
+        "class_path": "torch.optim.AdamW",
+        "init_args": {"lr": 1e-3},
+    }
     assert describe_factory(WarmupCosineLR) == {"class_path": "zoo.tasks.optim.WarmupCosineLR", "init_args": {}}
 
     def instantiator(cls, *args, **kwargs):  # the form jsonargparse gives a class_path callable
         return cls(*args, **kwargs)
 
     assert describe_factory(functools.partial(instantiator, torch.optim.SGD, lr=0.1, momentum=0.9)) == {
-        "class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}}
+        "class_path": "torch.optim.SGD",
+        "init_args": {"lr": 0.1, "momentum": 0.9},
+    }
     assert describe_factory(None) is None and "callable" in describe_factory(lambda p: None)
 
 
 def test_files_saved_with_training_settings_as_model_arguments_still_load(tmp_path, caplog) -> None:
     model = small_model().eval()
     config = model_config(model)
-    legacy = {**config["init_args"], "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-              "scheduler": "cosine", "warmup_epochs": 1, "milestones": [], "lr_gamma": 0.1, "betas": [0.9, 0.999],
-              "nesterov": False}
+    legacy = {
+        **config["init_args"],
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "scheduler": "cosine",
+        "warmup_epochs": 1,
+        "milestones": [],
+        "lr_gamma": 0.1,
+        "betas": [0.9, 0.999],
+        "nesterov": False,
+    }
     path = tmp_path / "old.safetensors"
     save_safetensors(model.state_dict(), path, {_META_CONFIG: json.dumps({**config, "init_args": legacy})})
     with caplog.at_level("INFO"):
@@ -127,7 +151,10 @@ def test_files_saved_with_training_settings_as_model_arguments_still_load(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     # an unknown argument that is not a former training setting is still refused
-    save_safetensors(model.state_dict(), path, {_META_CONFIG: json.dumps(
-        {**config, "init_args": {**config["init_args"], "depth_of_field": 3}})})
+    save_safetensors(
+        model.state_dict(),
+        path,
+        {_META_CONFIG: json.dumps({**config, "init_args": {**config["init_args"], "depth_of_field": 3}})},
+    )
     with pytest.raises(ZooError, match="depth_of_field"):
         zoo.from_pretrained(path)

@@ -16,8 +16,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is
 
 def test_digits_recipe_trains_in_a_plain_loop(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    model, data = load_recipe("digits_depth_scaled_resnet", "--data.init_args.batch_size=32",
-                              "--model.init_args.lr_scheduler.init_args.warmup_epochs=0.25")
+    model, data = load_recipe(
+        "digits_depth_scaled_resnet",
+        "--data.init_args.batch_size=32",
+        "--model.init_args.lr_scheduler.init_args.warmup_epochs=0.25",
+    )
     data.prepare_data()
     data.setup("fit")
     loader = data.train_dataloader()
@@ -42,8 +45,10 @@ def test_digits_recipe_trains_in_a_plain_loop(tmp_path, monkeypatch) -> None:
         sched.step()
         losses.append(loss.item())
     w = sched.warmup
-    expected = [0.1 * (t + 1) / (w + 1) if t < w else 0.1 * (1 + math.cos(math.pi * (t - w) / (steps - w))) / 2
-                for t in range(steps)]
+    expected = [
+        0.1 * (t + 1) / (w + 1) if t < w else 0.1 * (1 + math.cos(math.pi * (t - w) / (steps - w))) / 2
+        for t in range(steps)
+    ]
     assert lrs == pytest.approx(expected, rel=1e-9)
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])  # it learns (ln 10 = 2.3 at the start)
     # the checkpoint-free state a plain loop keeps: optimiser and schedule state dicts round-trip

@@ -39,7 +39,7 @@ def source_of(name: str) -> tuple[str, str]:
     """(family prefix, torchvision arch) of a ResNet family name ("momentum_resnet50" -> ("momentum_", ...))."""
     arch = name.partition(".")[0]
     prefix = next(p for p in ("depth_scaled_", "heun_", "momentum_", "") if arch.startswith(p))
-    return prefix, arch[len(prefix):]
+    return prefix, arch[len(prefix) :]
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -88,13 +88,26 @@ def test_source_exists_in_its_library(name: str) -> None:
     if cfg.source.startswith("hf-hub:"):
         reference = timm.models.get_pretrained_cfg(cfg.source.removeprefix("hf-hub:timm/"))
         assert reference is not None and cfg.hf_hub_id == reference.hf_hub_id == cfg.source.removeprefix("hf-hub:")
-        for key in ("input_size", "test_input_size", "crop_pct", "test_crop_pct", "interpolation", "mean", "std",
-                    "crop_mode", "num_classes", "license", "origin_url", "paper_ids"):
+        for key in (
+            "input_size",
+            "test_input_size",
+            "crop_pct",
+            "test_crop_pct",
+            "interpolation",
+            "mean",
+            "std",
+            "crop_mode",
+            "num_classes",
+            "license",
+            "origin_url",
+            "paper_ids",
+        ):
             assert getattr(cfg, key) == getattr(reference, key), key
         assert cfg.metrics == {}  # timm's cfgs publish no accuracy
         for use_test_size in (False, True):
-            assert resolve_data_config({}, pretrained_cfg=cfg.to_dict(), use_test_size=use_test_size) == \
-                resolve_data_config({}, pretrained_cfg=reference.to_dict(), use_test_size=use_test_size)
+            assert resolve_data_config(
+                {}, pretrained_cfg=cfg.to_dict(), use_test_size=use_test_size
+            ) == resolve_data_config({}, pretrained_cfg=reference.to_dict(), use_test_size=use_test_size)
         return
     weights = torchvision.models.get_weight(cfg.source)
     assert torchvision.models.get_model_weights(arch) is type(weights)
@@ -140,8 +153,9 @@ def test_resolve_data_config_at_a_non_default_size() -> None:
         model = zoo.create_model("momentum_resnet50.a1h_in1k")
         reference = timm.create_model("resnet50.a1h_in1k")
     for use_test_size in (False, True):
-        assert resolve_data_config({}, model=model, use_test_size=use_test_size) == \
-            resolve_data_config({}, model=reference, use_test_size=use_test_size)
+        assert resolve_data_config({}, model=model, use_test_size=use_test_size) == resolve_data_config(
+            {}, model=reference, use_test_size=use_test_size
+        )
     assert model.pretrained_cfg["pool_size"] == reference.pretrained_cfg["pool_size"] == (6, 6)
     assert resolve_data_config({}, model=model)["input_size"] == (3, 176, 176)
     grey = zoo.create_model("cifar_resnet", in_chans=1, layers=(1, 1, 1), widths=(4, 4, 4))
@@ -162,8 +176,10 @@ def test_tags_build_with_their_model_args(prefix: str) -> None:
             assert cfg.conversion
     if prefix == "momentum_":
         assert zoo.get_pretrained_cfg("momentum_resnet50.tv2_in1k").model_args == {"gamma": 0.9}
-        assert zoo.get_pretrained_cfg("momentum_resnet50.tv2_in1k_gamma0").model_args == {"gamma": 0.0,
-                                                                                          "memory": "full"}
+        assert zoo.get_pretrained_cfg("momentum_resnet50.tv2_in1k_gamma0").model_args == {
+            "gamma": 0.0,
+            "memory": "full",
+        }
 
 
 def test_momentum_refit_result_is_published_of_the_model() -> None:
@@ -184,7 +200,7 @@ def test_momentum_refit_result_is_published_of_the_model() -> None:
 def _blocks_of(layer: torch.nn.Sequential, keep_first: bool) -> tuple[list, list]:
     """(ordinary first blocks, the blocks of the residual stack) of a torchvision stage."""
     first = list(layer)[:1] if keep_first or layer[0].downsample is not None else []
-    return first, list(layer)[len(first):]
+    return first, list(layer)[len(first) :]
 
 
 def reference_forward(tv: torchvision.models.ResNet, x: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -221,8 +237,16 @@ def _cache_torchvision(model: torch.nn.Module, enum: str) -> None:
     torch.save(model.state_dict(), cache)
 
 
-@pytest.mark.parametrize("name", ["resnet18.tv_in1k", "depth_scaled_resnet18.tv_in1k", "heun_resnet18.tv_in1k",
-                                  "momentum_resnet18.tv_in1k", "momentum_resnet18.tv_in1k_gamma0"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18.tv_in1k",
+        "depth_scaled_resnet18.tv_in1k",
+        "heun_resnet18.tv_in1k",
+        "momentum_resnet18.tv_in1k",
+        "momentum_resnet18.tv_in1k_gamma0",
+    ],
+)
 def test_pretrained_true_computes_what_the_conversion_says(tv_resnet18, name: str) -> None:
     _cache_torchvision(tv_resnet18, "ResNet18_Weights.IMAGENET1K_V1")
     model = zoo.create_model(name, pretrained=True).eval()
@@ -241,8 +265,7 @@ def test_weights_names_resolve_through_the_table(tv_resnet18, tmp_path: Path) ->
     _cache_torchvision(tv_resnet18, "ResNet18_Weights.IMAGENET1K_V1")
     for spelling in ("IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", "DEFAULT"):
         model = zoo.resnet18(weights=spelling)
-        assert model.pretrained_cfg == zoo.get_pretrained_cfg("resnet18.tv_in1k").to_dict() | {
-            "pool_size": (7, 7)}
+        assert model.pretrained_cfg == zoo.get_pretrained_cfg("resnet18.tv_in1k").to_dict() | {"pool_size": (7, 7)}
     gamma0 = zoo.momentum_resnet18(weights="IMAGENET1K_V1", gamma=0.0, memory="full")
     assert gamma0.pretrained_cfg["tag"] == "tv_in1k_gamma0"
     assert zoo.momentum_resnet18(weights="IMAGENET1K_V1").pretrained_cfg["tag"] == "tv_in1k"
@@ -270,12 +293,14 @@ def test_pretrained_with_another_head_features_and_extractor(tv_resnet18) -> Non
     headless = zoo.create_model("resnet18.tv_in1k", pretrained=True, num_classes=0).eval()
     assert isinstance(headless.fc, torch.nn.Identity) and headless.pretrained_cfg["num_classes"] == 0
     body = torchvision.models.feature_extraction.create_feature_extractor(
-        tv_resnet18, {"relu": "stem", "layer1": "l1", "layer2": "l2", "flatten": "pooled"})
+        tv_resnet18, {"relu": "stem", "layer1": "l1", "layer2": "l2", "flatten": "pooled"}
+    )
     with torch.no_grad():
         ref = body(x)
         torch.testing.assert_close(headless(x), ref["pooled"], rtol=1e-5, atol=1e-5)
-        extractor = zoo.create_model("resnet18.tv_in1k", pretrained=True, features_only=True,
-                                     out_indices=(0, 1, 2)).eval()
+        extractor = zoo.create_model(
+            "resnet18.tv_in1k", pretrained=True, features_only=True, out_indices=(0, 1, 2)
+        ).eval()
         maps = extractor(x)
     assert extractor.feature_info.channels() == [64, 64, 128] and extractor.feature_info.reduction() == [2, 4, 8]
     for got, key in zip(maps, ("stem", "l1", "l2"), strict=True):
@@ -322,10 +347,17 @@ def test_list_pretrained_filters_as_timm() -> None:
     assert all(n.startswith("resnet18.") for n in tags)
     assert zoo.list_pretrained("resnet18.tv*") == ["resnet18.tv_in1k"]
     assert zoo.list_pretrained("*resnet50.tv2*", exclude_filters="*gamma0") == [
-        "depth_scaled_resnet50.tv2_in1k", "heun_resnet50.tv2_in1k", "momentum_resnet50.tv2_in1k", "resnet50.tv2_in1k"]
+        "depth_scaled_resnet50.tv2_in1k",
+        "heun_resnet50.tv2_in1k",
+        "momentum_resnet50.tv2_in1k",
+        "resnet50.tv2_in1k",
+    ]
     assert zoo.list_pretrained(["resnet18.tv*", "resnet34.tv*"]) == ["resnet18.tv_in1k", "resnet34.tv_in1k"]
     assert zoo.list_pretrained("momentum_resnet152", exclude_filters=["*gamma0", "*a*_in1k"]) == [
-        "momentum_resnet152.gluon_in1k", "momentum_resnet152.tv2_in1k", "momentum_resnet152.tv_in1k"]
+        "momentum_resnet152.gluon_in1k",
+        "momentum_resnet152.tv2_in1k",
+        "momentum_resnet152.tv_in1k",
+    ]
     assert zoo.list_pretrained("no_such*") == []
     assert set(zoo.list_pretrained(has_weights=True)) >= set(RESNET_TAGS)
     assert not set(zoo.list_pretrained(has_weights=False)) & set(RESNET_TAGS)
@@ -339,22 +371,27 @@ def test_register_pretrained_cfgs_checks_entries(monkeypatch: pytest.MonkeyPatch
     from zoo import pretrained
 
     monkeypatch.setattr(pretrained, "_PRETRAINED_CFGS", {})
-    cfgs = register_pretrained_cfgs({"my_net.first": {"num_classes": 3, "input_size": (1, 28, 28), "mean": (0.5,),
-                                                       "std": (0.25,)},
-                                     "my_net.second": PretrainedCfg(source="hf-hub:me/net")})
+    cfgs = register_pretrained_cfgs(
+        {
+            "my_net.first": {"num_classes": 3, "input_size": (1, 28, 28), "mean": (0.5,), "std": (0.25,)},
+            "my_net.second": PretrainedCfg(source="hf-hub:me/net"),
+        }
+    )
     assert cfgs["my_net.first"].architecture == "my_net" and zoo.get_pretrained_cfg("my_net").tag == "first"
     assert zoo.list_pretrained() == ["my_net.first", "my_net.second"]
     assert zoo.list_pretrained(has_weights=True) == ["my_net.second"]
     register_pretrained_cfgs({"my_net.second": PretrainedCfg(source="hf-hub:me/net")})  # the same again: fine
-    bad = [({"my_net.second": PretrainedCfg(source="other")}, "already registered"),
-           ({"my_net": PretrainedCfg()}, "has no tag"),
-           ({"my_net.x": {"crop": 0.9}}, "unknown pretrained cfg keys"),
-           ({"my_net.x": {"mean": (0.5,)}}, "mean must hold 3 finite numbers"),
-           ({"my_net.x": {"crop_pct": 1.5}}, "crop_pct must be in"),
-           ({"my_net.x": {"input_size": (3, 224)}}, "input_size must be"),
-           ({"my_net.x": {"interpolation": "cubic"}}, "interpolation must be one of"),
-           ({"my_net.x": {"metrics": {"top1": {"value": 80.0, "kind": "claimed", "of": "source"}}}}, "kind"),
-           ({"my_net.x": {"architecture": "other_net"}}, "says architecture")]
+    bad = [
+        ({"my_net.second": PretrainedCfg(source="other")}, "already registered"),
+        ({"my_net": PretrainedCfg()}, "has no tag"),
+        ({"my_net.x": {"crop": 0.9}}, "unknown pretrained cfg keys"),
+        ({"my_net.x": {"mean": (0.5,)}}, "mean must hold 3 finite numbers"),
+        ({"my_net.x": {"crop_pct": 1.5}}, "crop_pct must be in"),
+        ({"my_net.x": {"input_size": (3, 224)}}, "input_size must be"),
+        ({"my_net.x": {"interpolation": "cubic"}}, "interpolation must be one of"),
+        ({"my_net.x": {"metrics": {"top1": {"value": 80.0, "kind": "claimed", "of": "source"}}}}, "kind"),
+        ({"my_net.x": {"architecture": "other_net"}}, "says architecture"),
+    ]
     for entry, message in bad:
         with pytest.raises(zoo.ZooError, match=message):
             register_pretrained_cfgs(entry)

@@ -70,8 +70,9 @@ def test_every_recipe_is_found_by_its_name(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_print_config(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_print_config(
+    recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The recipe parses (nothing is instantiated) and the printed config carries the recipe's values."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -170,7 +171,7 @@ def _seed_hf_hub_cache(recipe: dict[str, Any]) -> dict[str, torch.Tensor] | None
     torch.manual_seed(0)
     model_cls = import_class(recipe["model"]["class_path"])
     state_dict = model_cls(**{k: v for k, v in init.items() if k not in ("weights", *TRAINING)}).state_dict()
-    seed_hf_hub_cache(weights[len("hf-hub:"):].partition("@")[0], state_dict)
+    seed_hf_hub_cache(weights[len("hf-hub:") :].partition("@")[0], state_dict)
     return state_dict
 
 
@@ -180,10 +181,21 @@ def test_recipe_instantiates_what_it_says(recipe: Path, tmp_path: Path, monkeypa
     expected = load_recipe(recipe)
     source_weights = _seed_torchvision_cache(expected)
     hub_weights = _seed_hf_hub_cache(expected)
-    args = ["--config", str(recipe), *_data_overrides(expected, tmp_path),
-            "--trainer.default_root_dir", str(tmp_path / "run")]
-    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 run=False, args=args)
+    args = [
+        "--config",
+        str(recipe),
+        *_data_overrides(expected, tmp_path),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
+    cli = ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+    )
 
     # model: class, every init argument (weights is not a hyperparameter), and the stages it implies
     model, init = cli.model, expected["model"].get("init_args", {})
@@ -201,8 +213,9 @@ def test_recipe_instantiates_what_it_says(recipe: Path, tmp_path: Path, monkeypa
         assert {s.rule for s in stages} == {RULES[type(model).__name__]}
         assert {s.memory for s in stages} == {init.get("memory", "full")}
         # the depth-scaled families step 1/N; the momentum rule (M1) and the plain ResNet step 1
-        assert {s.scale for s in stages} == ({1.0} if type(model).__name__ in ("MomentumResNet", "ResNet")
-                                             else {"depth"})
+        assert {s.scale for s in stages} == (
+            {1.0} if type(model).__name__ in ("MomentumResNet", "ResNet") else {"depth"}
+        )
         if init.get("tied"):
             assert all(s.is_tied() for s in stages if s.depth > 1)
     if type(model).__name__ == "SinkformerViT":  # Sinkhorn attention in every block

@@ -17,13 +17,22 @@ IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 SMALL_SUFFIXES = ("resnet20_cifar", "resnet56_cifar", "resnet110_cifar", "cifar_resnet", "tiny")
 IMAGENET_NAMES = [f"{p}resnet{d}" for p in FAMILIES for d in IMAGENET_DEPTHS]
 SMALL_NAMES = [f"{p}{s}" for p in FAMILIES for s in SMALL_SUFFIXES]
-VIT_NAMES = [f"sinkformer_vit_{s}" for s in ("tiny_patch16_224", "small_patch16_224", "base_patch16_224", "cats_dogs",
-                                            "mnist")]
+VIT_NAMES = [
+    f"sinkformer_vit_{s}" for s in ("tiny_patch16_224", "small_patch16_224", "base_patch16_224", "cats_dogs", "mnist")
+]
 VMOE_NAMES = ["vmoe_small_patch32_224", "vmoe_tiny_patch32_224"]
-POINTCLOUD_NAMES = ["point_cloud_sinkformer", "point_cloud_transformer", "set_sinkformer_modelnet40",
-                    "set_transformer_modelnet40"]
-TRANSLATION_NAMES = ["sinkformer_transformer_iwslt_de_en", "sinkformer_transformer_numbers",
-                     "sinkformer_transformer_toy", "transformer_iwslt_de_en"]
+POINTCLOUD_NAMES = [
+    "point_cloud_sinkformer",
+    "point_cloud_transformer",
+    "set_sinkformer_modelnet40",
+    "set_transformer_modelnet40",
+]
+TRANSLATION_NAMES = [
+    "sinkformer_transformer_iwslt_de_en",
+    "sinkformer_transformer_numbers",
+    "sinkformer_transformer_toy",
+    "transformer_iwslt_de_en",
+]
 OTHER_FAMILY_NAMES = VIT_NAMES + VMOE_NAMES + POINTCLOUD_NAMES + TRANSLATION_NAMES
 
 

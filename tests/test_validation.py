@@ -23,14 +23,18 @@ def raises_naming(name: str):
 # ------------------------------------------------------------------------------------------------ the issue's examples
 
 
-@pytest.mark.parametrize(("build", "kwargs", "name"), [
-    (zoo.cifar_resnet, {"layers": "111"}, "layers"),            # was (1, 1, 1)
-    (zoo.cifar_resnet, {"layers": (1.7, 1, 1)}, "layers"),      # was truncated to (1, 1, 1)
-    (zoo.tiny, {"depth": "3"}, "depth"),                        # was int('3')
-    (zoo.cifar_resnet, {"drop_path_rate": -1}, "drop_path_rate"),
-    (zoo.cifar_resnet, {"label_smoothing": 2}, "label_smoothing"),
-    (zoo.cifar_resnet, {"in_chans": "3"}, "in_chans"),          # was a raw torch error
-], ids=["layers-str", "layers-float", "tiny-depth-str", "drop_path_rate", "label_smoothing", "in_chans-str"])
+@pytest.mark.parametrize(
+    ("build", "kwargs", "name"),
+    [
+        (zoo.cifar_resnet, {"layers": "111"}, "layers"),  # was (1, 1, 1)
+        (zoo.cifar_resnet, {"layers": (1.7, 1, 1)}, "layers"),  # was truncated to (1, 1, 1)
+        (zoo.tiny, {"depth": "3"}, "depth"),  # was int('3')
+        (zoo.cifar_resnet, {"drop_path_rate": -1}, "drop_path_rate"),
+        (zoo.cifar_resnet, {"label_smoothing": 2}, "label_smoothing"),
+        (zoo.cifar_resnet, {"in_chans": "3"}, "in_chans"),  # was a raw torch error
+    ],
+    ids=["layers-str", "layers-float", "tiny-depth-str", "drop_path_rate", "label_smoothing", "in_chans-str"],
+)
 def test_issue_examples_give_one_clear_error(build, kwargs: dict, name: str) -> None:
     with raises_naming(name):
         build(**kwargs)
@@ -147,8 +151,9 @@ FAMILY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("builder", "name", "value"), FAMILY_CASES,
-                         ids=[f"{b}-{n}={val!r}" for b, n, val in FAMILY_CASES])
+@pytest.mark.parametrize(
+    ("builder", "name", "value"), FAMILY_CASES, ids=[f"{b}-{n}={val!r}" for b, n, val in FAMILY_CASES]
+)
 def test_every_family_refuses_bad_arguments_by_name(builder: str, name: str, value) -> None:
     build = getattr(zoo.models, builder) if builder[0].isupper() else zoo.registry.model_entrypoint(builder)
     with raises_naming(name):
@@ -167,8 +172,9 @@ SCHEDULE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("schedule", "name", "value"), SCHEDULE_CASES,
-                         ids=[f"{c}-{n}={val!r}" for c, n, val in SCHEDULE_CASES])
+@pytest.mark.parametrize(
+    ("schedule", "name", "value"), SCHEDULE_CASES, ids=[f"{c}-{n}={val!r}" for c, n, val in SCHEDULE_CASES]
+)
 def test_schedules_refuse_bad_arguments_by_name(schedule: str, name: str, value) -> None:
     import torch
 
@@ -181,8 +187,14 @@ def test_schedules_refuse_bad_arguments_by_name(schedule: str, name: str, value)
 
 def test_good_values_of_other_types_are_accepted() -> None:
     """numpy integers and floats, lists for tuples, ints for floats: what configs, hparams files and numpy give."""
-    m = zoo.cifar_resnet(layers=[np.int64(1), 2, 1], widths=np.array([4, 8, 8]).tolist(), label_smoothing=1,
-                         drop_path_rate=np.float64(0.1), tied=[2], in_chans=np.int32(1))
+    m = zoo.cifar_resnet(
+        layers=[np.int64(1), 2, 1],
+        widths=np.array([4, 8, 8]).tolist(),
+        label_smoothing=1,
+        drop_path_rate=np.float64(0.1),
+        tied=[2],
+        in_chans=np.int32(1),
+    )
     assert m.layer_counts == (1, 2, 1) and m.conv1.in_channels == 1
     vit = zoo.sinkformer_vit_mnist(img_size=[28, 14], patch_size=7, depth=np.int64(1))
     assert vit.patch_embed.grid_size == (4, 2)

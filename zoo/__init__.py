@@ -1,10 +1,10 @@
 """zoo: residual architectures read as differential equations, as Lightning modules.
 
-    >>> import zoo
-    >>> model = zoo.create_model("depth_scaled_resnet50", num_classes=10)
-    >>> zoo.list_models("heun_*")[:3]
-    ['heun_cifar_resnet', 'heun_resnet101', 'heun_resnet152']
-    >>> model = zoo.create_model("momentum_resnet50.tv2_in1k", pretrained=True)  # doctest: +SKIP
+>>> import zoo
+>>> model = zoo.create_model("depth_scaled_resnet50", num_classes=10)
+>>> zoo.list_models("heun_*")[:3]
+['heun_cifar_resnet', 'heun_resnet101', 'heun_resnet152']
+>>> model = zoo.create_model("momentum_resnet50.tv2_in1k", pretrained=True)  # doctest: +SKIP
 """
 
 from zoo import models as models

@@ -20,8 +20,16 @@ __all__ = ["renamed_argument", "renamed_arguments", "renamed_attribute"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def renamed_argument(owner: str, new: str, new_value: Any, old: str, old_value: Any, *,
-                     new_given: bool | None = None, stacklevel: int = 3) -> Any:
+def renamed_argument(
+    owner: str,
+    new: str,
+    new_value: Any,
+    old: str,
+    old_value: Any,
+    *,
+    new_given: bool | None = None,
+    stacklevel: int = 3,
+) -> Any:
     """The value of argument ``new`` of ``owner`` when its deprecated name ``old`` may have been given instead.
 
     ``old_value`` None: ``new_value``. Otherwise ``old_value``, with a FutureWarning; a ZooError when ``new`` was
@@ -31,8 +39,11 @@ def renamed_argument(owner: str, new: str, new_value: Any, old: str, old_value: 
         return new_value
     if new_value is not None if new_given is None else new_given:
         raise ZooError(f"{owner}: {old}= is the deprecated name of {new}=; give {new}= only, not both")
-    warnings.warn(f"{owner}: {old}= is deprecated and will be removed in the next release; use {new}= (same meaning)",
-                  FutureWarning, stacklevel=stacklevel)
+    warnings.warn(
+        f"{owner}: {old}= is deprecated and will be removed in the next release; use {new}= (same meaning)",
+        FutureWarning,
+        stacklevel=stacklevel,
+    )
     return old_value
 
 
@@ -56,8 +67,9 @@ def renamed_arguments(**renames: str) -> Callable[[F], F]:
             for old, new in renames.items():
                 old_value = bound.arguments.pop(old, None)
                 if old_value is not None:
-                    bound.arguments[new] = renamed_argument(owner, new, None, old, old_value,
-                                                            new_given=new in bound.arguments)
+                    bound.arguments[new] = renamed_argument(
+                        owner, new, None, old, old_value, new_given=new in bound.arguments
+                    )
             return fn(*bound.args, **bound.kwargs)
 
         return wrapper  # type: ignore[return-value]
@@ -69,8 +81,12 @@ def renamed_attribute(old: str, new: str) -> property:
     """A read-only class attribute ``old`` that returns ``self.<new>`` with a FutureWarning naming ``new``."""
 
     def get(self: Any) -> Any:
-        warnings.warn(f"{type(self).__name__}.{old} is deprecated and will be removed in the next release; use "
-                      f".{new} (same value)", FutureWarning, stacklevel=2)
+        warnings.warn(
+            f"{type(self).__name__}.{old} is deprecated and will be removed in the next release; use "
+            f".{new} (same value)",
+            FutureWarning,
+            stacklevel=2,
+        )
         return getattr(self, new)
 
     return property(get, doc=f"Deprecated name of ``{new}``.")

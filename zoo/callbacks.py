@@ -62,14 +62,20 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         path = Path(output)
         if path.is_dir():
-            raise ZooError(f"PredictionWriter output {str(output)!r} is a folder: give a file path such as "
-                           f"{path / 'predictions.pt'}")
+            raise ZooError(
+                f"PredictionWriter output {str(output)!r} is a folder: give a file path such as "
+                f"{path / 'predictions.pt'}"
+            )
         if path.suffix.lower() not in _FORMATS:
-            raise ZooError(f"PredictionWriter output {str(output)!r}: give a file ending in .pt (torch.save, any "
-                           "predictions) or .csv (one row of numbers per sample)")
+            raise ZooError(
+                f"PredictionWriter output {str(output)!r}: give a file ending in .pt (torch.save, any "
+                "predictions) or .csv (one row of numbers per sample)"
+            )
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ZooError(f"PredictionWriter top_k={top_k!r}: give a positive number of classes, or leave it unset "
-                           "for all the scores")
+            raise ZooError(
+                f"PredictionWriter top_k={top_k!r}: give a positive number of classes, or leave it unset "
+                "for all the scores"
+            )
         self.output = path
         self.format = _FORMATS[path.suffix.lower()]
         self.top_k = top_k
@@ -81,9 +87,16 @@ class PredictionWriter(BasePredictionWriter):
         self._samples = {}
         self.written = None
 
-    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         """Split the batch's output into samples and keep them with their dataset indices (on the CPU)."""
         samples = self._samples.setdefault(dataloader_idx, [])
         if self.top_k is not None:
@@ -91,14 +104,18 @@ class PredictionWriter(BasePredictionWriter):
         items = _unbatch(_to_cpu(prediction))
         if batch_indices is None or len(batch_indices) == 0:  # not a torch DataLoader: positions count on
             if trainer.world_size > 1:
-                raise ZooError("PredictionWriter under DDP needs the dataset indices of each batch, which Lightning "
-                               "records only for torch DataLoaders: return a DataLoader from predict_dataloader")
+                raise ZooError(
+                    "PredictionWriter under DDP needs the dataset indices of each batch, which Lightning "
+                    "records only for torch DataLoaders: return a DataLoader from predict_dataloader"
+                )
             start = samples[-1][0] + 1 if samples else 0
             batch_indices = range(start, start + len(items))
         if len(items) != len(batch_indices):
-            raise ZooError(f"predict_step returned {_describe(prediction)} for a batch of {len(batch_indices)} "
-                           "samples: PredictionWriter writes one prediction per sample, so the output's first "
-                           "dimension (or length) must be the batch size")
+            raise ZooError(
+                f"predict_step returned {_describe(prediction)} for a batch of {len(batch_indices)} "
+                "samples: PredictionWriter writes one prediction per sample, so the output's first "
+                "dimension (or length) must be the batch size"
+            )
         if self.format == "csv" and not samples:  # check the first batch: fail before predicting everything
             if dataloader_idx > 0:
                 raise ZooError("PredictionWriter: several predict dataloaders need a .pt output (a .csv holds one)")
@@ -107,8 +124,10 @@ class PredictionWriter(BasePredictionWriter):
 
     def _top_k(self, prediction: Any) -> dict[str, torch.Tensor]:
         if not (isinstance(prediction, torch.Tensor) and prediction.ndim == 2 and prediction.is_floating_point()):
-            raise ZooError(f"PredictionWriter top_k={self.top_k} needs class scores, a (batch, classes) float tensor, "
-                           f"from predict_step; it returned {_describe(prediction)}: leave top_k unset")
+            raise ZooError(
+                f"PredictionWriter top_k={self.top_k} needs class scores, a (batch, classes) float tensor, "
+                f"from predict_step; it returned {_describe(prediction)}: leave top_k unset"
+            )
         if self.top_k > prediction.shape[1]:
             raise ZooError(f"PredictionWriter top_k={self.top_k} is more than the {prediction.shape[1]} classes")
         values, indices = prediction.topk(self.top_k, dim=1)
@@ -134,8 +153,10 @@ class PredictionWriter(BasePredictionWriter):
             self.written = sum(len(x) for x in loaders)
             names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
             if self.format == "pt":
-                tables = [{"index": torch.tensor(list(x), dtype=torch.long), "predictions": _collate(list(x.values()))}
-                          for x in loaders]
+                tables = [
+                    {"index": torch.tensor(list(x), dtype=torch.long), "predictions": _collate(list(x.values()))}
+                    for x in loaders
+                ]
                 data = tables[0] if len(tables) == 1 else tables
                 atomic_write(self.output, lambda tmp: torch.save(data, tmp))
             else:
@@ -177,21 +198,27 @@ def _unbatch(prediction: Any) -> list[Any]:
     """One entry per sample: rows of a tensor, dicts of rows of a dict, items of a list or tuple."""
     if isinstance(prediction, torch.Tensor):
         if prediction.ndim == 0:
-            raise ZooError("predict_step returned a scalar tensor: PredictionWriter writes one prediction per "
-                           "sample, so return a tensor whose first dimension is the batch")
+            raise ZooError(
+                "predict_step returned a scalar tensor: PredictionWriter writes one prediction per "
+                "sample, so return a tensor whose first dimension is the batch"
+            )
         return list(prediction.unbind(0))
     if isinstance(prediction, Mapping):
         columns = {k: _unbatch(v) for k, v in prediction.items()}
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1:
-            raise ZooError(f"predict_step returned a dict whose entries have different batch sizes "
-                           f"({ {k: len(v) for k, v in columns.items()} }): PredictionWriter needs one per sample")
+            raise ZooError(
+                f"predict_step returned a dict whose entries have different batch sizes "
+                f"({ {k: len(v) for k, v in columns.items()} }): PredictionWriter needs one per sample"
+            )
         (n,) = lengths
         return [{k: v[i] for k, v in columns.items()} for i in range(n)]
     if isinstance(prediction, (list, tuple)):
         return list(prediction)
-    raise ZooError(f"predict_step returned {_describe(prediction)}: PredictionWriter writes tensors, dicts of "
-                   "tensors or one item per sample in a list or tuple")
+    raise ZooError(
+        f"predict_step returned {_describe(prediction)}: PredictionWriter writes tensors, dicts of "
+        "tensors or one item per sample in a list or tuple"
+    )
 
 
 def _collate(samples: list[Any]) -> Any:
@@ -217,8 +244,10 @@ def _csv_row(sample: Any, prediction: Any) -> list[float]:
         return sample.reshape(-1).tolist()
     if isinstance(sample, (int, float)) and not isinstance(sample, bool):
         return [sample]
-    raise ZooError(f"PredictionWriter: a .csv holds one row of numbers per sample, and predict_step returned "
-                   f"{_describe(prediction)}: write to a .pt file instead (torch.save keeps any predictions)")
+    raise ZooError(
+        f"PredictionWriter: a .csv holds one row of numbers per sample, and predict_step returned "
+        f"{_describe(prediction)}: write to a .pt file instead (torch.save keeps any predictions)"
+    )
 
 
 def _csv_text(samples: Mapping[int, Any], class_names: Sequence[str] | None, top_k: int | None) -> str:

@@ -49,11 +49,15 @@ ZOO_SUBCOMMANDS = {
     "convert": "Turn a torchvision/timm model with its weights into a zoo model and save it (zoo convert --help).",
     "recipes": "List the recipes shipped with zoo; --config takes their names (zoo recipes --help).",
 }
-DESCRIPTION = ("zoo: residual networks read as differential equations. fit/validate/test/predict are Lightning's "
-               "CLI (any option of the model, data and trainer: zoo fit --config <recipe> --print_config shows "
-               "them); convert and recipes are zoo's.")
-CONFIG_HELP = ("A recipe: a YAML/JSON file, or the name of a recipe shipped with zoo (see zoo recipes), e.g. "
-               "digits_depth_scaled_resnet or nmt/numbers_sinkformer; a file that exists wins over a recipe name.")
+DESCRIPTION = (
+    "zoo: residual networks read as differential equations. fit/validate/test/predict are Lightning's "
+    "CLI (any option of the model, data and trainer: zoo fit --config <recipe> --print_config shows "
+    "them); convert and recipes are zoo's."
+)
+CONFIG_HELP = (
+    "A recipe: a YAML/JSON file, or the name of a recipe shipped with zoo (see zoo recipes), e.g. "
+    "digits_depth_scaled_resnet or nmt/numbers_sinkformer; a file that exists wins over a recipe name."
+)
 
 # ------------------------------------------------------------------------------------------------
 # the shipped recipes
@@ -68,8 +72,11 @@ def list_recipes(filter: str = "") -> dict[str, Path]:
     (``digits_*``, ``*sinkformer*``) or, without wildcards, a substring of the name."""
     if not RECIPE_DIR.is_dir():
         return {}
-    found = {p.relative_to(RECIPE_DIR).with_suffix("").as_posix(): p
-             for p in RECIPE_DIR.rglob("*") if p.suffix in RECIPE_SUFFIXES and p.is_file()}
+    found = {
+        p.relative_to(RECIPE_DIR).with_suffix("").as_posix(): p
+        for p in RECIPE_DIR.rglob("*")
+        if p.suffix in RECIPE_SUFFIXES and p.is_file()
+    }
     if filter:
         wildcard = any(c in filter for c in "*?[")
         found = {k: v for k, v in found.items() if (fnmatch.fnmatchcase(k, filter) if wildcard else filter in k)}
@@ -132,10 +139,15 @@ def _unknown_recipe(value: str, name: str, recipes: Mapping[str, Path]) -> ZooEr
     close = difflib.get_close_matches(name, recipes, n=5, cutoff=0.6)
     close += [k for k in recipes if k not in close and base and (base in k or k.rsplit("/", 1)[-1] == base)]
     close += [k for k in difflib.get_close_matches(base, recipes, n=5, cutoff=0.6) if k not in close]
-    hint = (f"close recipe names: {', '.join(close[:6])}" if close
-            else f"zoo recipes lists the {len(recipes)} shipped recipes")
-    return ZooError(f"{value!r} does not exist: it is neither a file nor a recipe shipped with zoo; {hint} "
-                    "(give a recipe name, e.g. digits_depth_scaled_resnet, or the path of a YAML file)")
+    hint = (
+        f"close recipe names: {', '.join(close[:6])}"
+        if close
+        else f"zoo recipes lists the {len(recipes)} shipped recipes"
+    )
+    return ZooError(
+        f"{value!r} does not exist: it is neither a file nor a recipe shipped with zoo; {hint} "
+        "(give a recipe name, e.g. digits_depth_scaled_resnet, or the path of a YAML file)"
+    )
 
 
 def recipes_main(argv: list[str]) -> None:
@@ -143,14 +155,18 @@ def recipes_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="zoo recipes",
         description="List the recipes shipped with zoo (name and the first line of its comment). Any subcommand's "
-                    "--config takes a name as well as a path: zoo fit --config digits_depth_scaled_resnet. A file "
-                    "that exists wins over a recipe of the same name. To change a recipe, copy it: "
-                    "zoo recipes --show NAME > my.yaml, edit, zoo fit --config my.yaml (or override single "
-                    "settings on the command line: --trainer.max_epochs 3).",
+        "--config takes a name as well as a path: zoo fit --config digits_depth_scaled_resnet. A file "
+        "that exists wins over a recipe of the same name. To change a recipe, copy it: "
+        "zoo recipes --show NAME > my.yaml, edit, zoo fit --config my.yaml (or override single "
+        "settings on the command line: --trainer.max_epochs 3).",
     )
-    parser.add_argument("filter", nargs="?", default="",
-                        help="only names matching this shell-style pattern (digits_*, *sinkformer*) or, without "
-                             "wildcards, holding this text")
+    parser.add_argument(
+        "filter",
+        nargs="?",
+        default="",
+        help="only names matching this shell-style pattern (digits_*, *sinkformer*) or, without "
+        "wildcards, holding this text",
+    )
     parser.add_argument("--show", metavar="NAME", help="print the recipe NAME (its YAML) instead of the list")
     parser.add_argument("--path", metavar="NAME", help="print the file path of the recipe NAME")
     args = parser.parse_args(argv)
@@ -164,8 +180,10 @@ def recipes_main(argv: list[str]) -> None:
         return
     recipes = list_recipes(args.filter)
     if not recipes and not list_recipes():
-        raise ZooError(f"no recipes found in {RECIPE_DIR}: this zoo was installed without its package data; "
-                       "reinstall it (pip install zoo), or give --config the path of a YAML file")
+        raise ZooError(
+            f"no recipes found in {RECIPE_DIR}: this zoo was installed without its package data; "
+            "reinstall it (pip install zoo), or give --config the path of a YAML file"
+        )
     if not recipes:
         raise ZooError(f"no shipped recipe matches {args.filter!r}: zoo recipes without a filter lists them all")
     width = max(len(name) for name in recipes)
@@ -296,20 +314,26 @@ def _checkpoint_model(path: str, hparams: Mapping[str, Any], chosen: str | None)
         del init_args[key]  # a training setting saved as a model argument before they were injected
     for key, value in init_args.items():
         if key not in params:
-            raise ZooError(f"checkpoint {path} sets {key!r}, which is not an argument of {cls.__name__}: the file "
-                           f"was written for another model; give the matching --model")
+            raise ZooError(
+                f"checkpoint {path} sets {key!r}, which is not an argument of {cls.__name__}: the file "
+                f"was written for another model; give the matching --model"
+            )
         if not _is_plain_type(params[key]) or not _is_plain_value(value):
-            raise ZooError(f"checkpoint {path} sets {key!r} of {cls.__name__} (type {params[key]}) to "
-                           f"{type(value).__name__} data that could name code to import; a checkpoint may only "
-                           f"hold numbers, strings and lists of them: give {key} on the command line instead")
+            raise ZooError(
+                f"checkpoint {path} sets {key!r} of {cls.__name__} (type {params[key]}) to "
+                f"{type(value).__name__} data that could name code to import; a checkpoint may only "
+                f"hold numbers, strings and lists of them: give {key} on the command line instead"
+            )
     return class_path, init_args
 
 
 def _trainer_error(error: BaseException, subcommand: str | None) -> str:
     """Lightning's configuration error in one line, with where to change it."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return (f"{text} (a trainer setting: change it with --trainer.<option> or in the recipe's trainer: section; "
-            f"zoo {subcommand or 'fit'} --print_config shows them all)")
+    return (
+        f"{text} (a trainer setting: change it with --trainer.<option> or in the recipe's trainer: section; "
+        f"zoo {subcommand or 'fit'} --print_config shows them all)"
+    )
 
 
 class ZooCLI(LightningCLI):
@@ -345,13 +369,17 @@ class ZooCLI(LightningCLI):
             return
         checkpoint = load_checkpoint_file(path)
         if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-            raise ZooError(f"{path} is not a Lightning checkpoint (it has no 'state_dict'): --ckpt_path takes a "
-                           ".ckpt written by zoo fit or a Trainer; for plain weights use --model.init_args.weights "
-                           f"{path}")
+            raise ZooError(
+                f"{path} is not a Lightning checkpoint (it has no 'state_dict'): --ckpt_path takes a "
+                ".ckpt written by zoo fit or a Trainer; for plain weights use --model.init_args.weights "
+                f"{path}"
+            )
         hparams = checkpoint.get("hyper_parameters") or {}
         if not isinstance(hparams, Mapping):
-            raise ZooError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict; "
-                           "the checkpoint was not written by Lightning")
+            raise ZooError(
+                f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict; "
+                "the checkpoint was not written by Lightning"
+            )
         model = self.config[subcommand].get("model")
         chosen = getattr(model, "class_path", None)
         if not set(hparams) - {"_instantiator"}:
@@ -361,8 +389,9 @@ class ZooCLI(LightningCLI):
         try:
             self.config = self.parser.parse_object(update, self.config)
         except ArgumentError as e:
-            raise ZooError(f"the hyperparameters in checkpoint {path} do not fit {class_path}: "
-                           f"{_summarise_config_error(e)}") from None
+            raise ZooError(
+                f"the hyperparameters in checkpoint {path} do not fit {class_path}: {_summarise_config_error(e)}"
+            ) from None
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         try:
@@ -438,8 +467,10 @@ class ZooCLI(LightningCLI):
         outputs = self.trainer.predict_loop.predictions or []
         batches = [b for group in outputs for b in (group if isinstance(group, list) else [group])]
         count = sum(len(b) for b in batches if hasattr(b, "__len__"))
-        _print_rank_zero(f"zoo: predicted {count} samples in {len(batches)} batches (to save them: "
-                         "--trainer.callbacks+=zoo.callbacks.PredictionWriter --trainer.callbacks.output preds.pt)")
+        _print_rank_zero(
+            f"zoo: predicted {count} samples in {len(batches)} batches (to save them: "
+            "--trainer.callbacks+=zoo.callbacks.PredictionWriter --trainer.callbacks.output preds.pt)"
+        )
 
 
 @rank_zero_only
@@ -509,9 +540,16 @@ def load_recipe(recipe: str, *overrides: str) -> tuple[pl.LightningModule, pl.Li
     is not set up yet (call ``prepare_data()`` and ``setup("fit")``).
     """
     args = ["--config", resolve_config(recipe), *overrides]
-    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 run=False, args=args, save_config_callback=None,
-                 parser_kwargs={"prog": "zoo", "exit_on_error": False, "description": DESCRIPTION})
+    cli = ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        save_config_callback=None,
+        parser_kwargs={"prog": "zoo", "exit_on_error": False, "description": DESCRIPTION},
+    )
     return cli.model, cli.datamodule
 
 
@@ -527,8 +565,10 @@ def _parse_value(key: str, text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ZooError(f"--option {key}={text!r}: not a YAML value ({problem}); write e.g. {key}=[1,2] for a list, "
-                       f"or quote a string: {key}='\"{text}\"'") from None
+        raise ZooError(
+            f"--option {key}={text!r}: not a YAML value ({problem}); write e.g. {key}=[1,2] for a list, "
+            f"or quote a string: {key}='\"{text}\"'"
+        ) from None
 
 
 def _classifier_size(model: Any, state_dict: dict[str, Any]) -> int | None:
@@ -575,8 +615,10 @@ def _build_source(spec: str, weights: str | None) -> Any:
             raise ZooError(f"unknown timm model {name!r}: see timm.list_models()")
         pretrained = weights is not None and weight_file is None
         if pretrained and weights not in ("hub", "pretrained"):
-            raise ZooError(f"--weights {weights!r} is not a file; for timm give a file, 'hf-hub:org/name' or 'hub' "
-                           "(timm's pretrained)")
+            raise ZooError(
+                f"--weights {weights!r} is not a file; for timm give a file, 'hf-hub:org/name' or 'hub' "
+                "(timm's pretrained)"
+            )
 
         def build(**kwargs: Any) -> Any:
             try:
@@ -601,27 +643,38 @@ def convert_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="zoo convert",
         description="Turn a torchvision/timm model with its weights into a zoo variant and save it "
-                    "(save_pretrained layout: zoo.from_pretrained reads it back).",
+        "(save_pretrained layout: zoo.from_pretrained reads it back).",
     )
     parser.add_argument("--from", dest="source", required=True, help="torchvision:<name> or timm:<name>")
-    parser.add_argument("--weights", help="required: a weight name (torchvision, e.g. IMAGENET1K_V2), 'hub' (timm's "
-                                          "pretrained), 'hf-hub:org/name', a weight file, or 'none' for a randomly "
-                                          "initialised model (a file named none: ./none)")
+    parser.add_argument(
+        "--weights",
+        help="required: a weight name (torchvision, e.g. IMAGENET1K_V2), 'hub' (timm's "
+        "pretrained), 'hf-hub:org/name', a weight file, or 'none' for a randomly "
+        "initialised model (a file named none: ./none)",
+    )
     parser.add_argument("--to", required=True, help="target variant (see converters.list_targets())")
     parser.add_argument("--out", required=True, help="output folder (save_pretrained layout) or .safetensors file")
     parser.add_argument("--memory", help="memory strategy of the result (full, adjoint, ...)")
     parser.add_argument("--gamma", type=float, help="momentum term (momentum targets)")
     parser.add_argument("--n-iter", dest="n_iter", type=int, help="Sinkhorn half-steps (sinkhorn targets)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other option of the target, value parsed as YAML; repeatable")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other option of the target, value parsed as YAML; repeatable",
+    )
     args = parser.parse_args(argv)
     if args.weights is None:
-        raise ZooError("zoo convert needs --weights: give the source's weights (a torchvision weight name such as "
-                       "IMAGENET1K_V2, 'hub' for timm's pretrained, 'hf-hub:org/name' or a weight file), or "
-                       "--weights none to convert a randomly initialised model on purpose")
+        raise ZooError(
+            "zoo convert needs --weights: give the source's weights (a torchvision weight name such as "
+            "IMAGENET1K_V2, 'hub' for timm's pretrained, 'hf-hub:org/name' or a weight file), or "
+            "--weights none to convert a randomly initialised model on purpose"
+        )
     weights = None if args.weights.lower() == "none" else args.weights
-    options: dict[str, Any] = {k: v for k, v in (("memory", args.memory), ("gamma", args.gamma),
-                                                 ("n_iter", args.n_iter)) if v is not None}
+    options: dict[str, Any] = {
+        k: v for k, v in (("memory", args.memory), ("gamma", args.gamma), ("n_iter", args.n_iter)) if v is not None
+    }
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -633,8 +686,10 @@ def convert_main(argv: list[str]) -> None:
     source = _build_source(args.source, weights)
     model = converters.transform(source, to=args.to, **options)
     if not hasattr(model, "hparams"):
-        raise ZooError(f"converting {args.source} to {args.to!r} gives a {type(model).__qualname__}, not a zoo model: "
-                       "save_pretrained cannot record how to rebuild it; call converters.transform in Python")
+        raise ZooError(
+            f"converting {args.source} to {args.to!r} gives a {type(model).__qualname__}, not a zoo model: "
+            "save_pretrained cannot record how to rebuild it; call converters.transform in Python"
+        )
     out = save_pretrained(model, args.out)
     n = sum(p.numel() for p in model.parameters())
     random = ", randomly initialised: --weights none" if weights is None else ""

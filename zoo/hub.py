@@ -120,8 +120,9 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 # safetensors with tied weights
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """Write a state dict; tensors sharing storage (tied blocks) are stored once and aliased."""
     from safetensors.torch import save_file
 
@@ -203,10 +204,21 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 
 
@@ -338,7 +350,7 @@ def _read_torchvision(arch: str, name: str) -> dict[str, torch.Tensor]:
 
 def _hf_hub_repo(spec: str) -> str | None:
     """``org/name[@revision]`` of a ``"hf-hub:org/name[@revision]"`` source; None for any other source."""
-    return spec[len(HF_HUB_PREFIX):] if spec.startswith(HF_HUB_PREFIX) else None
+    return spec[len(HF_HUB_PREFIX) :] if spec.startswith(HF_HUB_PREFIX) else None
 
 
 def _hf_hub_file(repo: str, *filenames: str, required: bool = True) -> Path | None:
@@ -413,9 +425,13 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, strict: bool = Tr
     return model
 
 
-def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                    source_hparams: Mapping[str, Any] | None = None, strict: bool = True,
-                    source: str = "state dict") -> nn.Module:
+def load_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source_hparams: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    source: str = "state dict",
+) -> nn.Module:
     """Load with one clear error listing the keys that do not fit.
 
     The state dict goes through ``model.adapt_state_dict(state_dict, source_hparams)`` first, when the
@@ -430,16 +446,21 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     from lightning.pytorch.utilities import rank_zero_info
 
     if cast:
-        rank_zero_info(f"zoo: {source}: cast to the model's precision: {', '.join(cast[:5])}"
-                       f"{' ...' if len(cast) > 5 else ''}")
+        rank_zero_info(
+            f"zoo: {source}: cast to the model's precision: {', '.join(cast[:5])}{' ...' if len(cast) > 5 else ''}"
+        )
     if skipped:
         rank_zero_info(f"zoo: classifier {', '.join(skipped)} not loaded (other num_classes): trained from scratch")
     return model
 
 
-def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                   source_hparams: Mapping[str, Any] | None = None, strict: bool = True,
-                   source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+def fit_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source_hparams: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    source: str = "state dict",
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """What :func:`load_state_dict` loads, checked: ``(state_dict, skipped classifier keys, cast keys)``.
 
     Works on meta tensors too (a model built on the meta device, a file's shapes and dtypes), so that a file
@@ -449,14 +470,11 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     if not any(k in own for k in sd):
         for prefix in ("model.", "module.", "net."):
             if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 break
     if hasattr(model, "adapt_state_dict"):
         sd = model.adapt_state_dict(sd, source_hparams)
-    skipped = [
-        k for k in sd
-        if k.startswith(_CLASSIFIER_PREFIXES) and k in own and sd[k].shape != own[k].shape
-    ]
+    skipped = [k for k in sd if k.startswith(_CLASSIFIER_PREFIXES) and k in own and sd[k].shape != own[k].shape]
     for k in skipped:
         del sd[k]
     check_state_dict(model, sd, source, strict=strict, ignore=skipped)
@@ -484,15 +502,23 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     return "float" if dtype.is_floating_point else "integer"
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
-                     strict: bool = True, ignore: list[str] | tuple = ()) -> None:
+def check_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "state dict",
+    strict: bool = True,
+    ignore: list[str] | tuple = (),
+) -> None:
     """Raise one ZooError listing the first missing / unexpected / mis-shaped keys, if any."""
     own = model.state_dict()
     sd = state_dict
     missing = [k for k in own if k not in sd and k not in ignore]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
-                  if k in own and hasattr(sd[k], "shape") and sd[k].shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and hasattr(sd[k], "shape") and sd[k].shape != own[k].shape
+    ]
     if mismatched or (strict and (missing or unexpected)):
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -543,24 +569,38 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, repo_id: str | No
     return path
 
 
-def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str = "Upload zoo model", create_pr: bool = False,
-                ) -> Any:
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload zoo model",
+    create_pr: bool = False,
+) -> Any:
     """Upload ``model`` to the Hugging Face Hub repository ``repo_id`` (created when missing) in
     ``save_pretrained``'s layout (``model.safetensors``, ``config.json``, ``README.md``), through
     ``huggingface_hub`` (its token: ``token``, ``HF_TOKEN`` or ``huggingface-cli login``). Returns the commit
     information; ``zoo.from_pretrained(f"hf-hub:{repo_id}")`` and builders' ``weights="hf-hub:..."`` read it back."""
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ZooError(f"repo_id must be 'namespace/name' (a Hub user or organisation and a repository name), got "
-                       f"{repo_id!r}")
+        raise ZooError(
+            f"repo_id must be 'namespace/name' (a Hub user or organisation and a repository name), got {repo_id!r}"
+        )
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="zoo-push-") as folder:
         save_pretrained(model, folder, repo_id=repo_id)
         api.create_repo(repo_id=repo_id, private=private, repo_type="model", exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                 commit_message=commit_message, create_pr=create_pr)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
 
 
 def _config_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any] | None:
@@ -570,8 +610,9 @@ def _config_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any]
     try:
         config = json.loads(meta[_META_CONFIG])
     except json.JSONDecodeError as e:
-        raise ZooError(f"{path}: metadata {_META_CONFIG!r} is not JSON ({e}); the file is damaged or not zoo's"
-                       ) from None
+        raise ZooError(
+            f"{path}: metadata {_META_CONFIG!r} is not JSON ({e}); the file is damaged or not zoo's"
+        ) from None
     if not isinstance(config, dict):
         raise ZooError(f"{path}: metadata {_META_CONFIG!r} must be a JSON object, got {type(config).__name__}")
     if not isinstance(config.get("class_path"), str):
@@ -611,8 +652,10 @@ def drop_legacy_training_args(cls: type, init_args: Mapping[str, Any], source: s
         return dict(init_args)
     from lightning.pytorch.utilities import rank_zero_info
 
-    rank_zero_info(f"zoo: {source} was saved with training settings as model arguments ({', '.join(dropped)}); "
-                   "they are not part of the model and were dropped (give optimizer= / lr_scheduler= to train)")
+    rank_zero_info(
+        f"zoo: {source} was saved with training settings as model arguments ({', '.join(dropped)}); "
+        "they are not part of the model and were dropped (give optimizer= / lr_scheduler= to train)"
+    )
     return {k: v for k, v in init_args.items() if k not in dropped}
 
 
@@ -654,9 +697,14 @@ def _ints(value: Any) -> Iterator[int]:
             yield from _ints(v)
 
 
-def build_checked(cls: type, init_args: Mapping[str, Any], specs: TensorSpecs,
-                  source: str, source_hparams: Mapping[str, Any] | None = None, max_extra_bytes: int = 1 << 28,
-                  ) -> nn.Module:
+def build_checked(
+    cls: type,
+    init_args: Mapping[str, Any],
+    specs: TensorSpecs,
+    source: str,
+    source_hparams: Mapping[str, Any] | None = None,
+    max_extra_bytes: int = 1 << 28,
+) -> nn.Module:
     """``cls(**init_args)``, after building it on the meta device and checking its state dict against the
     file's tensor shapes and dtypes (``specs``): a config that does not match its weights is refused before any
     memory is allocated. Tensors the file does not hold (non-persistent buffers) may add ``max_extra_bytes``."""
@@ -721,21 +769,27 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
         meta, specs = safetensors_header(path)
         config = _config_from_metadata(meta, path)
         if config is None:
-            raise ZooError(f"{path} was not written by zoo's save_pretrained (no config in its metadata); load it "
-                           "into a model with zoo.load_weights(model, path) or a builder's weights=")
+            raise ZooError(
+                f"{path} was not written by zoo's save_pretrained (no config in its metadata); load it "
+                "into a model with zoo.load_weights(model, path) or a builder's weights="
+            )
         model_cls = model_class(config["class_path"])
         init_args = config["init_args"]
         state_dict = None
     else:
         obj = load_checkpoint_file(path)
         if not (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)):
-            raise ZooError(f"{path} is neither a save_pretrained file nor a Lightning checkpoint (no 'state_dict'); "
-                           "load plain weights with zoo.load_weights(model, path) or a builder's weights=")
+            raise ZooError(
+                f"{path} is neither a save_pretrained file nor a Lightning checkpoint (no 'state_dict'); "
+                "load plain weights with zoo.load_weights(model, path) or a builder's weights="
+            )
         hparams = obj.get("hyper_parameters") or {}
         class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
         if class_path is None and cls is None:
-            raise ZooError(f"{path} does not name its model class (a checkpoint written outside LightningCLI); "
-                           "call <Family>.from_pretrained(path), e.g. zoo.models.MomentumResNet.from_pretrained")
+            raise ZooError(
+                f"{path} does not name its model class (a checkpoint written outside LightningCLI); "
+                "call <Family>.from_pretrained(path), e.g. zoo.models.MomentumResNet.from_pretrained"
+            )
         model_cls = model_class(class_path) if class_path is not None else cls
         init_args = _lightning_init_args(hparams)
         state_dict = _tensors(obj["state_dict"], path)

@@ -86,7 +86,7 @@ def _front_matter(model: nn.Module, cfg: Mapping[str, Any], repo_id: str | None)
         lines.append(f"pipeline_tag: {kind}")
     source = cfg.get("source")
     if isinstance(source, str) and source.startswith("hf-hub:"):
-        lines.append(f"base_model: {_yaml_scalar(source[len('hf-hub:'):].split('@')[0])}")
+        lines.append(f"base_model: {_yaml_scalar(source[len('hf-hub:') :].split('@')[0])}")
     results = [(name, m) for name, m in _metrics(cfg).items() if m.get("of", "model") == "model"]
     if results:
         lines += ["model-index:", f"- name: {_yaml_scalar(repo_id or arch or family)}", "  results:"]
@@ -131,8 +131,16 @@ def model_card(model: nn.Module, config: Mapping[str, Any], repo_id: str | None 
     parts += [f"A `zoo` {family}: {doc}" if doc else f"A `zoo` {family}.", ""]
     if cfg.get("description"):
         parts += [str(cfg["description"]), ""]
-    parts += ["## Usage", "", "```python", "import zoo", "",
-              f'model = zoo.from_pretrained("{load_from}").eval()', "```", ""]
+    parts += [
+        "## Usage",
+        "",
+        "```python",
+        "import zoo",
+        "",
+        f'model = zoo.from_pretrained("{load_from}").eval()',
+        "```",
+        "",
+    ]
     source = cfg.get("source")
     if source or cfg.get("conversion"):
         parts += ["## Source weights and conversion", ""]
@@ -147,22 +155,50 @@ def model_card(model: nn.Module, config: Mapping[str, Any], repo_id: str | None 
     if metrics:
         parts += ["## Metrics", "", "| metric | value | kind | of | note |", "|---|---|---|---|---|"]
         for name, m in metrics.items():
-            parts.append(f"| {name} | {m.get('value')} | {m.get('kind', '')} | {m.get('of', '')} | "
-                         f"{m.get('note', '')} |")
+            parts.append(
+                f"| {name} | {m.get('value')} | {m.get('kind', '')} | {m.get('of', '')} | {m.get('note', '')} |"
+            )
         parts.append("")
-    parts += ["## Architecture", "", f"Class `{config['class_path']}`, constructor arguments:", "", "```json",
-              json.dumps(config.get("init_args", {}), indent=2, sort_keys=True), "```", ""]
-    training = {name: describe_factory(getattr(model, f"{name}_factory", None))
-                for name in ("optimizer", "lr_scheduler")}
+    parts += [
+        "## Architecture",
+        "",
+        f"Class `{config['class_path']}`, constructor arguments:",
+        "",
+        "```json",
+        json.dumps(config.get("init_args", {}), indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    training = {
+        name: describe_factory(getattr(model, f"{name}_factory", None)) for name in ("optimizer", "lr_scheduler")
+    }
     training = {k: v for k, v in training.items() if v is not None}
     if training:
-        parts += ["## Training settings given to this model", "",
-                  "Not part of the saved model (give them again to train): ", "", "```json",
-                  json.dumps(training, indent=2, sort_keys=True, default=repr), "```", ""]
+        parts += [
+            "## Training settings given to this model",
+            "",
+            "Not part of the saved model (give them again to train): ",
+            "",
+            "```json",
+            json.dumps(training, indent=2, sort_keys=True, default=repr),
+            "```",
+            "",
+        ]
     if cfg:
         shown = {k: v for k, v in cfg.items() if k not in ("metrics", "description") and _plain(v)}
-        reads = (" (`timm.data.resolve_data_config({}, model=model)` reads the input size and transforms)"
-                 if "input_size" in shown else "")
-        parts += ["## Pretrained configuration", "", f"timm's keys{reads}:", "", "```json",
-                  json.dumps(shown, indent=2, sort_keys=True), "```", ""]
+        reads = (
+            " (`timm.data.resolve_data_config({}, model=model)` reads the input size and transforms)"
+            if "input_size" in shown
+            else ""
+        )
+        parts += [
+            "## Pretrained configuration",
+            "",
+            f"timm's keys{reads}:",
+            "",
+            "```json",
+            json.dumps(shown, indent=2, sort_keys=True),
+            "```",
+            "",
+        ]
     return "\n".join(parts)

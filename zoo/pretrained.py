@@ -112,16 +112,23 @@ class PretrainedCfg:
             value = getattr(self, name)
             if value is None:
                 continue
-            if (not isinstance(value, tuple) or len(value) != 3
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            if (
+                not isinstance(value, tuple)
+                or len(value) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            ):
                 raise ZooError(f"{where}: {name} must be (channels, height, width) of positive integers, got {value!r}")
         channels = self.input_size[0] if self.input_size is not None else len(self.mean)
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if (not isinstance(value, tuple) or len(value) != channels
-                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
-                raise ZooError(f"{where}: {name} must hold {channels} finite numbers (one per input channel), "
-                               f"got {value!r}")
+            if (
+                not isinstance(value, tuple)
+                or len(value) != channels
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+            ):
+                raise ZooError(
+                    f"{where}: {name} must hold {channels} finite numbers (one per input channel), got {value!r}"
+                )
         if any(s <= 0 for s in self.std):
             raise ZooError(f"{where}: std must be positive, got {self.std!r}")
         for name in ("crop_pct", "test_crop_pct"):
@@ -129,8 +136,9 @@ class PretrainedCfg:
             if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
                 raise ZooError(f"{where}: {name} must be in (0, 1] (crop size / resize size), got {value!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ZooError(f"{where}: interpolation must be one of {', '.join(INTERPOLATIONS)}, "
-                           f"got {self.interpolation!r}")
+            raise ZooError(
+                f"{where}: interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
         if self.crop_mode not in CROP_MODES:
             raise ZooError(f"{where}: crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
@@ -142,8 +150,10 @@ class PretrainedCfg:
             if not isinstance(metric, Mapping) or not {"value", "kind", "of"} <= set(metric):
                 raise ZooError(f"{where}: metric {key!r} must be a mapping with value, kind and of, got {metric!r}")
             if metric["kind"] not in METRIC_KINDS or metric["of"] not in METRIC_OF:
-                raise ZooError(f"{where}: metric {key!r} has kind {metric['kind']!r} (one of {METRIC_KINDS}) and of "
-                               f"{metric['of']!r} (one of {METRIC_OF})")
+                raise ZooError(
+                    f"{where}: metric {key!r} has kind {metric['kind']!r} (one of {METRIC_KINDS}) and of "
+                    f"{metric['of']!r} (one of {METRIC_OF})"
+                )
             if not (isinstance(metric["value"], (int, float)) and math.isfinite(metric["value"])):
                 raise ZooError(f"{where}: metric {key!r} has a value that is not a finite number: {metric['value']!r}")
 
@@ -169,8 +179,11 @@ class PretrainedCfg:
                 continue
             if self.input_size is None and f.name in IMAGE_KEYS and remove_null:
                 continue  # not an image model
-            if remove_null and (value is None or value == {}) and f.name not in ("pool_size", "first_conv",
-                                                                                 "classifier"):
+            if (
+                remove_null
+                and (value is None or value == {})
+                and f.name not in ("pool_size", "first_conv", "classifier")
+            ):
                 continue
             out[f.name] = value
         return out
@@ -181,8 +194,20 @@ class PretrainedCfg:
 
 
 # timm's keys that describe an image input (left out of the dict of a cfg without an input_size)
-IMAGE_KEYS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
-              "test_crop_pct", "crop_mode", "mean", "std", "pool_size", "first_conv")
+IMAGE_KEYS = (
+    "input_size",
+    "test_input_size",
+    "min_input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "test_crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "pool_size",
+    "first_conv",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,8 +220,9 @@ _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
 def split_model_name_tag(name: str, no_tag: str = "") -> tuple[str, str]:
     """``"resnet50.tv2_in1k"`` -> ``("resnet50", "tv2_in1k")`` (timm's rule: the first dot splits)."""
     if not isinstance(name, str) or not name:
-        raise ZooError(f"a model name must be a non-empty string such as 'resnet50' or 'resnet50.tv2_in1k', "
-                       f"got {name!r}")
+        raise ZooError(
+            f"a model name must be a non-empty string such as 'resnet50' or 'resnet50.tv2_in1k', got {name!r}"
+        )
     arch, _, tag = name.partition(".")
     return arch, tag or no_tag
 
@@ -245,8 +271,9 @@ def _filters(value: str | Iterable[str] | None) -> list[str]:
     return [p for f in patterns for p in ([f] if "." in f else [f, f"{f}.*"])]
 
 
-def list_pretrained(filter: str | Iterable[str] = "", exclude_filters: str | Iterable[str] = "",
-                    has_weights: bool | None = None) -> list[str]:
+def list_pretrained(
+    filter: str | Iterable[str] = "", exclude_filters: str | Iterable[str] = "", has_weights: bool | None = None
+) -> list[str]:
     """Sorted (naturally, as timm) ``"arch.tag"`` names of the registered pretrained cfgs matching the shell-style
     ``filter`` (one pattern or several) and none of ``exclude_filters``. ``has_weights=True`` keeps the entries
     with weights (timm's ``list_pretrained`` lists only these), ``False`` the published configurations without."""
@@ -282,8 +309,10 @@ def get_pretrained_cfg(name: str, allow_unregistered: bool = True) -> Pretrained
     if not tag:
         return copy.deepcopy(next(iter(tags.values())))
     if tag not in tags:
-        raise ZooError(f"{arch!r} has no pretrained tag {tag!r}; its tags are {', '.join(tags)} "
-                       "(zoo.list_pretrained(" + repr(arch) + "))")
+        raise ZooError(
+            f"{arch!r} has no pretrained tag {tag!r}; its tags are {', '.join(tags)} "
+            "(zoo.list_pretrained(" + repr(arch) + "))"
+        )
     return copy.deepcopy(tags[tag])
 
 
@@ -344,10 +373,13 @@ def _agrees(cfg: PretrainedCfg, effective: Mapping[str, Any]) -> bool:
     return all(k in effective and effective[k] == v for k, v in cfg.model_args.items())
 
 
-def resolve_pretrained_cfg(arch: str, pretrained_cfg: PretrainedCfg | Mapping[str, Any] | str | None = None,
-                           weights: str | os.PathLike | None = None,
-                           base_cfg: PretrainedCfg | Mapping[str, Any] | None = None,
-                           model_kwargs: Mapping[str, Any] | None = None) -> PretrainedCfg:
+def resolve_pretrained_cfg(
+    arch: str,
+    pretrained_cfg: PretrainedCfg | Mapping[str, Any] | str | None = None,
+    weights: str | os.PathLike | None = None,
+    base_cfg: PretrainedCfg | Mapping[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> PretrainedCfg:
     """The cfg a build of ``arch`` starts from: ``pretrained_cfg`` (a cfg, a mapping, or a tag of ``arch``); else
     the table entry whose source ``weights`` names (among several, the one whose ``model_args`` agree with
     ``model_kwargs``); else, for other weights (a file), the architecture's default cfg with that ``source``;
@@ -370,8 +402,20 @@ def resolve_pretrained_cfg(arch: str, pretrained_cfg: PretrainedCfg | Mapping[st
         effective = dict(model_kwargs or {})
         return next((c for c in candidates if _agrees(c, effective)), candidates[0])
     # weights outside the table (a file, another hub repository): the architecture's transforms, that source
-    return default.replace(tag=None, source=spec, url=None, file=None, hf_hub_id=None, license=None, metrics={},
-                           conversion=None, model_args={}, recipe=None, description=None, notes=None)
+    return default.replace(
+        tag=None,
+        source=spec,
+        url=None,
+        file=None,
+        hf_hub_id=None,
+        license=None,
+        metrics={},
+        conversion=None,
+        model_args={},
+        recipe=None,
+        description=None,
+        notes=None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,10 +424,16 @@ def resolve_pretrained_cfg(arch: str, pretrained_cfg: PretrainedCfg | Mapping[st
 FEATURE_CLASSES = ("getter",)
 
 
-def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str, Any] | None = None,
-                kwargs: Mapping[str, Any] | None = None, *, pretrained: bool = False,
-                weights: str | os.PathLike | None = None,
-                base_cfg: PretrainedCfg | Mapping[str, Any] | None = None) -> nn.Module:
+def build_model(
+    cls: Callable[..., nn.Module],
+    arch: str,
+    defaults: Mapping[str, Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    base_cfg: PretrainedCfg | Mapping[str, Any] | None = None,
+) -> nn.Module:
     """Build ``cls`` for the registered architecture ``arch`` as timm's ``build_model_with_cfg`` does.
 
     Keyword arguments: the builder's ``defaults`` < the tag's ``model_args`` < the caller's ``kwargs``. Handles
@@ -424,20 +474,29 @@ def build_model(cls: Callable[..., nn.Module], arch: str, defaults: Mapping[str,
     if not _agrees(cfg, effective):
         differ = {k: effective.get(k) for k, v in cfg.model_args.items() if effective.get(k) != v}
         cfg = cfg.replace(
-            conversion=None, metrics={k: m for k, m in cfg.metrics.items() if m["of"] == "source"},
-            notes=(*(cfg.notes or ()), f"built with {differ}, not the tag's {cfg.model_args}: the tag's conversion "
-                                       "and model metrics do not apply"))
+            conversion=None,
+            metrics={k: m for k, m in cfg.metrics.items() if m["of"] == "source"},
+            notes=(
+                *(cfg.notes or ()),
+                f"built with {differ}, not the tag's {cfg.model_args}: the tag's conversion "
+                "and model metrics do not apply",
+            ),
+        )
     source = weights
     if source is None and pretrained:
         if not cfg.has_weights and cfg.tag is None:
-            raise ZooError(f"{arch} has no pretrained weights (no tag in zoo.list_pretrained({arch!r})); build it "
-                           "without pretrained=True, or give weights=... (a file, a save_pretrained folder, "
-                           "'hf-hub:org/name')")
+            raise ZooError(
+                f"{arch} has no pretrained weights (no tag in zoo.list_pretrained({arch!r})); build it "
+                "without pretrained=True, or give weights=... (a file, a save_pretrained folder, "
+                "'hf-hub:org/name')"
+            )
         if not cfg.has_weights:
             hint = f"; train it with the recipe {cfg.recipe!r}" if cfg.recipe else ""
-            raise ZooError(f"{cfg.name or arch} is a published configuration without weights, so pretrained=True "
-                           f"has nothing to load{hint}; build it without pretrained=True, or name a tag with weights "
-                           f"(zoo.list_pretrained({arch!r}, has_weights=True))")
+            raise ZooError(
+                f"{cfg.name or arch} is a published configuration without weights, so pretrained=True "
+                f"has nothing to load{hint}; build it without pretrained=True, or name a tag with weights "
+                f"(zoo.list_pretrained({arch!r}, has_weights=True))"
+            )
         source = cfg.source
     if "num_classes" not in kw and source is not None:  # the head the weights hold (timm's rule)
         recorded = recorded_num_classes(source) if weights is not None else None
@@ -476,12 +535,16 @@ def _feature_extractor(model: nn.Module, feature_cfg: dict[str, Any]) -> nn.Modu
 
     feature_cls = feature_cfg.pop("feature_cls", "getter")
     if not (feature_cls == "getter" or (isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet))):
-        raise ZooError(f"feature_cls must be 'getter' (timm's FeatureGetterNet over forward_intermediates), got "
-                       f"{feature_cls!r}: zoo's stages are residual stacks, not the module sequence timm's "
-                       "hook-based extractors walk")
+        raise ZooError(
+            f"feature_cls must be 'getter' (timm's FeatureGetterNet over forward_intermediates), got "
+            f"{feature_cls!r}: zoo's stages are residual stacks, not the module sequence timm's "
+            "hook-based extractors walk"
+        )
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
-        raise ZooError(f"{type(model).__name__} has no forward_intermediates / feature_info, so features_only=True "
-                       "cannot build a feature extractor")
+        raise ZooError(
+            f"{type(model).__name__} has no forward_intermediates / feature_info, so features_only=True "
+            "cannot build a feature extractor"
+        )
     feature_cls = FeatureGetterNet if isinstance(feature_cls, str) else feature_cls
     out_indices = feature_cfg.pop("out_indices", tuple(range(len(model.feature_info))))
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("num_classes", "classifier", "global_pool")}

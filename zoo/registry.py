@@ -51,9 +51,7 @@ def model_class(class_path: str) -> type:
 def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
     """Sorted names of registered models matching a shell-style ``pattern`` (and a family: file name)."""
     return sorted(
-        n
-        for n in _MODEL_ENTRYPOINTS
-        if fnmatch.fnmatch(n, pattern) and (family is None or _MODEL_FAMILY[n] == family)
+        n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatch(n, pattern) and (family is None or _MODEL_FAMILY[n] == family)
     )
 
 

@@ -88,8 +88,9 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
     return ""
 
 
-def integer(name: str, value: Any, min_value: int | None = None, max_value: int | None = None,
-            hint: str | None = None) -> int:
+def integer(
+    name: str, value: Any, min_value: int | None = None, max_value: int | None = None, hint: str | None = None
+) -> int:
     """An integer (not bool, not a float, not a string) in ``[min_value, max_value]``."""
     what = " ".join(filter(None, ["an integer", _interval(min_value, max_value, False, False)]))
     why = _type_hint(value, want_int=True)
@@ -111,8 +112,14 @@ def non_negative_int(name: str, value: Any, hint: str | None = None) -> int:
     return integer(name, value, 0, hint=hint)
 
 
-def int_sequence(name: str, value: Any, min_value: int | None = 1, length: int | None = None,
-                 allow_empty: bool = False, hint: str | None = None) -> tuple[int, ...]:
+def int_sequence(
+    name: str,
+    value: Any,
+    min_value: int | None = 1,
+    length: int | None = None,
+    allow_empty: bool = False,
+    hint: str | None = None,
+) -> tuple[int, ...]:
     """A list or tuple of integers >= ``min_value`` (``length`` entries when given; non-empty unless
     ``allow_empty``). A string, a bare number, a set or a dict is not such a sequence."""
     bound = f" >= {min_value}" if min_value is not None else ""
@@ -138,8 +145,15 @@ def int_sequence(name: str, value: Any, min_value: int | None = 1, length: int |
     return tuple(out)
 
 
-def finite_float(name: str, value: Any, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, hint: str | None = None) -> float:
+def finite_float(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str | None = None,
+) -> float:
     """A finite real number (not bool, not a string, not NaN or +-inf) in the interval given by ``low`` /
     ``high`` (closed ends unless ``low_open`` / ``high_open``)."""
     what = " ".join(filter(None, ["a finite number", _interval(low, high, low_open, high_open)]))
@@ -150,7 +164,8 @@ def finite_float(name: str, value: Any, low: float | None = None, high: float | 
         _fail(name, what, value, hint or "give a finite number (NaN and infinities are refused)")
     number = float(value)
     if (low is not None and (number <= low if low_open else number < low)) or (
-            high is not None and (number >= high if high_open else number > high)):
+        high is not None and (number >= high if high_open else number > high)
+    ):
         _fail(name, what, value, hint or f"give a value {_interval(low, high, low_open, high_open)}")
     return number
 
@@ -195,8 +210,9 @@ def boolean(name: str, value: Any, hint: str | None = None) -> bool:
 def image_size(name: str, value: Any) -> tuple[int, int]:
     """An image size: one integer >= 1 (square) or a pair (H, W) of them."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        size = positive_int(name, value, hint=None if _is_int(value) else "give an integer such as 224 or a pair "
-                            "(H, W)")
+        size = positive_int(
+            name, value, hint=None if _is_int(value) else "give an integer such as 224 or a pair (H, W)"
+        )
         return size, size
     h, w = int_sequence(name, value, 1, length=2, hint="give an integer such as 224 or a pair (H, W)")
     return h, w

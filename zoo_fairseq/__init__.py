@@ -44,5 +44,11 @@ from zoo_fairseq.model import (  # noqa: E402
     transformer_arch,
 )
 
-__all__ = ["ARCHS", "DEFAULT_N_ITER", "SinkformerModel", "SinkhornMultiheadAttention", "sinkhornize",
-           "transformer_arch"]
+__all__ = [
+    "ARCHS",
+    "DEFAULT_N_ITER",
+    "SinkformerModel",
+    "SinkhornMultiheadAttention",
+    "sinkhornize",
+    "transformer_arch",
+]

@@ -52,8 +52,10 @@ class SinkhornMultiheadAttention(SinkhornCore, MultiheadAttention):
             module.n_iter = check_n_iter(n_iter)
             return module
         if type(module) is not MultiheadAttention:
-            raise ZooError(f"{type(module).__module__}.{type(module).__qualname__} is not fairseq's "
-                           "MultiheadAttention itself (a subclass may change the forward): cannot make it Sinkhorn")
+            raise ZooError(
+                f"{type(module).__module__}.{type(module).__qualname__} is not fairseq's "
+                "MultiheadAttention itself (a subclass may change the forward): cannot make it Sinkhorn"
+            )
         n_iter = check_n_iter(n_iter)
         module.__class__ = cls
         module.n_iter = n_iter
@@ -93,8 +95,18 @@ class SinkhornMultiheadAttention(SinkhornCore, MultiheadAttention):
         why = self._unsupported(incremental_state, static_kv, before_softmax)
         if why:
             if self.n_iter == 1:
-                return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
-                                       static_kv, attn_mask, before_softmax, need_head_weights)
+                return super().forward(
+                    query,
+                    key,
+                    value,
+                    key_padding_mask,
+                    incremental_state,
+                    need_weights,
+                    static_kv,
+                    attn_mask,
+                    before_softmax,
+                    need_head_weights,
+                )
             raise ZooError(f"Sinkhorn attention (n_iter={self.n_iter}) does not support {why}")
         need_weights = need_weights or need_head_weights
         T, B, E = query.shape

@@ -49,8 +49,8 @@ def transformer_arch(arch: str) -> str:
     ``transformer_iwslt_de_en``, alias ``sinkformer_transformer_iwslt_de_en`` -> the same); other names unchanged."""
     if arch in ARCHS:
         return ARCHS[arch]
-    if arch.startswith("sinkformer_") and arch[len("sinkformer_"):] in _DEFAULTS:
-        return arch[len("sinkformer_"):]
+    if arch.startswith("sinkformer_") and arch[len("sinkformer_") :] in _DEFAULTS:
+        return arch[len("sinkformer_") :]
     return arch
 
 
@@ -68,9 +68,14 @@ class SinkformerModel(TransformerModel):
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         """fairseq's transformer arguments plus ``--sinkhorn-iters``."""
         super().add_args(parser)
-        parser.add_argument("--sinkhorn-iters", type=int, metavar="N", dest="sinkhorn_n_iter",
-                            help="Sinkhorn half-steps of the encoder self-attention: alternating row / column "
-                                 f"normalisations of exp(QK^T/sqrt(d)); 1 = softmax (default {DEFAULT_N_ITER})")
+        parser.add_argument(
+            "--sinkhorn-iters",
+            type=int,
+            metavar="N",
+            dest="sinkhorn_n_iter",
+            help="Sinkhorn half-steps of the encoder self-attention: alternating row / column "
+            f"normalisations of exp(QK^T/sqrt(d)); 1 = softmax (default {DEFAULT_N_ITER})",
+        )
 
     @classmethod
     def build_model(cls, args: argparse.Namespace, task: Any) -> SinkformerModel:

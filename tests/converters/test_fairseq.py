@@ -27,8 +27,10 @@ PAD = 1
 
 def test_plugin_without_fairseq_names_the_extra() -> None:
     """Importing zoo_fairseq without fairseq: one ImportError naming pip install "zoo[fairseq]" (no fairseq needed)."""
-    code = "import sys; sys.modules['fairseq'] = None\ntry:\n    import zoo_fairseq\nexcept ImportError as e:\n" \
-           "    print('ERR', e)\n"
+    code = (
+        "import sys; sys.modules['fairseq'] = None\ntry:\n    import zoo_fairseq\nexcept ImportError as e:\n"
+        "    print('ERR', e)\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -63,8 +65,9 @@ def dictionary(n: int) -> object:
     return d
 
 
-def fairseq_model(arch: str = "transformer_tiny", src: int = 23, tgt: int = 19, seed: int = 0,
-                  **extra) -> torch.nn.Module:
+def fairseq_model(
+    arch: str = "transformer_tiny", src: int = 23, tgt: int = 19, seed: int = 0, **extra
+) -> torch.nn.Module:
     """fairseq's own build_model on a fake task, every parameter perturbed (biases and norms matter), eval mode."""
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
@@ -88,7 +91,7 @@ def batch(src_vocab: int = 23, tgt_vocab: int = 19) -> tuple[torch.Tensor, torch
     src = torch.full((3, 7), PAD)
     prev = torch.full((3, 6), PAD)
     for i, (s, t) in enumerate(zip(src_len, tgt_len)):
-        src[i, 7 - s:] = torch.cat([torch.randint(4, src_vocab, (s - 1,), generator=g), torch.tensor([2])])
+        src[i, 7 - s :] = torch.cat([torch.randint(4, src_vocab, (s - 1,), generator=g), torch.tensor([2])])
         prev[i, :t] = torch.cat([torch.tensor([2]), torch.randint(4, tgt_vocab, (t - 1,), generator=g)])
     return src, torch.tensor(src_len), prev
 
@@ -109,9 +112,19 @@ def assert_close_valid(a: torch.Tensor, b: torch.Tensor, prev: torch.Tensor, tol
     assert (a[valid] - b[valid]).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("extra", [{}, {"share_decoder_input_output_embed": True, "encoder_normalize_before": True,
-                                        "decoder_normalize_before": True, "encoder_learned_pos": True}],
-                         ids=["post-norm", "pre-norm-tied-learned"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {
+            "share_decoder_input_output_embed": True,
+            "encoder_normalize_before": True,
+            "decoder_normalize_before": True,
+            "encoder_learned_pos": True,
+        },
+    ],
+    ids=["post-norm", "pre-norm-tied-learned"],
+)
 def test_checkpoint_file_matches_fairseq(tmp_path: Path, extra: dict, fs: object) -> None:
     """(1) A fairseq checkpoint file (args + model, as fairseq writes) read by from_fairseq_checkpoint: n_iter=1
     gives fairseq's decoder log-probs on a padded batch."""
@@ -150,8 +163,11 @@ def test_transform_rejects_unsupported(fs: object) -> None:
     model = fairseq_model(adaptive_softmax_cutoff="5,10", share_decoder_input_output_embed=False)
     with pytest.raises(ZooError, match="adaptive_softmax_cutoff"):
         converters.transform(model, to="sinkhorn", n_iter=1)
-    with pytest.raises(ZooError, match="unknown option 'lr' .*accepted options are n_iter, record_stats, inplace, "
-                                       "optimizer, lr_scheduler, label_smoothing"):
+    with pytest.raises(
+        ZooError,
+        match="unknown option 'lr' .*accepted options are n_iter, record_stats, inplace, "
+        "optimizer, lr_scheduler, label_smoothing",
+    ):
         converters.transform(fairseq_model(), to="sinkhorn", lr=1e-3)
 
 
@@ -181,8 +197,13 @@ def test_plugin_registers_and_matches_transformer(fs: object) -> None:
     import zoo_fairseq
 
     assert MODEL_REGISTRY["sinkformer"] is zoo_fairseq.SinkformerModel
-    for arch in ("sinkformer", "sinkformer_iwslt_de_en", "sinkformer_wmt_en_de", "sinkformer_tiny",
-                 "sinkformer_transformer_iwslt_de_en"):
+    for arch in (
+        "sinkformer",
+        "sinkformer_iwslt_de_en",
+        "sinkformer_wmt_en_de",
+        "sinkformer_tiny",
+        "sinkformer_transformer_iwslt_de_en",
+    ):
         assert ARCH_MODEL_REGISTRY[arch] is zoo_fairseq.SinkformerModel, arch
     args = argparse.Namespace(arch="sinkformer_iwslt_de_en")
     from fairseq.models import ARCH_CONFIG_REGISTRY
@@ -247,26 +268,67 @@ def test_fairseq_train_with_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         dicts[lang] = d
     data = tmp_path / "data-bin"
     for split, n in (("train", 48), ("valid", 8)):
-        src = [torch.randint(4, len(dicts["de"]), (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
-               + [2] for _ in range(n)]
+        src = [
+            torch.randint(4, len(dicts["de"]), (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+            + [2]
+            for _ in range(n)
+        ]
         tgt = [s[:-1][::-1] + [2] for s in src]
         write_binarized_split(data, split, "de", "en", src, tgt, dicts["de"], dicts["en"])
     save = tmp_path / "ckpt"
-    cmd = [sys.executable, "-c", "from fairseq_cli.train import cli_main; cli_main()", str(data),
-           "--user-dir", str(REPO / "zoo_fairseq"), "--task", "translation", "-s", "de", "-t", "en",
-           "--arch", "sinkformer_transformer_tiny", "--sinkhorn-iters", "3", "--share-decoder-input-output-embed",
-           "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "256", "--max-update", "3",
-           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--dropout", "0.1",
-           "--save-dir", str(save), "--cpu", "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints",
-           "--log-format", "simple", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from fairseq_cli.train import cli_main; cli_main()",
+        str(data),
+        "--user-dir",
+        str(REPO / "zoo_fairseq"),
+        "--task",
+        "translation",
+        "-s",
+        "de",
+        "-t",
+        "en",
+        "--arch",
+        "sinkformer_transformer_tiny",
+        "--sinkhorn-iters",
+        "3",
+        "--share-decoder-input-output-embed",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--max-tokens",
+        "256",
+        "--max-update",
+        "3",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--dropout",
+        "0.1",
+        "--save-dir",
+        str(save),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--disable-validation",
+        "--no-epoch-checkpoints",
+        "--log-format",
+        "simple",
+        "--seed",
+        "3",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     path = save / "checkpoint_last.pt"
     assert path.is_file(), out.stdout[-2000:]
 
-    zoo_model = SinkformerTranslation.from_fairseq_checkpoint(path, src_dict=data / "dict.de.txt",
-                                                              tgt_dict=data / "dict.en.txt").eval()
+    zoo_model = SinkformerTranslation.from_fairseq_checkpoint(
+        path, src_dict=data / "dict.de.txt", tgt_dict=data / "dict.en.txt"
+    ).eval()
     assert zoo_model.hparams.n_iter == 3
     # the checkpoint's training settings (adam, lr 1e-3, label smoothing ...) are not the architecture's: not read
     assert not {"lr", "optimizer", "lr_scheduler", "adam_betas", "criterion"} & set(zoo_model.hparams)
@@ -281,5 +343,6 @@ def test_fairseq_train_with_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     ref_model = models[0].eval()
     assert isinstance(ref_model, zoo_fairseq.SinkformerModel) and ref_model.sinkhorn_n_iter == 3
     src, lengths, prev = batch(16, 16)
-    assert_close_valid(zoo_log_probs(zoo_model, src, prev), fairseq_log_probs(ref_model, src, lengths, prev), prev,
-                       tol=5e-5)
+    assert_close_valid(
+        zoo_log_probs(zoo_model, src, prev), fairseq_log_probs(ref_model, src, lengths, prev), prev, tol=5e-5
+    )

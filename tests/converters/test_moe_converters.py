@@ -19,15 +19,19 @@ from zoo.errors import ZooError
 from zoo.models import VisionMoE
 from zoo.nn import MoE
 
-EXACT = [{"router": "token_choice", "k": 2, "normalize_gates": True, "capacity_factor": None},
-         {"router": "token_choice", "k": 1, "normalize_gates": True, "capacity_factor": None},
-         {"router": "expert_choice", "capacity_factor": None}]
+EXACT = [
+    {"router": "token_choice", "k": 2, "normalize_gates": True, "capacity_factor": None},
+    {"router": "token_choice", "k": 1, "normalize_gates": True, "capacity_factor": None},
+    {"router": "expert_choice", "capacity_factor": None},
+]
 
 
 def timm_vit(**kwargs) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **{"img_size": 32, "patch_size": 8, "num_classes": 7,
-                                                          "depth": 4, "embed_dim": 48, "num_heads": 4, **kwargs})
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        **{"img_size": 32, "patch_size": 8, "num_classes": 7, "depth": 4, "embed_dim": 48, "num_heads": 4, **kwargs},
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -66,9 +70,14 @@ def test_sparse_default_runs_trains_and_keeps_flags(tmp_path) -> None:
     src = timm_vit()
     src.blocks[3].mlp.fc1.weight.requires_grad_(False)
     src.patch_embed.proj.weight.requires_grad_(False)
-    model = converters.transform(src, to="moe", num_experts=4, moe_every=1,
-                                 optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-                                 lr_scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0))
+    model = converters.transform(
+        src,
+        to="moe",
+        num_experts=4,
+        moe_every=1,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0),
+    )
     assert model.moe_indices == [0, 1, 2, 3] and model.hparams.router == "expert_choice"
     assert not model.blocks[3].mlp.experts.fc1.weight.requires_grad
     assert model.blocks[3].mlp.experts.fc2.weight.requires_grad and model.blocks[2].mlp.experts.fc1.weight.requires_grad
@@ -77,8 +86,15 @@ def test_sparse_default_runs_trains_and_keeps_flags(tmp_path) -> None:
     x, y = images(8), torch.arange(8) % 7
     model.train()
     before = model.loss(model(x), y).item()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
     model.train()  # same dropout-free mode as `before`
     with torch.no_grad():
@@ -111,8 +127,9 @@ def test_every_moe_layers_and_router_n_iter_are_deprecated_option_names() -> Non
     soft = {"num_experts": 4, "topk": "soft", "lam": 0.05}
     x = images()
     for source, new_names, old_names in (
-            (src, {"moe_every": 1, "dykstra_iters": 2}, {"every": 1, "router_n_iter": 2}),
-            (src.blocks, {"moe_blocks": [1, 2], "dykstra_iters": 2}, {"moe_layers": [1, 2], "router_n_iter": 2})):
+        (src, {"moe_every": 1, "dykstra_iters": 2}, {"every": 1, "router_n_iter": 2}),
+        (src.blocks, {"moe_blocks": [1, 2], "dykstra_iters": 2}, {"moe_layers": [1, 2], "router_n_iter": 2}),
+    ):
         new = converters.transform(source, to="moe", **soft, **new_names)
         with pytest.warns(FutureWarning) as caught:
             old = converters.transform(source, to="moe", **soft, **old_names)
@@ -126,8 +143,11 @@ def test_every_moe_layers_and_router_n_iter_are_deprecated_option_names() -> Non
         with torch.no_grad():
             assert torch.equal(old(t), new(t))
     assert old[1].mlp.dykstra_iters == 2 and type(old[0].mlp) is not MoE
-    for both in ({"every": 1, "moe_every": 1}, {"moe_layers": [1], "moe_blocks": [1]},
-                 {"router_n_iter": 2, "dykstra_iters": 2}):
+    for both in (
+        {"every": 1, "moe_every": 1},
+        {"moe_layers": [1], "moe_blocks": [1]},
+        {"router_n_iter": 2, "dykstra_iters": 2},
+    ):
         with pytest.raises(ZooError, match="is the deprecated name of .*; give .* only, not both"):
             converters.transform(src, to="moe", **soft, **both)
 
@@ -154,9 +174,26 @@ def test_zoo_convert_to_moe_writes_a_vmoe_checkpoint(tmp_path, capsys: pytest.Ca
     weights = tmp_path / "vit.pth"
     torch.save(src.state_dict(), weights)
     out_file = tmp_path / "vmoe.safetensors"
-    code, out, err = run_main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights", str(weights),
-                               "--to", "moe", "--option", "num_experts=4", "--option", "capacity_factor=null",
-                               "--option", "moe_every=6", "--out", str(out_file)], capsys)
+    code, out, err = run_main(
+        [
+            "convert",
+            "--from",
+            "timm:vit_tiny_patch16_224",
+            "--weights",
+            str(weights),
+            "--to",
+            "moe",
+            "--option",
+            "num_experts=4",
+            "--option",
+            "capacity_factor=null",
+            "--option",
+            "moe_every=6",
+            "--out",
+            str(out_file),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert zoo_lines(out)[-1].startswith(f"wrote {out_file} (VisionMoE")
     model = zoo.from_pretrained(out_file).eval()

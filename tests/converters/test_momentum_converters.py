@@ -67,8 +67,11 @@ def test_momentum_target_serves_two_families() -> None:
     target = converters._get_target("momentum")
     assert target.families == ("resnet", "transformer")
     assert set(converters.list_sources("momentum")) == {
-        "torchvision.models.ResNet", "timm.models.resnet.ResNet", "torch.nn.TransformerEncoder",
-        "timm.models.vision_transformer.VisionTransformer", "nn.Sequential of timm.models.vision_transformer blocks",
+        "torchvision.models.ResNet",
+        "timm.models.resnet.ResNet",
+        "torch.nn.TransformerEncoder",
+        "timm.models.vision_transformer.VisionTransformer",
+        "nn.Sequential of timm.models.vision_transformer blocks",
     }
     # single-family targets are unchanged
     assert set(converters.list_sources("depth_scaled")) == {"torchvision.models.ResNet", "timm.models.resnet.ResNet"}
@@ -91,21 +94,27 @@ def test_register_target_adds_families_and_rejects_a_second_builder() -> None:
 def test_unsupported_source_lists_every_family() -> None:
     with pytest.raises(ZooError, match="cannot convert a torch.nn.modules.linear.Linear to 'momentum'") as err:
         converters.transform(nn.Linear(3, 3), to="momentum")
-    for name in ("torchvision.models.ResNet", "timm.models.resnet.ResNet", "torch.nn.TransformerEncoder",
-                 "timm.models.vision_transformer.VisionTransformer"):
+    for name in (
+        "torchvision.models.ResNet",
+        "timm.models.resnet.ResNet",
+        "torch.nn.TransformerEncoder",
+        "timm.models.vision_transformer.VisionTransformer",
+    ):
         assert name in str(err.value)
 
 
 def test_options_are_checked_per_family() -> None:
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False)
-    with pytest.raises(ZooError, match="unknown option 'lr' for to='momentum' from a torch.nn.TransformerEncoder") \
-            as err:
+    with pytest.raises(
+        ZooError, match="unknown option 'lr' for to='momentum' from a torch.nn.TransformerEncoder"
+    ) as err:
         converters.transform(enc, to="momentum", lr=0.1)
     assert "memory, gamma, init_velocity" in str(err.value)
     with pytest.raises(ZooError, match="gamma=0 is the plain ResNet"):
         converters.transform(enc, to="momentum", gamma=0.0)  # reversible (default) needs gamma > 0
-    model = converters.transform(build_resnet_source("tv_resnet18"), to="momentum", label_smoothing=0.1,
-                                 init_velocity="f")
+    model = converters.transform(
+        build_resnet_source("tv_resnet18"), to="momentum", label_smoothing=0.1, init_velocity="f"
+    )
     assert model.hparams.label_smoothing == 0.1 and all(s.init_velocity == "f" for s in model.stages)
 
 
@@ -150,8 +159,11 @@ def test_resnet_momentum_keeps_every_first_block_as_published(images, name: str)
     assert model.hparams.keep_first_block is True
     assert [s.depth for s in model.stages] == [1, 1, 1, 1] and all(s.transition is not None for s in model.stages)
     with torch.no_grad():  # written out over the source's own blocks: v <- 0.9 v + 0.1 (block(x) - x), x <- x + v
-        x = source.maxpool(source.act1(source.bn1(source.conv1(images)))) if name.startswith("timm") else \
-            source.maxpool(source.relu(source.bn1(source.conv1(images))))
+        x = (
+            source.maxpool(source.act1(source.bn1(source.conv1(images))))
+            if name.startswith("timm")
+            else source.maxpool(source.relu(source.bn1(source.conv1(images))))
+        )
         for stage in (source.layer1, source.layer2, source.layer3, source.layer4):
             x = stage[0](x)
             v = torch.zeros_like(x)
@@ -190,8 +202,21 @@ def test_cli_convert_to_momentum(images, tmp_path, out_name: str) -> None:
     out = tmp_path / out_name
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        main(["convert", "--from", "torchvision:resnet18", "--weights", str(weights), "--to", "momentum",
-              "--gamma", "0.9", "--out", str(out)])
+        main(
+            [
+                "convert",
+                "--from",
+                "torchvision:resnet18",
+                "--weights",
+                str(weights),
+                "--to",
+                "momentum",
+                "--gamma",
+                "0.9",
+                "--out",
+                str(out),
+            ]
+        )
     assert f"wrote {out} (MomentumResNet" in stdout.getvalue()
     built = zoo.momentum_resnet18(weights=str(out)).eval()
     loaded = zoo.from_pretrained(out).eval()
@@ -211,8 +236,19 @@ def test_cli_refuses_to_save_a_non_zoo_result(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(zoo.cli, "_build_source", lambda spec, weights: vit)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
-        main(["convert", "--from", "timm:vit_tiny_patch16_224", "--weights", "none", "--to", "momentum", "--out",
-              str(tmp_path / "x")])
+        main(
+            [
+                "convert",
+                "--from",
+                "timm:vit_tiny_patch16_224",
+                "--weights",
+                "none",
+                "--to",
+                "momentum",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
     assert "gives a VisionTransformer, not a zoo model" in err.getvalue()
     assert not (tmp_path / "x").exists()
 
@@ -318,8 +354,9 @@ def test_encoder_source_is_left_unchanged() -> None:
 
 def build_vit(**kwargs) -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10,
-                             **kwargs).eval()
+    return VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10, **kwargs
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -343,10 +380,14 @@ def test_vit_gamma_zero_is_the_source(vit_images) -> None:
     with torch.no_grad():
         assert_close_to_scale(model(vit_images), source(vit_images), rtol=1e-5)
         # a mask goes through forward_features' block loop, which runs the stack once
-        assert_close_to_scale(model.forward_features(vit_images, attn_mask=mask),
-                              source.forward_features(vit_images, attn_mask=mask), rtol=1e-5)
-        assert (model.forward_features(vit_images, attn_mask=mask)
-                - model.forward_features(vit_images)).abs().max() > 1e-3
+        assert_close_to_scale(
+            model.forward_features(vit_images, attn_mask=mask),
+            source.forward_features(vit_images, attn_mask=mask),
+            rtol=1e-5,
+        )
+        assert (
+            model.forward_features(vit_images, attn_mask=mask) - model.forward_features(vit_images)
+        ).abs().max() > 1e-3
     # weights are copied, not shared
     with torch.no_grad():
         model.blocks.blocks[0].module.attn.qkv.weight.zero_()
@@ -369,8 +410,10 @@ def test_vit_reversible_grads_equal_full_grads(vit_images) -> None:
             return self.vit.forward_features(x, attn_mask=attn_mask)
 
     mask = token_mask()
-    assert_same_grads(grads_of(Features(rev), vit_images, weighted_sum, attn_mask=mask),
-                      grads_of(Features(full), vit_images, weighted_sum, attn_mask=mask))
+    assert_same_grads(
+        grads_of(Features(rev), vit_images, weighted_sum, attn_mask=mask),
+        grads_of(Features(full), vit_images, weighted_sum, attn_mask=mask),
+    )
 
 
 def test_vit_block_sequence_and_grad_checkpointing(vit_images) -> None:

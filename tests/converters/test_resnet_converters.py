@@ -159,8 +159,12 @@ def test_heun_from_folded_weights(sources, images, name: str) -> None:
 
 def test_converted_model_trains_one_step() -> None:
     source = build_resnet_source("tv_resnet18", num_classes=10).train()
-    model = converters.transform(source, to="depth_scaled", optimizer=functools.partial(torch.optim.SGD, lr=0.01),
-                                 lr_scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0))
+    model = converters.transform(
+        source,
+        to="depth_scaled",
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0),
+    )
     assert isinstance(model, pl.LightningModule) and model.training
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
@@ -176,16 +180,24 @@ def test_converted_model_trains_one_step() -> None:
 
 def test_converted_model_fits_with_a_lightning_trainer(tmp_path) -> None:
     source = build_resnet_source("timm_resnet18", num_classes=4, in_chans=1).train()
-    model = converters.transform(source, to="depth_scaled", memory="adjoint",
-                                 optimizer=functools.partial(torch.optim.SGD, lr=0.01))
+    model = converters.transform(
+        source, to="depth_scaled", memory="adjoint", optimizer=functools.partial(torch.optim.SGD, lr=0.01)
+    )
     assert model.hparams.in_chans == 1
     g = torch.Generator().manual_seed(3)
     data = torch.utils.data.TensorDataset(
         torch.randn(8, 1, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
     )
     before = copy.deepcopy(model.state_dict())
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     assert trainer.global_step == 1
     after = model.state_dict()
@@ -290,10 +302,16 @@ def test_bad_option_value_is_a_zoo_error() -> None:
     ("build", "expected"),
     [
         (torchvision.models.resnext50_32x4d, "ResNeXt (groups=32, width_per_group=4)"),
-        (lambda: torchvision.models.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], width_per_group=128),
-         "wide ResNet (width_per_group=128)"),
-        (lambda: torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
-                                           replace_stride_with_dilation=[False, False, True]), "dilation"),
+        (
+            lambda: torchvision.models.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], width_per_group=128),
+            "wide ResNet (width_per_group=128)",
+        ),
+        (
+            lambda: torchvision.models.ResNet(
+                torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], replace_stride_with_dilation=[False, False, True]
+            ),
+            "dilation",
+        ),
         (lambda: timm.create_model("resnet18d"), "deep stem"),
         (lambda: timm.create_model("seresnet18"), "SE/attention"),
         (lambda: timm.create_model("resnet18", aa_layer=nn.AvgPool2d), "anti-aliasing"),

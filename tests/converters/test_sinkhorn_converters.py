@@ -38,14 +38,20 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def timm_vit(**kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return randomized(timm.create_model("vit_tiny_patch16_224", **{"img_size": 32, "num_classes": 7, "depth": 3,
-                                                                   "embed_dim": 48, **kwargs}))
+    return randomized(
+        timm.create_model(
+            "vit_tiny_patch16_224", **{"img_size": 32, "num_classes": 7, "depth": 3, "embed_dim": 48, **kwargs}
+        )
+    )
 
 
 def torchvision_vit() -> nn.Module:
     torch.manual_seed(0)
-    return randomized(torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
-                                                           hidden_dim=32, mlp_dim=64, num_classes=5))
+    return randomized(
+        torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+        )
+    )
 
 
 def encoder() -> nn.Module:
@@ -136,11 +142,19 @@ def test_timm_vit_dtype_and_trainer_fit(tmp_path) -> None:
     assert model.pos_embed.dtype == torch.float64
     with torch.no_grad():
         assert close(model(images().double()), src(images().double()), 1e-10)
-    model = converters.transform(timm_vit(), to="sinkhorn", n_iter=3,
-                                 optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    model = converters.transform(
+        timm_vit(), to="sinkhorn", n_iter=3, optimizer=functools.partial(torch.optim.Adam, lr=1e-3)
+    )
     x, y = images(8), torch.arange(8) % 7
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
     (ckpt,) = tmp_path.rglob("*.ckpt")
     reloaded = SinkformerViT.load_from_checkpoint(ckpt).eval()
@@ -284,7 +298,10 @@ def test_unsupported_models() -> None:
     class MyAttention(nn.MultiheadAttention):
         pass
 
-    with pytest.raises(ZooError, match=r"attn is a .*MyAttention.*only timm.layers.Attention and "
-                                       r"torch.nn.MultiheadAttention themselves convert"):
+    with pytest.raises(
+        ZooError,
+        match=r"attn is a .*MyAttention.*only timm.layers.Attention and "
+        r"torch.nn.MultiheadAttention themselves convert",
+    ):
         converters.transform(nn.ModuleDict({"attn": MyAttention(8, 2)}), to="sinkhorn")
     assert zoo.list_models("sinkformer_vit_small*")  # the zoo family the timm conversion gives

@@ -65,8 +65,11 @@ def test_digits_three_splits_disjoint_and_stratified(digits: DigitsDataModule) -
     assert not train & val and not train & test and not val & test
     assert train | val | test == set(range(1797))
     # labels and images are those of the images the indices name
-    for indices, labels in ((digits.train_indices, digits.train_labels), (digits.val_indices, digits.val_labels),
-                            (digits.test_indices, digits.test_labels)):
+    for indices, labels in (
+        (digits.train_indices, digits.train_labels),
+        (digits.val_indices, digits.val_labels),
+        (digits.test_indices, digits.test_labels),
+    ):
         assert torch.equal(all_labels[indices], labels)
     assert torch.equal(digits.test_dataset[5][0], digits.test_images[5])
     for labels in (digits.val_labels, digits.test_labels, digits.train_labels):
@@ -158,9 +161,17 @@ def test_digits_dataloaders() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"image_size": 4}, {"channels": 2}, {"val_fraction": 0.0}, {"val_fraction": 1.0}, {"batch_size": 0},
-     {"test_fraction": -0.1}, {"test_fraction": 1.0}, {"val_fraction": 0.5, "test_fraction": 0.5},
-     {"test_fraction": 0.002}],
+    [
+        {"image_size": 4},
+        {"channels": 2},
+        {"val_fraction": 0.0},
+        {"val_fraction": 1.0},
+        {"batch_size": 0},
+        {"test_fraction": -0.1},
+        {"test_fraction": 1.0},
+        {"val_fraction": 0.5, "test_fraction": 0.5},
+        {"test_fraction": 0.002},
+    ],
 )
 def test_digits_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -253,9 +264,7 @@ def test_cifar_fraction_val_split(fake_cifar: Path) -> None:
 # ----------------------------------------------------------------------------------------- ImageFolder
 
 
-def _write_image_folder(
-    root: Path, classes: list[str], split_dirs: tuple[str, ...] = ("train", "val")
-) -> None:
+def _write_image_folder(root: Path, classes: list[str], split_dirs: tuple[str, ...] = ("train", "val")) -> None:
     rng = np.random.default_rng(0)
     for split in split_dirs:
         for cls in classes:

@@ -64,19 +64,23 @@ def test_read_off_fan_triangulates_and_reads_modelnet_headers(tmp_path: Path) ->
     assert v.shape == (8, 3) and v.dtype == torch.float32 and f.shape == (12, 3) and f.dtype == torch.long
     assert f[:2].tolist() == [[0, 3, 2], [0, 2, 1]]
     # ModelNet's "OFF<n_vertices> <n_faces> <n_edges>" header, colours after the indices, a pentagon
-    (tmp_path / "m.off").write_text("OFF6 2 0\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n0 2 0\n5 5 5\n"
-                                    "3 0 1 2 255 0 0\n5 0 1 2 3 4\n")
+    (tmp_path / "m.off").write_text(
+        "OFF6 2 0\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n0 2 0\n5 5 5\n3 0 1 2 255 0 0\n5 0 1 2 3 4\n"
+    )
     v, f = read_off(tmp_path / "m.off")
     assert v.shape == (6, 3) and f.tolist() == [[0, 1, 2], [0, 1, 2], [0, 2, 3], [0, 3, 4]]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("PLY\n", "must start with 'OFF'"),
-    ("OFF\n3 1 0\n0 0 0\n1 0 0\n", "announces 3 vertices and 1 faces"),
-    ("OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n", "outside 0..2"),
-    ("OFF\n3 1 0\n0 0 0\n1 x 0\n0 1 0\n3 0 1 2\n", "unreadable vertex or face line"),
-    ("OFF\nthree\n", "expected 'n_vertices n_faces n_edges'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("PLY\n", "must start with 'OFF'"),
+        ("OFF\n3 1 0\n0 0 0\n1 0 0\n", "announces 3 vertices and 1 faces"),
+        ("OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n", "outside 0..2"),
+        ("OFF\n3 1 0\n0 0 0\n1 x 0\n0 1 0\n3 0 1 2\n", "unreadable vertex or face line"),
+        ("OFF\nthree\n", "expected 'n_vertices n_faces n_edges'"),
+    ],
+)
 def test_bad_off_is_one_clear_error(text: str, message: str, tmp_path: Path) -> None:
     (tmp_path / "bad.off").write_text(text)
     with pytest.raises(ZooError, match=message):
@@ -129,8 +133,12 @@ def test_augmentations_keep_shapes_and_labels() -> None:
     assert not torch.equal(shuffled, x) and torch.equal(shuffled[shuffled[:, 0].argsort()], x[x[:, 0].argsort()])
     up_y = PointCloudAugment(scale=None, translate=0.0, rotate=1.0, shuffle_points=False, up_axis="y")(x)
     assert torch.equal(up_y[:, 1], x[:, 1])
-    data = PointCloudDataset(torch.randn(4, 50, 3), torch.tensor([3, 1, 0, 2]), num_points=20,
-                             augment=PointCloudAugment(rotate=0.5, jitter=0.01))
+    data = PointCloudDataset(
+        torch.randn(4, 50, 3),
+        torch.tensor([3, 1, 0, 2]),
+        num_points=20,
+        augment=PointCloudAugment(rotate=0.5, jitter=0.01),
+    )
     for i in range(4):
         points, label = data[i]
         assert points.shape == (20, 3) and label.item() == [3, 1, 0, 2][i]
@@ -208,8 +216,10 @@ def test_bad_synthetic_options_are_one_clear_error() -> None:
 def write_modelnet_meshes(root: Path) -> Path:
     """Two classes (airplane: a unit square in z = 0; bed: a cube), 2 train and 1 test meshes each."""
     square = ([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], [[0, 1, 2, 3]])
-    cube = ([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)],
-            [[0, 1, 3, 2], [4, 6, 7, 5], [0, 4, 5, 1], [2, 3, 7, 6], [0, 2, 6, 4], [1, 5, 7, 3]])
+    cube = (
+        [[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)],
+        [[0, 1, 3, 2], [4, 6, 7, 5], [0, 4, 5, 1], [2, 3, 7, 6], [0, 2, 6, 4], [1, 5, 7, 3]],
+    )
     for name, (v, f) in (("airplane", square), ("bed", cube)):
         for split, n in (("train", 2), ("test", 1)):
             for i in range(n):
@@ -220,8 +230,7 @@ def write_modelnet_meshes(root: Path) -> Path:
 def test_modelnet40_from_mesh_folders(tmp_path: Path) -> None:
     root = write_modelnet_meshes(tmp_path / "ModelNet40")
     cache = tmp_path / "cache" / "clouds.pt"
-    dm = ModelNet40DataModule(root=str(root), num_points=64, batch_size=2, normalization="none",
-                              cache_file=str(cache))
+    dm = ModelNet40DataModule(root=str(root), num_points=64, batch_size=2, normalization="none", cache_file=str(cache))
     dm.setup()
     assert dm.class_names == ["airplane", "bed"] and dm.num_classes == 2 and dm.augmentation.up_axis == "z"
     train, test = dm.train_dataset, dm.val_dataset
@@ -234,8 +243,9 @@ def test_modelnet40_from_mesh_folders(tmp_path: Path) -> None:
     points, label = train[3]
     assert points.shape == (64, 3) and label.item() == 1
     # the cache rebuilds the same clouds without the meshes
-    again = ModelNet40DataModule(root=str(tmp_path / "gone"), layout="off", num_points=64, normalization="none",
-                                 cache_file=str(cache))
+    again = ModelNet40DataModule(
+        root=str(tmp_path / "gone"), layout="off", num_points=64, normalization="none", cache_file=str(cache)
+    )
     again.setup()
     assert torch.equal(again.train_dataset.points, train.points) and again.class_names == ["airplane", "bed"]
     unit = ModelNet40DataModule(root=str(root), num_points=64)

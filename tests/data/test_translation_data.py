@@ -135,8 +135,10 @@ def test_mmap_errors(tmp_path: Path) -> None:
 
 
 def test_collate_is_fairseqs() -> None:
-    samples = [{"id": 0, "source": torch.tensor([5, 6, EOS]), "target": torch.tensor([7, EOS])},
-               {"id": 1, "source": torch.tensor([8, EOS]), "target": torch.tensor([9, 10, 11, EOS])}]
+    samples = [
+        {"id": 0, "source": torch.tensor([5, 6, EOS]), "target": torch.tensor([7, EOS])},
+        {"id": 1, "source": torch.tensor([8, EOS]), "target": torch.tensor([9, 10, 11, EOS])},
+    ]
     b = collate(samples)
     assert b["src_tokens"].tolist() == [[5, 6, EOS], [PAD, 8, EOS]]  # left-padded source
     assert b["target"].tolist() == [[7, EOS, PAD, PAD], [9, 10, 11, EOS]]
@@ -214,8 +216,10 @@ def test_token_batch_sampler_takes_lightnings_distributed_sampler() -> None:
     seen = sorted(i for rank in shards["valid"] for b in rank for i in b)
     assert seen == list(range(n_valid)) and all(len(rank) >= 1 for rank in shards["valid"])
     # a split smaller than the number of processes: repeated so that every process has a batch
-    tiny = [list(TokenBatchSampler(np.array([3]), np.array([4]), max_tokens=64, num_replicas=3, rank=r,
-                                   even_batches=False)) for r in range(3)]
+    tiny = [
+        list(TokenBatchSampler(np.array([3]), np.array([4]), max_tokens=64, num_replicas=3, rank=r, even_batches=False))
+        for r in range(3)
+    ]
     assert tiny == [[[0]]] * 3
     with pytest.raises(ZooError, match="drop_last must be False"):
         TokenBatchSampler(np.array([3]), None, drop_last=True)
@@ -319,11 +323,17 @@ def test_bpe_tokenizer() -> None:
 def test_parallel_text_data_module(tmp_path: Path) -> None:
     de = ["das haus ist klein", "das buch ist gut", "ein kleines haus", "ein gutes buch"] * 10
     en = ["the house is small", "the book is good", "a small house", "a good book"] * 10
-    for name, lines in (("train.de", de), ("train.en", en), ("valid.de", de[:4] + ["unbekannt"]),
-                        ("valid.en", en[:4] + ["unknown"])):
+    for name, lines in (
+        ("train.de", de),
+        ("train.en", en),
+        ("valid.de", de[:4] + ["unbekannt"]),
+        ("valid.en", en[:4] + ["unknown"]),
+    ):
         (tmp_path / name).write_text("\n".join(lines) + "\n")
-    files = {"train": (str(tmp_path / "train.de"), str(tmp_path / "train.en")),
-             "valid": (str(tmp_path / "valid.de"), str(tmp_path / "valid.en"))}
+    files = {
+        "train": (str(tmp_path / "train.de"), str(tmp_path / "train.en")),
+        "valid": (str(tmp_path / "valid.de"), str(tmp_path / "valid.en")),
+    }
     dm = ParallelTextDataModule(**files, tokenizer="bpe", bpe_merges=20, max_tokens=100)
     dm.setup("fit")
     assert dm.remove_bpe == "@@ " and len(dm.src_dict) % 8 == 0
@@ -335,8 +345,9 @@ def test_parallel_text_data_module(tmp_path: Path) -> None:
     assert word.src_dict is word.tgt_dict and "house" in word.src_dict and "haus" in word.src_dict
     (tmp_path / "short.en").write_text("one line\n")
     with pytest.raises(ZooError, match="hold 40 and 1 lines"):
-        ParallelTextDataModule(train=(files["train"][0], str(tmp_path / "short.en")), valid=files["valid"],
-                               tokenizer="word").setup()
+        ParallelTextDataModule(
+            train=(files["train"][0], str(tmp_path / "short.en")), valid=files["valid"], tokenizer="word"
+        ).setup()
     with pytest.raises(ZooError, match="unknown tokenizer"):
         ParallelTextDataModule(**files, tokenizer="moses")
     try:
@@ -352,16 +363,31 @@ def test_parallel_text_data_module(tmp_path: Path) -> None:
 
 # German and English spellings written out from the languages' rules (not from num2words): the task's words are
 # the standard ones, with English's "and" after hundred and commas between thousands and the rest (num2words' en)
-@pytest.mark.parametrize("n,de,en", [
-    (0, "null", "zero"), (1, "eins", "one"), (16, "sechzehn", "sixteen"), (17, "siebzehn", "seventeen"),
-    (21, "einundzwanzig", "twenty-one"), (30, "dreißig", "thirty"), (101, "einhunderteins", "one hundred and one"),
-    (324, "dreihundertvierundzwanzig", "three hundred and twenty-four"), (1000, "eintausend", "one thousand"),
-    (21001, "einundzwanzigtausendeins", "twenty-one thousand and one"),
-    (324512, "dreihundertvierundzwanzigtausendfünfhundertzwölf",
-     "three hundred and twenty-four thousand, five hundred and twelve"),
-    (999999, "neunhundertneunundneunzigtausendneunhundertneunundneunzig",
-     "nine hundred and ninety-nine thousand, nine hundred and ninety-nine"),
-])
+@pytest.mark.parametrize(
+    "n,de,en",
+    [
+        (0, "null", "zero"),
+        (1, "eins", "one"),
+        (16, "sechzehn", "sixteen"),
+        (17, "siebzehn", "seventeen"),
+        (21, "einundzwanzig", "twenty-one"),
+        (30, "dreißig", "thirty"),
+        (101, "einhunderteins", "one hundred and one"),
+        (324, "dreihundertvierundzwanzig", "three hundred and twenty-four"),
+        (1000, "eintausend", "one thousand"),
+        (21001, "einundzwanzigtausendeins", "twenty-one thousand and one"),
+        (
+            324512,
+            "dreihundertvierundzwanzigtausendfünfhundertzwölf",
+            "three hundred and twenty-four thousand, five hundred and twelve",
+        ),
+        (
+            999999,
+            "neunhundertneunundneunzigtausendneunhundertneunundneunzig",
+            "nine hundred and ninety-nine thousand, nine hundred and ninety-nine",
+        ),
+    ],
+)
 def test_number_words(n: int, de: str, en: str) -> None:
     assert german_number(n) == de and english_number(n) == en
     assert "".join(german_number_tokens(n)) == de
@@ -445,17 +471,30 @@ def test_numbers_number_digits() -> None:
     assert number_digits(x).tolist() == [len(str(n)) for n in x.tolist()]
 
 
-@pytest.mark.parametrize("text,n", [
-    ("acht", 8), ("null", 0), ("sieben", 7), ("Elf", 11), ("einundzwanzig", 21), ("dreihundertvierundzwanzig", 324),
-    ("Dreihundert vierund-zwanzig", 324), ("zwoelf", 12), ("fuenfhundertdreissig", 530),
-    ("dreihundertvierundzwanzigtausendfünfhundertzwölf", 324512), (999_999, 999_999), (17, 17),
-])
+@pytest.mark.parametrize(
+    "text,n",
+    [
+        ("acht", 8),
+        ("null", 0),
+        ("sieben", 7),
+        ("Elf", 11),
+        ("einundzwanzig", 21),
+        ("dreihundertvierundzwanzig", 324),
+        ("Dreihundert vierund-zwanzig", 324),
+        ("zwoelf", 12),
+        ("fuenfhundertdreissig", 530),
+        ("dreihundertvierundzwanzigtausendfünfhundertzwölf", 324512),
+        (999_999, 999_999),
+        (17, 17),
+    ],
+)
 def test_numbers_encode_source(text: str | int, n: int) -> None:
     """Raw German text (a word, any case, spaces or hyphens inside, ASCII ue/oe/ss) -> exactly the ids of the
     training data's source for that number (the sub-words with their @@ markers)."""
     dm = NumbersDataModule(train_size=8, valid_size=8, test_size=8)
-    expected = dm.src_dict.encode_line(" ".join([p + "@@" for p in german_number_tokens(n)[:-1]]
-                                                + german_number_tokens(n)[-1:]))
+    expected = dm.src_dict.encode_line(
+        " ".join([p + "@@" for p in german_number_tokens(n)[:-1]] + german_number_tokens(n)[-1:])
+    )
     ids = dm.encode_source(text)
     assert ids.dtype == torch.int64 and ids.tolist() == expected.tolist() and int(ids[-1]) == EOS
     assert dm.decode_source(ids) == german_number(n)
@@ -471,10 +510,12 @@ def test_numbers_encode_source_matches_the_data_and_batches() -> None:
     batch = dm.encode_sources(["acht", "dreihundertvierundzwanzig"])
     assert batch.shape == (2, 6) and batch[0, :4].tolist() == [PAD] * 4  # left-padded as the loaders pad
     assert [dm.decode_source(row) for row in batch] == ["acht", "dreihundertvierundzwanzig"]
-    for bad, match in (("eight", "'eight' is not a German number word .*dreihundertvierundzwanzig"),
-                       ("324", "'324' is written in digits: give the German word .*dreihundertvierundzwanzig"),
-                       ("", "an empty text is not a German number word"),
-                       (3.5, "a German number word \\(str\\) or a number \\(int\\) is needed, got float")):
+    for bad, match in (
+        ("eight", "'eight' is not a German number word .*dreihundertvierundzwanzig"),
+        ("324", "'324' is written in digits: give the German word .*dreihundertvierundzwanzig"),
+        ("", "an empty text is not a German number word"),
+        (3.5, "a German number word \\(str\\) or a number \\(int\\) is needed, got float"),
+    ):
         with pytest.raises(ZooError, match=match):
             dm.encode_source(bad)
     with pytest.raises(ZooError, match="a non-empty list of sentences"):

@@ -27,14 +27,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = ("", "depth_scaled_", "heun_", "momentum_")
 IMAGENET_RESNETS = [f"{p}resnet{d}" for p in FAMILIES for d in (18, 34, 50, 101, 152)]
-CIFAR_RESNETS = [f"{p}{s}" for p in FAMILIES
-                 for s in ("resnet20_cifar", "resnet56_cifar", "resnet110_cifar", "cifar_resnet")]
+CIFAR_RESNETS = [
+    f"{p}{s}" for p in FAMILIES for s in ("resnet20_cifar", "resnet56_cifar", "resnet110_cifar", "cifar_resnet")
+]
 TINY_RESNETS = ["tiny", "depth_scaled_tiny", "heun_tiny", "momentum_tiny"]
-VITS = ["sinkformer_vit_tiny_patch16_224", "sinkformer_vit_small_patch16_224", "sinkformer_vit_base_patch16_224",
-        "sinkformer_vit_cats_dogs", "sinkformer_vit_mnist"]
+VITS = [
+    "sinkformer_vit_tiny_patch16_224",
+    "sinkformer_vit_small_patch16_224",
+    "sinkformer_vit_base_patch16_224",
+    "sinkformer_vit_cats_dogs",
+    "sinkformer_vit_mnist",
+]
 VMOES = ["vmoe_tiny_patch32_224", "vmoe_small_patch32_224"]
-POINT_CLOUDS = ["set_transformer_modelnet40", "set_sinkformer_modelnet40", "point_cloud_transformer",
-                "point_cloud_sinkformer"]
+POINT_CLOUDS = [
+    "set_transformer_modelnet40",
+    "set_sinkformer_modelnet40",
+    "point_cloud_transformer",
+    "point_cloud_sinkformer",
+]
 
 _VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 12, "depth": 2, "num_heads": 2}
 _SET = {"embed_dim": 8, "num_heads": 2, "num_inducing": 2, "depth": 1}
@@ -86,8 +96,12 @@ def inputs(model: torch.nn.Module, name: str, batch_size: int) -> torch.Tensor:
 
 
 def params(test: str, names: list[str]) -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[(test, n)], strict=False))
-            if (test, n) in KNOWN_GAPS else n for n in names]
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[(test, n)], strict=False))
+        if (test, n) in KNOWN_GAPS
+        else n
+        for n in names
+    ]
 
 
 IMAGE_MODELS = IMAGENET_RESNETS + CIFAR_RESNETS + TINY_RESNETS + VITS + VMOES
@@ -205,8 +219,9 @@ def test_model_default_cfgs_non_std(name: str) -> None:
     _check_names(create(name), cfg)
 
 
-def _check_features(outputs: list[torch.Tensor], channels: list[int], reductions: list[float],
-                    size: tuple[int, int], batch_size: int) -> None:
+def _check_features(
+    outputs: list[torch.Tensor], channels: list[int], reductions: list[float], size: tuple[int, int], batch_size: int
+) -> None:
     """timm's checks of feature maps against feature_info: channels, spatial size <= ceil(size / reduction) + 1."""
     assert len(outputs) == len(channels)
     for c, r, o in zip(channels, reductions, outputs):
@@ -280,8 +295,9 @@ def test_resnet_protocol_equals_timm_resnet(arch: str) -> None:
     reductions), the same pruning, features_only maps, pooled features and heads."""
     reference, model = _timm_and_zoo(arch)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    assert [(i["num_chs"], i["reduction"]) for i in model.feature_info] == \
-        [(i["num_chs"], i["reduction"]) for i in reference.feature_info]
+    assert [(i["num_chs"], i["reduction"]) for i in model.feature_info] == [
+        (i["num_chs"], i["reduction"]) for i in reference.feature_info
+    ]
     assert (model.num_features, model.head_hidden_size) == (reference.num_features, reference.head_hidden_size)
     with torch.no_grad():
         for kwargs in ({}, {"indices": 2}, {"indices": [0, -1]}, {"indices": [1, 3], "stop_early": True}):
@@ -293,8 +309,10 @@ def test_resnet_protocol_equals_timm_resnet(arch: str) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         only = model.forward_intermediates(x, indices=3, intermediates_only=True)
         assert isinstance(only, list) and len(only) == 3
-        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
-                                   reference.forward_head(reference.forward_features(x), pre_logits=True))
+        torch.testing.assert_close(
+            model.forward_head(model.forward_features(x), pre_logits=True),
+            reference.forward_head(reference.forward_features(x), pre_logits=True),
+        )
         for pool in ("max", "avgmax", "catavgmax"):
             model.reset_classifier(0, pool)
             reference.reset_classifier(0, pool)

@@ -113,8 +113,9 @@ def torchvision_source(depth: int) -> torchvision.models.ResNet:
     return randomise_bn(getattr(torchvision.models, f"resnet{depth}")(), seed=depth).eval()
 
 
-def published_momentum_forward(tv: torchvision.models.ResNet, x: torch.Tensor, gamma: float,
-                               v_factor: float | None = None) -> torch.Tensor:
+def published_momentum_forward(
+    tv: torchvision.models.ResNet, x: torch.Tensor, gamma: float, v_factor: float | None = None
+) -> torch.Tensor:
     """Sander et al.'s Momentum ResNet over torchvision's blocks, written out independently: the first block of
     every stage as it is, then v <- gamma v + (1 - gamma) (block(x) - x), x <- x + v over the others (v_0 = 0).
     ``v_factor`` replaces gamma in ``gamma v`` only (the momentumnet package's fixed-point rounding)."""
@@ -300,8 +301,15 @@ def test_save_pretrained_round_trip_keeps_momentum_settings(tmp_path, kwargs, ta
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def _images(n: int, seed: int = 0) -> TensorDataset:
@@ -330,8 +338,9 @@ def test_gradient_accumulation_reversible_equals_full():
     data = DataLoader(_images(8, seed=1), batch_size=4, shuffle=False)
     states = {}
     for memory in ("reversible", "full"):
-        model = small(seed=6, memory=memory, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
-                      lr_scheduler=None)
+        model = small(
+            seed=6, memory=memory, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9), lr_scheduler=None
+        )
         start = {k: v.clone() for k, v in model.state_dict().items()}
         trainer = _trainer(max_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
         trainer.fit(model, data)

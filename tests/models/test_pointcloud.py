@@ -35,11 +35,14 @@ from zoo.models.pointcloud import (
 from zoo.registry import list_models, model_entrypoint
 from zoo.tasks.optim import WarmupCosineLR
 
-NAMES = ["point_cloud_sinkformer", "point_cloud_transformer", "set_sinkformer_modelnet40",
-         "set_transformer_modelnet40"]
+NAMES = ["point_cloud_sinkformer", "point_cloud_transformer", "set_sinkformer_modelnet40", "set_transformer_modelnet40"]
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-MY_RECIPES = ["pointcloud_set_sinkformer_synthetic", "pointcloud_pct_synthetic", "modelnet40_set_sinkformer",
-              "modelnet40_pct"]
+MY_RECIPES = [
+    "pointcloud_set_sinkformer_synthetic",
+    "pointcloud_pct_synthetic",
+    "modelnet40_set_sinkformer",
+    "modelnet40_pct",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,8 +70,18 @@ def small_set(**kwargs) -> SetTransformer:
 
 def small_pct(**kwargs) -> PointCloudTransformer:
     torch.manual_seed(0)
-    return PointCloudTransformer(**{"num_classes": 5, "embed_dim": 8, "sample_points": (32, 16), "num_neighbors": 8,
-                                    "depth": 2, "fuse_dim": 32, "head_dims": (16,), **kwargs})
+    return PointCloudTransformer(
+        **{
+            "num_classes": 5,
+            "embed_dim": 8,
+            "sample_points": (32, 16),
+            "num_neighbors": 8,
+            "depth": 2,
+            "fuse_dim": 32,
+            "head_dims": (16,),
+            **kwargs,
+        }
+    )
 
 
 def optimization(model: nn.Module) -> tuple[torch.optim.Optimizer, object]:
@@ -102,11 +115,20 @@ def test_builders_registered_with_the_published_settings() -> None:
     for m in (st, sk):
         hp = m.hparams
         assert (hp.embed_dim, hp.num_heads, hp.depth, hp.num_inducing, hp.num_seeds, hp.num_classes) == (
-            256, 4, 2, 16, 1, 40)
+            256,
+            4,
+            2,
+            16,
+            1,
+            40,
+        )
         opt, sched = optimization(m)
         assert (type(opt), opt.defaults["lr"], opt.defaults["weight_decay"]) == (torch.optim.Adam, 1e-3, 0.0)
-        assert (type(sched), dict(sched.milestones), sched.gamma) == (torch.optim.lr_scheduler.MultiStepLR, {200: 1},
-                                                                      0.1)
+        assert (type(sched), dict(sched.milestones), sched.gamma) == (
+            torch.optim.lr_scheduler.MultiStepLR,
+            {200: 1},
+            0.1,
+        )
         assert not {"optimizer", "lr", "lr_scheduler", "scheduler", "milestones"} & set(hp)
         assert len(m.encoder) == 2 and len(m.decoder) == 1 and m.head.out_features == 40
     assert {a.n_iter for a in st.attentions} == {1} and {a.n_iter for a in sk.attentions} == {21}
@@ -115,15 +137,25 @@ def test_builders_registered_with_the_published_settings() -> None:
     for m in (pct, pcs):
         hp = m.hparams
         assert (hp.embed_dim, tuple(hp.sample_points), hp.num_neighbors, hp.depth, hp.fuse_dim) == (
-            64, (512, 256), 32, 4, 1024)
+            64,
+            (512, 256),
+            32,
+            4,
+            1024,
+        )
         opt, sched = optimization(m)
         assert (type(opt), opt.defaults["lr"], opt.defaults["momentum"], opt.defaults["weight_decay"]) == (
-            torch.optim.SGD, 0.01, 0.9, 5e-4)
+            torch.optim.SGD,
+            0.01,
+            0.9,
+            5e-4,
+        )
         assert isinstance(sched, WarmupCosineLR) and hp.label_smoothing == 0.2
         assert not {"optimizer", "lr", "momentum", "weight_decay", "scheduler"} & set(hp)
         assert m.channels == 256 and m.fuse[0].in_features == 5 * 256 and m.head.out_features == 40
     assert {b.attention for b in pct.blocks} == {"pct"} and {(b.attention, b.n_iter) for b in pcs.blocks} == {
-        ("sinkhorn", 21)}
+        ("sinkhorn", 21)
+    }
     # the PCT_Pytorch layout (max pooling) has the published 2.88M parameters
     assert round(sum(p.numel() for p in point_cloud_transformer(pooling="max").parameters()) / 1e6, 2) == 2.88
 
@@ -134,8 +166,9 @@ def test_builders_registered_with_the_published_settings() -> None:
 def reference_mab(mab: MAB, x: torch.Tensor, y: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
     """MAB with torch's nn.MultiheadAttention loaded with the same weights, LayerNorm and ReLU by hand."""
     attn = mab.attn
-    mha = nn.MultiheadAttention(attn.embed_dim, attn.num_heads, kdim=attn.kdim, vdim=attn.vdim, batch_first=True,
-                                dtype=x.dtype)
+    mha = nn.MultiheadAttention(
+        attn.embed_dim, attn.num_heads, kdim=attn.kdim, vdim=attn.vdim, batch_first=True, dtype=x.dtype
+    )
     mha.load_state_dict(attn.state_dict())
     mha.eval()
     if isinstance(mab.q_embed, nn.Linear):
@@ -242,7 +275,7 @@ def test_farthest_point_sampling_is_order_independent_and_deterministic() -> Non
     # each new centre is the farthest from the ones before
     for s in range(1, 20):
         d = torch.cdist(x[0], a[0, :s]).amin(dim=1)
-        assert torch.isclose(d.max(), torch.cdist(a[0, s:s + 1], a[0, :s]).min())
+        assert torch.isclose(d.max(), torch.cdist(a[0, s : s + 1], a[0, :s]).min())
     first = (x - x.mean(1, keepdim=True)).norm(dim=-1).argmax(-1)
     assert torch.equal(a[:, 0], x[torch.arange(3), first])
 
@@ -329,12 +362,18 @@ def test_pct_attention_stats_and_n_iter() -> None:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train_and_eval(model: pl.LightningModule, epochs: int, tmp_path: Path,
-                   per_class: int = 16) -> tuple[float, float, float]:
+def train_and_eval(
+    model: pl.LightningModule, epochs: int, tmp_path: Path, per_class: int = 16
+) -> tuple[float, float, float]:
     """(train loss before, train loss after, train accuracy after) on 4 synthetic shapes (eval mode)."""
     pl.seed_everything(0, verbose=False)
-    data = SyntheticPointCloudDataModule(shapes=["sphere", "cube", "torus", "cone"], num_points=64,
-                                         train_per_class=per_class, val_per_class=4, batch_size=16)
+    data = SyntheticPointCloudDataModule(
+        shapes=["sphere", "cube", "torus", "cone"],
+        num_points=64,
+        train_per_class=per_class,
+        val_per_class=4,
+        batch_size=16,
+    )
     data.setup()
     x, y = data.train_dataset.points, data.train_dataset.labels
 
@@ -346,23 +385,45 @@ def train_and_eval(model: pl.LightningModule, epochs: int, tmp_path: Path,
         return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
 
     before, _ = evaluate()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, data)
     after, acc = evaluate()
     return before, after, acc
 
 
 def test_set_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> None:
-    model = small_set(num_classes=4, embed_dim=32, num_heads=4, num_inducing=8, layer_norm=False, n_iter=5,
-                      optimizer=functools.partial(torch.optim.Adam, lr=3e-3), lr_scheduler=None)
+    model = small_set(
+        num_classes=4,
+        embed_dim=32,
+        num_heads=4,
+        num_inducing=8,
+        layer_norm=False,
+        n_iter=5,
+        optimizer=functools.partial(torch.optim.Adam, lr=3e-3),
+        lr_scheduler=None,
+    )
     before, after, acc = train_and_eval(model, 12, tmp_path)
     assert after < 0.8 * before and acc > 0.5, (before, after, acc)  # chance: 0.25
 
 
 def test_point_cloud_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> None:
-    model = small_pct(num_classes=4, attention="sinkhorn", n_iter=3, optimizer=functools.partial(torch.optim.Adam,
-                      lr=2e-3), lr_scheduler=None, label_smoothing=0.0, drop_rate=0.0)
+    model = small_pct(
+        num_classes=4,
+        attention="sinkhorn",
+        n_iter=3,
+        optimizer=functools.partial(torch.optim.Adam, lr=2e-3),
+        lr_scheduler=None,
+        label_smoothing=0.0,
+        drop_rate=0.0,
+    )
     before, after, acc = train_and_eval(model, 8, tmp_path, per_class=32)  # enough steps for the BatchNorm stats
     assert after < 0.8 * before and acc > 0.5, (before, after, acc)
 
@@ -370,8 +431,11 @@ def test_point_cloud_sinkformer_learns_the_synthetic_shapes(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------------ timm's protocol
 
 
-@pytest.mark.parametrize("build, unpooled", [(lambda: small_set(num_seeds=2), (2, 2, 16)),
-                                             (lambda: small_pct(), (2, 16, 32))], ids=["set", "pct"])
+@pytest.mark.parametrize(
+    "build, unpooled",
+    [(lambda: small_set(num_seeds=2), (2, 2, 16)), (lambda: small_pct(), (2, 16, 32))],
+    ids=["set", "pct"],
+)
 def test_timm_protocol_where_it_applies(build, unpooled: tuple[int, ...], tmp_path: Path) -> None:
     model = randomize(build()).eval()
     x = clouds()
@@ -403,29 +467,35 @@ def test_timm_protocol_where_it_applies(build, unpooled: tuple[int, ...], tmp_pa
 def test_builders_without_classifier_and_the_published_configurations() -> None:
     features = set_sinkformer_modelnet40(num_classes=0, embed_dim=32)
     assert features(clouds()).shape == (2, 32) and features.pretrained_cfg["num_classes"] == 0
-    published = {"set_sinkformer_modelnet40": ({"best": 89.1, "median": 88.4}, "modelnet40_set_sinkformer"),
-                 "set_transformer_modelnet40": ({"best": 87.8, "median": 86.3}, "modelnet40_set_sinkformer"),
-                 "point_cloud_sinkformer": ({"median": 92.8}, "modelnet40_pct"),
-                 "point_cloud_transformer": ({"median": 92.5}, "modelnet40_pct")}  # the Sinkformers paper's numbers
+    published = {
+        "set_sinkformer_modelnet40": ({"best": 89.1, "median": 88.4}, "modelnet40_set_sinkformer"),
+        "set_transformer_modelnet40": ({"best": 87.8, "median": 86.3}, "modelnet40_set_sinkformer"),
+        "point_cloud_sinkformer": ({"median": 92.8}, "modelnet40_pct"),
+        "point_cloud_transformer": ({"median": 92.5}, "modelnet40_pct"),
+    }  # the Sinkformers paper's numbers
     for name, (accuracy, recipe) in published.items():
         cfg = zoo.get_pretrained_cfg(name)
         assert cfg.source is None and cfg.recipe == recipe and (RECIPES / f"{recipe}.yaml").is_file()
         assert {k.removeprefix("modelnet40/top1_"): m["value"] for k, m in cfg.metrics.items()} == accuracy
         assert all((m["kind"], m["of"]) == ("published", "model") for m in cfg.metrics.values())
-        with pytest.raises(ZooError, match=f"{name}.sinkformers_paper is a published configuration without weights.*"
-                                           f"recipe '{recipe}'"):
+        with pytest.raises(
+            ZooError, match=f"{name}.sinkformers_paper is a published configuration without weights.*recipe '{recipe}'"
+        ):
             zoo.create_model(name, pretrained=True)
     # another architecture than the published one: the published accuracy no longer applies to it
-    assert set_sinkformer_modelnet40().pretrained_cfg["metrics"] == zoo.get_pretrained_cfg(
-        "set_sinkformer_modelnet40").metrics
+    assert (
+        set_sinkformer_modelnet40().pretrained_cfg["metrics"]
+        == zoo.get_pretrained_cfg("set_sinkformer_modelnet40").metrics
+    )
     assert set_sinkformer_modelnet40(n_iter=3).pretrained_cfg.get("metrics", {}) == {}
 
 
 # ------------------------------------------------------------------------------------------------ weights
 
 
-@pytest.mark.parametrize("build", [lambda: small_set(n_iter=3), lambda: small_pct(attention="sinkhorn", n_iter=3)],
-                         ids=["set", "pct"])
+@pytest.mark.parametrize(
+    "build", [lambda: small_set(n_iter=3), lambda: small_pct(attention="sinkhorn", n_iter=3)], ids=["set", "pct"]
+)
 def test_save_and_reload(build, tmp_path: Path) -> None:
     model = randomize(build()).eval()
     x = clouds()
@@ -444,12 +514,15 @@ def test_save_and_reload(build, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("build, points, message", [
-    (small_set, clouds(2, 10, 4), r"expects points of shape \(B, N, 3\)"),
-    (small_set, torch.randn(10, 3), r"expects points of shape \(B, N, 3\)"),
-    (small_pct, clouds(2, 64, 2), r"expects points of shape \(B, N, 3\)"),
-    (small_pct, clouds(2, 20), "clouds need at least 32 points, got 20"),
-])
+@pytest.mark.parametrize(
+    "build, points, message",
+    [
+        (small_set, clouds(2, 10, 4), r"expects points of shape \(B, N, 3\)"),
+        (small_set, torch.randn(10, 3), r"expects points of shape \(B, N, 3\)"),
+        (small_pct, clouds(2, 64, 2), r"expects points of shape \(B, N, 3\)"),
+        (small_pct, clouds(2, 20), "clouds need at least 32 points, got 20"),
+    ],
+)
 def test_bad_points_are_one_clear_error(build, points: torch.Tensor, message: str) -> None:
     with pytest.raises(ZooError, match=message):
         build()(points)
@@ -460,22 +533,28 @@ def test_bad_padding_mask_is_one_clear_error() -> None:
         small_set()(clouds(2, 10), padding_mask=torch.zeros(2, 9, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("build, kwargs, message", [
-    (small_set, {"n_iter": 0}, "n_iter must be an integer >= 1"),
-    (small_set, {"embed_dim": 10, "num_heads": 4}, "not divisible by num_heads"),
-    (small_set, {"num_inducing": 0}, "num_inducing must be an integer >= 1, got 0"),
-    (small_set, {"optimizer": "adam"}, "optimizer must be a callable that builds the optimizer"),
-    (small_set, {"lr": 0.1}, "lr is a training setting, not an argument of SetTransformer: give the optimiser"),
-    (small_pct, {"momentum": 0.9, "scheduler": "step"}, "momentum, scheduler are training settings, not arguments "
-                                                         "of PointCloudTransformer"),
-    (small_pct, {"attention": "linear"}, "attention must be one of 'pct', 'sinkhorn', got 'linear'"),
-    (small_pct, {"n_iter": 3}, "n_iter=3 needs attention='sinkhorn'"),
-    (small_pct, {"sample_points": (16, 32)}, "must not increase"),
-    (small_pct, {"sample_points": (32, 4)}, None),
-    (small_pct, {"num_neighbors": 40}, "num_neighbors=40 exceeds"),
-    (small_pct, {"pooling": "sum"}, "pooling must be one of 'max\\+avg', 'max', got 'sum'"),
-    (small_pct, {"in_chans": 2}, "in_chans must be an integer >= 3, got 2 .*xyz"),
-])
+@pytest.mark.parametrize(
+    "build, kwargs, message",
+    [
+        (small_set, {"n_iter": 0}, "n_iter must be an integer >= 1"),
+        (small_set, {"embed_dim": 10, "num_heads": 4}, "not divisible by num_heads"),
+        (small_set, {"num_inducing": 0}, "num_inducing must be an integer >= 1, got 0"),
+        (small_set, {"optimizer": "adam"}, "optimizer must be a callable that builds the optimizer"),
+        (small_set, {"lr": 0.1}, "lr is a training setting, not an argument of SetTransformer: give the optimiser"),
+        (
+            small_pct,
+            {"momentum": 0.9, "scheduler": "step"},
+            "momentum, scheduler are training settings, not arguments of PointCloudTransformer",
+        ),
+        (small_pct, {"attention": "linear"}, "attention must be one of 'pct', 'sinkhorn', got 'linear'"),
+        (small_pct, {"n_iter": 3}, "n_iter=3 needs attention='sinkhorn'"),
+        (small_pct, {"sample_points": (16, 32)}, "must not increase"),
+        (small_pct, {"sample_points": (32, 4)}, None),
+        (small_pct, {"num_neighbors": 40}, "num_neighbors=40 exceeds"),
+        (small_pct, {"pooling": "sum"}, "pooling must be one of 'max\\+avg', 'max', got 'sum'"),
+        (small_pct, {"in_chans": 2}, "in_chans must be an integer >= 3, got 2 .*xyz"),
+    ],
+)
 def test_bad_options_are_one_clear_error(build, kwargs: dict, message: str | None) -> None:
     if message is None:  # fine: more neighbours than the last stage's centres is allowed
         build(**kwargs)
@@ -494,8 +573,14 @@ def test_recipe_instantiates(name: str, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)
     path = RECIPES / f"{name}.yaml"
     recipe = yaml.safe_load(path.read_text())
-    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 run=False, args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path / "run")])
+    cli = ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path / "run")],
+    )
     model, data = cli.model, cli.datamodule
     assert type(model) is (SetTransformer if "set" in name else PointCloudTransformer)
     assert type(data) is (SyntheticPointCloudDataModule if "synthetic" in name else ModelNet40DataModule)
@@ -516,8 +601,9 @@ def test_recipe_instantiates(name: str, tmp_path: Path, monkeypatch: pytest.Monk
     if "synthetic" in name:  # the synthetic recipes run: one train and one val batch
         data.setup()
         assert data.num_classes == model.hparams.num_classes
-        trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False)
+        trainer = pl.Trainer(
+            fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
         trainer.fit(model, data)
         assert trainer.state.finished
     else:  # ModelNet40 is not on disk: one clear error at setup

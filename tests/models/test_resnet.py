@@ -124,10 +124,21 @@ def test_lightning_fit_lowers_the_loss():
 
     pl.seed_everything(0)
     dm = DigitsDataModule(image_size=16, batch_size=32, augment=False)
-    model = zoo.heun_cifar_resnet(layers=(1, 1, 1), memory="adjoint", lr_scheduler=None,  # constant rate
-                                 optimizer=functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0))
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=15, limit_val_batches=4, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    model = zoo.heun_cifar_resnet(
+        layers=(1, 1, 1),
+        memory="adjoint",
+        lr_scheduler=None,  # constant rate
+        optimizer=functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0),
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=15,
+        limit_val_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(model, dm, verbose=False)
     before = float(trainer.callback_metrics["val_loss"])
     trainer.fit(model, dm)
@@ -215,8 +226,11 @@ def test_cifar_and_tiny_builders_take_block_and_stem(prefix: str) -> None:
 
 @pytest.mark.parametrize("prefix", PREFIXES)
 def test_builders_say_what_they_fix(prefix: str) -> None:
-    with pytest.raises(ZooError, match=r"the ResNet-18 builders fix layers=\[2, 2, 2, 2\] and block='basic'.*"
-                                       r"got layers=\(1, 1\)"):
+    with pytest.raises(
+        ZooError,
+        match=r"the ResNet-18 builders fix layers=\[2, 2, 2, 2\] and block='basic'.*"
+        r"got layers=\(1, 1\)",
+    ):
         zoo.create_model(f"{prefix}resnet18", layers=(1, 1))
     with pytest.raises(ZooError, match=r"block='bottleneck'.*got block='basic'"):
         zoo.create_model(f"{prefix}resnet50", block="basic")
@@ -238,9 +252,16 @@ def _saved_tensors(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     return loss, count
 
 
-@pytest.mark.parametrize("name, memory", [("depth_scaled_cifar_resnet", "full"), ("heun_cifar_resnet", "full"),
-                                          ("momentum_cifar_resnet", "full"), ("heun_cifar_resnet", "adjoint"),
-                                          ("momentum_cifar_resnet", "reversible")])
+@pytest.mark.parametrize(
+    "name, memory",
+    [
+        ("depth_scaled_cifar_resnet", "full"),
+        ("heun_cifar_resnet", "full"),
+        ("momentum_cifar_resnet", "full"),
+        ("heun_cifar_resnet", "adjoint"),
+        ("momentum_cifar_resnet", "reversible"),
+    ],
+)
 def test_grad_checkpointing(name: str, memory: str) -> None:
     """set_grad_checkpointing (timm's): under memory='full' every step is recomputed in backward, so autograd
     keeps fewer tensors, while outputs, gradients (with stochastic depth: the random state is replayed) and the

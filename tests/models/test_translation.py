@@ -34,8 +34,10 @@ from zoo.tasks.optim import InverseSqrtLR
 from zoo.tasks.translation import beam_search, greedy_search
 
 # fairseq passes a bool key padding mask with a float future mask, as the reference does
-pytestmark = [pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 PAD, EOS = 1, 2
 
@@ -48,19 +50,54 @@ VS, VT = 29, 23
 
 def fairseq_args(**overrides: Any) -> argparse.Namespace:
     """The args a fairseq ``transformer_iwslt_de_en`` training writes (after the arch function), small sizes."""
-    args = dict(arch="transformer_iwslt_de_en", encoder_embed_dim=C, encoder_ffn_embed_dim=FFN, encoder_layers=2,
-                encoder_attention_heads=H, decoder_embed_dim=C, decoder_ffn_embed_dim=FFN, decoder_layers=2,
-                decoder_attention_heads=H, encoder_normalize_before=False, decoder_normalize_before=False,
-                encoder_learned_pos=False, decoder_learned_pos=False, attention_dropout=0.0, activation_dropout=0.0,
-                activation_fn="relu", dropout=0.3, adaptive_softmax_cutoff=None, adaptive_softmax_dropout=0,
-                share_decoder_input_output_embed=True, share_all_embeddings=False,
-                no_token_positional_embeddings=False, adaptive_input=False, no_cross_attention=False,
-                cross_self_attention=False, decoder_output_dim=C, decoder_input_dim=C, no_scale_embedding=False,
-                layernorm_embedding=False, tie_adaptive_weights=False, checkpoint_activations=False,
-                encoder_layers_to_keep=None, decoder_layers_to_keep=None, encoder_layerdrop=0, decoder_layerdrop=0,
-                quant_noise_pq=0, quant_noise_pq_block_size=8, quant_noise_scalar=0, max_source_positions=1024,
-                max_target_positions=1024, task="translation", criterion="label_smoothed_cross_entropy",
-                label_smoothing=0.1, lr=[5e-4], optimizer="adam", adam_betas="(0.9, 0.98)")
+    args = dict(
+        arch="transformer_iwslt_de_en",
+        encoder_embed_dim=C,
+        encoder_ffn_embed_dim=FFN,
+        encoder_layers=2,
+        encoder_attention_heads=H,
+        decoder_embed_dim=C,
+        decoder_ffn_embed_dim=FFN,
+        decoder_layers=2,
+        decoder_attention_heads=H,
+        encoder_normalize_before=False,
+        decoder_normalize_before=False,
+        encoder_learned_pos=False,
+        decoder_learned_pos=False,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        activation_fn="relu",
+        dropout=0.3,
+        adaptive_softmax_cutoff=None,
+        adaptive_softmax_dropout=0,
+        share_decoder_input_output_embed=True,
+        share_all_embeddings=False,
+        no_token_positional_embeddings=False,
+        adaptive_input=False,
+        no_cross_attention=False,
+        cross_self_attention=False,
+        decoder_output_dim=C,
+        decoder_input_dim=C,
+        no_scale_embedding=False,
+        layernorm_embedding=False,
+        tie_adaptive_weights=False,
+        checkpoint_activations=False,
+        encoder_layers_to_keep=None,
+        decoder_layers_to_keep=None,
+        encoder_layerdrop=0,
+        decoder_layerdrop=0,
+        quant_noise_pq=0,
+        quant_noise_pq_block_size=8,
+        quant_noise_scalar=0,
+        max_source_positions=1024,
+        max_target_positions=1024,
+        task="translation",
+        criterion="label_smoothed_cross_entropy",
+        label_smoothing=0.1,
+        lr=[5e-4],
+        optimizer="adam",
+        adam_betas="(0.9, 0.98)",
+    )
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -74,8 +111,10 @@ def fairseq_state_dict(args: argparse.Namespace, vs: int = VS, vt: int = VT, see
 
     sd: dict[str, torch.Tensor] = {}
     shared = args.share_all_embeddings
-    for side, layers, ffn, vocab in (("encoder", args.encoder_layers, args.encoder_ffn_embed_dim, vs),
-                                     ("decoder", args.decoder_layers, args.decoder_ffn_embed_dim, vt)):
+    for side, layers, ffn, vocab in (
+        ("encoder", args.encoder_layers, args.encoder_ffn_embed_dim, vs),
+        ("decoder", args.decoder_layers, args.decoder_ffn_embed_dim, vt),
+    ):
         sd[f"{side}.version"] = torch.Tensor([3])
         emb = sd["encoder.embed_tokens.weight"] if shared and side == "decoder" else r(vocab, C)
         emb[PAD] = 0
@@ -103,8 +142,9 @@ def fairseq_state_dict(args: argparse.Namespace, vs: int = VS, vt: int = VT, see
         if getattr(args, f"{side}_normalize_before"):
             sd[f"{side}.layer_norm.weight"] = r(C, scale=0.1, offset=1.0)
             sd[f"{side}.layer_norm.bias"] = r(C, scale=0.1)
-    sd["decoder.output_projection.weight"] = (sd["decoder.embed_tokens.weight"]
-                                              if args.share_decoder_input_output_embed or shared else r(vt, C))
+    sd["decoder.output_projection.weight"] = (
+        sd["decoder.embed_tokens.weight"] if args.share_decoder_input_output_embed or shared else r(vt, C)
+    )
     return sd
 
 
@@ -121,16 +161,39 @@ def ref_positions(tokens: torch.Tensor, args: argparse.Namespace, sd: dict, side
     return emb.masked_fill(~valid.unsqueeze(-1), 0.0)
 
 
-def ref_mha(q_in: torch.Tensor, kv: torch.Tensor, sd: dict, p: str, heads: int, kpm: torch.Tensor | None = None,
-            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def ref_mha(
+    q_in: torch.Tensor,
+    kv: torch.Tensor,
+    sd: dict,
+    p: str,
+    heads: int,
+    kpm: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """fairseq MultiheadAttention's F.multi_head_attention_forward path, (T, B, C) layout."""
     out, _ = F.multi_head_attention_forward(
-        q_in, kv, kv, C, heads, in_proj_weight=None,
+        q_in,
+        kv,
+        kv,
+        C,
+        heads,
+        in_proj_weight=None,
         in_proj_bias=torch.cat([sd[f"{p}.q_proj.bias"], sd[f"{p}.k_proj.bias"], sd[f"{p}.v_proj.bias"]]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=sd[f"{p}.out_proj.weight"],
-        out_proj_bias=sd[f"{p}.out_proj.bias"], training=False, key_padding_mask=kpm, need_weights=False,
-        attn_mask=attn_mask, use_separate_proj_weight=True, q_proj_weight=sd[f"{p}.q_proj.weight"],
-        k_proj_weight=sd[f"{p}.k_proj.weight"], v_proj_weight=sd[f"{p}.v_proj.weight"])
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=sd[f"{p}.out_proj.weight"],
+        out_proj_bias=sd[f"{p}.out_proj.bias"],
+        training=False,
+        key_padding_mask=kpm,
+        need_weights=False,
+        attn_mask=attn_mask,
+        use_separate_proj_weight=True,
+        q_proj_weight=sd[f"{p}.q_proj.weight"],
+        k_proj_weight=sd[f"{p}.k_proj.weight"],
+        v_proj_weight=sd[f"{p}.v_proj.weight"],
+    )
     return out
 
 
@@ -138,8 +201,9 @@ def ln(x: torch.Tensor, sd: dict, p: str) -> torch.Tensor:
     return F.layer_norm(x, (C,), sd[f"{p}.weight"], sd[f"{p}.bias"], 1e-5)
 
 
-def ref_forward(args: argparse.Namespace, sd: dict, src: torch.Tensor,
-                prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_forward(
+    args: argparse.Namespace, sd: dict, src: torch.Tensor, prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fairseq's TransformerModel forward in eval mode (TransformerEncoder / TransformerDecoder, post- or pre-norm):
     encoder output (B, S, C) and decoder log-probs (B, T, V)."""
     pre_e, pre_d = args.encoder_normalize_before, args.decoder_normalize_before
@@ -149,8 +213,9 @@ def ref_forward(args: argparse.Namespace, sd: dict, src: torch.Tensor,
         return x + y if pre else ln(x + y, sd, p_norm)
 
     def ffn(p: str) -> Any:
-        return lambda h: F.linear(F.relu(F.linear(h, sd[f"{p}.fc1.weight"], sd[f"{p}.fc1.bias"])),
-                                  sd[f"{p}.fc2.weight"], sd[f"{p}.fc2.bias"])
+        return lambda h: F.linear(
+            F.relu(F.linear(h, sd[f"{p}.fc1.weight"], sd[f"{p}.fc1.bias"])), sd[f"{p}.fc2.weight"], sd[f"{p}.fc2.bias"]
+        )
 
     # encoder (T x B x C)
     pad = src.eq(PAD)
@@ -161,8 +226,12 @@ def ref_forward(args: argparse.Namespace, sd: dict, src: torch.Tensor,
     kpm = pad if bool(pad.any()) else None
     for i in range(args.encoder_layers):
         p = f"encoder.layers.{i}"
-        x = sublayer(x, f"{p}.self_attn_layer_norm",
-                     lambda h, p=p: ref_mha(h, h, sd, f"{p}.self_attn", args.encoder_attention_heads, kpm), pre_e)
+        x = sublayer(
+            x,
+            f"{p}.self_attn_layer_norm",
+            lambda h, p=p: ref_mha(h, h, sd, f"{p}.self_attn", args.encoder_attention_heads, kpm),
+            pre_e,
+        )
         x = sublayer(x, f"{p}.final_layer_norm", ffn(p), pre_e)
     if pre_e:
         x = ln(x, sd, "encoder.layer_norm")
@@ -178,10 +247,18 @@ def ref_forward(args: argparse.Namespace, sd: dict, src: torch.Tensor,
     for i in range(args.decoder_layers):
         p = f"decoder.layers.{i}"
         heads = args.decoder_attention_heads
-        y = sublayer(y, f"{p}.self_attn_layer_norm",
-                     lambda h, p=p, n=heads: ref_mha(h, h, sd, f"{p}.self_attn", n, self_kpm, future), pre_d)
-        y = sublayer(y, f"{p}.encoder_attn_layer_norm",
-                     lambda h, p=p, n=heads: ref_mha(h, enc, sd, f"{p}.encoder_attn", n, kpm), pre_d)
+        y = sublayer(
+            y,
+            f"{p}.self_attn_layer_norm",
+            lambda h, p=p, n=heads: ref_mha(h, h, sd, f"{p}.self_attn", n, self_kpm, future),
+            pre_d,
+        )
+        y = sublayer(
+            y,
+            f"{p}.encoder_attn_layer_norm",
+            lambda h, p=p, n=heads: ref_mha(h, enc, sd, f"{p}.encoder_attn", n, kpm),
+            pre_d,
+        )
         y = sublayer(y, f"{p}.final_layer_norm", ffn(p), pre_d)
     if pre_d:
         y = ln(y, sd, "decoder.layer_norm")
@@ -189,8 +266,9 @@ def ref_forward(args: argparse.Namespace, sd: dict, src: torch.Tensor,
     return enc.transpose(0, 1), F.log_softmax(logits, -1)
 
 
-def batch(seed: int = 0, left_pad: bool = True, vs: int = VS, vt: int = VT) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      list, list]:
+def batch(
+    seed: int = 0, left_pad: bool = True, vs: int = VS, vt: int = VT
+) -> tuple[torch.Tensor, torch.Tensor, list, list]:
     """Source (left- or right-padded) and prev_output_tokens (right-padded) of 3 sentences of different lengths."""
     g = torch.Generator().manual_seed(seed)
     srcs = [torch.cat([torch.randint(4, vs, (n,), generator=g), torch.tensor([EOS])]) for n in (6, 3, 9)]
@@ -200,7 +278,7 @@ def batch(seed: int = 0, left_pad: bool = True, vs: int = VS, vt: int = VT) -> t
     prev = torch.full((3, T), PAD)
     for i, (s, t) in enumerate(zip(srcs, tgts)):
         if left_pad:
-            src[i, S - len(s):] = s
+            src[i, S - len(s) :] = s
         else:
             src[i, : len(s)] = s
         prev[i, : len(t)] = torch.cat([torch.tensor([EOS]), t[:-1]])
@@ -209,8 +287,17 @@ def batch(seed: int = 0, left_pad: bool = True, vs: int = VS, vt: int = VT) -> t
 
 def save_checkpoint(path: Path, args: argparse.Namespace | None, sd: dict, cfg: Any = None) -> Path:
     """As fairseq's checkpoint_utils.save_state writes it (the fields a reader meets)."""
-    torch.save({"args": args, "cfg": cfg, "model": sd, "optimizer_history": [{"criterion_name": "x", "num_updates": 7}],
-                "extra_state": {"epoch": 3, "val_loss": 4.2}, "last_optimizer_state": {}}, path)
+    torch.save(
+        {
+            "args": args,
+            "cfg": cfg,
+            "model": sd,
+            "optimizer_history": [{"criterion_name": "x", "num_updates": 7}],
+            "extra_state": {"epoch": 3, "val_loss": 4.2},
+            "last_optimizer_state": {},
+        },
+        path,
+    )
     return path
 
 
@@ -277,14 +364,17 @@ def test_sinkhorn_changes_the_encoder_and_makes_columns_sum_to_one() -> None:
 
 def test_incremental_decoding_equals_full_sequence_decoding() -> None:
     torch.manual_seed(1)
-    model = sinkformer_transformer_toy(src_vocab_size=VS, tgt_vocab_size=VT, n_iter=3,
-                                        decoder_normalize_before=True).eval().double()
+    model = (
+        sinkformer_transformer_toy(src_vocab_size=VS, tgt_vocab_size=VT, n_iter=3, decoder_normalize_before=True)
+        .eval()
+        .double()
+    )
     src, _, _, _ = batch()
     prev = torch.cat([torch.full((3, 1), EOS), torch.randint(4, VT, (3, 6))], 1)
     with torch.no_grad():
         full = model.get_normalized_probs(model(src, prev))
         enc, cache = model.forward_encoder(src), []
-        steps = [model.forward_decoder_step(prev[:, t: t + 1], t, enc, cache) for t in range(prev.size(1))]
+        steps = [model.forward_decoder_step(prev[:, t : t + 1], t, enc, cache) for t in range(prev.size(1))]
     torch.testing.assert_close(torch.stack(steps, 1), full.double(), atol=1e-10, rtol=1e-10)
     # the cache holds one key per step (O(T) per step): layer 0's self-attention keys after 7 steps
     assert cache[0]["self"]["k"].shape[2] == prev.size(1)
@@ -330,12 +420,17 @@ def test_batched_beam_search_equals_each_sentence_alone() -> None:
         prev = torch.cat([torch.tensor([EOS]), h["tokens"][:-1]]).unsqueeze(0)
         with torch.no_grad():
             lp = model.get_normalized_probs(model(srcs[0].unsqueeze(0), prev))[0]
-        torch.testing.assert_close(lp.gather(1, h["tokens"].unsqueeze(1)).squeeze(1).float(),
-                                   h["positional_scores"].float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            lp.gather(1, h["tokens"].unsqueeze(1)).squeeze(1).float(),
+            h["positional_scores"].float(),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
-def naive_beam_search(model: SinkformerTranslation, src: torch.Tensor, K: int, lenpen: float, max_len: int,
-                      min_len: int = 1) -> list[tuple[list[int], float]]:
+def naive_beam_search(
+    model: SinkformerTranslation, src: torch.Tensor, K: int, lenpen: float, max_len: int, min_len: int = 1
+) -> list[tuple[list[int], float]]:
     """fairseq's SequenceGenerator for one sentence, written plainly: full forward passes (no cache), python lists."""
     beams: list[tuple[list[int], float]] = [([], 0.0)]
     finalized: list[tuple[list[int], float]] = []
@@ -397,26 +492,37 @@ def test_checkpoint_with_cfg_dicts_and_legacy_keys(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = ref(src, prev)
     # fairseq >= 0.10: args None, cfg['model'] a Namespace (legacy archs) or a nested dict (dataclass configs)
-    nested = {"_name": "transformer_iwslt_de_en", "encoder": {"embed_dim": C, "ffn_embed_dim": FFN, "layers": 2,
-              "attention_heads": H, "normalize_before": False}, "decoder": {"embed_dim": C, "ffn_embed_dim": FFN,
-              "layers": 2, "attention_heads": H, "normalize_before": True}, "share_decoder_input_output_embed": True,
-              "dropout": 0.3, "quant_noise": {"pq": 0.0}}
+    nested = {
+        "_name": "transformer_iwslt_de_en",
+        "encoder": {"embed_dim": C, "ffn_embed_dim": FFN, "layers": 2, "attention_heads": H, "normalize_before": False},
+        "decoder": {"embed_dim": C, "ffn_embed_dim": FFN, "layers": 2, "attention_heads": H, "normalize_before": True},
+        "share_decoder_input_output_embed": True,
+        "dropout": 0.3,
+        "quant_noise": {"pq": 0.0},
+    }
     # older fairseq: layer_norms.N, embed_out / no output_projection, a stored sinusoid table
     legacy = {k: v for k, v in sd.items() if not k.endswith(("_float_tensor", "output_projection.weight"))}
     for k in [k for k in legacy if "self_attn_layer_norm" in k or "final_layer_norm" in k]:
         idx = "0" if "self_attn_layer_norm" in k else ("2" if k.startswith("decoder") else "1")
-        legacy[k.replace("self_attn_layer_norm", f"layer_norms.{idx}").replace("final_layer_norm",
-                                                                              f"layer_norms.{idx}")] = legacy.pop(k)
+        legacy[
+            k.replace("self_attn_layer_norm", f"layer_norms.{idx}").replace("final_layer_norm", f"layer_norms.{idx}")
+        ] = legacy.pop(k)
     legacy["encoder.embed_positions.weights"] = torch.zeros(1026, C)
-    for name, ckpt_args, cfg, state in (("namespace-cfg", None, {"model": args}, sd),
-                                        ("nested-cfg", None, {"model": nested, "task": {"_name": "translation"}}, sd),
-                                        ("legacy-keys", args, None, legacy)):
+    for name, ckpt_args, cfg, state in (
+        ("namespace-cfg", None, {"model": args}, sd),
+        ("nested-cfg", None, {"model": nested, "task": {"_name": "translation"}}, sd),
+        ("legacy-keys", args, None, legacy),
+    ):
         model = from_fairseq_checkpoint(save_checkpoint(tmp_path / f"{name}.pt", ckpt_args, state, cfg)).eval()
         with torch.no_grad():
             torch.testing.assert_close(model(src, prev), expected, atol=1e-6, rtol=1e-6, msg=name)
     # the loaded dict works as well as the file, and n_iter defaults to the checkpoint's own value
-    model = from_fairseq_checkpoint({"args": fairseq_args(arch="sinkformer_transformer_iwslt_de_en", n_iter=5),
-                                     "model": fairseq_state_dict(fairseq_args())})
+    model = from_fairseq_checkpoint(
+        {
+            "args": fairseq_args(arch="sinkformer_transformer_iwslt_de_en", n_iter=5),
+            "model": fairseq_state_dict(fairseq_args()),
+        }
+    )
     assert model.hparams.n_iter == 5 and model.encoder_attentions[0].n_iter == 5
 
 
@@ -432,8 +538,9 @@ def test_checkpoint_dictionaries_and_weights_argument(tmp_path: Path) -> None:
     src_dict.save(tmp_path / "dict.de.txt")
     tgt_dict.save(tmp_path / "dict.en.txt")
     sgd = functools.partial(torch.optim.SGD, lr=1e-4)
-    model = SinkformerTranslation.from_fairseq_checkpoint(path, n_iter=3, src_dict=tmp_path / "dict.de.txt",
-                                                          tgt_dict=tgt_dict, optimizer=sgd)
+    model = SinkformerTranslation.from_fairseq_checkpoint(
+        path, n_iter=3, src_dict=tmp_path / "dict.de.txt", tgt_dict=tgt_dict, optimizer=sgd
+    )
     assert model.optimizer_factory is sgd and model.hparams.n_iter == 3
     # the checkpoint's training settings (lr 5e-4, adam, label smoothing ...) stay out of the architecture
     assert not {"lr", "optimizer", "adam_betas", "lr_scheduler", "criterion"} & set(model.hparams)
@@ -481,9 +588,13 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         from_fairseq_checkpoint({"args": fairseq_args(encoder_ffn_embed_dim=FFN + 8), "model": sd})
     old = dict(sd, **{"encoder.version": torch.Tensor([1])})
     with pytest.raises(ZooError, match="predates the final LayerNorm"):
-        from_fairseq_checkpoint({"args": fairseq_args(encoder_normalize_before=True),
-                                 "model": fairseq_state_dict(fairseq_args(encoder_normalize_before=True)) | {
-                                     "encoder.version": torch.Tensor([1])}})
+        from_fairseq_checkpoint(
+            {
+                "args": fairseq_args(encoder_normalize_before=True),
+                "model": fairseq_state_dict(fairseq_args(encoder_normalize_before=True))
+                | {"encoder.version": torch.Tensor([1])},
+            }
+        )
     from_fairseq_checkpoint({"args": args, "model": old})  # post-norm: the version does not matter
 
 
@@ -514,8 +625,14 @@ def test_checkpoint_reader_allow_list(tmp_path: Path) -> None:
     import numpy as np
 
     ok = tmp_path / "ok.pt"
-    torch.save({"model": {}, "args": argparse.Namespace(arch="transformer"),
-                "extra_state": {"best": np.float64(1.5), "steps": np.int64(3)}}, ok)
+    torch.save(
+        {
+            "model": {},
+            "args": argparse.Namespace(arch="transformer"),
+            "extra_state": {"best": np.float64(1.5), "steps": np.int64(3)},
+        },
+        ok,
+    )
     ckpt = read_fairseq_checkpoint(ok)
     assert ckpt["args"].arch == "transformer" and float(ckpt["extra_state"]["best"]) == 1.5
     bad = tmp_path / "bad.pt"
@@ -528,13 +645,22 @@ def test_checkpoint_reader_allow_list(tmp_path: Path) -> None:
 
 
 def test_registered_builders_and_published_configuration() -> None:
-    names = {"sinkformer_transformer_iwslt_de_en", "transformer_iwslt_de_en", "sinkformer_transformer_toy",
-             "sinkformer_transformer_numbers"}
+    names = {
+        "sinkformer_transformer_iwslt_de_en",
+        "transformer_iwslt_de_en",
+        "sinkformer_transformer_toy",
+        "sinkformer_transformer_numbers",
+    }
     assert names <= set(zoo.list_models(family="translation"))
     model = sinkformer_transformer_iwslt_de_en()
     hp = model.hparams
-    assert (hp.encoder_layers, hp.decoder_layers, hp.encoder_embed_dim, hp.encoder_attention_heads,
-            hp.encoder_ffn_embed_dim) == (6, 6, 512, 4, 1024)
+    assert (
+        hp.encoder_layers,
+        hp.decoder_layers,
+        hp.encoder_embed_dim,
+        hp.encoder_attention_heads,
+        hp.encoder_ffn_embed_dim,
+    ) == (6, 6, 512, 4, 1024)
     assert (hp.src_vocab_size, hp.tgt_vocab_size, hp.dropout, hp.n_iter) == (8848, 6632, 0.3, 3)
     assert not hp.encoder_normalize_before and model.encoder.layer_norm is None
     assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
@@ -544,8 +670,7 @@ def test_registered_builders_and_published_configuration() -> None:
     conf = model.configure_optimizers()
     group, sched = conf["optimizer"].param_groups[0], conf["lr_scheduler"]["scheduler"]
     assert type(conf["optimizer"]) is torch.optim.AdamW and conf["lr_scheduler"]["interval"] == "step"
-    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.98), 1e-8,
-                                                                                          1e-4)
+    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.98), 1e-8, 1e-4)
     assert type(sched) is InverseSqrtLR and (sched.warmup_updates, sched.warmup_init_lr) == (4000, -1.0)
     assert all(a.n_iter == 3 for a in model.encoder_attentions)
     # the Transformer baseline has the same state dict
@@ -566,10 +691,12 @@ def test_pretrained_cfg_describes_the_model_as_built(tmp_path: Path) -> None:
     place of num_classes, the output projection as classifier, the builder's name, recipe and paper."""
     from zoo.cli import list_recipes
 
-    for name, recipe in (("sinkformer_transformer_iwslt_de_en", "nmt/iwslt14_de_en_sinkformer"),
-                         ("transformer_iwslt_de_en", "nmt/iwslt14_de_en_sinkformer"),
-                         ("sinkformer_transformer_numbers", "nmt/numbers_sinkformer"),
-                         ("sinkformer_transformer_toy", None)):
+    for name, recipe in (
+        ("sinkformer_transformer_iwslt_de_en", "nmt/iwslt14_de_en_sinkformer"),
+        ("transformer_iwslt_de_en", "nmt/iwslt14_de_en_sinkformer"),
+        ("sinkformer_transformer_numbers", "nmt/numbers_sinkformer"),
+        ("sinkformer_transformer_toy", None),
+    ):
         model = zoo.create_model(name)
         cfg = model.pretrained_cfg
         assert model.default_cfg is cfg and cfg["architecture"] == name and cfg.get("recipe") == recipe
@@ -589,11 +716,20 @@ def test_pretrained_cfg_describes_the_model_as_built(tmp_path: Path) -> None:
     assert cfg["source"] == str(path) and "transformer_iwslt_de_en" in cfg["description"]
     assert "n_iter=1 the model computes the fairseq Transformer's log-probabilities" in cfg["conversion"]
     assert (cfg["src_vocab_size"], cfg["tgt_vocab_size"]) == (VS, VT)
-    assert SinkformerTranslation(src_vocab_size=VS, tgt_vocab_size=VT, encoder_layers=2, decoder_layers=2,
-                                 encoder_embed_dim=C, decoder_embed_dim=C, encoder_ffn_embed_dim=FFN,
-                                 decoder_ffn_embed_dim=FFN, encoder_attention_heads=H, decoder_attention_heads=H,
-                                 share_decoder_input_output_embed=True, weights=str(path)
-                                 ).pretrained_cfg["source"] == str(path)
+    assert SinkformerTranslation(
+        src_vocab_size=VS,
+        tgt_vocab_size=VT,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_embed_dim=C,
+        decoder_embed_dim=C,
+        encoder_ffn_embed_dim=FFN,
+        decoder_ffn_embed_dim=FFN,
+        encoder_attention_heads=H,
+        decoder_attention_heads=H,
+        share_decoder_input_output_embed=True,
+        weights=str(path),
+    ).pretrained_cfg["source"] == str(path)
 
 
 def test_constructor_errors() -> None:

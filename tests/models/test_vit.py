@@ -18,8 +18,13 @@ import zoo
 from zoo.errors import ZooError
 from zoo.models import SinkformerViT
 
-BUILDERS = ["sinkformer_vit_tiny_patch16_224", "sinkformer_vit_small_patch16_224", "sinkformer_vit_base_patch16_224",
-            "sinkformer_vit_cats_dogs", "sinkformer_vit_mnist"]
+BUILDERS = [
+    "sinkformer_vit_tiny_patch16_224",
+    "sinkformer_vit_small_patch16_224",
+    "sinkformer_vit_base_patch16_224",
+    "sinkformer_vit_cats_dogs",
+    "sinkformer_vit_mnist",
+]
 
 
 def images(n: int = 2, size: int = 32, chans: int = 3, seed: int = 1) -> torch.Tensor:
@@ -42,8 +47,10 @@ def timm_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
 def test_builders_registered_with_timm_sizes() -> None:
     assert set(BUILDERS) <= set(zoo.list_models("sinkformer_*"))
     assert set(BUILDERS) <= set(zoo.models.__all__)
-    for name, (dim, heads) in {"sinkformer_vit_tiny_patch16_224": (192, 3),
-                               "sinkformer_vit_small_patch16_224": (384, 6)}.items():
+    for name, (dim, heads) in {
+        "sinkformer_vit_tiny_patch16_224": (192, 3),
+        "sinkformer_vit_small_patch16_224": (384, 6),
+    }.items():
         mine = zoo.create_model(name, img_size=32, depth=2)
         ref = timm.create_model(name.removeprefix("sinkformer_"), img_size=32, depth=2)
         assert {k: v.shape for k, v in mine.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
@@ -51,8 +58,15 @@ def test_builders_registered_with_timm_sizes() -> None:
     assert zoo.sinkformer_vit_base_patch16_224.__doc__ and "768" in zoo.sinkformer_vit_base_patch16_224.__doc__
 
 
-@pytest.mark.parametrize("variant", [{}, {"global_pool": "avg"}, {"qk_norm": True, "init_values": 0.1},
-                                     {"class_token": False, "global_pool": "avg", "qkv_bias": False}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"global_pool": "avg"},
+        {"qk_norm": True, "init_values": 0.1},
+        {"class_token": False, "global_pool": "avg", "qkv_bias": False},
+    ],
+)
 def test_one_iteration_is_timms_function_with_timms_weights(variant: dict) -> None:
     ref = timm_vit(**variant)
     mine = zoo.sinkformer_vit_tiny_patch16_224(img_size=32, num_classes=7, depth=3, n_iter=1, **variant).eval()
@@ -75,8 +89,9 @@ def test_timm_weights_from_files_and_hf_hub_resampled_and_new_head(tmp_path) -> 
         assert torch.equal(mine.pos_embed, expected_pos)
         assert torch.equal(mine.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
         assert mine.head.weight.shape == (5, 192)  # another label set: head re-initialised
-    same = zoo.sinkformer_vit_tiny_patch16_224(img_size=64, depth=2, num_classes=10, n_iter=1,
-                                               weights=str(tmp_path / "vit.pth")).eval()
+    same = zoo.sinkformer_vit_tiny_patch16_224(
+        img_size=64, depth=2, num_classes=10, n_iter=1, weights=str(tmp_path / "vit.pth")
+    ).eval()
     x = images(size=64)
     with torch.no_grad():
         assert close(same(x), ref(x))
@@ -113,12 +128,19 @@ def test_cats_dogs_configuration_of_the_published_experiment() -> None:
 
 def test_trains_saves_and_reloads(tmp_path) -> None:
     pl.seed_everything(0, verbose=False)
-    model = zoo.sinkformer_vit_mnist(patch_size=7, img_size=28, optimizer=functools.partial(torch.optim.Adam, lr=3e-3),
-                                     lr_scheduler=None)
+    model = zoo.sinkformer_vit_mnist(
+        patch_size=7, img_size=28, optimizer=functools.partial(torch.optim.Adam, lr=3e-3), lr_scheduler=None
+    )
     x, y = images(16, 28, 1), torch.arange(16) % 10
     before = model.loss(model(x), y).item()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
     model.eval()
     with torch.no_grad():
@@ -126,8 +148,11 @@ def test_trains_saves_and_reloads(tmp_path) -> None:
     assert model.loss(out, y).item() < before
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
     saved = model.save_pretrained(tmp_path / "m")
-    for reloaded in (SinkformerViT.load_from_checkpoint(ckpt), zoo.from_pretrained(saved),
-                     zoo.sinkformer_vit_mnist(patch_size=7, weights=str(ckpt))):
+    for reloaded in (
+        SinkformerViT.load_from_checkpoint(ckpt),
+        zoo.from_pretrained(saved),
+        zoo.sinkformer_vit_mnist(patch_size=7, weights=str(ckpt)),
+    ):
         with torch.no_grad():
             assert close(reloaded.eval()(x), out)
     model.set_n_iter(5)
@@ -145,18 +170,23 @@ def test_attention_stats_per_layer() -> None:
     assert model.attention_stats() == {} and model.hparams.record_stats is False
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n_iter": 0}, "n_iter must be an integer >= 1"),
-    ({"n_iter": 2.0}, "n_iter must be an integer >= 1"),
-    ({"global_pool": "map"}, "global_pool must be one of 'token', 'avg', 'avgmax', 'max', '', got 'map'.*attention "
-                             "pools"),
-    ({"class_token": False}, "global_pool='token' needs class_token=True"),
-    ({"patch_size": 10}, "not a multiple of patch_size 10"),
-    ({"optimizer": "adamw"}, "optimizer must be a callable that builds the optimizer"),
-    ({"lr": 1e-3, "weight_decay": 0.1}, "lr, weight_decay are training settings, not arguments of SinkformerViT"),
-    ({"num_classes": -1}, "num_classes must be an integer >= 0"),
-    ({"fc_norm": "yes"}, "fc_norm must be True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_iter": 0}, "n_iter must be an integer >= 1"),
+        ({"n_iter": 2.0}, "n_iter must be an integer >= 1"),
+        (
+            {"global_pool": "map"},
+            "global_pool must be one of 'token', 'avg', 'avgmax', 'max', '', got 'map'.*attention pools",
+        ),
+        ({"class_token": False}, "global_pool='token' needs class_token=True"),
+        ({"patch_size": 10}, "not a multiple of patch_size 10"),
+        ({"optimizer": "adamw"}, "optimizer must be a callable that builds the optimizer"),
+        ({"lr": 1e-3, "weight_decay": 0.1}, "lr, weight_decay are training settings, not arguments of SinkformerViT"),
+        ({"num_classes": -1}, "num_classes must be an integer >= 0"),
+        ({"fc_norm": "yes"}, "fc_norm must be True or False"),
+    ],
+)
 def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ZooError, match=message):
         zoo.sinkformer_vit_tiny_patch16_224(img_size=32, depth=1, **kwargs)

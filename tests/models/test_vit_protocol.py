@@ -70,9 +70,13 @@ def assert_same(a: Any, b: Any) -> None:
 # ------------------------------------------------------------------------------------------------ timm's functions
 
 
-CALLS = [{}, {"indices": 2, "norm": True}, {"indices": [0, -1], "return_prefix_tokens": True},
-         {"indices": [1], "stop_early": True, "intermediates_only": True, "output_fmt": "NLC"},
-         {"indices": (0, 2), "output_dict": True, "return_prefix_tokens": True, "norm": True}]
+CALLS = [
+    {},
+    {"indices": 2, "norm": True},
+    {"indices": [0, -1], "return_prefix_tokens": True},
+    {"indices": [1], "stop_early": True, "intermediates_only": True, "output_fmt": "NLC"},
+    {"indices": (0, 2), "output_dict": True, "return_prefix_tokens": True, "norm": True},
+]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["token", "avg", "avg-no-class-token", "max"])
@@ -85,8 +89,10 @@ def test_forward_intermediates_is_timms(variant: dict) -> None:
             assert_same(mine.forward_intermediates(x, **call), ref.forward_intermediates(x, **call))
         assert_same(mine(x), ref(x))
         assert_same(mine.forward_features(x), ref.forward_features(x))
-        assert_same(mine.forward_head(mine.forward_features(x), pre_logits=True),
-                    ref.forward_head(ref.forward_features(x), pre_logits=True))
+        assert_same(
+            mine.forward_head(mine.forward_features(x), pre_logits=True),
+            ref.forward_head(ref.forward_features(x), pre_logits=True),
+        )
 
 
 def test_forward_intermediates_bad_arguments_are_one_clear_error() -> None:
@@ -97,8 +103,9 @@ def test_forward_intermediates_bad_arguments_are_one_clear_error() -> None:
         mine.forward_intermediates(images(), output_fmt="NHWC")
 
 
-@pytest.mark.parametrize("prune", [{"indices": [0, 1], "prune_norm": True}, {"indices": 1},
-                                   {"indices": [0], "prune_head": False}])
+@pytest.mark.parametrize(
+    "prune", [{"indices": [0, 1], "prune_norm": True}, {"indices": 1}, {"indices": [0], "prune_head": False}]
+)
 def test_prune_intermediate_layers_is_timms(prune: dict) -> None:
     mine, ref = pair(global_pool="avg")
     assert mine.prune_intermediate_layers(**prune) == ref.prune_intermediate_layers(**prune)
@@ -108,8 +115,10 @@ def test_prune_intermediate_layers_is_timms(prune: dict) -> None:
     with torch.no_grad():
         assert_same(mine(x), ref(x))  # pruned head: every token, unpooled
         keep = prune["indices"] if isinstance(prune["indices"], list) else [len(mine.blocks) - 1]
-        assert_same(mine.forward_intermediates(x, indices=keep, intermediates_only=True),
-                    ref.forward_intermediates(x, indices=keep, intermediates_only=True))
+        assert_same(
+            mine.forward_intermediates(x, indices=keep, intermediates_only=True),
+            ref.forward_intermediates(x, indices=keep, intermediates_only=True),
+        )
     if prune.get("prune_head", True):
         assert (mine.num_classes, mine.hparams.num_classes, mine.global_pool) == (0, 0, "")
 
@@ -119,8 +128,10 @@ def test_num_classes_zero_and_unpooled_are_timms(variant: dict) -> None:
     mine, ref = pair(**variant)
     x = images()
     features = zoo.sinkformer_vit_tiny_patch16_224(
-        n_iter=1, num_classes=0, **{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3,
-                                    **variant}).eval()
+        n_iter=1,
+        num_classes=0,
+        **{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3, **variant},
+    ).eval()
     features.load_state_dict({k: v for k, v in mine.state_dict().items() if not k.startswith("head.")})
     # '' with the final norm where the pooled model has it (after the pool for "avg": fc_norm)
     unpooled = SinkformerViT(**{**dict(features.hparams), "global_pool": "", "fc_norm": bool(variant)}).eval()
@@ -193,8 +204,12 @@ def test_features_only_feature_info_matches_the_outputs(builder: str) -> None:
 # ------------------------------------------------------------------------------------------------ checkpointing
 
 
-def _grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, intermediates: bool = False,
-           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _grads(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    intermediates: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(3)  # the same stochastic depth / dropout draws in both runs
     if intermediates:
@@ -207,13 +222,36 @@ def _grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, intermediat
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("build", [
-    lambda: zoo.sinkformer_vit_tiny_patch16_224(img_size=32, patch_size=8, embed_dim=48, num_heads=3, depth=3,
-                                                num_classes=5, drop_path_rate=0.2, proj_drop_rate=0.1),
-    lambda: zoo.vmoe_tiny_patch32_224(img_size=32, patch_size=8, embed_dim=48, num_heads=3, depth=3, num_classes=5,
-                                      num_experts=4, router="token_choice", k=2, capacity_factor=1.0,
-                                      aux_loss_weight=0.5, drop_path_rate=0.2),
-], ids=["vit", "vmoe-token-choice"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: zoo.sinkformer_vit_tiny_patch16_224(
+            img_size=32,
+            patch_size=8,
+            embed_dim=48,
+            num_heads=3,
+            depth=3,
+            num_classes=5,
+            drop_path_rate=0.2,
+            proj_drop_rate=0.1,
+        ),
+        lambda: zoo.vmoe_tiny_patch32_224(
+            img_size=32,
+            patch_size=8,
+            embed_dim=48,
+            num_heads=3,
+            depth=3,
+            num_classes=5,
+            num_experts=4,
+            router="token_choice",
+            k=2,
+            capacity_factor=1.0,
+            aux_loss_weight=0.5,
+            drop_path_rate=0.2,
+        ),
+    ],
+    ids=["vit", "vmoe-token-choice"],
+)
 @pytest.mark.parametrize("intermediates", [False, True], ids=["forward", "forward_intermediates"])
 def test_grad_checkpointing_gives_the_same_gradients(build, intermediates: bool) -> None:
     torch.manual_seed(0)
@@ -245,8 +283,11 @@ def test_data_config_is_the_model_as_built() -> None:
         (zoo.sinkformer_vit_tiny_patch16_224(img_size=64, depth=1), (3, 64, 64), (0.5,) * 3),
         (zoo.vmoe_tiny_patch32_224(img_size=(64, 96), depth=2), (3, 64, 96), (0.5,) * 3),
         (zoo.sinkformer_vit_mnist(patch_size=4), (1, 28, 28), (0.1307,)),
-        (SinkformerViT(img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2), (1, 16, 16),
-         (0.5,)),  # built from the class (LightningCLI): the family's defaults, one channel
+        (
+            SinkformerViT(img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2),
+            (1, 16, 16),
+            (0.5,),
+        ),  # built from the class (LightningCLI): the family's defaults, one channel
     ]
     for model, size, mean in cases:
         assert model.default_cfg is model.pretrained_cfg
@@ -280,8 +321,19 @@ def test_timm_sourced_tags_match_timms_own_table() -> None:
         source = cfg.source.removeprefix("hf-hub:timm/")
         assert source in timm.list_pretrained(), name  # the tag exists in timm's own table
         theirs = timm.models.get_pretrained_cfg(source)
-        for key in ("input_size", "crop_pct", "interpolation", "mean", "std", "num_classes", "license",
-                    "first_conv", "classifier", "fixed_input_size", "crop_mode"):
+        for key in (
+            "input_size",
+            "crop_pct",
+            "interpolation",
+            "mean",
+            "std",
+            "num_classes",
+            "license",
+            "first_conv",
+            "classifier",
+            "fixed_input_size",
+            "crop_mode",
+        ):
             assert getattr(cfg, key) == getattr(theirs, key), (name, key)
         assert cfg.hf_hub_id == theirs.hf_hub_id and cfg.source == f"hf-hub:{theirs.hf_hub_id}"
         assert cfg.metrics["imagenet-1k/top1"]["of"] == "source" and cfg.conversion
@@ -329,8 +381,9 @@ def test_pretrained_true_loads_timms_weights_from_the_hf_cache() -> None:
     x = images(1, 224)
     with torch.no_grad():
         expected = ref(x)
-        same = zoo.create_model("sinkformer_vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True, depth=2,
-                                n_iter=1).eval()
+        same = zoo.create_model(
+            "sinkformer_vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True, depth=2, n_iter=1
+        ).eval()
         assert_same(same(x), expected)  # n_iter=1: timm's model exactly
         assert same.pretrained_cfg["source"] == "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
         sinkformer = zoo.sinkformer_vit_tiny_patch16_224(pretrained=True, depth=2).eval()  # default tag, n_iter=3
@@ -345,10 +398,14 @@ def test_pretrained_true_loads_timms_weights_from_the_hf_cache() -> None:
         assert small(images(1, 32)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("dense_settings", [
-    {"router": "expert_choice", "group_size": None, "capacity_factor": None},
-    {"router": "token_choice", "k": 2, "normalize_gates": True, "capacity_factor": None},
-], ids=["expert_choice", "token_choice"])
+@pytest.mark.parametrize(
+    "dense_settings",
+    [
+        {"router": "expert_choice", "group_size": None, "capacity_factor": None},
+        {"router": "token_choice", "k": 2, "normalize_gates": True, "capacity_factor": None},
+    ],
+    ids=["expert_choice", "token_choice"],
+)
 def test_vmoe_pretrained_upcycles_timms_dense_weights_exactly_in_the_dense_settings(dense_settings: dict) -> None:
     torch.manual_seed(0)
     ref = randomize(timm.create_model("vit_small_patch32_224", depth=2)).eval()

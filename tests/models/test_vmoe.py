@@ -20,8 +20,10 @@ from zoo.errors import ZooError
 from zoo.models.vmoe import VisionMoE, moe_block_indices
 from zoo.nn.moe import MoE
 
-EXACT = [{"router": "token_choice", "k": 2, "normalize_gates": True, "capacity_factor": None},
-         {"router": "expert_choice", "capacity_factor": None}]
+EXACT = [
+    {"router": "token_choice", "k": 2, "normalize_gates": True, "capacity_factor": None},
+    {"router": "expert_choice", "capacity_factor": None},
+]
 
 
 def images(n: int = 2, size: int = 32, chans: int = 3, seed: int = 1) -> torch.Tensor:
@@ -31,8 +33,9 @@ def images(n: int = 2, size: int = 32, chans: int = 3, seed: int = 1) -> torch.T
 def dense_vit(**kwargs) -> torch.nn.Module:
     """A timm ViT-Ti shaped like the small V-MoE below, every parameter randomised (timm sets constants)."""
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **{"img_size": 32, "patch_size": 8, "num_classes": 5,
-                                                          "depth": 4, **kwargs}).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", **{"img_size": 32, "patch_size": 8, "num_classes": 5, "depth": 4, **kwargs}
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -40,8 +43,9 @@ def dense_vit(**kwargs) -> torch.nn.Module:
 
 
 def small_vmoe(**kwargs) -> VisionMoE:
-    return zoo.vmoe_tiny_patch32_224(**{"img_size": 32, "patch_size": 8, "num_classes": 5, "depth": 4,
-                                        "num_experts": 4, **kwargs})
+    return zoo.vmoe_tiny_patch32_224(
+        **{"img_size": 32, "patch_size": 8, "num_classes": 5, "depth": 4, "num_experts": 4, **kwargs}
+    )
 
 
 def test_builders_and_moe_placement() -> None:
@@ -145,8 +149,14 @@ def test_files_saved_with_the_old_names_still_load(kind: str, tmp_path) -> None:
         hub.save_safetensors(sd, path, metadata={"zoo.config": json.dumps(config), "format": "pt"})
     else:
         path = tmp_path / "old.ckpt"
-        torch.save({"state_dict": sd, "pytorch-lightning_version": "2.6.6",
-                    "hyper_parameters": {**args, "_class_path": config["class_path"]}}, path)
+        torch.save(
+            {
+                "state_dict": sd,
+                "pytorch-lightning_version": "2.6.6",
+                "hyper_parameters": {**args, "_class_path": config["class_path"]},
+            },
+            path,
+        )
     with pytest.warns(FutureWarning) as caught:
         again = zoo.from_pretrained(path).eval()
     messages = " ".join(str(w.message) for w in caught if w.category is FutureWarning)
@@ -157,8 +167,9 @@ def test_files_saved_with_the_old_names_still_load(kind: str, tmp_path) -> None:
     x = images()
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
-    resaved = json.loads(hub.read_safetensors(again.save_pretrained(tmp_path / "resaved") / "model.safetensors")[1][
-        "zoo.config"])["init_args"]
+    resaved = json.loads(
+        hub.read_safetensors(again.save_pretrained(tmp_path / "resaved") / "model.safetensors")[1]["zoo.config"]
+    )["init_args"]
     assert {"router_n_iter", "moe_layers"}.isdisjoint(resaved) and resaved["dykstra_iters"] == 3
 
 
@@ -202,15 +213,33 @@ def test_plain_models_are_unchanged_by_the_moe_hooks() -> None:
 @pytest.mark.parametrize("topk", ["hard", "soft"])
 def test_trains_with_hard_and_soft_expert_choice(topk: str, tmp_path) -> None:
     pl.seed_everything(0, verbose=False)
-    model = zoo.vmoe_tiny_patch32_224(img_size=16, patch_size=4, in_chans=1, num_classes=4, embed_dim=32, depth=2,
-                                      num_heads=2, mlp_ratio=2.0, num_experts=4, moe_every=1, topk=topk,
-                                      optimizer=functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0),
-                                      lr_scheduler=None)
+    model = zoo.vmoe_tiny_patch32_224(
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        num_experts=4,
+        moe_every=1,
+        topk=topk,
+        optimizer=functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0),
+        lr_scheduler=None,
+    )
     x, y = images(16, 16, 1), torch.arange(16) % 4
     before = model.loss(model(x), y).item()
     router_before = model.blocks[0].mlp.router.weight.detach().clone()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=6,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
     model.eval()
     with torch.no_grad():
@@ -219,16 +248,19 @@ def test_trains_with_hard_and_soft_expert_choice(topk: str, tmp_path) -> None:
     assert "train_moe/router_entropy" in trainer.callback_metrics
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"moe_every": 5}, "moe_every=5 exceeds depth=4"),
-    ({"moe_every": 0}, "moe_every must be an integer >= 1"),
-    ({"moe_blocks": [4]}, r"moe_blocks \[4\] must be a non-empty list of block indices in \[0, 3\]"),
-    ({"topk": "soft", "dykstra_iters": 0}, "dykstra_iters must be an int >= 1"),
-    ({"dykstra_iters": 10}, "dykstra_iters only apply with topk='soft'"),
-    ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
-    ({"aux_loss_weight": -1.0}, "aux_loss_weight must be a finite number >= 0, got -1.0"),
-    ({"router": "top1"}, "unknown router 'top1'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"moe_every": 5}, "moe_every=5 exceeds depth=4"),
+        ({"moe_every": 0}, "moe_every must be an integer >= 1"),
+        ({"moe_blocks": [4]}, r"moe_blocks \[4\] must be a non-empty list of block indices in \[0, 3\]"),
+        ({"topk": "soft", "dykstra_iters": 0}, "dykstra_iters must be an int >= 1"),
+        ({"dykstra_iters": 10}, "dykstra_iters only apply with topk='soft'"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
+        ({"aux_loss_weight": -1.0}, "aux_loss_weight must be a finite number >= 0, got -1.0"),
+        ({"router": "top1"}, "unknown router 'top1'"),
+    ],
+)
 def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ZooError, match=message):
         small_vmoe(**kwargs)

@@ -22,14 +22,31 @@ FAMILIES = {
     "resnet50": ({"widths": (2, 2, 4, 4)}, 7, (2, 3, 16, 16)),
     "heun_resnet20_cifar": ({"layers": (2, 1, 1), "widths": (4, 4, 4)}, 3, (2, 3, 8, 8)),  # default 10 -> 3
     "depth_scaled_tiny": ({"depth": 2, "widths": (4,)}, 4, (2, 3, 12, 12)),
-    "sinkformer_vit_tiny_patch16_224": ({"img_size": 16, "patch_size": 8, "embed_dim": 12, "depth": 1,
-                                         "num_heads": 2}, 10, (2, 3, 16, 16)),
+    "sinkformer_vit_tiny_patch16_224": (
+        {"img_size": 16, "patch_size": 8, "embed_dim": 12, "depth": 1, "num_heads": 2},
+        10,
+        (2, 3, 16, 16),
+    ),
     "sinkformer_vit_mnist": ({"embed_dim": 8, "attn_head_dim": 4}, 3, (2, 1, 28, 28)),  # default 10 -> 3
-    "vmoe_tiny_patch32_224": ({"img_size": 16, "patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2,
-                               "num_experts": 2, "capacity_factor": None}, 10, (2, 3, 16, 16)),
+    "vmoe_tiny_patch32_224": (
+        {
+            "img_size": 16,
+            "patch_size": 8,
+            "embed_dim": 8,
+            "depth": 2,
+            "num_heads": 2,
+            "num_experts": 2,
+            "capacity_factor": None,
+        },
+        10,
+        (2, 3, 16, 16),
+    ),
     "set_transformer_modelnet40": ({"embed_dim": 8, "num_heads": 2, "num_inducing": 2, "depth": 1}, 5, (2, 6, 3)),
-    "point_cloud_transformer": ({"embed_dim": 4, "sample_points": (8, 4), "num_neighbors": 4, "depth": 1,
-                                 "fuse_dim": 8, "head_dims": (8,)}, 5, (2, 16, 3)),
+    "point_cloud_transformer": (
+        {"embed_dim": 4, "sample_points": (8, 4), "num_neighbors": 4, "depth": 1, "fuse_dim": 8, "head_dims": (8,)},
+        5,
+        (2, 16, 3),
+    ),
 }
 
 
@@ -46,8 +63,16 @@ def fine_tuned(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def mimic_lightning_checkpoint(model: pl.LightningModule, path: Path) -> None:
     """What Trainer.save_checkpoint writes that matters here: state_dict, hyper_parameters and the version."""
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 1}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+            "epoch": 0,
+            "global_step": 1,
+        },
+        path,
+    )
 
 
 @pytest.mark.parametrize("target", ["folder", "model.safetensors", "last.ckpt"])
@@ -76,12 +101,24 @@ def test_builder_builds_the_recorded_head(tmp_path: Path, name: str, target: str
 
 def test_head_from_a_real_lightning_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = zoo.resnet18(num_classes=10, widths=(4, 4, 8, 8), lr_scheduler=None,
-                         optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    model = zoo.resnet18(
+        num_classes=10,
+        widths=(4, 4, 8, 8),
+        lr_scheduler=None,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    )
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, DataLoader(data, batch_size=4))
     trainer.save_checkpoint(tmp_path / "fine.ckpt")
     loaded = zoo.resnet18(weights=str(tmp_path / "fine.ckpt"), widths=(4, 4, 8, 8)).eval()

@@ -41,8 +41,13 @@ def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
 
 TIMM_VARIANTS = {
     "plain": {"qkv_bias": True},
-    "qk_norm_scale_norm_gated": {"qkv_bias": True, "qk_norm": True, "scale_norm": True, "gated": True,
-                                 "norm_layer": nn.LayerNorm},
+    "qk_norm_scale_norm_gated": {
+        "qkv_bias": True,
+        "qk_norm": True,
+        "scale_norm": True,
+        "gated": True,
+        "norm_layer": nn.LayerNorm,
+    },
     "head_dim": {"attn_head_dim": 5, "dim_out": 12, "proj_bias": False},
 }
 
@@ -155,8 +160,14 @@ def test_mha_drop_in_same_parameters_and_function_at_one_iteration(case: str) ->
     kpm[1, 4:] = True
     masked = torch.zeros(L, S, dtype=torch.bool)
     masked[:, 2] = True  # torch convention: True = not allowed
-    for kwargs in ({}, {"key_padding_mask": kpm}, {"attn_mask": masked}, {"key_padding_mask": kpm, "attn_mask": masked},
-                   {"attn_mask": seeded(B * 4, L, S, seed=4)}, {"key_padding_mask": kpm.float() * -1e4}):
+    for kwargs in (
+        {},
+        {"key_padding_mask": kpm},
+        {"attn_mask": masked},
+        {"key_padding_mask": kpm, "attn_mask": masked},
+        {"attn_mask": seeded(B * 4, L, S, seed=4)},
+        {"key_padding_mask": kpm.float() * -1e4},
+    ):
         out, w = mine(q, k, v, **kwargs, **call)
         ref_out, ref_w = ref(q, k, v, **kwargs, **call)
         assert close(out, ref_out), kwargs
@@ -246,8 +257,12 @@ def test_empty_batch_or_sequence_gives_the_source_modules_result(n_iter: int, re
         assert xa.grad.shape == xb.grad.shape == shape
     ref_mha, mha = mha_pair(n_iter=n_iter, batch_first=True)
     mha.record_stats = record_stats
-    for q_shape, kv_shape, kpm in [((0, 5, 16), (0, 5, 16), True), ((2, 0, 16), (2, 0, 16), True),
-                                   ((2, 5, 16), (2, 0, 16), False), ((2, 5, 16), (2, 0, 16), True)]:
+    for q_shape, kv_shape, kpm in [
+        ((0, 5, 16), (0, 5, 16), True),
+        ((2, 0, 16), (2, 0, 16), True),
+        ((2, 5, 16), (2, 0, 16), False),
+        ((2, 5, 16), (2, 0, 16), True),
+    ]:
         kw = {"key_padding_mask": torch.zeros(kv_shape[:2], dtype=torch.bool)} if kpm else {}
         q, kv = seeded(*q_shape, seed=1), seeded(*kv_shape, seed=2)
         leaves = [q.clone().requires_grad_(), kv.clone().requires_grad_()]
@@ -287,8 +302,10 @@ def test_mha_training_with_padding_and_weights_backpropagates() -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
 def test_bad_n_iter_is_one_clear_error(bad: object) -> None:
-    for build in (lambda: SinkhornAttention(16, num_heads=2, n_iter=bad),
-                  lambda: SinkhornMultiheadAttention(16, 2, n_iter=bad)):
+    for build in (
+        lambda: SinkhornAttention(16, num_heads=2, n_iter=bad),
+        lambda: SinkhornMultiheadAttention(16, 2, n_iter=bad),
+    ):
         with pytest.raises(ZooError, match=r"n_iter must be an integer >= 1"):
             build()
 

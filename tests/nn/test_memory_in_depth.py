@@ -105,23 +105,31 @@ def _can_reset_peak() -> bool:
         return False
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not _can_reset_peak(),
-                    reason="measures glibc's allocator, and needs /proc/self/clear_refs to reset the peak")
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or not _can_reset_peak(),
+    reason="measures glibc's allocator, and needs /proc/self/clear_refs to reset the peak",
+)
 def test_peak_resident_memory_of_a_training_step_is_flat_in_depth_with_the_default_allocator(tmp_path):
-    configs = [["reversible", SMALL], ["reversible", LARGE], ["adjoint", SMALL], ["adjoint", LARGE],
-               ["full", LARGE]]
+    configs = [["reversible", SMALL], ["reversible", LARGE], ["adjoint", SMALL], ["adjoint", LARGE], ["full", LARGE]]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}  # the defaults
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(ROWS), json.dumps(configs)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(ROWS), json.dumps(configs)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    peak = {(memory, depth): value for memory, depth, value in json.loads(lines[-1][len("RESULT "):])}
+    peak = {(memory, depth): value for memory, depth, value in json.loads(lines[-1][len("RESULT ") :])}
     state = ROWS * 256 * 4
     for memory in ("reversible", "adjoint"):
         small, large = peak[(memory, SMALL)], peak[(memory, LARGE)]
         # a few MiB of the allocator's own granularity (heap top pad, arenas) is noise: the floor is 8 states
         assert large <= 1.5 * max(small, 8 * state), (
-            f"{memory}: peak {large / MIB:.1f} MiB at depth {LARGE} against {small / MIB:.1f} MiB at depth {SMALL}")
+            f"{memory}: peak {large / MIB:.1f} MiB at depth {LARGE} against {small / MIB:.1f} MiB at depth {SMALL}"
+        )
         # and far below ordinary autograd, which keeps every step's activations
         assert large < peak[("full", LARGE)] / 5, (memory, large, peak[("full", LARGE)])

@@ -114,8 +114,12 @@ def routing_matrix(moe: MoE, x: torch.Tensor, padding_mask: torch.Tensor | None 
 ROUTINGS = {
     "token_k1": {"router": "token_choice"},
     "token_k2_cap1": {"router": "token_choice", "k": 2, "capacity_factor": 1.0},
-    "token_k2_nolimit_unnormalised": {"router": "token_choice", "k": 2, "capacity_factor": None,
-                                      "normalize_gates": False},
+    "token_k2_nolimit_unnormalised": {
+        "router": "token_choice",
+        "k": 2,
+        "capacity_factor": None,
+        "normalize_gates": False,
+    },
     "token_k2_soft": {"router": "token_choice", "k": 2, "topk": "soft", "lam": 0.05},
     "token_k1_soft": {"router": "token_choice", "topk": "soft", "lam": 0.05},
     "expert": {"router": "expert_choice"},
@@ -196,7 +200,7 @@ def test_expert_choice_every_expert_takes_exactly_k_tokens(kwargs: dict) -> None
     assert r.capacity == groups * k
     assert torch.equal((r.index < 36).sum(1), torch.full((E,), groups * k))
     for g in range(groups):  # k distinct tokens of the group per expert
-        block = r.index[:, g * k:(g + 1) * k]
+        block = r.index[:, g * k : (g + 1) * k]
         assert ((block >= g * n) & (block < (g + 1) * n)).all()
         assert all(len(set(row.tolist())) == k for row in block)
     # with padding: k_g = min(k, round(capacity_factor * n_valid / E)) per sequence, slots past it empty
@@ -204,9 +208,12 @@ def test_expert_choice_every_expert_takes_exactly_k_tokens(kwargs: dict) -> None
         lengths = [12, 5, 1]
         r = moe.route(x, padding(lengths, 12))
         for g, length in enumerate(lengths):
-            kg = min(kwargs["k"], length) if "k" in kwargs else \
-                min(max(1, round(kwargs.get("capacity_factor", 2.0) * length / E)), length)
-            block = r.index[:, g * k:(g + 1) * k]
+            kg = (
+                min(kwargs["k"], length)
+                if "k" in kwargs
+                else min(max(1, round(kwargs.get("capacity_factor", 2.0) * length / E)), length)
+            )
+            block = r.index[:, g * k : (g + 1) * k]
             assert torch.equal((block < 36).sum(1), torch.full((E,), kg))
 
 
@@ -238,14 +245,15 @@ def test_padded_batch_equals_each_sequence_alone(name: str) -> None:
     out = moe(x, pm)
     assert out[pm].abs().max() == 0
     for b, length in enumerate(lengths):
-        alone = moe(x[b:b + 1, :length])
-        torch.testing.assert_close(out[b:b + 1, :length], alone, rtol=1e-5, atol=1e-6)
+        alone = moe(x[b : b + 1, :length])
+        torch.testing.assert_close(out[b : b + 1, :length], alone, rtol=1e-5, atol=1e-6)
     residual = x + out
     assert torch.equal(residual[pm], x[pm])
 
 
-@pytest.mark.parametrize("name", ["token_k1", "token_k2_cap1", "token_k2_soft", "expert", "expert_k3", "expert_soft",
-                                  "expert_cf1_group5"])
+@pytest.mark.parametrize(
+    "name", ["token_k1", "token_k2_cap1", "token_k2_soft", "expert", "expert_k3", "expert_soft", "expert_cf1_group5"]
+)
 def test_nan_and_inf_in_padded_tokens_change_nothing(name: str) -> None:
     """Padded tokens never reach the router's matmul nor the experts: NaN / inf there give exactly what zeros
     there give (output, aux loss, gradients of router, experts and input), the padded output rows and input
@@ -336,10 +344,11 @@ def test_stats_are_detached_and_correct() -> None:
     # the relaxed weight outside the dispatched tokens
     full = torch.zeros(20, E)
     for g, length in enumerate([10, 3]):
-        s = gates[g * 10:g * 10 + length]
+        s = gates[g * 10 : g * 10 + length]
         k = 5 if length == 10 else 2
-        full[g * 10:g * 10 + length] = s * soft_topk_mask(s, k, dim=0, p=2.0, lam=0.05, solver="dykstra",
-                                                           dykstra_iters=10)
+        full[g * 10 : g * 10 + length] = s * soft_topk_mask(
+            s, k, dim=0, p=2.0, lam=0.05, solver="dykstra", dykstra_iters=10
+        )
     torch.testing.assert_close(moe.stats["dropped_soft_weight"], 1 - R.sum() / full.sum(), rtol=1e-4, atol=1e-6)
     assert out.shape == x.shape
 
@@ -347,13 +356,16 @@ def test_stats_are_detached_and_correct() -> None:
 # ------------------------------------------------------------------------------------------------ upcycling
 
 
-@pytest.mark.parametrize("options", [
-    {"router": "token_choice", "normalize_gates": True, "capacity_factor": None},
-    {"router": "token_choice", "k": 2, "capacity_factor": None},
-    {"router": "token_choice", "k": 3, "capacity_factor": None},
-    {"router": "expert_choice", "capacity_factor": 4},
-    {"router": "expert_choice", "capacity_factor": None},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"router": "token_choice", "normalize_gates": True, "capacity_factor": None},
+        {"router": "token_choice", "k": 2, "capacity_factor": None},
+        {"router": "token_choice", "k": 3, "capacity_factor": None},
+        {"router": "expert_choice", "capacity_factor": 4},
+        {"router": "expert_choice", "capacity_factor": None},
+    ],
+)
 def test_upcycled_moe_equals_the_dense_mlp(options: dict) -> None:
     torch.manual_seed(0)
     mlp = Mlp(DIM, HIDDEN).eval()
@@ -411,8 +423,9 @@ def test_soft_router_tends_to_the_hard_one(router: str) -> None:
         torch.testing.assert_close(soft(x, pm), expected, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("name", ["token_k1", "token_k2_cap1", "token_k1_soft", "token_k2_soft", "expert",
-                                  "expert_soft"])
+@pytest.mark.parametrize(
+    "name", ["token_k1", "token_k2_cap1", "token_k1_soft", "token_k2_soft", "expert", "expert_soft"]
+)
 def test_router_gradient_matches_the_reference(name: str) -> None:
     """d loss / d router weight equals that of the loop reference, which differentiates through S and, for
     topk='soft', through the relaxed mask m; with the soft router it differs from the hard router's."""
@@ -520,28 +533,31 @@ def test_inductor_compile_matches_eager(name: str) -> None:
 # ------------------------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"router": "random"}, "unknown router"),
-    ({"topk": "sparse"}, "unknown topk"),
-    ({"k": 0}, "k must be an integer >= 1"),
-    ({"router": "expert_choice", "k": 0}, "k must be an integer >= 1"),
-    ({"k": 5}, "exceeds num_experts"),
-    ({"capacity_factor": 0.0}, "capacity_factor must be"),
-    ({"router": "expert_choice", "capacity_factor": -1.0}, "capacity_factor must be"),
-    ({"num_experts": 0}, "num_experts must be"),
-    ({"lam": 0.1}, "only apply with topk='soft'"),
-    ({"dykstra_iters": 10}, "dykstra_iters only apply with topk='soft'"),
-    ({"topk": "soft", "dykstra_iters": 0}, "dykstra_iters must be an int >= 1"),
-    ({"topk": "soft", "k": 4}, "nothing to relax"),
-    ({"topk": "soft", "normalize_gates": True}, "no gradient"),
-    ({"topk": "soft", "solver": "sinkhorn"}, "unknown solver"),
-    ({"topk": "soft", "solver": "dykstra", "p": 4 / 3}, "dykstra' supports p = 2 only"),
-    ({"topk": "soft", "lam": 0.0}, "lam must be a finite float > 0"),
-    ({"topk": "soft", "p": 1.5, "solver": "pav"}, "p = 1.5 is not implemented"),
-    ({"group_size": 4}, "expert choice only"),
-    ({"router": "expert_choice", "k": 2, "capacity_factor": 1.0}, "not both"),
-    ({"router": "expert_choice", "normalize_gates": True}, "token choice only"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"router": "random"}, "unknown router"),
+        ({"topk": "sparse"}, "unknown topk"),
+        ({"k": 0}, "k must be an integer >= 1"),
+        ({"router": "expert_choice", "k": 0}, "k must be an integer >= 1"),
+        ({"k": 5}, "exceeds num_experts"),
+        ({"capacity_factor": 0.0}, "capacity_factor must be"),
+        ({"router": "expert_choice", "capacity_factor": -1.0}, "capacity_factor must be"),
+        ({"num_experts": 0}, "num_experts must be"),
+        ({"lam": 0.1}, "only apply with topk='soft'"),
+        ({"dykstra_iters": 10}, "dykstra_iters only apply with topk='soft'"),
+        ({"topk": "soft", "dykstra_iters": 0}, "dykstra_iters must be an int >= 1"),
+        ({"topk": "soft", "k": 4}, "nothing to relax"),
+        ({"topk": "soft", "normalize_gates": True}, "no gradient"),
+        ({"topk": "soft", "solver": "sinkhorn"}, "unknown solver"),
+        ({"topk": "soft", "solver": "dykstra", "p": 4 / 3}, "dykstra' supports p = 2 only"),
+        ({"topk": "soft", "lam": 0.0}, "lam must be a finite float > 0"),
+        ({"topk": "soft", "p": 1.5, "solver": "pav"}, "p = 1.5 is not implemented"),
+        ({"group_size": 4}, "expert choice only"),
+        ({"router": "expert_choice", "k": 2, "capacity_factor": 1.0}, "not both"),
+        ({"router": "expert_choice", "normalize_gates": True}, "token choice only"),
+    ],
+)
 def test_bad_options_raise_one_clear_error(kwargs: dict, match: str) -> None:
     with pytest.raises(ZooError, match=match):
         MoE(DIM, HIDDEN, kwargs.pop("num_experts", E), **kwargs)
@@ -583,14 +599,25 @@ def test_routing_statistics_over_layers() -> None:
     assert routing_statistics([a, b]) == {} and routing_statistics([]) == {}  # nothing ran yet
     weight = torch.tensor(2.0, requires_grad=True)
     a.aux_loss, b.aux_loss = 0.6 * weight, torch.zeros(())
-    a.stats = {"tokens_per_expert": torch.tensor([4, 0, 2, 2]), "dropped_fraction": torch.tensor(0.25),
-               "router_entropy": torch.tensor(1.0)}
-    b.stats = {"tokens_per_expert": torch.tensor([3, 3]), "dropped_fraction": torch.tensor(0.0),
-               "router_entropy": torch.tensor(0.5)}
+    a.stats = {
+        "tokens_per_expert": torch.tensor([4, 0, 2, 2]),
+        "dropped_fraction": torch.tensor(0.25),
+        "router_entropy": torch.tensor(1.0),
+    }
+    b.stats = {
+        "tokens_per_expert": torch.tensor([3, 3]),
+        "dropped_fraction": torch.tensor(0.0),
+        "router_entropy": torch.tensor(0.5),
+    }
     stats = routing_statistics([a, b])
     # loads: a 4 / 2 = 2 (max over mean), 0 (min); b 1 and 1: means over the two layers 1.5 and 0.5
-    expected = {"aux_loss": 1.2, "dropped_fraction": 0.125, "router_entropy": 0.75, "expert_load_max": 1.5,
-                "expert_load_min": 0.5}
+    expected = {
+        "aux_loss": 1.2,
+        "dropped_fraction": 0.125,
+        "router_entropy": 0.75,
+        "expert_load_max": 1.5,
+        "expert_load_min": 0.5,
+    }
     assert stats.keys() == expected.keys()
     for name, value in expected.items():
         assert stats[name].dim() == 0 and not stats[name].requires_grad, name

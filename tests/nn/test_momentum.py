@@ -165,8 +165,7 @@ def _worst_case_bounds(n: int, d: int, steps: int) -> list[int]:
 def test_reversible_rebuilds_x0_v0_bit_for_bit_through_1000_layers(gamma, init):
     depth = 1000
     block = MLP(4, 8, seed=3)  # tied: one module, 1000 steps
-    stack = ResidualStack([block] * depth, rule="momentum", gamma=gamma, memory="reversible",
-                          init_velocity=init)
+    stack = ResidualStack([block] * depth, rule="momentum", gamma=gamma, memory="reversible", init_velocity=init)
     stack.record_rebuild = True
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
     out = stack(x)
@@ -269,8 +268,9 @@ def test_fixed_point_conversions_and_range():
     fp = FixedPoint(32)
     x = torch.tensor([0.0, 1.5, -2.25, 2.0**-33, 3 * 2.0**-34, -(2.0**-33), 1e-3])
     assert fp.to_fixed(x).tolist() == [0, 3 * 2**31, -9 * 2**30, 0, 1, 0, round(x[6].item() * 2**32)]  # half to even
-    torch.testing.assert_close(fp.to_float(fp.to_fixed(x), torch.float32), to_float_ref(to_fixed_ref(x)), rtol=0,
-                               atol=0)
+    torch.testing.assert_close(
+        fp.to_float(fp.to_fixed(x), torch.float32), to_float_ref(to_fixed_ref(x)), rtol=0, atol=0
+    )
     assert fp.limit == 2.0**29
     assert not fp.out_of_range(torch.tensor([2.0**29 - 1, -(2.0**29 - 1)], dtype=torch.float64)).item()
     for bad in (2.0**29, -(2.0**29), float("inf"), float("-inf"), float("nan")):
@@ -613,8 +613,9 @@ def test_block_changing_the_shape_is_an_error(memory):
     stack = ResidualStack(blocks, rule="momentum", gamma=0.9, memory=memory)
     with pytest.raises(ZooError, match=r"block 1 .*maps shape \(2, 4\) to \(2, 3\).*keep the shape"):
         stack(torch.randn(2, 4, requires_grad=True))
-    bad_velocity = ResidualStack(mlp_blocks(2), rule="momentum", gamma=0.9, memory=memory,
-                                 init_velocity=nn.Linear(4, 2))
+    bad_velocity = ResidualStack(
+        mlp_blocks(2), rule="momentum", gamma=0.9, memory=memory, init_velocity=nn.Linear(4, 2)
+    )
     with pytest.raises(ZooError, match="initial velocity has shape"):
         bad_velocity(torch.randn(2, 4, requires_grad=True))
 
@@ -648,8 +649,10 @@ class Fill(nn.Module):
         return torch.full_like(x, self.value)
 
 
-RANGE_ERROR = (r"fixed-point range \|x\| < 2\^29.*Normalise the input, lower fixed_point_bits \(now 32\), "
-               r"or use memory='full'")
+RANGE_ERROR = (
+    r"fixed-point range \|x\| < 2\^29.*Normalise the input, lower fixed_point_bits \(now 32\), "
+    r"or use memory='full'"
+)
 
 
 def _range_error(stack: ResidualStack, x: torch.Tensor) -> None:
@@ -672,8 +675,13 @@ def _out_of_range_case(case: str) -> tuple[ResidualStack, torch.Tensor]:
     elif case == "big_intermediate":  # x_n leaves the range (and would wrap int64), then comes back
         blocks = [Const(4e8) for _ in range(20)] + [Const(-4e8) for _ in range(20)]
         x = torch.zeros(2, 1, dtype=torch.float64)
-    stack = ResidualStack(blocks, rule="momentum", gamma=0.5 if case == "big_intermediate" else 0.9,
-                          memory="reversible", fixed_point_bits=32)
+    stack = ResidualStack(
+        blocks,
+        rule="momentum",
+        gamma=0.5 if case == "big_intermediate" else 0.9,
+        memory="reversible",
+        fixed_point_bits=32,
+    )
     return stack, x
 
 
@@ -755,8 +763,9 @@ def test_the_state_bound_holds_on_integer_trajectories(gamma):
     assert true_max > 0.1 * bound  # the bound is not vacuous on a drifting trajectory
     small = FixedPoint(61 - math.ceil(math.log2(2 * bound)) - 1)  # a range just above twice the bound
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    assert not small.momentum_state_out_of_range(t(x0.abs().max().item()), t(v0.abs().max().item()), t(g_max),
-                                                 gamma, steps).item()
+    assert not small.momentum_state_out_of_range(
+        t(x0.abs().max().item()), t(v0.abs().max().item()), t(g_max), gamma, steps
+    ).item()
 
 
 def test_out_of_range_check_depends_on_fixed_point_bits():
@@ -878,13 +887,25 @@ def test_fused_kernels_compute_the_eager_integers(blocks):
     from zoo.ops import fixed_point
 
     if blocks == "mlp":
-        stack = ResidualStack(mlp_blocks(30, dim=6, hidden=12, seed=45), rule="momentum", memory="reversible",
-                              gamma=0.9, init_velocity="f", transition=nn.Linear(5, 6))
+        stack = ResidualStack(
+            mlp_blocks(30, dim=6, hidden=12, seed=45),
+            rule="momentum",
+            memory="reversible",
+            gamma=0.9,
+            init_velocity="f",
+            transition=nn.Linear(5, 6),
+        )
         x = torch.randn(7, 5, generator=torch.Generator().manual_seed(46))
     else:
         torch.manual_seed(47)
-        stack = ResidualStack([BasicBlock(6, 6) for _ in range(4)], rule="momentum", memory="reversible",
-                              gamma=0.9, init_velocity="f", transition=nn.Conv2d(3, 6, 3, padding=1)).train()
+        stack = ResidualStack(
+            [BasicBlock(6, 6) for _ in range(4)],
+            rule="momentum",
+            memory="reversible",
+            gamma=0.9,
+            init_velocity="f",
+            transition=nn.Conv2d(3, 6, 3, padding=1),
+        ).train()
         assert stack.blocks[0].split_residual(torch.randn(2, 6, 5, 5))[1] == "relu"
         x = torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(48))
     stack.record_rebuild = True

@@ -153,8 +153,9 @@ def test_adjoint_replays_dropout(rule):
     blocks = [ConstantBlock(64, p=0.5) for _ in range(3)]
     full = ResidualStack(blocks, rule=rule, scale="depth")
     adj = ResidualStack(copy.deepcopy(blocks), rule=rule, scale="depth", memory="adjoint")
-    no_replay = ResidualStack(copy.deepcopy(blocks), rule=rule, scale="depth", memory="adjoint",
-                              preserve_rng_state=False)
+    no_replay = ResidualStack(
+        copy.deepcopy(blocks), rule=rule, scale="depth", memory="adjoint", preserve_rng_state=False
+    )
     x = torch.randn(2, 64)
     torch.manual_seed(1)
     ref = flat(*grads(full, x))

@@ -37,10 +37,15 @@ def sparsemax_loss(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def smoothed_topk_sum(x: np.ndarray, k: int, lam: float, p: float) -> float:
     """max_{0 <= y <= 1, sum y = k} <x, y> - (lam / p) sum y^p, by SLSQP from the uniform point."""
     n = x.size
-    res = minimize(lambda y: -(x @ y - lam / p * np.sum(np.abs(y) ** p)), np.full(n, k / n),
-                   jac=lambda y: -(x - lam * np.abs(y) ** (p - 1)), bounds=[(0.0, 1.0)] * n,
-                   constraints=[{"type": "eq", "fun": lambda y: y.sum() - k, "jac": lambda y: np.ones(n)}],
-                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+    res = minimize(
+        lambda y: -(x @ y - lam / p * np.sum(np.abs(y) ** p)),
+        np.full(n, k / n),
+        jac=lambda y: -(x - lam * np.abs(y) ** (p - 1)),
+        bounds=[(0.0, 1.0)] * n,
+        constraints=[{"type": "eq", "fun": lambda y: y.sum() - k, "jac": lambda y: np.ones(n)}],
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
     return -res.fun
 
 
@@ -77,8 +82,9 @@ def test_gradient_is_soft_topk_mask_minus_target(p, solver):
     dense = torch.zeros(5, 8, dtype=torch.float64)
     dense[:, :2] = 1.0
     SmoothTopKLoss(k=2, p=p, lam=0.5, solver=solver, dykstra_iters=50)(x, dense).backward()
-    torch.testing.assert_close(x.grad, (soft_topk_mask(x.detach(), 2, p=p, lam=0.5, solver=solver, dykstra_iters=50)
-                                        - dense) / 5)
+    torch.testing.assert_close(
+        x.grad, (soft_topk_mask(x.detach(), 2, p=p, lam=0.5, solver=solver, dykstra_iters=50) - dense) / 5
+    )
 
 
 def test_n_iter_is_the_deprecated_name_of_dykstra_iters():

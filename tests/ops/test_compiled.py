@@ -27,8 +27,13 @@ def test_bound_constants_are_keyword_defaults_of_a_separate_function() -> None:
 
 def test_many_constant_sets_compile_without_exhausting_the_recompile_limit() -> None:
     """More variants than torch._dynamo's per-code recompile limit (8): each compiled once, the eager values."""
-    kernels = CompiledKernels({"k": scaled_floor_div}, env="ZOO_TEST_UNUSED", what="test kernels", fullgraph=True,
-                              options={"k": {"cpp.simdlen": 1}})
+    kernels = CompiledKernels(
+        {"k": scaled_floor_div},
+        env="ZOO_TEST_UNUSED",
+        what="test kernels",
+        fullgraph=True,
+        options={"k": {"cpp.simdlen": 1}},
+    )
     t = torch.arange(-50, 50, dtype=torch.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed compilation falls back with a warning: fail instead

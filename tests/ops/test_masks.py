@@ -19,9 +19,11 @@ from zoo.ops.masks import resolve
 
 def qkv(B=2, H=3, L=5, S=5, E=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, L, E, generator=g, dtype=torch.float64),
-            torch.randn(B, H, S, E, generator=g, dtype=torch.float64),
-            torch.randn(B, H, S, E, generator=g, dtype=torch.float64))
+    return (
+        torch.randn(B, H, L, E, generator=g, dtype=torch.float64),
+        torch.randn(B, H, S, E, generator=g, dtype=torch.float64),
+        torch.randn(B, H, S, E, generator=g, dtype=torch.float64),
+    )
 
 
 def naive_sinkhorn(q, k, v, n_iter, allowed):
@@ -38,8 +40,10 @@ def test_causal_blocked_allowed_additive_are_the_same_mask(n_iter):
     q, k, v = qkv()
     allowed = torch.ones(5, 5, dtype=torch.bool).tril()
     additive = torch.zeros(5, 5, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-    outs = [attention(q, k, v, m, n_iter) for m in
-            (CausalMask(), AllowedMask(allowed), BlockedMask(~allowed), AdditiveMask(additive))]
+    outs = [
+        attention(q, k, v, m, n_iter)
+        for m in (CausalMask(), AllowedMask(allowed), BlockedMask(~allowed), AdditiveMask(additive))
+    ]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
     torch.testing.assert_close(outs[0], naive_sinkhorn(q, k, v, n_iter, allowed.double()))
@@ -66,8 +70,7 @@ def test_combined_mask_equals_the_legacy_tensor_arguments(n_iter):
     mask = PaddingMask(pad, pad) & AllowedMask(allowed) & AdditiveMask(bias)
     out, w = attention(q, k, v, mask, n_iter, return_weights=True)
     legacy_bias = bias.masked_fill(~allowed, float("-inf"))
-    ref, w_ref = sinkhorn_attention(q, k, v, n_iter, attn_mask=legacy_bias, key_padding_mask=pad,
-                                    return_weights=True)
+    ref, w_ref = sinkhorn_attention(q, k, v, n_iter, attn_mask=legacy_bias, key_padding_mask=pad, return_weights=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(w, w_ref, rtol=0, atol=0)
     assert (w[..., ~allowed] == 0).all() and (w[1, :, :, 4] == 0).all() and (w[1, :, 4, :] == 0).all()
@@ -86,13 +89,16 @@ def test_pad_keys_adds_a_visible_key_column():
     assert bias[:, :3].eq(1).all() and bias[:, 3].eq(0).all()
 
 
-@pytest.mark.parametrize("mask,match", [
-    (AllowedMask(torch.ones(4, 5, dtype=torch.bool)), "does not broadcast"),
-    (AllowedMask(torch.ones(5, 5)), "must have dtype torch.bool"),
-    (AdditiveMask(torch.ones(5, 5, dtype=torch.long)), "additive float"),
-    (PaddingMask(keys=torch.zeros(2, 4, dtype=torch.bool)), "key_padding_mask must be a bool tensor"),
-    (PaddingMask(queries=torch.zeros(2, 5)), "query_padding_mask must be a bool tensor"),
-])
+@pytest.mark.parametrize(
+    "mask,match",
+    [
+        (AllowedMask(torch.ones(4, 5, dtype=torch.bool)), "does not broadcast"),
+        (AllowedMask(torch.ones(5, 5)), "must have dtype torch.bool"),
+        (AdditiveMask(torch.ones(5, 5, dtype=torch.long)), "additive float"),
+        (PaddingMask(keys=torch.zeros(2, 4, dtype=torch.bool)), "key_padding_mask must be a bool tensor"),
+        (PaddingMask(queries=torch.zeros(2, 5)), "query_padding_mask must be a bool tensor"),
+    ],
+)
 def test_bad_masks_raise_one_clear_error(mask, match):
     q, k, v = qkv()
     with pytest.raises(ZooError, match=match):

@@ -36,8 +36,10 @@ def rand(*shape, dtype=torch.float32, seed=0):
 
 
 def qkv(B=2, H=3, L=7, S=7, E=8, Ev=5, dtype=torch.float32):
-    return rand(B, H, L, E, dtype=dtype, seed=1), rand(B, H, S, E, dtype=dtype, seed=2), rand(
-        B, H, S, Ev, dtype=dtype, seed=3
+    return (
+        rand(B, H, L, E, dtype=dtype, seed=1),
+        rand(B, H, S, E, dtype=dtype, seed=2),
+        rand(B, H, S, Ev, dtype=dtype, seed=3),
     )
 
 
@@ -145,16 +147,19 @@ def test_masks_are_sinkhorn_on_the_masked_kernel(n_iter):
     q, k, v = qkv(L=6, S=6)
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
     ref, _ = naive_sinkhorn(q, k, v, n_iter, allowed=causal)
-    torch.testing.assert_close(sinkhorn_attention(q, k, v, n_iter=n_iter, attn_mask=causal), ref.float(),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        sinkhorn_attention(q, k, v, n_iter=n_iter, attn_mask=causal), ref.float(), atol=2e-5, rtol=1e-4
+    )
     additive = torch.zeros(6, 6).masked_fill(~causal, float("-inf"))
-    torch.testing.assert_close(sinkhorn_attention(q, k, v, n_iter=n_iter, attn_mask=additive), ref.float(),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        sinkhorn_attention(q, k, v, n_iter=n_iter, attn_mask=additive), ref.float(), atol=2e-5, rtol=1e-4
+    )
     # a finite additive bias multiplies the kernel by exp(bias)
     bias = rand(6, 6, seed=9)
     ref_b, _ = naive_sinkhorn(q, k, v, n_iter, allowed=torch.exp(bias))
-    torch.testing.assert_close(sinkhorn_attention(q, k, v, n_iter=n_iter, attn_mask=bias), ref_b.float(),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        sinkhorn_attention(q, k, v, n_iter=n_iter, attn_mask=bias), ref_b.float(), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_fully_masked_rows_and_columns_give_no_nan():
@@ -207,14 +212,12 @@ def test_leading_dims_single_and_none():
     ref, _ = naive_sinkhorn(q, k, v, 3)
     torch.testing.assert_close(sinkhorn_attention(q, k, v), ref.float(), atol=2e-5, rtol=1e-4)  # batch*heads = 1
     torch.testing.assert_close(sinkhorn_attention(q[0], k[0], v[0]), ref[0].float(), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(sinkhorn_attention(q[0, 0], k[0, 0], v[0, 0]), ref[0, 0].float(), atol=2e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(sinkhorn_attention(q[0, 0], k[0, 0], v[0, 0]), ref[0, 0].float(), atol=2e-5, rtol=1e-4)
     # (B, L, E) with key padding: the mask's B is the first leading dim
     q3, k3, v3 = (t[:, 0] for t in qkv(L=6, S=6))
     kpm = padding(2, 6, [6, 3])
     out = sinkhorn_attention(q3, k3, v3, key_padding_mask=kpm)
-    torch.testing.assert_close(out[1, :3], sinkhorn_attention(q3[1, :3], k3[1, :3], v3[1, :3]), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(out[1, :3], sinkhorn_attention(q3[1, :3], k3[1, :3], v3[1, :3]), atol=1e-5, rtol=1e-5)
 
 
 EMPTY_SHAPES = {"batch": (0, 2, 3, 4), "heads": (2, 0, 3, 4), "queries": (2, 2, 0, 4), "keys": (2, 2, 3, 0)}
@@ -273,8 +276,7 @@ def test_empty_dimensions_with_dropout_bf16_and_embedding_dim_zero():
     # E = 0: every score is 0, uniform weights (SDPA: the mean of the values); 1 / sqrt(0) raised before
     q, k, v = rand(2, 3, 4, 0), rand(2, 3, 5, 0), rand(2, 3, 5, 6)
     for n_iter in (1, 2, 3):
-        torch.testing.assert_close(sinkhorn_attention(q, k, v, n_iter=n_iter),
-                                   F.scaled_dot_product_attention(q, k, v))
+        torch.testing.assert_close(sinkhorn_attention(q, k, v, n_iter=n_iter), F.scaled_dot_product_attention(q, k, v))
 
 
 def test_column_sum_stats_of_empty_weights():
@@ -383,8 +385,9 @@ def test_gradients_match_naive_through_every_step():
 def test_no_host_sync_compiles_fullgraph():
     q, k, v = qkv(B=1, H=2, L=4, S=4, E=4, Ev=4)
     kpm = padding(1, 4, [3])
-    fn = torch.compile(lambda a, b, c: sinkhorn_attention(a, b, c, n_iter=3, key_padding_mask=kpm),
-                       fullgraph=True, backend="eager")
+    fn = torch.compile(
+        lambda a, b, c: sinkhorn_attention(a, b, c, n_iter=3, key_padding_mask=kpm), fullgraph=True, backend="eager"
+    )
     torch.testing.assert_close(fn(q, k, v), sinkhorn_attention(q, k, v, n_iter=3, key_padding_mask=kpm))
 
 

@@ -232,8 +232,14 @@ def test_float32_numpy_sort_path_matches_the_torch_sort_path(monkeypatch):
     outs = []
     for fast in (True, False):
         monkeypatch.setattr(topk_module, "_numpy_path", lambda v, fast=fast: fast and v.dtype == torch.float32)
-        outs.append([f(x, k, p=p, lam=0.3, solver=solver) for f in RELAXED.values() for k in (30, kt)
-                     for p, solver in ((2.0, "pav"), (P43, "pav"), (2.0, "dykstra"))])
+        outs.append(
+            [
+                f(x, k, p=p, lam=0.3, solver=solver)
+                for f in RELAXED.values()
+                for k in (30, kt)
+                for p, solver in ((2.0, "pav"), (P43, "pav"), (2.0, "dykstra"))
+            ]
+        )
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     ref = RELAXED["mask"](x.double(), 30, lam=0.3)
@@ -275,8 +281,9 @@ def test_lam_to_zero_recovers_the_hard_operator(p):
     x = rand(4, 30, seed=10)
     errs = [float((soft_topk_mask(x, 8, p=p, lam=lam) - topk_mask(x, 8)).abs().max()) for lam in (1.0, 0.1, 1e-3)]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-12
-    errs = [float((soft_topk_magnitude(x, 8, p=p, lam=lam) - topk_magnitude(x, 8)).abs().max())
-            for lam in (1.0, 0.1, 1e-3)]
+    errs = [
+        float((soft_topk_magnitude(x, 8, p=p, lam=lam) - topk_magnitude(x, 8)).abs().max()) for lam in (1.0, 0.1, 1e-3)
+    ]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-2
 
 
@@ -318,8 +325,9 @@ def test_dykstra_matches_pav_after_enough_iterations():
         assert (f(x, ks, lam=0.8, solver="dykstra", dykstra_iters=10) - ref).abs().max() > 1e-5  # not converged yet
         torch.testing.assert_close(f(x, ks, lam=0.8, solver="dykstra", dykstra_iters=1000), ref, atol=1e-5, rtol=0)
     x = rand(3, 7, seed=14, dtype=torch.float32)
-    torch.testing.assert_close(soft_topk_mask(x, 3, solver="dykstra", dykstra_iters=200), soft_topk_mask(x, 3),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        soft_topk_mask(x, 3, solver="dykstra", dykstra_iters=200), soft_topk_mask(x, 3), atol=1e-5, rtol=0
+    )
 
 
 def test_dykstra_leaves_far_entries_exact():
@@ -542,8 +550,7 @@ def test_gradcheck_finite_entries_beside_infinite_ones(kind, p):
     for k in (2, 5, 7):
         for lam in (0.3, 2.0):
             leaf = fin.clone().requires_grad_(True)
-            assert torch.autograd.gradcheck(lambda t, k=k, lam=lam: f(build(t), k, p=p, lam=lam)[finite_out],
-                                            (leaf,))
+            assert torch.autograd.gradcheck(lambda t, k=k, lam=lam: f(build(t), k, p=p, lam=lam)[finite_out], (leaf,))
             full = build(fin).requires_grad_(True)
             (f(full, k, p=p, lam=lam) * rand(3, 8, seed=35)).nan_to_num(posinf=0.0, neginf=0.0).sum().backward()
             assert torch.isfinite(full.grad).all() and (full.grad[torch.isinf(full)] == 0).all()
@@ -579,8 +586,9 @@ def test_infinite_entries_on_the_device_path_without_host_sync(monkeypatch):
     """The accelerator path (no numpy, no host sync) handles the non-finite entries the same way."""
     x, _ = nonfinite_rows(37, count=6)
     x = x.float()
-    refs = {(name, p, solver): f(x, 3, p=p, lam=0.5, solver=solver) for name, f in RELAXED.items()
-            for p, solver in SOLVES}
+    refs = {
+        (name, p, solver): f(x, 3, p=p, lam=0.5, solver=solver) for name, f in RELAXED.items() for p, solver in SOLVES
+    }
     monkeypatch.setattr(topk_module, "_on_host", lambda v: False)
     leaf = x.clone().requires_grad_(True)
 

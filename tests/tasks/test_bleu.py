@@ -46,10 +46,10 @@ def bleu_from_definition(hyps: list[str], refs: list[list[str]]) -> float:
         sys_len += len(hw)
         ref_len += min((abs(len(r) - len(hw)), len(r)) for r in rws)[1]
         for n in range(1, 5):
-            grams = Counter(tuple(hw[i:i + n]) for i in range(len(hw) - n + 1))
+            grams = Counter(tuple(hw[i : i + n]) for i in range(len(hw) - n + 1))
             best: Counter = Counter()
             for r in rws:
-                best |= Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+                best |= Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
             correct[n - 1] += sum(min(c, best[g]) for g, c in grams.items())
             total[n - 1] += max(len(hw) - n + 1, 0)
     log_p, k = 0.0, 1

@@ -45,8 +45,16 @@ class RecordLR(pl.Callback):
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -67,8 +75,11 @@ def test_cosine_with_an_unbounded_run_is_one_clear_error(data: str) -> None:
 
 @pytest.mark.parametrize("schedule", ["constant", "multistep"])
 def test_unbounded_run_with_a_schedule_that_needs_no_total_trains(schedule: str) -> None:
-    sched = CONSTANT if schedule == "constant" else functools.partial(torch.optim.lr_scheduler.MultiStepLR,
-                                                                      milestones=[1], gamma=0.5)
+    sched = (
+        CONSTANT
+        if schedule == "constant"
+        else functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[1], gamma=0.5)
+    )
     record = RecordLR()
     model = tiny_model(optimizer=functools.partial(torch.optim.SGD, lr=0.05), lr_scheduler=sched)
     t = trainer(max_epochs=-1, max_steps=4, callbacks=[record])  # bounded by steps only: max_epochs stays -1
@@ -85,7 +96,7 @@ def test_cosine_bounded_by_max_steps_alone_decays_to_zero() -> None:
     t.fit(tiny_model(optimizer=SGD), DataLoader(images(), batch_size=4))  # default schedule: the cosine
     assert t.global_step == 4
     # cosine over the 4 steps: 0.1 * (1 + cos(pi * s / 4)) / 2 for s = 0 .. 3
-    expected = [0.1, 0.1 * (1 + 2 ** -0.5) / 2, 0.05, 0.1 * (1 - 2 ** -0.5) / 2]
+    expected = [0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05, 0.1 * (1 - 2**-0.5) / 2]
     assert record.lrs == pytest.approx(expected, rel=1e-6)
 
 
@@ -140,19 +151,27 @@ def test_reduce_on_plateau_monitors_the_validation_loss() -> None:
 
 
 def test_plain_pytorch_loop_with_the_recipe_optimiser_and_decay_groups() -> None:
-    model = tiny_model(optimizer=functools.partial(torch.optim.SGD, lr=0.5, weight_decay=0.1),
-                       lr_scheduler=functools.partial(WarmupCosineLR, warmup_steps=1))
+    model = tiny_model(
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5, weight_decay=0.1),
+        lr_scheduler=functools.partial(WarmupCosineLR, warmup_steps=1),
+    )
     config = model.configure_optimizers(total_steps=3)  # no Trainer
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert config["lr_scheduler"]["interval"] == "step"
     decay, no_decay = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
-                                                        if p.ndim > 1}  # conv and linear weights
-    norms = {f"{m}.{n}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
-             for n, _ in mod.named_parameters(recurse=False)}
-    assert {names[id(p)] for p in no_decay["params"]} == norms | {n for n, _ in model.named_parameters()
-                                                                   if n.endswith("bias")}
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim > 1
+    }  # conv and linear weights
+    norms = {
+        f"{m}.{n}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, torch.nn.BatchNorm2d)
+        for n, _ in mod.named_parameters(recurse=False)
+    }
+    assert {names[id(p)] for p in no_decay["params"]} == norms | {
+        n for n, _ in model.named_parameters() if n.endswith("bias")
+    }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     x, y = images()[:]
     model.train()
@@ -213,8 +232,9 @@ class WithAuxLoss(type(tiny_model())):
 
 def test_auxiliary_losses_join_the_training_loss_and_are_logged() -> None:
     torch.manual_seed(0)
-    model = WithAuxLoss(layers=(1, 1, 1), widths=(4, 4, 4), num_classes=3, stem="cifar", optimizer=SGD,
-                        lr_scheduler=CONSTANT)
+    model = WithAuxLoss(
+        layers=(1, 1, 1), widths=(4, 4, 4), num_classes=3, stem="cifar", optimizer=SGD, lr_scheduler=CONSTANT
+    )
     x, y = images()[:4]
     t = trainer(max_steps=1)
     t.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))

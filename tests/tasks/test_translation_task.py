@@ -29,10 +29,15 @@ from zoo.models.translation import SinkformerTranslation, sinkformer_transformer
 from zoo.tasks.optim import InverseSqrtLR
 from zoo.tasks.translation import ExactMatchByLength, label_smoothed_nll_loss
 
-pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended",
-                                         "ignore:.*does not have many workers", "ignore:.*tensorboardX",
-                                         "ignore:You are using a custom batch sampler"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:LightningCLI's args parameter is intended",
+        "ignore:.*does not have many workers",
+        "ignore:.*tensorboardX",
+        "ignore:You are using a custom batch sampler",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 RECIPES = Path(__file__).resolve().parents[2] / "zoo" / "recipes"
 
 
@@ -78,10 +83,11 @@ def fairseq_inverse_sqrt(u: int, lr: float, warmup: int, init: float = 0.0) -> f
 
 
 def test_optimizer_is_fairseqs_adam_with_inverse_sqrt() -> None:
-    model = sinkformer_transformer_toy(src_vocab_size=20,
-                                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.98),
-                                                                   weight_decay=1e-4),
-                                       lr_scheduler=functools.partial(InverseSqrtLR, warmup_updates=10))
+    model = sinkformer_transformer_toy(
+        src_vocab_size=20,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.98), weight_decay=1e-4),
+        lr_scheduler=functools.partial(InverseSqrtLR, warmup_updates=10),
+    )
     conf = model.configure_optimizers()  # no Trainer needed
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert isinstance(opt, torch.optim.AdamW) and conf["lr_scheduler"]["interval"] == "step"
@@ -102,8 +108,7 @@ def test_optimizer_is_fairseqs_adam_with_inverse_sqrt() -> None:
     conf = sinkformer_transformer_toy(src_vocab_size=20).configure_optimizers()
     group, sched = conf["optimizer"].param_groups[0], conf["lr_scheduler"]["scheduler"]
     assert type(conf["optimizer"]) is torch.optim.AdamW and type(sched) is InverseSqrtLR
-    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.98), 1e-8,
-                                                                                          1e-4)
+    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.98), 1e-8, 1e-4)
     assert group["lr"] == 0.0 and sched.lr_at(2000, 5e-4) == pytest.approx(fairseq_inverse_sqrt(2000, 5e-4, 4000))
     # a constant learning rate: no schedule
     constant = sinkformer_transformer_toy(src_vocab_size=20, lr_scheduler=None).configure_optimizers()
@@ -113,8 +118,11 @@ def test_optimizer_is_fairseqs_adam_with_inverse_sqrt() -> None:
 def test_training_settings_are_not_model_arguments(tmp_path: Path) -> None:
     with pytest.raises(ZooError, match="optimizer must be a callable .*got 'adagrad'"):
         sinkformer_transformer_toy(optimizer="adagrad")
-    with pytest.raises(ZooError, match="lr, warmup_updates are training settings, not arguments of "
-                                       r"SinkformerTranslation: give the optimiser .*optimizer=functools.partial\("):
+    with pytest.raises(
+        ZooError,
+        match="lr, warmup_updates are training settings, not arguments of "
+        r"SinkformerTranslation: give the optimiser .*optimizer=functools.partial\(",
+    ):
         sinkformer_transformer_toy(lr=1e-3, warmup_updates=10)
     model = sinkformer_transformer_toy(src_vocab_size=20, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     assert not {"optimizer", "lr_scheduler"} & set(model.hparams)
@@ -125,9 +133,17 @@ def test_training_settings_are_not_model_arguments(tmp_path: Path) -> None:
 
 
 def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      num_sanity_val_steps=0, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 def test_numbers_task_learns_in_a_short_run(tmp_path: Path) -> None:
@@ -158,7 +174,11 @@ def test_numbers_task_learns_in_a_short_run(tmp_path: Path) -> None:
             assert right, (n, texts[valid.index(n)])
     short = ["acht", "null", "sieben", "Zwölf"]
     assert [dm.decode_target(t) for t in model.translate(dm.encode_sources(short))] == [
-        "eight", "zero", "seven", "twelve"]
+        "eight",
+        "zero",
+        "seven",
+        "twelve",
+    ]
     # predict: translations of the test split as text, in the data module's vocabulary
     out = [item for batch in trainer(tmp_path).predict(model, dm) for item in batch]
     assert len(out) == 32 and {"id", "tokens", "score", "text"} <= set(out[0])
@@ -196,14 +216,24 @@ def fake_iwslt_dir(root: Path, vocab: int = 24) -> Path:
     return root
 
 
-def test_iwslt_recipe_instantiates_and_checks_the_dictionaries(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_iwslt_recipe_instantiates_and_checks_the_dictionaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     data = fake_iwslt_dir(tmp_path / "data-bin")
-    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 run=False, args=["--config", str(RECIPES / "nmt" / "iwslt14_de_en_sinkformer.yaml"),
-                                  "--data.init_args.data_dir", str(data),
-                                  "--trainer.default_root_dir", str(tmp_path / "run")])
+    cli = ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            "--config",
+            str(RECIPES / "nmt" / "iwslt14_de_en_sinkformer.yaml"),
+            "--data.init_args.data_dir",
+            str(data),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ],
+    )
     model, dm = cli.model, cli.datamodule
     assert type(model) is SinkformerTranslation
     assert len(model.encoder.layers) == 6 and len(model.decoder.layers) == 6
@@ -215,8 +245,7 @@ def test_iwslt_recipe_instantiates_and_checks_the_dictionaries(tmp_path: Path,
     conf = model.configure_optimizers()
     group, sched = conf["optimizer"].param_groups[0], conf["lr_scheduler"]["scheduler"]
     assert type(conf["optimizer"]) is torch.optim.AdamW and type(sched) is InverseSqrtLR
-    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.98), 1e-8,
-                                                                                          1e-4)
+    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (5e-4, (0.9, 0.98), 1e-8, 1e-4)
     assert sched.warmup_updates == 4000 and conf["lr_scheduler"]["interval"] == "step"
     assert cli.trainer._accelerator_connector.use_distributed_sampler
     dm.setup("fit")
@@ -224,20 +253,50 @@ def test_iwslt_recipe_instantiates_and_checks_the_dictionaries(tmp_path: Path,
         model.check_dictionaries(dm.src_dict, dm.tgt_dict)
 
 
-def test_iwslt_recipe_runs_two_steps_on_a_fake_binarized_folder(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_iwslt_recipe_runs_two_steps_on_a_fake_binarized_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     data = fake_iwslt_dir(tmp_path / "data-bin")
-    small = {"src_vocab_size": "24", "tgt_vocab_size": "24", "encoder_layers": "1", "decoder_layers": "1",
-             "encoder_embed_dim": "32", "decoder_embed_dim": "32", "encoder_ffn_embed_dim": "32",
-             "decoder_ffn_embed_dim": "32", "lr_scheduler.init_args.warmup_updates": "2",
-             "optimizer.init_args.lr": "1e-3"}
-    args = ["fit", "--config", str(RECIPES / "nmt" / "iwslt14_de_en_sinkformer.yaml"),
-            "--data.init_args.data_dir", str(data),
-            "--data.init_args.num_workers", "0", "--data.init_args.max_tokens", "128",
-            "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing",
-            "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run")]
+    small = {
+        "src_vocab_size": "24",
+        "tgt_vocab_size": "24",
+        "encoder_layers": "1",
+        "decoder_layers": "1",
+        "encoder_embed_dim": "32",
+        "decoder_embed_dim": "32",
+        "encoder_ffn_embed_dim": "32",
+        "decoder_ffn_embed_dim": "32",
+        "lr_scheduler.init_args.warmup_updates": "2",
+        "optimizer.init_args.lr": "1e-3",
+    }
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "nmt" / "iwslt14_de_en_sinkformer.yaml"),
+        "--data.init_args.data_dir",
+        str(data),
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.max_tokens",
+        "128",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
     for k, v in small.items():
         args += [f"--model.init_args.{k}", v]
     main(args)
@@ -245,8 +304,14 @@ def test_iwslt_recipe_runs_two_steps_on_a_fake_binarized_folder(tmp_path: Path,
 
 def test_numbers_recipe_instantiates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = ZooCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 run=False, args=["--config", str(RECIPES / "nmt" / "numbers_sinkformer.yaml")])
+    cli = ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(RECIPES / "nmt" / "numbers_sinkformer.yaml")],
+    )
     model, dm = cli.model, cli.datamodule
     assert type(dm) is NumbersDataModule
     model.check_dictionaries(dm.src_dict, dm.tgt_dict)  # the recipe's vocabulary sizes are the task's
@@ -259,7 +324,11 @@ def test_numbers_recipe_instantiates(tmp_path: Path, monkeypatch: pytest.MonkeyP
         group, sched = c["optimizer"].param_groups[0], c["lr_scheduler"]["scheduler"]
         assert type(c["optimizer"]) is torch.optim.AdamW and type(sched) is InverseSqrtLR
         assert (group["initial_lr"], group["betas"], group["weight_decay"], sched.warmup_updates) == (
-            3e-3, (0.9, 0.98), 0.0, 100)
+            3e-3,
+            (0.9, 0.98),
+            0.0,
+            100,
+        )
 
 
 def test_published_finding_transformer_weights_as_a_sinkformer_lose_little_and_recover(tmp_path: Path) -> None:
@@ -267,8 +336,9 @@ def test_published_finding_transformer_weights_as_a_sinkformer_lose_little_and_r
     encoder) lose little, and a few fine-tuning steps at lr / 10 recover. Here at small scale on the numbers task."""
     pl.seed_everything(0, verbose=False)
     dm = NumbersDataModule(train_size=1500, valid_size=64, test_size=32, max_number=9999, max_tokens=512, seed=0)
-    model = sinkformer_transformer_numbers(n_iter=1, lr_scheduler=functools.partial(InverseSqrtLR, warmup_updates=30),
-                                           eval_bleu=False)
+    model = sinkformer_transformer_numbers(
+        n_iter=1, lr_scheduler=functools.partial(InverseSqrtLR, warmup_updates=30), eval_bleu=False
+    )
     trainer(tmp_path, max_steps=150, check_val_every_n_epoch=1000).fit(model, dm)
     softmax = trainer(tmp_path).validate(model, dm, verbose=False)[0]
     model.set_n_iter(3)  # the same weights, Sinkhorn in the encoder self-attention

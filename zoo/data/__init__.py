@@ -8,6 +8,14 @@ from zoo.data.pointcloud import ModelNet40DataModule, SyntheticPointCloudDataMod
 from zoo.data.translation import FairseqBinarizedDataModule, NumbersDataModule, ParallelTextDataModule
 from zoo.data.vision import CIFARDataModule, ImageFolderDataModule
 
-__all__ = ["CIFARDataModule", "DigitsDataModule", "FairseqBinarizedDataModule", "ImageFolderDataModule",
-           "ModelNet40DataModule", "NumbersDataModule", "ParallelTextDataModule", "SyntheticPointCloudDataModule",
-           "ZooDataModule"]
+__all__ = [
+    "CIFARDataModule",
+    "DigitsDataModule",
+    "FairseqBinarizedDataModule",
+    "ImageFolderDataModule",
+    "ModelNet40DataModule",
+    "NumbersDataModule",
+    "ParallelTextDataModule",
+    "SyntheticPointCloudDataModule",
+    "ZooDataModule",
+]

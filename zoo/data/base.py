@@ -27,8 +27,10 @@ class _LoaderArgumentError(ZooError, ValueError):
 def check_loader_args(batch_size: int, num_workers: int) -> None:
     """Raise one ZooError (also a ValueError) unless ``batch_size`` is an integer >= 1 and ``num_workers`` an
     integer >= 0 (bools and floats refused, as torch's ``BatchSampler`` refuses them)."""
-    for name, value, minimum, kind in (("batch_size", batch_size, 1, "a positive integer"),
-                                       ("num_workers", num_workers, 0, "a non-negative integer")):
+    for name, value, minimum, kind in (
+        ("batch_size", batch_size, 1, "a positive integer"),
+        ("num_workers", num_workers, 0, "a non-negative integer"),
+    ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
             raise _LoaderArgumentError(f"{name} must be {kind}, got {value!r}")
 

@@ -148,7 +148,10 @@ class DigitsDataModule(ZooDataModule):
         # the held-out part first, exactly as the two-way split of earlier versions drew it (test_size 0.2 by
         # default), so the training split is unchanged; the held-out part is then split into test and val
         train_idx, val_idx = train_test_split(
-            indices, test_size=self.val_fraction + self.test_fraction, stratify=labels, random_state=self.seed,
+            indices,
+            test_size=self.val_fraction + self.test_fraction,
+            stratify=labels,
+            random_state=self.seed,
             shuffle=True,
         )
         _, n_test = _split_sizes(self.val_fraction, self.test_fraction)
@@ -179,8 +182,10 @@ class DigitsDataModule(ZooDataModule):
 
     def _check_test_split(self) -> None:
         if self.test_fraction == 0:
-            raise ZooError("DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 (e.g. "
-                           "--data.init_args.test_fraction 0.1) for a held-out split, or validate on the val split")
+            raise ZooError(
+                "DigitsDataModule(test_fraction=0) has no test split: give test_fraction > 0 (e.g. "
+                "--data.init_args.test_fraction 0.1) for a held-out split, or validate on the val split"
+            )
 
     def test_dataloader(self) -> DataLoader:
         """The held-out test split in a fixed order (disjoint from train and val)."""

@@ -75,8 +75,13 @@ def _rotation_about(axis: int, angle: torch.Tensor) -> torch.Tensor:
     return r
 
 
-def sample_surface(vertices: torch.Tensor, faces: torch.Tensor, num_points: int,
-                   generator: torch.Generator | None = None, batch: int | None = None) -> torch.Tensor:
+def sample_surface(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    num_points: int,
+    generator: torch.Generator | None = None,
+    batch: int | None = None,
+) -> torch.Tensor:
     """``num_points`` points uniformly on a triangle mesh (area-weighted triangle, uniform barycentric point).
 
     vertices (V, 3), faces (F, 3) long -> (num_points, 3), or (batch, num_points, 3) independent samples.
@@ -130,16 +135,19 @@ def read_off(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     except (ValueError, IndexError):
         raise bad(f"expected 'n_vertices n_faces n_edges', got {rest!r}") from None
     if len(lines) < pos + n_vertices + n_faces:
-        raise bad(f"the header announces {n_vertices} vertices and {n_faces} faces, the file has "
-                  f"{len(lines) - pos} data lines")
+        raise bad(
+            f"the header announces {n_vertices} vertices and {n_faces} faces, the file has "
+            f"{len(lines) - pos} data lines"
+        )
     try:
-        vertices = torch.tensor([[float(t) for t in ln.split()[:3]] for ln in lines[pos:pos + n_vertices]],
-                                dtype=torch.float32).reshape(n_vertices, 3)
+        vertices = torch.tensor(
+            [[float(t) for t in ln.split()[:3]] for ln in lines[pos : pos + n_vertices]], dtype=torch.float32
+        ).reshape(n_vertices, 3)
         triangles: list[list[int]] = []
-        for ln in lines[pos + n_vertices:pos + n_vertices + n_faces]:
+        for ln in lines[pos + n_vertices : pos + n_vertices + n_faces]:
             tokens = ln.split()
             k = int(tokens[0])
-            idx = [int(t) for t in tokens[1:1 + k]]
+            idx = [int(t) for t in tokens[1 : 1 + k]]
             if k < 3 or len(idx) != k:
                 raise ValueError(ln)
             triangles.extend([idx[0], idx[i], idx[i + 1]] for i in range(1, k - 1))
@@ -162,14 +170,23 @@ class PointCloudAugment:
     and a random permutation of the points (``shuffle_points``). Draws from torch's global RNG (or ``generator``).
     """
 
-    def __init__(self, scale: Sequence[float] | None = (2 / 3, 1.5), translate: float = 0.2, rotate: float = 0.0,
-                 jitter: float = 0.0, jitter_clip: float = 0.05, shuffle_points: bool = True,
-                 up_axis: str = "z") -> None:
+    def __init__(
+        self,
+        scale: Sequence[float] | None = (2 / 3, 1.5),
+        translate: float = 0.2,
+        rotate: float = 0.0,
+        jitter: float = 0.0,
+        jitter_clip: float = 0.05,
+        shuffle_points: bool = True,
+        up_axis: str = "z",
+    ) -> None:
         if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1]):
             raise ZooError(f"scale must be None or (low, high) with 0 < low <= high, got {scale!r}")
         if translate < 0 or rotate < 0 or jitter < 0 or jitter_clip < 0:
-            raise ZooError("translate, rotate, jitter and jitter_clip must be >= 0, got "
-                           f"{translate}, {rotate}, {jitter}, {jitter_clip}")
+            raise ZooError(
+                "translate, rotate, jitter and jitter_clip must be >= 0, got "
+                f"{translate}, {rotate}, {jitter}, {jitter_clip}"
+            )
         if up_axis not in AXES:
             raise ZooError(f"up_axis must be one of {', '.join(AXES)}, got {up_axis!r}")
         self.scale = None if scale is None else (float(scale[0]), float(scale[1]))
@@ -178,9 +195,11 @@ class PointCloudAugment:
         self.shuffle_points, self.up_axis = bool(shuffle_points), up_axis
 
     def __repr__(self) -> str:
-        return (f"PointCloudAugment(scale={self.scale}, translate={self.translate}, rotate={self.rotate}, "
-                f"jitter={self.jitter}, jitter_clip={self.jitter_clip}, shuffle_points={self.shuffle_points}, "
-                f"up_axis={self.up_axis!r})")
+        return (
+            f"PointCloudAugment(scale={self.scale}, translate={self.translate}, rotate={self.rotate}, "
+            f"jitter={self.jitter}, jitter_clip={self.jitter_clip}, shuffle_points={self.shuffle_points}, "
+            f"up_axis={self.up_axis!r})"
+        )
 
     def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The augmented cloud (N, C): same shape and dtype."""
@@ -210,11 +229,18 @@ class PointCloudDataset(Dataset):
     """Clouds (M, P, C) and labels (M,): item i is ``num_points`` of cloud i (the first ones, or a random subset
     with ``subsample="random"``), augmented by ``augment`` when given."""
 
-    def __init__(self, points: torch.Tensor, labels: torch.Tensor, num_points: int | None = None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, subsample: str = "first") -> None:
+    def __init__(
+        self,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        num_points: int | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        subsample: str = "first",
+    ) -> None:
         if points.dim() != 3 or labels.shape != points.shape[:1]:
-            raise ZooError(f"points must be (M, P, C) and labels (M,), got {tuple(points.shape)} and "
-                           f"{tuple(labels.shape)}")
+            raise ZooError(
+                f"points must be (M, P, C) and labels (M,), got {tuple(points.shape)} and {tuple(labels.shape)}"
+            )
         num_points = points.shape[1] if num_points is None else int(num_points)
         if num_points > points.shape[1]:
             raise ZooError(f"num_points={num_points} exceeds the {points.shape[1]} points per cloud of the data")
@@ -315,9 +341,19 @@ class ModelNet40DataModule(_PointCloudDataModule):
             raise ZooError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
         if up_axis != "auto" and up_axis not in AXES:
             raise ZooError(f"up_axis must be 'auto' or one of {', '.join(AXES)}, got {up_axis!r}")
-        super().__init__(batch_size, num_workers, {
-            "scale": scale, "translate": translate, "rotate": rotate, "jitter": jitter, "jitter_clip": jitter_clip,
-            "shuffle_points": shuffle_points, "up_axis": "z" if up_axis == "auto" else up_axis})
+        super().__init__(
+            batch_size,
+            num_workers,
+            {
+                "scale": scale,
+                "translate": translate,
+                "rotate": rotate,
+                "jitter": jitter,
+                "jitter_clip": jitter_clip,
+                "shuffle_points": shuffle_points,
+                "up_axis": "z" if up_axis == "auto" else up_axis,
+            },
+        )
         self.save_hyperparameters()
         self.root, self.layout, self.num_points = Path(root).expanduser(), layout, num_points
         self.normalization, self.up_axis, self.seed = normalization, up_axis, int(seed)
@@ -343,16 +379,20 @@ class ModelNet40DataModule(_PointCloudDataModule):
         try:
             import h5py
         except ImportError:
-            raise ZooError("reading the ModelNet40 HDF5 files needs h5py: pip install h5py (or use the .off "
-                           "mesh folders with layout='off')") from None
+            raise ZooError(
+                "reading the ModelNet40 HDF5 files needs h5py: pip install h5py (or use the .off "
+                "mesh folders with layout='off')"
+            ) from None
         import numpy as np
 
         splits = {}
         for split in ("train", "test"):
             files = _sorted_files(self.root, f"ply_data_{split}*.h5")
             if not files:
-                raise ZooError(f"no ply_data_{split}*.h5 in {self.root}: the ModelNet40 HDF5 folder "
-                               f"(modelnet40_ply_hdf5_2048) holds ply_data_train0..4.h5 and ply_data_test0..1.h5")
+                raise ZooError(
+                    f"no ply_data_{split}*.h5 in {self.root}: the ModelNet40 HDF5 folder "
+                    f"(modelnet40_ply_hdf5_2048) holds ply_data_train0..4.h5 and ply_data_test0..1.h5"
+                )
             data, labels = [], []
             for f in files:
                 try:
@@ -360,8 +400,9 @@ class ModelNet40DataModule(_PointCloudDataModule):
                         data.append(np.asarray(h5["data"], dtype=np.float32))
                         labels.append(np.asarray(h5["label"]).reshape(-1).astype(np.int64))
                 except (OSError, KeyError) as e:
-                    raise ZooError(f"cannot read {f} as a ModelNet40 HDF5 file with datasets 'data' and "
-                                   f"'label' ({e})") from None
+                    raise ZooError(
+                        f"cannot read {f} as a ModelNet40 HDF5 file with datasets 'data' and 'label' ({e})"
+                    ) from None
             points = torch.from_numpy(np.concatenate(data))
             if points.dim() != 3 or points.shape[-1] < 3:
                 raise ZooError(f"{files[0]}: dataset 'data' must be (M, P, 3), got {tuple(points.shape)}")
@@ -379,8 +420,10 @@ class ModelNet40DataModule(_PointCloudDataModule):
                 return {s: (cached[f"{s}_points"], cached[f"{s}_labels"]) for s in ("train", "test")}
         classes = sorted(p.name for p in self.root.iterdir() if (p / "train").is_dir()) if self.root.is_dir() else []
         if not classes:
-            raise ZooError(f"no ModelNet40 mesh folders in {self.root}: expected <root>/<class>/train/*.off and "
-                           f"<root>/<class>/test/*.off (the ModelNet40.zip folders)")
+            raise ZooError(
+                f"no ModelNet40 mesh folders in {self.root}: expected <root>/<class>/train/*.off and "
+                f"<root>/<class>/test/*.off (the ModelNet40.zip folders)"
+            )
         self.class_names = classes
         g = torch.Generator().manual_seed(self.seed)
         splits = {}
@@ -396,9 +439,16 @@ class ModelNet40DataModule(_PointCloudDataModule):
             splits[split] = (torch.stack(clouds), torch.tensor(labels, dtype=torch.long))
         if self.cache_file is not None:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"num_points": self.num_points, "seed": self.seed, "class_names": classes,
-                        **{f"{s}_points": p for s, (p, _) in splits.items()},
-                        **{f"{s}_labels": y for s, (_, y) in splits.items()}}, self.cache_file)
+            torch.save(
+                {
+                    "num_points": self.num_points,
+                    "seed": self.seed,
+                    "class_names": classes,
+                    **{f"{s}_points": p for s, (p, _) in splits.items()},
+                    **{f"{s}_labels": y for s, (_, y) in splits.items()},
+                },
+                self.cache_file,
+            )
         return splits
 
     def setup(self, stage: str | None = None) -> None:
@@ -406,8 +456,10 @@ class ModelNet40DataModule(_PointCloudDataModule):
         if self.val_dataset is not None:
             return
         if not self.root.is_dir() and not (self.cache_file is not None and self.cache_file.is_file()):
-            raise ZooError(f"ModelNet40 root {self.root} does not exist: download modelnet40_ply_hdf5_2048 (HDF5) or "
-                           f"ModelNet40 (.off meshes) and give its folder as root (nothing is downloaded)")
+            raise ZooError(
+                f"ModelNet40 root {self.root} does not exist: download modelnet40_ply_hdf5_2048 (HDF5) or "
+                f"ModelNet40 (.off meshes) and give its folder as root (nothing is downloaded)"
+            )
         layout = "off" if not self.root.is_dir() else self._detect_layout()
         splits = self._read_hdf5() if layout == "hdf5" else self._read_meshes()
         if self.up_axis == "auto":
@@ -415,8 +467,10 @@ class ModelNet40DataModule(_PointCloudDataModule):
         self.num_classes = len(self.class_names)
         (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
         if self.num_points > train_x.shape[1]:
-            raise ZooError(f"num_points={self.num_points} exceeds the {train_x.shape[1]} points per cloud of the "
-                           f"files in {self.root}")
+            raise ZooError(
+                f"num_points={self.num_points} exceeds the {train_x.shape[1]} points per cloud of the "
+                f"files in {self.root}"
+            )
         train_x = normalize_points(train_x[:, : self.num_points], self.normalization)
         test_x = normalize_points(test_x[:, : self.num_points], self.normalization)
         self.train_dataset = PointCloudDataset(train_x, train_y, self.num_points, augment=self.augmentation)
@@ -481,7 +535,7 @@ def _torus(m: int, n: int, g: torch.Generator, major: float = 1.0, minor: float 
         keep = torch.rand(m, 2 * n, generator=g) * (major + minor) < major + minor * cand.cos()
         for i in range(m):
             got = cand[i][keep[i]][: n - int(filled[i])]
-            phi[i, int(filled[i]): int(filled[i]) + got.numel()] = got
+            phi[i, int(filled[i]) : int(filled[i]) + got.numel()] = got
             filled[i] += got.numel()
     theta = torch.rand(m, n, generator=g) * 2 * math.pi
     ring = major + minor * phi.cos()
@@ -509,8 +563,9 @@ SHAPES: dict[str, Callable[[int, int, torch.Generator], torch.Tensor]] = {
 """The synthetic classes: (m, n, generator) -> m clouds of n points on the shape's surface."""
 
 
-def synthetic_point_clouds(shapes: Sequence[str], per_class: int, num_points: int, seed: int,
-                           noise: float = 0.01, stretch: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_point_clouds(
+    shapes: Sequence[str], per_class: int, num_points: int, seed: int, noise: float = 0.01, stretch: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` clouds (num_points, 3) of each shape, deterministic in ``seed``: each cloud is stretched by
     U(1 - stretch, 1 + stretch) per axis, rotated about z by U(0, 2 pi), jittered by N(0, noise^2) and put on the
     unit sphere. Returns points (len(shapes) * per_class, num_points, 3) and labels, class-major."""
@@ -564,15 +619,28 @@ class SyntheticPointCloudDataModule(_PointCloudDataModule):
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown or len(shapes) < 2 or len(set(shapes)) != len(shapes):
             raise ZooError(f"shapes must be at least 2 distinct names among {', '.join(SHAPES)}, got {shapes!r}")
-        for name, value in (("num_points", num_points), ("train_per_class", train_per_class),
-                            ("val_per_class", val_per_class)):
+        for name, value in (
+            ("num_points", num_points),
+            ("train_per_class", train_per_class),
+            ("val_per_class", val_per_class),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ZooError(f"{name} must be a positive integer, got {value!r}")
         if noise < 0:
             raise ZooError(f"noise must be >= 0, got {noise}")
-        super().__init__(batch_size, num_workers, {
-            "scale": scale, "translate": translate, "rotate": rotate, "jitter": jitter, "jitter_clip": jitter_clip,
-            "shuffle_points": shuffle_points, "up_axis": "z"})
+        super().__init__(
+            batch_size,
+            num_workers,
+            {
+                "scale": scale,
+                "translate": translate,
+                "rotate": rotate,
+                "jitter": jitter,
+                "jitter_clip": jitter_clip,
+                "shuffle_points": shuffle_points,
+                "up_axis": "z",
+            },
+        )
         self.save_hyperparameters()
         self.shapes, self.num_points, self.seed = shapes, num_points, int(seed)
         self.train_per_class, self.val_per_class, self.noise = train_per_class, val_per_class, float(noise)
@@ -584,7 +652,8 @@ class SyntheticPointCloudDataModule(_PointCloudDataModule):
         if self.val_dataset is not None:
             return
         train = synthetic_point_clouds(self.shapes, self.train_per_class, self.num_points, self.seed, self.noise)
-        val = synthetic_point_clouds(self.shapes, self.val_per_class, self.num_points, self.seed + 1_000_003,
-                                     self.noise)
+        val = synthetic_point_clouds(
+            self.shapes, self.val_per_class, self.num_points, self.seed + 1_000_003, self.noise
+        )
         self.train_dataset = PointCloudDataset(*train, augment=self.augmentation)
         self.val_dataset = PointCloudDataset(*val)

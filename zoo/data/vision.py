@@ -229,9 +229,7 @@ class ImageFolderDataModule(ZooDataModule):
         if int(image_size) != image_size or image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
         if resize_size is not None and (int(resize_size) != resize_size or resize_size < image_size):
-            raise ValueError(
-                f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}"
-            )
+            raise ValueError(f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}")
         if len(mean) != len(std):
             raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
@@ -245,14 +243,11 @@ class ImageFolderDataModule(ZooDataModule):
                 raise ZooError(f"image folder {label} '{path}' does not exist; point root/{label}_dir at it")
         self.class_names = _list_classes(self.train_path)
         if not self.class_names:
-            raise ZooError(
-                f"train folder '{self.train_path}' has no class subdirectories (expected <class>/<images>)"
-            )
+            raise ZooError(f"train folder '{self.train_path}' has no class subdirectories (expected <class>/<images>)")
         unknown = sorted(set(_list_classes(self.val_path)) - set(self.class_names))
         if unknown:
             raise ZooError(
-                f"val folder '{self.val_path}' has classes missing from the train folder: "
-                f"{', '.join(unknown[:5])}"
+                f"val folder '{self.val_path}' has classes missing from the train folder: {', '.join(unknown[:5])}"
             )
         self.num_classes = len(self.class_names)
         self.image_size = int(image_size)

@@ -14,12 +14,30 @@ from zoo.models.vmoe import VisionMoE
 from zoo.registry import is_model, register_model_class
 
 # the family classes and every registered builder (building blocks stay in their family's module)
-__all__ = ["DepthScaledResNet", "HeunNet", "MomentumResNet", "PointCloudTransformer", "ResNet", "SetTransformer",
-           "SinkformerTranslation", "SinkformerViT", "VisionMoE",
-           *(n for module in (resnet, vit, vmoe, pointcloud, translation) for n in module.__all__ if is_model(n))]
+__all__ = [
+    "DepthScaledResNet",
+    "HeunNet",
+    "MomentumResNet",
+    "PointCloudTransformer",
+    "ResNet",
+    "SetTransformer",
+    "SinkformerTranslation",
+    "SinkformerViT",
+    "VisionMoE",
+    *(n for module in (resnet, vit, vmoe, pointcloud, translation) for n in module.__all__ if is_model(n)),
+]
 
 # the classes a config or checkpoint may name (resolved through the registry, never imported by name)
-for _cls in (DepthScaledResNet, HeunNet, MomentumResNet, PointCloudTransformer, ResNet, SetTransformer,
-             SinkformerTranslation, SinkformerViT, VisionMoE):
+for _cls in (
+    DepthScaledResNet,
+    HeunNet,
+    MomentumResNet,
+    PointCloudTransformer,
+    ResNet,
+    SetTransformer,
+    SinkformerTranslation,
+    SinkformerViT,
+    VisionMoE,
+):
     register_model_class(_cls, f"zoo.models.{_cls.__name__}", f"zoo.{_cls.__name__}")
 del _cls

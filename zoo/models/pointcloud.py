@@ -132,12 +132,17 @@ class _PointCloudProtocol:
         initialised as ``nn.Linear``; ``hparams`` follow. ``global_pool`` does not apply (None only)."""
         non_negative_int("num_classes", num_classes)
         if global_pool is not None:
-            raise ZooError(f"{type(self).__name__} has no global_pool to change (got {global_pool!r}): its pooling is "
-                           "part of the architecture (the Set Transformer's PMA is learned; PCT's pooling sets its "
-                           "head's width); call reset_classifier(num_classes) without global_pool")
+            raise ZooError(
+                f"{type(self).__name__} has no global_pool to change (got {global_pool!r}): its pooling is "
+                "part of the architecture (the Set Transformer's PMA is learned; PCT's pooling sets its "
+                "head's width); call reset_classifier(num_classes) without global_pool"
+            )
         ref = next(self.parameters())  # type: ignore[attr-defined]
-        self.head = (nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
-                     if num_classes > 0 else nn.Identity())
+        self.head = (
+            nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
         self.head.train(self.training)
         self.num_classes = num_classes
         self.set_num_classes(num_classes)  # type: ignore[attr-defined]
@@ -167,20 +172,34 @@ class MAB(nn.Module):
     ``layer_norm=False`` drops both LayerNorms (the authors' ``ln=False``).
     """
 
-    def __init__(self, dim_q: int, dim_k: int, dim: int, num_heads: int, layer_norm: bool = True, n_iter: int = 1,
-                 record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        dim_q: int,
+        dim_k: int,
+        dim: int,
+        num_heads: int,
+        layer_norm: bool = True,
+        n_iter: int = 1,
+        record_stats: bool = False,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ZooError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.q_embed = nn.Linear(dim_q, dim) if dim_q != dim else nn.Identity()
-        self.attn = SinkhornMultiheadAttention(dim, num_heads, kdim=dim_k, vdim=dim_k, batch_first=True,
-                                               n_iter=n_iter, record_stats=record_stats)
+        self.attn = SinkhornMultiheadAttention(
+            dim, num_heads, kdim=dim_k, vdim=dim_k, batch_first=True, n_iter=n_iter, record_stats=record_stats
+        )
         self.norm1 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
         self.ff = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                query_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        query_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (B, L, dim_q) attends to y (B, S, dim_k); padding masks (B, S) / (B, L) bool, True = padded.
 
         Padded queries only matter to Sinkhorn (``n_iter > 1``: the column steps sum over the queries): their rows
@@ -199,8 +218,15 @@ class MAB(nn.Module):
 class SAB(nn.Module):
     """Set attention block SAB(X) = MAB(X, X) (permutation equivariant)."""
 
-    def __init__(self, dim_in: int, dim: int, num_heads: int, layer_norm: bool = True, n_iter: int = 1,
-                 record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        dim_in: int,
+        dim: int,
+        num_heads: int,
+        layer_norm: bool = True,
+        n_iter: int = 1,
+        record_stats: bool = False,
+    ) -> None:
         super().__init__()
         self.mab = MAB(dim_in, dim_in, dim, num_heads, layer_norm, n_iter, record_stats)
 
@@ -212,8 +238,16 @@ class ISAB(nn.Module):
     """Induced set attention block ISAB(X) = MAB(X, H), H = MAB(I, X) with m learned inducing points I (m, dim):
     O(n m) instead of O(n^2), permutation equivariant."""
 
-    def __init__(self, dim_in: int, dim: int, num_heads: int, num_inducing: int, layer_norm: bool = True,
-                 n_iter: int = 1, record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        dim_in: int,
+        dim: int,
+        num_heads: int,
+        num_inducing: int,
+        layer_norm: bool = True,
+        n_iter: int = 1,
+        record_stats: bool = False,
+    ) -> None:
         super().__init__()
         self.inducing = nn.Parameter(torch.empty(1, num_inducing, dim))
         nn.init.xavier_uniform_(self.inducing)
@@ -231,8 +265,15 @@ class PMA(nn.Module):
 
     With Sinkhorn attention (``n_iter >= 2``) and one seed it is mean pooling of the value projections."""
 
-    def __init__(self, dim: int, num_heads: int, num_seeds: int = 1, layer_norm: bool = True, n_iter: int = 1,
-                 record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_seeds: int = 1,
+        layer_norm: bool = True,
+        n_iter: int = 1,
+        record_stats: bool = False,
+    ) -> None:
         super().__init__()
         self.seeds = nn.Parameter(torch.empty(1, num_seeds, dim))
         nn.init.xavier_uniform_(self.seeds)
@@ -288,27 +329,36 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
     ) -> None:
         refuse_training_settings(type(self), kwargs)
         check_n_iter(n_iter)
-        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without a "
-                         "classifier")
-        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("num_heads", num_heads),
-                            ("depth", depth), ("num_inducing", num_inducing), ("num_seeds", num_seeds)):
+        non_negative_int(
+            "num_classes", num_classes, hint="give the number of classes, or 0 for a model without a classifier"
+        )
+        for name, value in (
+            ("in_chans", in_chans),
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("depth", depth),
+            ("num_inducing", num_inducing),
+            ("num_seeds", num_seeds),
+        ):
             positive_int(name, value)
         non_negative_int("decoder_depth", decoder_depth)
         boolean("layer_norm", layer_norm)
         boolean("record_stats", record_stats)
         probability("drop_rate", drop_rate)
         if embed_dim % num_heads:
-            raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: give an embed_dim that "
-                           f"is a multiple of num_heads")
+            raise ZooError(
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: give an embed_dim that "
+                f"is a multiple of num_heads"
+            )
         super().__init__(num_classes=num_classes, **kwargs)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.head_hidden_size = num_seeds * embed_dim
         opts = {"layer_norm": layer_norm, "n_iter": n_iter, "record_stats": record_stats}
-        self.encoder = nn.ModuleList([
-            ISAB(in_chans if i == 0 else embed_dim, embed_dim, num_heads, num_inducing, **opts) for i in range(depth)
-        ])
+        self.encoder = nn.ModuleList(
+            [ISAB(in_chans if i == 0 else embed_dim, embed_dim, num_heads, num_inducing, **opts) for i in range(depth)]
+        )
         self.pool_drop = nn.Dropout(drop_rate)
         self.pool = PMA(embed_dim, num_heads, num_seeds, **opts)
         self.decoder = nn.ModuleList([SAB(embed_dim, embed_dim, num_heads, **opts) for _ in range(decoder_depth)])
@@ -392,8 +442,10 @@ def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
     """
     B, N, D = xyz.shape
     if num_samples > N:
-        raise ZooError(f"farthest_point_sample: cannot sample {num_samples} points from a cloud of {N}: give at least "
-                       f"{num_samples} points (or sample fewer)")
+        raise ZooError(
+            f"farthest_point_sample: cannot sample {num_samples} points from a cloud of {N}: give at least "
+            f"{num_samples} points (or sample fewer)"
+        )
     order = _lexicographic_order(xyz)
     planes = tuple(xyz[..., d].gather(1, order) for d in range(D))  # (B, N) each, in lexicographic order
     far = _sq_dist(planes, tuple(x.mean(1, keepdim=True) for x in planes)).argmax(-1)  # argmax: first maximum
@@ -417,8 +469,9 @@ def knn(xyz: torch.Tensor, centers: torch.Tensor, k: int) -> torch.Tensor:
     return _sq_dist(planes, center).topk(k, dim=-1, largest=False, sorted=False).indices
 
 
-def sample_and_group(xyz: torch.Tensor, features: torch.Tensor, num_samples: int,
-                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_and_group(
+    xyz: torch.Tensor, features: torch.Tensor, num_samples: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PCT's sampling and grouping: FPS centres c and, for each, its k nearest points j with features
     [f_j - f_c, f_c]. xyz (B, N, 3), features (B, N, D) -> centres (B, S, 3), grouped (B, S, k, 2D)."""
     idx = farthest_point_sample(xyz, num_samples)
@@ -432,8 +485,11 @@ class _LBR(nn.Sequential):
     """Linear (no bias) + BatchNorm over every leading position + ReLU (or LeakyReLU) on (..., C) tensors."""
 
     def __init__(self, dim_in: int, dim_out: int, negative_slope: float = 0.0) -> None:
-        super().__init__(nn.Linear(dim_in, dim_out, bias=False), nn.BatchNorm1d(dim_out),
-                         nn.LeakyReLU(negative_slope) if negative_slope else nn.ReLU())
+        super().__init__(
+            nn.Linear(dim_in, dim_out, bias=False),
+            nn.BatchNorm1d(dim_out),
+            nn.LeakyReLU(negative_slope) if negative_slope else nn.ReLU(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear, norm, act = self
@@ -546,15 +602,22 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
     ) -> None:
         refuse_training_settings(type(self), kwargs)
         check_n_iter(n_iter)
-        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without a "
-                         "classifier")
+        non_negative_int(
+            "num_classes", num_classes, hint="give the number of classes, or 0 for a model without a classifier"
+        )
         choice("attention", attention, ATTENTIONS)
         if attention == "pct" and n_iter != 1:
-            raise ZooError(f"n_iter={n_iter} needs attention='sinkhorn' (attention='pct' is PCT's softmax + L1 "
-                           f"normalisation, which has no iterations)")
+            raise ZooError(
+                f"n_iter={n_iter} needs attention='sinkhorn' (attention='pct' is PCT's softmax + L1 "
+                f"normalisation, which has no iterations)"
+            )
         choice("pooling", pooling, POOLINGS)
-        for name, value in (("embed_dim", embed_dim), ("num_neighbors", num_neighbors), ("depth", depth),
-                            ("fuse_dim", fuse_dim)):
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("num_neighbors", num_neighbors),
+            ("depth", depth),
+            ("fuse_dim", fuse_dim),
+        ):
             positive_int(name, value)
         integer("in_chans", in_chans, 3, hint="the first 3 channels are xyz: give in_chans >= 3")
         boolean("record_stats", record_stats)
@@ -564,8 +627,10 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
         if any(b > a for a, b in zip(sample_points, sample_points[1:])):
             raise ZooError(f"sample_points must not increase from one stage to the next, got {sample_points!r}")
         if len(sample_points) > 1 and num_neighbors > min(sample_points[:-1]):
-            raise ZooError(f"num_neighbors={num_neighbors} exceeds the {min(sample_points[:-1])} points a later "
-                           f"stage groups from (sample_points={sample_points!r}): use fewer neighbours")
+            raise ZooError(
+                f"num_neighbors={num_neighbors} exceeds the {min(sample_points[:-1])} points a later "
+                f"stage groups from (sample_points={sample_points!r}): use fewer neighbours"
+            )
         super().__init__(num_classes=num_classes, label_smoothing=label_smoothing, **kwargs)
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -642,45 +707,86 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
 # Published configurations (no weights are published): the Sinkformers paper's ModelNet40 models
 
 SINKFORMERS_PAPER = "arXiv:2110.11773"  # Sander, Ablin, Blondel, Peyre: Sinkformers (AISTATS 2022)
-_SET_NOTE = ("ModelNet40, 5000 points sampled on each mesh surface, standardised, rotation about z in +-0.1 pi and "
-             "scaling in [0.8, 1.25]; Adam lr 1e-3, batch 64, 300 epochs, lr / 10 after epoch 200")
-_PCT_NOTE = ("ModelNet40 (PointNet's HDF5 files), 1024 points scaled to the unit sphere, scaling U(2/3, 3/2) and "
-             "translation U(-0.2, 0.2); SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine, label smoothing 0.2, "
-             "batch 32, 300 epochs")
+_SET_NOTE = (
+    "ModelNet40, 5000 points sampled on each mesh surface, standardised, rotation about z in +-0.1 pi and "
+    "scaling in [0.8, 1.25]; Adam lr 1e-3, batch 64, 300 epochs, lr / 10 after epoch 200"
+)
+_PCT_NOTE = (
+    "ModelNet40 (PointNet's HDF5 files), 1024 points scaled to the unit sphere, scaling U(2/3, 3/2) and "
+    "translation U(-0.2, 0.2); SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine, label smoothing 0.2, "
+    "batch 32, 300 epochs"
+)
 
 
-_SET_MODELNET40 = {"in_chans": 3, "num_classes": 40, "embed_dim": 256, "num_heads": 4, "depth": 2,
-                   "num_inducing": 16, "num_seeds": 1, "decoder_depth": 1, "layer_norm": True}
-_PCT_MODELNET40 = {"in_chans": 3, "num_classes": 40, "embed_dim": 64, "sample_points": (512, 256),
-                   "num_neighbors": 32, "depth": 4, "fuse_dim": 1024, "head_dims": (512, 256), "pooling": "max+avg"}
+_SET_MODELNET40 = {
+    "in_chans": 3,
+    "num_classes": 40,
+    "embed_dim": 256,
+    "num_heads": 4,
+    "depth": 2,
+    "num_inducing": 16,
+    "num_seeds": 1,
+    "decoder_depth": 1,
+    "layer_norm": True,
+}
+_PCT_MODELNET40 = {
+    "in_chans": 3,
+    "num_classes": 40,
+    "embed_dim": 64,
+    "sample_points": (512, 256),
+    "num_neighbors": 32,
+    "depth": 4,
+    "fuse_dim": 1024,
+    "head_dims": (512, 256),
+    "pooling": "max+avg",
+}
 
 
 def _published(architecture: dict[str, Any], metrics: dict[str, float], recipe: str, note: str) -> PretrainedCfg:
     """A published configuration: its architecture as ``model_args`` (a model built otherwise loses the published
     accuracies, which are of this architecture), its accuracies, and the recipe that trains it."""
     return PretrainedCfg(
-        input_size=None, num_classes=architecture["num_classes"], classifier="head", paper_ids=SINKFORMERS_PAPER,
+        input_size=None,
+        num_classes=architecture["num_classes"],
+        classifier="head",
+        paper_ids=SINKFORMERS_PAPER,
         recipe=recipe,
         model_args=dict(architecture),
-        metrics={f"modelnet40/top1_{stat}": {"value": value, "kind": "published", "of": "model",
-                                             "note": f"{stat} test accuracy over runs"}
-                 for stat, value in metrics.items()},
+        metrics={
+            f"modelnet40/top1_{stat}": {
+                "value": value,
+                "kind": "published",
+                "of": "model",
+                "note": f"{stat} test accuracy over runs",
+            }
+            for stat, value in metrics.items()
+        },
         notes=(f"published configuration without weights: {note}",),
     )
 
 
-default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs({
-    "set_sinkformer_modelnet40.sinkformers_paper": _published(
-        {**_SET_MODELNET40, "n_iter": 21}, {"best": 89.1, "median": 88.4}, "modelnet40_set_sinkformer", _SET_NOTE),
-    "set_transformer_modelnet40.sinkformers_paper": _published(
-        {**_SET_MODELNET40, "n_iter": 1}, {"best": 87.8, "median": 86.3}, "modelnet40_set_sinkformer",
-        _SET_NOTE + " (the recipe with --model.init_args.n_iter 1)"),
-    "point_cloud_sinkformer.sinkformers_paper": _published(
-        {**_PCT_MODELNET40, "attention": "sinkhorn", "n_iter": 21}, {"median": 92.8}, "modelnet40_pct",
-        _PCT_NOTE + " (the recipe with --model.init_args.attention sinkhorn --model.init_args.n_iter 21)"),
-    "point_cloud_transformer.sinkformers_paper": _published(
-        {**_PCT_MODELNET40, "attention": "pct", "n_iter": 1}, {"median": 92.5}, "modelnet40_pct", _PCT_NOTE),
-})
+default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs(
+    {
+        "set_sinkformer_modelnet40.sinkformers_paper": _published(
+            {**_SET_MODELNET40, "n_iter": 21}, {"best": 89.1, "median": 88.4}, "modelnet40_set_sinkformer", _SET_NOTE
+        ),
+        "set_transformer_modelnet40.sinkformers_paper": _published(
+            {**_SET_MODELNET40, "n_iter": 1},
+            {"best": 87.8, "median": 86.3},
+            "modelnet40_set_sinkformer",
+            _SET_NOTE + " (the recipe with --model.init_args.n_iter 1)",
+        ),
+        "point_cloud_sinkformer.sinkformers_paper": _published(
+            {**_PCT_MODELNET40, "attention": "sinkhorn", "n_iter": 21},
+            {"median": 92.8},
+            "modelnet40_pct",
+            _PCT_NOTE + " (the recipe with --model.init_args.attention sinkhorn --model.init_args.n_iter 21)",
+        ),
+        "point_cloud_transformer.sinkformers_paper": _published(
+            {**_PCT_MODELNET40, "attention": "pct", "n_iter": 1}, {"median": 92.5}, "modelnet40_pct", _PCT_NOTE
+        ),
+    }
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -693,48 +799,54 @@ _PCT_TRAINING = {"drop_rate": 0.5, "label_smoothing": 0.2}
 
 
 @register_model
-def set_transformer_modelnet40(pretrained: bool = False, *, weights: str | None = None,
-                               **kwargs: Any) -> SetTransformer:
+def set_transformer_modelnet40(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> SetTransformer:
     """The ModelNet40 Set Transformer (softmax, ``n_iter=1``): 2 ISAB (256 wide, 4 heads, 16 inducing points),
     PMA (1 seed) + SAB, dropout 0.5, 40 classes; trains with Adam lr 1e-3, lr / 10 after epoch 200 (of 300; batch
     64, 5000 points). Published (Sinkformers paper): best 87.8%, median 86.3%; no weights."""
     kwargs.setdefault("lr_scheduler", _SET_SCHEDULE)
     defaults = {**_SET_MODELNET40, **_SET_TRAINING, "n_iter": 1}
-    return build_model(SetTransformer, "set_transformer_modelnet40", defaults, kwargs, pretrained=pretrained,
-                       weights=weights)
+    return build_model(
+        SetTransformer, "set_transformer_modelnet40", defaults, kwargs, pretrained=pretrained, weights=weights
+    )
 
 
 @register_model
-def set_sinkformer_modelnet40(pretrained: bool = False, *, weights: str | None = None,
-                              **kwargs: Any) -> SetTransformer:
+def set_sinkformer_modelnet40(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> SetTransformer:
     """The ModelNet40 Set Sinkformer: :func:`set_transformer_modelnet40` with 21 Sinkhorn half-steps in every
     attention. Published (Sinkformers paper): best 89.1%, median 88.4%; no weights (recipe
     ``modelnet40_set_sinkformer``)."""
     kwargs.setdefault("lr_scheduler", _SET_SCHEDULE)
     defaults = {**_SET_MODELNET40, **_SET_TRAINING, "n_iter": 21}
-    return build_model(SetTransformer, "set_sinkformer_modelnet40", defaults, kwargs, pretrained=pretrained,
-                       weights=weights)
+    return build_model(
+        SetTransformer, "set_sinkformer_modelnet40", defaults, kwargs, pretrained=pretrained, weights=weights
+    )
 
 
 @register_model
-def point_cloud_transformer(pretrained: bool = False, *, weights: str | None = None,
-                            **kwargs: Any) -> PointCloudTransformer:
+def point_cloud_transformer(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> PointCloudTransformer:
     """PCT (Guo et al. 2021) for ModelNet40: embedding 64, neighbour embedding 512 / 256 centres with 32
     neighbours, 4 offset-attention layers (256 wide, softmax + L1), fusion 1024, max + avg pooling, head 512 / 256
     with dropout 0.5, label smoothing 0.2; trains with SGD lr 0.01 (PCT_Pytorch's ``--lr 1e-4`` x 100), momentum
     0.9, weight decay 5e-4, cosine (1024 points, batch 32). Published (Sinkformers paper): median 92.5%; no
     weights (recipe ``modelnet40_pct``)."""
     defaults = {**_PCT_MODELNET40, **_PCT_TRAINING, "attention": "pct", "n_iter": 1}
-    return build_model(PointCloudTransformer, "point_cloud_transformer", defaults, kwargs, pretrained=pretrained,
-                       weights=weights)
+    return build_model(
+        PointCloudTransformer, "point_cloud_transformer", defaults, kwargs, pretrained=pretrained, weights=weights
+    )
 
 
 @register_model
-def point_cloud_sinkformer(pretrained: bool = False, *, weights: str | None = None,
-                           **kwargs: Any) -> PointCloudTransformer:
+def point_cloud_sinkformer(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> PointCloudTransformer:
     """The Point Cloud Sinkformer: :func:`point_cloud_transformer` with the offset-attention normalisation
     replaced by 21 Sinkhorn half-steps (``attention="sinkhorn"``). Published (Sinkformers paper): median 92.8%; no
     weights."""
     defaults = {**_PCT_MODELNET40, **_PCT_TRAINING, "attention": "sinkhorn", "n_iter": 21}
-    return build_model(PointCloudTransformer, "point_cloud_sinkformer", defaults, kwargs, pretrained=pretrained,
-                       weights=weights)
+    return build_model(
+        PointCloudTransformer, "point_cloud_sinkformer", defaults, kwargs, pretrained=pretrained, weights=weights
+    )

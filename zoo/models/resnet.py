@@ -135,8 +135,9 @@ class BasicBlock(_ResNetBlock):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 drop_path: float = 0.0):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, drop_path: float = 0.0
+    ):
         super().__init__(drop_path)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -158,8 +159,9 @@ class Bottleneck(_ResNetBlock):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 drop_path: float = 0.0):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, drop_path: float = 0.0
+    ):
         super().__init__(drop_path)
         self.conv1 = conv1x1(inplanes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -186,8 +188,9 @@ class PreActBlock(_ResNetBlock):
     expansion = 1
     post_activation = False
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 drop_path: float = 0.0):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, drop_path: float = 0.0
+    ):
         super().__init__(drop_path)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -277,8 +280,11 @@ class ResNet(HubMixin, ImageClassifier):
         choice("block", block, BLOCKS)
         choice("stem", stem, STEMS)
         layer_counts = int_sequence("layers", layers, min_value=1)
-        stage_widths = (int_sequence("widths", widths, min_value=1, length=len(layer_counts)) if widths is not None
-                        else tuple(64 * 2**i for i in range(len(layer_counts))))
+        stage_widths = (
+            int_sequence("widths", widths, min_value=1, length=len(layer_counts))
+            if widths is not None
+            else tuple(64 * 2**i for i in range(len(layer_counts)))
+        )
         choice("rule", rule, RULES)
         choice("memory", memory, MEMORY_MODES)
         if scale != "depth":
@@ -292,8 +298,10 @@ class ResNet(HubMixin, ImageClassifier):
             hint = f"give true/false or stage numbers 1..{len(layer_counts)} (stages count from 1)"
             tied_stages = set(int_sequence("tied", tied, min_value=1, allow_empty=True, hint=hint))
             if not tied_stages <= stage_numbers:
-                raise ZooError(f"tied must be true/false or stage numbers 1..{len(layer_counts)}, got {list(tied)}; "
-                               "stages count from 1")
+                raise ZooError(
+                    f"tied must be true/false or stage numbers 1..{len(layer_counts)}, got {list(tied)}; "
+                    "stages count from 1"
+                )
         positive_int("in_chans", in_chans)
         _check_head(num_classes, global_pool)
         refuse_training_settings(type(self), kwargs)
@@ -349,8 +357,15 @@ class ResNet(HubMixin, ImageClassifier):
             name = f"layer{i + 1}"
             self.add_module(
                 name,
-                ResidualStack(blocks, rule=rule, scale=scale, gamma=gamma, memory=memory, transition=transition,
-                              init_velocity=init_velocity),
+                ResidualStack(
+                    blocks,
+                    rule=rule,
+                    scale=scale,
+                    gamma=gamma,
+                    memory=memory,
+                    transition=transition,
+                    init_velocity=init_velocity,
+                ),
             )
             self.stage_names.append(name)
         self.num_features = inplanes  # channels of forward_features' output
@@ -430,9 +445,15 @@ class ResNet(HubMixin, ImageClassifier):
         self.hparams["global_pool"] = pool
         self.set_num_classes(num_classes)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's ``forward_intermediates``: the features of ``feature_info`` (index 0: the stem's activation,
         1..K: the stages) selected by ``indices`` (None: all; an int n: the last n; a list: those, negative from
         the end), and the final feature map unless ``intermediates_only``. ``stop_early`` skips the stages after
@@ -454,8 +475,9 @@ class ResNet(HubMixin, ImageClassifier):
             return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """timm's: replace the stages after the last of ``indices`` by ``nn.Identity`` and (``prune_head``) the
         head by none (``reset_classifier(0, '')``); returns the absolute indices kept."""
         take_indices, max_index = _take_indices(len(self.stage_names) + 1, indices)
@@ -516,8 +538,9 @@ class ResNet(HubMixin, ImageClassifier):
         return size
 
     # ---------------------------------------------------------------- weights saved at another step
-    def rescale_residual_weights(self, state_dict: Mapping[str, torch.Tensor],
-                                 source_scale: float | str = 1.0) -> dict[str, torch.Tensor]:
+    def rescale_residual_weights(
+        self, state_dict: Mapping[str, torch.Tensor], source_scale: float | str = 1.0
+    ) -> dict[str, torch.Tensor]:
         """Map weights trained with step ``source_scale`` to this model's steps, keeping the function.
 
         A residual block with step h computes relu(x + h g(x)) (post-activation) or x + h g(x)
@@ -546,21 +569,28 @@ class ResNet(HubMixin, ImageClassifier):
         the last BatchNorm of g multiplied by 1/h (N for ``scale="depth"``)."""
         return self.rescale_residual_weights(state_dict, 1.0)
 
-    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],
-                         source_hparams: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    def adapt_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], source_hparams: Mapping[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
         """Weight-loader hook (:func:`zoo.hub.load_state_dict`): weights without recorded
         hyperparameters come from a plain ResNet (step 1); zoo weights record their ``scale``."""
         source_scale = 1.0 if source_hparams is None else source_hparams.get("scale", 1.0)
-        if (source_hparams is not None and source_hparams.get("rule") == "momentum"
-                and "keep_first_block" not in source_hparams and self.hparams.get("keep_first_block")
-                and any(s.transition is not None and s.transition.downsample is None for s in self.stages)):
+        if (
+            source_hparams is not None
+            and source_hparams.get("rule") == "momentum"
+            and "keep_first_block" not in source_hparams
+            and self.hparams.get("keep_first_block")
+            and any(s.transition is not None and s.transition.downsample is None for s in self.stages)
+        ):
             from lightning.pytorch.utilities import rank_zero_warn
 
             # same parameter names, other function: the saved model had this block inside its momentum stack
-            rank_zero_warn("zoo: these Momentum ResNet weights were saved before keep_first_block existed, with the "
-                           "shape-keeping first block inside the momentum stack; this model keeps it an ordinary block "
-                           "(the published definition), so it computes another function: build it with "
-                           "keep_first_block=False to reproduce the saved model")
+            rank_zero_warn(
+                "zoo: these Momentum ResNet weights were saved before keep_first_block existed, with the "
+                "shape-keeping first block inside the momentum stack; this model keeps it an ordinary block "
+                "(the published definition), so it computes another function: build it with "
+                "keep_first_block=False to reproduce the saved model"
+            )
         return self.rescale_residual_weights(state_dict, source_scale)
 
     # ---------------------------------------------------------------- depth operations (MATH.md s1)
@@ -637,10 +667,19 @@ class MomentumResNet(ResNet):
     # what a file saved before an argument existed was built with (zoo.hub.from_pretrained fills it in)
     legacy_init_args = {"keep_first_block": False}
 
-    def __init__(self, *args: Any, rule: str = "momentum", scale: float | str = 1.0, gamma: float = DEFAULT_GAMMA,
-                 memory: str = "reversible", keep_first_block: bool = True, **kwargs: Any):
-        super().__init__(*args, rule=rule, scale=scale, gamma=gamma, memory=memory,
-                         keep_first_block=keep_first_block, **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        rule: str = "momentum",
+        scale: float | str = 1.0,
+        gamma: float = DEFAULT_GAMMA,
+        memory: str = "reversible",
+        keep_first_block: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            *args, rule=rule, scale=scale, gamma=gamma, memory=memory, keep_first_block=keep_first_block, **kwargs
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -648,13 +687,19 @@ class MomentumResNet(ResNet):
 
 
 def _check_head(num_classes: int, global_pool: str) -> None:
-    non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for no classifier (forward "
-                     "returns the pooled features, as timm's num_classes=0)")
+    non_negative_int(
+        "num_classes",
+        num_classes,
+        hint="give the number of classes, or 0 for no classifier (forward "
+        "returns the pooled features, as timm's num_classes=0)",
+    )
     choice("global_pool", global_pool, GLOBAL_POOLS)
     if global_pool == "" and num_classes:
-        raise ZooError(f"global_pool='' (no pooling: the feature map) needs num_classes=0, got num_classes="
-                       f"{num_classes}: a classifier takes pooled features; give num_classes=0 for the unpooled "
-                       "features, or global_pool='avg'")
+        raise ZooError(
+            f"global_pool='' (no pooling: the feature map) needs num_classes=0, got num_classes="
+            f"{num_classes}: a classifier takes pooled features; give num_classes=0 for the unpooled "
+            "features, or global_pool='avg'"
+        )
 
 
 def _check_task_kwargs(cls_name: str, kwargs: Mapping[str, Any]) -> None:
@@ -664,8 +709,10 @@ def _check_task_kwargs(cls_name: str, kwargs: Mapping[str, Any]) -> None:
     accepted = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "num_classes"}
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
-        raise ZooError(f"{cls_name} got unknown argument(s) {', '.join(unknown)}: it takes its architecture's "
-                       f"arguments and the task's ({', '.join(sorted(accepted))})")
+        raise ZooError(
+            f"{cls_name} got unknown argument(s) {', '.join(unknown)}: it takes its architecture's "
+            f"arguments and the task's ({', '.join(sorted(accepted))})"
+        )
 
 
 def _head(num_features: int, num_classes: int, global_pool: str) -> tuple[nn.Module, nn.Module]:
@@ -696,27 +743,45 @@ def _take_indices(num_features: int, indices: int | Sequence[int] | None) -> tup
     """timm's ``feature_take_indices`` with one ZooError for indices out of range."""
     from timm.models._features import feature_take_indices
 
-    valid = (indices is None or (isinstance(indices, int) and not isinstance(indices, bool))
-             or (isinstance(indices, Sequence) and not isinstance(indices, str) and len(indices) > 0
-                 and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)))
+    valid = (
+        indices is None
+        or (isinstance(indices, int) and not isinstance(indices, bool))
+        or (
+            isinstance(indices, Sequence)
+            and not isinstance(indices, str)
+            and len(indices) > 0
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+        )
+    )
     if valid:
         try:
             return feature_take_indices(num_features, indices)
         except AssertionError:
             pass
-    raise ZooError(f"indices={indices!r} do not select features of this model, which has {num_features} "
-                   f"(feature_info: 0 the stem, 1..{num_features - 1} the stages): give None (all), n (the last n, "
-                   f"1..{num_features}) or a non-empty list of indices in -{num_features}..{num_features - 1}")
+    raise ZooError(
+        f"indices={indices!r} do not select features of this model, which has {num_features} "
+        f"(feature_info: 0 the stem, 1..{num_features - 1} the stages): give None (all), n (the last n, "
+        f"1..{num_features}) or a non-empty list of indices in -{num_features}..{num_features - 1}"
+    )
 
 
 def _base_cfg(stem: str) -> PretrainedCfg:
     """An architecture's transform when it has no weights: ImageNet's (224 px, torchvision's resize 256 / crop 224)
     for the ImageNet stem, CIFAR-10's (32 px, no crop) for the CIFAR and tiny nets."""
     if stem == "imagenet":
-        return PretrainedCfg(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear",
-                             first_conv="conv1", classifier="fc")
-    return PretrainedCfg(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear", mean=CIFAR10_MEAN,
-                         std=CIFAR10_STD, num_classes=10, first_conv="conv1", classifier="fc")
+        return PretrainedCfg(
+            input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear", first_conv="conv1", classifier="fc"
+        )
+    return PretrainedCfg(
+        input_size=(3, 32, 32),
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        num_classes=10,
+        first_conv="conv1",
+        classifier="fc",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -727,30 +792,86 @@ def _base_cfg(stem: str) -> PretrainedCfg:
 # published ImageNet-1K acc@1 / acc@5 (torchvision's meta "_metrics"), training recipe. The first is the default.
 _TORCHVISION_WEIGHTS: dict[str, list[tuple[str, str, str, int, float, float, str]]] = {
     "resnet18": [
-        ("tv_in1k", "ResNet18_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-         256, 69.758, 89.078, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+        (
+            "tv_in1k",
+            "ResNet18_Weights.IMAGENET1K_V1",
+            "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+            256,
+            69.758,
+            89.078,
+            "https://github.com/pytorch/vision/tree/main/references/classification#resnet",
+        ),
     ],
     "resnet34": [
-        ("tv_in1k", "ResNet34_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet34-b627a593.pth",
-         256, 73.314, 91.42, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+        (
+            "tv_in1k",
+            "ResNet34_Weights.IMAGENET1K_V1",
+            "https://download.pytorch.org/models/resnet34-b627a593.pth",
+            256,
+            73.314,
+            91.42,
+            "https://github.com/pytorch/vision/tree/main/references/classification#resnet",
+        ),
     ],
     "resnet50": [
-        ("tv2_in1k", "ResNet50_Weights.IMAGENET1K_V2", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-         232, 80.858, 95.434, "https://github.com/pytorch/vision/issues/3995#issuecomment-1013906621"),
-        ("tv_in1k", "ResNet50_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-         256, 76.13, 92.862, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+        (
+            "tv2_in1k",
+            "ResNet50_Weights.IMAGENET1K_V2",
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+            232,
+            80.858,
+            95.434,
+            "https://github.com/pytorch/vision/issues/3995#issuecomment-1013906621",
+        ),
+        (
+            "tv_in1k",
+            "ResNet50_Weights.IMAGENET1K_V1",
+            "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+            256,
+            76.13,
+            92.862,
+            "https://github.com/pytorch/vision/tree/main/references/classification#resnet",
+        ),
     ],
     "resnet101": [
-        ("tv2_in1k", "ResNet101_Weights.IMAGENET1K_V2", "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
-         232, 81.886, 95.78, "https://github.com/pytorch/vision/issues/3995#new-recipe"),
-        ("tv_in1k", "ResNet101_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-         256, 77.374, 93.546, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+        (
+            "tv2_in1k",
+            "ResNet101_Weights.IMAGENET1K_V2",
+            "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+            232,
+            81.886,
+            95.78,
+            "https://github.com/pytorch/vision/issues/3995#new-recipe",
+        ),
+        (
+            "tv_in1k",
+            "ResNet101_Weights.IMAGENET1K_V1",
+            "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+            256,
+            77.374,
+            93.546,
+            "https://github.com/pytorch/vision/tree/main/references/classification#resnet",
+        ),
     ],
     "resnet152": [
-        ("tv2_in1k", "ResNet152_Weights.IMAGENET1K_V2", "https://download.pytorch.org/models/resnet152-f82ba261.pth",
-         232, 82.284, 96.002, "https://github.com/pytorch/vision/issues/3995#new-recipe"),
-        ("tv_in1k", "ResNet152_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet152-394f9c45.pth",
-         256, 78.312, 94.046, "https://github.com/pytorch/vision/tree/main/references/classification#resnet"),
+        (
+            "tv2_in1k",
+            "ResNet152_Weights.IMAGENET1K_V2",
+            "https://download.pytorch.org/models/resnet152-f82ba261.pth",
+            232,
+            82.284,
+            96.002,
+            "https://github.com/pytorch/vision/issues/3995#new-recipe",
+        ),
+        (
+            "tv_in1k",
+            "ResNet152_Weights.IMAGENET1K_V1",
+            "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+            256,
+            78.312,
+            94.046,
+            "https://github.com/pytorch/vision/tree/main/references/classification#resnet",
+        ),
     ],
 }
 
@@ -762,8 +883,9 @@ _RSB = "arXiv:2110.00476"  # ResNet strikes back
 # input size, test input size, crop_pct, test_crop_pct, interpolation, normalisation ("imagenet" or "half":
 # mean = std = 0.5), license, origin, paper. timm's own copies of the torchvision weights (tv_in1k, tv2_in1k) are
 # the entries above; timm's cfgs publish no accuracy, so these entries carry none.
-_TIMM_WEIGHTS: dict[str, list[tuple[str, int, int | None, float, float | None, str, str, str, str | None,
-                                    str | None]]] = {
+_TIMM_WEIGHTS: dict[
+    str, list[tuple[str, int, int | None, float, float | None, str, str, str, str | None, str | None]]
+] = {
     "resnet18": [
         ("a1_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
         ("a2_in1k", 224, 288, 0.95, 1.0, "bicubic", "imagenet", "apache-2.0", _TIMM_URL, _RSB),
@@ -814,9 +936,11 @@ _TIMM_WEIGHTS: dict[str, list[tuple[str, int, int | None, float, float | None, s
     ],
 }
 
-_TORCHVISION_TERMS = ("torchvision's code is BSD-3-Clause; of its weights torchvision says they 'may have their own "
-                      "licenses or terms and conditions derived from the dataset used for training' (ImageNet-1k): "
-                      "check those terms for your use")
+_TORCHVISION_TERMS = (
+    "torchvision's code is BSD-3-Clause; of its weights torchvision says they 'may have their own "
+    "licenses or terms and conditions derived from the dataset used for training' (ImageNet-1k): "
+    "check those terms for your use"
+)
 
 
 def _source_cfgs(arch: str) -> dict[str, PretrainedCfg]:
@@ -825,34 +949,67 @@ def _source_cfgs(arch: str) -> dict[str, PretrainedCfg]:
     for tag, enum, url, resize, top1, top5, recipe in _TORCHVISION_WEIGHTS[arch]:
         note = f"torchvision's meta for {enum} (ImageNet-1K val, resize {resize}, crop 224)"
         out[tag] = PretrainedCfg(
-            source=enum, url=url, input_size=(3, 224, 224), crop_pct=224 / resize, interpolation="bilinear",
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_classes=1000, first_conv="conv1",
-            classifier="fc", license="bsd-3-clause", origin_url="https://github.com/pytorch/vision",
-            paper_ids="arXiv:1512.03385", notes=(_TORCHVISION_TERMS, f"training recipe: {recipe}"),
-            metrics={"imagenet-1k/top1": {"value": top1, "kind": "published", "of": "source", "note": note},
-                     "imagenet-1k/top5": {"value": top5, "kind": "published", "of": "source", "note": note}})
+            source=enum,
+            url=url,
+            input_size=(3, 224, 224),
+            crop_pct=224 / resize,
+            interpolation="bilinear",
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            num_classes=1000,
+            first_conv="conv1",
+            classifier="fc",
+            license="bsd-3-clause",
+            origin_url="https://github.com/pytorch/vision",
+            paper_ids="arXiv:1512.03385",
+            notes=(_TORCHVISION_TERMS, f"training recipe: {recipe}"),
+            metrics={
+                "imagenet-1k/top1": {"value": top1, "kind": "published", "of": "source", "note": note},
+                "imagenet-1k/top5": {"value": top5, "kind": "published", "of": "source", "note": note},
+            },
+        )
     for tag, size, test_size, crop, test_crop, interp, norm, license, origin, paper in _TIMM_WEIGHTS[arch]:
         stats = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if norm == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
         out[tag] = PretrainedCfg(
-            source=f"hf-hub:timm/{arch}.{tag}", hf_hub_id=f"timm/{arch}.{tag}", input_size=(3, size, size),
-            test_input_size=(3, test_size, test_size) if test_size else None, crop_pct=crop, test_crop_pct=test_crop,
-            interpolation=interp, mean=stats[0], std=stats[1], num_classes=1000, first_conv="conv1",
-            classifier="fc", license=license, origin_url=origin, paper_ids=paper,
-            notes=(f"timm's {arch}.{tag} weights (timm.models.get_pretrained_cfg('{arch}.{tag}')); timm's cfg "
-                   "publishes no accuracy",))
+            source=f"hf-hub:timm/{arch}.{tag}",
+            hf_hub_id=f"timm/{arch}.{tag}",
+            input_size=(3, size, size),
+            test_input_size=(3, test_size, test_size) if test_size else None,
+            crop_pct=crop,
+            test_crop_pct=test_crop,
+            interpolation=interp,
+            mean=stats[0],
+            std=stats[1],
+            num_classes=1000,
+            first_conv="conv1",
+            classifier="fc",
+            license=license,
+            origin_url=origin,
+            paper_ids=paper,
+            notes=(
+                f"timm's {arch}.{tag} weights (timm.models.get_pretrained_cfg('{arch}.{tag}')); timm's cfg "
+                "publishes no accuracy",
+            ),
+        )
     return out
 
 
 _MOMENTUM_REFIT = {
     "imagenet-1k/top1@refit-1-epoch": {
-        "value": 73.5, "kind": "published", "of": "model",
+        "value": 73.5,
+        "kind": "published",
+        "of": "model",
         "note": "after refit: 26.5% top-1 error after 1 epoch of refit of a pretrained ResNet-152 moved to gamma = "
-                "0.9 (Sander et al. 2021, Momentum Residual Neural Networks, arXiv:2102.07870); published for that "
-                "refit, not measured on these weights"},
+        "0.9 (Sander et al. 2021, Momentum Residual Neural Networks, arXiv:2102.07870); published for that "
+        "refit, not measured on these weights",
+    },
     "imagenet-1k/top1@refit-5-epochs": {
-        "value": 76.5, "kind": "published", "of": "model",
+        "value": 76.5,
+        "kind": "published",
+        "of": "model",
         "note": "after refit: 23.5% top-1 error after 5 epochs of refit (same source); recipe "
-                "imagenet_refit_momentum_resnet152"},
+        "imagenet_refit_momentum_resnet152",
+    },
 }
 
 
@@ -863,37 +1020,54 @@ def _family_cfgs(prefix: str, arch: str) -> dict[str, PretrainedCfg]:
     for tag, src in _source_cfgs(arch).items():
         what = f"{src.source}"
         if prefix == "":
-            out[f"{name}.{tag}"] = src.replace(conversion=(
-                f"none: the plain zoo ResNet is the source architecture with the same parameter names; {what} loads "
-                "unchanged and computes the source function (its published accuracy is this model's)"))
+            out[f"{name}.{tag}"] = src.replace(
+                conversion=(
+                    "none: the plain zoo ResNet is the source architecture with the same parameter names; "
+                    f"{what} loads unchanged and computes the source function (its published accuracy is this model's)"
+                )
+            )
         elif prefix == "depth_scaled_":
-            out[f"{name}.{tag}"] = src.replace(conversion=(
-                f"{what} with the last BatchNorm of every block of a residual stack (a shape-changing first "
-                "block of a stage stays an ordinary block) multiplied by N, the stack's number of steps: x + (1/N) "
-                "f(x) is then the source block relu(x + g(x)) exactly, so the model computes the source function "
-                "(to float rounding; its published accuracy is this model's)"),
-                recipe="imagenet_finetune_depth_scaled_resnet50" if (arch, tag) == ("resnet50", "tv2_in1k") else None)
+            out[f"{name}.{tag}"] = src.replace(
+                conversion=(
+                    f"{what} with the last BatchNorm of every block of a residual stack (a shape-changing first "
+                    "block of a stage stays an ordinary block) multiplied by N, the stack's number of steps: x + (1/N) "
+                    "f(x) is then the source block relu(x + g(x)) exactly, so the model computes the source function "
+                    "(to float rounding; its published accuracy is this model's)"
+                ),
+                recipe="imagenet_finetune_depth_scaled_resnet50" if (arch, tag) == ("resnet50", "tv2_in1k") else None,
+            )
         elif prefix == "heun_":
-            out[f"{name}.{tag}"] = src.replace(conversion=(
-                f"{what} folded at step h = 1/N as for depth_scaled_{arch}, so that the Euler predictor of step n, "
-                "y = x_n + h f_n(x_n), is source block n, B_n(x_n); Heun's rule then returns x_{n+1} = x_n + h/2 "
-                "(f_n(x_n) + f_{n+1}(y)) = (x_n + B_{n+1}(B_n(x_n))) / 2 over the stack's blocks B_0 .. B_{N-1} "
-                "(the last step uses B_{N-1} twice): the "
-                "mean of the step's input and two source blocks composed, NOT the source function (whose step is "
-                "y); the published accuracy is of the source only, the model needs fine-tuning"))
+            out[f"{name}.{tag}"] = src.replace(
+                conversion=(
+                    f"{what} folded at step h = 1/N as for depth_scaled_{arch}, so that the Euler predictor of step n, "
+                    "y = x_n + h f_n(x_n), is source block n, B_n(x_n); Heun's rule then returns x_{n+1} = x_n + h/2 "
+                    "(f_n(x_n) + f_{n+1}(y)) = (x_n + B_{n+1}(B_n(x_n))) / 2 over the stack's blocks B_0 .. B_{N-1} "
+                    "(the last step uses B_{N-1} twice): the "
+                    "mean of the step's input and two source blocks composed, NOT the source function (whose step is "
+                    "y); the published accuracy is of the source only, the model needs fine-tuning"
+                )
+            )
         else:
-            out[f"{name}.{tag}"] = src.replace(model_args={"gamma": 0.9}, conversion=(
-                f"{what} in the momentum rule at gamma = 0.9 (v_0 = 0; each stage's first block an ordinary "
-                "block, as published): v_{n+1} = 0.9 v_n + 0.1 (B_n(x_n) - x_n), x_{n+1} = x_n + v_{n+1}, with "
-                "B_n(x) = relu(x + g_n(x)) source block n, so each block's update enters at a tenth and persists "
-                "through the velocity: NOT the source function before a refit (gamma = 0 is: tag "
-                f"{tag}_gamma0); the source's published accuracy is not this model's before a refit"),
+            out[f"{name}.{tag}"] = src.replace(
+                model_args={"gamma": 0.9},
+                conversion=(
+                    f"{what} in the momentum rule at gamma = 0.9 (v_0 = 0; each stage's first block an ordinary "
+                    "block, as published): v_{n+1} = 0.9 v_n + 0.1 (B_n(x_n) - x_n), x_{n+1} = x_n + v_{n+1}, with "
+                    "B_n(x) = relu(x + g_n(x)) source block n, so each block's update enters at a tenth and persists "
+                    "through the velocity: NOT the source function before a refit (gamma = 0 is: tag "
+                    f"{tag}_gamma0); the source's published accuracy is not this model's before a refit"
+                ),
                 metrics={**src.metrics, **(_MOMENTUM_REFIT if arch == "resnet152" and tag.startswith("tv") else {})},
-                recipe="imagenet_refit_momentum_resnet152" if (arch, tag) == ("resnet152", "tv2_in1k") else None)
-            out[f"{name}.{tag}_gamma0"] = src.replace(model_args={"gamma": 0.0, "memory": "full"}, conversion=(
-                f"{what} in the momentum rule at gamma = 0 (memory='full': the reversible engine divides by "
-                "gamma): v_{n+1} = B_n(x_n) - x_n, x_{n+1} = B_n(x_n), the source function exactly (its published "
-                "accuracy is this model's)"))
+                recipe="imagenet_refit_momentum_resnet152" if (arch, tag) == ("resnet152", "tv2_in1k") else None,
+            )
+            out[f"{name}.{tag}_gamma0"] = src.replace(
+                model_args={"gamma": 0.0, "memory": "full"},
+                conversion=(
+                    f"{what} in the momentum rule at gamma = 0 (memory='full': the reversible engine divides by "
+                    "gamma): v_{n+1} = B_n(x_n) - x_n, x_{n+1} = B_n(x_n), the source function exactly (its published "
+                    "accuracy is this model's)"
+                ),
+            )
     return out
 
 
@@ -919,40 +1093,73 @@ _IMAGENET = {
 }
 
 
-def _imagenet(cls: type[ResNet], arch: str, depth: int, pretrained: bool, weights: str | None,
-              kwargs: dict[str, Any]) -> ResNet:
+def _imagenet(
+    cls: type[ResNet], arch: str, depth: int, pretrained: bool, weights: str | None, kwargs: dict[str, Any]
+) -> ResNet:
     block, layers = _IMAGENET[depth]
     fixed = [name for name in ("layers", "block") if name in kwargs]
     if fixed:
-        raise ZooError(f"the ResNet-{depth} builders fix layers={list(layers)} and block={block!r} (torchvision's "
-                       f"resnet{depth}), got {', '.join(f'{n}={kwargs[n]!r}' for n in fixed)}; for another layout use "
-                       "the cifar_resnet builders (stem='imagenet' for the ImageNet stem) or zoo.models."
-                       f"{cls.__name__}(layers=..., block=...)")
-    return build_model(cls, arch, {"layers": layers, "block": block}, kwargs, pretrained=pretrained, weights=weights,
-                       base_cfg=_base_cfg("imagenet"))
+        raise ZooError(
+            f"the ResNet-{depth} builders fix layers={list(layers)} and block={block!r} (torchvision's "
+            f"resnet{depth}), got {', '.join(f'{n}={kwargs[n]!r}' for n in fixed)}; for another layout use "
+            "the cifar_resnet builders (stem='imagenet' for the ImageNet stem) or zoo.models."
+            f"{cls.__name__}(layers=..., block=...)"
+        )
+    return build_model(
+        cls,
+        arch,
+        {"layers": layers, "block": block},
+        kwargs,
+        pretrained=pretrained,
+        weights=weights,
+        base_cfg=_base_cfg("imagenet"),
+    )
 
 
-def _cifar(cls: type[ResNet], arch: str, n: int, pretrained: bool, weights: str | None,
-           kwargs: dict[str, Any]) -> ResNet:
+def _cifar(
+    cls: type[ResNet], arch: str, n: int, pretrained: bool, weights: str | None, kwargs: dict[str, Any]
+) -> ResNet:
     """He et al.'s CIFAR ResNet-(6n+2): 3x3 stem, three stages of n basic blocks, 16/32/64 channels (each a default:
     ``layers``, ``widths``, ``block`` and ``stem`` may be given)."""
     defaults = {"num_classes": 10, "layers": (n, n, n), "widths": (16, 32, 64), "block": "basic", "stem": "cifar"}
-    return build_model(cls, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
-                       base_cfg=_base_cfg(kwargs.get("stem", "cifar")))
+    return build_model(
+        cls,
+        arch,
+        defaults,
+        kwargs,
+        pretrained=pretrained,
+        weights=weights,
+        base_cfg=_base_cfg(kwargs.get("stem", "cifar")),
+    )
 
 
 def _tiny(cls: type[ResNet], arch: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> ResNet:
     """MATH.md section 3: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0 (defaults:
     ``depth`` N = 16, or ``layers``; ``widths``, ``block`` and ``stem`` may be given too)."""
     if "depth" in kwargs and "layers" in kwargs:
-        raise ZooError(f"give depth or layers, not both (depth={kwargs['depth']!r} is layers=(depth,)), got "
-                       f"layers={kwargs['layers']!r}")
+        raise ZooError(
+            f"give depth or layers, not both (depth={kwargs['depth']!r} is layers=(depth,)), got "
+            f"layers={kwargs['layers']!r}"
+        )
     kwargs = dict(kwargs)
     depth = positive_int("depth", kwargs.pop("depth", 16))
-    defaults = {"layers": (depth,), "widths": (16,), "block": "preact", "stem": "tiny", "num_classes": 10,
-                "zero_init_last": True}
-    return build_model(cls, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
-                       base_cfg=_base_cfg(kwargs.get("stem", "tiny")))
+    defaults = {
+        "layers": (depth,),
+        "widths": (16,),
+        "block": "preact",
+        "stem": "tiny",
+        "num_classes": 10,
+        "zero_init_last": True,
+    }
+    return build_model(
+        cls,
+        arch,
+        defaults,
+        kwargs,
+        pretrained=pretrained,
+        weights=weights,
+        base_cfg=_base_cfg(kwargs.get("stem", "tiny")),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1059,8 +1266,7 @@ def tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any)
 
 
 @register_model
-def depth_scaled_resnet18(pretrained: bool = False, *, weights: str | None = None,
-                          **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet18(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> DepthScaledResNet:
     """Depth-scaled ResNet-18 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are folded
     (last BatchNorm of each block times N), so they compute the source function exactly.
 
@@ -1072,8 +1278,7 @@ def depth_scaled_resnet18(pretrained: bool = False, *, weights: str | None = Non
 
 
 @register_model
-def depth_scaled_resnet34(pretrained: bool = False, *, weights: str | None = None,
-                          **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet34(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> DepthScaledResNet:
     """Depth-scaled ResNet-34 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are folded
     (last BatchNorm of each block times N), so they compute the source function exactly.
 
@@ -1085,8 +1290,7 @@ def depth_scaled_resnet34(pretrained: bool = False, *, weights: str | None = Non
 
 
 @register_model
-def depth_scaled_resnet50(pretrained: bool = False, *, weights: str | None = None,
-                          **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet50(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> DepthScaledResNet:
     """Depth-scaled ResNet-50 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are folded
     (last BatchNorm of each block times N), so they compute the source function exactly.
 
@@ -1098,8 +1302,7 @@ def depth_scaled_resnet50(pretrained: bool = False, *, weights: str | None = Non
 
 
 @register_model
-def depth_scaled_resnet101(pretrained: bool = False, *, weights: str | None = None,
-                           **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet101(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> DepthScaledResNet:
     """Depth-scaled ResNet-101 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are
     folded (last BatchNorm of each block times N), so they compute the source function exactly.
 
@@ -1111,8 +1314,7 @@ def depth_scaled_resnet101(pretrained: bool = False, *, weights: str | None = No
 
 
 @register_model
-def depth_scaled_resnet152(pretrained: bool = False, *, weights: str | None = None,
-                           **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet152(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> DepthScaledResNet:
     """Depth-scaled ResNet-152 (R1): x_{n+1} = x_n + f_n(x_n) / N in every stage; torchvision/timm weights are
     folded (last BatchNorm of each block times N), so they compute the source function exactly.
 
@@ -1124,40 +1326,43 @@ def depth_scaled_resnet152(pretrained: bool = False, *, weights: str | None = No
 
 
 @register_model
-def depth_scaled_resnet20_cifar(pretrained: bool = False, *, weights: str | None = None,
-                                **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet20_cifar(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> DepthScaledResNet:
     """Depth-scaled ResNet-20 for CIFAR (He et al.): 3x3 stem, 3 stages of 3 basic blocks, 16/32/64 channels, 10
     classes (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
     return _cifar(DepthScaledResNet, "depth_scaled_resnet20_cifar", 3, pretrained, weights, kwargs)
 
 
 @register_model
-def depth_scaled_resnet56_cifar(pretrained: bool = False, *, weights: str | None = None,
-                                **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet56_cifar(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> DepthScaledResNet:
     """Depth-scaled ResNet-56 for CIFAR (He et al.): 3x3 stem, 3 stages of 9 basic blocks, 16/32/64 channels, 10
     classes (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
     return _cifar(DepthScaledResNet, "depth_scaled_resnet56_cifar", 9, pretrained, weights, kwargs)
 
 
 @register_model
-def depth_scaled_resnet110_cifar(pretrained: bool = False, *, weights: str | None = None,
-                                 **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_resnet110_cifar(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> DepthScaledResNet:
     """Depth-scaled ResNet-110 for CIFAR (He et al.): 3x3 stem, 3 stages of 18 basic blocks, 16/32/64 channels, 10
     classes (defaults: ``layers``, ``widths``, ``block``, ``stem`` may be given). No pretrained weights."""
     return _cifar(DepthScaledResNet, "depth_scaled_resnet110_cifar", 18, pretrained, weights, kwargs)
 
 
 @register_model
-def depth_scaled_cifar_resnet(pretrained: bool = False, *, weights: str | None = None,
-                              **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_cifar_resnet(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> DepthScaledResNet:
     """Depth-scaled ResNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3),
     ``widths`` (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
     return _cifar(DepthScaledResNet, "depth_scaled_cifar_resnet", 3, pretrained, weights, kwargs)
 
 
 @register_model
-def depth_scaled_tiny(pretrained: bool = False, *, weights: str | None = None,
-                      **kwargs: Any) -> DepthScaledResNet:
+def depth_scaled_tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> DepthScaledResNet:
     """The tiny CIFAR net of MATH.md section 3 as a DepthScaledResNet: 5x5 conv to 16 channels, pooled to 10x10,
     ``depth`` (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
     return _tiny(DepthScaledResNet, "depth_scaled_tiny", pretrained, weights, kwargs)
@@ -1372,13 +1577,51 @@ def momentum_tiny(pretrained: bool = False, *, weights: str | None = None, **kwa
 
 
 __all__: list[str] = [
-    "ResNet", "DepthScaledResNet", "HeunNet", "MomentumResNet", "BasicBlock", "Bottleneck", "PreActBlock",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet20_cifar", "resnet56_cifar",
-    "resnet110_cifar", "cifar_resnet", "tiny", "depth_scaled_resnet18", "depth_scaled_resnet34",
-    "depth_scaled_resnet50", "depth_scaled_resnet101", "depth_scaled_resnet152", "depth_scaled_resnet20_cifar",
-    "depth_scaled_resnet56_cifar", "depth_scaled_resnet110_cifar", "depth_scaled_cifar_resnet", "depth_scaled_tiny",
-    "heun_resnet18", "heun_resnet34", "heun_resnet50", "heun_resnet101", "heun_resnet152", "heun_resnet20_cifar",
-    "heun_resnet56_cifar", "heun_resnet110_cifar", "heun_cifar_resnet", "heun_tiny", "momentum_resnet18",
-    "momentum_resnet34", "momentum_resnet50", "momentum_resnet101", "momentum_resnet152", "momentum_resnet20_cifar",
-    "momentum_resnet56_cifar", "momentum_resnet110_cifar", "momentum_cifar_resnet", "momentum_tiny",
+    "ResNet",
+    "DepthScaledResNet",
+    "HeunNet",
+    "MomentumResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "PreActBlock",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet20_cifar",
+    "resnet56_cifar",
+    "resnet110_cifar",
+    "cifar_resnet",
+    "tiny",
+    "depth_scaled_resnet18",
+    "depth_scaled_resnet34",
+    "depth_scaled_resnet50",
+    "depth_scaled_resnet101",
+    "depth_scaled_resnet152",
+    "depth_scaled_resnet20_cifar",
+    "depth_scaled_resnet56_cifar",
+    "depth_scaled_resnet110_cifar",
+    "depth_scaled_cifar_resnet",
+    "depth_scaled_tiny",
+    "heun_resnet18",
+    "heun_resnet34",
+    "heun_resnet50",
+    "heun_resnet101",
+    "heun_resnet152",
+    "heun_resnet20_cifar",
+    "heun_resnet56_cifar",
+    "heun_resnet110_cifar",
+    "heun_cifar_resnet",
+    "heun_tiny",
+    "momentum_resnet18",
+    "momentum_resnet34",
+    "momentum_resnet50",
+    "momentum_resnet101",
+    "momentum_resnet152",
+    "momentum_resnet20_cifar",
+    "momentum_resnet56_cifar",
+    "momentum_resnet110_cifar",
+    "momentum_cifar_resnet",
+    "momentum_tiny",
 ]

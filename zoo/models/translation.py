@@ -204,8 +204,16 @@ class MultiheadAttention(SinkhornCore, nn.Module):
     values are kept: appended to (self-attention) or computed once (``static_kv``, encoder-decoder attention).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
-                 dropout: float = 0.0, n_iter: int = 1, record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        dropout: float = 0.0,
+        n_iter: int = 1,
+        record_stats: bool = False,
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -231,9 +239,15 @@ class MultiheadAttention(SinkhornCore, nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, key_value: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: dict[str, torch.Tensor] | None = None, static_kv: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key_value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: dict[str, torch.Tensor] | None = None,
+        static_kv: bool = False,
+    ) -> torch.Tensor:
         B, L, E = query.shape
         q = self._heads(self.q_proj(query))
         if cache is not None and static_kv and "k" in cache:
@@ -264,8 +278,15 @@ class _ResidualLayer(nn.Module):
     ``final_layer_norm``) and the residual sublayer rule, post-norm x = LN(x + drop(f(x))) or pre-norm
     x = x + drop(f(LN(x))) (``normalize_before``)."""
 
-    def _init_ffn(self, embed_dim: int, ffn_embed_dim: int, dropout: float, activation_dropout: float,
-                  activation_fn: str, normalize_before: bool) -> None:
+    def _init_ffn(
+        self,
+        embed_dim: int,
+        ffn_embed_dim: int,
+        dropout: float,
+        activation_dropout: float,
+        activation_fn: str,
+        normalize_before: bool,
+    ) -> None:
         self.dropout = nn.Dropout(dropout)
         self.activation_fn = _activation(activation_fn)
         self.activation_dropout = nn.Dropout(activation_dropout)
@@ -288,12 +309,23 @@ class TransformerEncoderLayer(_ResidualLayer):
     """fairseq's ``TransformerEncoderLayer`` (names ``self_attn``, ``self_attn_layer_norm``, ``fc1``, ``fc2``,
     ``final_layer_norm``) with Sinkhorn self-attention."""
 
-    def __init__(self, embed_dim: int, ffn_embed_dim: int, num_heads: int, dropout: float = 0.1,
-                 attention_dropout: float = 0.0, activation_dropout: float = 0.0, activation_fn: str = "relu",
-                 normalize_before: bool = False, n_iter: int = 3, record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+        activation_fn: str = "relu",
+        normalize_before: bool = False,
+        n_iter: int = 3,
+        record_stats: bool = False,
+    ) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(embed_dim, num_heads, dropout=attention_dropout, n_iter=n_iter,
-                                            record_stats=record_stats)
+        self.self_attn = MultiheadAttention(
+            embed_dim, num_heads, dropout=attention_dropout, n_iter=n_iter, record_stats=record_stats
+        )
         self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
         self._init_ffn(embed_dim, ffn_embed_dim, dropout, activation_dropout, activation_fn, normalize_before)
 
@@ -306,27 +338,47 @@ class TransformerDecoderLayer(_ResidualLayer):
     """fairseq's ``TransformerDecoderLayer`` (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
     ``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``); softmax attention everywhere."""
 
-    def __init__(self, embed_dim: int, ffn_embed_dim: int, num_heads: int, encoder_embed_dim: int | None = None,
-                 dropout: float = 0.1, attention_dropout: float = 0.0, activation_dropout: float = 0.0,
-                 activation_fn: str = "relu", normalize_before: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_embed_dim: int,
+        num_heads: int,
+        encoder_embed_dim: int | None = None,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+        activation_fn: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(embed_dim, num_heads, dropout=attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
-        self.encoder_attn = MultiheadAttention(embed_dim, num_heads, kdim=encoder_embed_dim, vdim=encoder_embed_dim,
-                                               dropout=attention_dropout)
+        self.encoder_attn = MultiheadAttention(
+            embed_dim, num_heads, kdim=encoder_embed_dim, vdim=encoder_embed_dim, dropout=attention_dropout
+        )
         self.encoder_attn_layer_norm = nn.LayerNorm(embed_dim)
         self._init_ffn(embed_dim, ffn_embed_dim, dropout, activation_dropout, activation_fn, normalize_before)
 
-    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor, encoder_padding_mask: torch.Tensor,
-                self_attn_mask: torch.Tensor | None, cache: dict[str, dict[str, torch.Tensor]] | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        encoder_out: torch.Tensor,
+        encoder_padding_mask: torch.Tensor,
+        self_attn_mask: torch.Tensor | None,
+        cache: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         sa_cache = None if cache is None else cache.setdefault("self", {})
         ca_cache = None if cache is None else cache.setdefault("cross", {})
-        x = self._sublayer(x, self.self_attn_layer_norm,
-                           lambda h: self.self_attn(h, attn_mask=self_attn_mask, cache=sa_cache))
-        x = self._sublayer(x, self.encoder_attn_layer_norm,
-                           lambda h: self.encoder_attn(h, encoder_out, key_padding_mask=encoder_padding_mask,
-                                                       cache=ca_cache, static_kv=True))
+        x = self._sublayer(
+            x, self.self_attn_layer_norm, lambda h: self.self_attn(h, attn_mask=self_attn_mask, cache=sa_cache)
+        )
+        x = self._sublayer(
+            x,
+            self.encoder_attn_layer_norm,
+            lambda h: self.encoder_attn(
+                h, encoder_out, key_padding_mask=encoder_padding_mask, cache=ca_cache, static_kv=True
+            ),
+        )
         return self._sublayer(x, self.final_layer_norm, self._ffn)
 
 
@@ -347,16 +399,27 @@ class _TokenEmbedder(nn.Module):
         x = dropout(LN_emb(embed_scale * E[tokens] + P[positions]))     embed_scale = sqrt(dim) unless no_scale
     """
 
-    def __init__(self, embed_tokens: nn.Embedding, dropout: float, max_positions: int, learned_pos: bool,
-                 no_token_positional_embeddings: bool, layernorm_embedding: bool, no_scale_embedding: bool) -> None:
+    def __init__(
+        self,
+        embed_tokens: nn.Embedding,
+        dropout: float,
+        max_positions: int,
+        learned_pos: bool,
+        no_token_positional_embeddings: bool,
+        layernorm_embedding: bool,
+        no_scale_embedding: bool,
+    ) -> None:
         super().__init__()
         self.register_buffer("version", torch.Tensor([3]))
         dim = embed_tokens.embedding_dim
         self.padding_idx = embed_tokens.padding_idx
         self.embed_tokens = embed_tokens
         self.embed_scale = 1.0 if no_scale_embedding else math.sqrt(dim)
-        self.embed_positions = (None if no_token_positional_embeddings
-                                else _positional_embedding(max_positions, dim, self.padding_idx, learned_pos))
+        self.embed_positions = (
+            None
+            if no_token_positional_embeddings
+            else _positional_embedding(max_positions, dim, self.padding_idx, learned_pos)
+        )
         self.layernorm_embedding = nn.LayerNorm(dim) if layernorm_embedding else None
         self.dropout = nn.Dropout(dropout)
 
@@ -374,19 +437,54 @@ class TransformerEncoder(_TokenEmbedder):
     """fairseq's ``TransformerEncoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
     pre-norm, ``layernorm_embedding`` when asked, ``version`` buffer)."""
 
-    def __init__(self, embed_tokens: nn.Embedding, *, layers: int, ffn_embed_dim: int, num_heads: int,
-                 dropout: float, attention_dropout: float, activation_dropout: float, activation_fn: str,
-                 normalize_before: bool, max_positions: int, learned_pos: bool, no_token_positional_embeddings: bool,
-                 layernorm_embedding: bool, no_scale_embedding: bool, n_iter: int, record_stats: bool) -> None:
-        super().__init__(embed_tokens, dropout, max_positions, learned_pos, no_token_positional_embeddings,
-                         layernorm_embedding, no_scale_embedding)
+    def __init__(
+        self,
+        embed_tokens: nn.Embedding,
+        *,
+        layers: int,
+        ffn_embed_dim: int,
+        num_heads: int,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
+        activation_fn: str,
+        normalize_before: bool,
+        max_positions: int,
+        learned_pos: bool,
+        no_token_positional_embeddings: bool,
+        layernorm_embedding: bool,
+        no_scale_embedding: bool,
+        n_iter: int,
+        record_stats: bool,
+    ) -> None:
+        super().__init__(
+            embed_tokens,
+            dropout,
+            max_positions,
+            learned_pos,
+            no_token_positional_embeddings,
+            layernorm_embedding,
+            no_scale_embedding,
+        )
         dim = embed_tokens.embedding_dim
         self.max_source_positions = max_positions
-        self.layers = nn.ModuleList([
-            TransformerEncoderLayer(dim, ffn_embed_dim, num_heads, dropout, attention_dropout, activation_dropout,
-                                    activation_fn, normalize_before, n_iter, record_stats)
-            for _ in range(layers)
-        ])
+        self.layers = nn.ModuleList(
+            [
+                TransformerEncoderLayer(
+                    dim,
+                    ffn_embed_dim,
+                    num_heads,
+                    dropout,
+                    attention_dropout,
+                    activation_dropout,
+                    activation_fn,
+                    normalize_before,
+                    n_iter,
+                    record_stats,
+                )
+                for _ in range(layers)
+            ]
+        )
         self.layer_norm = nn.LayerNorm(dim) if normalize_before else None
 
     def forward(self, src_tokens: torch.Tensor) -> EncoderOut:
@@ -404,20 +502,54 @@ class TransformerDecoder(_TokenEmbedder):
     """fairseq's ``TransformerDecoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
     pre-norm, ``output_projection`` tied to ``embed_tokens`` with ``share_input_output_embed``, ``version``)."""
 
-    def __init__(self, embed_tokens: nn.Embedding, *, layers: int, ffn_embed_dim: int, num_heads: int,
-                 encoder_embed_dim: int, dropout: float, attention_dropout: float, activation_dropout: float,
-                 activation_fn: str, normalize_before: bool, no_final_norm: bool, max_positions: int,
-                 learned_pos: bool, no_token_positional_embeddings: bool, layernorm_embedding: bool,
-                 no_scale_embedding: bool, share_input_output_embed: bool) -> None:
-        super().__init__(embed_tokens, dropout, max_positions, learned_pos, no_token_positional_embeddings,
-                         layernorm_embedding, no_scale_embedding)
+    def __init__(
+        self,
+        embed_tokens: nn.Embedding,
+        *,
+        layers: int,
+        ffn_embed_dim: int,
+        num_heads: int,
+        encoder_embed_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
+        activation_fn: str,
+        normalize_before: bool,
+        no_final_norm: bool,
+        max_positions: int,
+        learned_pos: bool,
+        no_token_positional_embeddings: bool,
+        layernorm_embedding: bool,
+        no_scale_embedding: bool,
+        share_input_output_embed: bool,
+    ) -> None:
+        super().__init__(
+            embed_tokens,
+            dropout,
+            max_positions,
+            learned_pos,
+            no_token_positional_embeddings,
+            layernorm_embedding,
+            no_scale_embedding,
+        )
         dim = embed_tokens.embedding_dim
         self.max_target_positions = max_positions
-        self.layers = nn.ModuleList([
-            TransformerDecoderLayer(dim, ffn_embed_dim, num_heads, encoder_embed_dim, dropout, attention_dropout,
-                                    activation_dropout, activation_fn, normalize_before)
-            for _ in range(layers)
-        ])
+        self.layers = nn.ModuleList(
+            [
+                TransformerDecoderLayer(
+                    dim,
+                    ffn_embed_dim,
+                    num_heads,
+                    encoder_embed_dim,
+                    dropout,
+                    attention_dropout,
+                    activation_dropout,
+                    activation_fn,
+                    normalize_before,
+                )
+                for _ in range(layers)
+            ]
+        )
         self.layer_norm = nn.LayerNorm(dim) if normalize_before and not no_final_norm else None
         self.share_input_output_embed = share_input_output_embed
         self.output_projection = nn.Linear(dim, embed_tokens.num_embeddings, bias=False)
@@ -426,9 +558,14 @@ class TransformerDecoder(_TokenEmbedder):
         else:
             nn.init.normal_(self.output_projection.weight, mean=0, std=dim**-0.5)
 
-    def forward(self, prev_output_tokens: torch.Tensor, encoder_out: EncoderOut,
-                cache: list[dict[str, dict[str, torch.Tensor]]] | None = None, step: int | None = None,
-                features_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        prev_output_tokens: torch.Tensor,
+        encoder_out: EncoderOut,
+        cache: list[dict[str, dict[str, torch.Tensor]]] | None = None,
+        step: int | None = None,
+        features_only: bool = False,
+    ) -> torch.Tensor:
         """Logits (B, T, V). With ``cache`` (a list, filled on the first call) and ``step``, ``prev_output_tokens``
         is the last token of each row (B, 1) at decoder position ``step`` (decoding, no padding)."""
         incremental = cache is not None
@@ -520,44 +657,68 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         refuse_training_settings(type(self), kwargs)
         tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
         for name, v in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
-            integer(name, v, UNK + 1, hint="fairseq's 4 special symbols come first: give the dictionary's size "
-                    "(4 + the lines of dict.{lang}.txt)")
+            integer(
+                name,
+                v,
+                UNK + 1,
+                hint="fairseq's 4 special symbols come first: give the dictionary's size "
+                "(4 + the lines of dict.{lang}.txt)",
+            )
         for name, v in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
             non_negative_int(name, v)
-        for name, v in (("encoder_embed_dim", encoder_embed_dim), ("encoder_ffn_embed_dim", encoder_ffn_embed_dim),
-                        ("encoder_attention_heads", encoder_attention_heads), ("decoder_embed_dim", decoder_embed_dim),
-                        ("decoder_ffn_embed_dim", decoder_ffn_embed_dim),
-                        ("decoder_attention_heads", decoder_attention_heads),
-                        ("max_source_positions", max_source_positions),
-                        ("max_target_positions", max_target_positions)):
+        for name, v in (
+            ("encoder_embed_dim", encoder_embed_dim),
+            ("encoder_ffn_embed_dim", encoder_ffn_embed_dim),
+            ("encoder_attention_heads", encoder_attention_heads),
+            ("decoder_embed_dim", decoder_embed_dim),
+            ("decoder_ffn_embed_dim", decoder_ffn_embed_dim),
+            ("decoder_attention_heads", decoder_attention_heads),
+            ("max_source_positions", max_source_positions),
+            ("max_target_positions", max_target_positions),
+        ):
             positive_int(name, v)
-        for name, v in (("dropout", dropout), ("attention_dropout", attention_dropout),
-                        ("activation_dropout", activation_dropout)):
+        for name, v in (
+            ("dropout", dropout),
+            ("attention_dropout", attention_dropout),
+            ("activation_dropout", activation_dropout),
+        ):
             probability(name, v)
-        for name, v in (("encoder_normalize_before", encoder_normalize_before),
-                        ("decoder_normalize_before", decoder_normalize_before),
-                        ("no_decoder_final_norm", no_decoder_final_norm),
-                        ("share_decoder_input_output_embed", share_decoder_input_output_embed),
-                        ("share_all_embeddings", share_all_embeddings), ("encoder_learned_pos", encoder_learned_pos),
-                        ("decoder_learned_pos", decoder_learned_pos),
-                        ("no_token_positional_embeddings", no_token_positional_embeddings),
-                        ("layernorm_embedding", layernorm_embedding), ("no_scale_embedding", no_scale_embedding),
-                        ("record_stats", record_stats)):
+        for name, v in (
+            ("encoder_normalize_before", encoder_normalize_before),
+            ("decoder_normalize_before", decoder_normalize_before),
+            ("no_decoder_final_norm", no_decoder_final_norm),
+            ("share_decoder_input_output_embed", share_decoder_input_output_embed),
+            ("share_all_embeddings", share_all_embeddings),
+            ("encoder_learned_pos", encoder_learned_pos),
+            ("decoder_learned_pos", decoder_learned_pos),
+            ("no_token_positional_embeddings", no_token_positional_embeddings),
+            ("layernorm_embedding", layernorm_embedding),
+            ("no_scale_embedding", no_scale_embedding),
+            ("record_stats", record_stats),
+        ):
             boolean(name, v)
-        for side, dim, heads in (("encoder", encoder_embed_dim, encoder_attention_heads),
-                                 ("decoder", decoder_embed_dim, decoder_attention_heads)):
+        for side, dim, heads in (
+            ("encoder", encoder_embed_dim, encoder_attention_heads),
+            ("decoder", decoder_embed_dim, decoder_attention_heads),
+        ):
             if dim % heads:
-                raise ZooError(f"{side}_embed_dim {dim} is not divisible by {side}_attention_heads {heads}: give an "
-                               f"embed_dim that is a multiple of the heads")
+                raise ZooError(
+                    f"{side}_embed_dim {dim} is not divisible by {side}_attention_heads {heads}: give an "
+                    f"embed_dim that is a multiple of the heads"
+                )
         choice("activation_fn", activation_fn, ACTIVATIONS)
         if share_all_embeddings:
             if src_vocab_size != tgt_vocab_size:
-                raise ZooError(f"share_all_embeddings needs a joined dictionary (one vocabulary), got source "
-                               f"{src_vocab_size} and target {tgt_vocab_size} symbols: build the data with "
-                               "joined_dictionary=True (fairseq-preprocess --joined-dictionary)")
+                raise ZooError(
+                    f"share_all_embeddings needs a joined dictionary (one vocabulary), got source "
+                    f"{src_vocab_size} and target {tgt_vocab_size} symbols: build the data with "
+                    "joined_dictionary=True (fairseq-preprocess --joined-dictionary)"
+                )
             if encoder_embed_dim != decoder_embed_dim:
-                raise ZooError(f"share_all_embeddings needs encoder_embed_dim == decoder_embed_dim, got "
-                               f"{encoder_embed_dim} and {decoder_embed_dim}")
+                raise ZooError(
+                    f"share_all_embeddings needs encoder_embed_dim == decoder_embed_dim, got "
+                    f"{encoder_embed_dim} and {decoder_embed_dim}"
+                )
             share_decoder_input_output_embed = True
         super().__init__(**kwargs)
         self.hparams["tgt_vocab_size"] = tgt_vocab_size
@@ -565,20 +726,43 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         self.pad, self.eos, self.unk, self.bos = PAD, EOS, UNK, BOS
         enc_embed = _embedding(src_vocab_size, encoder_embed_dim, PAD)
         dec_embed = enc_embed if share_all_embeddings else _embedding(tgt_vocab_size, decoder_embed_dim, PAD)
-        shared = {"dropout": dropout, "attention_dropout": attention_dropout, "activation_dropout": activation_dropout,
-                  "activation_fn": activation_fn, "no_token_positional_embeddings": no_token_positional_embeddings,
-                  "layernorm_embedding": layernorm_embedding, "no_scale_embedding": no_scale_embedding}
+        shared = {
+            "dropout": dropout,
+            "attention_dropout": attention_dropout,
+            "activation_dropout": activation_dropout,
+            "activation_fn": activation_fn,
+            "no_token_positional_embeddings": no_token_positional_embeddings,
+            "layernorm_embedding": layernorm_embedding,
+            "no_scale_embedding": no_scale_embedding,
+        }
         self.encoder = TransformerEncoder(
-            enc_embed, layers=encoder_layers, ffn_embed_dim=encoder_ffn_embed_dim, num_heads=encoder_attention_heads,
-            normalize_before=encoder_normalize_before, max_positions=max_source_positions,
-            learned_pos=encoder_learned_pos, n_iter=n_iter, record_stats=record_stats, **shared)
+            enc_embed,
+            layers=encoder_layers,
+            ffn_embed_dim=encoder_ffn_embed_dim,
+            num_heads=encoder_attention_heads,
+            normalize_before=encoder_normalize_before,
+            max_positions=max_source_positions,
+            learned_pos=encoder_learned_pos,
+            n_iter=n_iter,
+            record_stats=record_stats,
+            **shared,
+        )
         self.decoder = TransformerDecoder(
-            dec_embed, layers=decoder_layers, ffn_embed_dim=decoder_ffn_embed_dim, num_heads=decoder_attention_heads,
-            encoder_embed_dim=encoder_embed_dim, normalize_before=decoder_normalize_before,
-            no_final_norm=no_decoder_final_norm, max_positions=max_target_positions, learned_pos=decoder_learned_pos,
-            share_input_output_embed=share_decoder_input_output_embed, **shared)
-        self.pretrained_cfg = translation_cfg(src_vocab_size, tgt_vocab_size,
-                                              source=None if weights is None else str(weights))
+            dec_embed,
+            layers=decoder_layers,
+            ffn_embed_dim=decoder_ffn_embed_dim,
+            num_heads=decoder_attention_heads,
+            encoder_embed_dim=encoder_embed_dim,
+            normalize_before=decoder_normalize_before,
+            no_final_norm=no_decoder_final_norm,
+            max_positions=max_target_positions,
+            learned_pos=decoder_learned_pos,
+            share_input_output_embed=share_decoder_input_output_embed,
+            **shared,
+        )
+        self.pretrained_cfg = translation_cfg(
+            src_vocab_size, tgt_vocab_size, source=None if weights is None else str(weights)
+        )
         self.default_cfg = self.pretrained_cfg  # timm's alias
         if weights is not None:
             self.load_any_weights(weights)
@@ -597,8 +781,9 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
     def forward_encoder(self, src_tokens: torch.Tensor) -> EncoderOut:
         return self.encoder(src_tokens)
 
-    def forward_decoder_step(self, tokens: torch.Tensor, step: int, encoder_out: EncoderOut,
-                             cache: list[dict[str, Any]]) -> torch.Tensor:
+    def forward_decoder_step(
+        self, tokens: torch.Tensor, step: int, encoder_out: EncoderOut, cache: list[dict[str, Any]]
+    ) -> torch.Tensor:
         """log p(next | tokens so far) (N, V) from the last token (N, 1) at position ``step``; ``cache`` (a list,
         empty at step 0) keeps each layer's self-attention keys/values and the encoder-attention keys/values,
         so a step costs O(step) attention, not O(step^2)."""
@@ -606,12 +791,14 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         return F.log_softmax(_at_least_float32(logits[:, -1]), dim=-1)
 
     @staticmethod
-    def reorder_state(encoder_out: EncoderOut, cache: list[dict[str, Any]],
-                      index: torch.Tensor) -> tuple[EncoderOut, list[dict[str, Any]]]:
+    def reorder_state(
+        encoder_out: EncoderOut, cache: list[dict[str, Any]], index: torch.Tensor
+    ) -> tuple[EncoderOut, list[dict[str, Any]]]:
         """Rows ``index`` of the encoder output and of every cached key/value (beam reordering)."""
         enc = EncoderOut(encoder_out.out.index_select(0, index), encoder_out.padding_mask.index_select(0, index))
-        new = [{part: {k: v.index_select(0, index) for k, v in d.items()} for part, d in layer.items()}
-               for layer in cache]
+        new = [
+            {part: {k: v.index_select(0, index) for k, v in d.items()} for part, d in layer.items()} for layer in cache
+        ]
         return enc, new
 
     def max_decoder_positions(self) -> int:
@@ -641,9 +828,11 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
             size = _dictionary_size(d)
             if size != n:
                 key = "src_vocab_size" if side == "source" else "tgt_vocab_size"
-                raise ZooError(f"vocabulary size mismatch: the {side} dictionary has {size} symbols but the model's "
-                               f"{side} embedding has {n} rows: set {key}: {size} (or use the dictionaries the "
-                               "weights were trained with)")
+                raise ZooError(
+                    f"vocabulary size mismatch: the {side} dictionary has {size} symbols but the model's "
+                    f"{side} embedding has {n} rows: set {key}: {size} (or use the dictionaries the "
+                    "weights were trained with)"
+                )
 
     # ---------------------------------------------------------------- weights
     def load_any_weights(self, weights: str | os.PathLike) -> None:
@@ -656,8 +845,9 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
                 return
         load_weights(self, weights)
 
-    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],
-                         source_hparams: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    def adapt_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], source_hparams: Mapping[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
         """Weight-loader hook: fairseq's own upgrades of old checkpoints (``upgrade_state_dict_named``): drop the
         stored sinusoidal table ``embed_positions.weights``, add ``_float_tensor``, rename ``layer_norms.{0,1,2}``,
         take ``output_projection.weight`` from ``embed_out`` or the tied embedding; the ``version`` buffers become
@@ -673,12 +863,17 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
             normalize_before = self.hparams[f"{side}_normalize_before"]
             limit = 2 if side == "encoder" else 3  # fairseq: encoder < 2, decoder <= 2 are old checkpoints
             if version is not None and normalize_before and float(version.flatten()[0]) < limit:
-                raise ZooError(f"this checkpoint's {side} (version {float(version.flatten()[0]):g}) predates the "
-                               "final LayerNorm of pre-norm transformers (fairseq < 0.6): not supported")
+                raise ZooError(
+                    f"this checkpoint's {side} (version {float(version.flatten()[0]):g}) predates the "
+                    "final LayerNorm of pre-norm transformers (fairseq < 0.6): not supported"
+                )
             if f"{side}.version" in own:
                 sd[f"{side}.version"] = own[f"{side}.version"]
-            names = {"0": "self_attn_layer_norm", "1": "final_layer_norm"} if side == "encoder" else \
-                {"0": "self_attn_layer_norm", "1": "encoder_attn_layer_norm", "2": "final_layer_norm"}
+            names = (
+                {"0": "self_attn_layer_norm", "1": "final_layer_norm"}
+                if side == "encoder"
+                else {"0": "self_attn_layer_norm", "1": "encoder_attn_layer_norm", "2": "final_layer_norm"}
+            )
             for k in list(sd):
                 parts = k.split(".")
                 if k.startswith(f"{side}.layers.") and len(parts) == 6 and parts[3] == "layer_norms":
@@ -689,15 +884,23 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
                 sd["decoder.output_projection.weight"] = sd[src]
         sd.pop("decoder.embed_out", None)
         if self.hparams.share_all_embeddings:
-            for a, b in (("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
-                         ("decoder.embed_tokens.weight", "encoder.embed_tokens.weight")):
+            for a, b in (
+                ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+                ("decoder.embed_tokens.weight", "encoder.embed_tokens.weight"),
+            ):
                 if a not in sd and b in sd:
                     sd[a] = sd[b]
         return sd
 
     @classmethod
-    def from_fairseq_checkpoint(cls, checkpoint: str | os.PathLike | Mapping[str, Any], n_iter: int | None = None,
-                                src_dict: Any = None, tgt_dict: Any = None, **overrides: Any) -> SinkformerTranslation:
+    def from_fairseq_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike | Mapping[str, Any],
+        n_iter: int | None = None,
+        src_dict: Any = None,
+        tgt_dict: Any = None,
+        **overrides: Any,
+    ) -> SinkformerTranslation:
         """A model with the architecture and weights of a fairseq ``transformer`` checkpoint (no fairseq needed).
 
         ``checkpoint``: a ``checkpoint*.pt`` file or the loaded dict (``model`` + ``args`` (argparse Namespace) or
@@ -719,11 +922,14 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         for side in ("encoder", "decoder"):
             key = f"{side}.embed_tokens.weight"
             other = "decoder" if side == "encoder" else "encoder"
-            w = state_dict.get(key, state_dict.get(f"{other}.embed_tokens.weight")
-                               if hparams.get("share_all_embeddings") else None)
+            w = state_dict.get(
+                key, state_dict.get(f"{other}.embed_tokens.weight") if hparams.get("share_all_embeddings") else None
+            )
             if not isinstance(w, torch.Tensor) or w.dim() != 2:
-                raise ZooError(f"{where}: its model holds no {key} (a 2-d tensor): not a fairseq transformer "
-                               "translation checkpoint")
+                raise ZooError(
+                    f"{where}: its model holds no {key} (a 2-d tensor): not a fairseq transformer "
+                    "translation checkpoint"
+                )
             hparams["src_vocab_size" if side == "encoder" else "tgt_vocab_size"] = int(w.shape[0])
         hparams["n_iter"] = n_iter if n_iter is not None else (ckpt_n_iter or 1)
         model = cls(**{**hparams, **overrides})
@@ -731,10 +937,14 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         load_state_dict(model, state_dict, source=where)
         arch = fairseq_arch(ckpt)
         model.pretrained_cfg.update(
-            source=where, description=f"fairseq {arch or 'transformer'} checkpoint",
-            conversion=("fairseq's parameters by name (fairseq's own upgrades of old checkpoints applied): with "
-                        "n_iter=1 the model computes the fairseq Transformer's log-probabilities; n_iter > 1 puts "
-                        "Sinkhorn attention in the encoder self-attention with the same weights"))
+            source=where,
+            description=f"fairseq {arch or 'transformer'} checkpoint",
+            conversion=(
+                "fairseq's parameters by name (fairseq's own upgrades of old checkpoints applied): with "
+                "n_iter=1 the model computes the fairseq Transformer's log-probabilities; n_iter > 1 puts "
+                "Sinkhorn attention in the encoder self-attention with the same weights"
+            ),
+        )
         return model
 
 
@@ -747,9 +957,16 @@ def translation_cfg(src_vocab_size: int, tgt_vocab_size: int, **entries: Any) ->
     ``classifier`` (the output projection over the target vocabulary), ``paper_ids``, ``conversion``,
     ``description``, ``recipe``, and, for timm's ``num_classes`` (no classes here), the vocabulary sizes
     ``src_vocab_size`` / ``tgt_vocab_size``. timm's image keys (``input_size``, ``mean`` ...) do not apply."""
-    cfg: dict[str, Any] = {"architecture": None, "tag": None, "source": None, "license": None,
-                           "classifier": "decoder.output_projection", "src_vocab_size": int(src_vocab_size),
-                           "tgt_vocab_size": int(tgt_vocab_size), "paper_ids": SINKFORMERS_PAPER}
+    cfg: dict[str, Any] = {
+        "architecture": None,
+        "tag": None,
+        "source": None,
+        "license": None,
+        "classifier": "decoder.output_projection",
+        "src_vocab_size": int(src_vocab_size),
+        "tgt_vocab_size": int(tgt_vocab_size),
+        "paper_ids": SINKFORMERS_PAPER,
+    }
     cfg.update(entries)
     return cfg
 
@@ -773,44 +990,106 @@ def _dictionary_size(d: Any) -> int:
 # fairseq's base_architecture defaults (fairseq/models/transformer/transformer_legacy.py), the fields the zoo model
 # reads; decoder_embed_dim / decoder_ffn_embed_dim default to the encoder's
 _BASE = {
-    "encoder_embed_dim": 512, "encoder_ffn_embed_dim": 2048, "encoder_layers": 6, "encoder_attention_heads": 8,
-    "encoder_normalize_before": False, "encoder_learned_pos": False, "decoder_layers": 6,
-    "decoder_attention_heads": 8, "decoder_normalize_before": False, "decoder_learned_pos": False,
-    "attention_dropout": 0.0, "activation_dropout": 0.0, "activation_fn": "relu", "dropout": 0.1,
-    "share_decoder_input_output_embed": False, "share_all_embeddings": False, "no_token_positional_embeddings": False,
-    "no_scale_embedding": False, "layernorm_embedding": False, "max_source_positions": 1024,
-    "max_target_positions": 1024, "no_decoder_final_norm": False,
+    "encoder_embed_dim": 512,
+    "encoder_ffn_embed_dim": 2048,
+    "encoder_layers": 6,
+    "encoder_attention_heads": 8,
+    "encoder_normalize_before": False,
+    "encoder_learned_pos": False,
+    "decoder_layers": 6,
+    "decoder_attention_heads": 8,
+    "decoder_normalize_before": False,
+    "decoder_learned_pos": False,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "activation_fn": "relu",
+    "dropout": 0.1,
+    "share_decoder_input_output_embed": False,
+    "share_all_embeddings": False,
+    "no_token_positional_embeddings": False,
+    "no_scale_embedding": False,
+    "layernorm_embedding": False,
+    "max_source_positions": 1024,
+    "max_target_positions": 1024,
+    "no_decoder_final_norm": False,
 }
-_BIG = {"encoder_embed_dim": 1024, "encoder_ffn_embed_dim": 4096, "encoder_attention_heads": 16,
-        "decoder_embed_dim": 1024, "decoder_ffn_embed_dim": 4096, "decoder_attention_heads": 16, "dropout": 0.3}
+_BIG = {
+    "encoder_embed_dim": 1024,
+    "encoder_ffn_embed_dim": 4096,
+    "encoder_attention_heads": 16,
+    "decoder_embed_dim": 1024,
+    "decoder_ffn_embed_dim": 4096,
+    "decoder_attention_heads": 16,
+    "dropout": 0.3,
+}
 FAIRSEQ_ARCHS: dict[str, dict[str, Any]] = {
     "transformer": {},
     "transformer_wmt_en_de": {},
-    "transformer_tiny": {"encoder_embed_dim": 64, "encoder_ffn_embed_dim": 64, "encoder_layers": 2,
-                         "encoder_attention_heads": 2, "decoder_layers": 2, "decoder_attention_heads": 2},
-    "transformer_iwslt_de_en": {"encoder_embed_dim": 512, "encoder_ffn_embed_dim": 1024, "encoder_attention_heads": 4,
-                                "encoder_layers": 6, "decoder_embed_dim": 512, "decoder_ffn_embed_dim": 1024,
-                                "decoder_attention_heads": 4, "decoder_layers": 6},
+    "transformer_tiny": {
+        "encoder_embed_dim": 64,
+        "encoder_ffn_embed_dim": 64,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 2,
+        "decoder_layers": 2,
+        "decoder_attention_heads": 2,
+    },
+    "transformer_iwslt_de_en": {
+        "encoder_embed_dim": 512,
+        "encoder_ffn_embed_dim": 1024,
+        "encoder_attention_heads": 4,
+        "encoder_layers": 6,
+        "decoder_embed_dim": 512,
+        "decoder_ffn_embed_dim": 1024,
+        "decoder_attention_heads": 4,
+        "decoder_layers": 6,
+    },
     "transformer_vaswani_wmt_en_de_big": dict(_BIG),
     "transformer_vaswani_wmt_en_fr_big": {**_BIG, "dropout": 0.1},
     "transformer_wmt_en_de_big": {**_BIG, "attention_dropout": 0.1},
-    "transformer_wmt_en_de_big_t2t": {**_BIG, "encoder_normalize_before": True, "decoder_normalize_before": True,
-                                      "attention_dropout": 0.1, "activation_dropout": 0.1},
+    "transformer_wmt_en_de_big_t2t": {
+        **_BIG,
+        "encoder_normalize_before": True,
+        "decoder_normalize_before": True,
+        "attention_dropout": 0.1,
+        "activation_dropout": 0.1,
+    },
 }
 # options that change the parameters or the function in ways the zoo model does not implement: (name, harmless value)
 _UNSUPPORTED = (
-    ("adaptive_softmax_cutoff", None), ("adaptive_input", False), ("cross_self_attention", False),
-    ("no_cross_attention", False), ("tie_adaptive_weights", False), ("quant_noise_pq", 0), ("base_layers", 0),
-    ("encoder_layers_to_keep", None), ("decoder_layers_to_keep", None), ("scale_attn", False), ("scale_fc", False),
-    ("scale_heads", False), ("scale_resids", False), ("merge_src_tgt_embed", False),
+    ("adaptive_softmax_cutoff", None),
+    ("adaptive_input", False),
+    ("cross_self_attention", False),
+    ("no_cross_attention", False),
+    ("tie_adaptive_weights", False),
+    ("quant_noise_pq", 0),
+    ("base_layers", 0),
+    ("encoder_layers_to_keep", None),
+    ("decoder_layers_to_keep", None),
+    ("scale_attn", False),
+    ("scale_fc", False),
+    ("scale_heads", False),
+    ("scale_resids", False),
+    ("merge_src_tgt_embed", False),
 )
 # The classes fairseq checkpoint files hold besides tensors and builtins, allowed by name for torch.load's
 # weights_only unpickler: the args Namespace, an omegaconf config (fairseq >= 0.10 may pickle one), numpy scalars of
 # the training state, fairseq's config enums. Anything else is refused (no fallback to the full unpickler).
-_ALLOWED_GLOBALS = ("argparse.Namespace", "typing.Any", "collections.OrderedDict", "collections.defaultdict",
-                    "_codecs.encode", "numpy.dtype", "numpy.ndarray")
-_ALLOWED_PREFIXES = ("omegaconf.", "numpy.core.multiarray.", "numpy._core.multiarray.", "numpy.dtypes.",
-                     "fairseq.dataclass.constants.")
+_ALLOWED_GLOBALS = (
+    "argparse.Namespace",
+    "typing.Any",
+    "collections.OrderedDict",
+    "collections.defaultdict",
+    "_codecs.encode",
+    "numpy.dtype",
+    "numpy.ndarray",
+)
+_ALLOWED_PREFIXES = (
+    "omegaconf.",
+    "numpy.core.multiarray.",
+    "numpy._core.multiarray.",
+    "numpy.dtypes.",
+    "fairseq.dataclass.constants.",
+)
 
 
 def _allowed_globals(path: Path) -> list[Any]:
@@ -821,9 +1100,11 @@ def _allowed_globals(path: Path) -> list[Any]:
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     refused = sorted(n for n in names if n not in _ALLOWED_GLOBALS and not n.startswith(_ALLOWED_PREFIXES))
     if refused:
-        raise ZooError(f"{path} holds objects outside the fairseq checkpoint allow-list ({', '.join(refused[:5])}): "
-                       "load it where those classes exist and torch.save({'model': state_dict, 'args': "
-                       "argparse.Namespace(...)}) again")
+        raise ZooError(
+            f"{path} holds objects outside the fairseq checkpoint allow-list ({', '.join(refused[:5])}): "
+            "load it where those classes exist and torch.save({'model': state_dict, 'args': "
+            "argparse.Namespace(...)}) again"
+        )
     found = []
     for name in sorted(names):
         module, _, attr = name.rpartition(".")
@@ -831,10 +1112,14 @@ def _allowed_globals(path: Path) -> list[Any]:
             found.append(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError):
             if module.split(".")[0] == "omegaconf":
-                raise ZooError(f"{path} stores its config as an omegaconf DictConfig: pip install omegaconf to "
-                               "read it (fairseq itself is not needed)") from None
-            raise ZooError(f"{path} holds {name}, which cannot be imported here: load the checkpoint where it can "
-                           "and torch.save({'model': ..., 'args': ...}) again") from None
+                raise ZooError(
+                    f"{path} stores its config as an omegaconf DictConfig: pip install omegaconf to "
+                    "read it (fairseq itself is not needed)"
+                ) from None
+            raise ZooError(
+                f"{path} holds {name}, which cannot be imported here: load the checkpoint where it can "
+                "and torch.save({'model': ..., 'args': ...}) again"
+            ) from None
     if any(n.startswith("numpy") for n in names):  # a pickled numpy dtype rebuilds through its DType class
         import numpy as np
 
@@ -866,8 +1151,10 @@ def read_fairseq_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -
             raise
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ZooError(f"cannot read fairseq checkpoint {path} ({type(e).__name__}: {first}); is the file "
-                           "complete? (a truncated download or an interrupted save)") from None
+            raise ZooError(
+                f"cannot read fairseq checkpoint {path} ({type(e).__name__}: {first}); is the file "
+                "complete? (a truncated download or an interrupted save)"
+            ) from None
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
         raise ZooError(f"{where} is not a fairseq checkpoint: expected a dict with a 'model' state dict")
     return dict(ckpt)
@@ -887,8 +1174,7 @@ def _as_flat_dict(obj: Any, where: str) -> dict[str, Any]:
             raise ZooError(f"{where}: the config is an omegaconf DictConfig: pip install omegaconf") from None
         obj = OmegaConf.to_container(obj, resolve=True)
     if not isinstance(obj, Mapping):
-        raise ZooError(f"{where}: the model config is a {type(obj).__name__}, expected an argparse Namespace or a "
-                       "dict")
+        raise ZooError(f"{where}: the model config is a {type(obj).__name__}, expected an argparse Namespace or a dict")
     flat: dict[str, Any] = {}
     for k, v in obj.items():
         if isinstance(v, (Mapping, argparse.Namespace)) and k in ("encoder", "decoder", "quant_noise"):
@@ -932,11 +1218,13 @@ def fairseq_hparams(ckpt: Mapping[str, Any], where: str = "checkpoint") -> tuple
     arch = model_cfg.get("arch") or model_cfg.get("_name")
     base_arch = arch
     if isinstance(arch, str) and arch.startswith("sinkformer"):  # the zoo_fairseq plugin's archs and aliases
-        rest = arch[len("sinkformer"):].lstrip("_")
+        rest = arch[len("sinkformer") :].lstrip("_")
         base_arch = rest if rest in FAIRSEQ_ARCHS else (f"transformer_{rest}" if rest else "transformer")
     if base_arch not in FAIRSEQ_ARCHS:
-        raise ZooError(f"{where}: architecture {arch!r} is not supported; this converter reads fairseq's "
-                       f"translation transformer ({', '.join(sorted(FAIRSEQ_ARCHS))})")
+        raise ZooError(
+            f"{where}: architecture {arch!r} is not supported; this converter reads fairseq's "
+            f"translation transformer ({', '.join(sorted(FAIRSEQ_ARCHS))})"
+        )
     defaults = {**_BASE, **FAIRSEQ_ARCHS[base_arch]}
 
     def get(name: str) -> Any:
@@ -946,19 +1234,40 @@ def fairseq_hparams(ckpt: Mapping[str, Any], where: str = "checkpoint") -> tuple
     for name, harmless in _UNSUPPORTED:
         v = model_cfg.get(name, harmless)
         if v not in (harmless, None, False, 0, "", "None"):
-            raise ZooError(f"{where}: option {name}={v!r} is not supported by the zoo transformer; convert a "
-                           f"checkpoint trained without it")
+            raise ZooError(
+                f"{where}: option {name}={v!r} is not supported by the zoo transformer; convert a "
+                f"checkpoint trained without it"
+            )
     hp: dict[str, Any] = {}
-    for name in ("encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers", "encoder_attention_heads",
-                 "decoder_layers", "decoder_attention_heads", "max_source_positions", "max_target_positions"):
+    for name in (
+        "encoder_embed_dim",
+        "encoder_ffn_embed_dim",
+        "encoder_layers",
+        "encoder_attention_heads",
+        "decoder_layers",
+        "decoder_attention_heads",
+        "max_source_positions",
+        "max_target_positions",
+    ):
         hp[name] = int(get(name))
-    hp["decoder_embed_dim"] = int(model_cfg.get("decoder_embed_dim") or defaults.get("decoder_embed_dim")
-                                  or hp["encoder_embed_dim"])
-    hp["decoder_ffn_embed_dim"] = int(model_cfg.get("decoder_ffn_embed_dim") or defaults.get("decoder_ffn_embed_dim")
-                                      or hp["encoder_ffn_embed_dim"])
-    for name in ("encoder_normalize_before", "decoder_normalize_before", "encoder_learned_pos", "decoder_learned_pos",
-                 "share_decoder_input_output_embed", "share_all_embeddings", "no_token_positional_embeddings",
-                 "no_scale_embedding", "layernorm_embedding", "no_decoder_final_norm"):
+    hp["decoder_embed_dim"] = int(
+        model_cfg.get("decoder_embed_dim") or defaults.get("decoder_embed_dim") or hp["encoder_embed_dim"]
+    )
+    hp["decoder_ffn_embed_dim"] = int(
+        model_cfg.get("decoder_ffn_embed_dim") or defaults.get("decoder_ffn_embed_dim") or hp["encoder_ffn_embed_dim"]
+    )
+    for name in (
+        "encoder_normalize_before",
+        "decoder_normalize_before",
+        "encoder_learned_pos",
+        "decoder_learned_pos",
+        "share_decoder_input_output_embed",
+        "share_all_embeddings",
+        "no_token_positional_embeddings",
+        "no_scale_embedding",
+        "layernorm_embedding",
+        "no_decoder_final_norm",
+    ):
         hp[name] = bool(get(name))
     for name in ("dropout", "attention_dropout"):
         hp[name] = float(get(name))
@@ -966,41 +1275,63 @@ def fairseq_hparams(ckpt: Mapping[str, Any], where: str = "checkpoint") -> tuple
     hp["activation_dropout"] = float(act_drop)
     hp["activation_fn"] = str(get("activation_fn"))
     if hp["activation_fn"] not in ACTIVATIONS:
-        raise ZooError(f"{where}: activation_fn {hp['activation_fn']!r} is not supported (one of "
-                       f"{', '.join(ACTIVATIONS)})")
+        raise ZooError(
+            f"{where}: activation_fn {hp['activation_fn']!r} is not supported (one of {', '.join(ACTIVATIONS)})"
+        )
     for name in ("decoder_output_dim", "decoder_input_dim"):
         v = model_cfg.get(name)
         if v is not None and int(v) != hp["decoder_embed_dim"]:
-            raise ZooError(f"{where}: {name}={v} differs from decoder_embed_dim={hp['decoder_embed_dim']} (extra "
-                           "projections): not supported by the zoo transformer")
+            raise ZooError(
+                f"{where}: {name}={v} differs from decoder_embed_dim={hp['decoder_embed_dim']} (extra "
+                "projections): not supported by the zoo transformer"
+            )
     n_iter = model_cfg.get("n_iter", model_cfg.get("sinkhorn_n_iter"))
     return hp, (int(n_iter) if n_iter is not None else None)
 
 
-def from_fairseq_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], n_iter: int | None = None,
-                            src_dict: Any = None, tgt_dict: Any = None, **overrides: Any) -> SinkformerTranslation:
+def from_fairseq_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    n_iter: int | None = None,
+    src_dict: Any = None,
+    tgt_dict: Any = None,
+    **overrides: Any,
+) -> SinkformerTranslation:
     """:meth:`SinkformerTranslation.from_fairseq_checkpoint` as a function."""
-    return SinkformerTranslation.from_fairseq_checkpoint(checkpoint, n_iter=n_iter, src_dict=src_dict,
-                                                         tgt_dict=tgt_dict, **overrides)
+    return SinkformerTranslation.from_fairseq_checkpoint(
+        checkpoint, n_iter=n_iter, src_dict=src_dict, tgt_dict=tgt_dict, **overrides
+    )
 
 
 # ================================================================================================ builders
 
 
-def _build(arch: str, weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any],
-           **cfg: Any) -> SinkformerTranslation:
+def _build(
+    arch: str, weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any], **cfg: Any
+) -> SinkformerTranslation:
     model = SinkformerTranslation(weights=weights, **{**defaults, **kwargs})
     model.pretrained_cfg.update(architecture=arch, **cfg)
     return model
 
 
-_IWSLT_DESCRIPTION = ("IWSLT'14 German-English (fairseq's prepare-iwslt14.sh); published test BLEU (Sinkformers "
-                      "paper): Transformer 34.43 after 30 epochs, 34.68 after 5 more at lr/10; the same weights with "
-                      "Sinkhorn attention 33.81 untrained, 34.73 after the 5 epochs")
-_IWSLT = {"src_vocab_size": IWSLT14_DE_EN_VOCAB[0], "tgt_vocab_size": IWSLT14_DE_EN_VOCAB[1],
-          "encoder_layers": 6, "encoder_embed_dim": 512, "encoder_ffn_embed_dim": 1024, "encoder_attention_heads": 4,
-          "decoder_layers": 6, "decoder_embed_dim": 512, "decoder_ffn_embed_dim": 1024, "decoder_attention_heads": 4,
-          "share_decoder_input_output_embed": True, "dropout": 0.3}
+_IWSLT_DESCRIPTION = (
+    "IWSLT'14 German-English (fairseq's prepare-iwslt14.sh); published test BLEU (Sinkformers "
+    "paper): Transformer 34.43 after 30 epochs, 34.68 after 5 more at lr/10; the same weights with "
+    "Sinkhorn attention 33.81 untrained, 34.73 after the 5 epochs"
+)
+_IWSLT = {
+    "src_vocab_size": IWSLT14_DE_EN_VOCAB[0],
+    "tgt_vocab_size": IWSLT14_DE_EN_VOCAB[1],
+    "encoder_layers": 6,
+    "encoder_embed_dim": 512,
+    "encoder_ffn_embed_dim": 1024,
+    "encoder_attention_heads": 4,
+    "decoder_layers": 6,
+    "decoder_embed_dim": 512,
+    "decoder_ffn_embed_dim": 1024,
+    "decoder_attention_heads": 4,
+    "share_decoder_input_output_embed": True,
+    "dropout": 0.3,
+}
 
 
 @register_model
@@ -1010,8 +1341,14 @@ def sinkformer_transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any
     ``--share-decoder-input-output-embed``, dropout 0.3; fairseq's dictionary sizes of prepare-iwslt14.sh (de 8848,
     en 6632). Trains with the task's defaults, fairseq's IWSLT'14 command: AdamW (0.9, 0.98), lr 5e-4, weight decay
     1e-4, inverse_sqrt with 4000 warm-up updates, label smoothing 0.1."""
-    return _build("sinkformer_transformer_iwslt_de_en", weights, {**_IWSLT, "n_iter": 3}, kwargs,
-                  recipe="nmt/iwslt14_de_en_sinkformer", description=_IWSLT_DESCRIPTION)
+    return _build(
+        "sinkformer_transformer_iwslt_de_en",
+        weights,
+        {**_IWSLT, "n_iter": 3},
+        kwargs,
+        recipe="nmt/iwslt14_de_en_sinkformer",
+        description=_IWSLT_DESCRIPTION,
+    )
 
 
 @register_model
@@ -1019,18 +1356,35 @@ def transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any) -> Sinkfo
     """fairseq's ``transformer_iwslt_de_en`` as the published baseline (``n_iter=1``: softmax attention, the
     Transformer itself; 34.43 BLEU after 30 epochs in the Sinkformers paper); otherwise as
     :func:`sinkformer_transformer_iwslt_de_en`."""
-    return _build("transformer_iwslt_de_en", weights, {**_IWSLT, "n_iter": 1}, kwargs,
-                  recipe="nmt/iwslt14_de_en_sinkformer", description=_IWSLT_DESCRIPTION)
+    return _build(
+        "transformer_iwslt_de_en",
+        weights,
+        {**_IWSLT, "n_iter": 1},
+        kwargs,
+        recipe="nmt/iwslt14_de_en_sinkformer",
+        description=_IWSLT_DESCRIPTION,
+    )
 
 
 @register_model
-def sinkformer_transformer_toy(weights: str | None = None, src_vocab_size: int = 64,
-                                **kwargs: Any) -> SinkformerTranslation:
+def sinkformer_transformer_toy(
+    weights: str | None = None, src_vocab_size: int = 64, **kwargs: Any
+) -> SinkformerTranslation:
     """A toy model for tests and toy data: fairseq's ``transformer_tiny`` shape (2+2 layers, 64 wide, 2 heads,
     FFN 64) with Sinkhorn encoder attention (``n_iter=3``), dropout 0.1; ``src_vocab_size`` 64 by default."""
-    defaults = {"src_vocab_size": src_vocab_size, "encoder_layers": 2, "encoder_embed_dim": 64,
-                "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 2, "decoder_layers": 2, "decoder_embed_dim": 64,
-                "decoder_ffn_embed_dim": 64, "decoder_attention_heads": 2, "dropout": 0.1, "n_iter": 3}
+    defaults = {
+        "src_vocab_size": src_vocab_size,
+        "encoder_layers": 2,
+        "encoder_embed_dim": 64,
+        "encoder_ffn_embed_dim": 64,
+        "encoder_attention_heads": 2,
+        "decoder_layers": 2,
+        "decoder_embed_dim": 64,
+        "decoder_ffn_embed_dim": 64,
+        "decoder_attention_heads": 2,
+        "dropout": 0.1,
+        "n_iter": 3,
+    }
     return _build("sinkformer_transformer_toy", weights, defaults, kwargs)
 
 
@@ -1042,17 +1396,36 @@ def sinkformer_transformer_numbers(weights: str | None = None, **kwargs: Any) ->
     updates (the ``nmt/numbers_sinkformer`` recipe's settings), label smoothing 0.1."""
     from zoo.data.translation import NUMBERS_SRC_VOCAB_SIZE, NUMBERS_TGT_VOCAB_SIZE
 
-    defaults = {"src_vocab_size": NUMBERS_SRC_VOCAB_SIZE, "tgt_vocab_size": NUMBERS_TGT_VOCAB_SIZE,
-                "encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
-                "encoder_attention_heads": 4, "decoder_layers": 2, "decoder_embed_dim": 64,
-                "decoder_ffn_embed_dim": 128, "decoder_attention_heads": 4, "share_decoder_input_output_embed": True,
-                "dropout": 0.1, "n_iter": 3, "beam": 1, "max_len_a": 1.0, "max_len_b": 5}
+    defaults = {
+        "src_vocab_size": NUMBERS_SRC_VOCAB_SIZE,
+        "tgt_vocab_size": NUMBERS_TGT_VOCAB_SIZE,
+        "encoder_layers": 2,
+        "encoder_embed_dim": 64,
+        "encoder_ffn_embed_dim": 128,
+        "encoder_attention_heads": 4,
+        "decoder_layers": 2,
+        "decoder_embed_dim": 64,
+        "decoder_ffn_embed_dim": 128,
+        "decoder_attention_heads": 4,
+        "share_decoder_input_output_embed": True,
+        "dropout": 0.1,
+        "n_iter": 3,
+        "beam": 1,
+        "max_len_a": 1.0,
+        "max_len_b": 5,
+    }
     kwargs.setdefault("optimizer", NUMBERS_OPTIMIZER)
     kwargs.setdefault("lr_scheduler", NUMBERS_LR_SCHEDULER)
-    return _build("sinkformer_transformer_numbers", weights, defaults, kwargs, recipe="nmt/numbers_sinkformer",
-                  description="the embedded German-to-English number-words task (zoo.data.translation."
-                              "NumbersDataModule); its recipe reaches val BLEU 100.0, exact match 100% at every "
-                              "number length (measured, CPU, 10 epochs)")
+    return _build(
+        "sinkformer_transformer_numbers",
+        weights,
+        defaults,
+        kwargs,
+        recipe="nmt/numbers_sinkformer",
+        description="the embedded German-to-English number-words task (zoo.data.translation."
+        "NumbersDataModule); its recipe reaches val BLEU 100.0, exact match 100% at every "
+        "number length (measured, CPU, 10 epochs)",
+    )
 
 
 # the numbers recipe's training settings (zoo/recipes/nmt/numbers_sinkformer.yaml)

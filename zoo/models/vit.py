@@ -67,16 +67,35 @@ def _norm(dim: int, **kwargs: Any) -> nn.Module:
 class SinkformerBlock(nn.Module):
     """timm's pre-norm ``Block`` with :class:`zoo.nn.SinkhornAttention`; ``mlp_ratio=0``: attention only."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 qk_norm: bool = False, attn_head_dim: int | None = None, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0, init_values: float | None = None, drop_path: float = 0.0,
-                 n_iter: int = 3, record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_head_dim: int | None = None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        n_iter: int = 3,
+        record_stats: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1 = _norm(dim)
-        self.attn = SinkhornAttention(dim, num_heads=num_heads, attn_head_dim=attn_head_dim, qkv_bias=qkv_bias,
-                                      qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=proj_drop,
-                                      norm_layer=_norm if qk_norm else None, n_iter=n_iter,
-                                      record_stats=record_stats)
+        self.attn = SinkhornAttention(
+            dim,
+            num_heads=num_heads,
+            attn_head_dim=attn_head_dim,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=_norm if qk_norm else None,
+            n_iter=n_iter,
+            record_stats=record_stats,
+        )
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = self.mlp = self.ls2 = self.drop_path2 = None
@@ -95,8 +114,16 @@ class SinkformerBlock(nn.Module):
 
 def _vit_cfg(**changes: Any) -> PretrainedCfg:
     """timm's ViT data config (bicubic, crop 0.9, mean = std = 0.5, fixed input size) with ``changes``."""
-    base = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9, "mean": INCEPTION_MEAN,
-            "std": INCEPTION_STD, "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head"}
+    base = {
+        "input_size": (3, 224, 224),
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "mean": INCEPTION_MEAN,
+        "std": INCEPTION_STD,
+        "fixed_input_size": True,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
     return PretrainedCfg(**{**base, **changes})
 
 
@@ -161,31 +188,47 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         size = image_size("img_size", img_size)
         positive_int("patch_size", patch_size)
         positive_int("in_chans", in_chans)
-        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without "
-                         "a classifier (forward returns the pooled features, as timm's num_classes=0)")
+        non_negative_int(
+            "num_classes",
+            num_classes,
+            hint="give the number of classes, or 0 for a model without "
+            "a classifier (forward returns the pooled features, as timm's num_classes=0)",
+        )
         positive_int("embed_dim", embed_dim)
         positive_int("depth", depth)
         positive_int("num_heads", num_heads)
         finite_float("mlp_ratio", mlp_ratio, 0.0, hint="give a number >= 0 (0 removes the MLP branch)")
         optional(positive_int, "attn_head_dim", attn_head_dim)
-        for name, flag in (("qkv_bias", qkv_bias), ("qk_norm", qk_norm), ("class_token", class_token),
-                           ("record_stats", record_stats)):
+        for name, flag in (
+            ("qkv_bias", qkv_bias),
+            ("qk_norm", qk_norm),
+            ("class_token", class_token),
+            ("record_stats", record_stats),
+        ):
             boolean(name, flag)
         optional(boolean, "fc_norm", fc_norm)
         optional(finite_float, "init_values", init_values)
         self._check_pool(global_pool, class_token)
-        for name, rate in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate),
-                           ("proj_drop_rate", proj_drop_rate), ("attn_drop_rate", attn_drop_rate),
-                           ("drop_path_rate", drop_path_rate)):
+        for name, rate in (
+            ("drop_rate", drop_rate),
+            ("pos_drop_rate", pos_drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
             probability(name, rate)
         if attn_head_dim is None and embed_dim % num_heads:
             raise ZooError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: give attn_head_dim")
         if 0 < mlp_ratio and int(embed_dim * mlp_ratio) < 1:
-            raise ZooError(f"mlp_ratio={mlp_ratio} gives an MLP of {int(embed_dim * mlp_ratio)} hidden units for "
-                           f"embed_dim {embed_dim}: use a larger mlp_ratio, or 0 to remove the MLP branch")
+            raise ZooError(
+                f"mlp_ratio={mlp_ratio} gives an MLP of {int(embed_dim * mlp_ratio)} hidden units for "
+                f"embed_dim {embed_dim}: use a larger mlp_ratio, or 0 to remove the MLP branch"
+            )
         if any(s % patch_size for s in size):
-            raise ZooError(f"img_size {img_size} is not a multiple of patch_size {patch_size}: give an img_size whose "
-                           f"height and width are multiples of {patch_size}")
+            raise ZooError(
+                f"img_size {img_size} is not a multiple of patch_size {patch_size}: give an img_size whose "
+                f"height and width are multiples of {patch_size}"
+            )
         super().__init__(num_classes=num_classes, **kwargs)
         self.num_classes = num_classes
         self.num_prefix_tokens = 1 if class_token else 0
@@ -200,15 +243,27 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # timm's linspace(0, rate, depth)
-        self.blocks = nn.Sequential(*[
-            SinkformerBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                            attn_head_dim=attn_head_dim, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                            init_values=init_values, drop_path=rates[i], n_iter=n_iter, record_stats=record_stats)
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                SinkformerBlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_norm=qk_norm,
+                    attn_head_dim=attn_head_dim,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    init_values=init_values,
+                    drop_path=rates[i],
+                    n_iter=n_iter,
+                    record_stats=record_stats,
+                )
+                for i in range(depth)
+            ]
+        )
         # timm's feature_info: every block, at the patch grid (stride = patch size)
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size)
-                             for i in range(depth)]
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else _norm(embed_dim)
         self.fc_norm = _norm(embed_dim) if use_fc_norm else nn.Identity()
@@ -223,8 +278,13 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
 
     @staticmethod
     def _check_pool(global_pool: Any, class_token: bool) -> None:
-        choice("global_pool", global_pool, GLOBAL_POOLS, hint="choose 'token', 'avg', 'avgmax', 'max' or '' (no "
-               "pooling); timm's attention pools 'map' and 'prr' are not available")
+        choice(
+            "global_pool",
+            global_pool,
+            GLOBAL_POOLS,
+            hint="choose 'token', 'avg', 'avgmax', 'max' or '' (no "
+            "pooling); timm's attention pools 'map' and 'prr' are not available",
+        )
         if global_pool == "token" and not class_token:
             raise ZooError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
 
@@ -320,7 +380,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             return x
         if pool_type == "token":
             return x[:, 0]
-        x = x[:, self.num_prefix_tokens:]
+        x = x[:, self.num_prefix_tokens :]
         if pool_type == "avg":
             return x.mean(dim=1)
         if pool_type == "max":
@@ -340,9 +400,11 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         try:
             return feature_take_indices(len(self.blocks), indices)
         except (AssertionError, RuntimeError, TypeError) as e:
-            raise ZooError(f"indices {indices!r} do not select blocks of this model ({len(self.blocks)} blocks): give "
-                           f"None (all), an int n (the last n) or a list of block indices (negative from the end); "
-                           f"{e}") from None
+            raise ZooError(
+                f"indices {indices!r} do not select blocks of this model ({len(self.blocks)} blocks): give "
+                f"None (all), an int n (the last n) or a list of block indices (negative from the end); "
+                f"{e}"
+            ) from None
 
     def forward_intermediates(
         self,
@@ -366,7 +428,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         intermediates = []
         batch, _, height, width = x.shape
         x = self._embed(x)
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         for i, block in enumerate(blocks):
             if attn_mask is not None:
                 x = block(x, attn_mask=attn_mask)
@@ -376,12 +438,13 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
                 x = block(x)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
-        prefix = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
             grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
+            intermediates = [
+                y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
         if output_dict:
             out: dict[str, Any] = {"image_intermediates": intermediates}
             if prefix is not None and return_prefix_tokens:
@@ -395,12 +458,13 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             return intermediates
         return self.norm(x), intermediates
 
-    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the final norm with ``prune_norm``, the head and
         ``fc_norm`` with ``prune_head``) for feature extraction; returns the absolute indices kept (timm)."""
         take_indices, max_index = self._take_indices(indices)
-        self.blocks = self.blocks[:max_index + 1]
+        self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -414,8 +478,9 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         return [b.attn for b in self.blocks]
 
     # ---------------------------------------------------------------- weights from timm
-    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],
-                         source_hparams: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    def adapt_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], source_hparams: Mapping[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
         """Weight-loader hook: resample a position embedding of another grid (timm's bicubic resampling)."""
         sd = dict(state_dict)
         pos = sd.get("pos_embed")
@@ -424,7 +489,9 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             side = math.isqrt(max(patches, 0))
             if side * side == patches and pos.shape[2] == self.pos_embed.shape[2]:
                 sd["pos_embed"] = resample_abs_pos_embed(
-                    pos, new_size=list(self.patch_embed.grid_size), old_size=[side, side],
+                    pos,
+                    new_size=list(self.patch_embed.grid_size),
+                    old_size=[side, side],
                     num_prefix_tokens=self.num_prefix_tokens,
                 )
         return sd
@@ -453,9 +520,13 @@ def _from_timm(source: str, top1: float) -> PretrainedCfg:
     """A tag loading timm's ``source`` weights (hf-hub), with timm's data config (checked against timm's table
     in the tests) and the source's published ImageNet-1k top-1."""
     return _vit_cfg(
-        source=f"hf-hub:timm/{source}", hf_hub_id=f"timm/{source}", license="apache-2.0",
-        origin_url="https://github.com/google-research/vision_transformer", paper_ids="arXiv:2106.10270",
-        model_args={"n_iter": 3}, conversion=_SINKHORN_CONVERSION,
+        source=f"hf-hub:timm/{source}",
+        hf_hub_id=f"timm/{source}",
+        license="apache-2.0",
+        origin_url="https://github.com/google-research/vision_transformer",
+        paper_ids="arXiv:2106.10270",
+        model_args={"n_iter": 3},
+        conversion=_SINKHORN_CONVERSION,
         metrics={"imagenet-1k/top1": {"value": top1, "kind": "published", "of": "source", "note": _TIMM_RESULTS}},
         notes=(f"weights of timm's {source}",),
     )
@@ -463,36 +534,78 @@ def _from_timm(source: str, top1: float) -> PretrainedCfg:
 
 # the published configurations' architectures (the builders' defaults; a tag's model_args: a model built otherwise
 # loses the published accuracies, which are of this architecture)
-_CATS_DOGS = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 128, "depth": 6, "num_heads": 8,
-              "attn_head_dim": 64, "mlp_ratio": 1.0, "qkv_bias": False, "num_classes": 2, "n_iter": 3}
-_MNIST = {"img_size": 28, "in_chans": 1, "embed_dim": 128, "depth": 1, "num_heads": 1, "attn_head_dim": 64,
-          "mlp_ratio": 0.0, "qkv_bias": False, "num_classes": 10, "n_iter": 3}  # any patch size dividing 28
+_CATS_DOGS = {
+    "img_size": 224,
+    "patch_size": 16,
+    "in_chans": 3,
+    "embed_dim": 128,
+    "depth": 6,
+    "num_heads": 8,
+    "attn_head_dim": 64,
+    "mlp_ratio": 1.0,
+    "qkv_bias": False,
+    "num_classes": 2,
+    "n_iter": 3,
+}
+_MNIST = {
+    "img_size": 28,
+    "in_chans": 1,
+    "embed_dim": 128,
+    "depth": 1,
+    "num_heads": 1,
+    "attn_head_dim": 64,
+    "mlp_ratio": 0.0,
+    "qkv_bias": False,
+    "num_classes": 10,
+    "n_iter": 3,
+}  # any patch size dividing 28
 
-default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs({
-    "sinkformer_vit_tiny_patch16_224.augreg_in21k_ft_in1k": _from_timm(
-        "vit_tiny_patch16_224.augreg_in21k_ft_in1k", 75.452),
-    "sinkformer_vit_small_patch16_224.augreg_in21k_ft_in1k": _from_timm(
-        "vit_small_patch16_224.augreg_in21k_ft_in1k", 81.402),
-    "sinkformer_vit_small_patch16_224.augreg_in1k": _from_timm("vit_small_patch16_224.augreg_in1k", 78.842),
-    "sinkformer_vit_base_patch16_224.augreg2_in21k_ft_in1k": _from_timm(
-        "vit_base_patch16_224.augreg2_in21k_ft_in1k", 85.108),
-    "sinkformer_vit_base_patch16_224.augreg_in21k_ft_in1k": _from_timm(
-        "vit_base_patch16_224.augreg_in21k_ft_in1k", 84.534),
-    "sinkformer_vit_base_patch16_224.augreg_in1k": _from_timm("vit_base_patch16_224.augreg_in1k", 79.154),
-    "sinkformer_vit_cats_dogs.sinkformers_paper": _vit_cfg(
-        num_classes=2, paper_ids=SINKFORMERS_PAPER, model_args=_CATS_DOGS,
-        metrics={"cats-vs-dogs/top1": {"value": 79.5, "kind": "published", "of": "model",
-                                       "note": "median test accuracy; the Transformer (n_iter=1): 79.0%"}},
-        notes=("published configuration without weights: Adam lr 5e-5, batch 64 (no zoo recipe ships for it)",),
-    ),
-    "sinkformer_vit_mnist.sinkformers_paper": _vit_cfg(
-        input_size=(1, 28, 28), mean=(0.1307,), std=(0.3081,), crop_pct=1.0, num_classes=10,
-        paper_ids=SINKFORMERS_PAPER, model_args=_MNIST,
-        notes=("published configuration without weights: one attention layer, one head, no MLP, any patch size; "
-               "published without a number: the Sinkformer beats the Transformer at small patches and ties at "
-               "patch 28 (one token); Adam lr 5e-4 (no zoo recipe ships for it); mean / std: MNIST's usual ones",),
-    ),
-})
+default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs(
+    {
+        "sinkformer_vit_tiny_patch16_224.augreg_in21k_ft_in1k": _from_timm(
+            "vit_tiny_patch16_224.augreg_in21k_ft_in1k", 75.452
+        ),
+        "sinkformer_vit_small_patch16_224.augreg_in21k_ft_in1k": _from_timm(
+            "vit_small_patch16_224.augreg_in21k_ft_in1k", 81.402
+        ),
+        "sinkformer_vit_small_patch16_224.augreg_in1k": _from_timm("vit_small_patch16_224.augreg_in1k", 78.842),
+        "sinkformer_vit_base_patch16_224.augreg2_in21k_ft_in1k": _from_timm(
+            "vit_base_patch16_224.augreg2_in21k_ft_in1k", 85.108
+        ),
+        "sinkformer_vit_base_patch16_224.augreg_in21k_ft_in1k": _from_timm(
+            "vit_base_patch16_224.augreg_in21k_ft_in1k", 84.534
+        ),
+        "sinkformer_vit_base_patch16_224.augreg_in1k": _from_timm("vit_base_patch16_224.augreg_in1k", 79.154),
+        "sinkformer_vit_cats_dogs.sinkformers_paper": _vit_cfg(
+            num_classes=2,
+            paper_ids=SINKFORMERS_PAPER,
+            model_args=_CATS_DOGS,
+            metrics={
+                "cats-vs-dogs/top1": {
+                    "value": 79.5,
+                    "kind": "published",
+                    "of": "model",
+                    "note": "median test accuracy; the Transformer (n_iter=1): 79.0%",
+                }
+            },
+            notes=("published configuration without weights: Adam lr 5e-5, batch 64 (no zoo recipe ships for it)",),
+        ),
+        "sinkformer_vit_mnist.sinkformers_paper": _vit_cfg(
+            input_size=(1, 28, 28),
+            mean=(0.1307,),
+            std=(0.3081,),
+            crop_pct=1.0,
+            num_classes=10,
+            paper_ids=SINKFORMERS_PAPER,
+            model_args=_MNIST,
+            notes=(
+                "published configuration without weights: one attention layer, one head, no MLP, any patch size; "
+                "published without a number: the Sinkformer beats the Transformer at small patches and ties at "
+                "patch 28 (one token); Adam lr 5e-4 (no zoo recipe ships for it); mean / std: MNIST's usual ones",
+            ),
+        ),
+    }
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -510,43 +623,50 @@ __all__ = [
 ]
 
 
-def _build(arch: str, defaults: dict[str, Any], kwargs: dict[str, Any], pretrained: bool,
-           weights: str | None) -> SinkformerViT:
-    return build_model(SinkformerViT, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
-                       base_cfg=_vit_cfg())
+def _build(
+    arch: str, defaults: dict[str, Any], kwargs: dict[str, Any], pretrained: bool, weights: str | None
+) -> SinkformerViT:
+    return build_model(
+        SinkformerViT, arch, defaults, kwargs, pretrained=pretrained, weights=weights, base_cfg=_vit_cfg()
+    )
 
 
 @register_model
-def sinkformer_vit_tiny_patch16_224(pretrained: bool = False, *, weights: str | None = None,
-                                    **kwargs: Any) -> SinkformerViT:
+def sinkformer_vit_tiny_patch16_224(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> SinkformerViT:
     """Sinkformer ViT-Ti/16 (timm ``vit_tiny_patch16_224``: 192 wide, 12 blocks, 3 heads), ``n_iter=3``.
     ``pretrained=True``: timm's ``augreg_in21k_ft_in1k`` weights (hf-hub), see :data:`default_cfgs`."""
-    return _build("sinkformer_vit_tiny_patch16_224", {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs,
-                  pretrained, weights)
+    return _build(
+        "sinkformer_vit_tiny_patch16_224", {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs, pretrained, weights
+    )
 
 
 @register_model
-def sinkformer_vit_small_patch16_224(pretrained: bool = False, *, weights: str | None = None,
-                                     **kwargs: Any) -> SinkformerViT:
+def sinkformer_vit_small_patch16_224(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> SinkformerViT:
     """Sinkformer ViT-S/16 (timm ``vit_small_patch16_224``: 384 wide, 12 blocks, 6 heads), ``n_iter=3``.
     ``pretrained=True``: timm's ``augreg_in21k_ft_in1k`` weights (hf-hub); tag ``augreg_in1k`` too."""
-    return _build("sinkformer_vit_small_patch16_224", {"embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs,
-                  pretrained, weights)
+    return _build(
+        "sinkformer_vit_small_patch16_224", {"embed_dim": 384, "depth": 12, "num_heads": 6}, kwargs, pretrained, weights
+    )
 
 
 @register_model
-def sinkformer_vit_base_patch16_224(pretrained: bool = False, *, weights: str | None = None,
-                                    **kwargs: Any) -> SinkformerViT:
+def sinkformer_vit_base_patch16_224(
+    pretrained: bool = False, *, weights: str | None = None, **kwargs: Any
+) -> SinkformerViT:
     """Sinkformer ViT-B/16 (timm ``vit_base_patch16_224``: 768 wide, 12 blocks, 12 heads), ``n_iter=3``.
     ``pretrained=True``: timm's ``augreg2_in21k_ft_in1k`` weights (hf-hub, timm's default); tags
     ``augreg_in21k_ft_in1k``, ``augreg_in1k`` too."""
-    return _build("sinkformer_vit_base_patch16_224", {"embed_dim": 768, "depth": 12, "num_heads": 12}, kwargs,
-                  pretrained, weights)
+    return _build(
+        "sinkformer_vit_base_patch16_224", {"embed_dim": 768, "depth": 12, "num_heads": 12}, kwargs, pretrained, weights
+    )
 
 
 @register_model
-def sinkformer_vit_cats_dogs(pretrained: bool = False, *, weights: str | None = None,
-                             **kwargs: Any) -> SinkformerViT:
+def sinkformer_vit_cats_dogs(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> SinkformerViT:
     """The published cats-vs-dogs Sinkformer (Sinkformers paper): 224 px, patch 16, 128 wide, depth 6, 8 heads
     of width 64, MLP 128, no qkv bias, 2 classes, ``n_iter=3``; trains with Adam lr 5e-5 at a constant rate
     (published median test accuracy 79.5%, the Transformer 79.0%). No weights are published."""

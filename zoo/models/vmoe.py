@@ -49,21 +49,30 @@ _DEPRECATED_ARGS = ("router_n_iter", "moe_layers")  # VisionMoE's deprecated nam
 
 
 @renamed_arguments(every="moe_every", layers="moe_blocks")
-def moe_block_indices(depth: int, moe_every: int = 2, moe_blocks: Sequence[int] | None = None, *,
-                      every: int | None = None, layers: Sequence[int] | None = None) -> list[int]:
+def moe_block_indices(
+    depth: int,
+    moe_every: int = 2,
+    moe_blocks: Sequence[int] | None = None,
+    *,
+    every: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> list[int]:
     """The blocks that get an MoE MLP: the block indices ``moe_blocks`` when given, else every ``moe_every``-th
     block ending with the last (``moe_every=2``, depth 12: 1, 3, ..., 11; ``moe_every=1``: all). ``every`` and
     ``layers`` are the deprecated names of ``moe_every`` and ``moe_blocks``."""
     if moe_blocks is not None:
         out = sorted(set(int_sequence("moe_blocks", moe_blocks, min_value=0)))
         if out[-1] >= depth:
-            raise ZooError(f"moe_blocks {list(moe_blocks)} must be a non-empty list of block indices in "
-                           f"[0, {depth - 1}] (blocks count from 0; depth={depth})")
+            raise ZooError(
+                f"moe_blocks {list(moe_blocks)} must be a non-empty list of block indices in "
+                f"[0, {depth - 1}] (blocks count from 0; depth={depth})"
+            )
         return out
     positive_int("moe_every", moe_every)
     if moe_every > depth:
-        raise ZooError(f"moe_every={moe_every} exceeds depth={depth}: no block would get an MoE; use "
-                       "moe_every <= depth")
+        raise ZooError(
+            f"moe_every={moe_every} exceeds depth={depth}: no block would get an MoE; use moe_every <= depth"
+        )
     return [i for i in range(depth) if (i + 1) % moe_every == 0]
 
 
@@ -125,9 +134,18 @@ class VisionMoE(SinkformerViT):
         if self.blocks[0].mlp is None:
             raise ZooError("a V-MoE needs MLP blocks: mlp_ratio must be > 0")
         self.moe_indices = moe_block_indices(len(self.blocks), moe_every, moe_blocks)
-        options = {"router": router, "k": k, "capacity_factor": capacity_factor, "topk": topk,
-                   "normalize_gates": normalize_gates, "group_size": group_size, "lam": lam, "p": p,
-                   "solver": solver, "dykstra_iters": dykstra_iters}
+        options = {
+            "router": router,
+            "k": k,
+            "capacity_factor": capacity_factor,
+            "topk": topk,
+            "normalize_gates": normalize_gates,
+            "group_size": group_size,
+            "lam": lam,
+            "p": p,
+            "solver": solver,
+            "dykstra_iters": dykstra_iters,
+        }
         for i in self.moe_indices:
             mlp = self.blocks[i].mlp
             drop = (mlp.drop1.p, mlp.drop2.p)
@@ -155,8 +173,11 @@ class VisionMoE(SinkformerViT):
 
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{"blocks.1.mlp": {"tokens_per_expert": ..., "dropped_fraction": ..., ...}, ...}`` of the last forward."""
-        return {f"blocks.{i}.mlp": dict(block.mlp.stats) for i, block in enumerate(self.blocks)
-                if isinstance(block.mlp, MoE)}
+        return {
+            f"blocks.{i}.mlp": dict(block.mlp.stats)
+            for i, block in enumerate(self.blocks)
+            if isinstance(block.mlp, MoE)
+        }
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """``{"moe/weighted_aux_loss": aux_loss_weight * sum of the MoE layers' load-balancing losses}`` of the last
@@ -174,8 +195,9 @@ class VisionMoE(SinkformerViT):
         ``moe/expert_load_min``: the task logs them as ``{stage}_moe/...``."""
         return {f"moe/{name}": value for name, value in routing_statistics(self.moe_modules()).items()}
 
-    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor],
-                         source_hparams: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    def adapt_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], source_hparams: Mapping[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
         """Weight-loader hook: upcycle dense MLPs (``blocks.{i}.mlp.fc1.weight`` ... of an MoE block become
         ``experts.fc1.weight`` ... repeated over the experts, the router zero), then SinkformerViT's
         position-embedding resampling."""
@@ -200,35 +222,49 @@ _UPCYCLE_CONVERSION = (
     "timm's dense ViT exactly"
 )
 
-default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs({
-    "vmoe_small_patch32_224.augreg_in21k_ft_in1k": _vit_cfg(
-        source="hf-hub:timm/vit_small_patch32_224.augreg_in21k_ft_in1k",
-        hf_hub_id="timm/vit_small_patch32_224.augreg_in21k_ft_in1k", license="apache-2.0",
-        origin_url="https://github.com/google-research/vision_transformer", paper_ids="arXiv:2106.10270",
-        conversion=_UPCYCLE_CONVERSION,
-        metrics={"imagenet-1k/top1": {"value": 76.010, "kind": "published", "of": "source",
-                                      "note": "timm's results-imagenet.csv (the dense vit_small_patch32_224)"}},
-        notes=("weights of timm's dense vit_small_patch32_224.augreg_in21k_ft_in1k, upcycled",),
-    ),
-    "vmoe_small_patch32_224.relaxed_topk_jft300m": _vit_cfg(
-        num_classes=18291, paper_ids="arXiv:2302.01425", model_args={"topk": "soft"},
-        notes=("published configuration without weights: V-MoE S/32 with the relaxed top-k router (p = 2, Dykstra, "
-               "10 iterations), 32 experts, k = 28 of 400 tokens, 7 epochs of JFT-300M (18291 classes, not public), "
-               "Adam (0.9, 0.999), lr 1e-3, 10k warm-up steps, linear decay, weight decay 0.1; published without an "
-               "absolute number: the relaxed router beat the hard one on precision-at-1 (no zoo recipe ships for "
-               "it; recipes/digits_vmoe_soft.yaml is a small analogue)",),
-    ),
-})
+default_cfgs: dict[str, PretrainedCfg] = register_pretrained_cfgs(
+    {
+        "vmoe_small_patch32_224.augreg_in21k_ft_in1k": _vit_cfg(
+            source="hf-hub:timm/vit_small_patch32_224.augreg_in21k_ft_in1k",
+            hf_hub_id="timm/vit_small_patch32_224.augreg_in21k_ft_in1k",
+            license="apache-2.0",
+            origin_url="https://github.com/google-research/vision_transformer",
+            paper_ids="arXiv:2106.10270",
+            conversion=_UPCYCLE_CONVERSION,
+            metrics={
+                "imagenet-1k/top1": {
+                    "value": 76.010,
+                    "kind": "published",
+                    "of": "source",
+                    "note": "timm's results-imagenet.csv (the dense vit_small_patch32_224)",
+                }
+            },
+            notes=("weights of timm's dense vit_small_patch32_224.augreg_in21k_ft_in1k, upcycled",),
+        ),
+        "vmoe_small_patch32_224.relaxed_topk_jft300m": _vit_cfg(
+            num_classes=18291,
+            paper_ids="arXiv:2302.01425",
+            model_args={"topk": "soft"},
+            notes=(
+                "published configuration without weights: V-MoE S/32 with the relaxed top-k router (p = 2, Dykstra, "
+                "10 iterations), 32 experts, k = 28 of 400 tokens, 7 epochs of JFT-300M (18291 classes, not public), "
+                "Adam (0.9, 0.999), lr 1e-3, 10k warm-up steps, linear decay, weight decay 0.1; published without an "
+                "absolute number: the relaxed router beat the hard one on precision-at-1 (no zoo recipe ships for "
+                "it; recipes/digits_vmoe_soft.yaml is a small analogue)",
+            ),
+        ),
+    }
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # Builders
 
 
-def _build(arch: str, defaults: dict[str, Any], kwargs: dict[str, Any], pretrained: bool,
-           weights: str | None) -> VisionMoE:
-    return build_model(VisionMoE, arch, defaults, kwargs, pretrained=pretrained, weights=weights,
-                       base_cfg=_vit_cfg())
+def _build(
+    arch: str, defaults: dict[str, Any], kwargs: dict[str, Any], pretrained: bool, weights: str | None
+) -> VisionMoE:
+    return build_model(VisionMoE, arch, defaults, kwargs, pretrained=pretrained, weights=weights, base_cfg=_vit_cfg())
 
 
 @register_model
@@ -236,8 +272,13 @@ def vmoe_tiny_patch32_224(pretrained: bool = False, *, weights: str | None = Non
     """V-MoE Ti/32 (ViT-Ti: 192 wide, 12 blocks, 3 heads; patch 32), 8 experts in every other block,
     expert-choice router (capacity factor 2). ``weights`` may be a dense timm ViT of that shape (upcycled); timm
     publishes no Ti/32 weights, so there is no pretrained tag."""
-    return _build("vmoe_tiny_patch32_224", {"embed_dim": 192, "depth": 12, "num_heads": 3, "num_experts": 8},
-                  kwargs, pretrained, weights)
+    return _build(
+        "vmoe_tiny_patch32_224",
+        {"embed_dim": 192, "depth": 12, "num_heads": 3, "num_experts": 8},
+        kwargs,
+        pretrained,
+        weights,
+    )
 
 
 @register_model

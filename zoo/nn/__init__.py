@@ -9,8 +9,24 @@ from zoo.nn.rules import ForwardRule, register_rule
 from zoo.nn.topk import SmoothTopKLoss, SoftTopKMagnitude, prune_magnitude
 
 __all__ = [
-    "MEMORY_MODES", "ForwardRule", "MoE", "RULES", "ResidualFunction", "ResidualFunctionWithTail", "ResidualOf",
-    "ResidualStack", "Routing", "SinkhornAttention", "SinkhornCore", "SinkhornMultiheadAttention", "SmoothTopKLoss",
-    "SoftTopKMagnitude", "StackAsBlock", "TransformerEncoderStack", "attention_stats", "frozen_batchnorm_stats",
-    "prune_magnitude", "register_rule",
+    "MEMORY_MODES",
+    "ForwardRule",
+    "MoE",
+    "RULES",
+    "ResidualFunction",
+    "ResidualFunctionWithTail",
+    "ResidualOf",
+    "ResidualStack",
+    "Routing",
+    "SinkhornAttention",
+    "SinkhornCore",
+    "SinkhornMultiheadAttention",
+    "SmoothTopKLoss",
+    "SoftTopKMagnitude",
+    "StackAsBlock",
+    "TransformerEncoderStack",
+    "attention_stats",
+    "frozen_batchnorm_stats",
+    "prune_magnitude",
+    "register_rule",
 ]

@@ -54,8 +54,11 @@ def check_n_iter(n_iter: Any) -> int:
 
 def attention_stats(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name: stats}`` of every Sinkhorn attention module of ``model`` that recorded stats."""
-    return {name: dict(m.stats) for name, m in model.named_modules()
-            if isinstance(m, (SinkhornAttention, SinkhornMultiheadAttention)) and m.stats}
+    return {
+        name: dict(m.stats)
+        for name, m in model.named_modules()
+        if isinstance(m, (SinkhornAttention, SinkhornMultiheadAttention)) and m.stats
+    }
 
 
 class SinkhornSettings:
@@ -81,8 +84,11 @@ class SinkhornSettings:
     def attention_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{module name: {"mean", "std", "min", "max", "dev"}}`` of the last forward (``record_stats=True``):
         column sums of each attention relative to n_rows / n_cols, detached 0-d tensors (MATH.md section 5)."""
-        return {name: dict(m.stats) for name, m in self.named_modules()  # type: ignore[attr-defined]
-                if any(m is a for a in self.attentions) and m.stats}
+        return {
+            name: dict(m.stats)
+            for name, m in self.named_modules()  # type: ignore[attr-defined]
+            if any(m is a for a in self.attentions) and m.stats
+        }
 
 
 def _set_record_stats(module: nn.Module, record_stats: bool) -> None:
@@ -259,26 +265,59 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
     position (padded query rows may differ; torch computes them from the valid keys).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
-                 vdim: int | None = None, batch_first: bool = False, device: Any = None, dtype: Any = None,
-                 n_iter: int = 3, record_stats: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        n_iter: int = 3,
+        record_stats: bool = False,
+    ) -> None:
         n_iter = check_n_iter(n_iter)
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
-                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
-                         device=device, dtype=dtype)
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
         self.n_iter = n_iter
         _set_record_stats(self, record_stats)
         self.register_forward_pre_hook(_no_fast_path)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, n_iter: int = 3,
-                   record_stats: bool = False) -> SinkhornMultiheadAttention:
+    def from_torch(
+        cls, mha: nn.MultiheadAttention, n_iter: int = 3, record_stats: bool = False
+    ) -> SinkhornMultiheadAttention:
         """A SinkhornMultiheadAttention that uses the very parameters and submodules of ``mha``."""
-        new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
-                  add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim,
-                  vdim=mha.vdim, batch_first=mha.batch_first, device="meta", n_iter=n_iter,
-                  record_stats=record_stats)
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            add_bias_kv=mha.bias_k is not None,
+            add_zero_attn=mha.add_zero_attn,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            batch_first=mha.batch_first,
+            device="meta",
+            n_iter=n_iter,
+            record_stats=record_stats,
+        )
         for name in list(new._parameters):
             del new._parameters[name]
         new._parameters.update(mha._parameters)
@@ -302,9 +341,11 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if query.is_nested or key.is_nested or value.is_nested:
-            raise ZooError("SinkhornMultiheadAttention does not take nested tensors: build the "
-                           "nn.TransformerEncoder with enable_nested_tensor=False (the converter sets "
-                           "use_nested_tensor = False)")
+            raise ZooError(
+                "SinkhornMultiheadAttention does not take nested tensors: build the "
+                "nn.TransformerEncoder with enable_nested_tensor=False (the converter sets "
+                "use_nested_tensor = False)"
+            )
         self_attention = query is key
         batched = query.dim() == 3
         if batched and not self.batch_first:
@@ -376,8 +417,9 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
         return out, weights
 
     @staticmethod
-    def _pad_masks(mask: AttentionMask | None,
-                   key_padding_mask: torch.Tensor | None) -> tuple[AttentionMask | None, torch.Tensor | None]:
+    def _pad_masks(
+        mask: AttentionMask | None, key_padding_mask: torch.Tensor | None
+    ) -> tuple[AttentionMask | None, torch.Tensor | None]:
         """One more (always visible) key column in both masks."""
         if mask is not None:
             mask = mask.pad_keys(1)

@@ -98,8 +98,15 @@ class BatchedLinear(nn.Module):
     Each expert is initialised as ``nn.Linear`` would be: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
     """
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool = True,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
@@ -114,8 +121,10 @@ class BatchedLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.weight.shape[0]}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, bias={self.bias is not None}")
+        return (
+            f"num_experts={self.weight.shape[0]}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.transpose(1, 2)
@@ -127,8 +136,16 @@ class BatchedLinear(nn.Module):
 class Experts(nn.Module):
     """E timm-style MLPs on a (E, C, dim) buffer: fc2(drop(GELU(fc1(x)))), then drop."""
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, bias: tuple[bool, bool] = (True, True),
-                 drop: tuple[float, float] = (0.0, 0.0), device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        bias: tuple[bool, bool] = (True, True),
+        drop: tuple[float, float] = (0.0, 0.0),
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.fc1 = BatchedLinear(num_experts, dim, hidden_dim, bias=bias[0], **dd)
@@ -217,10 +234,15 @@ class MoE(nn.Module):
         if k is not None and (not _is_int(k) or k < 1):
             raise ZooError(f"k must be an integer >= 1, got {k!r}")
         if capacity_factor is not None and capacity_factor != _AUTO:
-            if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
-                    or not capacity_factor > 0 or not math.isfinite(capacity_factor):
-                raise ZooError(f"capacity_factor must be a finite number > 0 (or None: no capacity limit), "
-                               f"got {capacity_factor!r}")
+            if (
+                isinstance(capacity_factor, bool)
+                or not isinstance(capacity_factor, (int, float))
+                or not capacity_factor > 0
+                or not math.isfinite(capacity_factor)
+            ):
+                raise ZooError(
+                    f"capacity_factor must be a finite number > 0 (or None: no capacity limit), got {capacity_factor!r}"
+                )
         if token_choice:
             k = 1 if k is None else k
             if k > E:
@@ -228,13 +250,17 @@ class MoE(nn.Module):
             if capacity_factor == _AUTO:
                 capacity_factor = 1.25
             if group_size is not None:
-                raise ZooError("group_size applies to expert choice only (token choice capacity is over all the "
-                               "tokens of the call)")
+                raise ZooError(
+                    "group_size applies to expert choice only (token choice capacity is over all the "
+                    "tokens of the call)"
+                )
             normalize_gates = k > 1 if normalize_gates is None else bool(normalize_gates)
         else:
             if k is not None and capacity_factor != _AUTO:
-                raise ZooError("expert choice: give k (tokens per expert) or capacity_factor "
-                               "(k = round(capacity_factor * n / E)), not both")
+                raise ZooError(
+                    "expert choice: give k (tokens per expert) or capacity_factor "
+                    "(k = round(capacity_factor * n / E)), not both"
+                )
             if capacity_factor == _AUTO:
                 capacity_factor = 2.0 if k is None else None
             if normalize_gates:
@@ -254,11 +280,14 @@ class MoE(nn.Module):
             dykstra_iters = 10 if dykstra_iters is None else dykstra_iters
             check_relaxed("MoE", p, lam, solver, dykstra_iters)
             if token_choice and k == E:
-                raise ZooError(f"topk='soft' with k == num_experts == {E} selects every expert: nothing to relax; "
-                               "use topk='hard'")
+                raise ZooError(
+                    f"topk='soft' with k == num_experts == {E} selects every expert: nothing to relax; use topk='hard'"
+                )
             if token_choice and k == 1 and normalize_gates:
-                raise ZooError("topk='soft' with k=1 and normalize_gates=True makes every weight 1: the relaxed "
-                               "mask would get no gradient; leave normalize_gates off")
+                raise ZooError(
+                    "topk='soft' with k=1 and normalize_gates=True makes every weight 1: the relaxed "
+                    "mask would get no gradient; leave normalize_gates off"
+                )
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, E
         self.router_type, self.topk, self.k = router, topk, k
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
@@ -273,7 +302,7 @@ class MoE(nn.Module):
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, num_experts: int, **options: Any) -> MoE:
-        """"Upcycling": a MoE whose every expert is a copy of ``mlp`` (timm ``Mlp``, or any module with
+        """ "Upcycling": a MoE whose every expert is a copy of ``mlp`` (timm ``Mlp``, or any module with
         ``nn.Linear`` ``fc1`` / ``fc2``, exact GELU ``act`` and no hidden norm), router weight zero.
 
         At init (S = 1/E for every token) it computes ``mlp`` exactly (up to float rounding) with
@@ -288,27 +317,46 @@ class MoE(nn.Module):
         """
         fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
         if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
-            raise ZooError(f"from_mlp needs a module with nn.Linear fc1 and fc2 (timm Mlp), got "
-                           f"{type(mlp).__name__} with fc1={type(fc1).__name__}, fc2={type(fc2).__name__}")
+            raise ZooError(
+                f"from_mlp needs a module with nn.Linear fc1 and fc2 (timm Mlp), got "
+                f"{type(mlp).__name__} with fc1={type(fc1).__name__}, fc2={type(fc2).__name__}"
+            )
         act = getattr(mlp, "act", None)
         if not isinstance(act, nn.GELU) or act.approximate != "none":
-            raise ZooError(f"from_mlp needs the exact GELU activation (nn.GELU(approximate='none')) as "
-                           f"{type(mlp).__name__}.act, got {act!r}: the experts compute exact GELU")
+            raise ZooError(
+                f"from_mlp needs the exact GELU activation (nn.GELU(approximate='none')) as "
+                f"{type(mlp).__name__}.act, got {act!r}: the experts compute exact GELU"
+            )
         norm = getattr(mlp, "norm", None)
         if norm is not None and not isinstance(norm, nn.Identity):
-            raise ZooError(f"from_mlp: {type(mlp).__name__} has a hidden norm layer ({type(norm).__name__}); "
-                           "the experts have none")
+            raise ZooError(
+                f"from_mlp: {type(mlp).__name__} has a hidden norm layer ({type(norm).__name__}); the experts have none"
+            )
         if fc2.out_features != fc1.in_features or fc2.in_features != fc1.out_features:
-            raise ZooError(f"from_mlp needs fc1: dim -> hidden and fc2: hidden -> dim, got fc1 "
-                           f"{fc1.in_features}->{fc1.out_features}, fc2 {fc2.in_features}->{fc2.out_features}")
+            raise ZooError(
+                f"from_mlp needs fc1: dim -> hidden and fc2: hidden -> dim, got fc1 "
+                f"{fc1.in_features}->{fc1.out_features}, fc2 {fc2.in_features}->{fc2.out_features}"
+            )
         drops = tuple(float(getattr(getattr(mlp, name, None), "p", 0.0)) for name in ("drop1", "drop2"))
         for name in ("dim", "hidden_dim", "bias", "drop", "device", "dtype"):
             if name in options:
                 raise ZooError(f"from_mlp takes {name} from the MLP; do not pass it")
-        new = cls(fc1.in_features, fc1.out_features, num_experts, bias=(fc1.bias is not None, fc2.bias is not None),
-                  drop=drops, device=fc1.weight.device, dtype=fc1.weight.dtype, **options)
-        dense = {f"{name}.{leaf}": t for name, lin in (("fc1", fc1), ("fc2", fc2))
-                 for leaf, t in (("weight", lin.weight), ("bias", lin.bias)) if t is not None}
+        new = cls(
+            fc1.in_features,
+            fc1.out_features,
+            num_experts,
+            bias=(fc1.bias is not None, fc2.bias is not None),
+            drop=drops,
+            device=fc1.weight.device,
+            dtype=fc1.weight.dtype,
+            **options,
+        )
+        dense = {
+            f"{name}.{leaf}": t
+            for name, lin in (("fc1", fc1), ("fc2", fc2))
+            for leaf, t in (("weight", lin.weight), ("bias", lin.bias))
+            if t is not None
+        }
         new.load_state_dict(new.upcycled_state_dict(dense))
         new.train(mlp.training)
         return new
@@ -323,13 +371,17 @@ class MoE(nn.Module):
                 key, mine = f"{layer}.{leaf}", getattr(getattr(self.experts, layer), leaf)
                 t = dense.get(key)
                 if (t is None) != (mine is None):
-                    raise ZooError(f"the dense MLP {'has no' if t is None else 'has a'} {key} but the experts "
-                                   f"{'have one' if t is None else 'have none'}: build the MoE with bias matching")
+                    raise ZooError(
+                        f"the dense MLP {'has no' if t is None else 'has a'} {key} but the experts "
+                        f"{'have one' if t is None else 'have none'}: build the MoE with bias matching"
+                    )
                 if t is None:
                     continue
                 if tuple(t.shape) != tuple(mine.shape[1:]):
-                    raise ZooError(f"dense MLP {key} has shape {tuple(t.shape)}, the experts need "
-                                   f"{tuple(mine.shape[1:])} (dim {self.dim}, hidden_dim {self.hidden_dim})")
+                    raise ZooError(
+                        f"dense MLP {key} has shape {tuple(t.shape)}, the experts need "
+                        f"{tuple(mine.shape[1:])} (dim {self.dim}, hidden_dim {self.hidden_dim})"
+                    )
                 out[f"experts.{key}"] = t.detach().unsqueeze(0).expand(self.num_experts, *t.shape).clone()
         out["router.weight"] = torch.zeros_like(self.router.weight)
         if self.router.bias is not None:
@@ -337,9 +389,15 @@ class MoE(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        parts = [f"dim={self.dim}", f"hidden_dim={self.hidden_dim}", f"num_experts={self.num_experts}",
-                 f"router={self.router_type}", f"k={self.k}", f"capacity_factor={self.capacity_factor}",
-                 f"topk={self.topk}"]
+        parts = [
+            f"dim={self.dim}",
+            f"hidden_dim={self.hidden_dim}",
+            f"num_experts={self.num_experts}",
+            f"router={self.router_type}",
+            f"k={self.k}",
+            f"capacity_factor={self.capacity_factor}",
+            f"topk={self.topk}",
+        ]
         if self.router_type == "token_choice":
             parts.append(f"normalize_gates={self.normalize_gates}")
         if self.group_size is not None:
@@ -352,17 +410,23 @@ class MoE(nn.Module):
 
     def _check(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-            raise ZooError(f"MoE takes x of shape (B, T, dim) or (T, dim), got "
-                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ZooError(
+                f"MoE takes x of shape (B, T, dim) or (T, dim), got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         if x.shape[-1] != self.dim:
             raise ZooError(f"x has last dimension {x.shape[-1]}, the MoE was built for dim={self.dim}")
         if padding_mask is not None:
             if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
-                raise ZooError(f"padding_mask must be a bool tensor (True = padded token), got "
-                               f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}")
+                raise ZooError(
+                    f"padding_mask must be a bool tensor (True = padded token), got "
+                    f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}"
+                )
             if padding_mask.shape != x.shape[:-1]:
-                raise ZooError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected "
-                               f"{tuple(x.shape[:-1])} (x without its last dimension)")
+                raise ZooError(
+                    f"padding_mask has shape {tuple(padding_mask.shape)}, expected "
+                    f"{tuple(x.shape[:-1])} (x without its last dimension)"
+                )
 
     # -------------------------------------------------------------------------------------------- routing
 
@@ -373,8 +437,9 @@ class MoE(nn.Module):
             bias = self.router.bias.to(dtype) if self.router.bias is not None else None
             return F.linear(flat.to(dtype), self.router.weight.to(dtype), bias)
 
-    def _flat_tokens(self, x: torch.Tensor,
-                     padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _flat_tokens(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The (N, dim) tokens with the padded ones replaced by zeros, and the valid ones (N,) bool (None: all).
 
         Padded tokens never reach the router's matmul nor the experts: their values, inf or NaN included, change
@@ -389,8 +454,9 @@ class MoE(nn.Module):
         return torch.where(valid.unsqueeze(-1), flat, flat.new_zeros(())), valid
 
     def _soft_mask(self, scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-        return soft_topk_mask(scores, k, dim=-1, p=self.p, lam=self.lam, solver=self.solver,
-                              dykstra_iters=self.dykstra_iters)
+        return soft_topk_mask(
+            scores, k, dim=-1, p=self.p, lam=self.lam, solver=self.solver, dykstra_iters=self.dykstra_iters
+        )
 
     def route(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
         """The dispatch of ``x`` (B, T, dim) or (T, dim): buffer slots, combine weights, aux loss and stats."""
@@ -405,8 +471,9 @@ class MoE(nn.Module):
             groups = -(-flat.shape[0] // n)
         return self._expert_choice(logits, valid, groups, n)
 
-    def _common_stats(self, logits: torch.Tensor, valid: torch.Tensor | None,
-                      n_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _common_stats(
+        self, logits: torch.Tensor, valid: torch.Tensor | None, n_valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         logits = logits.detach()
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
         if valid is not None:
@@ -418,8 +485,11 @@ class MoE(nn.Module):
         gates = logits.softmax(-1)  # S (N, E)
         weights = gates * self._soft_mask(gates, k) if self.topk == "soft" else gates
         sel_w, sel_e = torch.topk(weights, k, dim=-1)  # (N, k), best first
-        comb = sel_w / sel_w.sum(-1, keepdim=True).clamp(min=torch.finfo(sel_w.dtype).tiny) \
-            if self.normalize_gates else sel_w
+        comb = (
+            sel_w / sel_w.sum(-1, keepdim=True).clamp(min=torch.finfo(sel_w.dtype).tiny)
+            if self.normalize_gates
+            else sel_w
+        )
         # assignments in GShard priority: all first choices (token order), then all second choices, ...
         expert = sel_e.t().reshape(-1)
         token = torch.arange(N, device=logits.device).repeat(k)

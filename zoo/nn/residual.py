@@ -49,8 +49,10 @@ class ResidualOf(nn.Module):
         y = self.module(x, *args, **kwargs)
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
             what = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ZooError(f"ResidualOf({type(self.module).__name__}) maps shape {tuple(x.shape)} to {what}: "
-                           "only a block returning a tensor of its input's shape has a residual function")
+            raise ZooError(
+                f"ResidualOf({type(self.module).__name__}) maps shape {tuple(x.shape)} to {what}: "
+                "only a block returning a tensor of its input's shape has a residual function"
+            )
         return y - x
 
 
@@ -123,14 +125,23 @@ class TransformerEncoderStack(nn.Module):
             [b.module if isinstance(b, ResidualOf) else b for b in layers.blocks], self.KWARGS
         )
 
-    def forward(self, src: torch.Tensor, mask: torch.Tensor | None = None,
-                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> torch.Tensor:
         src_key_padding_mask = F._canonical_mask(
-            mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(mask),
-            other_name="mask", target_type=src.dtype,
+            mask=src_key_padding_mask,
+            mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(mask),
+            other_name="mask",
+            target_type=src.dtype,
         )
-        mask = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="",
-                                 target_type=src.dtype, check_other=False)
+        mask = F._canonical_mask(
+            mask=mask, mask_name="mask", other_type=None, other_name="", target_type=src.dtype, check_other=False
+        )
         seq_len = src.shape[1 if self.batch_first else 0] if src.dim() == 3 else src.shape[0]
         is_causal = nn.modules.transformer._detect_is_causal_mask(mask, is_causal, seq_len)
         given = {"src_mask": mask, "src_key_padding_mask": src_key_padding_mask, "is_causal": is_causal}

@@ -51,13 +51,22 @@ from zoo.nn.rules import DEFAULT_GAMMA, RULES, ForwardRule
 from zoo.ops.fixed_point import FixedPoint, GammaRatio
 
 __all__ = [
-    "DEFAULT_GAMMA", "INIT_VELOCITIES", "MEMORY_MODES", "MEMORY_STRATEGIES", "RULES", "ResidualStack",
-    "frozen_batchnorm_stats", "restored_batchnorm_stats", "validate_rule_memory",
+    "DEFAULT_GAMMA",
+    "INIT_VELOCITIES",
+    "MEMORY_MODES",
+    "MEMORY_STRATEGIES",
+    "RULES",
+    "ResidualStack",
+    "frozen_batchnorm_stats",
+    "restored_batchnorm_stats",
+    "validate_rule_memory",
 ]
 
 # memory strategy name -> its forward, ``run(stack, x, args, kwargs)``
 MEMORY_STRATEGIES: Mapping[str, Callable[[EngineStack, torch.Tensor, tuple, dict], torch.Tensor]] = {
-    "full": full.run, "adjoint": adjoint.run, "reversible": reversible.run,
+    "full": full.run,
+    "adjoint": adjoint.run,
+    "reversible": reversible.run,
 }
 MEMORY_MODES = tuple(MEMORY_STRATEGIES)
 INIT_VELOCITIES = ("zero", "f")
@@ -77,14 +86,20 @@ def validate_rule_memory(rule: str, memory: str, gamma: float = DEFAULT_GAMMA) -
         raise ZooError(f"gamma must lie in [0, 1), got {gamma!r}")
     exact = RULES[rule].exact_inverse
     if memory == "reversible" and not exact:
-        raise ZooError("memory='reversible' needs rule='momentum' (only the momentum rule is invertible); "
-                       "use memory='adjoint' for the euler and heun rules")
+        raise ZooError(
+            "memory='reversible' needs rule='momentum' (only the momentum rule is invertible); "
+            "use memory='adjoint' for the euler and heun rules"
+        )
     if memory == "adjoint" and exact:
-        raise ZooError("the momentum rule is exactly invertible: use memory='reversible' (exact, memory flat "
-                       "in depth) or memory='full'")
+        raise ZooError(
+            "the momentum rule is exactly invertible: use memory='reversible' (exact, memory flat "
+            "in depth) or memory='full'"
+        )
     if memory == "reversible" and gamma == 0.0:
-        raise ZooError("memory='reversible' needs 0 < gamma < 1 (the inverse (M2) divides by gamma); "
-                       "gamma=0 is the plain ResNet: use memory='full'")
+        raise ZooError(
+            "memory='reversible' needs 0 < gamma < 1 (the inverse (M2) divides by gamma); "
+            "gamma=0 is the plain ResNet: use memory='full'"
+        )
 
 
 class ResidualStack(nn.Module):
@@ -277,8 +292,10 @@ class ResidualStack(nn.Module):
         diffs = [torch.zeros(())]
         for a, b in zip(blocks[:-1], blocks[1:]):
             if a is not b:
-                sq = sum(((pa.detach() - pb.detach()).float() ** 2).sum().cpu()
-                         for pa, pb in zip(a.parameters(), b.parameters()))
+                sq = sum(
+                    ((pa.detach() - pb.detach()).float() ** 2).sum().cpu()
+                    for pa, pb in zip(a.parameters(), b.parameters())
+                )
                 diffs.append(torch.as_tensor(sq).sqrt())
         return torch.stack(diffs).max()
 
@@ -304,9 +321,11 @@ class ResidualStack(nn.Module):
         if parts is None:
             return self.residual(n, x, args, kwargs), "identity"
         if parts[0].shape != x.shape:
-            raise ZooError(f"residual block {n} of a ResidualStack maps shape {tuple(x.shape)} to "
-                           f"{tuple(parts[0].shape)}; a residual function must keep the shape (put shape changes in "
-                           "`transition`)")
+            raise ZooError(
+                f"residual block {n} of a ResidualStack maps shape {tuple(x.shape)} to "
+                f"{tuple(parts[0].shape)}; a residual function must keep the shape (put shape changes in "
+                "`transition`)"
+            )
         return parts
 
     def velocity_modules(self) -> list[nn.Module]:
@@ -338,8 +357,13 @@ class ResidualStack(nn.Module):
         from torch.utils.checkpoint import checkpoint
 
         modules = list(self.children())
-        return checkpoint(fn, *inputs, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
-                          context_fn=lambda: (contextlib.nullcontext(), restored_batchnorm_stats(modules)))
+        return checkpoint(
+            fn,
+            *inputs,
+            use_reentrant=False,
+            preserve_rng_state=self.preserve_rng_state,
+            context_fn=lambda: (contextlib.nullcontext(), restored_batchnorm_stats(modules)),
+        )
 
     def host_read_is_free(self, t: torch.Tensor) -> bool:
         """Whether the engine may read a flag computed next to ``t`` on the host now, without a device sync."""
@@ -382,4 +406,3 @@ def _interpolate_block(blocks: list[nn.Module], position: float) -> nn.Module:
             else:
                 value.copy_(torch.maximum(value, src_hi[name]))
     return new
-

@@ -20,7 +20,14 @@ import torch
 from zoo.errors import ZooError
 
 __all__ = [
-    "DEFAULT_GAMMA", "EulerRule", "ForwardRule", "HeunRule", "MomentumRule", "RULES", "ResidualCall", "State",
+    "DEFAULT_GAMMA",
+    "EulerRule",
+    "ForwardRule",
+    "HeunRule",
+    "MomentumRule",
+    "RULES",
+    "ResidualCall",
+    "State",
     "register_rule",
 ]
 

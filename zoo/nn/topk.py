@@ -49,8 +49,17 @@ class SmoothTopKLoss(nn.Module):
     n_iter = renamed_attribute("n_iter", "dykstra_iters")
 
     @renamed_arguments(n_iter="dykstra_iters")
-    def __init__(self, k: int = 1, p: float = 2.0, lam: float = 1.0, solver: str = "pav", dykstra_iters: int = 100,
-                 reduction: str = "mean", *, n_iter: int | None = None) -> None:
+    def __init__(
+        self,
+        k: int = 1,
+        p: float = 2.0,
+        lam: float = 1.0,
+        solver: str = "pav",
+        dykstra_iters: int = 100,
+        reduction: str = "mean",
+        *,
+        n_iter: int | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ZooError(f"SmoothTopKLoss: k must be an int >= 1, got {k!r}")
@@ -62,23 +71,30 @@ class SmoothTopKLoss(nn.Module):
         self._q = 4.0 / 3.0 if p43 else 2.0
 
     def extra_repr(self) -> str:
-        return (f"k={self.k}, p={self.p:.4g}, lam={self.lam:g}, solver={self.solver!r}, "
-                f"dykstra_iters={self.dykstra_iters}, reduction={self.reduction!r}")
+        return (
+            f"k={self.k}, p={self.p:.4g}, lam={self.lam:g}, solver={self.solver!r}, "
+            f"dykstra_iters={self.dykstra_iters}, reduction={self.reduction!r}"
+        )
 
     def _target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         C = x.shape[-1]
         if target.is_floating_point():
             if target.shape != x.shape:
-                raise ZooError(f"SmoothTopKLoss: a dense target must have x's shape {tuple(x.shape)}, got "
-                               f"{tuple(target.shape)}")
+                raise ZooError(
+                    f"SmoothTopKLoss: a dense target must have x's shape {tuple(x.shape)}, got {tuple(target.shape)}"
+                )
             return target.to(x.dtype)
         if target.dtype == torch.bool or target.is_complex() or target.shape != x.shape[:-1]:
-            raise ZooError(f"SmoothTopKLoss: target must be class indices (an integer tensor of shape "
-                           f"{tuple(x.shape[:-1])}) or a float tensor of shape {tuple(x.shape)}, got "
-                           f"{target.dtype} {tuple(target.shape)}")
+            raise ZooError(
+                f"SmoothTopKLoss: target must be class indices (an integer tensor of shape "
+                f"{tuple(x.shape[:-1])}) or a float tensor of shape {tuple(x.shape)}, got "
+                f"{target.dtype} {tuple(target.shape)}"
+            )
         if target.device.type == "cpu" and target.numel() and (bool((target < 0).any()) or bool((target >= C).any())):
-            raise ZooError(f"SmoothTopKLoss: class indices must be in [0, {C - 1}], got values in "
-                           f"[{int(target.min())}, {int(target.max())}]")
+            raise ZooError(
+                f"SmoothTopKLoss: class indices must be in [0, {C - 1}], got values in "
+                f"[{int(target.min())}, {int(target.max())}]"
+            )
         return torch.zeros_like(x).scatter_(-1, target.long().unsqueeze(-1), 1.0)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,8 +106,9 @@ class SmoothTopKLoss(nn.Module):
         xw = x.to(work)
         t = self._target(xw, target)
         with torch.no_grad():
-            y = soft_topk_mask(xw, self.k, dim=-1, p=self.p, lam=self.lam, solver=self.solver,
-                               dykstra_iters=self.dykstra_iters)
+            y = soft_topk_mask(
+                xw, self.k, dim=-1, p=self.p, lam=self.lam, solver=self.solver, dykstra_iters=self.dykstra_iters
+            )
             reg = (self.lam / self._q) * y.abs().pow(self._q).sum(-1)
         loss = (xw * (y - t)).sum(-1) - reg
         if self.reduction == "mean":
@@ -114,8 +131,10 @@ def _keep_count(keep: int | float, numel: int | None, who: str) -> int:
         return 0
     if isinstance(keep, numbers.Integral):
         if int(keep) > numel:
-            raise ZooError(f"{who}: keep = {int(keep)} entries, but the weight has {numel}: keep a count in "
-                           f"[1, {numel}] or a fraction in (0, 1]")
+            raise ZooError(
+                f"{who}: keep = {int(keep)} entries, but the weight has {numel}: keep a count in "
+                f"[1, {numel}] or a fraction in (0, 1]"
+            )
         return int(keep)
     return min(numel, max(1, round(float(keep) * numel)))
 
@@ -137,8 +156,16 @@ class SoftTopKMagnitude(nn.Module):
     n_iter = renamed_attribute("n_iter", "dykstra_iters")
 
     @renamed_arguments(n_iter="dykstra_iters")
-    def __init__(self, keep: int | float, p: float = 2.0, lam: float = 1e-4, solver: str = "pav",
-                 dykstra_iters: int = 100, *, n_iter: int | None = None) -> None:
+    def __init__(
+        self,
+        keep: int | float,
+        p: float = 2.0,
+        lam: float = 1e-4,
+        solver: str = "pav",
+        dykstra_iters: int = 100,
+        *,
+        n_iter: int | None = None,
+    ) -> None:
         super().__init__()
         _keep_count(keep, None, "SoftTopKMagnitude")
         check_relaxed("SoftTopKMagnitude", p, lam, solver, dykstra_iters)
@@ -149,13 +176,19 @@ class SoftTopKMagnitude(nn.Module):
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         k = _keep_count(self.keep, raw.numel(), "SoftTopKMagnitude")
-        out = soft_topk_magnitude(raw.reshape(-1), k, p=self.p, lam=self.lam, solver=self.solver,
-                                  dykstra_iters=self.dykstra_iters)
+        out = soft_topk_magnitude(
+            raw.reshape(-1), k, p=self.p, lam=self.lam, solver=self.solver, dykstra_iters=self.dykstra_iters
+        )
         return out.reshape(raw.shape)
 
 
-def prune_magnitude(module: nn.Module, keep: int | float = 0.1, lam: float = 1e-4, p: float = 2.0,
-                    layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)) -> nn.Module:
+def prune_magnitude(
+    module: nn.Module,
+    keep: int | float = 0.1,
+    lam: float = 1e-4,
+    p: float = 2.0,
+    layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+) -> nn.Module:
     """Register :class:`SoftTopKMagnitude` on the ``weight`` of every ``layer_types`` layer in ``module``.
 
     Each layer keeps ``keep`` of its own weights (a fraction, or a count per layer). Layers whose weight already
@@ -163,14 +196,18 @@ def prune_magnitude(module: nn.Module, keep: int | float = 0.1, lam: float = 1e-
     weights in afterwards: ``parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)``.
     """
     SoftTopKMagnitude(keep, p=p, lam=lam)  # argument checks
-    layers = [m for m in module.modules() if isinstance(m, layer_types)
-              and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, layer_types) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
     if not layers:
         names = ", ".join(t.__name__ for t in layer_types)
         raise ZooError(f"prune_magnitude: {type(module).__name__} has no layer of type {names} with a weight")
     for layer in layers:
         if parametrize.is_parametrized(layer, "weight") and any(
-                isinstance(pm, SoftTopKMagnitude) for pm in layer.parametrizations["weight"]):
+            isinstance(pm, SoftTopKMagnitude) for pm in layer.parametrizations["weight"]
+        ):
             continue
         _keep_count(keep, layer.weight.numel(), f"prune_magnitude ({type(layer).__name__})")
         parametrize.register_parametrization(layer, "weight", SoftTopKMagnitude(keep, p=p, lam=lam))

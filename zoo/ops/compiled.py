@@ -29,8 +29,14 @@ class CompiledKernels:
         options: kernel name -> inductor options for its compilation (``torch.compile(options=...)``).
     """
 
-    def __init__(self, eager: dict[str, Callable[..., Any]], env: str, what: str, fullgraph: bool = False,
-                 options: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        eager: dict[str, Callable[..., Any]],
+        env: str,
+        what: str,
+        fullgraph: bool = False,
+        options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.eager = dict(eager)
         self.env, self.what, self.fullgraph = env, what, fullgraph
         self.options = dict(options or {})
@@ -72,8 +78,11 @@ class CompiledKernels:
             except Exception as e:  # no compiler toolchain, unsupported device ...: the same values, eagerly
                 self.enabled = False
                 first = str(e).splitlines()[0][:200] if str(e) else ""
-                warnings.warn(f"zoo: {self.what} did not compile ({type(e).__name__}: {first}); running them "
-                              f"eagerly (same results, slower). Set {self.env}=0 to silence this.", stacklevel=3)
+                warnings.warn(
+                    f"zoo: {self.what} did not compile ({type(e).__name__}: {first}); running them "
+                    f"eagerly (same results, slower). Set {self.env}=0 to silence this.",
+                    stacklevel=3,
+                )
                 return eager(*args)
 
         return run

@@ -117,8 +117,9 @@ class FixedPoint:
 
     def __init__(self, frac_bits: int = 32) -> None:
         if not isinstance(frac_bits, int) or not 8 <= frac_bits <= 52:
-            raise ZooError(f"the fixed-point fractional bits (fixed_point_bits) must be an integer in [8, 52], "
-                           f"got {frac_bits!r}")
+            raise ZooError(
+                f"the fixed-point fractional bits (fixed_point_bits) must be an integer in [8, 52], got {frac_bits!r}"
+            )
         self.frac_bits = frac_bits
         self.scale = float(2**frac_bits)
         self.limit = float(2 ** (61 - frac_bits))
@@ -193,8 +194,19 @@ def residual_tail(x: torch.Tensor, g: torch.Tensor, tail: str) -> torch.Tensor:
     return post_activation_residual(x, g) if tail == "relu" else g
 
 
-def _momentum_step_(xi: torch.Tensor, vi: torch.Tensor, buffer: torch.Tensor, xf: torch.Tensor, g: torch.Tensor, *,
-                    c: float, tail: str, n: int, d: int, scale: float) -> torch.Tensor:
+def _momentum_step_(
+    xi: torch.Tensor,
+    vi: torch.Tensor,
+    buffer: torch.Tensor,
+    xf: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    c: float,
+    tail: str,
+    n: int,
+    d: int,
+    scale: float,
+) -> torch.Tensor:
     """(M1) in fixed point, in place: v <- gamma v + round(2^F c f) (the buffer keeps the lost bits), x <- x + v,
     and ``xf`` <- x / 2^F, the next residual function's input; f = residual_tail(xf, g, tail).
 
@@ -213,9 +225,22 @@ def _momentum_step_(xi: torch.Tensor, vi: torch.Tensor, buffer: torch.Tensor, xf
     return bound
 
 
-def _momentum_unstep_(xi: torch.Tensor, vi: torch.Tensor, buffer: torch.Tensor, xf: torch.Tensor, g: torch.Tensor,
-                      a: torch.Tensor, gx: torch.Tensor, *, c: float, tail: str, n: int, d: int, scale: float,
-                      first: bool) -> torch.Tensor:
+def _momentum_unstep_(
+    xi: torch.Tensor,
+    vi: torch.Tensor,
+    buffer: torch.Tensor,
+    xf: torch.Tensor,
+    g: torch.Tensor,
+    a: torch.Tensor,
+    gx: torch.Tensor,
+    *,
+    c: float,
+    tail: str,
+    n: int,
+    d: int,
+    scale: float,
+    first: bool,
+) -> torch.Tensor:
     """The inverse (M2) of step k and the element-wise part of its gradient, in place.
 
     Given x_k = ``xi`` (and its float ``xf``), v_{k+1} = ``vi``, g = the residual function's last tensor at x_k
@@ -277,10 +302,19 @@ def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
 # constant divisors, about twice as fast on x86 (AVX2 has no 64-bit vector division either way). Other backends
 # ignore the option.
 _SCALAR_CPU = {"cpp.simdlen": 1}
-_KERNELS = CompiledKernels({"step": _momentum_step_, "unstep": _momentum_unstep_, "accumulate": _accumulate_,
-                            "rewind": _rewind_, "refresh": _refresh_float_},
-                           env="ZOO_FUSED_FIXED_POINT", what="the fused fixed-point kernels", fullgraph=True,
-                           options={"step": _SCALAR_CPU, "unstep": _SCALAR_CPU})
+_KERNELS = CompiledKernels(
+    {
+        "step": _momentum_step_,
+        "unstep": _momentum_unstep_,
+        "accumulate": _accumulate_,
+        "rewind": _rewind_,
+        "refresh": _refresh_float_,
+    },
+    env="ZOO_FUSED_FIXED_POINT",
+    what="the fused fixed-point kernels",
+    fullgraph=True,
+    options={"step": _SCALAR_CPU, "unstep": _SCALAR_CPU},
+)
 
 
 def set_fused(enabled: bool) -> None:

@@ -22,8 +22,18 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 
-__all__ = ["AttentionMask", "PaddingMask", "CausalMask", "AllowedMask", "BlockedMask", "AdditiveMask",
-           "CombinedMask", "ResolvedMask", "mask_from_tensors", "resolve"]
+__all__ = [
+    "AttentionMask",
+    "PaddingMask",
+    "CausalMask",
+    "AllowedMask",
+    "BlockedMask",
+    "AdditiveMask",
+    "CombinedMask",
+    "ResolvedMask",
+    "mask_from_tensors",
+    "resolve",
+]
 
 
 class AttentionMask:
@@ -234,8 +244,7 @@ def _checked_dense(t: torch.Tensor, lead: torch.Size, L: int, S: int, want_bool:
         raise ZooError(f"sinkhorn_attention: a bool attention mask must have dtype torch.bool, got {t.dtype}")
     if not want_bool and not t.is_floating_point():
         raise ZooError(
-            f"sinkhorn_attention: attn_mask must be bool (True = may attend) or an additive float tensor, got "
-            f"{t.dtype}"
+            f"sinkhorn_attention: attn_mask must be bool (True = may attend) or an additive float tensor, got {t.dtype}"
         )
     try:
         torch.broadcast_shapes(t.shape, (*lead, L, S))

@@ -49,9 +49,7 @@ _CHUNK_BYTES = 4 * 2**20  # score-matrix bytes per chunk of (batch x head) slice
 # ------------------------------------------------------------------------------------------------ argument checks
 
 
-def _check_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_iter: int, dropout_p: float
-) -> torch.Size:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_iter: int, dropout_p: float) -> torch.Size:
     """Shape-only checks (no host sync); returns the broadcast leading shape."""
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ZooError(
@@ -213,8 +211,11 @@ def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torc
 # dropout / dtype variant): inductor fuses each log-sum-exp and each backward half-step into one loop over the
 # chunk, ~1.3x faster than eager on CPU. ZOO_COMPILE_SINKHORN=0 (or set_compile(False)) keeps them eager (same
 # values up to float rounding); a failed compilation falls back to eager once, with a warning.
-_KERNELS = CompiledKernels({"forward": _sinkhorn_forward, "backward": _sinkhorn_backward},
-                           env="ZOO_COMPILE_SINKHORN", what="the compiled Sinkhorn kernels")
+_KERNELS = CompiledKernels(
+    {"forward": _sinkhorn_forward, "backward": _sinkhorn_backward},
+    env="ZOO_COMPILE_SINKHORN",
+    what="the compiled Sinkhorn kernels",
+)
 
 
 def set_compile(enabled: bool) -> None:
@@ -252,8 +253,13 @@ class _SinkhornFunction(torch.autograd.Function):
         for i in range(0, N, chunk):
             sl = slice(i, min(i + chunk, N))
             out[sl], p = fwd(
-                qs[sl], k[sl], v[sl], None if bias is None else bias[bias_idx[sl]],
-                None if keep is None else keep[sl], None if factor is None else factor[sl], n_iter,
+                qs[sl],
+                k[sl],
+                v[sl],
+                None if bias is None else bias[bias_idx[sl]],
+                None if keep is None else keep[sl],
+                None if factor is None else factor[sl],
+                n_iter,
             )
             pots.append(p)
         flat = [torch.cat([p[j] for p in pots]) for j in range(n_iter)]  # (N, L, 1) / (N, 1, S) each
@@ -272,9 +278,15 @@ class _SinkhornFunction(torch.autograd.Function):
         for i in range(0, N, chunk):
             sl = slice(i, min(i + chunk, N))
             dq[sl], dk[sl], dv[sl] = bwd(
-                qs[sl], k[sl], v[sl], None if bias is None else bias[bias_idx[sl]],
-                None if keep is None else keep[sl], None if factor is None else factor[sl],
-                [p[sl] for p in pots], dout[sl], n_iter,
+                qs[sl],
+                k[sl],
+                v[sl],
+                None if bias is None else bias[bias_idx[sl]],
+                None if keep is None else keep[sl],
+                None if factor is None else factor[sl],
+                [p[sl] for p in pots],
+                dout[sl],
+                n_iter,
             )
         return dq.mul_(scale), dk, dv, None, None, None, None, None, None, None
 

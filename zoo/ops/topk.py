@@ -113,8 +113,9 @@ def _check_dim(name: str, x: torch.Tensor, dim: int) -> int:
     if x.dim() == 0:
         raise ZooError(f"{name}: x must have at least one dimension (the operator acts along dim), got a scalar")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ZooError(f"{name}: dim must be an int in [{-x.dim()}, {x.dim() - 1}] for x of shape "
-                       f"{tuple(x.shape)}, got {dim!r}")
+        raise ZooError(
+            f"{name}: dim must be an int in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim!r}"
+        )
     return dim % x.dim()
 
 
@@ -128,8 +129,10 @@ def _check_k(name: str, k: int | torch.Tensor, n: int, batch: torch.Size, device
         except RuntimeError:
             ok = False
         if not ok:
-            raise ZooError(f"{name}: tensor k of shape {tuple(k.shape)} does not broadcast to x's shape without dim "
-                           f"{tuple(batch)} (one k per row)")
+            raise ZooError(
+                f"{name}: tensor k of shape {tuple(k.shape)} does not broadcast to x's shape without dim "
+                f"{tuple(batch)} (one k per row)"
+            )
         msg = f"{name}: every k must be in [1, n] with n = {n} (the size of x along dim)"
         if k.device.type == "cpu":
             if k.numel() and (bool((k < 1).any()) or bool((k > n).any())):
@@ -145,8 +148,9 @@ def _check_k(name: str, k: int | torch.Tensor, n: int, batch: torch.Size, device
 
 
 @renamed_arguments(n_iter="dykstra_iters")
-def check_relaxed(name: str, p: float, lam: float, solver: str, dykstra_iters: int, *,
-                  n_iter: int | None = None) -> bool:
+def check_relaxed(
+    name: str, p: float, lam: float, solver: str, dykstra_iters: int, *, n_iter: int | None = None
+) -> bool:
     """The relaxed top-k's options checked in one place (the ops, :mod:`zoo.nn.topk` and the MoE router): ``p``
     2 or 4/3, ``lam`` > 0, ``solver`` in :data:`SOLVERS` (Dykstra for p = 2 only), ``dykstra_iters`` >= 1
     (Dykstra iterations; ``n_iter`` is its deprecated name); one ZooError prefixed by ``name`` otherwise.
@@ -158,8 +162,10 @@ def check_relaxed(name: str, p: float, lam: float, solver: str, dykstra_iters: i
     elif abs(float(p) - _P43) < 1e-6:
         p43 = True
     else:
-        raise ZooError(f"{name}: p = {p} is not implemented: supported values are p = 2 and p = 4/3 "
-                       "(1 < p <= 2 is the theory's range, only these two have solvers here)")
+        raise ZooError(
+            f"{name}: p = {p} is not implemented: supported values are p = 2 and p = 4/3 "
+            "(1 < p <= 2 is the theory's range, only these two have solvers here)"
+        )
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (math.isfinite(lam) and lam > 0):
         raise ZooError(f"{name}: lam must be a finite float > 0 (the regularisation strength), got {lam!r}")
     if solver not in SOLVERS:
@@ -171,8 +177,9 @@ def check_relaxed(name: str, p: float, lam: float, solver: str, dykstra_iters: i
     return p43
 
 
-def _rows(name: str, x: torch.Tensor, k: int | torch.Tensor,
-          dim: int) -> tuple[torch.Tensor, int | torch.Tensor, torch.Size, int]:
+def _rows(
+    name: str, x: torch.Tensor, k: int | torch.Tensor, dim: int
+) -> tuple[torch.Tensor, int | torch.Tensor, torch.Size, int]:
     """x as (rows, n) with the operator along the last dim, k checked, and how to put the result back."""
     d = _check_dim(name, x, dim)
     xm = x.movedim(d, -1)
@@ -302,8 +309,9 @@ def _cubic_root(P: torch.Tensor | float, Q: torch.Tensor) -> torch.Tensor:
     return z - torch.where(d > 0, (z * z * z + P * z + Q) / d.clamp_min(tiny), 0.0)
 
 
-def _singletons(s: torch.Tensor, L: torch.Tensor, lam: float, p43: bool,
-                mag: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _singletons(
+    s: torch.Tensor, L: torch.Tensor, lam: float, p43: bool, mag: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (the minimiser of each h_i alone) and (s - y) / lam on L for the magnitude (None for the mask: 1)."""
     if not mag:
         return s - lam * L.to(s.dtype), None
@@ -318,8 +326,9 @@ def _suffix(v: torch.Tensor) -> torch.Tensor:
     return v.flip(-1).cumsum(-1).flip(-1)
 
 
-def _pav_gamma(s: torch.Tensor, y: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool,
-               mag: bool) -> torch.Tensor:
+def _pav_gamma(
+    s: torch.Tensor, y: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool
+) -> torch.Tensor:
     """gamma (rows, 1), the value of PAV's pooled block: the root of G (module docstring), in closed form.
 
     Breakpoints ys = y sorted ascending. At breakpoint j the active entries are the L entries among sorted[0:j]
@@ -333,8 +342,8 @@ def _pav_gamma(s: torch.Tensor, y: torch.Tensor, kk: int | torch.Tensor, lam: fl
     n = s.shape[-1]
     tiny = torch.finfo(s.dtype).tiny
     if isinstance(kk, int):
-        yk = y[:, kk - 1:kk]
-        yk1 = y[:, kk:kk + 1] if kk < n else yk - 2.0 * lam
+        yk = y[:, kk - 1 : kk]
+        yk1 = y[:, kk : kk + 1] if kk < n else yk - 2.0 * lam
     else:
         yk = y.gather(-1, kk - 1)
         yk1 = torch.where(kk < n, y.gather(-1, kk.clamp_max(n - 1)), yk - 2.0 * lam)
@@ -346,15 +355,18 @@ def _pav_gamma(s: torch.Tensor, y: torch.Tensor, kk: int | torch.Tensor, lam: fl
     cl = Lf.cumsum(-1)  # L entries among sorted[0:j + 1]
     cr = (n - kk - torch.arange(n, device=s.device, dtype=s.dtype)) + (cl - Lf)  # R entries among sorted[j:n]
 
-    def root_piece(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def root_piece(
+        G: torch.Tensor,
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ]:
         c = (G <= 0).sum(-1, keepdim=True)
         lo, hi, has_lo, has_hi = (c - 1).clamp_min(0), c.clamp_max(n - 1), c > 0, c < n
         clc = torch.where(has_lo, cl.gather(-1, lo), 0.0)  # L entries among sorted[0:c)
         crc = (n - kk - c) + clc  # R entries among sorted[c:n)
 
         def piece(pre: torch.Tensor, suf: torch.Tensor) -> torch.Tensor:
-            return (torch.where(has_lo, pre.gather(-1, lo), 0.0) + torch.where(has_hi, suf.gather(-1, hi), 0.0))
+            return torch.where(has_lo, pre.gather(-1, lo), 0.0) + torch.where(has_hi, suf.gather(-1, hi), 0.0)
 
         return c, lo, clc, crc, piece
 
@@ -404,8 +416,9 @@ def _pav_gamma(s: torch.Tensor, y: torch.Tensor, kk: int | torch.Tensor, lam: fl
     return torch.where(no_violation, gamma_nv, m + lam * t)
 
 
-def _pav_sorted(s: torch.Tensor, L: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool,
-                mag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pav_sorted(
+    s: torch.Tensor, L: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """e = (s - v*) / lam in sorted order and the pooled block (bool): v*_i = max(y_i, gamma) on L, min on R."""
     y, e_single = _singletons(s, L, lam, p43, mag)
     gamma = _pav_gamma(s, y, kk, lam, p43, mag)
@@ -417,8 +430,9 @@ def _pav_sorted(s: torch.Tensor, L: torch.Tensor, kk: int | torch.Tensor, lam: f
 # ------------------------------------------------------------------------------------------------ Dykstra
 
 
-def _dykstra_sorted(s: torch.Tensor, L: torch.Tensor, lam: float, mag: bool,
-                    dykstra_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _dykstra_sorted(
+    s: torch.Tensor, L: torch.Tensor, lam: float, mag: bool, dykstra_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """e = (s - v) / lam and the block, v after ``dykstra_iters`` rounds of Dykstra's projections onto C1 and C2.
 
     Each projection pools the violating pairs (u, w) (u < w) of its constraint set at their weighted mean
@@ -438,10 +452,10 @@ def _dykstra_sorted(s: torch.Tensor, L: torch.Tensor, lam: float, mag: bool,
         m = (n - off) // 2
         if m == 0:
             continue
-        u, w = v[:, off:off + 2 * m:2], v[:, off + 1:off + 2 * m:2]
+        u, w = v[:, off : off + 2 * m : 2], v[:, off + 1 : off + 2 * m : 2]
         beta = rho = None
         if a is not None:
-            au, aw = a[:, off:off + 2 * m:2], a[:, off + 1:off + 2 * m:2]
+            au, aw = a[:, off : off + 2 * m : 2], a[:, off + 1 : off + 2 * m : 2]
             beta, rho = aw / (au + aw), au / aw
         steps.append((u, w, beta, rho, v.new_zeros(rows, m), v.new_empty(rows, m), v.new_empty(rows, m)))
     for _ in range(dykstra_iters):
@@ -464,8 +478,9 @@ def _dykstra_sorted(s: torch.Tensor, L: torch.Tensor, lam: float, mag: bool,
 # ------------------------------------------------------------------------------------------------ autograd
 
 
-def _vjp_sorted(gs: torch.Tensor, blk: torch.Tensor, L: torch.Tensor, e: torch.Tensor | None, lam: float, p43: bool,
-                mag: bool) -> torch.Tensor:
+def _vjp_sorted(
+    gs: torch.Tensor, blk: torch.Tensor, L: torch.Tensor, e: torch.Tensor | None, lam: float, p43: bool, mag: bool
+) -> torch.Tensor:
     """hs - (dv/ds)^T hs in sorted order, hs = grad^2 R*(s - v) * gs (the closed-form Jacobian of the solution)."""
     tiny = torch.finfo(gs.dtype).tiny
     Lf = L.to(gs.dtype)
@@ -520,8 +535,9 @@ def _mask_pav_rows(x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: boo
     return ((x - gamma) / lam).clamp_(0.0, 1.0)
 
 
-def _nonfinite_rows(x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool,
-                    mag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _nonfinite_rows(
+    x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Infinite and NaN entries (module docstring, "Non-finite entries"): (x with finite surrogates, the infinite
     entries (bool), the rows holding a NaN (rows, 1), the exact outputs at the infinite entries).
 
@@ -569,7 +585,13 @@ class _SoftTopKFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, kk: int | torch.Tensor, lam: float, p43: bool, mag: bool, solver: str,
+        ctx: Any,
+        x: torch.Tensor,
+        kk: int | torch.Tensor,
+        lam: float,
+        p43: bool,
+        mag: bool,
+        solver: str,
         dykstra_iters: int,
     ) -> torch.Tensor:
         rows, n = x.shape
@@ -618,8 +640,9 @@ class _SoftTopKFunction(torch.autograd.Function):
             ctx.save_for_backward(out, blk_o, None, None, None, None, inf, row_nan)
             return finish(out)
         neg = x < 0
-        ctx.save_for_backward(None, blk, perm, e_s if p43 else None, neg, kk if isinstance(kk, torch.Tensor) else None,
-                              inf, row_nan)
+        ctx.save_for_backward(
+            None, blk, perm, e_s if p43 else None, neg, kk if isinstance(kk, torch.Tensor) else None, inf, row_nan
+        )
         return finish(torch.where(neg, -out, out))
 
     @staticmethod
@@ -636,8 +659,7 @@ class _SoftTopKFunction(torch.autograd.Function):
             for sl in chunks:
                 p = perm[sl]
                 L = torch.arange(grad.shape[-1], device=grad.device) < (kint if kt is None else kt[sl])
-                vjp = _vjp_sorted(grad[sl].gather(-1, p), blk[sl], L, None if e_s is None else e_s[sl], lam, p43,
-                                  mag)
+                vjp = _vjp_sorted(grad[sl].gather(-1, p), blk[sl], L, None if e_s is None else e_s[sl], lam, p43, mag)
                 gx[sl] = torch.empty_like(vjp).scatter_(-1, p, vjp)
             gx = torch.where(neg, -gx, gx)
         if ctx.nonfinite:  # an infinite entry cannot move: gradient 0; a row holding a NaN: NaN
@@ -645,8 +667,17 @@ class _SoftTopKFunction(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
-def _soft(name: str, x: torch.Tensor, k: int | torch.Tensor, dim: int, p: float, lam: float, solver: str,
-          dykstra_iters: int, mag: bool) -> torch.Tensor:
+def _soft(
+    name: str,
+    x: torch.Tensor,
+    k: int | torch.Tensor,
+    dim: int,
+    p: float,
+    lam: float,
+    solver: str,
+    dykstra_iters: int,
+    mag: bool,
+) -> torch.Tensor:
     p43 = check_relaxed(name, p, lam, solver, dykstra_iters)
     flat, kk, shape, d = _rows(name, x, k, dim)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32

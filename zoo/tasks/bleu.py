@@ -37,9 +37,11 @@ def _sacrebleu_bleu(tokenize: str, lowercase: bool, smooth_method: str):  # noqa
     except (AssertionError, ValueError, KeyError, RuntimeError, ImportError) as e:
         from sacrebleu.metrics.bleu import BLEU as _BLEU
 
-        raise ZooError(f"sacrebleu cannot use tokenize={tokenize!r} / smooth_method={smooth_method!r} ({e}): "
-                       f"tokenize is one of {', '.join(_BLEU.TOKENIZERS)}, smooth_method one of "
-                       f"{', '.join(_BLEU.SMOOTH_DEFAULTS)}") from None
+        raise ZooError(
+            f"sacrebleu cannot use tokenize={tokenize!r} / smooth_method={smooth_method!r} ({e}): "
+            f"tokenize is one of {', '.join(_BLEU.TOKENIZERS)}, smooth_method one of "
+            f"{', '.join(_BLEU.SMOOTH_DEFAULTS)}"
+        ) from None
 
 
 class CorpusBLEU(Metric):
@@ -76,14 +78,18 @@ class CorpusBLEU(Metric):
 
     def update(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
         if isinstance(hypotheses, str) or len(hypotheses) != len(references):
-            raise ZooError(f"CorpusBLEU.update needs a list of hypotheses and one list of references per hypothesis, "
-                           f"got {type(hypotheses).__name__} of {len(hypotheses)} and {len(references)} references")
+            raise ZooError(
+                f"CorpusBLEU.update needs a list of hypotheses and one list of references per hypothesis, "
+                f"got {type(hypotheses).__name__} of {len(hypotheses)} and {len(references)} references"
+            )
         if not hypotheses:
             return
         n_refs = {len(r) if not isinstance(r, str) else -1 for r in references}
         if len(n_refs) != 1 or min(n_refs) < 1:
-            raise ZooError("CorpusBLEU.update: give every hypothesis a list of the same number (>= 1) of reference "
-                           "strings, e.g. [[ref] for ref in refs]")
+            raise ZooError(
+                "CorpusBLEU.update: give every hypothesis a list of the same number (>= 1) of reference "
+                "strings, e.g. [[ref] for ref in refs]"
+            )
         streams = [list(s) for s in zip(*references)]  # sacrebleu: one list per reference "stream"
         stats = self._bleu.corpus_score(list(hypotheses), streams)
         dev = self.correct.device
@@ -96,7 +102,13 @@ class CorpusBLEU(Metric):
         from sacrebleu.metrics import BLEU
 
         correct, total = self.correct.tolist(), self.total.tolist()
-        score = BLEU.compute_bleu(correct, total, int(self.sys_len), int(self.ref_len),
-                                  smooth_method=self.smooth_method, smooth_value=self._bleu.smooth_value,
-                                  max_ngram_order=MAX_NGRAM_ORDER)
+        score = BLEU.compute_bleu(
+            correct,
+            total,
+            int(self.sys_len),
+            int(self.ref_len),
+            smooth_method=self.smooth_method,
+            smooth_value=self._bleu.smooth_value,
+            max_ngram_order=MAX_NGRAM_ORDER,
+        )
         return torch.tensor(score.score, dtype=torch.float32)

@@ -45,8 +45,7 @@ class ImageClassifier(pl.LightningModule):
     """
 
     # the optimiser a family trains with when none is given (LightningCLI shows it as null)
-    default_optimizer: OptimizerCallable = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9,
-                                                             weight_decay=5e-4)
+    default_optimizer: OptimizerCallable = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def __init__(
         self,
@@ -56,8 +55,12 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        non_negative_int("num_classes", num_classes, hint="give the number of classes, or 0 for a model without a "
-                         "classifier (forward returns the pooled features, as timm's num_classes=0)")
+        non_negative_int(
+            "num_classes",
+            num_classes,
+            hint="give the number of classes, or 0 for a model without a "
+            "classifier (forward returns the pooled features, as timm's num_classes=0)",
+        )
         self.optimizer_factory = check_factory("optimizer", optimizer)
         self.lr_scheduler_factory = check_factory("lr_scheduler", lr_scheduler)
         finite_float("label_smoothing", label_smoothing, 0.0, 1.0)
@@ -96,8 +99,10 @@ class ImageClassifier(pl.LightningModule):
 
     def _check_head(self) -> None:
         if not hasattr(self, "train_acc"):
-            raise ZooError(f"this model has num_classes={self.hparams.num_classes}: it returns features, not class "
-                           "scores; give it a classifier before training (model.reset_classifier(num_classes))")
+            raise ZooError(
+                f"this model has num_classes={self.hparams.num_classes}: it returns features, not class "
+                "scores; give it a classifier before training (model.reset_classifier(num_classes))"
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self._check_head()
@@ -166,6 +171,11 @@ class ImageClassifier(pl.LightningModule):
         take ``["optimizer"]`` and ``["lr_scheduler"]["scheduler"]`` (step it every ``["interval"]``).
         """
         trainer = self._trainer if total_steps is None else None
-        return build_optimization(self, self.optimizer_factory or type(self).default_optimizer,
-                                  self.lr_scheduler_factory,
-                                  trainer=trainer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        return build_optimization(
+            self,
+            self.optimizer_factory or type(self).default_optimizer,
+            self.lr_scheduler_factory,
+            trainer=trainer,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+        )

@@ -49,10 +49,22 @@ __all__ = [
 
 # training settings that were model arguments before the optimiser and schedule were injected: files and checkpoints
 # of earlier versions still carry them (zoo.hub drops them), and a model given one refuses it with the new form
-LEGACY_TRAINING_ARGS = frozenset({
-    "lr", "momentum", "weight_decay", "betas", "nesterov", "adam_eps", "scheduler", "warmup_epochs", "milestones",
-    "lr_gamma", "warmup_updates", "warmup_init_lr",
-})
+LEGACY_TRAINING_ARGS = frozenset(
+    {
+        "lr",
+        "momentum",
+        "weight_decay",
+        "betas",
+        "nesterov",
+        "adam_eps",
+        "scheduler",
+        "warmup_epochs",
+        "milestones",
+        "lr_gamma",
+        "warmup_updates",
+        "warmup_init_lr",
+    }
+)
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
@@ -111,14 +123,19 @@ def check_factory(name: str, factory: Any) -> Any:
     error that shows the new form."""
     if factory is None or callable(factory):
         return factory
-    example = ("functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9) in Python, or in YAML optimizer: "
-               "{class_path: torch.optim.SGD, init_args: {lr: 0.1, momentum: 0.9}}" if name == "optimizer" else
-               "functools.partial(zoo.tasks.optim.WarmupCosineLR, warmup_epochs=1) in Python, or in YAML "
-               "lr_scheduler: {class_path: zoo.tasks.optim.WarmupCosineLR, init_args: {warmup_epochs: 1}}")
-    raise ZooError(f"{name} must be a callable that builds the {name.replace('_', ' ')} (LightningCLI's "
-                   f"{'OptimizerCallable' if name == 'optimizer' else 'LRSchedulerCallable'}), got {factory!r}; "
-                   f"training settings are no longer model arguments of their own (lr, momentum, weight_decay ...): "
-                   f"give e.g. {example}")
+    example = (
+        "functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9) in Python, or in YAML optimizer: "
+        "{class_path: torch.optim.SGD, init_args: {lr: 0.1, momentum: 0.9}}"
+        if name == "optimizer"
+        else "functools.partial(zoo.tasks.optim.WarmupCosineLR, warmup_epochs=1) in Python, or in YAML "
+        "lr_scheduler: {class_path: zoo.tasks.optim.WarmupCosineLR, init_args: {warmup_epochs: 1}}"
+    )
+    raise ZooError(
+        f"{name} must be a callable that builds the {name.replace('_', ' ')} (LightningCLI's "
+        f"{'OptimizerCallable' if name == 'optimizer' else 'LRSchedulerCallable'}), got {factory!r}; "
+        f"training settings are no longer model arguments of their own (lr, momentum, weight_decay ...): "
+        f"give e.g. {example}"
+    )
 
 
 class _RunLengthScheduler(LRScheduler):
@@ -127,8 +144,9 @@ class _RunLengthScheduler(LRScheduler):
 
     interval = "step"
 
-    def __init__(self, optimizer: Optimizer, total_steps: int | None, steps_per_epoch: float | None,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Optimizer, total_steps: int | None, steps_per_epoch: float | None, last_epoch: int = -1
+    ) -> None:
         self.total_steps: int | None = None
         self.steps_per_epoch: float | None = None
         super().__init__(optimizer, last_epoch)
@@ -163,9 +181,11 @@ class _RunLengthScheduler(LRScheduler):
         if self.total_steps is None:
             if self.last_epoch <= 0:
                 return list(self.base_lrs)  # construction: set for real by bind_run_length
-            raise ZooError(f"{type(self).__name__} was stepped before it knew the length of the run: under a "
-                           "Trainer the task binds it; in a plain loop build it with total_steps=N (or call "
-                           "model.configure_optimizers(total_steps=N))")
+            raise ZooError(
+                f"{type(self).__name__} was stepped before it knew the length of the run: under a "
+                "Trainer the task binds it; in a plain loop build it with total_steps=N (or call "
+                "model.configure_optimizers(total_steps=N))"
+            )
         return self._compute(self.last_epoch)
 
 
@@ -187,9 +207,16 @@ class WarmupCosineLR(_RunLengthScheduler):
             under a Trainer the task sets them.
     """
 
-    def __init__(self, optimizer: Optimizer, warmup_epochs: float = 0.0, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.0, total_steps: int | None = None, steps_per_epoch: float | None = None,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_epochs: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        total_steps: int | None = None,
+        steps_per_epoch: float | None = None,
+        last_epoch: int = -1,
+    ) -> None:
         finite_float("warmup_epochs", warmup_epochs, 0.0)
         non_negative_int("warmup_steps", warmup_steps)
         finite_float("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
@@ -206,8 +233,10 @@ class WarmupCosineLR(_RunLengthScheduler):
         assert self.total_steps is not None
         if self.warmup_epochs:
             if self.steps_per_epoch is None:
-                raise ZooError(f"warmup_epochs={self.warmup_epochs} needs the number of steps per epoch: give "
-                               "steps_per_epoch (or use warmup_steps)")
+                raise ZooError(
+                    f"warmup_epochs={self.warmup_epochs} needs the number of steps per epoch: give "
+                    "steps_per_epoch (or use warmup_steps)"
+                )
             warmup = int(round(self.warmup_epochs * self.steps_per_epoch))
         else:
             warmup = self.warmup_steps
@@ -232,8 +261,9 @@ class InverseSqrtLR(LRScheduler):
 
     interval = "step"
 
-    def __init__(self, optimizer: Optimizer, warmup_updates: int = 4000, warmup_init_lr: float = -1.0,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Optimizer, warmup_updates: int = 4000, warmup_init_lr: float = -1.0, last_epoch: int = -1
+    ) -> None:
         non_negative_int("warmup_updates", warmup_updates)
         finite_float("warmup_init_lr", warmup_init_lr)
         self.warmup_updates = int(warmup_updates)
@@ -277,9 +307,14 @@ def _trainer_run_length(trainer: Any) -> tuple[int, float | None]:
     return int(total), per_epoch
 
 
-def build_optimization(model: nn.Module, optimizer: Callable[..., Optimizer],
-                       lr_scheduler: Callable[[Optimizer], Any] | None, trainer: Any = None,
-                       total_steps: int | None = None, steps_per_epoch: float | None = None) -> Any:
+def build_optimization(
+    model: nn.Module,
+    optimizer: Callable[..., Optimizer],
+    lr_scheduler: Callable[[Optimizer], Any] | None,
+    trainer: Any = None,
+    total_steps: int | None = None,
+    steps_per_epoch: float | None = None,
+) -> Any:
     """Lightning's ``configure_optimizers`` value: the optimiser over :func:`parameter_groups`, and the schedule
     (with its interval: ``scheduler.interval`` if it has one, else per epoch) bound to the run length.
 
@@ -288,16 +323,19 @@ def build_optimization(model: nn.Module, optimizer: Callable[..., Optimizer],
     """
     opt = optimizer(parameter_groups(model))
     if not isinstance(opt, Optimizer):
-        raise ZooError(f"optimizer must build a torch.optim.Optimizer from the parameter groups, got "
-                       f"{type(opt).__name__}")
+        raise ZooError(
+            f"optimizer must build a torch.optim.Optimizer from the parameter groups, got {type(opt).__name__}"
+        )
     if lr_scheduler is None:
         return opt
     sched = lr_scheduler(opt)
     if isinstance(sched, _RunLengthScheduler) and sched.total_steps is None:
         if total_steps is None:
             if trainer is None:
-                raise ZooError(f"{type(sched).__name__} decays over the whole run: outside a Trainer give the "
-                               "number of optimizer steps, model.configure_optimizers(total_steps=N)")
+                raise ZooError(
+                    f"{type(sched).__name__} decays over the whole run: outside a Trainer give the "
+                    "number of optimizer steps, model.configure_optimizers(total_steps=N)"
+                )
             total_steps, per_epoch = _trainer_run_length(trainer)
             steps_per_epoch = per_epoch if steps_per_epoch is None else steps_per_epoch
         sched.bind_run_length(total_steps, steps_per_epoch)

@@ -73,8 +73,9 @@ FAIRSEQ_ADAM = functools.partial(torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98), 
 # ================================================================================================ loss, schedule
 
 
-def label_smoothed_nll_loss(lprobs: torch.Tensor, target: torch.Tensor, epsilon: float,
-                            ignore_index: int | None = None, reduce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def label_smoothed_nll_loss(
+    lprobs: torch.Tensor, target: torch.Tensor, epsilon: float, ignore_index: int | None = None, reduce: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fairseq's ``label_smoothed_nll_loss``: (loss, nll_loss), summed over the tokens when ``reduce``.
 
     ``lprobs`` (..., V) log-probabilities, ``target`` (...) ids; tokens equal to ``ignore_index`` count for nothing.
@@ -94,7 +95,6 @@ def label_smoothed_nll_loss(lprobs: torch.Tensor, target: torch.Tensor, epsilon:
     eps_i = epsilon / (lprobs.size(-1) - 1)
     loss = (1.0 - epsilon - eps_i) * nll_loss + eps_i * smooth_loss
     return loss, nll_loss
-
 
 
 # ================================================================================================ exact match
@@ -123,14 +123,14 @@ class ExactMatchByLength(Metric):
         self.add_state("correct", torch.zeros(self.max_length + 2, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(self.max_length + 2, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, hypotheses: Sequence[str], references: Sequence[str],
-               lengths: torch.Tensor | None = None) -> None:
+    def update(self, hypotheses: Sequence[str], references: Sequence[str], lengths: torch.Tensor | None = None) -> None:
         if isinstance(hypotheses, str) or len(hypotheses) != len(references):
-            raise ZooError(f"ExactMatchByLength.update needs as many hypotheses as references, got "
-                           f"{len(hypotheses)} and {len(references)}")
+            raise ZooError(
+                f"ExactMatchByLength.update needs as many hypotheses as references, got "
+                f"{len(hypotheses)} and {len(references)}"
+            )
         if lengths is not None and len(lengths) != len(hypotheses):
-            raise ZooError(f"ExactMatchByLength.update: {len(lengths)} length classes for {len(hypotheses)} "
-                           "sentences")
+            raise ZooError(f"ExactMatchByLength.update: {len(lengths)} length classes for {len(hypotheses)} sentences")
         if not hypotheses:
             return
         dev = self.correct.device
@@ -164,11 +164,13 @@ class Seq2SeqDecoder(Protocol):
 
     def forward_encoder(self, src_tokens: torch.Tensor) -> Any: ...
 
-    def forward_decoder_step(self, tokens: torch.Tensor, step: int, encoder_out: Any,
-                             cache: list[dict[str, torch.Tensor]]) -> torch.Tensor: ...
+    def forward_decoder_step(
+        self, tokens: torch.Tensor, step: int, encoder_out: Any, cache: list[dict[str, torch.Tensor]]
+    ) -> torch.Tensor: ...
 
-    def reorder_state(self, encoder_out: Any, cache: list[dict[str, torch.Tensor]],
-                      index: torch.Tensor) -> tuple[Any, list[dict[str, torch.Tensor]]]: ...
+    def reorder_state(
+        self, encoder_out: Any, cache: list[dict[str, torch.Tensor]], index: torch.Tensor
+    ) -> tuple[Any, list[dict[str, torch.Tensor]]]: ...
 
     def max_decoder_positions(self) -> int: ...
 
@@ -179,8 +181,16 @@ def _max_lens(model: Seq2SeqDecoder, src_tokens: torch.Tensor, max_len_a: float,
     return [max(0, min(int(max_len_a * n + max_len_b), top)) for n in lens]
 
 
-def _mask_lprobs(lprobs: torch.Tensor, step: int, max_len: torch.Tensor, min_len: int, pad: int, eos: int,
-                 unk: int, unk_penalty: float) -> torch.Tensor:
+def _mask_lprobs(
+    lprobs: torch.Tensor,
+    step: int,
+    max_len: torch.Tensor,
+    min_len: int,
+    pad: int,
+    eos: int,
+    unk: int,
+    unk_penalty: float,
+) -> torch.Tensor:
     """fairseq's per-step constraints; ``max_len`` (N,) per row."""
     lprobs = lprobs.clone()
     lprobs[lprobs != lprobs] = -math.inf
@@ -197,8 +207,15 @@ def _mask_lprobs(lprobs: torch.Tensor, step: int, max_len: torch.Tensor, min_len
 
 
 @torch.no_grad()
-def greedy_search(model: Seq2SeqDecoder, src_tokens: torch.Tensor, max_len_a: float = 0.0, max_len_b: int = 200,
-                  min_len: int = 1, lenpen: float = 1.0, unk_penalty: float = 0.0) -> list[dict[str, Any]]:
+def greedy_search(
+    model: Seq2SeqDecoder,
+    src_tokens: torch.Tensor,
+    max_len_a: float = 0.0,
+    max_len_b: int = 200,
+    min_len: int = 1,
+    lenpen: float = 1.0,
+    unk_penalty: float = 0.0,
+) -> list[dict[str, Any]]:
     """Argmax decoding with the decoder's key/value cache: per sentence ``{"tokens"`` (ending in eos), ``"score"``
     (sum of log-probabilities / length^lenpen), ``"positional_scores"}`` (CPU tensors)."""
     B = src_tokens.size(0)
@@ -226,15 +243,28 @@ def greedy_search(model: Seq2SeqDecoder, src_tokens: torch.Tensor, max_len_a: fl
     for i in range(B):
         ends = (toks[i] == model.eos).nonzero()
         n = int(ends[0]) + 1 if len(ends) else toks.size(1)
-        out.append({"tokens": toks[i, :n].clone(), "score": float(sc[i, :n].double().sum()) / n**lenpen,
-                    "positional_scores": sc[i, :n].clone()})
+        out.append(
+            {
+                "tokens": toks[i, :n].clone(),
+                "score": float(sc[i, :n].double().sum()) / n**lenpen,
+                "positional_scores": sc[i, :n].clone(),
+            }
+        )
     return out
 
 
 @torch.no_grad()
-def beam_search(model: Seq2SeqDecoder, src_tokens: torch.Tensor, beam: int = 5, lenpen: float = 1.0,
-                max_len_a: float = 0.0, max_len_b: int = 200, min_len: int = 1, unk_penalty: float = 0.0,
-                nbest: int = 1) -> list[list[dict[str, Any]]]:
+def beam_search(
+    model: Seq2SeqDecoder,
+    src_tokens: torch.Tensor,
+    beam: int = 5,
+    lenpen: float = 1.0,
+    max_len_a: float = 0.0,
+    max_len_b: int = 200,
+    min_len: int = 1,
+    unk_penalty: float = 0.0,
+    nbest: int = 1,
+) -> list[list[dict[str, Any]]]:
     """fairseq's beam search (see the module docstring) with the decoder's key/value cache, sentences leaving the
     batch once finished. Returns, per sentence, the ``nbest`` best hypotheses ``{"tokens"`` (ending in eos),
     ``"score"`` (normalised), ``"positional_scores"}``, best first (CPU tensors)."""
@@ -367,8 +397,10 @@ class TranslationTask(pl.LightningModule):
         non_negative_int("min_len", min_len)
         finite_float("unk_penalty", unk_penalty)
         if not isinstance(eval_bleu_tokenize, str):
-            raise ZooError(f"eval_bleu_tokenize must be the name of a sacrebleu tokenizer (such as '13a' or 'none'), "
-                           f"got {eval_bleu_tokenize!r} ({type(eval_bleu_tokenize).__name__})")
+            raise ZooError(
+                f"eval_bleu_tokenize must be the name of a sacrebleu tokenizer (such as '13a' or 'none'), "
+                f"got {eval_bleu_tokenize!r} ({type(eval_bleu_tokenize).__name__})"
+            )
         self.save_hyperparameters(ignore=["weights", "optimizer", "lr_scheduler"])
         self.val_loss, self.val_nll, self.val_acc = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_loss, self.test_nll, self.test_acc = MeanMetric(), MeanMetric(), MeanMetric()
@@ -487,8 +519,14 @@ class TranslationTask(pl.LightningModule):
         """Beam search with the task's settings (``beam=1`` gives the greedy translation); keyword arguments
         override ``lenpen``, ``max_len_a``, ``max_len_b``, ``min_len``, ``unk_penalty``, ``nbest``."""
         hp = self.hparams
-        kwargs = {"lenpen": hp.lenpen, "max_len_a": hp.max_len_a, "max_len_b": hp.max_len_b, "min_len": hp.min_len,
-                  "unk_penalty": hp.unk_penalty, **overrides}
+        kwargs = {
+            "lenpen": hp.lenpen,
+            "max_len_a": hp.max_len_a,
+            "max_len_b": hp.max_len_b,
+            "min_len": hp.min_len,
+            "unk_penalty": hp.unk_penalty,
+            **overrides,
+        }
         was_training = self.training
         self.eval()
         try:
@@ -531,5 +569,11 @@ class TranslationTask(pl.LightningModule):
             return factory([{"params": [p for group in groups for p in group["params"]]}])
 
         trainer = self._trainer if total_steps is None else None
-        return build_optimization(self, one_group, self.lr_scheduler_factory, trainer=trainer,
-                                  total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        return build_optimization(
+            self,
+            one_group,
+            self.lr_scheduler_factory,
+            trainer=trainer,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+        )

@@ -16,8 +16,14 @@ from zoo.errors import ZooError
 
 __all__ = ["TokenBatchSampler", "batch_by_size"]
 
-def batch_by_size(indices: Sequence[int], num_tokens: np.ndarray, max_tokens: int | None = None,
-                  max_sentences: int | None = None, required_batch_size_multiple: int = 1) -> list[list[int]]:
+
+def batch_by_size(
+    indices: Sequence[int],
+    num_tokens: np.ndarray,
+    max_tokens: int | None = None,
+    max_sentences: int | None = None,
+    required_batch_size_multiple: int = 1,
+) -> list[list[int]]:
     """fairseq's ``batch_by_size`` (its python fallback): cut ``indices`` (in order) into batches with
     ``len(batch) * longest <= max_tokens`` and ``len(batch) <= max_sentences``; a full batch is cut to a multiple of
     ``required_batch_size_multiple`` when it holds at least that many, the rest starting the next batch."""
@@ -33,8 +39,10 @@ def batch_by_size(indices: Sequence[int], num_tokens: np.ndarray, max_tokens: in
     for idx in indices:
         n = int(num_tokens[idx])
         if max_tokens is not None and n > max_tokens:
-            raise ZooError(f"example {idx} has {n} tokens, more than max_tokens={max_tokens}: raise max_tokens or "
-                           "lower max_source_positions / max_target_positions (longer examples are dropped)")
+            raise ZooError(
+                f"example {idx} has {n} tokens, more than max_tokens={max_tokens}: raise max_tokens or "
+                "lower max_source_positions / max_target_positions (longer examples are dropped)"
+            )
         lens.append(n)
         longest = max(longest, n)
         full = len(batch) > 0 and (
@@ -88,11 +96,21 @@ class TokenBatchSampler(BatchSampler):
         drop_last: must be False (every example is batched); an argument so that Lightning can set it.
     """
 
-    def __init__(self, src_sizes: np.ndarray, tgt_sizes: np.ndarray | None, max_tokens: int | None = 4096,
-                 max_sentences: int | None = None, shuffle: bool = True, seed: int = 1,
-                 required_batch_size_multiple: int = 8, num_replicas: int | None = None,
-                 rank: int | None = None, even_batches: bool = True, sampler: Any = None,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        src_sizes: np.ndarray,
+        tgt_sizes: np.ndarray | None,
+        max_tokens: int | None = 4096,
+        max_sentences: int | None = None,
+        shuffle: bool = True,
+        seed: int = 1,
+        required_batch_size_multiple: int = 8,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        even_batches: bool = True,
+        sampler: Any = None,
+        drop_last: bool = False,
+    ) -> None:
         if drop_last:
             raise ZooError("TokenBatchSampler batches every example: drop_last must be False")
         self.src_sizes = np.asarray(src_sizes, dtype=np.int64)
@@ -119,13 +137,14 @@ class TokenBatchSampler(BatchSampler):
         if self.num_replicas > 1 and not self.even_batches and len(order):
             # each example once: every num_replicas-th of the sorted order (a split smaller than the number of
             # processes is repeated so that every process has one example)
-            order = np.resize(order, max(len(order), self.num_replicas))[self.rank::self.num_replicas]
+            order = np.resize(order, max(len(order), self.num_replicas))[self.rank :: self.num_replicas]
         self.batches = self._batch(order)
         self.sampler = _EpochProxy(self)
 
     def _batch(self, order: np.ndarray) -> list[list[int]]:
-        return batch_by_size(order, self.num_tokens, self.max_tokens, self.max_sentences,
-                             self.required_batch_size_multiple)
+        return batch_by_size(
+            order, self.num_tokens, self.max_tokens, self.max_sentences, self.required_batch_size_multiple
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -138,7 +157,7 @@ class TokenBatchSampler(BatchSampler):
         if self.num_replicas > 1 and self.even_batches and batches:
             total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
             batches = (batches * math.ceil(total / len(batches)))[:total]
-            batches = batches[self.rank::self.num_replicas]
+            batches = batches[self.rank :: self.num_replicas]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -23,6 +23,7 @@ from zoo.errors import ZooError
 
 __all__ = ["FairseqBinarizedDataModule", "ParallelTextDataModule", "TranslationDataModule"]
 
+
 class TranslationDataModule(pl.LightningDataModule):
     """Base of the translation data modules: dictionaries, length-bucketed token batches, fairseq's collate.
 
@@ -43,10 +44,19 @@ class TranslationDataModule(pl.LightningDataModule):
         remove_bpe: post-processing of decoded targets (``"@@ "``, ``"sentencepiece"`` or None).
     """
 
-    def __init__(self, max_tokens: int | None = 4096, max_sentences: int | None = None, left_pad_source: bool = True,
-                 left_pad_target: bool = False, max_source_positions: int = 1024, max_target_positions: int = 1024,
-                 required_batch_size_multiple: int = 8, seed: int = 1, num_workers: int = 0,
-                 remove_bpe: str | None = None) -> None:
+    def __init__(
+        self,
+        max_tokens: int | None = 4096,
+        max_sentences: int | None = None,
+        left_pad_source: bool = True,
+        left_pad_target: bool = False,
+        max_source_positions: int = 1024,
+        max_target_positions: int = 1024,
+        required_batch_size_multiple: int = 8,
+        seed: int = 1,
+        num_workers: int = 0,
+        remove_bpe: str | None = None,
+    ) -> None:
         super().__init__()
         if (max_tokens is None or max_tokens <= 0) and (max_sentences is None or max_sentences <= 0):
             raise ZooError("give max_tokens or max_sentences (a positive number) to batch translation examples")
@@ -101,8 +111,9 @@ class TranslationDataModule(pl.LightningDataModule):
         """Sentences as a padded batch of source ids (B, S), padded as the loaders pad (``left_pad_source``): the
         input of ``model.translate``; :meth:`decode_target` turns its outputs back into text."""
         if isinstance(lines, str) or not len(lines):
-            raise ZooError("encode_sources takes a non-empty list of sentences; for one sentence use "
-                           "encode_sources([sentence])")
+            raise ZooError(
+                "encode_sources takes a non-empty list of sentences; for one sentence use encode_sources([sentence])"
+            )
         return _merge([self.encode_source(line) for line in lines], self.src_dict.pad_index, self.left_pad_source)
 
     # ---------------------------------------------------------------- loaders
@@ -111,8 +122,10 @@ class TranslationDataModule(pl.LightningDataModule):
         if dropped:
             from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn(f"zoo: {dropped} {name} examples longer than max_source_positions="
-                           f"{self.max_source_positions} / max_target_positions={self.max_target_positions} dropped")
+            rank_zero_warn(
+                f"zoo: {dropped} {name} examples longer than max_source_positions="
+                f"{self.max_source_positions} / max_target_positions={self.max_target_positions} dropped"
+            )
         self.dropped[name] = dropped
         self.datasets[name] = dataset
 
@@ -123,13 +136,30 @@ class TranslationDataModule(pl.LightningDataModule):
             raise ZooError(f"{type(self).__name__} has no {split!r} split")
         ds = self.datasets[split]
         # training: the same number of batches on every process (DDP); evaluation: every example once
-        sampler = TokenBatchSampler(ds.src_sizes, ds.tgt_sizes, self.max_tokens, self.max_sentences, shuffle=shuffle,
-                                    seed=self.seed, required_batch_size_multiple=self.required_batch_size_multiple,
-                                    even_batches=split == "train")
-        collate_fn = partial(collate, pad=self.src_dict.pad_index, eos=self.tgt_dict.eos_index,
-                             left_pad_source=self.left_pad_source, left_pad_target=self.left_pad_target)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        sampler = TokenBatchSampler(
+            ds.src_sizes,
+            ds.tgt_sizes,
+            self.max_tokens,
+            self.max_sentences,
+            shuffle=shuffle,
+            seed=self.seed,
+            required_batch_size_multiple=self.required_batch_size_multiple,
+            even_batches=split == "train",
+        )
+        collate_fn = partial(
+            collate,
+            pad=self.src_dict.pad_index,
+            eos=self.tgt_dict.eos_index,
+            left_pad_source=self.left_pad_source,
+            left_pad_target=self.left_pad_target,
+        )
+        return DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -161,17 +191,37 @@ class FairseqBinarizedDataModule(TranslationDataModule):
         Other arguments: :class:`TranslationDataModule`.
     """
 
-    def __init__(self, data_dir: str, source_lang: str = "de", target_lang: str = "en", max_tokens: int | None = 4096,
-                 max_sentences: int | None = None, left_pad_source: bool = True, left_pad_target: bool = False,
-                 max_source_positions: int = 1024, max_target_positions: int = 1024,
-                 required_batch_size_multiple: int = 8, seed: int = 1, num_workers: int = 0,
-                 remove_bpe: str | None = "@@ ", train_subset: str = "train", valid_subset: str = "valid",
-                 test_subset: str = "test") -> None:
-        super().__init__(max_tokens=max_tokens, max_sentences=max_sentences, left_pad_source=left_pad_source,
-                         left_pad_target=left_pad_target, max_source_positions=max_source_positions,
-                         max_target_positions=max_target_positions,
-                         required_batch_size_multiple=required_batch_size_multiple, seed=seed,
-                         num_workers=num_workers, remove_bpe=remove_bpe)
+    def __init__(
+        self,
+        data_dir: str,
+        source_lang: str = "de",
+        target_lang: str = "en",
+        max_tokens: int | None = 4096,
+        max_sentences: int | None = None,
+        left_pad_source: bool = True,
+        left_pad_target: bool = False,
+        max_source_positions: int = 1024,
+        max_target_positions: int = 1024,
+        required_batch_size_multiple: int = 8,
+        seed: int = 1,
+        num_workers: int = 0,
+        remove_bpe: str | None = "@@ ",
+        train_subset: str = "train",
+        valid_subset: str = "valid",
+        test_subset: str = "test",
+    ) -> None:
+        super().__init__(
+            max_tokens=max_tokens,
+            max_sentences=max_sentences,
+            left_pad_source=left_pad_source,
+            left_pad_target=left_pad_target,
+            max_source_positions=max_source_positions,
+            max_target_positions=max_target_positions,
+            required_batch_size_multiple=required_batch_size_multiple,
+            seed=seed,
+            num_workers=num_workers,
+            remove_bpe=remove_bpe,
+        )
         self.save_hyperparameters()
         self.data_dir = Path(data_dir).expanduser()
         self.source_lang, self.target_lang = source_lang, target_lang
@@ -214,8 +264,10 @@ class FairseqBinarizedDataModule(TranslationDataModule):
         for d, ds_list, lang in ((self.src_dict, srcs, self.source_lang), (self.tgt_dict, tgts, self.target_lang)):
             top = max(ds.max_id() for ds in ds_list)
             if top >= len(d):
-                raise ZooError(f"split {split!r} ({lang}) holds token id {top} but dict.{lang}.txt has {len(d)} "
-                               "symbols: the binarized files and the dictionary come from different runs")
+                raise ZooError(
+                    f"split {split!r} ({lang}) holds token id {top} but dict.{lang}.txt has {len(d)} "
+                    "symbols: the binarized files and the dictionary come from different runs"
+                )
         return LanguagePairDataset(src_items, tgt_items, src_sizes, tgt_sizes)
 
     def setup(self, stage: str | None = None) -> None:
@@ -226,8 +278,10 @@ class FairseqBinarizedDataModule(TranslationDataModule):
             ds = self._read_split(name)
             if ds is None:
                 if name in ("train", "valid") and stage in (None, "fit"):
-                    raise ZooError(f"no {self.subsets[name]}.{self.source_lang}-{self.target_lang}.*.bin/.idx in "
-                                   f"{self.data_dir}: run fairseq-preprocess with --{name}pref")
+                    raise ZooError(
+                        f"no {self.subsets[name]}.{self.source_lang}-{self.target_lang}.*.bin/.idx in "
+                        f"{self.data_dir}: run fairseq-preprocess with --{name}pref"
+                    )
                 continue
             self._add_split(name, ds)
 
@@ -262,12 +316,26 @@ class ParallelTextDataModule(TranslationDataModule):
     dictionary with ``joined_dictionary``, needed by ``share_all_embeddings``).
     """
 
-    def __init__(self, train: tuple[str, str], valid: tuple[str, str], test: tuple[str, str] | None = None,
-                 tokenizer: str = "auto", bpe_merges: int = 10000, vocab_size: int = 8000,
-                 joint_tokenizer: bool = True, joined_dictionary: bool = False, max_tokens: int | None = 4096,
-                 max_sentences: int | None = None, left_pad_source: bool = True, left_pad_target: bool = False,
-                 max_source_positions: int = 1024, max_target_positions: int = 1024,
-                 required_batch_size_multiple: int = 8, seed: int = 1, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        train: tuple[str, str],
+        valid: tuple[str, str],
+        test: tuple[str, str] | None = None,
+        tokenizer: str = "auto",
+        bpe_merges: int = 10000,
+        vocab_size: int = 8000,
+        joint_tokenizer: bool = True,
+        joined_dictionary: bool = False,
+        max_tokens: int | None = 4096,
+        max_sentences: int | None = None,
+        left_pad_source: bool = True,
+        left_pad_target: bool = False,
+        max_source_positions: int = 1024,
+        max_target_positions: int = 1024,
+        required_batch_size_multiple: int = 8,
+        seed: int = 1,
+        num_workers: int = 0,
+    ) -> None:
         if tokenizer not in TOKENIZERS:
             raise ZooError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
         if tokenizer == "auto":
@@ -283,14 +351,23 @@ class ParallelTextDataModule(TranslationDataModule):
             try:
                 import sentencepiece  # noqa: F401, F811
             except ImportError:
-                raise ZooError("tokenizer='sentencepiece' needs the sentencepiece package (pip install "
-                               "sentencepiece); or use tokenizer='bpe', the built-in BPE") from None
+                raise ZooError(
+                    "tokenizer='sentencepiece' needs the sentencepiece package (pip install "
+                    "sentencepiece); or use tokenizer='bpe', the built-in BPE"
+                ) from None
         remove = {"sentencepiece": "sentencepiece", "bpe": "@@ ", "word": None}[kind]
-        super().__init__(max_tokens=max_tokens, max_sentences=max_sentences, left_pad_source=left_pad_source,
-                         left_pad_target=left_pad_target, max_source_positions=max_source_positions,
-                         max_target_positions=max_target_positions,
-                         required_batch_size_multiple=required_batch_size_multiple, seed=seed,
-                         num_workers=num_workers, remove_bpe=remove)
+        super().__init__(
+            max_tokens=max_tokens,
+            max_sentences=max_sentences,
+            left_pad_source=left_pad_source,
+            left_pad_target=left_pad_target,
+            max_source_positions=max_source_positions,
+            max_target_positions=max_target_positions,
+            required_batch_size_multiple=required_batch_size_multiple,
+            seed=seed,
+            num_workers=num_workers,
+            remove_bpe=remove,
+        )
         self.save_hyperparameters()
         self.files = {"train": tuple(train), "valid": tuple(valid), **({"test": tuple(test)} if test else {})}
         for name, pair in self.files.items():
@@ -325,16 +402,20 @@ class ParallelTextDataModule(TranslationDataModule):
         text = {name: (self._read_lines(s), self._read_lines(t)) for name, (s, t) in self.files.items()}
         for name, (s, t) in text.items():
             if len(s) != len(t):
-                raise ZooError(f"{self.files[name][0]} and {self.files[name][1]} hold {len(s)} and {len(t)} lines: "
-                               "parallel files need one sentence per line on both sides")
+                raise ZooError(
+                    f"{self.files[name][0]} and {self.files[name][1]} hold {len(s)} and {len(t)} lines: "
+                    "parallel files need one sentence per line on both sides"
+                )
         src_train, tgt_train = text["train"]
         if self.joint_tokenizer:
             tok = self._make_tokenizer(list(src_train) + list(tgt_train))
             self.tokenizers = (tok, tok)
         else:
             self.tokenizers = (self._make_tokenizer(src_train), self._make_tokenizer(tgt_train))
-        tokenised = {name: ([self.tokenizers[0].encode(x) for x in s], [self.tokenizers[1].encode(y) for y in t])
-                     for name, (s, t) in text.items()}
+        tokenised = {
+            name: ([self.tokenizers[0].encode(x) for x in s], [self.tokenizers[1].encode(y) for y in t])
+            for name, (s, t) in text.items()
+        }
         src_d, tgt_d = Dictionary(), Dictionary()
         if self.joined_dictionary:
             tgt_d = src_d

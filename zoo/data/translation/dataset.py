@@ -16,14 +16,21 @@ from zoo.errors import ZooError
 
 __all__ = ["LanguagePairDataset", "collate"]
 
+
 class LanguagePairDataset(Dataset):
     """Pairs of token-id sequences (each ending in eos); items are ``{"id", "source", "target"}`` (int64 tensors,
     target None without targets), plus ``"length"`` (an int) when ``lengths`` is given: a length class per example
     (the numbers task: the number's digits) by which the task reports exact-match accuracy."""
 
-    def __init__(self, src: Sequence[np.ndarray], tgt: Sequence[np.ndarray] | None = None,
-                 src_sizes: np.ndarray | None = None, tgt_sizes: np.ndarray | None = None,
-                 indices: np.ndarray | None = None, lengths: Sequence[int] | np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        src: Sequence[np.ndarray],
+        tgt: Sequence[np.ndarray] | None = None,
+        src_sizes: np.ndarray | None = None,
+        tgt_sizes: np.ndarray | None = None,
+        indices: np.ndarray | None = None,
+        lengths: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
         if tgt is not None and len(src) != len(tgt):
             raise ZooError(f"source and target differ in length: {len(src)} vs {len(tgt)} sentences")
         if lengths is not None and len(lengths) != len(src):
@@ -68,21 +75,31 @@ class LanguagePairDataset(Dataset):
         return dropped
 
 
-def _merge(values: Sequence[torch.Tensor], pad: int, left_pad: bool, eos: int | None = None,
-           move_eos_to_beginning: bool = False) -> torch.Tensor:
+def _merge(
+    values: Sequence[torch.Tensor],
+    pad: int,
+    left_pad: bool,
+    eos: int | None = None,
+    move_eos_to_beginning: bool = False,
+) -> torch.Tensor:
     """fairseq's ``collate_tokens``: pad 1-d tensors into (B, max_len)."""
     size = max(v.numel() for v in values)
     out = values[0].new_full((len(values), size), pad)
     for i, v in enumerate(values):
         if move_eos_to_beginning:
             v = torch.cat([v.new_full((1,), eos if eos is not None else v[-1]), v[:-1]])
-        dst = out[i, size - v.numel():] if left_pad else out[i, : v.numel()]
+        dst = out[i, size - v.numel() :] if left_pad else out[i, : v.numel()]
         dst.copy_(v)
     return out
 
 
-def collate(samples: Sequence[dict[str, Any]], pad: int = PAD, eos: int = EOS, left_pad_source: bool = True,
-            left_pad_target: bool = False) -> dict[str, Any]:
+def collate(
+    samples: Sequence[dict[str, Any]],
+    pad: int = PAD,
+    eos: int = EOS,
+    left_pad_source: bool = True,
+    left_pad_target: bool = False,
+) -> dict[str, Any]:
     """A batch as fairseq's ``LanguagePairDataset.collate`` (without its sort by source length): ``id``,
     ``src_tokens``, ``src_lengths``, and with targets ``prev_output_tokens`` (eos first), ``target``, ``ntokens``;
     ``length`` (B,) when the samples carry length classes."""

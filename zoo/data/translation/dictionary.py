@@ -74,7 +74,7 @@ class Dictionary:
         ``madeupword0000``... symbols."""
         if nwords <= 0:
             nwords = len(self)
-        counts = Counter(dict(sorted(zip(self.symbols[self.nspecial:], self.count[self.nspecial:]))))
+        counts = Counter(dict(sorted(zip(self.symbols[self.nspecial :], self.count[self.nspecial :]))))
         symbols, count = self.symbols[: self.nspecial], self.count[: self.nspecial]
         for symbol, c in counts.most_common(nwords - self.nspecial):
             if c >= threshold:
@@ -114,8 +114,9 @@ class Dictionary:
                 except ValueError:
                     raise ZooError(f"{path}, line {lineno}: expected '<symbol> <count>', got {line!r}") from None
                 if word in d and not overwrite:
-                    raise ZooError(f"{path}, line {lineno}: duplicate symbol {word!r} (add '#fairseq:overwrite' to "
-                                   "keep both)")
+                    raise ZooError(
+                        f"{path}, line {lineno}: duplicate symbol {word!r} (add '#fairseq:overwrite' to keep both)"
+                    )
                 d.add_symbol(word, n=count, overwrite=overwrite)
         return d
 
@@ -123,11 +124,12 @@ class Dictionary:
         """Write the non-special symbols as ``symbol count`` lines (fairseq's format)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            for s, c in zip(self.symbols[self.nspecial:], self.count[self.nspecial:]):
+            for s, c in zip(self.symbols[self.nspecial :], self.count[self.nspecial :]):
                 f.write(f"{s} {c}\n")
 
-    def encode_line(self, line: str | Sequence[str], append_eos: bool = True,
-                    add_if_not_exist: bool = False) -> np.ndarray:
+    def encode_line(
+        self, line: str | Sequence[str], append_eos: bool = True, add_if_not_exist: bool = False
+    ) -> np.ndarray:
         """Ids of the whitespace-separated symbols of ``line`` (plus eos), int64."""
         words = line.split() if isinstance(line, str) else list(line)
         ids = [self.add_symbol(w) if add_if_not_exist else self.index(w) for w in words]
@@ -135,14 +137,18 @@ class Dictionary:
             ids.append(self.eos_index)
         return np.asarray(ids, dtype=np.int64)
 
-    def string(self, tokens: torch.Tensor | Sequence[int], bpe_symbol: str | None = None,
-               escape_unk: bool = False) -> str:
+    def string(
+        self, tokens: torch.Tensor | Sequence[int], bpe_symbol: str | None = None, escape_unk: bool = False
+    ) -> str:
         """Symbols of ``tokens`` joined by spaces, without eos / pad / bos, post-processed by ``bpe_symbol``
         (:func:`post_process`); ``escape_unk`` writes ``<unk>`` as ``<<unk>>`` (fairseq, for references)."""
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         skip = {self.eos_index, self.pad_index, self.bos_index}
-        words = [("<<unk>>" if escape_unk else self.unk_word) if i == self.unk_index else self[i]
-                 for i in ids if i not in skip]
+        words = [
+            ("<<unk>>" if escape_unk else self.unk_word) if i == self.unk_index else self[i]
+            for i in ids
+            if i not in skip
+        ]
         return post_process(" ".join(words), bpe_symbol)
 
 

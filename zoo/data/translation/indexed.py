@@ -31,8 +31,18 @@ from zoo.errors import ZooError
 __all__ = ["MMapIndexedDataset", "best_fitting_dtype", "write_binarized_split", "write_mmap_indexed_dataset"]
 
 _HDR_MAGIC = b"MMIDIDX\x00\x00"
-_CODE_TO_DTYPE: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
-                                   7: np.double, 8: np.uint16, 9: np.uint32, 10: np.uint64}
+_CODE_TO_DTYPE: dict[int, type] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.double,
+    8: np.uint16,
+    9: np.uint32,
+    10: np.uint64,
+}
 
 
 def best_fitting_dtype(vocab_size: int | None) -> type:
@@ -54,8 +64,12 @@ def _dtype_code(dtype: Any) -> int:
     raise ZooError(f"dtype {dt} has no code in fairseq's MMapIndexedDataset format; use uint16, uint32 or int64")
 
 
-def write_mmap_indexed_dataset(prefix: str | os.PathLike, sequences: Iterable[Sequence[int] | np.ndarray],
-                               dtype: Any = None, vocab_size: int | None = None) -> None:
+def write_mmap_indexed_dataset(
+    prefix: str | os.PathLike,
+    sequences: Iterable[Sequence[int] | np.ndarray],
+    dtype: Any = None,
+    vocab_size: int | None = None,
+) -> None:
     """Write ``{prefix}.bin`` and ``{prefix}.idx`` in fairseq's ``MMapIndexedDataset`` format (see the module
     docstring); ``dtype`` defaults to :func:`best_fitting_dtype` of ``vocab_size``."""
     dtype = np.dtype(dtype if dtype is not None else best_fitting_dtype(vocab_size))
@@ -67,8 +81,10 @@ def write_mmap_indexed_dataset(prefix: str | os.PathLike, sequences: Iterable[Se
         for seq in sequences:
             raw = np.asarray(seq)
             if top is not None and raw.size and int(raw.max()) > top:
-                raise ZooError(f"token id {int(raw.max())} does not fit {dtype} (max {top}): give a wider dtype or "
-                               "the vocabulary size")
+                raise ZooError(
+                    f"token id {int(raw.max())} does not fit {dtype} (max {top}): give a wider dtype or "
+                    "the vocabulary size"
+                )
             arr = raw.astype(dtype)
             data.write(arr.tobytes(order="C"))
             sizes.append(int(arr.size))
@@ -100,8 +116,10 @@ class MMapIndexedDataset:
         with open(idx_path, "rb") as f:
             head = f.read(9 + 8 + 1 + 8)
         if len(head) < 26 or head[:9] != _HDR_MAGIC:
-            raise ZooError(f"{idx_path} is not a fairseq MMapIndexedDataset index (magic {head[:9]!r}, expected "
-                           f"{_HDR_MAGIC!r}): binarize with fairseq-preprocess --dataset-impl mmap (the default)")
+            raise ZooError(
+                f"{idx_path} is not a fairseq MMapIndexedDataset index (magic {head[:9]!r}, expected "
+                f"{_HDR_MAGIC!r}): binarize with fairseq-preprocess --dataset-impl mmap (the default)"
+            )
         (version,) = struct.unpack("<Q", head[9:17])
         if version != 1:
             raise ZooError(f"{idx_path}: index version {version} is not supported (fairseq writes version 1)")
@@ -113,16 +131,19 @@ class MMapIndexedDataset:
         expected = 26 + n * (4 + 8)
         actual = os.path.getsize(idx_path)
         if actual < expected:
-            raise ZooError(f"{idx_path} is truncated: {actual} bytes for {n} sequences (expected {expected}); "
-                           "binarize the split again")
+            raise ZooError(
+                f"{idx_path} is truncated: {actual} bytes for {n} sequences (expected {expected}); "
+                "binarize the split again"
+            )
         self._index = np.memmap(idx_path, mode="r", order="C")
         self.sizes = np.frombuffer(self._index, dtype=np.int32, count=n, offset=26)
         self.pointers = np.frombuffer(self._index, dtype=np.int64, count=n, offset=26 + 4 * n)
         data_bytes = os.path.getsize(bin_path)
         need = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         if data_bytes < need:
-            raise ZooError(f"{bin_path} is truncated: {data_bytes} bytes, the index needs {need}; binarize the "
-                           "split again")
+            raise ZooError(
+                f"{bin_path} is truncated: {data_bytes} bytes, the index needs {need}; binarize the split again"
+            )
         self._data = np.memmap(bin_path, mode="r", order="C") if data_bytes else np.zeros(0, dtype=np.uint8)
 
     def __len__(self) -> int:
@@ -146,9 +167,16 @@ class MMapIndexedDataset:
         self.__init__(state)  # type: ignore[misc]
 
 
-def write_binarized_split(data_dir: str | os.PathLike, split: str, source_lang: str, target_lang: str,
-                          src_sequences: Sequence[Sequence[int]], tgt_sequences: Sequence[Sequence[int]],
-                          src_dict: Dictionary | None = None, tgt_dict: Dictionary | None = None) -> None:
+def write_binarized_split(
+    data_dir: str | os.PathLike,
+    split: str,
+    source_lang: str,
+    target_lang: str,
+    src_sequences: Sequence[Sequence[int]],
+    tgt_sequences: Sequence[Sequence[int]],
+    src_dict: Dictionary | None = None,
+    tgt_dict: Dictionary | None = None,
+) -> None:
     """Write a split as ``fairseq-preprocess`` does: ``{split}.{src}-{tgt}.{lang}.bin/.idx`` (token ids ending in
     eos) and, when given, ``dict.{lang}.txt``."""
     data_dir = Path(data_dir)

@@ -33,14 +33,68 @@ __all__ = [
 # German compounds are split into these morphemes by greedy longest match (unambiguous for 0 .. 999999: ``sech`` /
 # ``sieb`` occur only before ``zehn``, the tens words are whole morphemes, ``eins`` only at the end).
 GERMAN_NUMBER_MORPHEMES = (
-    "null", "ein", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sech", "sieben", "sieb", "acht", "neun", "zehn",
-    "elf", "zwölf", "zwanzig", "dreißig", "vierzig", "fünfzig", "sechzig", "siebzig", "achtzig", "neunzig", "und",
-    "hundert", "tausend",
+    "null",
+    "ein",
+    "eins",
+    "zwei",
+    "drei",
+    "vier",
+    "fünf",
+    "sechs",
+    "sech",
+    "sieben",
+    "sieb",
+    "acht",
+    "neun",
+    "zehn",
+    "elf",
+    "zwölf",
+    "zwanzig",
+    "dreißig",
+    "vierzig",
+    "fünfzig",
+    "sechzig",
+    "siebzig",
+    "achtzig",
+    "neunzig",
+    "und",
+    "hundert",
+    "tausend",
 )
 ENGLISH_NUMBER_TOKENS = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty", "forty",
-    "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand", "and", ",", "@-@",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+    "thirty",
+    "forty",
+    "fifty",
+    "sixty",
+    "seventy",
+    "eighty",
+    "ninety",
+    "hundred",
+    "thousand",
+    "and",
+    ",",
+    "@-@",
 )
 _MORPHEMES_LONGEST_FIRST = sorted(GERMAN_NUMBER_MORPHEMES, key=len, reverse=True)
 
@@ -79,8 +133,10 @@ def german_number_tokens(n: int) -> list[str]:
     word = german_number(n)
     out = _split_german(word)
     if out is None:
-        raise ZooError(f"num2words spelled {n} as {word!r}, which does not split into the German number "
-                       "morphemes: this num2words version spells differently; install num2words>=0.5.13")
+        raise ZooError(
+            f"num2words spelled {n} as {word!r}, which does not split into the German number "
+            "morphemes: this num2words version spells differently; install num2words>=0.5.13"
+        )
     return out
 
 
@@ -95,8 +151,10 @@ def english_number_tokens(n: int) -> list[str]:
     words = english_number(n).replace(",", " , ").replace("-", " @-@ ").split()
     unknown = [w for w in words if w not in ENGLISH_NUMBER_TOKENS]
     if unknown:
-        raise ZooError(f"num2words spelled {n} as {english_number(n)!r} with words outside the numbers task's "
-                       f"vocabulary ({unknown}): install num2words>=0.5.13")
+        raise ZooError(
+            f"num2words spelled {n} as {english_number(n)!r} with words outside the numbers task's "
+            f"vocabulary ({unknown}): install num2words>=0.5.13"
+        )
     return words
 
 
@@ -134,13 +192,17 @@ def german_source_text(text: str | int) -> str:
     if not word:
         raise ZooError("an empty text is not a German number word: give e.g. 'dreihundertvierundzwanzig'")
     if word.isdigit():
-        raise ZooError(f"{text!r} is written in digits: give the German word (e.g. german_number({int(word)}) = "
-                       f"{german_number(int(word)) if int(word) < 10**6 else '...'!r}) or the int {int(word)}")
+        raise ZooError(
+            f"{text!r} is written in digits: give the German word (e.g. german_number({int(word)}) = "
+            f"{german_number(int(word)) if int(word) < 10**6 else '...'!r}) or the int {int(word)}"
+        )
     parts = _split_german(word)
     if parts is None:
-        raise ZooError(f"{text!r} is not a German number word of the numbers task: it does not split into its "
-                       f"morphemes ({', '.join(GERMAN_NUMBER_MORPHEMES)}); give a number below one million as "
-                       "num2words spells it, e.g. 'dreihundertvierundzwanzig'")
+        raise ZooError(
+            f"{text!r} is not a German number word of the numbers task: it does not split into its "
+            f"morphemes ({', '.join(GERMAN_NUMBER_MORPHEMES)}); give a number below one million as "
+            "num2words spells it, e.g. 'dreihundertvierundzwanzig'"
+        )
     return _with_markers(parts)
 
 
@@ -225,13 +287,30 @@ class NumbersDataModule(TranslationDataModule):
         Other arguments: :class:`TranslationDataModule` (``max_tokens`` default 2048).
     """
 
-    def __init__(self, train_size: int = 20000, valid_size: int = 400, test_size: int = 400,
-                 max_number: int = 999_999, seed: int = 0, max_tokens: int | None = 2048,
-                 max_sentences: int | None = None, left_pad_source: bool = True, left_pad_target: bool = False,
-                 required_batch_size_multiple: int = 8, num_workers: int = 0) -> None:
-        super().__init__(max_tokens=max_tokens, max_sentences=max_sentences, left_pad_source=left_pad_source,
-                         left_pad_target=left_pad_target, required_batch_size_multiple=required_batch_size_multiple,
-                         seed=seed, num_workers=num_workers, remove_bpe="@@ ")
+    def __init__(
+        self,
+        train_size: int = 20000,
+        valid_size: int = 400,
+        test_size: int = 400,
+        max_number: int = 999_999,
+        seed: int = 0,
+        max_tokens: int | None = 2048,
+        max_sentences: int | None = None,
+        left_pad_source: bool = True,
+        left_pad_target: bool = False,
+        required_batch_size_multiple: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            max_tokens=max_tokens,
+            max_sentences=max_sentences,
+            left_pad_source=left_pad_source,
+            left_pad_target=left_pad_target,
+            required_batch_size_multiple=required_batch_size_multiple,
+            seed=seed,
+            num_workers=num_workers,
+            remove_bpe="@@ ",
+        )
         if isinstance(max_number, bool) or int(max_number) != max_number or not 0 < max_number < 10**6:
             raise ZooError(f"max_number must be an integer in 1 .. 999999, got {max_number!r}")
         sizes = (train_size, valid_size, test_size)
@@ -239,8 +318,10 @@ class NumbersDataModule(TranslationDataModule):
             raise ZooError(f"train_size, valid_size and test_size must be positive integers, got {sizes}")
         for name, size in (("valid_size", valid_size), ("test_size", test_size)):
             if size > max_number + 1:
-                raise ZooError(f"{name}={size} distinct numbers requested but 0 .. {max_number} holds "
-                               f"{max_number + 1}: lower {name} or raise max_number")
+                raise ZooError(
+                    f"{name}={size} distinct numbers requested but 0 .. {max_number} holds "
+                    f"{max_number + 1}: lower {name} or raise max_number"
+                )
         self.save_hyperparameters()
         self.train_size, self.valid_size, self.test_size = int(train_size), int(valid_size), int(test_size)
         self.max_number = int(max_number)
@@ -251,8 +332,10 @@ class NumbersDataModule(TranslationDataModule):
 
     def length_ranges(self) -> list[tuple[int, int]]:
         """(lowest, highest) number of each length d = 1 .. digits(max_number)."""
-        return [(0 if d == 1 else 10 ** (d - 1), min(10**d - 1, self.max_number))
-                for d in range(1, len(str(self.max_number)) + 1)]
+        return [
+            (0 if d == 1 else 10 ** (d - 1), min(10**d - 1, self.max_number))
+            for d in range(1, len(str(self.max_number)) + 1)
+        ]
 
     @staticmethod
     def _of_length(rng: np.random.Generator, lo: int, hi: int, size: int) -> np.ndarray:
@@ -278,8 +361,7 @@ class NumbersDataModule(TranslationDataModule):
         rng = np.random.default_rng(self.seed)
         ranges = self.length_ranges()
         counts = [hi - lo + 1 for lo, hi in ranges]
-        quotas = {name: _spread(size, counts) for name, size in (("valid", self.valid_size),
-                                                                  ("test", self.test_size))}
+        quotas = {name: _spread(size, counts) for name, size in (("valid", self.valid_size), ("test", self.test_size))}
         held: list[np.ndarray] = []
         splits: dict[str, list[np.ndarray]] = {"valid": [], "test": [], "train": []}
         for k, (lo, count) in enumerate(zip((lo for lo, _ in ranges), counts)):
@@ -313,8 +395,10 @@ class NumbersDataModule(TranslationDataModule):
         for name, values in self._draw().items():
             self.numbers[name] = values
             for n in set(values.tolist()) - encoded.keys():
-                encoded[n] = (self.src_dict.encode_line(_german_source(n)),
-                              self.tgt_dict.encode_line(english_number_tokens(n)))
+                encoded[n] = (
+                    self.src_dict.encode_line(_german_source(n)),
+                    self.tgt_dict.encode_line(english_number_tokens(n)),
+                )
             src = [encoded[n][0] for n in values.tolist()]
             tgt = [encoded[n][1] for n in values.tolist()]
             self._add_split(name, LanguagePairDataset(src, tgt, lengths=number_digits(values)))

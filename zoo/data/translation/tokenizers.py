@@ -13,6 +13,7 @@ from zoo.data.translation.dictionary import post_process
 
 __all__ = ["BPETokenizer"]
 
+
 class BPETokenizer:
     """Byte-pair encoding learned on whitespace-tokenised text (Sennrich et al.; subword-nmt's output convention:
     a sub-word followed by another of the same word ends in ``@@``, so :func:`post_process` with ``"@@ "`` undoes
@@ -83,7 +84,7 @@ class BPETokenizer:
             rank, k = min(ranked)
             if rank == math.inf:
                 break
-            syms = syms[:k] + [syms[k] + syms[k + 1]] + syms[k + 2:]
+            syms = syms[:k] + [syms[k] + syms[k + 1]] + syms[k + 2 :]
         out = [s + "@@" for s in syms[:-1]] + [syms[-1][: -len(self.END)]]
         if out[-1] == "":  # the end marker was merged alone (cannot happen with END on the last char)
             out = out[:-1]
@@ -109,8 +110,14 @@ class _SentencePieceTokenizer:
         import sentencepiece as spm
 
         model = io.BytesIO()
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-                                       character_coverage=1.0, model_type="unigram", hard_vocab_limit=False)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            model_type="unigram",
+            hard_vocab_limit=False,
+        )
         self.sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
 
     def encode(self, line: str) -> str:

@@ -42,8 +42,9 @@ class _AdjointBackprop(torch.autograd.Function):
     """Store x_N only; rebuild x_n backward with the rule's inverse step and back-propagate step by step."""
 
     @staticmethod
-    def forward(ctx: Any, stack: EngineStack, flat: FlatArguments, x: torch.Tensor,
-                *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, stack: EngineStack, flat: FlatArguments, x: torch.Tensor, *inputs: torch.Tensor
+    ) -> torch.Tensor:
         args, kwargs = flat.unflatten()
         rule, h = stack.forward_rule, stack.step
         ctx.stack = stack
@@ -79,10 +80,12 @@ class _AdjointBackprop(torch.autograd.Function):
 
         def replaying(n: int, args: tuple, kwargs: dict):
             """f for step n, replaying the forward's random state of each evaluation."""
+
             def f(m: int, y: torch.Tensor, k: int) -> torch.Tensor:
                 if rng is not None:
                     rng.restore(rule.calls_per_step * n + k)
                 return stack.residual(m, y, args, kwargs)
+
             return f
 
         g = grad_out
@@ -93,8 +96,9 @@ class _AdjointBackprop(torch.autograd.Function):
                     with torch.no_grad():
                         (x_prev,) = rule.inverse_step(replaying(n, args_c, kwargs_c), n, (x,), h)
                     step_params = unique_parameters(blocks[i] for i in rule.step_blocks(n, stack.depth))
-                    g = acc.vjp(lambda t, a, kw, n=n: rule.step(replaying(n, a, kw), n, (t,), h)[0],
-                                x_prev, step_params, g)
+                    g = acc.vjp(
+                        lambda t, a, kw, n=n: rule.step(replaying(n, a, kw), n, (t,), h)[0], x_prev, step_params, g
+                    )
                     x = x_prev
         finally:
             if outer_rng is not None:

@@ -16,7 +16,11 @@ from zoo.nn.rules import ForwardRule
 from zoo.ops.fixed_point import FixedPoint, GammaRatio
 
 __all__ = [
-    "EngineStack", "FlatArguments", "GradientAccumulator", "flatten_arguments", "refuse_double_backward",
+    "EngineStack",
+    "FlatArguments",
+    "GradientAccumulator",
+    "flatten_arguments",
+    "refuse_double_backward",
     "unique_parameters",
 ]
 
@@ -136,8 +140,9 @@ class GradientAccumulator:
         """The extra arguments detached (for recomputations outside any graph)."""
         return pytree.tree_unflatten(self.const_leaves, self.flat.spec)
 
-    def run_with_grad(self, fn: Callable[[torch.Tensor, tuple, dict], Any],
-                      x: torch.Tensor) -> tuple[Any, torch.Tensor, list[Any]]:
+    def run_with_grad(
+        self, fn: Callable[[torch.Tensor, tuple, dict], Any], x: torch.Tensor
+    ) -> tuple[Any, torch.Tensor, list[Any]]:
         """``fn(x, args, kwargs)`` with grad, on a fresh leaf for x and for the arguments that need grad;
         returns (its value, x's leaf, the argument leaves) for :meth:`backprop`."""
         with torch.enable_grad():
@@ -148,8 +153,14 @@ class GradientAccumulator:
             args_v, kwargs_v = pytree.tree_unflatten(vjp_leaves, self.flat.spec)
             return fn(xg, args_v, kwargs_v), xg, vjp_leaves
 
-    def backprop(self, value: torch.Tensor, xg: torch.Tensor, vjp_leaves: list[Any],
-                 module_params: list[nn.Parameter], cotangent: torch.Tensor) -> torch.Tensor:
+    def backprop(
+        self,
+        value: torch.Tensor,
+        xg: torch.Tensor,
+        vjp_leaves: list[Any],
+        module_params: list[nn.Parameter],
+        cotangent: torch.Tensor,
+    ) -> torch.Tensor:
         """dL/dx for the cotangent of ``value``; the gradients of ``module_params`` (those among the Function's
         inputs) and of the arguments are accumulated."""
         wrt_params = [p for p in module_params if id(p) in self.param_index]
@@ -164,8 +175,13 @@ class GradientAccumulator:
                 self.grad_args[j] = ga if self.grad_args[j] is None else self.grad_args[j] + ga
         return grads[0] if grads[0] is not None else torch.zeros_like(xg)
 
-    def vjp(self, fn: Callable[[torch.Tensor, tuple, dict], torch.Tensor], x: torch.Tensor,
-            module_params: list[nn.Parameter], cotangent: torch.Tensor) -> torch.Tensor:
+    def vjp(
+        self,
+        fn: Callable[[torch.Tensor, tuple, dict], torch.Tensor],
+        x: torch.Tensor,
+        module_params: list[nn.Parameter],
+        cotangent: torch.Tensor,
+    ) -> torch.Tensor:
         """:meth:`run_with_grad` then :meth:`backprop`."""
         return self.backprop(*self.run_with_grad(fn, x), module_params, cotangent)
 
@@ -182,8 +198,11 @@ def refuse_double_backward(memory: str) -> None:
     state rebuilt outside any graph, so the gradient it returns is not differentiable (and the reversible one rebuilds
     its state once only)."""
     if torch.is_grad_enabled():
-        why = ("rebuilds its states once, outside any graph" if memory == "reversible"
-               else "rebuilds its activations outside any graph, and its gradients are approximations")
+        why = (
+            "rebuilds its states once, outside any graph"
+            if memory == "reversible"
+            else "rebuilds its activations outside any graph, and its gradients are approximations"
+        )
         raise ZooError(
             f"double backward (torch.autograd.grad(..., create_graph=True), e.g. a Hessian-vector product or a "
             f"gradient penalty) is not supported by memory={memory!r}: its backward {why}, so the gradient it "

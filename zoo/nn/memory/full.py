@@ -11,8 +11,9 @@ from zoo.nn.rules import State
 __all__ = ["integrate", "run", "run_plain"]
 
 
-def integrate(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict,
-              checkpointing: bool = False) -> torch.Tensor:
+def integrate(
+    stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict, checkpointing: bool = False
+) -> torch.Tensor:
     """x_N from x_0 by the stack's forward rule, in floating point with ordinary autograd; ``checkpointing``
     recomputes v_0 and each step in backward."""
     rule, h = stack.forward_rule, stack.step
@@ -21,6 +22,7 @@ def integrate(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict,
         return rule.step(lambda m, y, k: stack.residual(m, y, args_, kwargs_), n, state, h)
 
     if checkpointing:
+
         def velocity() -> torch.Tensor:
             if stack.init_velocity == "zero":
                 return torch.zeros_like(x)
@@ -37,8 +39,9 @@ def integrate(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict,
     return state[0]
 
 
-def run_plain(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict,
-              checkpointing: bool = False) -> torch.Tensor:
+def run_plain(
+    stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict, checkpointing: bool = False
+) -> torch.Tensor:
     """The transition block, then :func:`integrate`."""
     transition = stack.transition
     if transition is not None:

@@ -13,7 +13,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ["AutocastReplay", "RNGLog", "RNGState", "frozen_batchnorm_stats", "restored_batchnorm_stats"]
 
 
-
 class RNGState:
     """The CPU generator state and, for a CUDA input, that device's generator state."""
 
@@ -112,15 +111,20 @@ def restored_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
     for m in modules:
         for bn in m.modules():
             if isinstance(bn, _BatchNorm) and bn.training and bn.track_running_stats:
-                saved.append((bn, [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-                                   if b is not None]))
+                saved.append(
+                    (
+                        bn,
+                        [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None],
+                    )
+                )
     try:
         yield
     finally:
         with torch.no_grad():
             for bn, values in saved:
-                for buffer, value in zip([b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-                                          if b is not None], values):
+                for buffer, value in zip(
+                    [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None], values
+                ):
                     buffer.copy_(value)
 
 
@@ -134,5 +138,3 @@ class AutocastReplay:
 
     def autocast_ctx(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast)
-
-

@@ -63,8 +63,9 @@ class _ReversibleMomentum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, stack: EngineStack, flat: FlatArguments, x_in: torch.Tensor,
-                *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, stack: EngineStack, flat: FlatArguments, x_in: torch.Tensor, *inputs: torch.Tensor
+    ) -> torch.Tensor:
         args, kwargs = flat.unflatten()
         transition = stack.transition
         fp, ratio = stack.fixed_point, stack.ratio
@@ -90,6 +91,7 @@ class _ReversibleMomentum(torch.autograd.Function):
                 vi = fp.to_fixed(v0)
                 x0_max, v0_max = fp.abs_max(x), fp.abs_max(v0)
             g_max = torch.zeros((), dtype=torch.float64, device=x.device)
+
             def new_word(start: int) -> torch.Tensor:
                 # each word in the narrowest integer type its static bound allows (the kernels compute in int64)
                 steps = min(ratio.steps_per_word, stack.depth - start)
@@ -151,13 +153,15 @@ class _ReversibleMomentum(torch.autograd.Function):
                     if ctx.rng is not None:
                         ctx.rng.restore(first_call + n)
                     parts, xg, vjp_leaves = acc.run_with_grad(
-                        lambda t, a_, k_, n=n: stack.residual_parts(n, t, a_, k_), xf)
+                        lambda t, a_, k_, n=n: stack.residual_parts(n, t, a_, k_), xf
+                    )
                     g, tail = parts
                     del parts
                     with torch.no_grad():
                         # v_n exactly, x_{n-1} = x_n - v_n and its float value, the tail's part of the gradient
-                        unstep = momentum_kernel("unstep", c=c, tail=tail, n=ratio.n, d=ratio.d, scale=fp.scale,
-                                                 first=n == 0)
+                        unstep = momentum_kernel(
+                            "unstep", c=c, tail=tail, n=ratio.n, d=ratio.d, scale=fp.scale, first=n == 0
+                        )
                         grad_g = unstep(xi, vi, buffer, xf, g.detach(), a, gx)
                         if n and n % ratio.steps_per_word == 0:
                             buffer = words.pop()
@@ -212,4 +216,3 @@ def _refuse_out_of_range(out: torch.Tensor, overflow: torch.Tensor, fp: FixedPoi
             raise _out_of_range_error(fp)
         return out
     return out.masked_fill_(overflow, float("nan"))
-
