@@ -419,9 +419,9 @@ def test_compiled_kernels_match_eager():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"n_iter": 0}, "n_iter must be an int >= 1"),
-        ({"n_iter": 2.0}, "n_iter must be an int >= 1"),
-        ({"n_iter": True}, "n_iter must be an int >= 1"),
+        ({"n_iter": 0}, "n_iter must be an integer >= 1"),
+        ({"n_iter": 2.0}, "n_iter must be an integer >= 1"),
+        ({"n_iter": True}, "n_iter must be an integer >= 1"),
         ({"attn_mask": torch.ones(7, 6, dtype=torch.bool)}, "attn_mask of shape"),
         ({"attn_mask": torch.ones(7, 7, dtype=torch.long)}, "attn_mask must be bool"),
         ({"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}, "key_padding_mask must be a bool tensor"),

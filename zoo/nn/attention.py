@@ -37,19 +37,9 @@ from zoo.ops.masks import (
     PaddingMask,
     mask_from_tensors,
 )
-from zoo.ops.sinkhorn import attention, column_sum_stats
+from zoo.ops.sinkhorn import attention, check_n_iter, column_sum_stats
 
 __all__ = ["SinkhornCore", "SinkhornAttention", "SinkhornMultiheadAttention", "attention_stats", "check_n_iter"]
-
-
-def check_n_iter(n_iter: Any) -> int:
-    """``n_iter`` as an int >= 1, or one ZooError naming the problem and the fix."""
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ZooError(
-            f"n_iter must be an integer >= 1 (Sinkhorn half-steps; 1 is softmax attention, odd values such as "
-            f"3 or 5 end on a row normalisation), got {n_iter!r}"
-        )
-    return n_iter
 
 
 def attention_stats(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:

@@ -41,7 +41,14 @@ from zoo.errors import ZooError
 from zoo.ops.compiled import CompiledKernels
 from zoo.ops.masks import AttentionMask, mask_from_tensors, resolve
 
-__all__ = ["attention", "sinkhorn_attention", "attention_column_sums", "column_sum_stats", "set_compile"]
+__all__ = [
+    "attention",
+    "check_n_iter",
+    "sinkhorn_attention",
+    "attention_column_sums",
+    "column_sum_stats",
+    "set_compile",
+]
 
 _CHUNK_BYTES = 4 * 2**20  # score-matrix bytes per chunk of (batch x head) slices (cache-sized: faster than larger)
 
@@ -49,13 +56,20 @@ _CHUNK_BYTES = 4 * 2**20  # score-matrix bytes per chunk of (batch x head) slice
 # ------------------------------------------------------------------------------------------------ argument checks
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_iter: int, dropout_p: float) -> torch.Size:
-    """Shape-only checks (no host sync); returns the broadcast leading shape."""
+def check_n_iter(n_iter: Any) -> int:
+    """``n_iter`` (Sinkhorn half-steps) as an int >= 1, or one ZooError naming the problem and the fix: the one
+    check of the op, the attention modules and the families that pass it on."""
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ZooError(
-            f"sinkhorn_attention: n_iter must be an int >= 1 (number of half-steps; 1 is softmax, "
-            f"odd values end on a row step), got {n_iter!r}"
+            f"n_iter must be an integer >= 1 (Sinkhorn half-steps; 1 is softmax attention, odd values such as "
+            f"3 or 5 end on a row normalisation), got {n_iter!r}"
         )
+    return n_iter
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_iter: int, dropout_p: float) -> torch.Size:
+    """Shape-only checks (no host sync); returns the broadcast leading shape."""
+    check_n_iter(n_iter)
     if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
         raise ZooError(
             f"sinkhorn_attention: q, k, v must have shape (..., L, E), (..., S, E), (..., S, Ev); got "
