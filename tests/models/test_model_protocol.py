@@ -76,10 +76,6 @@ def small_kwargs(name: str) -> dict:
 
 POINT_SHAPES = {"set_": (6, 3), "point_cloud_": (16, 3)}  # (points, coordinates)
 
-# Other helpers' families whose protocol is still in progress: parametrisations expected to fail, listed with the
-# reason (strict=False: they pass as soon as the family is done). Nothing of the ResNet families is listed.
-KNOWN_GAPS: dict[tuple[str, str], str] = {}
-
 
 def create(name: str, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -93,15 +89,6 @@ def inputs(model: torch.nn.Module, name: str, batch_size: int) -> torch.Tensor:
         shape = next(v for k, v in POINT_SHAPES.items() if name.startswith(k))
         return torch.randn(batch_size, *shape, generator=g)
     return torch.randn(batch_size, *model.pretrained_cfg["input_size"], generator=g)
-
-
-def params(test: str, names: list[str]) -> list:
-    return [
-        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[(test, n)], strict=False))
-        if (test, n) in KNOWN_GAPS
-        else n
-        for n in names
-    ]
 
 
 IMAGE_MODELS = IMAGENET_RESNETS + CIFAR_RESNETS + TINY_RESNETS + VITS + VMOES
@@ -118,7 +105,7 @@ def test_every_registered_image_model_is_covered() -> None:
 # ------------------------------------------------------------------------------------------------ timm's tests
 
 
-@pytest.mark.parametrize("name", params("forward", IMAGE_MODELS + POINT_CLOUDS))
+@pytest.mark.parametrize("name", IMAGE_MODELS + POINT_CLOUDS)
 def test_model_forward(name: str) -> None:
     """timm's test_model_forward: one forward pass, no NaN; set_grad_checkpointing changes no output."""
     model = create(name).eval()
@@ -134,7 +121,7 @@ def test_model_forward(name: str) -> None:
         torch.testing.assert_close(again, out, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", params("backward", IMAGE_MODELS + POINT_CLOUDS))
+@pytest.mark.parametrize("name", IMAGE_MODELS + POINT_CLOUDS)
 def test_model_backward(name: str) -> None:
     """timm's test_model_backward: num_classes=42, training mode, every parameter gets a gradient."""
     model = create(name, num_classes=42).train()
@@ -161,7 +148,7 @@ def _check_names(model: torch.nn.Module, cfg: dict) -> None:
             assert f"{c}.weight" in state_dict, f"{c} not in the model's parameters"
 
 
-@pytest.mark.parametrize("name", params("default_cfgs", STD_MODELS))
+@pytest.mark.parametrize("name", STD_MODELS)
 def test_model_default_cfgs(name: str) -> None:
     """timm's test_model_default_cfgs (NCHW models): pool_size, num_features, head_hidden_size, reset_classifier(0)
     (here: equal to forward_head(pre_logits=True) in value), reset_classifier(0, '') and num_classes=0 /
@@ -196,7 +183,7 @@ def test_model_default_cfgs(name: str) -> None:
     _check_names(create(name), cfg)
 
 
-@pytest.mark.parametrize("name", params("default_cfgs_non_std", NON_STD_MODELS))
+@pytest.mark.parametrize("name", NON_STD_MODELS)
 def test_model_default_cfgs_non_std(name: str) -> None:
     """timm's test_model_default_cfgs_non_std (token models: ViTs, V-MoE, and the point clouds): num_features,
     head_hidden_size, reset_classifier(0) equal to forward_head(pre_logits=True), num_classes=0 at build, names."""
@@ -231,7 +218,7 @@ def _check_features(
         assert not torch.isnan(o).any()
 
 
-@pytest.mark.parametrize("name", params("forward_intermediates", INTERMEDIATE_MODELS))
+@pytest.mark.parametrize("name", INTERMEDIATE_MODELS)
 def test_model_forward_intermediates(name: str) -> None:
     """timm's test_model_forward_intermediates: every feature of feature_info, NCHW, its channels and reduction;
     the final output is forward_features'; set_grad_checkpointing changes nothing."""
@@ -247,7 +234,7 @@ def test_model_forward_intermediates(name: str) -> None:
     torch.testing.assert_close(again, output, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", params("features_only", INTERMEDIATE_MODELS))
+@pytest.mark.parametrize("name", INTERMEDIATE_MODELS)
 def test_model_forward_intermediates_features(name: str) -> None:
     """timm's test_model_forward_features / _intermediates_features: features_only=True (feature_cls='getter')
     returns the feature_info maps; its pretrained_cfg drops the classifier keys (timm's pretrained_cfg_for_features);
@@ -262,7 +249,7 @@ def test_model_forward_intermediates_features(name: str) -> None:
     assert resolve_data_config({}, model=model)["input_size"] == tuple(x.shape[1:])
 
 
-@pytest.mark.parametrize("name", params("data_config", IMAGE_MODELS))
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_resolve_data_config_gives_the_size_as_built(name: str) -> None:
     """timm.data.resolve_data_config reads the model's pretrained_cfg: the input size it was built or configured
     at (ViTs at 32 px, not timm's 224 px default), one mean / std per input channel."""
