@@ -6,7 +6,8 @@ prints one markdown table with, per rule and depth:
 * the bytes autograd keeps between forward and backward (``saved_tensors_hooks`` during the forward and
   the loss, unique storages, parameters excluded);
 * the peak working memory of one training step (forward + loss + backward), each configuration in a fresh
-  process as ``/work/shared/reference/MEASURING.md`` describes (on CUDA ``max_memory_allocated``);
+  process (on CPU the peak resident set, VmHWM reset just before the step and the baseline after setup
+  subtracted; on CUDA ``max_memory_allocated``);
 * the median time of a few training steps after a warm-up step;
 * the adjoint/full ratios, and the relative gradient error ||g_adj - g_full|| / ||g_full|| over all
   parameters, same weights and same batch for both modes.

@@ -33,8 +33,8 @@ Two markdown tables, every number from one run of this script (so ratios compare
 A training step is forward, cross-entropy loss, backward and an SGD step (no momentum, so the optimiser keeps
 no state; gradients are allocated once before the measurement and zeroed in place).
 
-* Memory: every configuration in a fresh process (``--worker memory``), as ``/work/shared/reference/MEASURING.md``
-  describes: after one warm-up step (which also compiles the fused kernels), on CPU started with
+* Memory: every configuration in a fresh process (``--worker memory``): after one warm-up step (which also
+  compiles the fused kernels), on CPU started with
   ``MALLOC_MMAP_THRESHOLD_=65536``, peak resident set during the next step
   (VmHWM reset just before it) minus the baseline after building the model, the batch and the gradients; on
   CUDA ``max_memory_allocated`` minus ``memory_allocated`` before the step.

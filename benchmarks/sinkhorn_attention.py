@@ -11,8 +11,7 @@ step) and the peak working memory of one forward + backward of
 
 Times: all cells of one length interleaved in this process (default allocator). Memory: each (method, seq, n_iter)
 in a fresh process, after a warm-up step (zoo's kernels compile there); on CPU the peak is VmHWM reset
-before the measured step with ``MALLOC_MMAP_THRESHOLD_=65536``
-(``/work/shared/reference/MEASURING.md``), on CUDA ``max_memory_allocated``.
+before the measured step with ``MALLOC_MMAP_THRESHOLD_=65536``, on CUDA ``max_memory_allocated``.
 
     python benchmarks/sinkhorn_attention.py                          # seq 256 1024, n_iter 1 3 5
     python benchmarks/sinkhorn_attention.py --seqs 256 1024 4096 --naive-max-seq 4096 --json out.json
