@@ -3,7 +3,7 @@
 A live fairseq ``TransformerModel`` (``transformer`` archs, or the ``zoo_fairseq`` plugin's ``sinkformer``)
 becomes the native zoo :class:`zoo.models.translation.SinkformerTranslation`: the architecture is read from the
 model's ``args`` / ``cfg`` and the weights from its state dict by the same code that reads fairseq checkpoint files
-(:meth:`SinkformerTranslation.from_fairseq_checkpoint`; the args' training settings, ``lr``, ``optimizer`` ...,
+(:func:`converters.fairseq_checkpoint.from_fairseq_checkpoint`; the args' training settings, ``lr``, ``optimizer`` ...,
 are not read: the zoo model gets the task's default optimiser unless given one), so the zoo model's encoder
 self-attention computes
 
@@ -62,7 +62,7 @@ def _plain_arch(arch: Any) -> Any:
 
 def fairseq_model_args(model: nn.Module) -> dict[str, Any]:
     """The model's ``args`` (argparse Namespace) or ``cfg`` (``TransformerConfig`` dataclass, nested
-    ``encoder`` / ``decoder`` / ``quant_noise``) as a dict that :func:`zoo.models.translation.fairseq_hparams`
+    ``encoder`` / ``decoder`` / ``quant_noise``) as a dict that :func:`converters.fairseq_checkpoint.fairseq_hparams`
     reads; a ``sinkformer*`` arch is renamed to its transformer arch, a config without an arch (a
     ``TransformerConfig`` holds every field) gets ``transformer``."""
     cfg = getattr(model, "args", None)
@@ -73,7 +73,7 @@ def fairseq_model_args(model: nn.Module) -> dict[str, Any]:
     elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         flat = dataclasses.asdict(cfg)
     elif isinstance(cfg, Mapping) or type(cfg).__module__.startswith("omegaconf"):
-        from zoo.models.translation import _as_flat_dict
+        from converters.fairseq_checkpoint import _as_flat_dict
 
         flat = _as_flat_dict(cfg, "fairseq model cfg")
     else:
@@ -113,14 +113,14 @@ def read_fairseq_transformer(model: nn.Module) -> AttentionSpec:
 
     One ZooError for an unsupported arch or option (checked by ``fairseq_hparams``: BART, adaptive softmax, ...),
     a state dict that does not load strictly, or a subclassed attention."""
-    from zoo.models.translation import SinkformerTranslation
+    from converters.fairseq_checkpoint import from_fairseq_checkpoint
 
     label = f"fairseq {type(model).__name__}"
     _check_layout(model, label)
     device, dtype = source_device_dtype(model, label)
     state = model.state_dict()
     ckpt = {"model": state, "args": argparse.Namespace(**fairseq_model_args(model))}
-    zoo_model = SinkformerTranslation.from_fairseq_checkpoint(ckpt, n_iter=1)
+    zoo_model = from_fairseq_checkpoint(ckpt, n_iter=1)
     zoo_model.pretrained_cfg.update(source=label, description=f"converted from a live {label}")
     zoo_model.to(device=device, dtype=dtype)
     # share the source's parameter tensors (names are fairseq's; tied embeddings stay tied)

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import zoo
+from converters.fairseq_checkpoint import from_fairseq_checkpoint, read_fairseq_checkpoint
 from zoo.data.translation import Dictionary
 from zoo.errors import ZooError
 from zoo.models.translation import (
     SinkformerTranslation,
-    from_fairseq_checkpoint,
-    read_fairseq_checkpoint,
     sinkformer_transformer_iwslt_de_en,
     sinkformer_transformer_numbers,
     sinkformer_transformer_toy,
@@ -756,3 +755,16 @@ def test_save_pretrained_round_trip_keeps_tied_weights(tmp_path: Path) -> None:
     src, prev, _, _ = batch(vt=VS)
     with torch.no_grad():
         torch.testing.assert_close(again(src, prev), model(src, prev))
+
+
+def test_fairseq_reader_old_names_warn_and_forward():
+    """The fairseq checkpoint reader moved to converters.fairseq_checkpoint; its old names in
+    zoo.models.translation are the same functions for one release, with a FutureWarning naming the new home."""
+    import converters.fairseq_checkpoint as moved
+    import zoo.models.translation as old
+
+    for name in ("read_fairseq_checkpoint", "fairseq_arch", "fairseq_hparams", "from_fairseq_checkpoint"):
+        with pytest.warns(FutureWarning, match=f"converters.fairseq_checkpoint.{name}"):
+            assert getattr(old, name) is getattr(moved, name)
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
