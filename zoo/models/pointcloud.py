@@ -328,7 +328,6 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
         **kwargs: Any,
     ) -> None:
         refuse_training_settings(type(self), kwargs)
-        check_n_iter(n_iter)
         non_negative_int(
             "num_classes", num_classes, hint="give the number of classes, or 0 for a model without a classifier"
         )
@@ -601,7 +600,6 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
         **kwargs: Any,
     ) -> None:
         refuse_training_settings(type(self), kwargs)
-        check_n_iter(n_iter)
         non_negative_int(
             "num_classes", num_classes, hint="give the number of classes, or 0 for a model without a classifier"
         )

@@ -38,7 +38,7 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
-from zoo.nn.attention import SinkhornAttention, SinkhornSettings, check_n_iter
+from zoo.nn.attention import SinkhornAttention, SinkhornSettings
 from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
@@ -184,7 +184,6 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         **kwargs: Any,
     ) -> None:
         refuse_training_settings(type(self), kwargs)
-        check_n_iter(n_iter)
         size = image_size("img_size", img_size)
         positive_int("patch_size", patch_size)
         positive_int("in_chans", in_chans)
