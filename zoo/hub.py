@@ -123,7 +123,16 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write a state dict; tensors sharing storage (tied blocks) are stored once and aliased."""
+    """Write a state dict; tensors sharing storage (tied blocks) are stored once and aliased.
+
+    Args:
+        state_dict: the tensors to write, by name.
+        path: the ``.safetensors`` file to write (atomically: a temporary name, then renamed).
+        metadata: string metadata stored in the file's header (``format`` defaults to ``"pt"``).
+
+    Returns:
+        The path written.
+    """
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -149,7 +158,11 @@ TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, 
 
 def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], TensorSpecs]:
     """The metadata and the (shape, dtype) of every tensor of a ``.safetensors`` file (aliases expanded), read
-    from its header alone: nothing is allocated for the tensors. One ZooError for a file that is not one."""
+    from its header alone: nothing is allocated for the tensors. One ZooError for a file that is not one.
+
+    Args:
+        path: the ``.safetensors`` file to read.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -184,7 +197,7 @@ def _aliases(meta: Mapping[str, str], path: Path) -> dict[str, str]:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A state dict (aliases expanded) and the file's metadata."""
+    """A state dict (aliases expanded) and the file's metadata, read from the ``.safetensors`` file ``path``."""
     from safetensors import safe_open
 
     meta, specs = safetensors_header(path)
@@ -230,7 +243,13 @@ def read_weights(
     weights: str | os.PathLike, model: nn.Module | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Resolve ``weights`` to ``(state_dict, source_hparams)``; ``source_hparams`` is None for weights
-    that do not record the hyperparameters they were trained with (torchvision, timm, ``.pth``)."""
+    that do not record the hyperparameters they were trained with (torchvision, timm, ``.pth``).
+
+    Args:
+        weights: a file, a ``save_pretrained`` folder, ``"hf-hub:org/name"`` or a torchvision weight name.
+        model: the model the weights are for; needed only to resolve a torchvision weight name (through its
+            ``torchvision_arch``).
+    """
     spec = str(weights)
     repo = _hf_hub_repo(spec)
     if repo is not None:  # save_pretrained's safetensors, else a plain PyTorch state dict
@@ -292,7 +311,11 @@ def _lightning_init_args(hparams: Any) -> dict[str, Any]:
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
     """``torch.load`` of an untrusted ``.pth`` / ``.pt`` / ``.bin`` / Lightning ``.ckpt`` file: tensors and plain
     containers only (``weights_only=True``, no allow-list beyond torch's own), one clear ZooError for an empty,
-    truncated or foreign file. Nothing in the file can run code."""
+    truncated or foreign file. Nothing in the file can run code.
+
+    Args:
+        path: the file to load.
+    """
     path = Path(path)
     if not path.is_file():
         raise ZooError(f"checkpoint {str(path)!r} does not exist: give the path of a weight or .ckpt file")
@@ -393,7 +416,11 @@ def recorded_num_classes(weights: str | os.PathLike | None) -> int | None:
 
 def recorded_hparams(spec: str) -> dict[str, Any] | None:
     """The constructor arguments zoo weights record (save_pretrained config, Lightning hyper_parameters); None
-    for weights that record none (torchvision names, plain files) or cannot be read here."""
+    for weights that record none (torchvision names, plain files) or cannot be read here.
+
+    Args:
+        spec: a weight file, a ``save_pretrained`` folder or ``"hf-hub:org/name"``.
+    """
     repo = _hf_hub_repo(spec)
     if repo is not None:
         path = _hf_hub_file(repo, WEIGHTS_NAME, required=False)
@@ -419,7 +446,14 @@ def recorded_hparams(spec: str) -> dict[str, Any] | None:
 
 
 def load_weights(model: nn.Module, weights: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load ``weights`` (see the module docstring) into ``model``; returns the model."""
+    """Load ``weights`` (see the module docstring) into ``model``; returns the model.
+
+    Args:
+        model: the model to load into.
+        weights: a file, a ``save_pretrained`` folder, ``"hf-hub:org/name"`` or a torchvision weight name.
+        strict: whether keys missing from or unexpected in the weights are an error (as
+            ``nn.Module.load_state_dict``); mis-shaped keys always are.
+    """
     state_dict, source_hparams = read_weights(weights, model)
     load_state_dict(model, state_dict, source_hparams=source_hparams, strict=strict, source=str(weights))
     return model
@@ -440,6 +474,14 @@ def load_state_dict(
     model's (other ``num_classes``) is left at its initialisation, as timm does when fine-tuning on a
     new label set. A floating-point tensor of another precision is cast to the model's (with an info line);
     an integer or boolean tensor for a floating-point parameter, or the reverse, is refused.
+
+    Args:
+        model: the model to load into.
+        state_dict: the tensors to load, by name (a ``model.`` / ``module.`` / ``net.`` prefix is stripped).
+        source_hparams: the hyperparameters the weights were saved with, passed to ``model.adapt_state_dict``;
+            None when unknown.
+        strict: whether missing or unexpected keys are an error; mis-shaped keys always are.
+        source: where the weights come from, named in messages.
     """
     sd, skipped, cast = fit_state_dict(model, state_dict, source_hparams, strict, source)
     model.load_state_dict(sd, strict=False)
@@ -464,7 +506,15 @@ def fit_state_dict(
     """What :func:`load_state_dict` loads, checked: ``(state_dict, skipped classifier keys, cast keys)``.
 
     Works on meta tensors too (a model built on the meta device, a file's shapes and dtypes), so that a file
-    is checked against an architecture before anything is allocated."""
+    is checked against an architecture before anything is allocated.
+
+    Args:
+        model: the model the state dict is for.
+        state_dict: the tensors to check, by name.
+        source_hparams: the hyperparameters the weights were saved with (see :func:`load_state_dict`).
+        strict: whether missing or unexpected keys are an error; mis-shaped keys always are.
+        source: where the weights come from, named in messages.
+    """
     sd = dict(state_dict)
     own = model.state_dict()
     if not any(k in own for k in sd):
@@ -509,7 +559,15 @@ def check_state_dict(
     strict: bool = True,
     ignore: list[str] | tuple = (),
 ) -> None:
-    """Raise one ZooError listing the first missing / unexpected / mis-shaped keys, if any."""
+    """Raise one ZooError listing the first missing / unexpected / mis-shaped keys, if any.
+
+    Args:
+        model: the model whose state dict the keys must match.
+        state_dict: the tensors to check (anything with a ``shape``), by name.
+        source: where the weights come from, named in the message.
+        strict: whether missing or unexpected keys are an error; mis-shaped keys always are.
+        ignore: keys of the model that may be missing (a classifier left at its initialisation).
+    """
     own = model.state_dict()
     sd = state_dict
     missing = [k for k in own if k not in sd and k not in ignore]
@@ -553,7 +611,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, repo_id: str | No
     (:func:`zoo.model_card.model_card`; ``repo_id`` names the Hub repository in its usage line) are written after
     the weights; each file is written to a temporary name and renamed, so a reader sees either the old or the new
     weights, never a mix, even when a save is killed between the files (``config.json`` and the card then lag
-    behind until the next save)."""
+    behind until the next save).
+
+    Args:
+        model: the zoo model to save (its ``hparams`` become the config).
+        path: a folder, or a file ending in ``.safetensors``.
+        repo_id: the Hub repository named in the model card's usage line; None for none.
+    """
     from zoo.model_card import model_card
 
     path = Path(path)
@@ -582,7 +646,17 @@ def push_to_hub(
     """Upload ``model`` to the Hugging Face Hub repository ``repo_id`` (created when missing) in
     ``save_pretrained``'s layout (``model.safetensors``, ``config.json``, ``README.md``), through
     ``huggingface_hub`` (its token: ``token``, ``HF_TOKEN`` or ``huggingface-cli login``). Returns the commit
-    information; ``zoo.from_pretrained(f"hf-hub:{repo_id}")`` and builders' ``weights="hf-hub:..."`` read it back."""
+    information; ``zoo.from_pretrained(f"hf-hub:{repo_id}")`` and builders' ``weights="hf-hub:..."`` read it back.
+
+    Args:
+        model: the zoo model to upload.
+        repo_id: the Hub repository, ``"namespace/name"``.
+        private: whether a newly created repository is private (None: the Hub's default).
+        token: the Hub token; None for ``HF_TOKEN`` or the stored login.
+        revision: the branch to commit to; None for the default branch.
+        commit_message: the commit's message.
+        create_pr: whether to open a pull request instead of committing to the branch.
+    """
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ZooError(
             f"repo_id must be 'namespace/name' (a Hub user or organisation and a repository name), got {repo_id!r}"
@@ -641,7 +715,13 @@ def _init_parser(cls: type) -> Any:
 
 def drop_legacy_training_args(cls: type, init_args: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``init_args`` without the training settings an earlier version saved as model arguments (``lr``,
-    ``optimizer: "sgd"`` ...), which ``cls`` no longer takes; one info line names what was dropped."""
+    ``optimizer: "sgd"`` ...), which ``cls`` no longer takes; one info line names what was dropped.
+
+    Args:
+        cls: the model class the arguments are for.
+        init_args: the constructor arguments read from a file.
+        source: where the arguments come from, named in the info line.
+    """
     from jsonargparse._parameter_resolvers import get_signature_parameters
 
     accepted = {p.name for p in get_signature_parameters(cls, None, logger=False)}
@@ -661,7 +741,14 @@ def drop_legacy_training_args(cls: type, init_args: Mapping[str, Any], source: s
 
 def check_init_args(cls: type, init_args: Mapping[str, Any], source: str, max_int: int | None = None) -> None:
     """Check a file's constructor arguments against ``cls``'s signature and types (jsonargparse, as LightningCLI
-    does) before anything is built; one ZooError naming the key and the reason."""
+    does) before anything is built; one ZooError naming the key and the reason.
+
+    Args:
+        cls: the model class the arguments are for.
+        init_args: the constructor arguments read from a file.
+        source: where the arguments come from, named in messages.
+        max_int: the largest integer any argument (or entry of a list or dict argument) may hold; None for no bound.
+    """
     for key in init_args:
         if not isinstance(key, str):
             raise ZooError(f"{source}: init_args key {key!r} is not a string")
@@ -707,7 +794,16 @@ def build_checked(
 ) -> nn.Module:
     """``cls(**init_args)``, after building it on the meta device and checking its state dict against the
     file's tensor shapes and dtypes (``specs``): a config that does not match its weights is refused before any
-    memory is allocated. Tensors the file does not hold (non-persistent buffers) may add ``max_extra_bytes``."""
+    memory is allocated. Tensors the file does not hold (non-persistent buffers) may add ``max_extra_bytes``.
+
+    Args:
+        cls: the model class to build.
+        init_args: its constructor arguments.
+        specs: the ``(shape, dtype)`` of every tensor of the file, by name (:func:`safetensors_header`).
+        source: where the file comes from, named in messages.
+        source_hparams: the hyperparameters the weights were saved with (see :func:`load_state_dict`).
+        max_extra_bytes: how many more bytes of tensors the model may hold than the file.
+    """
     try:
         with torch.device("meta"):
             skeleton = cls(**init_args)
@@ -760,7 +856,13 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     Nothing a file says is imported or called: its class path must name a registered zoo model class, its
     constructor arguments are checked against that class's signature and types, and the architecture is built
     on the meta device and checked against the file's tensor shapes and dtypes before memory is allocated.
-    Keyword arguments override the file's constructor arguments."""
+    Keyword arguments override the file's constructor arguments.
+
+    Args:
+        src: a ``save_pretrained`` folder, a ``.safetensors`` file, ``"hf-hub:org/name"`` or a Lightning ``.ckpt``.
+        cls: the class the model must be (a subclass of); needed for a checkpoint that does not name its class.
+        **overrides: constructor arguments that replace the file's.
+    """
     from zoo.registry import model_class
 
     path = _resolve_source(src)

@@ -35,8 +35,9 @@ def _public_path(cls: type) -> str:
 
 
 def describe_factory(factory: Any) -> dict[str, Any] | None:
-    """``{"class_path": ..., "init_args": {...}}`` of an optimiser / schedule callable when it can be read
-    (a class, ``functools.partial`` of one, or LightningCLI's callable), else its repr under ``"callable"``."""
+    """``{"class_path": ..., "init_args": {...}}`` of an optimiser / schedule callable ``factory`` when it can be
+    read (a class, ``functools.partial`` of one, or LightningCLI's callable), else its repr under ``"callable"``;
+    None for ``factory=None``."""
     if factory is None:
         return None
     if inspect.isclass(factory):
@@ -120,7 +121,13 @@ def _metrics(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def model_card(model: nn.Module, config: Mapping[str, Any], repo_id: str | None = None) -> str:
-    """The ``README.md`` text of ``model`` saved with ``config`` (``zoo.hub.model_config``)."""
+    """The ``README.md`` text of ``model`` saved with ``config`` (``zoo.hub.model_config``).
+
+    Args:
+        model: the model the card describes (its ``pretrained_cfg``, class docstring and training settings).
+        config: its saved config, ``{"class_path": ..., "init_args": {...}}``.
+        repo_id: the Hub repository the usage line loads from (``"hf-hub:<repo_id>"``); None for "<this folder>".
+    """
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     family = type(model).__name__
     arch = cfg.get("architecture")

@@ -62,6 +62,48 @@ class PretrainedCfg:
     published by their source (torchvision, timm), ``of="model"`` that of this model (after a conversion or a
     refit). ``model_args`` are the builder keyword arguments the tag implies (``{"gamma": 0.9}``); a caller's
     own keyword arguments win, as in timm.
+
+    Fields, by group (timm's meaning unless said otherwise):
+
+    Name and weights:
+        architecture: the registered model name (``"resnet50"``).
+        tag: the pretrained tag (``"tv2_in1k"``); ``"architecture.tag"`` is the entry's name.
+        source: where zoo reads the weights (a torchvision weights enum name, ``"hf-hub:org/name"``, a file);
+            None for a published configuration without weights.
+        url: the weights' URL (informative: zoo reads ``source``).
+        file: a local weight file (informative).
+        hf_hub_id: the weights' Hugging Face Hub repository (informative).
+
+    Input and evaluation transform (``timm.data.resolve_data_config`` reads these):
+        input_size: ``(channels, height, width)`` of the input; None for a model that takes no images (point
+            clouds), and then ``to_dict`` leaves out every image key.
+        test_input_size: the input size to evaluate at when it differs from ``input_size``; None when it does not.
+        min_input_size: the smallest input the model accepts; None for no stated minimum.
+        fixed_input_size: whether the model accepts ``input_size`` only.
+        interpolation: the resize interpolation, one of ``INTERPOLATIONS``.
+        crop_pct: crop size over resize size of the evaluation transform, in (0, 1].
+        test_crop_pct: ``crop_pct`` at ``test_input_size``; None for ``crop_pct``.
+        crop_mode: how the crop is taken, one of ``CROP_MODES``.
+        mean: the per-channel mean the input is normalised with (one entry per input channel).
+        std: the per-channel standard deviation (positive, one entry per input channel).
+
+    Head and description:
+        num_classes: the number of classes of the weights' classifier.
+        pool_size: the spatial size of the last feature map, before pooling.
+        first_conv: the name of the first convolution (what timm adapts for another ``in_chans``).
+        classifier: the name of the classifier module (what ``reset_classifier`` replaces).
+        license: the weights' license.
+        description: a one-line description of the entry.
+        origin_url: where the weights or the configuration were published.
+        paper_name: the paper that describes the model.
+        paper_ids: identifiers of that paper (arXiv ids ...).
+        notes: further remarks, one string each.
+
+    zoo's own:
+        model_args: the builder keyword arguments the tag implies.
+        conversion: what function converted weights compute, and how they were converted from ``source``.
+        metrics: accuracies, as described above.
+        recipe: the recipe (``zoo fit --config <recipe>``) that trains the entry's weights; None when none does.
     """
 
     architecture: str | None = None
@@ -218,7 +260,12 @@ _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
 
 
 def split_model_name_tag(name: str, no_tag: str = "") -> tuple[str, str]:
-    """``"resnet50.tv2_in1k"`` -> ``("resnet50", "tv2_in1k")`` (timm's rule: the first dot splits)."""
+    """``"resnet50.tv2_in1k"`` -> ``("resnet50", "tv2_in1k")`` (timm's rule: the first dot splits).
+
+    Args:
+        name: a model name, ``"arch"`` or ``"arch.tag"``.
+        no_tag: the tag returned for a name without one.
+    """
     if not isinstance(name, str) or not name:
         raise ZooError(
             f"a model name must be a non-empty string such as 'resnet50' or 'resnet50.tv2_in1k', got {name!r}"
@@ -296,7 +343,12 @@ def _lookup(name: str) -> PretrainedCfg:
 def get_pretrained_cfg(name: str, allow_unregistered: bool = True) -> PretrainedCfg | None:
     """A copy of the cfg of ``"arch.tag"``, or of the architecture's default tag for ``"arch"``; None for an
     architecture without registered cfgs (``allow_unregistered``; else one ZooError). An unknown tag of an
-    architecture that has cfgs is one ZooError listing its tags."""
+    architecture that has cfgs is one ZooError listing its tags.
+
+    Args:
+        name: ``"arch.tag"`` or ``"arch"``.
+        allow_unregistered: whether an architecture without registered cfgs gives None rather than an error.
+    """
     arch, tag = split_model_name_tag(name)
     tags = _PRETRAINED_CFGS.get(arch)
     if not tags:
@@ -383,7 +435,15 @@ def resolve_pretrained_cfg(
     """The cfg a build of ``arch`` starts from: ``pretrained_cfg`` (a cfg, a mapping, or a tag of ``arch``); else
     the table entry whose source ``weights`` names (among several, the one whose ``model_args`` agree with
     ``model_kwargs``); else, for other weights (a file), the architecture's default cfg with that ``source``;
-    else the default tag's cfg; else ``base_cfg`` (the family's description of an architecture without tags)."""
+    else the default tag's cfg; else ``base_cfg`` (the family's description of an architecture without tags).
+
+    Args:
+        arch: the registered architecture being built.
+        pretrained_cfg: the cfg asked for (a cfg, a mapping of its fields or a tag of ``arch``); None for none.
+        weights: the builder's ``weights=`` argument; None for none.
+        base_cfg: the family's cfg for an architecture without registered tags.
+        model_kwargs: the build's keyword arguments, to choose among entries with the same ``source``.
+    """
     if isinstance(pretrained_cfg, str):
         return get_pretrained_cfg(f"{arch}.{pretrained_cfg}")
     if pretrained_cfg is not None:
@@ -448,6 +508,17 @@ def build_model(
     Sets ``model.pretrained_cfg`` (a dict in timm's keys, alias ``default_cfg``) to the cfg of the model AS BUILT:
     ``num_classes`` is the model's, and a model's ``pretrained_cfg_as_built(cfg: dict) -> dict`` hook, when it has
     one, corrects what its arguments changed (e.g. the ``input_size`` of a ViT built at another image size).
+
+    Args:
+        cls: the model class (or any callable returning the model) to build.
+        arch: the registered architecture name.
+        defaults: the builder's keyword arguments for ``arch``.
+        kwargs: the caller's keyword arguments (including ``pretrained_cfg``, ``pretrained_cfg_overlay``,
+            ``features_only`` and its options).
+        pretrained: whether to load the weights of the cfg's ``source``.
+        weights: weights to load (a file, a ``save_pretrained`` folder, ``"hf-hub:org/name"``, a torchvision weight
+            name); None for none.
+        base_cfg: the family's cfg for an architecture without registered tags.
     """
     from zoo.hub import load_state_dict, read_weights, recorded_hparams, recorded_num_classes
 

@@ -19,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def register_model(fn: F) -> F:
-    """Register a builder function under its own name (``depth_scaled_resnet50`` ...)."""
+    """Register the builder function ``fn`` under its own name (``depth_scaled_resnet50`` ...); returns ``fn``."""
     name = fn.__name__
     if name in _MODEL_ENTRYPOINTS and _MODEL_ENTRYPOINTS[name] is not fn:
         raise ZooError(f"a model named {name!r} is already registered")
@@ -29,7 +29,12 @@ def register_model(fn: F) -> F:
 
 
 def register_model_class(cls: type, *aliases: str) -> type:
-    """Register a family class (``zoo.models.MomentumResNet`` ...) that configs and checkpoints may name."""
+    """Register a family class (``zoo.models.MomentumResNet`` ...) that configs and checkpoints may name.
+
+    Args:
+        cls: the family class; registered under its module path (``zoo.models.resnet.MomentumResNet``).
+        *aliases: further class paths it may be named by (``zoo.models.MomentumResNet``).
+    """
     for path in (f"{cls.__module__}.{cls.__qualname__}", *aliases):
         if _MODEL_CLASSES.get(path, cls) is not cls:
             raise ZooError(f"a model class {path!r} is already registered")
@@ -38,7 +43,8 @@ def register_model_class(cls: type, *aliases: str) -> type:
 
 
 def model_class(class_path: str) -> type:
-    """The registered family class a config names; one clear error for anything else (nothing is imported)."""
+    """The registered family class that ``class_path`` (as a config spells it) names; one clear error for anything
+    else (nothing is imported)."""
     if not isinstance(class_path, str) or class_path not in _MODEL_CLASSES:
         known = sorted({f"zoo.models.{c.__name__}" for c in _MODEL_CLASSES.values()})
         raise ZooError(

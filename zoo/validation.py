@@ -91,7 +91,15 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
 def integer(
     name: str, value: Any, min_value: int | None = None, max_value: int | None = None, hint: str | None = None
 ) -> int:
-    """An integer (not bool, not a float, not a string) in ``[min_value, max_value]``."""
+    """An integer (not bool, not a float, not a string) in ``[min_value, max_value]``.
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        min_value: the smallest value accepted; None for no lower bound.
+        max_value: the largest value accepted; None for no upper bound.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     what = " ".join(filter(None, ["an integer", _interval(min_value, max_value, False, False)]))
     why = _type_hint(value, want_int=True)
     if why is not None:
@@ -103,12 +111,24 @@ def integer(
 
 
 def positive_int(name: str, value: Any, hint: str | None = None) -> int:
-    """An integer >= 1."""
+    """An integer >= 1.
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     return integer(name, value, 1, hint=hint)
 
 
 def non_negative_int(name: str, value: Any, hint: str | None = None) -> int:
-    """An integer >= 0."""
+    """An integer >= 0.
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     return integer(name, value, 0, hint=hint)
 
 
@@ -121,7 +141,16 @@ def int_sequence(
     hint: str | None = None,
 ) -> tuple[int, ...]:
     """A list or tuple of integers >= ``min_value`` (``length`` entries when given; non-empty unless
-    ``allow_empty``). A string, a bare number, a set or a dict is not such a sequence."""
+    ``allow_empty``). A string, a bare number, a set or a dict is not such a sequence.
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        min_value: the smallest value accepted for each entry; None for no bound.
+        length: the exact number of entries wanted; None for any number.
+        allow_empty: whether an empty list or tuple is accepted.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     bound = f" >= {min_value}" if min_value is not None else ""
     if length is not None:
         what = f"a list of {length} integer{'s' if length != 1 else ''}{bound}"
@@ -155,7 +184,17 @@ def finite_float(
     hint: str | None = None,
 ) -> float:
     """A finite real number (not bool, not a string, not NaN or +-inf) in the interval given by ``low`` /
-    ``high`` (closed ends unless ``low_open`` / ``high_open``)."""
+    ``high`` (closed ends unless ``low_open`` / ``high_open``).
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        low: the lower end of the interval; None for no lower bound.
+        high: the upper end of the interval; None for no upper bound.
+        low_open: whether ``low`` itself is refused.
+        high_open: whether ``high`` itself is refused.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     what = " ".join(filter(None, ["a finite number", _interval(low, high, low_open, high_open)]))
     why = _type_hint(value, want_int=False)
     if why is not None:
@@ -171,12 +210,24 @@ def finite_float(
 
 
 def probability(name: str, value: Any, hint: str | None = None) -> float:
-    """A rate in [0, 1): dropout, stochastic depth, momentum terms (1 would drop or keep everything)."""
+    """A rate in [0, 1): dropout, stochastic depth, momentum terms (1 would drop or keep everything).
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     return finite_float(name, value, 0.0, 1.0, high_open=True, hint=hint)
 
 
 def pair_in_unit_interval(name: str, value: Any, hint: str | None = None) -> tuple[float, float]:
-    """Two numbers, each in [0, 1) (Adam's ``betas``)."""
+    """Two numbers, each in [0, 1) (Adam's ``betas``).
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     what = "two numbers, each in [0, 1)"
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         _fail(name, what, value, hint or "give a pair such as (0.9, 0.999)")
@@ -192,7 +243,14 @@ def pair_in_unit_interval(name: str, value: Any, hint: str | None = None) -> tup
 
 
 def choice(name: str, value: Any, choices: Iterable[str], hint: str | None = None) -> str:
-    """One of the strings ``choices``."""
+    """One of the strings ``choices``.
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        choices: the accepted strings.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     choices = tuple(choices)
     if not isinstance(value, str) or value not in choices:
         listed = ", ".join(repr(c) for c in choices)
@@ -201,14 +259,25 @@ def choice(name: str, value: Any, choices: Iterable[str], hint: str | None = Non
 
 
 def boolean(name: str, value: Any, hint: str | None = None) -> bool:
-    """True or False (numpy bools too); 0/1 and strings such as ``'false'`` are refused."""
+    """True or False (numpy bools too); 0/1 and strings such as ``'false'`` are refused.
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+        hint: how to fix a bad value, shown in the error message instead of the default advice.
+    """
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     _fail(name, "True or False", value, hint or "give a bool (a string such as 'false' would count as true)")
 
 
 def image_size(name: str, value: Any) -> tuple[int, int]:
-    """An image size: one integer >= 1 (square) or a pair (H, W) of them."""
+    """An image size: one integer >= 1 (square) or a pair (H, W) of them, returned as the pair (H, W).
+
+    Args:
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+    """
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         size = positive_int(
             name, value, hint=None if _is_int(value) else "give an integer such as 224 or a pair (H, W)"
@@ -219,5 +288,11 @@ def image_size(name: str, value: Any) -> tuple[int, int]:
 
 
 def optional(check: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-    """``None``, or ``check(name, value, *args, **kwargs)``."""
+    """``None``, or ``check(name, value, *args, **kwargs)``.
+
+    Args:
+        check: the checker to apply when ``value`` is not None (one of this module's functions).
+        name: the argument's name, as the error message shows it.
+        value: the value to check.
+    """
     return None if value is None else check(name, value, *args, **kwargs)

@@ -75,6 +75,16 @@ class DigitsDataModule(ZooDataModule):
     Images are scaled to [0, 1], bilinearly upsampled, replicated to ``channels`` channels and normalised
     with the per-channel mean/std of the train split (stored as ``mean`` and ``std``). ``train_indices``,
     ``val_indices`` and ``test_indices`` are the images' positions in ``sklearn.datasets.load_digits()``.
+
+    Args:
+        image_size: the side of the upsampled square images (an integer >= 8).
+        channels: 1 or 3, the number of channels the images are replicated to.
+        batch_size: samples per batch (an integer >= 1).
+        val_fraction: the share of the images in the val split, in (0, 1).
+        test_fraction: the share of the images in the test split, in [0, 1) (0: no test split).
+        seed: the seed of the stratified splits.
+        num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
+        augment: whether training images are shifted randomly by up to ``image_size // 8`` pixels.
     """
 
     num_classes: int = 10

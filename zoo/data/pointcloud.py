@@ -46,7 +46,7 @@ NORMALIZATIONS = ("unit_sphere", "standardize", "none")
 
 
 def normalize_points(points: torch.Tensor, mode: str = "unit_sphere") -> torch.Tensor:
-    """Normalise clouds (..., N, C) on their xyz channels.
+    """Normalise clouds ``points`` (..., N, C) on their xyz channels (the first three) by ``mode``:
 
     ``"unit_sphere"``: x <- (x - mean) / max_i |x_i - mean| (PointNet's ModelNet40 files);
     ``"standardize"``: x <- (x - mean) / std over all coordinates of the cloud (the Set Transformer's ModelNet40);
@@ -85,6 +85,7 @@ def sample_surface(
     """``num_points`` points uniformly on a triangle mesh (area-weighted triangle, uniform barycentric point).
 
     vertices (V, 3), faces (F, 3) long -> (num_points, 3), or (batch, num_points, 3) independent samples.
+    ``generator``: the random generator drawn from; None for torch's global one.
     """
     if faces.dim() != 2 or faces.shape[-1] != 3 or faces.shape[0] == 0:
         raise ZooError(f"sample_surface needs triangles (F, 3) with F >= 1, got faces of shape {tuple(faces.shape)}")
@@ -106,7 +107,8 @@ _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def read_off(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parse an OFF mesh: vertices (V, 3) float32 and triangles (F, 3) long (polygons fan-triangulated).
+    """Parse the OFF mesh file ``path``: vertices (V, 3) float32 and triangles (F, 3) long (polygons
+    fan-triangulated).
 
     Accepts comments (``#``), blank lines, extra per-vertex / per-face values (colours), and ModelNet's header
     with the counts on the ``OFF`` line itself (``OFF490 518 0``).
@@ -168,6 +170,7 @@ class PointCloudAugment:
     In order: rotation about the up axis by U(-rotate, rotate) radians, anisotropic scaling by U(scale) per axis,
     translation by U(-translate, translate) per axis, jitter N(0, jitter^2) clipped to [-jitter_clip, jitter_clip],
     and a random permutation of the points (``shuffle_points``). Draws from torch's global RNG (or ``generator``).
+    ``up_axis`` (``"x"``, ``"y"`` or ``"z"``) is the axis the rotation turns about.
     """
 
     def __init__(
@@ -226,8 +229,8 @@ class PointCloudAugment:
 
 
 class PointCloudDataset(Dataset):
-    """Clouds (M, P, C) and labels (M,): item i is ``num_points`` of cloud i (the first ones, or a random subset
-    with ``subsample="random"``), augmented by ``augment`` when given."""
+    """Clouds ``points`` (M, P, C) and ``labels`` (M,): item i is ``num_points`` of cloud i (the first ones, or a
+    random subset with ``subsample="random"``), augmented by ``augment`` when given."""
 
     def __init__(
         self,

@@ -46,6 +46,16 @@ class CIFARDataModule(ZooDataModule):
     dataset's mean/std. ``val_split="test"`` validates on the official test set; a fraction such as
     ``"0.1"`` instead holds out that share of the training set (fixed split, no augmentation). Test and predict
     read the official test set.
+
+    Args:
+        root: the folder that holds (or will hold) the extracted ``cifar-*-python`` folder, or that folder itself.
+        dataset: ``"cifar10"`` or ``"cifar100"``.
+        download: whether torchvision downloads the dataset when it is missing (else a missing dataset is an error).
+        batch_size: samples per batch (an integer >= 1).
+        num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
+        image_size: the side the images are resized to (an integer >= 8; 32 keeps them as they are).
+        augment: whether training images get the random crop and flip.
+        val_split: ``"test"``, or the held-out fraction of the training set as a string (``"0.1"``).
     """
 
     def __init__(
@@ -208,6 +218,18 @@ class ImageFolderDataModule(ZooDataModule):
     side to ``resize_size`` (default ``image_size * 256 // 224``) and centre-crops ``image_size``. The
     class list comes from the train folder and is shared by the val folder. Test and predict read the val folder
     (ImageNet-style datasets ship no labelled test split).
+
+    Args:
+        root: the dataset's folder.
+        train_dir: the training folder, relative to ``root``.
+        val_dir: the validation folder, relative to ``root``.
+        image_size: the side of the square crops (a positive integer).
+        resize_size: the short side evaluation images are resized to before the centre crop (>= ``image_size``);
+            None for ``image_size * 256 // 224``.
+        batch_size: samples per batch (an integer >= 1).
+        num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
+        mean: the per-channel mean the images are normalised with.
+        std: the per-channel standard deviation (positive).
     """
 
     test_split = "val"

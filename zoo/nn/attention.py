@@ -142,6 +142,24 @@ class SinkhornAttention(SinkhornCore, nn.Module):
     ``k_norm``, ``norm``, ``gate``, ``proj``) and ``forward(x, attn_mask=None, is_causal=False)`` as
     ``timm.layers.Attention``; ``attn_mask`` is bool (True = attend) or additive, broadcastable to
     ``(B, heads, N, N)``. With ``n_iter=1`` it computes timm's function.
+
+    Args:
+        dim: the input (token) dimension.
+        num_heads: the number of attention heads.
+        attn_head_dim: the dimension of each head; None for ``dim // num_heads``.
+        dim_out: the output dimension; None for ``dim``.
+        qkv_bias: whether the qkv projection (and the gate) have a bias.
+        qk_norm: whether queries and keys are normalised per head with ``norm_layer``.
+        scale_norm: whether the attention output is normalised with ``norm_layer`` before the projection.
+        proj_bias: whether the output projection has a bias.
+        gated: whether the output is multiplied by a sigmoid gate computed from the input (``gate``).
+        attn_drop: dropout probability on the attention weights.
+        proj_drop: dropout probability after the output projection.
+        norm_layer: the normalisation class for ``qk_norm`` / ``scale_norm`` (e.g. ``nn.LayerNorm``).
+        n_iter: Sinkhorn half-steps (alternate row and column normalisations); 1 is softmax attention.
+        record_stats: whether each forward stores the column-sum statistics of its weights in ``stats``.
+        device: where the parameters are allocated.
+        dtype: the parameters' dtype.
     """
 
     def __init__(
@@ -253,6 +271,21 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
     self-attention (``query is key``) it also marks the padded queries, which get no mass, so padded
     tokens never change the valid ones. With ``n_iter=1`` the outputs equal torch's at every valid
     position (padded query rows may differ; torch computes them from the valid keys).
+
+    Args:
+        embed_dim: the model dimension (of the queries and of the output).
+        num_heads: the number of attention heads (``embed_dim`` must be divisible by it).
+        dropout: dropout probability on the attention weights.
+        bias: whether the input and output projections have biases.
+        add_bias_kv: whether learned biases ``bias_k`` / ``bias_v`` are appended to the keys and values.
+        add_zero_attn: whether a batch of zeros is appended to the keys and values.
+        kdim: the keys' dimension; None for ``embed_dim``.
+        vdim: the values' dimension; None for ``embed_dim``.
+        batch_first: whether inputs and outputs are (batch, seq, feature) rather than (seq, batch, feature).
+        device: where the parameters are allocated.
+        dtype: the parameters' dtype.
+        n_iter: Sinkhorn half-steps (alternate row and column normalisations); 1 is softmax attention.
+        record_stats: whether each forward stores the column-sum statistics of its weights in ``stats``.
     """
 
     def __init__(

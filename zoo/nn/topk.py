@@ -194,6 +194,13 @@ def prune_magnitude(
     Each layer keeps ``keep`` of its own weights (a fraction, or a count per layer). Layers whose weight already
     carries a SoftTopKMagnitude are left as they are. Returns ``module`` (changed in place). To bake the sparse
     weights in afterwards: ``parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)``.
+
+    Args:
+        module: the model to prune (changed in place).
+        keep: per layer, a fraction of the weights in (0, 1] or an int count.
+        lam: regularisation strength > 0 of :func:`zoo.ops.topk.soft_topk_magnitude`.
+        p: 2 or 4/3, as in :func:`zoo.ops.topk.soft_topk_magnitude`.
+        layer_types: the layer classes whose ``weight`` is pruned.
     """
     SoftTopKMagnitude(keep, p=p, lam=lam)  # argument checks
     layers = [

@@ -88,7 +88,7 @@ class CausalMask(AttentionMask):
 
 @dataclass(frozen=True, eq=False)
 class AllowedMask(AttentionMask):
-    """bool, True = may attend (SDPA's convention), broadcastable to (..., L, S)."""
+    """``allowed``: bool, True = may attend (SDPA's convention), broadcastable to (..., L, S)."""
 
     allowed: torch.Tensor
 
@@ -98,7 +98,8 @@ class AllowedMask(AttentionMask):
 
 @dataclass(frozen=True, eq=False)
 class BlockedMask(AttentionMask):
-    """bool, True = may NOT attend (``nn.MultiheadAttention``'s and fairseq's convention)."""
+    """``blocked``: bool, True = may NOT attend (``nn.MultiheadAttention``'s and fairseq's convention),
+    broadcastable to (..., L, S)."""
 
     blocked: torch.Tensor
 
@@ -108,7 +109,7 @@ class BlockedMask(AttentionMask):
 
 @dataclass(frozen=True, eq=False)
 class AdditiveMask(AttentionMask):
-    """float bias added to the scores (-inf = not allowed), broadcastable to (..., L, S)."""
+    """``bias``: float added to the scores (-inf = not allowed), broadcastable to (..., L, S)."""
 
     bias: torch.Tensor
 
@@ -118,7 +119,7 @@ class AdditiveMask(AttentionMask):
 
 @dataclass(frozen=True, eq=False)
 class CombinedMask(AttentionMask):
-    """Several masks at once: an entry is allowed when every part allows it; additive biases add up."""
+    """Several masks at once (``masks``): an entry is allowed when every part allows it; additive biases add up."""
 
     masks: tuple[AttentionMask, ...]
 
@@ -135,7 +136,16 @@ def mask_from_tensors(
     query_padding_mask: torch.Tensor | None = None,
 ) -> AttentionMask | None:
     """The typed mask of the tensor arguments of :func:`zoo.ops.sinkhorn_attention`: ``attn_mask`` bool (True = may
-    attend) or additive float, padding masks bool, True = padded."""
+    attend) or additive float, padding masks bool, True = padded.
+
+    Args:
+        attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S); None for none.
+        key_padding_mask: bool (B, S), True = padded key; None for none.
+        query_padding_mask: bool (B, L), True = padded query; None for none.
+
+    Returns:
+        The combined typed mask, or None when every argument is None.
+    """
     mask: AttentionMask | None = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -203,7 +213,15 @@ def _opt_bias(blocked: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
 def resolve(mask: AttentionMask | None, lead: torch.Size, L: int, S: int, device: torch.device) -> ResolvedMask:
     """``mask`` checked against the scores' shape (*lead, L, S) (one ZooError naming the problem otherwise) and
     converted: the bool / additive parts into one dense mask, the padding masks viewed to broadcast over the
-    leading dims after the first (heads). No host sync."""
+    leading dims after the first (heads). No host sync.
+
+    Args:
+        mask: the typed mask; None for none.
+        lead: the scores' leading dims (``*lead``: batch, heads ...).
+        L: the number of queries.
+        S: the number of keys.
+        device: where a mask built here (the causal one) is allocated.
+    """
     if mask is None:
         return ResolvedMask(None, None, None)
     dense: torch.Tensor | None = None

@@ -227,7 +227,11 @@ def topk_magnitude(x: torch.Tensor, k: int | torch.Tensor, dim: int = -1) -> tor
     """topkmag(x) = x * topkmask(|x|): keeps the k entries of largest magnitude (gradient: the mask).
 
     Written with ``torch.where``, not a product, so that an infinite entry left out is 0, not inf * 0 = NaN.
-    Arguments as in :func:`topk_mask`.
+
+    Args:
+        x: any shape, floating point; the operator acts along ``dim``, every other dim is a batch.
+        k: int in [1, n], or an integer tensor with one k per row (shape x.shape without ``dim``, or broadcastable).
+        dim: the dimension the k largest magnitudes are taken along.
     """
     flat, kk, shape, d = _rows("topk_magnitude", x, k, dim)
     keep = _unrows(_hard_rows(flat.detach().abs(), kk), shape, d) > 0
@@ -737,10 +741,19 @@ def soft_topk_magnitude(
     """Relaxed top-k in magnitude: y* of (T1) with phi(u) = u^2 / 2, s = |x| sorted, carrying sign(x).
 
     Exactly 0 outside about k entries (the top k, plus the R entries of the pooled block when magnitudes nearly
-    tie at the k-th); for p = 2 the entries kept outside the block are x_i / (1 + lam). MATH.md's bound
+    tie at the k-th); for p = 2 the entries kept outside the block are x_i / (1 + lam). The bound
     ||y* - topk_magnitude(x)||_inf <= lam ||x||_inf (p = 2) holds when |x|_[k] >= (1 + lam) |x|_[k+1] (no block);
     near a tie at the k-th entry the hard operator jumps and no such bound holds. Infinite entries are the largest
-    magnitudes and come out as +-inf (the limit), with zero gradient; a row holding a NaN gives NaN. Arguments as
-    in :func:`soft_topk_mask`.
+    magnitudes and come out as +-inf (the limit), with zero gradient; a row holding a NaN gives NaN.
+
+    Args:
+        x: any shape, floating point; the operator acts along ``dim``, every other dim is a batch.
+        k: int in [1, n], or an integer tensor of k per row (x.shape without ``dim``, or broadcastable).
+        dim: the dimension the operator acts along.
+        p: 2 (piecewise linear) or 4/3 (continuously differentiable).
+        lam: regularisation strength > 0.
+        solver: ``"pav"`` (exact) or ``"dykstra"`` (p = 2 only, ``dykstra_iters`` iterations; approximate).
+        dykstra_iters: Dykstra iterations (ignored by PAV).
+        n_iter: deprecated name of ``dykstra_iters`` (FutureWarning; giving both is an error).
     """
     return _soft("soft_topk_magnitude", x, k, dim, p, lam, solver, dykstra_iters, mag=True)

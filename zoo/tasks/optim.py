@@ -100,7 +100,13 @@ def parameter_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> l
 def is_legacy_training_arg(key: str, value: Any, accepted: Iterable[str]) -> bool:
     """True for a training setting that a file of an earlier version saved as a model argument: one of
     :data:`LEGACY_TRAINING_ARGS` that the class does not take (``accepted``), or the string form of ``optimizer``
-    (``"sgd"``, now a callable)."""
+    (``"sgd"``, now a callable).
+
+    Args:
+        key: the argument's name in the file.
+        value: its value.
+        accepted: the argument names the model class takes.
+    """
     return (key in LEGACY_TRAINING_ARGS and key not in set(accepted)) or (key == "optimizer" and isinstance(value, str))
 
 
@@ -120,7 +126,12 @@ def refuse_training_settings(cls: type, kwargs: Mapping[str, Any]) -> None:
 
 def check_factory(name: str, factory: Any) -> Any:
     """``optimizer`` / ``lr_scheduler`` must be callables (or None); the string form of earlier versions gets one
-    error that shows the new form."""
+    error that shows the new form. Returns ``factory``.
+
+    Args:
+        name: ``"optimizer"`` or ``"lr_scheduler"``, the argument checked.
+        factory: its value.
+    """
     if factory is None or callable(factory):
         return factory
     example = (
@@ -205,6 +216,7 @@ class WarmupCosineLR(_RunLengthScheduler):
         min_lr_ratio: final learning rate / peak learning rate.
         total_steps, steps_per_epoch: the run length, when known at construction (a plain PyTorch loop);
             under a Trainer the task sets them.
+        last_epoch: the index of the last step taken, -1 for a new run (``torch.optim.lr_scheduler``'s meaning).
     """
 
     def __init__(
@@ -257,6 +269,12 @@ class InverseSqrtLR(LRScheduler):
         lr(u) = lr sqrt(W / u)                  u >= W
 
     (W = 0: lr / sqrt(max(u, 1))). ``warmup_init_lr < 0`` means 0, as fairseq. Per optimiser step.
+
+    Args:
+        optimizer: the optimiser; its learning rates are the peak rates lr.
+        warmup_updates: W, the number of warm-up updates.
+        warmup_init_lr: lr_0, the learning rate at the first update.
+        last_epoch: the index of the last step taken, -1 for a new run (``torch.optim.lr_scheduler``'s meaning).
     """
 
     interval = "step"
@@ -320,6 +338,14 @@ def build_optimization(
 
     The run length comes from ``total_steps`` (and ``steps_per_epoch``) when given, else from the ``trainer``;
     without either, a schedule that needs it gets one clear error.
+
+    Args:
+        model: the model whose parameters are optimised.
+        optimizer: builds the optimiser from the parameter groups.
+        lr_scheduler: builds the schedule from the optimiser; None for a constant learning rate.
+        trainer: the Lightning Trainer whose run length binds the schedule; None outside a Trainer.
+        total_steps: the number of optimiser steps of the run; None to take it from ``trainer``.
+        steps_per_epoch: the number of optimiser steps per epoch; None to take it from ``trainer``.
     """
     opt = optimizer(parameter_groups(model))
     if not isinstance(opt, Optimizer):

@@ -79,6 +79,8 @@ def label_smoothed_nll_loss(
     """fairseq's ``label_smoothed_nll_loss``: (loss, nll_loss), summed over the tokens when ``reduce``.
 
     ``lprobs`` (..., V) log-probabilities, ``target`` (...) ids; tokens equal to ``ignore_index`` count for nothing.
+    ``epsilon`` is the label smoothing: the target keeps 1 - ``epsilon`` of the mass, the other V - 1 classes
+    share the rest.
     """
     if target.dim() == lprobs.dim() - 1:
         target = target.unsqueeze(-1)
@@ -217,7 +219,17 @@ def greedy_search(
     unk_penalty: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Argmax decoding with the decoder's key/value cache: per sentence ``{"tokens"`` (ending in eos), ``"score"``
-    (sum of log-probabilities / length^lenpen), ``"positional_scores"}`` (CPU tensors)."""
+    (sum of log-probabilities / length^lenpen), ``"positional_scores"}`` (CPU tensors).
+
+    Args:
+        model: the translation model (:class:`Seq2SeqDecoder`).
+        src_tokens: (B, S) source token ids, padded with ``model.pad``.
+        max_len_a, max_len_b: each sentence's output has at most ``max_len_a * source length + max_len_b`` tokens
+            before eos (and fits the decoder's positions).
+        min_len: eos is forbidden before this many steps.
+        unk_penalty: subtracted from the log-probability of the unknown token.
+        lenpen: the length penalty exponent of the score.
+    """
     B = src_tokens.size(0)
     max_lens = _max_lens(model, src_tokens, max_len_a, max_len_b)
     max_len = torch.as_tensor(max_lens, device=src_tokens.device)
@@ -267,7 +279,19 @@ def beam_search(
 ) -> list[list[dict[str, Any]]]:
     """fairseq's beam search (see the module docstring) with the decoder's key/value cache, sentences leaving the
     batch once finished. Returns, per sentence, the ``nbest`` best hypotheses ``{"tokens"`` (ending in eos),
-    ``"score"`` (normalised), ``"positional_scores"}``, best first (CPU tensors)."""
+    ``"score"`` (normalised), ``"positional_scores"}``, best first (CPU tensors).
+
+    Args:
+        model: the translation model (:class:`Seq2SeqDecoder`).
+        src_tokens: (B, S) source token ids, padded with ``model.pad``.
+        beam: the beam size.
+        lenpen: the length penalty: a finished hypothesis scores its summed log-probability / length^lenpen.
+        max_len_a, max_len_b: each sentence's output has at most ``max_len_a * source length + max_len_b`` tokens
+            before eos (and fits the decoder's positions).
+        min_len: eos is forbidden before this many steps.
+        unk_penalty: subtracted from the log-probability of the unknown token.
+        nbest: how many hypotheses to return per sentence (at most ``beam``).
+    """
     if beam < 1 or nbest < 1 or nbest > beam:
         raise ZooError(f"beam must be >= 1 and 1 <= nbest <= beam, got beam={beam}, nbest={nbest}")
     B, K, device = src_tokens.size(0), int(beam), src_tokens.device

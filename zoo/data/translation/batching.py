@@ -26,7 +26,15 @@ def batch_by_size(
 ) -> list[list[int]]:
     """fairseq's ``batch_by_size`` (its python fallback): cut ``indices`` (in order) into batches with
     ``len(batch) * longest <= max_tokens`` and ``len(batch) <= max_sentences``; a full batch is cut to a multiple of
-    ``required_batch_size_multiple`` when it holds at least that many, the rest starting the next batch."""
+    ``required_batch_size_multiple`` when it holds at least that many, the rest starting the next batch.
+
+    Args:
+        indices: the examples, in batching order.
+        num_tokens: the size of every example (its longer side), indexed by example.
+        max_tokens: the most padded tokens per batch; None (or <= 0) for no bound.
+        max_sentences: the most examples per batch; None (or <= 0) for no bound (one of the two is needed).
+        required_batch_size_multiple: full batches are cut to a multiple of this.
+    """
     max_tokens = max_tokens if max_tokens is not None and max_tokens > 0 else None
     max_sentences = max_sentences if max_sentences is not None and max_sentences > 0 else None
     if max_tokens is None and max_sentences is None:

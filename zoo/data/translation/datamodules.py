@@ -188,7 +188,16 @@ class FairseqBinarizedDataModule(TranslationDataModule):
         train_subset, valid_subset, test_subset: split names (a missing test split is allowed).
         remove_bpe: post-processing of decoded text for BLEU (``"@@ "`` for subword-nmt BPE, fairseq's
             ``--eval-bleu-remove-bpe``).
-        Other arguments: :class:`TranslationDataModule`.
+        max_tokens: tokens per batch (``batch size x longest example``); None for no limit (one of
+            ``max_tokens`` / ``max_sentences`` must be given).
+        max_sentences: sentences per batch (None: no limit).
+        left_pad_source: whether sources are padded on the left (fairseq's default True).
+        left_pad_target: whether targets are padded on the left (fairseq's default False).
+        max_source_positions: examples with a longer source are dropped (as the model cannot embed them).
+        max_target_positions: examples with a longer target are dropped.
+        required_batch_size_multiple: batch sizes cut to multiples of this (fairseq's 8).
+        seed: seed of the example shuffle and of the epoch-wise batch shuffles.
+        num_workers: DataLoader workers.
     """
 
     def __init__(
@@ -314,6 +323,26 @@ class ParallelTextDataModule(TranslationDataModule):
     they are), or ``"auto"``: sentencepiece when importable, else ``"bpe"``. Dictionaries are built from the
     tokenised training text like ``fairseq-preprocess`` (``threshold`` 0, ``padding_factor`` 8; one joined
     dictionary with ``joined_dictionary``, needed by ``share_all_embeddings``).
+
+    Args:
+        train: the (source file, target file) of the training split.
+        valid: the (source file, target file) of the validation split.
+        test: the (source file, target file) of the test split; None for none.
+        tokenizer: ``"auto"``, ``"bpe"``, ``"sentencepiece"`` or ``"word"`` (above).
+        bpe_merges: the number of merges of the built-in BPE.
+        vocab_size: the number of sentencepiece pieces.
+        joint_tokenizer: whether one tokenizer is trained on both sides (else one per side).
+        joined_dictionary: whether both sides share one dictionary.
+        max_tokens: tokens per batch (``batch size x longest example``); None for no limit (one of
+            ``max_tokens`` / ``max_sentences`` must be given).
+        max_sentences: sentences per batch (None: no limit).
+        left_pad_source: whether sources are padded on the left (fairseq's default True).
+        left_pad_target: whether targets are padded on the left (fairseq's default False).
+        max_source_positions: examples with a longer source are dropped (as the model cannot embed them).
+        max_target_positions: examples with a longer target are dropped.
+        required_batch_size_multiple: batch sizes cut to multiples of this (fairseq's 8).
+        seed: seed of the example shuffle and of the epoch-wise batch shuffles.
+        num_workers: DataLoader workers.
     """
 
     def __init__(

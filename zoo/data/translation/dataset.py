@@ -20,7 +20,17 @@ __all__ = ["LanguagePairDataset", "collate"]
 class LanguagePairDataset(Dataset):
     """Pairs of token-id sequences (each ending in eos); items are ``{"id", "source", "target"}`` (int64 tensors,
     target None without targets), plus ``"length"`` (an int) when ``lengths`` is given: a length class per example
-    (the numbers task: the number's digits) by which the task reports exact-match accuracy."""
+    (the numbers task: the number's digits) by which the task reports exact-match accuracy.
+
+    Args:
+        src: the source sentences, token ids.
+        tgt: the target sentences, token ids (one per source sentence); None without targets.
+        src_sizes: the length of every source sentence; None to measure them.
+        tgt_sizes: the length of every target sentence; None to measure them.
+        indices: the positions in ``src`` / ``tgt`` of the examples this dataset holds (item i is example
+            ``indices[i]``); None for all of them.
+        lengths: a length class per sentence of ``src``; None for none.
+    """
 
     def __init__(
         self,
@@ -102,7 +112,15 @@ def collate(
 ) -> dict[str, Any]:
     """A batch as fairseq's ``LanguagePairDataset.collate`` (without its sort by source length): ``id``,
     ``src_tokens``, ``src_lengths``, and with targets ``prev_output_tokens`` (eos first), ``target``, ``ntokens``;
-    ``length`` (B,) when the samples carry length classes."""
+    ``length`` (B,) when the samples carry length classes.
+
+    Args:
+        samples: the items of a :class:`LanguagePairDataset`.
+        pad: the padding token id.
+        eos: the end-of-sentence token id (moved to the front of ``prev_output_tokens``).
+        left_pad_source: whether sources are padded on the left.
+        left_pad_target: whether targets are padded on the left.
+    """
     if not samples:
         return {}
     ids = torch.as_tensor([s["id"] for s in samples], dtype=torch.long)

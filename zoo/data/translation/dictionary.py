@@ -24,6 +24,12 @@ class Dictionary:
 
     ``dict.txt`` files hold one ``symbol count`` line per symbol after the 4 specials (a trailing
     ``#fairseq:overwrite`` flag allowed), so ``len(Dictionary.load(f)) == 4 + lines``.
+
+    Args:
+        bos: the beginning-of-sentence symbol (index 0).
+        pad: the padding symbol (index 1).
+        eos: the end-of-sentence symbol (index 2).
+        unk: the unknown-word symbol (index 3).
     """
 
     def __init__(self, bos: str = "<s>", pad: str = "<pad>", eos: str = "</s>", unk: str = "<unk>") -> None:
@@ -153,8 +159,9 @@ class Dictionary:
 
 
 def post_process(sentence: str, bpe_symbol: str | None) -> str:
-    """fairseq's ``post_process``: ``"@@ "`` / ``"subword_nmt"`` removes subword-nmt continuation markers,
-    ``"sentencepiece"`` joins pieces on ``▁``; None leaves the sentence as it is."""
+    """fairseq's ``post_process`` of a decoded ``sentence`` by ``bpe_symbol``: ``"@@ "`` / ``"subword_nmt"``
+    removes subword-nmt continuation markers, ``"sentencepiece"`` joins pieces on ``▁``, another string is removed
+    as a marker (with the space after it); None or ``"none"`` leaves the sentence as it is."""
     if not bpe_symbol or bpe_symbol == "none":
         return sentence
     if bpe_symbol in ("sentencepiece", "\u2581"):

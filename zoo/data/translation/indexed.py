@@ -46,7 +46,8 @@ _CODE_TO_DTYPE: dict[int, type] = {
 
 
 def best_fitting_dtype(vocab_size: int | None) -> type:
-    """fairseq's ``best_fitting_int_dtype``: uint16 below 65500 symbols, uint32 below 2^32 - 1, else int64."""
+    """fairseq's ``best_fitting_int_dtype`` for a vocabulary of ``vocab_size`` symbols: uint16 below 65500
+    symbols, uint32 below 2^32 - 1, else int64; uint32 when ``vocab_size`` is None (unknown)."""
     if vocab_size is None:
         return np.uint32
     if vocab_size < 65500:
@@ -71,7 +72,14 @@ def write_mmap_indexed_dataset(
     vocab_size: int | None = None,
 ) -> None:
     """Write ``{prefix}.bin`` and ``{prefix}.idx`` in fairseq's ``MMapIndexedDataset`` format (see the module
-    docstring); ``dtype`` defaults to :func:`best_fitting_dtype` of ``vocab_size``."""
+    docstring); ``dtype`` defaults to :func:`best_fitting_dtype` of ``vocab_size``.
+
+    Args:
+        prefix: the path of the two files without their suffix (parent folders are created).
+        sequences: the token-id sequences to write, in order.
+        dtype: the numpy dtype the ids are stored in; None for the one that fits ``vocab_size``.
+        vocab_size: the vocabulary size the ids come from; None when unknown.
+    """
     dtype = np.dtype(dtype if dtype is not None else best_fitting_dtype(vocab_size))
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +186,18 @@ def write_binarized_split(
     tgt_dict: Dictionary | None = None,
 ) -> None:
     """Write a split as ``fairseq-preprocess`` does: ``{split}.{src}-{tgt}.{lang}.bin/.idx`` (token ids ending in
-    eos) and, when given, ``dict.{lang}.txt``."""
+    eos) and, when given, ``dict.{lang}.txt``.
+
+    Args:
+        data_dir: the output folder (created when missing).
+        split: the split's name (``"train"``, ``"valid"``, ``"test"``).
+        source_lang: the source language code.
+        target_lang: the target language code.
+        src_sequences: the source sentences, token ids.
+        tgt_sequences: the target sentences, token ids.
+        src_dict: the source dictionary, written as ``dict.{source_lang}.txt``; None to write none.
+        tgt_dict: the target dictionary, written as ``dict.{target_lang}.txt``; None to write none.
+    """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     for lang, seqs, d in ((source_lang, src_sequences, src_dict), (target_lang, tgt_sequences, tgt_dict)):

@@ -128,8 +128,8 @@ def _split_german(word: str) -> list[str] | None:
 
 
 def german_number_tokens(n: int) -> list[str]:
-    """:func:`german_number` split into morphemes (:data:`GERMAN_NUMBER_MORPHEMES`, greedy longest match), e.g.
-    324 -> ``drei hundert vier und zwanzig``; ``"".join`` of the result is the word."""
+    """:func:`german_number` of ``n`` split into morphemes (:data:`GERMAN_NUMBER_MORPHEMES`, greedy longest
+    match), e.g. 324 -> ``drei hundert vier und zwanzig``; ``"".join`` of the result is the word."""
     word = german_number(n)
     out = _split_german(word)
     if out is None:
@@ -147,7 +147,8 @@ def english_number(n: int) -> str:
 
 
 def english_number_tokens(n: int) -> list[str]:
-    """:func:`english_number` as tokens, hyphens and commas split off Moses-style (``twenty @-@ four``, ``,``)."""
+    """:func:`english_number` of ``n`` as tokens, hyphens and commas split off Moses-style (``twenty @-@ four``,
+    ``,``)."""
     words = english_number(n).replace(",", " , ").replace("-", " @-@ ").split()
     unknown = [w for w in words if w not in ENGLISH_NUMBER_TOKENS]
     if unknown:
@@ -284,7 +285,13 @@ class NumbersDataModule(TranslationDataModule):
             0 .. max_number).
         max_number: the largest number (< 10^6).
         seed: seed of the draw (the batch shuffles use it too).
-        Other arguments: :class:`TranslationDataModule` (``max_tokens`` default 2048).
+        max_tokens: tokens per batch (``batch size x longest example``); None for no limit (one of
+            ``max_tokens`` / ``max_sentences`` must be given).
+        max_sentences: sentences per batch (None: no limit).
+        left_pad_source: whether sources are padded on the left (fairseq's default True).
+        left_pad_target: whether targets are padded on the left (fairseq's default False).
+        required_batch_size_multiple: batch sizes cut to multiples of this (fairseq's 8).
+        num_workers: DataLoader workers.
     """
 
     def __init__(
