@@ -47,7 +47,8 @@ def _transformer_classes() -> tuple[type, ...]:
 
 
 def is_fairseq_transformer(model: object) -> bool:
-    """A fairseq ``TransformerModel`` / ``TransformerModelBase`` (fairseq must already be imported)."""
+    """True when ``model`` is a fairseq ``TransformerModel`` / ``TransformerModelBase`` (fairseq must already be
+    imported)."""
     classes = _transformer_classes()
     return bool(classes) and isinstance(model, classes)
 
@@ -108,8 +109,9 @@ def _check_layout(model: nn.Module, label: str) -> None:
 
 @register_source(SOURCE_NAME, "attention", is_fairseq_transformer)
 def read_fairseq_transformer(model: nn.Module) -> AttentionSpec:
-    """The zoo :class:`SinkformerTranslation` (``n_iter=1``) of a fairseq translation transformer, on the source's
-    own parameter tensors, device, dtype, mode and flags; the ``"sinkhorn"`` target copies it and sets ``n_iter``.
+    """The zoo :class:`SinkformerTranslation` (``n_iter=1``) of the fairseq translation transformer ``model``, on
+    the source's own parameter tensors, device, dtype, mode and flags; the ``"sinkhorn"`` target copies it and sets
+    ``n_iter``.
 
     One ZooError for an unsupported arch or option (checked by ``fairseq_hparams``: BART, adaptive softmax, ...),
     a state dict that does not load strictly, or a subclassed attention."""

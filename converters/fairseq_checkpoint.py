@@ -224,7 +224,8 @@ def _as_flat_dict(obj: Any, where: str) -> dict[str, Any]:
 
 
 def fairseq_arch(ckpt: Mapping[str, Any]) -> str | None:
-    """The ``arch`` a fairseq checkpoint's ``args`` / ``cfg["model"]`` records (None when it cannot be read)."""
+    """The ``arch`` the fairseq checkpoint ``ckpt`` (a loaded checkpoint dict) records in its ``args`` /
+    ``cfg["model"]`` (None when it cannot be read)."""
     try:
         args = ckpt.get("args")
         if args is not None:
@@ -241,7 +242,12 @@ def fairseq_arch(ckpt: Mapping[str, Any]) -> str | None:
 
 def fairseq_hparams(ckpt: Mapping[str, Any], where: str = "checkpoint") -> tuple[dict[str, Any], int | None]:
     """Constructor arguments of :class:`SinkformerTranslation` from a fairseq checkpoint's ``args`` / ``cfg``
-    (the arch's defaults fill missing fields), and the checkpoint's Sinkhorn ``n_iter`` if it records one."""
+    (the arch's defaults fill missing fields), and the checkpoint's Sinkhorn ``n_iter`` if it records one.
+
+    Args:
+        ckpt: the loaded checkpoint dict (with ``args`` or ``cfg``).
+        where: the checkpoint's name in messages.
+    """
     args = ckpt.get("args")
     if args is not None:
         model_cfg = _as_flat_dict(args, where)

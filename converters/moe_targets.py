@@ -45,7 +45,7 @@ class MLPSpec:
     ``model`` is the source itself; ``blocks`` the name of its ``nn.Sequential`` of blocks (each with an
     ``mlp``), ``""`` when the source is that sequence. ``vit_config``: the :class:`zoo.models.VisionMoE`
     arguments when the source maps onto that family (a timm ``VisionTransformer`` of the standard layout), else
-    None and ``why_not`` says why.
+    None and ``why_not`` says why. ``label`` names the source in messages.
     """
 
     label: str

@@ -50,7 +50,14 @@ _SOURCE_MODULES = ("converters.torchvision", "converters.timm", "converters.torc
 
 @dataclass(frozen=True)
 class FamilyBuild:
-    """How one target builds from one source family: ``build(spec, options) -> model``."""
+    """How one target builds from one source family: ``build(spec, options) -> model``.
+
+    Args:
+        family: the source family (``"resnet"``, ``"transformer"`` ...).
+        build: the builder, ``build(spec, options) -> model``.
+        options: the options ``transform`` accepts for this family.
+        summary: a one-line description of the conversion, for listings.
+    """
 
     family: str
     build: Callable[[Any, dict[str, Any]], nn.Module]
@@ -61,7 +68,8 @@ class FamilyBuild:
 @dataclass(frozen=True)
 class Target:
     """A conversion target: one builder per source family it serves (``builds``: family -> FamilyBuild),
-    in registration order. ``"momentum"`` serves ``"resnet"`` and ``"transformer"``; most serve one."""
+    in registration order. ``"momentum"`` serves ``"resnet"`` and ``"transformer"``; most serve one. ``name`` is
+    the target's name, as ``transform(..., to=name)`` spells it."""
 
     name: str
     builds: Mapping[str, FamilyBuild]
@@ -94,7 +102,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Source:
-    """A source model type: ``matches(model)`` detects it, ``read(model)`` describes it (or raises ZooError)."""
+    """A source model type: ``matches(model)`` detects it, ``read(model)`` describes it (or raises ZooError).
+
+    Args:
+        name: the source type's name, as :func:`list_sources` lists it.
+        family: the source family whose targets' builders take ``read``'s description.
+        matches: whether a model is of this type.
+        read: the model's description (a spec) for the family's builders.
+    """
 
     name: str
     family: str
@@ -112,6 +127,12 @@ def register_target(name: str, family: str, options: tuple[str, ...], summary: s
 
     Registering the same name for another family adds that family to the target (one name, a
     builder per family); registering a second builder for the same name and family is an error.
+
+    Args:
+        name: the target's name (``transform(..., to=name)``).
+        family: the source family the builder serves.
+        options: the options ``transform`` accepts for this family.
+        summary: a one-line description of the conversion, for listings.
     """
 
     def deco(build: Callable[[Any, dict[str, Any]], nn.Module]):
@@ -127,7 +148,13 @@ def register_target(name: str, family: str, options: tuple[str, ...], summary: s
 
 
 def register_source(name: str, family: str, matches: Callable[[nn.Module], bool]):
-    """Decorator registering ``read(model) -> spec`` for the models ``matches`` accepts."""
+    """Decorator registering ``read(model) -> spec`` for the models ``matches`` accepts.
+
+    Args:
+        name: the source type's name, as :func:`list_sources` lists it.
+        family: the source family whose targets' builders take the spec.
+        matches: whether a model is of this type.
+    """
 
     def deco(read: Callable[[nn.Module], Any]):
         _SOURCES.setdefault(family, {})[name] = Source(name, family, matches, read)
@@ -224,7 +251,8 @@ TRAINING_OPTIONS: tuple[str, ...] = ("optimizer", "lr_scheduler", "label_smoothi
 
 
 def source_device_dtype(model: nn.Module, label: str) -> tuple[torch.device, torch.dtype]:
-    """The one device and floating dtype of a source's parameters and buffers (ZooError if mixed)."""
+    """The one device and floating dtype of the parameters and buffers of the source ``model`` (ZooError if
+    mixed, naming the source by ``label``)."""
     tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
     if not tensors:
         raise ZooError(f"{label} has no parameters to convert")
@@ -240,7 +268,8 @@ def source_device_dtype(model: nn.Module, label: str) -> tuple[torch.device, tor
 
 
 def describe_module(m: Any) -> str:
-    """A one-line description: the repr of a leaf module, the child types of a container."""
+    """A one-line description of ``m``: the repr of a leaf module, the child types of a container, the repr of
+    anything that is not a module."""
     if not isinstance(m, nn.Module):
         return repr(m)
     children = list(m.children())
@@ -250,7 +279,13 @@ def describe_module(m: Any) -> str:
 
 
 def classifier_size(model: nn.Module, label: str, name: str = "fc") -> int:
-    """``out_features`` of the source's ``nn.Linear`` classifier (ZooError for any other head)."""
+    """``out_features`` of the source's ``nn.Linear`` classifier (ZooError for any other head).
+
+    Args:
+        model: the source model.
+        label: the source's name in the error message.
+        name: the attribute of ``model`` that holds the classifier.
+    """
     fc = getattr(model, name, None)
     if not isinstance(fc, nn.Linear):
         raise ZooError(

@@ -54,6 +54,18 @@ class ResNetSpec:
 
     ``state_dict`` and ``modules`` use the zoo's (torchvision's) names; the source file maps any
     name that differs. ``label`` names the source in messages.
+
+    Fields:
+        label: the source's name in messages.
+        block: ``"basic"`` or ``"bottleneck"``, the source's block type.
+        layers: the number of blocks of each stage.
+        num_classes: the size of the source's classifier.
+        in_chans: the source's input channels.
+        state_dict: the source's weights, by zoo name.
+        modules: the source's modules, by zoo name.
+        device: the device of the source's tensors.
+        dtype: the floating dtype of the source's tensors.
+        constructor: further zoo constructor arguments the source implies (``drop_rate`` ...).
     """
 
     label: str
@@ -77,7 +89,16 @@ def resnet_spec(
     constructor: dict[str, Any] | None = None,
 ) -> ResNetSpec:
     """The :class:`ResNetSpec` of a checked source: its weights and modules under the zoo's names
-    (``rename`` maps a source name), classifier size, input channels, device and dtype."""
+    (``rename`` maps a source name), classifier size, input channels, device and dtype.
+
+    Args:
+        model: the source ResNet (its classifier is ``model.fc``, its stem ``model.conv1``).
+        label: the source's name in messages.
+        block: ``"basic"`` or ``"bottleneck"``, as :func:`read_resnet_stages` found.
+        layers: the number of blocks of each stage.
+        rename: maps a source parameter or module name to the zoo's.
+        constructor: further zoo constructor arguments the source implies; None for none.
+    """
     device, dtype = source_device_dtype(model, label)
     return ResNetSpec(
         label=label,
@@ -100,7 +121,8 @@ def read_resnet_stages(model: nn.Module, label: str, block_kinds: Mapping[type, 
     """``(block, layers)`` of a torchvision-layout ResNet whose stages are ``layer1`` .. ``layerK``.
 
     ``block_kinds`` maps the library's block classes to ``"basic"`` / ``"bottleneck"``; blocks of
-    other classes (subclasses included: they may change the forward) are rejected.
+    other classes (subclasses included: they may change the forward) are rejected. ``model`` is the source,
+    ``label`` its name in messages.
     """
     layers, kinds = [], set()
     i = 1
@@ -147,6 +169,11 @@ def check_resnet_layout(modules: Mapping[str, nn.Module], model: nn.Module, labe
 
     A safety net behind the source files' explicit checks: widths, groups, dilation, extra layers
     with weights (attention, deep stems) all show up here.
+
+    Args:
+        modules: the source's modules, by zoo name (:attr:`ResNetSpec.modules`).
+        model: the zoo model built for the source.
+        label: the source's name in messages.
     """
     own = dict(model.named_modules())
     problems = []
@@ -187,7 +214,13 @@ def check_resnet_layout(modules: Mapping[str, nn.Module], model: nn.Module, labe
 
 
 def build_resnet(cls: type[ResNet], spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
-    """Build ``cls`` with the source's architecture and load its weights, folding the depth factor."""
+    """Build ``cls`` with the source's architecture and load its weights, folding the depth factor.
+
+    Args:
+        cls: the zoo ResNet family to build (``ResNet``, ``DepthScaledResNet`` ...).
+        spec: the source, read by its source file.
+        options: further constructor arguments given to ``transform`` (``memory``, training settings ...).
+    """
     kwargs = {
         "layers": spec.layers,
         "block": spec.block,

@@ -59,7 +59,9 @@ class AttentionSpec:
     ``model`` is the source itself: the target copies it (or not, ``inplace=True``) and swaps the attention
     modules of that model. ``vit_config``: the :class:`zoo.models.SinkformerViT` arguments when the source
     maps onto that family (a timm ``VisionTransformer`` of the standard layout), else None and ``why_not``
-    says why (an info line).
+    says why (an info line). ``label`` names the source in messages. ``build``: for a source with its own zoo
+    family (fairseq's transformer -> ``SinkformerTranslation``), ``build(n_iter, record_stats, inplace, options)``
+    gives the zoo model; None for the others.
     """
 
     label: str
@@ -146,7 +148,15 @@ def build_sinkformer_vit(
     spec: AttentionSpec, n_iter: int, record_stats: bool, inplace: bool, options: dict[str, Any]
 ) -> nn.Module:
     """The zoo :class:`SinkformerViT` LightningModule with the source ViT's weights (copied; shared with
-    ``inplace=True``), device, dtype, train/eval modes and ``requires_grad`` flags."""
+    ``inplace=True``), device, dtype, train/eval modes and ``requires_grad`` flags.
+
+    Args:
+        spec: the source, read by its source file (with ``vit_config``).
+        n_iter: Sinkhorn half-steps of the attention (1 is softmax attention).
+        record_stats: whether the attentions record their column-sum statistics.
+        inplace: whether the zoo model shares the source's parameter tensors instead of copying them.
+        options: further arguments of :class:`SinkformerViT` (the training settings).
+    """
     from zoo.models import SinkformerViT
 
     source = spec.model

@@ -91,6 +91,7 @@ def timm_label(model: nn.Module) -> str:
 
 
 def is_timm_resnet(model: object) -> bool:
+    """True when ``model`` is a timm ``ResNet`` (subclasses included)."""
     # timm is only imported by whoever built the model: no timm module loaded means no timm model.
     module = sys.modules.get("timm.models.resnet")
     return module is not None and isinstance(model, module.ResNet)
@@ -191,7 +192,7 @@ def _drop_path_rate(label: str, rates: list[float]) -> float:
 
 @register_source(SOURCE_NAME, "resnet", is_timm_resnet)
 def read_timm_resnet(model: nn.Module) -> ResNetSpec:
-    """Describe a timm ResNet for the zoo's ResNet targets (ZooError for unsupported variants)."""
+    """Describe the timm ResNet ``model`` for the zoo's ResNet targets (ZooError for unsupported variants)."""
     from timm.models import resnet as timm_resnet
 
     label = timm_label(model)
@@ -258,6 +259,7 @@ def _vit_module():
 
 
 def is_timm_vit(model: object) -> bool:
+    """True when ``model`` is a timm ``VisionTransformer`` (subclasses included)."""
     module = _vit_module()
     return module is not None and isinstance(model, module.VisionTransformer)
 
@@ -269,6 +271,7 @@ def _vit_block_classes() -> tuple[type, ...]:
 
 
 def is_timm_block_sequence(model: object) -> bool:
+    """True when ``model`` is a non-empty ``nn.Sequential`` of timm ViT blocks (a ViT's ``blocks``)."""
     classes = _vit_block_classes()
     return (
         bool(classes) and type(model) is nn.Sequential and len(model) > 0 and all(isinstance(b, classes) for b in model)
@@ -283,7 +286,8 @@ def _block_list(label: str, blocks: object, where: str) -> list[nn.Module]:
 
 @register_source(VIT_SOURCE_NAME, "transformer", is_timm_vit)
 def read_timm_vit(model: nn.Module) -> BlockStackSpec:
-    """Describe (a copy of) a timm VisionTransformer; the converted model is that copy, ``blocks`` replaced."""
+    """Describe (a copy of) the timm VisionTransformer ``model``; the converted model is that copy, ``blocks``
+    replaced."""
     label = timm_label(model)
     _block_list(label, model.blocks, "blocks")
     twin = copy.deepcopy(model)
@@ -304,7 +308,7 @@ def read_timm_vit(model: nn.Module) -> BlockStackSpec:
 
 @register_source(BLOCKS_SOURCE_NAME, "transformer", is_timm_block_sequence)
 def read_timm_blocks(model: nn.Sequential) -> BlockStackSpec:
-    """Describe (a copy of) a ViT's ``blocks``; the converted model is the residual stack itself."""
+    """Describe (a copy of) a ViT's ``blocks``, ``model``; the converted model is the residual stack itself."""
     twin = copy.deepcopy(model)
     return BlockStackSpec(
         label="timm ViT blocks",
@@ -488,7 +492,8 @@ def sinkformer_vit_config(model: nn.Module) -> dict:
 
 @register_source(VIT_SOURCE_NAME, "attention", is_timm_vit)
 def read_timm_vit_attention(model: nn.Module) -> AttentionSpec:
-    """A timm ViT for ``to="sinkhorn"``: the zoo SinkformerViT when its layout maps, else the ViT, attention swapped."""
+    """The timm ViT ``model`` for ``to="sinkhorn"``: the zoo SinkformerViT when its layout maps, else the ViT,
+    attention swapped."""
     label = timm_label(model)
     try:
         return AttentionSpec(label=label, model=model, vit_config=sinkformer_vit_config(model))
@@ -497,6 +502,7 @@ def read_timm_vit_attention(model: nn.Module) -> AttentionSpec:
 
 
 def has_timm_attention(model: object) -> bool:
+    """True when ``model`` is or holds a timm ``Attention`` or a zoo ``SinkhornAttention``."""
     from timm.layers.attention import Attention
 
     from zoo.nn import SinkhornAttention
@@ -506,7 +512,8 @@ def has_timm_attention(model: object) -> bool:
 
 @register_source(ATTENTION_SOURCE_NAME, "attention", has_timm_attention)
 def read_timm_attention_model(model: nn.Module) -> AttentionSpec:
-    """Any module holding timm ``Attention`` layers (a timm model, a ViT's ``blocks``, a converted model)."""
+    """``model``: any module holding timm ``Attention`` layers (a timm model, a ViT's ``blocks``, a converted
+    model)."""
     return AttentionSpec(label=f"timm {type(model).__name__}", model=model)
 
 
@@ -516,7 +523,8 @@ def read_timm_attention_model(model: nn.Module) -> AttentionSpec:
 
 @register_source(VIT_SOURCE_NAME, "mlp", is_timm_vit)
 def read_timm_vit_mlp(model: nn.Module) -> MLPSpec:
-    """A timm ViT for ``to="moe"``: the zoo VisionMoE when its layout maps, else the ViT with MoE MLPs."""
+    """The timm ViT ``model`` for ``to="moe"``: the zoo VisionMoE when its layout maps, else the ViT with MoE
+    MLPs."""
     label = timm_label(model)
     _block_list(label, model.blocks, "blocks")
     try:
@@ -527,5 +535,6 @@ def read_timm_vit_mlp(model: nn.Module) -> MLPSpec:
 
 @register_source(BLOCKS_SOURCE_NAME, "mlp", is_timm_block_sequence)
 def read_timm_blocks_mlp(model: nn.Sequential) -> MLPSpec:
-    """A ViT's ``blocks`` for ``to="moe"``: a copy with the MLPs of every ``every``-th block as MoE layers."""
+    """A ViT's ``blocks``, ``model``, for ``to="moe"``: a copy with the MLPs of every ``moe_every``-th block as MoE
+    layers."""
     return MLPSpec(label="timm ViT blocks", model=model, blocks="")

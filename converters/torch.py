@@ -36,12 +36,13 @@ SOURCE_NAME = "torch.nn.TransformerEncoder"
 
 
 def is_transformer_encoder(model: object) -> bool:
+    """True when ``model`` is a ``torch.nn.TransformerEncoder`` (subclasses included)."""
     return isinstance(model, nn.TransformerEncoder)
 
 
 @register_source(SOURCE_NAME, "transformer", is_transformer_encoder)
 def read_transformer_encoder(model: nn.TransformerEncoder) -> BlockStackSpec:
-    """Describe (a copy of) a TransformerEncoder for the residual-stack targets."""
+    """Describe (a copy of) the TransformerEncoder ``model`` for the residual-stack targets."""
     label = f"torch {type(model).__name__}"
     if type(model).forward is not nn.TransformerEncoder.forward:
         raise ZooError(f"{label} overrides forward; only torch.nn.TransformerEncoder's own forward converts")
@@ -67,12 +68,13 @@ MHA_SOURCE_NAME = "any torch module with nn.MultiheadAttention (nn.TransformerEn
 
 
 def has_multihead_attention(model: object) -> bool:
+    """True when ``model`` is or holds a ``torch.nn.MultiheadAttention``."""
     return isinstance(model, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
 
 
 @register_source(MHA_SOURCE_NAME, "attention", has_multihead_attention)
 def read_multihead_attention_model(model: nn.Module) -> AttentionSpec:
-    """Any module holding ``nn.MultiheadAttention`` (itself included): each becomes a
+    """``model``: any module holding ``nn.MultiheadAttention`` (itself included): each becomes a
     :class:`zoo.nn.SinkhornMultiheadAttention` with the same parameters and call. ``nn.TransformerEncoder``'s
     nested-tensor fast path is turned off (``use_nested_tensor = False``) and ``nn.TransformerEncoderLayer``
     skips its fused kernel (the Sinkhorn module carries a forward pre-hook), since neither calls the

@@ -52,6 +52,7 @@ SOURCE_NAME = "torchvision.models.ResNet"
 
 
 def is_torchvision_resnet(model: object) -> bool:
+    """True when ``model`` is a torchvision ``ResNet`` (subclasses included)."""
     return isinstance(model, tv_resnet.ResNet)
 
 
@@ -62,7 +63,8 @@ def _check(label: str, ok: bool, what: str) -> None:
 
 @register_source(SOURCE_NAME, "resnet", is_torchvision_resnet)
 def read_torchvision_resnet(model: tv_resnet.ResNet) -> ResNetSpec:
-    """Describe a torchvision ResNet for the zoo's ResNet targets (ZooError for unsupported variants)."""
+    """Describe the torchvision ResNet ``model`` for the zoo's ResNet targets (ZooError for unsupported
+    variants)."""
     label = f"torchvision {type(model).__name__}"
     groups, width = getattr(model, "groups", 1), getattr(model, "base_width", 64)
     if groups != 1:
@@ -122,6 +124,7 @@ VIT_SOURCE_NAME = "torchvision.models.VisionTransformer"
 
 
 def is_torchvision_vit(model: object) -> bool:
+    """True when ``model`` is a torchvision ``VisionTransformer`` (subclasses included)."""
     from torchvision.models.vision_transformer import VisionTransformer
 
     return isinstance(model, VisionTransformer)
@@ -129,7 +132,7 @@ def is_torchvision_vit(model: object) -> bool:
 
 @register_source(VIT_SOURCE_NAME, "attention", is_torchvision_vit)
 def read_torchvision_vit(model: nn.Module) -> AttentionSpec:
-    """A torchvision ViT: its ``EncoderBlock``s call ``self_attention(x, x, x, need_weights=False)``, an
+    """The torchvision ViT ``model``: its ``EncoderBlock``s call ``self_attention(x, x, x, need_weights=False)``, an
     ``nn.MultiheadAttention`` (batch first) that becomes :class:`zoo.nn.SinkhornMultiheadAttention` with
     the same ``in_proj_weight`` / ``out_proj``; the result is the torchvision model itself (a copy)."""
     from torchvision.models.vision_transformer import EncoderBlock

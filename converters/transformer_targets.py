@@ -33,7 +33,8 @@ class BlockStackSpec:
     copy's blocks in order; ``assemble(stack)`` puts the residual stack in the copy's place of the
     blocks and returns the converted model. ``stack_class`` is the ResidualStack class to build
     (:class:`zoo.nn.StackAsBlock` where the source's forward loops over its block list).
-    ``training`` is the train/eval mode of the blocks' container, given to the new wrapper modules.
+    ``training`` is the train/eval mode of the blocks' container, given to the new wrapper modules. ``label``
+    names the source in messages.
     """
 
     label: str
@@ -48,7 +49,13 @@ TRANSFORMER_OPTIONS: tuple[str, ...] = ("memory", "gamma", "init_velocity")
 
 
 def build_block_stack(spec: BlockStackSpec, rule: str, options: dict[str, Any]) -> nn.Module:
-    """The source with its blocks replaced by a ``rule`` stack of ``ResidualOf(block)``."""
+    """The source with its blocks replaced by a ``rule`` stack of ``ResidualOf(block)``.
+
+    Args:
+        spec: the source's blocks and how to put the stack in their place.
+        rule: the stack's forward rule (``"momentum"`` ...).
+        options: further :class:`zoo.nn.ResidualStack` arguments (``memory``, ``gamma``, ``init_velocity``).
+    """
     stack = spec.stack_class([ResidualOf(b) for b in spec.blocks], rule=rule, **options)
     # only the new wrappers: the copied blocks keep their own (per-module) train/eval mode
     for m in (stack, *stack.blocks):
