@@ -7,6 +7,7 @@ from zoo.models.resnet import *  # noqa: F403  (the builders and family classes)
 from zoo.models.resnet import DepthScaledResNet, HeunNet, MomentumResNet, ResNet
 from zoo.models.translation import *  # noqa: F403
 from zoo.models.translation import SinkformerTranslation
+from zoo.models.two_layer import TwoLayerReLU
 from zoo.models.vit import *  # noqa: F403
 from zoo.models.vit import SinkformerViT
 from zoo.models.vmoe import *  # noqa: F403
@@ -23,6 +24,7 @@ __all__ = [
     "SetTransformer",
     "SinkformerTranslation",
     "SinkformerViT",
+    "TwoLayerReLU",
     "VisionMoE",
     *(n for module in (resnet, vit, vmoe, pointcloud, translation) for n in module.__all__ if is_model(n)),
 ]
@@ -37,6 +39,7 @@ for _cls in (
     SetTransformer,
     SinkformerTranslation,
     SinkformerViT,
+    TwoLayerReLU,
     VisionMoE,
 ):
     register_model_class(_cls, f"zoo.models.{_cls.__name__}", f"zoo.{_cls.__name__}")
