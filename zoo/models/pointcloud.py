@@ -170,6 +170,15 @@ class MAB(nn.Module):
     Multihead is :class:`zoo.nn.SinkhornMultiheadAttention` (``batch_first``; ``n_iter=1``: torch's
     ``nn.MultiheadAttention``). ``dim_q != dim``: X is projected by ``q_embed`` (a Linear) first.
     ``layer_norm=False`` drops both LayerNorms (the authors' ``ln=False``).
+
+    Args:
+        dim_q: the dimension of X (the queries).
+        dim_k: the dimension of Y (the keys and values).
+        dim: the block's width (of the attention and of its output).
+        num_heads: attention heads (the width must be divisible by it).
+        layer_norm: whether the block keeps its two LayerNorms (``False``: the authors' ``ln=False``).
+        n_iter: Sinkhorn half-steps (1 is softmax attention).
+        record_stats: whether the attention records its column-sum statistics.
     """
 
     def __init__(
@@ -216,7 +225,16 @@ class MAB(nn.Module):
 
 
 class SAB(nn.Module):
-    """Set attention block SAB(X) = MAB(X, X) (permutation equivariant)."""
+    """Set attention block SAB(X) = MAB(X, X) (permutation equivariant).
+
+    Args:
+        dim_in: the dimension of X.
+        dim: the block's width (of its output).
+        num_heads: attention heads (the width must be divisible by it).
+        layer_norm: whether the block keeps its two LayerNorms (``False``: the authors' ``ln=False``).
+        n_iter: Sinkhorn half-steps (1 is softmax attention).
+        record_stats: whether the attention records its column-sum statistics.
+    """
 
     def __init__(
         self,
@@ -236,7 +254,17 @@ class SAB(nn.Module):
 
 class ISAB(nn.Module):
     """Induced set attention block ISAB(X) = MAB(X, H), H = MAB(I, X) with m learned inducing points I (m, dim):
-    O(n m) instead of O(n^2), permutation equivariant."""
+    O(n m) instead of O(n^2), permutation equivariant.
+
+    Args:
+        dim_in: the dimension of X.
+        dim: the block's width (of H, I and the output).
+        num_inducing: m, the number of inducing points.
+        num_heads: attention heads (the width must be divisible by it).
+        layer_norm: whether the block keeps its two LayerNorms (``False``: the authors' ``ln=False``).
+        n_iter: Sinkhorn half-steps (1 is softmax attention).
+        record_stats: whether the attention records its column-sum statistics.
+    """
 
     def __init__(
         self,
@@ -263,7 +291,16 @@ class ISAB(nn.Module):
 class PMA(nn.Module):
     """Pooling by multihead attention PMA_k(Z) = MAB(S, Z) with k learned seeds S (k, dim): (B, N, dim) -> (B, k, dim).
 
-    With Sinkhorn attention (``n_iter >= 2``) and one seed it is mean pooling of the value projections."""
+    With Sinkhorn attention (``n_iter >= 2``) and one seed it is mean pooling of the value projections.
+
+    Args:
+        dim: the width of Z, of the seeds and of the output.
+        num_seeds: k, the number of seeds (pooled vectors).
+        num_heads: attention heads (the width must be divisible by it).
+        layer_norm: whether the block keeps its two LayerNorms (``False``: the authors' ``ln=False``).
+        n_iter: Sinkhorn half-steps (1 is softmax attention).
+        record_stats: whether the attention records its column-sum statistics.
+    """
 
     def __init__(
         self,
@@ -517,7 +554,8 @@ class OffsetAttention(nn.Module):
     with P = softmax_j(C) (+1e-9 as PCT), so out_j = sum_i A_ji v_i; with C symmetric these are two Sinkhorn
     half-steps of exp(C) (columns, then rows). ``attention="sinkhorn"``: A = Sinkhorn_{n_iter}(exp(C)), rows first
     (:func:`zoo.ops.sinkhorn_attention`, scale 1 as PCT); ``n_iter=1`` is the row softmax.
-    ``record_stats``: column-sum statistics of A in ``self.stats`` after each forward.
+    ``record_stats``: column-sum statistics of A in ``self.stats`` after each forward. ``channels``: C, the width
+    of the input and output (the shared query / key projection has C / 4 channels).
     """
 
     def __init__(self, channels: int, attention: str = "pct", n_iter: int = 1, record_stats: bool = False) -> None:
@@ -802,7 +840,8 @@ def set_transformer_modelnet40(
 ) -> SetTransformer:
     """The ModelNet40 Set Transformer (softmax, ``n_iter=1``): 2 ISAB (256 wide, 4 heads, 16 inducing points),
     PMA (1 seed) + SAB, dropout 0.5, 40 classes; trains with Adam lr 1e-3, lr / 10 after epoch 200 (of 300; batch
-    64, 5000 points). Published (Sinkformers paper): best 87.8%, median 86.3%; no weights."""
+    64, 5000 points). Published (Sinkformers paper): best 87.8%, median 86.3%; no weights:
+    ``pretrained=True`` is an error (nothing to load); ``weights=`` loads any source zoo reads."""
     kwargs.setdefault("lr_scheduler", _SET_SCHEDULE)
     defaults = {**_SET_MODELNET40, **_SET_TRAINING, "n_iter": 1}
     return build_model(
@@ -814,7 +853,8 @@ def set_transformer_modelnet40(
 def set_sinkformer_modelnet40(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> SetTransformer:
     """The ModelNet40 Set Sinkformer: :func:`set_transformer_modelnet40` with 21 Sinkhorn half-steps in every
     attention. Published (Sinkformers paper): best 89.1%, median 88.4%; no weights (recipe
-    ``modelnet40_set_sinkformer``)."""
+    ``modelnet40_set_sinkformer``): ``pretrained=True`` is an error (nothing to load); ``weights=`` loads any
+    source zoo reads."""
     kwargs.setdefault("lr_scheduler", _SET_SCHEDULE)
     defaults = {**_SET_MODELNET40, **_SET_TRAINING, "n_iter": 21}
     return build_model(
@@ -830,7 +870,8 @@ def point_cloud_transformer(
     neighbours, 4 offset-attention layers (256 wide, softmax + L1), fusion 1024, max + avg pooling, head 512 / 256
     with dropout 0.5, label smoothing 0.2; trains with SGD lr 0.01 (PCT_Pytorch's ``--lr 1e-4`` x 100), momentum
     0.9, weight decay 5e-4, cosine (1024 points, batch 32). Published (Sinkformers paper): median 92.5%; no
-    weights (recipe ``modelnet40_pct``)."""
+    weights (recipe ``modelnet40_pct``): ``pretrained=True`` is an error (nothing to load); ``weights=`` loads any
+    source zoo reads."""
     defaults = {**_PCT_MODELNET40, **_PCT_TRAINING, "attention": "pct", "n_iter": 1}
     return build_model(
         PointCloudTransformer, "point_cloud_transformer", defaults, kwargs, pretrained=pretrained, weights=weights
@@ -843,7 +884,7 @@ def point_cloud_sinkformer(
 ) -> PointCloudTransformer:
     """The Point Cloud Sinkformer: :func:`point_cloud_transformer` with the offset-attention normalisation
     replaced by 21 Sinkhorn half-steps (``attention="sinkhorn"``). Published (Sinkformers paper): median 92.8%; no
-    weights."""
+    weights: ``pretrained=True`` is an error (nothing to load); ``weights=`` loads any source zoo reads."""
     defaults = {**_PCT_MODELNET40, **_PCT_TRAINING, "attention": "sinkhorn", "n_iter": 21}
     return build_model(
         PointCloudTransformer, "point_cloud_sinkformer", defaults, kwargs, pretrained=pretrained, weights=weights

@@ -131,7 +131,16 @@ class _ResNetBlock(nn.Module, ResidualFunctionWithTail):
 
 
 class BasicBlock(_ResNetBlock):
-    """torchvision's BasicBlock: g(x) = bn2(conv2(relu(bn1(conv1(x)))))."""
+    """torchvision's BasicBlock: g(x) = bn2(conv2(relu(bn1(conv1(x))))).
+
+    Args:
+        inplanes: input channels.
+        planes: channels of the block's inner convolutions (times ``expansion`` at the output).
+        stride: stride of the block (on its first 3x3 convolution), 2 where a stage halves the resolution.
+        downsample: the shortcut of a transition block that changes the shape (1x1 conv and BN); None for the
+            identity.
+        drop_path: stochastic-depth rate of g (per sample), 0 for none.
+    """
 
     expansion = 1
 
@@ -155,7 +164,16 @@ class BasicBlock(_ResNetBlock):
 
 
 class Bottleneck(_ResNetBlock):
-    """torchvision's Bottleneck (stride on the 3x3 conv): 1x1 -> 3x3 -> 1x1 with BN and ReLU."""
+    """torchvision's Bottleneck (stride on the 3x3 conv): 1x1 -> 3x3 -> 1x1 with BN and ReLU.
+
+    Args:
+        inplanes: input channels.
+        planes: channels of the block's inner convolutions (times ``expansion`` at the output).
+        stride: stride of the block (on its 3x3 convolution), 2 where a stage halves the resolution.
+        downsample: the shortcut of a transition block that changes the shape (1x1 conv and BN); None for the
+            identity.
+        drop_path: stochastic-depth rate of g (per sample), 0 for none.
+    """
 
     expansion = 4
 
@@ -183,7 +201,16 @@ class Bottleneck(_ResNetBlock):
 
 class PreActBlock(_ResNetBlock):
     """Pre-activation basic block of the tiny CIFAR net: f(x) = bn2(conv2(relu(bn1(conv1(relu(x)))))),
-    no activation after the sum, so the stack is exactly x_{n+1} = x_n + h f(x_n)."""
+    no activation after the sum, so the stack is exactly x_{n+1} = x_n + h f(x_n).
+
+    Args:
+        inplanes: input channels.
+        planes: channels of the block's inner convolutions (times ``expansion`` at the output).
+        stride: stride of the block (on its first 3x3 convolution), 2 where a stage halves the resolution.
+        downsample: the shortcut of a transition block that changes the shape (1x1 conv and BN); None for the
+            identity.
+        drop_path: stochastic-depth rate of g (per sample), 0 for none.
+    """
 
     expansion = 1
     post_activation = False
@@ -641,14 +668,26 @@ class ResNet(HubMixin, ImageClassifier):
 
 
 class DepthScaledResNet(ResNet):
-    """ResNet with the depth written explicitly: x_{n+1} = x_n + f(x_n)/N in every stage (R1)."""
+    """ResNet with the depth written explicitly: x_{n+1} = x_n + f(x_n)/N in every stage (R1).
+
+    Args:
+        rule: forward rule of every stage (default ``"euler"``).
+        scale: step of the rule (default ``"depth"``: 1/N for a stage of N steps).
+        *args, **kwargs: the other arguments of :class:`ResNet`.
+    """
 
     def __init__(self, *args: Any, rule: str = "euler", scale: float | str = "depth", **kwargs: Any):
         super().__init__(*args, rule=rule, scale=scale, **kwargs)
 
 
 class HeunNet(ResNet):
-    """ResNet whose stages follow Heun's second-order rule (H1) with step 1/N."""
+    """ResNet whose stages follow Heun's second-order rule (H1) with step 1/N.
+
+    Args:
+        rule: forward rule of every stage (default ``"heun"``).
+        scale: step of the rule (default ``"depth"``: 1/N for a stage of N steps).
+        *args, **kwargs: the other arguments of :class:`ResNet`.
+    """
 
     def __init__(self, *args: Any, rule: str = "heun", scale: float | str = "depth", **kwargs: Any):
         super().__init__(*args, rule=rule, scale=scale, **kwargs)
@@ -662,7 +701,16 @@ class MomentumResNet(ResNet):
     block, also where it keeps the shape (``layer1`` of ResNet-18/34); ``keep_first_block=False`` puts a
     shape-keeping first block in the momentum stack instead. ``memory="reversible"`` (default) rebuilds the
     activations exactly in backward (the first block recomputed from the stage input), so training memory is
-    flat in depth; ``"full"`` is autograd."""
+    flat in depth; ``"full"`` is autograd.
+
+    Args:
+        rule: forward rule of every stage (default ``"momentum"``).
+        scale: step of the rule (default 1, the published model).
+        gamma: momentum term (M1); 0 is torchvision's ResNet.
+        memory: ``"reversible"``, ``"adjoint"`` or ``"full"``: how the stacks keep what backward needs.
+        keep_first_block: whether the first block of every stage stays an ordinary block (as published).
+        *args, **kwargs: the other arguments of :class:`ResNet`.
+    """
 
     # what a file saved before an argument existed was built with (zoo.hub.from_pretrained fills it in)
     legacy_init_args = {"keep_first_block": False}

@@ -131,7 +131,13 @@ def sinusoidal_table(num_embeddings: int, embedding_dim: int, padding_idx: int |
 
 class SinusoidalPositionalEmbedding(nn.Module):
     """fairseq's non-learned positions; its only state-dict entry is fairseq's ``_float_tensor`` placeholder (the
-    table is a non-persistent buffer, grown when a longer input comes)."""
+    table is a non-persistent buffer, grown when a longer input comes).
+
+    Args:
+        embedding_dim: the embedding dimension.
+        padding_idx: the padding token id; positions start at ``padding_idx + 1``.
+        init_size: the rows of the table built at construction.
+    """
 
     def __init__(self, embedding_dim: int, padding_idx: int, init_size: int = 1024) -> None:
         super().__init__()
@@ -155,7 +161,8 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
 
 class LearnedPositionalEmbedding(nn.Embedding):
-    """fairseq's learned positions (``encoder_learned_pos``): max_positions + padding_idx + 1 rows."""
+    """fairseq's learned positions (``encoder_learned_pos``): max_positions + padding_idx + 1 rows of
+    ``embedding_dim`` entries; positions start at ``padding_idx + 1``."""
 
     def __init__(self, max_positions: int, embedding_dim: int, padding_idx: int) -> None:
         super().__init__(max_positions + padding_idx + 1, embedding_dim, padding_idx)
@@ -198,6 +205,15 @@ class MultiheadAttention(SinkhornCore, nn.Module):
     ``query`` (B, L, E), ``key_value`` (B, S, kdim) (None: self-attention), ``key_padding_mask`` (B, S) bool True
     at pads, ``attn_mask`` bool (B or 1, 1, L, S) True = may attend. With ``cache`` (a dict) the projected keys and
     values are kept: appended to (self-attention) or computed once (``static_kv``, encoder-decoder attention).
+
+    Args:
+        embed_dim: the model dimension (queries and output).
+        num_heads: attention heads (``embed_dim`` must be divisible by it).
+        kdim: the dimension of ``key_value`` for the keys; None for ``embed_dim``.
+        vdim: the dimension of ``key_value`` for the values; None for ``embed_dim``.
+        dropout: dropout probability on the attention weights.
+        n_iter: Sinkhorn half-steps (1 is softmax attention).
+        record_stats: whether each forward stores the column-sum statistics of its weights in ``stats``.
     """
 
     def __init__(
@@ -303,7 +319,20 @@ class _ResidualLayer(nn.Module):
 
 class TransformerEncoderLayer(_ResidualLayer):
     """fairseq's ``TransformerEncoderLayer`` (names ``self_attn``, ``self_attn_layer_norm``, ``fc1``, ``fc2``,
-    ``final_layer_norm``) with Sinkhorn self-attention."""
+    ``final_layer_norm``) with Sinkhorn self-attention.
+
+    Args:
+        embed_dim: the model dimension.
+        ffn_embed_dim: hidden dimension of the feed-forward block.
+        num_heads: attention heads.
+        dropout: dropout probability after each sublayer (and of the embeddings).
+        attention_dropout: dropout probability on the attention weights.
+        activation_dropout: dropout probability after the feed-forward activation.
+        activation_fn: the feed-forward activation (``"relu"``, ``"gelu"`` ...).
+        normalize_before: pre-norm (x + drop(f(LN(x)))) when True, post-norm (LN(x + drop(f(x)))) when False.
+        n_iter: Sinkhorn half-steps of the self-attention (1 is softmax attention).
+        record_stats: whether the self-attention records its column-sum statistics.
+    """
 
     def __init__(
         self,
@@ -332,7 +361,19 @@ class TransformerEncoderLayer(_ResidualLayer):
 
 class TransformerDecoderLayer(_ResidualLayer):
     """fairseq's ``TransformerDecoderLayer`` (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
-    ``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``); softmax attention everywhere."""
+    ``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``); softmax attention everywhere.
+
+    Args:
+        embed_dim: the model dimension.
+        ffn_embed_dim: hidden dimension of the feed-forward block.
+        num_heads: attention heads.
+        encoder_embed_dim: the encoder's output dimension; None for ``embed_dim``.
+        dropout: dropout probability after each sublayer (and of the embeddings).
+        attention_dropout: dropout probability on the attention weights.
+        activation_dropout: dropout probability after the feed-forward activation.
+        activation_fn: the feed-forward activation (``"relu"``, ``"gelu"`` ...).
+        normalize_before: pre-norm (x + drop(f(LN(x)))) when True, post-norm (LN(x + drop(f(x)))) when False.
+    """
 
     def __init__(
         self,
@@ -431,7 +472,26 @@ class _TokenEmbedder(nn.Module):
 
 class TransformerEncoder(_TokenEmbedder):
     """fairseq's ``TransformerEncoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
-    pre-norm, ``layernorm_embedding`` when asked, ``version`` buffer)."""
+    pre-norm, ``layernorm_embedding`` when asked, ``version`` buffer).
+
+    Args:
+        embed_tokens: the source token embedding (its dimension is the model's).
+        layers: the number of encoder layers.
+        ffn_embed_dim: hidden dimension of the feed-forward block.
+        num_heads: attention heads.
+        dropout: dropout probability after each sublayer (and of the embeddings).
+        attention_dropout: dropout probability on the attention weights.
+        activation_dropout: dropout probability after the feed-forward activation.
+        activation_fn: the feed-forward activation (``"relu"``, ``"gelu"`` ...).
+        normalize_before: pre-norm (x + drop(f(LN(x)))) when True, post-norm (LN(x + drop(f(x)))) when False.
+        max_positions: the longest input (positions embedded).
+        learned_pos: learned positions (:class:`LearnedPositionalEmbedding`) instead of sinusoidal ones.
+        no_token_positional_embeddings: whether no positions are added to the token embeddings.
+        layernorm_embedding: whether a LayerNorm follows the embedding (``layernorm_embedding``).
+        no_scale_embedding: whether the token embeddings are not scaled by sqrt(dim).
+        n_iter: Sinkhorn half-steps of the self-attention (1 is softmax attention).
+        record_stats: whether the self-attention records its column-sum statistics.
+    """
 
     def __init__(
         self,
@@ -496,7 +556,27 @@ class TransformerEncoder(_TokenEmbedder):
 
 class TransformerDecoder(_TokenEmbedder):
     """fairseq's ``TransformerDecoder`` (``embed_tokens``, ``embed_positions``, ``layers``, ``layer_norm`` when
-    pre-norm, ``output_projection`` tied to ``embed_tokens`` with ``share_input_output_embed``, ``version``)."""
+    pre-norm, ``output_projection`` tied to ``embed_tokens`` with ``share_input_output_embed``, ``version``).
+
+    Args:
+        embed_tokens: the target token embedding (its dimension is the model's).
+        layers: the number of decoder layers.
+        ffn_embed_dim: hidden dimension of the feed-forward block.
+        num_heads: attention heads.
+        encoder_embed_dim: the encoder's output dimension.
+        dropout: dropout probability after each sublayer (and of the embeddings).
+        attention_dropout: dropout probability on the attention weights.
+        activation_dropout: dropout probability after the feed-forward activation.
+        activation_fn: the feed-forward activation (``"relu"``, ``"gelu"`` ...).
+        normalize_before: pre-norm (x + drop(f(LN(x)))) when True, post-norm (LN(x + drop(f(x)))) when False.
+        no_final_norm: whether a pre-norm decoder ends without its final LayerNorm.
+        max_positions: the longest input (positions embedded).
+        learned_pos: learned positions (:class:`LearnedPositionalEmbedding`) instead of sinusoidal ones.
+        no_token_positional_embeddings: whether no positions are added to the token embeddings.
+        layernorm_embedding: whether a LayerNorm follows the embedding (``layernorm_embedding``).
+        no_scale_embedding: whether the token embeddings are not scaled by sqrt(dim).
+        share_input_output_embed: whether the output projection is tied to ``embed_tokens``.
+    """
 
     def __init__(
         self,
@@ -982,7 +1062,9 @@ def sinkformer_transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any
     layers, 512 wide, 4 heads, FFN 1024, post-norm) with Sinkhorn attention in the encoder (``n_iter=3``),
     ``--share-decoder-input-output-embed``, dropout 0.3; fairseq's dictionary sizes of prepare-iwslt14.sh (de 8848,
     en 6632). Trains with the task's defaults, fairseq's IWSLT'14 command: AdamW (0.9, 0.98), lr 5e-4, weight decay
-    1e-4, inverse_sqrt with 4000 warm-up updates, label smoothing 0.1."""
+    1e-4, inverse_sqrt with 4000 warm-up updates, label smoothing 0.1.
+    ``weights``: loaded when given (as :class:`SinkformerTranslation`'s ``weights``); keyword arguments override the
+    defaults."""
     return _build(
         "sinkformer_transformer_iwslt_de_en",
         weights,
@@ -997,7 +1079,7 @@ def sinkformer_transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any
 def transformer_iwslt_de_en(weights: str | None = None, **kwargs: Any) -> SinkformerTranslation:
     """fairseq's ``transformer_iwslt_de_en`` as the published baseline (``n_iter=1``: softmax attention, the
     Transformer itself; 34.43 BLEU after 30 epochs in the Sinkformers paper); otherwise as
-    :func:`sinkformer_transformer_iwslt_de_en`."""
+    :func:`sinkformer_transformer_iwslt_de_en` (``weights`` and keyword arguments too)."""
     return _build(
         "transformer_iwslt_de_en",
         weights,
@@ -1013,7 +1095,9 @@ def sinkformer_transformer_toy(
     weights: str | None = None, src_vocab_size: int = 64, **kwargs: Any
 ) -> SinkformerTranslation:
     """A toy model for tests and toy data: fairseq's ``transformer_tiny`` shape (2+2 layers, 64 wide, 2 heads,
-    FFN 64) with Sinkhorn encoder attention (``n_iter=3``), dropout 0.1; ``src_vocab_size`` 64 by default."""
+    FFN 64) with Sinkhorn encoder attention (``n_iter=3``), dropout 0.1; ``src_vocab_size`` 64 by default.
+    ``weights``: loaded when given (as :class:`SinkformerTranslation`'s ``weights``); keyword arguments override the
+    defaults."""
     defaults = {
         "src_vocab_size": src_vocab_size,
         "encoder_layers": 2,
@@ -1035,7 +1119,9 @@ def sinkformer_transformer_numbers(weights: str | None = None, **kwargs: Any) ->
     """The embedded task's model (:class:`zoo.data.translation.NumbersDataModule`, German number words to English):
     2+2 layers, 64 wide, 4 heads, FFN 128, shared decoder embeddings, dropout 0.1, ``n_iter=3``, greedy validation
     BLEU (beam 1); trains with AdamW (0.9, 0.98) lr 3e-3 without weight decay and inverse_sqrt with 100 warm-up
-    updates (the ``nmt/numbers_sinkformer`` recipe's settings), label smoothing 0.1."""
+    updates (the ``nmt/numbers_sinkformer`` recipe's settings), label smoothing 0.1.
+    ``weights``: loaded when given (as :class:`SinkformerTranslation`'s ``weights``); keyword arguments override the
+    defaults."""
     from zoo.data.translation import NUMBERS_SRC_VOCAB_SIZE, NUMBERS_TGT_VOCAB_SIZE
 
     defaults = {

@@ -65,7 +65,22 @@ def _norm(dim: int, **kwargs: Any) -> nn.Module:
 
 
 class SinkformerBlock(nn.Module):
-    """timm's pre-norm ``Block`` with :class:`zoo.nn.SinkhornAttention`; ``mlp_ratio=0``: attention only."""
+    """timm's pre-norm ``Block`` with :class:`zoo.nn.SinkhornAttention`; ``mlp_ratio=0``: attention only.
+
+    Args:
+        dim: the token dimension.
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the MLP over ``dim``; 0 for no MLP.
+        qkv_bias: whether the qkv projection has a bias.
+        qk_norm: whether queries and keys are LayerNorm-ed per head.
+        attn_head_dim: the dimension of each head; None for ``dim // num_heads``.
+        proj_drop: dropout probability after the attention projection and in the MLP.
+        attn_drop: dropout probability on the attention weights.
+        init_values: LayerScale's initial value; None for no LayerScale.
+        drop_path: stochastic-depth rate of each residual branch.
+        n_iter: Sinkhorn half-steps (1 is softmax attention).
+        record_stats: whether the attention records its column-sum statistics.
+    """
 
     def __init__(
         self,
@@ -668,7 +683,8 @@ def sinkformer_vit_base_patch16_224(
 def sinkformer_vit_cats_dogs(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> SinkformerViT:
     """The published cats-vs-dogs Sinkformer (Sinkformers paper): 224 px, patch 16, 128 wide, depth 6, 8 heads
     of width 64, MLP 128, no qkv bias, 2 classes, ``n_iter=3``; trains with Adam lr 5e-5 at a constant rate
-    (published median test accuracy 79.5%, the Transformer 79.0%). No weights are published."""
+    (published median test accuracy 79.5%, the Transformer 79.0%). No weights are published: ``pretrained=True``
+    is an error; ``weights=`` loads any source zoo reads."""
     kwargs.setdefault("optimizer", functools.partial(torch.optim.Adam, lr=5e-5))
     kwargs.setdefault("lr_scheduler", None)  # constant learning rate
     return _build("sinkformer_vit_cats_dogs", _CATS_DOGS, kwargs, pretrained, weights)
@@ -678,6 +694,7 @@ def sinkformer_vit_cats_dogs(pretrained: bool = False, *, weights: str | None = 
 def sinkformer_vit_mnist(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> SinkformerViT:
     """The published MNIST Sinkformer (Sinkformers paper): one block, one head of width 64, no MLP, 128 wide,
     28x28x1 input, ``patch_size`` any divisor of 28 (default 7), ``n_iter=3``; trains with Adam lr 5e-4 (the
-    Sinkformer is better than the Transformer at small patches). No weights are published."""
+    Sinkformer is better than the Transformer at small patches). No weights are published: ``pretrained=True`` is
+    an error; ``weights=`` loads any source zoo reads."""
     kwargs.setdefault("optimizer", functools.partial(torch.optim.Adam, lr=5e-4))
     return _build("sinkformer_vit_mnist", {**_MNIST, "patch_size": 7}, kwargs, pretrained, weights)
