@@ -13,6 +13,7 @@ import datetime
 import os
 import platform
 import resource
+import time
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,32 @@ def machine_line(device: torch.device, threads: int = 0) -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def step_seconds(step: Callable[[], object], device: torch.device, repeats: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step``, after ``warmup`` untimed calls.
+
+    On CUDA each call is bracketed by CUDA events on the current stream (the device's clock: from the first
+    kernel the call queues to the end of its last, host launch gaps included), read after one synchronisation at
+    the end, so the host never waits between calls; elsewhere ``time.perf_counter`` around each call.
+    """
+    for _ in range(warmup):
+        step()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return times
+    sync(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    sync(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
 def rss_bytes() -> int:
