@@ -1,6 +1,12 @@
 """Modules: the residual-stack engine and the layers families are built from (attention, MoE, top-k)."""
 
 from zoo.nn.attention import SinkhornAttention, SinkhornCore, SinkhornMultiheadAttention, attention_stats
+from zoo.nn.expert_parallel import (
+    ExpertParallelStrategy,
+    expert_parallel_mesh,
+    reduce_expert_gradients,
+    shard_experts,
+)
 from zoo.nn.moe import MoE, Routing
 from zoo.nn.residual import ResidualOf, StackAsBlock, TransformerEncoderStack
 from zoo.nn.residual_function import ResidualFunction, ResidualFunctionWithTail
@@ -10,6 +16,7 @@ from zoo.nn.topk import SmoothTopKLoss, SoftTopKMagnitude, prune_magnitude
 
 __all__ = [
     "MEMORY_MODES",
+    "ExpertParallelStrategy",
     "ForwardRule",
     "MoE",
     "RULES",
@@ -26,7 +33,10 @@ __all__ = [
     "StackAsBlock",
     "TransformerEncoderStack",
     "attention_stats",
+    "expert_parallel_mesh",
     "frozen_batchnorm_stats",
     "prune_magnitude",
+    "reduce_expert_gradients",
     "register_rule",
+    "shard_experts",
 ]

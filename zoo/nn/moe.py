@@ -52,6 +52,11 @@ processed), ``dropped_fraction`` (token choice: the share of the k * T_valid ass
 expert choice: the share of valid tokens no expert took), ``router_entropy`` (mean entropy of S over the valid
 tokens) and, with ``topk="soft"``, ``dropped_soft_weight`` (share of the relaxed weight sum_te m S outside the
 dispatched pairs). :meth:`MoE.route` returns the dispatch itself (:class:`Routing`).
+
+Expert parallelism (:func:`zoo.nn.expert_parallel.shard_experts`): the experts are split over the ranks of an
+expert-parallel group (E / P per rank, ``expert_shard`` records which); routing stays on the token's rank, and the
+(E, C, dim) buffer goes to the experts' ranks and back by all-to-all (the same static shapes), so each rank computes
+what the layer computes on that rank's tokens. ``stats`` are then the rank's own.
 """
 
 from __future__ import annotations
@@ -297,6 +302,8 @@ class MoE(nn.Module):
         self.experts = Experts(E, dim, hidden_dim, bias=_pair(bias), drop=_pair(drop), **dd)
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: dict[str, torch.Tensor] = {}
+        # None: every expert here; else the expert-parallel placement (zoo.nn.expert_parallel.shard_experts)
+        self.expert_shard: Any = None
 
     # -------------------------------------------------------------------------------------------- upcycling
 
@@ -404,6 +411,8 @@ class MoE(nn.Module):
             parts.append(f"group_size={self.group_size}")
         if self.topk == "soft":
             parts.append(f"p={self.p}, lam={self.lam}, solver={self.solver}, dykstra_iters={self.dykstra_iters}")
+        if self.expert_shard is not None:
+            parts.append(f"expert_shard={self.expert_shard}")
         return ", ".join(parts)
 
     # -------------------------------------------------------------------------------------------- checks
@@ -602,7 +611,9 @@ class MoE(nn.Module):
         E, C = routing.index.shape
         # gather into a static (E, C, dim) buffer; empty slots read the appended zero row N
         buffer = torch.cat([flat, flat.new_zeros(1, self.dim)]).index_select(0, routing.index.reshape(-1))
-        y = self.experts(buffer.view(E, C, self.dim)).reshape(E * C, self.dim)
+        buffer = buffer.view(E, C, self.dim)
+        shard = self.expert_shard  # expert parallel: the slots travel to the experts' ranks and back (all-to-all)
+        y = (self.experts(buffer) if shard is None else shard(self.experts, buffer)).reshape(E * C, self.dim)
         y = y * routing.weight.reshape(E * C, 1).to(y.dtype)
         out = y.new_zeros(N + 1, self.dim).index_add_(0, routing.index.reshape(-1), y)
         self.aux_loss = routing.aux_loss

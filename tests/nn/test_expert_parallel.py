@@ -1,0 +1,411 @@
+"""Expert parallelism of zoo.nn.MoE on 2 real processes (gloo), against the single-process layer.
+
+One spawn of 2 workers runs every multi-process check (start-up is the cost): each worker builds the
+single-process reference layer itself (same seed), shards a copy over the 2 ranks and compares, in float64, the
+outputs and every gradient (input, router, experts) for token and expert choice, hard and relaxed top-k; then the
+unsharded checkpoint layout, the optimiser state, the (data, expert) mesh shapes runnable on 2 ranks, and a V-MoE
+trained through Lightning with ExpertParallelStrategy, which the test compares with a single-process Trainer run on
+the same global batches. A last test runs the shipped recipe through the ``zoo`` CLI on 2 processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from zoo.errors import ZooError
+from zoo.nn.moe import MoE
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+DIM, HIDDEN, E = 6, 8, 4
+B, T = 3, 5  # sequences and tokens per rank
+# (name, MoE options, whether the reference is one call on the global batch (True) or one call per rank's tokens)
+LAYERS = [
+    ("token_hard_k2_capacity", {"router": "token_choice", "k": 2, "capacity_factor": 1.0}, False),
+    ("token_soft_k2_capacity", {"router": "token_choice", "k": 2, "capacity_factor": 1.0, "topk": "soft"}, False),
+    ("token_hard_k1_no_limit", {"router": "token_choice", "k": 1, "capacity_factor": None}, True),
+    ("expert_hard", {"router": "expert_choice", "capacity_factor": 2.0}, True),
+    ("expert_soft", {"router": "expert_choice", "capacity_factor": 2.0, "topk": "soft", "lam": 0.05}, True),
+]
+# the Lightning V-MoE run: steps, per-rank batch, SGD
+STEPS, LOCAL_BATCH = 3, 4
+VMOE = {
+    "img_size": 16,
+    "patch_size": 4,
+    "in_chans": 1,
+    "num_classes": 10,
+    "embed_dim": 16,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "class_token": False,
+    "global_pool": "avg",
+    "num_experts": 4,
+    "moe_every": 1,
+    "router": "expert_choice",
+    "capacity_factor": 2.0,
+}
+
+
+def make_layer(options: dict[str, Any], seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    return MoE(DIM, HIDDEN, E, dtype=torch.float64, **options)
+
+
+def make_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch (WORLD * B, T, DIM), a padding mask (some padded tokens) and output weights G."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(WORLD * B, T, DIM, generator=g, dtype=torch.float64)
+    pad = torch.zeros(WORLD * B, T, dtype=torch.bool)
+    pad[1, -2:] = True
+    pad[B + 2, -1] = True
+    weights = torch.randn(WORLD * B, T, DIM, generator=g, dtype=torch.float64)
+    return x, pad, weights
+
+
+def reference(options: dict[str, Any], one_call: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Single process: the layer on the global batch (one call, or one call per rank's tokens), loss
+    sum_r [sum(G_r * MoE(x_r)) + aux_r]; outputs and the gradients of every parameter and of x."""
+    layer = make_layer(options)
+    x, pad, weights = make_inputs(seed)
+    x = x.clone().requires_grad_(True)
+    chunks = (
+        [(x, pad, weights)]
+        if one_call
+        else [(x[r * B : (r + 1) * B], pad[r * B : (r + 1) * B], weights[r * B : (r + 1) * B]) for r in range(WORLD)]
+    )
+    outs, loss = [], 0.0
+    for xc, pc, wc in chunks:
+        out = layer(xc, padding_mask=pc)
+        outs.append(out)
+        loss = loss + (out * wc).sum() + (0.0 if one_call else layer.aux_loss)
+    loss.backward()
+    result = {"out": torch.cat(outs).detach(), "x.grad": x.grad}
+    result.update({f"{name}.grad": p.grad for name, p in layer.named_parameters()})
+    result.update({f"param.{name}": p.detach().clone() for name, p in layer.named_parameters()})
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the workers
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 1e-12) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+def _check_layers(rank: int, mesh: Any) -> None:
+    from zoo.nn.expert_parallel import reduce_expert_gradients, shard_experts
+
+    lo, hi = rank * E // WORLD, (rank + 1) * E // WORLD
+    for case, (name, options, one_call) in enumerate(LAYERS):
+        ref = reference(options, one_call, seed=case)
+        layer = shard_experts(make_layer(options, seed=100 + case), mesh)  # other init: overwritten by the load
+        full = {k[len("param.") :]: v for k, v in ref.items() if k.startswith("param.")}
+        layer.load_state_dict(full)  # the unsharded layout, sliced to this rank's experts
+        assert layer.experts.fc1.weight.shape[0] == E // WORLD
+        x, pad, weights = make_inputs(case)
+        mine = slice(rank * B, (rank + 1) * B)
+        xr = x[mine].clone().requires_grad_(True)
+        out = layer(xr, padding_mask=pad[mine])
+        loss = (out * weights[mine]).sum() + (0.0 if one_call else layer.aux_loss)
+        loss.backward()
+        _close(out, ref["out"][mine], f"{name}: output")
+        _close(xr.grad, ref["x.grad"][mine], f"{name}: input gradient")
+        # the replicated router: DDP would average over the ranks; experts: reduce_expert_gradients does
+        reduce_expert_gradients(layer)
+        for pname, p in layer.named_parameters():
+            grad = p.grad.clone()
+            if pname.startswith("experts."):
+                _close(grad, ref[f"{pname}.grad"][lo:hi] / WORLD, f"{name}: gradient of {pname}")
+            else:
+                dist.all_reduce(grad)
+                _close(grad / WORLD, ref[f"{pname}.grad"] / WORLD, f"{name}: gradient of {pname}")
+        # the check is not vacuous: this rank's tokens were computed by the other rank's experts too
+        routing = layer.route(x[mine], padding_mask=pad[mine])
+        remote = routing.index[(1 - rank) * E // WORLD : (2 - rank) * E // WORLD]
+        assert (remote < B * T).any(), f"{name}: no token of rank {rank} went to the other rank's experts"
+        if name == "token_hard_k2_capacity":
+            assert float(routing.stats["dropped_fraction"]) > 0  # capacity drops assignments: per-rank groups
+        # the unsharded state dict (an all-gather) is the reference's, on every rank
+        state = layer.state_dict()
+        for key, value in full.items():
+            assert torch.equal(state[key], value), f"{name}: state_dict()[{key!r}]"
+
+
+def _check_checkpoints_and_optimizer(rank: int, mesh: Any, out_dir: Path) -> None:
+    from zoo.nn.expert_parallel import (
+        gather_expert_optimizer_state,
+        reduce_expert_gradients,
+        shard_expert_optimizer_state,
+        shard_experts,
+    )
+
+    options = LAYERS[0][1]
+    x, pad, weights = make_inputs(7)
+    mine = slice(rank * B, (rank + 1) * B)
+    # one Adam step at EP=2, from the single-process checkpoint written by the test (single process -> EP=2)
+    layer = shard_experts(make_layer(options, seed=1), mesh)
+    layer.load_state_dict(torch.load(out_dir / "single.pt", weights_only=True))
+    opt = torch.optim.Adam(layer.parameters(), lr=0.01)
+    out = layer(x[mine], padding_mask=pad[mine])
+    ((out * weights[mine]).sum() + layer.aux_loss).backward()
+    reduce_expert_gradients(layer)
+    for pname, p in layer.named_parameters():
+        if not pname.startswith("experts."):  # the replicated router: averaged over the ranks, as DDP does
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+    opt.step()
+    state = layer.state_dict()
+    opt_state = gather_expert_optimizer_state(layer, opt, opt.state_dict())
+    if rank == 0:  # EP=2 -> single process: the test loads these in one process
+        torch.save(state, out_dir / "ep2.pt")
+        torch.save(opt_state, out_dir / "ep2_adam.pt")
+    # the optimiser's own state stays sharded; the round trip gives it back
+    local = shard_expert_optimizer_state(layer, opt, opt_state)
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(local["state"][index][key], value), (index, key)
+    # a sharded-layout tensor is refused with one clear error
+    bad = dict(state)
+    bad["experts.fc1.weight"] = layer.experts.fc1.weight.detach()
+    try:
+        layer.load_state_dict(bad)
+    except ZooError as e:
+        assert "unsharded layout" in str(e)
+    else:
+        raise AssertionError("a sharded-layout expert tensor was accepted")
+
+
+def _check_meshes(rank: int) -> None:
+    from zoo.nn.expert_parallel import expert_parallel_mesh, is_expert_parallel, shard_experts
+
+    # data x expert = 2 x 1: pure data parallelism, nothing sharded (DDP reduces the experts like any parameter)
+    mesh = expert_parallel_mesh(1, "cpu")
+    assert mesh.shape == (2, 1) and mesh.mesh_dim_names == ("data", "expert")
+    assert dist.get_process_group_ranks(mesh["data"].get_group()) == [0, 1]
+    layer = shard_experts(make_layer(LAYERS[0][1]), mesh)
+    assert not is_expert_parallel(layer) and layer.experts.fc1.weight.shape[0] == E
+    # 1 x 2: both ranks one expert group
+    mesh = expert_parallel_mesh(2, "cpu")
+    assert mesh.shape == (1, 2) and dist.get_process_group_ranks(mesh["expert"].get_group()) == [0, 1]
+    for bad, match in ((3, "dividing the world size 2"), (0, "positive integer")):
+        try:
+            expert_parallel_mesh(bad, "cpu")
+        except ZooError as e:
+            assert match in str(e), str(e)
+        else:
+            raise AssertionError(f"expert_parallel_size={bad} accepted")
+    try:
+        shard_experts(MoE(DIM, HIDDEN, 3), mesh)
+    except ZooError as e:
+        assert "not divisible by expert_parallel_size=2" in str(e)
+    else:
+        raise AssertionError("3 experts sharded over 2 ranks")
+    sharded = shard_experts(make_layer(LAYERS[0][1]), mesh)
+    try:
+        shard_experts(sharded, mesh)
+    except ZooError as e:
+        assert "already sharded" in str(e)
+    else:
+        raise AssertionError("sharded twice")
+
+
+def _digits_batches() -> tuple[torch.Tensor, torch.Tensor]:
+    from zoo.data.digits import DigitsDataModule
+
+    data = DigitsDataModule(image_size=16, channels=1, augment=False)
+    data.setup("fit")
+    n = STEPS * WORLD * LOCAL_BATCH
+    return data.train_images[:n].double(), data.train_labels[:n]
+
+
+def _vmoe(**extra: Any) -> Any:
+    from zoo.models import VisionMoE
+
+    torch.manual_seed(0)
+    return VisionMoE(
+        **VMOE, optimizer=functools.partial(torch.optim.SGD, lr=1.0, momentum=0.9), lr_scheduler=None, **extra
+    )
+
+
+def _trainer(devices: int, steps: int, root: Path, strategy: Any = "auto") -> Any:
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        precision="64-true",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+    )
+
+
+def _loader(images: torch.Tensor, labels: torch.Tensor, batch: int) -> Any:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=False)
+
+
+def _check_lightning(rank: int, out_dir: Path) -> None:
+    """V-MoE through Lightning with ExpertParallelStrategy: 2 steps, a checkpoint (unsharded), then 1 more step
+    resumed from it; rank r takes samples [r * b, (r + 1) * b) of every global batch of 2b."""
+    from zoo.nn.expert_parallel import ExpertParallelStrategy
+
+    os.environ.update({"LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(WORLD)})
+    images, labels = _digits_batches()
+    shard = torch.cat(
+        [
+            torch.arange(s * WORLD * LOCAL_BATCH, (s + 1) * WORLD * LOCAL_BATCH).view(WORLD, -1)[rank]
+            for s in range(STEPS)
+        ]
+    )
+    loader = _loader(images[shard], labels[shard], LOCAL_BATCH)
+    model = _vmoe()
+    trainer = _trainer(WORLD, STEPS - 1, out_dir, ExpertParallelStrategy(expert_parallel_size=WORLD))
+    trainer.fit(model, train_dataloaders=loader)
+    assert model.blocks[0].mlp.experts.fc1.weight.shape[0] == VMOE["num_experts"] // WORLD
+    trainer.save_checkpoint(out_dir / "ep2.ckpt")  # every rank takes part (gathers); rank 0 writes
+    state = model.state_dict()
+    if rank == 0:
+        torch.save(state, out_dir / f"vmoe_step{STEPS - 1}.pt")
+    # resume at EP=2 from the unsharded checkpoint (weights and SGD momentum sliced back)
+    resumed = _vmoe()
+    trainer = _trainer(WORLD, STEPS, out_dir, ExpertParallelStrategy(expert_parallel_size=WORLD))
+    trainer.fit(resumed, train_dataloaders=loader, ckpt_path=out_dir / "ep2.ckpt")
+    state = resumed.state_dict()
+    if rank == 0:
+        torch.save(state, out_dir / f"vmoe_step{STEPS}.pt")
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
+    try:
+        from zoo.nn.expert_parallel import expert_parallel_mesh
+
+        mesh = expert_parallel_mesh(WORLD, "cpu")
+        _check_layers(rank, mesh)
+        _check_checkpoints_and_optimizer(rank, mesh, Path(out_dir))
+        _check_meshes(rank)
+        _check_lightning(rank, Path(out_dir))
+        dist.barrier()
+        (Path(out_dir) / f"done{rank}").write_text("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ the tests
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Spawn the 2 workers once; their files (checkpoints, trained weights) land in the returned folder."""
+    out = tmp_path_factory.mktemp("expert_parallel")
+    torch.save(make_layer(LAYERS[0][1], seed=5).state_dict(), out / "single.pt")
+    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one(two_ranks: Path) -> None:
+    """Every worker check passed (outputs and all gradients of the 5 router settings, meshes, errors)."""
+    assert {p.name for p in two_ranks.glob("done*")} == {"done0", "done1"}
+
+
+@pytest.mark.distributed
+def test_checkpoint_saved_at_ep2_loads_in_one_process(two_ranks: Path) -> None:
+    """The EP=2 state dict and Adam state (unsharded) are those of one process taking the same step."""
+    options = LAYERS[0][1]
+    layer = make_layer(options, seed=3)
+    layer.load_state_dict(torch.load(two_ranks / "ep2.pt", weights_only=True))
+    ref = make_layer(options, seed=5)
+    opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    x, pad, weights = make_inputs(7)
+    loss = 0.0
+    for r in range(WORLD):  # one routing group per rank, the loss a mean over the ranks (DDP)
+        mine = slice(r * B, (r + 1) * B)
+        loss = loss + ((ref(x[mine], padding_mask=pad[mine]) * weights[mine]).sum() + ref.aux_loss) / WORLD
+    loss.backward()
+    opt.step()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[key], value, atol=1e-12, rtol=1e-10, msg=key)
+    saved = torch.load(two_ranks / "ep2_adam.pt", weights_only=True)
+    for index, entry in opt.state_dict()["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(saved["state"][index][key], entry[key], atol=1e-12, rtol=1e-10)
+    before = make_layer(options, seed=5).state_dict()
+    assert not torch.allclose(layer.state_dict()["experts.fc1.weight"], before["experts.fc1.weight"])
+
+
+@pytest.mark.distributed
+def test_vmoe_lightning_expert_parallel_matches_one_process(two_ranks: Path, tmp_path: Path) -> None:
+    """The V-MoE trained by 2 processes with ExpertParallelStrategy (2 steps, checkpoint, 1 resumed step) has the
+    parameters of one process trained on the same global batches, after step 2 and after the resumed step 3."""
+    images, labels = _digits_batches()
+    loader = _loader(images, labels, WORLD * LOCAL_BATCH)
+    model = _vmoe()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer(1, STEPS - 1, tmp_path)
+    trainer.fit(model, train_dataloaders=loader)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    for steps in (STEPS - 1, STEPS):
+        if steps == STEPS:  # resumed from the checkpoint, as the two processes did
+            model = _vmoe()
+            _trainer(1, STEPS, tmp_path).fit(model, train_dataloaders=loader, ckpt_path=tmp_path / "one.ckpt")
+        got = torch.load(two_ranks / f"vmoe_step{steps}.pt", weights_only=True)
+        want = model.state_dict()
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5, msg=f"step {steps}: {key}")
+    moved = model.state_dict()["blocks.0.mlp.experts.fc2.weight"] - before["blocks.0.mlp.experts.fc2.weight"]
+    # the experts of both halves of the mesh were trained, by far more than the tolerance above
+    assert moved[: VMOE["num_experts"] // WORLD].abs().amax() > 1e-3
+    assert moved[VMOE["num_experts"] // WORLD :].abs().amax() > 1e-3
+    # the Lightning checkpoint is in the unsharded layout (weights and optimiser state) and loads in one process
+    ckpt = torch.load(two_ranks / "ep2.ckpt", weights_only=False)
+    assert ckpt["state_dict"]["blocks.0.mlp.experts.fc1.weight"].shape[0] == VMOE["num_experts"]
+    single = _vmoe()
+    single.load_state_dict(ckpt["state_dict"])
+
+
+@pytest.mark.distributed
+def test_recipe_trains_two_cpu_processes_expert_parallel(tmp_path: Path) -> None:
+    """``zoo fit --config digits_vmoe_expert_parallel`` as written: 2 CPU processes, 2 experts per rank."""
+    cmd = [
+        sys.executable, "-m", "zoo.cli", "fit", "--config", "digits_vmoe_expert_parallel",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed_backend=gloo" in proc.stderr + proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("zoo: val_acc")]
+    assert len(lines) == 1, proc.stdout
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    from zoo.models import VisionMoE
+
+    single = VisionMoE.load_from_checkpoint(ckpt, weights_only=False)  # the unsharded layout, in one process
+    assert single.blocks[1].mlp.experts.fc1.weight.shape[0] == single.hparams["num_experts"] == 4
