@@ -112,7 +112,12 @@ def is_legacy_training_arg(key: str, value: Any, accepted: Iterable[str]) -> boo
 
 def refuse_training_settings(cls: type, kwargs: Mapping[str, Any]) -> None:
     """One ZooError for a training setting given as a model argument (``lr=``, ``weight_decay=`` ...), showing the
-    injected form (the optimiser and schedule are callables given to the task)."""
+    injected form (the optimiser and schedule are callables given to the task).
+
+    Args:
+        cls: the model class, named in the message.
+        kwargs: the keyword arguments it was given.
+    """
     given = [k for k in kwargs if k in LEGACY_TRAINING_ARGS]
     if given:
         what = "is a training setting, not an argument" if len(given) == 1 else "are training settings, not arguments"
