@@ -46,3 +46,17 @@ def build_resnet_source(name: str, **kwargs) -> nn.Module:
     lib, arch = name.split("_", 1)
     model = getattr(torchvision.models, arch)(**kwargs) if lib == "tv" else timm.create_model(arch, **kwargs)
     return randomize_batchnorm(model).eval()
+
+
+def seed_torchvision_cache(arch: str, weights: str, seed: int = 0) -> None:
+    """Put random weights of torchvision's ``arch`` under the file name of its ``weights`` entry in the (tmp,
+    offline) torch hub cache, as a download would, so that ``weights=<name>`` resolves without network."""
+    import os
+    from pathlib import Path
+
+    enum = torchvision.models.get_model_weights(arch)[weights]
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, num_classes=len(enum.meta["categories"]))
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(randomize_batchnorm(model, seed).state_dict(), path)

@@ -7,9 +7,11 @@
 >>> model = zoo.create_model("momentum_resnet50.tv2_in1k", pretrained=True)  # doctest: +SKIP
 """
 
+from zoo import data as data
 from zoo import models as models
 from zoo import nn as nn
 from zoo import ops as ops
+from zoo import tasks as tasks
 from zoo.errors import ZooError
 from zoo.hub import from_pretrained, load_weights, save_pretrained
 from zoo.models import *  # noqa: F403  (every registered builder is importable from zoo)
@@ -28,10 +30,12 @@ __all__ = [
     "list_models",
     "list_pretrained",
     "load_weights",
+    "data",
     "models",
     "nn",
     "ops",
     "register_model",
     "save_pretrained",
+    "tasks",
     *_model_names,
 ]
