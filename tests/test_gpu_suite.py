@@ -223,6 +223,25 @@ def test_largest_batch_stops_at_the_time_cap() -> None:
     assert clock(100).allows(1) and not clock(100).allows(1000)
 
 
+@pytest.mark.parametrize("section", gpu_suite.BENCHMARKS)
+def test_a_section_past_its_time_cap_skips_everything_and_says_so(section: str) -> None:
+    bench = getattr(gpu_suite, f"bench_{section}")
+    expired = gpu_suite.Clock(1e6, deadline=time.perf_counter() - 1)
+    result = bench(torch.device("cpu"), gpu_suite.SMOKE, expired, time.perf_counter())
+    items = {
+        "resnet": gpu_suite.RESNET_METHODS,
+        "budget": gpu_suite.RESNET_METHODS,
+        "sinkhorn": [f"{s} tokens" for s in gpu_suite.SMOKE.sinkhorn_seqs],
+        "moe": [f"{e} experts" for e in gpu_suite.SMOKE.bench_moe_experts],
+    }[section]
+    assert result["rows"] == []
+    assert [s["item"] for s in result["skipped"]] == list(items)
+    assert all(s["reason"].startswith("time cap") for s in result["skipped"])
+    sizes = dataclasses.asdict(gpu_suite.SMOKE)
+    text = "\n".join(gpu_suite._section_markdown(section, {**result, "cap_s": 0.0, "wall_s": 0.0}, sizes, ""))
+    assert all(f"- skipped {item}: time cap" in text for item in items)
+
+
 class OutOfMemoryAbove(nn.Module):
     """Logits for 1000 classes from 3x8x8 images; the allocator 'fails' above ``limit`` samples."""
 
@@ -264,6 +283,30 @@ def test_budget_probe_catches_out_of_memory_and_the_search_goes_on() -> None:
     # an error that is not out-of-memory is not swallowed
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         gpu_suite.budget_probe(model, opt, 2, dataclasses.replace(sizes, budget_size=4), cpu, 2**40, state)
+
+
+def test_budget_probe_turns_the_fused_kernels_back_on_after_out_of_memory() -> None:
+    """An out-of-memory error inside a compiled fixed-point kernel makes the kernels fall back to eager for good
+    (as after a failed compilation); the probe switches them back on, as they were before it."""
+    from zoo.ops import fixed_point
+
+    class FallsBackThenFails(OutOfMemoryAbove):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            fixed_point.set_fused(False)  # what the kernels' eager fallback does when a compiled call raises
+            return super().forward(x)
+
+    sizes = dataclasses.replace(gpu_suite.SMOKE, budget_size=8)
+    model = FallsBackThenFails(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    state = gpu_suite.state_tensors(model)
+    before = fixed_point.fused_enabled()
+    try:
+        for start in (True, False):
+            fixed_point.set_fused(start)
+            assert gpu_suite.budget_probe(model, opt, 2, sizes, torch.device("cpu"), 2**40, state)["oom"]
+            assert fixed_point.fused_enabled() is start
+    finally:
+        fixed_point.set_fused(before)
 
 
 def test_relative_error_and_check_verdicts() -> None:
