@@ -7,7 +7,7 @@ model's ``args`` / ``cfg`` and the weights from its state dict by the same code 
 are not read: the zoo model gets the task's default optimiser unless given one), so the zoo model's encoder
 self-attention computes
 
-    A = Sinkhorn_{n_iter}(q k^T / sqrt(d)),   out = W_o (A v) + b_o        (MATH.md section 5, S1-S2)
+    A = Sinkhorn_{n_iter}(q k^T / sqrt(d)),   out = W_o (A v) + b_o        (S1-S2)
 
 and ``n_iter=1`` reproduces fairseq's log-probabilities (decoder softmax attention everywhere). The reader
 builds the zoo model on the source's very parameter tensors (``assign``); the ``"sinkhorn"`` target then copies it

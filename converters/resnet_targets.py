@@ -8,9 +8,9 @@ relu(x + g(x))):
   x_{n+1} = relu(x_n + h g'(x_n)) with h = 1/N and g' = g/h (the last BatchNorm's weight and bias of
   every residual branch multiplied by N), i.e. exactly the source function.
 - ``"heun"``: :class:`zoo.models.HeunNet` initialised from the same folded weights (h = 1/N, Heun's
-  rule, MATH.md section 2): a different function, a starting point for fine-tuning.
+  rule): a different function, a starting point for fine-tuning.
 - ``"momentum"``: :class:`zoo.models.MomentumResNet` with the same (unfolded) weights, the momentum
-  rule (M1, MATH.md section 4) v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1} on
+  rule (M1) v_{n+1} = gamma v_n + (1 - gamma) f(x_n), x_{n+1} = x_n + v_{n+1} on
   the residual function f(x) = relu(x + g(x)) - x of every residual block; the first block of every
   stage stays an ordinary block, also where it keeps the shape (``layer1`` of ResNet-18/34), as in the
   published Momentum ResNets (``momentumnet.transform_to_momentumnet(..., keep_first_layer=True)``);

@@ -3,7 +3,7 @@
 Attention targets (family ``"attention"``: a timm ``VisionTransformer``, a torchvision
 ``VisionTransformer``, any module holding timm ``Attention`` or ``torch.nn.MultiheadAttention``):
 
-- ``"sinkhorn"``: Sinkhorn attention (MATH.md section 5, S1): the attention matrix exp(q k^T / sqrt(d))
+- ``"sinkhorn"``: Sinkhorn attention (S1): the attention matrix exp(q k^T / sqrt(d))
   normalised by ``n_iter`` alternating row / column normalisations (default 3) instead of one row
   softmax; ``n_iter=1`` is the source function. Every timm ``Attention`` becomes a
   :class:`zoo.nn.SinkhornAttention` and every ``nn.MultiheadAttention`` a

@@ -477,7 +477,8 @@ def load_state_dict(
 
     Args:
         model: the model to load into.
-        state_dict: the tensors to load, by name (a ``model.`` / ``module.`` / ``net.`` prefix is stripped).
+        state_dict: the tensors to load, by name (a ``model.`` / ``module.`` / ``net.`` prefix on every key is
+            stripped when no key matches the model's as it is).
         source_hparams: the hyperparameters the weights were saved with, passed to ``model.adapt_state_dict``;
             None when unknown.
         strict: whether missing or unexpected keys are an error; mis-shaped keys always are.

@@ -1,4 +1,4 @@
-"""Sinkformers for point clouds (MATH.md section 5): the Set Transformer and the Point Cloud Transformer with
+"""Sinkformers for point clouds: the Set Transformer and the Point Cloud Transformer with
 softmax or Sinkhorn attention.
 
 **Set Transformer** (Lee et al. 2019). With the multi-head attention Multihead(X, Y, Y) = concat_h(A_h Y W_V^h) W_O,

@@ -1,4 +1,4 @@
-"""ResNets as ODE discretisations: depth-scaled ResNets (R1) and HeunNets (H1), MATH.md sections 1-3.
+"""ResNets as ODE discretisations: depth-scaled ResNets (R1) and HeunNets (H1).
 
 Every stage is a :class:`zoo.nn.ResidualStack`. Its first block, when it changes the shape (stride
 or channels), is an ordinary ResNet block (the stack's ``transition``); the others are residual
@@ -244,7 +244,7 @@ class ResNet(HubMixin, ImageClassifier):
         block: ``"basic"``, ``"bottleneck"`` or ``"preact"``.
         widths: channels per stage (before the bottleneck expansion); default 64, 128, 256, 512.
         stem: ``"imagenet"`` (7x7/2 conv + max-pool), ``"cifar"`` (3x3 conv) or ``"tiny"`` (5x5 conv
-            to ``widths[0]`` channels, average-pooled to 10x10, as in MATH.md section 3).
+            to ``widths[0]`` channels, average-pooled to 10x10, as the tiny CIFAR net).
         rule: forward rule of every stage, ``"euler"``, ``"heun"`` (or ``"momentum"``).
         scale: step of the rule, ``"depth"`` (1/N per stage) or a number.
         gamma: momentum term of the momentum rule (M1).
@@ -620,7 +620,7 @@ class ResNet(HubMixin, ImageClassifier):
             )
         return self.rescale_residual_weights(state_dict, source_scale)
 
-    # ---------------------------------------------------------------- depth operations (MATH.md s1)
+    # ---------------------------------------------------------------- depth operations
     def _stage(self, stage: int | str) -> ResidualStack:
         name = stage if isinstance(stage, str) else f"layer{stage}"
         if name not in self.stage_names:
@@ -1182,7 +1182,7 @@ def _cifar(
 
 
 def _tiny(cls: type[ResNet], arch: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> ResNet:
-    """MATH.md section 3: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0 (defaults:
+    """The tiny CIFAR net: 5x5 conv to 16 channels, pooled to 10x10, N pre-activation blocks, last BN at 0 (defaults:
     ``depth`` N = 16, or ``layers``; ``widths``, ``block`` and ``stem`` may be given too)."""
     if "depth" in kwargs and "layers" in kwargs:
         raise ZooError(
@@ -1304,7 +1304,7 @@ def cifar_resnet(pretrained: bool = False, *, weights: str | None = None, **kwar
 
 @register_model
 def tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
-    """The tiny CIFAR net of MATH.md section 3 as a ResNet: 5x5 conv to 16 channels, pooled to 10x10, ``depth``
+    """The tiny CIFAR net as a ResNet: 5x5 conv to 16 channels, pooled to 10x10, ``depth``
     (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
     return _tiny(ResNet, "tiny", pretrained, weights, kwargs)
 
@@ -1411,7 +1411,7 @@ def depth_scaled_cifar_resnet(
 
 @register_model
 def depth_scaled_tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> DepthScaledResNet:
-    """The tiny CIFAR net of MATH.md section 3 as a DepthScaledResNet: 5x5 conv to 16 channels, pooled to 10x10,
+    """The tiny CIFAR net as a DepthScaledResNet: 5x5 conv to 16 channels, pooled to 10x10,
     ``depth`` (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
     return _tiny(DepthScaledResNet, "depth_scaled_tiny", pretrained, weights, kwargs)
 
@@ -1515,7 +1515,7 @@ def heun_cifar_resnet(pretrained: bool = False, *, weights: str | None = None, *
 
 @register_model
 def heun_tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
-    """The tiny CIFAR net of MATH.md section 3 as a HeunNet: 5x5 conv to 16 channels, pooled to 10x10, ``depth``
+    """The tiny CIFAR net as a HeunNet: 5x5 conv to 16 channels, pooled to 10x10, ``depth``
     (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
     return _tiny(HeunNet, "heun_tiny", pretrained, weights, kwargs)
 
@@ -1619,7 +1619,7 @@ def momentum_cifar_resnet(pretrained: bool = False, *, weights: str | None = Non
 
 @register_model
 def momentum_tiny(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
-    """The tiny CIFAR net of MATH.md section 3 as a MomentumResNet: 5x5 conv to 16 channels, pooled to 10x10,
+    """The tiny CIFAR net as a MomentumResNet: 5x5 conv to 16 channels, pooled to 10x10,
     ``depth`` (default 16) pre-activation blocks, last BatchNorm at zero. No pretrained weights."""
     return _tiny(MomentumResNet, "momentum_tiny", pretrained, weights, kwargs)
 

@@ -325,7 +325,7 @@ class TransformerEncoderLayer(_ResidualLayer):
         embed_dim: the model dimension.
         ffn_embed_dim: hidden dimension of the feed-forward block.
         num_heads: attention heads.
-        dropout: dropout probability after each sublayer (and of the embeddings).
+        dropout: dropout probability after each sublayer.
         attention_dropout: dropout probability on the attention weights.
         activation_dropout: dropout probability after the feed-forward activation.
         activation_fn: the feed-forward activation (``"relu"``, ``"gelu"`` ...).
@@ -368,7 +368,7 @@ class TransformerDecoderLayer(_ResidualLayer):
         ffn_embed_dim: hidden dimension of the feed-forward block.
         num_heads: attention heads.
         encoder_embed_dim: the encoder's output dimension; None for ``embed_dim``.
-        dropout: dropout probability after each sublayer (and of the embeddings).
+        dropout: dropout probability after each sublayer.
         attention_dropout: dropout probability on the attention weights.
         activation_dropout: dropout probability after the feed-forward activation.
         activation_fn: the feed-forward activation (``"relu"``, ``"gelu"`` ...).

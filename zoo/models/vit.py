@@ -1,4 +1,4 @@
-"""Sinkformer vision transformers (MATH.md section 5): timm's ViT with Sinkhorn attention.
+"""Sinkformer vision transformers: timm's ViT with Sinkhorn attention.
 
 Every block is pre-norm, with timm's names:
 

@@ -1,4 +1,4 @@
-"""Sinkhorn attention modules (Sinkformers, MATH.md section 5): drop-ins for timm's ``Attention`` and
+"""Sinkhorn attention modules (Sinkformers): drop-ins for timm's ``Attention`` and
 ``torch.nn.MultiheadAttention``.
 
 Both compute the attention scores C = q k^T * scale (+ masks) and normalise exp(C) by ``n_iter``
@@ -11,7 +11,7 @@ a row normalisation, and the limit is doubly stochastic (column sums n_rows / n_
 self-attention). The parameter names, constructor and forward signature are the source module's, so
 state dicts load unchanged and the modules swap in place of the originals.
 
-Column-sum diagnostic (MATH.md section 5: the column sums of trained Transformers drift towards 1):
+Column-sum diagnostic (the column sums of trained Transformers drift towards 1):
 with ``record_stats=True`` every forward stores in ``module.stats`` the statistics of the column sums
 c_j = (n_cols / n_rows) sum_i K_ij over the valid keys (1 for a doubly stochastic matrix), as detached
 0-d tensors (no host sync; ``float(...)`` them when needed), from :func:`zoo.ops.sinkhorn.column_sum_stats`:
@@ -73,7 +73,7 @@ class SinkhornSettings:
 
     def attention_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{module name: {"mean", "std", "min", "max", "dev"}}`` of the last forward (``record_stats=True``):
-        column sums of each attention relative to n_rows / n_cols, detached 0-d tensors (MATH.md section 5)."""
+        column sums of each attention relative to n_rows / n_cols, detached 0-d tensors."""
         return {
             name: dict(m.stats)
             for name, m in self.named_modules()  # type: ignore[attr-defined]

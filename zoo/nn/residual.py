@@ -7,7 +7,7 @@ shape-preserving layer) is the step x_{n+1} = x_n + f(x_n) of the residual funct
 
 so a :class:`zoo.nn.ResidualStack` of ``ResidualOf(block)`` computes the source stack exactly with the
 Euler rule at step 1 or the momentum rule at gamma = 0 (up to the rounding of x + (block(x) - x)),
-and any other rule / gamma from the same weights (MATH.md section 4 for momentum).
+and any other rule / gamma from the same weights.
 
 - :class:`ResidualOf`: the wrapper; extra arguments (masks ...) go to the block.
 - :class:`StackAsBlock`: a ResidualStack that code looping over a block list runs as one block

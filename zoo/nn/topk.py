@@ -1,4 +1,4 @@
-"""Modules on the sparse top-k operators of :mod:`zoo.ops.topk` (MATH.md sections 6 and 7).
+"""Modules on the sparse top-k operators of :mod:`zoo.ops.topk`.
 
 * :class:`SmoothTopKLoss`: the Fenchel-Young form of a smooth top-k loss,
 
@@ -140,7 +140,7 @@ def _keep_count(keep: int | float, numel: int | None, who: str) -> int:
 
 
 class SoftTopKMagnitude(nn.Module):
-    """Parametrization weight = soft_topk_magnitude(raw.flatten(), k).reshape(raw.shape) (MATH.md section 7).
+    """Parametrization weight = soft_topk_magnitude(raw.flatten(), k).reshape(raw.shape).
 
     ``keep``: a fraction of the entries in (0, 1] (k = round(keep * numel), at least 1) or an int count. With a
     small lam the weight has k nonzero entries (a few more where magnitudes nearly tie at the k-th), the largest

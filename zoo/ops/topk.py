@@ -1,4 +1,4 @@
-"""Hard and relaxed (sparse, differentiable) top-k operators, MATH.md section 6.
+"""Hard and relaxed (sparse, differentiable) top-k operators.
 
 Hard operators along one dimension of x (n entries): ``topk_mask(x)_i = 1`` if x_i is among the k largest, else 0;
 ``topk_magnitude(x) = x * topk_mask(|x|)``.
@@ -43,8 +43,8 @@ On the CPU, float32 rows are sorted with numpy (its SIMD sort is 4-8x faster tha
 second sort, of two sorted runs, is a run-merging stable sort) and the per-row work runs on chunks of about 2^16
 entries that stay in cache; on an accelerator everything is torch ops on all rows at once.
 
-Backward (both solvers): a custom autograd function with the closed-form Jacobian (implicit function theorem,
-MATH.md section 6), never by unrolling the solver. With alpha_i = -d_s h_i'(v_i), beta_i = d_g h_i'(v_i)
+Backward (both solvers): a custom autograd function with the closed-form Jacobian (implicit function theorem),
+never by unrolling the solver. With alpha_i = -d_s h_i'(v_i), beta_i = d_g h_i'(v_i)
 (p=2 mask: 1/lam, 1/lam; p=2 magnitude: 1/lam, 1/lam + w_i; p=4/3: alpha_i = 3 (v_i - s_i)^2 / lam^3,
 beta_i = alpha_i (+ w_i for the magnitude)), the transposed Jacobian of v(s) maps g to alpha_j g_j / beta_j on a
 singleton and to alpha_j sum_B g_i / sum_B beta_i on the block B; then
