@@ -38,8 +38,8 @@ LAYERS = [
     ("expert_hard", {"router": "expert_choice", "capacity_factor": 2.0}, True),
     ("expert_soft", {"router": "expert_choice", "capacity_factor": 2.0, "topk": "soft", "lam": 0.05}, True),
 ]
-# the Lightning V-MoE run: steps, per-rank batch, SGD
-STEPS, LOCAL_BATCH = 3, 4
+# the Lightning V-MoE run: steps, per-rank batch, SGD, gradient clipping (active: the test checks the norms)
+STEPS, LOCAL_BATCH, CLIP = 3, 4, 0.5
 VMOE = {
     "img_size": 16,
     "patch_size": 4,
@@ -239,10 +239,12 @@ def _vmoe(**extra: Any) -> Any:
     )
 
 
-def _trainer(devices: int, steps: int, root: Path, strategy: Any = "auto") -> Any:
+def _trainer(devices: int, steps: int, root: Path, strategy: Any = "auto", callbacks: Any = None) -> Any:
     import lightning.pytorch as pl
 
     return pl.Trainer(
+        callbacks=callbacks,
+        gradient_clip_val=CLIP,  # by the norm of the whole model: every rank's experts count
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
@@ -360,26 +362,38 @@ def test_checkpoint_saved_at_ep2_loads_in_one_process(two_ranks: Path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 def test_vmoe_lightning_expert_parallel_matches_one_process(two_ranks: Path, tmp_path: Path) -> None:
     """The V-MoE trained by 2 processes with ExpertParallelStrategy (2 steps, checkpoint, 1 resumed step) has the
     parameters of one process trained on the same global batches, after step 2 and after the resumed step 3."""
+    import lightning.pytorch as pl
+
+    norms = []
+
+    class GradNorm(pl.Callback):  # the norm before clipping (the hook runs after the backward, before the clip)
+        def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
     images, labels = _digits_batches()
     loader = _loader(images, labels, WORLD * LOCAL_BATCH)
     model = _vmoe()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = _trainer(1, STEPS - 1, tmp_path)
+    trainer = _trainer(1, STEPS - 1, tmp_path, callbacks=[GradNorm()])
     trainer.fit(model, train_dataloaders=loader)
     trainer.save_checkpoint(tmp_path / "one.ckpt")
     for steps in (STEPS - 1, STEPS):
         if steps == STEPS:  # resumed from the checkpoint, as the two processes did
             model = _vmoe()
-            _trainer(1, STEPS, tmp_path).fit(model, train_dataloaders=loader, ckpt_path=tmp_path / "one.ckpt")
+            trainer = _trainer(1, STEPS, tmp_path, callbacks=[GradNorm()])
+            trainer.fit(model, train_dataloaders=loader, ckpt_path=tmp_path / "one.ckpt")
         got = torch.load(two_ranks / f"vmoe_step{steps}.pt", weights_only=True)
         want = model.state_dict()
         assert got.keys() == want.keys()
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5, msg=f"step {steps}: {key}")
     moved = model.state_dict()["blocks.0.mlp.experts.fc2.weight"] - before["blocks.0.mlp.experts.fc2.weight"]
+    assert len(norms) == STEPS and min(norms) > 1.5 * CLIP  # clipping scaled every step
     # the experts of both halves of the mesh were trained, by far more than the tolerance above
     assert moved[: VMOE["num_experts"] // WORLD].abs().amax() > 1e-3
     assert moved[VMOE["num_experts"] // WORLD :].abs().amax() > 1e-3
@@ -388,6 +402,40 @@ def test_vmoe_lightning_expert_parallel_matches_one_process(two_ranks: Path, tmp
     assert ckpt["state_dict"]["blocks.0.mlp.experts.fc1.weight"].shape[0] == VMOE["num_experts"]
     single = _vmoe()
     single.load_state_dict(ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 4), (1, 8), (8, 1)], ids=lambda s: f"data{s[0]}xexpert{s[1]}")
+def test_data_by_expert_meshes_of_8_ranks(shape: tuple[int, int]) -> None:
+    """The (data, expert) layout at world size 8, with torch's fake process group (no communication): rank
+    r = d * P + p holds experts [p E/P, (p + 1) E/P), its expert group is the P consecutive ranks of its row and its
+    data group the D ranks with the same p; DDP is told to skip exactly the expert parameters."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from zoo.nn.expert_parallel import expert_parallel_mesh, expert_parameters, is_expert_parallel, shard_experts
+
+    D, P = shape
+    for rank in (0, 5, 7):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+        try:
+            layer = shard_experts(MoE(DIM, HIDDEN, 8, router_bias=True), expert_parallel_mesh(P, "cpu"))
+            d, p = divmod(rank, P)
+            assert is_expert_parallel(layer) == (P > 1)
+            assert layer.experts.fc1.weight.shape[0] == layer.experts.fc2.bias.shape[0] == 8 // P
+            if P == 1:
+                assert not hasattr(layer, "_ddp_params_and_buffers_to_ignore")
+                continue
+            shard = layer.expert_shard
+            assert (shard.first, shard.num_local, shard.rank, shard.size, shard.world) == (p * 8 // P, 8 // P, p, P, 8)
+            assert dist.get_process_group_ranks(shard.group) == [d * P + q for q in range(P)]
+            if D == 1:
+                assert shard.data_group is None
+            else:
+                assert dist.get_process_group_ranks(shard.data_group) == [e * P + p for e in range(D)]
+            ignored = set(layer._ddp_params_and_buffers_to_ignore)
+            assert ignored == {name for name, _, _ in expert_parameters(layer)}
+            assert ignored == {f"experts.{a}.{b}" for a in ("fc1", "fc2") for b in ("weight", "bias")}
+        finally:
+            dist.destroy_process_group()
 
 
 @pytest.mark.distributed

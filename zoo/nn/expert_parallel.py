@@ -29,7 +29,9 @@ batch. DDP must therefore not reduce the expert parameters (it would average dif
 :func:`shard_experts` lists them in ``module._ddp_params_and_buffers_to_ignore`` (DDP's own mechanism; DDP also
 skips them when it broadcasts rank 0's parameters). :class:`ExpertParallelStrategy` does all of this under
 Lightning: shard before DDP wraps the model, reduce the expert gradients after the backward (before clipping and
-the optimiser step, once per step under gradient accumulation), checkpoints in the unsharded layout.
+the optimiser step, once per step under gradient accumulation), checkpoints in the unsharded layout. Clipping by
+norm must use the whole model's norm, every rank's experts included (:func:`clip_grad_norm_`), or the replicated
+parameters would be scaled differently on each rank.
 
 Checkpoints. ``state_dict()`` of a sharded layer holds all E experts (an all-gather over the expert group: every
 rank must call it, as Lightning's checkpointing does), and ``load_state_dict`` takes all E experts and keeps this
@@ -40,7 +42,8 @@ same for the optimiser state of the expert parameters (:func:`gather_expert_opti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,6 +60,7 @@ __all__ = [
     "AllToAll",
     "ExpertParallelStrategy",
     "ExpertShard",
+    "clip_grad_norm_",
     "expert_parallel_mesh",
     "expert_parameters",
     "gather_expert_optimizer_state",
@@ -228,7 +232,8 @@ def shard_experts(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     P = 1 nothing is sharded (DDP then handles the experts like any parameter).
 
     Args:
-        module: a model holding :class:`zoo.nn.MoE` layers (the module you wrap in DDP).
+        module: a model holding :class:`zoo.nn.MoE` layers (the module you wrap in DDP), on the device the process
+            group's backend communicates from (the GPU for NCCL).
         mesh: a DeviceMesh over all the ranks, with an ``"expert"`` dimension and optionally a ``"data"`` one
             (:func:`expert_parallel_mesh`).
 
@@ -298,6 +303,52 @@ def reduce_expert_gradients(module: nn.Module) -> None:
         param.grad.div_(shard.world)
 
 
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, module: nn.Module, norm_type: float = 2.0
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for an expert-parallel model: the norm of the whole model's gradient,
+    the experts held by the other ranks of the expert group included, so that every rank scales by the same factor
+    (the replicated parameters stay equal). Collective over the expert group: every rank calls it.
+
+    Args:
+        parameters: the parameters to clip (e.g. an optimiser's), replicated and expert ones.
+        max_norm: the largest norm kept.
+        module: the sharded model (which tells the expert parameters apart).
+        norm_type: 2 or ``inf``.
+
+    Returns:
+        The total norm before clipping.
+    """
+    norm_type = float(norm_type)
+    if norm_type not in (2.0, math.inf):
+        raise ZooError(f"expert-parallel gradient clipping supports the 2-norm and the inf-norm, got {norm_type}")
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    shards = {id(p): shard for _, p, shard in expert_parameters(module)}
+
+    def norm(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return params[0].grad.new_zeros((), dtype=torch.float32)
+        return torch.nn.utils.get_total_norm(grads, norm_type).float()
+
+    replicated = norm([p.grad for p in params if id(p) not in shards])
+    experts = norm([p.grad for p in params if id(p) in shards])
+    if shards:
+        group = next(iter(shards.values())).group
+        if norm_type == math.inf:
+            dist.all_reduce(experts, op=dist.ReduceOp.MAX, group=group)
+            total = torch.maximum(replicated, experts)
+        else:
+            squares = experts.square()
+            dist.all_reduce(squares, group=group)
+            total = (replicated.square() + squares).sqrt()
+    else:
+        total = torch.maximum(replicated, experts) if norm_type == math.inf else replicated.hypot(experts)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------- optimiser state
 
 
@@ -365,8 +416,10 @@ class ExpertParallelStrategy(DDPStrategy):
     the (data, expert) mesh :func:`expert_parallel_mesh` and calls :func:`shard_experts` on the LightningModule;
     DDP then averages the replicated parameters over all ranks and ignores the expert parameters, whose gradients
     :func:`reduce_expert_gradients` reduces over the data dimension once per optimiser step, right after the
-    backward (before gradient clipping and ``on_before_optimizer_step``). Checkpoints hold the unsharded layout,
-    the optimiser state included, so they resume at any expert-parallel degree and load in a single process.
+    backward (before gradient clipping and ``on_before_optimizer_step``); clipping by norm uses the norm of the
+    whole model (:func:`clip_grad_norm_`). Checkpoints hold the unsharded layout, the optimiser state included, so
+    they resume at any expert-parallel degree and load in a single process. Registered as ``"ddp_expert_parallel"``
+    (the expert group = all ranks).
 
     Args:
         expert_parallel_size: P, ranks per expert group (default: all ranks); must divide the world size and every
@@ -390,9 +443,16 @@ class ExpertParallelStrategy(DDPStrategy):
     def setup(self, trainer: Any) -> None:
         module = self.model
         if module is not None and not is_expert_parallel(module):
+            self.model_to_device()  # the broadcast and the gathers run on the backend's device (NCCL: the GPU)
             self.mesh = expert_parallel_mesh(self.expert_parallel_size, self.root_device.type)
             shard_experts(module, self.mesh)
         super().setup(trainer)
+        # gradient_clip_val with the norm: the norm of the whole model, every rank's experts included (a local norm
+        # would scale the replicated parameters differently on each rank)
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def _clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
+        clip_grad_norm_(self.precision_plugin.main_params(optimizer), clip_val, self.lightning_module)
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         def closure_then_reduce() -> Any:
