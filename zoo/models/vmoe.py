@@ -1,4 +1,4 @@
-"""Vision mixtures of experts (V-MoE, MATH.md section 7): a ViT whose MLP is a sparse MoE in every other block.
+"""Vision mixtures of experts (V-MoE): a ViT whose MLP is a sparse MoE in every other block.
 
 The network is timm's ``VisionTransformer`` layout and names (:class:`zoo.models.SinkformerViT`, whose
 ``n_iter=1`` attention is softmax attention), with ``blocks.{i}.mlp`` replaced by :class:`zoo.nn.MoE` in the
@@ -11,7 +11,7 @@ as V-MoE's "Every-2")::
 The router is the MoE's: ``"expert_choice"`` (each expert takes its k tokens of the group, load balanced by
 construction, the published relaxed-router setting) or ``"token_choice"`` (top-k experts per token, capacity,
 Switch load-balancing loss weighted by ``aux_loss_weight``), with the hard top-k or the relaxed one
-(``topk="soft"``: sparse and differentiable, MATH.md section 6). The model hands the weighted load-balancing
+(``topk="soft"``: sparse and differentiable). The model hands the weighted load-balancing
 loss to the Lightning task through :meth:`VisionMoE.auxiliary_losses` (added to the training loss) and the routing
 statistics through :meth:`VisionMoE.diagnostics` (logged as ``{stage}_moe/...``:
 :func:`zoo.nn.moe.routing_statistics`). timm's model protocol is SinkformerViT's.

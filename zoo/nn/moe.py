@@ -1,4 +1,4 @@
-"""Sparse mixture of experts (MATH.md section 7): a drop-in for a Transformer MLP (timm's ``Mlp``).
+"""Sparse mixture of experts: a drop-in for a Transformer MLP (timm's ``Mlp``).
 
 E expert MLPs (fc1 -> GELU -> drop -> fc2 -> drop, timm's layout) and a linear router with gates computed in
 float32,
@@ -22,7 +22,7 @@ Two routers pick the (token, expert, weight) triples:
   k = clamp(round(capacity_factor * n_valid / E), 1, n_valid) (or ``k`` given), weight w = S_te. Load is
   balanced by construction: ``aux_loss`` is exactly zero.
 
-``topk="soft"`` replaces the hard top-k by the relaxed operator of MATH.md section 6
+``topk="soft"`` replaces the hard top-k by the relaxed top-k operator
 (:func:`zoo.ops.topk.soft_topk_mask`: sparse, sums to k, the hard mask as lam -> 0, differentiable):
 
     m = soft_topk_mask(S, k, p, lam),   w = m * S,   dispatched: the k largest w, weight w (or normalised)  (E3)
