@@ -45,6 +45,10 @@ POINT_CLOUDS = [
     "point_cloud_transformer",
     "point_cloud_sinkformer",
 ]
+# vector-input models (mean-field ResNets): num_classes, reset_classifier, forward_features / forward_head and a
+# pretrained_cfg without image keys apply; forward_intermediates, feature_info and features_only do not (no spatial
+# map; the states x_0 .. x_S come from model.trajectory)
+MEAN_FIELD = ["mean_field_resnet", "mean_field_resnet_teacher"]
 
 _VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 12, "depth": 2, "num_heads": 2}
 _SET = {"embed_dim": 8, "num_heads": 2, "num_inducing": 2, "depth": 1}
@@ -71,6 +75,8 @@ def small_kwargs(name: str) -> dict:
         return dict(_SET)
     if name.startswith("point_cloud_"):
         return dict(_PCT)
+    if name in MEAN_FIELD:
+        return {"dim": 3, "width": 8, "depth": 2, "num_classes": 3}
     raise AssertionError(f"no small configuration for {name}")
 
 
@@ -88,24 +94,26 @@ def inputs(model: torch.nn.Module, name: str, batch_size: int) -> torch.Tensor:
     if name in POINT_CLOUDS:
         shape = next(v for k, v in POINT_SHAPES.items() if name.startswith(k))
         return torch.randn(batch_size, *shape, generator=g)
+    if name in MEAN_FIELD:
+        return torch.randn(batch_size, model.in_features, generator=g)
     return torch.randn(batch_size, *model.pretrained_cfg["input_size"], generator=g)
 
 
 IMAGE_MODELS = IMAGENET_RESNETS + CIFAR_RESNETS + TINY_RESNETS + VITS + VMOES
 STD_MODELS = IMAGENET_RESNETS + CIFAR_RESNETS + TINY_RESNETS  # NCHW features with a pool_size (timm's "std")
-NON_STD_MODELS = VITS + VMOES + POINT_CLOUDS  # token features (timm's NON_STD_FILTERS: vit_* ...)
+NON_STD_MODELS = VITS + VMOES + POINT_CLOUDS + MEAN_FIELD  # token features (timm's NON_STD_FILTERS: vit_* ...)
 INTERMEDIATE_MODELS = STD_MODELS + VITS + VMOES  # forward_intermediates / feature_info / features_only
 
 
 def test_every_registered_image_model_is_covered() -> None:
     not_images = set(zoo.list_models(family="translation"))
-    assert set(zoo.list_models()) - not_images == set(IMAGE_MODELS + POINT_CLOUDS)
+    assert set(zoo.list_models()) - not_images == set(IMAGE_MODELS + POINT_CLOUDS + MEAN_FIELD)
 
 
 # ------------------------------------------------------------------------------------------------ timm's tests
 
 
-@pytest.mark.parametrize("name", IMAGE_MODELS + POINT_CLOUDS)
+@pytest.mark.parametrize("name", IMAGE_MODELS + POINT_CLOUDS + MEAN_FIELD)
 def test_model_forward(name: str) -> None:
     """timm's test_model_forward: one forward pass, no NaN; set_grad_checkpointing changes no output."""
     model = create(name).eval()
@@ -121,7 +129,7 @@ def test_model_forward(name: str) -> None:
         torch.testing.assert_close(again, out, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", IMAGE_MODELS + POINT_CLOUDS)
+@pytest.mark.parametrize("name", IMAGE_MODELS + POINT_CLOUDS + MEAN_FIELD)
 def test_model_backward(name: str) -> None:
     """timm's test_model_backward: num_classes=42, training mode, every parameter gets a gradient."""
     model = create(name, num_classes=42).train()

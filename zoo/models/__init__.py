@@ -1,6 +1,8 @@
 """Model families. Importing this package registers every builder."""
 
-from zoo.models import pointcloud, resnet, translation, vit, vmoe
+from zoo.models import mean_field, pointcloud, resnet, translation, vit, vmoe
+from zoo.models.mean_field import *  # noqa: F403
+from zoo.models.mean_field import MeanFieldResNet
 from zoo.models.pointcloud import *  # noqa: F403
 from zoo.models.pointcloud import PointCloudTransformer, SetTransformer
 from zoo.models.resnet import *  # noqa: F403  (the builders and family classes)
@@ -18,6 +20,7 @@ from zoo.registry import is_model, register_model_class
 __all__ = [
     "DepthScaledResNet",
     "HeunNet",
+    "MeanFieldResNet",
     "MomentumResNet",
     "PointCloudTransformer",
     "ResNet",
@@ -27,12 +30,14 @@ __all__ = [
     "TwoLayerReLU",
     "VisionMoE",
     *(n for module in (resnet, vit, vmoe, pointcloud, translation) for n in module.__all__ if is_model(n)),
+    *(n for n in mean_field.__all__ if is_model(n)),
 ]
 
 # the classes a config or checkpoint may name (resolved through the registry, never imported by name)
 for _cls in (
     DepthScaledResNet,
     HeunNet,
+    MeanFieldResNet,
     MomentumResNet,
     PointCloudTransformer,
     ResNet,
