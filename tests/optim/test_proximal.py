@@ -181,7 +181,8 @@ def test_one_inner_step_of_size_gamma_is_a_gradient_descent_step() -> None:
     x, y = sine_data()
     net, ref = model(6, "learned"), model(6, "learned")
     gamma = 0.1
-    proximal_step(net, x, y, gamma=gamma, inner_steps=1, inner_lr=gamma, distance="wasserstein")
+    opt = proximal_step(net, x, y, gamma=gamma, inner_steps=1, inner_lr=gamma, distance="wasserstein")
+    assert float(opt.state[net.weight]["stationarity"]) == 1.0  # measured at V = W_t: the gradient alone
     sgd = torch.optim.SGD(ref.parameters(), lr=gamma * 6)  # the metric gradient is M times the partial derivative
     closure_for(ref, sgd, x, y)()
     sgd.step()
@@ -215,7 +216,8 @@ def test_inner_solver_reaches_the_proximal_optimum() -> None:
     net = model(6, "learned", init_scale=1.0, seed=0)
     w0, u0 = net.weight.detach().clone(), net.output.detach().clone()
     gamma = 0.5
-    proximal_step(net, x, y, gamma=gamma, inner_steps=400, inner_lr=0.05, distance="wasserstein")
+    opt = proximal_step(net, x, y, gamma=gamma, inner_steps=400, inner_lr=0.05, distance="wasserstein")
+    assert float(opt.state[net.weight]["stationarity"]) < 1e-10  # the optimiser's own report agrees
     v, u = net.weight.detach(), net.output.detach()
     best, sigma = brute_force_w2(torch.cat([v, u[:, None]], 1), torch.cat([w0, u0[:, None]], 1))
     gw, gu = metric_gradient(v, u, x, y, learned=True)

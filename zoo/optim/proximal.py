@@ -175,7 +175,10 @@ class ProximalPoint(Optimizer):
 
     After a step, ``optimizer.state[group["params"][0]]`` holds ``step`` (the number of steps taken) and
     ``assignment`` (M,), the matching s of the last inner step (V_i is matched with W_t,s(i); the identity for
-    Frobenius).
+    Frobenius), and ``stationarity``, how far the last inner iterate V is from solving the proximal problem:
+    |M dF/dV(V) + (V - W_s) / gamma| / (|M dF/dV(V)| + |(V - W_s) / gamma|), in [0, 1] (0 at the proximal point,
+    1 at V = W_t; large when the inner steps did not converge, e.g. when the optimum sits on a kink of the ReLUs or
+    gamma M L is too large for ``inner_lr``).
 
     Args:
         params: parameters or parameter groups (each group: one set of particles).
@@ -243,6 +246,7 @@ class ProximalPoint(Optimizer):
         anchor_rows = [particles(a) for a in anchors]
         first_loss = None
         assignments: list[torch.Tensor | None] = [None] * len(self.param_groups)
+        residuals: list[torch.Tensor | None] = [None] * len(self.param_groups)
         for k in range(max(group["inner_steps"] for group in self.param_groups)):
             for group in self.param_groups:
                 for p in group["params"]:
@@ -262,16 +266,28 @@ class ProximalPoint(Optimizer):
                 else:
                     sigma = None
                 assignments[gi] = sigma
+                last = k == group["inner_steps"] - 1
+                sums = torch.zeros(3, dtype=torch.float64, device=params[0].device)  # |pull|^2, |force|^2, |sum|^2
                 for p, a in zip(params, anchors[gi]):
                     target = a if sigma is None else a[sigma]
                     direction = (p - target) / gamma
+                    if last:  # the optimality condition at the last inner iterate (tensors: no host sync)
+                        sums[0] += direction.pow(2).sum()
                     if p.grad is not None:
+                        if last:
+                            sums[1] += p.grad.pow(2).sum() * m * m
                         direction.add_(p.grad, alpha=m)
+                    if last:
+                        sums[2] += direction.pow(2).sum()
                     p.sub_(direction, alpha=lr)
+                if last:
+                    norms = sums.sqrt()
+                    residuals[gi] = norms[2] / (norms[0] + norms[1]).clamp_min(torch.finfo(torch.float64).tiny)
         for gi, group in enumerate(self.param_groups):
             state = self.state[group["params"][0]]
             state["step"] = state.get("step", 0) + 1
             m = group["params"][0].shape[0]
             sigma = assignments[gi]
             state["assignment"] = torch.arange(m) if sigma is None else sigma.cpu()
+            state["stationarity"] = residuals[gi].detach()
         return first_loss
