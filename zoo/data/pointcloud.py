@@ -311,11 +311,20 @@ class ModelNet40DataModule(_PointCloudDataModule):
         root: the folder of the HDF5 files or of the 40 class folders.
         num_points: points per cloud (HDF5: the first ``num_points`` of the 2048, as PCT).
         normalization: ``"unit_sphere"``, ``"standardize"`` (the Set Transformer's) or ``"none"``.
-        scale, translate, rotate, jitter, jitter_clip, shuffle_points: train augmentation
-            (:class:`PointCloudAugment`; the defaults are PCT's: scaling U(2/3, 3/2) and translation U(-0.2, 0.2)
-            per axis, shuffled points).
+        scale: the per-axis scaling range (low, high) of the train augmentation (:class:`PointCloudAugment`; the
+            defaults are PCT's: scaling U(2/3, 3/2) and translation U(-0.2, 0.2) per axis, shuffled points); None
+            for no scaling.
+        translate: the per-axis translation bound of the train augmentation.
+        rotate: the rotation bound (radians) of the train augmentation, about the up axis.
+        jitter: the standard deviation of the train augmentation's jitter (0: none).
+        jitter_clip: the bound the jitter is clipped to.
+        shuffle_points: whether the train augmentation permutes the points.
         up_axis: axis of the rotation augmentation: ``"auto"`` (y for HDF5, z for meshes) or x / y / z.
-        batch_size, num_workers: loader settings; seed: mesh sampling seed.
+        batch_size: samples per batch (an integer >= 1).
+        num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
+        seed: the seed of the mesh sampling.
+        layout: ``"hdf5"``, ``"off"`` or ``"auto"`` (above).
+        cache_file: a ``.pt`` file that keeps the clouds sampled from the meshes (``layout="off"``); None for none.
     """
 
     def __init__(
@@ -595,10 +604,18 @@ class SyntheticPointCloudDataModule(_PointCloudDataModule):
     Args:
         shapes: class names, a subset of :data:`SHAPES` (their order gives the labels).
         num_points: points per cloud.
-        train_per_class, val_per_class: clouds per class in each split.
+        train_per_class: clouds per class in the train split.
+        val_per_class: clouds per class in the val split.
         noise: standard deviation of the jitter baked into every cloud.
-        scale, translate, rotate, jitter, jitter_clip, shuffle_points: train augmentation (z is up).
-        batch_size, num_workers, seed: loader settings and the data seed.
+        scale: the per-axis scaling range (low, high) of the train augmentation; None for no scaling.
+        translate: the per-axis translation bound of the train augmentation.
+        rotate: the rotation bound (radians) of the train augmentation, about z.
+        jitter: the standard deviation of the train augmentation's jitter (0: none).
+        jitter_clip: the bound the jitter is clipped to.
+        shuffle_points: whether the train augmentation permutes the points.
+        batch_size: samples per batch (an integer >= 1).
+        num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
+        seed: the seed of the data draw.
     """
 
     def __init__(

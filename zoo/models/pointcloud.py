@@ -330,8 +330,10 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
     Args:
         in_chans: channels per point (3: xyz).
         num_classes: classifier outputs (0: none; ``forward`` returns the concatenated seeds).
-        embed_dim, num_heads: width and heads of every block.
-        depth: number of ISAB encoder blocks; ``num_inducing``: inducing points per ISAB.
+        embed_dim: width of every block.
+        num_heads: attention heads of every block.
+        depth: number of ISAB encoder blocks.
+        num_inducing: inducing points per ISAB.
         num_seeds: PMA seeds k (the classifier reads the k pooled vectors concatenated).
         decoder_depth: SABs after the PMA (the paper's decoder SAB(PMA_k(Z)); with k=1 its attention is trivial).
         layer_norm: the two LayerNorms of every MAB.

@@ -252,8 +252,9 @@ class ResNet(HubMixin, ImageClassifier):
         memory: ``"full"``, ``"adjoint"`` (store each stage's output only) (or ``"reversible"``).
         tied: share the weights of the residual blocks within each stage: ``True`` for every stage,
             or the numbers of the tied stages (``[2, 3]``; stages count from 1).
-        num_classes, in_chans: classifier outputs (0: no classifier, ``forward`` returns the pooled features, as
-            timm's ``num_classes=0``), input channels.
+        num_classes: classifier outputs (0: no classifier, ``forward`` returns the pooled features, as timm's
+            ``num_classes=0``).
+        in_chans: input channels.
         global_pool: timm's global pooling before the classifier: ``"avg"`` (torchvision's), ``"max"``,
             ``"avgmax"``, ``"catavgmax"`` (twice the features), or ``""`` (none: ``forward`` returns the unpooled
             feature map; needs ``num_classes=0``).

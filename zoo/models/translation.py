@@ -672,19 +672,33 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
     fairseq's parameter names and its ``transformer_iwslt_de_en`` shape by default.
 
     Args:
-        src_vocab_size, tgt_vocab_size: dictionary sizes (4 specials + the lines of ``dict.{lang}.txt``; target
-            default: the source's).
-        encoder_layers, encoder_embed_dim, encoder_ffn_embed_dim, encoder_attention_heads: 6, 512, 1024, 4.
-        decoder_layers, decoder_embed_dim, decoder_ffn_embed_dim, decoder_attention_heads: 6, 512, 1024, 4.
-        encoder_normalize_before, decoder_normalize_before: pre-norm layers (fairseq's default False: post-norm);
-            ``no_decoder_final_norm`` drops the decoder's final LayerNorm of the pre-norm variant.
+        src_vocab_size: the source dictionary's size (4 specials + the lines of ``dict.{lang}.txt``).
+        tgt_vocab_size: the target dictionary's size (default: the source's).
+        encoder_layers: encoder layers (6).
+        encoder_embed_dim: encoder width (512).
+        encoder_ffn_embed_dim: hidden width of the encoder's feed-forward blocks (1024).
+        encoder_attention_heads: encoder attention heads (4).
+        decoder_layers: decoder layers (6).
+        decoder_embed_dim: decoder width (512).
+        decoder_ffn_embed_dim: hidden width of the decoder's feed-forward blocks (1024).
+        decoder_attention_heads: decoder attention heads (4).
+        encoder_normalize_before: pre-norm encoder layers (fairseq's default False: post-norm).
+        decoder_normalize_before: pre-norm decoder layers (fairseq's default False: post-norm).
+        no_decoder_final_norm: drop the decoder's final LayerNorm of the pre-norm variant.
         share_decoder_input_output_embed: tie ``decoder.output_projection`` to ``decoder.embed_tokens`` (fairseq's
             ``--share-decoder-input-output-embed``; arch default False, the published IWSLT command sets it).
         share_all_embeddings: one embedding for encoder, decoder and output (a joined dictionary: equal sizes).
-        dropout, attention_dropout, activation_dropout, activation_fn: 0.3 (IWSLT command), 0, 0, ``"relu"``.
-        max_source_positions, max_target_positions: 1024.
-        encoder_learned_pos, decoder_learned_pos, no_token_positional_embeddings, layernorm_embedding,
-            no_scale_embedding: fairseq's options of the same names (defaults off).
+        dropout: dropout after every sublayer and of the embeddings (0.3, the IWSLT command).
+        attention_dropout: dropout on the attention weights (0).
+        activation_dropout: dropout after the feed-forward activation (0).
+        activation_fn: the feed-forward activation (``"relu"``).
+        max_source_positions: the longest source the encoder embeds (1024).
+        max_target_positions: the longest target the decoder embeds (1024).
+        encoder_learned_pos: learned encoder positions instead of sinusoidal ones (fairseq's option; off).
+        decoder_learned_pos: learned decoder positions instead of sinusoidal ones (fairseq's option; off).
+        no_token_positional_embeddings: no positions added to the token embeddings (fairseq's option; off).
+        layernorm_embedding: a LayerNorm after the embeddings (fairseq's option; off).
+        no_scale_embedding: token embeddings not scaled by sqrt(width) (fairseq's option; off).
         n_iter: Sinkhorn half-steps of the encoder self-attention (1 = the Transformer); the decoder always uses
             softmax. Default 3 (3 to 5 give near doubly stochastic matrices).
         record_stats: record the column-sum statistics of the encoder attentions (:meth:`attention_stats`).

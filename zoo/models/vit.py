@@ -146,20 +146,30 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
     """Vision transformer with Sinkhorn attention (Sinkformer), timm's ``VisionTransformer`` layout and names.
 
     Args:
-        img_size, patch_size, in_chans: input size (int or (H, W)), square patch size, input channels.
+        img_size: input size, an int or (H, W).
+        patch_size: side of the square patches.
+        in_chans: input channels.
         num_classes: classifier outputs; 0: no classifier (``forward`` returns the pooled features, as timm).
-        embed_dim, depth, num_heads: width, number of blocks, heads per block.
+        embed_dim: the token width.
+        depth: the number of blocks.
+        num_heads: attention heads per block.
         mlp_ratio: MLP hidden size / embed_dim; 0 removes the MLP branch (attention-only blocks).
         attn_head_dim: width of a head (default embed_dim / num_heads).
-        qkv_bias, qk_norm, init_values: qkv bias, LayerNorm of q and k, LayerScale initial value (None: off).
-        class_token: prepend a class token; ``global_pool``: ``"token"`` (class token), ``"avg"``, ``"max"``,
-            ``"avgmax"`` (over the patch tokens) or ``""`` (no pooling: ``forward`` returns every token), as timm.
+        qkv_bias: whether the qkv projections have a bias.
+        qk_norm: whether q and k are LayerNorm-ed per head.
+        init_values: LayerScale's initial value (None: no LayerScale).
+        class_token: prepend a class token.
+        global_pool: ``"token"`` (class token), ``"avg"``, ``"max"``, ``"avgmax"`` (over the patch tokens) or
+            ``""`` (no pooling: ``forward`` returns every token), as timm.
         fc_norm: the final LayerNorm after the pooling (``fc_norm``) instead of before it (``norm``); None: after
             it for the average / max pools, as timm.
         n_iter: Sinkhorn half-steps of every attention (1 = softmax, the Transformer).
         record_stats: record the column-sum statistics of every attention (see :meth:`attention_stats`).
-        drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: timm's dropout rates
-            (stochastic depth linear in the block index up to ``drop_path_rate``).
+        drop_rate: timm's dropout rate before the classifier.
+        pos_drop_rate: dropout rate after the position embedding.
+        proj_drop_rate: dropout rate after the attention projections and in the MLPs.
+        attn_drop_rate: dropout rate on the attention weights.
+        drop_path_rate: stochastic depth, linear in the block index up to this rate.
         weights: a file (timm or zoo state dict, ``.ckpt``, ``.safetensors``, ``save_pretrained`` folder) or
             ``"hf-hub:org/name"`` (e.g. ``"hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k"``). The
             builders given zoo weights and no ``num_classes`` build the head the weights record (so do the

@@ -35,8 +35,10 @@ class SmoothTopKLoss(nn.Module):
 
     Args:
         k: how many classes the smoothed top-k sums (1 <= k <= number of classes).
-        p, lam, solver, dykstra_iters: as in :func:`zoo.ops.topk.soft_topk_mask` (p = 2 or 4/3, lam > 0,
-            ``"pav"`` exact or ``"dykstra"`` for p = 2, with ``dykstra_iters`` iterations).
+        p: 2 or 4/3, the exponent of the regulariser (as in :func:`zoo.ops.topk.soft_topk_mask`).
+        lam: regularisation strength > 0.
+        solver: ``"pav"`` (exact) or ``"dykstra"`` (p = 2 only; approximate).
+        dykstra_iters: Dykstra iterations (ignored by PAV).
         n_iter: deprecated name of ``dykstra_iters`` (FutureWarning; giving both is an error).
         reduction: ``"mean"`` (over all leading dims), ``"sum"`` or ``"none"`` (shape x.shape[:-1]).
 
@@ -149,8 +151,13 @@ class SoftTopKMagnitude(nn.Module):
         parametrize.register_parametrization(layer, "weight", SoftTopKMagnitude(0.1, lam=1e-4))
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)  # bake the sparse weight
 
-    ``p``, ``lam``, ``solver``, ``dykstra_iters``: as in :func:`zoo.ops.topk.soft_topk_magnitude` (``n_iter``: the
-    deprecated name of ``dykstra_iters``).
+    Args:
+        keep: a fraction of the entries in (0, 1] or an int count (above).
+        p: 2 or 4/3, as in :func:`zoo.ops.topk.soft_topk_magnitude`.
+        lam: regularisation strength > 0.
+        solver: ``"pav"`` (exact) or ``"dykstra"`` (p = 2 only; approximate).
+        dykstra_iters: Dykstra iterations (ignored by PAV).
+        n_iter: deprecated name of ``dykstra_iters`` (FutureWarning; giving both is an error).
     """
 
     n_iter = renamed_attribute("n_iter", "dykstra_iters")

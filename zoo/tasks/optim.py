@@ -219,8 +219,10 @@ class WarmupCosineLR(_RunLengthScheduler):
         warmup_epochs: warm-up length in epochs (needs the steps per epoch; the Trainer provides them).
         warmup_steps: warm-up length in optimiser steps (give one of the two).
         min_lr_ratio: final learning rate / peak learning rate.
-        total_steps, steps_per_epoch: the run length, when known at construction (a plain PyTorch loop);
-            under a Trainer the task sets them.
+        total_steps: T, the optimiser steps of the run, when known at construction (a plain PyTorch loop); under a
+            Trainer the task sets it.
+        steps_per_epoch: optimiser steps per epoch (for ``warmup_epochs``), when known at construction; under a
+            Trainer the task sets it.
         last_epoch: the index of the last step taken, -1 for a new run (``torch.optim.lr_scheduler``'s meaning).
     """
 

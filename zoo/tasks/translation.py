@@ -224,8 +224,9 @@ def greedy_search(
     Args:
         model: the translation model (:class:`Seq2SeqDecoder`).
         src_tokens: (B, S) source token ids, padded with ``model.pad``.
-        max_len_a, max_len_b: each sentence's output has at most ``max_len_a * source length + max_len_b`` tokens
-            before eos (and fits the decoder's positions).
+        max_len_a: each sentence's output has at most ``max_len_a * source length + max_len_b`` tokens before eos
+            (and fits the decoder's positions).
+        max_len_b: see ``max_len_a``.
         min_len: eos is forbidden before this many steps.
         unk_penalty: subtracted from the log-probability of the unknown token.
         lenpen: the length penalty exponent of the score.
@@ -286,8 +287,9 @@ def beam_search(
         src_tokens: (B, S) source token ids, padded with ``model.pad``.
         beam: the beam size.
         lenpen: the length penalty: a finished hypothesis scores its summed log-probability / length^lenpen.
-        max_len_a, max_len_b: each sentence's output has at most ``max_len_a * source length + max_len_b`` tokens
-            before eos (and fits the decoder's positions).
+        max_len_a: each sentence's output has at most ``max_len_a * source length + max_len_b`` tokens before eos
+            (and fits the decoder's positions).
+        max_len_b: see ``max_len_a``.
         min_len: eos is forbidden before this many steps.
         unk_penalty: subtracted from the log-probability of the unknown token.
         nbest: how many hypotheses to return per sentence (at most ``beam``).
@@ -384,8 +386,13 @@ class TranslationTask(pl.LightningModule):
             accuracy ``val_exact`` (0..1), by length class ``val_exact_len{n}`` when the batches carry ``length``
             (the numbers task: digits).
         eval_bleu_every_n_epochs: how often (epochs; the last epoch of a run may be skipped: use ``zoo validate``).
-        beam, lenpen, max_len_a, max_len_b, min_len, unk_penalty: decoding settings of validation BLEU, ``test`` and
-            ``predict`` (fairseq's ``--eval-bleu-args '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}'``).
+        beam: the beam size of validation BLEU, ``test`` and ``predict`` (fairseq's ``--eval-bleu-args '{"beam": 5,
+            "max_len_a": 1.2, "max_len_b": 10}'``; 1 gives the greedy translation).
+        lenpen: the length penalty: a hypothesis scores its summed log-probability / length^lenpen.
+        max_len_a: outputs have at most ``max_len_a * source length + max_len_b`` tokens.
+        max_len_b: see ``max_len_a``.
+        min_len: eos is forbidden before this many steps.
+        unk_penalty: subtracted from the log-probability of the unknown token.
         eval_bleu_tokenize: sacrebleu tokenisation of the decoded text (``"13a"``, ``"none"`` for tokenized BLEU);
             the score is sacrebleu's corpus BLEU over the whole split and all processes (:class:`CorpusBLEU`).
     """

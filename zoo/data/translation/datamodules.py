@@ -35,9 +35,11 @@ class TranslationDataModule(pl.LightningDataModule):
     Args:
         max_tokens: tokens per batch (``batch size x longest example``).
         max_sentences: sentences per batch (None: no limit).
-        left_pad_source / left_pad_target: fairseq's defaults (True / False). The model gives the same results
-            for the valid tokens either way (its positions count valid tokens only).
-        max_source_positions / max_target_positions: longer examples are dropped (as the model cannot embed them).
+        left_pad_source: whether sources are padded on the left (fairseq's default True). The model gives the same
+            results for the valid tokens either way (its positions count valid tokens only).
+        left_pad_target: whether targets are padded on the left (fairseq's default False).
+        max_source_positions: examples with a longer source are dropped (as the model cannot embed them).
+        max_target_positions: examples with a longer target are dropped.
         required_batch_size_multiple: batch sizes cut to multiples of this (fairseq's 8).
         seed: seed of the example shuffle and of the epoch-wise batch shuffles.
         num_workers: DataLoader workers.
@@ -184,8 +186,11 @@ class FairseqBinarizedDataModule(TranslationDataModule):
 
     Args:
         data_dir: the ``--destdir`` of ``fairseq-preprocess``.
-        source_lang, target_lang: e.g. ``"de"``, ``"en"``.
-        train_subset, valid_subset, test_subset: split names (a missing test split is allowed).
+        source_lang: the source language code, e.g. ``"de"``.
+        target_lang: the target language code, e.g. ``"en"``.
+        train_subset: the training split's name.
+        valid_subset: the validation split's name.
+        test_subset: the test split's name (a missing test split is allowed).
         remove_bpe: post-processing of decoded text for BLEU (``"@@ "`` for subword-nmt BPE, fairseq's
             ``--eval-bleu-remove-bpe``).
         max_tokens: tokens per batch (``batch size x longest example``); None for no limit (one of

@@ -281,8 +281,9 @@ class NumbersDataModule(TranslationDataModule):
     ``NUMBERS_TGT_VOCAB_SIZE`` symbols).
 
     Args:
-        train_size, valid_size, test_size: sentence pairs per split (valid / test: at most the numbers of
-            0 .. max_number).
+        train_size: sentence pairs drawn for training.
+        valid_size: sentence pairs of the valid split (at most the numbers of 0 .. max_number).
+        test_size: sentence pairs of the test split (at most the numbers of 0 .. max_number).
         max_number: the largest number (< 10^6).
         seed: seed of the draw (the batch shuffles use it too).
         max_tokens: tokens per batch (``batch size x longest example``); None for no limit (one of
