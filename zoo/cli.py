@@ -13,11 +13,13 @@ import argparse
 import difflib
 import fnmatch
 import importlib
+import logging
 import os
 import re
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from enum import Enum
@@ -508,6 +510,26 @@ def _resolve_config_paths(argv: list[str]) -> list[str]:
     return resolved
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's advertisements for its cloud products ("Tip: ... litlogger / litmodels"), printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Drop the lines a ``zoo`` run prints every time that need no action: Lightning's cloud tips, its note that
+    the default logger is CSV when TensorBoard is not installed (the docs say how to view either), and a
+    deprecation inside Lightning's own pytree helper on this torch. Lightning's other messages stay."""
+    tips = _DropLightningTips()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
+            logger.addFilter(tips)
+    warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def run_lightning(argv: list[str], from_command_line: bool = False) -> None:
     """``zoo fit|validate|test|predict``: any LightningModule and LightningDataModule by class path.
 
@@ -515,6 +537,7 @@ def run_lightning(argv: list[str], from_command_line: bool = False) -> None:
     to ``--config`` is replaced there by the recipe's path, so that DDP's worker processes, started again with
     ``sys.argv``, read the same file).
     """
+    quiet_lightning()
     resolved = _resolve_config_paths(argv)
     if from_command_line and resolved != argv:
         sys.argv[1:] = resolved

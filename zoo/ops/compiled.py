@@ -9,6 +9,7 @@ kernels switch to eager for the rest of the process with one warning: they compu
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 import warnings
@@ -16,6 +17,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """torch's C++-extension module logs "No CUDA runtime is found, using CUDA_HOME=..." whenever inductor compiles
+    on a machine that has a CUDA toolkit but no GPU. The zoo's kernels compile for the CPU there, so the note asks
+    for nothing; it is dropped (every other message of that logger stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNote())
 
 
 class CompiledKernels:
