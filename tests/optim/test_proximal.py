@@ -284,3 +284,17 @@ def test_benchmark_small_mode_writes_table_csv_and_figure(tmp_path: Path, capsys
     for row in rows:  # both curves start at the same objective and decrease
         assert row["frobenius"][0] == row["wasserstein"][0]
         assert row["frobenius"][-1] < row["frobenius"][0] and row["wasserstein"][-1] < row["wasserstein"][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_on_cuda_is_the_step_on_cpu() -> None:
+    """The matching is computed on the host and applied on the device: same parameters as on the CPU."""
+    x, y = sine_data()
+    cpu = model(10, "fixed", init_scale=0.1)
+    gpu = model(10, "fixed", init_scale=0.1).cuda()
+    settings = {"gamma": 1.0, "inner_steps": 20, "distance": "wasserstein"}
+    opt_cpu = proximal_step(cpu, x, y, steps=3, **settings)
+    opt_gpu = proximal_step(gpu, x.cuda(), y.cuda(), steps=3, **settings)
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-9, atol=1e-11)
+    assert torch.equal(opt_gpu.state[gpu.weight]["assignment"], opt_cpu.state[cpu.weight]["assignment"])
