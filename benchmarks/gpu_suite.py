@@ -7,7 +7,10 @@
     python benchmarks/gpu_suite.py --sections budget sinkhorn   # a subset (checks always run first)
 
 The GPU run and the smoke run execute the same code; only the sizes (:data:`GPU`, :data:`SMOKE`) and the device
-differ. Without a GPU (and without ``--smoke``) the script refuses with one message and exit status 2.
+differ. The lines that depend on the device are the measurements themselves (CUDA events or ``perf_counter``,
+``max_memory_allocated`` or the resident-set peak), the allocator limit of the batch search and emptying the CUDA
+cache, TF32 off during the checks, and the GPU's name in the report. Without a GPU (and without ``--smoke``) the
+script refuses with one message and exit status 2.
 
 **Checks** (section ``checks``, always run, never skipped; each prints PASS / FAIL with its largest error; the
 exit status is 1 when one fails). Errors are relative to the reference's largest entry,
