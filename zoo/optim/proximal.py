@@ -114,7 +114,8 @@ def optimal_assignment(v: torch.Tensor, w: torch.Tensor, labels: torch.Tensor | 
     (``scipy.optimize.linear_sum_assignment`` on the squared distances, in float64 on the host).
 
     Args:
-        v, w: particle sets (M, D).
+        v: the particle set (M, D) to match.
+        w: the particle set (M, D) matched to.
         labels: optional (M,) integers; V_i is only matched with a W_j of the same label.
     """
     _check_pair(v, w)
