@@ -226,7 +226,7 @@ SMOKE = dataclasses.replace(
     stack_dim=4,
     stack_hidden=8,
     stack_batch=3,
-    cifar_layers=(1, 2, 1),
+    cifar_layers=(2, 3, 2),
     cifar_widths=(4, 8, 8),
     cifar_batch=2,
     cifar_size=8,
@@ -258,6 +258,12 @@ SMOKE = dataclasses.replace(
     bench_moe_dim=8,
     warmup=1,
     repeats=2,
+    # the smoke run is there to run every step: caps no machine reaches, even compiling the kernels on 2 busy cores
+    cap_resnet=1800.0,
+    cap_budget=1800.0,
+    cap_sinkhorn=1800.0,
+    cap_moe=1800.0,
+    time_limit=7200.0,
 )
 
 
