@@ -1164,7 +1164,7 @@ def markdown(report: dict[str, Any]) -> str:
         out.append("")
     sections = report["sections"]
     timing = (
-        f"median of {sizes['repeats']} steps after {sizes['warmup']} warm-up steps "
+        f"median of {sizes['repeats']} steps after {sizes['warmup']} warm-up step{'s' if sizes['warmup'] != 1 else ''} "
         f"({'CUDA events' if m['gpu'] else 'perf_counter'}); peak: "
         f"{'max_memory_allocated' if m['gpu'] else 'resident-set high-water mark'} during one step above what "
         "was allocated before it"
