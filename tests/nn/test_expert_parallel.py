@@ -63,27 +63,27 @@ def make_layer(options: dict[str, Any], seed: int = 0) -> MoE:
     return MoE(DIM, HIDDEN, E, dtype=torch.float64, **options)
 
 
-def make_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The global batch (WORLD * B, T, DIM), a padding mask (some padded tokens) and output weights G."""
+def make_inputs(seed: int, world: int = WORLD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch (world * B, T, DIM), a padding mask (some padded tokens) and output weights G."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(WORLD * B, T, DIM, generator=g, dtype=torch.float64)
-    pad = torch.zeros(WORLD * B, T, dtype=torch.bool)
+    x = torch.randn(world * B, T, DIM, generator=g, dtype=torch.float64)
+    pad = torch.zeros(world * B, T, dtype=torch.bool)
     pad[1, -2:] = True
     pad[B + 2, -1] = True
-    weights = torch.randn(WORLD * B, T, DIM, generator=g, dtype=torch.float64)
+    weights = torch.randn(world * B, T, DIM, generator=g, dtype=torch.float64)
     return x, pad, weights
 
 
-def reference(options: dict[str, Any], one_call: bool, seed: int) -> dict[str, torch.Tensor]:
+def reference(options: dict[str, Any], one_call: bool, seed: int, world: int = WORLD) -> dict[str, torch.Tensor]:
     """Single process: the layer on the global batch (one call, or one call per rank's tokens), loss
     sum_r [sum(G_r * MoE(x_r)) + aux_r]; outputs and the gradients of every parameter and of x."""
     layer = make_layer(options)
-    x, pad, weights = make_inputs(seed)
+    x, pad, weights = make_inputs(seed, world)
     x = x.clone().requires_grad_(True)
     chunks = (
         [(x, pad, weights)]
         if one_call
-        else [(x[r * B : (r + 1) * B], pad[r * B : (r + 1) * B], weights[r * B : (r + 1) * B]) for r in range(WORLD)]
+        else [(x[r * B : (r + 1) * B], pad[r * B : (r + 1) * B], weights[r * B : (r + 1) * B]) for r in range(world)]
     )
     outs, loss = [], 0.0
     for xc, pc, wc in chunks:
@@ -104,17 +104,20 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 1e-12) -> 
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-10, msg=lambda m: f"{what}: {m}")
 
 
-def _check_layers(rank: int, mesh: Any) -> None:
+def _check_layers(rank: int, mesh: Any, world: int = WORLD) -> None:
+    """Outputs and every gradient of the sharded layer (the ``mesh``'s expert dimension) against the reference
+    on the global batch of the ``world`` ranks; ``reduce_expert_gradients`` (the data dimension) included."""
     from zoo.nn.expert_parallel import reduce_expert_gradients, shard_experts
 
-    lo, hi = rank * E // WORLD, (rank + 1) * E // WORLD
+    P = mesh["expert"].size()
+    lo, hi = mesh["expert"].get_local_rank() * E // P, (mesh["expert"].get_local_rank() + 1) * E // P
     for case, (name, options, one_call) in enumerate(LAYERS):
-        ref = reference(options, one_call, seed=case)
+        ref = reference(options, one_call, seed=case, world=world)
         layer = shard_experts(make_layer(options, seed=100 + case), mesh)  # other init: overwritten by the load
         full = {k[len("param.") :]: v for k, v in ref.items() if k.startswith("param.")}
         layer.load_state_dict(full)  # the unsharded layout, sliced to this rank's experts
-        assert layer.experts.fc1.weight.shape[0] == E // WORLD
-        x, pad, weights = make_inputs(case)
+        assert layer.experts.fc1.weight.shape[0] == E // P
+        x, pad, weights = make_inputs(case, world)
         mine = slice(rank * B, (rank + 1) * B)
         xr = x[mine].clone().requires_grad_(True)
         out = layer(xr, padding_mask=pad[mine])
@@ -127,16 +130,18 @@ def _check_layers(rank: int, mesh: Any) -> None:
         for pname, p in layer.named_parameters():
             grad = p.grad.clone()
             if pname.startswith("experts."):
-                _close(grad, ref[f"{pname}.grad"][lo:hi] / WORLD, f"{name}: gradient of {pname}")
+                _close(grad, ref[f"{pname}.grad"][lo:hi] / world, f"{name}: gradient of {pname}")
             else:
                 dist.all_reduce(grad)
-                _close(grad / WORLD, ref[f"{pname}.grad"] / WORLD, f"{name}: gradient of {pname}")
-        # the check is not vacuous: this rank's tokens were computed by the other rank's experts too
+                _close(grad / world, ref[f"{pname}.grad"] / world, f"{name}: gradient of {pname}")
+        # the check is not vacuous: this rank's tokens were computed by another rank's experts too
         routing = layer.route(x[mine], padding_mask=pad[mine])
-        remote = routing.index[(1 - rank) * E // WORLD : (2 - rank) * E // WORLD]
-        assert (remote < B * T).any(), f"{name}: no token of rank {rank} went to the other rank's experts"
+        remote = torch.cat([routing.index[:lo], routing.index[hi:]])
+        assert (remote < B * T).any(), f"{name}: no token of rank {rank} went to another rank's experts"
         if name == "token_hard_k2_capacity":
-            assert float(routing.stats["dropped_fraction"]) > 0  # capacity drops assignments: per-rank groups
+            dropped = routing.stats["dropped_fraction"].double().reshape(1)
+            dist.all_reduce(dropped)
+            assert float(dropped) > 0  # capacity drops assignments (on some rank): per-rank routing groups
         # the unsharded state dict (an all-gather) is the reference's, on every rank
         state = layer.state_dict()
         for key, value in full.items():
@@ -318,6 +323,23 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _worker_data_by_expert(rank: int, init_file: str) -> None:
+    """4 ranks, mesh (data 2, expert 2): the experts' gradients are also summed over the data dimension."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=4, timeout=timedelta(seconds=120)
+    )
+    try:
+        from zoo.nn.expert_parallel import expert_parallel_mesh
+
+        mesh = expert_parallel_mesh(2, "cpu")
+        assert mesh.shape == (2, 2)
+        _check_layers(rank, mesh, world=4)
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------ the tests
 
 
@@ -402,6 +424,12 @@ def test_vmoe_lightning_expert_parallel_matches_one_process(two_ranks: Path, tmp
     assert ckpt["state_dict"]["blocks.0.mlp.experts.fc1.weight"].shape[0] == VMOE["num_experts"]
     single = _vmoe()
     single.load_state_dict(ckpt["state_dict"])
+
+
+@pytest.mark.distributed
+def test_four_processes_data_2_by_expert_2(tmp_path: Path) -> None:
+    """DP x EP = 2 x 2 on 4 processes: outputs and every gradient equal the single process on the global batch."""
+    mp.spawn(_worker_data_by_expert, args=(str(tmp_path / "init"),), nprocs=4, join=True)
 
 
 @pytest.mark.parametrize("shape", [(4, 2), (2, 4), (1, 8), (8, 1)], ids=lambda s: f"data{s[0]}xexpert{s[1]}")
