@@ -111,7 +111,8 @@ def sample_heavy_tailed(num: int, dim: int, beta: float = 1.0, **factory: Any) -
     The law is radial: a uniform direction times a radius r whose square has density proportional to
     t^(d/2 - 1) (1 + t)^-(d/2 + beta) (change of variables t = r^2 in r^(d-1) (1 + r^2)^-(d/2 + beta)), the
     beta-prime law with parameters (d/2, beta): t = G_1 / G_2 with independent G_1 ~ Gamma(d/2), G_2 ~ Gamma(beta).
-    The density is integrable for every beta > 0; |w| has finite moments of order < 2 beta only.
+    The density is integrable for every beta > 0; |w| has finite moments of order < 2 beta only (coordinates
+    beyond the range of ``dtype``, possible in float32 for beta much below 1, are clamped to its largest value).
 
     Args:
         num: number of vectors.
@@ -125,12 +126,15 @@ def sample_heavy_tailed(num: int, dim: int, beta: float = 1.0, **factory: Any) -
     dtype = factory.get("dtype") or torch.get_default_dtype()
     device = factory.get("device")
     # in float64 whatever the target dtype: G_2 can be tiny for small beta
-    g1 = torch._standard_gamma(torch.full((num,), dim / 2.0, dtype=torch.float64, device=device))
-    g2 = torch._standard_gamma(torch.full((num,), float(beta), dtype=torch.float64, device=device))
+    one = torch.ones((), dtype=torch.float64, device=device)
+    g1 = torch.distributions.Gamma(one * (dim / 2.0), one).sample((num,))
+    g2 = torch.distributions.Gamma(one * float(beta), one).sample((num,))
     radius = torch.sqrt(g1 / g2)
     direction = torch.randn(num, dim, dtype=torch.float64, device=device)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    return (direction * radius[:, None]).to(dtype)
+    # a radius beyond the target dtype's range (possible for beta << 1 in float32) is clamped to its largest value
+    limit = torch.finfo(dtype).max
+    return (direction * radius[:, None]).clamp(-limit, limit).to(dtype)
 
 
 class MeanFieldLayer(nn.Module):
