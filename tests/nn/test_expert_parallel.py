@@ -38,6 +38,7 @@ LAYERS = [
     ("expert_hard", {"router": "expert_choice", "capacity_factor": 2.0}, True),
     ("expert_soft", {"router": "expert_choice", "capacity_factor": 2.0, "topk": "soft", "lam": 0.05}, True),
 ]
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 # the Lightning V-MoE run: steps, per-rank batch, SGD, gradient clipping (active: the test checks the norms)
 STEPS, LOCAL_BATCH, CLIP = 3, 4, 0.5
 VMOE = {
@@ -146,6 +147,29 @@ def _check_layers(rank: int, mesh: Any, world: int = WORLD) -> None:
         state = layer.state_dict()
         for key, value in full.items():
             assert torch.equal(state[key], value), f"{name}: state_dict()[{key!r}]"
+
+
+def _check_no_host_sync(mesh: Any) -> None:
+    """Forward and backward of the sharded hard routers read nothing back to the host (the buffer sizes come from
+    the capacity): every Tensor-to-Python conversion raises while they run."""
+    from zoo.nn.expert_parallel import shard_experts
+
+    x, pad, weights = make_inputs(11)
+    for options in (LAYERS[0][1], LAYERS[3][1]):
+        layer = shard_experts(make_layer(options), mesh)
+        saved = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+        def forbidden(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("host sync in the expert-parallel layer")
+
+        try:
+            for name in SYNCS:
+                setattr(torch.Tensor, name, forbidden)
+            out = layer(x[:B], padding_mask=pad[:B])
+            ((out * weights[:B]).sum() + layer.aux_loss).backward()
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
 
 
 def _check_checkpoints_and_optimizer(rank: int, mesh: Any, out_dir: Path) -> None:
@@ -314,6 +338,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
         mesh = expert_parallel_mesh(WORLD, "cpu")
         _check_layers(rank, mesh)
+        _check_no_host_sync(mesh)
         _check_checkpoints_and_optimizer(rank, mesh, Path(out_dir))
         _check_meshes(rank)
         _check_lightning(rank, Path(out_dir))
