@@ -207,13 +207,13 @@ def _moe_layers(module: nn.Module) -> Iterator[tuple[str, MoE]]:
 
 def is_expert_parallel(module: nn.Module) -> bool:
     """Whether some :class:`zoo.nn.MoE` of ``module`` has its experts sharded."""
-    return any(moe.expert_shard is not None for _, moe in _moe_layers(module))
+    return any(getattr(moe, "expert_shard", None) is not None for _, moe in _moe_layers(module))
 
 
 def expert_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, ExpertShard]]:
     """(name, parameter, shard) of every sharded expert parameter of ``module`` (names relative to ``module``)."""
     for name, moe in _moe_layers(module):
-        if moe.expert_shard is None:
+        if getattr(moe, "expert_shard", None) is None:
             continue
         prefix = f"{name}." if name else ""
         for leaf_name, param in moe.experts.named_parameters():
@@ -256,7 +256,7 @@ def shard_experts(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         raise ZooError(f"shard_experts found no zoo.nn.MoE layer in {type(module).__name__}")
     size = mesh["expert"].size()
     for name, moe in layers:
-        if moe.expert_shard is not None:
+        if getattr(moe, "expert_shard", None) is not None:
             raise ZooError(f"the experts of {name or type(module).__name__} are already sharded ({moe.expert_shard})")
         if moe.num_experts % size:
             raise ZooError(

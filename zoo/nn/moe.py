@@ -411,7 +411,7 @@ class MoE(nn.Module):
             parts.append(f"group_size={self.group_size}")
         if self.topk == "soft":
             parts.append(f"p={self.p}, lam={self.lam}, solver={self.solver}, dykstra_iters={self.dykstra_iters}")
-        if self.expert_shard is not None:
+        if getattr(self, "expert_shard", None) is not None:
             parts.append(f"expert_shard={self.expert_shard}")
         return ", ".join(parts)
 
@@ -612,7 +612,9 @@ class MoE(nn.Module):
         # gather into a static (E, C, dim) buffer; empty slots read the appended zero row N
         buffer = torch.cat([flat, flat.new_zeros(1, self.dim)]).index_select(0, routing.index.reshape(-1))
         buffer = buffer.view(E, C, self.dim)
-        shard = self.expert_shard  # expert parallel: the slots travel to the experts' ranks and back (all-to-all)
+        # expert parallel: the slots travel to the experts' ranks and back (all-to-all); None (modules pickled
+        # before the attribute existed too): every expert here
+        shard = getattr(self, "expert_shard", None)
         y = (self.experts(buffer) if shard is None else shard(self.experts, buffer)).reshape(E * C, self.dim)
         y = y * routing.weight.reshape(E * C, 1).to(y.dtype)
         out = y.new_zeros(N + 1, self.dim).index_add_(0, routing.index.reshape(-1), y)
