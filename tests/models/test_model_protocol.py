@@ -49,6 +49,9 @@ POINT_CLOUDS = [
 # pretrained_cfg without image keys apply; forward_intermediates, feature_info and features_only do not (no spatial
 # map; the states x_0 .. x_S come from model.trajectory)
 MEAN_FIELD = ["mean_field_resnet", "mean_field_resnet_teacher"]
+# neural ODEs with width and switches: flattened images; their features are the state vector, forward_intermediates
+# gives the state at the end of each interval ((B, d, 1, 1) as "NCHW", reduction = the image size)
+NEURAL_ODES = ["neural_ode_classifier", "neural_ode_digits"]
 
 _VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 12, "depth": 2, "num_heads": 2}
 _SET = {"embed_dim": 8, "num_heads": 2, "num_inducing": 2, "depth": 1}
@@ -77,6 +80,8 @@ def small_kwargs(name: str) -> dict:
         return dict(_PCT)
     if name in MEAN_FIELD:
         return {"dim": 3, "width": 8, "depth": 2, "num_classes": 3}
+    if name in NEURAL_ODES:
+        return {"dim": 6, "width": 4, "switches": 2, "steps": 2}
     raise AssertionError(f"no small configuration for {name}")
 
 
@@ -99,10 +104,11 @@ def inputs(model: torch.nn.Module, name: str, batch_size: int) -> torch.Tensor:
     return torch.randn(batch_size, *model.pretrained_cfg["input_size"], generator=g)
 
 
-IMAGE_MODELS = IMAGENET_RESNETS + CIFAR_RESNETS + TINY_RESNETS + VITS + VMOES
+IMAGE_MODELS = IMAGENET_RESNETS + CIFAR_RESNETS + TINY_RESNETS + VITS + VMOES + NEURAL_ODES
 STD_MODELS = IMAGENET_RESNETS + CIFAR_RESNETS + TINY_RESNETS  # NCHW features with a pool_size (timm's "std")
-NON_STD_MODELS = VITS + VMOES + POINT_CLOUDS + MEAN_FIELD  # token features (timm's NON_STD_FILTERS: vit_* ...)
-INTERMEDIATE_MODELS = STD_MODELS + VITS + VMOES  # forward_intermediates / feature_info / features_only
+# token or vector features (timm's NON_STD_FILTERS: vit_* ...)
+NON_STD_MODELS = VITS + VMOES + POINT_CLOUDS + MEAN_FIELD + NEURAL_ODES
+INTERMEDIATE_MODELS = STD_MODELS + VITS + VMOES + NEURAL_ODES  # forward_intermediates / feature_info / features_only
 
 
 def test_every_registered_image_model_is_covered() -> None:

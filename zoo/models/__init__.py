@@ -1,8 +1,10 @@
 """Model families. Importing this package registers every builder."""
 
-from zoo.models import mean_field, pointcloud, resnet, translation, vit, vmoe
+from zoo.models import mean_field, neural_ode, pointcloud, resnet, translation, vit, vmoe
 from zoo.models.mean_field import *  # noqa: F403
 from zoo.models.mean_field import MeanFieldResNet
+from zoo.models.neural_ode import *  # noqa: F403
+from zoo.models.neural_ode import NeuralODE
 from zoo.models.pointcloud import *  # noqa: F403
 from zoo.models.pointcloud import PointCloudTransformer, SetTransformer
 from zoo.models.resnet import *  # noqa: F403  (the builders and family classes)
@@ -22,6 +24,7 @@ __all__ = [
     "HeunNet",
     "MeanFieldResNet",
     "MomentumResNet",
+    "NeuralODE",
     "PointCloudTransformer",
     "ResNet",
     "SetTransformer",
@@ -31,6 +34,7 @@ __all__ = [
     "VisionMoE",
     *(n for module in (resnet, vit, vmoe, pointcloud, translation) for n in module.__all__ if is_model(n)),
     *(n for n in mean_field.__all__ if is_model(n)),
+    *(n for n in neural_ode.__all__ if is_model(n)),
 ]
 
 # the classes a config or checkpoint may name (resolved through the registry, never imported by name)
@@ -39,6 +43,7 @@ for _cls in (
     HeunNet,
     MeanFieldResNet,
     MomentumResNet,
+    NeuralODE,
     PointCloudTransformer,
     ResNet,
     SetTransformer,
