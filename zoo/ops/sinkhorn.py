@@ -23,6 +23,12 @@ unrolled backward, no detaching, no implicit differentiation). The two chunk fun
 ``ZOO_COMPILE_SINKHORN=0`` or :func:`set_compile` keeps them eager. ``return_weights=True`` materialises the
 weights by the same iteration under plain autograd.
 
+Two more kernels compute the same values and gradients, chosen by :func:`kernel_path`: on CUDA the
+FlexAttention path (:mod:`zoo.ops.sinkhorn_flex`: one fused attention call per half-step), and, when one slice's
+scores exceed ``TILED_MIN_BYTES`` (8 MiB, from about 1,450 x 1,450 tokens), the tiled kernel
+(:mod:`zoo.ops.sinkhorn_tiled`: blocks of query rows, scores recomputed in every pass, memory O(L + S) per slice,
+cost per score independent of the length).
+
 :func:`attention` is the entry point (it chooses SDPA or the Sinkhorn kernel) and takes one typed mask of
 :mod:`zoo.ops.masks`; :func:`sinkhorn_attention` is the same with the masks as tensors (SDPA-style ``attn_mask``,
 ``nn.MultiheadAttention``-style padding masks).
@@ -40,6 +46,9 @@ import torch.nn.functional as F
 from zoo.errors import ZooError
 from zoo.ops.compiled import CompiledKernels
 from zoo.ops.masks import AttentionMask, mask_from_tensors, resolve
+from zoo.ops.sinkhorn_flex import flex_available, flex_sinkhorn
+from zoo.ops.sinkhorn_tiled import set_compile as _set_tiled_compile
+from zoo.ops.sinkhorn_tiled import tiled_sinkhorn
 
 __all__ = [
     "attention",
@@ -48,9 +57,13 @@ __all__ = [
     "attention_column_sums",
     "column_sum_stats",
     "set_compile",
+    "kernel_path",
 ]
 
 _CHUNK_BYTES = 4 * 2**20  # score-matrix bytes per chunk of (batch x head) slices (cache-sized: faster than larger)
+# float32 scores of one slice above which the tiled kernel runs (see kernel_path): measured on CPU, the chunked
+# kernel wins while a slice stays in cache (1,024 tokens: 4 MiB), the tiled one from 2,048 tokens (16 MiB) on
+TILED_MIN_BYTES = 8 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------ argument checks
@@ -233,8 +246,10 @@ _KERNELS = CompiledKernels(
 
 
 def set_compile(enabled: bool) -> None:
-    """Run the Sinkhorn chunk kernels compiled (``enabled`` True, the default) or as eager PyTorch ops (False)."""
+    """Run the Sinkhorn chunk and tile kernels compiled (``enabled`` True, the default) or as eager PyTorch ops
+    (False)."""
     _KERNELS.set_enabled(enabled)
+    _set_tiled_compile(enabled)
 
 
 def _kernel(name: str) -> Callable[..., Any]:
@@ -443,9 +458,33 @@ def attention(
             keep = torch.empty((N, L, S), dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
             keep_scale = torch.full((N, 1, 1), 1.0 / (1.0 - dropout_p), dtype=f32, device=q.device)
             factor = keep_scale if factor is None else factor * keep_scale
-        chunk = max(1, _CHUNK_BYTES // (4 * L * S))
-        out = _SinkhornFunction.apply(qn, kn, vn, bn, bidx, keep, n_iter, scale, factor, chunk)
+        path = kernel_path(q.device, L, S, dropout_p)
+        if path == "flex":
+            out = flex_sinkhorn(qn, kn, vn, bn, bidx, factor, n_iter, scale)
+        elif path == "tiled":
+            out = tiled_sinkhorn(qn, kn, vn, bn, bidx, factor, n_iter, scale)
+        else:
+            chunk = max(1, _CHUNK_BYTES // (4 * L * S))
+            out = _SinkhornFunction.apply(qn, kn, vn, bn, bidx, keep, n_iter, scale, factor, chunk)
         return out.reshape(*lead, L, vf.shape[-1]).to(out_dtype)
+
+
+def kernel_path(device: torch.device, L: int, S: int, dropout_p: float = 0.0) -> str:
+    """Which kernel runs Sinkhorn attention (n_iter > 1, no ``return_weights``) for scores of shape (..., L, S):
+
+    * ``"flex"`` on CUDA where ``torch.nn.attention.flex_attention`` exists (:mod:`zoo.ops.sinkhorn_flex`);
+    * ``"tiled"`` (:mod:`zoo.ops.sinkhorn_tiled`, memory O(L + S) per slice) when one (batch x head) slice's
+      float32 scores exceed ``TILED_MIN_BYTES`` (8 MiB: L * S > 2**21, e.g. from 2,048 x 2,048 tokens), where a
+      whole slice no longer stays in cache and the tiled passes win;
+    * ``"chunked"`` otherwise: the chunked kernel (a few whole slices at a time, one matmul fewer per pass), and
+      always with dropout (its mask is drawn per weight) or under a caller's ``torch.compile`` (a graph of a few
+      chunks rather than one call per tile).
+    """
+    if dropout_p > 0.0 or torch.compiler.is_compiling():
+        return "chunked"
+    if flex_available(device):
+        return "flex"
+    return "tiled" if 4 * L * S > TILED_MIN_BYTES else "chunked"
 
 
 def _weights_path(
