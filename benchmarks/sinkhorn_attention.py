@@ -1,20 +1,24 @@
-"""Time and peak memory of ``zoo.ops.sinkhorn_attention`` versus SDPA and a naive log-domain Sinkhorn loop.
+"""Time and peak memory of Sinkhorn attention (``zoo.ops.sinkhorn_attention``) versus SDPA, per kernel.
 
 For q, k, v of shape (batch, heads, seq, head_dim) (default 4 x 8 x seq x 64, float32) this prints one markdown
 table with, per sequence length and ``n_iter``, the forward + backward time (median of a few steps after a warm-up
 step) and the peak working memory of one forward + backward of
 
 * ``sdpa``: ``F.scaled_dot_product_attention`` (softmax attention, the baseline of the ratios);
-* ``zoo``: ``zoo.ops.sinkhorn_attention(q, k, v, n_iter)``;
-* ``naive``: the log-domain loop of MATH.md (S2) with plain autograd (written here), which keeps every
-  half-step's (B, H, L, S) matrix for backward.
+* ``chunked``: the op forced onto its chunked kernel (whole slices, a few at a time; the op's only kernel before
+  the tiled one);
+* ``tiled``: the op forced onto its tiled kernel (tiles of query rows, memory O(seq));
+* ``zoo``: the op as it chooses (``zoo.ops.sinkhorn.kernel_path``: chunked up to 8 MiB of scores per slice,
+  tiled above, FlexAttention on CUDA);
+* ``naive``: the log-domain loop (S2) with plain autograd (written here), which keeps every half-step's
+  (B, H, L, S) matrix for backward.
 
 Times: all cells of one length interleaved in this process (default allocator). Memory: each (method, seq, n_iter)
 in a fresh process, after a warm-up step (zoo's kernels compile there); on CPU the peak is VmHWM reset
 before the measured step with ``MALLOC_MMAP_THRESHOLD_=65536``, on CUDA ``max_memory_allocated``.
 
-    python benchmarks/sinkhorn_attention.py                          # seq 256 1024, n_iter 1 3 5
-    python benchmarks/sinkhorn_attention.py --seqs 256 1024 4096 --naive-max-seq 4096 --json out.json
+    python benchmarks/sinkhorn_attention.py                          # seq 1024 2048 4096 8192, n_iter 3
+    python benchmarks/sinkhorn_attention.py --seqs 256 1024 --n-iters 3 5 --methods sdpa zoo naive --json out.json
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ import torch
 import torch.nn.functional as F
 
 import zoo.ops
+import zoo.ops.sinkhorn as sinkhorn_op
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
 from common import machine_line, peak_working_bytes, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "SINKHORN_BENCH_RESULT "
-METHODS = ("sdpa", "zoo", "naive")
+METHODS = ("sdpa", "chunked", "tiled", "zoo", "naive")
+# the op's rule forced one way: TILED_MIN_BYTES above any slice (chunked) or 0 (tiled; on CPU, where flex is off)
+FORCED_MIN_BYTES = {"chunked": 2**62, "tiled": 0}
 
 
 def naive_sinkhorn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_iter: int) -> torch.Tensor:
@@ -61,6 +68,13 @@ def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_
         return F.scaled_dot_product_attention(q, k, v)
     if method == "zoo":
         return zoo.ops.sinkhorn_attention(q, k, v, n_iter=n_iter)
+    if method in FORCED_MIN_BYTES:
+        rule = sinkhorn_op.TILED_MIN_BYTES
+        sinkhorn_op.TILED_MIN_BYTES = FORCED_MIN_BYTES[method]
+        try:
+            return zoo.ops.sinkhorn_attention(q, k, v, n_iter=n_iter)
+        finally:
+            sinkhorn_op.TILED_MIN_BYTES = rule
     return naive_sinkhorn(q, k, v, n_iter)
 
 
@@ -149,51 +163,39 @@ def run_worker(method: str, seq: int, n_iter: int, args: argparse.Namespace) -> 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = [
-        "seq",
-        "n_iter",
-        "sdpa (ms)",
-        "zoo (ms)",
-        "naive (ms)",
-        "zoo/sdpa",
-        "naive/sdpa",
-        "peak sdpa (MiB)",
-        "peak zoo (MiB)",
-        "peak naive (MiB)",
-    ]
+def format_table(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """One row per (seq, n_iter): SDPA's time and peak, then each method's time / SDPA and peak / SDPA."""
+    others = [m for m in methods if m != "sdpa"]
+    header = ["seq", "n_iter", "sdpa (ms)", "peak sdpa (MiB)"]
+    for m in others:
+        header += [f"{m} (ms)", f"{m}/sdpa time", f"peak {m} (MiB)", f"{m}/sdpa peak"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
     for r in rows:
-        base = r["sdpa"]["step_time"]
-        ms = {m: f"{r[m]['step_time'] * 1e3:.0f}" if m in r else "-" for m in METHODS}
-        mib = {m: f"{r[m]['peak_bytes'] / MIB:.0f}" if m in r else "-" for m in METHODS}
-        ratio = {m: f"{r[m]['step_time'] / base:.2f}" if m in r else "-" for m in METHODS}
-        cells = [
-            str(r["seq"]),
-            str(r["n_iter"]),
-            ms["sdpa"],
-            ms["zoo"],
-            ms["naive"],
-            ratio["zoo"],
-            ratio["naive"],
-            mib["sdpa"],
-            mib["zoo"],
-            mib["naive"],
-        ]
+        base_t, base_m = r["sdpa"]["step_time"], r["sdpa"]["peak_bytes"]
+        cells = [str(r["seq"]), str(r["n_iter"]), f"{base_t * 1e3:.0f}", f"{base_m / MIB:.0f}"]
+        for m in others:
+            if m not in r:
+                cells += ["-"] * 4
+                continue
+            t, b = r[m]["step_time"], r[m]["peak_bytes"]
+            peak_ratio = f"{b / base_m:.2f}" if base_m > 0 else "-"
+            cells += [f"{t * 1e3:.0f}", f"{t / base_t:.2f}", f"{b / MIB:.0f}", peak_ratio]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seqs", type=int, nargs="+", default=[256, 1024], help="sequence lengths L = S")
-    p.add_argument("--n-iters", type=int, nargs="+", default=[1, 3, 5], help="Sinkhorn half-steps")
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="sequence lengths L = S")
+    p.add_argument("--n-iters", type=int, nargs="+", default=[3], help="Sinkhorn half-steps")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (memory) step")
     p.add_argument("--naive-max-seq", type=int, default=1024, help="skip the naive loop above this length")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--methods", nargs="+", default=["sdpa", "chunked", "tiled"], choices=METHODS, help="sdpa always runs"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [("sdpa", 1)] + [
             (m, n)
             for n in args.n_iters
-            for m in ("zoo", "naive")
+            for m in METHODS[1:]
             if m in args.methods and not (m == "naive" and seq > args.naive_max_seq)
         ]
         mem = {c: run_worker(c[0], seq, c[1], args) for c in cells}  # memory: fresh processes first
@@ -234,14 +236,18 @@ def main(argv: list[str] | None = None) -> None:
         f"# Sinkhorn attention, forward + backward, q/k/v ({args.batch}, {args.heads}, seq, {args.head_dim}) float32\n"
     )
     print(machine_line(device, args.threads) + "\n")
-    print(format_table(rows) + "\n")
+    print(format_table(rows, ["sdpa"] + [m for m in METHODS[1:] if m in args.methods]) + "\n")
     print(
         f"time: median of {args.steps} forward + backward steps after a warm-up step, all methods interleaved in one "
         "process (default allocator); ratios against SDPA at the same length in the same run. "
         "peak: working memory of one forward + backward "
         f"above the inputs, peak from {rows[0]['sdpa']['peak_method'] if rows else ''}"
         f"{', MALLOC_MMAP_THRESHOLD_=65536' if device.type == 'cpu' else ''}. "
-        f"naive: log-domain loop with plain autograd (skipped above seq {args.naive_max_seq})."
+        "the op picks "
+        + ", ".join(f"{sinkhorn_op.kernel_path(device, seq, seq)} at {seq}" for seq in args.seqs)
+        + " (n_iter > 1). "
+        f"zoo: the op's own choice (kernel_path; chunked up to {sinkhorn_op.TILED_MIN_BYTES // MIB} MiB of scores per "
+        f"slice, tiled above). naive: log-domain loop with plain autograd (skipped above seq {args.naive_max_seq})."
     )
     if args.json:
         with open(args.json, "w") as f:
