@@ -33,7 +33,9 @@ TRANSLATION_NAMES = [
     "sinkformer_transformer_toy",
     "transformer_iwslt_de_en",
 ]
-OTHER_FAMILY_NAMES = VIT_NAMES + VMOE_NAMES + POINTCLOUD_NAMES + TRANSLATION_NAMES
+NEURAL_ODE_NAMES = ["neural_ode_classifier", "neural_ode_digits"]
+MEAN_FIELD_NAMES = ["mean_field_resnet", "mean_field_resnet_teacher"]
+OTHER_FAMILY_NAMES = VIT_NAMES + VMOE_NAMES + POINTCLOUD_NAMES + TRANSLATION_NAMES + NEURAL_ODE_NAMES + MEAN_FIELD_NAMES
 
 
 def test_list_models_has_every_family_and_variant() -> None:
@@ -44,7 +46,7 @@ def test_list_models_has_every_family_and_variant() -> None:
             assert f"{prefix}resnet{depth}" in names
         for suffix in SMALL_SUFFIXES:
             assert f"{prefix}{suffix}" in names
-    assert set(names) == {*IMAGENET_NAMES, *SMALL_NAMES, *VIT_NAMES, *VMOE_NAMES, *POINTCLOUD_NAMES, *TRANSLATION_NAMES}
+    assert set(names) == {*IMAGENET_NAMES, *SMALL_NAMES, *OTHER_FAMILY_NAMES}
 
 
 def test_list_models_patterns_and_family() -> None:
@@ -60,6 +62,8 @@ def test_list_models_patterns_and_family() -> None:
     assert zoo.list_models(family="vmoe") == VMOE_NAMES
     assert zoo.list_models(family="pointcloud") == POINTCLOUD_NAMES
     assert zoo.list_models(family="translation") == TRANSLATION_NAMES
+    assert zoo.list_models(family="neural_ode") == NEURAL_ODE_NAMES
+    assert zoo.list_models(family="mean_field") == MEAN_FIELD_NAMES
     assert zoo.is_model("depth_scaled_resnet50") and not zoo.is_model("depth_scaled_resnet51")
 
 
