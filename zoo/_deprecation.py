@@ -34,6 +34,7 @@ def renamed_argument(
 
     ``old_value`` None: ``new_value``. Otherwise ``old_value``, with a FutureWarning; a ZooError when ``new`` was
     given too (``new_given``; by default: ``new_value`` is not None, for a ``new`` whose default is None).
+    ``stacklevel``: the warning's stack level (3: the caller of the function that takes the argument).
     """
     if old_value is None:
         return new_value

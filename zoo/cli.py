@@ -89,8 +89,8 @@ SUMMARY_WIDTH = 120
 
 
 def recipe_summary(path: str | os.PathLike) -> str:
-    """The first sentence of the recipe's leading comment (its description; lines joined, cut at about
-    ``SUMMARY_WIDTH`` characters), or ``""`` when the file does not start with a comment."""
+    """The first sentence of the leading comment of the recipe file ``path`` (its description; lines joined, cut at
+    about ``SUMMARY_WIDTH`` characters), or ``""`` when the file does not start with a comment."""
     lines = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         text = line.strip()
@@ -153,7 +153,8 @@ def _unknown_recipe(value: str, name: str, recipes: Mapping[str, Path]) -> ZooEr
 
 
 def recipes_main(argv: list[str]) -> None:
-    """``zoo recipes``: the shipped recipes with their one-line descriptions; ``--show NAME`` prints one."""
+    """``zoo recipes``: the shipped recipes with their one-line descriptions; ``--show NAME`` prints one.
+    ``argv``: the command-line arguments after ``recipes``."""
     parser = argparse.ArgumentParser(
         prog="zoo recipes",
         description="List the recipes shipped with zoo (name and the first line of its comment). Any subcommand's "
@@ -663,6 +664,9 @@ def _build_source(spec: str, weights: str | None) -> Any:
 
 
 def convert_main(argv: list[str]) -> None:
+    """``zoo convert``: build a torchvision / timm model with its weights, convert it with
+    :func:`converters.transform` and save the result (``--out``: a folder or a ``.safetensors`` file) atomically.
+    ``argv``: the command-line arguments after ``convert``."""
     parser = argparse.ArgumentParser(
         prog="zoo convert",
         description="Turn a torchvision/timm model with its weights into a zoo variant and save it "
@@ -720,7 +724,7 @@ def convert_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``zoo`` console script."""
+    """Entry point of the ``zoo`` console script; ``argv``: its arguments (None: ``sys.argv[1:]``)."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -90,6 +90,8 @@ class VisionMoE(SinkformerViT):
             10 iterations, as published).
         aux_loss_weight: weight of the summed load-balancing losses in the training loss (token choice; the
             expert-choice loss is exactly zero).
+        img_size: the input size (int or (H, W)), as SinkformerViT's.
+        patch_size: the patch size (32 for the published V-MoE), as SinkformerViT's.
         weights: as SinkformerViT; a dense ViT checkpoint is upcycled (experts = copies, router = 0).
         router_n_iter, moe_layers: deprecated names of ``dykstra_iters`` and ``moe_blocks`` (FutureWarning;
             giving both names is an error). Files saved with them still load; the model saves the new names.
@@ -289,7 +291,8 @@ def vmoe_small_patch32_224(pretrained: bool = False, *, weights: str | None = No
     router. A ``capacity_factor`` given replaces the published k (k = round(capacity_factor * n / E)); with
     ``router="token_choice"`` neither the published k nor the groups apply.
     ``pretrained=True``: timm's dense ``vit_small_patch32_224.augreg_in21k_ft_in1k`` upcycled (tag
-    ``augreg_in21k_ft_in1k``, see :data:`default_cfgs` for the settings that compute the dense model exactly)."""
+    ``augreg_in21k_ft_in1k``, see :data:`default_cfgs` for the settings that compute the dense model exactly).
+    ``weights``: a checkpoint, ``save_pretrained`` output or ``hf-hub:`` id (a dense ViT's is upcycled)."""
     kwargs.setdefault("optimizer", functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))
     defaults = {"embed_dim": 384, "depth": 12, "num_heads": 6, "num_experts": 32, "k": 28, "group_size": 400}
     if kwargs.get("router", "expert_choice") != "expert_choice":  # the published k and groups are expert choice's

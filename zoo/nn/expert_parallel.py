@@ -289,7 +289,8 @@ def shard_experts(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
 def reduce_expert_gradients(module: nn.Module) -> None:
     """Expert gradients as DDP would make them on the global batch: summed over the data dimension of the mesh and
     divided by the world size W (each owner already holds the sum over its expert group, through the backward
-    all-to-all). Call it once per optimiser step, after the backward(s) and before clipping / ``step``."""
+    all-to-all). Call it once per optimiser step, after the backward(s) and before clipping / ``step``.
+    ``module``: the model whose MoE layers :func:`shard_experts` sharded."""
     pending = []
     for _, param, shard in expert_parameters(module):
         if param.grad is None:

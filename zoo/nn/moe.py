@@ -101,6 +101,14 @@ class BatchedLinear(nn.Module):
     """E independent linear maps, ``weight`` (E, out, in), ``bias`` (E, out): y[e] = x[e] W_e^T + b_e on (E, C, in).
 
     Each expert is initialised as ``nn.Linear`` would be: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+
+    Args:
+        num_experts: E, the number of maps.
+        in_features: the input width of each map.
+        out_features: the output width of each map.
+        bias: whether each map has a bias.
+        device: where the parameters are created.
+        dtype: the parameters' dtype.
     """
 
     def __init__(
@@ -193,6 +201,7 @@ class MoE(nn.Module):
         bias: biases of fc1 / fc2 (bool or a pair, as timm). ``router_bias``: bias of the router (default off).
         drop: dropout after GELU and after fc2 (float or pair, as timm).
         n_iter: deprecated name of ``dykstra_iters`` (FutureWarning; giving both is an error).
+        device, dtype: where and in which dtype the parameters are created (as ``nn.Linear``'s).
     """
 
     n_iter = renamed_attribute("n_iter", "dykstra_iters")

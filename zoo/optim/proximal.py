@@ -153,7 +153,8 @@ def particle_distance_squared(
     v: torch.Tensor, w: torch.Tensor, distance: str = "wasserstein", labels: torch.Tensor | None = None
 ) -> torch.Tensor:
     """d(V, W)^2 for ``distance`` "frobenius" (:func:`frobenius_squared`) or "wasserstein"
-    (:func:`wasserstein2_squared`) between particle sets (M, D); ``labels`` as in :func:`optimal_assignment`."""
+    (:func:`wasserstein2_squared`) between the particle sets ``v`` and ``w`` (M, D); ``labels`` as in
+    :func:`optimal_assignment`."""
     choice("distance", distance, DISTANCES)
     if distance == "frobenius":
         return frobenius_squared(v, w)
