@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from zoo.errors import ZooError
+from zoo.ops.fixed_point import momentum_float_step
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -27,6 +28,7 @@ __all__ = [
     "MomentumRule",
     "RULES",
     "ResidualCall",
+    "ResidualPartsCall",
     "State",
     "register_rule",
 ]
@@ -37,6 +39,8 @@ DEFAULT_GAMMA = 0.9
 State = tuple[torch.Tensor, ...]
 ResidualCall = Callable[[int, torch.Tensor, int], torch.Tensor]
 """``f(m, x, k)``: the residual function f_m at x, the k-th evaluation of the current step."""
+ResidualPartsCall = Callable[[int, torch.Tensor, int], tuple[torch.Tensor, str]]
+"""``parts(m, x, k)``: f_m at x split as (g, tail), f = residual_tail(x, g, tail) (zoo.nn.residual_function)."""
 
 
 class ForwardRule:
@@ -48,12 +52,15 @@ class ForwardRule:
         exact_inverse: the rule is invertible exactly (memory="reversible"); a rule with an approximate
             :meth:`inverse_step` uses memory="adjoint" instead.
         has_velocity: the state is (x, v), v_0 given by the stack's ``init_velocity``.
+        fuses_tail: the rule has ``step_parts(parts, n, state, h)``, :meth:`step` taking f_n split as (g, tail)
+            (memory="full" then hands it the blocks' element-wise tails to fuse).
     """
 
     name: ClassVar[str]
     calls_per_step: ClassVar[int] = 1
     exact_inverse: ClassVar[bool] = False
     has_velocity: ClassVar[bool] = False
+    fuses_tail: ClassVar[bool] = False
 
     @classmethod
     def build(cls, *, gamma: float = DEFAULT_GAMMA) -> ForwardRule:
@@ -148,6 +155,7 @@ class MomentumRule(ForwardRule):
     name = "momentum"
     exact_inverse = True
     has_velocity = True
+    fuses_tail = True
 
     def __init__(self, gamma: float = DEFAULT_GAMMA):
         self.gamma = float(gamma)
@@ -168,3 +176,11 @@ class MomentumRule(ForwardRule):
         x_next, v_next = state
         x = x_next - v_next
         return (x, (v_next - (1.0 - self.gamma) * h * f(n, x, 0)) / self.gamma)
+
+    def step_parts(self, parts: ResidualPartsCall, n: int, state: State, h: float) -> State:
+        """:meth:`step` from f_n split as ``parts(n, x, 0) = (g, tail)``, f = residual_tail(x, g, tail), in one fused
+        kernel (zoo.ops.fixed_point.momentum_float_step): the same values as :meth:`step`, and under autograd only a
+        one-byte mask kept per step (for the ``"relu"`` tail) instead of the tail's intermediate tensors."""
+        x, v = state
+        g, tail = parts(n, x, 0)
+        return momentum_float_step(x, v, g, tail, c=(1.0 - self.gamma) * h, gamma=self.gamma)

@@ -297,6 +297,107 @@ def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
     return (t.to(work) * (1.0 / scale)).to(dtype)  # 1/2^F is exact: the same as dividing
 
 
+# --------------------------------------------------------------------------------------------------
+# The float momentum step of memory="full". Autograd through (M1) written as tensor ops keeps, per step, the
+# output of the tail's ReLU (a stage-sized float tensor, which a plain ResNet shares with the next block's input)
+# and runs seven element-wise passes forward; a plain post-activation block runs two (its sum and ReLU, in place).
+# Instead: one compiled kernel forward, and a one-byte sign mask kept for the ReLU's derivative, so that the step
+# holds what the plain block holds plus v and the mask. The mask is computed by eager ops (inductor's CPU code for a
+# bool or uint8 tensor measured 20-100x slower than the eager comparison), and so is backward (its mask input too).
+
+
+def _momentum_float_step(
+    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, c: float, gamma: float, tail: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M1) in floating point: f = residual_tail(x, g, tail), v' = gamma v + c f, x' = x + v' -- the same operations
+    in the same order as the rule written with tensor ops (so the same values, bit for bit, in float32/float64)."""
+    f = torch.relu(x + g) - x if tail == "relu" else g
+    v_next = gamma * v + c * f
+    return x + v_next, v_next
+
+
+def _momentum_float_step_backward(
+    gx_next: torch.Tensor,
+    gv_next: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    c: float,
+    gamma: float,
+    tail: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product of :func:`_momentum_float_step`: with a = dL/dx' + dL/dv' (``gv_next`` None: 0),
+    dL/dv = gamma a, dL/dg = c a on the mask x + g > 0 (everywhere for ``"identity"``), dL/dx = dL/dx' - c a off the
+    mask (f = relu(x + g) - x; for ``"identity"`` dL/dx'). Differentiable in the cotangents (double backward; the mask
+    is a constant, as the ReLU's second derivative is 0)."""
+    a = gx_next if gv_next is None else gx_next + gv_next
+    ca = c * a
+    if tail == "relu":
+        grad_g = torch.where(mask, ca, 0.0)
+        grad_x = gx_next - (ca - grad_g)
+    else:
+        grad_g, grad_x = ca, gx_next
+    return grad_x, gamma * a, grad_g
+
+
+# below this many elements the float step runs eagerly (a compiled call costs more than it saves, and a compilation
+# per new set of constants would dominate small runs); both paths give the same values in float32 and float64
+FLOAT_STEP_COMPILE_MIN_NUMEL = 1 << 16
+
+
+def _float_step(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, **static: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_momentum_float_step`, compiled for a large float32/float64 state, else eager (bf16/half would round
+    differently compiled: inductor keeps the intermediates in float32)."""
+    if x.numel() >= FLOAT_STEP_COMPILE_MIN_NUMEL and x.dtype in (torch.float32, torch.float64):
+        return _KERNELS.get("float_step", **static)(x, v, g)
+    return _momentum_float_step(x, v, g, **static)
+
+
+class _MomentumFloatStep(torch.autograd.Function):
+    """(x, v, g) -> (x', v') of :func:`momentum_float_step` with autograd; saves only the ReLU's sign mask."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, c: float, gamma: float, tail: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.c, ctx.gamma, ctx.tail = c, gamma, tail
+        ctx.dtypes = (x.dtype, v.dtype, g.dtype)
+        # relu's derivative, 0 at 0 as autograd's (x + g is the kernel's sum, bit for bit)
+        ctx.save_for_backward(torch.gt(x + g, 0) if tail == "relu" else None)
+        return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
+
+    @staticmethod
+    def backward(ctx: Any, gx_next: torch.Tensor | None, gv_next: torch.Tensor | None) -> tuple[Any, ...]:
+        (mask,) = ctx.saved_tensors
+        if gx_next is None and gv_next is None:
+            return None, None, None, None, None, None
+        if gx_next is None:  # only v' was used: a = dL/dv'
+            gx_next, gv_next = torch.zeros_like(gv_next), gv_next
+        grads = _momentum_float_step_backward(gx_next, gv_next, mask, c=ctx.c, gamma=ctx.gamma, tail=ctx.tail)
+        grads = [gr.to(dt) if ctx.needs_input_grad[i] else None for i, (gr, dt) in enumerate(zip(grads, ctx.dtypes))]
+        return (*grads, None, None, None)
+
+
+def momentum_float_step(
+    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, tail: str, *, c: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One momentum step (M1) in floating point, fused: v' = gamma v + c f, x' = x + v', f = residual_tail(x, g, tail).
+
+    The values are those of the rule written with tensor ops (bit for bit in float32 and float64); with autograd the
+    step keeps no tensor but a one-byte mask (x + g > 0) for the ``"relu"`` tail.
+
+    Args:
+        x, v: the state x_n, v_n.
+        g: the residual function's last tensor at x_n (f = residual_tail(x, g, tail)).
+        tail: one of :data:`RESIDUAL_TAILS`.
+        c: the factor of f, (1 - gamma) h.
+        gamma: the momentum term.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or v.requires_grad or g.requires_grad):
+        return _MomentumFloatStep.apply(x, v, g, c, gamma, tail)
+    return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
+
+
 # The step kernels divide int64 by the constants n and d. Inductor's CPU vectorisation turns that into a per-lane
 # division by a runtime vector; scalar code (simdlen 1) lets the C++ compiler use multiply-and-shift for the
 # constant divisors, about twice as fast on x86 (AVX2 has no 64-bit vector division either way). Other backends
@@ -309,6 +410,7 @@ _KERNELS = CompiledKernels(
         "accumulate": _accumulate_,
         "rewind": _rewind_,
         "refresh": _refresh_float_,
+        "float_step": _momentum_float_step,
     },
     env="ZOO_FUSED_FIXED_POINT",
     what="the fused fixed-point kernels",

@@ -19,6 +19,8 @@ def integrate(
     rule, h = stack.forward_rule, stack.step
 
     def advance(n: int, args_: tuple, kwargs_: dict, *state: torch.Tensor) -> State:
+        if rule.fuses_tail:  # one fused kernel for the rule and the blocks' element-wise tails (the momentum rule)
+            return rule.step_parts(lambda m, y, k: stack.residual_parts(m, y, args_, kwargs_), n, state, h)
         return rule.step(lambda m, y, k: stack.residual(m, y, args_, kwargs_), n, state, h)
 
     if checkpointing:

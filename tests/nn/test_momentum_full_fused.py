@@ -1,0 +1,152 @@
+"""memory="full" momentum runs each step (M1) as one fused step (zoo.ops.fixed_point.momentum_float_step): the same
+values as the rule written with tensor ops, gradients of that rule, and under autograd it keeps only what a plain
+ResNet keeps plus a one-byte sign mask per step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import zoo
+from zoo.nn import ResidualStack
+from zoo.ops import fixed_point
+from zoo.ops.fixed_point import momentum_float_step
+
+
+def unfused_step(x, v, g, tail, c, gamma):
+    """(M1) written with tensor ops, as the rule was before fusing: f = relu(x + g) - x or g."""
+    f = torch.relu(x + g) - x if tail == "relu" else g
+    v = gamma * v + c * f
+    return x + v, v
+
+
+@pytest.fixture(params=["eager", "compiled"])
+def kernel_path(request, monkeypatch):
+    """Both paths of the step: eager (small tensors) and the compiled kernel (forced for every size)."""
+    if request.param == "compiled":
+        monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tail", ["relu", "identity"])
+def test_fused_step_values_are_the_unfused_rule_bit_for_bit(kernel_path, dtype, tail):
+    gen = torch.Generator().manual_seed(0)
+    x, v, g = (torch.randn(3, 5, 7, generator=gen, dtype=dtype) for _ in range(3))
+    c, gamma = (1.0 - 0.9) * 0.5, 0.9
+    got = momentum_float_step(x, v, g, tail, c=c, gamma=gamma)
+    want = unfused_step(x, v, g, tail, c, gamma)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # with autograd the same values
+    got_g = momentum_float_step(x.requires_grad_(True), v, g, tail, c=c, gamma=gamma)
+    assert torch.equal(got_g[0], want[0]) and torch.equal(got_g[1], want[1])
+
+
+@pytest.mark.parametrize("tail", ["relu", "identity"])
+@pytest.mark.parametrize("uses", ["both", "x only", "v only"])
+def test_fused_step_gradients_are_the_unfused_rule_gradients(kernel_path, tail, uses):
+    """float64: the fused vector-Jacobian product equals autograd through the unfused rule to float rounding, for
+    every input, whichever outputs the loss uses (the stack's last step uses x' only)."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    wx, wv = (torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def loss(step):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        xn, vn = step(*leaves)
+        total = {"both": (wx * xn).sum() + (wv * vn).sum(), "x only": (wx * xn).sum(), "v only": (wv * vn).sum()}
+        grads = torch.autograd.grad(total[uses], leaves, allow_unused=True)  # v' does not depend on x for identity
+        return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
+
+    got = loss(lambda x, v, g: momentum_float_step(x, v, g, tail, c=0.1, gamma=0.9))
+    want = loss(lambda x, v, g: unfused_step(x, v, g, tail, 0.1, 0.9))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    assert not torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+def test_double_backward_through_the_fused_step_matches_the_unfused_rule():
+    """memory='full' is what the reversible engine's error names for create_graph=True: a gradient penalty through
+    a momentum stack of ResNet blocks equals the unfused rule's."""
+    torch.manual_seed(0)
+    blocks = [zoo.models.resnet.BasicBlock(4, 4) for _ in range(3)]
+    stack = ResidualStack(blocks, rule="momentum", gamma=0.9, memory="full").double().eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+
+    def penalty(fused: bool) -> tuple[torch.Tensor, ...]:
+        rule = stack.forward_rule
+        original = type(rule).fuses_tail
+        rule.fuses_tail = fused  # the instance attribute hides the class's: the unfused step with tensor ops
+        try:
+            xi = x.clone().requires_grad_(True)
+            (gx,) = torch.autograd.grad(stack(xi).square().sum(), xi, create_graph=True)
+            return torch.autograd.grad(gx.square().sum(), [xi, *stack.parameters()], allow_unused=True)
+        finally:
+            rule.fuses_tail = original
+
+    got, want = penalty(True), penalty(False)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or torch.equal(a, torch.zeros_like(a))
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(bytes of the distinct tensors autograd saves for backward in one forward, of which bool)."""
+    seen: dict[tuple[int, int], tuple[int, bool]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel():
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), storage.nbytes())] = (storage.nbytes(), t.dtype == torch.bool)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(n for n, _ in seen.values()), sum(n for n, b in seen.values() if b)
+
+
+def test_full_momentum_saves_what_torchvision_saves_plus_one_byte_per_element_and_step():
+    """A momentum ResNet-50 under memory='full' keeps for backward exactly the tensors torchvision's ResNet-50 keeps
+    (the same blocks; the ReLU output a plain block keeps is its next block's input, kept anyway), plus a bool mask
+    per momentum step: no copy of x, of v or of the tail's intermediates (the unfused rule kept a float ReLU output
+    per step, four times the mask)."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50().train()
+    mom = zoo.momentum_resnet50(memory="full", gamma=0.9).train()
+    x = torch.randn(2, 3, 64, 64)
+    plain_total, plain_bool = saved_bytes(tv, x)
+    total, masks = saved_bytes(mom, x)
+    steps = sum(stage.depth for stage in mom.stages)
+    # one mask per momentum step, of the stage's state size: ResNet-50 at 64 x 64, batch 2
+    state_numel = {1: 2 * 256 * 16 * 16, 2: 2 * 512 * 8 * 8, 3: 2 * 1024 * 4 * 4, 4: 2 * 2048 * 2 * 2}
+    expected_masks = sum(state_numel[i + 1] * stage.depth for i, stage in enumerate(mom.stages))
+    assert steps == 12 and plain_bool == 0
+    assert masks == expected_masks
+    # torchvision's last in-place ReLU also keeps the network's final feature map (for its own backward); the
+    # momentum stack's last state feeds only the pooling, which keeps no input
+    final_features = state_numel[4] * 4
+    assert total - masks == plain_total - final_features
+
+
+def test_full_momentum_resnet_keeps_its_values_and_trains(kernel_path):
+    """The whole model: forward bit for bit the unfused rule's, parameter gradients equal to float rounding."""
+    torch.manual_seed(0)
+    model = zoo.momentum_resnet18(memory="full", num_classes=3, zero_init_last=False).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(fused: bool):
+        for stage in model.stages:
+            stage.forward_rule.fuses_tail = fused
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    (out_f, grad_f), (out_u, grad_u) = run(True), run(False)
+    assert torch.equal(out_f, out_u)
+    for k, g in grad_u.items():
+        scale = g.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(grad_f[k], g, rtol=0, atol=1e-5 * scale, msg=k)
