@@ -2,7 +2,7 @@
 
 Two markdown tables, every number from one run of this script (so ratios compare like with like):
 
-1. torchvision ResNet-101 and ResNet-152, side by side, for
+1. torchvision ResNet-50, ResNet-101 and ResNet-152, side by side, for
 
    * ``plain``: the torchvision ResNet, ordinary autograd;
    * ``checkpoint``: the same net, each stage run by ``torch.utils.checkpoint.checkpoint_sequential`` with
@@ -10,7 +10,7 @@ Two markdown tables, every number from one run of this script (so ratios compare
    * ``momentumnet``: the published package (``pip install momentumnet``, the ``bench`` extra),
      ``transform_to_momentumnet(model, sub_layers=["layer1", ..., "layer4"], gamma=0.9, use_backprop=False,
      keep_first_layer=True, is_residual=False)``; the row is skipped (and says so) where it does not import;
-   * ``zoo reversible`` / ``zoo full``: ``zoo.momentum_resnet101`` / ``152`` with ``memory="reversible"``
+   * ``zoo reversible`` / ``zoo full``: ``zoo.momentum_resnet50`` / ``101`` / ``152`` with ``memory="reversible"``
      (exact fixed-point rebuild in backward) and ``memory="full"`` (autograd through the same rule), gamma 0.9;
 
    with the peak working memory of one training step and the median step time, each also as a ratio to plain.
@@ -52,6 +52,9 @@ no state; gradients are allocated once before the measurement and zeroed in plac
     python benchmarks/momentum_memory.py --archs 101 --depths 20 110 --json out.json
     python benchmarks/momentum_memory.py --archs --depth-steps 2              # table 2 only, with step times
     python benchmarks/momentum_memory.py --archs --depths --tied-depths 100 3000   # table 3 only
+    # table 1 only, as issue 17 states it (2 threads; about 8 minutes on a quiet 2-core machine):
+    python benchmarks/momentum_memory.py --threads 2 --steps 3 --depths --tied-depths --methods plain checkpoint
+        momentumnet zoo-reversible zoo-full     # (one command line)
 """
 
 from __future__ import annotations
@@ -89,8 +92,10 @@ METHOD_LABELS = {
 DEPTH_METHODS = ("plain", "zoo-reversible")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 GAMMA = 0.9
-# Targets (README): reversible peak <= checkpointing (and well below plain), flat in depth, time <= 1.4x plain.
-TIME_TARGET = 1.4
+# Targets (issue 17): reversible peak <= checkpointing (and well below plain), flat in depth, time <= 1.35x plain;
+# memory="full" momentum within 1.05x of plain in time and memory.
+TIME_TARGET = 1.35
+FULL_TARGET = 1.05
 FLAT_TARGET = 1.25  # reversible peak at the largest depth / at the smallest depth
 
 
@@ -131,7 +136,7 @@ class CheckpointedStage(nn.Module):
 
 
 def build_imagenet(arch: int, method: str, seed: int) -> nn.Module:
-    """ResNet-``arch`` (101 or 152) for ``method``, randomly initialised from ``seed``, in train mode."""
+    """ResNet-``arch`` (50, 101 or 152) for ``method``, randomly initialised from ``seed``, in train mode."""
     import torchvision
 
     torch.manual_seed(seed)
@@ -509,6 +514,15 @@ def verdicts(imagenet: dict, archs: list[int], depth: dict, depths: list[int]) -
                 f"- ResNet-{arch} time (reversible <= {TIME_TARGET}x plain): "
                 f"{'met' if t <= TIME_TARGET else 'MISSED'} ({t:.2f}x{miss})"
             )
+        full = imagenet.get((arch, "zoo-full"))
+        if plain and full:
+            m = full["peak"] / plain["peak"]
+            t = full.get("time_ratio")
+            ok = m <= FULL_TARGET and (t is None or t <= FULL_TARGET)
+            out.append(
+                f'- ResNet-{arch} memory="full" momentum (time and memory <= {FULL_TARGET}x plain): '
+                f"{'met' if ok else 'MISSED'} (memory {m:.2f}x" + ("" if t is None else f", time {t:.2f}x") + ")"
+            )
     if len(depths) >= 2:
         lo, hi = min(depths), max(depths)
         r_lo, r_hi = depth[(lo, "zoo-reversible")]["peak"], depth[(hi, "zoo-reversible")]["peak"]
@@ -535,8 +549,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--archs",
         type=int,
         nargs="*",
-        default=[101, 152],
-        choices=[101, 152],
+        default=[50, 101, 152],
+        choices=[50, 101, 152],
         help="torchvision ResNets for table 1 (none: skip the table)",
     )
     p.add_argument(
