@@ -1,4 +1,4 @@
-"""A fairseq plugin (``--user-dir``) registering Sinkformer translation architectures (MATH.md section 5).
+"""A fairseq plugin (``--user-dir``) registering Sinkformer translation architectures (docs/mathematics.md, section 5).
 
     fairseq-train data-bin/iwslt14.tokenized.de-en --user-dir /path/to/zoo_fairseq \\
         --arch sinkformer_iwslt_de_en --sinkhorn-iters 3 --share-decoder-input-output-embed ...

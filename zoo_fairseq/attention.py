@@ -5,7 +5,7 @@ Time-first like fairseq: x (T, B, E), H heads of width d = E / H, m the key padd
     q, k, v = W_q x + b_q, W_k x + b_k, W_v x + b_v                     split into (B, H, T, d)
     C = q k^T / sqrt(d) + attn_mask (additive; a bool mask is True where attention is NOT allowed, as fairseq's)
     A = Sinkhorn_{n_iter}(C) over the valid tokens (padded keys get no weight; for n_iter > 1 padded queries
-        are left out of the column marginals and get zero rows)            (MATH.md section 5, S1-S2)
+        are left out of the column marginals and get zero rows)            (docs/mathematics.md, section 5, S1-S2)
     out = W_o concat_heads(dropout(A) v) + b_o
 
 ``n_iter=1`` is fairseq's softmax attention: every query row is kept, so even the outputs at padded positions are

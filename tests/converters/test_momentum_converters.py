@@ -144,7 +144,7 @@ def test_resnet_momentum_equals_the_zoo_builder(images, tmp_path, name: str) -> 
     with torch.no_grad():
         out = model(images)
         assert torch.equal(out, built(images))
-        # a different function from the source (a starting point for fine-tuning, MATH.md section 4)
+        # a different function from the source (a starting point for fine-tuning, docs/mathematics.md, section 4)
         assert (out - source(images)).abs().max() > 1e-3 * source(images).abs().max()
     x = images.clone().requires_grad_(True)  # the fixed-point reversible forward
     assert_close_to_scale(model(x), out, rtol=1e-5)

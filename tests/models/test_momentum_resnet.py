@@ -1,4 +1,4 @@
-"""Momentum ResNets (MATH.md section 4): torchvision layout and weights, exact reversible backprop
+"""Momentum ResNets (docs/mathematics.md, section 4): torchvision layout and weights, exact reversible backprop
 against autograd, initial velocity, save/load, Lightning training and gradient accumulation."""
 
 from __future__ import annotations

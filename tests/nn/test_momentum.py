@@ -1,4 +1,4 @@
-"""Momentum ResNets (MATH.md section 4): the rule (M1), the exact fixed-point inverse (M2) of
+"""Momentum ResNets (docs/mathematics.md, section 4): the rule (M1), the exact fixed-point inverse (M2) of
 memory="reversible", the information buffer of ``zoo.ops.fixed_point``, and the 1-D x -> -x^3 experiment.
 
 Every reference here is computed independently of the engine: hand-written loops of (M1), Python
@@ -194,7 +194,7 @@ def test_reversible_rebuilds_x0_v0_bit_for_bit_through_1000_layers(gamma, init):
 
 
 def _ratio_ref_multiply(c: int, i: int, n: int, d: int) -> tuple[int, int]:
-    """MATH.md section 4 in Python integers (floor division and floor modulus)."""
+    """docs/mathematics.md, section 4 in Python integers (floor division and floor modulus)."""
     i = i * d
     i = i + c % d
     assert i <= INT64_MAX, "reference intermediate overflowed int64"
@@ -794,7 +794,7 @@ def _fit_cube(stack: nn.Module, steps: int = 300) -> float:
 
 
 def test_momentum_learns_minus_x_cubed_where_a_resnet_cannot():
-    """MATH.md section 4: x -> -x^3 on [-1, 1] with one MLP f: R -> R tied across 20 layers.
+    """docs/mathematics.md, section 4: x -> -x^3 on [-1, 1] with one MLP f: R -> R tied across 20 layers.
 
     The depth-scaled ResNet x_{n+1} = x_n + f(x_n) / 20 discretises the first-order ODE x' = f(x). Its
     flow is order-preserving (two trajectories of a 1-D autonomous ODE never cross; for the discrete map,

@@ -1,4 +1,4 @@
-"""The residual-stack engine against the definitions of MATH.md (R1), (H1), (A1), (A2)."""
+"""The residual-stack engine against the definitions of docs/mathematics.md (R1), (H1), (A1), (A2)."""
 
 from __future__ import annotations
 
