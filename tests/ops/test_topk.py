@@ -301,8 +301,8 @@ def test_exact_zeros_outside_the_band():
 
 @pytest.mark.parametrize("lam", [0.01, 0.05, 0.3, 2.0])
 def test_magnitude_p2_bound(lam):
-    """||relaxed - hard||_inf <= lam ||x||_inf (docs/mathematics.md, section 6) holds where PAV pools no block, i.e. where
-    |x|_[k] >= (1 + lam) |x|_[k+1]; near a tie at the k-th entry the hard operator jumps and the bound fails."""
+    """||relaxed - hard||_inf <= lam ||x||_inf (docs/mathematics.md, section 6) holds where PAV pools no block, i.e.
+    where |x|_[k] >= (1 + lam) |x|_[k+1]; near a tie at the k-th entry the hard operator jumps and the bound fails."""
     x = rand(256, 33, seed=12, scale=3.0)
     # half of the rows: a top 6 apart from the rest by a random margin (separated or not)
     rest = x[:128, 6:].abs().amax(-1, keepdim=True)

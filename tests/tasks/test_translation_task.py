@@ -332,8 +332,8 @@ def test_numbers_recipe_instantiates(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_published_finding_transformer_weights_as_a_sinkformer_lose_little_and_recover(tmp_path: Path) -> None:
-    """docs/mathematics.md, section 5 (IWSLT'14): a trained Transformer's weights evaluated as a Sinkformer (Sinkhorn in the
-    encoder) lose little, and a few fine-tuning steps at lr / 10 recover. Here at small scale on the numbers task."""
+    """docs/mathematics.md, section 5 (IWSLT'14): a trained Transformer's weights evaluated as a Sinkformer (Sinkhorn in
+    the encoder) lose little, and a few fine-tuning steps at lr / 10 recover. Here at small scale: the numbers task."""
     pl.seed_everything(0, verbose=False)
     dm = NumbersDataModule(train_size=1500, valid_size=64, test_size=32, max_number=9999, max_tokens=512, seed=0)
     model = sinkformer_transformer_numbers(
