@@ -150,3 +150,23 @@ def test_full_momentum_resnet_keeps_its_values_and_trains(kernel_path):
     for k, g in grad_u.items():
         scale = g.abs().max().clamp_min(1e-30)
         torch.testing.assert_close(grad_f[k], g, rtol=0, atol=1e-5 * scale, msg=k)
+
+
+def test_torch_compile_of_a_full_momentum_stack_of_resnet_blocks_gives_the_eager_result():
+    """The fused step (an autograd Function with the ReLU-tail mask) traced by a caller's torch.compile."""
+    torch.manual_seed(0)
+    blocks = [zoo.models.resnet.BasicBlock(4, 4) for _ in range(2)]
+    stack = ResidualStack(blocks, rule="momentum", gamma=0.9, memory="full").eval()
+    x = torch.randn(2, 4, 5, 5)
+
+    def run(module):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        grads = torch.autograd.grad(out.square().sum(), [xi, *stack.parameters()])
+        return out.detach(), grads
+
+    eager_out, eager_grads = run(stack)
+    got_out, got_grads = run(torch.compile(stack, backend="aot_eager"))
+    torch.testing.assert_close(got_out, eager_out, rtol=0, atol=0)
+    for a, b in zip(got_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
