@@ -7,6 +7,7 @@ from zoo.nn.expert_parallel import (
     reduce_expert_gradients,
     shard_experts,
 )
+from zoo.nn.fsdp import FSDP2Strategy, shard_model
 from zoo.nn.moe import MoE, Routing
 from zoo.nn.residual import ResidualOf, StackAsBlock, TransformerEncoderStack
 from zoo.nn.residual_function import ResidualFunction, ResidualFunctionWithTail
@@ -17,6 +18,7 @@ from zoo.nn.topk import SmoothTopKLoss, SoftTopKMagnitude, prune_magnitude
 __all__ = [
     "MEMORY_MODES",
     "ExpertParallelStrategy",
+    "FSDP2Strategy",
     "ForwardRule",
     "MoE",
     "RULES",
@@ -39,4 +41,5 @@ __all__ = [
     "reduce_expert_gradients",
     "register_rule",
     "shard_experts",
+    "shard_model",
 ]
