@@ -436,6 +436,20 @@ def option(argv: list[str], name: str) -> str | None:
     return value
 
 
+def check_strategy(name: str, where: str) -> None:
+    """``--trainer.strategy`` names a strategy Lightning knows once the zoo is imported, or a Strategy class
+    (``--print_config`` does not build the strategy, so an unknown name would pass it)."""
+    import importlib
+
+    from lightning.pytorch.strategies import Strategy, StrategyRegistry
+
+    if "." in name:
+        module, _, cls = name.rpartition(".")
+        assert issubclass(getattr(importlib.import_module(module), cls), Strategy), f"{where}: {name}"
+    else:
+        assert name in StrategyRegistry, f"{where}: no strategy named {name!r}"
+
+
 def test_launch_commands_parse_and_agree(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -472,6 +486,9 @@ def test_launch_commands_parse_and_agree(
                 printed = trainer[key]
                 printed = printed["class_path"] if isinstance(printed, dict) else printed
                 assert str(printed) == given, (launch.where, key, printed, given)
+        strategy = option(argv, "--trainer.strategy")
+        if strategy is not None:
+            check_strategy(strategy, launch.where)
         parsed += 1
         if launch.launcher in ("torchrun", "srun"):  # Lightning checks these against the launcher's environment
             assert str(trainer["devices"]) == str(launch.nproc_per_node), (launch.where, "devices", trainer)
