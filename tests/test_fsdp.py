@@ -285,13 +285,14 @@ def _lightning_vit() -> Any:
     return model.double()
 
 
-def _trainer(devices: int, root: Path, strategy: Any = "auto") -> Any:
+def _trainer(devices: int, root: Path, strategy: Any = "auto", validate: bool = False) -> Any:
     import lightning.pytorch as pl
 
     return pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
+        use_distributed_sampler=False, num_sanity_val_steps=int(validate), limit_val_batches=int(validate),
+        default_root_dir=str(root),
     )  # fmt: skip
 
 
@@ -310,8 +311,10 @@ def _check_lightning(rank: int, out_dir: Path) -> None:
     images, labels = _digits()
     rows = torch.arange(len(labels)).view(STEPS, WORLD, LOCAL_BATCH)[:, rank].reshape(-1)
     model = _lightning_vit()
-    trainer = _trainer(WORLD, out_dir, "fsdp2")
-    trainer.fit(model, train_dataloaders=_loader(images[rows], labels[rows], LOCAL_BATCH))
+    trainer = _trainer(WORLD, out_dir, "fsdp2", validate=True)  # a validation step before and after training
+    loader = _loader(images[rows], labels[rows], LOCAL_BATCH)
+    trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
+    assert "val_loss" in trainer.callback_metrics
     assert type(trainer.strategy).__name__ == "FSDP2Strategy"
     assert all(isinstance(p, DTensor) for p in model.parameters())
     trainer.save_checkpoint(out_dir / "fsdp2.ckpt")  # full state dict, gathered; rank 0 writes
@@ -375,6 +378,10 @@ def test_fsdp2_checkpoints_load_into_one_process(two_ranks: Path, tmp_path: Path
         assert saved.keys() == want.keys()
         for key, value in want.items():  # float64 as trained: the same parameters to rounding
             torch.testing.assert_close(saved[key], value, atol=1e-9, rtol=1e-7, msg=f"{path.name}: {key}")
+        # the optimiser state: by parameter index in the gathered file, by parameter name (DCP's layout) converted
+        keys = set(ckpt["optimizer_states"][0]["state"])
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert keys == (set(range(len(names))) if path.name == "fsdp2.ckpt" else names), sorted(keys, key=str)[:4]
         single = SinkformerViT.load_from_checkpoint(path, weights_only=False)  # one process, built in float32
         for key, value in single.state_dict().items():
             torch.testing.assert_close(value, want[key].to(value.dtype), msg=f"{path.name}: loaded {key}")
@@ -408,3 +415,33 @@ def test_errors() -> None:
         FSDP2Strategy(reshard_after_forward="yes")
     with pytest.raises(ZooError, match="not a sharded checkpoint folder"):
         consolidate_checkpoint(Path(__file__).parent, Path("unused.ckpt"))
+
+
+@pytest.mark.distributed
+def test_recipe_trains_with_fsdp2_through_the_cli(tmp_path: Path) -> None:
+    """``zoo fit --config digits_momentum_resnet --trainer.strategy fsdp2`` on 2 CPU processes: a reversible
+    Momentum ResNet trains and validates sharded, and the checkpoint Lightning's callback wrote loads in one
+    process."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "zoo.cli", "fit", "--config", "digits_momentum_resnet",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed_backend=gloo" in proc.stderr + proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("zoo: val_acc")]
+    assert len(lines) == 1, proc.stdout
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    from zoo.models import MomentumResNet
+
+    single = MomentumResNet.load_from_checkpoint(ckpt, weights_only=False)  # the full layout, in one process
+    assert single.layer3.memory == "reversible"
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert all(not type(v).__name__ == "DTensor" for v in saved.values())
+    assert saved["fc.weight"].shape == single.fc.weight.shape
