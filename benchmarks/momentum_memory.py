@@ -1,4 +1,5 @@
-"""Training memory and time of momentum ResNets (MATH.md section 4) against a plain ResNet and checkpointing.
+"""Training memory and time of momentum ResNets (docs/mathematics.md, section 4) against a plain ResNet and
+checkpointing.
 
 Two markdown tables, every number from one run of this script (so ratios compare like with like):
 

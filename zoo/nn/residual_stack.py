@@ -240,7 +240,7 @@ class ResidualStack(nn.Module):
             text += f", gamma={self.gamma}, init_velocity={self.init_velocity!r}"
         return text
 
-    # ---------------------------------------------------------------- depth operations (MATH.md s1)
+    # ---------------------------------------------------------------- depth operations (docs/mathematics.md, section 1)
     def is_tied(self) -> bool:
         """True when every residual step uses the same module."""
         return self.depth > 0 and len({id(b) for b in self.blocks}) == 1
@@ -287,7 +287,7 @@ class ResidualStack(nn.Module):
 
     def smoothness(self) -> torch.Tensor:
         """max_n ||theta_{n+1} - theta_n|| over the stack (0 for a tied stack): the diagnostic of
-        how close the ResNet is to its neural ODE (MATH.md section 1)."""
+        how close the ResNet is to its neural ODE (docs/mathematics.md, section 1)."""
         blocks = self.blocks
         diffs = [torch.zeros(())]
         for a, b in zip(blocks[:-1], blocks[1:]):

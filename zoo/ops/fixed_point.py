@@ -1,4 +1,4 @@
-"""Exact fixed-point arithmetic for reversible momentum steps (MATH.md section 4).
+"""Exact fixed-point arithmetic for reversible momentum steps (docs/mathematics.md, section 4).
 
 Division by gamma loses bits in floating point, so the reversible momentum engine holds x and v as
 integers x_int = round(x * 2^F) (``F = frac_bits``) and multiplies by gamma = n/d exactly, keeping
@@ -190,7 +190,8 @@ def post_activation_residual(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def residual_tail(x: torch.Tensor, g: torch.Tensor, tail: str) -> torch.Tensor:
     """The residual function f from its input x and its last computed tensor g: ``"identity"`` f = g;
-    ``"relu"`` f = :func:`post_activation_residual` (x, g)."""
+    ``"relu"`` f = :func:`post_activation_residual` (x, g).
+    ``tail``: the tail's name (``"relu"`` or ``"identity"``)."""
     return post_activation_residual(x, g) if tail == "relu" else g
 
 
@@ -433,5 +434,6 @@ def fused_enabled() -> bool:
 def momentum_kernel(name: str, **static: Any) -> Callable[..., Any]:
     """The step, unstep, accumulate, refresh or rewind function with its keyword-only constants bound (``c``, ``tail``,
     ``n``, ``d``, ``scale``, ``gamma`` ...): compiled once per set of constants when fusion is on (eager under
-    a caller's torch.compile, which traces it itself), else eager."""
+    a caller's torch.compile, which traces it itself), else eager.
+    ``name``: the kernel's name in the kernel set."""
     return _KERNELS.get(name, **static)

@@ -1,4 +1,4 @@
-"""Sinkhorn (doubly stochastic) attention, MATH.md section 5.
+"""Sinkhorn (doubly stochastic) attention, docs/mathematics.md, section 5.
 
 With scores C_ij = scale * q_i . k_j + b_ij (b: the additive form of the masks), Sinkhorn alternates row and
 column normalisations of K = exp(C) in the log domain (S2):
@@ -479,6 +479,7 @@ def kernel_path(device: torch.device, L: int, S: int, dropout_p: float = 0.0) ->
     * ``"chunked"`` otherwise: the chunked kernel (a few whole slices at a time, one matmul fewer per pass), and
       always with dropout (its mask is drawn per weight) or under a caller's ``torch.compile`` (a graph of a few
       chunks rather than one call per tile).
+    ``device``: the inputs' device; ``dropout_p``: the dropout probability (dropout keeps the chunked kernel).
     """
     if dropout_p > 0.0 or torch.compiler.is_compiling():
         return "chunked"
@@ -560,11 +561,14 @@ def column_sum_stats(
     key_padding_mask: torch.Tensor | None = None,
     query_padding_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The MATH.md diagnostic: statistics of the rescaled column sums c_j = (S / L) sum_i W_ij over valid keys.
+    """The column-sum diagnostic (docs/mathematics.md, section 5): statistics of the rescaled column sums
+    c_j = (S / L) sum_i W_ij over valid keys.
 
     Returns 0-dim tensors (no host sync): ``mean``, ``std``, ``min``, ``max`` of c and ``dev`` = mean |c - 1|
     (0 for a doubly stochastic matrix; trained Transformers drift towards 0). Arguments as in
     :func:`attention_column_sums`.
+    ``weights``: the attention weights (..., L, S); ``key_padding_mask`` / ``query_padding_mask``: bool (B, S) /
+    (B, L), True = padded.
     """
     c = attention_column_sums(weights, key_padding_mask, query_padding_mask).flatten()
     ok = ~torch.isnan(c)

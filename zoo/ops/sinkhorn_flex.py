@@ -34,7 +34,8 @@ _COMPILED: dict[str, Callable[..., Any]] = {}
 
 
 def flex_available(device: torch.device) -> bool:
-    """Whether the op runs on FlexAttention here: CUDA with a torch that has it (fused kernels and backward)."""
+    """Whether the op runs on FlexAttention here: CUDA with a torch that has it (fused kernels and backward).
+    ``device``: the device the attention runs on."""
     return flex_attention is not None and device.type == "cuda"
 
 

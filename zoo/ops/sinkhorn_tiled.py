@@ -51,7 +51,8 @@ MIN_ROWS = 16  # query rows per tile at least (a matmul of fewer rows runs far b
 def tile_shape(n_slices: int, L: int, S: int, tile_bytes: int | None = None) -> tuple[int, int]:
     """(slices per chunk, query rows per tile): a tile holds about ``tile_bytes`` (default ``TILE_BYTES``) of
     float32 scores, whole rows of at least ``MIN_ROWS`` queries (fewer only when L is smaller), and several slices
-    at once when one slice's rows fit."""
+    at once when one slice's rows fit.
+    ``n_slices``: the (batch x head) slices; ``S``: the number of keys."""
     elems = max(1, (TILE_BYTES if tile_bytes is None else tile_bytes) // 4)
     rows = min(L, max(MIN_ROWS, elems // max(S, 1)))
     slices = min(n_slices, max(1, elems // max(rows * S, 1)))

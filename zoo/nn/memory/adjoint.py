@@ -24,7 +24,8 @@ __all__ = ["run"]
 
 
 def run(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The forward of memory="adjoint" (the transition block with ordinary autograd)."""
+    """The forward of memory="adjoint" (the transition block with ordinary autograd).
+    ``stack``: the ResidualStack; ``x``: its input; ``args`` / ``kwargs``: the extra arguments every block receives."""
     transition = stack.transition
     if transition is not None:
         x = transition(x)

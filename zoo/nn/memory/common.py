@@ -79,7 +79,8 @@ class FlatArguments:
     """The stack's extra ``(args, kwargs)`` as pytree leaves; ``grad_leaves[i]``: leaf i is a tensor needing grad.
 
     An autograd Function takes tensors as direct inputs only: the ones needing grad are passed flat
-    (:attr:`grad_tensors`) and get their gradients in that order."""
+    (:attr:`grad_tensors`) and get their gradients in that order.
+    ``spec``: the structure (positions and keys) that rebuilds the call's arguments from the flat tensors."""
 
     leaves: list[Any]
     spec: pytree.TreeSpec
@@ -102,7 +103,8 @@ class FlatArguments:
 
 
 def flatten_arguments(args: tuple, kwargs: dict) -> FlatArguments:
-    """:class:`FlatArguments` of a forward's extra arguments."""
+    """:class:`FlatArguments` of a forward's extra arguments.
+    ``args`` / ``kwargs``: the extra arguments of the stack's call."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     return FlatArguments(leaves, spec, [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves])
 
@@ -196,7 +198,8 @@ def refuse_double_backward(memory: str) -> None:
     Autograd runs a Function's backward with grad mode on exactly when the caller asked for ``create_graph``. The
     rebuilding backward computes each step's gradient by its own ``autograd.grad`` on a recomputed graph, with the
     state rebuilt outside any graph, so the gradient it returns is not differentiable (and the reversible one rebuilds
-    its state once only)."""
+    its state once only).
+    ``memory``: the stack's memory strategy, named in the error."""
     if torch.is_grad_enabled():
         why = (
             "rebuilds its states once, outside any graph"

@@ -15,7 +15,8 @@ def integrate(
     stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict, checkpointing: bool = False
 ) -> torch.Tensor:
     """x_N from x_0 by the stack's forward rule, in floating point with ordinary autograd; ``checkpointing``
-    recomputes v_0 and each step in backward."""
+    recomputes v_0 and each step in backward.
+    ``x``: the stack's input; ``args`` / ``kwargs``: the extra arguments every block receives."""
     rule, h = stack.forward_rule, stack.step
 
     def advance(n: int, args_: tuple, kwargs_: dict, *state: torch.Tensor) -> State:
@@ -44,7 +45,9 @@ def integrate(
 def run_plain(
     stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict, checkpointing: bool = False
 ) -> torch.Tensor:
-    """The transition block, then :func:`integrate`."""
+    """The transition block, then :func:`integrate`.
+    ``stack``: the ResidualStack; ``x``: its input; ``args`` / ``kwargs``: the extra arguments every block receives;
+    ``checkpointing``: recompute each step in backward (timm's grad checkpointing)."""
     transition = stack.transition
     if transition is not None:
         x = stack.checkpoint(transition, x) if checkpointing else transition(x)
@@ -54,5 +57,6 @@ def run_plain(
 
 
 def run(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The forward of memory="full" (activation checkpointing when the stack's ``grad_checkpointing`` is on)."""
+    """The forward of memory="full" (activation checkpointing when the stack's ``grad_checkpointing`` is on).
+    ``x``: the stack's input; ``args`` / ``kwargs``: the extra arguments every block receives."""
     return run_plain(stack, x, args, kwargs, stack.grad_checkpointing and torch.is_grad_enabled())

@@ -89,6 +89,7 @@ def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
 
     Setting ``track_running_stats=False`` on a training-mode BatchNorm makes it normalise with
     the batch statistics and skip the running-average update (and ``num_batches_tracked``).
+    ``modules``: the modules whose BatchNorm layers are frozen.
     """
     frozen = []
     for m in modules:
@@ -106,7 +107,8 @@ def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
 @contextlib.contextmanager
 def restored_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Training-mode BatchNorms run as they are (the same kernels, so activation checkpointing saves the same
-    tensors), and their running statistics are put back afterwards: a recomputation leaves no trace."""
+    tensors), and their running statistics are put back afterwards: a recomputation leaves no trace.
+    ``modules``: the modules whose BatchNorm statistics are restored."""
     saved = []
     for m in modules:
         for bn in m.modules():
@@ -129,7 +131,8 @@ def restored_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 
 class AutocastReplay:
-    """Autocast state of the forward, replayed around every recomputation in backward."""
+    """Autocast state of the forward, replayed around every recomputation in backward.
+    ``device``: the device whose autocast state is recorded and replayed."""
 
     def __init__(self, device: torch.device):
         self.device_type = device.type

@@ -28,7 +28,8 @@ __all__ = ["run"]
 
 
 def run(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The forward of memory="reversible"; without gradients, (M1) in floating point."""
+    """The forward of memory="reversible"; without gradients, (M1) in floating point.
+    ``stack``: the ResidualStack; ``x``: its input; ``args`` / ``kwargs``: the extra arguments every block receives."""
     if stack.depth and torch.is_grad_enabled():
         params = stack.rebuilt_parameters()
         flat = flatten_arguments(args, kwargs)
