@@ -1,6 +1,7 @@
 """memory="full" momentum runs each step (M1) as one fused step (zoo.ops.fixed_point.momentum_float_step): the same
 values as the rule written with tensor ops, gradients of that rule, and under autograd it keeps only what a plain
-ResNet keeps plus a one-byte sign mask per step."""
+ResNet keeps plus the ReLU's sign mask per step: one bit per element where the step is compiled, one byte where it
+runs eagerly."""
 
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ def kernel_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 4, 8)])  # 105 elements: a bool mask; 64: the packed mask
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tail", ["relu", "identity"])
-def test_fused_step_values_are_the_unfused_rule_bit_for_bit(kernel_path, dtype, tail):
+def test_fused_step_values_are_the_unfused_rule_bit_for_bit(kernel_path, dtype, tail, shape):
     gen = torch.Generator().manual_seed(0)
-    x, v, g = (torch.randn(3, 5, 7, generator=gen, dtype=dtype) for _ in range(3))
+    x, v, g = (torch.randn(*shape, generator=gen, dtype=dtype) for _ in range(3))
     c, gamma = (1.0 - 0.9) * 0.5, 0.9
     got = momentum_float_step(x, v, g, tail, c=c, gamma=gamma)
     want = unfused_step(x, v, g, tail, c, gamma)
@@ -93,38 +95,43 @@ def test_double_backward_through_the_fused_step_matches_the_unfused_rule():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """(bytes of the distinct tensors autograd saves for backward in one forward, of which bool)."""
-    seen: dict[tuple[int, int], tuple[int, bool]] = {}
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
+    """(bytes of the distinct tensors autograd saves for backward in one forward, of which bool, of which uint8)."""
+    seen: dict[tuple[int, int], tuple[int, torch.dtype]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t.numel():
             storage = t.untyped_storage()
-            seen[(storage.data_ptr(), storage.nbytes())] = (storage.nbytes(), t.dtype == torch.bool)
+            seen[(storage.data_ptr(), storage.nbytes())] = (storage.nbytes(), t.dtype)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x).sum()
-    return sum(n for n, _ in seen.values()), sum(n for n, b in seen.values() if b)
+    by_dtype = {dt: sum(n for n, d in seen.values() if d == dt) for dt in (torch.bool, torch.uint8)}
+    return sum(n for n, _ in seen.values()), by_dtype[torch.bool], by_dtype[torch.uint8]
 
 
-def test_full_momentum_saves_what_torchvision_saves_plus_one_byte_per_element_and_step():
+def test_full_momentum_saves_what_torchvision_saves_plus_one_bit_per_element_and_step():
     """A momentum ResNet-50 under memory='full' keeps for backward exactly the tensors torchvision's ResNet-50 keeps
-    (the same blocks; the ReLU output a plain block keeps is its next block's input, kept anyway), plus a bool mask
-    per momentum step: no copy of x, of v or of the tail's intermediates (the unfused rule kept a float ReLU output
-    per step, four times the mask)."""
+    (the same blocks; the ReLU output a plain block keeps is its next block's input, kept anyway), plus the ReLU's
+    sign mask per momentum step: packed to a bit per element in the compiled step (stages 1 and 2 here, from 65,536
+    elements), a bool per element in the eager one (stages 3 and 4); no copy of x, of v or of the tail's
+    intermediates (the unfused rule kept a float ReLU output per step, 32 times the packed mask)."""
     torch.manual_seed(0)
     tv = torchvision.models.resnet50().train()
     mom = zoo.momentum_resnet50(memory="full", gamma=0.9).train()
     x = torch.randn(2, 3, 64, 64)
-    plain_total, plain_bool = saved_bytes(tv, x)
-    total, masks = saved_bytes(mom, x)
+    plain_total, plain_bool, plain_uint8 = saved_bytes(tv, x)
+    total, bool_masks, packed_masks = saved_bytes(mom, x)
     steps = sum(stage.depth for stage in mom.stages)
     # one mask per momentum step, of the stage's state size: ResNet-50 at 64 x 64, batch 2
     state_numel = {1: 2 * 256 * 16 * 16, 2: 2 * 512 * 8 * 8, 3: 2 * 1024 * 4 * 4, 4: 2 * 2048 * 2 * 2}
-    expected_masks = sum(state_numel[i + 1] * stage.depth for i, stage in enumerate(mom.stages))
-    assert steps == 12 and plain_bool == 0
-    assert masks == expected_masks
+    compiled = {i for i, n in state_numel.items() if n >= fixed_point.FLOAT_STEP_COMPILE_MIN_NUMEL}
+    assert compiled == {1, 2} and steps == 12 and plain_bool == plain_uint8 == 0
+    depth = {i + 1: stage.depth for i, stage in enumerate(mom.stages)}
+    assert packed_masks == sum(state_numel[i] // 8 * depth[i] for i in compiled)
+    assert bool_masks == sum(state_numel[i] * depth[i] for i in state_numel if i not in compiled)
+    masks = packed_masks + bool_masks
     # torchvision's last in-place ReLU also keeps the network's final feature map (for its own backward); the
     # momentum stack's last state feeds only the pooling, which keeps no input
     final_features = state_numel[4] * 4

@@ -177,10 +177,12 @@ class MomentumRule(ForwardRule):
         x = x_next - v_next
         return (x, (v_next - (1.0 - self.gamma) * h * f(n, x, 0)) / self.gamma)
 
-    def step_parts(self, parts: ResidualPartsCall, n: int, state: State, h: float) -> State:
+    def step_parts(self, parts: ResidualPartsCall, n: int, state: State, h: float, overwrite: bool = False) -> State:
         """:meth:`step` from f_n split as ``parts(n, x, 0) = (g, tail)``, f = residual_tail(x, g, tail), in one fused
-        kernel (zoo.ops.fixed_point.momentum_float_step): the same values as :meth:`step`, and under autograd only a
-        one-byte mask kept per step (for the ``"relu"`` tail) instead of the tail's intermediate tensors."""
+        kernel (zoo.ops.fixed_point.momentum_float_step): the same values as :meth:`step`, and under autograd only the
+        ReLU's sign mask kept per step (for the ``"relu"`` tail) instead of the tail's intermediate tensors.
+        ``overwrite``: v_n is not needed after the step (nor by any autograd node), so the step may write v_{n+1}
+        into it and x_{n+1} into g."""
         x, v = state
         g, tail = parts(n, x, 0)
-        return momentum_float_step(x, v, g, tail, c=(1.0 - self.gamma) * h, gamma=self.gamma)
+        return momentum_float_step(x, v, g, tail, c=(1.0 - self.gamma) * h, gamma=self.gamma, overwrite=overwrite)

@@ -302,9 +302,12 @@ def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
 # The float momentum step of memory="full". Autograd through (M1) written as tensor ops keeps, per step, the
 # output of the tail's ReLU (a stage-sized float tensor, which a plain ResNet shares with the next block's input)
 # and runs seven element-wise passes forward; a plain post-activation block runs two (its sum and ReLU, in place).
-# Instead: one compiled kernel forward, and a one-byte sign mask kept for the ReLU's derivative, so that the step
-# holds what the plain block holds plus v and the mask. The mask is computed by eager ops (inductor's CPU code for a
-# bool or uint8 tensor measured 20-100x slower than the eager comparison), and so is backward (its mask input too).
+# Instead: one compiled kernel forward that also packs the ReLU's sign mask eight elements to a byte, and one
+# compiled kernel backward that unpacks it, so that the step holds what the plain block holds plus v and one bit per
+# element. (A bool mask costs a byte per element, 8% more than a plain bottleneck stage holds, and inductor's CPU code
+# reading a bool tensor measured 8x slower than reading the packed bytes; eager ops backward, five passes, measured
+# 9x slower than the compiled kernel.) Small, bf16/half or odd-sized states, and double backward, keep the eager
+# path with a bool mask.
 
 
 def _momentum_float_step(
@@ -344,25 +347,87 @@ def _momentum_float_step_backward(
 # per new set of constants would dominate small runs); both paths give the same values in float32 and float64
 FLOAT_STEP_COMPILE_MIN_NUMEL = 1 << 16
 
+_MASK_BITS = 8  # mask elements per packed byte
+
+
+def _pack_positive(s: torch.Tensor) -> torch.Tensor:
+    """The mask s > 0 packed eight elements to a byte (element 8j + k is bit k of byte j, in logical order):
+    numel / 8 uint8. The caller guarantees numel % 8 == 0."""
+    s = s.reshape(-1, _MASK_BITS)
+    packed = (s[:, 0] > 0).to(torch.int32)
+    for k in range(1, _MASK_BITS):
+        packed = packed | ((s[:, k] > 0).to(torch.int32) << k)
+    return packed.to(torch.uint8)
+
+
+def _unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The bool mask of :func:`_pack_positive`, in ``shape``."""
+    bits = torch.arange(_MASK_BITS, dtype=torch.int32, device=packed.device)
+    return ((packed.reshape(-1, 1).to(torch.int32) >> bits) & 1).ne(0).reshape(shape)
+
+
+def _momentum_float_step_packed(
+    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, c: float, gamma: float, overwrite: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_momentum_float_step` for the ``"relu"`` tail, plus relu's derivative mask x + g > 0 (0 at 0 as
+    autograd's; x + g is the step's own sum, bit for bit) packed by :func:`_pack_positive`. With ``overwrite``,
+    x' is written into g and v' into v (returned as such)."""
+    s = x + g
+    v_next = gamma * v + c * (torch.relu(s) - x)
+    x_next = x + v_next
+    packed = _pack_positive(s)
+    if overwrite:
+        g.copy_(x_next)
+        v.copy_(v_next)
+        return g, v, packed
+    return x_next, v_next, packed
+
+
+def _momentum_float_step_backward_packed(
+    gx_next: torch.Tensor, gv_next: torch.Tensor, packed: torch.Tensor, *, c: float, gamma: float, with_gv: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_momentum_float_step_backward` (``"relu"`` tail) from the packed mask, in one pass; without ``with_gv``
+    (only x' was used, a stack's last step) ``gv_next`` is not read and a = dL/dx'."""
+    mask = _unpack_mask(packed, gx_next.shape)
+    a = gx_next + gv_next if with_gv else gx_next
+    ca = c * a
+    grad_g = torch.where(mask, ca, 0.0)
+    return gx_next - (ca - grad_g), gamma * a, grad_g
+
+
+def _compiles(x: torch.Tensor) -> bool:
+    """Whether the float step of state ``x`` runs as a compiled kernel: large float32/float64 states (bf16/half
+    would round differently compiled: inductor keeps the intermediates in float32)."""
+    return x.numel() >= FLOAT_STEP_COMPILE_MIN_NUMEL and x.dtype in (torch.float32, torch.float64)
+
 
 def _float_step(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, **static: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_momentum_float_step`, compiled for a large float32/float64 state, else eager (bf16/half would round
-    differently compiled: inductor keeps the intermediates in float32)."""
-    if x.numel() >= FLOAT_STEP_COMPILE_MIN_NUMEL and x.dtype in (torch.float32, torch.float64):
+    """:func:`_momentum_float_step`, compiled where :func:`_compiles`, else eager."""
+    if _compiles(x):
         return _KERNELS.get("float_step", **static)(x, v, g)
     return _momentum_float_step(x, v, g, **static)
 
 
 class _MomentumFloatStep(torch.autograd.Function):
-    """(x, v, g) -> (x', v') of :func:`momentum_float_step` with autograd; saves only the ReLU's sign mask."""
+    """(x, v, g) -> (x', v') of :func:`momentum_float_step` with autograd; saves only the ReLU's sign mask (packed
+    to a bit per element where the step is compiled, else a bool tensor)."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, c: float, gamma: float, tail: str
+        ctx: Any, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, c: float, gamma: float, tail: str, overwrite: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
         ctx.c, ctx.gamma, ctx.tail = c, gamma, tail
         ctx.dtypes = (x.dtype, v.dtype, g.dtype)
+        ctx.shape = x.shape
+        ctx.packed = tail == "relu" and _compiles(x) and x.numel() % _MASK_BITS == 0 and x.dtype == g.dtype
+        if ctx.packed:
+            overwrite = overwrite and v.dtype == x.dtype and not torch.compiler.is_compiling()
+            x_next, v_next, packed = _KERNELS.get("float_step_packed", c=c, gamma=gamma, overwrite=overwrite)(x, v, g)
+            if overwrite:
+                ctx.mark_dirty(v, g)
+            ctx.save_for_backward(packed)
+            return x_next, v_next
         # relu's derivative, 0 at 0 as autograd's (x + g is the kernel's sum, bit for bit)
         ctx.save_for_backward(torch.gt(x + g, 0) if tail == "relu" else None)
         return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
@@ -371,21 +436,30 @@ class _MomentumFloatStep(torch.autograd.Function):
     def backward(ctx: Any, gx_next: torch.Tensor | None, gv_next: torch.Tensor | None) -> tuple[Any, ...]:
         (mask,) = ctx.saved_tensors
         if gx_next is None and gv_next is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if gx_next is None:  # only v' was used: a = dL/dv'
-            gx_next, gv_next = torch.zeros_like(gv_next), gv_next
-        grads = _momentum_float_step_backward(gx_next, gv_next, mask, c=ctx.c, gamma=ctx.gamma, tail=ctx.tail)
+            gx_next = torch.zeros_like(gv_next)
+        with_gv = gv_next is not None
+        if ctx.packed and not torch.is_grad_enabled() and gx_next.dtype == ctx.dtypes[0]:
+            gv_in = gv_next.to(gx_next.dtype) if with_gv else gx_next  # not read without with_gv
+            kernel = _KERNELS.get("float_step_backward_packed", c=ctx.c, gamma=ctx.gamma, with_gv=with_gv)
+            grads = kernel(gx_next, gv_in, mask)
+        else:  # double backward (create_graph: differentiable eager ops) or the eager path
+            if ctx.packed:
+                mask = _unpack_mask(mask, ctx.shape)
+            grads = _momentum_float_step_backward(gx_next, gv_next, mask, c=ctx.c, gamma=ctx.gamma, tail=ctx.tail)
         grads = [gr.to(dt) if ctx.needs_input_grad[i] else None for i, (gr, dt) in enumerate(zip(grads, ctx.dtypes))]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def momentum_float_step(
-    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, tail: str, *, c: float, gamma: float
+    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, tail: str, *, c: float, gamma: float, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One momentum step (M1) in floating point, fused: v' = gamma v + c f, x' = x + v', f = residual_tail(x, g, tail).
 
     The values are those of the rule written with tensor ops (bit for bit in float32 and float64); with autograd the
-    step keeps no tensor but a one-byte mask (x + g > 0) for the ``"relu"`` tail.
+    step keeps no tensor but the mask x + g > 0 for the ``"relu"`` tail (one bit per element for a large float32 or
+    float64 state, else one byte).
 
     Args:
         x, v: the state x_n, v_n.
@@ -393,9 +467,13 @@ def momentum_float_step(
         tail: one of :data:`RESIDUAL_TAILS`.
         c: the factor of f, (1 - gamma) h.
         gamma: the momentum term.
+        overwrite: the caller needs neither v nor g after the step, and no autograd node saved them (a ResNet
+            block's g is its last BatchNorm's output): the step may then write x' into g and v' into v, as a plain
+            block adds its shortcut into that output in place (fresh stage-sized outputs cost a CPU as much again
+            in page faults). Done where the step is compiled with autograd (with ``mark_dirty``); elsewhere ignored.
     """
     if torch.is_grad_enabled() and (x.requires_grad or v.requires_grad or g.requires_grad):
-        return _MomentumFloatStep.apply(x, v, g, c, gamma, tail)
+        return _MomentumFloatStep.apply(x, v, g, c, gamma, tail, overwrite)
     return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
 
 
@@ -412,6 +490,8 @@ _KERNELS = CompiledKernels(
         "rewind": _rewind_,
         "refresh": _refresh_float_,
         "float_step": _momentum_float_step,
+        "float_step_packed": _momentum_float_step_packed,
+        "float_step_backward_packed": _momentum_float_step_backward_packed,
     },
     env="ZOO_FUSED_FIXED_POINT",
     what="the fused fixed-point kernels",

@@ -19,9 +19,10 @@ def integrate(
     ``x``: the stack's input; ``args`` / ``kwargs``: the extra arguments every block receives."""
     rule, h = stack.forward_rule, stack.step
 
-    def advance(n: int, args_: tuple, kwargs_: dict, *state: torch.Tensor) -> State:
+    def advance(n: int, args_: tuple, kwargs_: dict, *state: torch.Tensor, overwrite: bool = False) -> State:
         if rule.fuses_tail:  # one fused kernel for the rule and the blocks' element-wise tails (the momentum rule)
-            return rule.step_parts(lambda m, y, k: stack.residual_parts(m, y, args_, kwargs_), n, state, h)
+            parts = lambda m, y, k: stack.residual_parts(m, y, args_, kwargs_)  # noqa: E731
+            return rule.step_parts(parts, n, state, h, overwrite=overwrite)
         return rule.step(lambda m, y, k: stack.residual(m, y, args_, kwargs_), n, state, h)
 
     if checkpointing:
@@ -38,7 +39,9 @@ def integrate(
     else:
         state = rule.initial_state(x, lambda: stack.initial_velocity(x, args, kwargs))
         for n in range(stack.depth):
-            state = advance(n, args, kwargs, *state)
+            # v_n is the previous step's own output (or v_0 = 0), needed by nothing else: the step may overwrite it;
+            # not under checkpointing, whose recomputation reads the step's inputs again
+            state = advance(n, args, kwargs, *state, overwrite=n > 0 or stack.init_velocity == "zero")
     return state[0]
 
 
