@@ -28,17 +28,46 @@ from zoo.ops.compiled import CompiledKernels
 _INT64_MAX = 2**63 - 1
 
 
+def floor_divmod(c: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c div d, c mod d) of an int64 tensor by a positive int, floor division and floor modulus, exact over
+    int64 (|c| <= 2^63 - 1; d = 1 returns c as it is), with no integer division.
+
+    Integer division does not vectorise (x86 has no 64-bit vector division, and a constant divisor's
+    multiply-high has no 64-bit vector form either), so the quotient is estimated in float64 and corrected in int64:
+    q0 = floor(float(c) / d) is within a few hundred of c div d (float(c) rounds to 53 bits), so r0 = c - q0 d is
+    small and exact in float64, q1 = floor(r0 / d) is within one of r0 div d, and one last correction of
+    r = c - (q0 + q1) d into [0, d) makes the pair exact. Every step vectorises (int64 <-> float64 conversions,
+    64-bit multiplies).
+    ``c``: the int64 dividend; ``d``: the divisor, a Python int >= 1."""
+    if d == 1:
+        return c, torch.zeros_like(c)
+    inv = 1.0 / d
+    q = torch.floor(c.to(torch.float64) * inv).to(torch.int64)
+    r = c - q * d
+    q1 = torch.floor(r.to(torch.float64) * inv).to(torch.int64)
+    q = q + q1
+    r = r - q1 * d
+    low, high = r < 0, r >= d
+    q = torch.where(low, q - 1, torch.where(high, q + 1, q))
+    r = torch.where(low, r + d, torch.where(high, r - d, r))
+    return q, r
+
+
 def exact_multiply(c: torch.Tensor, i: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, i) -> (c n/d rounded down, the buffer with the lost bits): the multiply of the module docstring.
 
-    With n and d swapped it is the exact divide. Two integer divisions: each remainder is taken as
-    a - q b from its quotient, the scaled adds use ``alpha`` (one pass each); floor division of the
-    signed c is the costly pass on CPUs, and the buffer i is never negative, so it truncates.
+    With n and d swapped it is the exact divide. Compiled, both divisions are :func:`floor_divmod` (fused into one
+    pass, it vectorises); eager, ``torch.div`` (fewer full-size temporaries, so a lower peak), each remainder taken
+    as a - q b from its quotient, the buffer i never negative, so truncation is floor on it.
     """
-    q = torch.div(c, d, rounding_mode="floor")
-    i = torch.add(torch.sub(c, q, alpha=d), i, alpha=d)  # i d + (c mod d)
-    j = torch.div(i, n, rounding_mode="trunc")  # i >= 0: truncation is floor
-    return torch.add(torch.sub(i, j, alpha=n), q, alpha=n), j  # (c div d) n + (i mod n), i div n
+    if not torch.compiler.is_compiling():
+        q = torch.div(c, d, rounding_mode="floor")
+        i = torch.add(torch.sub(c, q, alpha=d), i, alpha=d)  # i d + (c mod d)
+        j = torch.div(i, n, rounding_mode="trunc")
+        return torch.add(torch.sub(i, j, alpha=n), q, alpha=n), j  # (c div d) n + (i mod n), i div n
+    q, r = floor_divmod(c, d)
+    j, s = floor_divmod(i * d + r, n)  # i d + (c mod d), then its quotient and remainder by n
+    return q * n + s, j  # (c div d) n + (i mod n), i div n
 
 
 class GammaRatio:
@@ -477,11 +506,6 @@ def momentum_float_step(
     return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
 
 
-# The step kernels divide int64 by the constants n and d. Inductor's CPU vectorisation turns that into a per-lane
-# division by a runtime vector; scalar code (simdlen 1) lets the C++ compiler use multiply-and-shift for the
-# constant divisors, about twice as fast on x86 (AVX2 has no 64-bit vector division either way). Other backends
-# ignore the option.
-_SCALAR_CPU = {"cpp.simdlen": 1}
 _KERNELS = CompiledKernels(
     {
         "step": _momentum_step_,
@@ -496,7 +520,6 @@ _KERNELS = CompiledKernels(
     env="ZOO_FUSED_FIXED_POINT",
     what="the fused fixed-point kernels",
     fullgraph=True,
-    options={"step": _SCALAR_CPU, "unstep": _SCALAR_CPU},
 )
 
 
