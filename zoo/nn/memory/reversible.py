@@ -99,25 +99,13 @@ class _ReversibleMomentum(torch.autograd.Function):
                 return torch.zeros_like(xi, dtype=ratio.buffer_dtype(steps))
 
             buffer, words = new_word(0), []
-            last = stack.depth - 1
-            acc = ctx.acc = GradientAccumulator(flat, stack.rebuilt_parameters())
-            ctx.kept = None
             for n in range(stack.depth):
                 if n and n % ratio.steps_per_word == 0:  # the buffer word is full: start a new one
                     words.append(buffer)
                     buffer = new_word(n)
                 if rng is not None:
                     rng.record()
-                if n == last:
-                    # the last step's graph is kept for backward, which starts with it: no recomputation of f_N-1,
-                    # and no more memory at backward's peak than its recomputation would take. Its input stays
-                    # as it is (saved by the graph): the step writes x_N into a copy.
-                    ctx.kept = acc.run_with_grad(lambda t, a_, k_: stack.residual_parts(last, t, a_, k_), xf)
-                    (g, tail), x_leaf = ctx.kept[0], ctx.kept[1]
-                    xf = x_leaf.detach().clone()
-                    g = g.detach()
-                else:
-                    g, tail = stack.residual_parts(n, xf, args, kwargs)
+                g, tail = stack.residual_parts(n, xf, args, kwargs)
                 step = momentum_kernel("step", c=c, tail=tail, n=ratio.n, d=ratio.d, scale=fp.scale)
                 # in place: (xi, vi, buffer) <- step n's state, xf <- x_{n+1} as a float, f_n's input no longer needed;
                 # g_max in place too (no small tensor allocated per step, see RNGLog)
@@ -148,10 +136,7 @@ class _ReversibleMomentum(torch.autograd.Function):
         ctx.state = None
         if bool(overflow):  # on an accelerator the one host sync, in backward only (the forward output is NaN)
             raise _out_of_range_error(fp)
-        # off ctx: the gradients it sums must have no other owner when autograd hands them on (AccumulateGrad
-        # copies a gradient someone else holds instead of taking it)
-        acc: GradientAccumulator = ctx.acc
-        kept, ctx.kept, ctx.acc = ctx.kept, None, None
+        acc = GradientAccumulator(ctx.flat, stack.rebuilt_parameters())
         blocks = stack.blocks
         outer_rng = RNGState(grad_out.device) if ctx.rng is not None else None
         first_call = 2 if transition is not None else 1  # the record of f_0's call (see forward)
@@ -168,13 +153,9 @@ class _ReversibleMomentum(torch.autograd.Function):
                 for n in reversed(range(stack.depth)):
                     if ctx.rng is not None:
                         ctx.rng.restore(first_call + n)
-                    if kept is not None:  # f_N-1's graph from forward
-                        parts, xg, vjp_leaves = kept
-                        kept = None
-                    else:
-                        parts, xg, vjp_leaves = acc.run_with_grad(
-                            lambda t, a_, k_, n=n: stack.residual_parts(n, t, a_, k_), xf
-                        )
+                    parts, xg, vjp_leaves = acc.run_with_grad(
+                        lambda t, a_, k_, n=n: stack.residual_parts(n, t, a_, k_), xf
+                    )
                     g, tail = parts
                     del parts
                     with torch.no_grad():
