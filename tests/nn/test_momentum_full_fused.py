@@ -177,3 +177,35 @@ def test_torch_compile_of_a_full_momentum_stack_of_resnet_blocks_gives_the_eager
     torch.testing.assert_close(got_out, eager_out, rtol=0, atol=0)
     for a, b in zip(got_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overwriting_step_writes_x_into_g_and_v_into_v_with_the_unfused_values_and_gradients(monkeypatch, dtype):
+    """overwrite=True on the compiled, packed path: x' lands in g's storage and v' in v's (so no fresh stage-sized
+    outputs), with the unfused rule's values bit for bit and its gradients for x, v and g's producers."""
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(2)
+    x0, v0, w = (torch.randn(2, 4, 8, generator=gen, dtype=dtype) for _ in range(3))
+    wx, wv = (torch.randn(2, 4, 8, generator=gen, dtype=dtype) for _ in range(2))
+
+    def run(step):
+        x = x0.clone().requires_grad_(True)
+        p = w.clone().requires_grad_(True)
+        v_in, g_in = v0 * x.tanh(), x * p  # non-leaf v and g, as a stack's v and a block's last output are
+        v_ptr, g_ptr = v_in.data_ptr(), g_in.data_ptr()
+        xn, vn = step(x, v_in, g_in)
+        grads = torch.autograd.grad((wx * xn).sum() + (wv * vn).sum(), [x, p])
+        return xn.detach(), vn.detach(), grads, (xn.data_ptr() == g_ptr, vn.data_ptr() == v_ptr)
+
+    got_x, got_v, got_grads, written = run(
+        lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9, overwrite=True)
+    )
+    want_x, want_v, want_grads, _ = run(lambda x, v, g: unfused_step(x, v, g, "relu", 0.1, 0.9))
+    assert written == (True, True)
+    assert torch.equal(got_x, want_x) and torch.equal(got_v, want_v)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-14}
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **tol)
+    # without overwrite the inputs keep their values and the outputs are fresh tensors
+    _, _, _, written = run(lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9))
+    assert written == (False, False)
