@@ -34,8 +34,8 @@ def test_floor_divmod_is_pythons_floor_division_over_int64(d):
     assert r.tolist() == [v % d for v in values]
 
 
-def test_floor_divmod_compiled_is_the_eager_result():
-    """The compiled kernels run it vectorised: the same integers."""
+def test_floor_divmod_compiled_is_pythons_floor_division_too():
+    """The compiled kernels run it vectorised: still Python's integers."""
     values = torch.tensor(dividends(10, seed=1), dtype=torch.int64)
     compiled = torch.compile(lambda c: floor_divmod(c, 9), fullgraph=True)
     q, r = compiled(values)
@@ -67,6 +67,8 @@ def test_compiled_step_and_unstep_rebuild_the_state_bit_for_bit(gamma):
                     buffer = torch.zeros(shape, dtype=torch.int64)
                 kernel = fixed_point.momentum_kernel("step", c=c, tail="relu", n=ratio.n, d=ratio.d, scale=fp.scale)
                 kernel(xi, vi, buffer, xf, gs[n])
+            # a failed compilation falls back to the eager kernel (and disables fusion): then nothing compiled ran
+            assert fixed_point.fused_enabled() == fused
             return xi, vi, buffer, buffers, xf
         finally:
             fixed_point.set_fused(True)
@@ -89,6 +91,7 @@ def test_compiled_step_and_unstep_rebuild_the_state_bit_for_bit(gamma):
             buffer = buffers.pop()
         if n:
             fixed_point.momentum_kernel("refresh", scale=fp.scale)(xi, xf)
+    assert fixed_point.fused_enabled()  # the unsteps ran compiled
     assert torch.equal(xi, fp.to_fixed(x0))
     assert torch.equal(vi, torch.zeros(shape, dtype=torch.int64))
     assert torch.equal(buffer, torch.zeros(shape, dtype=torch.int64))
