@@ -209,3 +209,50 @@ def test_overwriting_step_writes_x_into_g_and_v_into_v_with_the_unfused_values_a
     # without overwrite the inputs keep their values and the outputs are fresh tensors
     _, _, _, written = run(lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9))
     assert written == (False, False)
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 4, 8), (16, 3, 5, 5)])
+def test_packed_mask_round_trips_with_zero_not_positive(shape):
+    """One bit per element, eight segments per byte: unpacking gives s > 0 element for element (0 and -0 are not
+    positive, as relu's derivative at 0), whatever the shape."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(shape, generator=gen)
+    s.view(-1)[::5] = 0.0
+    s.view(-1)[1::7] = -0.0
+    packed = fixed_point._pack_positive(s)
+    assert packed.dtype == torch.uint8 and packed.numel() == s.numel() // 8
+    assert torch.equal(fixed_point._unpack_mask(packed, s.shape), s > 0)
+    # bit k of byte j is element k * numel/8 + j of the flattened tensor
+    flat, m = (s > 0).reshape(-1), s.numel() // 8
+    for j in (0, m - 1):
+        for k in range(8):
+            assert bool((int(packed[j]) >> k) & 1) == bool(flat[k * m + j])
+
+
+def test_compiled_step_gradients_over_several_stage_shapes_are_the_unfused_rule_gradients(monkeypatch):
+    """The compiled kernels see one stage shape after another, as in a ResNet (so torch.compile turns their shapes
+    dynamic, and the element-wise kernels run on 1-D views): each shape's values and gradients stay those of the
+    unfused rule, and a channels-last state (called on its N-d layout) too."""
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(2, 8, 6, 6), (2, 16, 3, 3), (2, 4, 12, 12), (3, 8, 2, 4)]
+    for shape, channels_last in [(s, False) for s in shapes] + [(shapes[0], True)]:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x0, v0, g0, wx, wv = (
+            torch.randn(shape, generator=gen, dtype=torch.float64).to(memory_format=fmt) for _ in range(5)
+        )
+
+        def run(step, inputs, wx, wv):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            xn, vn = step(*leaves)
+            grads = torch.autograd.grad((wx * xn).sum() + (wv * vn).sum(), leaves)
+            return xn.detach(), vn.detach(), grads
+
+        fused = lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9)  # noqa: E731
+        got = run(fused, (x0, v0, g0), wx, wv)
+        want = run(lambda x, v, g: unfused_step(x, v, g, "relu", 0.1, 0.9), (x0, v0, g0), wx, wv)
+        assert got[0].shape == shape and got[1].shape == shape
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for a, b in zip(got[2], want[2]):
+            assert a.shape == shape
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)

@@ -44,3 +44,36 @@ def test_many_constant_sets_compile_without_exhausting_the_recompile_limit() -> 
     assert kernels.enabled
     kernels.set_enabled(False)
     assert kernels.get("k", d=3, scale=1.0)(t).equal(torch.div(t, 3, rounding_mode="floor") * 1.0)
+
+
+def test_elementwise_kernels_run_on_one_dimensional_views_of_contiguous_arguments() -> None:
+    """``elementwise=True``: the compiled kernel receives 1-D views of the arguments of the first argument's size
+    when all are contiguous (other tensors and scalars as they are), and its results of that size come back in the
+    first argument's shape; a non-contiguous argument keeps every argument as it is."""
+    from zoo.ops.compiled import _flat_call
+
+    seen: list[tuple[tuple[int, ...], ...]] = []
+
+    def kernel(x: torch.Tensor, y: torch.Tensor, small: torch.Tensor, scalar: torch.Tensor):
+        seen.append(tuple(tuple(t.shape) for t in (x, y, small, scalar)))
+        return x * y + scalar, (x * y).amax(), small * 2
+
+    flat = _flat_call(kernel)
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    small, scalar = torch.randn(3), torch.tensor(0.5)
+    out, top, small2 = flat(x, y, small, scalar)
+    assert seen[-1] == ((24,), (24,), (3,), ())
+    assert out.shape == (2, 3, 4) and torch.equal(out, x * y + 0.5)
+    assert top.shape == () and torch.equal(top, (x * y).amax())
+    assert small2.shape == (3,)
+    flat(x, y.transpose(0, 1).contiguous().transpose(0, 1), small, scalar)  # y not contiguous
+    assert seen[-1] == ((2, 3, 4), (2, 3, 4), (3,), ())
+
+    kernels = CompiledKernels({"k": kernel}, env="ZOO_TEST_UNUSED", what="test kernels", elementwise=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shape in [(2, 3, 4), (4, 5, 6), (3, 3, 3)]:  # a third shape: compiled with dynamic shapes
+            a, b = torch.randn(shape), torch.randn(shape)
+            got, got_top, _ = kernels.get("k")(a, b, small, scalar)
+            assert got.shape == shape and torch.equal(got, a * b + 0.5) and torch.equal(got_top, (a * b).amax())
+    assert kernels.enabled
