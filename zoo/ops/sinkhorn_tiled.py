@@ -25,6 +25,8 @@ length L or S) live between passes:
   columns for a row step (one more pass). The last pass forms dC = dC_n - sum_m P_m * grad pot_m with
   dC_n = P_n * (dP - D) (row) or dP * P_n - P_n * w (column) and gives dq = dC k, dk = sum over tiles dC^T q.
   ``n_iter = 3``: two passes (6 matmuls of the size of C), no extra pass for n_iter = 2, one more for 4 and 5.
+  Each pass takes one exp per score entry, for P_n: the earlier matrices follow from it by a row or column factor,
+  P_{m-1} = P_m * exp(pot_{m-2} - pot_m) (pot_0 = 0), a vector computed once per slice (see :func:`_ratios`).
 
 Each pass's per-tile work is one function (compiled by default with the chunked kernels, see
 :func:`zoo.ops.sinkhorn.set_compile`): each half-step's exp and reduction become one loop over the tile.
@@ -122,18 +124,37 @@ def _forward_tile(
     return torch.bmm(p, v), f
 
 
+def _ratios(pots: list[torch.Tensor]) -> list[torch.Tensor]:
+    """r_m = exp(pot_{m-1} - pot_{m+1}) for m = 1 .. n - 1 (pot_0 = 0), so that P_m = P_{m+1} * r_m: a column
+    vector (N, 1, S) for odd m, a row vector (N, L, 1) for even m.
+
+    Bounded, so the product neither overflows nor loses what matters: P_{m+1} is normalised along r_m's axis (its
+    rows or columns sum to 1, or it is empty and its potential 0), so r_m is the sum of P_m along that axis, at most
+    the number of entries summed (each P entry is at most 1). An entry of P_{m+1} that underflows leaves an error
+    below that bound times the smallest float, where exp(C + pot_m + pot_{m-1}) recomputed would be as exact."""
+    n = len(pots)
+    return [(-pots[1] if m == 1 else pots[m - 2] - pots[m]).exp() for m in range(1, n)]
+
+
 def _grad_chain(
-    c: torch.Tensor, pots: list[torch.Tensor], grads: list[torch.Tensor | None], top: int, stop: int
+    p_next: torch.Tensor,
+    ratios: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    top: int,
+    stop: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Half-steps m = top .. max(stop, 1) of the unrolled backward on one tile: t_m = P_m * grad pot_m is
-    subtracted from dC; a column step m (even) passes grad pot_{m-1} = -rowsum(t_m) down (stored in ``grads``,
-    local to the tile); the row step ``stop`` (odd, > 1) ends the walk and returns its partial column reduction
-    -colsum(t_stop) (the tile's share of grad pot_{stop-1}). Returns (-sum_m t_m, partial or None)."""
+    """Half-steps m = top .. max(stop, 1) of the unrolled backward on one tile, from P_{top+1} = ``p_next`` and the
+    tile's ratios (P_m = P_{m+1} * r_m, :func:`_ratios`): t_m = P_m * grad pot_m is subtracted from dC; a column step
+    m (even) passes grad pot_{m-1} = -rowsum(t_m) down (stored in ``grads``, local to the tile); the row step ``stop``
+    (odd, > 1) ends the walk and returns its partial column reduction -colsum(t_stop) (the tile's share of
+    grad pot_{stop-1}). Returns (-sum_m t_m, partial or None)."""
     acc: torch.Tensor | None = None
+    p = p_next
     for m in range(top, max(stop, 1) - 1, -1):
         gm = grads[m - 1]
         assert gm is not None
-        t = _matrix(c, pots, m) * gm
+        p = p * ratios[m - 1]
+        t = p * gm
         acc = -t if acc is None else acc - t
         if m == stop:
             return acc, -t.sum(-2, keepdim=True)
@@ -148,6 +169,7 @@ def _backward_tile(
     v: torch.Tensor,
     bias: torch.Tensor | None,
     pots: list[torch.Tensor],
+    ratios: list[torch.Tensor],
     grads: list[torch.Tensor | None],
     dout: torch.Tensor,
     d_row: torch.Tensor,
@@ -156,7 +178,8 @@ def _backward_tile(
     n_iter: int,
     stop: int,
 ) -> tuple[Any, ...]:
-    """One tile of a backward pass (``dout`` already multiplied by the output factor; d_row = D, w as above).
+    """One tile of a backward pass (``dout`` already multiplied by the output factor; d_row = D, w as above;
+    ``ratios``: the tile's cut of :func:`_ratios`).
 
     ``stop`` = 0: the last pass, returns (dq / scale, dC, grads); ``stop`` odd > 1: a middle pass ending at the
     row step ``stop``, returns (partial column gradient of pot_{stop-1}, grads); ``stop`` = -1: the first pass,
@@ -172,7 +195,7 @@ def _backward_tile(
         assert w is not None
         grads[n - 2] = d_row - (p_n * w).sum(-1, keepdim=True)
     if stop > 0:
-        _, partial = _grad_chain(c, pots, grads, n - 1, stop)
+        _, partial = _grad_chain(p_n, ratios, grads, n - 1, stop)
         return partial, grads
     dp = torch.bmm(dout, v.transpose(-1, -2))
     if n % 2 == 1:
@@ -180,7 +203,7 @@ def _backward_tile(
     else:
         assert w is not None
         dc = (dp - w) * p_n
-    rest, _ = _grad_chain(c, pots, grads, n - 1, 0)
+    rest, _ = _grad_chain(p_n, ratios, grads, n - 1, 0)
     if rest is not None:
         dc = dc + rest
     return torch.bmm(dc, k), dc
@@ -269,10 +292,21 @@ def _forward(
     return out, pots
 
 
-def _cut(vectors: list[Any], sl: slice, rs: slice) -> list[Any]:
-    """Potentials (or their gradients) of chunk ``sl``: entry m - 1 belongs to half-step m, a row vector (N, L, 1)
-    for odd m, cut to the rows ``rs``, a column vector (N, 1, S) for even m, whole; None stays None."""
-    return [None if t is None else (t[sl, rs] if i % 2 == 0 else t[sl]) for i, t in enumerate(vectors)]
+def _cut(vectors: list[Any], sl: slice, rs: slice, first_is_row: bool = True) -> list[Any]:
+    """Row and column vectors of chunk ``sl``, alternating (potentials and their gradients: entry m - 1 belongs to
+    half-step m, a row vector for odd m, so the first is a row; :func:`_ratios`: the first is a column): a row vector
+    (N, L, 1) is cut to the rows ``rs``, a column vector (N, 1, S) kept whole; None stays None."""
+    return [
+        None if t is None else (t[sl, rs] if (i % 2 == 0) == first_is_row else t[sl]) for i, t in enumerate(vectors)
+    ]
+
+
+def _tile_inputs(chunk: tuple[Any, ...], rs: slice) -> tuple[Any, ...]:
+    """q, k, v, bias, potentials and ratios of the tile of rows ``rs``, from a chunk's
+    (q, k, v, bias, bias_idx, pots, ratios, slices, number of slices)."""
+    q_c, k_c, v_c, bias, bias_idx, pots, ratios, sl, nc = chunk
+    b = _bias_tile(bias, bias_idx, sl, rs, nc)
+    return q_c[:, rs], k_c, v_c, b, _cut(pots, sl, rs), _cut(ratios, sl, rs, False)
 
 
 def _backward(
@@ -298,6 +332,7 @@ def _backward(
         dout = dout * factor
     dq, dv = torch.empty_like(qs), torch.empty_like(v)
     dk_t = k.new_zeros(N, E, S)  # dk transposed: q^T dC accumulated as a gemm streaming over the tile's rows
+    ratios = _ratios(pots)
     first = _KERNELS.get("backward", n_iter=n, stop=-1)
     last = _KERNELS.get("backward", n_iter=n, stop=0)
     middle = {s: _KERNELS.get("backward", n_iter=n, stop=s) for s in range(3, n, 2)}
@@ -314,7 +349,7 @@ def _backward(
         for r in range(0, L, rows):
             rs = slice(r, min(r + rows, L))
             b = _bias_tile(bias, bias_idx, sl, rs, nc)
-            (p_n,) = first(q_c[:, rs], k_c, v_c, b, _cut(pots, sl, rs), grads, do_c[:, rs], d_c[:, rs], None)
+            (p_n,) = first(q_c[:, rs], k_c, v_c, b, _cut(pots, sl, rs), [], grads, do_c[:, rs], d_c[:, rs], None)
             acc.baddbmm_(rhs_t[:, :, rs], p_n)
         dv_c = acc[:, :Ev].transpose(-1, -2)
         dv[sl] = dv_c
@@ -322,14 +357,14 @@ def _backward(
         if n % 2 == 1:
             grads[n - 2] = w - acc[:, Ev:]  # grad g_{n-1} = w - P_n^T D
         row_grads = {m: qs.new_empty(nc, L, 1) for m in range(1, n, 2)}  # grad f_m, filled tile by tile
+        chunk_inputs = (q_c, k_c, v_c, bias, bias_idx, pots, ratios, sl, nc)
         # middle passes: one per row step m < n - 1 ... 3 whose column reduction is needed
         for s in range(n - 1 if (n - 1) % 2 == 1 else n - 2, 2, -2):
             col = None
             for r in range(0, L, rows):
                 rs = slice(r, min(r + rows, L))
-                b = _bias_tile(bias, bias_idx, sl, rs, nc)
                 g_tile = _cut(grads, slice(None), rs)
-                part, g_tile = middle[s](q_c[:, rs], k_c, v_c, b, _cut(pots, sl, rs), g_tile, None, d_c[:, rs], w)
+                part, g_tile = middle[s](*_tile_inputs(chunk_inputs, rs), g_tile, None, d_c[:, rs], w)
                 for m, gm in row_grads.items():
                     if g_tile[m - 1] is not None:
                         gm[:, rs] = g_tile[m - 1]
@@ -340,9 +375,8 @@ def _backward(
             grads[s - 2] = col
         for r in range(0, L, rows):
             rs = slice(r, min(r + rows, L))
-            b = _bias_tile(bias, bias_idx, sl, rs, nc)
             g_tile = _cut(grads, slice(None), rs)
-            dq_t, dc = last(q_c[:, rs], k_c, v_c, b, _cut(pots, sl, rs), g_tile, do_c[:, rs], d_c[:, rs], w)
+            dq_t, dc = last(*_tile_inputs(chunk_inputs, rs), g_tile, do_c[:, rs], d_c[:, rs], w)
             dq[sl, rs] = dq_t
             dk_t[sl].baddbmm_(q_c[:, rs].transpose(-1, -2), dc)
     return dq, dk_t.transpose(-1, -2), dv
