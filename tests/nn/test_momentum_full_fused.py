@@ -256,3 +256,23 @@ def test_compiled_step_gradients_over_several_stage_shapes_are_the_unfused_rule_
         for a, b in zip(got[2], want[2]):
             assert a.shape == shape
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overwriting_step_without_gradients_writes_in_place_with_the_unfused_values(monkeypatch, dtype):
+    """Evaluation (no autograd): overwrite=True on the compiled path writes x' into g's storage and v' into v's, the
+    unfused rule's values bit for bit; overwrite=False and the identity tail return fresh tensors."""
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(5)
+    x, v, g = (torch.randn(2, 4, 8, generator=gen, dtype=dtype) for _ in range(3))
+    want = unfused_step(x, v, g, "relu", 0.1, 0.9)
+    for overwrite, tail in [(True, "relu"), (False, "relu"), (True, "identity")]:
+        v_in, g_in = v.clone(), g.clone()
+        with torch.no_grad():
+            xn, vn = momentum_float_step(x, v_in, g_in, tail, c=0.1, gamma=0.9, overwrite=overwrite)
+        in_place = (xn.data_ptr() == g_in.data_ptr(), vn.data_ptr() == v_in.data_ptr())
+        if tail == "relu":
+            assert torch.equal(xn, want[0]) and torch.equal(vn, want[1])
+        else:
+            assert torch.equal(vn, unfused_step(x, v, g, "identity", 0.1, 0.9)[1])
+        assert in_place == ((True, True) if overwrite and tail == "relu" else (False, False))

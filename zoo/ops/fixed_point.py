@@ -349,6 +349,13 @@ def _momentum_float_step(
     return x + v_next, v_next
 
 
+def _momentum_float_step_into_(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, c: float, gamma: float) -> None:
+    """:func:`_momentum_float_step` for the ``"relu"`` tail, in place: x' into g, v' into v (without autograd)."""
+    x_next, v_next = _momentum_float_step(x, v, g, c=c, gamma=gamma, tail="relu")
+    g.copy_(x_next)
+    v.copy_(v_next)
+
+
 def _momentum_float_step_backward(
     gx_next: torch.Tensor,
     gv_next: torch.Tensor | None,
@@ -507,10 +514,19 @@ def momentum_float_step(
         overwrite: the caller needs neither v nor g after the step, and no autograd node saved them (a ResNet
             block's g is its last BatchNorm's output): the step may then write x' into g and v' into v, as a plain
             block adds its shortcut into that output in place (fresh stage-sized outputs cost a CPU as much again
-            in page faults). Done where the step is compiled with autograd (with ``mark_dirty``); elsewhere ignored.
+            in page faults). Done where the step is compiled (with autograd, marked dirty); elsewhere ignored.
     """
     if torch.is_grad_enabled() and (x.requires_grad or v.requires_grad or g.requires_grad):
         return _MomentumFloatStep.apply(x, v, g, c, gamma, tail, overwrite)
+    if (
+        overwrite
+        and tail == "relu"
+        and _compiles(x)
+        and x.dtype == v.dtype == g.dtype
+        and not torch.compiler.is_compiling()
+    ):  # evaluation: the same in-place step as with autograd, without the mask
+        _KERNELS.get("float_step_into", c=c, gamma=gamma)(x, v, g)
+        return g, v
     return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
 
 
@@ -522,6 +538,7 @@ _KERNELS = CompiledKernels(
         "rewind": _rewind_,
         "refresh": _refresh_float_,
         "float_step": _momentum_float_step,
+        "float_step_into": _momentum_float_step_into_,
         "float_step_packed": _momentum_float_step_packed,
         "float_step_backward_packed": _momentum_float_step_backward_packed,
     },
