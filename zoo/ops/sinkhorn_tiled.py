@@ -130,8 +130,9 @@ def _ratios(pots: list[torch.Tensor]) -> list[torch.Tensor]:
 
     Bounded, so the product neither overflows nor loses what matters: P_{m+1} is normalised along r_m's axis (its
     rows or columns sum to 1, or it is empty and its potential 0), so r_m is the sum of P_m along that axis, at most
-    the number of entries summed (each P entry is at most 1). An entry of P_{m+1} that underflows leaves an error
-    below that bound times the smallest float, where exp(C + pot_m + pot_{m-1}) recomputed would be as exact."""
+    the number of entries summed (each P entry is at most 1). An entry of P_{m+1} that underflows to 0 makes P_m's
+    entry 0 where exp(C + pot_m + pot_{m-1}) would give at most that bound times the smallest normal float: an
+    absolute error far below the rounding of the sums it enters."""
     n = len(pots)
     return [(-pots[1] if m == 1 else pots[m - 2] - pots[m]).exp() for m in range(1, n)]
 
