@@ -333,6 +333,22 @@ def test_reversible_gradients_match_full_on_momentum_cifar_resnet_and_batchnorm_
             assert not torch.equal(sb[k], bn_before[k]), k
 
 
+def test_channels_last_resnets_give_the_contiguous_gradients(monkeypatch):
+    """float64, model and input channels-last: memory="full" (its compiled step, forced for this size, on the
+    state's memory order) and memory="reversible" (its fixed-point kernels on 1-D views in memory order) give the
+    output and gradients of the contiguous memory="full" run."""
+    from zoo.ops import fixed_point
+
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    full, rev = (m.double() for m in _resnet_pair())
+    full_cl, rev_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (full, rev))
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    want = run(full, x)
+    x_cl = x.to(memory_format=torch.channels_last)
+    assert_grads_close(run(full_cl, x_cl), want, rtol=1e-10, atol=1e-12)
+    assert_grads_close(run(rev_cl, x_cl), want, rtol=1e-6, atol=1e-9)  # the fixed-point state: 2^-32 resolution
+
+
 def test_reversible_gradients_match_full_on_a_basic_block_stage():
     torch.manual_seed(12)
     blocks = [BasicBlock(8, 8) for _ in range(5)]

@@ -276,3 +276,35 @@ def test_overwriting_step_without_gradients_writes_in_place_with_the_unfused_val
         else:
             assert torch.equal(vn, unfused_step(x, v, g, "identity", 0.1, 0.9)[1])
         assert in_place == ((True, True) if overwrite and tail == "relu" else (False, False))
+
+
+def test_channels_last_step_with_gradients_in_another_layout_and_double_backward(monkeypatch):
+    """A channels-last state runs the compiled kernels on its memory order, the mask packed in that order: gradients
+    arriving contiguous (another layout than the forward's), and the double backward's eager unpacking, both read the
+    mask in the forward's order and match the unfused rule."""
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(6)
+    shape = (2, 8, 3, 5)
+    x0, v0, g0 = (
+        torch.randn(shape, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last) for _ in range(3)
+    )
+    wx, wv = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))  # contiguous
+
+    def grads(step, create_graph: bool):
+        leaves = [t.clone().requires_grad_(True) for t in (x0, v0, g0)]
+        xn, vn = step(*leaves)
+        assert xn.is_contiguous(memory_format=torch.channels_last)
+        # a loss quadratic in x', so that the first gradients depend on the leaves and have a gradient themselves
+        first = torch.autograd.grad((wx * xn * xn).sum() + (wv * vn).sum(), leaves, create_graph=create_graph)
+        if not create_graph:
+            return first
+        return torch.autograd.grad(sum((gr * gr).sum() for gr in first), leaves, allow_unused=True)
+
+    fused = lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9)  # noqa: E731
+    unfused = lambda x, v, g: unfused_step(x, v, g, "relu", 0.1, 0.9)  # noqa: E731
+    for create_graph in (False, True):
+        for a, b in zip(grads(fused, create_graph), grads(unfused, create_graph)):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)

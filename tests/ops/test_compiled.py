@@ -77,3 +77,24 @@ def test_elementwise_kernels_run_on_one_dimensional_views_of_contiguous_argument
             got, got_top, _ = kernels.get("k")(a, b, small, scalar)
             assert got.shape == shape and torch.equal(got, a * b + 0.5) and torch.equal(got_top, (a * b).amax())
     assert kernels.enabled
+
+
+def test_elementwise_kernels_flatten_channels_last_arguments_in_memory_order() -> None:
+    """Arguments sharing a channels-last layout are viewed as 1-D in memory order, and the results come back in
+    the first argument's shape and layout with the eager values."""
+    from zoo.ops.compiled import _flat_call, inverse_order, memory_order
+
+    seen: list[tuple[int, ...]] = []
+
+    def kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        return x * 2 + y
+
+    x, y = (torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last) for _ in range(2))
+    assert memory_order(x) == (0, 2, 3, 1) and inverse_order((0, 2, 3, 1)) == (0, 3, 1, 2)
+    out = _flat_call(kernel)(x, y)
+    assert seen[-1] == (120,)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, x * 2 + y)
+    _flat_call(kernel)(x, y.contiguous())  # mixed layouts: called as they are
+    assert seen[-1] == (2, 3, 4, 5)

@@ -13,7 +13,7 @@ import logging
 import os
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -109,34 +109,53 @@ class CompiledKernels:
         return run
 
 
+def memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The dims of ``t`` from the largest stride to the smallest (ties keep their order), so that ``t.permute(order)``
+    is contiguous when ``t`` is dense in any memory format: (0, 1, 2, 3) for a contiguous 4-d tensor, (0, 2, 3, 1)
+    for channels-last."""
+    return tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
+def inverse_order(order: Sequence[int]) -> tuple[int, ...]:
+    """The permutation that undoes ``order`` (``t.permute(order).permute(inverse_order(order))`` is ``t``)."""
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return tuple(inverse)
+
+
 def _flat_call(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn``, an element-wise kernel, called on 1-D views: every tensor argument of the first argument's number of
-    elements is viewed as 1-D when all of them are contiguous, and every tensor result of that size is viewed back in
-    the first argument's shape (the values are the same, element by element).
+    """``fn``, an element-wise kernel, called on 1-D views in memory order: with the first argument's dims put in
+    memory order (:func:`memory_order`), every tensor argument of its number of elements is viewed as 1-D when all of
+    them are then contiguous (so they share one layout: contiguous, channels-last ...), and every tensor result of
+    that size is viewed back in the first argument's shape and layout (the values are the same, element by element).
 
     Why: with more than one shape seen, ``torch.compile`` makes the shapes symbolic, and inductor's CPU code for an
     N-d symbolic shape can lose its vectorisation (a momentum step's backward on a ResNet stage measured 8x slower
-    than with static shapes); over 1-D views the only symbolic size is the length, and the kernel vectorises as a
-    static one does. Other layouts (channels-last, strided) call ``fn`` on the tensors as they are.
+    than with static shapes, 15x for channels-last); over 1-D views the only symbolic size is the length, and the
+    kernel vectorises as a static one does. Other arguments (mixed layouts, strided views) call ``fn`` as they are.
     """
 
     def run(*args: Any) -> Any:
         first = args[0] if args else None
         if not isinstance(first, torch.Tensor) or first.dim() <= 1:
             return fn(*args)
-        numel, shape = first.numel(), first.shape
-        full = [a for a in args if isinstance(a, torch.Tensor) and a.dim() and a.numel() == numel]
-        if not all(a.is_contiguous() for a in full):
+        numel = first.numel()
+        order = None if first.is_contiguous() else memory_order(first)  # None: already in memory order
+        is_full = [isinstance(a, torch.Tensor) and a.dim() == first.dim() and a.numel() == numel for a in args]
+        ordered = [(a if order is None else a.permute(order)) if f else a for a, f in zip(args, is_full)]
+        if not all(a.is_contiguous() and a.shape == ordered[0].shape for a, f in zip(ordered, is_full) if f):
             return fn(*args)
-        flat = [a.view(-1) if isinstance(a, torch.Tensor) and a.dim() and a.numel() == numel else a for a in args]
-        out = fn(*flat)
-        if isinstance(out, torch.Tensor):
-            return out.view(shape) if out.dim() == 1 and out.numel() == numel else out
-        if isinstance(out, tuple):
-            return tuple(
-                o.view(shape) if isinstance(o, torch.Tensor) and o.dim() == 1 and o.numel() == numel else o for o in out
-            )
-        return out
+        shape = ordered[0].shape
+        out = fn(*(a.view(-1) if f else a for a, f in zip(ordered, is_full)))
+        inverse = None if order is None else inverse_order(order)
+
+        def back(o: Any) -> Any:
+            if isinstance(o, torch.Tensor) and o.dim() == 1 and o.numel() == numel:
+                return o.view(shape) if inverse is None else o.view(shape).permute(inverse)
+            return o
+
+        return tuple(back(o) for o in out) if isinstance(out, tuple) else back(out)
 
     return run
 
