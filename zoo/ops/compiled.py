@@ -41,8 +41,8 @@ class CompiledKernels:
         fullgraph: passed to ``torch.compile``.
         options: kernel name -> inductor options for its compilation (``torch.compile(options=...)``).
         elementwise: every kernel is element-wise over its arguments of the first argument's size (other arguments
-            and reductions over all elements allowed): the compiled kernel is then called on 1-D views of the
-            contiguous ones (see :func:`_flat_call`).
+            and reductions over all elements allowed): the compiled kernel is then called on 1-D views of them in
+            memory order when they share one layout (see :func:`_flat_call`).
     """
 
     def __init__(
@@ -124,6 +124,17 @@ def inverse_order(order: Sequence[int]) -> tuple[int, ...]:
     return tuple(inverse)
 
 
+def in_memory_order(t: torch.Tensor, order: Sequence[int] | None) -> torch.Tensor:
+    """``t`` with its dims permuted to ``order`` (a :func:`memory_order`); None: ``t`` as it is (already in memory
+    order)."""
+    return t if order is None else t.permute(tuple(order))
+
+
+def from_memory_order(t: torch.Tensor, order: Sequence[int] | None) -> torch.Tensor:
+    """The inverse of :func:`in_memory_order`."""
+    return t if order is None else t.permute(inverse_order(order))
+
+
 def _flat_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn``, an element-wise kernel, called on 1-D views in memory order: with the first argument's dims put in
     memory order (:func:`memory_order`), every tensor argument of its number of elements is viewed as 1-D when all of
@@ -143,16 +154,15 @@ def _flat_call(fn: Callable[..., Any]) -> Callable[..., Any]:
         numel = first.numel()
         order = None if first.is_contiguous() else memory_order(first)  # None: already in memory order
         is_full = [isinstance(a, torch.Tensor) and a.dim() == first.dim() and a.numel() == numel for a in args]
-        ordered = [(a if order is None else a.permute(order)) if f else a for a, f in zip(args, is_full)]
+        ordered = [in_memory_order(a, order) if f else a for a, f in zip(args, is_full)]
         if not all(a.is_contiguous() and a.shape == ordered[0].shape for a, f in zip(ordered, is_full) if f):
             return fn(*args)
         shape = ordered[0].shape
         out = fn(*(a.view(-1) if f else a for a, f in zip(ordered, is_full)))
-        inverse = None if order is None else inverse_order(order)
 
         def back(o: Any) -> Any:
             if isinstance(o, torch.Tensor) and o.dim() == 1 and o.numel() == numel:
-                return o.view(shape) if inverse is None else o.view(shape).permute(inverse)
+                return from_memory_order(o.view(shape), order)
             return o
 
         return tuple(back(o) for o in out) if isinstance(out, tuple) else back(out)

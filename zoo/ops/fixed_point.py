@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from zoo.errors import ZooError
-from zoo.ops.compiled import CompiledKernels, inverse_order, memory_order
+from zoo.ops.compiled import CompiledKernels, from_memory_order, in_memory_order, memory_order
 
 _INT64_MAX = 2**63 - 1
 
@@ -451,16 +451,6 @@ def _float_step(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, **static: Any
     return _momentum_float_step(x, v, g, **static)
 
 
-def _in_order(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
-    """``t`` with its dims permuted to ``order`` (a memory order, :func:`memory_order`); None: ``t`` as it is."""
-    return t if order is None else t.permute(order)
-
-
-def _from_order(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
-    """The inverse of :func:`_in_order`."""
-    return t if order is None else t.permute(inverse_order(order))
-
-
 class _MomentumFloatStep(torch.autograd.Function):
     """(x, v, g) -> (x', v') of :func:`momentum_float_step` with autograd; saves only the ReLU's sign mask (packed
     to a bit per element where the step is compiled, else a bool tensor)."""
@@ -481,12 +471,12 @@ class _MomentumFloatStep(torch.autograd.Function):
             # it with the same permutation
             ctx.order = None if x.is_contiguous() else memory_order(x)  # None: already in memory order
             kernel = _KERNELS.get("float_step_packed", c=c, gamma=gamma, overwrite=overwrite)
-            x_next, v_next, packed = kernel(*(_in_order(t, ctx.order) for t in (x, v, g)))
+            x_next, v_next, packed = kernel(*(in_memory_order(t, ctx.order) for t in (x, v, g)))
             ctx.save_for_backward(packed)
             if overwrite:  # x', v' are in g's and v's storage: return those tensors themselves, marked dirty
                 ctx.mark_dirty(v, g)
                 return g, v
-            return _from_order(x_next, ctx.order), _from_order(v_next, ctx.order)
+            return from_memory_order(x_next, ctx.order), from_memory_order(v_next, ctx.order)
         # relu's derivative, 0 at 0 as autograd's (x + g is the kernel's sum, bit for bit)
         ctx.save_for_backward(torch.gt(x + g, 0) if tail == "relu" else None)
         return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
@@ -502,12 +492,12 @@ class _MomentumFloatStep(torch.autograd.Function):
         if ctx.packed and not torch.is_grad_enabled() and gx_next.dtype == ctx.dtypes[0]:
             gv_in = gv_next.to(gx_next.dtype) if with_gv else gx_next  # not read without with_gv
             kernel = _KERNELS.get("float_step_backward_packed", c=ctx.c, gamma=ctx.gamma, with_gv=with_gv)
-            grads = kernel(_in_order(gx_next, ctx.order), _in_order(gv_in, ctx.order), mask)
-            grads = [_from_order(gr, ctx.order) for gr in grads]
+            grads = kernel(in_memory_order(gx_next, ctx.order), in_memory_order(gv_in, ctx.order), mask)
+            grads = [from_memory_order(gr, ctx.order) for gr in grads]
         else:  # double backward (create_graph: differentiable eager ops) or the eager path
             if ctx.packed:  # packed in the order of the forward's dims
-                order = ctx.order if ctx.order is not None else tuple(range(len(ctx.shape)))
-                mask = _from_order(_unpack_mask(mask, torch.Size(ctx.shape[d] for d in order)), ctx.order)
+                shape = ctx.shape if ctx.order is None else torch.Size(ctx.shape[d] for d in ctx.order)
+                mask = from_memory_order(_unpack_mask(mask, shape), ctx.order)
             grads = _momentum_float_step_backward(gx_next, gv_next, mask, c=ctx.c, gamma=ctx.gamma, tail=ctx.tail)
         grads = [gr.to(dt) if ctx.needs_input_grad[i] else None for i, (gr, dt) in enumerate(zip(grads, ctx.dtypes))]
         return (*grads, None, None, None, None)
