@@ -131,7 +131,7 @@ def in_memory_order(t: torch.Tensor, order: Sequence[int] | None) -> torch.Tenso
 
 
 def from_memory_order(t: torch.Tensor, order: Sequence[int] | None) -> torch.Tensor:
-    """The inverse of :func:`in_memory_order`."""
+    """The inverse of :func:`in_memory_order`: ``t``, in the dims of ``order``, back in the original dims."""
     return t if order is None else t.permute(inverse_order(order))
 
 
