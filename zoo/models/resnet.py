@@ -269,6 +269,13 @@ class ResNet(HubMixin, ImageClassifier):
             even where it keeps the shape (``layer1`` of a basic-block ResNet, every stage of the tiny net);
             without it only shape-changing first blocks are. Same parameter names either way.
             True by default for :class:`MomentumResNet` (the published definition), False otherwise.
+        stored_blocks: with ``memory="reversible"``, how many blocks at the end of each stage store their
+            activations instead of being rebuilt in backward (:class:`zoo.nn.ResidualStack`'s ``stored_blocks``):
+            one number for every stage (at most each stage's block count), or one per stage (``(0, 0, 8, 3)``).
+            A stage whose residual steps are all stored runs with ordinary autograd, its first block included.
+            Each stored block saves one block forward per training step and holds its activations until backward
+            reaches it; the last stages come first in backward, so their blocks are the cheap ones to store
+            (docs/benchmarks.md). 0 (default): every block is rebuilt.
         **kwargs: the task's arguments (:class:`zoo.tasks.ImageClassifier`: ``optimizer``, ``lr_scheduler``,
             ``label_smoothing``); none of them changes the architecture.
 
@@ -302,6 +309,7 @@ class ResNet(HubMixin, ImageClassifier):
         zero_init_last: bool = False,
         weights: str | None = None,
         keep_first_block: bool = False,
+        stored_blocks: int | Sequence[int] = 0,
         **kwargs: Any,
     ):
         # hparams keep the arguments as given: the checked values get their own names
@@ -338,6 +346,7 @@ class ResNet(HubMixin, ImageClassifier):
         probability("drop_path_rate", drop_path_rate)
         boolean("zero_init_last", zero_init_last)
         boolean("keep_first_block", keep_first_block)
+        stage_stored = _stored_blocks(stored_blocks, layer_counts, memory)
         super().__init__(num_classes=num_classes, **kwargs)
         self.block_type = block
         self.layer_counts = layer_counts
@@ -393,6 +402,7 @@ class ResNet(HubMixin, ImageClassifier):
                     memory=memory,
                     transition=transition,
                     init_velocity=init_velocity,
+                    stored_blocks=stage_stored[i],
                 ),
             )
             self.stage_names.append(name)
@@ -710,7 +720,8 @@ class MomentumResNet(ResNet):
         gamma: momentum term (M1); 0 is torchvision's ResNet.
         memory: ``"reversible"``, ``"adjoint"`` or ``"full"``: how the stacks keep what backward needs.
         keep_first_block: whether the first block of every stage stays an ordinary block (as published).
-        *args, **kwargs: the other arguments of :class:`ResNet`.
+        *args, **kwargs: the other arguments of :class:`ResNet` (``stored_blocks``: the last blocks of each stage
+            that store their activations instead of being rebuilt under ``memory="reversible"``).
     """
 
     # what a file saved before an argument existed was built with (zoo.hub.from_pretrained fills it in)
@@ -733,6 +744,26 @@ class MomentumResNet(ResNet):
 
 # ------------------------------------------------------------------------------------------------
 # Heads, feature info, the configuration of an architecture without weights
+
+
+def _stored_blocks(value: int | Sequence[int], layer_counts: Sequence[int], memory: str) -> tuple[int, ...]:
+    """The per-stage ``stored_blocks`` of a ResNet: one number for every stage (capped at each stage's block
+    count) or one per stage (each at most that stage's block count); nonzero only with memory="reversible"."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        stored = tuple(min(int(non_negative_int("stored_blocks", value)), n) for n in layer_counts)
+    else:
+        hint = f"give a number of blocks, or one per stage ({len(layer_counts)} stages of {list(layer_counts)} blocks)"
+        stored = int_sequence("stored_blocks", value, min_value=0, length=len(layer_counts), hint=hint)
+        for i, (k, n) in enumerate(zip(stored, layer_counts)):
+            if k > n:
+                raise ZooError(
+                    f"stored_blocks[{i}] = {k} but stage {i + 1} has {n} blocks; give at most {n} (the whole stage)"
+                )
+    if any(stored) and memory != "reversible":
+        raise ZooError(
+            f"stored_blocks={value!r} applies to memory='reversible' only (memory={memory!r}); give stored_blocks=0"
+        )
+    return stored
 
 
 def _check_head(num_classes: int, global_pool: str) -> None:

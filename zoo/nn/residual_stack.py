@@ -125,6 +125,11 @@ class ResidualStack(nn.Module):
         fixed_point_bits: fractional bits of the fixed-point state under ``memory="reversible"`` (x and v are
             int64 with this many bits after the point, so every state must stay below 2^(61 - bits) in size:
             2^29 for 32 bits; the forward checks it).
+        stored_blocks: under ``memory="reversible"``, how many blocks at the end of the stack store their
+            activations (ordinary autograd, as ``memory="full"``) instead of being rebuilt in backward: each saves
+            one block forward per training step and holds that block's activations from its forward until backward
+            reaches it, which comes first in the stack's backward. A count reaching the number of residual steps
+            stores the whole stack, its transition included. 0 (default): every block is rebuilt.
 
     Blocks implementing :class:`~zoo.nn.residual_function.ResidualFunctionWithTail` (post-activation ResNet
     blocks, whose residual function depends on the step) are told the step size whenever it changes.
@@ -141,9 +146,19 @@ class ResidualStack(nn.Module):
         preserve_rng_state: bool = True,
         init_velocity: str | nn.Module = "zero",
         fixed_point_bits: int = 32,
+        stored_blocks: int = 0,
     ):
         super().__init__()
         validate_rule_memory(rule, memory, gamma)
+        if isinstance(stored_blocks, bool) or not isinstance(stored_blocks, int) or stored_blocks < 0:
+            raise ZooError(f"stored_blocks must be a non-negative integer, got {stored_blocks!r}")
+        if stored_blocks and memory != "reversible":
+            raise ZooError(
+                f"stored_blocks={stored_blocks} applies to memory='reversible' only (memory={memory!r} "
+                f"{'stores every block already' if memory == 'full' else 'rebuilds by stepping in reverse'}); "
+                "give stored_blocks=0"
+            )
+        self.stored_blocks = stored_blocks
         if isinstance(scale, str):
             if scale != "depth":
                 raise ZooError(f"unknown scale {scale!r}: use 'depth' (h = 1/N) or a positive number")
@@ -236,6 +251,8 @@ class ResidualStack(nn.Module):
 
     def extra_repr(self) -> str:
         text = f"rule={self.rule!r}, depth={self.depth}, step={self.step:.4g}, memory={self.memory!r}"
+        if self.stored_blocks:
+            text += f", stored_blocks={self.stored_blocks}"
         if self.forward_rule.has_velocity:
             text += f", gamma={self.gamma}, init_velocity={self.init_velocity!r}"
         return text

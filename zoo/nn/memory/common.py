@@ -32,7 +32,8 @@ class EngineStack(Protocol):
     ``(g, tail)`` with f_n(x) = residual_tail(x, g, tail) (zoo.nn.residual_function); ``initial_velocity`` v_0
     of the momentum rule; ``trainable_parameters()`` the blocks' and the velocity module's trainable parameters,
     ``rebuilt_parameters()`` those and the transition's; ``checkpoint(fn, *inputs)`` activation checkpointing;
-    ``host_read_is_free(t)`` whether a flag computed next to t may be read on the host now (no device sync).
+    ``host_read_is_free(t)`` whether a flag computed next to t may be read on the host now (no device sync);
+    ``stored_blocks`` how many of the last steps memory="reversible" runs with ordinary autograd instead of rebuilding.
     """
 
     forward_rule: ForwardRule
@@ -40,6 +41,7 @@ class EngineStack(Protocol):
     init_velocity: str
     preserve_rng_state: bool
     grad_checkpointing: bool
+    stored_blocks: int
     fixed_point: FixedPoint | None
     ratio: GammaRatio | None
     record_rebuild: bool

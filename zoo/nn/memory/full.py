@@ -8,7 +8,18 @@ import torch
 from zoo.nn.memory.common import EngineStack
 from zoo.nn.rules import State
 
-__all__ = ["integrate", "run", "run_plain"]
+__all__ = ["integrate", "integrate_from", "run", "run_plain"]
+
+
+def _advance(
+    stack: EngineStack, n: int, args: tuple, kwargs: dict, *state: torch.Tensor, overwrite: bool = False
+) -> State:
+    """Step n of the stack's rule from ``state``."""
+    rule, h = stack.forward_rule, stack.step
+    if rule.fuses_tail:  # one fused kernel for the rule and the blocks' element-wise tails (the momentum rule)
+        parts = lambda m, y, k: stack.residual_parts(m, y, args, kwargs)  # noqa: E731
+        return rule.step_parts(parts, n, state, h, overwrite=overwrite)
+    return rule.step(lambda m, y, k: stack.residual(m, y, args, kwargs), n, state, h)
 
 
 def integrate(
@@ -17,31 +28,36 @@ def integrate(
     """x_N from x_0 by the stack's forward rule, in floating point with ordinary autograd; ``checkpointing``
     recomputes v_0 and each step in backward.
     ``x``: the stack's input; ``args`` / ``kwargs``: the extra arguments every block receives."""
-    rule, h = stack.forward_rule, stack.step
-
-    def advance(n: int, args_: tuple, kwargs_: dict, *state: torch.Tensor, overwrite: bool = False) -> State:
-        if rule.fuses_tail:  # one fused kernel for the rule and the blocks' element-wise tails (the momentum rule)
-            parts = lambda m, y, k: stack.residual_parts(m, y, args_, kwargs_)  # noqa: E731
-            return rule.step_parts(parts, n, state, h, overwrite=overwrite)
-        return rule.step(lambda m, y, k: stack.residual(m, y, args_, kwargs_), n, state, h)
-
-    if checkpointing:
-
-        def velocity() -> torch.Tensor:
-            if stack.init_velocity == "zero":
-                return torch.zeros_like(x)
-            return stack.checkpoint(stack.initial_velocity, x, args, kwargs)
-
-        # the state's tensors are direct inputs of the checkpoint (it finds their devices for the random state)
-        state = rule.initial_state(x, velocity)
-        for n in range(stack.depth):
-            state = stack.checkpoint(advance, n, args, kwargs, *state)
-    else:
+    rule = stack.forward_rule
+    if not checkpointing:
         state = rule.initial_state(x, lambda: stack.initial_velocity(x, args, kwargs))
-        for n in range(stack.depth):
-            # v_n is the previous step's own output (or v_0 = 0), needed by nothing else: the step may overwrite it;
-            # not under checkpointing, whose recomputation reads the step's inputs again
-            state = advance(n, args, kwargs, *state, overwrite=n > 0 or stack.init_velocity == "zero")
+        # v_0 = 0 is needed by nothing else: the first step may overwrite it
+        return integrate_from(stack, state, 0, args, kwargs, overwrite_first=stack.init_velocity == "zero")
+
+    def velocity() -> torch.Tensor:
+        if stack.init_velocity == "zero":
+            return torch.zeros_like(x)
+        return stack.checkpoint(stack.initial_velocity, x, args, kwargs)
+
+    # the state's tensors are direct inputs of the checkpoint (it finds their devices for the random state)
+    state = rule.initial_state(x, velocity)
+    for n in range(stack.depth):
+        state = stack.checkpoint(lambda *s, n=n: _advance(stack, n, *s), args, kwargs, *state)
+    return state[0]
+
+
+def integrate_from(
+    stack: EngineStack, state: State, start: int, args: tuple, kwargs: dict, overwrite_first: bool = False
+) -> torch.Tensor:
+    """x_N from the state of step ``start`` (steps ``start`` .. N-1 with ordinary autograd).
+    ``stack``: the ResidualStack; ``state``: the rule's state at step ``start``; ``args`` / ``kwargs``: the extra
+    arguments every block receives;
+    ``overwrite_first``: the given velocity is needed by nothing else (no autograd node saved it), so step
+    ``start`` may write into it."""
+    for n in range(start, stack.depth):
+        # v_n is the previous step's own output, needed by nothing else: the step may overwrite it
+        # (not under checkpointing, whose recomputation reads the step's inputs again)
+        state = _advance(stack, n, args, kwargs, *state, overwrite=n > start or overwrite_first)
     return state[0]
 
 

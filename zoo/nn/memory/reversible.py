@@ -2,7 +2,8 @@
 kept. The forward runs (M1) in exact fixed-point arithmetic (``zoo.ops.fixed_point``), so backward rebuilds every x_n
 and v_n bit for bit with (M2) and back-propagates through each step: the gradients of full backprop, with memory
 flat in depth. A state outside the fixed-point range raises a ZooError in forward on CPU; on an accelerator (no host
-sync in forward) the output is NaN and backward raises the error.
+sync in forward) the output is NaN and backward raises the error. The stack's last ``stored_blocks`` steps may instead
+store their activations (ordinary autograd): no recomputation for them, their activations held until backward.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from zoo.nn.memory.common import (
     refuse_double_backward,
     unique_parameters,
 )
-from zoo.nn.memory.full import run_plain
+from zoo.nn.memory.full import integrate_from, run_plain
 from zoo.nn.memory.replay import AutocastReplay, RNGLog, RNGState, frozen_batchnorm_stats
 from zoo.ops.fixed_point import FixedPoint, momentum_kernel
 
@@ -29,13 +30,22 @@ __all__ = ["run"]
 
 def run(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """The forward of memory="reversible"; without gradients, (M1) in floating point.
-    ``stack``: the ResidualStack; ``x``: its input; ``args`` / ``kwargs``: the extra arguments every block receives."""
+    ``stack``: the ResidualStack; ``x``: its input; ``args`` / ``kwargs``: the extra arguments every block receives.
+
+    The last ``stack.stored_blocks`` steps store their activations (ordinary autograd, from the rebuilt part's
+    (x, v) in floating point) instead of being rebuilt; a count reaching the number of steps runs the whole stack,
+    its transition included, with ordinary autograd."""
     if stack.depth and torch.is_grad_enabled():
         params = stack.rebuilt_parameters()
         flat = flatten_arguments(args, kwargs)
-        if x.requires_grad or params or flat.needs_grad:
+        stored = min(stack.stored_blocks, stack.depth)
+        if stored < stack.depth and (x.requires_grad or params or flat.needs_grad):
             # the transition block too is rebuilt in backward (from the stored stage input)
-            return _ReversibleMomentum.apply(stack, flat, x, *flat.grad_tensors, *params)
+            out = _ReversibleMomentum.apply(stack, flat, stored, x, *flat.grad_tensors, *params)
+            if not stored:
+                return out
+            # v_{N-k} is the Function's own output, read by nothing else: the first stored step may overwrite it
+            return integrate_from(stack, out, stack.depth - stored, args, kwargs, overwrite_first=True)
     return run_plain(stack, x, args, kwargs)
 
 
@@ -54,6 +64,9 @@ class _ReversibleMomentum(torch.autograd.Function):
     and updates the state in place; backward runs one kernel per step for the inverse and the tail's part of the
     gradient, and one for the gradient accumulation, around f_n's recomputed graph.
 
+    With ``stored`` > 0 the Function runs steps 0 .. N - stored - 1 only and returns that state (x, v) as floats;
+    the caller runs the remaining steps with ordinary autograd, and backward starts from both cotangents.
+
     Stored for backward: the final integer state (x, v: int64; each buffer word, in forward too, in the
     narrowest integer type its static bound allows: full words int64, int8 for up to 29 steps at gamma 0.9),
     and, with a transition block, the
@@ -65,8 +78,8 @@ class _ReversibleMomentum(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, stack: EngineStack, flat: FlatArguments, x_in: torch.Tensor, *inputs: torch.Tensor
-    ) -> torch.Tensor:
+        ctx: Any, stack: EngineStack, flat: FlatArguments, stored: int, x_in: torch.Tensor, *inputs: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         args, kwargs = flat.unflatten()
         transition = stack.transition
         fp, ratio = stack.fixed_point, stack.ratio
@@ -92,14 +105,15 @@ class _ReversibleMomentum(torch.autograd.Function):
                 vi = fp.to_fixed(v0)
                 x0_max, v0_max = fp.abs_max(x), fp.abs_max(v0)
             g_max = torch.zeros((), dtype=torch.float64, device=x.device)
+            depth = ctx.depth = stack.depth - stored  # the last `stored` steps run outside, with autograd
 
             def new_word(start: int) -> torch.Tensor:
                 # each word in the narrowest integer type its static bound allows (the kernels compute in int64)
-                steps = min(ratio.steps_per_word, stack.depth - start)
+                steps = min(ratio.steps_per_word, depth - start)
                 return torch.zeros_like(xi, dtype=ratio.buffer_dtype(steps))
 
             buffer, words = new_word(0), []
-            for n in range(stack.depth):
+            for n in range(depth):
                 if n and n % ratio.steps_per_word == 0:  # the buffer word is full: start a new one
                     words.append(buffer)
                     buffer = new_word(n)
@@ -111,16 +125,21 @@ class _ReversibleMomentum(torch.autograd.Function):
                 # g_max in place too (no small tensor allocated per step, see RNGLog)
                 torch.maximum(g_max, step(xi, vi, buffer, xf, g), out=g_max)
             # every state (x_n, v_n) in range, not only the last: then no integer operation can wrap
-            overflow = fp.momentum_state_out_of_range(x0_max, v0_max, g_max, stack.gamma, stack.depth)
+            overflow = fp.momentum_state_out_of_range(x0_max, v0_max, g_max, stack.gamma, depth)
         ctx.n_words = len(words)
         # The integer state is not a save_for_backward tensor: backward takes it off ctx, so each x, v and
         # buffer is freed as soon as the rebuild has stepped past it (a retained graph is not rebuilt twice).
         ctx.state = [xi, vi, buffer, *words]
         ctx.save_for_backward(overflow, x_in if transition is not None else None)
-        return _refuse_out_of_range(xf, overflow, fp, raise_now=stack.host_read_is_free(xf))
+        out = _refuse_out_of_range(xf, overflow, fp, raise_now=stack.host_read_is_free(xf))
+        if not stored:
+            return out
+        return out, fp.to_float(vi, dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_out: torch.Tensor, grad_v: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
         refuse_double_backward("reversible")
         stack: EngineStack = ctx.stack
         transition = stack.transition
@@ -143,14 +162,14 @@ class _ReversibleMomentum(torch.autograd.Function):
 
         # gx = dL/dx_n and a = dL/dx_{n+1} + dL/dv_{n+1} (so dL/dv_n = gamma a), updated in place: own copies
         gx = grad_out.to(dtype, copy=True)
-        a = gx.clone()
+        a = gx.clone() if grad_v is None else gx + grad_v.to(dtype)
         gv: torch.Tensor | None = None  # dL/dv_0, for the initial velocity's gradient
         modules = ([transition] if transition is not None else []) + stack.velocity_modules() + blocks
         try:
             with frozen_batchnorm_stats(modules), ctx.replay.autocast_ctx():
                 with torch.no_grad():
                     xf = momentum_kernel("rewind", scale=fp.scale, dtype=dtype)(xi, vi)  # x_{N-1} = x_N - v_N
-                for n in reversed(range(stack.depth)):
+                for n in reversed(range(ctx.depth)):
                     if ctx.rng is not None:
                         ctx.rng.restore(first_call + n)
                     parts, xg, vjp_leaves = acc.run_with_grad(
@@ -191,7 +210,7 @@ class _ReversibleMomentum(torch.autograd.Function):
         finally:
             if outer_rng is not None:
                 outer_rng.restore()
-        return (None, None, gx, *acc.input_gradients())
+        return (None, None, None, gx, *acc.input_gradients())
 
 
 def _out_of_range_error(fp: FixedPoint) -> ZooError:
