@@ -388,3 +388,25 @@ def test_adjoint_double_backward_is_one_clear_error(rule):
     full = ResidualStack(stack.blocks, rule=rule, scale="depth", memory="full")  # the fix named works
     (gx,) = torch.autograd.grad(full(x).pow(2).sum(), x, create_graph=True)
     assert torch.autograd.grad(gx.sum(), x)[0].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize(
+    "rule, memory", [("momentum", "reversible"), ("euler", "adjoint"), ("heun", "adjoint"), ("momentum", "full")]
+)
+def test_torch_export_captures_the_plain_forward_of_every_memory_strategy(rule, memory):
+    """The exported graph is memory="full"'s function (no rebuild bookkeeping: the rebuilding strategies record
+    random states on the host, which export cannot trace), and training still runs the memory strategy."""
+    blocks = smooth_blocks(5, seed=3)
+    transition = nn.Linear(4, 6)
+    stack = ResidualStack(blocks, rule=rule, scale="depth", memory=memory, transition=transition)
+    twin = ResidualStack(blocks, rule=rule, scale="depth", memory="full", transition=transition)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(4))
+    exported = torch.export.export(stack, (x,))
+    assert "equal" not in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), twin(x), rtol=0, atol=0)
+    out = stack(x.requires_grad_(True))
+    strategy = {"reversible": "_ReversibleMomentum", "adjoint": "_AdjointBackprop", "full": ""}[memory]
+    assert strategy in type(out.grad_fn).__name__

@@ -388,7 +388,8 @@ class ResidualStack(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x_N from x_0 = ``transition(x)`` (or ``x``) by the stack's rule and memory strategy.
+        """x_N from x_0 = ``transition(x)`` (or ``x``) by the stack's rule and memory strategy (under
+        ``torch.export``, memory="full"'s forward: the function, without a training-time memory strategy).
 
         Args:
             x: the input, a floating-point tensor.
@@ -398,6 +399,11 @@ class ResidualStack(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ZooError(f"ResidualStack expects a floating-point tensor, got {kind}")
+        if torch.compiler.is_exporting():
+            # torch.export captures the function, not a training-time memory strategy: every strategy computes
+            # memory="full"'s function, and the rebuilding ones record random states on the host, which export
+            # cannot trace (a data-dependent aten.equal)
+            return full.run_plain(self, x, args, kwargs)
         return MEMORY_STRATEGIES[self.memory](self, x, args, kwargs)
 
 
