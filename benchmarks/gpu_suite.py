@@ -99,11 +99,14 @@ MIB = 2**20
 GIB = 2**30
 SECTIONS = ("checks", "resnet", "budget", "sinkhorn", "moe")
 BENCHMARKS = SECTIONS[1:]
-RESNET_METHODS = ("plain", "checkpoint", "zoo-reversible", "zoo-full")
+RESNET_METHODS = ("plain", "checkpoint", "zoo-reversible", "zoo-reversible-stored", "zoo-full")
+# the largest-batch search: the stored row's count is searched for one batch (the table's), so it is not run there
+BUDGET_METHODS = ("plain", "checkpoint", "zoo-reversible", "zoo-full")
 RESNET_LABELS = {
     "plain": "torchvision (plain)",
     "checkpoint": "checkpoint_sequential, sqrt(n) segments/stage",
     "zoo-reversible": 'zoo momentum, memory="reversible"',
+    "zoo-reversible-stored": 'zoo momentum, memory="reversible", stored_blocks',
     "zoo-full": 'zoo momentum, memory="full"',
 }
 MOE_CELLS = ("dense", "token", "expert", "expert soft")
@@ -792,8 +795,12 @@ def bench_resnet(device: torch.device, sizes: Sizes, clock: Clock, started: floa
             continue
         t0 = time.perf_counter()
         row: dict[str, Any] = {"method": method, "label": RESNET_LABELS[method]}
+        checkpoint_peak = next((r.get("peak_bytes") for r in rows if r["method"] == "checkpoint"), None)
         try:
-            row.update(_resnet_row(method, sizes, device))
+            if method == "zoo-reversible-stored":
+                row.update(_stored_row(sizes, device, checkpoint_peak))
+            else:
+                row.update(_resnet_row(method, sizes, device))
         except Exception as e:
             if not is_oom(e):
                 raise
@@ -811,6 +818,38 @@ def _resnet_row(method: str, sizes: Sizes, device: torch.device) -> dict[str, An
     model, opt = resnet_training(method, sizes, device)
     x, y = image_batch(sizes.resnet_batch, sizes.resnet_size, device)
     return measure(training_step(model, opt, x, y), device, sizes)
+
+
+def _stored_row(sizes: Sizes, device: torch.device, checkpoint_peak: int | None) -> dict[str, Any]:
+    """The reversible ResNet with all of its last stage and the largest number of the third stage's last blocks
+    storing their activations whose step peak stays at or below checkpointing's (``checkpoint_peak``; the peak
+    grows with the count, so a bisection), then measured as the other rows. Without a checkpointing peak (its row
+    ran out of memory) nothing is stored beyond the last stage."""
+    model, opt = resnet_training("zoo-reversible", sizes, device)
+    x, y = image_batch(sizes.resnet_batch, sizes.resnet_size, device)
+    step = training_step(model, opt, x, y)
+    model.layer4.stored_blocks = len(model.layer4)
+    search: list[dict[str, Any]] = []
+
+    def fits(count: int) -> bool:
+        model.layer3.stored_blocks = count
+        step_seconds(step, device, 0, warmup=1)  # the first step at a new count may allocate differently
+        peak = peak_working_bytes(step, device)["peak_bytes"]
+        search.append({"layer3": count, "peak_bytes": peak})
+        return checkpoint_peak is not None and peak <= checkpoint_peak
+
+    fit, fail = 0, model.layer3.depth + 1  # known: nothing stored in layer3 is the reversible row's setting
+    while fail - fit > 1:
+        mid = (fit + fail) // 2
+        fit, fail = (mid, fail) if fits(mid) else (fit, mid)
+    model.layer3.stored_blocks = fit
+    stored = tuple(getattr(model, f"layer{i}").stored_blocks for i in range(1, 5))
+    return {
+        **measure(step, device, sizes),
+        "label": f"{RESNET_LABELS['zoo-reversible-stored']}={stored} (searched: peak <= checkpointing's)",
+        "stored_blocks": stored,
+        "search": search,
+    }
 
 
 def _fmt_row(row: dict[str, Any]) -> str:
@@ -868,7 +907,7 @@ def bench_budget(device: torch.device, sizes: Sizes, clock: Clock, started: floa
     skipped: list[dict[str, str]] = []
     durations: list[float] = []
     with memory_budget(device, budget):
-        for method in RESNET_METHODS:
+        for method in BUDGET_METHODS:
             estimate = min(durations, default=0.0)  # a search is about as long as the quickest one so far
             if not clock.allows(estimate):
                 skipped.append({"item": method, "reason": clock.reason(estimate)})

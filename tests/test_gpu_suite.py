@@ -108,10 +108,19 @@ def test_smoke_run_has_every_benchmark_table(smoke: dict) -> None:
         assert isinstance(r["peak_bytes"], int)
         assert r["step_time_ratio"] == pytest.approx(r["step_time"] / plain["step_time"])
     assert plain["step_time_ratio"] == 1.0
+    # the stored row: all of layer4 (ResNet-50: 3 blocks) and the largest searched layer3 count within
+    # checkpointing's peak (0, the reversible row's setting, when none fits)
+    stored = next(r for r in resnet if r["method"] == "zoo-reversible-stored")
+    ck_peak = next(r for r in resnet if r["method"] == "checkpoint")["peak_bytes"]
+    assert stored["stored_blocks"][:2] == [0, 0] and stored["stored_blocks"][3] == 3
+    assert stored["search"] and {p["layer3"] for p in stored["search"]} <= set(range(1, 7))
+    fitting = [p["layer3"] for p in stored["search"] if p["peak_bytes"] <= ck_peak]
+    assert stored["stored_blocks"][2] == max(fitting, default=0)
+    assert f"stored_blocks=({', '.join(map(str, stored['stored_blocks']))})" in smoke["markdown"]
 
     budget = sections["budget"]
     assert budget["budget_bytes"] == int(gpu_suite.SMOKE.budget_gib * 2**30)
-    assert [r["method"] for r in budget["rows"]] == list(gpu_suite.RESNET_METHODS)
+    assert [r["method"] for r in budget["rows"]] == list(gpu_suite.BUDGET_METHODS)
     for r in budget["rows"]:
         assert r["probes"] and r["probes"][0]["batch"] == 1
         assert 0 <= r["max_batch"] <= gpu_suite.SMOKE.budget_max_batch
@@ -147,8 +156,9 @@ def test_smoke_markdown_has_every_section(smoke: dict) -> None:
         "## MoE vs dense MLP",
     ):
         assert heading in md, heading
-    for label in gpu_suite.RESNET_LABELS.values():
-        assert md.count(f"| {label} |") == 2  # the 224 px table and the budget table
+    for method in gpu_suite.BUDGET_METHODS:
+        assert md.count(f"| {gpu_suite.RESNET_LABELS[method]} |") == 2  # the 224 px table and the budget table
+    assert md.count(f"| {gpu_suite.RESNET_LABELS['zoo-reversible-stored']}=(") == 1  # the 224 px table
     assert "smoke run (tiny sizes)" in md and "INCOMPLETE" not in md
 
 
@@ -230,7 +240,7 @@ def test_a_section_past_its_time_cap_skips_everything_and_says_so(section: str) 
     result = bench(torch.device("cpu"), gpu_suite.SMOKE, expired, time.perf_counter())
     items = {
         "resnet": gpu_suite.RESNET_METHODS,
-        "budget": gpu_suite.RESNET_METHODS,
+        "budget": gpu_suite.BUDGET_METHODS,
         "sinkhorn": [f"{s} tokens" for s in gpu_suite.SMOKE.sinkhorn_seqs],
         "moe": [f"{e} experts" for e in gpu_suite.SMOKE.bench_moe_experts],
     }[section]
