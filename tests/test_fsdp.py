@@ -47,10 +47,10 @@ VIT = {
 # ------------------------------------------------------------------------------------------------ the families
 
 
-def _resnet(name: str, memory: str) -> nn.Module:
+def _resnet(name: str, memory: str, **kwargs: Any) -> nn.Module:
     import zoo
 
-    return zoo.create_model(name, depth=3, num_classes=4, memory=memory)
+    return zoo.create_model(name, depth=3, num_classes=4, memory=memory, **kwargs)
 
 
 def _vit() -> nn.Module:
@@ -116,6 +116,11 @@ FAMILIES = [
     ("depth_scaled_resnet_full", functools.partial(_resnet, "depth_scaled_tiny", "full"), _images(3, 16)),
     ("heun_resnet_adjoint", functools.partial(_resnet, "heun_tiny", "adjoint"), _images(3, 16)),
     ("momentum_resnet_reversible", functools.partial(_resnet, "momentum_tiny", "reversible"), _images(3, 16)),
+    (
+        "momentum_resnet_reversible_stored",  # the last block stores its activations, the first is rebuilt
+        functools.partial(_resnet, "momentum_tiny", "reversible", stored_blocks=1),
+        _images(3, 16),
+    ),
     ("momentum_resnet_full", functools.partial(_resnet, "momentum_tiny", "full"), _images(3, 16)),
     ("sinkformer_vit", _vit, _images(1, 16)),
     ("vmoe", _vmoe, _images(1, 16)),
