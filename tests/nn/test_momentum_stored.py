@@ -185,3 +185,13 @@ def test_adjoint_stack_refuses_stored_blocks():
 def test_resnet_refuses_bad_stored_blocks(kwargs, message):
     with pytest.raises(ZooError, match=message):
         zoo.momentum_cifar_resnet(layers=(2, 3, 2), widths=(4, 4, 4), **kwargs)
+
+
+def test_tied_blocks_sum_the_gradients_of_stored_and_rebuilt_steps():
+    block = MLP(3, 5, seed=1, dtype=torch.float64)
+    full = ResidualStack([block] * 6, rule="momentum", memory="full", gamma=0.8)
+    rev = ResidualStack(
+        [block] * 6, rule="momentum", memory="reversible", gamma=0.8, stored_blocks=2, fixed_point_bits=48
+    )
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert_grads_close(run(full, x), run(rev, x), rtol=1e-10, atol=1e-12)
