@@ -10,10 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-
-import converters
-import zoo
-from tests.nn.test_momentum import (  # noqa: F401  (one_thread: the autouse fixture, for this module too)
+from test_momentum import (  # noqa: F401  (one_thread: the autouse fixture, for this module too)
     MLP,
     ArgBlock,
     DropBlock,
@@ -22,6 +19,9 @@ from tests.nn.test_momentum import (  # noqa: F401  (one_thread: the autouse fix
     one_thread,
     run,
 )
+
+import converters
+import zoo
 from zoo.errors import ZooError
 from zoo.nn import ResidualStack
 
