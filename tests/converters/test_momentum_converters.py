@@ -133,6 +133,23 @@ def test_resnet_gamma_zero_is_the_source(images, name: str) -> None:
         assert_close_to_scale(model(images), source(images), rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tv_resnet50", "timm_resnet50"])
+def test_resnet_gamma_zero_full_trains_as_the_source(images, monkeypatch, name: str) -> None:
+    """Training mode, gamma 0, memory="full", every step on the compiled kernels (the in-place transition blocks,
+    the first step from v_0 = 0, the backward writing into its cotangents): the source's output, input and parameter
+    gradients, and BatchNorm statistics."""
+    from zoo.ops import fixed_point
+
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    source = build_resnet_source(name).train()
+    model = converters.transform(source, to="momentum", gamma=0.0, memory="full").train()
+    assert max(s.depth for s in model.stages) >= 3  # steps inside a stack, whose backward writes in place
+    assert_same_grads(grads_of(model, images, weighted_sum), grads_of(source, images, weighted_sum))
+    for k, v in source.state_dict().items():
+        if "running_" in k:
+            assert_close_to_scale(model.state_dict()[k], v, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tv_resnet18", "timm_resnet18"])
 def test_resnet_momentum_equals_the_zoo_builder(images, tmp_path, name: str) -> None:
     source = build_resnet_source(name)

@@ -308,3 +308,137 @@ def test_channels_last_step_with_gradients_in_another_layout_and_double_backward
                 assert a is None or not a.any()
             else:
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_from_rest_is_the_step_from_a_zero_velocity(kernel_path, dtype, overwrite):
+    """v None (a stack's first step with v_0 = 0, no zeros filled) gives the values of the step from a zero tensor
+    and the same gradients for x and g; its v' is a tensor of its own, so the next step can overwrite it."""
+    gen = torch.Generator().manual_seed(3)
+    x0, w = (torch.randn(2, 4, 8, generator=gen, dtype=dtype) for _ in range(2))
+    wx, wv = (torch.randn(2, 4, 8, generator=gen, dtype=dtype) for _ in range(2))
+
+    def run(v_first):
+        x = x0.clone().requires_grad_(True)
+        p = w.clone().requires_grad_(True)
+        x1, v1 = momentum_float_step(x, v_first(x), x * p, "relu", c=0.1, gamma=0.9, overwrite=overwrite)
+        # a second step, overwriting v1 (what a stack does), from a g that depends on p again
+        x2, v2 = momentum_float_step(x1, v1, x1 * p, "relu", c=0.1, gamma=0.9, overwrite=True)
+        grads = torch.autograd.grad((wx * x2).sum() + (wv * v2).sum(), [x, p])
+        return x2.detach(), v2.detach(), grads
+
+    got = run(lambda x: None)
+    want = run(lambda x: torch.zeros_like(x))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for a, b in zip(got[2], want[2]):
+        assert torch.equal(a, b)
+    # and both are the unfused rule's values
+    x1, v1 = unfused_step(x0, torch.zeros_like(x0), x0 * w, "relu", 0.1, 0.9)
+    assert torch.equal(got[0], unfused_step(x1, v1, x1 * w, "relu", 0.1, 0.9)[0])
+
+
+def _reuse_case(shape, forward_layout, gen):
+    x0, v0, w = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    x0, v0, w = (t.contiguous(memory_format=forward_layout) for t in (x0, v0, w))
+    cot = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2)]  # contiguous cotangents
+    return x0, v0, w, cot
+
+
+def _step_grads(step, x0, v0, w, grad_outputs):
+    """(dL/dx, dL/dv, dL/dw) of one step with g = 2 w, from the cotangents ``grad_outputs`` of (x', v')."""
+    x, v, p = (t.clone().requires_grad_(True) for t in (x0, v0, w))
+    xn, vn = step(x, v, 2.0 * p)
+    return torch.autograd.grad((xn, vn), [x, v, p], grad_outputs=grad_outputs)
+
+
+def test_backward_writes_its_gradients_into_cotangents_no_one_else_holds(monkeypatch):
+    """reuse_cotangents=True on the compiled path: dL/dx is written into dL/dx' and dL/dv into dL/dv' (the same
+    storage comes back), with the values of the step that allocates them and of the unfused rule."""
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    x0, v0, w, cot = _reuse_case((2, 8, 4, 4), torch.contiguous_format, torch.Generator().manual_seed(4))
+    given = [t.clone() for t in cot]
+    got = _step_grads(
+        lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9, reuse_cotangents=True), x0, v0, w, given
+    )
+    assert got[0].data_ptr() == given[0].data_ptr() and got[1].data_ptr() == given[1].data_ptr()
+    fresh = [t.clone() for t in cot]
+    allocated = _step_grads(lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9), x0, v0, w, fresh)
+    assert torch.equal(fresh[0], cot[0]) and torch.equal(fresh[1], cot[1])  # without reuse: the cotangents kept
+    want = _step_grads(lambda x, v, g: unfused_step(x, v, g, "relu", 0.1, 0.9), x0, v0, w, cot)
+    for a, b, c in zip(got, allocated, want):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("case", ["one tensor for both", "another layout than the forward's"])
+def test_backward_keeps_cotangents_it_cannot_write_into(monkeypatch, case):
+    """reuse_cotangents=True, but the cotangents are one tensor, or come in a layout other than the forward's
+    (channels-last state, contiguous cotangents, so the kernel needs a copy in the mask's order): they are left as
+    they were and the gradients are the unfused rule's."""
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    layout = torch.contiguous_format if case == "one tensor for both" else torch.channels_last
+    x0, v0, w, cot = _reuse_case((2, 8, 3, 5), layout, torch.Generator().manual_seed(5))
+    if case == "one tensor for both":
+        cot = [cot[0], cot[0]]
+    given = [t.clone() for t in cot] if cot[0] is not cot[1] else [cot[0].clone()] * 2
+    got = _step_grads(
+        lambda x, v, g: momentum_float_step(x, v, g, "relu", c=0.1, gamma=0.9, reuse_cotangents=True), x0, v0, w, given
+    )
+    assert torch.equal(given[0], cot[0]) and torch.equal(given[1], cot[1])
+    want = _step_grads(lambda x, v, g: unfused_step(x, v, g, "relu", 0.1, 0.9), x0, v0, w, cot)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
+class _SharedGradientBlock(zoo.models.resnet.BasicBlock):
+    """A BasicBlock whose g adds x itself: autograd hands one gradient tensor to both terms of that sum."""
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return super().branch(x) + 0.5 * x
+
+
+@pytest.mark.parametrize("init_velocity", ["zero", "f"])
+@pytest.mark.parametrize("block", [zoo.models.resnet.BasicBlock, _SharedGradientBlock])
+def test_full_stack_writing_into_cotangents_has_the_unfused_rule_gradients(monkeypatch, init_velocity, block):
+    """A memory="full" momentum stack on the compiled path: every step but the last writes its gradients into its
+    cotangents (counted), the stack's output gradient is used twice by the loss, and the input and parameter
+    gradients equal the unfused rule's in float64; with v_0 = f(x_0) too (whose outputs, views of the kernel's
+    result before, could not be overwritten by the next step)."""
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    depth = 4
+    stack = ResidualStack(
+        [block(8, 8) for _ in range(depth)], rule="momentum", gamma=0.9, memory="full", init_velocity=init_velocity
+    )
+    stack = stack.double().train()
+    x0 = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    w = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    written = []
+    get = fixed_point._KERNELS.get
+
+    def counting_get(name, **static):
+        if name == "float_step_backward_packed_into":
+            written.append(static["grad_v"])
+        return get(name, **static)
+
+    monkeypatch.setattr(fixed_point._KERNELS, "get", counting_get)
+
+    def grads(fused: bool):
+        stack.forward_rule.fuses_tail = fused
+        try:
+            x = x0.clone().requires_grad_(True)
+            out = stack(x)
+            loss = (w * out).sum() + (out + out).square().sum()  # the output's gradient summed from three uses
+            return torch.autograd.grad(loss, [x, *stack.parameters()])
+        finally:
+            del stack.forward_rule.fuses_tail
+
+    got = grads(True)
+    # every step but the last wrote into its cotangents; the first step's v_0 = 0 needs no gradient
+    assert written == [True] * (depth - 2) + [init_velocity != "zero"]
+    written.clear()
+    want = grads(False)
+    assert written == []
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -109,8 +109,10 @@ class _ResNetBlock(nn.Module, ResidualFunctionWithTail):
         h = self.residual_step
         if h is None:
             shortcut = self.downsample(x) if getattr(self, "downsample", None) is not None else x
-            out = shortcut + g
-            return F.relu(out) if self.post_activation else out
+            # in place, as torchvision's blocks: g is the branch's own new tensor (its last BatchNorm's output, or
+            # the stochastic-depth product), which no autograd node keeps
+            out = g.add_(shortcut)
+            return F.relu(out, inplace=True) if self.post_activation else out
         if not self.post_activation:
             return g
         if h == 1.0:  # the momentum and plain rules: the same values without two element-wise passes

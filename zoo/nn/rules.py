@@ -168,8 +168,10 @@ class MomentumRule(ForwardRule):
         return (x, velocity())
 
     def step(self, f: ResidualCall, n: int, state: State, h: float) -> State:
+        """(M1); a velocity None stands for v_n = 0 (memory="full"'s first step from rest)."""
         x, v = state
-        v = self.gamma * v + (1.0 - self.gamma) * h * f(n, x, 0)
+        cf = (1.0 - self.gamma) * h * f(n, x, 0)
+        v = cf if v is None else self.gamma * v + cf
         return (x + v, v)
 
     def inverse_step(self, f: ResidualCall, n: int, state: State, h: float) -> State:
@@ -177,12 +179,25 @@ class MomentumRule(ForwardRule):
         x = x_next - v_next
         return (x, (v_next - (1.0 - self.gamma) * h * f(n, x, 0)) / self.gamma)
 
-    def step_parts(self, parts: ResidualPartsCall, n: int, state: State, h: float, overwrite: bool = False) -> State:
+    def step_parts(
+        self,
+        parts: ResidualPartsCall,
+        n: int,
+        state: State,
+        h: float,
+        overwrite: bool = False,
+        reuse_cotangents: bool = False,
+    ) -> State:
         """:meth:`step` from f_n split as ``parts(n, x, 0) = (g, tail)``, f = residual_tail(x, g, tail), in one fused
         kernel (zoo.ops.fixed_point.momentum_float_step): the same values as :meth:`step`, and under autograd only the
         ReLU's sign mask kept per step (for the ``"relu"`` tail) instead of the tail's intermediate tensors.
+        A velocity None stands for v_n = 0.
         ``overwrite``: v_n is not needed after the step (nor by any autograd node), so the step may write v_{n+1}
-        into it and x_{n+1} into g."""
+        into it and x_{n+1} into g. ``reuse_cotangents``: the step's outputs are used only by the next step and its
+        block, so its backward may write its gradients into their cotangents."""
         x, v = state
         g, tail = parts(n, x, 0)
-        return momentum_float_step(x, v, g, tail, c=(1.0 - self.gamma) * h, gamma=self.gamma, overwrite=overwrite)
+        c = (1.0 - self.gamma) * h
+        return momentum_float_step(
+            x, v, g, tail, c=c, gamma=self.gamma, overwrite=overwrite, reuse_cotangents=reuse_cotangents
+        )

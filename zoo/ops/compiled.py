@@ -43,6 +43,8 @@ class CompiledKernels:
         elementwise: every kernel is element-wise over its arguments of the first argument's size (other arguments
             and reductions over all elements allowed): the compiled kernel is then called on 1-D views of them in
             memory order when they share one layout (see :func:`_flat_call`).
+        shaped: names of kernels called on their arguments as given even when ``elementwise`` (a kernel whose
+            arguments come already viewed in the shape its loops need).
     """
 
     def __init__(
@@ -53,10 +55,12 @@ class CompiledKernels:
         fullgraph: bool = False,
         options: dict[str, dict[str, Any]] | None = None,
         elementwise: bool = False,
+        shaped: Sequence[str] = (),
     ) -> None:
         self.eager = dict(eager)
         self.env, self.what, self.fullgraph = env, what, fullgraph
         self.elementwise = elementwise
+        self.shaped = frozenset(shaped)
         self.options = dict(options or {})
         self.enabled = os.environ.get(env, "1").lower() not in ("0", "false", "no", "off")
         self._compiled: dict[tuple, Callable[..., Any]] = {}
@@ -85,7 +89,7 @@ class CompiledKernels:
             # dynamic=None: shapes become dynamic once a second shape is seen, the bound constants never do
             compiled = torch.compile(eager, dynamic=None, fullgraph=self.fullgraph, options=self.options.get(name))
             fn = self._with_eager_fallback(eager, compiled)
-            if self.elementwise:
+            if self.elementwise and name not in self.shaped:
                 fn = _flat_call(fn)
             self._compiled[key] = fn
         return fn

@@ -339,13 +339,20 @@ def _to_float(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
 # path with a bool mask.
 
 
+def _velocity_next(v: torch.Tensor | None, cf: torch.Tensor, gamma: float) -> torch.Tensor:
+    """v' = gamma v + c f from ``cf`` = c f; v None stands for v = 0 (then v' = c f: the same value, the sum with
+    gamma 0 = +0 changing at most a zero's sign), so a first step from rest neither fills nor reads a zero v."""
+    return cf if v is None else gamma * v + cf
+
+
 def _momentum_float_step(
-    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, c: float, gamma: float, tail: str
+    x: torch.Tensor, v: torch.Tensor | None, g: torch.Tensor, *, c: float, gamma: float, tail: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M1) in floating point: f = residual_tail(x, g, tail), v' = gamma v + c f, x' = x + v' -- the same operations
-    in the same order as the rule written with tensor ops (so the same values, bit for bit, in float32/float64)."""
+    in the same order as the rule written with tensor ops (so the same values, bit for bit, in float32/float64);
+    v None: v = 0."""
     f = torch.relu(x + g) - x if tail == "relu" else g
-    v_next = gamma * v + c * f
+    v_next = _velocity_next(v, c * f, gamma)
     return x + v_next, v_next
 
 
@@ -407,17 +414,19 @@ def _unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _momentum_float_step_packed(
-    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, c: float, gamma: float, overwrite: bool
+    x: torch.Tensor, v: torch.Tensor | None, g: torch.Tensor, *, c: float, gamma: float, overwrite: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_momentum_float_step` for the ``"relu"`` tail, plus relu's derivative mask x + g > 0 (0 at 0 as
     autograd's; x + g is the step's own sum, bit for bit) packed by :func:`_pack_positive`. With ``overwrite``,
-    x' is written into g and v' into v (returned as such)."""
+    x' is written into g and v' into v (returned as such; v None: v = 0, v' a new tensor)."""
     s = x + g
-    v_next = gamma * v + c * (torch.relu(s) - x)
+    v_next = _velocity_next(v, c * (torch.relu(s) - x), gamma)
     x_next = x + v_next
     packed = _pack_positive(s)
     if overwrite:
         g.copy_(x_next)
+        if v is None:
+            return g, v_next, packed
         v.copy_(v_next)
         return g, v, packed
     return x_next, v_next, packed
@@ -438,13 +447,33 @@ def _momentum_float_step_backward_packed(
     return (gx_next - (ca - grad_g)).reshape(shape), (gamma * a).reshape(shape), grad_g.reshape(shape)
 
 
+def _momentum_float_step_backward_packed_into_(
+    gx_next: torch.Tensor, gv_next: torch.Tensor, packed: torch.Tensor, *, c: float, gamma: float, grad_v: bool
+) -> torch.Tensor:
+    """:func:`_momentum_float_step_backward_packed` (``with_gv``) writing dL/dx into ``gx_next`` and, with
+    ``grad_v``, dL/dv into ``gv_next``; returns dL/dg. The cotangents come as (8, numel / 8) views, the packing's
+    layout, so that the writes run in the arithmetic's own loop (written through 1-D views they took a second loop
+    and a temporary). For cotangents no one else holds: two fresh stage-sized gradients fewer per step (a CPU pays
+    for each fresh one again in page faults)."""
+    mask = _unpack_mask(packed, gx_next.shape)
+    a = gx_next + gv_next
+    ca = c * a
+    grad_g = torch.where(mask, ca, 0.0)
+    gx_next.copy_(gx_next - (ca - grad_g))
+    if grad_v:
+        gv_next.copy_(gamma * a)
+    return grad_g
+
+
 def _compiles(x: torch.Tensor) -> bool:
     """Whether the float step of state ``x`` runs as a compiled kernel: large float32/float64 states (bf16/half
     would round differently compiled: inductor keeps the intermediates in float32)."""
     return x.numel() >= FLOAT_STEP_COMPILE_MIN_NUMEL and x.dtype in (torch.float32, torch.float64)
 
 
-def _float_step(x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, **static: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _float_step(
+    x: torch.Tensor, v: torch.Tensor | None, g: torch.Tensor, **static: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_momentum_float_step`, compiled where :func:`_compiles`, else eager."""
     if _compiles(x):
         return _KERNELS.get("float_step", **static)(x, v, g)
@@ -457,54 +486,102 @@ class _MomentumFloatStep(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, c: float, gamma: float, tail: str, overwrite: bool
+        ctx: Any,
+        x: torch.Tensor,
+        v: torch.Tensor | None,
+        g: torch.Tensor,
+        c: float,
+        gamma: float,
+        tail: str,
+        overwrite: bool,
+        reuse_cotangents: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
         ctx.c, ctx.gamma, ctx.tail = c, gamma, tail
-        ctx.dtypes = (x.dtype, v.dtype, g.dtype)
+        ctx.dtypes = (x.dtype, x.dtype if v is None else v.dtype, g.dtype)
         ctx.shape = x.shape
         ctx.packed = tail == "relu" and _compiles(x) and x.numel() % _MASK_BITS == 0 and x.dtype == g.dtype
+        # under a caller's torch.compile the backward is traced: no writes into its inputs there
+        ctx.reuse = reuse_cotangents and not torch.compiler.is_compiling()
         if ctx.packed:
-            overwrite = overwrite and v.dtype == x.dtype and not torch.compiler.is_compiling()
+            overwrite = overwrite and (v is None or v.dtype == x.dtype) and not torch.compiler.is_compiling()
             # the kernel runs on the dims in x's memory order (contiguous views for a dense x of any memory format:
             # the element-wise kernels then run on 1-D views), and the mask is packed in that order: backward reads
             # it with the same permutation
             ctx.order = None if x.is_contiguous() else memory_order(x)  # None: already in memory order
             kernel = _KERNELS.get("float_step_packed", c=c, gamma=gamma, overwrite=overwrite)
-            x_next, v_next, packed = kernel(*(in_memory_order(t, ctx.order) for t in (x, v, g)))
+            x_next, v_next, packed = kernel(*(None if t is None else in_memory_order(t, ctx.order) for t in (x, v, g)))
             ctx.save_for_backward(packed)
-            if overwrite:  # x', v' are in g's and v's storage: return those tensors themselves, marked dirty
+            if overwrite:  # x' (and v') are in g's (and v's) storage: return those tensors themselves, marked dirty
+                if v is None:
+                    ctx.mark_dirty(g)
+                    return g, _own(from_memory_order(v_next, ctx.order))
                 ctx.mark_dirty(v, g)
                 return g, v
-            return from_memory_order(x_next, ctx.order), from_memory_order(v_next, ctx.order)
+            return _own(from_memory_order(x_next, ctx.order)), _own(from_memory_order(v_next, ctx.order))
         # relu's derivative, 0 at 0 as autograd's (x + g is the kernel's sum, bit for bit)
         ctx.save_for_backward(torch.gt(x + g, 0) if tail == "relu" else None)
-        return _float_step(x, v, g, c=c, gamma=gamma, tail=tail)
+        return tuple(_own(t) for t in _float_step(x, v, g, c=c, gamma=gamma, tail=tail))
 
     @staticmethod
     def backward(ctx: Any, gx_next: torch.Tensor | None, gv_next: torch.Tensor | None) -> tuple[Any, ...]:
         (mask,) = ctx.saved_tensors
+        none = (None,) * 5  # c, gamma, tail, overwrite, reuse_cotangents
         if gx_next is None and gv_next is None:
-            return None, None, None, None, None, None, None
+            return (None, None, None, *none)
         if gx_next is None:  # only v' was used: a = dL/dv'
             gx_next = torch.zeros_like(gv_next)
         with_gv = gv_next is not None
+        grad_v = ctx.needs_input_grad[1]
         if ctx.packed and not torch.is_grad_enabled() and gx_next.dtype == ctx.dtypes[0]:
-            gv_in = gv_next.to(gx_next.dtype) if with_gv else gx_next  # not read without with_gv
-            kernel = _KERNELS.get("float_step_backward_packed", c=ctx.c, gamma=ctx.gamma, with_gv=with_gv)
-            grads = kernel(in_memory_order(gx_next, ctx.order), in_memory_order(gv_in, ctx.order), mask)
-            grads = [from_memory_order(gr, ctx.order) for gr in grads]
+            # contiguous in the forward's memory order, the order the mask is packed in (the kernel's 1-D views
+            # would otherwise follow the cotangents' own layout and pair them with the wrong bits)
+            gx_in = in_memory_order(gx_next, ctx.order).contiguous()
+            gv_in = in_memory_order(gv_next.to(gx_next.dtype), ctx.order).contiguous() if with_gv else gx_in
+            if ctx.reuse and with_gv and _writable_pair(gx_in, gv_in, gx_next, gv_next):
+                # no one else holds the cotangents of a step inside a stack (the engine summed x's into a tensor of
+                # its own): dL/dx and dL/dv are written into them
+                kernel = _KERNELS.get("float_step_backward_packed_into", c=ctx.c, gamma=ctx.gamma, grad_v=grad_v)
+                grad_g = kernel(gx_in.view(_MASK_BITS, -1), gv_in.view(_MASK_BITS, -1), mask)
+                grad_g = from_memory_order(grad_g.view(gx_in.shape), ctx.order)
+                grads = [gx_next, gv_next if grad_v else None, grad_g]
+            else:
+                kernel = _KERNELS.get("float_step_backward_packed", c=ctx.c, gamma=ctx.gamma, with_gv=with_gv)
+                grads = [from_memory_order(gr, ctx.order) for gr in kernel(gx_in, gv_in, mask)]
         else:  # double backward (create_graph: differentiable eager ops) or the eager path
             if ctx.packed:  # packed in the order of the forward's dims
                 shape = ctx.shape if ctx.order is None else torch.Size(ctx.shape[d] for d in ctx.order)
                 mask = from_memory_order(_unpack_mask(mask, shape), ctx.order)
             grads = _momentum_float_step_backward(gx_next, gv_next, mask, c=ctx.c, gamma=ctx.gamma, tail=ctx.tail)
         grads = [gr.to(dt) if ctx.needs_input_grad[i] else None for i, (gr, dt) in enumerate(zip(grads, ctx.dtypes))]
-        return (*grads, None, None, None, None)
+        return (*grads, *none)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A kernel's output as a tensor of its own, not a view of the compiled kernel's 1-D result: the next step may
+    then write into it (autograd does not let a Function with two outputs modify a view in place)."""
+    return t.detach() if t._is_view() else t
+
+
+def _writable_pair(gx: torch.Tensor, gv: torch.Tensor, gx_given: torch.Tensor, gv_given: torch.Tensor) -> bool:
+    """Whether the backward kernel's inputs ``gx`` and ``gv`` (contiguous, in the forward's memory order) are the
+    given cotangents themselves, not layout or dtype copies, and distinct: writing into them then writes into the
+    given tensors."""
+    return (
+        gx.data_ptr() == gx_given.data_ptr() and gv.data_ptr() == gv_given.data_ptr() and gx.data_ptr() != gv.data_ptr()
+    )
 
 
 def momentum_float_step(
-    x: torch.Tensor, v: torch.Tensor, g: torch.Tensor, tail: str, *, c: float, gamma: float, overwrite: bool = False
+    x: torch.Tensor,
+    v: torch.Tensor | None,
+    g: torch.Tensor,
+    tail: str,
+    *,
+    c: float,
+    gamma: float,
+    overwrite: bool = False,
+    reuse_cotangents: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One momentum step (M1) in floating point, fused: v' = gamma v + c f, x' = x + v', f = residual_tail(x, g, tail).
 
@@ -513,7 +590,7 @@ def momentum_float_step(
     float64 state, else one byte).
 
     Args:
-        x, v: the state x_n, v_n.
+        x, v: the state x_n, v_n; v None: v_n = 0 (a first step from rest: no zero tensor filled or read).
         g: the residual function's last tensor at x_n (f = residual_tail(x, g, tail)).
         tail: one of :data:`RESIDUAL_TAILS`.
         c: the factor of f, (1 - gamma) h.
@@ -522,11 +599,16 @@ def momentum_float_step(
             block's g is its last BatchNorm's output): the step may then write x' into g and v' into v, as a plain
             block adds its shortcut into that output in place (fresh stage-sized outputs cost a CPU as much again
             in page faults). Done where the step is compiled (with autograd, marked dirty); elsewhere ignored.
+        reuse_cotangents: x' and v' are used only by the caller's next step and its residual block (a step inside
+            a stack, not its last), so the cotangents of x' and v' reach this step's backward held by no one else:
+            the backward may then write dL/dx and dL/dv into them instead of into fresh tensors. Done where the
+            step is compiled, outside double backward and a caller's torch.compile; elsewhere ignored.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or v.requires_grad or g.requires_grad):
-        return _MomentumFloatStep.apply(x, v, g, c, gamma, tail, overwrite)
+    if torch.is_grad_enabled() and (x.requires_grad or (v is not None and v.requires_grad) or g.requires_grad):
+        return _MomentumFloatStep.apply(x, v, g, c, gamma, tail, overwrite, reuse_cotangents)
     if (
         overwrite
+        and v is not None
         and tail == "relu"
         and _compiles(x)
         and x.dtype == v.dtype == g.dtype
@@ -548,11 +630,13 @@ _KERNELS = CompiledKernels(
         "float_step_into": _momentum_float_step_into_,
         "float_step_packed": _momentum_float_step_packed,
         "float_step_backward_packed": _momentum_float_step_backward_packed,
+        "float_step_backward_packed_into": _momentum_float_step_backward_packed_into_,
     },
     env="ZOO_FUSED_FIXED_POINT",
     what="the fused fixed-point kernels",
     fullgraph=True,
     elementwise=True,
+    shaped=("float_step_backward_packed_into",),
 )
 
 

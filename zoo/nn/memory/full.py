@@ -12,13 +12,20 @@ __all__ = ["integrate", "integrate_from", "run", "run_plain"]
 
 
 def _advance(
-    stack: EngineStack, n: int, args: tuple, kwargs: dict, *state: torch.Tensor, overwrite: bool = False
+    stack: EngineStack,
+    n: int,
+    args: tuple,
+    kwargs: dict,
+    *state: torch.Tensor | None,
+    overwrite: bool = False,
+    internal: bool = False,
 ) -> State:
-    """Step n of the stack's rule from ``state``."""
+    """Step n of the stack's rule from ``state``; ``internal``: its outputs go only to step n + 1 (and its
+    block)."""
     rule, h = stack.forward_rule, stack.step
     if rule.fuses_tail:  # one fused kernel for the rule and the blocks' element-wise tails (the momentum rule)
         parts = lambda m, y, k: stack.residual_parts(m, y, args, kwargs)  # noqa: E731
-        return rule.step_parts(parts, n, state, h, overwrite=overwrite)
+        return rule.step_parts(parts, n, state, h, overwrite=overwrite, reuse_cotangents=internal)
     return rule.step(lambda m, y, k: stack.residual(m, y, args, kwargs), n, state, h)
 
 
@@ -30,7 +37,11 @@ def integrate(
     ``x``: the stack's input; ``args`` / ``kwargs``: the extra arguments every block receives."""
     rule = stack.forward_rule
     if not checkpointing:
-        state = rule.initial_state(x, lambda: stack.initial_velocity(x, args, kwargs))
+        if stack.init_velocity == "zero" and rule.fuses_tail:
+            # the fused step takes v_0 = 0 as None: no state-sized zeros filled, read, or given a gradient
+            state = rule.initial_state(x, lambda: None)
+        else:
+            state = rule.initial_state(x, lambda: stack.initial_velocity(x, args, kwargs))
         # v_0 = 0 is needed by nothing else: the first step may overwrite it
         return integrate_from(stack, state, 0, args, kwargs, overwrite_first=stack.init_velocity == "zero")
 
@@ -56,8 +67,10 @@ def integrate_from(
     ``start`` may write into it."""
     for n in range(start, stack.depth):
         # v_n is the previous step's own output, needed by nothing else: the step may overwrite it
-        # (not under checkpointing, whose recomputation reads the step's inputs again)
-        state = _advance(stack, n, args, kwargs, *state, overwrite=n > start or overwrite_first)
+        # (not under checkpointing, whose recomputation reads the step's inputs again); the outputs of every step
+        # but the last go only to the next step and its block
+        overwrite = n > start or overwrite_first
+        state = _advance(stack, n, args, kwargs, *state, overwrite=overwrite, internal=n < stack.depth - 1)
     return state[0]
 
 
