@@ -79,6 +79,35 @@ def test_elementwise_kernels_run_on_one_dimensional_views_of_contiguous_argument
     assert kernels.enabled
 
 
+def test_shaped_kernels_of_an_elementwise_set_get_their_arguments_as_given() -> None:
+    """``shaped``: a kernel of an ``elementwise`` set that is called on its arguments as they are (here (2, 12)
+    views, which the set's other kernels would see as 1-D), compiled and with the eager values; its in-place
+    writes land in the given tensors."""
+    seen: list[tuple[int, ...]] = []
+
+    def kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        y.copy_(y + x)
+        return x * 2
+
+    kernels = CompiledKernels(
+        {"flat": kernel, "shaped": kernel},
+        env="ZOO_TEST_UNUSED",
+        what="test kernels",
+        elementwise=True,
+        shaped=("shaped",),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, y = torch.randn(2, 12), torch.randn(2, 12)
+        want_y = y + x
+        assert torch.equal(kernels.get("shaped")(x, y), x * 2) and torch.equal(y, want_y)
+        assert seen[-1] == (2, 12)
+        kernels.get("flat")(x, y)
+        assert seen[-1] == (24,) and torch.equal(y, want_y + x)
+    assert kernels.enabled
+
+
 def test_elementwise_kernels_flatten_channels_last_arguments_in_memory_order() -> None:
     """Arguments sharing a channels-last layout are viewed as 1-D in memory order, and the results come back in
     the first argument's shape and layout with the eager values."""
