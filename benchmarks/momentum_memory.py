@@ -42,8 +42,10 @@ no state; gradients are allocated once before the measurement and zeroed in plac
 * Time: one process per model (``--worker time``) with the ordinary allocator (under the small mmap threshold
   every large allocation is a fresh mapping that page-faults on first touch, which is not how training runs).
   It builds every method, runs a warm-up round and ``--steps`` timed rounds, each round one step of every
-  method back to back, so the load of other processes on a shared machine hits them alike; the ratio to plain
-  is the median over rounds of the ratio within a round. Each step's forward (and loss) is timed too:
+  method back to back, so the load of other processes on a shared machine hits them alike; the order is
+  reversed every other round, because a step's position in the round moves its time (the same convolutions ran
+  9-12% slower in the second model of a two-model round than in the first, whichever model was second); the
+  ratio to plain is the median over rounds of the ratio within a round. Each step's forward (and loss) is timed too:
   1 + plain's forward / plain's step is the floor of any method that recomputes every block's forward once in
   backward, printed beside the reversible time verdicts.
 * Threads: 1 on CPU by default (``--threads``): on a machine shared with other jobs, two OpenMP threads slow down
@@ -322,8 +324,9 @@ def tied_worker(args: argparse.Namespace) -> dict[str, Any]:
 def time_worker(args: argparse.Namespace) -> dict[str, Any]:
     """All methods of one table row group in one process, their steps alternating round by round.
 
-    Round 0 is the warm-up; rounds 1..steps are timed. Every round times one step of each method back to back,
-    so load from other processes hits all of them alike; the ratios to plain are taken per round.
+    Round 0 is the warm-up; rounds 1..steps are timed. Every round times one step of each method back to back
+    (in reverse order every other round), so load from other processes hits all of them alike; the ratios to plain
+    are taken per round.
     """
     device = torch.device(args.device)
     if args.threads:
@@ -332,7 +335,9 @@ def time_worker(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {m: [] for m in steps}
     forward_times: dict[str, list[float]] = {m: [] for m in steps}
     for r in range(args.steps + 1):
-        for m, step in steps.items():
+        # the order reversed every other round: no method always runs in the same position (see the docstring)
+        order = list(steps.items()) if r % 2 == 0 else list(reversed(steps.items()))
+        for m, step in order:
             sync(device)
             t0 = time.perf_counter()
             forward = step()
@@ -755,7 +760,8 @@ def main(argv: list[str] | None = None) -> None:
             "warm-up step"
             + (", MALLOC_MMAP_THRESHOLD_=65536" if device.type == "cpu" else "")
             + f", peak from {method_used}. step: median over {args.steps} rounds after a warm-up round; each round "
-            "runs one step of every method back to back in one process per model (ordinary allocator); "
+            "runs one step of every method back to back in one process per model (ordinary allocator), in reverse "
+            "order every other round; "
             "time / plain: median over the rounds of the ratio within the round.\n"
         )
     if args.depths:
