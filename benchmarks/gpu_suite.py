@@ -1000,7 +1000,7 @@ def _probe_peak(
 
 
 def bench_sinkhorn(device: torch.device, sizes: Sizes, clock: Clock, started: float) -> dict[str, Any]:
-    from zoo.ops.sinkhorn import attention
+    from zoo.ops.sinkhorn import attention, kernel_path
 
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -1018,7 +1018,8 @@ def bench_sinkhorn(device: torch.device, sizes: Sizes, clock: Clock, started: fl
             skipped += [{"item": f"{s} tokens", "reason": clock.reason(estimate)} for s in sizes.sinkhorn_seqs[i:]]
             break
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"seq": seq}
+        # the kernel the op picks here (bf16 inputs: float32 work)
+        row: dict[str, Any] = {"seq": seq, "kernel": kernel_path(device, seq, seq, qk_dim=sizes.sinkhorn_head_dim)}
         for name, fn in methods.items():
             try:
                 row[name] = _attention_cell(fn, seq, sizes, device)
@@ -1302,6 +1303,7 @@ def _section_markdown(name: str, sec: dict[str, Any], sizes: dict[str, Any], tim
             _table(
                 [
                     "tokens",
+                    "Sinkhorn kernel",
                     "SDPA (ms)",
                     "Sinkhorn (ms)",
                     "time ratio",
@@ -1312,6 +1314,7 @@ def _section_markdown(name: str, sec: dict[str, Any], sizes: dict[str, Any], tim
                 [
                     [
                         str(r["seq"]),
+                        r.get("kernel", "-"),
                         _ms(r["sdpa"]),
                         _ms(r["sinkhorn"]),
                         _n(r.get("step_time_ratio"), ".2f"),
@@ -1321,6 +1324,7 @@ def _section_markdown(name: str, sec: dict[str, Any], sizes: dict[str, Any], tim
                     ]
                     for r in rows
                 ],
+                left=(0, 1),
             )
         )
     elif name == "moe" and rows:

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         f"above the inputs, peak from {rows[0]['sdpa']['peak_method'] if rows else ''}"
         f"{', MALLOC_MMAP_THRESHOLD_=65536' if device.type == 'cpu' else ''}. "
         "the op picks "
-        + ", ".join(f"{sinkhorn_op.kernel_path(device, seq, seq)} at {seq}" for seq in args.seqs)
+        + ", ".join(f"{sinkhorn_op.kernel_path(device, seq, seq, qk_dim=args.head_dim)} at {seq}" for seq in args.seqs)
         + " (n_iter > 1). "
         f"zoo: the op's own choice (kernel_path; chunked up to {sinkhorn_op.TILED_MIN_BYTES // MIB} MiB of scores per "
         f"slice, tiled above). naive: log-domain loop with plain autograd (skipped above seq {args.naive_max_seq})."

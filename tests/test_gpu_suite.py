@@ -132,6 +132,7 @@ def test_smoke_run_has_every_benchmark_table(smoke: dict) -> None:
     sinkhorn = sections["sinkhorn"]["rows"]
     assert [r["seq"] for r in sinkhorn] == list(gpu_suite.SMOKE.sinkhorn_seqs)
     for r in sinkhorn:
+        assert r["kernel"] == "chunked"  # CPU, short sequences
         assert r["sdpa"]["step_time"] > 0 and r["sinkhorn"]["step_time"] > 0
         assert r["step_time_ratio"] == pytest.approx(r["sinkhorn"]["step_time"] / r["sdpa"]["step_time"])
 

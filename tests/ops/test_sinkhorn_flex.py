@@ -17,9 +17,9 @@ def rand(*shape, seed=0, device="cpu"):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def case(mask, n_iter, device="cpu", N=3, L=13, S=11):
+def case(mask, n_iter, device="cpu", N=3, L=13, S=11, E=4, Ev=5):
     """Flattened q, k, v, compact bias + index, output factor of one test case."""
-    q, k, v = rand(N, L, 4, seed=1), rand(N, S, 4, seed=2), rand(N, S, 5, seed=3)
+    q, k, v = rand(N, L, E, seed=1), rand(N, S, E, seed=2), rand(N, S, Ev, seed=3)
     bias = idx = None
     if mask == "padding":  # keys of slice 1 padded, shared over rows: (Nb, 1, S)
         bias = torch.zeros(N, 1, S).masked_fill(
@@ -53,18 +53,68 @@ def test_not_selected_on_cpu():
     assert sk.kernel_path(torch.device("cpu"), 4096, 4096) == "tiled"
 
 
-@needs_cuda
-def test_selected_on_cuda():
-    assert sk.kernel_path(torch.device("cuda"), 4096, 4096) == "flex"
-    assert sk.kernel_path(torch.device("cuda"), 64, 64, dropout_p=0.1) == "chunked"
+def test_selected_on_cuda_where_its_kernels_run():
+    # a device object is enough: the choice needs no GPU
+    cuda = torch.device("cuda")
+    assert sk.kernel_path(cuda, 4096, 4096) == "flex"
+    assert sk.kernel_path(cuda, 64, 64, qk_dim=16, v_dim=24) == "flex"
+    assert sk.kernel_path(cuda, 64, 64, dropout_p=0.1) == "chunked"
+    # Triton's matrix product needs head dims of at least 16; FlexAttention's log-sum-exp is float32
+    assert sk.kernel_path(cuda, 64, 64, qk_dim=8) == "chunked"
+    assert sk.kernel_path(cuda, 4096, 4096, qk_dim=64, v_dim=15) == "tiled"
+    assert sk.kernel_path(cuda, 64, 64, dtype=torch.float64) == "chunked"
+
+
+def test_attention_passes_its_head_dims_and_dtype(monkeypatch):
+    seen = []
+    real = sk.kernel_path
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sk, "kernel_path", spy)
+    for dtype, working in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        q, k, v = rand(2, 3, 7, 12).to(dtype), rand(2, 3, 5, 12).to(dtype), rand(2, 3, 5, 20).to(dtype)
+        sk.attention(q, k, v, None, n_iter=3)
+        assert seen.pop() == {"dtype": working, "qk_dim": 12, "v_dim": 20}
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_compiled_calls_follow_new_lengths_and_batches_without_recompiling(monkeypatch):
+    """The path's torch.compile settings, traced on CPU (the "eager" backend: Dynamo's guards and recompilations,
+    FlexAttention's reference forward). After two sizes every further sequence length and batch size reuses the
+    dynamic compilations: with static shapes and torch's shared budget of 8, the third length fell back to the
+    unfused path."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setitem(sf._COMPILED, "flex", sf.compile_flex(backend="eager"))
+
+    def run(sizes):
+        for N, L in sizes:
+            for mask in ("none", "padding"):
+                for n_iter in (3, 4):
+                    q, k, v, bias, idx, factor = case(mask, n_iter, N=N, L=L, S=L, E=16, Ev=16)
+                    out = sf.flex_sinkhorn(q, k, v, bias, idx, factor, n_iter, 0.3)
+                    ref = sk._SinkhornFunction.apply(q, k, v, bias, idx, None, n_iter, 0.3, factor, 2)
+                    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        limit_hits = sum(v for key, v in counters["unimplemented"].items() if "recompile limit" in key)
+        run([(3, 24), (4, 40)])  # static, then dynamic compilations
+        compiled = counters["frames"]["ok"]
+        run([(5, 56), (2, 72), (6, 88)])
+        assert counters["frames"]["ok"] == compiled  # nothing compiled for new lengths and batch sizes
+        assert sum(v for key, v in counters["unimplemented"].items() if "recompile limit" in key) == limit_hits
 
 
 @needs_cuda
 @pytest.mark.parametrize("n_iter", [2, 3, 4, 5])
 @pytest.mark.parametrize("mask", ["none", "padding", "dense"])
 def test_backward_on_cuda_equals_chunked_kernel(mask, n_iter):
-    q, k, v, bias, idx, factor = case(mask, n_iter, "cuda", N=4, L=128, S=96)
-    dout = rand(4, 128, 5, seed=6, device="cuda")
+    # head dims of at least 16 (FlexAttention's CUDA kernels); 24: not a power of two
+    q, k, v, bias, idx, factor = case(mask, n_iter, "cuda", N=4, L=128, S=96, E=16, Ev=24)
+    dout = rand(4, 128, 24, seed=6, device="cuda")
     results = []
     for flex in (True, False):
         ins = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -24,7 +24,8 @@ unrolled backward, no detaching, no implicit differentiation). The two chunk fun
 weights by the same iteration under plain autograd.
 
 Two more kernels compute the same values and gradients, chosen by :func:`kernel_path`: on CUDA the
-FlexAttention path (:mod:`zoo.ops.sinkhorn_flex`: one fused attention call per half-step), and, when one slice's
+FlexAttention path (:mod:`zoo.ops.sinkhorn_flex`: one fused attention call per half-step; float32 work, head dims
+of at least 16), and, when one slice's
 scores exceed ``TILED_MIN_BYTES`` (8 MiB, from about 1,450 x 1,450 tokens), the tiled kernel
 (:mod:`zoo.ops.sinkhorn_tiled`: blocks of query rows, scores recomputed in every pass, memory O(L + S) per slice,
 cost per score independent of the length).
@@ -458,7 +459,7 @@ def attention(
             keep = torch.empty((N, L, S), dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
             keep_scale = torch.full((N, 1, 1), 1.0 / (1.0 - dropout_p), dtype=f32, device=q.device)
             factor = keep_scale if factor is None else factor * keep_scale
-        path = kernel_path(q.device, L, S, dropout_p)
+        path = kernel_path(q.device, L, S, dropout_p, dtype=f32, qk_dim=E, v_dim=vf.shape[-1])
         if path == "flex":
             out = flex_sinkhorn(qn, kn, vn, bn, bidx, factor, n_iter, scale)
         elif path == "tiled":
@@ -469,21 +470,37 @@ def attention(
         return out.reshape(*lead, L, vf.shape[-1]).to(out_dtype)
 
 
-def kernel_path(device: torch.device, L: int, S: int, dropout_p: float = 0.0) -> str:
+def kernel_path(
+    device: torch.device,
+    L: int,
+    S: int,
+    dropout_p: float = 0.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    qk_dim: int = 64,
+    v_dim: int | None = None,
+) -> str:
     """Which kernel runs Sinkhorn attention (n_iter > 1, no ``return_weights``) for scores of shape (..., L, S):
 
-    * ``"flex"`` on CUDA where ``torch.nn.attention.flex_attention`` exists (:mod:`zoo.ops.sinkhorn_flex`);
+    * ``"flex"`` on CUDA where ``torch.nn.attention.flex_attention`` exists, for float32 work and head dims of at
+      least 16 (:func:`zoo.ops.sinkhorn_flex.flex_available`; :mod:`zoo.ops.sinkhorn_flex`);
     * ``"tiled"`` (:mod:`zoo.ops.sinkhorn_tiled`, memory O(L + S) per slice) when one (batch x head) slice's
       float32 scores exceed ``TILED_MIN_BYTES`` (8 MiB: L * S > 2**21, e.g. from 2,048 x 2,048 tokens), where a
       whole slice no longer stays in cache and the tiled passes win;
     * ``"chunked"`` otherwise: the chunked kernel (a few whole slices at a time, one matmul fewer per pass), and
       always with dropout (its mask is drawn per weight) or under a caller's ``torch.compile`` (a graph of a few
       chunks rather than one call per tile).
-    ``device``: the inputs' device; ``dropout_p``: the dropout probability (dropout keeps the chunked kernel).
+
+    Args:
+        device: the inputs' device.
+        L, S: query and key lengths.
+        dropout_p: the dropout probability (dropout keeps the chunked kernel).
+        dtype: the working dtype (float32, or float64 for float64 inputs).
+        qk_dim, v_dim: the query/key and value head dims (``v_dim`` None: ``qk_dim``).
     """
     if dropout_p > 0.0 or torch.compiler.is_compiling():
         return "chunked"
-    if flex_available(device):
+    if flex_available(device, dtype, qk_dim, v_dim):
         return "flex"
     return "tiled" if 4 * L * S > TILED_MIN_BYTES else "chunked"
 

@@ -12,7 +12,14 @@ after a last column step one more call with both potentials gives softmax_j(C + 
 Empty rows / columns (all -inf) give a 0 potential, as in the other kernels. Gradients are FlexAttention's own
 (through the outputs, the log-sum-exps and the potentials captured by ``score_mod``): the exact unrolled backward
 of the iteration. FlexAttention's forward runs on every device (unfused, materialising the scores, without
-``torch.compile``); its fused kernels and its backward need CUDA, which is where the op selects this path.
+``torch.compile``); its fused kernels and its backward need CUDA, which is where the op selects this path, for
+head dims of at least 16 (Triton's matrix product) and float32 work (its log-sum-exp is float32 whatever the
+inputs' dtype, so float64 stays on the exact kernels).
+
+The slices are FlexAttention's batch, (N, 1, L, E) with one head: its head count is compiled as a static size,
+the batch is not. The calls are compiled once with automatic dynamic shapes (a second sequence length or batch
+size makes those sizes symbolic, rather than one compilation per length) and a recompilation budget of their own:
+under torch's shared default of 8, a third sequence length already sent every later call to the unfused path.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["flex_available", "flex_sinkhorn"]
+__all__ = ["FLEX_MIN_HEAD_DIM", "FLEX_RECOMPILE_LIMIT", "compile_flex", "flex_available", "flex_sinkhorn"]
 
 try:  # FlexAttention (torch >= 2.5; the aux request API since 2.9)
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
@@ -30,13 +37,41 @@ except ImportError:  # pragma: no cover - an older torch: the op uses its other 
     flex_attention = None  # type: ignore[assignment]
     AuxRequest = None  # type: ignore[assignment,misc]
 
+# Triton's tl.dot, under FlexAttention's CUDA kernels, needs query/key and value widths of at least 16
+FLEX_MIN_HEAD_DIM = 16
+# compiled variants of the calls: up to 4 score_mod shapes (which potentials and mask terms it adds) x mask layouts
+# x static / dynamic sizes stay far below this; past it torch falls back to the unfused path (correct, slow)
+FLEX_RECOMPILE_LIMIT = 64
+
 _COMPILED: dict[str, Callable[..., Any]] = {}
 
 
-def flex_available(device: torch.device) -> bool:
-    """Whether the op runs on FlexAttention here: CUDA with a torch that has it (fused kernels and backward).
-    ``device``: the device the attention runs on."""
-    return flex_attention is not None and device.type == "cuda"
+def flex_available(
+    device: torch.device, dtype: torch.dtype = torch.float32, qk_dim: int = FLEX_MIN_HEAD_DIM, v_dim: int | None = None
+) -> bool:
+    """Whether FlexAttention's fused kernels (and backward) run this attention: CUDA, a torch that has them, float32
+    work and head dims of at least ``FLEX_MIN_HEAD_DIM``.
+
+    Args:
+        device: the device the attention runs on.
+        dtype: the working dtype (float32, or float64 for float64 inputs).
+        qk_dim, v_dim: the query/key and value head dims (``v_dim`` None: ``qk_dim``).
+    """
+    v_dim = qk_dim if v_dim is None else v_dim
+    return (
+        flex_attention is not None
+        and device.type == "cuda"
+        and dtype == torch.float32
+        and min(qk_dim, v_dim) >= FLEX_MIN_HEAD_DIM
+    )
+
+
+def compile_flex(backend: str | Callable[..., Any] = "inductor") -> Callable[..., Any]:
+    """flex_attention under torch.compile as this path runs it: automatic dynamic shapes and a recompilation budget
+    of its own (``FLEX_RECOMPILE_LIMIT``). ``backend``: the torch.compile backend (tests trace with ``"eager"``)."""
+    return torch.compile(
+        flex_attention, dynamic=None, backend=backend, recompile_limit=FLEX_RECOMPILE_LIMIT, isolate_recompiles=True
+    )
 
 
 def _flex(compiled: bool) -> Callable[..., Any]:
@@ -45,23 +80,23 @@ def _flex(compiled: bool) -> Callable[..., Any]:
         return flex_attention
     fn = _COMPILED.get("flex")
     if fn is None:
-        fn = _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+        fn = _COMPILED["flex"] = compile_flex()
     return fn
 
 
 def _bias_mod(
     bias: torch.Tensor | None, bias_idx: torch.Tensor | None, transposed: bool
 ) -> Callable[[Any, Any, Any], torch.Tensor] | None:
-    """b(h, q_idx, kv_idx) of the compact bias (Nb, L or 1, S or 1) for the (1, N, ., .) layout (head h = slice);
-    with ``transposed`` the call's queries are the keys."""
+    """bias(b, q_idx, kv_idx) of the compact bias (Nb, L or 1, S or 1) for the (N, 1, ., .) layout (batch index b =
+    slice); with ``transposed`` the call's queries are the keys."""
     if bias is None:
         return None
     assert bias_idx is not None
     rows, cols = bias.shape[1] > 1, bias.shape[2] > 1
 
-    def mod(h: Any, i: Any, j: Any) -> torch.Tensor:
+    def mod(b: Any, i: Any, j: Any) -> torch.Tensor:
         qi, kj = (j, i) if transposed else (i, j)
-        return bias[bias_idx[h], qi if rows else 0, kj if cols else 0]
+        return bias[bias_idx[b], qi if rows else 0, kj if cols else 0]
 
     return mod
 
@@ -69,14 +104,14 @@ def _bias_mod(
 def _score_mod(
     bias: Callable[[Any, Any, Any], torch.Tensor] | None, row: torch.Tensor | None, col: torch.Tensor | None
 ) -> Callable[..., torch.Tensor]:
-    """score_mod(score, b, h, i, j) = score + bias(h, i, j) + row[h, i] + col[h, j] (absent terms left out)."""
+    """score_mod(score, b, h, i, j) = score + bias(b, i, j) + row[b, i] + col[b, j] (absent terms left out)."""
 
     def mod(score: torch.Tensor, b: Any, h: Any, i: Any, j: Any) -> torch.Tensor:
         if bias is not None:
-            score = score + bias(h, i, j)
+            score = score + bias(b, i, j)
         if row is not None:
-            score = score + row[h, i]
-        return score if col is None else score + col[h, j]
+            score = score + row[b, i]
+        return score if col is None else score + col[b, j]
 
     return mod
 
@@ -111,11 +146,11 @@ def flex_sinkhorn(
         raise RuntimeError("flex_sinkhorn needs torch.nn.attention.flex_attention (torch >= 2.9)")
     flex = _flex(compiled)
     masked = bias is not None
-    qf, kf, vf = q[None], k[None], v[None]  # (1, N, ., .): one "head" per (batch x head) slice
+    qf, kf, vf = q[:, None], k[:, None], v[:, None]  # (N, 1, ., .): FlexAttention's batch = the slices
     row_bias, col_bias = _bias_mod(bias, bias_idx, False), _bias_mod(bias, bias_idx, True)
 
     def potential(lse: torch.Tensor) -> torch.Tensor:
-        lse = lse[0]
+        lse = lse[:, 0]
         return torch.where(lse == float("-inf"), 0.0, -lse) if masked else -lse
 
     f: torch.Tensor | None = None  # (N, L)
@@ -125,7 +160,7 @@ def flex_sinkhorn(
         if step % 2 == 1:
             mod = _score_mod(row_bias, None, g)
             o, aux = flex(qf, kf, vf, score_mod=mod, scale=scale, return_aux=AuxRequest(lse=True))
-            f, out = potential(aux.lse), o[0]
+            f, out = potential(aux.lse), o[:, 0]
         else:
             assert f is not None
             # the transposed call: the queries are the keys (f indexed by the call's kv index); the value is
@@ -137,6 +172,6 @@ def flex_sinkhorn(
         assert f is not None and g is not None
         mod = _score_mod(row_bias, f, g)
         o, aux = flex(qf, kf, vf, score_mod=mod, scale=scale, return_aux=AuxRequest(lse=True))
-        out = o[0] * aux.lse[0].exp()[..., None]
+        out = o[:, 0] * aux.lse[:, 0].exp()[..., None]
     assert out is not None
     return out if factor is None else out * factor
