@@ -8,6 +8,7 @@ from zoo.nn.expert_parallel import (
     shard_experts,
 )
 from zoo.nn.fsdp import FSDP2Strategy, shard_model
+from zoo.nn.memory.planning import plan_stored_blocks, step_peak_bytes
 from zoo.nn.moe import MoE, Routing
 from zoo.nn.residual import ResidualOf, StackAsBlock, TransformerEncoderStack
 from zoo.nn.residual_function import ResidualFunction, ResidualFunctionWithTail
@@ -37,9 +38,11 @@ __all__ = [
     "attention_stats",
     "expert_parallel_mesh",
     "frozen_batchnorm_stats",
+    "plan_stored_blocks",
     "prune_magnitude",
     "reduce_expert_gradients",
     "register_rule",
     "shard_experts",
     "shard_model",
+    "step_peak_bytes",
 ]

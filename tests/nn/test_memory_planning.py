@@ -1,0 +1,150 @@
+"""Planning ``stored_blocks`` for a memory budget (zoo.nn.plan_stored_blocks) and the step peak it measures
+(zoo.nn.step_peak_bytes). The peak is checked against tensors of known sizes; the plan against the budget by
+measuring its peak and that of one more stored block independently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from test_momentum import mlp_blocks
+
+import zoo
+from zoo.errors import ZooError
+from zoo.nn import ResidualStack, plan_stored_blocks, step_peak_bytes
+
+
+def test_step_peak_counts_live_tensor_bytes_from_the_start():
+    def step():
+        a = torch.empty(1000, 1000)  # 4,000,000 bytes
+        b = torch.empty(250, 1000)  # 1,000,000 bytes with a: 5,000,000
+        del a, b
+        c = torch.empty(1250, 1000, dtype=torch.float64)  # 10,000,000 bytes alone
+        del c
+
+    assert step_peak_bytes(step, "cpu") == 10_000_000
+    assert step_peak_bytes(lambda: None, torch.device("cpu")) == 0
+
+
+def test_step_peak_on_cpu_keeps_counting_tensors_allocated_before_it():
+    # the profiler sees no free of a tensor allocated before it started: an upper bound, never an undercount
+    before = [torch.empty(2_000_000)]  # 8,000,000 bytes
+
+    def step():
+        before.clear()
+        a = torch.empty(1_000_000)  # 4,000,000 bytes
+        del a
+
+    assert step_peak_bytes(step, "cpu") == 4_000_000
+
+
+def test_step_peak_refuses_other_devices():
+    with pytest.raises(ZooError, match="CUDA or CPU"):
+        step_peak_bytes(lambda: None, "meta")
+
+
+def mlp_stacks(memory="reversible"):
+    """Three momentum stacks of MLP blocks (3, 4 and 3 steps) with wide hidden layers and a large batch: a stored
+    block's activations (two 1 MiB tensors) outweigh everything else, so the peak grows with every stored block."""
+    model = nn.Sequential(
+        *[
+            ResidualStack(mlp_blocks(d, dim=16, hidden=256, seed=i), rule="momentum", memory=memory, gamma=0.9)
+            for i, d in enumerate((3, 4, 3))
+        ]
+    )
+    x = torch.randn(1024, 16, generator=torch.Generator().manual_seed(1))
+    return model, lambda: model(x).square().mean().backward()
+
+
+def counts(model):
+    return tuple(s.stored_blocks for s in model)
+
+
+def measured(model, step, stored):
+    """The step's peak with ``stored`` blocks, measured here (a warm-up call, gradients cleared before each)."""
+    for s, k in zip(model, stored):
+        s.stored_blocks = k
+    model.zero_grad(set_to_none=True)
+    step()
+    model.zero_grad(set_to_none=True)
+    peak = step_peak_bytes(step, "cpu")
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+def test_plan_stores_the_blocks_that_fit_and_not_one_more():
+    model, step = mlp_stacks()
+    # a budget between the step with the last stack and one block of the middle one stored, and the step with two
+    fits, over = measured(model, step, (0, 1, 3)), measured(model, step, (0, 2, 3))
+    assert measured(model, step, (0, 0, 3)) < fits < over  # every stored block raises the peak
+    budget = (fits + over) // 2
+    for s in model:
+        s.stored_blocks = 0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+
+    plan = plan_stored_blocks(model, step, budget)
+
+    assert plan == {"0": 0, "1": 1, "2": 3}
+    assert counts(model) == (0, 1, 3)
+    # the plan fits; one more stored block (in the stack where the search stopped) does not
+    assert measured(model, step, (0, 1, 3)) <= budget < measured(model, step, (0, 2, 3))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def small_resnet(**kwargs):
+    torch.manual_seed(0)
+    model = zoo.momentum_cifar_resnet(layers=(2, 4, 3), widths=(4, 8, 16), block="bottleneck", num_classes=3, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
+    return model, lambda: F.cross_entropy(model(x), y).backward()
+
+
+def test_plan_of_a_momentum_resnet_restores_its_state():
+    """Every stage stored when the budget allows; BatchNorm statistics, step counts, gradients kept."""
+    model, step = small_resnet()
+    step()
+    grads = [p.grad.clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_stored_blocks(model, step, 2**40)
+    assert plan == {"layer1": 1, "layer2": 3, "layer3": 2}  # each stage's residual steps (its first block apart)
+    assert (model.layer1.stored_blocks, model.layer2.stored_blocks, model.layer3.stored_blocks) == (1, 3, 2)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_out_of_memory_counts_as_over_the_budget():
+    model, step = mlp_stacks()
+
+    def step_on_a_small_card():
+        if model[1].stored_blocks >= 2:
+            raise torch.OutOfMemoryError("simulated: the card is full")
+        step()
+
+    assert plan_stored_blocks(model, step_on_a_small_card, 2**40) == {"0": 0, "1": 1, "2": 3}
+
+
+def test_plan_refuses_a_budget_the_rebuilt_step_exceeds_and_leaves_the_counts():
+    model, step = mlp_stacks()
+    model[1].stored_blocks, model[2].stored_blocks = 1, 2
+    with pytest.raises(ZooError, match="every block rebuilt .* over the budget .* raise budget_bytes"):
+        plan_stored_blocks(model, step, 1000)
+    assert counts(model) == (0, 1, 2)
+
+
+@pytest.mark.parametrize("budget", [0, -5, 1.5e9, True])
+def test_plan_refuses_bad_budgets(budget):
+    model, step = mlp_stacks()
+    with pytest.raises(ZooError, match="budget_bytes must be a positive number of bytes"):
+        plan_stored_blocks(model, step, budget)
+
+
+def test_plan_needs_reversible_stacks():
+    model, step = mlp_stacks(memory="full")
+    with pytest.raises(ZooError, match="no memory='reversible' ResidualStack"):
+        plan_stored_blocks(model, step, 2**30)

@@ -1,0 +1,182 @@
+"""Planning ``stored_blocks`` for a memory budget: measure a training step's peak, store the blocks that fit.
+
+Under ``memory="reversible"`` every block of a stack is rebuilt in backward (one more block forward each) unless
+the stack's last ``stored_blocks`` keep their activations. Storing is free up to a point: a reversible stack hands
+back its parameter gradients at the end of its backward, and a step's peak is usually reached inside an earlier
+stack's backward, after the later stacks' stored activations were freed. :func:`plan_stored_blocks` finds, by
+measuring, the largest numbers of stored blocks whose step stays within a working-memory budget:
+
+* stacks from the last to run to the first (backward reaches the last first, so their stored activations are
+  freed first, and they are the smallest in a ResNet: low resolution);
+* each stack stores all of its steps if the step then fits, otherwise the largest count that fits (by bisection:
+  the peak grows with the count), and the search stops there (the earlier stacks rebuild every block).
+
+The gradients are full backprop's whatever the counts (stored blocks run ordinary autograd).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from zoo.errors import ZooError
+
+__all__ = ["plan_stored_blocks", "step_peak_bytes"]
+
+MIB = 2**20
+
+
+def step_peak_bytes(step: Callable[[], object], device: torch.device | str) -> int:
+    """Peak bytes of tensor memory on ``device`` during one call of ``step``, above what was live when it started.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (after a synchronisation and a reset of the peak statistics) minus
+    the memory allocated before. On CPU: the allocations and frees ``torch.profiler`` records
+    (``profile_memory=True``), summed in time order; the profiler sees only the frees of tensors allocated while it
+    runs, so a tensor allocated before the step and freed during it still counts as held (an upper bound; in a
+    training step such tensors are few). Both count tensor bytes, not the allocator's cache or the process's
+    resident memory.
+
+    Args:
+        step: runs the work to measure (a training step's forward and backward).
+        device: the device whose memory is measured (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if device.type != "cpu":
+        raise ZooError(f"step_peak_bytes measures CUDA or CPU memory, got device {device}; run the step on either")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _reversible_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from zoo.nn.residual_stack import ResidualStack
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualStack) and m.memory == "reversible"]
+
+
+def plan_stored_blocks(
+    model: nn.Module,
+    step: Callable[[], object],
+    budget_bytes: int,
+    device: torch.device | str | None = None,
+) -> dict[str, int]:
+    """Set the ``stored_blocks`` of ``model``'s ``memory="reversible"`` stacks to the largest counts whose training
+    step stays within ``budget_bytes`` of working memory, and return them.
+
+    The search (see the module's text): every stack rebuilds everything first; then, from the last stack to the
+    first, a stack stores all its steps if the step still fits, otherwise the largest count that fits, and the
+    search stops. Each configuration is measured (:func:`step_peak_bytes`) on the step's second call (the first
+    may compile kernels or allocate once). The model is left as it was apart from ``stored_blocks``: its buffers
+    (BatchNorm statistics), gradients and the random state are restored after every call of ``step``.
+
+    Args:
+        model: a model with ``memory="reversible"`` :class:`zoo.nn.ResidualStack` modules (a momentum ResNet built
+            with ``memory="reversible"``), in the order they run.
+        step: runs one training step's forward and backward on ``model`` with a representative batch (the batch
+            size and input size the counts are for), e.g. ``lambda: F.cross_entropy(model(x), y).backward()``.
+        budget_bytes: the step's working memory allowed above what is live when it starts (parameters, gradients,
+            optimiser state, the batch): for a card, its free memory minus those.
+        device: where the step runs (default: the device of the model's first parameter).
+
+    Returns {stack name: stored_blocks} for every reversible stack, in the order they run.
+
+    Raises ZooError when the model has no reversible stack, or when the step exceeds the budget with every block
+    rebuilt (the budget is too small for this batch).
+    """
+    stacks = _reversible_stacks(model)
+    if not stacks:
+        raise ZooError(
+            "plan_stored_blocks: the model has no memory='reversible' ResidualStack; build it with "
+            "memory='reversible' (e.g. zoo.momentum_resnet50(memory='reversible'))"
+        )
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise ZooError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    saved = [m.stored_blocks for _, m in stacks]
+    peaks: dict[tuple[int, ...], float] = {}
+
+    def peak() -> float:
+        counts = tuple(m.stored_blocks for _, m in stacks)
+        if counts not in peaks:
+            try:
+                with _restored(model, device):
+                    step()  # the first call at a new setting may compile or allocate once
+                with _restored(model, device):
+                    peaks[counts] = step_peak_bytes(step, device)
+            except torch.OutOfMemoryError:  # more than the card holds: over any budget
+                peaks[counts] = math.inf
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return peaks[counts]
+
+    try:
+        for _, m in stacks:
+            m.stored_blocks = 0
+        rebuilt = peak()
+        if rebuilt > budget_bytes:
+            raise ZooError(
+                f"plan_stored_blocks: with every block rebuilt the step needs {rebuilt / MIB:.1f} MiB, over the "
+                f"budget of {budget_bytes / MIB:.1f} MiB; lower the batch or input size, or raise budget_bytes"
+            )
+        for _, m in reversed(stacks):
+            m.stored_blocks = m.depth
+            if peak() <= budget_bytes:
+                continue
+            fits, fails = 0, m.depth  # stored_blocks 0 fits (measured), all of the stack does not
+            while fails - fits > 1:
+                m.stored_blocks = (fits + fails) // 2
+                fits, fails = (m.stored_blocks, fails) if peak() <= budget_bytes else (fits, m.stored_blocks)
+            m.stored_blocks = fits
+            break
+    except BaseException:
+        for (_, m), count in zip(stacks, saved):
+            m.stored_blocks = count
+        raise
+    return {name: m.stored_blocks for name, m in stacks}
+
+
+class _restored:
+    """Context: the model's buffers, parameter gradients and the random state (CPU and ``device``) restored on
+    exit."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    def __enter__(self) -> None:
+        # copies on the host: on a card near its budget a second set of gradients may not fit
+        self.buffers = [(b, b.detach().to("cpu", copy=True)) for b in self.model.buffers()]
+        self.grads = [
+            (p, None if p.grad is None else p.grad.detach().to("cpu", copy=True)) for p in self.model.parameters()
+        ]
+        self.rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        self.rng.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.rng.__exit__(*exc)
+        with torch.no_grad():
+            for b, value in self.buffers:
+                b.copy_(value)
+        for p, grad in self.grads:
+            p.grad = None if grad is None else grad.to(p.device)
