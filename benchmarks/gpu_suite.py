@@ -7,8 +7,9 @@
     python benchmarks/gpu_suite.py --sections budget sinkhorn   # a subset (checks always run first)
 
 The GPU run and the smoke run execute the same code; only the sizes (:data:`GPU`, :data:`SMOKE`) and the device
-differ. The lines that depend on the device are the measurements themselves (CUDA events or ``perf_counter``,
-``max_memory_allocated`` or the resident-set peak), the allocator limit of the batch search and emptying the CUDA
+differ. The lines that depend on the device are the measurements themselves (CUDA events or ``perf_counter``;
+the peak by ``zoo.nn.step_peak_bytes``: ``max_memory_allocated``, or the profiler's allocation events on the
+CPU), the allocator limit of the batch search and emptying the CUDA
 cache, TF32 off during the checks, and the GPU's name in the report. Without a GPU (and without ``--smoke``) the
 script refuses with one message and exit status 2.
 
@@ -43,14 +44,16 @@ run, so float32 means float32.
 by default; when the checks, which always run whole, leave less than the caps add up to, each section gets its
 share of what is left; a section skips its remaining sizes when the next would pass its cap, and says so).
 Memory is ``torch.cuda.max_memory_allocated`` during one step above what was allocated before it (on the CPU of a
-smoke run: the resident-set high-water mark instead); times are CUDA-event times, the median of the repeated
-steps after warm-up steps (which also compile the kernels). Ratios are against the baseline measured in the same
-run.
+smoke run: the tensor bytes ``torch.profiler`` records instead; both through ``zoo.nn.step_peak_bytes``); times
+are CUDA-event times, the median of the repeated steps after warm-up steps (which also compile the kernels).
+Ratios are against the baseline measured in the same run.
 
 * ``resnet``: one training step (forward under bf16 autocast, cross-entropy, backward, SGD) of the torchvision
   ResNet-152, batch 64, 3x224x224, as ``plain``, with ``checkpoint_sequential`` (round(sqrt(n)) segments per
   stage), and as the zoo's momentum ResNet-152 with ``memory="reversible"`` and ``memory="full"`` (gamma 0.9):
-  the models of ``benchmarks/momentum_memory.py``.
+  the models of ``benchmarks/momentum_memory.py``; and ``memory="reversible"`` with the ``stored_blocks`` that
+  ``zoo.nn.plan_stored_blocks`` picks for checkpointing's peak as the budget (nothing stored when checkpointing
+  ran out of memory or no setting fits that budget).
 * ``budget``: the largest batch whose training step at 3x500x500 (bf16 autocast) fits a fixed memory budget
   (``--budget-gib``, default 16 GiB: everything the step holds, model and gradients included), for each of the
   four: doubling from 1, then bisection, capped at ``--max-batch``; on CUDA the allocator is limited to the budget
@@ -93,7 +96,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the shared helpers and the CPU benchmarks' model definitions beside this script
 sys.path.insert(1, os.path.dirname(HERE))  # this checkout's zoo, also where it is not installed
-from common import machine_line, peak_working_bytes, step_seconds  # noqa: E402
+from common import machine_line, step_seconds  # noqa: E402
 
 MIB = 2**20
 GIB = 2**30
@@ -299,6 +302,17 @@ def free(device: torch.device, collect: bool = False) -> None:
         gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+PEAK_METHOD = {"cuda": "cuda.max_memory_allocated", "cpu": "torch.profiler allocations"}
+
+
+def peak_bytes(step: Callable[[], object], device: torch.device) -> int:
+    """The peak working memory of one call of ``step`` (``zoo.nn.step_peak_bytes``: the one measure the suite, and
+    the stored row's plan, use)."""
+    from zoo.nn import step_peak_bytes
+
+    return step_peak_bytes(step, device)
 
 
 def live_bytes(device: torch.device, tensors: Sequence[torch.Tensor]) -> int:
@@ -766,11 +780,11 @@ def expected_seconds(step_times: Sequence[float | None], sizes: Sizes, growth: f
 def measure(step: Callable[[], object], device: torch.device, sizes: Sizes) -> dict[str, Any]:
     """Warm-up steps, the peak working memory of one step, then the repeated timed steps."""
     step_seconds(step, device, 0, warmup=sizes.warmup)
-    memory = peak_working_bytes(step, device)
+    peak = peak_bytes(step, device)
     times = step_seconds(step, device, sizes.repeats)
     return {
-        "peak_bytes": memory["peak_bytes"],
-        "peak_method": memory["peak_method"],
+        "peak_bytes": peak,
+        "peak_method": PEAK_METHOD[device.type],
         "step_times": times,
         "step_time": statistics.median(times),
     }
@@ -821,34 +835,36 @@ def _resnet_row(method: str, sizes: Sizes, device: torch.device) -> dict[str, An
 
 
 def _stored_row(sizes: Sizes, device: torch.device, checkpoint_peak: int | None) -> dict[str, Any]:
-    """The reversible ResNet with all of its last stage and the largest number of the third stage's last blocks
-    storing their activations whose step peak stays at or below checkpointing's (``checkpoint_peak``; the peak
-    grows with the count, so a bisection), then measured as the other rows. Without a checkpointing peak (its row
-    ran out of memory) nothing is stored beyond the last stage."""
+    """The reversible ResNet with the ``stored_blocks`` that ``zoo.nn.plan_stored_blocks`` picks for checkpointing's
+    step peak (``checkpoint_peak``) as the budget, planned on the step's forward (bf16 autocast) and backward, then
+    measured as the other rows. Nothing is stored without a checkpointing peak (its row ran out of memory) or when
+    the planner finds no setting within it (at small batches the reversible stacks' own parameter gradients
+    outweigh the activations)."""
+    from zoo.errors import ZooError
+    from zoo.nn import plan_stored_blocks
+
     model, opt = resnet_training("zoo-reversible", sizes, device)
     x, y = image_batch(sizes.resnet_batch, sizes.resnet_size, device)
-    step = training_step(model, opt, x, y)
-    model.layer4.stored_blocks = len(model.layer4)
-    search: list[dict[str, Any]] = []
 
-    def fits(count: int) -> bool:
-        model.layer3.stored_blocks = count
-        step_seconds(step, device, 0, warmup=1)  # the first step at a new count may allocate differently
-        peak = peak_working_bytes(step, device)["peak_bytes"]
-        search.append({"layer3": count, "peak_bytes": peak})
-        return checkpoint_peak is not None and peak <= checkpoint_peak
+    def forward_backward() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
 
-    fit, fail = 0, model.layer3.depth + 1  # known: nothing stored in layer3 is the reversible row's setting
-    while fail - fit > 1:
-        mid = (fit + fail) // 2
-        fit, fail = (mid, fail) if fits(mid) else (fit, mid)
-    model.layer3.stored_blocks = fit
+    plan: dict[str, int] = {}
+    note = "no checkpointing peak"
+    if checkpoint_peak is not None:
+        try:
+            plan = plan_stored_blocks(model, forward_backward, int(checkpoint_peak), device)
+            note = "planned: peak <= checkpointing's"
+        except ZooError:
+            note = "no setting found within checkpointing's peak"
     stored = tuple(getattr(model, f"layer{i}").stored_blocks for i in range(1, 5))
     return {
-        **measure(step, device, sizes),
-        "label": f"{RESNET_LABELS['zoo-reversible-stored']}={stored} (searched: peak <= checkpointing's)",
+        **measure(training_step(model, opt, x, y), device, sizes),
+        "label": f"{RESNET_LABELS['zoo-reversible-stored']}={stored} ({note})",
         "stored_blocks": stored,
-        "search": search,
+        "plan": plan,
     }
 
 
@@ -996,7 +1012,7 @@ def _probe_peak(
 ) -> int:
     x, y = image_batch(batch, sizes.budget_size, device)
     before = live_bytes(device, [*state, x, y])
-    return before + peak_working_bytes(training_step(model, opt, x, y), device)["peak_bytes"]
+    return before + peak_bytes(training_step(model, opt, x, y), device)
 
 
 def bench_sinkhorn(device: torch.device, sizes: Sizes, clock: Clock, started: float) -> dict[str, Any]:
@@ -1206,7 +1222,7 @@ def markdown(report: dict[str, Any]) -> str:
     timing = (
         f"median of {sizes['repeats']} steps after {sizes['warmup']} warm-up step{'s' if sizes['warmup'] != 1 else ''} "
         f"({'CUDA events' if m['gpu'] else 'perf_counter'}); peak: "
-        f"{'max_memory_allocated' if m['gpu'] else 'resident-set high-water mark'} during one step above what "
+        f"{'max_memory_allocated' if m['gpu'] else 'tensor bytes torch.profiler records'} during one step above what "
         "was allocated before it"
     )
     for name in BENCHMARKS:

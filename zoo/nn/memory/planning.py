@@ -9,7 +9,10 @@ measuring, the largest numbers of stored blocks whose step stays within a workin
 * stacks from the last to run to the first (backward reaches the last first, so their stored activations are
   freed first, and they are the smallest in a ResNet: low resolution);
 * each stack stores all of its steps if the step then fits, otherwise the largest count that fits (by bisection:
-  the peak grows with the count), and the search stops there (the earlier stacks rebuild every block).
+  within a stack the peak grows with the count), and the search stops there (the earlier stacks rebuild every
+  block). A whole stack stored can lower the peak: it runs ordinary autograd, whose parameter gradients go
+  straight into ``.grad``, while a reversible stack holds its own until its backward ends (the parameters' size,
+  which outweighs the activations at small batches), so it is tried even when the rebuilt step is over.
 
 The gradients are full backprop's whatever the counts (stored blocks run ordinary autograd).
 """
@@ -83,11 +86,12 @@ def plan_stored_blocks(
     """Set the ``stored_blocks`` of ``model``'s ``memory="reversible"`` stacks to the largest counts whose training
     step stays within ``budget_bytes`` of working memory, and return them.
 
-    The search (see the module's text): every stack rebuilds everything first; then, from the last stack to the
-    first, a stack stores all its steps if the step still fits, otherwise the largest count that fits, and the
-    search stops. Each configuration is measured (:func:`step_peak_bytes`) on the step's second call (the first
-    may compile kernels or allocate once). The model is left as it was apart from ``stored_blocks``: its buffers
-    (BatchNorm statistics), gradients and the random state are restored after every call of ``step``.
+    The search (see the module's text), from the last stack to the first: a stack stores all its steps if the step
+    then fits; otherwise, if the step fits with this stack rebuilt, the largest count that fits, and the search
+    stops (the earlier stacks rebuild every block). Each setting is measured (:func:`step_peak_bytes`) on the
+    step's second call (the first may compile kernels or allocate once); running out of memory counts as over the
+    budget. The model is left as it was apart from ``stored_blocks``: its buffers (BatchNorm statistics),
+    gradients and the random state are restored after every call of ``step``.
 
     Args:
         model: a model with ``memory="reversible"`` :class:`zoo.nn.ResidualStack` modules (a momentum ResNet built
@@ -100,8 +104,8 @@ def plan_stored_blocks(
 
     Returns {stack name: stored_blocks} for every reversible stack, in the order they run.
 
-    Raises ZooError when the model has no reversible stack, or when the step exceeds the budget with every block
-    rebuilt (the budget is too small for this batch).
+    Raises ZooError when the model has no reversible stack, or when no setting tried fits the budget (too small
+    for this batch); the model's counts are then left as they were.
     """
     stacks = _reversible_stacks(model)
     if not stacks:
@@ -134,22 +138,27 @@ def plan_stored_blocks(
     try:
         for _, m in stacks:
             m.stored_blocks = 0
-        rebuilt = peak()
-        if rebuilt > budget_bytes:
-            raise ZooError(
-                f"plan_stored_blocks: with every block rebuilt the step needs {rebuilt / MIB:.1f} MiB, over the "
-                f"budget of {budget_bytes / MIB:.1f} MiB; lower the batch or input size, or raise budget_bytes"
-            )
         for _, m in reversed(stacks):
-            m.stored_blocks = m.depth
+            m.stored_blocks = m.depth  # the whole stack under ordinary autograd
             if peak() <= budget_bytes:
                 continue
-            fits, fails = 0, m.depth  # stored_blocks 0 fits (measured), all of the stack does not
+            m.stored_blocks = 0  # the setting before this stack (measured, unless this is the first one tried)
+            if peak() > budget_bytes:
+                break
+            fits, fails = 0, m.depth
             while fails - fits > 1:
                 m.stored_blocks = (fits + fails) // 2
                 fits, fails = (m.stored_blocks, fails) if peak() <= budget_bytes else (fits, m.stored_blocks)
             m.stored_blocks = fits
             break
+        if peak() > budget_bytes:
+            least = min(peaks, key=peaks.__getitem__)
+            raise ZooError(
+                f"plan_stored_blocks: no setting tried keeps the step within the budget of "
+                f"{budget_bytes / MIB:.1f} MiB: with every block rebuilt it needs "
+                f"{peaks[(0,) * len(stacks)] / MIB:.1f} MiB, at least {peaks[least] / MIB:.1f} MiB (stored_blocks "
+                f"{least}); lower the batch or input size, or raise budget_bytes"
+            )
     except BaseException:
         for (_, m), count in zip(stacks, saved):
             m.stored_blocks = count
