@@ -13,6 +13,10 @@ Two markdown tables, every number from one run of this script (so ratios compare
      keep_first_layer=True, is_residual=False)``; the row is skipped (and says so) where it does not import;
    * ``zoo reversible`` / ``zoo full``: ``zoo.momentum_resnet50`` / ``101`` / ``152`` with ``memory="reversible"``
      (exact fixed-point rebuild in backward) and ``memory="full"`` (autograd through the same rule), gamma 0.9;
+   * ``zoo-reversible-stored``: ``memory="reversible"`` with the fixed ``stored_blocks`` of :data:`STORED_BLOCKS`;
+     ``zoo-reversible-planned``: with the counts ``zoo.nn.plan_stored_blocks`` picks, in the memory worker, for
+     checkpointing's step peak as the budget (both measured by ``zoo.nn.step_peak_bytes``), then handed to the
+     time worker;
 
    with the peak working memory of one training step and the median step time, each also as a ratio to plain.
 
@@ -57,9 +61,10 @@ no state; gradients are allocated once before the measurement and zeroed in plac
     python benchmarks/momentum_memory.py --archs 101 --depths 20 110 --json out.json
     python benchmarks/momentum_memory.py --archs --depth-steps 2              # table 2 only, with step times
     python benchmarks/momentum_memory.py --archs --depths --tied-depths 100 3000   # table 3 only
-    # table 1 only, as issue 17 states it (2 threads; about 8 minutes on a quiet 2-core machine):
-    python benchmarks/momentum_memory.py --threads 2 --steps 3 --depths --tied-depths --methods plain checkpoint
-        momentumnet zoo-reversible zoo-full     # (one command line)
+    # table 1 only, as issue 17 states it, with the planned stored_blocks (2 threads; about 16 minutes on a quiet
+    # 2-core machine with 7 rounds):
+    python benchmarks/momentum_memory.py --threads 2 --steps 7 --depths --tied-depths --methods plain checkpoint
+        momentumnet zoo-reversible zoo-reversible-planned zoo-full     # (one command line)
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ METHODS = (
     "momentumnet",
     "zoo-reversible",
     "zoo-reversible-stored",
+    "zoo-reversible-planned",
     "zoo-reversible-eager",
     "zoo-full",
 )
@@ -100,6 +106,7 @@ METHOD_LABELS = {
     "momentumnet": "momentumnet package (use_backprop=False)",
     "zoo-reversible": 'zoo momentum, memory="reversible"',
     "zoo-reversible-stored": 'zoo momentum, memory="reversible", stored_blocks',
+    "zoo-reversible-planned": 'zoo momentum, memory="reversible", planned stored_blocks',
     "zoo-reversible-eager": 'zoo momentum, memory="reversible", eager kernels',
     "zoo-full": 'zoo momentum, memory="full"',
 }
@@ -154,8 +161,9 @@ class CheckpointedStage(nn.Module):
         return torch.utils.checkpoint.checkpoint_sequential(self.stage, self.segments, x, use_reentrant=False)
 
 
-def build_imagenet(arch: int, method: str, seed: int) -> nn.Module:
-    """ResNet-``arch`` (50, 101 or 152) for ``method``, randomly initialised from ``seed``, in train mode."""
+def build_imagenet(arch: int, method: str, seed: int, stored_blocks: tuple[int, ...] | None = None) -> nn.Module:
+    """ResNet-``arch`` (50, 101 or 152) for ``method``, randomly initialised from ``seed``, in train mode;
+    ``stored_blocks``: the counts of ``zoo-reversible-planned`` (as its memory worker planned them; None: none)."""
     import torchvision
 
     torch.manual_seed(seed)
@@ -164,7 +172,11 @@ def build_imagenet(arch: int, method: str, seed: int) -> nn.Module:
 
         builder = getattr(zoo, f"momentum_resnet{arch}")
         memory = "full" if method == "zoo-full" else "reversible"
-        stored = STORED_BLOCKS[arch] if method == "zoo-reversible-stored" else 0
+        stored: int | tuple[int, ...] = 0
+        if method == "zoo-reversible-stored":
+            stored = STORED_BLOCKS[arch]
+        elif method == "zoo-reversible-planned" and stored_blocks is not None:
+            stored = tuple(stored_blocks)
         return builder(memory=memory, gamma=GAMMA, stored_blocks=stored).train()
     model = getattr(torchvision.models, f"resnet{arch}")(weights=None)
     if method == "checkpoint":
@@ -215,7 +227,7 @@ def make_batch(batch: int, size: int, classes: int, seed: int, device: torch.dev
 def build(table: str, arch: int, method: str, args: argparse.Namespace, device: torch.device):
     """Model, batch and optimiser of one configuration; gradients allocated once."""
     if table == "imagenet":
-        model = build_imagenet(arch, method, args.seed)
+        model = build_imagenet(arch, method, args.seed, args.planned_stored)
         classes, size, batch = 1000, args.size, args.batch
     else:
         model = build_cifar(arch, method, args.seed)
@@ -252,7 +264,12 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, params, step = build(args.worker_table, args.worker_arch, args.worker_methods[0], args, device)
+    method = args.worker_methods[0]
+    plan: dict[str, Any] = {}
+    if method == "zoo-reversible-planned":
+        plan = plan_for_checkpointing(args, device)
+        args.planned_stored = plan["stored_blocks"]
+    model, params, step = build(args.worker_table, args.worker_arch, method, args, device)
     # one warm-up step, for every method: one-time costs (the compilation of the fused kernels for exactly the
     # variants and shapes the model uses, library caches) are not a training step's working memory
     step()
@@ -273,7 +290,37 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     out.update(peak_working_bytes(step, device))
     out["first_step_time"] = time.perf_counter() - t0
-    return out
+    return {**out, **plan}
+
+
+def plan_for_checkpointing(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """``zoo.nn.plan_stored_blocks`` for the reversible model of ``--worker-arch``, with checkpointing's step peak
+    as the budget, both measured by ``zoo.nn.step_peak_bytes`` (tensor bytes, gradients allocated before the step as
+    in every configuration here) on the step's forward and backward."""
+    from zoo.nn import plan_stored_blocks, step_peak_bytes
+
+    arch = args.worker_arch
+    x, y = make_batch(args.batch, args.size, 1000, args.seed, device)
+
+    def prepared(method: str) -> tuple[nn.Module, Any]:
+        model = build_imagenet(arch, method, args.seed).to(device)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        return model, lambda: F.cross_entropy(model(x), y).backward()
+
+    model, forward_backward = prepared("checkpoint")
+    forward_backward()  # warm-up
+    budget = step_peak_bytes(forward_backward, device)
+    del model, forward_backward
+    gc.collect()
+    model, forward_backward = prepared("zoo-reversible")
+    t0 = time.perf_counter()
+    plan = plan_stored_blocks(model, forward_backward, budget, device)
+    return {
+        "stored_blocks": [plan[s] for s in STAGES],
+        "plan_budget_bytes": budget,
+        "plan_seconds": time.perf_counter() - t0,
+    }
 
 
 def tied_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -384,6 +431,8 @@ def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argpa
         "--threads",
         str(args.threads),
     ]
+    if args.planned_stored is not None:
+        cmd += ["--planned-stored", *map(str, args.planned_stored)]
     env = dict(os.environ)
     if kind == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -410,11 +459,17 @@ def _load() -> str:
         return "n/a"
 
 
-def _label(method: str, arch: int) -> str:
-    """The table's method cell (the stored_blocks setting spelled out)."""
+def _label(method: str, arch: int, row: dict[str, Any] | None = None) -> str:
+    """The table's method cell (the stored_blocks setting spelled out; a planned one from its ``row``)."""
     if method == "zoo-reversible-stored":
         return f"{METHOD_LABELS[method]}={STORED_BLOCKS[arch]}"
+    if method == "zoo-reversible-planned" and row and row.get("stored_blocks") is not None:
+        return f"{METHOD_LABELS['zoo-reversible-stored']}={tuple(row['stored_blocks'])} (planned)"
     return METHOD_LABELS[method]
+
+
+def _planned(row: dict[str, Any] | None) -> tuple[int, ...]:
+    return tuple((row or {}).get("stored_blocks") or ())
 
 
 def _ratio(a: float | None, b: float | None, fmt: str = ".2f") -> str:
@@ -447,7 +502,7 @@ def imagenet_table(
                 ratio = r.get("time_ratio")
                 cells = [
                     f"ResNet-{arch}",
-                    _label(method, arch),
+                    _label(method, arch, r),
                     f"{r['peak'] / MIB:.0f}",
                     _ratio(r["peak"], plain and plain["peak"]),
                     _ms(r.get("time")),
@@ -534,9 +589,13 @@ def verdicts(imagenet: dict, archs: list[int], depth: dict, depths: list[int]) -
     out = []
     for arch in archs:
         plain, ck = imagenet.get((arch, "plain")), imagenet.get((arch, "checkpoint"))
-        for method in ("zoo-reversible", "zoo-reversible-stored"):
+        for method in ("zoo-reversible", "zoo-reversible-stored", "zoo-reversible-planned"):
             rev = imagenet.get((arch, method))
-            what = "reversible" if method == "zoo-reversible" else f"reversible, stored_blocks={STORED_BLOCKS[arch]}"
+            what = {
+                "zoo-reversible": "reversible",
+                "zoo-reversible-stored": f"reversible, stored_blocks={STORED_BLOCKS[arch]}",
+                "zoo-reversible-planned": f"reversible, planned stored_blocks={_planned(rev)}",
+            }[method]
             if plain and ck and rev:
                 ok = rev["peak"] <= ck["peak"]
                 how = (
@@ -654,6 +713,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-table", choices=["imagenet", "cifar", "tied"], help=argparse.SUPPRESS)
     p.add_argument("--worker-arch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-methods", nargs="+", choices=METHODS + TIED_METHODS[1:], help=argparse.SUPPRESS)
+    # the counts a planned memory worker found, handed to the time worker of the same architecture
+    p.add_argument("--planned-stored", type=int, nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if "plain" not in args.methods:
         args.methods.insert(0, "plain")
@@ -704,6 +765,7 @@ def main(argv: list[str] | None = None) -> None:
     imagenet: dict[tuple[int, str], dict[str, Any] | None] = {}
     for arch in args.archs:
         ran = []
+        args.planned_stored = None
         for method in args.methods:
             imagenet[(arch, method)] = None
             if method in skip:
@@ -711,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 r = run_worker("memory", "imagenet", arch, [method], args)
                 imagenet[(arch, method)] = dict(r, peak=r["peak_bytes"])
+                if method == "zoo-reversible-planned":
+                    args.planned_stored = r["stored_blocks"]
                 ran.append(method)
             except RuntimeError as e:
                 if method != "momentumnet":

@@ -188,4 +188,9 @@ class _restored:
             for b, value in self.buffers:
                 b.copy_(value)
         for p, grad in self.grads:
-            p.grad = None if grad is None else grad.to(p.device)
+            if grad is None:
+                p.grad = None
+            elif p.grad is not None and p.grad.shape == grad.shape:
+                p.grad.copy_(grad)  # in place: no second set of gradients on the device
+            else:
+                p.grad = grad.to(p.device)
