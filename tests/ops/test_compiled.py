@@ -46,6 +46,25 @@ def test_many_constant_sets_compile_without_exhausting_the_recompile_limit() -> 
     assert kernels.get("k", d=3, scale=1.0)(t).equal(torch.div(t, 3, rounding_mode="floor") * 1.0)
 
 
+def test_a_kernel_keeps_compiling_past_torchs_shared_recompile_limit() -> None:
+    """Sizes 0 and 1 stay specialised under dynamic shapes, and dtypes are guarded: mixed uses of one kernel (a
+    chunk of one slice, a broadcast mask dim, float32 and float64) make more variants than torch's default budget
+    of 8 per code object, past which every call would run eagerly. Each kernel has a budget of its own."""
+    from torch._dynamo.utils import counters
+
+    def scaled(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return t * s + 1
+
+    kernels = CompiledKernels({"k": scaled}, env="ZOO_TEST_UNUSED", what="test kernels", backend="eager")
+    limit_hits = sum(v for key, v in counters["unimplemented"].items() if "recompile limit" in key)
+    shapes = [(1, 5), (2, 5), (3, 5), (1, 1), (2, 1), (1, 5, 1), (2, 5, 1), (2, 1, 5)]
+    for dtype in (torch.float32, torch.float64):
+        for shape in shapes:  # 16 calls, each a new variant (1-sized dims, ranks, dtypes)
+            t = torch.randn(shape, dtype=dtype)
+            torch.testing.assert_close(kernels["k"](t, torch.tensor(2.0, dtype=dtype)), t * 2 + 1)
+    assert sum(v for key, v in counters["unimplemented"].items() if "recompile limit" in key) == limit_hits
+
+
 def test_elementwise_kernels_run_on_one_dimensional_views_of_contiguous_arguments() -> None:
     """``elementwise=True``: the compiled kernel receives 1-D views of the arguments of the first argument's size
     when all are contiguous (other tensors and scalars as they are), and its results of that size come back in the

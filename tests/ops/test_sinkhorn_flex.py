@@ -65,6 +65,28 @@ def test_selected_on_cuda_where_its_kernels_run():
     assert sk.kernel_path(cuda, 64, 64, dtype=torch.float64) == "chunked"
 
 
+def test_under_a_callers_compile_flex_on_cuda_chunked_elsewhere(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert sk.kernel_path(torch.device("cuda"), 4096, 4096) == "flex"  # its calls join the caller's graph
+    assert sk.kernel_path(torch.device("cuda"), 4096, 4096, qk_dim=8) == "chunked"
+    assert sk.kernel_path(torch.device("cpu"), 4096, 4096) == "chunked"  # not the tiled kernel's per-tile calls
+
+
+@pytest.mark.parametrize("n_iter", [2, 3])
+@pytest.mark.parametrize("mask", ["none", "padding", "dense"])
+def test_traces_as_one_graph_inside_a_callers_compile(mask, n_iter):
+    """Inside a caller's torch.compile the path calls flex_attention itself, traced into the caller's graph
+    (fullgraph: no graph break; the "eager" backend runs FlexAttention's reference forward on CPU)."""
+    q, k, v, bias, idx, factor = case(mask, n_iter, E=16, Ev=16)
+    traced = torch.compile(
+        lambda q, k, v: sf.flex_sinkhorn(q, k, v, bias, idx, factor, n_iter, 0.3), backend="eager", fullgraph=True
+    )
+    with torch.no_grad():
+        out = traced(q, k, v)
+        ref = sk._SinkhornFunction.apply(q, k, v, bias, idx, None, n_iter, 0.3, factor, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_passes_its_head_dims_and_dtype(monkeypatch):
     seen = []
     real = sk.kernel_path

@@ -31,6 +31,10 @@ class _NoCudaRuntimeNote(logging.Filter):
 logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNote())
 
 
+# compiled variants allowed per kernel (and bound constants) before torch runs it eagerly
+RECOMPILE_LIMIT = 64
+
+
 class CompiledKernels:
     """Named kernels, compiled on first use when enabled.
 
@@ -45,6 +49,7 @@ class CompiledKernels:
             memory order when they share one layout (see :func:`_flat_call`).
         shaped: names of kernels called on their arguments as given even when ``elementwise`` (a kernel whose
             arguments come already viewed in the shape its loops need).
+        backend: the ``torch.compile`` backend (``"inductor"``; tests trace with ``"eager"``).
     """
 
     def __init__(
@@ -56,12 +61,14 @@ class CompiledKernels:
         options: dict[str, dict[str, Any]] | None = None,
         elementwise: bool = False,
         shaped: Sequence[str] = (),
+        backend: str = "inductor",
     ) -> None:
         self.eager = dict(eager)
         self.env, self.what, self.fullgraph = env, what, fullgraph
         self.elementwise = elementwise
         self.shaped = frozenset(shaped)
         self.options = dict(options or {})
+        self.backend = backend
         self.enabled = os.environ.get(env, "1").lower() not in ("0", "false", "no", "off")
         self._compiled: dict[tuple, Callable[..., Any]] = {}
         self._variants: dict[tuple, Callable[..., Any]] = {}
@@ -86,8 +93,19 @@ class CompiledKernels:
             return eager
         fn = self._compiled.get(key)
         if fn is None:
-            # dynamic=None: shapes become dynamic once a second shape is seen, the bound constants never do
-            compiled = torch.compile(eager, dynamic=None, fullgraph=self.fullgraph, options=self.options.get(name))
+            # dynamic=None: shapes become dynamic once a second shape is seen, the bound constants never do. Sizes 0
+            # and 1 stay specialised (a chunk of one slice, a broadcast mask dim), so mixed uses add variants: each
+            # kernel gets a budget of its own, not a share of torch's default of 8 per code object, past which every
+            # later call would run eagerly
+            compiled = torch.compile(
+                eager,
+                dynamic=None,
+                fullgraph=self.fullgraph,
+                options=self.options.get(name),
+                backend=self.backend,
+                recompile_limit=RECOMPILE_LIMIT,
+                isolate_recompiles=True,
+            )
             fn = self._with_eager_fallback(eager, compiled)
             if self.elementwise and name not in self.shaped:
                 fn = _flat_call(fn)

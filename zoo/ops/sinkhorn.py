@@ -488,8 +488,9 @@ def kernel_path(
       float32 scores exceed ``TILED_MIN_BYTES`` (8 MiB: L * S > 2**21, e.g. from 2,048 x 2,048 tokens), where a
       whole slice no longer stays in cache and the tiled passes win;
     * ``"chunked"`` otherwise: the chunked kernel (a few whole slices at a time, one matmul fewer per pass), and
-      always with dropout (its mask is drawn per weight) or under a caller's ``torch.compile`` (a graph of a few
-      chunks rather than one call per tile).
+      always with dropout (its mask is drawn per weight) or, where FlexAttention does not run, under a caller's
+      ``torch.compile`` (a graph of a few chunks rather than one call per tile). FlexAttention is made for a
+      caller's ``torch.compile``: its calls join the caller's graph.
 
     Args:
         device: the inputs' device.
@@ -498,10 +499,12 @@ def kernel_path(
         dtype: the working dtype (float32, or float64 for float64 inputs).
         qk_dim, v_dim: the query/key and value head dims (``v_dim`` None: ``qk_dim``).
     """
-    if dropout_p > 0.0 or torch.compiler.is_compiling():
+    if dropout_p > 0.0:
         return "chunked"
     if flex_available(device, dtype, qk_dim, v_dim):
         return "flex"
+    if torch.compiler.is_compiling():
+        return "chunked"
     return "tiled" if 4 * L * S > TILED_MIN_BYTES else "chunked"
 
 

@@ -19,6 +19,7 @@ The gradients are full backprop's whatever the counts (stored blocks run ordinar
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -100,7 +101,7 @@ def plan_stored_blocks(
             size and input size the counts are for), e.g. ``lambda: F.cross_entropy(model(x), y).backward()``.
         budget_bytes: the step's working memory allowed above what is live when it starts (parameters, gradients,
             optimiser state, the batch): for a card, its free memory minus those.
-        device: where the step runs (default: the device of the model's first parameter).
+        device: where the step runs (default: the device of the model's first parameter or buffer, else the CPU).
 
     Returns {stack name: stored_blocks} for every reversible stack, in the order they run.
 
@@ -116,7 +117,8 @@ def plan_stored_blocks(
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise ZooError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
     if device is None:
-        device = next(model.parameters()).device
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     saved = [m.stored_blocks for _, m in stacks]
     peaks: dict[tuple[int, ...], float] = {}
