@@ -103,6 +103,22 @@ def test_attention_passes_its_head_dims_and_dtype(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("mask", ["none", "padding"])
+def test_row_steps_and_column_steps_compile_once_each(monkeypatch, mask):
+    """Every call adds the same terms (zero vectors where a step has no potential): the row steps and the closing
+    call of an even n_iter share one compiled graph, the column steps another, for n_iter 3 and 4 alike."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setitem(sf._COMPILED, "flex", sf.compile_flex(backend="eager"))
+    before = counters["frames"]["ok"]
+    with torch.no_grad():
+        for n_iter in (3, 4):
+            q, k, v, bias, idx, factor = case(mask, n_iter, L=24, S=24, E=16, Ev=16)
+            sf.flex_sinkhorn(q, k, v, bias, idx, factor, n_iter, 0.3)
+    assert counters["frames"]["ok"] - before == 2
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_compiled_calls_follow_new_lengths_and_batches_without_recompiling(monkeypatch):
     """The path's torch.compile settings, traced on CPU (the "eager" backend: Dynamo's guards and recompilations,
     FlexAttention's reference forward). After two sizes every further sequence length and batch size reuses the

@@ -39,8 +39,8 @@ except ImportError:  # pragma: no cover - an older torch: the op uses its other 
 
 # Triton's tl.dot, under FlexAttention's CUDA kernels, needs query/key and value widths of at least 16
 FLEX_MIN_HEAD_DIM = 16
-# compiled variants of the calls: up to 4 score_mod shapes (which potentials and mask terms it adds) x mask layouts
-# x static / dynamic sizes stay far below this; past it torch falls back to the unfused path (correct, slow)
+# compiled variants of the calls: 2 (row and column calls) x mask layouts x static / dynamic sizes stay far below
+# this; past it torch falls back to the unfused path (correct, slow)
 FLEX_RECOMPILE_LIMIT = 64
 
 _COMPILED: dict[str, Callable[..., Any]] = {}
@@ -102,16 +102,16 @@ def _bias_mod(
 
 
 def _score_mod(
-    bias: Callable[[Any, Any, Any], torch.Tensor] | None, row: torch.Tensor | None, col: torch.Tensor | None
+    bias: Callable[[Any, Any, Any], torch.Tensor] | None, row: torch.Tensor, col: torch.Tensor
 ) -> Callable[..., torch.Tensor]:
-    """score_mod(score, b, h, i, j) = score + bias(b, i, j) + row[b, i] + col[b, j] (absent terms left out)."""
+    """score_mod(score, b, h, i, j) = score + bias(b, i, j) + row[b, i] + col[b, j]. Every call adds both vectors
+    (zeros where a step has no potential there), so every row step and the closing call of an even ``n_iter``
+    trace to one graph and the column steps (transposed) to another, instead of one per combination of terms."""
 
     def mod(score: torch.Tensor, b: Any, h: Any, i: Any, j: Any) -> torch.Tensor:
         if bias is not None:
             score = score + bias(b, i, j)
-        if row is not None:
-            score = score + row[b, i]
-        return score if col is None else score + col[b, j]
+        return score + row[b, i] + col[b, j]
 
     return mod
 
@@ -153,23 +153,24 @@ def flex_sinkhorn(
         lse = lse[:, 0]
         return torch.where(lse == float("-inf"), 0.0, -lse) if masked else -lse
 
-    f: torch.Tensor | None = None  # (N, L)
-    g: torch.Tensor | None = None  # (N, S)
+    N, L, S = q.shape[0], q.shape[1], k.shape[1]
+    zeros_l = q.new_zeros(N, L)  # the vectors a call adds where its step has no potential
+    zeros_s = q.new_zeros(N, S)
+    f: torch.Tensor = zeros_l  # (N, L)
+    g: torch.Tensor = zeros_s  # (N, S): g_0 = 0
     out: torch.Tensor | None = None
     for step in range(1, n_iter + 1):
         if step % 2 == 1:
-            mod = _score_mod(row_bias, None, g)
+            mod = _score_mod(row_bias, zeros_l, g)
             o, aux = flex(qf, kf, vf, score_mod=mod, scale=scale, return_aux=AuxRequest(lse=True))
             f, out = potential(aux.lse), o[:, 0]
         else:
-            assert f is not None
             # the transposed call: the queries are the keys (f indexed by the call's kv index); the value is
             # irrelevant (q, of a supported width)
-            mod = _score_mod(col_bias, None, f)
+            mod = _score_mod(col_bias, zeros_s, f)
             _, aux = flex(kf, qf, qf, score_mod=mod, scale=scale, return_aux=AuxRequest(lse=True))
             g = potential(aux.lse)
     if n_iter % 2 == 0:  # last step on columns: P_n = exp(C + f_{n-1} + g_n), rows not normalised
-        assert f is not None and g is not None
         mod = _score_mod(row_bias, f, g)
         o, aux = flex(qf, kf, vf, score_mod=mod, scale=scale, return_aux=AuxRequest(lse=True))
         out = o[:, 0] * aux.lse[:, 0].exp()[..., None]
