@@ -39,6 +39,20 @@ def test_step_peak_on_cpu_keeps_counting_tensors_allocated_before_it():
     assert step_peak_bytes(step, "cpu") == 4_000_000
 
 
+def test_step_peak_ignores_frees_of_blocks_an_earlier_window_saw():
+    # the allocator reports the free of a block it saw allocated in an earlier profiled window (with that size,
+    # even where the address was reused since): a free counts only for a block allocated during the step
+    kept = []
+    step_peak_bytes(lambda: kept.append(torch.empty(2_000_000)), "cpu")  # 8,000,000 bytes, allocated while profiled
+
+    def step():
+        kept.clear()  # its free is reported: -8,000,000
+        a = torch.empty(1_000_000)  # 4,000,000 bytes
+        del a
+
+    assert step_peak_bytes(step, "cpu") == 4_000_000
+
+
 def test_step_peak_refuses_other_devices():
     with pytest.raises(ZooError, match="CUDA or CPU"):
         step_peak_bytes(lambda: None, "meta")

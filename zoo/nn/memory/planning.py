@@ -38,10 +38,9 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device | str) -> i
 
     On CUDA: ``torch.cuda.max_memory_allocated`` (after a synchronisation and a reset of the peak statistics) minus
     the memory allocated before. On CPU: the allocations and frees ``torch.profiler`` records
-    (``profile_memory=True``), summed in time order; the profiler sees only the frees of tensors allocated while it
-    runs, so a tensor allocated before the step and freed during it still counts as held (an upper bound; in a
-    training step such tensors are few). Both count tensor bytes, not the allocator's cache or the process's
-    resident memory.
+    (``profile_memory=True``), summed in time order, a free counted only for a block allocated during the step: a
+    tensor allocated before the step and freed during it still counts as held (an upper bound; in a training step
+    such tensors are few). Both count tensor bytes, not the allocator's cache or the process's resident memory.
 
     Args:
         step: runs the work to measure (a training step's forward and backward).
@@ -57,18 +56,30 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device | str) -> i
         return torch.cuda.max_memory_allocated(device) - base
     if device.type != "cpu":
         raise ZooError(f"step_peak_bytes measures CUDA or CPU memory, got device {device}; run the step on either")
-    from torch.autograd import DeviceType
+    from torch._C._profiler import _ExtraFields_Allocation
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [
-        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-    ]
+    events: list[tuple[int, int, int]] = []  # (time, address, bytes: + allocated, - freed)
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        fields = node.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+        nodes.extend(node.children)
+    # only the frees of blocks allocated in this window count: the allocator also reports frees of blocks it saw in
+    # an earlier profiled window (with the size it saw then, even if the address was reused since)
+    held: dict[int, int] = {}
     live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
+    for _, address, nbytes in sorted(events):
+        if nbytes > 0:
+            held[address] = nbytes
+            live += nbytes
+            peak = max(peak, live)
+        elif address in held:
+            live -= held.pop(address)
     return peak
 
 
