@@ -19,9 +19,10 @@ The gradients are full backprop's whatever the counts (stored blocks run ordinar
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device | str) -> i
         return torch.cuda.max_memory_allocated(device) - base
     if device.type != "cpu":
         raise ZooError(f"step_peak_bytes measures CUDA or CPU memory, got device {device}; run the step on either")
+    # the profiler's event tree has each allocation's address (torch.profiler's own memory timeline reads it too)
     from torch._C._profiler import _ExtraFields_Allocation
     from torch.profiler import ProfilerActivity, profile
 
@@ -179,28 +181,20 @@ def plan_stored_blocks(
     return {name: m.stored_blocks for name, m in stacks}
 
 
-class _restored:
-    """Context: the model's buffers, parameter gradients and the random state (CPU and ``device``) restored on
-    exit."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.model, self.device = model, device
-
-    def __enter__(self) -> None:
-        # copies on the host: on a card near its budget a second set of gradients may not fit
-        self.buffers = [(b, b.detach().to("cpu", copy=True)) for b in self.model.buffers()]
-        self.grads = [
-            (p, None if p.grad is None else p.grad.detach().to("cpu", copy=True)) for p in self.model.parameters()
-        ]
-        self.rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-        self.rng.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.rng.__exit__(*exc)
+@contextlib.contextmanager
+def _restored(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """The model's buffers, parameter gradients and the random state (CPU and ``device``) restored on exit."""
+    # copies on the host: on a card near its budget a second set of gradients may not fit
+    buffers = [(b, b.detach().to("cpu", copy=True)) for b in model.buffers()]
+    grads = [(p, None if p.grad is None else p.grad.detach().to("cpu", copy=True)) for p in model.parameters()]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
         with torch.no_grad():
-            for b, value in self.buffers:
+            for b, value in buffers:
                 b.copy_(value)
-        for p, grad in self.grads:
+        for p, grad in grads:
             if grad is None:
                 p.grad = None
             elif p.grad is not None and p.grad.shape == grad.shape:
