@@ -14,9 +14,10 @@ Two markdown tables, every number from one run of this script (so ratios compare
    * ``zoo reversible`` / ``zoo full``: ``zoo.momentum_resnet50`` / ``101`` / ``152`` with ``memory="reversible"``
      (exact fixed-point rebuild in backward) and ``memory="full"`` (autograd through the same rule), gamma 0.9;
    * ``zoo-reversible-stored``: ``memory="reversible"`` with the fixed ``stored_blocks`` of :data:`STORED_BLOCKS`;
-     ``zoo-reversible-planned``: with the counts ``zoo.nn.plan_stored_blocks`` picks, in the memory worker, for
-     checkpointing's step peak as the budget (both measured by ``zoo.nn.step_peak_bytes``), then handed to the
-     time worker;
+     ``zoo-reversible-planned``: with the counts ``zoo.nn.plan_stored_blocks`` picks, in a planning process of its
+     own, for checkpointing's step peak as the budget (both measured by ``zoo.nn.step_peak_bytes``), then handed
+     to the memory worker (a fresh process: the planner's many profiled steps leave heap pages resident that the
+     measured step would reuse, an undercount of its peak) and to the time worker;
 
    with the peak working memory of one training step and the median step time, each also as a ratio to plain.
 
@@ -163,7 +164,7 @@ class CheckpointedStage(nn.Module):
 
 def build_imagenet(arch: int, method: str, seed: int, stored_blocks: tuple[int, ...] | None = None) -> nn.Module:
     """ResNet-``arch`` (50, 101 or 152) for ``method``, randomly initialised from ``seed``, in train mode;
-    ``stored_blocks``: the counts of ``zoo-reversible-planned`` (as its memory worker planned them; None: none)."""
+    ``stored_blocks``: the counts of ``zoo-reversible-planned`` (as its plan worker planned them; None: none)."""
     import torchvision
 
     torch.manual_seed(seed)
@@ -265,10 +266,8 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     method = args.worker_methods[0]
-    plan: dict[str, Any] = {}
-    if method == "zoo-reversible-planned":
-        plan = plan_for_checkpointing(args, device)
-        args.planned_stored = plan["stored_blocks"]
+    if method == "zoo-reversible-planned" and args.planned_stored is None:
+        raise RuntimeError("the planned row's memory worker needs the counts of a plan worker (--planned-stored)")
     model, params, step = build(args.worker_table, args.worker_arch, method, args, device)
     # one warm-up step, for every method: one-time costs (the compilation of the fused kernels for exactly the
     # variants and shapes the model uses, library caches) are not a training step's working memory
@@ -290,7 +289,14 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     out.update(peak_working_bytes(step, device))
     out["first_step_time"] = time.perf_counter() - t0
-    return {**out, **plan}
+    return out
+
+
+def plan_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The planned row's counts, in a process of its own (see the module docstring)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return plan_for_checkpointing(args, torch.device(args.device))
 
 
 def plan_for_checkpointing(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -362,8 +368,7 @@ def tied_worker(args: argparse.Namespace) -> dict[str, Any]:
         from zoo.ops.fixed_point import GammaRatio
 
         ratio = GammaRatio(GAMMA)
-        for start in range(0, depth, ratio.steps_per_word):
-            word = ratio.buffer_dtype(min(ratio.steps_per_word, depth - start))
+        for _, word in ratio.word_plan(depth):
             buffer += x.numel() * torch.empty((), dtype=word).element_size()
     return {"peak_bytes": high_water_bytes() - base, "baseline_rss": base, "time": elapsed, "buffer_bytes": buffer}
 
@@ -434,7 +439,7 @@ def run_worker(kind: str, table: str, arch: int, methods: list[str], args: argpa
     if args.planned_stored is not None:
         cmd += ["--planned-stored", *map(str, args.planned_stored)]
     env = dict(os.environ)
-    if kind == "memory":
+    if kind in ("memory", "plan"):  # the planner measures tensor bytes; the same allocator as the memory worker
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     elif kind == "tied":  # glibc's defaults, as a user runs
         env = {k: v for k, v in env.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
@@ -709,11 +714,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--json", metavar="PATH", help="also save the raw numbers here")
-    p.add_argument("--worker", choices=["memory", "time", "tied"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["memory", "time", "tied", "plan"], help=argparse.SUPPRESS)
     p.add_argument("--worker-table", choices=["imagenet", "cifar", "tied"], help=argparse.SUPPRESS)
     p.add_argument("--worker-arch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-methods", nargs="+", choices=METHODS + TIED_METHODS[1:], help=argparse.SUPPRESS)
-    # the counts a planned memory worker found, handed to the time worker of the same architecture
+    # the counts a plan worker found, handed to the memory and time workers of the same architecture
     p.add_argument("--planned-stored", type=int, nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if "plain" not in args.methods:
@@ -747,7 +752,7 @@ def _progress(started: float, what: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        worker = {"memory": memory_worker, "time": time_worker, "tied": tied_worker}[args.worker]
+        worker = {"memory": memory_worker, "time": time_worker, "tied": tied_worker, "plan": plan_worker}[args.worker]
         result = worker(args)
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
@@ -771,10 +776,12 @@ def main(argv: list[str] | None = None) -> None:
             if method in skip:
                 continue
             try:
-                r = run_worker("memory", "imagenet", arch, [method], args)
-                imagenet[(arch, method)] = dict(r, peak=r["peak_bytes"])
+                plan: dict[str, Any] = {}
                 if method == "zoo-reversible-planned":
-                    args.planned_stored = r["stored_blocks"]
+                    plan = run_worker("plan", "imagenet", arch, [method], args)
+                    args.planned_stored = plan["stored_blocks"]
+                r = run_worker("memory", "imagenet", arch, [method], args)
+                imagenet[(arch, method)] = dict(r, **plan, peak=r["peak_bytes"])
                 ran.append(method)
             except RuntimeError as e:
                 if method != "momentumnet":

@@ -169,10 +169,13 @@ def test_reversible_rebuilds_x0_v0_bit_for_bit_through_1000_layers(gamma, init):
     stack.record_rebuild = True
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
     out = stack(x)
-    # the buffer word capacity: 1000 layers at gamma = 0.5 (63 multiplies a word) cross many words
+    # the buffer word capacity: 1000 layers at gamma = 0.5 (63 multiplies an int64 word) cross many words
     s = stack.ratio.steps_per_word
     n_words = out.grad_fn.n_words
-    assert n_words == (depth - 1) // s
+    plan = stack.ratio.word_plan(depth)
+    assert n_words == len(plan) - 1 and sum(count for count, _ in plan) == depth
+    words_bytes = sum(torch.empty((), dtype=dtype).element_size() for _, dtype in plan)
+    assert words_bytes <= 8 * (-(-depth // s))  # never more than int64 words would take
     if gamma == 0.5:
         assert s == 63 and n_words == 15
         words = out.grad_fn.state[3:]  # x, v, the last buffer word, then the full words

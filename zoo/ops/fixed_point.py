@@ -10,7 +10,8 @@ the remainder bits in an integer *information buffer* i (Maclaurin, Duvenaud and
 with floor division and floor modulus (also for negative c). The buffer grows by log2(d/n) bits per
 multiply; :attr:`GammaRatio.steps_per_word` is how many multiplies a 64-bit word takes from zero
 without overflow, after which the caller starts a new word (the bound is exact, so no host sync is
-needed to detect a full buffer).
+needed to detect a full buffer); :meth:`GammaRatio.word_plan` stores the words in int8, int32 or int64,
+whichever takes the fewest bytes.
 """
 
 from __future__ import annotations
@@ -53,21 +54,50 @@ def floor_divmod(c: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q, r
 
 
+def _floor_divmod_small(c: torch.Tensor, d: int, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c div d, c mod d) of a non-negative integer tensor small enough that one estimate of the quotient in the
+    floating ``work`` dtype is within one: 0 <= c < 2^24 for float32 (c an int32 tensor), 0 <= c < 2^52 for
+    float64 (int64). |c/d - c * fl(1/d)| < 1 there, so one correction makes the pair exact; half the work of
+    :func:`floor_divmod`, and float32 conversions of int32 run natively vectorised (those of int64 do not)."""
+    if d == 1:
+        return c, torch.zeros_like(c)
+    q = torch.floor(c.to(work) * (1.0 / d)).to(c.dtype)
+    r = c - q * d
+    low, high = r < 0, r >= d
+    q = torch.where(low, q - 1, torch.where(high, q + 1, q))
+    r = torch.where(low, r + d, torch.where(high, r - d, r))
+    return q, r
+
+
 def exact_multiply(c: torch.Tensor, i: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, i) -> (c n/d rounded down, the buffer with the lost bits): the multiply of the module docstring.
 
-    With n and d swapped it is the exact divide. Compiled, both divisions are :func:`floor_divmod` (fused into one
-    pass, it vectorises); eager, ``torch.div`` (fewer full-size temporaries, so a lower peak), each remainder taken
-    as a - q b from its quotient, the buffer i never negative, so truncation is floor on it.
+    ``c``: int64; ``i``: the buffer word, in any integer dtype, 0 <= i <= that dtype's largest value (a narrow
+    word's values fit it before and after the step: :meth:`GammaRatio.word_plan`). With n and d swapped it is
+    the exact divide. Returns the new c (int64) and the new buffer (int64, or int32 where computed so).
+
+    Compiled, both divisions are vectorised estimates corrected to be exact (fused into one pass): c's by
+    :func:`floor_divmod` (c spans int64); the buffer's, i d + (c mod d) < (max i + 1) max(n, d), by
+    :func:`_floor_divmod_small`: in int32 and float32 when that is below 2^24 (int8 words; int16 words for
+    n, d <= 511), in float64 for the other narrow words, by :func:`floor_divmod` for int64 words only. Eager,
+    ``torch.div`` (fewer full-size temporaries, so a lower peak), each remainder taken as a - q b from its quotient,
+    the buffer i never negative, so truncation is floor on it.
     """
     if not torch.compiler.is_compiling():
         q = torch.div(c, d, rounding_mode="floor")
-        i = torch.add(torch.sub(c, q, alpha=d), i, alpha=d)  # i d + (c mod d)
+        i = torch.add(torch.sub(c, q, alpha=d), i.to(torch.int64), alpha=d)  # i d + (c mod d)
         j = torch.div(i, n, rounding_mode="trunc")
         return torch.add(torch.sub(i, j, alpha=n), q, alpha=n), j  # (c div d) n + (i mod n), i div n
     q, r = floor_divmod(c, d)
-    j, s = floor_divmod(i * d + r, n)  # i d + (c mod d), then its quotient and remainder by n
-    return q * n + s, j  # (c div d) n + (i mod n), i div n
+    if i.dtype == torch.int64:
+        j, s = floor_divmod(i * d + r, n)  # i d + (c mod d), then its quotient and remainder by n
+        return q * n + s, j
+    top = (torch.iinfo(i.dtype).max + 1) * max(n, d)  # i d + (c mod d) < top
+    if top <= 2**24:
+        j, s = _floor_divmod_small(i.to(torch.int32) * d + r.to(torch.int32), n, torch.float32)
+        return q * n + s.to(torch.int64), j
+    j, s = _floor_divmod_small(i.to(torch.int64) * d + r, n, torch.float64)
+    return q * n + s, j
 
 
 class GammaRatio:
@@ -93,6 +123,7 @@ class GammaRatio:
             )
         self.n, self.d = ratio.numerator, ratio.denominator
         self.steps_per_word = self._capacity()
+        self._plans: dict[int, list[tuple[int, torch.dtype]]] = {}
 
     @property
     def value(self) -> float:
@@ -124,13 +155,51 @@ class GammaRatio:
             bound = (bound * self.d + self.d - 1) // self.n
         return bound
 
-    def buffer_dtype(self, steps: int) -> torch.dtype:
-        """The narrowest integer dtype that holds a buffer word after ``steps`` multiplies (for storage)."""
-        bound = self.buffer_bound(min(steps, self.steps_per_word))
-        for dtype in (torch.int8, torch.int16, torch.int32):
-            if bound <= torch.iinfo(dtype).max:
-                return dtype
-        return torch.int64
+    def word_capacity(self, dtype: torch.dtype) -> int:
+        """How many multiplies from i = 0 a buffer word stored in the integer ``dtype`` takes without overflow."""
+        if dtype == torch.int64:
+            return self.steps_per_word
+        top, bound, steps = torch.iinfo(dtype).max, 0, 0
+        while steps < self.steps_per_word:
+            bound = (bound * self.d + self.d - 1) // self.n
+            if bound > top:
+                break
+            steps += 1
+        return steps
+
+    def word_plan(self, steps: int) -> list[tuple[int, torch.dtype]]:
+        """How ``steps`` multiplies split into buffer words: (multiplies, storage dtype) per word, in order.
+
+        The fewest bytes per element, then the fewest words, among words stored as int8, int32 or int64, each
+        filled to at most its :meth:`word_capacity`. Not int16: the compiled kernels' conversions between int16
+        and the int32/int64 arithmetic do not vectorise (a step on an int16 word took 3-6x the time of one on an
+        int8 or int32 word), and two int8 words cost the bytes of one int16 word. ``steps`` = 0 gives one empty
+        int8 word (the kernels always take one).
+        """
+        if steps in self._plans:
+            return self._plans[steps]
+        kinds = [(torch.int8, 1), (torch.int32, 4), (torch.int64, 8)]
+        kinds = [(dtype, size, self.word_capacity(dtype)) for dtype, size in kinds]
+        kinds = [k for k in kinds if k[2] > 0]
+        # best[k] = (bytes, words, dtype of the first word, its multiplies) for k multiplies
+        best: list[tuple[int, int, torch.dtype, int]] = [(0, 0, torch.int8, 0)]
+        for k in range(1, steps + 1):
+            best.append(
+                min(
+                    (
+                        (best[k - min(k, cap)][0] + size, best[k - min(k, cap)][1] + 1, dtype, min(k, cap))
+                        for dtype, size, cap in kinds
+                    ),
+                    key=lambda b: (b[0], b[1]),
+                )
+            )
+        plan, k = [], steps
+        while k:
+            _, _, dtype, count = best[k]
+            plan.append((count, dtype))
+            k -= count
+        self._plans[steps] = plan or [(0, torch.int8)]
+        return self._plans[steps]
 
 
 class FixedPoint:
@@ -244,7 +313,7 @@ def _momentum_step_(
     """
     work = torch.float64 if xf.dtype == torch.float64 else torch.float32
     gc = c * residual_tail(xf.to(work), g.to(work), tail)
-    v, b = exact_multiply(vi, buffer.to(torch.int64), n, d)  # the buffer word may be stored narrower
+    v, b = exact_multiply(vi, buffer, n, d)  # the buffer word may be stored narrower
     v = v + torch.round(gc * scale).to(torch.int64)
     x = xi + v
     bound = torch.where(torch.isnan(g).any(), math.inf, gc.abs().amax())
@@ -285,7 +354,7 @@ def _momentum_unstep_(
     work = torch.float64 if xf.dtype == torch.float64 else torch.float32
     xw, gw = xf.to(work), g.to(work)
     gc = c * residual_tail(xw, gw, tail)
-    v, b = exact_multiply(vi - torch.round(gc * scale).to(torch.int64), buffer.to(torch.int64), d, n)
+    v, b = exact_multiply(vi - torch.round(gc * scale).to(torch.int64), buffer, d, n)
     ca = c * a.to(work)
     if tail == "relu":
         positive = (xw + gw) > 0  # relu's derivative, 0 at 0 as autograd's

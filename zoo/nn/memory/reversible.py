@@ -8,6 +8,7 @@ store their activations (ordinary autograd): no recomputation for them, their ac
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ class _ReversibleMomentum(torch.autograd.Function):
     the caller runs the remaining steps with ordinary autograd, and backward starts from both cotangents.
 
     Stored for backward: the final integer state (x, v: int64; each buffer word, in forward too, in the
-    narrowest integer type its static bound allows: full words int64, int8 for up to 29 steps at gamma 0.9),
+    integer type of :meth:`GammaRatio.word_plan`: at gamma 0.9, 35 steps as two int8 words, 100 as one int32),
     and, with a transition block, the
     stage input, from which the transition is recomputed (checkpointed) at the end of backward.
 
@@ -107,16 +108,16 @@ class _ReversibleMomentum(torch.autograd.Function):
             g_max = torch.zeros((), dtype=torch.float64, device=x.device)
             depth = ctx.depth = stack.depth - stored  # the last `stored` steps run outside, with autograd
 
-            def new_word(start: int) -> torch.Tensor:
-                # each word in the narrowest integer type its static bound allows (the kernels compute in int64)
-                steps = min(ratio.steps_per_word, depth - start)
-                return torch.zeros_like(xi, dtype=ratio.buffer_dtype(steps))
-
-            buffer, words = new_word(0), []
+            # the buffer words: each in the integer type its static bound allows (GammaRatio.word_plan), a new
+            # one started at each step in `starts`; the kernels compute in int32/int64
+            plan = ratio.word_plan(depth)
+            starts = ctx.word_starts = frozenset(itertools.accumulate(count for count, _ in plan[:-1]))
+            dtypes = iter(dtype for _, dtype in plan)
+            buffer, words = torch.zeros_like(xi, dtype=next(dtypes)), []
             for n in range(depth):
-                if n and n % ratio.steps_per_word == 0:  # the buffer word is full: start a new one
+                if n in starts:  # the buffer word is full: start a new one
                     words.append(buffer)
-                    buffer = new_word(n)
+                    buffer = torch.zeros_like(xi, dtype=next(dtypes))
                 if rng is not None:
                     rng.record()
                 g, tail = stack.residual_parts(n, xf, args, kwargs)
@@ -183,7 +184,7 @@ class _ReversibleMomentum(torch.autograd.Function):
                             "unstep", c=c, tail=tail, n=ratio.n, d=ratio.d, scale=fp.scale, first=n == 0
                         )
                         grad_g = unstep(xi, vi, buffer, xf, g.detach(), a, gx)
-                        if n and n % ratio.steps_per_word == 0:
+                        if n in ctx.word_starts:  # step n was its word's first: back to the previous word
                             buffer = words.pop()
                     grad_branch = acc.backprop(g, xg, vjp_leaves, unique_parameters([blocks[n]]), grad_g)
                     del g, xg
