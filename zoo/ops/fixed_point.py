@@ -156,7 +156,9 @@ class GammaRatio:
         return bound
 
     def word_capacity(self, dtype: torch.dtype) -> int:
-        """How many multiplies from i = 0 a buffer word stored in the integer ``dtype`` takes without overflow."""
+        """How many multiplies from i = 0 a buffer word stored in the integer ``dtype`` takes without overflow (its
+        worst-case bound at most the dtype's largest value), never more than :attr:`steps_per_word`, the int64
+        word's count (the kernels' int64 intermediate i d + d - 1 must not overflow either)."""
         if dtype == torch.int64:
             return self.steps_per_word
         top, bound, steps = torch.iinfo(dtype).max, 0, 0
