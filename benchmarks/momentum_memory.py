@@ -32,8 +32,8 @@ Two markdown tables, every number from one run of this script (so ratios compare
    to the system, so the measured steps cannot run on them), then the peak resident set (VmHWM, reset before
    them) of two training steps above the resident set just before them. The reversible rows also give the
    information buffer's size (log2(1/gamma) bits per step and element, live by design). Table 2 uses the small mmap
-   threshold, under which the resident set follows the live tensors; this one shows what a user sees (issue 13:
-   a small tensor kept per step, the saved random state, pinned freed heap blocks and the process grew with
+   threshold, under which the resident set follows the live tensors; this one shows what a user sees (an earlier
+   engine's small tensor kept per step, the saved random state, pinned freed heap blocks and the process grew with
    depth although the live tensors did not).
 
 A training step is forward, cross-entropy loss, backward and an SGD step (no momentum, so the optimiser keeps
@@ -62,7 +62,7 @@ no state; gradients are allocated once before the measurement and zeroed in plac
     python benchmarks/momentum_memory.py --archs 101 --depths 20 110 --json out.json
     python benchmarks/momentum_memory.py --archs --depth-steps 2              # table 2 only, with step times
     python benchmarks/momentum_memory.py --archs --depths --tied-depths 100 3000   # table 3 only
-    # table 1 only, as issue 17 states it, with the planned stored_blocks (2 threads; about 16 minutes on a quiet
+    # table 1 only, the setting of the time targets, with the planned stored_blocks (2 threads; about 16 minutes on a quiet
     # 2-core machine with 7 rounds):
     python benchmarks/momentum_memory.py --threads 2 --steps 7 --depths --tied-depths --methods plain checkpoint
         momentumnet zoo-reversible zoo-reversible-planned zoo-full     # (one command line)
@@ -119,7 +119,7 @@ DEPTH_METHODS = ("plain", "zoo-reversible")
 STORED_BLOCKS = {50: (0, 0, 3, 3), 101: (0, 0, 8, 3), 152: (0, 0, 12, 3)}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 GAMMA = 0.9
-# Targets (issue 17): reversible peak <= checkpointing (and well below plain), flat in depth, time <= 1.35x plain;
+# Targets: reversible peak <= checkpointing (and well below plain), flat in depth, time <= 1.35x plain;
 # memory="full" momentum within 1.05x of plain in time and memory.
 TIME_TARGET = 1.35
 FULL_TARGET = 1.05
@@ -133,7 +133,7 @@ TIED_LABELS = {
     "adjoint": 'memory="adjoint" (Euler)',
 }
 TIED_ROWS, TIED_DIM = 1024, 256  # the state: 1 MiB of float32
-TIED_FLAT_TARGET = 1.5  # issue 13: the peak at the largest depth within 1.5x of the smallest depth's
+TIED_FLAT_TARGET = 1.5  # the peak at the largest depth within 1.5x of the smallest depth's
 
 
 def momentumnet_status() -> str | None:

@@ -195,6 +195,8 @@ def check_resnet_layout(modules: Mapping[str, nn.Module], model: nn.Module, labe
         ]
         if getattr(mine, "bias", None) is None and getattr(theirs, "bias", None) is not None:
             diffs.append("has a bias (zoo: none)")
+        elif getattr(mine, "bias", None) is not None and getattr(theirs, "bias", None) is None:
+            diffs.append("has no bias (zoo: one)")
         if diffs:
             problems.append(f"{name} {', '.join(diffs)}")
     for name, theirs in modules.items():

@@ -805,6 +805,24 @@ def test_unknown_recipe_name_is_one_error_with_close_names(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("recipe", ["imagenet_finetune_depth_scaled_resnet50", "imagenet_refit_momentum_resnet152"])
+def test_missing_data_is_reported_before_any_weights_are_read(
+    recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data module is built before the model: a recipe whose model starts from published weights says the
+    dataset is missing without fetching (here: reading) the weights first."""
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were read before the data folder was checked")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_weights)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["fit", "--config", recipe, "--trainer.max_epochs=1"], capsys)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("zoo: error: image folder root 'data/imagenet' does not exist; point root at the folder")
+
+
 # ------------------------------------------------------------------------------------------------
 # the main job, unchanged
 

@@ -348,6 +348,17 @@ class ZooCLI(LightningCLI):
         parser._option_string_actions["--config"].help = CONFIG_HELP
         return parser
 
+    def add_core_arguments_to_parser(self, parser: Any) -> None:
+        """Lightning's trainer, model and data arguments, with ``data`` before ``model``: the classes are
+        instantiated in that order, so a missing dataset is reported before a model builder fetches weights."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        required = self.datamodule_class is not None  # Lightning's rule: optional when none was given
+        parser.add_lightning_class_args(
+            self._datamodule_class, "data", subclass_mode=self.subclass_mode_data, required=required
+        )
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         """Lightning's subcommands, then zoo's (``main`` runs those before LightningCLI: listed for ``--help``)."""
         super()._add_subcommands(parser, **kwargs)

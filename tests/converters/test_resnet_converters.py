@@ -342,6 +342,10 @@ def test_modified_layers_are_caught_by_the_layout_check() -> None:
     source.fc = nn.Sequential(nn.Dropout(0.5), nn.Linear(512, 10))
     with pytest.raises(ZooError, match="the classifier fc is Sequential\\(Dropout, Linear\\)"):
         converters.transform(source, to="depth_scaled")
+    source = torchvision.models.resnet18()
+    source.fc = nn.Linear(512, 10, bias=False)  # a layout difference, named before any weight is read
+    with pytest.raises(ZooError, match=r"standard ResNet layout .*fc has no bias \(zoo: one\)"):
+        converters.transform(source, to="depth_scaled")
 
 
 def test_subclass_overriding_forward_is_rejected() -> None:

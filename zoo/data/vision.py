@@ -260,9 +260,13 @@ class ImageFolderDataModule(ZooDataModule):
         self.root = Path(os.path.expanduser(str(root)))
         self.train_path = self.root / train_dir
         self.val_path = self.root / val_dir
-        for label, path in (("root", self.root), ("train", self.train_path), ("val", self.val_path)):
+        for label, path, fix in (
+            ("root", self.root, "point root at the folder that holds the train and val folders"),
+            ("train", self.train_path, "point train_dir at it (relative to root)"),
+            ("val", self.val_path, "point val_dir at it (relative to root)"),
+        ):
             if not path.is_dir():
-                raise ZooError(f"image folder {label} '{path}' does not exist; point root/{label}_dir at it")
+                raise ZooError(f"image folder {label} '{path}' does not exist; {fix}")
         self.class_names = _list_classes(self.train_path)
         if not self.class_names:
             raise ZooError(f"train folder '{self.train_path}' has no class subdirectories (expected <class>/<images>)")
