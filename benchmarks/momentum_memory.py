@@ -62,8 +62,8 @@ no state; gradients are allocated once before the measurement and zeroed in plac
     python benchmarks/momentum_memory.py --archs 101 --depths 20 110 --json out.json
     python benchmarks/momentum_memory.py --archs --depth-steps 2              # table 2 only, with step times
     python benchmarks/momentum_memory.py --archs --depths --tied-depths 100 3000   # table 3 only
-    # table 1 only, the setting of the time targets, with the planned stored_blocks (2 threads; about 16 minutes on a quiet
-    # 2-core machine with 7 rounds):
+    # table 1 only, the setting of the time targets, with the planned stored_blocks (2 threads; about 16 minutes on
+    # a quiet 2-core machine with 7 rounds):
     python benchmarks/momentum_memory.py --threads 2 --steps 7 --depths --tied-depths --methods plain checkpoint
         momentumnet zoo-reversible zoo-reversible-planned zoo-full     # (one command line)
 """

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from helpers import seed_hf_hub_cache
 from huggingface_hub import HfApi, ModelCard
 
 import zoo
@@ -49,6 +50,9 @@ def test_save_pretrained_writes_a_card_that_huggingface_hub_parses(tmp_path) -> 
             "imagenet-1k/top1": {"value": 80.9, "kind": "published", "of": "source"},
         },
     }
+    # the card states the source and its metrics only for weights loaded from that source
+    seed_hf_hub_cache("someone/resnet-source", model.state_dict())
+    zoo.load_weights(model, "hf-hub:someone/resnet-source")
     folder = model.save_pretrained(tmp_path / "m", repo_id="someone/zoo-model")
     text = (folder / "README.md").read_text()
     meta = front_matter(text)

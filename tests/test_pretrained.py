@@ -12,6 +12,7 @@ filters as timm's ``list_pretrained``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +396,118 @@ def test_register_pretrained_cfgs_checks_entries(monkeypatch: pytest.MonkeyPatch
     for entry, message in bad:
         with pytest.raises(zoo.ZooError, match=message):
             register_pretrained_cfgs(entry)
+
+
+# ------------------------------------------------------------------------------------------------ weights and cfgs
+
+
+def test_a_tag_and_other_weights_are_one_error(tv_resnet18, tmp_path: Path) -> None:
+    """A tag (or pretrained_cfg) names weights; weights= naming others would leave the tag's transform on them."""
+    _cache_torchvision(tv_resnet18, "ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(
+        zoo.ZooError,
+        match="resnet18.a1_in1k names the weights 'hf-hub:timm/resnet18.a1_in1k', but "
+        "weights='IMAGENET1K_V1' names other weights",
+    ) as info:
+        zoo.create_model("resnet18.a1_in1k", weights="IMAGENET1K_V1")
+    assert "zoo.create_model('resnet18.tv_in1k', pretrained=True)" in str(info.value)
+    with pytest.raises(
+        zoo.ZooError, match="resnet18.tv_in1k names the weights 'ResNet18_Weights.IMAGENET1K_V1'"
+    ) as info:
+        zoo.create_model("resnet18.tv_in1k", pretrained=True, weights="hf-hub:timm/resnet18.a1_in1k")
+    assert "zoo.create_model('resnet18.a1_in1k', pretrained=True)" in str(info.value)
+    path = tmp_path / "mine.pth"
+    torch.save(tv_resnet18.state_dict(), path)
+    with pytest.raises(zoo.ZooError, match="conflicting weights: momentum_resnet18.tv_in1k_gamma0 names"):
+        zoo.momentum_resnet18(pretrained_cfg="tv_in1k_gamma0", weights=str(path))
+    # the tag's own weights, in any spelling, are no conflict; nor is a cfg without weights
+    for spelling in ("IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", "DEFAULT"):
+        model = zoo.create_model("resnet18.tv_in1k", weights=spelling)
+        assert model.pretrained_cfg["tag"] == "tv_in1k"
+    assert (
+        zoo.resnet18(pretrained_cfg={"interpolation": "bilinear"}, weights=str(path)).pretrained_cfg["interpolation"]
+        == "bilinear"
+    )
+
+
+def test_pretrained_cfg_overlay(tv_resnet18, tmp_path: Path) -> None:
+    """Fields checked (one error listing them); with pretrained=True its file (or state_dict) is the weights loaded,
+    as timm's offline loading, keeping the tag's cfg."""
+    with pytest.raises(zoo.ZooError, match=r"unknown fields \['foo'\]; the fields are \[.*'crop_pct'"):
+        zoo.create_model("resnet18", pretrained_cfg_overlay=dict(foo=1))
+    with pytest.raises(zoo.ZooError, match=r"unknown fields \['foo'\]"):
+        PretrainedCfg().replace(foo=1)
+    with pytest.raises(zoo.ZooError, match="must be a mapping of pretrained cfg fields"):
+        zoo.create_model("resnet18", pretrained_cfg_overlay="a1_in1k")
+    path = tmp_path / "resnet18.a1_in1k.pth"
+    torch.save(tv_resnet18.state_dict(), path)
+    x = torch.randn(1, 3, 64, 64)
+    model = zoo.create_model("resnet18.a1_in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tv_resnet18(x), rtol=1e-4, atol=1e-4)
+    cfg = model.pretrained_cfg
+    assert (cfg["tag"], cfg["file"], cfg["interpolation"]) == ("a1_in1k", str(path), "bicubic")
+    # a Path too, and for the default tag of an architecture (no network: nothing is fetched)
+    assert torch.equal(
+        zoo.resnet18(pretrained=True, pretrained_cfg_overlay=dict(file=path)).fc.weight, tv_resnet18.fc.weight
+    )
+    sd = {k: v + 1 if v.is_floating_point() else v for k, v in tv_resnet18.state_dict().items()}
+    from_sd = zoo.create_model("resnet18.a1_in1k", pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
+    assert torch.equal(from_sd.conv1.weight, sd["conv1.weight"])
+    untouched = zoo.create_model("resnet18.a1_in1k", pretrained_cfg_overlay=dict(file=str(path)))  # timm: no load
+    assert not torch.equal(untouched.conv1.weight, tv_resnet18.conv1.weight)
+    with pytest.raises(zoo.ZooError, match="pretrained cfg file 'nowhere.pth' of resnet18.a1_in1k does not exist"):
+        zoo.create_model("resnet18.a1_in1k", pretrained=True, pretrained_cfg_overlay=dict(file="nowhere.pth"))
+    with pytest.raises(zoo.ZooError, match="both name weights to load; give one"):
+        zoo.resnet18(weights="IMAGENET1K_V1", pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(zoo.ZooError, match="state_dict must map parameter names to tensors"):
+        zoo.resnet18(pretrained=True, pretrained_cfg_overlay=dict(state_dict={"conv1.weight": 1}))
+
+
+def test_builder_takes_the_hyperparameters_zoo_weights_record(tmp_path: Path) -> None:
+    """A builder given zoo weights of its own class builds what was saved (gamma, memory, layers ...), as
+    from_pretrained does; a caller's argument wins, with a warning when it changes the function; weights of another
+    family keep the builder's arguments (they are converted)."""
+    torch.manual_seed(0)
+    saved = zoo.momentum_cifar_resnet(layers=(2, 1, 1), widths=(4, 8, 8), gamma=0.0, memory="full", num_classes=3)
+    saved = randomize_batchnorm(saved).eval()
+    saved.save_pretrained(tmp_path / "m")
+    x = torch.randn(2, 3, 16, 16)
+    model = zoo.momentum_cifar_resnet(weights=str(tmp_path / "m")).eval()
+    assert (model.hparams.gamma, model.hparams.memory, tuple(model.hparams.layers)) == (0.0, "full", (2, 1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), saved(x))
+    with pytest.warns(UserWarning, match=r"gamma=0.5 \(recorded: 0.0\) as asked.*compute another function"):
+        other = zoo.momentum_cifar_resnet(weights=str(tmp_path / "m"), gamma=0.5)
+    assert other.hparams.gamma == 0.5 and other.hparams.memory == "full"
+    half = zoo.momentum_cifar_resnet(layers=(2, 1, 1), widths=(4, 8, 8), gamma=0.5, memory="full", num_classes=3)
+    randomize_batchnorm(half).eval().save_pretrained(tmp_path / "half.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full and reversible compute the same function: no warning
+        same = zoo.momentum_cifar_resnet(weights=str(tmp_path / "half.safetensors"), memory="reversible").eval()
+    assert (same.hparams.gamma, same.hparams.memory) == (0.5, "reversible")
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), half(x))
+    # a plain ResNet's file into the momentum builder: converted, the builder's own gamma (its rule is recorded too)
+    zoo.cifar_resnet(layers=(2, 1, 1), widths=(4, 8, 8)).save_pretrained(tmp_path / "plain.safetensors")
+    converted = zoo.momentum_cifar_resnet(
+        layers=(2, 1, 1), widths=(4, 8, 8), weights=str(tmp_path / "plain.safetensors")
+    )
+    assert (converted.hparams.gamma, converted.hparams.rule) == (0.9, "momentum")
+
+
+def test_builder_refuses_zoo_weights_of_another_architecture(tmp_path: Path) -> None:
+    """A builder that names an architecture (resnet18, resnet20_cifar) refuses zoo weights recording another one
+    (ResNet-34's layers, ResNet-56's) with one ZooError pointing to zoo.from_pretrained, instead of building a
+    different model under its name; what a builder only defaults (CIFAR widths) is taken from the weights."""
+    zoo.resnet34(num_classes=3).save_pretrained(tmp_path / "r34")
+    with pytest.raises(
+        zoo.ZooError, match=r"layers=\[3, 4, 6, 3\] \(the builder's: \[2, 2, 2, 2\]\).*zoo.from_pretrained"
+    ):
+        zoo.resnet18(weights=str(tmp_path / "r34"))
+    zoo.resnet56_cifar(widths=(4, 8, 8)).save_pretrained(tmp_path / "r56")
+    with pytest.raises(zoo.ZooError, match=r"layers=\[9, 9, 9\] \(the builder's: \[3, 3, 3\]\)"):
+        zoo.resnet20_cifar(weights=str(tmp_path / "r56"))
+    assert tuple(zoo.from_pretrained(tmp_path / "r56").hparams.layers) == (9, 9, 9)
+    zoo.resnet20_cifar(widths=(8, 16, 32)).save_pretrained(tmp_path / "narrow")
+    assert tuple(zoo.resnet20_cifar(weights=str(tmp_path / "narrow")).hparams.widths) == (8, 16, 32)

@@ -230,3 +230,83 @@ def test_resnet_builders_are_explicit_functions(name: str) -> None:
     params = inspect.signature(builder).parameters
     assert list(params) == ["pretrained", "weights", "kwargs"]
     assert params["pretrained"].default is False and params["weights"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_create_model_refuses_a_name_that_is_not_a_string() -> None:
+    for bad in (None, 123, "", ("resnet18",)):
+        with pytest.raises(zoo.ZooError, match="a model name must be a non-empty string"):
+            zoo.create_model(bad)
+        with pytest.raises(zoo.ZooError, match="a model name must be a non-empty string"):
+            registry.model_entrypoint(bad)
+    with pytest.raises(zoo.ZooError, match="pretrained_cfg= gives another; give one"):
+        zoo.create_model("resnet18.tv_in1k", pretrained_cfg="a1_in1k")
+
+
+def test_list_models_options_as_timm() -> None:
+    """timm.list_models' filter (one pattern or several), exclude_filters, pretrained and include_tags; zoo's
+    family (timm's module) takes several too."""
+    assert zoo.list_models(["heun_resnet1*", "momentum_tiny"]) == [
+        "heun_resnet101",
+        "heun_resnet110_cifar",
+        "heun_resnet152",
+        "heun_resnet18",
+        "momentum_tiny",
+    ]
+    assert zoo.list_models(("*tiny",), exclude_filters="heun*") == ["depth_scaled_tiny", "momentum_tiny", "tiny"]
+    assert zoo.list_models("*resnet50", exclude_filters=["heun*", "momentum*"]) == ["depth_scaled_resnet50", "resnet50"]
+    assert zoo.list_models("*", family=["vmoe", "mean_field"]) == sorted(VMOE_NAMES + MEAN_FIELD_NAMES)
+    # pretrained: "arch.tag" names with weights, as timm (and include_tags=False: the architectures)
+    tagged = zoo.list_models("resnet18", pretrained=True)
+    assert tagged == sorted(zoo.list_pretrained("resnet18", has_weights=True)) and "resnet18.tv_in1k" in tagged
+    assert zoo.list_models("resnet18.tv*", pretrained=True) == ["resnet18.tv_in1k"]
+    momentum = zoo.list_models("momentum_resnet18", pretrained=True, exclude_filters="*gamma0")
+    assert momentum == [n.replace("resnet18.", "momentum_resnet18.") for n in tagged]  # the same sources, gamma 0.9
+    assert zoo.list_models("*resnet18", pretrained=True, include_tags=False) == [
+        "depth_scaled_resnet18",
+        "heun_resnet18",
+        "momentum_resnet18",
+        "resnet18",
+    ]
+    assert not zoo.list_models("*_cifar", pretrained=True)  # no weights published for the CIFAR nets
+    assert zoo.list_models("resnet20_cifar", include_tags=True) == ["resnet20_cifar"]  # no cfgs: its own name
+    assert set(zoo.list_models(pretrained=True)) == set(zoo.list_pretrained(has_weights=True))
+    with pytest.warns(FutureWarning, match="use filter="):
+        assert zoo.list_models(pattern="heun_tiny") == ["heun_tiny"]
+    for bad in ({"filter": 3}, {"exclude_filters": [None]}, {"family": 1}):
+        with pytest.raises(zoo.ZooError, match="must be a shell-style pattern or a list of them"):
+            zoo.list_models(**bad)
+
+
+def _zoo_repo_in_hf_cache(repo_id: str, model: torch.nn.Module, tmp_path) -> None:
+    """``model``'s save_pretrained folder as the (offline) Hugging Face cache's copy of ``repo_id``."""
+    from pathlib import Path
+
+    import huggingface_hub.constants as hf_constants
+    from helpers import seed_hf_hub_cache
+
+    model.save_pretrained(tmp_path / "saved")
+    seed_hf_hub_cache(repo_id, {})
+    snapshot = Path(hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    (snapshot / "model.safetensors").write_bytes((tmp_path / "saved" / "model.safetensors").read_bytes())
+
+
+def test_create_model_of_an_hf_hub_repository(tmp_path) -> None:
+    """timm's create_model("hf-hub:org/name", pretrained=True): the model the repository holds, with its weights
+    (zoo.from_pretrained), keyword arguments as overrides; anything else is one error pointing to what to call."""
+    torch.manual_seed(0)
+    source = zoo.momentum_cifar_resnet(layers=(2, 1, 1), widths=(4, 8, 8), gamma=0.5, num_classes=3).eval()
+    _zoo_repo_in_hf_cache("org/tiny-momentum", source, tmp_path)
+    model = zoo.create_model("hf-hub:org/tiny-momentum", pretrained=True).eval()
+    assert type(model) is MomentumResNet and model.hparams.gamma == 0.5 and model.hparams.layers == [2, 1, 1]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x))
+    assert zoo.create_model("hf-hub:org/tiny-momentum", pretrained=True, label_smoothing=0.1).hparams.label_smoothing
+    with pytest.raises(zoo.ZooError, match=r"pass pretrained=True \(as in timm\) or call zoo.from_pretrained"):
+        zoo.create_model("hf-hub:org/tiny-momentum")
+    with pytest.raises(zoo.ZooError, match="weights='x.pth' names others; give one"):
+        zoo.create_model("hf-hub:org/tiny-momentum", pretrained=True, weights="x.pth")
+    with pytest.raises(zoo.ZooError, match="without the builder options features_only"):
+        zoo.create_model("hf-hub:org/tiny-momentum", pretrained=True, features_only=True)
+    with pytest.raises(zoo.ZooError, match="is not a Hub repository name"):
+        zoo.create_model("hf-hub:", pretrained=True)

@@ -19,6 +19,8 @@ has one, with the hyperparameters the weights were saved with: the config of ``s
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import fcntl
 import functools
 import glob
@@ -45,6 +47,8 @@ CARD_NAME = "README.md"
 _META_CONFIG = "zoo.config"
 _META_ALIASES = "zoo.aliases"
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "heads.head.")
+# the attribute by which a model remembers the weights load_state_dict put into it (see stated_pretrained_cfg)
+_LOADED_ATTR = "_zoo_loaded_weights"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,11 +269,43 @@ def read_weights(
     if model is not None and getattr(model, "torchvision_arch", None) and _TORCHVISION_NAME.fullmatch(spec):
         return _read_torchvision(model.torchvision_arch, spec), None
     arch = getattr(model, "torchvision_arch", None) if model is not None else None
+    if model is not None and arch is None:
+        # no torchvision counterpart: never suggest a torchvision weight name, and say why one does not load
+        layout = (
+            "torchvision weight names load only into a model with torchvision's layout (in_chans=3, the ImageNet "
+            "stem, the default widths and a torchvision depth)"
+        )
+        if hasattr(model, "torchvision_arch"):
+            why = f"{layout}, which this {type(model).__name__}{_layout_differences(model)} has not"
+            fix = "build the model with that layout for torchvision weights, or give"
+        else:
+            why = f"{layout}: {type(model).__name__} has no torchvision counterpart"
+            fix = "give"
+        if _TORCHVISION_WEIGHT_NAME.fullmatch(spec):
+            raise ZooError(
+                f"weights {spec!r} is not an existing file or folder, and {why}; {fix} a weight file, a "
+                "save_pretrained folder or 'hf-hub:org/name'"
+            )
+        raise ZooError(
+            f"weights {spec!r} is not an existing file or folder; give a weight file, a save_pretrained folder "
+            "or 'hf-hub:org/name'"
+        )
     hint = f", nor a torchvision weight name of {arch}" if arch else ""
     raise ZooError(
         f"weights {spec!r} is not an existing file or folder{hint}; give a path, "
         "a torchvision weight name such as 'IMAGENET1K_V1', or 'hf-hub:org/name'"
     )
+
+
+def _layout_differences(model: nn.Module) -> str:
+    """`` (built with in_chans=1, stem='cifar')``: the arguments by which ``model`` departs from torchvision's
+    layout, as far as its hyperparameters say; `` (a depth torchvision has no model of)`` when none does."""
+    hp = dict(getattr(model, "hparams", {}) or {})
+    expected = {"in_chans": 3, "stem": "imagenet"}
+    differ = [f"{k}={hp[k]!r}" for k, v in expected.items() if k in hp and hp[k] != v]
+    if hp.get("widths") is not None and tuple(hp["widths"]) != (64, 128, 256, 512):
+        differ.append(f"widths={tuple(hp['widths'])!r}")
+    return f" (built with {', '.join(differ)})" if differ else " (a depth torchvision has no model of)"
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -348,6 +384,9 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
 
 # "IMAGENET1K_V2", "DEFAULT" or torchvision's enum spelling "ResNet50_Weights.IMAGENET1K_V2"
 _TORCHVISION_NAME = re.compile(r"(?:\w+_Weights\.)?\w+")
+# what reads as a torchvision weight name rather than a mistyped path: "ResNet18_Weights.X" or an upper-case
+# member name ("IMAGENET1K_V1", "DEFAULT")
+_TORCHVISION_WEIGHT_NAME = re.compile(r"\w+_Weights\.\w+|[A-Z][A-Z0-9_]*")
 
 
 def _read_torchvision(arch: str, name: str) -> dict[str, torch.Tensor]:
@@ -455,8 +494,37 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, strict: bool = Tr
             ``nn.Module.load_state_dict``); mis-shaped keys always are.
     """
     state_dict, source_hparams = read_weights(weights, model)
-    load_state_dict(model, state_dict, source_hparams=source_hparams, strict=strict, source=str(weights))
+    load_state_dict(
+        model,
+        state_dict,
+        source_hparams=source_hparams,
+        strict=strict,
+        source=str(weights),
+        from_local_file=is_local_weights(weights),
+    )
     return model
+
+
+# True while a model's adapt_state_dict hook runs on weights read from a local file or folder (see
+# weights_from_local_file); a context variable, so that the hook's signature stays (state_dict, source_hparams)
+_FROM_LOCAL_FILE: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_weights_from_local_file", default=False)
+
+
+def is_local_weights(weights: str | os.PathLike | None) -> bool:
+    """Whether ``weights`` names a local file or folder (not a torchvision weight name or an ``hf-hub:`` repository).
+
+    Args:
+        weights: a weights specification, as :func:`load_weights` takes; None for none.
+    """
+    return weights is not None and _hf_hub_repo(str(weights)) is None and Path(str(weights)).expanduser().exists()
+
+
+def weights_from_local_file() -> bool:
+    """For a model's ``adapt_state_dict`` hook: whether the weights it adapts were read from a local file or folder
+    given by the user (``weights=`` or :func:`load_weights`), rather than a torchvision weight name, an ``hf-hub:``
+    repository, a tag's weights or a state dict in memory (a converter's source model). Only such a file can be a
+    zoo model's own ``state_dict`` saved without its hyperparameters."""
+    return _FROM_LOCAL_FILE.get()
 
 
 def load_state_dict(
@@ -465,15 +533,22 @@ def load_state_dict(
     source_hparams: Mapping[str, Any] | None = None,
     strict: bool = True,
     source: str = "state dict",
+    from_local_file: bool = False,
 ) -> nn.Module:
     """Load with one clear error listing the keys that do not fit.
 
     The state dict goes through ``model.adapt_state_dict(state_dict, source_hparams)`` first, when the
     model has that hook (``source_hparams``: the hyperparameters the weights were saved with, None for
-    a source architecture such as a torchvision ResNet). A classifier whose shape differs from the
-    model's (other ``num_classes``) is left at its initialisation, as timm does when fine-tuning on a
-    new label set. A floating-point tensor of another precision is cast to the model's (with an info line);
-    an integer or boolean tensor for a floating-point parameter, or the reverse, is refused.
+    a source architecture such as a torchvision ResNet). The classifier (the model's own: its
+    ``pretrained_cfg["classifier"]`` and ``get_classifier()``) is lenient, as timm is when fine-tuning on a new
+    label set: one whose shape differs from the model's (other ``num_classes``), or that the weights do not hold
+    (saved with ``num_classes=0``), is left at its initialisation; one the weights hold for a model without a
+    classifier (``num_classes=0``) is dropped; each with an info line. A floating-point tensor of another
+    precision is cast to the model's (with an info line); an integer or boolean tensor for a floating-point
+    parameter, or the reverse, is refused.
+
+    The model remembers what was loaded (``source``, and whether its classifier came with it), so that
+    ``save_pretrained`` states source weights and metrics in the config and model card only when they hold.
 
     Args:
         model: the model to load into.
@@ -483,17 +558,49 @@ def load_state_dict(
             None when unknown.
         strict: whether missing or unexpected keys are an error; mis-shaped keys always are.
         source: where the weights come from, named in messages.
+        from_local_file: whether they were read from a local file or folder the user named (what
+            :func:`weights_from_local_file` tells the model's ``adapt_state_dict`` hook).
     """
-    sd, skipped, cast = fit_state_dict(model, state_dict, source_hparams, strict, source)
-    model.load_state_dict(sd, strict=False)
+    token = _FROM_LOCAL_FILE.set(bool(from_local_file))
+    try:
+        fit = _fit_state_dict(model, state_dict, source_hparams, strict, source)
+    finally:
+        _FROM_LOCAL_FILE.reset(token)
+    result = model.load_state_dict(fit.state_dict, strict=False)
     from lightning.pytorch.utilities import rank_zero_info
 
-    if cast:
+    if fit.cast:
+        cast = fit.cast
         rank_zero_info(
             f"zoo: {source}: cast to the model's precision: {', '.join(cast[:5])}{' ...' if len(cast) > 5 else ''}"
         )
-    if skipped:
-        rank_zero_info(f"zoo: classifier {', '.join(skipped)} not loaded (other num_classes): trained from scratch")
+    if fit.mismatched_head:
+        rank_zero_info(
+            f"zoo: classifier {', '.join(fit.mismatched_head)} not loaded (other num_classes): trained from scratch"
+        )
+    if fit.absent_head:
+        rank_zero_info(
+            f"zoo: {source} holds no classifier ({', '.join(fit.absent_head)}: saved with num_classes=0): the "
+            "model's classifier is left at its initialisation (trained from scratch)"
+        )
+    if fit.dropped_head:
+        rank_zero_info(
+            f"zoo: {source}: classifier {', '.join(fit.dropped_head)} not loaded: the model has no classifier "
+            "(num_classes=0)"
+        )
+    left = set(fit.mismatched_head) | set(fit.absent_head)  # left at their initialisation on purpose
+    missing = [k for k in getattr(result, "missing_keys", ()) if k not in left]
+    complete = not (missing or getattr(result, "unexpected_keys", ()))
+    setattr(
+        model,
+        _LOADED_ATTR,
+        {
+            "source": source,
+            "complete": complete,
+            "head": not (fit.mismatched_head or fit.absent_head or fit.dropped_head),
+            "num_classes": getattr(model, "num_classes", None),
+        },
+    )
     return model
 
 
@@ -504,7 +611,9 @@ def fit_state_dict(
     strict: bool = True,
     source: str = "state dict",
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """What :func:`load_state_dict` loads, checked: ``(state_dict, skipped classifier keys, cast keys)``.
+    """What :func:`load_state_dict` loads, checked: ``(state_dict, skipped classifier keys, cast keys)``; the
+    skipped classifier keys are the model's classifier keys left at their initialisation (another shape in the
+    weights, or none there); a classifier the weights hold for a model without one is left out of the state dict.
 
     Works on meta tensors too (a model built on the meta device, a file's shapes and dtypes), so that a file
     is checked against an architecture before anything is allocated.
@@ -516,6 +625,53 @@ def fit_state_dict(
         strict: whether missing or unexpected keys are an error; mis-shaped keys always are.
         source: where the weights come from, named in messages.
     """
+    fit = _fit_state_dict(model, state_dict, source_hparams, strict, source)
+    return fit.state_dict, [*fit.mismatched_head, *fit.absent_head], fit.cast
+
+
+@dataclasses.dataclass
+class _Fit:
+    state_dict: dict[str, torch.Tensor]
+    mismatched_head: list[str]  # the model's classifier keys of another shape in the weights (left at init)
+    absent_head: list[str]  # the model's classifier keys, none of them in the weights (left at init)
+    dropped_head: list[str]  # classifier keys of the weights for a model without a classifier (dropped)
+    cast: list[str]
+
+
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The state-dict prefixes (``"fc."``) of ``model``'s classifier, as the model itself names it: its
+    ``pretrained_cfg["classifier"]`` (timm's key; a name or several) and the module ``get_classifier()`` returns;
+    zoo's usual classifier names when the model names none.
+
+    Args:
+        model: the model whose classifier is meant.
+    """
+    names: list[str] = []
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(declared, str):
+        names.append(declared)
+    elif isinstance(declared, (list, tuple)):
+        names += [n for n in declared if isinstance(n, str)]
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            head = get_classifier()
+        except Exception:  # a model whose get_classifier needs arguments or state it lacks: its cfg says enough
+            head = None
+        if isinstance(head, nn.Module):
+            names += [name for name, module in model.named_modules() if module is head and name]
+    if not names:
+        return _CLASSIFIER_PREFIXES
+    return tuple(dict.fromkeys(f"{n}." for n in names if n))
+
+
+def _fit_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source_hparams: Mapping[str, Any] | None,
+    strict: bool,
+    source: str,
+) -> _Fit:
     sd = dict(state_dict)
     own = model.state_dict()
     if not any(k in own for k in sd):
@@ -525,10 +681,15 @@ def fit_state_dict(
                 break
     if hasattr(model, "adapt_state_dict"):
         sd = model.adapt_state_dict(sd, source_hparams)
-    skipped = [k for k in sd if k.startswith(_CLASSIFIER_PREFIXES) and k in own and sd[k].shape != own[k].shape]
-    for k in skipped:
+    head = classifier_prefixes(model)
+    own_head = [k for k in own if k.startswith(head)]
+    their_head = [k for k in sd if k.startswith(head)]
+    mismatched = [k for k in their_head if k in own and sd[k].shape != own[k].shape]
+    absent = own_head if own_head and not their_head else []  # weights saved without the classifier
+    dropped = their_head if their_head and not own_head else []  # a model built without one (num_classes=0)
+    for k in [*mismatched, *dropped]:
         del sd[k]
-    check_state_dict(model, sd, source, strict=strict, ignore=skipped)
+    check_state_dict(model, sd, source, strict=strict, ignore=[*mismatched, *absent])
     cast = []
     for k, v in sd.items():
         mine = own.get(k)
@@ -542,7 +703,7 @@ def fit_state_dict(
         if mine.is_floating_point():
             cast.append(f"{k} {str(v.dtype).removeprefix('torch.')}")
             sd[k] = v.to(mine.dtype)
-    return sd, skipped, cast
+    return _Fit(sd, mismatched, absent, dropped, cast)
 
 
 def _dtype_kind(dtype: torch.dtype) -> str:
@@ -591,16 +752,316 @@ def check_state_dict(
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """What ``from_pretrained`` needs to rebuild ``model``: its class and constructor arguments."""
+    """What ``from_pretrained`` needs to rebuild ``model``: its class, its constructor arguments and its
+    ``pretrained_cfg`` (timm's keys, with source weights and metrics only where they hold:
+    :func:`stated_pretrained_cfg`). One ZooError for a model ``from_pretrained`` could not rebuild (a class that
+    is not a registered zoo model class, such as a ``features_only`` extractor).
+
+    Args:
+        model: the zoo model to describe.
+    """
+    from zoo.registry import model_class
+
     cls = type(model)
+    class_path = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        registered = model_class(class_path) is cls
+    except ZooError:
+        registered = False
+    if not registered:
+        raise ZooError(_unsaveable(model))
     hparams = dict(getattr(model, "hparams", {}))
     hparams.pop("weights", None)
-    config = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": hparams}
+    config: dict[str, Any] = {"class_path": class_path, "init_args": hparams}
     try:
         json.dumps(config)
     except TypeError as e:
         raise ZooError(f"hyperparameters of {cls.__name__} are not JSON-serialisable ({e})") from None
+    cfg = stated_pretrained_cfg(model)
+    if cfg is not None:
+        stored = _jsonable_cfg(cfg)
+        check_pretrained_cfg(stored, f"the pretrained_cfg of this {cls.__name__}")  # what would not load back
+        config["pretrained_cfg"] = stored
     return config
+
+
+def _unsaveable(model: nn.Module) -> str:
+    """Why ``save_pretrained`` refuses ``model`` (not a registered zoo model class), and the fix."""
+    name = type(model).__name__
+    inner = getattr(model, "model", None)
+    if hasattr(model, "feature_info") and isinstance(inner, nn.Module) and hasattr(inner, "hparams"):
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "<architecture>"
+        return (
+            f"cannot save a features_only extractor ({name} over a {type(inner).__name__}): from_pretrained could "
+            "not rebuild it, and its model is pruned to the features; save the model before wrapping it (build "
+            f"it without features_only=True, then save_pretrained), and build the extractor after loading: "
+            f"zoo.create_model({arch!r}, weights=<folder>, features_only=True)"
+        )
+    return (
+        f"cannot save a {name}: it is not a registered zoo model class, so from_pretrained could not rebuild it; "
+        "save the zoo model itself (a subclass must be registered with zoo.registry.register_model_class)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# pretrained_cfg in and out: what a saved model states about its weights and transforms
+
+# keys of a pretrained_cfg that say where the weights come from and what they compute: true of a model only when
+# those weights were loaded into it
+_WEIGHT_CLAIMS = ("source", "url", "file", "hf_hub_id", "conversion", "metrics")
+# bounds on a stored pretrained_cfg (an untrusted file's): its JSON size, one string, one list or mapping, nesting
+_MAX_CFG_BYTES = 1 << 18
+_MAX_CFG_STRING = 1 << 14
+_MAX_CFG_ITEMS = 1024
+_MAX_CFG_DEPTH = 6
+_CFG_STRINGS = (
+    "architecture",
+    "tag",
+    "source",
+    "url",
+    "file",
+    "hf_hub_id",
+    "interpolation",
+    "crop_mode",
+    "first_conv",
+    "license",
+    "description",
+    "origin_url",
+    "paper_name",
+    "conversion",
+    "recipe",
+)
+_CFG_TUPLES = ("input_size", "test_input_size", "min_input_size", "pool_size", "mean", "std")
+
+
+def _cfg_fields() -> frozenset[str]:
+    from zoo.pretrained import PretrainedCfg
+
+    return frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+
+
+def _weights_hold(model: nn.Module, cfg: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether ``cfg``'s source weights are ``model``'s (loaded through :func:`load_state_dict`, completely, from
+    that source) and whether its metrics of the model still apply (the classifier came with the weights and was
+    not replaced since)."""
+    loaded = getattr(model, _LOADED_ATTR, None)
+    source = cfg.get("source")
+    if not isinstance(loaded, dict) or not loaded.get("complete") or not isinstance(source, str) or not source:
+        return False, False
+    from zoo.pretrained import _source_matches, pretrained_cfgs_of
+
+    arch = cfg.get("architecture")
+    table = {c.source for c in pretrained_cfgs_of(arch)} if isinstance(arch, str) else set()
+    came_from = str(loaded["source"])
+    same = came_from in (source, cfg.get("file")) or _source_matches(source, came_from)
+    if source in table and not same:
+        return False, False  # the cfg names a table entry's weights, but other weights were loaded
+    num_classes = getattr(model, "num_classes", None)
+    head = loaded.get("head") and loaded.get("num_classes") == num_classes and num_classes != 0
+    return True, bool(head)
+
+
+def stated_pretrained_cfg(model: nn.Module) -> dict[str, Any] | None:
+    """``model.pretrained_cfg`` as ``save_pretrained`` states it (config and model card): the source weights,
+    their conversion and metrics only when those weights were loaded into this model (a builder's table entry
+    describes them whether or not ``pretrained=True`` loaded them), and the metrics of the model only while it
+    still computes that function (its classifier came with the weights, with the same ``num_classes``). What is
+    left out is named in a note. None for a model without a ``pretrained_cfg``.
+
+    Args:
+        model: the model whose ``pretrained_cfg`` is meant.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, Mapping):
+        return None
+    cfg = dict(cfg)
+    weights, head = _weights_hold(model, cfg)
+    name = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("architecture") and cfg.get("tag") else None
+    notes = list(cfg.get("notes") or ())
+    if not weights:
+        dropped = [k for k in _WEIGHT_CLAIMS if cfg.get(k)]
+        for k in _WEIGHT_CLAIMS:
+            cfg.pop(k, None)
+        if dropped:
+            notes.append(
+                f"no weights of {name or 'this configuration'} were loaded into this model (its weights were "
+                f"initialised or trained here): its {', '.join(dropped)} are left out"
+            )
+    elif not head:
+        metrics = cfg.get("metrics") or {}
+        kept = {k: m for k, m in metrics.items() if not (isinstance(m, Mapping) and m.get("of") == "model")}
+        if cfg.get("conversion") or len(kept) != len(metrics):
+            cfg["conversion"] = None
+            cfg["metrics"] = kept
+            notes.append(
+                f"the classifier of {cfg['source']} was not loaded (this model has num_classes="
+                f"{getattr(model, 'num_classes', None)}): the conversion and the metrics of the model do not apply"
+            )
+    if notes:
+        cfg["notes"] = tuple(notes)
+    return {k: v for k, v in cfg.items() if not (k in ("conversion", "metrics") and not v)}
+
+
+def _jsonable_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of ``cfg`` that are :class:`~zoo.pretrained.PretrainedCfg`'s, as plain JSON; keys the model
+    derives from its arguments (``in_chans`` of a point-cloud model ...) are left to the model to derive again."""
+    fields = _cfg_fields()
+    out = {}
+    for k, v in cfg.items():
+        if k not in fields or k == "file":  # file: a path on the saving machine (pretrained=True would load it)
+            continue
+        try:
+            out[k] = json.loads(json.dumps(v, allow_nan=False))
+        except (TypeError, ValueError):  # not plain JSON (an object in model_args ...): not stated
+            continue
+    return out
+
+
+def _check_plain(value: Any, where: str, depth: int = 0) -> None:
+    if depth > _MAX_CFG_DEPTH:
+        raise ZooError(f"{where} nests deeper than {_MAX_CFG_DEPTH} levels")
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ZooError(f"{where} is {value!r}, not a finite number")
+    elif isinstance(value, str):
+        if len(value) > _MAX_CFG_STRING:
+            raise ZooError(f"{where} is a string of {len(value)} characters (at most {_MAX_CFG_STRING})")
+    elif isinstance(value, list):
+        if len(value) > _MAX_CFG_ITEMS:
+            raise ZooError(f"{where} holds {len(value)} entries (at most {_MAX_CFG_ITEMS})")
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        if len(value) > _MAX_CFG_ITEMS:
+            raise ZooError(f"{where} holds {len(value)} entries (at most {_MAX_CFG_ITEMS})")
+        for k, v in value.items():
+            if not isinstance(k, str) or len(k) > _MAX_CFG_STRING:
+                raise ZooError(f"{where} has a key that is not a short string: {str(k)[:40]!r}")
+            _check_plain(v, f"{where}[{k!r}]", depth + 1)
+    else:
+        raise ZooError(f"{where} is a {type(value).__name__}, not a JSON value")
+
+
+def check_pretrained_cfg(raw: Any, source: str) -> dict[str, Any]:
+    """A stored ``pretrained_cfg`` (a file's: untrusted) checked and in the types the model uses (tuples for
+    timm's sizes, mean and std): a JSON object of :class:`~zoo.pretrained.PretrainedCfg`'s fields only, plain JSON
+    values of the field's type and of sane sizes, and what ``PretrainedCfg`` itself checks (sizes, mean / std per
+    channel, crop, interpolation, metrics). Nothing named in it is imported or fetched. One ZooError naming the
+    key and the fix otherwise.
+
+    Args:
+        raw: the stored cfg (parsed JSON).
+        source: where it comes from, named in messages.
+    """
+    from zoo.pretrained import PretrainedCfg
+
+    where = f"{source}: pretrained_cfg"
+    if not isinstance(raw, dict):
+        raise ZooError(f"{where} must be a JSON object of timm's pretrained_cfg keys, got {type(raw).__name__}")
+    try:
+        size = len(json.dumps(raw, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ZooError(f"{where} is not plain JSON ({e}); the file is damaged or not zoo's") from None
+    if size > _MAX_CFG_BYTES:
+        raise ZooError(f"{where} is {size} bytes of JSON (at most {_MAX_CFG_BYTES}); the file is damaged or crafted")
+    fields = _cfg_fields()
+    unknown = sorted(str(k) for k in raw if k not in fields)
+    if unknown:
+        raise ZooError(
+            f"{where} has keys that are not PretrainedCfg fields: {', '.join(unknown[:5])}; the file is damaged, "
+            "crafted or from a newer zoo (upgrade zoo, or remove them from its metadata)"
+        )
+    for k, v in raw.items():
+        _check_plain(v, f"{where}[{k!r}]")
+    for k in _CFG_STRINGS:
+        if raw.get(k) is not None and not isinstance(raw[k], str):
+            raise ZooError(f"{where}[{k!r}] must be a string or null, got {type(raw[k]).__name__}")
+    for k in ("classifier", "paper_ids", "notes"):
+        v = raw.get(k)
+        if v is not None and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            raise ZooError(f"{where}[{k!r}] must be a string, a list of strings or null, got {v!r:.80}")
+    for k in _CFG_TUPLES:
+        v = raw.get(k)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)):
+            raise ZooError(f"{where}[{k!r}] must be a list of numbers or null, got {v!r:.80}")
+    for k in ("model_args", "metrics"):
+        if raw.get(k) is not None and not isinstance(raw[k], dict):
+            raise ZooError(f"{where}[{k!r}] must be a JSON object, got {type(raw[k]).__name__}")
+    if "fixed_input_size" in raw and not isinstance(raw["fixed_input_size"], bool):
+        raise ZooError(f"{where}['fixed_input_size'] must be true or false, got {raw['fixed_input_size']!r}")
+    kwargs = {k: v for k, v in raw.items() if v is not None or k in ("input_size",)}
+    kwargs.setdefault("input_size", None)  # a cfg without image keys (point clouds, vectors)
+    if kwargs["input_size"] is None:
+        kwargs.setdefault("mean", [0.0] * len(kwargs.get("std") or (0.0,)))
+        kwargs.setdefault("std", [1.0] * len(kwargs["mean"]))
+    kwargs["model_args"] = kwargs.get("model_args") or {}
+    kwargs["metrics"] = kwargs.get("metrics") or {}
+    try:
+        checked = PretrainedCfg(**kwargs)
+    except ZooError as e:
+        raise ZooError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ZooError(f"{where} does not describe a PretrainedCfg ({e}); the file is damaged or crafted") from None
+    out = dict(raw)
+    for k in (*_CFG_TUPLES, "notes"):
+        if out.get(k) is not None:
+            out[k] = getattr(checked, k) if k != "pool_size" else tuple(out[k])
+    for k in ("classifier", "paper_ids"):
+        if isinstance(out.get(k), list):
+            out[k] = tuple(out[k])
+    return out
+
+
+def recorded_pretrained_cfg(spec: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``pretrained_cfg`` zoo weights record (``save_pretrained``'s config, in the ``.safetensors``
+    metadata), checked (:func:`check_pretrained_cfg`); None for weights that record none (files saved before zoo
+    stored it, Lightning checkpoints, torchvision names, plain files).
+
+    Args:
+        spec: a weight file, a ``save_pretrained`` folder or ``"hf-hub:org/name"``.
+    """
+    spec = str(spec)
+    repo = _hf_hub_repo(spec)
+    if repo is not None:
+        path = _hf_hub_file(repo, WEIGHTS_NAME, required=False)
+    else:
+        path = Path(spec).expanduser()
+        path = path / WEIGHTS_NAME if path.is_dir() else path
+    if path is None or path.suffix != ".safetensors" or not path.is_file():
+        return None
+    config = _config_from_metadata(safetensors_header(path)[0], path)
+    if config is None or config.get("pretrained_cfg") is None:
+        return None
+    return check_pretrained_cfg(config["pretrained_cfg"], spec)
+
+
+def restore_pretrained_cfg(model: nn.Module, stored: Mapping[str, Any]) -> nn.Module:
+    """Give ``model`` (just built and loaded from zoo weights) the ``pretrained_cfg`` those weights record
+    (:func:`recorded_pretrained_cfg`), as timm's ``load_model_config_from_hf`` does: its transforms, architecture,
+    tag and the source the weights were converted from. What the model derives from its own arguments (the
+    ``num_classes`` it was built with, input channels ...) is corrected by its ``pretrained_cfg_as_built`` hook.
+    The weights loaded into the model are then taken to be that source's, as far as the file states it.
+
+    Args:
+        model: the model to describe (built, its weights loaded).
+        stored: the checked stored cfg.
+    """
+    fields = _cfg_fields()
+    own = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg = {**{k: v for k, v in own.items() if k not in fields}, **{k: v for k, v in stored.items() if k != "file"}}
+    if isinstance(getattr(model, "num_classes", None), int):
+        cfg["num_classes"] = int(model.num_classes)
+    hook = getattr(model, "pretrained_cfg_as_built", None)
+    if callable(hook):
+        cfg = hook(cfg)
+    model.pretrained_cfg = cfg
+    model.default_cfg = model.pretrained_cfg
+    loaded = getattr(model, _LOADED_ATTR, None)
+    if isinstance(loaded, dict):
+        loaded["source"] = cfg.get("source")  # the file states where its weights come from
+    return model
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, repo_id: str | None = None) -> Path:
@@ -857,7 +1318,9 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     Nothing a file says is imported or called: its class path must name a registered zoo model class, its
     constructor arguments are checked against that class's signature and types, and the architecture is built
     on the meta device and checked against the file's tensor shapes and dtypes before memory is allocated.
-    Keyword arguments override the file's constructor arguments.
+    Keyword arguments override the file's constructor arguments. The ``pretrained_cfg`` the file records (its
+    transforms, architecture, tag, source) is checked (:func:`check_pretrained_cfg`) and becomes the model's
+    (:func:`restore_pretrained_cfg`); a file saved before zoo recorded it gives the class's own, as before.
 
     Args:
         src: a ``save_pretrained`` folder, a ``.safetensors`` file, ``"hf-hub:org/name"`` or a Lightning ``.ckpt``.
@@ -878,6 +1341,9 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
             )
         model_cls = model_class(config["class_path"])
         init_args = config["init_args"]
+        stored_cfg = config.get("pretrained_cfg")
+        if stored_cfg is not None:  # files saved before zoo stored it have none: the class's own cfg, as before
+            stored_cfg = check_pretrained_cfg(stored_cfg, source)
         state_dict = None
     else:
         obj = load_checkpoint_file(path)
@@ -895,6 +1361,7 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
             )
         model_cls = model_class(class_path) if class_path is not None else cls
         init_args = _lightning_init_args(hparams)
+        stored_cfg = None
         state_dict = _tensors(obj["state_dict"], path)
         specs = {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
     if cls is not None and not issubclass(model_cls, cls):
@@ -911,6 +1378,8 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     if state_dict is None:
         state_dict, _ = read_safetensors(path)
     load_state_dict(model, state_dict, source_hparams=init_args, source=source)
+    if stored_cfg is not None:
+        restore_pretrained_cfg(model, stored_cfg)
     return model
 
 

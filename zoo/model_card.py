@@ -124,14 +124,23 @@ def model_card(model: nn.Module, config: Mapping[str, Any], repo_id: str | None 
     """The ``README.md`` text of ``model`` saved with ``config`` (``zoo.hub.model_config``).
 
     Args:
-        model: the model the card describes (its ``pretrained_cfg``, class docstring and training settings).
+        model: the model the card describes (its ``pretrained_cfg`` as :func:`zoo.hub.stated_pretrained_cfg`
+            states it: source weights and metrics only when they were loaded into it; its class docstring and
+            training settings).
         config: its saved config, ``{"class_path": ..., "init_args": {...}}``.
         repo_id: the Hub repository the usage line loads from (``"hf-hub:<repo_id>"``); None for "<this folder>".
     """
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    from zoo.hub import stated_pretrained_cfg
+
+    # source weights, conversion and metrics only where they hold (weights loaded, head kept): not the table entry
+    # of a model built without its weights
+    cfg = dict(stated_pretrained_cfg(model) or {})
     family = type(model).__name__
     arch = cfg.get("architecture")
-    title = f"{arch}.{cfg['tag']}" if arch and cfg.get("tag") else (arch or family)
+    # a tag whose weights were not loaded names weights this model does not have: the architecture alone
+    tag_weights_absent = bool((getattr(model, "pretrained_cfg", None) or {}).get("source")) and not cfg.get("source")
+    tag = cfg.get("tag") if not tag_weights_absent else None
+    title = f"{arch}.{tag}" if arch and tag else (arch or family)
     load_from = f"hf-hub:{repo_id}" if repo_id else "<this folder>"
     parts = [_front_matter(model, cfg, repo_id), "", f"# {title}", ""]
     doc = (inspect.getdoc(type(model)) or "").split("\n\n")[0].replace("\n", " ")

@@ -26,8 +26,9 @@ import inspect
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -71,7 +72,9 @@ class PretrainedCfg:
         source: where zoo reads the weights (a torchvision weights enum name, ``"hf-hub:org/name"``, a file);
             None for a published configuration without weights.
         url: the weights' URL (informative: zoo reads ``source``).
-        file: a local weight file (informative).
+        file: a local copy of the weights (a file or a ``save_pretrained`` folder): ``pretrained=True`` loads it
+            instead of fetching ``source``, as timm does (``pretrained_cfg_overlay=dict(file=...)`` for offline
+            loading); None for none.
         hf_hub_id: the weights' Hugging Face Hub repository (informative).
 
     Input and evaluation transform (``timm.data.resolve_data_config`` reads these):
@@ -109,7 +112,7 @@ class PretrainedCfg:
     architecture: str | None = None
     tag: str | None = None
     source: str | None = None
-    # weight locations in timm's keys (informative: zoo reads ``source``)
+    # weight locations in timm's keys (url and hf_hub_id informative: zoo reads ``source``, or ``file`` when set)
     url: str | None = None
     file: str | None = None
     hf_hub_id: str | None = None
@@ -208,8 +211,9 @@ class PretrainedCfg:
 
     @property
     def has_weights(self) -> bool:
-        """True when the entry names weights (``source``); False for a published configuration alone."""
-        return self.source is not None
+        """True when the entry names weights (``source``, or a local ``file``); False for a published configuration
+        alone."""
+        return self.source is not None or self.file is not None
 
     def to_dict(self, remove_source: bool = False, remove_null: bool = True) -> dict[str, Any]:
         """timm's ``pretrained_cfg`` dict (``pool_size``, ``first_conv``, ``classifier`` kept even when None;
@@ -231,7 +235,13 @@ class PretrainedCfg:
         return out
 
     def replace(self, **changes: Any) -> PretrainedCfg:
-        """A copy with ``changes`` (checked again)."""
+        """A copy with ``changes`` (checked again); an unknown field is one ZooError listing the fields."""
+        unknown = sorted(set(changes) - _CFG_FIELDS)
+        if unknown:
+            raise ZooError(
+                f"pretrained cfg {self.name or '(unnamed)'}: unknown fields {unknown}; the fields are "
+                f"{sorted(_CFG_FIELDS)}"
+            )
         return dataclasses.replace(copy.deepcopy(self), **changes)
 
 
@@ -406,6 +416,21 @@ def _source_matches(source: str | None, weights: str) -> bool:
     return False
 
 
+def _check_same_weights(arch: str, cfg: PretrainedCfg, weights: str) -> None:
+    """One ZooError when ``cfg`` names weights (``source`` or ``file``) and ``weights`` names other ones."""
+    named = cfg.file if cfg.file is not None else cfg.source
+    if named is None or weights == cfg.file or _source_matches(cfg.source, weights):
+        return
+    what = cfg.name if cfg.tag else "pretrained_cfg"
+    other = next((c.name for c in pretrained_cfgs_of(arch) if _source_matches(c.source, weights)), None)
+    those = f"zoo.create_model({other!r}, pretrained=True)" if other else f"zoo.create_model({arch!r}, weights=...)"
+    raise ZooError(
+        f"conflicting weights: {what} names the weights {named!r}, but weights={weights!r} names other weights, "
+        f"and a cfg must describe the weights loaded; give one: {those} for those weights and their cfg, or "
+        f"drop weights= (pretrained=True loads {what}'s own)"
+    )
+
+
 def _signature_defaults(cls: Callable[..., Any]) -> dict[str, Any]:
     """Keyword defaults of ``cls`` and of the classes it passes ``**kwargs`` to (its MRO's ``__init__``)."""
     out: dict[str, Any] = {}
@@ -437,6 +462,9 @@ def resolve_pretrained_cfg(
     ``model_kwargs``); else, for other weights (a file), the architecture's default cfg with that ``source``;
     else the default tag's cfg; else ``base_cfg`` (the family's description of an architecture without tags).
 
+    A ``pretrained_cfg`` that names weights (its ``source`` or ``file``) and ``weights`` that name other ones
+    are one ZooError naming both: the cfg's transform and metrics would describe weights that are not loaded.
+
     Args:
         arch: the registered architecture being built.
         pretrained_cfg: the cfg asked for (a cfg, a mapping of its fields or a tag of ``arch``); None for none.
@@ -445,10 +473,13 @@ def resolve_pretrained_cfg(
         model_kwargs: the build's keyword arguments, to choose among entries with the same ``source``.
     """
     if isinstance(pretrained_cfg, str):
-        return get_pretrained_cfg(f"{arch}.{pretrained_cfg}")
-    if pretrained_cfg is not None:
+        cfg = get_pretrained_cfg(f"{arch}.{pretrained_cfg}")
+    elif pretrained_cfg is not None:
         cfg = _as_cfg(pretrained_cfg, f"pretrained_cfg of {arch}")
         cfg.architecture = cfg.architecture or arch
+    if pretrained_cfg is not None:
+        if weights is not None:
+            _check_same_weights(arch, cfg, str(weights))
         return cfg
     default = get_pretrained_cfg(arch)
     if default is None:
@@ -493,17 +524,25 @@ def build_model(
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
     base_cfg: PretrainedCfg | Mapping[str, Any] | None = None,
+    fixed_args: Sequence[str] = (),
 ) -> nn.Module:
     """Build ``cls`` for the registered architecture ``arch`` as timm's ``build_model_with_cfg`` does.
 
-    Keyword arguments: the builder's ``defaults`` < the tag's ``model_args`` < the caller's ``kwargs``. Handles
-    ``pretrained_cfg`` (a cfg, mapping or tag; :func:`zoo.create_model` passes the cfg of ``"arch.tag"``),
-    ``pretrained=True`` (the weights of the cfg's ``source``; without a tag the default tag's), ``weights=`` (any
-    source zoo reads; a torchvision name or hub id of a table entry makes that entry the model's cfg), the head the
-    weights hold (a zoo file records it; a table entry has ``num_classes``) unless ``num_classes`` is given,
-    ``num_classes=0`` (pooled features, no classifier) and ``global_pool=''`` (unpooled) passed to the model, and
-    ``features_only=True`` (with ``out_indices``, ``feature_cls="getter"``, ``output_fmt``, ``norm``): a timm
-    :class:`~timm.models.FeatureGetterNet` over the model's ``forward_intermediates``, with ``feature_info``.
+    Keyword arguments: the builder's ``defaults`` < the tag's ``model_args`` < what zoo weights given as
+    ``weights=`` record (a ``save_pretrained`` folder or file, an ``hf-hub:`` repository written by it, a LightningCLI
+    checkpoint: all their constructor arguments when they record this same class, else their head) < the caller's
+    ``kwargs``; a caller's argument that differs from the recorded one wins with a warning (the weights then compute
+    another function), except for those that do not change it (``memory``, dropout rates, ``label_smoothing``, the
+    head). Handles ``pretrained_cfg`` (a cfg, mapping or tag; :func:`zoo.create_model` passes the cfg of
+    ``"arch.tag"``; one that names other weights than ``weights=`` is an error), ``pretrained_cfg_overlay`` (fields
+    that replace the cfg's; with ``pretrained=True`` its ``file``, or a ``state_dict`` of tensors, is loaded instead
+    of ``source``, as in timm), ``pretrained=True`` (the weights of the cfg's ``source``; without a tag the default
+    tag's), ``weights=`` (any source zoo reads; a torchvision name or hub id of a table entry makes that entry the
+    model's cfg), the head the weights hold (a zoo file records it; a table entry has ``num_classes``) unless
+    ``num_classes`` is given, ``num_classes=0`` (pooled features, no classifier) and ``global_pool=''`` (unpooled)
+    passed to the model, and ``features_only=True`` (with ``out_indices``, ``feature_cls="getter"``, ``output_fmt``,
+    ``norm``): a timm :class:`~timm.models.FeatureGetterNet` over the model's ``forward_intermediates``, with
+    ``feature_info``.
 
     Sets ``model.pretrained_cfg`` (a dict in timm's keys, alias ``default_cfg``) to the cfg of the model AS BUILT:
     ``num_classes`` is the model's, and a model's ``pretrained_cfg_as_built(cfg: dict) -> dict`` hook, when it has
@@ -515,16 +554,26 @@ def build_model(
         defaults: the builder's keyword arguments for ``arch``.
         kwargs: the caller's keyword arguments (including ``pretrained_cfg``, ``pretrained_cfg_overlay``,
             ``features_only`` and its options).
-        pretrained: whether to load the weights of the cfg's ``source``.
+        pretrained: whether to load the weights of the cfg (its ``file`` when set, else its ``source``).
         weights: weights to load (a file, a ``save_pretrained`` folder, ``"hf-hub:org/name"``, a torchvision weight
             name); None for none.
         base_cfg: the family's cfg for an architecture without registered tags.
+        fixed_args: the names of ``defaults`` that the builder's name fixes (``layers`` of ``resnet18``): zoo
+            weights recording other values of them are a ZooError (another architecture), not adopted.
     """
-    from zoo.hub import load_state_dict, read_weights, recorded_hparams, recorded_num_classes
+    from zoo.hub import (
+        build_checked,
+        is_local_weights,
+        load_state_dict,
+        read_weights,
+        recorded_hparams,
+        recorded_num_classes,
+    )
 
     kw = dict(kwargs or {})
     cfg_arg = kw.pop("pretrained_cfg", None)
-    overlay = kw.pop("pretrained_cfg_overlay", None)
+    overlay = _overlay(kw.pop("pretrained_cfg_overlay", None), arch)
+    overlay_state_dict = overlay.pop("state_dict", None)
     features_only = kw.pop("features_only", False)
     feature_cfg = {k: kw.pop(k) for k in ("out_indices", "feature_cls", "output_fmt", "norm") if k in kw}
     if feature_cfg and not features_only:
@@ -532,15 +581,27 @@ def build_model(
     if not isinstance(pretrained, bool):
         hint = " (weights are given by keyword: weights=...)" if isinstance(pretrained, (str, os.PathLike)) else ""
         raise ZooError(f"pretrained must be True or False, got {pretrained!r}{hint}")
+    if weights is not None and (overlay_state_dict is not None or overlay.get("file") not in (None, str(weights))):
+        raise ZooError(
+            f"weights={str(weights)!r} and pretrained_cfg_overlay's {'state_dict' if overlay_state_dict else 'file'} "
+            "both name weights to load; give one (the overlay's with pretrained=True, as in timm, or weights=)"
+        )
     merged = {**dict(defaults or {}), **kw}
     effective = {**_signature_defaults(cls), **merged}
     cfg = resolve_pretrained_cfg(arch, cfg_arg, weights, base_cfg, effective)
     if overlay:
-        cfg = cfg.replace(**dict(overlay))
+        cfg = cfg.replace(**overlay)
+        if weights is not None and "source" in overlay:
+            _check_same_weights(arch, cfg, str(weights))
     # the tag's model arguments; the caller's own win (timm's rule), and then the tag's claims no longer hold
     for k, v in cfg.model_args.items():
         if k not in kw:
             merged[k] = v
+    # zoo weights of this very class: the constructor arguments they record define their function
+    recorded = _recorded_weights(cls, str(weights)) if weights is not None else None
+    if recorded is not None:
+        fixed = {k: v for k, v in (defaults or {}).items() if k in fixed_args}
+        _adopt_recorded(arch, recorded[0], merged, kw, str(weights), fixed)
     effective = {**_signature_defaults(cls), **merged}
     if not _agrees(cfg, effective):
         differ = {k: effective.get(k) for k, v in cfg.model_args.items() if effective.get(k) != v}
@@ -555,39 +616,66 @@ def build_model(
         )
     source = weights
     if source is None and pretrained:
-        if not cfg.has_weights and cfg.tag is None:
+        if overlay_state_dict is None and not cfg.has_weights and cfg.tag is None:
             raise ZooError(
                 f"{arch} has no pretrained weights (no tag in zoo.list_pretrained({arch!r})); build it "
                 "without pretrained=True, or give weights=... (a file, a save_pretrained folder, "
                 "'hf-hub:org/name')"
             )
-        if not cfg.has_weights:
+        if overlay_state_dict is None and not cfg.has_weights:
             hint = f"; train it with the recipe {cfg.recipe!r}" if cfg.recipe else ""
             raise ZooError(
                 f"{cfg.name or arch} is a published configuration without weights, so pretrained=True "
                 f"has nothing to load{hint}; build it without pretrained=True, or name a tag with weights "
                 f"(zoo.list_pretrained({arch!r}, has_weights=True))"
             )
-        source = cfg.source
-    if "num_classes" not in kw and source is not None:  # the head the weights hold (timm's rule)
-        recorded = recorded_num_classes(source) if weights is not None else None
-        if recorded is not None:
-            merged["num_classes"] = recorded
+        source = cfg.file if cfg.file is not None else cfg.source
+        if cfg.file is not None and not Path(cfg.file).expanduser().exists():
+            raise ZooError(
+                f"pretrained cfg file {cfg.file!r} of {cfg.name or arch} does not exist: give the path of a local "
+                "copy of the weights (a file or a save_pretrained folder) in pretrained_cfg_overlay=dict(file=...)"
+            )
+    # pretrained=True with the overlay's state_dict or a cfg's file: timm's offline loading, those are the weights
+    from_overlay = pretrained and weights is None and (overlay_state_dict is not None or cfg.file is not None)
+    if from_overlay and overlay_state_dict is not None:
+        source = None
+    if "num_classes" not in kw:  # the head the weights hold (timm's rule)
+        found = recorded_num_classes(source) if source is not None and (weights is not None or from_overlay) else None
+        if found is not None:
+            merged["num_classes"] = found
             # and its pooling (a zoo file saved after reset_classifier(0, '') holds the unpooled model)
             pool = (recorded_hparams(str(source)) or {}).get("global_pool")
             if isinstance(pool, str) and "global_pool" not in kw and "global_pool" in effective:
                 merged["global_pool"] = pool
-        elif _source_matches(cfg.source, str(source)):
+        elif from_overlay:  # the tag's weights, kept locally: the tag's head (or the overlay's num_classes)
+            if cfg.tag is not None or "num_classes" in overlay:
+                merged["num_classes"] = cfg.num_classes
+        elif source is not None and _source_matches(cfg.source, str(source)):
             merged["num_classes"] = cfg.num_classes
 
-    model = cls(**merged)
-    if source is not None:
+    state_dict, source_hparams, where = None, None, str(source)
+    if from_overlay and overlay_state_dict is not None:
+        state_dict, where = _tensor_mapping(overlay_state_dict), "pretrained_cfg_overlay's state_dict"
+    elif recorded is not None:  # the file's arguments are checked against its tensors before anything is allocated
+        _, state_dict, source_hparams = recorded
+    if recorded is not None:
+        model = build_checked(cls, merged, _specs(state_dict, cfg, merged), where, source_hparams)
+    else:
+        model = cls(**merged)
+    if state_dict is None and source is not None:
         state_dict, source_hparams = read_weights(source, model)
+    if state_dict is not None:
         own = model.state_dict()
         if cfg.classifier:  # a model built without the head (num_classes=0) leaves the source's head out
-            head = tuple(f"{c}." for c in ([cfg.classifier] if isinstance(cfg.classifier, str) else cfg.classifier))
+            head = _head_prefixes(cfg)
             state_dict = {k: v for k, v in state_dict.items() if not (k.startswith(head) and k not in own)}
-        load_state_dict(model, state_dict, source_hparams=source_hparams, source=str(source))
+        load_state_dict(
+            model,
+            state_dict,
+            source_hparams=source_hparams,
+            source=where,
+            from_local_file=weights is not None and is_local_weights(weights),
+        )
 
     as_built = cfg.to_dict()
     as_built["num_classes"] = int(getattr(model, "num_classes", as_built.get("num_classes", 0)))
@@ -596,9 +684,160 @@ def build_model(
         as_built = hook(as_built)
     model.pretrained_cfg = as_built
     model.default_cfg = model.pretrained_cfg
+    if weights is not None and cfg_arg is None and not overlay:  # zoo weights describe themselves (timm's rule)
+        from zoo.hub import recorded_pretrained_cfg, restore_pretrained_cfg
+
+        stored = recorded_pretrained_cfg(str(weights))
+        if stored is not None:
+            restore_pretrained_cfg(model, stored)
     if features_only:
         model = _feature_extractor(model, feature_cfg)
     return model
+
+
+# arguments that do not change what trained weights compute: a caller's value that differs from the one the weights
+# record is no warning (memory, stored_blocks: how backward gets its activations; label_smoothing: the loss; dropout
+# rates, matched by _DROPOUT: identity in evaluation; the head: re-initialised with its own info line)
+_SAME_FUNCTION_ARGS = frozenset(
+    {"memory", "stored_blocks", "label_smoothing", "record_stats", "num_classes", "global_pool"}
+)
+_DROPOUT = re.compile(r"(^|_)drop(_|$)")
+# arguments that only set the initialisation, which loaded weights replace
+_INIT_ONLY_ARGS = frozenset({"zero_init_last"})
+
+
+def _overlay(value: Any, arch: str) -> dict[str, Any]:
+    """``pretrained_cfg_overlay`` as a dict of cfg fields (and timm's ``state_dict``); one ZooError otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ZooError(
+            f"pretrained_cfg_overlay of {arch} must be a mapping of pretrained cfg fields, got {type(value).__name__}"
+        )
+    unknown = sorted(set(value) - _CFG_FIELDS - {"state_dict"})
+    if unknown:
+        raise ZooError(
+            f"pretrained_cfg_overlay of {arch}: unknown fields {unknown}; the fields are "
+            f"{sorted(_CFG_FIELDS | {'state_dict'})}"
+        )
+    out = dict(value)
+    if out.get("file") is not None:
+        if not isinstance(out["file"], (str, os.PathLike)):
+            raise ZooError(f"pretrained_cfg_overlay of {arch}: file must be a path, got {type(out['file']).__name__}")
+        out["file"] = str(out["file"])
+    return out
+
+
+def _tensor_mapping(value: Any) -> dict[str, Any]:
+    import torch
+
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    ):
+        raise ZooError(
+            "pretrained_cfg_overlay's state_dict must map parameter names to tensors (a model's state_dict()), "
+            f"got {type(value).__name__}"
+        )
+    return dict(value)
+
+
+def _head_prefixes(cfg: PretrainedCfg) -> tuple[str, ...]:
+    return tuple(f"{c}." for c in ([cfg.classifier] if isinstance(cfg.classifier, str) else cfg.classifier))
+
+
+def _specs(state_dict: Mapping[str, Any], cfg: PretrainedCfg, merged: Mapping[str, Any]) -> dict[str, Any]:
+    """``(shape, dtype)`` of the tensors a build with ``merged`` must hold (no head for ``num_classes=0``)."""
+    head = _head_prefixes(cfg) if cfg.classifier and merged.get("num_classes") == 0 else ()
+    return {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items() if not (head and k.startswith(head))}
+
+
+def _recorded_class(spec: str) -> type | None:
+    """The registered zoo class that the weights ``spec`` name (``save_pretrained``'s class path, LightningCLI's
+    ``_class_path``); None when they name none, or one that is not registered."""
+    from zoo import hub
+    from zoo.registry import model_class
+
+    repo = hub._hf_hub_repo(spec)
+    path = hub._hf_hub_file(repo, hub.WEIGHTS_NAME, required=False) if repo is not None else Path(spec).expanduser()
+    if path is not None and path.is_dir():
+        path = path / hub.WEIGHTS_NAME
+    if path is None or not path.is_file():
+        return None
+    if path.suffix == ".safetensors":
+        config = hub._config_from_metadata(hub.safetensors_header(path)[0], path)
+        class_path = config["class_path"] if config is not None else None
+    else:
+        obj = hub.load_checkpoint_file(path)
+        hparams = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+        class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+    try:
+        return model_class(class_path) if class_path is not None else None
+    except ZooError:
+        return None
+
+
+def _recorded_weights(
+    cls: Callable[..., Any], spec: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None] | None:
+    """``(init_args, state_dict, source_hparams)`` of the weights ``spec`` when they record ``cls`` itself: the
+    constructor arguments checked as ``from_pretrained`` checks them (signature, types, integers bounded by the
+    file's tensors); None for weights that record none or another class (whose arguments do not apply: the weights
+    are converted)."""
+    from zoo import hub
+
+    init_args = hub.recorded_hparams(spec)
+    if not init_args or not isinstance(cls, type) or _recorded_class(spec) is not cls:
+        return None
+    init_args = hub.drop_legacy_training_args(cls, init_args, spec)
+    state_dict, source_hparams = hub.read_weights(spec)
+    largest = max((v.numel() for v in state_dict.values()), default=0)
+    hub.check_init_args(cls, init_args, spec, max_int=max(hub._MAX_INIT_INT, largest))
+    return init_args, state_dict, source_hparams
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (a file records JSON), for comparing a caller's argument with a recorded one."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _adopt_recorded(
+    arch: str,
+    recorded: Mapping[str, Any],
+    merged: dict[str, Any],
+    given: Mapping[str, Any],
+    source: str,
+    builder_args: Mapping[str, Any],
+) -> None:
+    """Fill ``merged`` with the ``recorded`` arguments the caller did not give; warn once for the ones the caller gave
+    otherwise that change the function the weights compute. A recorded argument that differs from one the builder's
+    name fixes (``builder_args``: ``layers`` of ``resnet18``) is a ZooError: the weights are of another architecture
+    than the builder's name says."""
+    differ, other_arch = [], []
+    for k, v in recorded.items():
+        changes_function = k not in _SAME_FUNCTION_ARGS and k not in _INIT_ONLY_ARGS and not _DROPOUT.search(k)
+        if k not in given:
+            if k in builder_args and changes_function and _plain(builder_args[k]) != _plain(v):
+                other_arch.append(f"{k}={_plain(v)!r} (the builder's: {_plain(builder_args[k])!r})")
+            merged[k] = v
+        elif changes_function and _plain(given[k]) != _plain(v):
+            differ.append(f"{k}={given[k]!r} (recorded: {v!r})")
+    if other_arch:
+        raise ZooError(
+            f"the weights {source} were saved with {', '.join(other_arch)}: another architecture than {arch}; load "
+            f"them with zoo.from_pretrained({source!r}), which builds what was saved"
+        )
+    if differ:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"zoo: {arch} built with {', '.join(differ)} as asked, but the weights {source} were saved with the "
+            "recorded values, so they now compute another function; leave those arguments out to build what was "
+            "saved (zoo.from_pretrained does the same)"
+        )
 
 
 def _feature_extractor(model: nn.Module, feature_cfg: dict[str, Any]) -> nn.Module:

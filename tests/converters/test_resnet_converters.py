@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -97,6 +98,14 @@ def test_depth_scaled_preserves_function(sources, reference, images, name: str, 
             assert_close_to_scale(mine[k], theirs)
         else:
             assert torch.equal(mine[k], theirs) and int(theirs) == 1, k
+
+
+def test_conversion_reads_the_source_as_step_1_weights_silently() -> None:
+    """A converter's source is a plain ResNet by definition: folding 1/N into it is no reason for the warning a
+    local file without hyperparameters gets (it might be a depth-scaled model's own state_dict)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converters.transform(torchvision.models.resnet18(), to="depth_scaled")
 
 
 def test_depth_scaled_folds_last_bn_only(sources) -> None:

@@ -355,3 +355,62 @@ def test_forward_intermediates_bad_input_is_one_zoo_error() -> None:
         zoo.cifar_resnet(features_only=True, feature_cls="hook")
     with pytest.raises(zoo.ZooError, match="only apply with features_only=True"):
         zoo.cifar_resnet(out_indices=(1, 2))
+
+
+# ------------------------------------------------------------------------------------------------ arguments, head
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_unknown_argument_is_one_zoo_error_before_anything_is_built(name: str, monkeypatch) -> None:
+    """Every registered model (translation included) refuses a keyword argument neither it nor its task takes with
+    one ZooError naming it and the valid ones, before any parameter exists (not Python's TypeError from the task)."""
+
+    def no_parameters(*args, **kwargs):
+        raise AssertionError(f"{name} built a parameter before refusing the unknown argument")
+
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", no_parameters)
+    message = r"unknown argument 'bogus_arg': remove or rename it; .* takes .*\bweights\b"
+    with pytest.raises(zoo.ZooError, match=message):
+        zoo.create_model(name, bogus_arg=1)
+
+
+def test_unknown_argument_suggests_the_close_name_and_lists_the_task_arguments() -> None:
+    with pytest.raises(zoo.ZooError, match=r"SinkformerViT got the unknown argument 'deph' \(did you mean 'depth'\?\)"):
+        zoo.sinkformer_vit_tiny_patch16_224(deph=3)
+    with pytest.raises(zoo.ZooError, match=r"'num_expert' \(did you mean 'num_experts'\?\).*label_smoothing"):
+        zoo.vmoe_tiny_patch32_224(num_expert=3)
+    with pytest.raises(zoo.ZooError, match=r"SinkformerTranslation got the unknown argument 'num_classes'.*beam"):
+        zoo.sinkformer_transformer_toy(num_classes=3)
+    with pytest.raises(zoo.ZooError, match=r"PointCloudTransformer got the unknown argument 'foo'"):
+        zoo.models.PointCloudTransformer(foo=1)
+    with pytest.raises(zoo.ZooError, match=r"'widht' \(did you mean 'width'\?\)"):
+        zoo.models.TwoLayerReLU(widht=3)
+    with pytest.raises(zoo.ZooError, match="lr is a training setting"):  # the training settings keep their message
+        zoo.neural_ode_classifier(lr=0.1)
+
+
+# one model of every family class that has reset_classifier
+RESET_MODELS = [
+    "resnet20_cifar",
+    "depth_scaled_tiny",
+    "heun_resnet20_cifar",
+    "momentum_resnet20_cifar",
+    "sinkformer_vit_tiny_patch16_224",
+    "vmoe_tiny_patch32_224",
+    "set_transformer_modelnet40",
+    "point_cloud_transformer",
+    "mean_field_resnet",
+    "neural_ode_classifier",
+]
+
+
+@pytest.mark.parametrize("name", RESET_MODELS)
+def test_reset_classifier_updates_pretrained_cfg(name: str) -> None:
+    """The cfg describes the model as built, its number of classes included: reset_classifier updates it (and its
+    alias default_cfg) with hparams."""
+    model = create(name)
+    for n in (3, 0):
+        model.reset_classifier(n)
+        assert model.num_classes == model.hparams["num_classes"] == n
+        assert model.pretrained_cfg["num_classes"] == model.default_cfg["num_classes"] == n
+        assert model.default_cfg is model.pretrained_cfg

@@ -460,7 +460,8 @@ def test_timm_protocol_where_it_applies(build, unpooled: tuple[int, ...], tmp_pa
         model.reset_classifier(0, "avg")
     cfg = model.pretrained_cfg  # the keys that apply to point clouds: no image size, mean, std, crop
     assert cfg is model.default_cfg and not {"input_size", "mean", "std", "crop_pct", "interpolation"} & set(cfg)
-    assert (cfg["num_classes"], cfg["classifier"], cfg["in_chans"]) == (5, "head", 3)  # as built (timm's rule)
+    # the model as it is (timm's rule): its head since reset_classifier(3)
+    assert (cfg["num_classes"], cfg["classifier"], cfg["in_chans"]) == (3, "head", 3)
     assert cfg["min_num_points"] == (32 if isinstance(model, PointCloudTransformer) else 1)
 
 

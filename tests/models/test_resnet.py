@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -43,7 +46,8 @@ def test_torchvision_weights_fold_the_depth_factor(builder, tmp_path):
     tv = torchvision.models.resnet50().eval()
     randomise_bn(tv)
     torch.save(tv.state_dict(), tmp_path / "r50.pth")
-    m = builder(weights=str(tmp_path / "r50.pth")).eval()
+    with pytest.warns(UserWarning, match="read them as step-1 weights"):  # a plain .pth: it says how it read it
+        m = builder(weights=str(tmp_path / "r50.pth")).eval()
     sd_tv, sd = tv.state_dict(), m.state_dict()
     # layer3 has a transition then 5 residual blocks: N = 5 multiplies their last BN, nothing else
     torch.testing.assert_close(sd["layer3.2.bn3.weight"], 5 * sd_tv["layer3.2.bn3.weight"])
@@ -171,7 +175,7 @@ def test_optimizer_groups_and_schedulers():
     for old in ({"lr": 0.1}, {"weight_decay": 1e-3}, {"scheduler": "cosine"}, {"momentum": 0.9}):
         with pytest.raises(ZooError, match=f"{next(iter(old))}.*optimizer=functools.partial"):
             zoo.depth_scaled_resnet20_cifar(**old)
-    with pytest.raises(ZooError, match=r"unknown argument\(s\) widht: .*label_smoothing, lr_scheduler, optimizer"):
+    with pytest.raises(ZooError, match=r"unknown argument 'widht' \(did you mean 'widths'\?\).*, lr_scheduler"):
         zoo.depth_scaled_resnet20_cifar(widht=3)
 
 
@@ -295,3 +299,73 @@ def test_grad_checkpointing(name: str, memory: str) -> None:
         assert saved1 == saved0
     with pytest.raises(ZooError, match="enable"):
         model.set_grad_checkpointing("yes")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"tied": [2, 3], "widths": (4, 8, 8)}, {"memory": "reversible", "stored_blocks": (1, 1, 2)}],
+    ids=["tied-widths", "stored-blocks"],
+)
+def test_pruned_resnet_round_trips_through_save_pretrained(kwargs, tmp_path):
+    """After prune_intermediate_layers the hparams name the stages kept (layers and the per-stage arguments cut to
+    them), so save_pretrained rebuilds the pruned model with the same outputs."""
+    builder = zoo.momentum_cifar_resnet if "memory" in kwargs else zoo.depth_scaled_cifar_resnet
+    m = randomise_bn(builder(layers=(2, 3, 2), **kwargs)).eval()
+    assert m.prune_intermediate_layers([1, 2]) == [1, 2]
+    m.save_pretrained(tmp_path / "pruned")
+    loaded = zoo.from_pretrained(tmp_path / "pruned").eval()
+    assert loaded.hparams["layers"] == [2, 3] and loaded.num_features == m.num_features
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+
+
+def _rescale_warnings(record: list) -> list[str]:
+    return [str(w.message) for w in record if "record no hyperparameters" in str(w.message)]
+
+
+@pytest.mark.parametrize("builder", [zoo.depth_scaled_resnet20_cifar, zoo.heun_resnet20_cifar])
+def test_plain_pth_of_a_scaled_model_warns_that_it_was_rescaled(builder, tmp_path):
+    """A .pth records no hyperparameters: it is read as step-1 weights and rescaled by 1/h, as documented, with a
+    warning saying so and how to load a model's own state_dict unchanged."""
+    m = randomise_bn(builder(num_classes=10)).eval()
+    torch.save(m.state_dict(), tmp_path / "own.pth")
+    with pytest.warns(UserWarning, match=r"step-1 weights .* by 1/h .*model.load_state_dict\(torch.load\(path\)\)"):
+        builder(num_classes=10, weights=str(tmp_path / "own.pth"))
+    other = builder(num_classes=10)
+    with pytest.warns(UserWarning, match="save_pretrained"):
+        zoo.load_weights(other, tmp_path / "own.pth")
+    # the way the warning points to: the model's own function, silently
+    same = builder(num_classes=10)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        same.load_state_dict(torch.load(tmp_path / "own.pth"))
+        m.save_pretrained(tmp_path / "folder")
+        loaded = builder(weights=str(tmp_path / "folder")).eval()
+        zoo.from_pretrained(tmp_path / "folder")
+    assert _rescale_warnings(record) == []
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x), m(x))
+        torch.testing.assert_close(loaded(x), m(x))
+
+
+def test_no_rescale_warning_where_nothing_is_rescaled_or_the_source_is_published(tmp_path):
+    """Silent where folding is what was asked (a torchvision weight name: a plain ResNet by definition) or where the
+    weights keep their values (step-1 models)."""
+    tv = randomise_bn(torchvision.models.resnet18()).eval()
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)  # the tmp torch hub (conftest)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tv.state_dict(), cache)
+    torch.save(zoo.resnet20_cifar().state_dict(), tmp_path / "plain.pth")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        folded = zoo.depth_scaled_resnet18(weights="IMAGENET1K_V1", widths=None).eval()
+        zoo.depth_scaled_resnet18(pretrained=True)
+        zoo.resnet20_cifar(weights=str(tmp_path / "plain.pth"))
+        zoo.momentum_resnet20_cifar(weights=str(tmp_path / "plain.pth"))
+    assert _rescale_warnings(record) == []
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), tv(x), rtol=1e-4, atol=1e-4)

@@ -123,6 +123,47 @@ def test_prune_intermediate_layers_is_timms(prune: dict) -> None:
         assert (mine.num_classes, mine.hparams.num_classes, mine.global_pool) == (0, 0, "")
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=["token", "avg", "avg-no-class-token", "max"])
+@pytest.mark.parametrize(
+    "prune",
+    [{"indices": 2}, {"indices": [0]}, {"indices": [1], "prune_norm": True}, {"indices": [0], "prune_head": False}],
+    ids=["last-2", "first-block", "prune-norm", "keep-head"],
+)
+def test_pruned_model_round_trips_through_save_pretrained(variant: dict, prune: dict, tmp_path: Path) -> None:
+    """hparams after prune_intermediate_layers rebuild exactly the pruned model: its blocks, its pooling and its
+    final norms (an average pool's fc_norm pruned with the head leaves no final norm at all: final_norm=False)."""
+    mine, _ = pair(**variant)
+    mine.prune_intermediate_layers(**prune)
+    mine.save_pretrained(tmp_path / "pruned")
+    loaded = zoo.from_pretrained(tmp_path / "pruned").eval()
+    assert len(loaded.blocks) == len(mine.blocks)
+    assert (type(loaded.norm), type(loaded.fc_norm)) == (type(mine.norm), type(mine.fc_norm))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), mine(x), rtol=0, atol=0)
+
+
+def test_vmoe_pruned_model_round_trips(tmp_path: Path) -> None:
+    args = {"img_size": 32, "patch_size": 8, "embed_dim": 8, "depth": 4, "num_heads": 2, "num_experts": 2}
+    for moe in ({"moe_blocks": [1, 3]}, {"moe_every": 2}):
+        model = zoo.vmoe_tiny_patch32_224(global_pool="avg", **args, **moe).eval()
+        model.prune_intermediate_layers([1])
+        assert [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, zoo.nn.MoE)] == [1]
+        model.save_pretrained(tmp_path / "pruned")
+        loaded = zoo.from_pretrained(tmp_path / "pruned").eval()
+        assert loaded.moe_indices == model.moe_indices == [1]
+        x = images()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_final_norm_false_is_timms() -> None:
+    mine, ref = pair(global_pool="avg", final_norm=False)
+    assert isinstance(mine.norm, torch.nn.Identity) and isinstance(mine.fc_norm, torch.nn.Identity)
+    with torch.no_grad():
+        assert_same(mine(images()), ref(images()))
+
+
 @pytest.mark.parametrize("variant", VARIANTS[:2], ids=["token", "avg"])
 def test_num_classes_zero_and_unpooled_are_timms(variant: dict) -> None:
     mine, ref = pair(**variant)

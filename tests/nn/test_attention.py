@@ -315,3 +315,23 @@ def test_nested_tensor_input_is_refused_with_the_fix() -> None:
     nested = torch.nested.nested_tensor([torch.randn(3, 16), torch.randn(5, 16)])
     with pytest.raises(ZooError, match="enable_nested_tensor=False"):
         mine(nested, nested, nested)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_sinkformer_vit_exports_with_a_dynamic_batch() -> None:
+    """torch.export of a Sinkformer ViT with a dynamic batch dim (the Sinkhorn kernel's chunk loop used to specialise
+    it to the example's size): the exported program gives the eager logits at other batch sizes."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.sinkformer_vit_tiny_patch16_224(
+        img_size=16, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=3
+    ).eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(model, (torch.randn(4, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    for b in (2, 5):
+        x = torch.randn(b, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)

@@ -965,3 +965,48 @@ def test_double_backward_is_one_clear_error_naming_create_graph(init):
     (gx,) = torch.autograd.grad(stack(x).pow(2).sum(), x)
     full = ResidualStack(stack.blocks, rule="momentum", memory="full", init_velocity=init)
     torch.testing.assert_close(gx, torch.autograd.grad(full(x).pow(2).sum(), x)[0], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- dynamic shapes
+
+
+@pytest.mark.parametrize("memory", ["reversible", "full"])
+def test_momentum_resnet_exports_with_a_dynamic_batch(memory):
+    """torch.export with a dynamic batch dim: under tracing the fused float step takes one path whatever the state's
+    size (no branch on numel, no reshape guarded against the batch), so the exported program gives the eager logits
+    at other batch sizes (with and without gradients in eager: the plain forward, and the reversible Function)."""
+    torch.manual_seed(0)
+    model = zoo.momentum_cifar_resnet(layers=(2, 2, 2), widths=(8, 8, 16), memory=memory).eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(model, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    for b in (3, 8):
+        x = torch.randn(b, 3, 16, 16)
+        got = exported.module()(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["reversible", "full"])
+def test_torch_compile_of_a_deep_momentum_resnet_stays_below_the_recompile_limit(caplog, memory):
+    """A caller's torch.compile of a momentum ResNet in eval with more than 8 blocks per stage: the reversible
+    Function runs untraced (one graph break per stage) and memory="full"'s fused step is traced, instead of Dynamo
+    compiling each block's call as a frame of its own, specialised on the block index, which hit the recompile limit
+    (8) and fell back to eager with a warning."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = zoo.momentum_cifar_resnet(layers=(10, 10, 10), widths=(4, 8, 8), memory=memory).eval()
+    assert model.layer1.memory == memory and model.layer1.depth > 8
+    x = torch.randn(2, 3, 16, 16)
+    eager = model(x)
+    torch._dynamo.reset()
+    counters.clear()
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        got = torch.compile(model, backend="eager")(x)
+    assert "recompile_limit" not in caplog.text
+    assert not any("recompile limit" in str(key).lower() for key in counters["unimplemented"])
+    assert counters["frames"]["total"] < 10, dict(counters["frames"])  # a few per stage, none per block (30)
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    torch._dynamo.reset()

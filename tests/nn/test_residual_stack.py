@@ -377,6 +377,30 @@ def test_torch_compile_gives_the_eager_result(memory):
     torch.testing.assert_close(compiled_p, eager_p)
 
 
+@pytest.mark.parametrize("rule, memory", [("heun", "adjoint"), ("momentum", "reversible"), ("momentum", "full")])
+def test_torch_compile_of_a_deep_stack_compiles_no_frame_per_block(caplog, rule, memory):
+    """A caller's torch.compile of a stack of 12 blocks: a rebuilding strategy's autograd Function runs untraced (one
+    graph break), and memory="full"'s fused momentum step is traced into the caller's graph, instead of a graph break
+    at every step making Dynamo compile each block's call as a frame of its own, specialised on the block index (which
+    hit its recompile limit of 8 and fell back to eager); values and gradients as eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    stack = ResidualStack(smooth_blocks(12), rule=rule, scale="depth", memory=memory)
+    x = torch.randn(3, 6)
+    eager_x, eager_p = grads(stack, x)
+    torch._dynamo.reset()
+    counters.clear()
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        compiled_x, compiled_p = grads(torch.compile(stack, backend="eager"), x)
+    assert "recompile_limit" not in caplog.text
+    assert counters["frames"]["total"] < 8, dict(counters["frames"])
+    compiled_p = {k.removeprefix("_orig_mod."): v for k, v in compiled_p.items()}
+    torch.testing.assert_close(compiled_x, eager_x, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_p, eager_p, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("rule", ["euler", "heun"])
 def test_adjoint_double_backward_is_one_clear_error(rule):
     """The adjoint's step-by-step gradients have no graph: create_graph=True is refused with its cause and the fix,

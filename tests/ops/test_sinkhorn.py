@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo.ops.sinkhorn as sk
+import zoo.ops.sinkhorn_tiled as sk_tiled
 from zoo.errors import ZooError
 from zoo.ops import attention_column_sums, column_sum_stats, sinkhorn_attention
 
@@ -317,10 +318,32 @@ def test_autocast_bf16_cpu():
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert torch.isfinite(qq.grad).all()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inputs: computed and returned in float32
-        out32 = sinkhorn_attention(q, k, v)
-    assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32, ref)
+
+
+@pytest.mark.parametrize("path", ["chunked", "tiled"])
+@pytest.mark.parametrize("n_iter", [1, 2, 3])
+def test_autocast_output_dtype_is_sdpas_for_every_n_iter(monkeypatch, path, n_iter):
+    """Under autocast, float32 inputs give the autocast dtype whatever n_iter (SDPA's dtype at n_iter=1), on the
+    chunked and the tiled kernel, with the float32 result up to bf16 rounding (the iterations run in float32);
+    float64 inputs stay float64, as autocast leaves them for SDPA."""
+    q, k, v = qkv(L=16, S=16, E=16)
+    kpm = padding(2, 16, [16, 11])
+    ref = sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=kpm)
+    calls = []
+    if path == "tiled":  # one slice's 16 x 16 scores above the threshold: the tiled kernel runs
+        monkeypatch.setattr(sk, "TILED_MIN_BYTES", 16)
+        monkeypatch.setattr(sk, "tiled_sinkhorn", lambda *a: calls.append(1) or sk_tiled.tiled_sinkhorn(*a))
+    qq = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sinkhorn_attention(qq, k, v, n_iter=n_iter, key_padding_mask=kpm)
+        out64 = sinkhorn_attention(q.double(), k.double(), v.double(), n_iter=n_iter, key_padding_mask=kpm)
+    assert out.dtype == torch.bfloat16
+    assert out64.dtype == torch.float64
+    assert bool(calls) == (path == "tiled" and n_iter > 1)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out64.float(), ref, atol=1e-5, rtol=1e-5)
+    out.float().sum().backward()
+    assert qq.grad.dtype == torch.float32 and torch.isfinite(qq.grad).all()
 
 
 def test_dropout_on_final_weights():
@@ -391,6 +414,51 @@ def test_no_host_sync_compiles_fullgraph():
     torch.testing.assert_close(fn(q, k, v), sinkhorn_attention(q, k, v, n_iter=3, key_padding_mask=kpm))
 
 
+@pytest.mark.parametrize("n_iter", [2, 3])
+def test_export_with_a_dynamic_batch_runs_every_batch_size(n_iter):
+    """torch.export with a dynamic batch dim: under tracing the chunk loop does not specialise the batch (the whole
+    batch in one piece), so the exported program gives the eager values at other batch sizes; eager keeps chunking."""
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, kpm):
+            return sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=kpm)
+
+    batch = torch.export.Dim("batch", min=2, max=64)
+    q, k, v = qkv(B=4, H=2, L=6, S=6, E=4, Ev=3)
+    kpm = padding(4, 6, [6, 5, 3, 2])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sk, "_CHUNK_BYTES", 4 * 6 * 6 * 3)  # 3 slices per chunk: a loop over chunks in eager
+        exported = torch.export.export(Attn(), (q, k, v, kpm), dynamic_shapes=({0: batch},) * 4)
+        for b in (3, 5):
+            q, k, v = qkv(B=b, H=2, L=6, S=6, E=4, Ev=3)
+            kpm = padding(b, 6, [6, 5, 3, 2, 1][:b])
+            want = sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=kpm)
+            torch.testing.assert_close(exported.module()(q, k, v, kpm), want)
+
+
+def test_compile_with_dynamic_shapes_traces_one_graph_for_every_batch_size():
+    """A caller's torch.compile(dynamic=True, fullgraph=True): forward and backward trace once for every batch size
+    (no chunk loop over the symbolic batch, which specialised and recompiled per size), with the eager values."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    fn = torch.compile(
+        lambda a, b, c: sinkhorn_attention(a, b, c, n_iter=3), fullgraph=True, dynamic=True, backend="aot_eager"
+    )
+    torch._dynamo.reset()
+    counters.clear()
+    for b in (2, 4, 5):  # no size equal to H (Dynamo's duck sizing would tie them)
+        q, k, v = (t.requires_grad_() for t in qkv(B=b, H=3, L=6, S=7, E=4, Ev=5))
+        out = fn(q, k, v)
+        got = [out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v))]
+        out = sinkhorn_attention(q, k, v, n_iter=3)
+        want = [out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v))]
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_compiled_kernels_match_eager():
     """The default torch.compile'd chunk kernels give the eager values (the suite runs them eagerly)."""
     q, k, v = qkv(L=6, S=6)
@@ -435,6 +503,19 @@ def test_bad_arguments(kwargs, match):
     q, k, v = qkv()
     with pytest.raises(ZooError, match=match):
         sinkhorn_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_non_floating_inputs_are_one_clear_error(n_iter, dtype, which):
+    """Integer or bool q, k or v: one ZooError naming the dtypes and the fix, for every n_iter (it gave wrong values
+    for n_iter > 1 and torch's dtype error for n_iter = 1), with or without return_weights."""
+    ins = dict(zip("qkv", qkv()))
+    ins[which] = ins[which].to(dtype)
+    for weights in (False, True):
+        with pytest.raises(ZooError, match=r"q, k, v must be floating point .*convert them"):
+            sinkhorn_attention(ins["q"], ins["k"], ins["v"], n_iter=n_iter, return_weights=weights)
 
 
 def test_bad_shapes():

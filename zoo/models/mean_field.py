@@ -59,16 +59,17 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
+from zoo.models.arguments import check_model_kwargs
 from zoo.nn import ResidualStack
 from zoo.pretrained import IMAGE_KEYS, PretrainedCfg, build_model
 from zoo.registry import register_model
+from zoo.tasks.classification import record_num_classes
 from zoo.tasks.optim import (
     LRSchedulerCallable,
     OptimizerCallable,
     build_optimization,
     check_factory,
     parameter_groups,
-    refuse_training_settings,
 )
 from zoo.validation import boolean, choice, finite_float, non_negative_int, optional, positive_int
 
@@ -253,11 +254,7 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         **kwargs: Any,
     ) -> None:
-        refuse_training_settings(type(self), kwargs)
-        if kwargs:
-            raise ZooError(
-                f"unknown argument(s) of MeanFieldResNet: {', '.join(sorted(kwargs))}; see help(zoo.MeanFieldResNet)"
-            )
+        check_model_kwargs(type(self), kwargs)
         positive_int("dim", dim)
         positive_int("width", width)
         positive_int("depth", depth)
@@ -341,8 +338,7 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
         self.num_classes = int(num_classes)
         self.hparams["num_classes"] = int(num_classes)
         self._make_metrics()
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": int(num_classes)}
-        self.default_cfg = self.pretrained_cfg
+        record_num_classes(self, num_classes)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""

@@ -39,12 +39,12 @@ from timm.models._features import feature_take_indices
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
+from zoo.models.arguments import check_model_kwargs
 from zoo.nn import ResidualStack
 from zoo.nn.rules import RULES
 from zoo.pretrained import PretrainedCfg, build_model
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
-from zoo.tasks.optim import refuse_training_settings
 from zoo.validation import (
     boolean,
     choice,
@@ -213,7 +213,7 @@ class NeuralODE(HubMixin, ImageClassifier):
         weights: str | None = None,
         **kwargs: Any,
     ) -> None:
-        refuse_training_settings(type(self), kwargs)
+        check_model_kwargs(type(self), kwargs, ImageClassifier)
         positive_int("dim", dim)
         positive_int("width", width)
         non_negative_int("switches", switches)

@@ -67,12 +67,12 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
+from zoo.models.arguments import check_model_kwargs
 from zoo.nn.attention import SinkhornMultiheadAttention, SinkhornSettings, check_n_iter
 from zoo.ops.sinkhorn import column_sum_stats, sinkhorn_attention
 from zoo.pretrained import IMAGE_KEYS, PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
-from zoo.tasks.optim import refuse_training_settings
 from zoo.validation import boolean, choice, int_sequence, integer, non_negative_int, positive_int, probability
 
 __all__ = [
@@ -366,7 +366,7 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
         weights: str | None = None,
         **kwargs: Any,
     ) -> None:
-        refuse_training_settings(type(self), kwargs)
+        check_model_kwargs(type(self), kwargs, ImageClassifier)
         non_negative_int(
             "num_classes", num_classes, hint="give the number of classes, or 0 for a model without a classifier"
         )
@@ -639,7 +639,7 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
         weights: str | None = None,
         **kwargs: Any,
     ) -> None:
-        refuse_training_settings(type(self), kwargs)
+        check_model_kwargs(type(self), kwargs, ImageClassifier)
         non_negative_int(
             "num_classes", num_classes, hint="give the number of classes, or 0 for a model without a classifier"
         )

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torchvision.ops import stochastic_depth
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_weights
+from zoo.hub import HubMixin, load_weights, weights_from_local_file
+from zoo.models.arguments import check_model_kwargs
 from zoo.nn import ResidualStack
 from zoo.nn.residual_function import ResidualFunctionWithTail, residual_tail
 from zoo.nn.residual_stack import DEFAULT_GAMMA, INIT_VELOCITIES, MEMORY_MODES, RULES
@@ -46,7 +47,6 @@ from zoo.pretrained import (
 )
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
-from zoo.tasks.optim import refuse_training_settings
 from zoo.validation import boolean, choice, finite_float, int_sequence, non_negative_int, positive_int, probability
 
 BLOCKS = ("basic", "bottleneck", "preact")
@@ -314,6 +314,7 @@ class ResNet(HubMixin, ImageClassifier):
         stored_blocks: int | Sequence[int] = 0,
         **kwargs: Any,
     ):
+        check_model_kwargs(type(self), kwargs, ImageClassifier)  # first: one ZooError before anything is built
         # hparams keep the arguments as given: the checked values get their own names
         choice("block", block, BLOCKS)
         choice("stem", stem, STEMS)
@@ -342,8 +343,6 @@ class ResNet(HubMixin, ImageClassifier):
                 )
         positive_int("in_chans", in_chans)
         _check_head(num_classes, global_pool)
-        refuse_training_settings(type(self), kwargs)
-        _check_task_kwargs(type(self).__name__, kwargs)
         probability("drop_rate", drop_rate)
         probability("drop_path_rate", drop_path_rate)
         boolean("zero_init_last", zero_init_last)
@@ -519,7 +518,10 @@ class ResNet(HubMixin, ImageClassifier):
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """timm's: replace the stages after the last of ``indices`` by ``nn.Identity`` and (``prune_head``) the
-        head by none (``reset_classifier(0, '')``); returns the absolute indices kept."""
+        head by none (``reset_classifier(0, '')``); returns the absolute indices kept. ``hparams`` follow (the
+        stages kept: ``layers`` and the per-stage arguments cut to them), so that a checkpoint or
+        ``save_pretrained`` rebuilds the pruned model; one that keeps only the stem (index 0) has no such
+        hyperparameters and does not rebuild."""
         take_indices, max_index = _take_indices(len(self.stage_names) + 1, indices)
         for name in self.stage_names[max_index:]:
             setattr(self, name, nn.Identity())
@@ -528,9 +530,25 @@ class ResNet(HubMixin, ImageClassifier):
         prune_end = max_index < len(self.stage_names)
         if prune_end:  # the features end at the last kept one: the head sized for the final features goes too
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            if max_index > 0:
+                self._record_kept_stages(max_index)
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
+
+    def _record_kept_stages(self, kept: int) -> None:
+        """``hparams`` of the first ``kept`` stages only (after pruning the others): ``layers``, and ``widths``,
+        ``stored_blocks`` and ``tied`` where they name stages."""
+        hp = self.hparams
+        self.layer_counts = self.layer_counts[:kept]
+        hp["layers"] = list(self.layer_counts)
+        for key in ("widths", "stored_blocks"):
+            value = hp.get(key)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                hp[key] = list(value)[:kept]
+        tied = hp.get("tied")
+        if isinstance(tied, Sequence) and not isinstance(tied, str):
+            hp["tied"] = [s for s in tied if s <= kept]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of every stage, as timm's (``enable=False`` turns it off). Under
@@ -613,7 +631,17 @@ class ResNet(HubMixin, ImageClassifier):
         self, state_dict: Mapping[str, torch.Tensor], source_hparams: Mapping[str, Any] | None
     ) -> dict[str, torch.Tensor]:
         """Weight-loader hook (:func:`zoo.hub.load_state_dict`): weights without recorded
-        hyperparameters come from a plain ResNet (step 1); zoo weights record their ``scale``."""
+        hyperparameters come from a plain ResNet (step 1); zoo weights record their ``scale``.
+
+        A local file without recorded hyperparameters (a plain ``.pth``) that this rescales gets a warning: it
+        may be a depth-scaled or Heun model's own ``state_dict``, which the rescaling turns into another function
+        (:func:`zoo.hub.weights_from_local_file`; weights from a torchvision name, an ``hf-hub:`` repository, a
+        tag or a converter's source model are plain ResNets' by definition and load silently).
+
+        Args:
+            state_dict: the weights, by name.
+            source_hparams: the hyperparameters they were saved with; None when they record none.
+        """
         source_scale = 1.0 if source_hparams is None else source_hparams.get("scale", 1.0)
         if (
             source_hparams is not None
@@ -631,7 +659,20 @@ class ResNet(HubMixin, ImageClassifier):
                 "(the published definition), so it computes another function: build it with "
                 "keep_first_block=False to reproduce the saved model"
             )
-        return self.rescale_residual_weights(state_dict, source_scale)
+        out = self.rescale_residual_weights(state_dict, source_scale)
+        if source_hparams is None and weights_from_local_file() and any(out[k] is not state_dict[k] for k in out):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            steps = ", ".join(f"{n} N={s.depth}" for n, s in zip(self.stage_names, self.stages) if s.step != 1.0)
+            rank_zero_warn(
+                f"zoo: these weights record no hyperparameters, so {type(self).__name__} read them as step-1 "
+                "weights of a plain (torchvision-layout) ResNet and multiplied the last BatchNorm of every "
+                f"residual block by 1/h ({steps}) to keep that function. If they are this model's own state_dict "
+                "(torch.save(model.state_dict(), path)), the rescaled model computes another function: load them "
+                "unchanged with model.load_state_dict(torch.load(path)), or save with model.save_pretrained(path), "
+                "which records the hyperparameters"
+            )
+        return out
 
     # ---------------------------------------------------------------- depth operations
     def _stage(self, stage: int | str) -> ResidualStack:
@@ -781,19 +822,6 @@ def _check_head(num_classes: int, global_pool: str) -> None:
             f"global_pool='' (no pooling: the feature map) needs num_classes=0, got num_classes="
             f"{num_classes}: a classifier takes pooled features; give num_classes=0 for the unpooled "
             "features, or global_pool='avg'"
-        )
-
-
-def _check_task_kwargs(cls_name: str, kwargs: Mapping[str, Any]) -> None:
-    """What a ResNet passes on must be an argument of the task: anything else is one ZooError (not a TypeError)."""
-    import inspect
-
-    accepted = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "num_classes"}
-    unknown = [k for k in kwargs if k not in accepted]
-    if unknown:
-        raise ZooError(
-            f"{cls_name} got unknown argument(s) {', '.join(unknown)}: it takes its architecture's "
-            f"arguments and the task's ({', '.join(sorted(accepted))})"
         )
 
 
@@ -1195,6 +1223,7 @@ def _imagenet(
         pretrained=pretrained,
         weights=weights,
         base_cfg=_base_cfg("imagenet"),
+        fixed_args=("layers", "block"),
     )
 
 
@@ -1212,6 +1241,8 @@ def _cifar(
         pretrained=pretrained,
         weights=weights,
         base_cfg=_base_cfg(kwargs.get("stem", "cifar")),
+        # resnet20_cifar names its depth; the configurable cifar_resnet builders only default it
+        fixed_args=() if arch.endswith("cifar_resnet") else ("layers",),
     )
 
 

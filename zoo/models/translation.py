@@ -62,10 +62,11 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_state_dict, load_weights
+from zoo.models.arguments import check_model_kwargs
 from zoo.nn.attention import SinkhornCore, SinkhornSettings, check_n_iter
 from zoo.ops.masks import AllowedMask, PaddingMask
 from zoo.registry import register_model
-from zoo.tasks.optim import InverseSqrtLR, refuse_training_settings
+from zoo.tasks.optim import InverseSqrtLR
 from zoo.tasks.translation import TranslationTask
 from zoo.validation import boolean, choice, integer, non_negative_int, positive_int, probability
 
@@ -744,7 +745,7 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         **kwargs: Any,
     ) -> None:
         check_n_iter(n_iter)
-        refuse_training_settings(type(self), kwargs)
+        check_model_kwargs(type(self), kwargs, TranslationTask)
         tgt_vocab_size = src_vocab_size if tgt_vocab_size is None else tgt_vocab_size
         for name, v in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
             integer(

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
+from zoo.models.arguments import check_model_kwargs
 from zoo.optim.proximal import ProximalPoint
 from zoo.tasks.optim import (
     LRSchedulerCallable,
     OptimizerCallable,
     build_optimization,
     check_factory,
-    refuse_training_settings,
 )
 from zoo.validation import boolean, choice, finite_float, positive_int
 
@@ -86,12 +86,7 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         **kwargs: Any,
     ) -> None:
-        refuse_training_settings(type(self), kwargs)
-        if kwargs:
-            raise ZooError(
-                f"unexpected arguments for TwoLayerReLU: {', '.join(sorted(kwargs))}; it takes in_features, width, "
-                "signs, bias, init_scale, symmetric_init, weights, optimizer and lr_scheduler"
-            )
+        check_model_kwargs(type(self), kwargs)
         positive_int("in_features", in_features)
         positive_int("width", width)
         choice("signs", signs, SIGNS)

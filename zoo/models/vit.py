@@ -38,11 +38,11 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
+from zoo.models.arguments import check_model_kwargs
 from zoo.nn.attention import SinkhornAttention, SinkhornSettings
 from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
-from zoo.tasks.optim import refuse_training_settings
 from zoo.validation import (
     boolean,
     choice,
@@ -163,6 +163,9 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             ``""`` (no pooling: ``forward`` returns every token), as timm.
         fc_norm: the final LayerNorm after the pooling (``fc_norm``) instead of before it (``norm``); None: after
             it for the average / max pools, as timm.
+        final_norm: whether there is a final LayerNorm at all (timm's ``final_norm``); False: neither ``norm`` nor
+            ``fc_norm`` (what :meth:`prune_intermediate_layers` leaves with ``prune_norm``, or with ``prune_head``
+            after an average / max pool, and records so that ``save_pretrained`` rebuilds it).
         n_iter: Sinkhorn half-steps of every attention (1 = softmax, the Transformer).
         record_stats: record the column-sum statistics of every attention (see :meth:`attention_stats`).
         drop_rate: timm's dropout rate before the classifier.
@@ -198,6 +201,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         class_token: bool = True,
         global_pool: str = "token",
         fc_norm: bool | None = None,
+        final_norm: bool = True,
         n_iter: int = 3,
         record_stats: bool = False,
         drop_rate: float = 0.0,
@@ -208,7 +212,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         weights: str | None = None,
         **kwargs: Any,
     ) -> None:
-        refuse_training_settings(type(self), kwargs)
+        check_model_kwargs(type(self), kwargs, ImageClassifier)
         size = image_size("img_size", img_size)
         positive_int("patch_size", patch_size)
         positive_int("in_chans", in_chans)
@@ -228,6 +232,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             ("qk_norm", qk_norm),
             ("class_token", class_token),
             ("record_stats", record_stats),
+            ("final_norm", final_norm),
         ):
             boolean(name, flag)
         optional(boolean, "fc_norm", fc_norm)
@@ -289,8 +294,8 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         # timm's feature_info: every block, at the patch grid (stride = patch size)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
-        self.norm = nn.Identity() if use_fc_norm else _norm(embed_dim)
-        self.fc_norm = _norm(embed_dim) if use_fc_norm else nn.Identity()
+        self.norm = _norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = _norm(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -365,8 +370,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         if global_pool is not None:
             self._check_pool(global_pool, self.has_class_token)
             self.global_pool = global_pool
-            self.hparams["global_pool"] = global_pool
-            self.hparams["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)
+            self._record_structure()
         ref = self.pos_embed
         if num_classes > 0:
             self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
@@ -494,7 +498,18 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         if prune_head:
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
+        self._record_structure()
         return take_indices
+
+    def _record_structure(self) -> None:
+        """Keep ``hparams`` true to the model after :meth:`reset_classifier` / :meth:`prune_intermediate_layers`
+        (its pooling, blocks and final norms), so that a checkpoint or ``save_pretrained`` rebuilds exactly it."""
+        has_norm, has_fc_norm = (not isinstance(m, nn.Identity) for m in (self.norm, self.fc_norm))
+        self.hparams["global_pool"] = self.global_pool
+        self.hparams["depth"] = len(self.blocks)
+        self.hparams["final_norm"] = has_norm or has_fc_norm
+        if has_norm or has_fc_norm:
+            self.hparams["fc_norm"] = has_fc_norm
 
     # ---------------------------------------------------------------- Sinkhorn settings and diagnostics
     @property

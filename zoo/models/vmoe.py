@@ -61,7 +61,8 @@ def moe_block_indices(
     block ending with the last (``moe_every=2``, depth 12: 1, 3, ..., 11; ``moe_every=1``: all). ``every`` and
     ``layers`` are the deprecated names of ``moe_every`` and ``moe_blocks``."""
     if moe_blocks is not None:
-        out = sorted(set(int_sequence("moe_blocks", moe_blocks, min_value=0)))
+        hint = f"give the indices of the blocks that get experts, such as [{depth - 1}] (the last block)"
+        out = sorted(set(int_sequence("moe_blocks", moe_blocks, min_value=0, hint=hint)))
         if out[-1] >= depth:
             raise ZooError(
                 f"moe_blocks {list(moe_blocks)} must be a non-empty list of block indices in "
@@ -168,6 +169,14 @@ class VisionMoE(SinkformerViT):
             trunc_normal_(moe.router.weight, std=0.02)
             if moe.router.bias is not None:
                 torch.nn.init.zeros_(moe.router.bias)
+
+    def _record_structure(self) -> None:
+        """SinkformerViT's, and the MoE blocks that pruning kept (explicit ``moe_blocks`` are cut to the blocks
+        left; ``moe_every`` places them by index, the same in the shorter model)."""
+        super()._record_structure()
+        self.moe_indices = [i for i in self.moe_indices if i < len(self.blocks)]
+        if self.hparams.get("moe_blocks") is not None and self.moe_indices:
+            self.hparams["moe_blocks"] = list(self.moe_indices)
 
     def moe_modules(self) -> list[MoE]:
         """The :class:`zoo.nn.MoE` layers, in block order (of the blocks kept by ``prune_intermediate_layers``)."""

@@ -9,6 +9,7 @@ kernels switch to eager for the rest of the process with one warning: they compu
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
@@ -85,6 +86,11 @@ class CompiledKernels:
         """The kernel ``name`` with the keyword arguments ``static`` bound as compile-time constants (one
         compilation per distinct set of values: integer divisors become multiplications, branches on a string
         disappear); the remaining arguments are dynamic."""
+        if torch.compiler.is_compiling():
+            # a caller's torch.compile traces the eager function with the constants as keywords: no variant built or
+            # cached here (a new code object cannot be traced, and a cache write inside an autograd Function's
+            # forward is a side effect Dynamo refuses; either broke the caller's graph at every step)
+            return functools.partial(self.eager[name], **static) if static else self.eager[name]
         key = (name, tuple(sorted(static.items())))
         eager = self._variants.get(key)
         if eager is None:

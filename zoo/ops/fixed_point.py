@@ -22,6 +22,7 @@ from fractions import Fraction
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from zoo.errors import ZooError
 from zoo.ops.compiled import CompiledKernels, from_memory_order, in_memory_order, memory_order
@@ -464,6 +465,17 @@ FLOAT_STEP_COMPILE_MIN_NUMEL = 1 << 16
 _MASK_BITS = 8  # mask elements per packed byte
 
 
+def _bit_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (8, numel / 8) in logical order, the packing's layout, through a 1-D view: reshaped directly, an N-d
+    shape with a symbolic dim (a dynamic batch under torch.export) would be guarded against 8."""
+    return t.reshape(-1).reshape(_MASK_BITS, -1)
+
+
+def _from_bit_rows(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_bit_rows`: ``t`` (8, numel / 8) in ``shape``, through a 1-D view."""
+    return t.reshape(-1).reshape(shape)
+
+
 def _pack_positive(s: torch.Tensor) -> torch.Tensor:
     """The mask s > 0 packed eight elements to a byte, in segments: with M = numel / 8 and s flattened in logical
     order, bit k of byte j is element k M + j (numel / 8 uint8). The caller guarantees numel % 8 == 0.
@@ -471,7 +483,7 @@ def _pack_positive(s: torch.Tensor) -> torch.Tensor:
     Segments, not eight neighbours per byte: byte j then reads element j of eight contiguous slices, so packing and
     unpacking are element-wise loops that vectorise (eight neighbours per byte compiled to a scalar loop, which made
     the packing step twice as slow as the step without it)."""
-    s = s.reshape(_MASK_BITS, -1)
+    s = _bit_rows(s)
     packed = (s[0] > 0).to(torch.int32)
     for k in range(1, _MASK_BITS):
         packed = packed | ((s[k] > 0).to(torch.int32) << k)
@@ -481,7 +493,7 @@ def _pack_positive(s: torch.Tensor) -> torch.Tensor:
 def _unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The bool mask of :func:`_pack_positive`, in ``shape``."""
     bits = torch.arange(_MASK_BITS, dtype=torch.int32, device=packed.device).reshape(-1, 1)
-    return ((packed.reshape(1, -1).to(torch.int32) >> bits) & 1).ne(0).reshape(shape)
+    return _from_bit_rows(((packed.reshape(1, -1).to(torch.int32) >> bits) & 1).ne(0), shape)
 
 
 def _momentum_float_step_packed(
@@ -510,12 +522,13 @@ def _momentum_float_step_backward_packed(
     (only x' was used, a stack's last step) ``gv_next`` is not read and a = dL/dx'."""
     shape = gx_next.shape
     # in the (8, numel / 8) layout of the packing: byte j's bit k is row k, column j (a loop that vectorises)
-    gx_next, gv_next = gx_next.reshape(_MASK_BITS, -1), gv_next.reshape(_MASK_BITS, -1)
+    gx_next, gv_next = _bit_rows(gx_next), _bit_rows(gv_next)
     mask = _unpack_mask(packed, gx_next.shape)
     a = gx_next + gv_next if with_gv else gx_next
     ca = c * a
     grad_g = torch.where(mask, ca, 0.0)
-    return (gx_next - (ca - grad_g)).reshape(shape), (gamma * a).reshape(shape), grad_g.reshape(shape)
+    grad_x, grad_v = gx_next - (ca - grad_g), gamma * a
+    return _from_bit_rows(grad_x, shape), _from_bit_rows(grad_v, shape), _from_bit_rows(grad_g, shape)
 
 
 def _momentum_float_step_backward_packed_into_(
@@ -538,8 +551,18 @@ def _momentum_float_step_backward_packed_into_(
 
 def _compiles(x: torch.Tensor) -> bool:
     """Whether the float step of state ``x`` runs as a compiled kernel: large float32/float64 states (bf16/half
-    would round differently compiled: inductor keeps the intermediates in float32)."""
-    return x.numel() >= FLOAT_STEP_COMPILE_MIN_NUMEL and x.dtype in (torch.float32, torch.float64)
+    would round differently compiled: inductor keeps the intermediates in float32). Under a caller's tracing
+    (torch.compile, torch.export) every float32/float64 state: the kernel is traced into the caller's graph whatever
+    its size, and a branch on the size would specialise that graph to the example's shape (a dynamic batch dim)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    return torch.compiler.is_compiling() or x.numel() >= FLOAT_STEP_COMPILE_MIN_NUMEL
+
+
+def _packs(x: torch.Tensor) -> bool:
+    """Whether the mask of state ``x`` packs into whole bytes (numel a multiple of 8); under tracing only where the
+    shape proves it (a channel count of 8k does, whatever the batch), so no guard on a symbolic size is added."""
+    return bool(statically_known_true(x.numel() % _MASK_BITS == 0))
 
 
 def _float_step(
@@ -571,7 +594,7 @@ class _MomentumFloatStep(torch.autograd.Function):
         ctx.c, ctx.gamma, ctx.tail = c, gamma, tail
         ctx.dtypes = (x.dtype, x.dtype if v is None else v.dtype, g.dtype)
         ctx.shape = x.shape
-        ctx.packed = tail == "relu" and _compiles(x) and x.numel() % _MASK_BITS == 0 and x.dtype == g.dtype
+        ctx.packed = tail == "relu" and _compiles(x) and _packs(x) and x.dtype == g.dtype
         # under a caller's torch.compile the backward is traced: no writes into its inputs there
         ctx.reuse = reuse_cotangents and not torch.compiler.is_compiling()
         if ctx.packed:
@@ -631,6 +654,8 @@ class _MomentumFloatStep(torch.autograd.Function):
 def _own(t: torch.Tensor) -> torch.Tensor:
     """A kernel's output as a tensor of its own, not a view of the compiled kernel's 1-D result: the next step may
     then write into it (autograd does not let a Function with two outputs modify a view in place)."""
+    if torch.compiler.is_compiling():  # traced: no in-place writes follow (and _is_view is not traceable)
+        return t
     return t.detach() if t._is_view() else t
 
 

@@ -17,11 +17,13 @@ For n_iter > 1 the kernel is a custom autograd function that works on a few (bat
 each half-step's potential with one log-sum-exp over the chunk's scores and keeps only the potentials (vectors),
 q, k, v and the masks; backward recomputes the chunk's scores (one matmul) and each half-step's matrix
 exp(C + f + g) from the saved potentials. Memory therefore holds a few score matrices *of one chunk*, never
-``n_iter`` copies (nor one copy) of the full (..., L, S) tensor. Gradients flow through every half-step (exact
-unrolled backward, no detaching, no implicit differentiation). The two chunk functions run under
-``torch.compile`` by default (each log-sum-exp and each backward half-step becomes one fused loop);
-``ZOO_COMPILE_SINKHORN=0`` or :func:`set_compile` keeps them eager. ``return_weights=True`` materialises the
-weights by the same iteration under plain autograd.
+``n_iter`` copies (nor one copy) of the full (..., L, S) tensor, except under a caller's torch.compile or
+torch.export, where the batch runs as one chunk (a loop over chunks would fix the traced graph's batch size: a
+dynamic batch dim would recompile or fail to export).
+Gradients flow through every half-step (exact unrolled backward, no detaching, no implicit differentiation). The
+two chunk functions run under ``torch.compile`` by default (each log-sum-exp and each backward half-step becomes
+one fused loop); ``ZOO_COMPILE_SINKHORN=0`` or :func:`set_compile` keeps them eager. ``return_weights=True``
+materialises the weights by the same iteration under plain autograd.
 
 Two more kernels compute the same values and gradients, chosen by :func:`kernel_path`: on CUDA the
 FlexAttention path (:mod:`zoo.ops.sinkhorn_flex`: one fused attention call per half-step; float32 work, head dims
@@ -84,6 +86,14 @@ def check_n_iter(n_iter: Any) -> int:
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_iter: int, dropout_p: float) -> torch.Size:
     """Shape-only checks (no host sync); returns the broadcast leading shape."""
     check_n_iter(n_iter)
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        kinds = ", ".join(type(t).__name__ for t in (q, k, v))
+        raise ZooError(f"sinkhorn_attention: q, k, v must be tensors, got {kinds}")
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise ZooError(
+            f"sinkhorn_attention: q, k, v must be floating point (float32, float64, bfloat16 or float16), got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}: convert them first (e.g. q.float())"
+        )
     if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
         raise ZooError(
             f"sinkhorn_attention: q, k, v must have shape (..., L, E), (..., S, E), (..., S, Ev); got "
@@ -277,9 +287,14 @@ class _SinkhornFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         N = q.shape[0]
         qs = q * scale  # scale the (N, L, E) factor, not the (N, L, S) product
+        fwd = _kernel("forward")
+        ctx.cfg = (n_iter, scale, chunk)
+        if chunk == 0:  # one piece (a symbolic N under tracing: no loop over its chunks)
+            out, flat = fwd(qs, k, v, None if bias is None else bias[bias_idx], keep, factor, n_iter)
+            ctx.save_for_backward(qs, k, v, bias, bias_idx, keep, factor, *flat)
+            return out
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
         pots: list[list[torch.Tensor]] = []
-        fwd = _kernel("forward")
         for i in range(0, N, chunk):
             sl = slice(i, min(i + chunk, N))
             out[sl], p = fwd(
@@ -294,7 +309,6 @@ class _SinkhornFunction(torch.autograd.Function):
             pots.append(p)
         flat = [torch.cat([p[j] for p in pots]) for j in range(n_iter)]  # (N, L, 1) / (N, 1, S) each
         ctx.save_for_backward(qs, k, v, bias, bias_idx, keep, factor, *flat)
-        ctx.cfg = (n_iter, scale, chunk)
         return out
 
     @staticmethod
@@ -302,9 +316,12 @@ class _SinkhornFunction(torch.autograd.Function):
         qs, k, v, bias, bias_idx, keep, factor, *pots = ctx.saved_tensors
         n_iter, scale, chunk = ctx.cfg
         dout = dout.to(qs.dtype)
+        bwd = _kernel("backward")
+        if chunk == 0:  # one piece, as in forward
+            dq, dk, dv = bwd(qs, k, v, None if bias is None else bias[bias_idx], keep, factor, pots, dout, n_iter)
+            return dq.mul_(scale), dk, dv, None, None, None, None, None, None, None
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
         N = qs.shape[0]
-        bwd = _kernel("backward")
         for i in range(0, N, chunk):
             sl = slice(i, min(i + chunk, N))
             dq[sl], dk[sl], dv[sl] = bwd(
@@ -370,7 +387,9 @@ def sinkhorn_attention(
     empty output (and weights); with no key (S = 0), zero output rows (W v is an empty sum; the weights are an
     empty (..., L, 0) tensor), like a row with every key masked; backward gives gradients of the inputs' shapes
     (zero for q when S = 0). E = 0 (empty dot products) makes every score 0 whatever the scale.
-    bf16 / fp16 inputs are computed in float32 and returned in q's dtype (also under autocast).
+    bf16 / fp16 inputs are computed in float32 and returned in q's dtype. Under autocast the output has the autocast
+    dtype for every ``n_iter``, as SDPA's (``n_iter=1``; float64 inputs stay float64), while the iterations still run in
+    float32. q, k and v must be floating point (one ZooError otherwise).
 
     Returns:
         out (..., L, Ev), or (out, weights) with ``return_weights=True``.
@@ -424,7 +443,7 @@ def attention(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.sdpa_mask(), dropout_p=dropout_p, scale=scale)
         return masks.zero_padded_queries(out)
 
-    out_dtype = q.dtype
+    out_dtype = _output_dtype(q)
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32  # working dtype
     bias = masks.bias(f32)
     masked = bias is not None
@@ -465,9 +484,27 @@ def attention(
         elif path == "tiled":
             out = tiled_sinkhorn(qn, kn, vn, bn, bidx, factor, n_iter, scale)
         else:
-            chunk = max(1, _CHUNK_BYTES // (4 * L * S))
+            # under a caller's tracing (torch.compile, torch.export) the whole batch as one chunk (0): a loop over
+            # chunks would specialise the traced graph to the example's batch size (a dynamic batch dim, which Dynamo
+            # does not tell apart from a static one here)
+            chunk = 0 if torch.compiler.is_compiling() else max(1, _CHUNK_BYTES // (4 * L * S))
             out = _SinkhornFunction.apply(qn, kn, vn, bn, bidx, keep, n_iter, scale, factor, chunk)
         return out.reshape(*lead, L, vf.shape[-1]).to(out_dtype)
+
+
+def _output_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the Sinkhorn path returns: SDPA's (``n_iter=1``), so that the output dtype does not depend on
+    ``n_iter``. Under autocast SDPA runs in the autocast dtype (float64 inputs excepted: autocast leaves them), so that
+    dtype; else q's. The iterations themselves run in float32 (float64 for float64 inputs) either way.
+    ``q``: the queries."""
+    device_type = q.device.type
+    if (
+        q.dtype != torch.float64
+        and torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+    ):
+        return torch.get_autocast_dtype(device_type)
+    return q.dtype
 
 
 def kernel_path(
@@ -489,8 +526,8 @@ def kernel_path(
       whole slice no longer stays in cache and the tiled passes win;
     * ``"chunked"`` otherwise: the chunked kernel (a few whole slices at a time, one matmul fewer per pass), and
       always with dropout (its mask is drawn per weight) or, where FlexAttention does not run, under a caller's
-      ``torch.compile`` (a graph of a few chunks rather than one call per tile). FlexAttention is made for a
-      caller's ``torch.compile``: its calls join the caller's graph.
+      ``torch.compile`` (one chunk of the whole batch in the caller's graph, rather than one call per tile).
+      FlexAttention is made for a caller's ``torch.compile``: its calls join the caller's graph.
 
     Args:
         device: the inputs' device.

@@ -21,6 +21,22 @@ from zoo.tasks.optim import (
 )
 from zoo.validation import finite_float, non_negative_int
 
+__all__ = ["ImageClassifier", "record_num_classes"]
+
+
+def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
+    """Make ``model.pretrained_cfg`` (and its alias ``default_cfg``) say ``num_classes``, after ``reset_classifier``:
+    the cfg describes the model as built (timm's rule), its head included. A model without a cfg is left as it is.
+
+    Args:
+        model: the model whose head changed.
+        num_classes: its new number of classes (0: no classifier).
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        model.pretrained_cfg = {**cfg, "num_classes": int(num_classes)}
+        model.default_cfg = model.pretrained_cfg
+
 
 class ImageClassifier(pl.LightningModule):
     """A LightningModule for classification: cross-entropy, accuracy, and the injected optimiser and schedule.
@@ -81,10 +97,16 @@ class ImageClassifier(pl.LightningModule):
             self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
 
     def set_num_classes(self, num_classes: int) -> None:
-        """Record a new head size (``reset_classifier``): hyperparameters and metrics follow."""
+        """Record a new head size (``reset_classifier``): hyperparameters, metrics and ``pretrained_cfg`` /
+        ``default_cfg`` (:func:`record_num_classes`) follow.
+
+        Args:
+            num_classes: the new number of classes (0: no classifier).
+        """
         non_negative_int("num_classes", num_classes)
         self.hparams["num_classes"] = int(num_classes)
         self._make_metrics(int(num_classes))
+        record_num_classes(self, num_classes)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""

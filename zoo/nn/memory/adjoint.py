@@ -35,8 +35,19 @@ def run(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict) -> torch
         params = stack.trainable_parameters()
         flat = flatten_arguments(args, kwargs)
         if x.requires_grad or params or flat.needs_grad:
-            return _AdjointBackprop.apply(stack, flat, x, *flat.grad_tensors, *params)
+            apply = _apply_untraced if torch.compiler.is_compiling() else _AdjointBackprop.apply
+            return apply(stack, flat, x, *flat.grad_tensors, *params)
     return integrate(stack, x, args, kwargs)
+
+
+@torch.compiler.disable
+def _apply_untraced(*inputs: Any) -> Any:
+    """``_AdjointBackprop.apply(*inputs)`` outside a caller's torch.compile: its forward records random states on the
+    host, which Dynamo cannot trace. Called untraced, the caller's graph breaks once around the whole stack, and
+    nothing inside is compiled frame by frame (each block's call, specialised on the block index, would otherwise
+    compile a code object of its own and hit Dynamo's recompile limit after 8 blocks).
+    ``inputs``: the Function's arguments."""
+    return _AdjointBackprop.apply(*inputs)
 
 
 class _AdjointBackprop(torch.autograd.Function):

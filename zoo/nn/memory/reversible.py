@@ -42,12 +42,23 @@ def run(stack: EngineStack, x: torch.Tensor, args: tuple, kwargs: dict) -> torch
         stored = min(stack.stored_blocks, stack.depth)
         if stored < stack.depth and (x.requires_grad or params or flat.needs_grad):
             # the transition block too is rebuilt in backward (from the stored stage input)
-            out = _ReversibleMomentum.apply(stack, flat, stored, x, *flat.grad_tensors, *params)
+            apply = _apply_untraced if torch.compiler.is_compiling() else _ReversibleMomentum.apply
+            out = apply(stack, flat, stored, x, *flat.grad_tensors, *params)
             if not stored:
                 return out
             # v_{N-k} is the Function's own output, read by nothing else: the first stored step may overwrite it
             return integrate_from(stack, out, stack.depth - stored, args, kwargs, overwrite_first=True)
     return run_plain(stack, x, args, kwargs)
+
+
+@torch.compiler.disable
+def _apply_untraced(*inputs: Any) -> Any:
+    """``_ReversibleMomentum.apply(*inputs)`` outside a caller's torch.compile: its forward and backward record random
+    states and read flags on the host, which Dynamo cannot trace. Called untraced, the caller's graph breaks once
+    around the whole stack, and nothing inside is compiled frame by frame (each block's call, specialised on the
+    block index, would otherwise compile a code object of its own and hit Dynamo's recompile limit after 8 blocks).
+    ``inputs``: the Function's arguments."""
+    return _ReversibleMomentum.apply(*inputs)
 
 
 class _ReversibleMomentum(torch.autograd.Function):
