@@ -418,3 +418,12 @@ def test_benchmark_small_mode(tmp_path: Path) -> None:
     for name in ("mean_field_scaling.csv", "mean_field_decay.csv", "mean_field_scaling.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "mean_field_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_offers_only_the_modes_the_model_runs() -> None:
+    """memory is checked against the model's own modes: 'reversible' (the residual stack's, for the momentum rule)
+    is refused by the model, with the reason, not offered and then refused by the stack."""
+    for bad in ("bogus", "reversible"):
+        with pytest.raises(zoo.ZooError, match=r"memory must be one of 'full', 'adjoint'.*momentum rule") as err:
+            MeanFieldResNet(memory=bad)
+        assert "'reversible'," not in str(err.value)

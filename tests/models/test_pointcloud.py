@@ -529,6 +529,16 @@ def test_bad_points_are_one_clear_error(build, points: torch.Tensor, message: st
         build()(points)
 
 
+def test_channels_first_points_get_the_transpose_hint() -> None:
+    with pytest.raises(ZooError, match=r"channels first.*points\.transpose\(1, 2\)") as info:
+        small_set()(torch.randn(2, 3, 40))
+    assert "in_chans=40" not in str(info.value)
+    with pytest.raises(ZooError, match=r"points\.unsqueeze\(0\)"):
+        small_set()(torch.randn(10, 3))
+    with pytest.raises(ZooError, match="in_chans=4"):  # neither layout fits: another model
+        small_set()(clouds(2, 10, 4))
+
+
 def test_bad_padding_mask_is_one_clear_error() -> None:
     with pytest.raises(ZooError, match="padding_mask must be a bool tensor of shape"):
         small_set()(clouds(2, 10), padding_mask=torch.zeros(2, 9, dtype=torch.bool))

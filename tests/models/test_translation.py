@@ -480,6 +480,82 @@ def test_beam_search_respects_length_limits() -> None:
         beam_search(model, src, beam=12)
 
 
+# ================================================================================================ input errors
+
+
+def toy() -> SinkformerTranslation:
+    torch.manual_seed(0)
+    return sinkformer_transformer_toy(src_vocab_size=24, tgt_vocab_size=20).eval()
+
+
+SRC = torch.tensor([[5, 9, 2]])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m.translate(torch.tensor([[5, 30, 2]])), r"id 30, outside the source vocabulary of 24 .*0\.\.23"),
+        (lambda m: m.generate(torch.tensor([[5, -1, 2]])), r"id -1, outside the source vocabulary of 24"),
+        (lambda m: m.translate(torch.tensor([5, 9, 2])), r"2-D \(batch, length\).*shape \(3,\).*unsqueeze\(0\)"),
+        (lambda m: m.translate(torch.tensor([[5.0, 9.0, 2.0]])), r"integer token ids.*torch\.float32.*\.long\(\)"),
+        (lambda m: m.translate([[5, 9, 2]]), r"torch\.Tensor of token ids, got list"),
+        (lambda m: m(torch.tensor([[5, 9, 2], [6, 9, 2]]), torch.tensor([[2, 5]])), r"batch size 1 .* 2 sentences"),
+        (lambda m: m(SRC, torch.tensor([2.0, 5.0])), r"prev_output_tokens must be a 2-D"),
+        (lambda m: m.forward_encoder(torch.tensor([5, 9, 2])), r"src_tokens must be a 2-D"),
+        (lambda m: m.translate(SRC, foo=3), r"unknown decoding option 'foo': give beam or lenpen"),
+        (lambda m: greedy_search(m, torch.tensor([[5, 30, 2]])), r"id 30, outside the source vocabulary"),
+        (lambda m: beam_search(m, torch.tensor([5, 9, 2])), r"src_tokens must be a 2-D"),
+    ],
+)
+def test_bad_token_input_is_one_clear_error(call, message: str) -> None:
+    with pytest.raises(ZooError, match=message):
+        call(toy())
+
+
+def test_empty_batch_translates_to_nothing() -> None:
+    model, empty = toy(), torch.zeros(0, 3, dtype=torch.long)
+    assert model.translate(empty) == []
+    assert model.generate(empty, beam=2) == []
+    assert greedy_search(model, empty) == []
+    with torch.no_grad():
+        assert model(empty, torch.zeros(0, 2, dtype=torch.long)).shape == (0, 2, 20)
+
+
+@pytest.mark.parametrize("method", ["translate", "generate"])
+def test_beam_zero_is_refused_not_replaced_by_the_default(method: str) -> None:
+    model = toy()
+    with pytest.raises(ZooError) as direct:
+        beam_search(model, SRC, beam=0)
+    with pytest.raises(ZooError) as via_task:
+        getattr(model, method)(SRC, beam=0)
+    assert str(via_task.value) == str(direct.value) and "beam" in str(direct.value)
+    with pytest.raises(ZooError, match="nbest"):
+        model.generate(SRC, beam=2, nbest=3)
+
+
+def test_zero_decoding_overrides_are_used_not_the_task_defaults() -> None:
+    model = toy()
+    # max_len_a=0, max_len_b=1: one token and eos (the defaults 1.2 and 10 allow 4)
+    for hyp in model.translate(torch.tensor([[5, 9, 2], [6, 7, 2]]), beam=2, max_len_a=0, max_len_b=1, min_len=0):
+        assert len(hyp) <= 2 and int(hyp[-1]) == EOS
+    out = model.generate(SRC, beam=2, lenpen=0, nbest=2)[0]
+    assert all(h["score"] == pytest.approx(float(h["positional_scores"].double().sum())) for h in out)
+
+
+def test_forward_checks_inputs_without_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = toy()
+    src, prev = torch.tensor([[5, 9, 2], [1, 6, 2]]), torch.tensor([[2, 5, 7], [2, 8, 1]])
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("host sync inside forward")
+
+    for name in ("item", "tolist", "cpu", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with torch.no_grad():
+        assert model(src, prev).shape == (2, 3, 20)
+        model.forward_encoder(src)
+
+
 # ================================================================================================ checkpoints
 
 

@@ -92,6 +92,22 @@ def test_bad_arguments_and_inputs_are_one_clear_error() -> None:
         ).configure_optimizers()
 
 
+@pytest.mark.parametrize(
+    "in_features, shape, hint",
+    [
+        (1, (3,), r"\(batch, in_features\).*x\.unsqueeze\(-1\)"),  # 3 is the batch size, not the features
+        (3, (3,), r"x\.unsqueeze\(0\)"),
+        (2, (4, 3, 2), r"x\.reshape\(-1, 2\)"),
+        (2, (3, 5), "in_features=5"),
+    ],
+)
+def test_bad_input_shape_hint_names_the_fix(in_features: int, shape: tuple[int, ...], hint: str) -> None:
+    with pytest.raises(ZooError, match=hint) as info:
+        TwoLayerReLU(in_features=in_features, width=4)(torch.randn(shape))
+    if len(shape) == 1:
+        assert "in_features=3" not in str(info.value).split("got")[-1]  # no model rebuilt for the batch size
+
+
 def test_configure_optimizers_gives_the_proximal_method_over_the_neurons() -> None:
     net = TwoLayerReLU(in_features=1, width=4)
     opt = net.configure_optimizers()

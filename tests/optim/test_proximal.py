@@ -298,3 +298,10 @@ def test_step_on_cuda_is_the_step_on_cpu() -> None:
     opt_gpu = proximal_step(gpu, x.cuda(), y.cuda(), steps=3, **settings)
     torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-9, atol=1e-11)
     assert torch.equal(opt_gpu.state[gpu.weight]["assignment"], opt_cpu.state[cpu.weight]["assignment"])
+
+
+def test_float_labels_error_names_the_dtype() -> None:
+    """The shape is right, the dtype is not: the message says which (it printed only the matching shape)."""
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    with pytest.raises(ZooError, match=r"got a torch.float32 tensor of shape \(3,\).*labels.long\(\)"):
+        ProximalPoint([{"params": params, "labels": torch.tensor([0.0, 1.0, 1.0])}])

@@ -273,6 +273,13 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
                 "give num_classes, or use task='regression'"
             )
         choice("rule", rule, RULES, hint="the mean-field ResNet is the Euler scheme (or Heun's) with step 1/S")
+        choice(
+            "memory",
+            memory,
+            ("full", "adjoint"),
+            hint="'full' keeps the activations, 'adjoint' rebuilds them in backward ('reversible' needs the momentum "
+            "rule, which this model does not use)",
+        )
         boolean("mean_field_scaling", mean_field_scaling)
         super().__init__()
         self.optimizer_factory = check_factory("optimizer", optimizer)

@@ -352,6 +352,9 @@ class NeuralODE(HubMixin, ImageClassifier):
         if t0 == t1:
             return z
         ends = self._ends_on_host()
+        # learned times: the ends as tensors too, so that a part of an interval steps by a function of the logits
+        # (its gradient flows); the host values only locate the pieces and count their steps (piecewise constant)
+        ends_t = self.interval_ends() if self.learned_times else ends
         tol = 1e-12 * self.horizon
         lo, hi = min(t0, t1), max(t0, t1)
         sign = 1.0 if t1 > t0 else -1.0
@@ -366,7 +369,9 @@ class NeuralODE(HubMixin, ImageClassifier):
                 z = self._run(j, z, sign * steps[j], self.steps)
             else:
                 n = max(1, math.ceil(self.steps * (stop - start) / (ends[j + 1] - ends[j]) - 1e-9))
-                z = self._run(j, z, sign * (stop - start) / n, n)
+                start_t = ends_t[j] if start <= ends[j] + tol else start  # the interval's own end, or t0 / t1
+                stop_t = ends_t[j + 1] if stop >= ends[j + 1] - tol else stop
+                z = self._run(j, z, sign * (stop_t - start_t) / n, n)
         return z
 
     def flow_map(self, z: torch.Tensor) -> torch.Tensor:

@@ -151,10 +151,20 @@ class _PointCloudProtocol:
 def _check_points(points: torch.Tensor, in_chans: int, model: str) -> None:
     """Shape-only check of a (B, N, C) point batch (no host sync)."""
     if points.dim() != 3 or points.shape[-1] != in_chans:
+        if points.dim() == 3 and points.shape[1] == in_chans:
+            fix = (
+                f"the points look channels first (B, {in_chans}, N): give (batch, points, channels), "
+                "e.g. points.transpose(1, 2)"
+            )
+        elif points.dim() == 2 and points.shape[-1] == in_chans:
+            fix = "a single cloud needs a batch dimension: points.unsqueeze(0)"
+        elif points.dim() == 3:
+            fix = f"give (batch, points, channels) with xyz first, or build the model with in_chans={points.shape[-1]}"
+        else:
+            fix = "give a 3-D batch (batch, points, channels) with xyz first"
         raise ZooError(
             f"{model} expects points of shape (B, N, {in_chans}) (in_chans={in_chans}: xyz first), got "
-            f"{tuple(points.shape)}; give (B, N, C) (not channels first), or build the model with "
-            f"in_chans={points.shape[-1] if points.dim() == 3 else 'C'}"
+            f"{tuple(points.shape)}; {fix}"
         )
     if points.shape[1] < 1:
         raise ZooError(f"{model}: a point cloud needs at least one point, got shape {tuple(points.shape)}")

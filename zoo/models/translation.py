@@ -67,7 +67,7 @@ from zoo.nn.attention import SinkhornCore, SinkhornSettings, check_n_iter
 from zoo.ops.masks import AllowedMask, PaddingMask
 from zoo.registry import register_model
 from zoo.tasks.optim import InverseSqrtLR
-from zoo.tasks.translation import TranslationTask
+from zoo.tasks.translation import TranslationTask, check_token_ids
 from zoo.validation import boolean, choice, integer, non_negative_int, positive_int, probability
 
 __all__ = [
@@ -860,7 +860,10 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
 
     # ---------------------------------------------------------------- forward
     def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) of the target given the source (B, S) and the shifted target (B, T)."""
+        """Logits (B, T, V) of the target given the source (B, S) and the shifted target (B, T) (integer ids; shapes
+        and dtypes are checked, the ids' range is not: no host sync)."""
+        check_token_ids("src_tokens", src_tokens)
+        check_token_ids("prev_output_tokens", prev_output_tokens, batch_size=src_tokens.size(0))
         return self.decoder(prev_output_tokens, self.encoder(src_tokens))
 
     def get_normalized_probs(self, logits: torch.Tensor, log_probs: bool = True) -> torch.Tensor:
@@ -870,6 +873,8 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
 
     # ---------------------------------------------------------------- incremental decoding (Seq2SeqDecoder)
     def forward_encoder(self, src_tokens: torch.Tensor) -> EncoderOut:
+        """The encoder's output for the source ids (B, S) (shape and dtype checked, no host sync)."""
+        check_token_ids("src_tokens", src_tokens)
         return self.encoder(src_tokens)
 
     def forward_decoder_step(
@@ -898,7 +903,9 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
         return min(self.decoder.max_target_positions, limit)
 
     def translate(self, src_tokens: torch.Tensor, beam: int | None = None, **kwargs: Any) -> list[torch.Tensor]:
-        """The best translation (token ids ending in eos) of each source sentence (B, S), by beam search."""
+        """The best translation (token ids ending in eos) of each source sentence (B, S), by beam search: one clear
+        ZooError for ids that are not a (B, S) integer tensor of the source vocabulary; an empty batch gives [].
+        ``beam`` (None: the task's) and the decoding options in ``kwargs`` are those of :meth:`generate`."""
         return [h[0]["tokens"] for h in self.generate(src_tokens, beam=beam, **kwargs)]
 
     # ---------------------------------------------------------------- Sinkhorn settings and diagnostics

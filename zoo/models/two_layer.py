@@ -136,12 +136,24 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
         return self.output if self.output is not None else self.signs
 
     def _check_inputs(self, x: torch.Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ZooError(
-                f"TwoLayerReLU expects inputs of shape (B, {self.in_features}) (in_features={self.in_features}), got "
-                f"{tuple(x.shape)}; reshape the batch or build the model with in_features="
-                f"{x.shape[-1] if x.dim() else 'd'}"
-            )
+        d = self.in_features
+        if x.dim() == 2 and x.shape[1] == d:
+            return
+        want = (
+            f"TwoLayerReLU expects inputs of shape (batch, in_features) = (B, {d}) (in_features={d}), "
+            f"got {tuple(x.shape)}"
+        )
+        if x.dim() == 1 and d == 1:
+            fix = "give one row per input: x.unsqueeze(-1) makes a batch of scalars (B,) into (B, 1)"
+        elif x.dim() == 1 and x.shape[0] == d:
+            fix = "a single input needs a batch dimension: x.unsqueeze(0)"
+        elif x.dim() < 2:
+            fix = f"give a 2-D batch (batch, {d}), one row per input"
+        elif x.dim() > 2 and x.shape[-1] == d:
+            fix = f"flatten the leading dimensions: x.reshape(-1, {d})"
+        else:
+            fix = f"give (batch, {d}) inputs, or build the model with in_features={x.shape[-1]}"
+        raise ZooError(f"{want}: {fix}")
 
     def preactivations(self, x: torch.Tensor) -> torch.Tensor:
         """<w_i, (x_j, 1)> for every input j and neuron i: (B, M)."""

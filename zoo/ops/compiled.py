@@ -129,7 +129,7 @@ class CompiledKernels:
                 first = str(e).splitlines()[0][:200] if str(e) else ""
                 warnings.warn(
                     f"zoo: {self.what} did not compile ({type(e).__name__}: {first}); running them "
-                    f"eagerly (same results, slower). Set {self.env}=0 to silence this.",
+                    f"eagerly (the same values up to float rounding, slower). Set {self.env}=0 to silence this.",
                     stacklevel=3,
                 )
                 return eager(*args)

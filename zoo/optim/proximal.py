@@ -95,10 +95,14 @@ def _check_labels(labels: torch.Tensor | None, m: int) -> torch.Tensor | None:
     if labels is None:
         return None
     if not isinstance(labels, torch.Tensor) or labels.shape != (m,) or labels.is_floating_point():
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        got = (
+            f"a {labels.dtype} tensor of shape {tuple(labels.shape)}"
+            if isinstance(labels, torch.Tensor)
+            else type(labels).__name__
+        )
         raise ZooError(
-            f"labels must be an integer tensor of shape ({m},) (one label per particle), got {shape}; "
-            "e.g. the fixed output signs of the neurons as torch.long"
+            f"labels must be an integer tensor of shape ({m},) (one label per particle), got {got}; "
+            "e.g. the fixed output signs of the neurons as torch.long (labels.long())"
         )
     return labels
 

@@ -62,6 +62,7 @@ __all__ = [
     "Seq2SeqDecoder",
     "TranslationTask",
     "beam_search",
+    "check_token_ids",
     "greedy_search",
     "label_smoothed_nll_loss",
 ]
@@ -177,6 +178,72 @@ class Seq2SeqDecoder(Protocol):
     def max_decoder_positions(self) -> int: ...
 
 
+_TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
+def check_token_ids(name: str, tokens: Any, batch_size: int | None = None) -> None:
+    """One clear ZooError unless ``tokens`` is a (batch, length) tensor of integer token ids (shapes and dtypes only:
+    no host sync, so forward passes can call it).
+
+    Args:
+        name: the argument's name, for the message (``"src_tokens"``).
+        tokens: the value to check.
+        batch_size: when given, the batch size ``tokens`` must have (that of the other inputs).
+    """
+    if not isinstance(tokens, torch.Tensor):
+        raise ZooError(
+            f"{name} must be a (batch, length) torch.Tensor of token ids, got {type(tokens).__name__}: "
+            f"give torch.tensor([[...ids...]], dtype=torch.long)"
+        )
+    if tokens.dim() != 2:
+        fix = (
+            f"a single sentence needs a batch dimension: {name}.unsqueeze(0)"
+            if tokens.dim() == 1
+            else "give one row of ids per sentence, padded with the pad index (1)"
+        )
+        raise ZooError(
+            f"{name} must be a 2-D (batch, length) tensor of token ids, got shape {tuple(tokens.shape)}: {fix}"
+        )
+    if tokens.dtype not in _TOKEN_DTYPES:
+        raise ZooError(
+            f"{name} must hold integer token ids (torch.long), got dtype {tokens.dtype}: "
+            f"give dictionary indices, e.g. {name}.long() if the values are whole numbers"
+        )
+    if batch_size is not None and tokens.size(0) != batch_size:
+        raise ZooError(
+            f"{name} has batch size {tokens.size(0)} but the source batch has {batch_size} sentences: give one "
+            f"row of {name} per source sentence (the same batch size)"
+        )
+
+
+def _check_source(model: Seq2SeqDecoder, src_tokens: Any) -> None:
+    """Shape, dtype and (one host copy, before decoding) the ids' range against the model's source vocabulary."""
+    check_token_ids("src_tokens", src_tokens)
+    vocab = getattr(model, "src_vocab_size", None)
+    if vocab is None or src_tokens.numel() == 0:
+        return
+    low, high = torch.stack([src_tokens.min(), src_tokens.max()]).tolist()
+    if low < 0 or high >= vocab:
+        bad = high if high >= vocab else low
+        raise ZooError(
+            f"src_tokens holds the id {bad}, outside the source vocabulary of {vocab} symbols (ids 0..{vocab - 1}): "
+            "encode the sentences with the source dictionary the model was built with (src_vocab_size)"
+        )
+
+
+def _check_decoding(beam: Any, nbest: Any, lenpen: Any, max_len_a: Any, max_len_b: Any, min_len: Any, unk: Any) -> int:
+    positive_int("beam", beam)
+    positive_int("nbest", nbest)
+    if nbest > beam:
+        raise ZooError(f"nbest must be <= beam (beam search keeps beam hypotheses), got beam={beam}, nbest={nbest}")
+    finite_float("lenpen", lenpen)
+    finite_float("max_len_a", max_len_a, 0.0)
+    non_negative_int("max_len_b", max_len_b)
+    non_negative_int("min_len", min_len)
+    finite_float("unk_penalty", unk)
+    return int(beam)
+
+
 def _max_lens(model: Seq2SeqDecoder, src_tokens: torch.Tensor, max_len_a: float, max_len_b: int) -> list[int]:
     lens = src_tokens.ne(model.pad).sum(1).tolist()  # one host copy before the loop
     top = model.max_decoder_positions() - 1
@@ -231,7 +298,11 @@ def greedy_search(
         unk_penalty: subtracted from the log-probability of the unknown token.
         lenpen: the length penalty exponent of the score.
     """
+    _check_decoding(1, 1, lenpen, max_len_a, max_len_b, min_len, unk_penalty)
+    _check_source(model, src_tokens)
     B = src_tokens.size(0)
+    if B == 0:  # an empty batch: no sentence to translate
+        return []
     max_lens = _max_lens(model, src_tokens, max_len_a, max_len_b)
     max_len = torch.as_tensor(max_lens, device=src_tokens.device)
     enc = model.forward_encoder(src_tokens)
@@ -294,9 +365,11 @@ def beam_search(
         unk_penalty: subtracted from the log-probability of the unknown token.
         nbest: how many hypotheses to return per sentence (at most ``beam``).
     """
-    if beam < 1 or nbest < 1 or nbest > beam:
-        raise ZooError(f"beam must be >= 1 and 1 <= nbest <= beam, got beam={beam}, nbest={nbest}")
-    B, K, device = src_tokens.size(0), int(beam), src_tokens.device
+    K = _check_decoding(beam, nbest, lenpen, max_len_a, max_len_b, min_len, unk_penalty)
+    _check_source(model, src_tokens)
+    B, device = src_tokens.size(0), src_tokens.device
+    if B == 0:  # an empty batch: no sentence to translate
+        return []
     max_lens = _max_lens(model, src_tokens, max_len_a, max_len_b)
     enc = model.forward_encoder(src_tokens)
     rows = torch.arange(B, device=device).repeat_interleave(K)
@@ -546,22 +619,31 @@ class TranslationTask(pl.LightningModule):
         ids = [int(t) for t in tokens.tolist() if t not in (self.pad, self.eos)]
         return " ".join("<<unk>>" if escape_unk and i == self.unk else str(i) for i in ids)
 
+    _DECODING_OPTIONS = ("lenpen", "max_len_a", "max_len_b", "min_len", "unk_penalty", "nbest")
+
     def generate(self, src_tokens: torch.Tensor, beam: int | None = None, **overrides: Any) -> list[list[dict]]:
-        """Beam search with the task's settings (``beam=1`` gives the greedy translation); keyword arguments
-        override ``lenpen``, ``max_len_a``, ``max_len_b``, ``min_len``, ``unk_penalty``, ``nbest``."""
+        """Beam search with the task's settings: per sentence, the best hypotheses (see :func:`beam_search`); an
+        empty batch gives an empty list.
+
+        Args:
+            src_tokens: (B, S) source token ids, padded with the pad index.
+            beam: the beam size (None: the task's ``beam``; 1 gives the greedy translation).
+            **overrides: ``lenpen``, ``max_len_a``, ``max_len_b``, ``min_len``, ``unk_penalty``, ``nbest`` instead
+                of the task's settings (None: the task's).
+        """
+        unknown = sorted(set(overrides) - set(self._DECODING_OPTIONS))
+        if unknown:
+            raise ZooError(
+                f"unknown decoding option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                f"give beam or {', '.join(self._DECODING_OPTIONS)}"
+            )
         hp = self.hparams
-        kwargs = {
-            "lenpen": hp.lenpen,
-            "max_len_a": hp.max_len_a,
-            "max_len_b": hp.max_len_b,
-            "min_len": hp.min_len,
-            "unk_penalty": hp.unk_penalty,
-            **overrides,
-        }
+        kwargs = {k: getattr(hp, k) for k in self._DECODING_OPTIONS if k != "nbest"}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
         was_training = self.training
         self.eval()
         try:
-            return beam_search(self, src_tokens, beam=beam or hp.beam, **kwargs)  # type: ignore[arg-type]
+            return beam_search(self, src_tokens, beam=hp.beam if beam is None else beam, **kwargs)  # type: ignore[arg-type]
         finally:
             self.train(was_training)
 
