@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import zoo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from common import machine_line, peak_working_bytes, sync  # noqa: E402
+from common import machine_line, peak_working_bytes, summary, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "ADJOINT_MEMORY_RESULT "
@@ -215,7 +215,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--depths", type=int, nargs="+", default=[8, 32, 128], help="numbers of residual blocks N")
     p.add_argument("--rules", nargs="+", default=["euler", "heun"], choices=["euler", "heun"])
     p.add_argument("--batch", type=int, default=32)

@@ -13,10 +13,34 @@ import datetime
 import os
 import platform
 import resource
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+
+def summary(doc: str | None) -> str:
+    """A script's ``--help`` description: the first paragraph of its docstring ``doc``, on one line (its first line
+    alone ends mid-sentence when the sentence wraps)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def figure_dir(out: str | os.PathLike | None, small: bool) -> Path:
+    """Where a figure script writes its PNG and CSV: ``out`` when given; else the docs' figures folder for a full
+    run, and a temporary folder for a ``--small`` run (a few-second run's numbers must not replace the docs'
+    figures).
+
+    Args:
+        out: the ``--out`` folder given on the command line; None for the default.
+        small: whether the run is the small one.
+    """
+    if out is not None:
+        return Path(out)
+    if small:
+        return Path(tempfile.gettempdir()) / "zoo-figures-small"
+    return Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
 def machine_line(device: torch.device, threads: int = 0) -> str:

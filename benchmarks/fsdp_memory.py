@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, peak_working_bytes  # noqa: E402
+from common import machine_line, peak_working_bytes, summary  # noqa: E402
 
 WORLD = 2
 MIB = 2**20
@@ -104,7 +104,7 @@ def measure(memory: str, depth: int, width: int, batch: int) -> tuple[float, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--depths", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1024, help="samples per rank")

@@ -96,7 +96,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the shared helpers and the CPU benchmarks' model definitions beside this script
 sys.path.insert(1, os.path.dirname(HERE))  # this checkout's zoo, also where it is not installed
-from common import machine_line, step_seconds  # noqa: E402
+from common import machine_line, step_seconds, summary  # noqa: E402
 
 MIB = 2**20
 GIB = 2**30
@@ -1390,7 +1390,7 @@ def write_report(report: dict[str, Any], md_path: str, json_path: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--smoke", action="store_true", help="every step at tiny sizes (on the CPU unless --device)")
     p.add_argument("--device", help="cuda (default) or, with --smoke, cpu (default) or cuda")
     p.add_argument("--md", default="gpu_suite.md", help="markdown report (default: ./gpu_suite.md)")

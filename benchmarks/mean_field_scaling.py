@@ -38,7 +38,7 @@ from zoo.hub import atomic_write
 from zoo.models.mean_field import MeanFieldResNet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from common import machine_line  # noqa: E402
+from common import figure_dir, machine_line, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,11 +212,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--small", action="store_true", help="a few seconds: 2 sizes, 3 problems, fewer steps")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures", help="folder of the CSV and PNG")
+    parser.add_argument(
+        "--out", type=Path, help="folder of the CSV and PNG (default: docs/figures; with --small a temporary folder)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
+    args.out = figure_dir(args.out, args.small)
     torch.set_num_threads(args.threads)
     if args.small:
         sizes, steps, spreads, decay_steps = [(16, 2), (32, 4)], 20, [1.0, 2.0, 3.0], 60

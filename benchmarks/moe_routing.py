@@ -42,7 +42,7 @@ from timm.layers import Mlp
 from zoo.nn.moe import MoE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from common import machine_line, sync  # noqa: E402
+from common import machine_line, summary, sync  # noqa: E402
 
 CELLS = ("dense", "token", "expert", "expert soft", "all experts")
 
@@ -116,7 +116,7 @@ def format_table(rows: list[dict[str, Any]], cells: list[str]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="numbers of experts E")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=197)

@@ -87,7 +87,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from common import machine_line, peak_working_bytes, sync  # noqa: E402
+from common import machine_line, peak_working_bytes, summary, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "MOMENTUM_MEMORY_RESULT "
@@ -657,7 +657,7 @@ def verdicts(imagenet: dict, archs: list[int], depth: dict, depths: list[int]) -
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument(
         "--archs",
         type=int,

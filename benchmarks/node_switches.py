@@ -28,14 +28,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line  # noqa: E402
+from common import figure_dir, machine_line, summary  # noqa: E402
 
 from zoo.hub import atomic_write  # noqa: E402
 from zoo.models.neural_ode import NeuralODE, interpolating_controls, interpolation_switches  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--points", type=int, default=8, help="N, the number of pairs")
     parser.add_argument("--dim", type=int, default=2, help="d, the dimension")
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4, 8], help="the widths p")
@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="Euler steps per interval")
     parser.add_argument("--tol", type=float, default=0.2, help="the error to reach: max_n |Phi(x_n) - y_n|")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parents[1] / "docs" / "figures"))
+    parser.add_argument(
+        "--out-dir", help="folder of the CSV and PNG (default: docs/figures; with --small a temporary folder)"
+    )
     parser.add_argument("--small", action="store_true", help="N = 4, p = 2, 4, few steps: a few seconds")
     args = parser.parse_args(argv)
     if args.small:
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 
 def write_outputs(curves: list[dict], table: list[dict], args: argparse.Namespace) -> tuple[Path, Path]:
-    out = Path(args.out_dir)
+    out = figure_dir(args.out_dir, args.small)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "node_switches.csv", out / "node_switches.png"
     rows = [{**c, **next(t for t in table if t["width"] == c["width"])} for c in curves]

@@ -45,7 +45,7 @@ from zoo.models import TwoLayerReLU
 from zoo.optim import ProximalPoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from common import machine_line  # noqa: E402
+from common import figure_dir, machine_line, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = ("sine", "linear", "disc")
@@ -252,12 +252,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--small", action="store_true", help="width 20, 20 steps, one setting per problem")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures", help="folder of the CSV and PNG")
+    parser.add_argument(
+        "--out", type=Path, help="folder of the CSV and PNG (default: docs/figures; with --small a temporary folder)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+    args.out = figure_dir(args.out, args.small)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

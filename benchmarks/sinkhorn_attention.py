@@ -40,7 +40,7 @@ import zoo.ops
 import zoo.ops.sinkhorn as sinkhorn_op
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from common import machine_line, peak_working_bytes, sync  # noqa: E402
+from common import machine_line, peak_working_bytes, summary, sync  # noqa: E402
 
 MIB = 2**20
 RESULT_TAG = "SINKHORN_BENCH_RESULT "
@@ -185,7 +185,7 @@ def format_table(rows: list[dict[str, Any]], methods: list[str]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="sequence lengths L = S")
     p.add_argument("--n-iters", type=int, nargs="+", default=[3], help="Sinkhorn half-steps")
     p.add_argument("--batch", type=int, default=4)

@@ -35,7 +35,7 @@ import torch
 from zoo.ops.topk import soft_topk_mask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers beside this script
-from common import machine_line, sync  # noqa: E402
+from common import machine_line, summary, sync  # noqa: E402
 
 try:
     import torchsort  # type: ignore[import-not-found]
@@ -128,7 +128,7 @@ def dykstra_vs_pav(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384], help="n (k = n / 10)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lam", type=float, default=1.0)

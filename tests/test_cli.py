@@ -854,3 +854,41 @@ def test_main_job_trains_the_digits(tmp_path: Path) -> None:
     assert float(line.split()[1].rstrip(",")) >= 0.9, line
     ckpt = Path(line.rsplit("(checkpoint: ", 1)[1].rstrip(")"))
     assert ckpt.is_file() and ckpt.name.startswith("epoch=5-")
+
+
+def test_ckpt_path_takes_a_sharded_checkpoint_folder(tmp_path: Path) -> None:
+    """FSDP2's sharded (DCP) checkpoints are folders (a .metadata file and one shard per rank): --ckpt_path takes
+    them (the strategy reads them); another folder is one error saying what it lacks."""
+    from zoo.cli import _resolve_config_paths
+
+    sharded = tmp_path / "epoch=0-step=2.ckpt"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"")
+    assert _resolve_config_paths(["fit", "--ckpt_path", str(sharded)]) == ["fit", "--ckpt_path", str(sharded)]
+    with pytest.raises(zoo.ZooError, match=r"is a folder but not a sharded checkpoint \(no .metadata\)"):
+        _resolve_config_paths(["fit", "--ckpt_path", str(tmp_path)])
+    with pytest.raises(zoo.ZooError, match=r"does not exist: give a .ckpt file, a sharded checkpoint folder"):
+        _resolve_config_paths(["fit", "--ckpt_path", str(tmp_path / "missing.ckpt")])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--trainer.strategy", "zoo.nn.ExpertParallelStrategy", "--trainer.strategy.expert_parallel_size", "0"],
+            "zoo: error: expert_parallel_size must be a positive integer, got 0",
+        ),
+        (["--model.init_args.optimizer.lr", "-1"], "zoo: error: the optimizer refused its arguments: Invalid"),
+    ],
+)
+def test_strategy_and_optimizer_arguments_are_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A strategy built from options (jsonargparse keeps only the text of its constructor's error, inside a union
+    report) and an optimizer refusing its hyperparameters end in one line, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    config = "digits_vmoe_expert_parallel" if "strategy" in argv[0] else "digits_depth_scaled_resnet"
+    code, _, err = run_main(["fit", "--config", config, "--trainer.max_epochs=1", *argv], capsys)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(message)

@@ -253,6 +253,23 @@ def _summarise_config_error(error: BaseException) -> str:
     return " ".join(lines[:1] + details[:1])
 
 
+def _union_member_error(error: BaseException) -> str | None:
+    """The constructor's message out of jsonargparse's "Does not validate against any of the Union subtypes" (an
+    argument typed ``str | Strategy`` ..., whose class raised while being built: jsonargparse keeps only the text
+    of that error); None for any other error."""
+    for e in _exception_chain(error):
+        text = str(e)
+        if "Does not validate against any of the Union subtypes" not in text or "Errors:" not in text:
+            continue
+        listed = [
+            line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")
+        ]
+        reasons = [r for r in listed if not r.startswith("Expected a ")]
+        if reasons:
+            return reasons[0]
+    return None
+
+
 _PLAIN_LEAF_TYPES = (bool, int, float, str, type(None))
 _PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset, Sequence, Mapping, AbstractSet, typing.Union, types.UnionType)
 
@@ -419,6 +436,9 @@ class ZooCLI(LightningCLI):
         except Exception as e:  # jsonargparse wraps a constructor's ZooError in its own errors
             if any(isinstance(x, ZooError) for x in _exception_chain(e)):
                 raise ZooError(_summarise_config_error(e)) from None
+            union = _union_member_error(e)
+            if union is not None:
+                raise ZooError(union) from None
             raise
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -517,8 +537,15 @@ def _resolve_config_paths(argv: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             resolved[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
     for path in _option_values(argv, "--ckpt_path"):
-        if path not in _CKPT_KEYWORDS and not path.startswith("registry:") and not Path(path).is_file():
-            raise ZooError(f"checkpoint {path!r} does not exist: give a .ckpt file, 'last' or 'best'")
+        if path in _CKPT_KEYWORDS or path.startswith("registry:") or Path(path).is_file():
+            continue
+        if Path(path).is_dir() and (Path(path) / ".metadata").is_file():  # a sharded (DCP) checkpoint: FSDP2 reads it
+            continue
+        what = "is a folder but not a sharded checkpoint (no .metadata)" if Path(path).is_dir() else "does not exist"
+        raise ZooError(
+            f"checkpoint {path!r} {what}: give a .ckpt file, a sharded checkpoint folder (FSDP2's "
+            "save_distributed_checkpoint), 'last' or 'best'"
+        )
     return resolved
 
 

@@ -714,6 +714,20 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     return "float" if dtype.is_floating_point else "integer"
 
 
+def check_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """A LightningModule's ``on_load_checkpoint``: one clear error when the checkpoint's weights do not fit
+    ``model`` (:func:`check_state_dict`), before Lightning loads them. A checkpoint without ``"state_dict"`` is left
+    alone: a model-parallel strategy (FSDP2, sharded checkpoints) has loaded the weights into the model itself and
+    taken them out of the dict, with its own checks.
+
+    Args:
+        model: the model the checkpoint is loaded into.
+        checkpoint: the checkpoint dict Lightning passes to ``on_load_checkpoint``.
+    """
+    if "state_dict" in checkpoint:
+        check_state_dict(model, checkpoint["state_dict"], source="checkpoint")
+
+
 def check_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],

@@ -28,14 +28,23 @@ from zoo.hub import atomic_write  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
 ROOT = BENCHMARKS.parent
-DEFAULT_OUT = ROOT / "docs" / "figures"
 if str(BENCHMARKS) not in sys.path:  # the benchmark scripts and their shared helpers (common.py) beside this folder
     sys.path.insert(0, str(BENCHMARKS))
 
-from common import machine_line  # noqa: E402
+from common import figure_dir, machine_line  # noqa: E402
 
 DPI = 100
 MIB = 2**20
+
+
+class _FigureParser(argparse.ArgumentParser):
+    """Resolves ``--out`` once ``--small`` is known (:func:`common.figure_dir`)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if hasattr(parsed, "out"):
+            parsed.out = figure_dir(parsed.out, getattr(parsed, "small", False))
+        return parsed, rest
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -44,8 +53,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     Args:
         description: the script's one-line description, shown by ``--help``.
     """
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the PNG and CSV (default docs/figures)")
+    p = _FigureParser(description=description)
+    p.add_argument(
+        "--out", type=Path, help="folder of the PNG and CSV (default: docs/figures; with --small a temporary folder)"
+    )
     p.add_argument("--small", action="store_true", help="a few-second run at small sizes (the test suite's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine may be shared)")
     return p

@@ -109,6 +109,38 @@ def test_warmup_epochs_count_epochs_in_a_run_bounded_by_steps() -> None:
     assert record.lrs == pytest.approx([0.1 / 3, 0.2 / 3, *cosine], rel=1e-6)
 
 
+def test_resuming_a_longer_run_stretches_the_schedule(tmp_path) -> None:
+    """A run of 1 epoch (2 steps) saved, then resumed with max_epochs=2: the cosine spans the new run's 4 steps (the
+    saved 2-step length ended it at lr 0: the resumed epoch trained nothing)."""
+    loader = DataLoader(images(), batch_size=4)
+    model = tiny_model(optimizer=SGD, lr_scheduler=WarmupCosineLR)
+    first = trainer(max_epochs=1)
+    first.fit(model, loader)
+    first.save_checkpoint(tmp_path / "one.ckpt")
+    record = RecordLR()
+    resumed = tiny_model(optimizer=SGD, lr_scheduler=WarmupCosineLR)
+    trainer(max_epochs=2, callbacks=[record]).fit(resumed, loader, ckpt_path=tmp_path / "one.ckpt")
+    cosine = [0.1 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)]
+    assert record.lrs == pytest.approx(cosine[2:], rel=1e-6)
+
+
+def test_a_restored_schedule_outside_a_trainer_keeps_its_saved_length() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    sched = WarmupCosineLR(torch.optim.SGD([p], lr=1.0), total_steps=4)
+    for _ in range(2):
+        sched.step()
+    again = WarmupCosineLR(torch.optim.SGD([p], lr=1.0))  # unbound: a plain loop restoring a run
+    again.load_state_dict(sched.state_dict())
+    assert (again.total_steps, again.last_epoch) == (4, 2)
+    assert again.get_last_lr() == pytest.approx(sched.get_last_lr())
+
+
+def test_optimizer_that_refuses_its_arguments_is_one_clear_error() -> None:
+    model = tiny_model(optimizer=functools.partial(torch.optim.SGD, lr=-1.0))
+    with pytest.raises(ZooError, match=r"the optimizer refused its arguments: Invalid learning rate: -1.0"):
+        model.configure_optimizers()
+
+
 def test_warmup_cosine_against_its_formula() -> None:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=2.0)

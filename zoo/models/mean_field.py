@@ -349,9 +349,9 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
-        from zoo.hub import check_state_dict
+        from zoo.hub import check_checkpoint
 
-        check_state_dict(self, checkpoint.get("state_dict", {}), source="checkpoint")
+        check_checkpoint(self, checkpoint)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's activation checkpointing: the stack keeps only each step's input and recomputes it in backward

@@ -253,7 +253,11 @@ def shard_experts(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         )
     layers = list(_moe_layers(module))
     if not layers:
-        raise ZooError(f"shard_experts found no zoo.nn.MoE layer in {type(module).__name__}")
+        raise ZooError(
+            f"shard_experts found no zoo.nn.MoE layer in {type(module).__name__}: expert parallelism shards the "
+            "experts of an MoE model (e.g. zoo.vmoe_tiny_patch32_224); for a dense model use --trainer.strategy ddp "
+            "(or fsdp2)"
+        )
     size = mesh["expert"].size()
     for name, moe in layers:
         if getattr(moe, "expert_shard", None) is not None:

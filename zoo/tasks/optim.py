@@ -189,6 +189,20 @@ class _RunLengthScheduler(LRScheduler):
     def _on_bind(self) -> None:
         pass
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step (and the rest of the state); a run length bound before the restore wins over the saved
+        one. Resuming under a Trainer binds the new run's length first (``max_epochs`` raised for a longer run), and
+        the saved one would otherwise end the schedule early (a cosine already at its floor: lr 0 for the added
+        epochs). Without a bound length (a plain loop) the saved length is kept.
+
+        Args:
+            state_dict: a state from :meth:`state_dict`.
+        """
+        bound = (self.total_steps, self.steps_per_epoch) if self.total_steps is not None else None
+        super().load_state_dict(state_dict)
+        if bound is not None and bound != (self.total_steps, self.steps_per_epoch):
+            self.bind_run_length(*bound)
+
     def _compute(self, step: int) -> list[float]:
         f = self.factor(max(step, 0))
         return [base * f for base in self.base_lrs]
@@ -354,7 +368,13 @@ def build_optimization(
         total_steps: the number of optimiser steps of the run; None to take it from ``trainer``.
         steps_per_epoch: the number of optimiser steps per epoch; None to take it from ``trainer``.
     """
-    opt = optimizer(parameter_groups(model))
+    try:
+        opt = optimizer(parameter_groups(model))
+    except (ValueError, TypeError) as e:  # torch's optimizers check their hyperparameters: lr < 0, betas ...
+        raise ZooError(
+            f"the optimizer refused its arguments: {e}; fix that value (on the command line: "
+            "--model.init_args.optimizer.<argument>)"
+        ) from None
     if not isinstance(opt, Optimizer):
         raise ZooError(
             f"optimizer must build a torch.optim.Optimizer from the parameter groups, got {type(opt).__name__}"

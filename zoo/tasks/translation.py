@@ -520,9 +520,9 @@ class TranslationTask(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
-        from zoo.hub import check_state_dict
+        from zoo.hub import check_checkpoint
 
-        check_state_dict(self, checkpoint.get("state_dict", {}), source="checkpoint")
+        check_checkpoint(self, checkpoint)
 
     def setup(self, stage: str) -> None:
         """Check the vocabulary sizes against the data module's dictionaries (one clear error when they differ)."""
