@@ -1428,7 +1428,14 @@ def fused_enabled() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    try:
+        device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    except RuntimeError:
+        print(f"gpu_suite.py: --device {args.device!r} is not a torch device; use cuda, cuda:N or cpu", file=sys.stderr)
+        return 2
+    if device.type not in ("cuda", "cpu"):
+        print(f"gpu_suite.py: the suite runs on cuda (or cpu with --smoke), not {device}", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print(NO_GPU, file=sys.stderr)
         return 2

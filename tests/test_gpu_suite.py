@@ -187,6 +187,15 @@ def test_full_run_on_the_cpu_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("device", "words"), [("tpu", "is not a torch device"), ("meta", "runs on cuda")])
+def test_other_devices_are_one_line(device: str, words: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    md, js = tmp_path / "a.md", tmp_path / "a.json"
+    assert gpu_suite.main(["--smoke", "--device", device, "--md", str(md), "--json", str(js)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert words in line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag", ["--budget-gib", "--max-batch", "--time-limit"])
 def test_bad_arguments_are_refused(flag: str) -> None:
     with pytest.raises(SystemExit):
