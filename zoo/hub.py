@@ -453,6 +453,40 @@ def recorded_num_classes(weights: str | os.PathLike | None) -> int | None:
     return value
 
 
+def _recorded_file(spec: str) -> Path | None:
+    """The file zoo weights ``spec`` live in: a file as given, a ``save_pretrained`` folder's weights file, an
+    ``hf-hub:`` repository's (from the cache or the Hub); None when there is none."""
+    repo = _hf_hub_repo(spec)
+    if repo is not None:
+        return _hf_hub_file(repo, WEIGHTS_NAME, required=False)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    return path if path.is_file() else None
+
+
+def recorded_config(spec: str | os.PathLike) -> dict[str, Any] | None:
+    """What zoo weights record about their model: ``{"class_path", "init_args"}`` (and ``"pretrained_cfg"`` when
+    stored) from ``save_pretrained``'s config, or ``_class_path`` and the hyperparameters of a Lightning checkpoint
+    (``class_path`` None when it names none); None for weights that record nothing (torchvision names, plain files).
+    The class path is only a name here: :func:`zoo.registry.model_class` resolves registered classes only.
+
+    Args:
+        spec: a weight file, a ``save_pretrained`` folder or ``"hf-hub:org/name"``.
+    """
+    path = _recorded_file(str(spec))
+    if path is None:
+        return None
+    if path.suffix == ".safetensors":
+        return _config_from_metadata(safetensors_header(path)[0], path)
+    obj = load_checkpoint_file(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
+        hparams = obj["hyper_parameters"]
+        class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+        return {"class_path": class_path, "init_args": _lightning_init_args(hparams)}
+    return None
+
+
 def recorded_hparams(spec: str) -> dict[str, Any] | None:
     """The constructor arguments zoo weights record (save_pretrained config, Lightning hyper_parameters); None
     for weights that record none (torchvision names, plain files) or cannot be read here.
@@ -460,24 +494,26 @@ def recorded_hparams(spec: str) -> dict[str, Any] | None:
     Args:
         spec: a weight file, a ``save_pretrained`` folder or ``"hf-hub:org/name"``.
     """
-    repo = _hf_hub_repo(spec)
-    if repo is not None:
-        path = _hf_hub_file(repo, WEIGHTS_NAME, required=False)
-        if path is None:
-            return None
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            path = path / WEIGHTS_NAME
-        if not path.is_file():
-            return None
-    if path.suffix == ".safetensors":
-        config = _config_from_metadata(safetensors_header(path)[0], path)
-        return config["init_args"] if config is not None else None
-    obj = load_checkpoint_file(path)
-    if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
-        return _lightning_init_args(obj["hyper_parameters"])
-    return None
+    config = recorded_config(spec)
+    return config["init_args"] if config is not None else None
+
+
+def check_recorded_init_args(
+    cls: type, init_args: Mapping[str, Any], source: str, largest_numel: int
+) -> dict[str, Any]:
+    """The constructor arguments a file records, checked before anything is built: training settings of older
+    files dropped (:func:`drop_legacy_training_args`), then :func:`check_init_args` with integers bounded by the
+    file's largest tensor (a crafted width or depth cannot allocate more than the file holds).
+
+    Args:
+        cls: the model class they are for.
+        init_args: the recorded arguments.
+        source: the file, named in messages.
+        largest_numel: the number of elements of the file's largest tensor.
+    """
+    init_args = drop_legacy_training_args(cls, init_args, source)
+    check_init_args(cls, init_args, source, max_int=max(_MAX_INIT_INT, largest_numel))
+    return init_args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1036,19 +1072,13 @@ def recorded_pretrained_cfg(spec: str | os.PathLike) -> dict[str, Any] | None:
     Args:
         spec: a weight file, a ``save_pretrained`` folder or ``"hf-hub:org/name"``.
     """
-    spec = str(spec)
-    repo = _hf_hub_repo(spec)
-    if repo is not None:
-        path = _hf_hub_file(repo, WEIGHTS_NAME, required=False)
-    else:
-        path = Path(spec).expanduser()
-        path = path / WEIGHTS_NAME if path.is_dir() else path
-    if path is None or path.suffix != ".safetensors" or not path.is_file():
+    path = _recorded_file(str(spec))
+    if path is None or path.suffix != ".safetensors":
         return None
     config = _config_from_metadata(safetensors_header(path)[0], path)
     if config is None or config.get("pretrained_cfg") is None:
         return None
-    return check_pretrained_cfg(config["pretrained_cfg"], spec)
+    return check_pretrained_cfg(config["pretrained_cfg"], str(spec))
 
 
 def restore_pretrained_cfg(model: nn.Module, stored: Mapping[str, Any]) -> nn.Module:
@@ -1381,8 +1411,7 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     if cls is not None and not issubclass(model_cls, cls):
         raise ZooError(f"{src} holds a {model_cls.__name__}, not a {cls.__name__}")
     largest = max((math.prod(shape) for shape, _ in specs.values()), default=0)
-    init_args = drop_legacy_training_args(model_cls, init_args, source)
-    check_init_args(model_cls, init_args, source, max_int=max(_MAX_INIT_INT, largest))
+    init_args = check_recorded_init_args(model_cls, init_args, source, largest)
     # arguments added after the file was written take the value that reproduces what it was built with
     init_args = {**getattr(model_cls, "legacy_init_args", {}), **init_args}
     args = {**init_args, **overrides}

@@ -754,22 +754,10 @@ def _specs(state_dict: Mapping[str, Any], cfg: PretrainedCfg, merged: Mapping[st
 def _recorded_class(spec: str) -> type | None:
     """The registered zoo class that the weights ``spec`` name (``save_pretrained``'s class path, LightningCLI's
     ``_class_path``); None when they name none, or one that is not registered."""
-    from zoo import hub
+    from zoo.hub import recorded_config
     from zoo.registry import model_class
 
-    repo = hub._hf_hub_repo(spec)
-    path = hub._hf_hub_file(repo, hub.WEIGHTS_NAME, required=False) if repo is not None else Path(spec).expanduser()
-    if path is not None and path.is_dir():
-        path = path / hub.WEIGHTS_NAME
-    if path is None or not path.is_file():
-        return None
-    if path.suffix == ".safetensors":
-        config = hub._config_from_metadata(hub.safetensors_header(path)[0], path)
-        class_path = config["class_path"] if config is not None else None
-    else:
-        obj = hub.load_checkpoint_file(path)
-        hparams = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
-        class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+    class_path = (recorded_config(spec) or {}).get("class_path")
     try:
         return model_class(class_path) if class_path is not None else None
     except ZooError:
@@ -783,16 +771,14 @@ def _recorded_weights(
     constructor arguments checked as ``from_pretrained`` checks them (signature, types, integers bounded by the
     file's tensors); None for weights that record none or another class (whose arguments do not apply: the weights
     are converted)."""
-    from zoo import hub
+    from zoo.hub import check_recorded_init_args, read_weights, recorded_hparams
 
-    init_args = hub.recorded_hparams(spec)
+    init_args = recorded_hparams(spec)
     if not init_args or not isinstance(cls, type) or _recorded_class(spec) is not cls:
         return None
-    init_args = hub.drop_legacy_training_args(cls, init_args, spec)
-    state_dict, source_hparams = hub.read_weights(spec)
+    state_dict, source_hparams = read_weights(spec)
     largest = max((v.numel() for v in state_dict.values()), default=0)
-    hub.check_init_args(cls, init_args, spec, max_int=max(hub._MAX_INIT_INT, largest))
-    return init_args, state_dict, source_hparams
+    return check_recorded_init_args(cls, init_args, spec, largest), state_dict, source_hparams
 
 
 def _plain(value: Any) -> Any:
