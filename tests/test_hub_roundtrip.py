@@ -331,3 +331,21 @@ def test_features_only_extractor_is_refused_at_save_time(tmp_path):
     zoo.resnet18(**SMALL_R18).save_pretrained(tmp_path / "model")
     features = zoo.resnet18(weights=str(tmp_path / "model"), features_only=True, **SMALL_R18)
     assert len(features.eval()(torch.randn(2, 3, 32, 32))) == len(features.feature_info)
+
+
+def test_from_pretrained_returns_the_model_in_eval_mode(tmp_path):
+    """As Hugging Face's from_pretrained: the model comes back in eval mode, so its outputs are the saved model's in
+    eval mode (BatchNorm on its running statistics), whether the file, the folder or a Lightning checkpoint."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(zoo.depth_scaled_cifar_resnet(layers=(1, 1, 1), widths=(4, 8, 8)))
+    model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model.eval()(x)
+    for src in (tmp_path / "m", tmp_path / "m.safetensors"):
+        loaded = zoo.from_pretrained(src)
+        assert not any(m.training for m in loaded.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+        assert loaded.train().training  # and back to training on request

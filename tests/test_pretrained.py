@@ -11,6 +11,7 @@ filters as timm's ``list_pretrained``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -511,3 +512,32 @@ def test_builder_refuses_zoo_weights_of_another_architecture(tmp_path: Path) -> 
     assert tuple(zoo.from_pretrained(tmp_path / "r56").hparams.layers) == (9, 9, 9)
     zoo.resnet20_cifar(widths=(8, 16, 32)).save_pretrained(tmp_path / "narrow")
     assert tuple(zoo.resnet20_cifar(weights=str(tmp_path / "narrow")).hparams.widths) == (8, 16, 32)
+
+
+def test_function_preserving_arguments_are_each_familys_own(tmp_path: Path) -> None:
+    """Which recorded arguments a caller may change without a warning is each family's knowledge: the names a class
+    declares are its constructor's arguments, and a translation model's dropout rates (named ``dropout``, not
+    ``drop_rate``) change nothing in evaluation, while its number of Sinkhorn iterations does."""
+    from zoo.registry import _MODEL_CLASSES
+
+    for cls in set(_MODEL_CLASSES.values()):
+        accepted: set[str] = set()
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                accepted |= set(inspect.signature(klass.__init__).parameters)
+        declared = cls.same_function_args | cls.init_only_args
+        assert declared <= accepted, (cls.__name__, sorted(declared - accepted))
+    torch.manual_seed(0)
+    saved = zoo.sinkformer_transformer_toy(dropout=0.3, attention_dropout=0.1, n_iter=3)
+    saved.save_pretrained(tmp_path / "toy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = zoo.sinkformer_transformer_toy(weights=str(tmp_path / "toy"), dropout=0.0, attention_dropout=0.0)
+    assert (model.hparams.dropout, model.hparams.n_iter) == (0.0, 3)
+    with pytest.warns(UserWarning, match=r"n_iter=1 \(recorded: 3\) as asked"):
+        zoo.sinkformer_transformer_toy(weights=str(tmp_path / "toy"), n_iter=1)
+    # the translation builders take what zoo weights record, as every builder does; their shape is the name's
+    assert zoo.sinkformer_transformer_toy(weights=str(tmp_path / "toy")).hparams.dropout == 0.3
+    zoo.sinkformer_transformer_toy(encoder_layers=3).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(zoo.ZooError, match=r"encoder_layers=3 \(the builder's: 2\).*another architecture"):
+        zoo.sinkformer_transformer_toy(weights=str(tmp_path / "deeper"))

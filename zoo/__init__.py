@@ -3,7 +3,7 @@
 >>> import zoo
 >>> model = zoo.create_model("depth_scaled_resnet50", num_classes=10)
 >>> zoo.list_models("heun_*")[:3]
-['heun_cifar_resnet', 'heun_resnet101', 'heun_resnet152']
+['heun_cifar_resnet', 'heun_resnet18', 'heun_resnet20_cifar']
 >>> model = zoo.create_model("momentum_resnet50.tv2_in1k", pretrained=True)  # doctest: +SKIP
 """
 

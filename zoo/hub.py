@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -536,9 +536,34 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, strict: bool = Tr
         source_hparams=source_hparams,
         strict=strict,
         source=str(weights),
-        from_local_file=is_local_weights(weights),
+        from_local_file=is_user_weights_file(weights),
     )
     return model
+
+
+@functools.cache
+def _torchvision_file_names() -> frozenset[str]:
+    """The file names of torchvision's published weights (``resnet50-11ad3fa6.pth``: the name and the hash prefix
+    that ``torch.hub`` checks on download)."""
+    import torchvision.models as tvm
+
+    names = set()
+    for model_name in tvm.list_models():
+        for entry in tvm.get_model_weights(model_name):
+            names.add(entry.url.rsplit("/", 1)[-1])
+    return frozenset(names)
+
+
+def is_user_weights_file(weights: str | os.PathLike | None) -> bool:
+    """Whether ``weights`` names a local file or folder of the user's (what :func:`weights_from_local_file` tells a
+    model's ``adapt_state_dict`` hook): not a torchvision weight name, an ``hf-hub:`` repository, or one of
+    torchvision's published weight files (its download in the torch hub cache, or a copy under its own name
+    ``resnet50-11ad3fa6.pth``), which hold a plain network's weights by definition.
+
+    Args:
+        weights: a weights specification, as :func:`load_weights` takes; None for none.
+    """
+    return is_local_weights(weights) and Path(str(weights)).name not in _torchvision_file_names()
 
 
 # True while a model's adapt_state_dict hook runs on weights read from a local file or folder (see
@@ -1366,6 +1391,10 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     transforms, architecture, tag, source) is checked (:func:`check_pretrained_cfg`) and becomes the model's
     (:func:`restore_pretrained_cfg`); a file saved before zoo recorded it gives the class's own, as before.
 
+    The model comes back in evaluation mode (``model.eval()``: dropout off, BatchNorm on its running statistics), as
+    Hugging Face's ``from_pretrained`` returns it; call ``model.train()`` to train it outside a Lightning ``Trainer``
+    (whose ``fit`` sets training mode itself).
+
     Args:
         src: a ``save_pretrained`` folder, a ``.safetensors`` file, ``"hf-hub:org/name"`` or a Lightning ``.ckpt``.
         cls: the class the model must be (a subclass of); needed for a checkpoint that does not name its class.
@@ -1423,11 +1452,18 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
     load_state_dict(model, state_dict, source_hparams=init_args, source=source)
     if stored_cfg is not None:
         restore_pretrained_cfg(model, stored_cfg)
-    return model
+    return model.eval()
 
 
 class HubMixin:
     """``save_pretrained`` / ``from_pretrained`` for zoo models."""
+
+    #: constructor arguments that do not change the function trained weights compute (how backward gets its
+    #: activations, the loss, dropout rates: identity in evaluation, the head: re-initialised with its own info
+    #: line): a builder given zoo weights that record another value takes the caller's without a warning
+    same_function_args: ClassVar[frozenset[str]] = frozenset()
+    #: constructor arguments that only set the initialisation, which loaded weights replace
+    init_only_args: ClassVar[frozenset[str]] = frozenset()
 
     def save_pretrained(self, path: str | os.PathLike, repo_id: str | None = None) -> Path:
         """Save weights, config and model card (folder) or weights with the config (one ``.safetensors`` file)."""

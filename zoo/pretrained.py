@@ -245,21 +245,20 @@ class PretrainedCfg:
         return dataclasses.replace(copy.deepcopy(self), **changes)
 
 
-# timm's keys that describe an image input (left out of the dict of a cfg without an input_size)
-IMAGE_KEYS = (
+# timm's keys that say how a model's inputs are prepared (what timm.data.resolve_data_config reads)
+DATA_CONFIG_KEYS: tuple[str, ...] = (
     "input_size",
     "test_input_size",
     "min_input_size",
-    "fixed_input_size",
     "interpolation",
     "crop_pct",
     "test_crop_pct",
     "crop_mode",
     "mean",
     "std",
-    "pool_size",
-    "first_conv",
 )
+# timm's keys that describe an image input (left out of the dict of a cfg without an input_size)
+IMAGE_KEYS: tuple[str, ...] = (*DATA_CONFIG_KEYS, "fixed_input_size", "pool_size", "first_conv")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -529,20 +528,20 @@ def build_model(
     """Build ``cls`` for the registered architecture ``arch`` as timm's ``build_model_with_cfg`` does.
 
     Keyword arguments: the builder's ``defaults`` < the tag's ``model_args`` < what zoo weights given as
-    ``weights=`` record (a ``save_pretrained`` folder or file, an ``hf-hub:`` repository written by it, a LightningCLI
-    checkpoint: all their constructor arguments when they record this same class, else their head) < the caller's
-    ``kwargs``; a caller's argument that differs from the recorded one wins with a warning (the weights then compute
-    another function), except for those that do not change it (``memory``, dropout rates, ``label_smoothing``, the
-    head). Handles ``pretrained_cfg`` (a cfg, mapping or tag; :func:`zoo.create_model` passes the cfg of
-    ``"arch.tag"``; one that names other weights than ``weights=`` is an error), ``pretrained_cfg_overlay`` (fields
-    that replace the cfg's; with ``pretrained=True`` its ``file``, or a ``state_dict`` of tensors, is loaded instead
-    of ``source``, as in timm), ``pretrained=True`` (the weights of the cfg's ``source``; without a tag the default
-    tag's), ``weights=`` (any source zoo reads; a torchvision name or hub id of a table entry makes that entry the
-    model's cfg), the head the weights hold (a zoo file records it; a table entry has ``num_classes``) unless
-    ``num_classes`` is given, ``num_classes=0`` (pooled features, no classifier) and ``global_pool=''`` (unpooled)
-    passed to the model, and ``features_only=True`` (with ``out_indices``, ``feature_cls="getter"``, ``output_fmt``,
-    ``norm``): a timm :class:`~timm.models.FeatureGetterNet` over the model's ``forward_intermediates``, with
-    ``feature_info``.
+    ``weights=`` record (a ``save_pretrained`` folder or file, an ``hf-hub:`` repository written by it, a
+    LightningCLI checkpoint: all their constructor arguments when they record this same class, else their head) <
+    the caller's ``kwargs``; a caller's argument that differs from the recorded one wins with a warning (the weights
+    then compute another function), except for those that do not change it (the class's ``same_function_args`` and
+    ``init_only_args``: ``memory``, dropout rates, the head ...). Handles ``pretrained_cfg`` (a cfg, mapping or tag;
+    :func:`zoo.create_model` passes the cfg of ``"arch.tag"``; one that names other weights than ``weights=`` is an
+    error), ``pretrained_cfg_overlay`` (fields that replace the cfg's; with ``pretrained=True`` its ``file``, or a
+    ``state_dict`` of tensors, is loaded instead of ``source``, as in timm), ``pretrained=True`` (the weights of the
+    cfg's ``source``; without a tag the default tag's), ``weights=`` (any source zoo reads; a torchvision name or
+    hub id of a table entry makes that entry the model's cfg), the head the weights hold (a zoo file records it; a
+    table entry has ``num_classes``) unless ``num_classes`` is given, ``num_classes=0`` (pooled features, no
+    classifier) and ``global_pool=''`` (unpooled) passed to the model, and ``features_only=True`` (with
+    ``out_indices``, ``feature_cls="getter"``, ``output_fmt``, ``norm``): a timm
+    :class:`~timm.models.FeatureGetterNet` over the model's ``forward_intermediates``, with ``feature_info``.
 
     Sets ``model.pretrained_cfg`` (a dict in timm's keys, alias ``default_cfg``) to the cfg of the model AS BUILT:
     ``num_classes`` is the model's, and a model's ``pretrained_cfg_as_built(cfg: dict) -> dict`` hook, when it has
@@ -563,7 +562,7 @@ def build_model(
     """
     from zoo.hub import (
         build_checked,
-        is_local_weights,
+        is_user_weights_file,
         load_state_dict,
         read_weights,
         recorded_hparams,
@@ -600,8 +599,7 @@ def build_model(
     # zoo weights of this very class: the constructor arguments they record define their function
     recorded = _recorded_weights(cls, str(weights)) if weights is not None else None
     if recorded is not None:
-        fixed = {k: v for k, v in (defaults or {}).items() if k in fixed_args}
-        _adopt_recorded(arch, recorded[0], merged, kw, str(weights), fixed)
+        _adopt_recorded(cls, arch, recorded[0], merged, kw, str(weights), _fixed(defaults, fixed_args))
     effective = {**_signature_defaults(cls), **merged}
     if not _agrees(cfg, effective):
         differ = {k: effective.get(k) for k, v in cfg.model_args.items() if effective.get(k) != v}
@@ -674,7 +672,7 @@ def build_model(
             state_dict,
             source_hparams=source_hparams,
             source=where,
-            from_local_file=weights is not None and is_local_weights(weights),
+            from_local_file=is_user_weights_file(weights),
         )
 
     as_built = cfg.to_dict()
@@ -693,17 +691,6 @@ def build_model(
     if features_only:
         model = _feature_extractor(model, feature_cfg)
     return model
-
-
-# arguments that do not change what trained weights compute: a caller's value that differs from the one the weights
-# record is no warning (memory, stored_blocks: how backward gets its activations; label_smoothing: the loss; dropout
-# rates, matched by _DROPOUT: identity in evaluation; the head: re-initialised with its own info line)
-_SAME_FUNCTION_ARGS = frozenset(
-    {"memory", "stored_blocks", "label_smoothing", "record_stats", "num_classes", "global_pool"}
-)
-_DROPOUT = re.compile(r"(^|_)drop(_|$)")
-# arguments that only set the initialisation, which loaded weights replace
-_INIT_ONLY_ARGS = frozenset({"zero_init_last"})
 
 
 def _overlay(value: Any, arch: str) -> dict[str, Any]:
@@ -781,6 +768,38 @@ def _recorded_weights(
     return check_recorded_init_args(cls, init_args, spec, largest), state_dict, source_hparams
 
 
+def _fixed(defaults: Mapping[str, Any] | None, fixed_args: Sequence[str]) -> dict[str, Any]:
+    return {k: v for k, v in (defaults or {}).items() if k in fixed_args}
+
+
+def builder_args_with_recorded(
+    cls: type,
+    arch: str,
+    weights: str | os.PathLike,
+    defaults: Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+    fixed_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The keyword arguments a builder of ``arch`` that does not go through :func:`build_model` passes to ``cls``:
+    its ``defaults`` < what zoo ``weights`` record when they record ``cls`` itself < the caller's ``kwargs``, with
+    :func:`build_model`'s warning (a caller's argument that changes the function the weights compute) and error
+    (weights recording other values of ``fixed_args``, the arguments the builder's name fixes).
+
+    Args:
+        cls: the model class.
+        arch: the registered architecture name.
+        weights: the weights the builder loads (any source zoo reads; weights that record no zoo class add nothing).
+        defaults: the builder's keyword arguments for ``arch``.
+        kwargs: the caller's keyword arguments.
+        fixed_args: the names of ``defaults`` that the builder's name fixes.
+    """
+    merged = {**defaults, **kwargs}
+    recorded = _recorded_weights(cls, str(weights))
+    if recorded is not None:
+        _adopt_recorded(cls, arch, recorded[0], merged, kwargs, str(weights), _fixed(defaults, fixed_args))
+    return merged
+
+
 def _plain(value: Any) -> Any:
     """``value`` with tuples as lists (a file records JSON), for comparing a caller's argument with a recorded one."""
     if isinstance(value, (list, tuple)):
@@ -791,6 +810,7 @@ def _plain(value: Any) -> Any:
 
 
 def _adopt_recorded(
+    cls: type,
     arch: str,
     recorded: Mapping[str, Any],
     merged: dict[str, Any],
@@ -801,10 +821,12 @@ def _adopt_recorded(
     """Fill ``merged`` with the ``recorded`` arguments the caller did not give; warn once for the ones the caller gave
     otherwise that change the function the weights compute. A recorded argument that differs from one the builder's
     name fixes (``builder_args``: ``layers`` of ``resnet18``) is a ZooError: the weights are of another architecture
-    than the builder's name says."""
+    than the builder's name says. Which arguments leave the function alone is the class's knowledge
+    (``same_function_args``, ``init_only_args``: see :class:`zoo.hub.HubMixin`)."""
+    unchanged = frozenset(getattr(cls, "same_function_args", ())) | frozenset(getattr(cls, "init_only_args", ()))
     differ, other_arch = [], []
     for k, v in recorded.items():
-        changes_function = k not in _SAME_FUNCTION_ARGS and k not in _INIT_ONLY_ARGS and not _DROPOUT.search(k)
+        changes_function = k not in unchanged
         if k not in given:
             if k in builder_args and changes_function and _plain(builder_args[k]) != _plain(v):
                 other_arch.append(f"{k}={_plain(v)!r} (the builder's: {_plain(builder_args[k])!r})")

@@ -65,7 +65,7 @@ def list_models(
     *,
     pattern: str | None = None,
 ) -> list[str]:
-    """Sorted names of the registered models, as ``timm.list_models``.
+    """Names of the registered models in natural order (resnet18 before resnet101), as ``timm.list_models``.
 
     Args:
         filter: a shell-style pattern or several (``"heun_*"``, ``["resnet*", "vit*"]``); a name matching any is
@@ -78,7 +78,7 @@ def list_models(
             name); None for the value of ``pretrained``, as in timm.
         pattern: the deprecated name of ``filter``.
     """
-    from zoo.pretrained import _filters, list_pretrained
+    from zoo.pretrained import _filters, _natural_key, list_pretrained
 
     if include_tags is None:
         include_tags = pretrained
@@ -97,7 +97,7 @@ def list_models(
     if pretrained:
         with_weights = set(list_pretrained(has_weights=True))
         names = {n for n in names if n in with_weights or ("." not in n and _default_has_weights(n))}
-    return sorted(names)
+    return sorted(names, key=_natural_key)
 
 
 def _strings(value: str | Iterable[str], what: str) -> list[str]:

@@ -343,6 +343,35 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert loaded.fields[1].a is loaded.fields[0].a
 
 
+@pytest.mark.parametrize("switch_times", ["uniform", [0.2, 0.45, 0.5], "learned"])
+def test_pruned_model_flows_to_the_kept_end_and_round_trips(switch_times, tmp_path: Path) -> None:
+    """After prune_intermediate_layers the model's features are the state at the end of the last interval kept (as
+    forward_intermediates gave it before), its times end there, and its hparams rebuild it exactly."""
+    model = zoo.neural_ode_digits(switches=3, switch_times=switch_times, dim=6, width=5).double().eval()
+    if switch_times == "learned":
+        with torch.no_grad():
+            model.time_logits.copy_(torch.tensor([0.3, -0.5, 1.0, 0.2]))
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model.forward_intermediates(x, intermediates_only=True)
+        ends = model.interval_ends()
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    assert model.switches == 1 and model.hparams["switches"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before[1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.interval_ends(), ends[:3], rtol=1e-12, atol=1e-12)
+    assert model.hparams["horizon"] == pytest.approx(float(ends[2]), rel=1e-12)
+    if isinstance(switch_times, list):
+        assert model.hparams["switch_times"] == [0.2]
+    model.save_pretrained(tmp_path / "pruned")
+    loaded = zoo.from_pretrained(tmp_path / "pruned").double().eval()
+    assert loaded.switches == 1 and loaded.num_classes == 0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        # flowing between arbitrary times uses the pruned horizon too
+        torch.testing.assert_close(loaded.interval_ends(), model.interval_ends(), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ recipe, benchmark
 
 

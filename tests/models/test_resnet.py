@@ -365,7 +365,14 @@ def test_no_rescale_warning_where_nothing_is_rescaled_or_the_source_is_published
         zoo.depth_scaled_resnet18(pretrained=True)
         zoo.resnet20_cifar(weights=str(tmp_path / "plain.pth"))
         zoo.momentum_resnet20_cifar(weights=str(tmp_path / "plain.pth"))
+        # torchvision's downloaded file named by its path: torchvision's weights (its name says so), folded silently
+        from_file = zoo.depth_scaled_resnet18(weights=str(cache)).eval()
     assert _rescale_warnings(record) == []
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), tv(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(from_file(x), folded(x), rtol=0, atol=0)
+    # the same tensors under another name may be a depth-scaled model's own state_dict: the warning stays
+    os.replace(cache, tmp_path / "mine.pth")
+    with pytest.warns(UserWarning, match="record no hyperparameters"):
+        zoo.depth_scaled_resnet18(weights=str(tmp_path / "mine.pth"))

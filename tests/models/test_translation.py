@@ -629,9 +629,13 @@ def test_checkpoint_dictionaries_and_weights_argument(tmp_path: Path) -> None:
     # weights= takes the fairseq file when the shape matches
     hp = {k: v for k, v in model.hparams.items() if k in SinkformerTranslation.__init__.__code__.co_varnames}
     again = SinkformerTranslation(**{**hp, "weights": str(path)})
+    # and so does a builder (a fairseq pickle records fairseq's arguments, not a zoo class's: the builder's apply)
+    built = zoo.sinkformer_transformer_toy(weights=str(path), **{k: v for k, v in hp.items() if k != "n_iter"})
+    assert built.hparams.n_iter == 3  # the toy builder's
     for k, v in sd.items():
         if not k.endswith(("_float_tensor", "version")):
             assert torch.equal(again.state_dict()[k], v), k
+            assert torch.equal(built.state_dict()[k], v), k
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:

@@ -232,6 +232,9 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
             discretisation of the gradient flow.
     """
 
+    same_function_args = frozenset({"num_classes", "memory"})
+    init_only_args = frozenset({"init", "rho", "beta"})
+
     default_optimizer: OptimizerCallable = functools.partial(torch.optim.SGD, lr=0.1)
 
     def __init__(

@@ -140,6 +140,14 @@ class IntervalField(nn.Module):
         return f"dim={dim}, width={width}, activation={self.activation!r}"
 
 
+def _fixed_lengths(times: str | tuple[float, ...], switches: int, horizon: float) -> tuple[float, ...]:
+    """The L + 1 interval lengths of fixed switch times: tau_{j+1} - tau_j, or T / (L + 1) each (``"uniform"``)."""
+    if isinstance(times, tuple):
+        ends = (0.0, *times, horizon)
+        return tuple(b - a for a, b in zip(ends[:-1], ends[1:]))
+    return (horizon / (switches + 1),) * (switches + 1)
+
+
 def _check_switch_times(switch_times: Any, switches: int, horizon: float) -> str | tuple[float, ...]:
     if isinstance(switch_times, str):
         return choice(
@@ -188,6 +196,8 @@ class NeuralODE(HubMixin, ImageClassifier):
         **kwargs: the training settings of :class:`zoo.tasks.ImageClassifier` (``optimizer``, ``lr_scheduler``,
             ``label_smoothing``); without ``optimizer``, :attr:`default_optimizer` (Adam, lr 1e-3).
     """
+
+    same_function_args = frozenset({"num_classes", "memory", "label_smoothing", "drop_rate"})
 
     #: Adam, lr 1e-3 (the usual optimiser of neural ODEs)
     default_optimizer = functools.partial(torch.optim.Adam, lr=1e-3)
@@ -257,11 +267,7 @@ class NeuralODE(HubMixin, ImageClassifier):
         if self.learned_times:
             self.time_logits = nn.Parameter(torch.zeros(switches + 1))
         else:
-            ends = (0.0, *times, horizon) if isinstance(times, tuple) else None
-            lengths = (
-                [b - a for a, b in zip(ends[:-1], ends[1:])] if ends else [horizon / (switches + 1)] * (switches + 1)
-            )
-            self._fixed_lengths = tuple(lengths)
+            self._fixed_lengths = _fixed_lengths(times, switches, horizon)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         reduction = size[0] if self.image_shape is not None else 1
@@ -526,10 +532,33 @@ class NeuralODE(HubMixin, ImageClassifier):
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the intervals after the last of ``indices`` (and the head with ``prune_head``) for feature
-        extraction; returns the interval indices kept (timm)."""
+        extraction; returns the interval indices kept (timm). The model then flows to the end tau_{m+1} of the
+        last interval kept, m, and its ``hparams`` say so (``switches`` = m, ``horizon`` = tau_{m+1}, the first m
+        switch times), so that a checkpoint or ``save_pretrained`` rebuilds the pruned model; learned times keep the
+        logits of the intervals kept, with the horizon T (sum_{j<=m} e^{l_j} / sum_j e^{l_j}) that leaves every
+        interval's length as it was."""
         take, max_index = self._take_indices(indices)
-        self.intervals = self.intervals[: max_index + 1]
-        self.feature_info = self.feature_info[: max_index + 1]
+        kept = max_index + 1
+        if kept < len(self.intervals):
+            hp = self.hparams
+            times = hp.get("switch_times", "uniform")
+            if self.learned_times:
+                with torch.no_grad():
+                    share = torch.softmax(self.time_logits.double(), dim=0)[:kept].sum()
+                self.horizon = self.horizon * float(share)
+                self.time_logits = nn.Parameter(self.time_logits.detach()[:kept].clone())
+            elif isinstance(times, str):  # uniform: the same lengths, T / (L + 1), over a shorter horizon
+                self.horizon = self.horizon * kept / len(self.intervals)
+            else:
+                times = tuple(float(t) for t in times)[:max_index]
+                self.horizon = float(hp["switch_times"][max_index])
+            if not self.learned_times:  # as the constructor computes them, so that a rebuild is bit for bit
+                self._fixed_lengths = _fixed_lengths(times, max_index, self.horizon)
+            self.intervals = self.intervals[:kept]
+            self.feature_info = self.feature_info[:kept]
+            hp["switches"], hp["horizon"] = max_index, self.horizon
+            if not isinstance(times, str):
+                hp["switch_times"] = list(times)
         if prune_head:
             self.reset_classifier(0)
         return take

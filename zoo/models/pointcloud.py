@@ -357,6 +357,8 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
             The ModelNet40 builders also set the published schedule (lr / 10 after epoch 200 of 300).
     """
 
+    same_function_args = frozenset({"num_classes", "record_stats", "label_smoothing", "drop_rate"})
+
     default_optimizer = functools.partial(torch.optim.Adam, lr=1e-3)
 
     def __init__(
@@ -627,6 +629,8 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
             without ``optimizer``, :attr:`default_optimizer`; with the task's default schedule (cosine over the run)
             these are the published settings (SGD lr 0.01, momentum 0.9, weight decay 5e-4).
     """
+
+    same_function_args = frozenset({"num_classes", "record_stats", "label_smoothing", "drop_rate"})
 
     default_optimizer = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
 

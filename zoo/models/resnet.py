@@ -289,6 +289,11 @@ class ResNet(HubMixin, ImageClassifier):
     and the task's cosine schedule over the run; ``optimizer=`` / ``lr_scheduler=`` replace them.
     """
 
+    same_function_args = frozenset(
+        {"num_classes", "memory", "stored_blocks", "label_smoothing", "drop_rate", "drop_path_rate"}
+    )
+    init_only_args = frozenset({"zero_init_last"})
+
     default_optimizer = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def __init__(
@@ -635,8 +640,9 @@ class ResNet(HubMixin, ImageClassifier):
 
         A local file without recorded hyperparameters (a plain ``.pth``) that this rescales gets a warning: it
         may be a depth-scaled or Heun model's own ``state_dict``, which the rescaling turns into another function
-        (:func:`zoo.hub.weights_from_local_file`; weights from a torchvision name, an ``hf-hub:`` repository, a
-        tag or a converter's source model are plain ResNets' by definition and load silently).
+        (:func:`zoo.hub.weights_from_local_file`; weights from a torchvision name or one of its published files,
+        an ``hf-hub:`` repository, a tag or a converter's source model are plain ResNets' by definition and load
+        silently).
 
         Args:
             state_dict: the weights, by name.
@@ -1228,11 +1234,14 @@ def _imagenet(
 
 
 def _cifar(
-    cls: type[ResNet], arch: str, n: int, pretrained: bool, weights: str | None, kwargs: dict[str, Any]
+    cls: type[ResNet], arch: str, n: int | None, pretrained: bool, weights: str | None, kwargs: dict[str, Any]
 ) -> ResNet:
     """He et al.'s CIFAR ResNet-(6n+2): 3x3 stem, three stages of n basic blocks, 16/32/64 channels (each a default:
-    ``layers``, ``widths``, ``block`` and ``stem`` may be given)."""
-    defaults = {"num_classes": 10, "layers": (n, n, n), "widths": (16, 32, 64), "block": "basic", "stem": "cifar"}
+    ``layers``, ``widths``, ``block`` and ``stem`` may be given). A builder that names its depth (resnet20_cifar: n =
+    3) passes n and fixes ``layers``; the configurable cifar_resnet builders pass None: ResNet-20's layers by
+    default, any ``layers`` given."""
+    layers = (3, 3, 3) if n is None else (n, n, n)
+    defaults = {"num_classes": 10, "layers": layers, "widths": (16, 32, 64), "block": "basic", "stem": "cifar"}
     return build_model(
         cls,
         arch,
@@ -1241,8 +1250,7 @@ def _cifar(
         pretrained=pretrained,
         weights=weights,
         base_cfg=_base_cfg(kwargs.get("stem", "cifar")),
-        # resnet20_cifar names its depth; the configurable cifar_resnet builders only default it
-        fixed_args=() if arch.endswith("cifar_resnet") else ("layers",),
+        fixed_args=() if n is None else ("layers",),
     )
 
 
@@ -1364,7 +1372,7 @@ def resnet110_cifar(pretrained: bool = False, *, weights: str | None = None, **k
 def cifar_resnet(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> ResNet:
     """ResNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3), ``widths``
     (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
-    return _cifar(ResNet, "cifar_resnet", 3, pretrained, weights, kwargs)
+    return _cifar(ResNet, "cifar_resnet", None, pretrained, weights, kwargs)
 
 
 @register_model
@@ -1471,7 +1479,7 @@ def depth_scaled_cifar_resnet(
 ) -> DepthScaledResNet:
     """Depth-scaled ResNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3),
     ``widths`` (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
-    return _cifar(DepthScaledResNet, "depth_scaled_cifar_resnet", 3, pretrained, weights, kwargs)
+    return _cifar(DepthScaledResNet, "depth_scaled_cifar_resnet", None, pretrained, weights, kwargs)
 
 
 @register_model
@@ -1575,7 +1583,7 @@ def heun_resnet110_cifar(pretrained: bool = False, *, weights: str | None = None
 def heun_cifar_resnet(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> HeunNet:
     """HeunNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3), ``widths``
     (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
-    return _cifar(HeunNet, "heun_cifar_resnet", 3, pretrained, weights, kwargs)
+    return _cifar(HeunNet, "heun_cifar_resnet", None, pretrained, weights, kwargs)
 
 
 @register_model
@@ -1679,7 +1687,7 @@ def momentum_resnet110_cifar(pretrained: bool = False, *, weights: str | None = 
 def momentum_cifar_resnet(pretrained: bool = False, *, weights: str | None = None, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-(6n+2) CIFAR-style net with configurable ``layers`` (blocks per stage; default 3, 3, 3),
     ``widths`` (16, 32, 64), ``block``, ``stem`` and ``tied``. No pretrained weights."""
-    return _cifar(MomentumResNet, "momentum_cifar_resnet", 3, pretrained, weights, kwargs)
+    return _cifar(MomentumResNet, "momentum_cifar_resnet", None, pretrained, weights, kwargs)
 
 
 @register_model

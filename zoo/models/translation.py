@@ -65,6 +65,7 @@ from zoo.hub import HubMixin, load_state_dict, load_weights
 from zoo.models.arguments import check_model_kwargs
 from zoo.nn.attention import SinkhornCore, SinkhornSettings, check_n_iter
 from zoo.ops.masks import AllowedMask, PaddingMask
+from zoo.pretrained import builder_args_with_recorded
 from zoo.registry import register_model
 from zoo.tasks.optim import InverseSqrtLR
 from zoo.tasks.translation import TranslationTask, check_token_ids
@@ -711,6 +712,10 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
             ``eval_bleu``, ``beam``, ``lenpen``, ``max_len_a``, ``max_len_b`` ...
     """
 
+    same_function_args = frozenset(
+        {"record_stats", "label_smoothing", "dropout", "attention_dropout", "activation_dropout"}
+    )
+
     def __init__(
         self,
         src_vocab_size: int,
@@ -936,7 +941,7 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
     def load_any_weights(self, weights: str | os.PathLike) -> None:
         """Load zoo weights (see :func:`zoo.hub.load_weights`) or the ``model`` of a fairseq checkpoint file."""
         path = Path(str(weights)).expanduser()
-        if path.is_file() and path.suffix not in (".safetensors", ".ckpt"):
+        if _may_be_fairseq_checkpoint(path):
             from converters.fairseq_checkpoint import read_fairseq_checkpoint  # the reader lives with the converters
 
             ckpt = read_fairseq_checkpoint(path)
@@ -1049,10 +1054,31 @@ def _dictionary_size(d: Any) -> int:
 # ================================================================================================ builders
 
 
+def _may_be_fairseq_checkpoint(path: Path) -> bool:
+    """Whether the weights at ``path`` may be a fairseq checkpoint (a pickle of its own: ``args`` or ``cfg`` and
+    ``model``) rather than zoo weights (a ``.safetensors`` file, a Lightning ``.ckpt``, a folder, a hub id)."""
+    return path.is_file() and path.suffix not in (".safetensors", ".ckpt")
+
+
+# the arguments a builder's name fixes: zoo weights recording other values are of another architecture
+_SHAPE_ARGS = tuple(
+    f"{side}_{name}"
+    for side in ("encoder", "decoder")
+    for name in ("layers", "embed_dim", "ffn_embed_dim", "attention_heads")
+)
+
+
 def _build(
     arch: str, weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any], **cfg: Any
 ) -> SinkformerTranslation:
-    model = SinkformerTranslation(weights=weights, **{**defaults, **kwargs})
+    # zoo weights of this class: the arguments they record, as every builder takes them (zoo.pretrained); a fairseq
+    # checkpoint records fairseq's arguments, and the builder's own apply
+    merged = (
+        {**defaults, **kwargs}
+        if weights is None or _may_be_fairseq_checkpoint(Path(str(weights)).expanduser())
+        else builder_args_with_recorded(SinkformerTranslation, arch, weights, defaults, kwargs, _SHAPE_ARGS)
+    )
+    model = SinkformerTranslation(weights=weights, **merged)
     model.pretrained_cfg.update(architecture=arch, **cfg)
     return model
 

@@ -68,6 +68,8 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
             constant. :class:`zoo.optim.ProximalPoint` has a fixed step gamma and takes none.
     """
 
+    init_only_args = frozenset({"init_scale"})
+
     # the Wasserstein proximal-point method (gamma: step; the inner problem solved by 20 gradient steps)
     default_optimizer: OptimizerCallable = functools.partial(
         ProximalPoint, gamma=0.05, inner_steps=20, distance="wasserstein"

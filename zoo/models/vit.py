@@ -181,6 +181,19 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
             callables, ``label_smoothing``); without ``optimizer``, :attr:`default_optimizer`.
     """
 
+    same_function_args = frozenset(
+        {
+            "num_classes",
+            "record_stats",
+            "label_smoothing",
+            "drop_rate",
+            "pos_drop_rate",
+            "proj_drop_rate",
+            "attn_drop_rate",
+            "drop_path_rate",
+        }
+    )
+
     #: AdamW, lr 5e-4, weight decay 0.05 (DeiT's ViT recipe; norms, biases, pos_embed and cls_token undecayed)
     default_optimizer = functools.partial(torch.optim.AdamW, lr=5e-4, weight_decay=0.05)
 

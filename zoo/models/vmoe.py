@@ -99,6 +99,8 @@ class VisionMoE(SinkformerViT):
         **kwargs: SinkformerViT's (and the training settings; default optimiser SinkformerViT's AdamW).
     """
 
+    same_function_args = SinkformerViT.same_function_args | {"aux_loss_weight"}
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
