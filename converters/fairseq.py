@@ -131,8 +131,17 @@ def read_fairseq_transformer(model: nn.Module) -> AttentionSpec:
     missing = sorted(set(own) - set(params))
     if missing:
         raise ZooError(f"{label}: no parameter for {', '.join(missing[:5])} in the source")
+    # assign gives each assigned tensor the requires_grad flag of the parameter it replaces: the source's flags
+    # first, so that a frozen source parameter stays frozen (in the source too: the tensors are shared)
+    for k, p in own.items():
+        p.requires_grad_(params[k].requires_grad)
     zoo_model.load_state_dict({k: params[k] for k in own}, strict=False, assign=True)
+    # train/eval mode per module (names are fairseq's), as the other sources
     zoo_model.train(model.training)
+    theirs = dict(model.named_modules())
+    for name, m in zoo_model.named_modules():
+        if name and name in theirs:
+            m.training = theirs[name].training
 
     def build(n_iter: int, record_stats: bool, inplace: bool, options: dict[str, Any]) -> nn.Module:
         unknown = sorted(set(options) - set(TRAINING_OPTIONS))

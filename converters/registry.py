@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from zoo.errors import ZooError
+from zoo.pretrained import DATA_CONFIG_KEYS
 
 if TYPE_CHECKING:
     from converters.moe_targets import MLPSpec
@@ -198,6 +199,21 @@ def _class_name(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _unwrap_hint(model: Any) -> str:
+    """The fix for a source model inside a wrapper (``torch.compile``, ``DataParallel`` / DDP, FSDP's ``module``, a
+    zoo model already converted), or nothing."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return "; this is a torch.compile wrapper: convert the model inside, transform(model._orig_mod, ...)"
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "; this is a data-parallel wrapper: convert the model inside, transform(model.module, ...)"
+    if type(model).__module__.startswith("zoo."):
+        return (
+            "; this is a zoo model already: save it (model.save_pretrained(path)) and build the variant from "
+            "its weights with the variant's builder, e.g. zoo.momentum_resnet50(weights=path)"
+        )
+    return ""
+
+
 def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
     """Convert ``model`` (a torchvision/timm ResNet, a timm ViT, a ``torch.nn.TransformerEncoder`` ...)
     into the zoo model ``to``.
@@ -226,7 +242,7 @@ def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
     if source is None:
         raise ZooError(
             f"cannot convert a {_class_name(model)} to {to!r}: supported sources for {to!r} are "
-            f"{', '.join(sources) or 'none'}"
+            f"{', '.join(sources) or 'none'}{_unwrap_hint(model)}"
         )
     how = target.builds[source.family]
     unknown = sorted(set(options) - set(how.options))
@@ -242,7 +258,23 @@ def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
 
     if isinstance(spec, ResNetSpec):  # other families copy the source whole: its state comes along
         _mirror_runtime_state(converted, model, spec.modules)
+    if converted is not model:
+        _carry_data_config(converted, model)
     return converted
+
+
+def _carry_data_config(converted: nn.Module, source: nn.Module) -> None:
+    """A zoo model built from a timm source takes the source's data config (input size, interpolation, crop,
+    mean / std of its ``pretrained_cfg``), corrected to the model as built by its ``pretrained_cfg_as_built``:
+    the converted model computes the source's function, so it needs the source's preprocessing."""
+    theirs = getattr(source, "pretrained_cfg", None)
+    hook = getattr(converted, "pretrained_cfg_as_built", None)
+    mine = getattr(converted, "pretrained_cfg", None)
+    if not (isinstance(theirs, Mapping) and isinstance(mine, Mapping) and callable(hook)):
+        return
+    cfg = {**mine, **{k: theirs[k] for k in DATA_CONFIG_KEYS if theirs.get(k) is not None}}
+    converted.pretrained_cfg = hook(cfg)
+    converted.default_cfg = converted.pretrained_cfg
 
 
 # the training settings a converted LightningModule takes (zoo.tasks.ImageClassifier's injected factories and loss
@@ -279,7 +311,9 @@ def describe_module(m: Any) -> str:
 
 
 def classifier_size(model: nn.Module, label: str, name: str = "fc") -> int:
-    """``out_features`` of the source's ``nn.Linear`` classifier (ZooError for any other head).
+    """``out_features`` of the source's ``nn.Linear`` classifier, 0 for a model without one (its classifier an
+    ``nn.Identity``: timm's ``num_classes=0`` / ``reset_classifier(0)``, torchvision's ``fc = nn.Identity()``);
+    ZooError for any other head.
 
     Args:
         model: the source model.
@@ -287,10 +321,12 @@ def classifier_size(model: nn.Module, label: str, name: str = "fc") -> int:
         name: the attribute of ``model`` that holds the classifier.
     """
     fc = getattr(model, name, None)
+    if type(fc) is nn.Identity:
+        return 0
     if not isinstance(fc, nn.Linear):
         raise ZooError(
-            f"{label}: the classifier {name} is {describe_module(fc)}, expected an nn.Linear (a model without "
-            "a head, num_classes=0, or a custom head is not supported: convert first, then replace the head)"
+            f"{label}: the classifier {name} is {describe_module(fc)}, expected an nn.Linear or nn.Identity (a "
+            "custom head is not supported: convert with an nn.Linear head, then replace the head)"
         )
     return fc.out_features
 

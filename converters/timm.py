@@ -31,9 +31,10 @@ differs is mapped there. ``drop_rate`` (dropout before ``fc``) and the drop-path
 Supported: ``resnet18/34/50/101/152`` (``timm.create_model("resnet50")``) and any timm ResNet with
 a single 7x7 stride-2 ``conv1`` stem, a max-pool, BasicBlock/Bottleneck with cardinality 1 and
 base width 64, no SE/attention, no anti-aliasing, no DropBlock, ReLU, 1x1 conv downsample, output
-stride 32, average pooling and an ``nn.Linear`` head. Everything else (``resnet50d`` deep stems and
-average-pool downsampling, ``resnext*``, ``seresnet*``, ``resnetblur*``/``resnetaa*``, ...) raises a
-ZooError naming what is not supported.
+stride 32, timm's head pooling (``global_pool`` avg, max, avgmax, catavgmax, fast*, or ``""`` with
+``num_classes=0``) and an ``nn.Linear`` head or none (``num_classes=0``, ``reset_classifier(0)``).
+Everything else (``resnet50d`` deep stems and average-pool downsampling, ``resnext*``, ``seresnet*``,
+``resnetblur*``/``resnetaa*``, ...) raises a ZooError naming what is not supported.
 
 Vision transformers (family ``"transformer"``, ``to="momentum"``): a ``VisionTransformer`` (any
 subclass whose ``blocks`` is a non-empty ``nn.Sequential``) or a ViT's ``blocks`` alone. A timm block
@@ -44,8 +45,8 @@ source function. The result is a deep copy of the ViT (same class, weights copie
 unchanged) whose ``blocks`` is the stack: ``forward`` runs ``self.blocks(x)``, ``forward_features(x,
 attn_mask=...)`` loops over ``self.blocks`` and so calls the stack once with the mask, which goes
 to every block; ``set_grad_checkpointing`` checkpoints the stack as one function.
-``forward_intermediates`` (per-block outputs) is not supported. For ``blocks`` alone the result is
-the stack, called as ``stack(x, attn_mask=None, is_causal=False)``.
+``forward_intermediates`` and ``prune_intermediate_layers`` (per-block outputs) raise a ZooError. For ``blocks``
+alone the result is the stack, called as ``stack(x, attn_mask=None, is_causal=False)``.
 """
 
 from __future__ import annotations
@@ -231,9 +232,6 @@ def read_timm_resnet(model: nn.Module) -> ResNetSpec:
         for i in range(len(layers))
         for j, b in enumerate(getattr(model, f"layer{i + 1}"))
     ]
-    pool = model.global_pool
-    pool_type = str(getattr(pool, "pool_type", "")).lower()
-    _check(label, pool_type == "fast" or pool_type.endswith("avg"), f"global_pool {pool_type!r} (only average pooling)")
     return resnet_spec(
         model,
         label,
@@ -241,10 +239,31 @@ def read_timm_resnet(model: nn.Module) -> ResNetSpec:
         layers,
         rename=rename,
         constructor={
+            "global_pool": _global_pool(label, model.global_pool),
             "drop_rate": float(getattr(model, "drop_rate", 0.0)),
             "drop_path_rate": _drop_path_rate(label, rates),
         },
     )
+
+
+def _global_pool(label: str, pool: nn.Module) -> str:
+    """The zoo ResNet's ``global_pool`` for timm's head pooling ``pool`` (a ``SelectAdaptivePool2d``): its pool type
+    (``"fast..."`` types as the same pooling); ``label`` names the source in messages. Pooled features are flattened
+    and ``""`` (no pooling, the feature map) is not, as in the zoo ResNet."""
+    from timm.layers import SelectAdaptivePool2d
+
+    _check(label, type(pool) is SelectAdaptivePool2d, f"the head pooling global_pool = {describe_module(pool)}")
+    pool_type = str(pool.pool_type).lower()
+    flat = type(pool.flatten) is nn.Flatten
+    if pool_type.startswith("fast"):  # the same pooling as a fused module, which flattens itself
+        pool_type, flat = pool_type[len("fast") :] or "avg", getattr(pool.pool, "flatten", False) is True
+    _check(
+        label,
+        pool_type in ("avg", "max", "avgmax", "catavgmax", "") and flat == bool(pool_type),
+        f"global_pool {pool_type!r}{'' if flat == bool(pool_type) else ' with flatten=' + str(flat)} (only avg, max, "
+        "avgmax, catavgmax, and '' with num_classes=0)",
+    )
+    return pool_type
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,6 +303,21 @@ def _block_list(label: str, blocks: object, where: str) -> list[nn.Module]:
     return list(blocks)
 
 
+class _PerBlockUnsupported:
+    """Stands in for a method of a momentum ViT that needs per-block outputs: calling it raises a ZooError (a plain
+    picklable object, so the converted model still deep-copies and saves whole)."""
+
+    def __init__(self, label: str, method: str):
+        self.label, self.method = label, method
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise ZooError(
+            f"{self.method} is not supported by the momentum conversion of {self.label}: its blocks run as one "
+            "momentum stack, whose state after block n is (x_n, v_n), so there are no per-block outputs to collect; "
+            "use forward_features (the stack's output), or the source model for per-block features"
+        )
+
+
 @register_source(VIT_SOURCE_NAME, "transformer", is_timm_vit)
 def read_timm_vit(model: nn.Module) -> BlockStackSpec:
     """Describe (a copy of) the timm VisionTransformer ``model``; the converted model is that copy, ``blocks``
@@ -294,6 +328,11 @@ def read_timm_vit(model: nn.Module) -> BlockStackSpec:
 
     def assemble(stack) -> nn.Module:
         twin.blocks = stack
+        # timm's versions iterate over (and slice) ``blocks`` to collect per-block outputs: over the stack they
+        # would return the whole stack's output as block 0's, or nothing, without an error
+        for method in ("forward_intermediates", "prune_intermediate_layers"):
+            if hasattr(twin, method):
+                setattr(twin, method, _PerBlockUnsupported(label, method))
         return twin
 
     return BlockStackSpec(

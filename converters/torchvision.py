@@ -24,10 +24,10 @@ N residual blocks of the stage as
 torchvision's parameter names (``conv1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``) are
 the zoo's, so the state dict needs no renaming.
 
-Supported: ``resnet18/34/50/101/152`` and any ``torchvision.models.ResNet`` with BasicBlock or
-Bottleneck blocks, ``groups=1``, ``width_per_group=64``, no dilation, ``nn.BatchNorm2d`` (eps 1e-5),
-and unmodified stem, pooling and ``nn.Linear`` classifier. ResNeXt (``resnext50_32x4d`` ...), wide
-ResNets (``wide_resnet50_2`` ...), ``replace_stride_with_dilation``, other norm layers and
+Supported: ``resnet18/34/50/101/152`` and any ``torchvision.models.ResNet`` with BasicBlock or Bottleneck
+blocks, ``groups=1``, ``width_per_group=64``, no dilation, ``nn.BatchNorm2d`` (eps 1e-5), and unmodified stem
+and pooling, with the ``nn.Linear`` classifier or none (``fc = nn.Identity()``). ResNeXt (``resnext50_32x4d``
+...), wide ResNets (``wide_resnet50_2`` ...), ``replace_stride_with_dilation``, other norm layers and
 subclasses that override the forward are rejected with a ZooError.
 """
 

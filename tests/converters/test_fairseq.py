@@ -159,6 +159,22 @@ def test_transform_live_model(tmp_path: Path, fs: object) -> None:
     assert shared.decoder.output_projection.weight is shared.decoder.embed_tokens.weight
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_transform_keeps_frozen_parameters_and_module_modes(inplace: bool, fs: object) -> None:
+    """A frozen source parameter stays frozen, in the source (the reader assigns the source's tensors) and in the
+    converted model; a module left in train mode inside an eval-mode model keeps its mode."""
+    model = fairseq_model()
+    model.encoder.embed_tokens.weight.requires_grad_(False)
+    model.decoder.layers[0].fc1.bias.requires_grad_(False)
+    model.decoder.layers[1].train()
+    frozen = {"encoder.embed_tokens.weight", "decoder.layers.0.fc1.bias"}
+    converted = converters.transform(model, to="sinkhorn", n_iter=1, inplace=inplace)
+    assert {k for k, p in model.named_parameters() if not p.requires_grad} == frozen
+    assert {k for k, p in converted.named_parameters() if not p.requires_grad} == frozen
+    assert not converted.training and converted.decoder.layers[1].training
+    assert not converted.decoder.layers[0].training
+
+
 def test_transform_rejects_unsupported(fs: object) -> None:
     model = fairseq_model(adaptive_softmax_cutoff="5,10", share_decoder_input_output_embed=False)
     with pytest.raises(ZooError, match="adaptive_softmax_cutoff"):

@@ -292,6 +292,22 @@ def test_unsupported_source_type() -> None:
     assert "torchvision.models.ResNet" in str(err.value) and "timm.models.resnet.ResNet" in str(err.value)
 
 
+def test_wrapped_sources_name_the_model_inside() -> None:
+    """A source inside torch.compile or a data-parallel wrapper, or a zoo model already, is refused with the fix;
+    the model inside converts."""
+    source = torchvision.models.resnet18(num_classes=3).eval()
+    with pytest.raises(ZooError, match=r"torch.compile wrapper: convert the model inside, transform\(model._orig_mod"):
+        converters.transform(torch.compile(source), to="depth_scaled")
+    with pytest.raises(ZooError, match=r"data-parallel wrapper: .*transform\(model.module"):
+        converters.transform(nn.DataParallel(source), to="depth_scaled")
+    with pytest.raises(ZooError, match=r"a zoo model already: .*weights=path"):
+        converters.transform(zoo.resnet18(num_classes=3), to="momentum")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        converted = converters.transform(nn.DataParallel(source).module, to="depth_scaled")
+        torch.testing.assert_close(converted(x), source(x), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_option() -> None:
     with pytest.raises(ZooError, match="unknown option 'tied'") as err:
         converters.transform(torchvision.models.resnet18(), to="depth_scaled", tied=True)
@@ -305,6 +321,11 @@ def test_unknown_option() -> None:
 def test_bad_option_value_is_a_zoo_error() -> None:
     with pytest.raises(ZooError, match="memory"):
         converters.transform(torchvision.models.resnet18(), to="depth_scaled", memory="everything")
+
+
+def custom_head(model: nn.Module) -> nn.Module:
+    model.fc = nn.Sequential(nn.Dropout(0.5), nn.Linear(512, 3))
+    return model
 
 
 @pytest.mark.parametrize(
@@ -326,7 +347,9 @@ def test_bad_option_value_is_a_zoo_error() -> None:
         (lambda: timm.create_model("resnet18", aa_layer=nn.AvgPool2d), "anti-aliasing"),
         (lambda: timm.create_model("resnet18", avg_down=True), "average-pool or 3x3 downsampling"),
         (lambda: timm.create_model("resnet18", act_layer="silu"), "the stem activation act1 = SiLU"),
-        (lambda: timm.create_model("resnet18", num_classes=0), "the classifier fc is Identity()"),
+        (lambda: custom_head(timm.create_model("resnet18")), "the classifier fc is Sequential(Dropout, Linear)"),
+        (lambda: custom_head(torchvision.models.resnet18()), "the classifier fc is Sequential(Dropout, Linear)"),
+        (lambda: timm.create_model("resnet18", global_pool="", num_classes=3), "global_pool='' (no pooling"),
     ],
 )
 def test_unsupported_variants(build, expected: str) -> None:
