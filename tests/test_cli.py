@@ -892,3 +892,128 @@ def test_strategy_and_optimizer_arguments_are_one_line(
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith(message)
+
+
+# ------------------------------------------------------------------------------------------------
+# LightningCLI's --optimizer / --lr_scheduler
+
+
+def _cli(tmp_path: Path, *argv: str) -> ZooCLI:
+    """The digits recipe (tiny overrides) built by ZooCLI without running, with ``argv`` added."""
+    return ZooCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        save_config_callback=None,
+        args=[
+            "--config",
+            str(DIGITS),
+            *TINY_MODEL,
+            *TINY_DATA,
+            *QUICK,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *argv,
+        ],
+    )
+
+
+def _decay_of(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> float:
+    (group,) = [g for g in optimizer.param_groups if any(p is parameter for p in g["params"])]
+    return group["weight_decay"]
+
+
+def test_cli_optimizer_option_keeps_the_parameter_groups_and_the_recipe_schedule(tmp_path: Path) -> None:
+    """``--optimizer AdamW --optimizer.lr ...`` (LightningCLI's way) replaces the optimiser only: norms and biases
+    keep no weight decay, and the recipe's run-length schedule stays (Lightning's own override would put every
+    parameter in one decayed group and drop the schedule)."""
+    cli = _cli(tmp_path, "--optimizer", "AdamW", "--optimizer.lr", "0.003", "--optimizer.weight_decay", "0.2")
+    config = cli.model.configure_optimizers(total_steps=10, steps_per_epoch=5)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert type(optimizer) is torch.optim.AdamW
+    assert scheduler.base_lrs == [0.003] * len(optimizer.param_groups)
+    norm = next(m for m in cli.model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert _decay_of(optimizer, cli.model.fc.weight) == 0.2
+    assert _decay_of(optimizer, norm.weight) == 0.0 and _decay_of(optimizer, cli.model.fc.bias) == 0.0
+    # the recipe's schedule (cosine over the run, stepped per optimiser step)
+    assert isinstance(scheduler, zoo.tasks.optim.WarmupCosineLR)
+    assert config["lr_scheduler"]["interval"] == "step"
+
+
+def test_cli_lr_scheduler_option_alone_replaces_the_schedule_and_keeps_the_optimizer(tmp_path: Path) -> None:
+    """``--lr_scheduler`` without ``--optimizer`` is not dropped (Lightning ignores it then): it replaces the
+    recipe's schedule, over the recipe's optimiser; Lightning's ``ReduceLROnPlateau`` keeps its ``monitor``."""
+    cli = _cli(tmp_path, "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "3")
+    config = cli.model.configure_optimizers(total_steps=10, steps_per_epoch=5)
+    assert type(config["optimizer"]) is torch.optim.SGD  # the recipe's
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert config["lr_scheduler"]["scheduler"].step_size == 3
+    cli = _cli(tmp_path, "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor", "val_acc")
+    config = cli.model.configure_optimizers(total_steps=10, steps_per_epoch=5)
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert config["lr_scheduler"]["monitor"] == "val_acc"
+
+
+def test_cli_run_length_schedule_from_the_lr_scheduler_option_trains(tmp_path: Path) -> None:
+    """``--lr_scheduler zoo.tasks.optim.WarmupCosineLR`` is bound to the Trainer's run and stepped per step: the
+    learning rate falls from the optimiser's to near zero over the run's 4 steps."""
+    cli = _cli(
+        tmp_path,
+        "--optimizer",
+        "SGD",
+        "--optimizer.lr",
+        "0.05",
+        "--lr_scheduler",
+        "zoo.tasks.optim.WarmupCosineLR",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 4
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert config.interval == "step"
+    (optimizer,) = cli.trainer.optimizers
+    assert type(optimizer) is torch.optim.SGD and len(optimizer.param_groups) == 2
+    assert config.scheduler.base_lrs == [0.05, 0.05]
+    assert 0.0 <= optimizer.param_groups[0]["lr"] < 0.05 * 0.2
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_error_line_comes_from_each_machines_first_process_only(
+    rank: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under DDP every process meets the same error: only each machine's first process (LOCAL_RANK 0, as the
+    launchers set it) prints the ``zoo: error:`` line, and every process exits with 2 (the launcher sees the
+    failure)."""
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    code, out, err = run_main(["fit", "--config", "no_such_recipe_anywhere"], capsys)
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("zoo: error:")]
+    assert len(lines) == (1 if rank == 0 else 0), err
+    assert rank == 0 or err == ""
+
+
+def test_ckpt_path_without_config_names_the_saved_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``zoo test --ckpt_path <ckpt>`` without ``--config`` is one line that names the ``config.yaml`` zoo fit saved
+    beside the checkpoint (``version_N/config.yaml`` for ``version_N/checkpoints/*.ckpt``), else says to give one."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "lightning_logs" / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "epoch=0-step=2.ckpt"
+    ckpt.write_bytes(b"")
+    code, _, err = run_main(["test", "--ckpt_path", str(ckpt)], capsys)
+    (line,) = err.strip().splitlines()
+    assert code == 2 and line.startswith("zoo: error: ") and "--config" in line
+    assert "config.yaml" in line and str(run) not in line  # nothing saved there yet
+    (run / "config.yaml").write_text("seed_everything: 0\n")
+    code, _, err = run_main(["test", "--ckpt_path", str(ckpt)], capsys)
+    (line,) = err.strip().splitlines()
+    assert code == 2 and f"--config {run / 'config.yaml'}" in line

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import fnmatch
+import functools
 import importlib
 import logging
 import os
@@ -347,6 +348,25 @@ def _checkpoint_model(path: str, hparams: Mapping[str, Any], chosen: str | None)
     return class_path, init_args
 
 
+def _missing_config_hint(error: BaseException, args: Any) -> str:
+    """For a run without ``--config`` that lacks its model or data: the hint to give one, naming the ``config.yaml``
+    that ``zoo fit`` saved beside a ``--ckpt_path`` checkpoint (``version_N/config.yaml`` for
+    ``version_N/checkpoints/*.ckpt``) when there is one; ``""`` otherwise.
+
+    Args:
+        error: the parser's error.
+        args: the command-line arguments LightningCLI parsed (None: ``sys.argv[1:]``).
+    """
+    argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple, type(None))) else []
+    if "arguments are required" not in str(error) or _option_values(argv, "--config", "-c"):
+        return ""
+    for path in _option_values(argv, "--ckpt_path"):
+        config = Path(path).resolve().parent.parent / "config.yaml"
+        if config.is_file():
+            return f"; give --config {config} (the configuration zoo fit saved with this checkpoint)"
+    return "; give --config <recipe> (zoo recipes lists them) or the config.yaml zoo fit saved"
+
+
 def _trainer_error(error: BaseException, subcommand: str | None) -> str:
     """Lightning's configuration error in one line, with where to change it."""
     text = " ".join(str(error).split()) or type(error).__name__
@@ -428,7 +448,7 @@ class ZooCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:  # the parser is built with exit_on_error=False
-            raise ZooError(_summarise_config_error(e)) from None
+            raise ZooError(_summarise_config_error(e) + _missing_config_hint(e, args)) from None
 
     def instantiate_classes(self) -> None:
         try:
@@ -461,6 +481,29 @@ class ZooCLI(LightningCLI):
             if any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
                 kwargs["return_predictions"] = False
         return kwargs
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """LightningCLI's ``--optimizer`` / ``--lr_scheduler`` on a zoo model replace its ``optimizer`` /
+        ``lr_scheduler`` factories, as ``--model.init_args.optimizer`` / ``--model.init_args.lr_scheduler`` do: the
+        model's parameter groups (no weight decay on norms, biases and ``no_weight_decay()``), its schedules bound
+        to the run length (``WarmupCosineLR`` steps per optimiser step) and its ``val_loss`` monitor still apply,
+        and one given alone keeps the other from the recipe. Lightning's own replacement of
+        ``configure_optimizers`` (one parameter group, no schedule without ``--lr_scheduler``, ``--lr_scheduler``
+        ignored without ``--optimizer``) stays for models that are not zoo's.
+
+        Args:
+            subcommand: the subcommand being run (``fit`` ...).
+        """
+        zoo_model = hasattr(self.model, "optimizer_factory") and hasattr(self.model, "lr_scheduler_factory")
+        if not self.auto_configure_optimizers or not zoo_model:
+            super()._add_configure_optimizers_method_to_model(subcommand)
+            return
+        optimizer_init = self._get(self.config_init, "optimizer")
+        lr_scheduler_init = self._get(self.config_init, "lr_scheduler")
+        if optimizer_init:
+            self.model.optimizer_factory = functools.partial(_instantiate_from_config, optimizer_init)
+        if lr_scheduler_init:
+            self.model.lr_scheduler_factory = functools.partial(_instantiate_from_config, lr_scheduler_init)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -505,6 +548,14 @@ class ZooCLI(LightningCLI):
             f"zoo: predicted {count} samples in {len(batches)} batches (to save them: "
             "--trainer.callbacks+=zoo.callbacks.PredictionWriter --trainer.callbacks.output preds.pt)"
         )
+
+
+def _instantiate_from_config(config: Any, args: Any) -> Any:
+    """The class a LightningCLI ``--optimizer`` / ``--lr_scheduler`` value names, built on ``args`` (the
+    parameter groups, or the optimiser): ``config`` holds ``class_path`` and ``init_args``."""
+    from lightning.pytorch.cli import instantiate_class
+
+    return instantiate_class(args, config)
 
 
 @rank_zero_only
@@ -773,7 +824,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_lightning(argv, from_command_line)
     except ZooError as e:
-        print(f"zoo: error: {e}", file=sys.stderr)
+        # under DDP every process meets the same error (each parses the same options and sets up the same data):
+        # the line comes once per machine, from its first process (LOCAL_RANK 0, as Lightning's launchers and
+        # torchrun set it), so that an error only one machine meets (its data folder missing) is still shown;
+        # every process exits with 2
+        if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+            print(f"zoo: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -393,6 +393,6 @@ def build_optimization(
             steps_per_epoch = per_epoch if steps_per_epoch is None else steps_per_epoch
         sched.bind_run_length(total_steps, steps_per_epoch)
     config: dict[str, Any] = {"scheduler": sched, "interval": getattr(sched, "interval", "epoch")}
-    if isinstance(sched, ReduceLROnPlateau):
-        config["monitor"] = "val_loss"
+    if isinstance(sched, ReduceLROnPlateau):  # Lightning's subclass (lightning.pytorch.cli) names its monitor
+        config["monitor"] = getattr(sched, "monitor", None) or "val_loss"
     return {"optimizer": opt, "lr_scheduler": config}
