@@ -27,6 +27,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from converters import TRAINING_OPTIONS, AttentionSpec, register_source, source_device_dtype
@@ -121,6 +122,10 @@ def read_fairseq_transformer(model: nn.Module) -> AttentionSpec:
     _check_layout(model, label)
     device, dtype = source_device_dtype(model, label)
     state = model.state_dict()
+    if dtype != torch.float32:
+        # the reader builds a float32 model: read float32 copies (no "cast to the model's precision" line), which
+        # the source's own tensors replace below, in the source's dtype
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     ckpt = {"model": state, "args": argparse.Namespace(**fairseq_model_args(model))}
     zoo_model = from_fairseq_checkpoint(ckpt, n_iter=1)
     zoo_model.pretrained_cfg.update(source=label, description=f"converted from a live {label}")

@@ -230,7 +230,8 @@ def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
             from the source.
 
     Returns:
-        the converted model, on the source's device and dtype and in its train/eval mode.
+        the converted model, on the source's device and dtype and in its train/eval mode (a ResNet: in its
+        memory format too, channels-last when the source's convolutions are).
 
     Raises:
         ZooError: unknown target, unsupported source type or variant, or unknown option.

@@ -235,7 +235,17 @@ def build_resnet(cls: type[ResNet], spec: ResNetSpec, options: dict[str, Any]) -
     check_resnet_layout(spec.modules, model, spec.label)
     model.to(device=spec.device, dtype=spec.dtype)
     zoo.hub.load_state_dict(model, spec.state_dict, source_hparams=None, source=spec.label)
+    if _channels_last(spec.state_dict):  # the source's memory format too (model.to(memory_format=...) was called)
+        model.to(memory_format=torch.channels_last)
     return model
+
+
+def _channels_last(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the source's convolution weights are channels-last (strides NHWC, not NCHW)."""
+    convs = [v for v in state_dict.values() if v.ndim == 4 and v.shape[1] > 1 and v.shape[2] * v.shape[3] > 1]
+    return bool(convs) and all(
+        v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous() for v in convs
+    )
 
 
 @register_target("resnet", "resnet", RESNET_OPTIONS, "zoo ResNet, scale 1: the same function")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -173,6 +174,19 @@ def test_transform_keeps_frozen_parameters_and_module_modes(inplace: bool, fs: o
     assert {k for k, p in converted.named_parameters() if not p.requires_grad} == frozen
     assert not converted.training and converted.decoder.layers[1].training
     assert not converted.decoder.layers[0].training
+
+
+def test_transform_float64_model_says_nothing_about_precision(caplog: pytest.LogCaptureFixture, fs: object) -> None:
+    """A float64 fairseq model converts to a float64 zoo model with fairseq's function, and no "cast to the
+    model's precision" line (nothing of the source is cast)."""
+    model = fairseq_model().double()
+    src, lengths, prev = batch()
+    ref = fairseq_log_probs(model, src, lengths, prev)
+    with caplog.at_level(logging.INFO):
+        converted = converters.transform(model, to="sinkhorn", n_iter=1)
+    assert not [r for r in caplog.records if "precision" in r.getMessage()]
+    assert all(p.dtype == torch.float64 for p in converted.parameters())
+    assert_close_valid(zoo_log_probs(converted, src, prev), ref, prev)
 
 
 def test_transform_rejects_unsupported(fs: object) -> None:

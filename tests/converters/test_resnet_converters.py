@@ -292,6 +292,19 @@ def test_unsupported_source_type() -> None:
     assert "torchvision.models.ResNet" in str(err.value) and "timm.models.resnet.ResNet" in str(err.value)
 
 
+def test_channels_last_source_gives_a_channels_last_model() -> None:
+    """The converted model keeps the source's memory format (as its device, dtype and mode), and its function."""
+    source = torchvision.models.resnet18(num_classes=3).eval().to(memory_format=torch.channels_last)
+    converted = converters.transform(source, to="depth_scaled")
+    convs = [m.weight for m in converted.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    plain = converters.transform(torchvision.models.resnet18(num_classes=3).eval(), to="depth_scaled")
+    assert plain.conv1.weight.is_contiguous()
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), source(x), rtol=1e-5, atol=1e-5)
+
+
 def test_wrapped_sources_name_the_model_inside() -> None:
     """A source inside torch.compile or a data-parallel wrapper, or a zoo model already, is refused with the fix;
     the model inside converts."""
