@@ -199,6 +199,24 @@ def test_mha_self_attention_padding_invariance_at_three_iterations() -> None:
     assert close(w_alone.sum(-1), torch.ones(1, 4, 5))  # 3 half-steps end on rows
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mha_additive_padding_at_the_dtype_minimum_is_padding(dtype: torch.dtype) -> None:
+    """An additive key padding mask whose padded keys hold torch.finfo(dtype).min (Hugging Face's masked value)
+    pads as -inf and a bool mask do: each sequence gets the result it gets alone. (As a finite bias, the column
+    step renormalised the padded keys' columns and gave them all the mass of the valid queries.)"""
+    _, mine = mha_pair(n_iter=3, batch_first=True)
+    x = seeded(2, 8, 16)
+    kpm = torch.zeros(2, 8, dtype=torch.bool)
+    kpm[1, 5:] = True
+    additive = torch.zeros(2, 8, dtype=dtype).masked_fill(kpm, torch.finfo(dtype).min)
+    out, w = mine(x, x, x, key_padding_mask=additive, average_attn_weights=False)
+    alone, _ = mine(x[1:, :5], x[1:, :5], x[1:, :5])
+    assert close(out[1, :5], alone[0])
+    assert torch.equal(w[1, :, :, 5:], torch.zeros_like(w[1, :, :, 5:]))
+    out_bool, _ = mine(x, x, x, key_padding_mask=kpm)
+    assert torch.equal(out, out_bool)
+
+
 def test_mha_sinkhorn_matches_reference_and_differs_from_softmax() -> None:
     ref, mine = mha_pair(n_iter=3, batch_first=True)
     x = seeded(2, 6, 16)

@@ -325,6 +325,29 @@ def test_expert_choice_aux_loss_is_zero(topk: str) -> None:
     assert moe.aux_loss.item() == 0.0
 
 
+@pytest.mark.parametrize("name", ROUTINGS)
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0,)], ids=["no_sequence", "empty_sequences", "no_token_2d"])
+def test_a_call_without_tokens_gives_an_empty_output_and_drops_nothing(name: str, shape: tuple[int, ...]) -> None:
+    """A call with no token (an empty batch, empty sequences) or only padded tokens runs, returns zeros of x's
+    shape, gives x and every parameter a (zero) gradient, and reports nothing dropped: there was nothing to route
+    (expert choice with the relaxed top-k asked soft_topk_mask for k = 0 of n = 0 and raised; dropped_fraction was
+    reported as 1)."""
+    moe = make(**ROUTINGS[name]).train()
+    cases = [(seeded(*shape, DIM).requires_grad_(), None)]
+    if shape == (0, 5):  # and a batch whose every token is padded
+        cases.append((seeded(2, 5, DIM).requires_grad_(), torch.ones(2, 5, dtype=torch.bool)))
+    for x, pm in cases:
+        out = moe(x, pm)
+        assert out.shape == x.shape and (out.numel() == 0 or out.abs().max() == 0)
+        (out.sum() + moe.aux_loss).backward()
+        assert x.grad is not None and (x.grad.numel() == 0 or x.grad.abs().max() == 0)
+        assert moe.stats["dropped_fraction"] == 0
+        assert moe.stats["tokens_per_expert"].sum() == 0
+        if "dropped_soft_weight" in moe.stats:
+            assert moe.stats["dropped_soft_weight"] == 0
+        moe.zero_grad()
+
+
 def test_stats_are_detached_and_correct() -> None:
     moe = make(router="expert_choice", topk="soft", lam=0.05).train()
     x = seeded(2, 10, DIM)

@@ -351,11 +351,61 @@ def test_deepen_interpolate_keeps_endpoints_and_averages_midpoints():
         ({"scale": "width"}, "unknown scale"),
         ({"scale": -1.0}, "positive number"),
         ({"gamma": 1.5}, "gamma"),
+        ({"rule": "momentum", "gamma": torch.tensor(0.9)}, "gamma must be a number in [0, 1)"),
+        ({"rule": "momentum", "gamma": True}, "gamma must be a number in [0, 1)"),
+        ({"scale": True}, "scale must be 'depth' or a finite positive number"),
+        ({"rule": "euler", "init_velocity": "f"}, "init_velocity applies to a rule with a velocity"),
+        ({"rule": "heun", "init_velocity": nn.Identity()}, "init_velocity applies to a rule with a velocity"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
     with pytest.raises(ZooError, match=re.escape(message)):
         ResidualStack(smooth_blocks(2), **kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    """gamma, scale and stored_blocks from a config (NumPy scalars) are numbers: they were refused with an error
+    saying that 0.9 does not lie in [0, 1)."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for gamma in (np.float64(0.5), np.float32(0.5)):
+        stack = ResidualStack(smooth_blocks(3), rule="momentum", gamma=gamma, scale=np.float32(0.5)).double()
+        ref = ResidualStack(stack.blocks, rule="momentum", gamma=0.5, scale=0.5)
+        assert stack.gamma == 0.5 and stack.step == 0.5
+        torch.testing.assert_close(stack(x), ref(x), rtol=0, atol=0)
+    stack = ResidualStack(smooth_blocks(3), rule="momentum", memory="reversible", stored_blocks=np.int64(2))
+    assert stack.stored_blocks == 2 and type(stack.stored_blocks) is int
+
+
+class _TupleBlock(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.tanh(x),)
+
+
+class _NoneBlock(nn.Module):
+    def forward(self, x: torch.Tensor) -> None:
+        torch.tanh(x)
+
+
+@pytest.mark.parametrize(
+    "rule, memory, init_velocity",
+    [
+        ("euler", "full", "zero"),
+        ("heun", "adjoint", "zero"),
+        ("momentum", "full", "f"),
+        ("momentum", "reversible", "zero"),
+    ],
+)
+@pytest.mark.parametrize("block", [_TupleBlock, _NoneBlock])
+def test_a_block_returning_no_tensor_is_one_clear_error(rule, memory, init_velocity, block):
+    """A residual function returning a tuple (a Hugging Face-style layer) or None: one ZooError naming the block
+    and the fix, not an AttributeError inside the engine."""
+    stack = ResidualStack([block(), block()], rule=rule, memory=memory, init_velocity=init_velocity)
+    with pytest.raises(ZooError, match="residual block 0 of a ResidualStack returned a (tuple|NoneType), not a tensor"):
+        stack(torch.randn(2, 6, requires_grad=True))
+    velocity = ResidualStack(smooth_blocks(2), rule="momentum", init_velocity=block())
+    with pytest.raises(ZooError, match="the initial-velocity module of a ResidualStack returned a"):
+        velocity(torch.randn(2, 6))
 
 
 def test_shape_changing_block_and_integer_input_are_refused():

@@ -49,6 +49,24 @@ def test_causal_blocked_allowed_additive_are_the_same_mask(n_iter):
     torch.testing.assert_close(outs[0], naive_sinkhorn(q, k, v, n_iter, allowed.double()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_additive_mask_at_the_dtype_minimum_is_not_allowed(dtype, n_iter):
+    """torch.finfo(dtype).min, Hugging Face's "masked" value, blocks an entry as -inf does: the Sinkhorn column step
+    must not renormalise those entries into mass (the naive reference on the bool mask), and n_iter = 1 stays SDPA."""
+    q, k, v = qkv()
+    allowed = torch.ones(5, 5, dtype=torch.bool)
+    allowed[:, 3:] = False  # two keys blocked for every query: columns of nothing but the minimum
+    allowed[0, 1] = False
+    hf = torch.zeros(5, 5, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    out = sinkhorn_attention(q, k, v, n_iter, attn_mask=hf)
+    torch.testing.assert_close(out, sinkhorn_attention(q, k, v, n_iter, attn_mask=allowed), rtol=0, atol=0)
+    torch.testing.assert_close(out, naive_sinkhorn(q, k, v, n_iter, allowed.double()))
+    if n_iter == 1:
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=hf.double())
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_n_iter_1_is_sdpa_with_key_padding_and_no_query_default():
     """attention() marks only the queries a PaddingMask names: keys padded alone is SDPA with a key mask."""
     q, k, v = qkv()

@@ -267,9 +267,10 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
     ``need_weights``, else None.
 
     Padding: a bool ``key_padding_mask`` (or the -inf entries of an additive one, which is what
-    ``nn.TransformerEncoderLayer`` passes) restricts the Sinkhorn marginals to the valid keys; for
-    self-attention (``query is key``) it also marks the padded queries, which get no mass, so padded
-    tokens never change the valid ones. With ``n_iter=1`` the outputs equal torch's at every valid
+    ``nn.TransformerEncoderLayer`` passes, and those equal to its dtype's most negative value,
+    ``torch.finfo(dtype).min``, the masked value of Hugging Face masks) restricts the Sinkhorn marginals
+    to the valid keys; for self-attention (``query is key``) it also marks the padded queries, which get
+    no mass, so padded tokens never change the valid ones. With ``n_iter=1`` the outputs equal torch's at every valid
     position (padded query rows may differ; torch computes them from the valid keys).
 
     Args:
@@ -394,6 +395,12 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
 
         # masks in torch's conventions: key padding bool (B, S) True = padded, or additive; attn_mask bool
         # True = NOT allowed, or additive; is_causal when attn_mask is None
+        # the masked keys of an additive key padding mask: -inf, or the most negative finite value of its dtype (the
+        # "masked" value of Hugging Face and of many hand-made masks: as a finite bias, the column step would
+        # renormalise those keys' columns and hand them all the mass), found before any cast to q's dtype
+        padded = None
+        if key_padding_mask is not None and key_padding_mask.is_floating_point():
+            padded = key_padding_mask <= torch.finfo(key_padding_mask.dtype).min
         key_padding_mask = _canonical_bool_or_float(key_padding_mask, "key_padding_mask", dtype)
         attn_mask = _canonical_bool_or_float(attn_mask, "attn_mask", dtype)
         S = k.shape[1]
@@ -404,10 +411,9 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
             mask = BlockedMask(attn_mask) if attn_mask.dtype == torch.bool else AdditiveMask(attn_mask)
         elif is_causal:
             mask = CausalMask()
-        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            # additive (nn.TransformerEncoder(Layer) turns bool masks into 0 / -inf floats): the -inf keys are
-            # padding (out of the marginals, as a bool mask), finite values are an additive mask; no host sync
-            padded = torch.isneginf(key_padding_mask)
+        if padded is not None and key_padding_mask is not None:
+            # additive (nn.TransformerEncoder(Layer) turns bool masks into 0 / -inf floats): the -inf (or dtype-min)
+            # keys are padding (out of the marginals, as a bool mask), other values an additive mask; no host sync
             mask = mask & AdditiveMask(key_padding_mask.masked_fill(padded, 0.0).view(B, 1, 1, S))
             key_padding_mask = padded
         query_padding_mask = None

@@ -49,9 +49,9 @@ expert choice k = n), i.e. E times the dense MLP's compute: meant for exactness 
 After each forward the module holds ``aux_loss`` (0-d tensor, graph attached; add ``weight * moe.aux_loss`` to
 the loss, e.g. 0.01 as in Switch) and ``stats``, detached tensors: ``tokens_per_expert`` (E,) (tokens each expert
 processed), ``dropped_fraction`` (token choice: the share of the k * T_valid assignments dropped by capacity;
-expert choice: the share of valid tokens no expert took), ``router_entropy`` (mean entropy of S over the valid
-tokens) and, with ``topk="soft"``, ``dropped_soft_weight`` (share of the relaxed weight sum_te m S outside the
-dispatched pairs). :meth:`MoE.route` returns the dispatch itself (:class:`Routing`).
+expert choice: the share of valid tokens no expert took; 0 for a call without valid tokens), ``router_entropy``
+(mean entropy of S over the valid tokens) and, with ``topk="soft"``, ``dropped_soft_weight`` (share of the relaxed
+weight sum_te m S outside the dispatched pairs). :meth:`MoE.route` returns the dispatch itself (:class:`Routing`).
 
 Expert parallelism (:func:`zoo.nn.expert_parallel.shard_experts`): the experts are split over the ranks of an
 expert-parallel group (E / P per rank, ``expert_shard`` records which); routing stays on the token's rank, and the
@@ -548,11 +548,12 @@ class MoE(nn.Module):
         stats = self._common_stats(logits, valid, n_valid)
         kept = (index < N).sum(1)
         stats["tokens_per_expert"] = kept.detach()
-        stats["dropped_fraction"] = (1 - kept.sum() / (k * denom)).detach().float()
+        # dropped / assigned, 0 (not 1) when no token was routed: an empty or all-padded call drops nothing
+        stats["dropped_fraction"] = ((k * n_valid - kept.sum()) / (k * denom)).detach().float()
         if self.topk == "soft":
             total = weights if valid is None else weights * valid.unsqueeze(-1)
             kept_w = sel_w if valid is None else sel_w * valid.unsqueeze(-1)
-            stats["dropped_soft_weight"] = (1 - kept_w.sum() / total.sum().clamp(min=1e-30)).detach()
+            stats["dropped_soft_weight"] = ((total.sum() - kept_w.sum()) / total.sum().clamp(min=1e-30)).detach()
         return Routing(index, weight, C, aux_loss, stats)
 
     def _expert_k(self, n: int, n_valid: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -582,7 +583,7 @@ class MoE(nn.Module):
         gates = F.pad(logits, (0, 0, 0, pad)).view(groups, n, E).softmax(-1)
         scores = gates.transpose(1, 2)  # S^T (G, E, n)
         pad_mask = None if valid_g is None else ~valid_g.unsqueeze(1)  # (G, 1, n)
-        if self.topk == "soft":
+        if self.topk == "soft" and k_max > 0:  # k_max = 0: groups of no token (T = 0), nothing to relax
             masked = scores if pad_mask is None else scores.masked_fill(pad_mask, _PAD_SCORE)
             # a tensor k (per group) only with padding; an int k costs no check (host sync on the CPU)
             k_soft = k_max if valid_g is None else k_row.clamp(min=1).unsqueeze(1).expand(groups, E)
@@ -605,9 +606,9 @@ class MoE(nn.Module):
         hit = torch.zeros(N + 1, dtype=logits.dtype, device=dev).index_fill_(0, index.reshape(-1), 1.0)[:N]
         if valid is not None:
             hit = hit * valid
-        stats["dropped_fraction"] = (1 - hit.sum() / total_valid.clamp(min=1)).detach()
+        stats["dropped_fraction"] = ((total_valid - hit.sum()) / total_valid.clamp(min=1)).detach()
         if self.topk == "soft":
-            stats["dropped_soft_weight"] = (1 - weight.sum() / weights.sum().clamp(min=1e-30)).detach()
+            stats["dropped_soft_weight"] = ((weights.sum() - weight.sum()) / weights.sum().clamp(min=1e-30)).detach()
         return Routing(index, weight, groups * k_max, logits.new_zeros(()), stats)
 
     # -------------------------------------------------------------------------------------------- forward

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -82,7 +83,9 @@ def validate_rule_memory(rule: str, memory: str, gamma: float = DEFAULT_GAMMA) -
     """Raise one clear error for an unknown or unsupported ``rule`` / ``memory`` / ``gamma``."""
     _check_choice("rule", rule, RULES)
     _check_choice("memory", memory, MEMORY_MODES)
-    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma < 1.0):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise ZooError(f"gamma must be a number in [0, 1) (a Python or NumPy scalar), got {type(gamma).__name__}")
+    if not 0.0 <= gamma < 1.0:
         raise ZooError(f"gamma must lie in [0, 1), got {gamma!r}")
     exact = RULES[rule].exact_inverse
     if memory == "reversible" and not exact:
@@ -150,8 +153,9 @@ class ResidualStack(nn.Module):
     ):
         super().__init__()
         validate_rule_memory(rule, memory, gamma)
-        if isinstance(stored_blocks, bool) or not isinstance(stored_blocks, int) or stored_blocks < 0:
+        if isinstance(stored_blocks, bool) or not isinstance(stored_blocks, numbers.Integral) or stored_blocks < 0:
             raise ZooError(f"stored_blocks must be a non-negative integer, got {stored_blocks!r}")
+        stored_blocks = int(stored_blocks)
         if stored_blocks and memory != "reversible":
             raise ZooError(
                 f"stored_blocks={stored_blocks} applies to memory='reversible' only (memory={memory!r} "
@@ -162,12 +166,19 @@ class ResidualStack(nn.Module):
         if isinstance(scale, str):
             if scale != "depth":
                 raise ZooError(f"unknown scale {scale!r}: use 'depth' (h = 1/N) or a positive number")
-        elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ZooError(f"scale must be 'depth' or a positive number, got {scale!r}")
+        elif isinstance(scale, bool) or not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
+            raise ZooError(f"scale must be 'depth' or a finite positive number, got {scale!r}")
+        else:
+            scale = float(scale)
         if isinstance(init_velocity, str):
             _check_choice("init_velocity", init_velocity, INIT_VELOCITIES)
         elif not isinstance(init_velocity, nn.Module):
             raise ZooError(f"init_velocity must be 'zero', 'f' or a module, got {type(init_velocity).__name__}")
+        if not RULES[rule].has_velocity and not (isinstance(init_velocity, str) and init_velocity == "zero"):
+            raise ZooError(
+                f"init_velocity applies to a rule with a velocity (rule='momentum'); rule={rule!r} has none: "
+                "leave init_velocity='zero' or use rule='momentum'"
+            )
         self.rule = rule
         self.scale = scale
         self.gamma = float(gamma)
@@ -181,7 +192,7 @@ class ResidualStack(nn.Module):
         self.init_velocity = init_velocity if isinstance(init_velocity, str) else "module"
         if isinstance(init_velocity, nn.Module):
             self.velocity = init_velocity
-        self.ratio = GammaRatio(gamma) if memory == "reversible" else None
+        self.ratio = GammaRatio(self.gamma) if memory == "reversible" else None
         # diagnostic of memory="reversible": when True, backward keeps the rebuilt fixed-point
         # (x_0, v_0) in ``last_rebuild`` (they equal the forward's bit for bit)
         self.record_rebuild = False
@@ -320,6 +331,7 @@ class ResidualStack(nn.Module):
     def residual(self, n: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """f_n(x) (n clamped to the last block: Heun's f_N is f_{N-1}), checked to keep x's shape."""
         fx = self._modules[str(min(n, self.depth - 1) + self._offset)](x, *args, **kwargs)
+        _check_tensor(fx, f"residual block {n}")
         if fx.shape != x.shape:
             raise ZooError(
                 f"residual block {n} of a ResidualStack maps shape {tuple(x.shape)} to {tuple(fx.shape)}; "
@@ -354,6 +366,7 @@ class ResidualStack(nn.Module):
         if self.init_velocity == "zero":
             return torch.zeros_like(x)
         v = self.residual(0, x, args, kwargs) if self.init_velocity == "f" else self.velocity(x, *args, **kwargs)
+        _check_tensor(v, "the initial-velocity module")
         if v.shape != x.shape:
             raise ZooError(f"the initial velocity has shape {tuple(v.shape)}, the state {tuple(x.shape)}")
         return v
@@ -405,6 +418,17 @@ class ResidualStack(nn.Module):
             # cannot trace (a data-dependent aten.equal)
             return full.run_plain(self, x, args, kwargs)
         return MEMORY_STRATEGIES[self.memory](self, x, args, kwargs)
+
+
+def _check_tensor(out: Any, who: str) -> None:
+    """One clear error when a residual function (or the initial-velocity module) returns no tensor (a tuple, a dict,
+    None), instead of an AttributeError deep in the engine.
+    ``out``: what the module returned; ``who``: the module, as the error names it."""
+    if not isinstance(out, torch.Tensor):
+        raise ZooError(
+            f"{who} of a ResidualStack returned a {type(out).__name__}, not a tensor: a residual function must "
+            "return one tensor shaped like its input (wrap a block returning a tuple or dict to return that tensor)"
+        )
 
 
 def _host_read_is_free(t: torch.Tensor) -> bool:

@@ -6,7 +6,8 @@ Every mask says what it means in its type, so no caller flips a polarity:
     CausalMask()                 query i attends to keys j <= i (top-left aligned, as ``torch.ones(L, S).tril()``)
     AllowedMask(allowed)         bool, True = may attend (SDPA's convention), broadcastable to (..., L, S)
     BlockedMask(blocked)         bool, True = may NOT attend (``nn.MultiheadAttention`` / fairseq's convention)
-    AdditiveMask(bias)           float added to the scores, -inf = not allowed, broadcastable to (..., L, S)
+    AdditiveMask(bias)           float added to the scores, -inf (or the dtype's min) = not allowed, broadcastable
+                                 to (..., L, S)
 
 ``a & b`` combines masks (a :class:`CombinedMask`). :func:`resolve` is the one conversion: it checks the shapes
 against the scores' (..., L, S) and gives the dense attention mask that SDPA takes, the padding masks, and the
@@ -109,7 +110,8 @@ class BlockedMask(AttentionMask):
 
 @dataclass(frozen=True, eq=False)
 class AdditiveMask(AttentionMask):
-    """``bias``: float added to the scores (-inf = not allowed), broadcastable to (..., L, S)."""
+    """``bias``: float added to the scores (-inf, or ``torch.finfo(bias.dtype).min``, = not allowed),
+    broadcastable to (..., L, S)."""
 
     bias: torch.Tensor
 
@@ -174,16 +176,17 @@ class ResolvedMask:
     keys: torch.Tensor | None
     queries: torch.Tensor | None
 
-    def sdpa_mask(self) -> torch.Tensor | None:
+    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The ``attn_mask`` of ``F.scaled_dot_product_attention``: the dense mask with the padded keys removed
-        (query padding is applied to the output rows, :meth:`zero_padded_queries`)."""
+        (query padding is applied to the output rows, :meth:`zero_padded_queries`); an additive one in ``dtype``,
+        the query's (SDPA refuses another floating dtype)."""
         if self.keys is None:
-            return self.dense
+            return self.dense if self.dense is None or self.dense.dtype == torch.bool else self.dense.to(dtype)
         if self.dense is None:
             return ~self.keys
         if self.dense.dtype == torch.bool:
             return self.dense & ~self.keys
-        return self.dense + _bias(self.keys, torch.float32).to(self.dense.dtype)
+        return self.dense.to(dtype) + _bias(self.keys, dtype)
 
     def zero_padded_queries(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` (..., L, Ev) with the rows of padded queries set to 0."""
@@ -240,7 +243,7 @@ def resolve(mask: AttentionMask | None, lead: torch.Size, L: int, S: int, device
         elif isinstance(part, BlockedMask):
             t = ~_checked_dense(part.blocked, lead, L, S, want_bool=True)
         elif isinstance(part, AdditiveMask):
-            t = _checked_dense(part.bias, lead, L, S, want_bool=False)
+            t = _blocked_at_dtype_min(_checked_dense(part.bias, lead, L, S, want_bool=False))
         else:
             raise ZooError(f"unknown attention mask {type(part).__name__}: use the classes of zoo.ops.masks")
         dense = t if dense is None else _and(dense, t)
@@ -255,6 +258,14 @@ def _and(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = _bias(~a, dtype) if a.dtype == torch.bool else a
     b = _bias(~b, dtype) if b.dtype == torch.bool else b
     return a + b
+
+
+def _blocked_at_dtype_min(bias: torch.Tensor) -> torch.Tensor:
+    """``bias`` with its entries at the most negative value of its dtype (``torch.finfo(dtype).min``, the "masked"
+    value of Hugging Face's masks and of many hand-made ones) as -inf: not allowed. Softmax gives such an entry no
+    weight either way, but as a finite bias the Sinkhorn column step would renormalise a column of them and hand it
+    the mass."""
+    return bias.masked_fill(bias <= torch.finfo(bias.dtype).min, float("-inf"))
 
 
 def _checked_dense(t: torch.Tensor, lead: torch.Size, L: int, S: int, want_bool: bool) -> torch.Tensor:

@@ -440,7 +440,9 @@ def attention(
 
     if n_iter == 1 and not return_weights:
         # softmax attention: SDPA itself, query padding applied to the output rows only
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.sdpa_mask(), dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=masks.sdpa_mask(q.dtype), dropout_p=dropout_p, scale=scale
+        )
         return masks.zero_padded_queries(out)
 
     out_dtype = _output_dtype(q)
