@@ -1017,3 +1017,21 @@ def test_ckpt_path_without_config_names_the_saved_config(
     code, _, err = run_main(["test", "--ckpt_path", str(ckpt)], capsys)
     (line,) = err.strip().splitlines()
     assert code == 2 and f"--config {run / 'config.yaml'}" in line
+
+
+def test_output_piped_into_a_reader_that_leaves_is_no_traceback() -> None:
+    """``zoo recipes | head -1``: the reader closes the pipe after one line; zoo stops quietly with exit code 0
+    (Python's default is a BrokenPipeError traceback)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zoo.cli", "recipes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert first.startswith(b"cifar10_") and "Traceback" not in err and "BrokenPipe" not in err

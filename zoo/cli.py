@@ -831,6 +831,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
             print(f"zoo: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:
+        # the reader of stdout left (zoo recipes | head): nothing more to say; stdout goes to devnull so that the
+        # interpreter's final flush does not raise again (the recipe of Python's signal documentation)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
 
 
 if __name__ == "__main__":
