@@ -96,6 +96,11 @@ def _moe_routing_options(options: dict[str, Any]) -> tuple[int, int, Any, dict[s
     num_experts = options.pop("num_experts", 8)
     moe_every = options.pop("moe_every", 2)
     moe_blocks = options.pop("moe_blocks", None)
+    if isinstance(moe_blocks, (list, tuple)) and not moe_blocks:
+        raise ZooError(
+            "moe_blocks=[] would turn no MLP into experts: give the indices of the blocks that get experts, such as "
+            "[1, 3], or leave moe_blocks out (moe_every places them)"
+        )
     routing = {name: options.pop(name) for name in MOE_OPTIONS[3:] if name in options}
     return num_experts, moe_every, moe_blocks, routing
 

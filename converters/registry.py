@@ -199,17 +199,32 @@ def _class_name(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _unwrap_hint(model: Any) -> str:
-    """The fix for a source model inside a wrapper (``torch.compile``, ``DataParallel`` / DDP, FSDP's ``module``, a
-    zoo model already converted), or nothing."""
+# how a zoo model becomes another target's variant: its saved weights into the target family's builder or class
+_REBUILD_EXAMPLE = {
+    "sinkhorn": "zoo.models.SinkformerViT(<its arguments>, n_iter=3, weights=path)",
+    "moe": "zoo.models.VisionMoE(<its arguments>, weights=path)",
+}
+
+
+def _unwrap_hint(model: Any, to: str) -> str:
+    """The fix for a source ``model`` inside a wrapper (``torch.compile``, ``DataParallel`` / DDP), or for a zoo
+    model already (rebuilt as the target ``to`` from its saved weights); nothing otherwise."""
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
         return "; this is a torch.compile wrapper: convert the model inside, transform(model._orig_mod, ...)"
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return "; this is a data-parallel wrapper: convert the model inside, transform(model.module, ...)"
     if type(model).__module__.startswith("zoo."):
+        from zoo.models import ResNet
+
+        if isinstance(model, ResNet) and to not in _REBUILD_EXAMPLE:
+            example = f"zoo.{'' if to == 'resnet' else to + '_'}resnet50(weights=path)"
+        elif not isinstance(model, ResNet) and to in _REBUILD_EXAMPLE:
+            example = _REBUILD_EXAMPLE[to]
+        else:
+            return f"; this is a zoo {type(model).__name__} already, and zoo has no {to!r} variant of it"
         return (
             "; this is a zoo model already: save it (model.save_pretrained(path)) and build the variant from "
-            "its weights with the variant's builder, e.g. zoo.momentum_resnet50(weights=path)"
+            f"its weights with the variant's builder or class, e.g. {example}"
         )
     return ""
 
@@ -243,7 +258,7 @@ def transform(model: nn.Module, to: str, **options: Any) -> nn.Module:
     if source is None:
         raise ZooError(
             f"cannot convert a {_class_name(model)} to {to!r}: supported sources for {to!r} are "
-            f"{', '.join(sources) or 'none'}{_unwrap_hint(model)}"
+            f"{', '.join(sources) or 'none'}{_unwrap_hint(model, to)}"
         )
     how = target.builds[source.family]
     unknown = sorted(set(options) - set(how.options))

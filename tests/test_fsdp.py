@@ -459,3 +459,31 @@ def test_recipe_trains_with_fsdp2_through_the_cli(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "missing" not in proc.stderr and any(line.startswith("zoo: val_acc") for line in proc.stdout.splitlines())
     assert len(list(tmp_path.rglob("epoch=1-*.ckpt"))) == 1
+
+
+def test_save_pretrained_of_a_sharded_model_names_the_way_out(tmp_path: Path) -> None:
+    """A model sharded by fully_shard (its class FSDP<Class>, its parameters shards) is refused by save_pretrained
+    with one error naming FSDP2 and how to save from its checkpoint (one process, a world of 1, in a subprocess so
+    that no process group outlives it)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import zoo
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+model = zoo.depth_scaled_cifar_resnet(layers=(1, 1, 1), widths=(4, 8, 8))
+fully_shard(model)
+try:
+    model.save_pretrained({str(tmp_path / "m")!r})
+except zoo.ZooError as e:
+    print("ZOOERROR", e)
+dist.destroy_process_group()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("ZOOERROR")]
+    assert "cannot save a DepthScaledResNet sharded by FSDP2" in line
+    assert "zoo.models.DepthScaledResNet.load_from_checkpoint(path).save_pretrained(folder)" in line
+    assert "consolidate_checkpoint" in line and not (tmp_path / "m").exists()

@@ -525,3 +525,15 @@ def test_zoo_weights_saved_at_another_step_keep_their_function(tmp_path):
     scaled.save_pretrained(tmp_path / "scaled.safetensors")
     back = zoo.cifar_resnet(**DEEP, weights=str(tmp_path / "scaled.safetensors"))
     torch.testing.assert_close(outputs(back, SMALL_IMAGE), outputs(plain, SMALL_IMAGE), rtol=1e-4, atol=1e-5)
+
+
+def test_a_sharded_checkpoint_folder_read_as_a_file_names_the_ways_to_read_it(tmp_path) -> None:
+    """A DCP folder (FSDP2's sharded checkpoint) given where one file is read (a single-process zoo validate, a
+    builder's weights=) is one error naming the fsdp2 strategy and consolidate_checkpoint, not "does not exist"."""
+    folder = tmp_path / "epoch=0-step=2.ckpt"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"\0")
+    with pytest.raises(ZooError, match=r"sharded checkpoint folder .*--trainer.strategy fsdp2.*consolidate_checkpoint"):
+        hub.load_checkpoint_file(folder)
+    with pytest.raises(ZooError, match="does not exist"):
+        hub.load_checkpoint_file(tmp_path / "missing.ckpt")

@@ -353,6 +353,12 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         path: the file to load.
     """
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        raise ZooError(
+            f"{str(path)!r} is a sharded checkpoint folder (FSDP2's save_distributed_checkpoint), which only the "
+            "fsdp2 strategy reads: run with --trainer.strategy fsdp2, or make one file of it "
+            "with zoo.nn.fsdp.consolidate_checkpoint(folder, 'model.ckpt') and give that"
+        )
     if not path.is_file():
         raise ZooError(f"checkpoint {str(path)!r} does not exist: give the path of a weight or .ckpt file")
     if path.stat().st_size == 0:
@@ -863,6 +869,15 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 def _unsaveable(model: nn.Module) -> str:
     """Why ``save_pretrained`` refuses ``model`` (not a registered zoo model class), and the fix."""
     name = type(model).__name__
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # fully_shard swapped its class for FSDP<Class> and its parameters for shards
+        base = next((c.__name__ for c in type(model).__mro__[1:] if c is not FSDPModule), name)
+        return (
+            f"cannot save a {base} sharded by FSDP2 ({name}: each process holds shards of its parameters); save "
+            f"from its checkpoint in one process: zoo.models.{base}.load_from_checkpoint(path).save_pretrained(folder) "
+            "(a sharded checkpoint folder: zoo.nn.fsdp.consolidate_checkpoint(folder, file) first)"
+        )
     inner = getattr(model, "model", None)
     if hasattr(model, "feature_info") and isinstance(inner, nn.Module) and hasattr(inner, "hparams"):
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "<architecture>"

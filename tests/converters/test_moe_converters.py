@@ -162,6 +162,10 @@ def test_bad_options() -> None:
         converters.transform(src, to="moe", moe_every=9)
     with pytest.raises(ZooError, match=r"cannot convert a .*Linear to 'moe'"):
         converters.transform(nn.Linear(3, 3), to="moe")
+    # an empty block list converts nothing (VisionMoE accepts it only as what pruning leaves): refused
+    for source in (src, src.blocks):
+        with pytest.raises(ZooError, match=r"moe_blocks=\[\] would turn no MLP into experts"):
+            converters.transform(source, to="moe", moe_blocks=[])
 
 
 def test_zoo_convert_to_moe_writes_a_vmoe_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

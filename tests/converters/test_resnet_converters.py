@@ -313,8 +313,10 @@ def test_wrapped_sources_name_the_model_inside() -> None:
         converters.transform(torch.compile(source), to="depth_scaled")
     with pytest.raises(ZooError, match=r"data-parallel wrapper: .*transform\(model.module"):
         converters.transform(nn.DataParallel(source), to="depth_scaled")
-    with pytest.raises(ZooError, match=r"a zoo model already: .*weights=path"):
+    with pytest.raises(ZooError, match=r"a zoo model already: .*zoo.momentum_resnet50\(weights=path\)"):
         converters.transform(zoo.resnet18(num_classes=3), to="momentum")
+    with pytest.raises(ZooError, match=r"a zoo ResNet already, and zoo has no 'sinkhorn' variant of it"):
+        converters.transform(zoo.resnet18(num_classes=3), to="sinkhorn")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         converted = converters.transform(nn.DataParallel(source).module, to="depth_scaled")

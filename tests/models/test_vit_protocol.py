@@ -157,6 +157,33 @@ def test_vmoe_pruned_model_round_trips(tmp_path: Path) -> None:
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("moe", "keep"),
+    [({"moe_every": 2}, [0]), ({"moe_blocks": [3]}, [1]), ({"moe_blocks": [2, 3]}, [0, 1])],
+    ids=["every-2-depth-1", "explicit-blocks-cut", "explicit-blocks-cut-2"],
+)
+def test_vmoe_pruned_of_every_moe_block_round_trips(moe: dict, keep: list[int], tmp_path: Path) -> None:
+    """Pruning away every MoE block leaves a dense ViT whose hparams (moe_every=2 at depth 1, or moe_blocks past the
+    depth) used to be refused when the saved model was rebuilt; it records moe_blocks=[] and rebuilds exactly,
+    checked against the pruned model and against a dense SinkformerViT holding the same weights."""
+    args = {"img_size": 32, "patch_size": 8, "embed_dim": 8, "depth": 4, "num_heads": 2, "num_experts": 2}
+    model = zoo.vmoe_tiny_patch32_224(global_pool="avg", **args, **moe).eval()
+    model.prune_intermediate_layers(keep)
+    assert model.moe_indices == [] and model.hparams.moe_blocks == []
+    assert not any(isinstance(b.mlp, zoo.nn.MoE) for b in model.blocks)
+    model.save_pretrained(tmp_path / "pruned")
+    loaded = zoo.from_pretrained(tmp_path / "pruned").eval()
+    assert loaded.moe_indices == [] and len(loaded.blocks) == max(keep) + 1
+    vit_args = {k: v for k, v in args.items() if k != "num_experts"}
+    dense = zoo.models.SinkformerViT(n_iter=1, num_classes=0, global_pool="", final_norm=False, **vit_args)
+    dense.blocks = dense.blocks[: max(keep) + 1]
+    dense.load_state_dict(model.state_dict())
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), dense.eval()(x), rtol=0, atol=0)
+
+
 def test_final_norm_false_is_timms() -> None:
     mine, ref = pair(global_pool="avg", final_norm=False)
     assert isinstance(mine.norm, torch.nn.Identity) and isinstance(mine.fc_norm, torch.nn.Identity)

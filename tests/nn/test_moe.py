@@ -650,3 +650,29 @@ def test_routing_statistics_over_layers() -> None:
     stats = routing_statistics([a, b])
     torch.testing.assert_close(stats["aux_loss"], a.aux_loss.detach() + b.aux_loss.detach())
     assert stats["expert_load_max"] >= 1.0 >= stats["expert_load_min"] >= 0.0
+
+
+def test_a_layer_after_a_training_forward_deep_copies_and_averages() -> None:
+    """The last forward's aux_loss carries the step's graph: the layer still deep-copies and pickles (EMA /
+    AveragedModel, converters copy their source), the copy computes the same function, and the layer keeps the
+    graph for the loss."""
+    import copy
+    import io
+
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, k=2)
+    x = torch.randn(2, 5, 8)
+    layer(x)
+    assert layer.aux_loss.grad_fn is not None
+    twin = copy.deepcopy(layer)
+    assert twin.aux_loss.grad_fn is None and torch.equal(twin.aux_loss, layer.aux_loss.detach())
+    torch.save(layer, io.BytesIO())
+    averaged = AveragedModel(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+        torch.testing.assert_close(averaged(x), layer(x), rtol=0, atol=0)
+    layer(x)
+    layer.aux_loss.backward()  # the layer's own graph is intact
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0

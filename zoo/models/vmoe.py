@@ -58,14 +58,23 @@ def moe_block_indices(
     layers: Sequence[int] | None = None,
 ) -> list[int]:
     """The blocks that get an MoE MLP: the block indices ``moe_blocks`` when given, else every ``moe_every``-th
-    block ending with the last (``moe_every=2``, depth 12: 1, 3, ..., 11; ``moe_every=1``: all). ``every`` and
-    ``layers`` are the deprecated names of ``moe_every`` and ``moe_blocks``."""
+    block ending with the last (``moe_every=2``, depth 12: 1, 3, ..., 11; ``moe_every=1``: all).
+
+    Args:
+        depth: the number of blocks.
+        moe_every: an MoE in every ``moe_every``-th block, ending with the last.
+        moe_blocks: explicit block indices (counted from 0) instead of ``moe_every``; an empty list means no MoE
+            block at all, which is what :meth:`VisionMoE.prune_intermediate_layers` records when it removes every
+            MoE block (so that the pruned model rebuilds from its hyperparameters).
+        every: the deprecated name of ``moe_every``.
+        layers: the deprecated name of ``moe_blocks``.
+    """
     if moe_blocks is not None:
         hint = f"give the indices of the blocks that get experts, such as [{depth - 1}] (the last block)"
-        out = sorted(set(int_sequence("moe_blocks", moe_blocks, min_value=0, hint=hint)))
-        if out[-1] >= depth:
+        out = sorted(set(int_sequence("moe_blocks", moe_blocks, min_value=0, allow_empty=True, hint=hint)))
+        if out and out[-1] >= depth:
             raise ZooError(
-                f"moe_blocks {list(moe_blocks)} must be a non-empty list of block indices in "
+                f"moe_blocks {list(moe_blocks)} must be a list of block indices in "
                 f"[0, {depth - 1}] (blocks count from 0; depth={depth})"
             )
         return out
@@ -84,7 +93,7 @@ class VisionMoE(SinkformerViT):
     rates, ``weights`` and the training hyperparameters):
         num_experts: experts per MoE layer.
         moe_every: an MoE in every ``moe_every``-th block, ending with the last; ``moe_blocks``: explicit block
-            indices instead (counted from 0).
+            indices instead (counted from 0; ``[]``: none, what a model pruned of every MoE block records).
         router, k, capacity_factor, topk, normalize_gates, group_size: the :class:`zoo.nn.MoE` routing options
             (expert choice by default: k = round(capacity_factor * n / E) tokens per expert and group).
         lam, p, solver, dykstra_iters: the relaxed top-k of ``topk="soft"`` (MoE's; defaults: Dykstra, p = 2,
@@ -174,10 +183,11 @@ class VisionMoE(SinkformerViT):
 
     def _record_structure(self) -> None:
         """SinkformerViT's, and the MoE blocks that pruning kept (explicit ``moe_blocks`` are cut to the blocks
-        left; ``moe_every`` places them by index, the same in the shorter model)."""
+        left; ``moe_every`` places them by index, the same in the shorter model). When pruning removed every MoE
+        block, ``moe_blocks=[]`` is recorded (``moe_every`` would place one again, or exceed the depth)."""
         super()._record_structure()
         self.moe_indices = [i for i in self.moe_indices if i < len(self.blocks)]
-        if self.hparams.get("moe_blocks") is not None and self.moe_indices:
+        if self.hparams.get("moe_blocks") is not None or not self.moe_indices:
             self.hparams["moe_blocks"] = list(self.moe_indices)
 
     def moe_modules(self) -> list[MoE]:

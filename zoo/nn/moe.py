@@ -314,6 +314,16 @@ class MoE(nn.Module):
         # None: every expert here; else the expert-parallel placement (zoo.nn.expert_parallel.shard_experts)
         self.expert_shard: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state for ``copy.deepcopy`` / pickling, with the last forward's ``aux_loss`` detached: its
+        graph is the training step's (a non-leaf tensor cannot be deep-copied), so a model is copyable after a
+        forward (``AveragedModel`` / EMA, converters that copy their source); the module itself keeps the graph."""
+        state = super().__getstate__()
+        aux = state.get("aux_loss")
+        if isinstance(aux, torch.Tensor) and aux.grad_fn is not None:
+            state["aux_loss"] = aux.detach()
+        return state
+
     # -------------------------------------------------------------------------------------------- upcycling
 
     @classmethod
