@@ -55,6 +55,7 @@ import copy
 import math
 import sys
 
+import numpy as np
 import torch.nn as nn
 
 from converters import (
@@ -188,7 +189,9 @@ def _drop_path_rate(label: str, rates: list[float]) -> float:
         all(math.isclose(r, e, rel_tol=1e-6, abs_tol=1e-12) for r, e in zip(rates, expected)),
         f"a drop-path schedule {[round(r, 6) for r in rates]} that is not linear in the block index",
     )
-    return rate
+    # timm builds its schedule with torch.linspace in float32: the rate it was given (0.1) came back as
+    # 0.10000000149011612; a float32 value records as the shortest decimal that is that float32 (0.1)
+    return float(str(np.float32(rate))) if float(np.float32(rate)) == rate else rate
 
 
 @register_source(SOURCE_NAME, "resnet", is_timm_resnet)

@@ -271,7 +271,9 @@ def test_timm_names_need_no_renaming(sources) -> None:
 def test_timm_regularisation_carries_over() -> None:
     source = timm.create_model("resnet18", drop_rate=0.2, drop_path_rate=0.1)
     model = converters.transform(source, to="depth_scaled")
-    assert model.hparams.drop_rate == 0.2 and model.hparams.drop_path_rate == pytest.approx(0.1)
+    assert (
+        model.hparams.drop_rate == 0.2 and model.hparams.drop_path_rate == 0.1
+    )  # the rate timm was given, not its float32 (0.10000000149...)
     assert model.layer4[1].drop_path == pytest.approx(0.1)
     model = converters.transform(source, to="depth_scaled", drop_path_rate=0.0)
     assert model.hparams.drop_path_rate == 0.0
