@@ -190,3 +190,32 @@ def test_attention_stats_per_layer() -> None:
 def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ZooError, match=message):
         zoo.sinkformer_vit_tiny_patch16_224(img_size=32, depth=1, **kwargs)
+
+
+def test_recorded_column_sums_are_logged_in_training() -> None:
+    """With record_stats=True the task logs the attentions' column sums (train_attention/colsum_dev, _min, _max:
+    the mean of the per-attention deviations and the extremes of attention_stats); a V-MoE logs them beside its
+    routing statistics; without record_stats nothing is added."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 3, (8,))
+    small = dict(img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+    model = SinkformerViT(**small, n_iter=2, record_stats=True)  # even n_iter ends on columns: sums away from 1
+    with torch.no_grad():
+        model(x)
+    stats = model.attention_stats()
+    logged = model.diagnostics()
+    assert len(stats) == 2
+    want_dev = sum(float(s["dev"]) for s in stats.values()) / 2
+    assert float(logged["attention/colsum_dev"]) == pytest.approx(want_dev, rel=1e-6)
+    assert float(logged["attention/colsum_min"]) == min(float(s["min"]) for s in stats.values())
+    assert float(logged["attention/colsum_max"]) == max(float(s["max"]) for s in stats.values())
+    assert SinkformerViT(**small, n_iter=2).diagnostics() == {}
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert {"train_attention/colsum_dev", "train_attention/colsum_min"} <= set(trainer.logged_metrics)
+    moe = zoo.models.VisionMoE(**small, num_experts=2, n_iter=2, record_stats=True)
+    with torch.no_grad():
+        moe(x)
+    assert {"attention/colsum_dev", "moe/dropped_fraction"} <= set(moe.diagnostics())

@@ -215,8 +215,10 @@ class VisionMoE(SinkformerViT):
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """The routing statistics of the last forward (:func:`zoo.nn.moe.routing_statistics`) as ``moe/aux_loss``
         (unweighted sum), ``moe/dropped_fraction``, ``moe/router_entropy``, ``moe/expert_load_max``,
-        ``moe/expert_load_min``: the task logs them as ``{stage}_moe/...``."""
-        return {f"moe/{name}": value for name, value in routing_statistics(self.moe_modules()).items()}
+        ``moe/expert_load_min``: the task logs them as ``{stage}_moe/...``; and the Sinkformer ViT's (the
+        attentions' column sums with ``record_stats=True``)."""
+        moe = {f"moe/{name}": value for name, value in routing_statistics(self.moe_modules()).items()}
+        return {**super().diagnostics(), **moe}
 
     def adapt_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], source_hparams: Mapping[str, Any] | None

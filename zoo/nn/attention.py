@@ -80,6 +80,21 @@ class SinkhornSettings:
             if any(m is a for a in self.attentions) and m.stats
         }
 
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """What the training task logs as ``{stage}_{name}`` (:meth:`zoo.tasks.ImageClassifier.diagnostics`), with
+        ``record_stats=True`` the column sums of the last forward over every attention: ``attention/colsum_dev``
+        (the mean over the attentions of mean_j |c_j - 1|, 0 when doubly stochastic), ``attention/colsum_min`` and
+        ``attention/colsum_max`` (the extremes over the attentions); detached, no host sync. Without recorded
+        statistics, only what the next class logs."""
+        nxt = getattr(super(), "diagnostics", None)
+        out = dict(nxt()) if callable(nxt) else {}
+        stats = [m.stats for m in self.attentions if getattr(m, "stats", None)]
+        if stats:
+            out["attention/colsum_dev"] = torch.stack([s["dev"].float() for s in stats]).mean()
+            out["attention/colsum_min"] = torch.stack([s["min"].float() for s in stats]).min()
+            out["attention/colsum_max"] = torch.stack([s["max"].float() for s in stats]).max()
+        return out
+
 
 def _set_record_stats(module: nn.Module, record_stats: bool) -> None:
     module.record_stats = bool(record_stats)
