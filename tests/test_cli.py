@@ -1035,3 +1035,14 @@ def test_output_piped_into_a_reader_that_leaves_is_no_traceback() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert first.startswith(b"cifar10_") and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_null_class_path_is_one_line_naming_what_to_give(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model.class_path null`` (or ``class_path: null`` in a file) is one line that says so and what to give,
+    not jsonargparse's bare 'Parser key "model":'."""
+    code, _, err = run_main(["test", "--config=digits_depth_scaled_resnet", "--model.class_path", "null"], capsys)
+    (line,) = [x for x in err.splitlines() if x.startswith("zoo: error:")]
+    assert code == 2
+    assert line == (
+        "zoo: error: model: class_path is null: give a zoo model class (zoo.models.<Class>; see zoo.list_models())"
+    )

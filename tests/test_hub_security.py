@@ -196,14 +196,26 @@ def test_pth_with_non_tensor_entries(tmp_path):
 # ------------------------------------------------------------------------------------------------ Lightning .ckpt
 
 
-def test_from_pretrained_loads_a_lightning_checkpoint(lightning_ckpt):
+def test_from_pretrained_loads_a_lightning_checkpoint(lightning_ckpt, tmp_path):
     path, state = lightning_ckpt
-    # written by Trainer.fit (no LightningCLI class path): the family class says what it is
+    # written by Trainer.fit (no LightningCLI class path): the zoo model recorded its registered class itself
+    assert torch.load(path, weights_only=True)[hub.CHECKPOINT_CLASS_KEY] == "zoo.models.resnet.DepthScaledResNet"
+    for model in (zoo.from_pretrained(path), DepthScaledResNet.from_pretrained(path)):
+        assert type(model) is DepthScaledResNet
+        for k, v in state.items():
+            assert torch.equal(model.state_dict()[k], v), k
+    # a checkpoint that names no class (an older one, or a subclass that is not registered): the family says
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt[hub.CHECKPOINT_CLASS_KEY]
+    torch.save(ckpt, tmp_path / "nameless.ckpt")
     with pytest.raises(ZooError, match="does not name its model class"):
-        zoo.from_pretrained(path)
-    model = DepthScaledResNet.from_pretrained(path)
-    for k, v in state.items():
-        assert torch.equal(model.state_dict()[k], v), k
+        zoo.from_pretrained(tmp_path / "nameless.ckpt")
+    assert type(DepthScaledResNet.from_pretrained(tmp_path / "nameless.ckpt")) is DepthScaledResNet
+    # the name is resolved through the registry, never imported
+    ckpt[hub.CHECKPOINT_CLASS_KEY] = "os.system"
+    torch.save(ckpt, tmp_path / "crafted.ckpt")
+    with pytest.raises(ZooError, match="os.system"):
+        zoo.from_pretrained(tmp_path / "crafted.ckpt")
 
 
 def test_from_pretrained_resolves_lightning_cli_class_path(tmp_path):

@@ -36,7 +36,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from zoo.errors import ZooError
-from zoo.hub import atomic_write, load_checkpoint_file
+from zoo.hub import CHECKPOINT_CLASS_KEY, atomic_write, load_checkpoint_file
 from zoo.registry import model_class
 from zoo.tasks.optim import is_legacy_training_arg
 
@@ -247,10 +247,17 @@ def _summarise_config_error(error: BaseException) -> str:
             missing = "has no attribute" in text or "No module named" in text
             hint = " (zoo's model classes are zoo.models.<Class>; see zoo.list_models())" if missing else ""
             return " ".join(text.split()) + hint
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = str(error)
+    key = re.search(r'Parser key "([\w.]+)"', text)
+    if key and "key='class_path', val=None" in text:  # --model.class_path null / class_path: null in a file
+        what = "a zoo model class (zoo.models.<Class>; see zoo.list_models())" if key.group(1) == "model" else "a class"
+        return f"{key.group(1)}: class_path is null: give {what}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return f"{type(error).__name__} while reading the configuration"
-    details = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
+    # jsonargparse lists why each member of a union refused the value; "Expected a <class 'NoneType'>" is the
+    # optional's None member, never the reason
+    details = [line[2:] for line in lines[1:] if line.startswith("- ") and not line.startswith("- Expected a <class")]
     return " ".join(lines[:1] + details[:1])
 
 
@@ -435,6 +442,9 @@ class ZooCLI(LightningCLI):
         chosen = getattr(model, "class_path", None)
         if not set(hparams) - {"_instantiator"}:
             return
+        recorded = checkpoint.get(CHECKPOINT_CLASS_KEY)  # a plain Trainer's checkpoint of a zoo model names it here
+        if "_class_path" not in hparams and isinstance(recorded, str):
+            hparams = {**hparams, "_class_path": recorded}
         class_path, init_args = _checkpoint_model(str(path), hparams, chosen)
         update = {subcommand: {"model": {"class_path": class_path, "init_args": init_args}}}
         try:

@@ -488,9 +488,23 @@ def recorded_config(spec: str | os.PathLike) -> dict[str, Any] | None:
     obj = load_checkpoint_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
         hparams = obj["hyper_parameters"]
-        class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
-        return {"class_path": class_path, "init_args": _lightning_init_args(hparams)}
+        return {"class_path": _checkpoint_class_path(obj), "init_args": _lightning_init_args(hparams)}
     return None
+
+
+# where a zoo model's on_save_checkpoint records its registered class in a Lightning checkpoint written by a plain
+# Trainer (LightningCLI records it as hyper_parameters["_class_path"]; a key there would reach the constructor
+# through Lightning's load_from_checkpoint)
+CHECKPOINT_CLASS_KEY = "zoo_class_path"
+
+
+def _checkpoint_class_path(checkpoint: Mapping[str, Any]) -> str | None:
+    """The model class a Lightning checkpoint names: LightningCLI's ``_class_path``, else zoo's own record."""
+    hparams = checkpoint.get("hyper_parameters")
+    found = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+    if found is None:
+        found = checkpoint.get(CHECKPOINT_CLASS_KEY)
+    return found if isinstance(found, str) else None
 
 
 def recorded_hparams(spec: str) -> dict[str, Any] | None:
@@ -851,6 +865,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
         registered = False
     if not registered:
         raise ZooError(_unsaveable(model))
+    sync = getattr(model, "sync_hparams", None)
+    if callable(sync):  # settings changed on the modules after construction (a ResNet's stored_blocks)
+        sync()
     hparams = dict(getattr(model, "hparams", {}))
     hparams.pop("weights", None)
     config: dict[str, Any] = {"class_path": class_path, "init_args": hparams}
@@ -1441,7 +1458,7 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
                 "load plain weights with zoo.load_weights(model, path) or a builder's weights="
             )
         hparams = obj.get("hyper_parameters") or {}
-        class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+        class_path = _checkpoint_class_path(obj)
         if class_path is None and cls is None:
             raise ZooError(
                 f"{path} does not name its model class (a checkpoint written outside LightningCLI); "
@@ -1479,6 +1496,36 @@ class HubMixin:
     same_function_args: ClassVar[frozenset[str]] = frozenset()
     #: constructor arguments that only set the initialisation, which loaded weights replace
     init_only_args: ClassVar[frozenset[str]] = frozenset()
+
+    def sync_hparams(self) -> None:
+        """Bring ``hparams`` up to date with settings changed on the model's modules after construction, before
+        they are saved (``save_pretrained``, Lightning checkpoints); a family with such settings overrides this
+        (a ResNet: ``stored_blocks`` set on its stages)."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook: the checkpoint's ``hyper_parameters`` are brought up to date (:meth:`sync_hparams`),
+        and the checkpoint names the model's registered class (LightningCLI records it, a plain ``Trainer`` does
+        not), so that ``zoo.from_pretrained(ckpt)`` rebuilds a model trained either way.
+
+        Args:
+            checkpoint: the checkpoint Lightning is writing.
+        """
+        from zoo.registry import model_class
+
+        self.sync_hparams()
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            hparams.update({k: v for k, v in dict(self.hparams).items() if k in hparams})  # type: ignore[attr-defined]
+        cls = type(self)
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        try:
+            if model_class(path) is cls:
+                checkpoint[CHECKPOINT_CLASS_KEY] = path
+        except ZooError:  # a subclass that is not registered: from_pretrained needs its class given
+            pass
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if callable(parent):
+            parent(checkpoint)
 
     def save_pretrained(self, path: str | os.PathLike, repo_id: str | None = None) -> Path:
         """Save weights, config and model card (folder) or weights with the config (one ``.safetensors`` file)."""

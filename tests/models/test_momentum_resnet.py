@@ -376,3 +376,50 @@ def test_manually_accumulated_gradients_reversible_equals_full():
         (F.cross_entropy(m(x), y) / 2).backward()
         singles.append(param_grads(m))
     assert_grads_close(param_grads(rev), {k: singles[0][k] + singles[1][k] for k in singles[0]})
+
+
+def test_stored_blocks_set_by_hand_are_recorded_for_checkpoints(tmp_path):
+    """record_stored_blocks keeps hparams.stored_blocks true to the stages (it is left as given while it is), so a
+    Lightning checkpoint rebuilds the counts; the rebuilt model keeps full backprop's gradients."""
+    torch.manual_seed(0)
+    model = zoo.momentum_cifar_resnet(layers=(2, 3, 3), widths=(4, 8, 8), num_classes=3, stored_blocks=1)
+    model.record_stored_blocks()
+    assert model.hparams.stored_blocks == 1  # unchanged: still what the stages hold
+    model.layer2.stored_blocks, model.layer3.stored_blocks = 2, 0
+    model.record_stored_blocks()
+    assert list(model.hparams.stored_blocks) == [1, 2, 0]
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "planned.ckpt")
+
+    loaded = MomentumResNet.from_pretrained(tmp_path / "planned.ckpt").train()
+    assert [s.stored_blocks for s in loaded.stages] == [1, 2, 0]
+    full = zoo.momentum_cifar_resnet(layers=(2, 3, 3), widths=(4, 8, 8), num_classes=3, memory="full").train()
+    full.load_state_dict(loaded.state_dict())
+    for m in (loaded, full):
+        F.cross_entropy(m(x), y).backward()
+    for (name, p), q in zip(loaded.named_parameters(), full.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_stored_blocks_set_by_hand_are_saved_without_recording_them(tmp_path):
+    """Counts set on the stages by hand reach a Lightning checkpoint (the model's on_save_checkpoint) and
+    save_pretrained (sync_hparams) without a call to record_stored_blocks: the reloaded model stores the same."""
+    model = zoo.momentum_cifar_resnet(layers=(2, 3, 3), widths=(4, 8, 8), num_classes=3)
+    model.layer2.stored_blocks, model.layer3.stored_blocks = 2, 1
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "by_hand.ckpt")
+    model.save_pretrained(tmp_path / "by_hand")
+    for loaded in (
+        zoo.from_pretrained(tmp_path / "by_hand.ckpt"),
+        MomentumResNet.load_from_checkpoint(tmp_path / "by_hand.ckpt"),
+        zoo.from_pretrained(tmp_path / "by_hand"),
+    ):
+        assert [s.stored_blocks for s in loaded.stages] == [0, 2, 1]

@@ -132,6 +132,27 @@ def test_plan_of_a_momentum_resnet_restores_its_state():
         assert torch.equal(v, state[k]), k
 
 
+def test_a_planned_resnet_saves_and_reloads_its_plan(tmp_path, monkeypatch):
+    """The plan is recorded in the model's hparams, so save_pretrained (and checkpoints) rebuild the planned counts;
+    a failed plan records nothing. Simulated peaks (MiB) give a plan that stores part of a stage."""
+    import zoo.nn.memory.planning as planning
+
+    model, step = small_resnet(stored_blocks=(0, 1, 0))
+    stages = lambda m: tuple(s.stored_blocks for s in m.stages)  # noqa: E731
+    fake = {(0, 0, 0): 900, (0, 0, 2): 700, (0, 3, 2): 800, (0, 1, 2): 740, (0, 2, 2): 750}
+    monkeypatch.setattr(planning, "step_peak_bytes", lambda step, device: fake[stages(model)] * 2**20)
+    with pytest.raises(ZooError, match="no setting tried"):
+        plan_stored_blocks(model, step, 600 * 2**20)
+    assert list(model.hparams.stored_blocks) == [0, 1, 0]
+
+    assert plan_stored_blocks(model, step, 760 * 2**20) == {"layer1": 0, "layer2": 2, "layer3": 2}
+    assert list(model.hparams.stored_blocks) == [0, 2, 2]
+    model.save_pretrained(tmp_path / "planned")
+    loaded = zoo.from_pretrained(tmp_path / "planned")
+    assert stages(loaded) == (0, 2, 2)
+    assert stages(zoo.momentum_cifar_resnet(weights=str(tmp_path / "planned"))) == (0, 2, 2)
+
+
 def test_out_of_memory_counts_as_over_the_budget():
     model, step = mlp_stacks()
 

@@ -555,6 +555,27 @@ class ResNet(HubMixin, ImageClassifier):
         if isinstance(tied, Sequence) and not isinstance(tied, str):
             hp["tied"] = [s for s in tied if s <= kept]
 
+    def sync_hparams(self) -> None:
+        """``hparams`` up to date before a save: :meth:`record_stored_blocks`."""
+        self.record_stored_blocks()
+
+    def record_stored_blocks(self) -> None:
+        """Keep ``hparams.stored_blocks`` true to the stages' ``stored_blocks`` (after
+        :func:`zoo.nn.plan_stored_blocks`, which calls it, or after setting ``model.layer3.stored_blocks`` by hand),
+        so that checkpoints, ``save_pretrained`` and the model card rebuild the counts the model trains with. The
+        recorded value is left as given while it still describes the stages."""
+        stages = [getattr(self, n, None) for n in self.stage_names]
+        if not all(isinstance(s, ResidualStack) for s in stages):
+            return
+        counts = [int(s.stored_blocks) for s in stages]
+        hp = self.hparams
+        try:
+            recorded = list(_stored_blocks(hp.get("stored_blocks", 0), self.layer_counts, hp.get("memory", "full")))
+        except ZooError:
+            recorded = None
+        if recorded != counts:
+            hp["stored_blocks"] = counts
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of every stage, as timm's (``enable=False`` turns it off). Under
         ``memory="full"`` each stage keeps only the input of its first block and of every residual step and

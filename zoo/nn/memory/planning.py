@@ -105,7 +105,9 @@ def plan_stored_blocks(
     stops (the earlier stacks rebuild every block). Each setting is measured (:func:`step_peak_bytes`) on the
     step's second call (the first may compile kernels or allocate once); running out of memory counts as over the
     budget. The model is left as it was apart from ``stored_blocks``: its buffers (BatchNorm statistics),
-    gradients and the random state are restored after every call of ``step``.
+    gradients and the random state are restored after every call of ``step``. Modules that record their counts
+    (a zoo ResNet's ``record_stored_blocks``: ``hparams.stored_blocks``) record the plan, so that its checkpoints
+    and ``save_pretrained`` rebuild the planned model.
 
     Args:
         model: a model with ``memory="reversible"`` :class:`zoo.nn.ResidualStack` modules (a momentum ResNet built
@@ -178,6 +180,12 @@ def plan_stored_blocks(
         for (_, m), count in zip(stacks, saved):
             m.stored_blocks = count
         raise
+    # a model that records its counts (a zoo ResNet's hparams.stored_blocks, which checkpoints and save_pretrained
+    # rebuild from) records the plan
+    for module in model.modules():
+        record = getattr(module, "record_stored_blocks", None)
+        if callable(record):
+            record()
     return {name: m.stored_blocks for name, m in stacks}
 
 
