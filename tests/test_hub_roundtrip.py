@@ -349,3 +349,36 @@ def test_from_pretrained_returns_the_model_in_eval_mode(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
         assert loaded.train().training  # and back to training on request
+
+
+def test_a_lightning_checkpoint_keeps_the_pretrained_cfg(tmp_path):
+    """A Lightning checkpoint of a zoo model holds its pretrained_cfg as save_pretrained does: from_pretrained,
+    load_from_checkpoint and a builder's weights= give MNIST's transform back, not the family's default; a
+    crafted cfg in the checkpoint is refused as untrusted input."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from zoo.models import SinkformerViT
+
+    model = zoo.sinkformer_vit_mnist(**MNIST)
+    size = model.pretrained_cfg["input_size"]
+    x, y = torch.randn(4, *size), torch.randint(0, 10, (4,))
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    default = SinkformerViT(**{k: v for k, v in model.hparams.items() if k != "weights"})
+    assert data_config(default)["mean"] != (0.1307,)  # the family's own transform, what was returned before
+    for loaded in (
+        zoo.from_pretrained(tmp_path / "m.ckpt"),
+        SinkformerViT.load_from_checkpoint(tmp_path / "m.ckpt"),
+        zoo.sinkformer_vit_mnist(**MNIST, weights=str(tmp_path / "m.ckpt")),
+    ):
+        assert data_config(loaded) == data_config(model) and data_config(loaded)["mean"] == (0.1307,)
+        assert loaded.pretrained_cfg["architecture"] == model.pretrained_cfg["architecture"]
+    crafted = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    crafted[hub.CHECKPOINT_CFG_KEY]["mean"] = "os.system"
+    torch.save(crafted, tmp_path / "crafted.ckpt")
+    with pytest.raises(ZooError, match="mean"):
+        zoo.from_pretrained(tmp_path / "crafted.ckpt")

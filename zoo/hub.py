@@ -494,8 +494,16 @@ def recorded_config(spec: str | os.PathLike) -> dict[str, Any] | None:
 
 # where a zoo model's on_save_checkpoint records its registered class in a Lightning checkpoint written by a plain
 # Trainer (LightningCLI records it as hyper_parameters["_class_path"]; a key there would reach the constructor
-# through Lightning's load_from_checkpoint)
+# through Lightning's load_from_checkpoint), and its pretrained_cfg (what save_pretrained keeps in its config)
 CHECKPOINT_CLASS_KEY = "zoo_class_path"
+CHECKPOINT_CFG_KEY = "zoo_pretrained_cfg"
+
+
+def _checkpoint_pretrained_cfg(checkpoint: Mapping[str, Any], source: str) -> dict[str, Any] | None:
+    """The ``pretrained_cfg`` a zoo model's Lightning checkpoint records, checked as untrusted input
+    (:func:`check_pretrained_cfg`); None for a checkpoint that records none."""
+    raw = checkpoint.get(CHECKPOINT_CFG_KEY)
+    return None if raw is None else check_pretrained_cfg(raw, source)
 
 
 def _checkpoint_class_path(checkpoint: Mapping[str, Any]) -> str | None:
@@ -1123,15 +1131,18 @@ def check_pretrained_cfg(raw: Any, source: str) -> dict[str, Any]:
 
 def recorded_pretrained_cfg(spec: str | os.PathLike) -> dict[str, Any] | None:
     """The ``pretrained_cfg`` zoo weights record (``save_pretrained``'s config, in the ``.safetensors``
-    metadata), checked (:func:`check_pretrained_cfg`); None for weights that record none (files saved before zoo
-    stored it, Lightning checkpoints, torchvision names, plain files).
+    metadata; a zoo model's Lightning checkpoint), checked (:func:`check_pretrained_cfg`); None for weights that
+    record none (files saved before zoo stored it, torchvision names, plain files).
 
     Args:
         spec: a weight file, a ``save_pretrained`` folder or ``"hf-hub:org/name"``.
     """
     path = _recorded_file(str(spec))
-    if path is None or path.suffix != ".safetensors":
+    if path is None:
         return None
+    if path.suffix != ".safetensors":
+        obj = load_checkpoint_file(path) if path.suffix == ".ckpt" else None
+        return _checkpoint_pretrained_cfg(obj, str(spec)) if isinstance(obj, Mapping) else None
     config = _config_from_metadata(safetensors_header(path)[0], path)
     if config is None or config.get("pretrained_cfg") is None:
         return None
@@ -1466,7 +1477,7 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
             )
         model_cls = model_class(class_path) if class_path is not None else cls
         init_args = _lightning_init_args(hparams)
-        stored_cfg = None
+        stored_cfg = _checkpoint_pretrained_cfg(obj, source)
         state_dict = _tensors(obj["state_dict"], path)
         specs = {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
     if cls is not None and not issubclass(model_cls, cls):
@@ -1505,7 +1516,8 @@ class HubMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's hook: the checkpoint's ``hyper_parameters`` are brought up to date (:meth:`sync_hparams`),
         and the checkpoint names the model's registered class (LightningCLI records it, a plain ``Trainer`` does
-        not), so that ``zoo.from_pretrained(ckpt)`` rebuilds a model trained either way.
+        not), so that ``zoo.from_pretrained(ckpt)`` rebuilds a model trained either way, and holds its
+        ``pretrained_cfg`` as ``save_pretrained`` does (the transforms, and the source weights where they hold).
 
         Args:
             checkpoint: the checkpoint Lightning is writing.
@@ -1513,6 +1525,9 @@ class HubMixin:
         from zoo.registry import model_class
 
         self.sync_hparams()
+        cfg = stated_pretrained_cfg(self)  # type: ignore[arg-type]
+        if cfg is not None:
+            checkpoint[CHECKPOINT_CFG_KEY] = _jsonable_cfg(cfg)
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict):
             hparams.update({k: v for k, v in dict(self.hparams).items() if k in hparams})  # type: ignore[attr-defined]
@@ -1526,6 +1541,20 @@ class HubMixin:
         parent = getattr(super(), "on_save_checkpoint", None)
         if callable(parent):
             parent(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook (``load_from_checkpoint``, a resumed fit): the ``pretrained_cfg`` the checkpoint
+        records becomes the model's, checked as untrusted input; then the task's own checks.
+
+        Args:
+            checkpoint: the checkpoint Lightning is reading.
+        """
+        stored = _checkpoint_pretrained_cfg(checkpoint, "the checkpoint")
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if callable(parent):
+            parent(checkpoint)
+        if stored is not None:
+            restore_pretrained_cfg(self, stored)  # type: ignore[arg-type]
 
     def save_pretrained(self, path: str | os.PathLike, repo_id: str | None = None) -> Path:
         """Save weights, config and model card (folder) or weights with the config (one ``.safetensors`` file)."""
