@@ -879,6 +879,7 @@ def test_ckpt_path_takes_a_sharded_checkpoint_folder(tmp_path: Path) -> None:
             "zoo: error: expert_parallel_size must be a positive integer, got 0",
         ),
         (["--model.init_args.optimizer.lr", "-1"], "zoo: error: the optimizer refused its arguments: Invalid"),
+        (["--optimizer", "SGD", "--optimizer.lr", "-1"], "zoo: error: the optimizer refused its arguments: Invalid"),
     ],
 )
 def test_strategy_and_optimizer_arguments_are_one_line(
@@ -892,6 +893,8 @@ def test_strategy_and_optimizer_arguments_are_one_line(
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith(message)
+    if "optimizer" in argv[0]:  # the fix names the option the user may have used, LightningCLI's or the model's
+        assert "--optimizer.<argument>" in line and "--model.init_args.optimizer.<argument>" in line
 
 
 # ------------------------------------------------------------------------------------------------

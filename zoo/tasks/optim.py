@@ -373,7 +373,7 @@ def build_optimization(
     except (ValueError, TypeError) as e:  # torch's optimizers check their hyperparameters: lr < 0, betas ...
         raise ZooError(
             f"the optimizer refused its arguments: {e}; fix that value (on the command line: "
-            "--model.init_args.optimizer.<argument>)"
+            "--optimizer.<argument>, or --model.init_args.optimizer.<argument>, whichever set it)"
         ) from None
     if not isinstance(opt, Optimizer):
         raise ZooError(
