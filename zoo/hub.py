@@ -488,7 +488,10 @@ def recorded_config(spec: str | os.PathLike) -> dict[str, Any] | None:
     obj = load_checkpoint_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
         hparams = obj["hyper_parameters"]
-        return {"class_path": _checkpoint_class_path(obj), "init_args": _lightning_init_args(hparams)}
+        config = {"class_path": _checkpoint_class_path(obj), "init_args": _lightning_init_args(hparams)}
+        if obj.get(CHECKPOINT_CFG_KEY) is not None:  # unchecked, as save_pretrained's config here
+            config["pretrained_cfg"] = obj[CHECKPOINT_CFG_KEY]
+        return config
     return None
 
 
@@ -1138,12 +1141,9 @@ def recorded_pretrained_cfg(spec: str | os.PathLike) -> dict[str, Any] | None:
         spec: a weight file, a ``save_pretrained`` folder or ``"hf-hub:org/name"``.
     """
     path = _recorded_file(str(spec))
-    if path is None:
+    if path is None or path.suffix not in (".safetensors", ".ckpt"):  # plain .pth files record none
         return None
-    if path.suffix != ".safetensors":
-        obj = load_checkpoint_file(path) if path.suffix == ".ckpt" else None
-        return _checkpoint_pretrained_cfg(obj, str(spec)) if isinstance(obj, Mapping) else None
-    config = _config_from_metadata(safetensors_header(path)[0], path)
+    config = recorded_config(path)
     if config is None or config.get("pretrained_cfg") is None:
         return None
     return check_pretrained_cfg(config["pretrained_cfg"], str(spec))

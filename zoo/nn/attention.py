@@ -35,6 +35,7 @@ from zoo.ops.masks import (
     BlockedMask,
     CausalMask,
     PaddingMask,
+    blocked_entries,
     mask_from_tensors,
 )
 from zoo.ops.sinkhorn import attention, check_n_iter, column_sum_stats
@@ -415,7 +416,7 @@ class SinkhornMultiheadAttention(SinkhornCore, nn.MultiheadAttention):
         # renormalise those keys' columns and hand them all the mass), found before any cast to q's dtype
         padded = None
         if key_padding_mask is not None and key_padding_mask.is_floating_point():
-            padded = key_padding_mask <= torch.finfo(key_padding_mask.dtype).min
+            padded = blocked_entries(key_padding_mask)
         key_padding_mask = _canonical_bool_or_float(key_padding_mask, "key_padding_mask", dtype)
         attn_mask = _canonical_bool_or_float(attn_mask, "attn_mask", dtype)
         S = k.shape[1]

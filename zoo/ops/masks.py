@@ -32,6 +32,7 @@ __all__ = [
     "AdditiveMask",
     "CombinedMask",
     "ResolvedMask",
+    "blocked_entries",
     "mask_from_tensors",
     "resolve",
 ]
@@ -260,12 +261,17 @@ def _and(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
+def blocked_entries(bias: torch.Tensor) -> torch.Tensor:
+    """Where the additive mask ``bias`` blocks: -inf, or the most negative value of its dtype
+    (``torch.finfo(dtype).min``, the "masked" value of Hugging Face's masks and of many hand-made ones); bool, shaped
+    like ``bias``. Softmax gives such an entry no weight either way, but as a finite bias the Sinkhorn column step
+    would renormalise a column of them and hand it the mass. Read before any cast to another dtype."""
+    return bias <= torch.finfo(bias.dtype).min
+
+
 def _blocked_at_dtype_min(bias: torch.Tensor) -> torch.Tensor:
-    """``bias`` with its entries at the most negative value of its dtype (``torch.finfo(dtype).min``, the "masked"
-    value of Hugging Face's masks and of many hand-made ones) as -inf: not allowed. Softmax gives such an entry no
-    weight either way, but as a finite bias the Sinkhorn column step would renormalise a column of them and hand it
-    the mass."""
-    return bias.masked_fill(bias <= torch.finfo(bias.dtype).min, float("-inf"))
+    """``bias`` with its :func:`blocked_entries` as -inf: not allowed."""
+    return bias.masked_fill(blocked_entries(bias), float("-inf"))
 
 
 def _checked_dense(t: torch.Tensor, lead: torch.Size, L: int, S: int, want_bool: bool) -> torch.Tensor:
