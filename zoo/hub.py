@@ -19,6 +19,7 @@ has one, with the hyperparameters the weights were saved with: the config of ``s
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import fcntl
@@ -31,7 +32,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -164,12 +165,19 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], TensorS
     """The metadata and the (shape, dtype) of every tensor of a ``.safetensors`` file (aliases expanded), read
     from its header alone: nothing is allocated for the tensors. One ZooError for a file that is not one.
 
+    Within a :func:`checkpoint_reads` scope (a builder's, :func:`from_pretrained`'s ...), a file's header is read
+    once.
+
     Args:
         path: the ``.safetensors`` file to read.
     """
+    meta, specs = _scoped_read("safetensors header", Path(path), _read_safetensors_header)
+    return dict(meta), dict(specs)  # the scope's copy stays as read
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, str], TensorSpecs]:
     from safetensors import safe_open
 
-    path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise ZooError(f"{path} is empty (0 bytes): the file was not written completely; save or download it again")
     try:
@@ -201,7 +209,17 @@ def _aliases(meta: Mapping[str, str], path: Path) -> dict[str, str]:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A state dict (aliases expanded) and the file's metadata, read from the ``.safetensors`` file ``path``."""
+    """A state dict (aliases expanded) and the file's metadata, read from the ``.safetensors`` file ``path``
+    (within a :func:`checkpoint_reads` scope, once).
+
+    Args:
+        path: the ``.safetensors`` file to read.
+    """
+    tensors, meta = _scoped_read("safetensors tensors", Path(path), _read_safetensors)
+    return dict(tensors), dict(meta)  # the scope's copy stays as read
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     meta, specs = safetensors_header(path)
@@ -240,6 +258,72 @@ _SAFETENSORS_DTYPES = {
 
 
 # ------------------------------------------------------------------------------------------------
+# One read of a file per call
+
+# the files read in the current checkpoint_reads scope, by what was read and the file's identity on disk; None
+# outside any scope (then every read goes to the file)
+_SCOPE_READS: contextvars.ContextVar[dict[tuple[Any, ...], Any] | None] = contextvars.ContextVar(
+    "zoo_checkpoint_reads", default=None
+)
+# what a Lightning checkpoint holds for resuming a fit and no zoo reader uses: not kept in a scope's read
+_TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers")
+
+
+@contextlib.contextmanager
+def checkpoint_reads() -> Iterator[None]:
+    """A scope in which each weight file is read once: a Lightning ``.ckpt`` (or ``.pth``) is loaded once and the
+    ``.safetensors`` header once, however many readers ask (its recorded class, hyperparameters, ``pretrained_cfg``
+    and weights). Builders (:func:`zoo.pretrained.build_model`, :func:`zoo.pretrained.builder_args_with_recorded`),
+    :func:`from_pretrained` and :func:`read_weights` open one themselves; nested scopes share the outermost one, so
+    a caller that reads a file through several of them opens one around them all. What was read is
+    dropped when the outermost scope ends (nothing is kept between calls), and a file changed on disk within the
+    scope (another size, modification time or inode) is read again. Every read is the one it replaces:
+    ``torch.load(weights_only=True)`` through :func:`load_checkpoint_file`, the same checks of what it holds."""
+    if _SCOPE_READS.get() is not None:  # within a caller's scope: its reads are this call's
+        yield
+        return
+    reads: dict[tuple[Any, ...], Any] = {}
+    token = _SCOPE_READS.set(reads)
+    try:
+        yield
+    finally:
+        _SCOPE_READS.reset(token)
+        reads.clear()
+
+
+def _scoped_read(kind: str, path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, once per file (and ``kind`` of read) within a :func:`checkpoint_reads` scope; a read that
+    fails is not kept (the next asks the file again, and fails the same)."""
+    reads = _SCOPE_READS.get()
+    if reads is None:
+        return read(path)
+    try:
+        st = os.stat(path)
+    except OSError:  # absent, or not readable: the reader raises its own clear error
+        return read(path)
+    real = os.path.realpath(path)
+    key = (kind, real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in reads:
+        for old in [k for k in reads if k[:2] == (kind, real)]:  # the file changed on disk: its old read goes
+            del reads[old]
+        reads[key] = read(path)
+    return reads[key]
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """:func:`load_checkpoint_file` for zoo's readers: once per file within a :func:`checkpoint_reads` scope, and
+    without a Lightning checkpoint's optimizer and scheduler states (a fit's, which no reader uses)."""
+    obj = _scoped_read("checkpoint", path, lambda p: _without_training_state(load_checkpoint_file(p)))
+    return dict(obj) if isinstance(obj, dict) else obj  # readers get their own top level; the scope's stays as read
+
+
+def _without_training_state(obj: Any) -> Any:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), Mapping):
+        return {k: v for k, v in obj.items() if k not in _TRAINING_STATE_KEYS}
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
 # Reading weights from any source
 
 
@@ -254,7 +338,11 @@ def read_weights(
         model: the model the weights are for; needed only to resolve a torchvision weight name (through its
             ``torchvision_arch``).
     """
-    spec = str(weights)
+    with checkpoint_reads():
+        return _read_weights(str(weights), model)
+
+
+def _read_weights(spec: str, model: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     repo = _hf_hub_repo(spec)
     if repo is not None:  # save_pretrained's safetensors, else a plain PyTorch state dict
         return _read_file(_hf_hub_file(repo, WEIGHTS_NAME, "pytorch_model.bin"))
@@ -313,7 +401,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | No
         sd, meta = read_safetensors(path)
         config = _config_from_metadata(meta, path)
         return sd, config["init_args"] if config is not None else None
-    obj = load_checkpoint_file(path)
+    obj = _read_checkpoint(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         # a Lightning checkpoint records its module's hyperparameters (another module's are just
         # passed on: what they lack, e.g. a step scale, means the plain source architecture)
@@ -485,7 +573,7 @@ def recorded_config(spec: str | os.PathLike) -> dict[str, Any] | None:
         return None
     if path.suffix == ".safetensors":
         return _config_from_metadata(safetensors_header(path)[0], path)
-    obj = load_checkpoint_file(path)
+    obj = _read_checkpoint(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
         hparams = obj["hyper_parameters"]
         config = {"class_path": _checkpoint_class_path(obj), "init_args": _lightning_init_args(hparams)}
@@ -1443,6 +1531,11 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
         cls: the class the model must be (a subclass of); needed for a checkpoint that does not name its class.
         **overrides: constructor arguments that replace the file's.
     """
+    with checkpoint_reads():  # the file is read once
+        return _from_pretrained(src, cls, overrides)
+
+
+def _from_pretrained(src: str | os.PathLike, cls: type | None, overrides: Mapping[str, Any]) -> nn.Module:
     from zoo.registry import model_class
 
     path = _resolve_source(src)
@@ -1462,7 +1555,7 @@ def from_pretrained(src: str | os.PathLike, cls: type | None = None, **overrides
             stored_cfg = check_pretrained_cfg(stored_cfg, source)
         state_dict = None
     else:
-        obj = load_checkpoint_file(path)
+        obj = _read_checkpoint(path)
         if not (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)):
             raise ZooError(
                 f"{path} is neither a save_pretrained file nor a Lightning checkpoint (no 'state_dict'); "

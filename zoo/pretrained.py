@@ -560,6 +560,22 @@ def build_model(
         fixed_args: the names of ``defaults`` that the builder's name fixes (``layers`` of ``resnet18``): zoo
             weights recording other values of them are a ZooError (another architecture), not adopted.
     """
+    from zoo.hub import checkpoint_reads
+
+    with checkpoint_reads():  # the weights file is read once, however many of its records the build asks for
+        return _build_model(cls, arch, defaults, kwargs, pretrained, weights, base_cfg, fixed_args)
+
+
+def _build_model(
+    cls: Callable[..., nn.Module],
+    arch: str,
+    defaults: Mapping[str, Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    pretrained: bool,
+    weights: str | os.PathLike | None,
+    base_cfg: PretrainedCfg | Mapping[str, Any] | None,
+    fixed_args: Sequence[str],
+) -> nn.Module:
     from zoo.hub import (
         build_checked,
         is_user_weights_file,
@@ -793,8 +809,11 @@ def builder_args_with_recorded(
         kwargs: the caller's keyword arguments.
         fixed_args: the names of ``defaults`` that the builder's name fixes.
     """
+    from zoo.hub import checkpoint_reads
+
     merged = {**defaults, **kwargs}
-    recorded = _recorded_weights(cls, str(weights))
+    with checkpoint_reads():  # the weights file is read once
+        recorded = _recorded_weights(cls, str(weights))
     if recorded is not None:
         _adopt_recorded(cls, arch, recorded[0], merged, kwargs, str(weights), _fixed(defaults, fixed_args))
     return merged

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
-from zoo.hub import HubMixin, load_state_dict, load_weights
+from zoo.hub import HubMixin, checkpoint_reads, load_state_dict, load_weights
 from zoo.models.arguments import check_model_kwargs
 from zoo.nn.attention import SinkhornCore, SinkhornSettings, check_n_iter
 from zoo.ops.masks import AllowedMask, PaddingMask
@@ -1072,13 +1072,14 @@ def _build(
     arch: str, weights: str | None, defaults: dict[str, Any], kwargs: dict[str, Any], **cfg: Any
 ) -> SinkformerTranslation:
     # zoo weights of this class: the arguments they record, as every builder takes them (zoo.pretrained); a fairseq
-    # checkpoint records fairseq's arguments, and the builder's own apply
-    merged = (
-        {**defaults, **kwargs}
-        if weights is None or _may_be_fairseq_checkpoint(Path(str(weights)).expanduser())
-        else builder_args_with_recorded(SinkformerTranslation, arch, weights, defaults, kwargs, _SHAPE_ARGS)
-    )
-    model = SinkformerTranslation(weights=weights, **merged)
+    # checkpoint records fairseq's arguments, and the builder's own apply. One read of the file for both.
+    with checkpoint_reads():
+        merged = (
+            {**defaults, **kwargs}
+            if weights is None or _may_be_fairseq_checkpoint(Path(str(weights)).expanduser())
+            else builder_args_with_recorded(SinkformerTranslation, arch, weights, defaults, kwargs, _SHAPE_ARGS)
+        )
+        model = SinkformerTranslation(weights=weights, **merged)
     model.pretrained_cfg.update(architecture=arch, **cfg)
     return model
 
