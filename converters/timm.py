@@ -45,17 +45,28 @@ source function. The result is a deep copy of the ViT (same class, weights copie
 unchanged) whose ``blocks`` is the stack: ``forward`` runs ``self.blocks(x)``, ``forward_features(x,
 attn_mask=...)`` loops over ``self.blocks`` and so calls the stack once with the mask, which goes
 to every block; ``set_grad_checkpointing`` checkpoints the stack as one function.
-``forward_intermediates`` and ``prune_intermediate_layers`` (per-block outputs) raise a ZooError. For ``blocks``
+Per-block outputs: the stack's state after block n is (x_{n+1}, v_{n+1}), and x_{n+1} is the output of block n (at
+gamma = 0 the source's). ``forward_intermediates`` (timm's arguments and outputs) returns those states
+(:meth:`zoo.nn.ResidualStack.states`: memory="full"'s forward with ordinary autograd whatever the stack's memory, a
+feature-extraction helper under memory="reversible"), and ``prune_intermediate_layers`` keeps the blocks up to the
+last index with the same step (:meth:`zoo.nn.ResidualStack.truncate`), so the outputs kept do not change; both are
+picklable objects put on the instance in place of timm's methods (which iterate over and slice ``blocks``), so the
+model still deep-copies and saves whole. A subclass overriding either method gets a ZooError for it. For ``blocks``
 alone the result is the stack, called as ``stack(x, attn_mask=None, is_causal=False)``.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import sys
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from converters import (
@@ -307,18 +318,167 @@ def _block_list(label: str, blocks: object, where: str) -> list[nn.Module]:
 
 
 class _PerBlockUnsupported:
-    """Stands in for a method of a momentum ViT that needs per-block outputs: calling it raises a ZooError (a plain
-    picklable object, so the converted model still deep-copies and saves whole)."""
+    """Stands in for a method of a momentum ViT whose source class overrides timm's version, which the conversion
+    cannot follow: calling it raises a ZooError (a plain picklable object, so the converted model still deep-copies
+    and saves whole)."""
 
     def __init__(self, label: str, method: str):
         self.label, self.method = label, method
 
     def __call__(self, *args: object, **kwargs: object) -> None:
         raise ZooError(
-            f"{self.method} is not supported by the momentum conversion of {self.label}: its blocks run as one "
-            "momentum stack, whose state after block n is (x_n, v_n), so there are no per-block outputs to collect; "
-            "use forward_features (the stack's output), or the source model for per-block features"
+            f"{self.method} is not supported by the momentum conversion of {self.label}: its class overrides timm's "
+            "VisionTransformer version, which iterates over (and slices) the blocks, and its blocks run as one "
+            "momentum stack; use forward_features (the stack's output), or the source model for per-block features"
         )
+
+
+class _MethodOf:
+    """``function`` bound to ``model``: calling it calls ``function(model, ...)``. Put on a converted model in place of
+    a method (the model keeps its class): a plain object that deep-copies and pickles with the model (its copy is
+    bound to the model's copy), holding the model weakly, so it makes no reference cycle that would keep a deleted
+    model's tensors alive until the garbage collector runs.
+
+    Args:
+        function: a module-level function (pickled by name) taking the model first.
+        model: the model it is bound to.
+    """
+
+    def __init__(self, function: Callable[..., Any], model: nn.Module):
+        self.function = function
+        self._model = weakref.ref(model)
+        self.__doc__ = function.__doc__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The function's signature without the model."""
+        sig = inspect.signature(self.function)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self._model()
+        if model is None:
+            raise ZooError(f"{self.function.__name__}: the model this method belonged to no longer exists")
+        return self.function(model, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[type, tuple[Callable[..., Any], nn.Module | None]]:
+        return type(self), (self.function, self._model())
+
+    def __repr__(self) -> str:
+        model = self._model()
+        return f"<{self.function.__name__} of {type(model).__name__ if model is not None else 'a deleted model'}>"
+
+
+def _take_indices(model: nn.Module, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's block selection (None: all, an int n: the last n, a list: those, negative from the end) over the
+    momentum stack's blocks, as one ZooError when it selects none."""
+    from timm.models._features import feature_take_indices
+
+    depth = model.blocks.depth
+    try:
+        return feature_take_indices(depth, indices)
+    except (AssertionError, RuntimeError, TypeError) as e:
+        raise ZooError(
+            f"indices {indices!r} do not select blocks of this model ({depth} blocks): give None (all), an int n "
+            f"(the last n) or a list of block indices (negative from the end); {e}"
+        ) from None
+
+
+def _momentum_vit_forward_intermediates(
+    model: nn.Module,
+    x: torch.Tensor,
+    indices: int | Sequence[int] | None = None,
+    return_prefix_tokens: bool = False,
+    norm: bool = False,
+    stop_early: bool = False,
+    output_fmt: str = "NCHW",
+    intermediates_only: bool = False,
+    output_dict: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> list[Any] | tuple[torch.Tensor, list[Any]] | dict[str, Any]:
+    """timm's ``VisionTransformer.forward_intermediates`` for a momentum ViT (``model.forward_intermediates``): the
+    output of block n is the stack's state x_{n+1} (:meth:`zoo.nn.ResidualStack.states`; at gamma = 0 the source's
+    block output), its velocity left out.
+
+    Args:
+        model: the converted ViT, its ``blocks`` a momentum :class:`zoo.nn.StackAsBlock`.
+        x: the images.
+        indices: the blocks whose outputs are returned: None (all), an int n (the last n), or a list of block
+            indices (negative from the end).
+        return_prefix_tokens: each intermediate as (patch tokens, prefix tokens).
+        norm: apply the final norm to each intermediate.
+        stop_early: run no block past the last one taken (the final features are then its output).
+        output_fmt: the patch tokens as ``"NCHW"`` (B, C, H, W) or ``"NLC"`` (B, patches, C).
+        intermediates_only: return the intermediates alone.
+        output_dict: return ``{"image_intermediates", "image_features", "image_intermediates_prefix"}`` as timm.
+        attn_mask, is_causal: the attention mask and causal masking, given to every block.
+
+    The states come from memory="full"'s forward (ordinary autograd under the current grad mode, whatever the
+    stack's ``memory``), the stack checkpointed as one function with the model's ``grad_checkpointing``, as
+    ``forward_features`` does; the final features are the final norm of the last state computed, which is
+    ``forward_features``' output except under memory="reversible" with gradients (fixed-point rounding).
+    """
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ZooError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    take_indices, max_index = _take_indices(model, indices)
+    stack = model.blocks
+    height, width = x.shape[-2:]
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    steps = max_index + 1 if stop_early else stack.depth
+    if attn_mask is not None or is_causal:
+        states = stack.states(x, kwargs={"attn_mask": attn_mask, "is_causal": is_causal}, steps=steps)
+    elif getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+        states = stack.checkpoint(lambda t: stack.states(t, steps=steps), x)
+    else:
+        states = stack.states(x, steps=steps)
+    from zoo.models.vit import intermediates_output
+
+    return intermediates_output(
+        [model.norm(states[i]) if norm else states[i] for i in take_indices],
+        states[-1],
+        model.norm,
+        model.num_prefix_tokens,
+        model.patch_embed.dynamic_feat_size((height, width)),
+        return_prefix_tokens=return_prefix_tokens,
+        output_fmt=output_fmt,
+        intermediates_only=intermediates_only,
+        output_dict=output_dict,
+    )
+
+
+def _momentum_vit_prune_intermediate_layers(
+    model: nn.Module, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+) -> list[int]:
+    """timm's ``VisionTransformer.prune_intermediate_layers`` for a momentum ViT (``model.prune_intermediate_layers``):
+    the stack keeps the blocks up to the last of ``indices`` (:meth:`zoo.nn.ResidualStack.truncate`: the same step,
+    so the outputs of the blocks kept do not change); returns the absolute indices kept.
+
+    Args:
+        model: the converted ViT, its ``blocks`` a momentum :class:`zoo.nn.StackAsBlock`.
+        indices: the blocks whose outputs are kept, as ``forward_intermediates``' ``indices``.
+        prune_norm: replace the final norm by an identity.
+        prune_head: replace ``fc_norm`` by an identity and remove the classifier and pooling
+            (``reset_classifier(0, "")``).
+    """
+    take_indices, max_index = _take_indices(model, indices)
+    model.blocks.truncate(max_index + 1)
+    if prune_norm:
+        model.norm = nn.Identity()
+    if prune_head:
+        model.fc_norm = nn.Identity()
+        model.reset_classifier(0, "")
+    return take_indices
+
+
+# the methods of timm's VisionTransformer that iterate over (and slice) ``blocks`` -> the momentum ViT's
+_PER_BLOCK_METHODS: dict[str, Callable[..., Any]] = {
+    "forward_intermediates": _momentum_vit_forward_intermediates,
+    "prune_intermediate_layers": _momentum_vit_prune_intermediate_layers,
+}
 
 
 @register_source(VIT_SOURCE_NAME, "transformer", is_timm_vit)
@@ -328,13 +488,19 @@ def read_timm_vit(model: nn.Module) -> BlockStackSpec:
     label = timm_label(model)
     _block_list(label, model.blocks, "blocks")
     twin = copy.deepcopy(model)
+    base = _vit_module().VisionTransformer
 
     def assemble(stack) -> nn.Module:
         twin.blocks = stack
         # timm's versions iterate over (and slice) ``blocks`` to collect per-block outputs: over the stack they
-        # would return the whole stack's output as block 0's, or nothing, without an error
-        for method in ("forward_intermediates", "prune_intermediate_layers"):
-            if hasattr(twin, method):
+        # would return the whole stack's output as block 0's, or nothing, without an error. The instance gets
+        # versions that read the stack's states; a class overriding timm's gets an error.
+        for method, function in _PER_BLOCK_METHODS.items():
+            if not hasattr(twin, method):
+                continue
+            if getattr(type(twin), method) is getattr(base, method, None):
+                setattr(twin, method, _MethodOf(function, twin))
+            else:
                 setattr(twin, method, _PerBlockUnsupported(label, method))
         return twin
 

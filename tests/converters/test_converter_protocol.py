@@ -1,6 +1,6 @@
 """What converted models keep of the source's timm protocol: heads without a classifier and the other head poolings
-(compared with the source's outputs and gradients), the source's data config (``timm.data.resolve_data_config``),
-and an error rather than wrong per-block outputs where a momentum ViT has none (CPU, random weights, no network)."""
+(compared with the source's outputs and gradients, through depth scaling's folded weights), the source's data config
+(``timm.data.resolve_data_config``), and a momentum ViT's per-block outputs (CPU, random weights, no network)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from timm.data import resolve_data_config
 
 import converters
 import zoo
-from zoo.errors import ZooError
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +69,57 @@ def test_heads_convert_to_the_same_function(images, build, num_features: int, to
     assert_close_to_scale(out, ref, rtol=1e-4)  # the folded N, rounded, through batch statistics
     out.square().mean().backward()
     ref.square().mean().backward()
+    assert_gradients_match_the_source(model, source, depth_scaled=to == "depth_scaled")
+
+
+def folded_depths(source: nn.Module) -> dict[str, int]:
+    """{residual block name: N} for the blocks whose last BatchNorm depth scaling folds by N, from the source's
+    structure alone: in each stage (``layer1`` ... ``layer4``) the block with a ``downsample`` stays an ordinary
+    block (the stage's transition) and N counts the others."""
+    depths = {}
+    for stage_name, stage in source.named_children():
+        if not stage_name.startswith("layer"):
+            continue
+        blocks = [(f"{stage_name}.{i}", b) for i, b in enumerate(stage) if getattr(b, "downsample", None) is None]
+        depths.update({name: len(blocks) for name, _ in blocks})
+    return depths
+
+
+def assert_gradients_match_the_source(
+    model: nn.Module, source: nn.Module, depth_scaled: bool, rtol: float = 1e-4
+) -> None:
+    """Every parameter's gradient is the source's, except that depth scaling multiplies the last BatchNorm of a
+    block by N (w' = N w, the same function): there dL/dw' = dL/dw / N and w' = N w are checked instead."""
+    depths = folded_depths(source) if depth_scaled else {}
     mine = dict(model.named_parameters())
+    folded = 0
     for name, p in source.named_parameters():
-        if name.endswith(("bn2.weight", "bn2.bias", "bn3.weight", "bn3.bias")) and to == "depth_scaled":
-            continue  # folded by N: their gradients are scaled, the others' are the source's
-        assert_close_to_scale(mine[name].grad, p.grad, rtol=1e-4)
+        block, _, leaf = name.rpartition(".")
+        block, _, norm = block.rpartition(".")
+        last_norm = "bn3" if hasattr(source.get_submodule(block), "bn3") else "bn2"
+        n = depths.get(block, 1) if norm == last_norm and leaf in ("weight", "bias") else 1
+        folded += n > 1
+        torch.testing.assert_close(mine[name].detach(), n * p.detach(), rtol=1e-6, atol=0)
+        assert_close_to_scale(n * mine[name].grad, p.grad, rtol=rtol)
+    if depth_scaled:
+        # every block outside a transition has its last norm's weight and bias folded
+        assert folded == 2 * sum(n > 1 for n in depths.values())
+
+
+@pytest.mark.parametrize("name", ["tv_resnet34", "timm_resnet50"])
+def test_depth_scaled_gradients_are_the_sources_through_the_fold(name: str) -> None:
+    # stages of 3-6 blocks, so N = 2 ... 5 (the heads test's ResNet-18/26 have one block past each transition)
+    # running statistics (the heads test above covers batch statistics), so that no batch variance over few values
+    # amplifies the rounding of the fold
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    source = build_resnet_source(name).eval()
+    model = converters.transform(source, to="depth_scaled").eval()
+    out, ref = model(images), source(images)
+    assert_close_to_scale(out, ref, rtol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    assert max(folded_depths(source).values()) == 5
+    assert_gradients_match_the_source(model, source, depth_scaled=True, rtol=1e-5)
 
 
 def test_feature_extractor_saves_and_loads(images, tmp_path) -> None:
@@ -127,21 +172,25 @@ def test_vit_takes_the_sources_data_config(to: str) -> None:
     assert data_config(model) == expected
 
 
-def test_momentum_vit_refuses_per_block_outputs() -> None:
+def test_momentum_vit_gives_the_sources_per_block_outputs() -> None:
+    # at gamma = 0 the momentum state after block n is the source's x_n, so timm's per-block protocol carries over
     source = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3
     ).eval()
     model = converters.transform(source, to="momentum", gamma=0.0, memory="full").eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for call in (
-        lambda m: m.forward_intermediates(x),
-        lambda m: m.forward_intermediates(x, indices=1, intermediates_only=True),
-        lambda m: m.prune_intermediate_layers(indices=1),
-    ):
-        with pytest.raises(ZooError, match="no per-block outputs"):
-            call(model)
-        with pytest.raises(ZooError, match="no per-block outputs"):
-            call(copy.deepcopy(model))
-    with torch.no_grad():  # the rest of the protocol is the source's
+    with torch.no_grad():
+        for m in (model, copy.deepcopy(model)):
+            mine = m.forward_intermediates(x, indices=1, intermediates_only=True)
+            ref = source.forward_intermediates(x, indices=1, intermediates_only=True)
+            assert len(mine) == len(ref) == 1 and mine[0].shape == (2, 48, 4, 4)
+            assert_close_to_scale(mine[0], ref[0])
+            final, every = m.forward_intermediates(x, norm=True)
+            final_ref, every_ref = source.forward_intermediates(x, norm=True)
+            assert_close_to_scale(final, final_ref)
+            for got, want in zip(every, every_ref, strict=True):
+                assert_close_to_scale(got, want)
         assert_close_to_scale(model.forward_head(model.forward_features(x)), source(x))
-        assert source.forward_intermediates(x, indices=3)[1][0].shape == (2, 48, 4, 4)
+        pruned = copy.deepcopy(model)
+        assert pruned.prune_intermediate_layers(indices=1) == source.prune_intermediate_layers(indices=1) == [2]
+        assert_close_to_scale(pruned.forward_features(x), source.forward_features(x))

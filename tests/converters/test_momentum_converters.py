@@ -444,3 +444,195 @@ def test_vit_block_sequence_and_grad_checkpointing(vit_images) -> None:
     ref = model(vit_images)
     model.set_grad_checkpointing(True)  # timm's checkpoint_seq runs the stack as one function
     assert_close_to_scale(model(vit_images), ref, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ per-block outputs
+
+
+def tiny_timm_vit(kind: str = "cls") -> nn.Module:
+    """A small timm ViT (4 blocks, 4x4 patches of 8 pixels): a class token, registers without a class token, or
+    DeiT's distilled subclass (two prefix tokens, its own ``_pos_embed``)."""
+    import timm
+
+    torch.manual_seed(0)
+    size = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+    if kind == "registers":
+        extra = {"reg_tokens": 2, "class_token": False, "global_pool": "avg", "no_embed_class": True}
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **size, **extra).eval()
+    name = "deit_tiny_distilled_patch16_224" if kind == "distilled" else "vit_tiny_patch16_224"
+    return timm.create_model(name, pretrained=False, **size).eval()
+
+
+def assert_same_structure_close(mine, ref, rtol: float = 1e-5) -> None:
+    """``mine`` and ``ref`` are the same nesting of tuples / lists / dicts, their tensors close to scale."""
+    if isinstance(ref, torch.Tensor):
+        assert isinstance(mine, torch.Tensor)
+        assert_close_to_scale(mine, ref, rtol)
+    elif isinstance(ref, dict):
+        assert isinstance(mine, dict) and mine.keys() == ref.keys()
+        for k in ref:
+            assert_same_structure_close(mine[k], ref[k], rtol)
+    else:
+        assert type(mine) is type(ref) and len(mine) == len(ref)
+        for a, b in zip(mine, ref):
+            assert_same_structure_close(a, b, rtol)
+
+
+INTERMEDIATE_CALLS = [
+    {},
+    {"indices": 2},
+    {"indices": [0, 2, -1], "output_fmt": "NLC"},
+    {"indices": [1], "norm": True, "stop_early": True},
+    {"indices": [0, 3], "return_prefix_tokens": True, "intermediates_only": True},
+    {"indices": 1, "output_dict": True, "return_prefix_tokens": True, "stop_early": True},
+    {"indices": [-2], "output_dict": True, "intermediates_only": True, "output_fmt": "NLC", "norm": True},
+]
+
+
+@pytest.mark.parametrize("kind", ["cls", "registers", "distilled"])
+def test_vit_intermediates_at_gamma_zero_are_the_sources(vit_images, kind: str) -> None:
+    """At gamma = 0 the state x_{n+1} is block n's output: forward_intermediates is the source's, call by call."""
+    source = tiny_timm_vit(kind)
+    model = converters.transform(source, to="momentum", gamma=0.0, memory="full")
+    with torch.no_grad():
+        for call in INTERMEDIATE_CALLS:
+            assert_same_structure_close(
+                model.forward_intermediates(vit_images, **call), source.forward_intermediates(vit_images, **call)
+            )
+        mask = token_mask(16 + source.num_prefix_tokens)
+        assert_same_structure_close(
+            model.forward_intermediates(vit_images, indices=[0, 2], attn_mask=mask),
+            source.forward_intermediates(vit_images, indices=[0, 2], attn_mask=mask),
+        )
+        # timm's DINO interface goes through forward_intermediates
+        assert_same_structure_close(
+            model.get_intermediate_layers(vit_images, n=2, reshape=True),
+            source.get_intermediate_layers(vit_images, n=2, reshape=True),
+        )
+    with pytest.raises(ZooError, match="do not select blocks"):
+        model.forward_intermediates(vit_images, indices=[4])
+    with pytest.raises(ZooError, match="output_fmt"):
+        model.forward_intermediates(vit_images, output_fmt="NHWC")
+
+
+def momentum_states(blocks: nn.Module, tokens: torch.Tensor, gamma: float) -> list[torch.Tensor]:
+    """x_1 .. x_N of (M1) written out with the source's blocks, step 1, from v_0 = 0 (docs/mathematics.md):
+    v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n), x_{n+1} = x_n + v_{n+1}, f_n(x) = block_n(x) - x."""
+    x, v, out = tokens, torch.zeros_like(tokens), []
+    for block in blocks:
+        v = gamma * v + (1 - gamma) * (block(x) - x)
+        x = x + v
+        out.append(x)
+    return out
+
+
+def test_vit_intermediates_at_gamma_09_are_the_momentum_states(vit_images) -> None:
+    source = tiny_timm_vit()
+    model = converters.transform(source, to="momentum", gamma=0.9)  # memory="reversible"
+    assert model.blocks.memory == "reversible"
+    prefix = source.num_prefix_tokens
+    with torch.no_grad():
+        tokens = source.norm_pre(source.patch_drop(source._pos_embed(source.patch_embed(vit_images))))
+        expected = momentum_states(source.blocks, tokens, 0.9)
+        final, inter = model.forward_intermediates(vit_images, output_fmt="NLC", return_prefix_tokens=True)
+        states = [torch.cat([pre, patches], dim=1) for patches, pre in inter]
+        assert len(states) == 4
+        for mine, ref in zip(states, expected):
+            assert_close_to_scale(mine, ref, rtol=1e-5)
+        # the last intermediate is the stack's output before the final norm, bit for bit; the final features are
+        # forward_features
+        assert torch.equal(states[-1], model.blocks(tokens))
+        assert torch.equal(final, model.forward_features(vit_images))
+        # not the source's block outputs
+        source_last = source.forward_intermediates(vit_images, indices=1, output_fmt="NLC", intermediates_only=True)
+        assert (inter[-1][0] - source_last[0]).abs().max() > 1e-2
+        # stop early: the final features are the last block run's, normed
+        final, inter = model.forward_intermediates(vit_images, indices=[1], stop_early=True, output_fmt="NLC")
+        assert torch.equal(final, model.norm(states[1])) and torch.equal(inter[0], states[1][:, prefix:])
+    # with gradients the states come from memory="full"'s forward (the reversible stack's forward runs in fixed
+    # point): the same values to rounding, and gradients reach the input and the blocks
+    x = vit_images.clone().requires_grad_(True)
+    final, inter = model.forward_intermediates(x, indices=[0, 3], output_fmt="NLC")
+    assert_close_to_scale(inter[1], expected[3][:, prefix:], rtol=1e-5)
+    (final.sum() + inter[0].square().sum()).backward()
+    assert x.grad is not None and model.blocks.blocks[0].module.attn.qkv.weight.grad is not None
+
+
+def test_vit_intermediates_under_grad_checkpointing(vit_images) -> None:
+    model = converters.transform(tiny_timm_vit(), to="momentum", gamma=0.9, memory="full")
+    ref = model.forward_intermediates(vit_images, indices=[1, 3])
+    model.set_grad_checkpointing(True)
+    final, inter = model.forward_intermediates(vit_images, indices=[1, 3])
+    assert_same_structure_close((final, inter), ref, rtol=1e-6)
+    inter[0].sum().backward()
+    assert model.blocks.blocks[1].module.mlp.fc2.weight.grad is not None
+    assert model.blocks.blocks[3].module.mlp.fc2.weight.grad is None  # after the last state used
+
+
+@pytest.mark.parametrize("memory", ["full", "reversible"])
+def test_vit_prune_keeps_the_outputs_kept(vit_images, memory: str) -> None:
+    source = tiny_timm_vit()
+    model = converters.transform(source, to="momentum", gamma=0.9, memory=memory)
+    with torch.no_grad():
+        before = model.forward_intermediates(vit_images, output_fmt="NLC", intermediates_only=True)
+    reference = copy.deepcopy(source)
+    assert model.prune_intermediate_layers([0, -2]) == reference.prune_intermediate_layers([0, -2]) == [0, 2]
+    assert model.blocks.depth == 3 and model.blocks.step == 1.0 and model.blocks.memory == memory
+    assert model.num_classes == reference.num_classes == 0 and isinstance(model.fc_norm, nn.Identity)
+    with torch.no_grad():
+        after = model.forward_intermediates(vit_images, indices=[0, 2], output_fmt="NLC", intermediates_only=True)
+        assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[2])
+        # the pruned model's features are the last kept block's output, normed
+        final, _ = model.forward_intermediates(vit_images, indices=1, output_fmt="NLC", return_prefix_tokens=True)
+        assert torch.equal(model.forward_features(vit_images), final)
+        assert model(vit_images).shape == reference(vit_images).shape == (3, 17, 48)  # no pooling, no head
+    assert model.prune_intermediate_layers(1, prune_norm=True) == [2]
+    assert isinstance(model.norm, nn.Identity) and model.blocks.depth == 3
+    with pytest.raises(ZooError, match="do not select blocks"):
+        model.prune_intermediate_layers([3])
+
+
+def test_vit_intermediates_survive_deepcopy_and_save(vit_images, tmp_path) -> None:
+    import gc
+    import weakref
+
+    model = converters.transform(tiny_timm_vit(), to="momentum", gamma=0.9, memory="full")
+    with torch.no_grad():
+        ref = model.forward_intermediates(vit_images, indices=[0, 3])
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (twin, loaded):
+        with torch.no_grad():
+            assert_same_structure_close(other.forward_intermediates(vit_images, indices=[0, 3]), ref, rtol=0)
+            # the method belongs to the copy: the copy's weights, the copy's blocks pruned
+            other.blocks.blocks[0].module.mlp.fc2.bias.add_(1.0)
+            assert (other.forward_intermediates(vit_images, indices=[0])[1][0] - ref[1][0]).abs().max() > 0.1
+        assert other.prune_intermediate_layers([1]) == [1] and other.blocks.depth == 2
+    del other
+    assert model.blocks.depth == 4 and model.num_classes == 10
+    with torch.no_grad():
+        assert_same_structure_close(model.forward_intermediates(vit_images, indices=[0, 3]), ref, rtol=0)
+    # the methods hold the model weakly: a deleted model goes with its last reference, no cycle left for gc
+    gc.disable()
+    try:
+        alive = weakref.ref(loaded)
+        del loaded
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_vit_subclass_overriding_intermediates_is_refused(vit_images) -> None:
+    class OwnIntermediates(VisionTransformer):
+        def forward_intermediates(self, x, **kwargs):
+            return super().forward_intermediates(x, **kwargs)
+
+    torch.manual_seed(0)
+    source = OwnIntermediates(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
+    model = converters.transform(source, to="momentum", gamma=0.0, memory="full")
+    with pytest.raises(ZooError, match="its class overrides timm's VisionTransformer version"):
+        model.forward_intermediates(vit_images)
+    with pytest.raises(ZooError, match="its class overrides"):
+        copy.deepcopy(model).forward_intermediates(vit_images)
+    assert model.prune_intermediate_layers(1) == [1]  # not overridden: the stack's

@@ -484,3 +484,192 @@ def test_torch_export_captures_the_plain_forward_of_every_memory_strategy(rule, 
     out = stack(x.requires_grad_(True))
     strategy = {"reversible": "_ReversibleMomentum", "adjoint": "_AdjointBackprop", "full": ""}[memory]
     assert strategy in type(out.grad_fn).__name__
+
+
+# ------------------------------------------------------------------------------------------ per-block states
+
+
+class _ScaledBlock(nn.Module):
+    """f(x, c; theta) = c * block(x) * weight: an extra positional and keyword argument reaching every block."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        return c * self.block(x) * weight
+
+
+def states_by_definition(rule: str, blocks: list[nn.Module], x: torch.Tensor, h: float, gamma: float = 0.9):
+    """x_1 .. x_N by (R1), (H1) (theta_N := theta_{N-1}) or (M1) from v_0 = 0, written out step by step."""
+    out, v = [], torch.zeros_like(x)
+    thetas = blocks + [blocks[-1]]
+    for n in range(len(blocks)):
+        fx = thetas[n](x)
+        if rule == "euler":
+            x = x + h * fx
+        elif rule == "heun":
+            x = x + h / 2 * (fx + thetas[n + 1](x + h * fx))
+        else:
+            v = gamma * v + (1 - gamma) * h * fx
+            x = x + v
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["euler", "heun", "momentum"])
+@pytest.mark.parametrize("scale", ["depth", 0.7])
+def test_states_are_the_rules_steps_and_end_at_forward(rule, scale):
+    blocks = smooth_blocks(5)
+    stack = ResidualStack(blocks, rule=rule, scale=scale, memory="full")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    stack.double()
+    h = 1 / 5 if scale == "depth" else 0.7
+    states = stack.states(x)
+    assert len(states) == 5 and all(s.shape == x.shape for s in states)
+    assert torch.equal(states[-1], stack(x))  # bit for bit the forward's x_N
+    for mine, ref in zip(states, states_by_definition(rule, blocks, x, h)):
+        torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-12)
+    # stop early: the first k states of the whole stack (Heun's step k - 1 still evaluates f_k)
+    for k in (0, 1, 3):
+        early = stack.states(x, steps=k)
+        assert len(early) == k and all(torch.equal(a, b) for a, b in zip(early, states))
+
+
+@pytest.mark.parametrize("init_velocity", ["f", "module"])
+def test_momentum_states_start_from_the_initial_velocity(init_velocity):
+    blocks = smooth_blocks(4)
+    g = nn.Linear(6, 6)
+    stack = ResidualStack(blocks, rule="momentum", gamma=0.5, init_velocity=g if init_velocity == "module" else "f")
+    x = torch.randn(3, 6)
+    v = g(x) if init_velocity == "module" else blocks[0](x)
+    xs, expected = x, []
+    for f in blocks:
+        v = 0.5 * v + 0.5 * f(xs)
+        xs = xs + v
+        expected.append(xs)
+    states = stack.states(x)
+    assert torch.equal(states[-1], stack(x))
+    for mine, ref in zip(states, expected):
+        torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_states_take_the_transition_and_the_blocks_arguments():
+    t = nn.Linear(3, 6)
+    blocks = [_ScaledBlock(b) for b in smooth_blocks(3)]
+    stack = ResidualStack(blocks, rule="momentum", transition=t, memory="full")
+    x, c = torch.randn(2, 3), torch.tensor(0.5)
+    states = stack.states(x, (c,), {"weight": 2.0})
+    assert torch.equal(states[-1], stack(x, c, weight=2.0))
+    v, xs = torch.zeros(2, 6), t(x)
+    for b in blocks:
+        v = 0.9 * v + 0.1 * b(xs, c, weight=2.0)
+        xs = xs + v
+    torch.testing.assert_close(states[-1], xs, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(stack.states(x, (c,))[-1], states[-1])  # the keyword argument reached the blocks
+
+
+@pytest.mark.parametrize("rule, memory", [("momentum", "reversible"), ("heun", "adjoint"), ("euler", "adjoint")])
+def test_states_of_a_rebuilding_stack_are_the_full_forwards_with_autograd(rule, memory):
+    """Under memory="reversible" / "adjoint" the states are memory="full"'s: equal to forward without gradients,
+    and with autograd, gradients of full backprop (every activation kept)."""
+    blocks = smooth_blocks(4)
+    stack = ResidualStack(blocks, rule=rule, memory=memory, scale="depth")
+    full = ResidualStack(blocks, rule=rule, memory="full", scale="depth")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(stack.states(x)[-1], stack(x))
+    weights = [torch.randn(3, 6, generator=torch.Generator().manual_seed(n)) for n in range(4)]
+
+    def grads_of_states(s: ResidualStack) -> list[torch.Tensor]:
+        s.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        sum((w * y).sum() for w, y in zip(weights, s.states(xg))).backward()
+        return [xg.grad] + [p.grad for p in s.parameters()]
+
+    ref = grads_of_states(full)
+    for a, b in zip(grads_of_states(stack), ref):
+        assert torch.equal(a, b)
+    stack.grad_checkpointing = True  # each step recomputed in backward: the same gradients
+    for a, b in zip(grads_of_states(stack), ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s, x: s.states(x, steps=5), "steps must be an integer in 0 .. 4"),
+        (lambda s, x: s.states(x, steps=-1), "steps must be an integer in 0 .. 4"),
+        (lambda s, x: s.states(x, steps=True), "steps must be an integer"),
+        (lambda s, x: s.states(x, [1.0]), "args must be a tuple"),
+        (lambda s, x: s.states(x, (), [1.0]), "kwargs must be a mapping"),
+        (lambda s, x: s.states(x.long()), "floating-point"),
+    ],
+)
+def test_states_bad_arguments_are_one_clear_error(call, message):
+    with pytest.raises(ZooError, match=re.escape(message)):
+        call(ResidualStack(smooth_blocks(4), rule="momentum"), torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("rule, memory", [("euler", "full"), ("momentum", "full"), ("momentum", "reversible")])
+def test_truncate_keeps_the_step_and_the_states_kept(rule, memory):
+    """A scale="depth" stack truncated to k steps keeps h = 1/N: x_1 .. x_k do not change (h = 1/k would)."""
+    stack = ResidualStack(smooth_blocks(6), rule=rule, memory=memory, scale="depth")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = stack.states(x)
+        assert stack.truncate(4) is stack
+        assert stack.depth == 4 and stack.step == pytest.approx(1 / 6) and len(list(stack.children())) == 4
+        after = stack.states(x)
+        assert len(after) == 4 and all(torch.equal(a, b) for a, b in zip(after, before))
+        assert torch.equal(stack(x), before[3])
+        assert not torch.allclose(ResidualStack(stack.blocks, rule=rule, scale="depth")(x), before[3])
+
+
+def test_truncate_refuses_what_would_change_the_states_kept():
+    heun = ResidualStack(smooth_blocks(4), rule="heun", scale="depth")
+    with pytest.raises(ZooError, match="step 1 evaluates block 2, which truncation drops"):
+        heun.truncate(2)
+    assert heun.truncate(4).depth == 4  # nothing dropped
+    for depth in (0, 5, 2.0, True):
+        with pytest.raises(ZooError, match=re.escape("truncate keeps 1 .. 4 steps")):
+            heun.truncate(depth)
+
+
+@pytest.mark.parametrize("init_velocity", ["zero", "f"])
+def test_momentum_states_on_the_fused_in_place_path_are_the_unfused_rules(monkeypatch, init_velocity):
+    """The compiled fused step (forced for every size) writes x_{n+1} into block n's output and v_{n+1} into v_n, and
+    its backward may write into its cotangents: the states handed out are still the unfused rule's, bit for bit,
+    with and without gradients, and a loss on every state has the unfused rule's gradients."""
+    from zoo.models.resnet import BasicBlock
+    from zoo.ops import fixed_point
+
+    monkeypatch.setattr(fixed_point, "FLOAT_STEP_COMPILE_MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    stack = ResidualStack([BasicBlock(8, 8) for _ in range(4)], rule="momentum", init_velocity=init_velocity)
+    stack = stack.double().eval()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    weights = [torch.randn(2, 8, 4, 4, dtype=torch.float64) for _ in range(4)]
+
+    def run(fused: bool, grad: bool):
+        stack.forward_rule.fuses_tail = fused
+        try:
+            xg = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                states = stack.states(xg)
+                last = stack(xg)
+            values = [s.detach().clone() for s in states]
+            if not grad:
+                return values, last, []
+            loss = sum((w * s).sum() for w, s in zip(weights, states))
+            return values, last.detach(), torch.autograd.grad(loss, [xg, *stack.parameters()])
+        finally:
+            del stack.forward_rule.fuses_tail
+
+    want, _, want_grads = run(False, True)
+    for grad in (False, True):
+        got, last, got_grads = run(True, grad)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(last, got[-1])
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -57,6 +57,51 @@ from zoo.validation import (
 # timm's VisionTransformer pools, less its attention pools ('map', 'prr', which need modules of their own)
 GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "")
 OUTPUT_FORMATS = ("NCHW", "NLC")
+
+
+def intermediates_output(
+    intermediates: list[torch.Tensor],
+    last: torch.Tensor,
+    final_norm: nn.Module,
+    num_prefix_tokens: int,
+    grid: tuple[int, int],
+    *,
+    return_prefix_tokens: bool,
+    output_fmt: str,
+    intermediates_only: bool,
+    output_dict: bool,
+) -> list[Any] | tuple[torch.Tensor, list[Any]] | dict[str, Any]:
+    """What timm's ``VisionTransformer.forward_intermediates`` returns, from the block outputs it took.
+
+    Args:
+        intermediates: the outputs (B, prefix + patches, C) of the blocks taken, final norm applied if asked.
+        last: the output of the last block run; the final features are ``final_norm(last)``.
+        final_norm: the model's final norm.
+        num_prefix_tokens: how many class / register tokens lead each sequence.
+        grid: the patch grid (H, W) of the images.
+        return_prefix_tokens: each intermediate as (patch tokens, prefix tokens).
+        output_fmt: the patch tokens as ``"NCHW"`` (B, C, H, W) or ``"NLC"`` (B, patches, C).
+        intermediates_only: return the intermediates alone.
+        output_dict: return ``{"image_intermediates", "image_intermediates_prefix", "image_features"}``.
+    """
+    prefix = [y[:, :num_prefix_tokens] for y in intermediates] if num_prefix_tokens else None
+    intermediates = [y[:, num_prefix_tokens:] for y in intermediates]
+    if output_fmt == "NCHW":
+        intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+    if output_dict:
+        out: dict[str, Any] = {"image_intermediates": intermediates}
+        if prefix is not None and return_prefix_tokens:
+            out["image_intermediates_prefix"] = prefix
+        if not intermediates_only:
+            out["image_features"] = final_norm(last)
+        return out
+    if return_prefix_tokens and prefix is not None:
+        intermediates = list(zip(intermediates, prefix))
+    if intermediates_only:
+        return intermediates
+    return final_norm(last), intermediates
+
+
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # timm's ViT normalisation (IMAGENET_INCEPTION_MEAN / _STD)
 
 
@@ -467,7 +512,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         choice("output_fmt", output_fmt, OUTPUT_FORMATS)
         take_indices, max_index = self._take_indices(indices)
         intermediates = []
-        batch, _, height, width = x.shape
+        height, width = x.shape[-2:]
         x = self._embed(x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         for i, block in enumerate(blocks):
@@ -479,25 +524,17 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
                 x = block(x)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
-        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
-        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [
-                y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
-            ]
-        if output_dict:
-            out: dict[str, Any] = {"image_intermediates": intermediates}
-            if prefix is not None and return_prefix_tokens:
-                out["image_intermediates_prefix"] = prefix
-            if not intermediates_only:
-                out["image_features"] = self.norm(x)
-            return out
-        if return_prefix_tokens and prefix is not None:
-            intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        return intermediates_output(
+            intermediates,
+            x,
+            self.norm,
+            self.num_prefix_tokens,
+            self.patch_embed.dynamic_feat_size((height, width)),
+            return_prefix_tokens=return_prefix_tokens,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+            output_dict=output_dict,
+        )
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True

@@ -62,8 +62,10 @@ class StackAsBlock(ResidualStack):
     ``for blk in stack: x = blk(x, **kwargs)`` yields the stack itself once, so it runs the stack's
     forward rule on the whole stack (iterating the blocks one by one would apply the residual
     functions f_n as if they were blocks). ``len``, indexing and ``blocks`` are ResidualStack's: the
-    residual functions. Code that slices the block list or collects per-block outputs (timm's
-    ``forward_intermediates``) is not supported: a momentum state is (x_n, v_n), not x_n alone.
+    residual functions. Generic code that slices the block list or collects per-block outputs by
+    iterating over it gets the stack once: per-block states x_1 ... x_N come from
+    :meth:`ResidualStack.states` (a momentum state is (x_n, v_n); its x_n is block n's output), which
+    the converted timm ViT's ``forward_intermediates`` uses.
     """
 
     def __iter__(self) -> Iterator[nn.Module]:

@@ -25,6 +25,10 @@ Memory strategies (one module each under :mod:`zoo.nn.memory`):
 
 The momentum rule starts from v_0 = 0 (``init_velocity="zero"``), v_0 = f_0(x_0) (``"f"``) or
 v_0 = g(x_0) for a module g. It returns x_N.
+
+Per-block outputs: ``stack.states(x)`` is the list x_1 .. x_N (x_{n+1} the output of block n), computed by
+memory="full"'s forward whatever the strategy (a feature-extraction helper under the others: ordinary autograd);
+``stack.truncate(k)`` keeps the first k steps with the same step h, so x_1 .. x_k do not change.
 """
 
 from __future__ import annotations
@@ -313,6 +317,31 @@ class ResidualStack(nn.Module):
         self._set_blocks(new)
         return self
 
+    def truncate(self, depth: int) -> ResidualStack:
+        """Keep the first ``depth`` steps (blocks 0 .. depth - 1, the transition and initial velocity too) and drop
+        the rest, with the step h unchanged (a ``scale="depth"`` stack keeps h = 1/N of its old N as a fixed
+        ``scale``): the states x_1 .. x_depth of :meth:`states` are those of the whole stack, and forward returns
+        x_depth (timm's ``prune_intermediate_layers``).
+
+        ``depth``: the number of steps kept, 1 .. N. A rule whose last kept step evaluates a dropped block (Heun's
+        step n evaluates f_{n+1}) would change x_depth: that is a ZooError (unless nothing is dropped).
+        """
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 1 <= depth <= self.depth:
+            raise ZooError(f"truncate keeps 1 .. {self.depth} steps of this stack, got depth={depth!r}")
+        depth = int(depth)
+        if depth == self.depth:
+            return self
+        needed = max(self.forward_rule.step_blocks(depth - 1, self.depth))
+        if needed >= depth:
+            raise ZooError(
+                f"a {self.rule} stack truncated to {depth} steps would compute another x_{depth}: its step "
+                f"{depth - 1} evaluates block {needed}, which truncation drops"
+            )
+        h = self.step
+        self.scale = h  # h = 1/N of the old N, when scale="depth": the kept steps keep their step
+        self._set_blocks(self.blocks[:depth])
+        return self
+
     def smoothness(self) -> torch.Tensor:
         """max_n ||theta_{n+1} - theta_n|| over the stack (0 for a tied stack): the diagnostic of
         how close the ResNet is to its neural ODE (docs/mathematics.md, section 1)."""
@@ -399,6 +428,49 @@ class ResidualStack(nn.Module):
         """Whether the engine may read a flag computed next to ``t`` on the host now, without a device sync."""
         return _host_read_is_free(t)
 
+    # ---------------------------------------------------------------- per-block states
+    def states(
+        self,
+        x: torch.Tensor,
+        args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None,
+        steps: int | None = None,
+    ) -> list[torch.Tensor]:
+        """The states x_1 .. x_k after each step of the stack's rule from x_0 = ``transition(x)`` (or ``x``):
+        ``states(x)[n]`` is x_{n+1}, the output of block n (timm's block indices), and the last of all N is
+        forward's x_N. The momentum rule's velocity v_n is part of its state but not returned (at gamma = 0,
+        x_n is the plain ResNet's output of block n - 1).
+
+        The states are computed by memory="full"'s forward (:func:`zoo.nn.memory.full.run_plain`), whatever the
+        stack's ``memory``: ordinary autograd under the current grad mode, every step's activations kept while
+        gradients are recorded (only each step's input with ``grad_checkpointing``), so under memory="reversible"
+        or "adjoint" this is a feature-extraction helper whose memory grows with depth; run it under
+        ``torch.no_grad()`` for features alone. x_N is forward's output bit for bit under memory="full", and under
+        every memory strategy without gradients (their forward is then memory="full"'s); memory="reversible" with
+        gradients runs its forward in fixed point, whose x_N differs from these floating-point states by rounding.
+
+        Args:
+            x: the stack's input, a floating-point tensor.
+            args, kwargs: the extra positional and keyword arguments every block receives (forward's ``*args``
+                and ``**kwargs``).
+            steps: k, how many steps to run (``0 .. N``); None: all N. The steps of a shorter run are those of the
+                whole stack (timm's ``stop_early``).
+        """
+        _check_input(x)
+        if not isinstance(args, tuple):
+            raise ZooError(f"args must be a tuple of the blocks' extra positional arguments, got {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise ZooError(f"kwargs must be a mapping of the blocks' keyword arguments, got {type(kwargs).__name__}")
+        if steps is None:
+            steps = self.depth
+        elif isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 0 <= steps <= self.depth:
+            raise ZooError(f"steps must be an integer in 0 .. {self.depth} (the stack's depth) or None, got {steps!r}")
+        out: list[torch.Tensor] = []
+        if steps:
+            checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+            full.run_plain(self, x, args, dict(kwargs or {}), checkpointing, states=out, stop=int(steps))
+        return out
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x_N from x_0 = ``transition(x)`` (or ``x``) by the stack's rule and memory strategy (under
@@ -409,15 +481,20 @@ class ResidualStack(nn.Module):
             *args, **kwargs: extra arguments (masks, a conditioning tensor ...) passed to every block; tensors
                 among them get gradients under every memory strategy.
         """
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ZooError(f"ResidualStack expects a floating-point tensor, got {kind}")
+        _check_input(x)
         if torch.compiler.is_exporting():
             # torch.export captures the function, not a training-time memory strategy: every strategy computes
             # memory="full"'s function, and the rebuilding ones record random states on the host, which export
             # cannot trace (a data-dependent aten.equal)
             return full.run_plain(self, x, args, kwargs)
         return MEMORY_STRATEGIES[self.memory](self, x, args, kwargs)
+
+
+def _check_input(x: Any) -> None:
+    """One clear error when the stack's input ``x`` is not a floating-point tensor."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ZooError(f"ResidualStack expects a floating-point tensor, got {kind}")
 
 
 def _check_tensor(out: Any, who: str) -> None:
