@@ -4,6 +4,11 @@ measuring its peak and that of one more stored block independently."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -51,6 +56,75 @@ def test_step_peak_ignores_frees_of_blocks_an_earlier_window_saw():
         del a
 
     assert step_peak_bytes(step, "cpu") == 4_000_000
+
+
+# kineto's log lines (its C++ Logger writes them to file descriptor 2): "STAGE:2024-01-01 12:00:00 1:1 File.cpp:38] ..."
+KINETO_LINE = re.compile(
+    r"^(VERBOSE|INFO|WARNING|STAGE|ERROR|USDT):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ .+?:\d+\] ", re.M
+)
+
+# measured in a fresh process (kineto reads KINETO_LOG_LEVEL once, as its first profile starts): a step that writes to
+# stderr from Python (a print, a warning) and below it (the file descriptor), twice; a step that raises; then, with
+# KINETO_LOG_LEVEL set (after kineto started: its log level stays, the user's choice is read at each measure), once more
+MEASURE_ON_CPU = r"""
+import os, sys, warnings
+import torch
+from zoo.nn import step_peak_bytes
+
+warnings.simplefilter("always")
+
+def step():
+    a = torch.empty(1000, 1000)  # 4,000,000 bytes
+    print("user print", file=sys.stderr)
+    warnings.warn("user warning")
+    os.write(2, b"user fd write\n")
+    del a
+
+def failing():
+    raise RuntimeError("the step failed")
+
+print(step_peak_bytes(step, "cpu"), step_peak_bytes(step, "cpu"))
+try:
+    step_peak_bytes(failing, "cpu")
+except RuntimeError as e:
+    print("caught:", e, file=sys.stderr)
+print("after", file=sys.stderr, flush=True)
+os.environ["KINETO_LOG_LEVEL"] = "0"
+print("KINETO_LOG_LEVEL=0", file=sys.stderr, flush=True)
+print(step_peak_bytes(lambda: torch.empty(1000, 1000), "cpu"))
+"""
+
+
+@pytest.fixture(scope="module")
+def stderr_measuring_on_cpu():
+    """The subprocess's stderr: before KINETO_LOG_LEVEL was set, and after."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KINETO_LOG_LEVEL", "PYTHONWARNINGS")}
+    proc = subprocess.run([sys.executable, "-c", MEASURE_ON_CPU], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["4000000", "4000000", "4000000"]
+    before, marker, after = proc.stderr.partition("KINETO_LOG_LEVEL=0\n")
+    assert marker, proc.stderr
+    return before, after
+
+
+def test_step_peak_on_cpu_writes_no_profiler_log_and_keeps_the_steps_own_stderr(stderr_measuring_on_cpu):
+    """torch.profiler's kineto logs each profile's start and stop ("USDT: ... profiler_start", "STAGE: ... Completed
+    Stage: Warm Up", ...) to file descriptor 2 from C++: none of it reaches stderr, while what the step writes
+    there (a print, a warning, a write to the descriptor) does, in order, also after a step that raised."""
+    stderr, _ = stderr_measuring_on_cpu
+    assert not KINETO_LINE.search(stderr), stderr
+    assert stderr.count("user print\n") == 2 and stderr.count("UserWarning: user warning\n") == 2, stderr
+    assert stderr.count("user fd write\n") == 2, stderr
+    assert stderr.index("user print") < stderr.index("user fd write") < stderr.rindex("user print"), stderr
+    assert stderr.endswith("caught: the step failed\nafter\n"), stderr
+
+
+@pytest.mark.skipif(not torch.profiler.kineto_available(), reason="needs torch.profiler's kineto")
+def test_step_peak_on_cpu_leaves_the_profiler_log_to_a_set_kineto_log_level(stderr_measuring_on_cpu):
+    # KINETO_LOG_LEVEL set is the user's choice of kineto's log: passed through as it is (kineto logs every start
+    # and stop, "USDT: ... profiler_start", at its default level and at any below 6)
+    _, stderr = stderr_measuring_on_cpu
+    assert KINETO_LINE.search(stderr), stderr
 
 
 def test_step_peak_refuses_other_devices():

@@ -22,6 +22,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 
 import torch
@@ -42,6 +46,8 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device | str) -> i
     (``profile_memory=True``), summed in time order, a free counted only for a block allocated during the step: a
     tensor allocated before the step and freed during it still counts as held (an upper bound; in a training step
     such tensors are few). Both count tensor bytes, not the allocator's cache or the process's resident memory.
+    The profiler's own log (kineto's start, stop and stage lines, which it writes to file descriptor 2 from C++) is
+    dropped unless ``KINETO_LOG_LEVEL`` is set; what ``step`` writes to stderr is left alone.
 
     Args:
         step: runs the work to measure (a training step's forward and backward).
@@ -61,8 +67,16 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device | str) -> i
     from torch._C._profiler import _ExtraFields_Allocation
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # kineto logs only as the profile starts and stops (not during the step): its lines are dropped there, the step
+    # runs with stderr untouched
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _kineto_log_dropped():
+        prof.__enter__()
+    try:
         step()
+    finally:
+        with _kineto_log_dropped():
+            prof.__exit__(None, None, None)
     events: list[tuple[int, int, int]] = []  # (time, address, bytes: + allocated, - freed)
     nodes = list(prof.profiler.kineto_results.experimental_event_tree())
     while nodes:
@@ -83,6 +97,53 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device | str) -> i
         elif address in held:
             live -= held.pop(address)
     return peak
+
+
+# a line of kineto's C++ Logger: "<severity>:<date> <time> <process id>:<thread id> <source file>:<line>] <message>"
+_KINETO_LINE = re.compile(
+    rb"(?:VERBOSE|INFO|WARNING|STAGE|ERROR|USDT):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ .+?:\d+\] "
+)
+
+
+@contextlib.contextmanager
+def _kineto_log_dropped() -> Iterator[None]:
+    """Drop the lines kineto's logger writes to file descriptor 2 inside the block; anything else written there is
+    written again on exit (in order, also when the block raises).
+
+    Kineto writes through ``std::cerr`` from C++, out of reach of ``sys.stderr``; at its default level (errors) it
+    still logs each start and stop ("USDT: ... profiler_start", a severity above errors), and it reads its one knob,
+    ``KINETO_LOG_LEVEL``, once per process, when the first profile starts, so setting that here would come too late
+    after any earlier profile and would silence kineto's errors for the rest of the process; so the descriptor is
+    pointed at a temporary file for the block. A set ``KINETO_LOG_LEVEL`` is the user's choice of kineto's log:
+    nothing is dropped.
+    """
+    if "KINETO_LOG_LEVEL" in os.environ:
+        yield
+        return
+    streams = [s for s in {id(s): s for s in (sys.stderr, sys.__stderr__)}.values() if s is not None]
+    for stream in streams:  # what Python holds for stderr goes out before the descriptor moves
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to write to (closed)
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        try:
+            os.dup2(captured.fileno(), 2)
+            yield
+        finally:
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = b"".join(line for line in captured.read().splitlines(True) if not _KINETO_LINE.match(line))
+            with contextlib.suppress(OSError):  # a stderr that cannot be written to (a closed pipe) loses them
+                while kept:
+                    kept = kept[os.write(2, kept) :]
 
 
 def _reversible_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
