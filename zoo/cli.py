@@ -13,13 +13,19 @@ import argparse
 import difflib
 import fnmatch
 import functools
+import hashlib
 import importlib
+import json
 import logging
 import os
 import re
+import socket
 import sys
+import tempfile
+import time
 import types
 import typing
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -822,10 +828,155 @@ def convert_main(argv: list[str]) -> None:
     print(f"zoo: wrote {out} ({type(model).__name__}, {n / 1e6:.2f}M parameters{random})")
 
 
+# ------------------------------------------------------------------------------------------------
+# one error line per machine under a distributed launch
+
+# the id of one launch, set by the process that starts it (LOCAL_RANK not yet set): Lightning's launcher
+# (_SubprocessScriptLauncher) copies the environment into the processes it starts, so they all share it
+LAUNCH_ID_ENV = "ZOO_LAUNCH_ID"
+# what a launcher tells each process; read when main() starts as well, because Lightning deletes WORLD_SIZE when
+# its run ends (LightningEnvironment.teardown), before main() reports the error
+LAUNCH_VARS = ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+# the processes of one launch on one machine record the error lines they printed here (the temp folder)
+ERROR_RECORD_PREFIX = "zoo-error-lines-"
+ERROR_RECORD_MAX_AGE_S = 24 * 3600  # a record left behind (a process of the launch never failed) is removed then
+ERROR_RECORD_LOCK_S = 10.0  # how long a failing process waits for the record before printing as if alone
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks after boot, field 22 of ``/proc/<pid>/stat``): with the pid it
+    names one process (a pid is reused, not with the same start); ``""`` where ``/proc`` is not readable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()  # after "pid (command)", which may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _launch_key(launch: Mapping[str, str]) -> str | None:
+    """What the processes of one distributed launch on this machine share and no later launch has, or None outside
+    a launch (no ``LOCAL_RANK``; under a launcher other than Lightning's, no ``WORLD_SIZE``).
+
+    Under Lightning's launcher: :data:`LAUNCH_ID_ENV`, made by the first process (the command itself, the parent
+    of the others) and inherited by the others; it starts with that process's pid, so a value left over in a
+    shell's environment is not taken. Under torchrun (and other launchers that start every process): the
+    launcher's pid and start time (the parent of all of them), with the run id and restart count torchrun sets
+    (a restart starts new processes under the same launcher), the rendezvous address and SLURM's job step.
+
+    Args:
+        launch: the :data:`LAUNCH_VARS` this process was given.
+    """
+    if not launch.get("LOCAL_RANK"):
+        return None
+    launch_id = os.environ.get(LAUNCH_ID_ENV, "")
+    if launch_id.split("-", 1)[0] in (str(os.getpid()), str(os.getppid())):
+        return f"zoo {launch_id} {socket.gethostname()}"
+    if not launch.get("WORLD_SIZE"):
+        return None
+    parent = os.getppid()
+    names = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID")
+    return " ".join(
+        ["launcher", str(parent), _process_start(parent), socket.gethostname()]
+        + [f"{name}={os.environ.get(name, '')}" for name in (*names, "SLURM_STEP_ID")]
+    )
+
+
+def _first_to_meet(message: str, key: str, processes: int | None = None) -> bool:
+    """Whether this process is the first of the launch ``key`` on this machine to meet the error ``message``.
+
+    Each failing process appends a JSON line ``[processes, message]`` to a file in the temp folder named after
+    ``key`` (one per user and launch), under an exclusive lock (``fcntl.flock``), and is first when no line holds
+    the message yet. The file holds one line per failed process; the last process of the machine to fail (as many
+    lines as the largest ``processes`` any line gives) removes it; a record older than a day is removed by the next
+    failing run. Raises ImportError without ``fcntl`` (not Linux or macOS), OSError when the file cannot be used,
+    TimeoutError when the lock is held for longer than :data:`ERROR_RECORD_LOCK_S`.
+
+    Args:
+        message: the error's message, as printed.
+        key: the launch (:func:`_launch_key`).
+        processes: how many processes the launch has on this machine (None: not known here).
+    """
+    import fcntl
+
+    folder = Path(tempfile.gettempdir())
+    user = str(os.getuid()) if hasattr(os, "getuid") else ""
+    prefix = f"{ERROR_RECORD_PREFIX}{user}-"
+    path = folder / (prefix + hashlib.sha256(key.encode()).hexdigest()[:24])
+    for stale in folder.glob(prefix + "*"):
+        try:
+            if stale != path and time.time() - stale.stat().st_mtime > ERROR_RECORD_MAX_AGE_S:
+                stale.unlink()
+        except OSError:
+            pass
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)  # not through a planted link
+    with open(os.open(path, flags, 0o600), "r+", encoding="utf-8") as record:
+        deadline = time.monotonic() + ERROR_RECORD_LOCK_S
+        while True:
+            try:
+                fcntl.flock(record.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} stayed locked") from None
+                time.sleep(0.01)
+        record.seek(0)
+        lines = []
+        for line in record.read().splitlines():
+            try:
+                size, text = json.loads(line)
+            except (ValueError, TypeError):  # not written by this function: count it, match nothing
+                size, text = None, None
+            lines.append((size if isinstance(size, int) else None, text))
+        record.write(json.dumps([processes, message]) + "\n")
+        record.flush()
+        sizes = [size for size, _ in lines if size is not None] + ([processes] if processes is not None else [])
+        if sizes and len(lines) + 1 >= max(sizes):  # every process of this machine failed: none reads it again
+            path.unlink(missing_ok=True)
+    return all(text != message for _, text in lines)
+
+
+def _print_error(message: str, started: Mapping[str, str]) -> None:
+    """Print ``zoo: error: <message>`` to stderr, once per machine under a distributed launch.
+
+    Under DDP every process usually meets the same error (each parses the same options and sets up the same data):
+    that line comes once per machine, so that an error only one machine meets (its data folder missing) is still
+    shown. An error only some processes meet (one rank's data shard, one device) is printed by the process that
+    meets it: each distinct message once per machine, by the first process that meets it. The processes cannot ask
+    each other (torch.distributed may not be set up yet, or hang after an error): they share a small file in the
+    machine's temp folder named after the launch (:func:`_first_to_meet`). Where that file cannot be used, only the
+    machine's first process (LOCAL_RANK 0, as Lightning's launchers and torchrun set it) prints; outside a launch
+    (no LOCAL_RANK) the process prints.
+
+    Args:
+        message: the error's message.
+        started: the :data:`LAUNCH_VARS` the process had when it started (Lightning deletes ``WORLD_SIZE``
+            before an error gets here).
+    """
+    launch = {**started, **{name: os.environ[name] for name in LAUNCH_VARS if name in os.environ}}
+    first = launch.get("LOCAL_RANK", "0") in ("", "0")
+    key = _launch_key(launch)
+    if key is not None:
+        size = launch.get("LOCAL_WORLD_SIZE") or launch.get("WORLD_SIZE", "")
+        try:
+            first = _first_to_meet(message, key, int(size) if size.isdigit() else None)
+        except (ImportError, OSError, TimeoutError):
+            pass
+    if first:
+        print(f"zoo: error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``zoo`` console script; ``argv``: its arguments (None: ``sys.argv[1:]``)."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    started = {name: os.environ[name] for name in LAUNCH_VARS if name in os.environ}
+    # a process no launcher started (no LOCAL_RANK) may start a launch: the processes Lightning's DDP launcher starts
+    # from here inherit its id, with which they share their record of the error lines printed (see _launch_key)
+    starts_launch = "LOCAL_RANK" not in os.environ
+    previous_launch = os.environ.get(LAUNCH_ID_ENV)
+    if starts_launch:
+        os.environ[LAUNCH_ID_ENV] = f"{os.getpid()}-{uuid.uuid4().hex}"
     try:
         if argv and argv[0] == "convert":
             convert_main(argv[1:])
@@ -834,18 +985,21 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_lightning(argv, from_command_line)
     except ZooError as e:
-        # under DDP every process meets the same error (each parses the same options and sets up the same data):
-        # the line comes once per machine, from its first process (LOCAL_RANK 0, as Lightning's launchers and
-        # torchrun set it), so that an error only one machine meets (its data folder missing) is still shown;
-        # every process exits with 2
-        if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
-            print(f"zoo: error: {e}", file=sys.stderr)
+        # under DDP the line comes once per machine for each distinct error, from the first process that meets it
+        # (see _print_error); every process exits with 2, so that the launcher sees the failure
+        _print_error(str(e), started)
         raise SystemExit(2) from None
     except BrokenPipeError:
         # the reader of stdout left (zoo recipes | head): nothing more to say; stdout goes to devnull so that the
         # interpreter's final flush does not raise again (the recipe of Python's signal documentation)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0) from None
+    finally:
+        if starts_launch:  # main() called from Python: leave the caller's environment as it was
+            if previous_launch is None:
+                os.environ.pop(LAUNCH_ID_ENV, None)
+            else:
+                os.environ[LAUNCH_ID_ENV] = previous_launch
 
 
 if __name__ == "__main__":
