@@ -244,6 +244,122 @@ def test_set_transformer_is_permutation_invariant_and_ignores_padding(n_iter: in
         torch.testing.assert_close(model(padded, padding_mask=mask)[1], model(x[1:, :20])[0], rtol=0, atol=1e-10)
 
 
+def empty_cloud_batch(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three clouds of 12 points, padded with junk: the first whole, the second fully padded (an empty cloud), the
+    third with 4 padded points."""
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[1] = True
+    mask[2, 8:] = True
+    junk = 100 * clouds(3, 12, seed=5, dtype=dtype)
+    return torch.where(mask.unsqueeze(-1), junk, clouds(3, 12, dtype=dtype)), mask
+
+
+def parameter_grads(
+    model: nn.Module, x: torch.Tensor, mask: torch.Tensor, rows: list[int], labels: list[int]
+) -> dict[str, torch.Tensor]:
+    """Gradients of the summed cross-entropy of the clouds ``rows`` with ``labels``; every parameter has one (None
+    would be an unused parameter, which DDP refuses)."""
+    model.zero_grad()
+    logits = model(x, mask)
+    F.cross_entropy(logits[rows], torch.tensor(labels), reduction="sum").backward()
+    assert all(p.grad is not None for p in model.parameters())
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 21])
+def test_set_transformer_fully_padded_cloud_is_an_empty_set(n_iter: int) -> None:
+    model = randomize(small_set(n_iter=n_iter, num_seeds=2).double()).eval()
+    x, mask = empty_cloud_batch()
+    logits = model(x, mask)
+    assert torch.isfinite(logits).all()
+    # the empty cloud: zero features, so zero pre-logits and the classifier's bias
+    assert torch.equal(model.forward_features(x, mask)[1], torch.zeros(2, 16, dtype=torch.float64))
+    assert torch.equal(logits[1], model.head.bias)
+    # the others: as alone (same padding), and bit for bit as with a whole cloud in place of the empty one
+    for i in (0, 2):
+        torch.testing.assert_close(logits[i], model(x[i : i + 1], mask[i : i + 1])[0], rtol=0, atol=1e-12)
+    whole, unmasked = x.clone(), mask.clone()
+    whole[1], unmasked[1] = clouds(1, 12, seed=7, dtype=torch.float64)[0], False
+    assert torch.equal(logits[[0, 2]], model(whole, unmasked)[[0, 2]])
+    # the gradient of the other clouds' loss: finite, bit for bit that of the batch with a whole cloud in place of
+    # the empty one (whose loss is left out), and that of the batch without it
+    grads = parameter_grads(model, x, mask, [0, 2], [0, 2])
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    same_shape = parameter_grads(model, whole, unmasked, [0, 2], [0, 2])
+    assert all(torch.equal(grads[n], same_shape[n]) for n in grads)
+    without = parameter_grads(model, x[[0, 2]], mask[[0, 2]], [0, 1], [0, 2])
+    torch.testing.assert_close(grads, without, rtol=0, atol=1e-12)
+    # the empty cloud's own loss reaches the classifier's bias only: d/db cross_entropy(b, 1) = softmax(b) - e_1
+    grads = parameter_grads(model, x, mask, [1], [1])
+    expected = model.head.bias.detach().softmax(-1) - F.one_hot(torch.tensor(1), 5)
+    torch.testing.assert_close(grads.pop("head.bias"), expected, rtol=0, atol=1e-15)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+    # no gradient to the padded points (its points included), whatever the loss
+    points = x.clone().requires_grad_(True)
+    model(points, mask).sum().backward()
+    assert torch.isfinite(points.grad).all() and torch.equal(points.grad[mask], torch.zeros_like(points.grad[mask]))
+    assert points.grad[~mask].abs().sum() > 0
+
+
+def test_set_transformer_empty_cloud_whatever_sdpa_gives_for_a_row_without_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SDPA's output for a row whose keys are all masked depends on the backend and the version (NaN on some CUDA
+    kernels, zeros in the math backend since torch 2.5): with the plain softmax, which gives NaN, an empty cloud
+    used to make its own logits and, through 0 * NaN in backward, every parameter gradient NaN."""
+
+    def softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if attn_mask is not None:
+            scores = (
+                scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            )
+        return scores.softmax(-1) @ v
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", softmax_attention)
+    model = randomize(small_set(n_iter=1, num_seeds=2).double()).eval()
+    x, mask = empty_cloud_batch()
+    logits = model(x, mask)
+    assert torch.isfinite(logits).all() and torch.equal(logits[1], model.head.bias)
+    grads = parameter_grads(model, x, mask, [0, 2], [0, 2])
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    torch.testing.assert_close(
+        grads, parameter_grads(model, x[[0, 2]], mask[[0, 2]], [0, 1], [0, 2]), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_set_transformer_empty_cloud_under_autocast_and_torch_compile(n_iter: int) -> None:
+    model = randomize(small_set(n_iter=n_iter, num_seeds=2)).eval()
+    x, mask = empty_cloud_batch(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x, mask)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert torch.equal(logits[1], model.head.bias.to(torch.bfloat16))
+    F.cross_entropy(logits.float(), torch.arange(3)).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # one graph for every batch (no host read, no data-dependent branch: fullgraph fails on a graph break); the
+    # eager backend traces without the minutes of an inductor compile
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        logits = model(x, mask)
+        torch.testing.assert_close(compiled(x, mask), logits, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(x, torch.zeros_like(mask)), model(x), rtol=0, atol=0)
+    assert torch.equal(logits[1], model.head.bias)
+
+
+@pytest.mark.parametrize("n_iter", [1, 21])
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_set_transformer_padding_values_never_matter(n_iter: int, fill: float) -> None:
+    model = randomize(small_set(n_iter=n_iter, num_seeds=2).double()).eval()
+    x, mask = empty_cloud_batch()
+    logits = model(x, mask)
+    bad = x.masked_fill(mask.unsqueeze(-1), fill)
+    assert torch.equal(model(bad, mask), logits)
+    grads = parameter_grads(model, bad, mask, [0, 1, 2], [0, 1, 2])
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
 def test_set_transformer_attention_stats_and_n_iter() -> None:
     model = small_set(n_iter=1, record_stats=True)
     assert model.attention_stats() == {}

@@ -17,7 +17,11 @@ differs from the model width (the first ISAB's second MAB reads the raw points),
 A Sinkhorn PMA with one seed and ``n_iter >= 2`` is mean pooling of the values: with one query row, the column step
 gives every key the same mass 1 / n, and the last row step keeps it (so the published Sinkformer pools by the mean).
 Padded points (``padding_mask``) are left out as keys and, under Sinkhorn, as queries (no mass in the column steps),
-so a padded cloud gets the logits of the cloud alone.
+so a padded cloud gets the logits of the cloud alone; their values never matter (they are set to 0 first, so NaN or
+inf padding is fine). A fully padded cloud (every point padded: an empty set) has nothing to attend to: it runs as the
+one-point cloud {0}, so that no attention row is left without keys (what SDPA gives for such a row depends on the
+backend, NaN on some), and its features are then set to zero, so its logits are the classifier's bias and the other
+clouds of the batch (outputs and gradients) are as without it. No host read: the same graph for every batch.
 
 **Point Cloud Transformer** (PCT, Guo et al. 2021), shape classification layout of the authors' code:
 
@@ -334,8 +338,18 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
     """Set Transformer / Set Sinkformer classifier of point clouds (or any set of vectors), see the module docstring.
 
     ``forward(points, padding_mask=None)``: points (B, N, in_chans) -> logits (B, num_classes); ``padding_mask``
-    (B, N) bool, True = padded point: padded points are never attended to, so a padded cloud gives the logits of
-    the cloud alone. Permutation invariant in the points for every ``n_iter``.
+    (B, N) bool, True = padded point: padded points are never attended to (and their values, even NaN or inf, never
+    matter), so a padded cloud gives the logits of the cloud alone. Permutation invariant in the points for every
+    ``n_iter``.
+
+    A fully padded cloud (every point padded) is an empty set: its features (``forward_features``) are zero, so its
+    pre-logits are zero and its logits the classifier's bias, finite under softmax and Sinkhorn, with or without
+    autocast or torch.compile. It changes nothing for the other clouds of its batch: their outputs are those of the
+    batch without it, and its loss reaches only the classifier's bias (no gradient through the encoder, the PMA or
+    the decoder; the gradient of the other clouds' loss is that of the batch without it). This is decided per sample
+    by masking (no host read, no data-dependent branch): the empty cloud runs as the one-point cloud {0} so that
+    no attention row is left without keys (SDPA's output for such a row depends on the backend: NaN on some, and
+    0 * NaN in backward would poison every gradient); with ``record_stats`` that one point counts in the statistics.
 
     Args:
         in_chans: channels per point (3: xyz).
@@ -423,20 +437,29 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
         return [m for m in self.modules() if isinstance(m, SinkhornMultiheadAttention)]
 
     def forward_features(self, points: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled (and decoded) seeds (B, num_seeds, embed_dim)."""
+        """Pooled (and decoded) seeds (B, num_seeds, embed_dim); zero for a fully padded cloud (see the class)."""
         _check_points(points, self.in_chans, type(self).__name__)
         if padding_mask is not None and (padding_mask.dtype != torch.bool or padding_mask.shape != points.shape[:2]):
             raise ZooError(
                 f"padding_mask must be a bool tensor of shape (B, N) = {tuple(points.shape[:2])} with True = padded "
                 f"point, got {padding_mask.dtype} {tuple(padding_mask.shape)}"
             )
+        empty = None
+        if padding_mask is not None:
+            # by masking, computed once here (no host read): padded points set to 0 (their values never matter, even
+            # NaN / inf); a fully padded cloud runs as the one-point cloud {0} (its first point unpadded), so that no
+            # attention row is left without keys, and its features are set to zero at the end
+            points = points.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+            empty = padding_mask.all(dim=1, keepdim=True)  # (B, 1)
+            first = torch.arange(padding_mask.shape[1], device=padding_mask.device) == 0
+            padding_mask = padding_mask & ~(empty & first)
         x = points
         for block in self.encoder:
             x = block(x, padding_mask)
         z = self.pool(self.pool_drop(x), padding_mask)
         for block in self.decoder:
             z = block(z)
-        return z
+        return z if empty is None else z.masked_fill(empty.unsqueeze(-1), 0.0)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The seeds (B, num_seeds, embed_dim) concatenated (B, head_hidden_size), dropout, and (unless
