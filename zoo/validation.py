@@ -14,6 +14,9 @@ The checks are strict on purpose, so that a typo never silently becomes another 
 - NaN and the infinities are refused wherever a finite number is meant (``math.isfinite``).
 
 numpy integers and floats count as integers and reals (``numbers.Integral`` / ``numbers.Real``).
+
+Checks of a tensor's values (not its shape or dtype) run only where :func:`host_read_is_free`: reading a value on
+the host synchronises with an accelerator, and under ``torch.compile`` a data-dependent branch breaks the graph.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
+import torch
 
 from zoo.errors import ZooError
 
 __all__ = [
+    "host_read_is_free",
     "boolean",
     "choice",
     "finite_float",
@@ -296,3 +301,13 @@ def optional(check: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> An
         value: the value to check.
     """
     return None if value is None else check(name, value, *args, **kwargs)
+
+
+def host_read_is_free(t: torch.Tensor) -> bool:
+    """Whether a value computed next to ``t`` may be read on the host now at no cost: ``t`` is on the CPU (no device
+    to synchronise with) and no ``torch.compile`` is tracing (where a data-dependent branch would break the graph).
+
+    Args:
+        t: the tensor whose device decides.
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()

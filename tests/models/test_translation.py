@@ -505,11 +505,32 @@ SRC = torch.tensor([[5, 9, 2]])
         (lambda m: m.translate(SRC, foo=3), r"unknown decoding option 'foo': give beam or lenpen"),
         (lambda m: greedy_search(m, torch.tensor([[5, 30, 2]])), r"id 30, outside the source vocabulary"),
         (lambda m: beam_search(m, torch.tensor([5, 9, 2])), r"src_tokens must be a 2-D"),
+        # forward on the CPU, where the range check reads no device (the embedding's IndexError before)
+        (
+            lambda m: m(torch.tensor([[5, 24, 2]]), torch.tensor([[2, 5]])),
+            r"src_tokens holds the id 24, outside the "
+            r"source vocabulary of 24 symbols \(ids 0\.\.23\).*src_vocab_size",
+        ),
+        (
+            lambda m: m(SRC, torch.tensor([[2, 20]])),
+            r"prev_output_tokens holds the id 20, outside the target "
+            r"vocabulary of 20 symbols.*tgt_vocab_size",
+        ),
+        (lambda m: m(SRC, torch.tensor([[2, -3]])), r"prev_output_tokens holds the id -3, outside the target"),
+        (lambda m: m.forward_encoder(torch.tensor([[5, 99]])), r"src_tokens holds the id 99, outside the source"),
     ],
 )
 def test_bad_token_input_is_one_clear_error(call, message: str) -> None:
     with pytest.raises(ZooError, match=message):
         call(toy())
+
+
+def test_the_range_check_adds_no_graph_break_under_compile() -> None:
+    """Under torch.compile the ids' range is not read (a data-dependent branch): one graph, the same logits."""
+    model, tgt = toy(), torch.tensor([[2, 5, 7]])
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(SRC, tgt), model(SRC, tgt))
 
 
 def test_empty_batch_translates_to_nothing() -> None:
@@ -543,12 +564,17 @@ def test_zero_decoding_overrides_are_used_not_the_task_defaults() -> None:
 
 
 def test_forward_checks_inputs_without_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a host read would synchronise a device (declared here for the CPU run), forward reads no value: shapes
+    and dtypes are checked, the ids' range is not."""
+    import zoo.models.translation as translation
+
     model = toy()
     src, prev = torch.tensor([[5, 9, 2], [1, 6, 2]]), torch.tensor([[2, 5, 7], [2, 8, 1]])
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("host sync inside forward")
 
+    monkeypatch.setattr(translation, "host_read_is_free", lambda t: False)
     for name in ("item", "tolist", "cpu", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     with torch.no_grad():

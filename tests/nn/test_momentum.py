@@ -720,7 +720,7 @@ def test_on_an_accelerator_out_of_range_poisons_the_output_and_backward_raises(c
     import zoo.nn.residual_stack as engine
 
     stack, x = _out_of_range_case(case)
-    monkeypatch.setattr(engine, "_host_read_is_free", lambda t: False)
+    monkeypatch.setattr(engine, "host_read_is_free", lambda t: False)
     out = stack(x.requires_grad_(True))
     assert torch.isnan(out).all()
     with pytest.raises(ZooError, match=RANGE_ERROR):

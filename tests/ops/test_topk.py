@@ -589,7 +589,7 @@ def test_infinite_entries_on_the_device_path_without_host_sync(monkeypatch):
     refs = {
         (name, p, solver): f(x, 3, p=p, lam=0.5, solver=solver) for name, f in RELAXED.items() for p, solver in SOLVES
     }
-    monkeypatch.setattr(topk_module, "_on_host", lambda v: False)
+    monkeypatch.setattr(topk_module, "host_read_is_free", lambda v: False)
     leaf = x.clone().requires_grad_(True)
 
     def forbidden(*args, **kwargs):
@@ -635,7 +635,7 @@ def test_half_precision_and_autocast():
 def test_no_host_sync_on_the_device_path(monkeypatch):
     """With an int k the forward and backward never read tensor values on the host (the accelerator path:
     torch.sort instead of numpy)."""
-    monkeypatch.setattr(topk_module, "_on_host", lambda v: False)
+    monkeypatch.setattr(topk_module, "host_read_is_free", lambda v: False)
     x = rand(3, 20, seed=20, dtype=torch.float32).requires_grad_(True)
 
     def forbidden(*args, **kwargs):

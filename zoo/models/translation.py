@@ -68,8 +68,8 @@ from zoo.ops.masks import AllowedMask, PaddingMask
 from zoo.pretrained import builder_args_with_recorded
 from zoo.registry import register_model
 from zoo.tasks.optim import InverseSqrtLR
-from zoo.tasks.translation import TranslationTask, check_token_ids
-from zoo.validation import boolean, choice, integer, non_negative_int, positive_int, probability
+from zoo.tasks.translation import TranslationTask, check_token_ids, check_token_range
+from zoo.validation import boolean, choice, host_read_is_free, integer, non_negative_int, positive_int, probability
 
 __all__ = [
     "EncoderOut",
@@ -866,9 +866,13 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
     # ---------------------------------------------------------------- forward
     def forward(self, src_tokens: torch.Tensor, prev_output_tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of the target given the source (B, S) and the shifted target (B, T) (integer ids; shapes
-        and dtypes are checked, the ids' range is not: no host sync)."""
+        and dtypes are checked, and the ids' range against the vocabularies where reading it costs no device sync:
+        on the CPU, outside torch.compile)."""
         check_token_ids("src_tokens", src_tokens)
         check_token_ids("prev_output_tokens", prev_output_tokens, batch_size=src_tokens.size(0))
+        if host_read_is_free(src_tokens):
+            check_token_range("src_tokens", src_tokens, self.src_vocab_size, "source")
+            check_token_range("prev_output_tokens", prev_output_tokens, self.tgt_vocab_size, "target")
         return self.decoder(prev_output_tokens, self.encoder(src_tokens))
 
     def get_normalized_probs(self, logits: torch.Tensor, log_probs: bool = True) -> torch.Tensor:
@@ -878,8 +882,11 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
 
     # ---------------------------------------------------------------- incremental decoding (Seq2SeqDecoder)
     def forward_encoder(self, src_tokens: torch.Tensor) -> EncoderOut:
-        """The encoder's output for the source ids (B, S) (shape and dtype checked, no host sync)."""
+        """The encoder's output for the source ids (B, S) (shape and dtype checked, and the ids' range where reading
+        it costs no device sync, as in :meth:`forward`)."""
         check_token_ids("src_tokens", src_tokens)
+        if host_read_is_free(src_tokens):
+            check_token_range("src_tokens", src_tokens, self.src_vocab_size, "source")
         return self.encoder(src_tokens)
 
     def forward_decoder_step(

@@ -54,6 +54,7 @@ from zoo.nn.memory.reversible import _refuse_out_of_range  # noqa: F401
 from zoo.nn.residual_function import has_tail
 from zoo.nn.rules import DEFAULT_GAMMA, RULES, ForwardRule
 from zoo.ops.fixed_point import FixedPoint, GammaRatio
+from zoo.validation import host_read_is_free
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -426,7 +427,7 @@ class ResidualStack(nn.Module):
 
     def host_read_is_free(self, t: torch.Tensor) -> bool:
         """Whether the engine may read a flag computed next to ``t`` on the host now, without a device sync."""
-        return _host_read_is_free(t)
+        return host_read_is_free(t)
 
     # ---------------------------------------------------------------- per-block states
     def states(
@@ -506,12 +507,6 @@ def _check_tensor(out: Any, who: str) -> None:
             f"{who} of a ResidualStack returned a {type(out).__name__}, not a tensor: a residual function must "
             "return one tensor shaped like its input (wrap a block returning a tuple or dict to return that tensor)"
         )
-
-
-def _host_read_is_free(t: torch.Tensor) -> bool:
-    """Whether reading a flag computed next to ``t`` costs no device synchronisation: a CPU tensor, outside
-    torch.compile's tracing (where a data-dependent branch would break the graph)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _interpolate_block(blocks: list[nn.Module], position: float) -> nn.Module:

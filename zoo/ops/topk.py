@@ -97,6 +97,7 @@ from torch.autograd.function import once_differentiable
 
 from zoo._deprecation import renamed_arguments
 from zoo.errors import ZooError
+from zoo.validation import host_read_is_free
 
 __all__ = ["topk_mask", "topk_magnitude", "soft_topk_mask", "soft_topk_magnitude", "SOLVERS", "check_relaxed"]
 
@@ -241,13 +242,8 @@ def topk_magnitude(x: torch.Tensor, k: int | torch.Tensor, dim: int = -1) -> tor
 # ------------------------------------------------------------------------------------------------ sorting
 
 
-def _on_host(v: torch.Tensor) -> bool:
-    """CPU tensors outside torch.compile: values may be read on the host (no device to synchronise with)."""
-    return v.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _numpy_path(v: torch.Tensor) -> bool:
-    return _on_host(v) and v.dtype == torch.float32 and v.numel() > 0
+    return host_read_is_free(v) and v.dtype == torch.float32 and v.numel() > 0
 
 
 def _np_keys(a: np.ndarray, descending: bool = False) -> np.ndarray:
@@ -603,7 +599,7 @@ class _SoftTopKFunction(torch.autograd.Function):
         ctx.cfg = (kk if isinstance(kk, int) else None, lam, p43, mag, chunks)
         # non-finite entries: always handled on an accelerator (no host sync), skipped when absent on the CPU
         inf = row_nan = None
-        if not (_on_host(x) and bool(torch.isfinite(x).all())):
+        if not (host_read_is_free(x) and bool(torch.isfinite(x).all())):
             x, inf, row_nan, exact = _nonfinite_rows(x, kk, lam, p43, mag)
         ctx.nonfinite = inf is not None
 

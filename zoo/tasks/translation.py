@@ -63,6 +63,7 @@ __all__ = [
     "TranslationTask",
     "beam_search",
     "check_token_ids",
+    "check_token_range",
     "greedy_search",
     "label_smoothed_nll_loss",
 ]
@@ -216,19 +217,34 @@ def check_token_ids(name: str, tokens: Any, batch_size: int | None = None) -> No
         )
 
 
+def check_token_range(name: str, tokens: torch.Tensor, vocab_size: int, side: str) -> None:
+    """One clear ZooError when an id of ``tokens`` lies outside ``0 .. vocab_size - 1`` (one host copy of the ids'
+    minimum and maximum: call it where :func:`zoo.validation.host_read_is_free`, or once before a decoding loop).
+
+    Args:
+        name: the argument's name, for the message (``"src_tokens"``).
+        tokens: integer token ids (checked by :func:`check_token_ids`).
+        vocab_size: the size of the dictionary the ids index.
+        side: which dictionary, for the message (``"source"``, ``"target"``).
+    """
+    if tokens.numel() == 0:
+        return
+    low, high = torch.stack([tokens.min(), tokens.max()]).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        arg = "src_vocab_size" if side == "source" else "tgt_vocab_size"
+        raise ZooError(
+            f"{name} holds the id {bad}, outside the {side} vocabulary of {vocab_size} symbols (ids "
+            f"0..{vocab_size - 1}): encode the sentences with the {side} dictionary the model was built with ({arg})"
+        )
+
+
 def _check_source(model: Seq2SeqDecoder, src_tokens: Any) -> None:
     """Shape, dtype and (one host copy, before decoding) the ids' range against the model's source vocabulary."""
     check_token_ids("src_tokens", src_tokens)
     vocab = getattr(model, "src_vocab_size", None)
-    if vocab is None or src_tokens.numel() == 0:
-        return
-    low, high = torch.stack([src_tokens.min(), src_tokens.max()]).tolist()
-    if low < 0 or high >= vocab:
-        bad = high if high >= vocab else low
-        raise ZooError(
-            f"src_tokens holds the id {bad}, outside the source vocabulary of {vocab} symbols (ids 0..{vocab - 1}): "
-            "encode the sentences with the source dictionary the model was built with (src_vocab_size)"
-        )
+    if vocab is not None:
+        check_token_range("src_tokens", src_tokens, vocab, "source")
 
 
 def _check_decoding(beam: Any, nbest: Any, lenpen: Any, max_len_a: Any, max_len_b: Any, min_len: Any, unk: Any) -> int:
