@@ -434,3 +434,73 @@ def test_learned_switch_times_get_their_gradient_through_parts_of_intervals(t_sp
             model.time_logits[i] += 1e-6
             numeric[i] = (up - down) / 2e-6
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+# -------------------------------------------------------------------------------------------- inputs and conventions
+
+
+def test_mixed_dtypes_are_one_zoo_error_and_autocast_still_mixes() -> None:
+    """An input or state whose dtype differs from the weights is one ZooError naming both (torch's raw 'mat1 and
+    mat2 must have the same dtype' before); under autocast float32 / bfloat16 mix as torch allows, float64 not."""
+    model = zoo.neural_ode_digits(dim=4, width=3)
+    with pytest.raises(ZooError, match=r"input is torch.float64 but the model's weights are torch.float32"):
+        model(torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ZooError, match=r"input is torch.float32 .* torch.float64: cast"):
+        model.double()(torch.randn(2, 1, 8, 8))
+    flow = small_model()  # float64, the input is the state
+    with pytest.raises(ZooError, match=r"state is torch.float32 .* torch.float64"):
+        flow.flow_map(torch.randn(2, 3))
+    with pytest.raises(ZooError, match=r"state is torch.float32"):
+        flow.flow(torch.randn(2, 3), [0.0, 0.5])
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)).shape == (2, 10)
+        with pytest.raises(ZooError, match="float64"):
+            model(torch.randn(2, 1, 8, 8, dtype=torch.float64))
+
+
+def test_switch_times_as_an_array_or_a_tensor() -> None:
+    """The L times as a 1-D numpy array or tensor (np.linspace(0, T, L + 2)[1:-1]) build the model a list builds,
+    recorded in hparams as a list of floats (they were refused as not 'a list of the L switch times')."""
+    models = []
+    for times in ([0.25, 0.5, 0.75], np.linspace(0.0, 1.0, 5)[1:-1], torch.tensor([0.25, 0.5, 0.75])):
+        torch.manual_seed(0)
+        models.append(NeuralODE(dim=2, width=3, in_features=2, embed=False, num_classes=0, switch_times=times))
+        assert models[-1].hparams["switch_times"] == [0.25, 0.5, 0.75]
+        assert all(type(t) is float for t in models[-1].hparams["switch_times"])
+    z = torch.randn(4, 2)
+    for model in models[1:]:
+        torch.testing.assert_close(model(z), models[0](z), rtol=0, atol=0)
+    with pytest.raises(ZooError, match="switch_times"):
+        NeuralODE(img_size=8, in_chans=1, switch_times=np.array([[0.25, 0.5, 0.75]]))
+
+
+def test_flow_refuses_a_bad_t_span_with_one_zoo_error() -> None:
+    """t_span that is not a 1-D sequence of times in [0, T] is one ZooError (a 2-D or 0-d tensor, a bare number
+    or a string raised TypeError / ValueError before; NaN was called 'not monotone')."""
+    model = small_model()
+    z = torch.randn(2, 3, dtype=torch.float64)
+    for t_span in (torch.tensor([[0.0, 1.0]]), torch.tensor(0.5), 0.5, "01"):
+        with pytest.raises(ZooError, match="t_span must be a 1-D sequence"):
+            model.flow(z, t_span)
+    with pytest.raises(ZooError, match=r"t_span\[1\] must be a finite number"):
+        model.flow(z, [0.0, float("nan")])
+    with pytest.raises(ZooError, match=r"t_span\[1\] must be a finite number in \[0, 1\]"):
+        model.flow(z, [0.0, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.flow(z, np.array([0.0, 1.0])), model.flow(z, [0.0, 1.0]), rtol=0, atol=0)
+
+
+def test_group_matcher_orders_the_intervals_for_layer_decay() -> None:
+    """timm's layer-wise decay groups: the stem (embedding, time logits, shared a / w), then each interval in time
+    order, then the head (timm's fallback without group_matcher put intervals 0 .. 2 in the stem's group)."""
+    from timm.optim._param_groups import group_parameters
+
+    model = zoo.neural_ode_digits(dim=4, width=3, switch_times="learned")
+    layers = group_parameters(model, model.group_matcher(), reverse=True)
+    assert layers["embed.weight"] == layers["time_logits"] == 0
+    assert [layers[f"intervals.{j}.0.a"] for j in range(4)] == [1, 2, 3, 4]
+    semi = zoo.neural_ode_digits(dim=4, width=3, semi_autonomous=True)
+    layers = group_parameters(semi, semi.group_matcher(), reverse=True)
+    assert layers["intervals.0.0.a"] == layers["intervals.0.0.w"] == 0
+    assert [layers[f"intervals.{j}.0.b"] for j in range(4)] == [1, 2, 3, 4]

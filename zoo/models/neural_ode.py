@@ -32,6 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -148,6 +149,19 @@ def _fixed_lengths(times: str | tuple[float, ...], switches: int, horizon: float
     return (horizon / (switches + 1),) * (switches + 1)
 
 
+def _numbers(value: Any) -> list[Any] | None:
+    """The entries of a list, tuple, 1-D numpy array or 1-D tensor (a tensor is read on the host: arguments and
+    ``t_span`` only, never in forward); None for anything else (a string, a number, a 2-D array ...). A 0-d tensor
+    entry becomes its number."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist() if value.ndim == 1 else None
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.ndim == 1 else None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return None
+    return [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in value]
+
+
 def _check_switch_times(switch_times: Any, switches: int, horizon: float) -> str | tuple[float, ...]:
     if isinstance(switch_times, str):
         return choice(
@@ -156,12 +170,13 @@ def _check_switch_times(switch_times: Any, switches: int, horizon: float) -> str
             ("uniform", "learned"),
             hint="choose 'uniform', 'learned', or give the L switch times as an increasing list in (0, horizon)",
         )
-    if not isinstance(switch_times, Sequence) or len(switch_times) != switches:
+    entries = _numbers(switch_times)
+    if entries is None or len(entries) != switches:
         raise ZooError(
             f"switch_times must be 'uniform', 'learned' or a list of the {switches} switch times, got "
             f"{switch_times!r}: give exactly `switches` times, increasing, in (0, horizon)"
         )
-    times = tuple(finite_float(f"switch_times[{i}]", t) for i, t in enumerate(switch_times))
+    times = tuple(finite_float(f"switch_times[{i}]", t) for i, t in enumerate(entries))
     bounds = (0.0, *times, horizon)
     if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ZooError(
@@ -169,6 +184,21 @@ def _check_switch_times(switch_times: Any, switches: int, horizon: float) -> str
             "strictly between 0 and the horizon"
         )
     return times
+
+
+def _check_dtype(what: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """One ZooError where torch would fail on mixed dtypes: ``x`` and the first weight it meets differ, outside
+    autocast (which casts float32 / bfloat16 / float16 operands to its own dtype) or with float64 on either side
+    (which autocast never casts). Compares dtypes only: no host read."""
+    if x.dtype == weight.dtype:
+        return
+    if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype):
+        return
+    autocast = "" if torch.float64 in (x.dtype, weight.dtype) else ", or run under torch.autocast"
+    raise ZooError(
+        f"{what} is {x.dtype} but the model's weights are {weight.dtype}: cast one to the other (x.to({weight.dtype})"
+        f" or model.to({x.dtype})){autocast}"
+    )
 
 
 class NeuralODE(HubMixin, ImageClassifier):
@@ -246,7 +276,7 @@ class NeuralODE(HubMixin, ImageClassifier):
                 f"embed=False makes the input the state, so the input size ({features}) must equal dim ({dim}): "
                 "give embed=True, or dim equal to the input size"
             )
-        if isinstance(switch_times, Sequence) and not isinstance(switch_times, str):
+        if not isinstance(switch_times, str):  # a list of floats in hparams (a tuple, an array or a tensor given)
             switch_times = list(times)
         super().__init__(num_classes=num_classes, **kwargs)
         self.num_classes = num_classes
@@ -336,7 +366,11 @@ class NeuralODE(HubMixin, ImageClassifier):
     def _check_state(self, z: torch.Tensor) -> None:
         if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1 or z.shape[-1] != self.dim:
             got = f"shape {tuple(z.shape)} ({z.dtype})" if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ZooError(f"the state must be a floating-point tensor (..., {self.dim}), got {got}")
+            raise ZooError(
+                f"the state must be a floating-point tensor (..., {self.dim}), got {got}: flow, integrate and "
+                "flow_map act on the state after the embedding; give model.embed(x.flatten(1)) for an input x"
+            )
+        _check_dtype("the state", z, self.fields[0].a)
 
     def _run(self, j: int, z: torch.Tensor, step: float | torch.Tensor, n: int) -> torch.Tensor:
         stack = self.intervals[j]
@@ -397,9 +431,16 @@ class NeuralODE(HubMixin, ImageClassifier):
             for j, step in enumerate(self._steps()):
                 out.append(self._run(j, out[-1], step, self.steps))
             return torch.stack(out)
-        times = [float(t) for t in (t_span.tolist() if isinstance(t_span, torch.Tensor) else t_span)]
-        if not times:
+        entries = _numbers(t_span)
+        if entries is None:
+            shown = f"a {t_span.ndim}-d tensor" if isinstance(t_span, (torch.Tensor, np.ndarray)) else repr(t_span)
+            raise ZooError(
+                f"t_span must be a 1-D sequence of times in [0, {self.horizon}] (a list, 1-D array or 1-D tensor), "
+                f"got {shown}: give e.g. [0.0, {self.horizon}]"
+            )
+        if not entries:
             raise ZooError("t_span is empty: give at least the initial time")
+        times = [finite_float(f"t_span[{i}]", t, 0.0, self.horizon) for i, t in enumerate(entries)]
         diffs = [b - a for a, b in zip(times[:-1], times[1:])]
         if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
             raise ZooError(f"t_span {times} must be strictly increasing or strictly decreasing")
@@ -444,6 +485,18 @@ class NeuralODE(HubMixin, ImageClassifier):
         for stack in self.intervals:
             stack.grad_checkpointing = enable
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise learning-rate decay ...): the stem (the embedding, the switch-time
+        logits, and the semi-autonomous variant's shared a and w: they act in every interval), then one group per
+        interval in time order; the head is the last group. (timm's fallback without this method lumps the first
+        intervals with the embedding.)
+
+        Args:
+            coarse: timm's coarse grouping; the same groups here (an interval is one block of tied steps).
+        """
+        shared = r"|^intervals\.0\.0\.[aw]$" if self.fields[1:] and self.fields[1].a is self.fields[0].a else ""
+        return {"stem": r"^embed|^time_logits" + shared, "blocks": r"^intervals\.(\d+)"}
+
     def get_classifier(self) -> nn.Module:
         """The classifier (``head``; ``nn.Identity`` without one)."""
         return self.head
@@ -466,9 +519,13 @@ class NeuralODE(HubMixin, ImageClassifier):
         self.set_num_classes(num_classes)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input flattened to (B, in_features), shape checked."""
+        """The input flattened to (B, in_features), shape and dtype checked (no host read)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ZooError(f"NeuralODE expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+            raise ZooError(
+                f"NeuralODE expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}: give "
+                "float images or vectors (e.g. x.float() / 255 for 8-bit images)"
+            )
+        _check_dtype("the input", x, self.embed.weight if isinstance(self.embed, nn.Linear) else self.fields[0].a)
         if self.image_shape is not None:
             if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
                 raise ZooError(
