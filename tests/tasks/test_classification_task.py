@@ -283,3 +283,50 @@ def test_features_model_cannot_train_and_says_how_to_fix() -> None:
     model = zoo.cifar_resnet(layers=(1, 1, 1), widths=(4, 4, 4), num_classes=0)
     with pytest.raises(ZooError, match=r"reset_classifier"):
         model.training_step(images()[:2], 0)
+
+
+# ------------------------------------------------------------------------------------------------ the data's transform
+
+
+def test_a_fit_records_the_data_modules_normalisation(tmp_path) -> None:
+    """The digits data module normalises with its train split's own statistics, not the family's 0.5 / 0.5: after a
+    fit, pretrained_cfg (what timm's resolve_data_config reads), the checkpoint and save_pretrained say so."""
+    from timm.data import resolve_data_config
+
+    from zoo.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = zoo.cifar_resnet(layers=(1, 1, 1), widths=(4, 4, 4), num_classes=10)
+    family_mean = model.pretrained_cfg["mean"]
+    dm = DigitsDataModule(image_size=8, channels=3, batch_size=32, augment=False)
+    fit = trainer(max_steps=1, default_root_dir=tmp_path)
+    fit.fit(model, datamodule=dm)
+    ckpt = tmp_path / "fit.ckpt"
+    fit.save_checkpoint(ckpt)
+    # the statistics of the train split, computed here from the images before normalisation
+    train = dm.train_images * dm.std.view(1, -1, 1, 1) + dm.mean.view(1, -1, 1, 1)
+    want_mean = train.mean(dim=(0, 2, 3))
+    assert family_mean != tuple(want_mean.tolist())
+    assert model.pretrained_cfg["mean"] == pytest.approx(want_mean.tolist(), abs=1e-6)
+    assert model.pretrained_cfg["std"] == pytest.approx(train.std(dim=(0, 2, 3)).tolist(), abs=1e-6)
+    assert model.default_cfg is model.pretrained_cfg
+    assert resolve_data_config({}, model=model)["mean"] == model.pretrained_cfg["mean"]
+    assert zoo.from_pretrained(ckpt).pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
+    saved = model.save_pretrained(tmp_path / "saved")
+    assert zoo.from_pretrained(saved).pretrained_cfg["std"] == model.pretrained_cfg["std"]
+
+
+def test_a_fit_on_loaders_or_other_channels_keeps_the_cfg(tmp_path) -> None:
+    model = tiny_model()
+    before = dict(model.pretrained_cfg)
+    trainer(max_steps=1, default_root_dir=tmp_path).fit(model, DataLoader(images(), batch_size=4))
+    assert model.pretrained_cfg == before
+
+    class OneChannel(pl.LightningDataModule):  # statistics of another number of channels than the cfg's
+        mean, std = (0.2,), (0.3,)
+
+        def train_dataloader(self):
+            return DataLoader(images(), batch_size=4)
+
+    trainer(max_steps=1, default_root_dir=tmp_path).fit(model, datamodule=OneChannel())
+    assert model.pretrained_cfg == before

@@ -21,7 +21,7 @@ from zoo.tasks.optim import (
 )
 from zoo.validation import finite_float, non_negative_int
 
-__all__ = ["ImageClassifier", "record_num_classes"]
+__all__ = ["ImageClassifier", "record_normalisation", "record_num_classes"]
 
 
 def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
@@ -35,6 +35,40 @@ def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
         model.pretrained_cfg = {**cfg, "num_classes": int(num_classes)}
+        model.default_cfg = model.pretrained_cfg
+
+
+def _per_channel(values: Any) -> tuple[float, ...] | None:
+    """``values`` (a tensor, a sequence of numbers) as a tuple of floats; None for anything else."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().flatten().tolist() if values.numel() else None
+    if not isinstance(values, (list, tuple)) or not values:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return tuple(float(v) for v in values)
+
+
+def record_normalisation(model: torch.nn.Module, datamodule: Any) -> None:
+    """Make ``model.pretrained_cfg`` (and ``default_cfg``) say the per-channel ``mean`` / ``std`` that
+    ``datamodule`` normalises its images with (torchvision's ``Normalize`` convention, on pixels scaled to
+    [0, 1]): a model trained on those inputs needs them at inference, and timm's ``resolve_data_config`` /
+    ``create_transform`` read them from the cfg. A data module without both, a model without a cfg, or values
+    whose number of channels differs from the cfg's leave it as it is.
+
+    Args:
+        model: the model being trained.
+        datamodule: the Trainer's data module (None when the data comes as loaders).
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    mean, std = _per_channel(getattr(datamodule, "mean", None)), _per_channel(getattr(datamodule, "std", None))
+    if not isinstance(cfg, dict) or mean is None or std is None or len(mean) != len(std):
+        return
+    recorded = cfg.get("mean")
+    if isinstance(recorded, (list, tuple)) and len(recorded) != len(mean):
+        return
+    if (mean, std) != (_per_channel(recorded), _per_channel(cfg.get("std"))):
+        model.pretrained_cfg = {**cfg, "mean": mean, "std": std}
         model.default_cfg = model.pretrained_cfg
 
 
@@ -107,6 +141,12 @@ class ImageClassifier(pl.LightningModule):
         self.hparams["num_classes"] = int(num_classes)
         self._make_metrics(int(num_classes))
         record_num_classes(self, num_classes)
+
+    def on_fit_start(self) -> None:
+        """Record the data module's normalisation in ``pretrained_cfg`` (:func:`record_normalisation`), so that
+        the checkpoints and ``save_pretrained`` of this fit carry the transform the model was trained with."""
+        super().on_fit_start()
+        record_normalisation(self, getattr(self.trainer, "datamodule", None))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
