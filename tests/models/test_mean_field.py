@@ -427,3 +427,75 @@ def test_memory_offers_only_the_modes_the_model_runs() -> None:
         with pytest.raises(zoo.ZooError, match=r"memory must be one of 'full', 'adjoint'.*momentum rule") as err:
             MeanFieldResNet(memory=bad)
         assert "'reversible'," not in str(err.value)
+
+
+def test_weight_decay_is_the_mean_field_penalty() -> None:
+    """The neurons' weight decay is divided by M * S (their learning rate is multiplied by it): the penalty
+    (wd / 2) (1/(M S)) sum |theta_i|^2, so the decay per step is lr * wd at every size and the curves with weight
+    decay converge in M and S as those without do (the unscaled decay lr * M * S * wd made the larger network
+    diverge); the input map and readout keep the optimiser's decay."""
+    model = MeanFieldResNet(
+        dim=3,
+        width=8,
+        depth=5,
+        in_features=6,
+        num_classes=4,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01, weight_decay=0.1),
+    )
+    neurons = {id(p) for p in model.stack.parameters()}
+    for group in model.configure_optimizers().param_groups:
+        inner = id(group["params"][0]) in neurons
+        if group["weight_decay"]:
+            assert group["weight_decay"] == pytest.approx(0.1 / 40 if inner else 0.1)
+            assert group["lr"] * group["weight_decay"] == pytest.approx(0.001)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=g)
+    y = x + 0.5 * torch.sin(2 * x.flip(1))
+    curves = []
+    for width, depth in ((16, 4), (32, 8)):
+        decayed = functools.partial(torch.optim.SGD, lr=0.5, weight_decay=0.02)
+        curves.append(train(model64(dim=2, width=width, depth=depth, optimizer=decayed), x, y, 30))
+    assert torch.isfinite(curves[1]).all()
+    assert (curves[0] - curves[1]).abs().max() < 0.1 * curves[0][0]
+
+
+def test_load_from_checkpoint_keeps_the_recorded_pretrained_cfg(tmp_path: Path) -> None:
+    """MeanFieldResNet's checkpoint check no longer shadows HubMixin's hook: load_from_checkpoint gives back the
+    architecture and description the checkpoint records (they were dropped), and a checkpoint of another width is
+    still one ZooError."""
+    import lightning.pytorch as pl
+
+    model = zoo.create_model("mean_field_resnet_teacher", width=8)
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": pl.__version__,
+    }
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "m.ckpt")
+    back = MeanFieldResNet.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert back.pretrained_cfg["architecture"] == "mean_field_resnet_teacher"
+    assert back.pretrained_cfg["description"] == model.pretrained_cfg["description"]
+    with pytest.raises(zoo.ZooError, match="do not fit MeanFieldResNet"):
+        MeanFieldResNet.load_from_checkpoint(tmp_path / "m.ckpt", width=4)
+
+
+def test_kernel_conditioning_of_no_points_is_one_clear_error() -> None:
+    model = MeanFieldResNet(dim=3, width=4, depth=2)
+    with pytest.raises(zoo.ZooError, match="at least one point"):
+        model.kernel_conditioning(torch.zeros(0, 3))
+    with pytest.raises(zoo.ZooError, match=r"shape \(B, 3\)"):
+        model.kernel_conditioning(torch.zeros(5, 2))
+
+
+def test_heavy_tailed_model_loads_back(tmp_path: Path) -> None:
+    """A model with heavy-tailed w is rebuilt on the meta device to receive its weights: the sampler runs there
+    (torch's Gamma validation read a meta tensor, so from_pretrained and weights= failed for every such model)."""
+    model = zoo.create_model("mean_field_resnet", dim=3, width=8, depth=2, init="heavy_tailed", beta=0.75)
+    randomize_u(model, 1.0)
+    model.save_pretrained(tmp_path / "heavy")
+    back = zoo.from_pretrained(tmp_path / "heavy")
+    assert back.hparams.init == "heavy_tailed"
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(back(x), model(x))
+    assert sample_heavy_tailed(5, 3, device="meta").is_meta

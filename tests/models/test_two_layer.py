@@ -189,3 +189,52 @@ def test_planar_problems_are_the_documented_data() -> None:
     assert len(data.val_dataset) == 10
     with pytest.raises(ZooError, match="problem"):
         PlanarDataModule(problem="spiral")
+
+
+def test_non_float_or_non_tensor_inputs_are_one_clear_error() -> None:
+    """An integer tensor or a list is refused by the model with the fix (were a dtype RuntimeError from addmm and
+    an AttributeError)."""
+    net = TwoLayerReLU(in_features=2, width=4)
+    with pytest.raises(ZooError, match=r"floating-point tensor.*got a torch.int64 tensor.*torch.as_tensor"):
+        net(torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ZooError, match=r"floating-point tensor.*got a list"):
+        net([[0.0, 1.0]])
+    assert repr(net) == "TwoLayerReLU(in_features=2, width=4, signs='fixed', bias=True)"
+
+
+def test_load_from_checkpoint_of_another_width_is_one_clear_error(tmp_path) -> None:
+    """A Lightning checkpoint whose neurons do not fit is refused before loading, naming the mismatched tensors (was
+    torch's RuntimeError); a fitting one loads and keeps its weights."""
+    torch.manual_seed(0)
+    net = TwoLayerReLU(in_features=2, width=6)
+    path = tmp_path / "two_layer.ckpt"
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "hyper_parameters": dict(net.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
+    assert torch.equal(TwoLayerReLU.load_from_checkpoint(path).weight, net.weight)
+    with pytest.raises(ZooError, match=r"do not fit TwoLayerReLU.*weight \(6, 3\) vs \(4, 3\)"):
+        TwoLayerReLU.load_from_checkpoint(path, width=4)
+
+
+def test_proximal_training_refuses_gradient_accumulation(tmp_path) -> None:
+    """Under accumulate_grad_batches=2 Lightning halves the closure's loss (a proximal step on F / 2) and the closure
+    re-evaluates only the current batch: one ZooError instead of silently other steps."""
+    x, y = planar_problem("sine")
+    net = TwoLayerReLU(in_features=1, width=8)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ZooError, match="accumulate_grad_batches=2.*accumulate_grad_batches=1"):
+        trainer.fit(net, DataLoader(TensorDataset(x, y), batch_size=len(x)))

@@ -305,3 +305,58 @@ def test_float_labels_error_names_the_dtype() -> None:
     params = [torch.nn.Parameter(torch.randn(3, 2))]
     with pytest.raises(ZooError, match=r"got a torch.float32 tensor of shape \(3,\).*labels.long\(\)"):
         ProximalPoint([{"params": params, "labels": torch.tensor([0.0, 1.0, 1.0])}])
+
+
+def test_assignment_of_wide_particles_needs_no_cube_of_memory() -> None:
+    """The cost matrix is (M, M): particles of many coordinates (a first layer on 784-pixel inputs) are matched
+    without an (M, M, D) array of differences (it took 8 M^2 D bytes: 6 GB for M = 1000, D = 786)."""
+    import tracemalloc
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(60, 400, generator=g, dtype=torch.float64)
+    w = v[torch.randperm(60, generator=g)] + 1e-3 * torch.randn(60, 400, generator=g, dtype=torch.float64)
+    tracemalloc.start()
+    try:
+        sigma = optimal_assignment(v, w)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak  # the (60, 60, 400) differences alone are 11.5 MB
+    torch.testing.assert_close(w[sigma], v, atol=1e-2, rtol=0)  # recovers the permutation
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_particles_are_one_clear_error(bad: float) -> None:
+    """A NaN target makes the inner gradient step NaN: the next matching says so (was scipy's ValueError 'matrix
+    contains invalid numeric entries')."""
+    x, y = sine_data()
+    net = model(6, "learned")
+    y = y.clone()
+    y[3] = bad
+    with pytest.raises(ZooError, match="NaN or infinite.*not finite"):
+        proximal_step(net, x, y, gamma=0.5, inner_steps=3, distance="wasserstein")
+    with pytest.raises(ZooError, match="NaN or infinite"):
+        wasserstein2_squared(torch.tensor([[0.0], [bad]]), torch.zeros(2, 1))
+
+
+def test_frozen_tensors_are_matched_but_never_moved() -> None:
+    """A tensor with requires_grad=False (here the learned output weights, frozen) stays as it is, as torch's
+    optimisers leave frozen parameters alone; before, a Wasserstein matching that left the identity pulled it to the
+    matched neurons' values (small crowded neurons and a large step make the matching leave the identity)."""
+    x, y = sine_data()
+    net = model(10, "learned", init_scale=0.05)
+    net.output.requires_grad_(False)
+    u0, w0 = net.output.clone(), net.weight.detach().clone()
+    proximal_step(net, x, y, steps=4, gamma=2.0, inner_steps=40, distance="wasserstein")
+    assert torch.equal(net.output, u0)
+    assert not torch.equal(net.weight, w0)
+
+
+def test_class_docstring_example_runs() -> None:
+    """The example in ProximalPoint's docstring builds the optimiser it shows (it passed the float signs buffer as
+    labels, which are refused: labels are integers)."""
+    import re
+
+    example = re.search(r"^\s+(ProximalPoint\(\[\{.*\))$", ProximalPoint.__doc__, re.M).group(1)
+    opt = eval(example, {"ProximalPoint": ProximalPoint, "model": model(4)})  # noqa: S307 - our own docstring
+    assert opt.param_groups[0]["labels"].tolist() == [1, 1, -1, -1]

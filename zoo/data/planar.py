@@ -27,6 +27,12 @@ PLANAR_PROBLEMS = ("sine", "linear", "disc")
 _DEFAULT_POINTS = {"sine": 20, "linear": 5, "disc": 64}
 
 
+def _seed(seed: int) -> int:
+    """``seed`` checked: an integer (numpy's too) that torch's generator takes, with room for the val split's
+    seed + 1."""
+    return integer("seed", seed, -(2**63), 2**64 - 2, hint="give a seed in [-2**63, 2**64 - 2]")
+
+
 def _targets(problem: str, x: torch.Tensor) -> torch.Tensor:
     if problem == "sine":
         return torch.sin(4 * x[:, 0] - math.pi / 2)
@@ -52,7 +58,7 @@ def planar_problem(
     choice("split", split, ("train", "val"))
     n = _DEFAULT_POINTS[problem] if num_points is None else positive_int("num_points", num_points)
     finite_float("noise", noise, 0.0)
-    g = torch.Generator().manual_seed(integer("seed", seed) + (0 if split == "train" else 1))
+    g = torch.Generator().manual_seed(_seed(seed) + (0 if split == "train" else 1))
     if problem == "disc":
         x = torch.rand(n, 2, generator=g) * 2 - 1
     elif split == "train":
@@ -96,7 +102,7 @@ class PlanarDataModule(ZooDataModule):
         n = _DEFAULT_POINTS[problem] if num_train is None else positive_int("num_train", num_train)
         positive_int("num_val", num_val)
         finite_float("noise", noise, 0.0)
-        integer("seed", seed)
+        _seed(seed)
         non_negative_int("num_workers", num_workers)
         super().__init__(n if batch_size is None else batch_size, num_workers)
         self.save_hyperparameters()

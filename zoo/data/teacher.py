@@ -16,9 +16,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from zoo.data.base import ZooDataModule
-from zoo.errors import ZooError
+from zoo.validation import finite_float, integer, positive_int
 
 __all__ = ["TeacherDataModule", "teacher_regression"]
+
+_SAMPLE_SEED = 1_000_003  # the samples' generator is seeded with seed + this: a stream apart from the teacher's
 
 
 def teacher_regression(
@@ -43,19 +45,14 @@ def teacher_regression(
         noise: standard deviation of the Gaussian noise added to y.
         seed: seed of the teacher and of the samples.
     """
-    for name, value in (
-        ("num_samples", num_samples),
-        ("dim", dim),
-        ("teacher_width", teacher_width),
-        ("teacher_depth", teacher_depth),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ZooError(f"{name} must be a positive integer, got {value!r}")
-    for name, value in (("teacher_scale", teacher_scale), ("noise", noise)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ZooError(f"{name} must be a finite number >= 0, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ZooError(f"seed must be an integer, got {seed!r}")
+    num_samples = positive_int("num_samples", num_samples)
+    dim = positive_int("dim", dim)
+    teacher_width = positive_int("teacher_width", teacher_width)
+    teacher_depth = positive_int("teacher_depth", teacher_depth)
+    teacher_scale = finite_float("teacher_scale", teacher_scale, 0.0)
+    noise = finite_float("noise", noise, 0.0)
+    # numpy integers too; within the range of torch's seeds, with room for the samples' stream (seed + SAMPLE_SEED)
+    seed = integer("seed", seed, -(2**63), 2**64 - 1 - _SAMPLE_SEED, hint="give a seed in [-2**63, 2**64 - 1_000_004]")
     g = torch.Generator().manual_seed(seed)
     f64 = {"dtype": torch.float64, "generator": g}
     layers = [
@@ -67,7 +64,7 @@ def teacher_regression(
         for _ in range(teacher_depth)
     ]
     # the samples from a second stream, so that the teacher does not depend on num_samples
-    gs = torch.Generator().manual_seed(seed + 1_000_003)
+    gs = torch.Generator().manual_seed(seed + _SAMPLE_SEED)
     x = torch.randn(num_samples, dim, dtype=torch.float64, generator=gs)
     y = x
     for u, w, b in layers:
@@ -109,8 +106,7 @@ class TeacherDataModule(ZooDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers)
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ZooError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, value)
         # checks the teacher's arguments now rather than at setup
         teacher_regression(1, dim, teacher_width, teacher_depth, teacher_scale, noise, seed)
         self.save_hyperparameters()

@@ -19,7 +19,9 @@ distributions of each depth, integrated over depth) is, for the particles, gradi
 step multiplied by M * S: the gradient of one particle is O(1/(M S)), and the scaled step moves it by O(1), so the
 training curve does not depend on M and S in the limit. :class:`MeanFieldResNet` applies that scaling for the user:
 its optimiser receives the neurons in parameter groups whose learning rate is multiplied by M * S
-(``mean_field_scaling=True``, the default; the groups carry the factor as ``"mean_field_scale"``).
+(``mean_field_scaling=True``, the default; the groups carry the factor as ``"mean_field_scale"``) and whose weight
+decay, if any, is divided by it (the penalty (wd/2) (1/(M S)) sum_i |theta_i|^2 on the neurons' measure: a decay
+of lr * wd per step, as for the other parameters, at every M and S).
 
 Initialisation as published: u = 0 (so the network starts as the identity), b uniform on [0, pi], and w either
 Gaussian, density proportional to exp(-rho |w|^2) (standard deviation 1/sqrt(2 rho) per coordinate), or heavy
@@ -128,8 +130,10 @@ def sample_heavy_tailed(num: int, dim: int, beta: float = 1.0, **factory: Any) -
     device = factory.get("device")
     # in float64 whatever the target dtype: G_2 can be tiny for small beta
     one = torch.ones((), dtype=torch.float64, device=device)
-    g1 = torch.distributions.Gamma(one * (dim / 2.0), one).sample((num,))
-    g2 = torch.distributions.Gamma(one * float(beta), one).sample((num,))
+    # the parameters are checked above: no validation, whose host read fails on the meta device (a model built
+    # there to receive weights) and syncs on a GPU
+    g1 = torch.distributions.Gamma(one * (dim / 2.0), one, validate_args=False).sample((num,))
+    g2 = torch.distributions.Gamma(one * float(beta), one, validate_args=False).sample((num,))
     radius = torch.sqrt(g1 / g2)
     direction = torch.randn(num, dim, dtype=torch.float64, device=device)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
@@ -221,7 +225,8 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
         rule: the residual-stack rule, ``"euler"`` (the scheme above) or ``"heun"`` (second order).
         memory: the residual-stack memory mode, ``"full"`` or ``"adjoint"`` (activations rebuilt in backward).
         mean_field_scaling: multiply the neurons' learning rate by M * S (the mean-field parametrisation, whose
-            training curves do not depend on M and S); False: the optimiser's rate for every parameter. Meant for
+            training curves do not depend on M and S), and divide their weight decay by M * S (a decay of lr * wd
+            per step at every size); False: the optimiser's rate and decay for every parameter. Meant for
             gradient descent (SGD, the default): adaptive optimisers (Adam) normalise the gradient's scale
             themselves, so with them the factor only enlarges the step.
         weights: a file (state dict, ``.ckpt``, ``.safetensors``, ``save_pretrained`` folder) or
@@ -351,10 +356,16 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
         record_num_classes(self, num_classes)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
+        """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it), then
+        :class:`zoo.hub.HubMixin`'s hook: the ``pretrained_cfg`` the checkpoint records becomes the model's.
+
+        Args:
+            checkpoint: the checkpoint Lightning is reading.
+        """
         from zoo.hub import check_checkpoint
 
         check_checkpoint(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's activation checkpointing: the stack keeps only each step's input and recomputes it in backward
@@ -430,6 +441,12 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
         rate proportional to lambda_0 / N. K_s has rank at most M, so lambda_0 = 0 when N > M; its eigenvalues are
         computed in float64.
         """
+        self._check_input(x)
+        if x.shape[0] == 0:
+            raise ZooError(
+                "kernel_conditioning needs at least one point: got an empty batch (0, "
+                f"{self.in_features}); give the N training inputs (N, {self.in_features})"
+            )
         kernels = self.kernel_matrices(x).to(torch.float64)
         return torch.linalg.eigvalsh(kernels)[:, 0].mean()
 
@@ -485,7 +502,7 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
         """:func:`zoo.tasks.optim.parameter_groups` (weights with the optimiser's weight decay; biases and 1-d
         parameters without), each split into the neurons of the residual layers and the rest (input map,
         readout). With ``mean_field_scaling`` the neuron groups carry ``"mean_field_scale": M * S``, the factor
-        :meth:`configure_optimizers` multiplies their learning rate by."""
+        :meth:`configure_optimizers` multiplies their learning rate by (and divides their weight decay by)."""
         neurons = {id(p) for p in self.stack.parameters()}
         groups: list[dict[str, Any]] = []
         for group in parameter_groups(self):
@@ -501,13 +518,20 @@ class MeanFieldResNet(HubMixin, pl.LightningModule):
 
     def _scaled_optimizer(self, factory: OptimizerCallable) -> OptimizerCallable:
         """``factory`` over :meth:`parameter_groups`, with each neuron group's learning rate multiplied by its
-        ``mean_field_scale`` (before any schedule reads the rates)."""
+        ``mean_field_scale`` M * S and its weight decay divided by it (before any schedule reads the rates).
+
+        The weight decay wd of the optimiser is the gradient of (wd / 2) |theta_i|^2 per parameter; for the
+        neurons it becomes the mean-field penalty (wd / 2) (1/(M S)) sum_i |theta_i|^2, the second moment of the
+        neurons' measure, whose gradient is O(1/(M S)) like the risk's: the decay per step is lr * wd, as for the
+        other parameters, at every M and S (unscaled, it was lr * M * S * wd, and diverged once above 2)."""
 
         def build(_groups: Any) -> torch.optim.Optimizer:
             opt = factory(self.parameter_groups())
             for group in getattr(opt, "param_groups", ()):
                 if "mean_field_scale" in group:
                     group["lr"] = group["lr"] * group["mean_field_scale"]
+                    if group.get("weight_decay"):
+                        group["weight_decay"] = group["weight_decay"] / group["mean_field_scale"]
             return opt
 
         return build

@@ -57,8 +57,9 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
         width: number of neurons M.
         signs: "fixed" (u_i = +1 for the first ceil(M/2) neurons, -1 for the others, not trained) or "learned".
         bias: augment the inputs with a constant 1 (w_i gets a last, bias, entry).
-        init_scale: initial size of the neurons: w_i ~ N(0, init_scale^2 I / (d + 1)) (so |w_i| is about
-            init_scale), and learned u_i ~ N(0, init_scale^2). Small values start with an alignment phase.
+        init_scale: initial size of the neurons: w_i ~ N(0, init_scale^2 I / D), D = d + 1 entries with a bias
+            (d without), so |w_i| is about init_scale, and learned u_i ~ N(0, init_scale^2). Small values start
+            with an alignment phase.
         symmetric_init: with fixed signs and an even width, neuron i + M/2 starts as a copy of neuron i, so that
             f = 0 at initialisation (the +1 and -1 halves cancel).
         weights: a file (state dict, ``.ckpt``, ``.safetensors``, ``save_pretrained`` folder) to load.
@@ -121,7 +122,7 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
             load_weights(self, weights)
 
     def reset_parameters(self) -> None:
-        """Draw the neurons again (torch's global generator): w_i ~ N(0, init_scale^2 I / (d + 1)), learned
+        """Draw the neurons again (torch's global generator): w_i ~ N(0, init_scale^2 I / D) (D entries), learned
         u_i ~ N(0, init_scale^2); with ``symmetric_init`` the -1 half copies the +1 half."""
         with torch.no_grad():
             std = self.init_scale / math.sqrt(self.weight.shape[1])
@@ -132,6 +133,23 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
             if self.output is not None:
                 self.output.normal_(0.0, self.init_scale)
 
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, width={self.width}, signs={self.hparams['signs']!r}, bias={self.has_bias}"
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose weights do not fit with one clear error (before Lightning loads them), then
+        :class:`zoo.hub.HubMixin`'s hook (the checkpoint's ``pretrained_cfg``).
+
+        Args:
+            checkpoint: the checkpoint Lightning is reading.
+        """
+        from zoo.hub import check_checkpoint
+
+        check_checkpoint(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
+
     @property
     def output_weights(self) -> torch.Tensor:
         """u (M,): the learned output weights, or the fixed signs."""
@@ -139,6 +157,12 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
 
     def _check_inputs(self, x: torch.Tensor) -> None:
         d = self.in_features
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+            raise ZooError(
+                f"TwoLayerReLU expects a floating-point tensor of shape (batch, in_features) = (B, {d}), got {got}; "
+                f"convert it first, e.g. torch.as_tensor(x, dtype={self.weight.dtype})"
+            )
         if x.dim() == 2 and x.shape[1] == d:
             return
         want = (
@@ -234,11 +258,11 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
         factory = self.optimizer_factory or type(self).default_optimizer
         groups = self.particle_groups()
         if self.lr_scheduler_factory is None:
-            return self._build_optimizer(factory, groups)
+            return self._build_optimizer(factory, groups, self._trainer)
         trainer = self._trainer if total_steps is None else None
 
         def build(_default_groups: Any) -> torch.optim.Optimizer:
-            opt = self._build_optimizer(factory, groups)
+            opt = self._build_optimizer(factory, groups, self._trainer)
             if any("lr" not in g for g in opt.param_groups):
                 raise ZooError(
                     f"{type(opt).__name__} has no learning rate for a schedule to change (ProximalPoint's step is "
@@ -249,8 +273,21 @@ class TwoLayerReLU(HubMixin, pl.LightningModule):
         return build_optimization(self, build, self.lr_scheduler_factory, trainer, total_steps, steps_per_epoch)
 
     @staticmethod
-    def _build_optimizer(factory: OptimizerCallable, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    def _build_optimizer(
+        factory: OptimizerCallable, groups: list[dict[str, Any]], trainer: Any = None
+    ) -> torch.optim.Optimizer:
         opt = factory(groups)
         if not isinstance(opt, torch.optim.Optimizer):
             raise ZooError(f"optimizer must build a torch.optim.Optimizer from the parameter groups, got {opt!r}")
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        if isinstance(opt, ProximalPoint) and accumulate != 1:
+            # Lightning would divide the closure's loss by the accumulation count (a proximal step on F / k) and
+            # the closure re-evaluates the current batch only, so the earlier batches' gradients would be dropped
+            raise ZooError(
+                f"ProximalPoint cannot accumulate gradients (Trainer accumulate_grad_batches={accumulate}): each "
+                "proximal step re-evaluates its batch's objective inner_steps times, so Lightning's accumulation "
+                "would drop the earlier batches and scale the objective by 1/accumulate_grad_batches; give "
+                "accumulate_grad_batches=1 (--trainer.accumulate_grad_batches=1) and a larger batch (the whole "
+                "training set: the proximal method is defined full-batch)"
+            )
         return opt

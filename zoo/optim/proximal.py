@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
 from torch.optim import Optimizer
 
 from zoo.errors import ZooError
@@ -126,12 +127,18 @@ def optimal_assignment(v: torch.Tensor, w: torch.Tensor, labels: torch.Tensor | 
     labels = _check_labels(labels, v.shape[0])
     a = v.detach().to("cpu", torch.float64).numpy()
     b = w.detach().to("cpu", torch.float64).numpy()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ZooError(
+            "optimal_assignment got particles with NaN or infinite coordinates: the parameters (or the "
+            "objective and its gradient in a ProximalPoint step) are not finite; check the data and the loss for "
+            "NaN, or lower gamma / inner_lr if the inner gradient steps diverged"
+        )
     m = a.shape[0]
     sigma = np.arange(m)
     groups = [np.arange(m)] if labels is None else [np.flatnonzero(g) for g in _label_masks(labels)]
     for idx in groups:
-        diff = a[idx, None, :] - b[None, idx, :]
-        cost = np.einsum("ijk,ijk->ij", diff, diff)
+        # (m, m) squared distances, exact differences, without an (m, m, D) intermediate
+        cost = cdist(a[idx], b[idx], "sqeuclidean")
         rows, cols = linear_sum_assignment(cost)
         sigma[idx[rows]] = idx[cols]
     return torch.from_numpy(sigma).to(v.device)
@@ -175,9 +182,11 @@ class ProximalPoint(Optimizer):
     first call, F(W_t). Under a Lightning ``Trainer`` (automatic optimisation) the closure is Lightning's own.
 
     Each parameter group is one particle system (its tensors share their first dimension M; particle i is row i of
-    every tensor); a group may set its own ``gamma``, ``inner_steps``, ``inner_lr``, ``distance`` and ``labels``::
+    every tensor); a tensor with ``requires_grad=False`` is a fixed coordinate of the particles: it takes part in
+    the matching and is never changed (as torch's optimisers leave frozen parameters alone). A group may set its
+    own ``gamma``, ``inner_steps``, ``inner_lr``, ``distance`` and ``labels``::
 
-        ProximalPoint([{"params": [model.weight], "labels": model.signs}], gamma=0.05, distance="wasserstein")
+        ProximalPoint([{"params": [model.weight], "labels": model.signs.long()}], gamma=0.05, distance="wasserstein")
 
     After a step, ``optimizer.state[group["params"][0]]`` holds ``step`` (the number of steps taken) and
     ``assignment`` (M,), the matching s of the last inner step (V_i is matched with W_t,s(i); the identity for
@@ -275,6 +284,8 @@ class ProximalPoint(Optimizer):
                 last = k == group["inner_steps"] - 1
                 sums = torch.zeros(3, dtype=torch.float64, device=params[0].device)  # |pull|^2, |force|^2, |sum|^2
                 for p, a in zip(params, anchors[gi]):
+                    if not p.requires_grad:  # frozen: a fixed coordinate of the particles, matched but not moved
+                        continue
                     target = a if sigma is None else a[sigma]
                     direction = (p - target) / gamma
                     if last:  # the optimality condition at the last inner iterate (tensors: no host sync)
