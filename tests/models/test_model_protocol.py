@@ -374,6 +374,11 @@ def test_unknown_argument_is_one_zoo_error_before_anything_is_built(name: str, m
         zoo.create_model(name, bogus_arg=1)
 
 
+def test_unknown_arguments_are_named_together() -> None:
+    with pytest.raises(zoo.ZooError, match=r"unknown arguments 'foo', 'bar': remove or rename them; ResNet takes"):
+        zoo.cifar_resnet(foo=1, bar=2)
+
+
 def test_unknown_argument_suggests_the_close_name_and_lists_the_task_arguments() -> None:
     with pytest.raises(zoo.ZooError, match=r"SinkformerViT got the unknown argument 'deph' \(did you mean 'depth'\?\)"):
         zoo.sinkformer_vit_tiny_patch16_224(deph=3)

@@ -72,8 +72,8 @@ def check_model_kwargs(cls: type, kwargs: Mapping[str, Any], task: Callable[...,
     for name in unknown:
         close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
         hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
-    what = "argument" if len(unknown) == 1 else "arguments"
+    what, them = ("argument", "it") if len(unknown) == 1 else ("arguments", "them")
     raise ZooError(
-        f"{cls.__name__} got the unknown {what} {', '.join(hints)}: remove or rename it; {cls.__name__} takes "
+        f"{cls.__name__} got the unknown {what} {', '.join(hints)}: remove or rename {them}; {cls.__name__} takes "
         f"{', '.join(valid)} (see help(zoo.models.{cls.__name__}))"
     )
