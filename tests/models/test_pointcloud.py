@@ -736,3 +736,36 @@ def test_recipe_instantiates(name: str, tmp_path: Path, monkeypatch: pytest.Monk
     else:  # ModelNet40 is not on disk: one clear error at setup
         with pytest.raises(ZooError, match="does not exist"):
             data.setup()
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_lexicographic_order_is_the_stable_sorts_without_a_stable_sort() -> None:
+    """Farthest point sampling's lexicographic order (stable sorts by z, y, then x) comes from sorts of unique keys
+    (rank among the distinct values, position): the same permutation as stable sorts, ties, -0.0 and NaN included,
+    and no ``aten.sort.stable`` in an exported program, which ONNX cannot express (``torch.onnx.export`` of a PCT
+    failed on it)."""
+    from zoo.models.pointcloud import _lexicographic_order
+
+    def reference(xyz: torch.Tensor) -> torch.Tensor:
+        perm = torch.arange(xyz.shape[1]).expand(xyz.shape[0], -1)
+        for d in reversed(range(xyz.shape[-1])):
+            perm = perm.gather(1, xyz[..., d].gather(1, perm).argsort(dim=1, stable=True))
+        return perm
+
+    torch.manual_seed(0)
+    for n in (1, 2, 7, 40):
+        xyz = torch.randint(-2, 3, (3, n, 3)).float()  # many ties
+        xyz[torch.rand(xyz.shape) < 0.1] = -0.0
+        xyz[torch.rand(xyz.shape) < 0.05] = float("nan")
+        assert torch.equal(_lexicographic_order(xyz), reference(xyz))
+
+    class Sample(nn.Module):
+        def forward(self, xyz: torch.Tensor) -> torch.Tensor:
+            return farthest_point_sample(xyz, 4)
+
+    xyz = torch.randn(2, 16, 3)
+    exported = torch.export.export(Sample(), (xyz,)).run_decompositions()
+    assert not [n for n in exported.graph.nodes if "sort.stable" in str(n.target)]
+    assert torch.equal(exported.module()(xyz), farthest_point_sample(xyz, 4))

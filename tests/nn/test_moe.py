@@ -676,3 +676,88 @@ def test_a_layer_after_a_training_forward_deep_copies_and_averages() -> None:
     layer(x)
     layer.aux_loss.backward()  # the layer's own graph is intact
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _stable_sorts(program: torch.export.ExportedProgram) -> list[str]:
+    return [str(n.target) for n in program.graph.nodes if "sort.stable" in str(n.target)]
+
+
+def test_token_choice_routing_exports_without_a_stable_sort() -> None:
+    """The slots of token choice come from a sort of unique keys (expert, assignment number), not a stable sort,
+    which ONNX cannot express (``torch.onnx.export`` failed on ``aten.sort.stable``); the exported program routes as
+    eager, dropped assignments included (capacity 0.5: some are dropped)."""
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, router="token_choice", k=2, capacity_factor=0.5).eval()
+    x = torch.randn(2, 17, 8)
+    exported = torch.export.export(layer, (x,))
+    assert _stable_sorts(exported.run_decompositions()) == []
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
+        assert layer(x).shape == x.shape and float(layer.stats["dropped_fraction"]) > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"router": "token_choice"}, {"router": "token_choice", "k": 2}, {"router": "expert_choice", "group_size": 8}],
+    ids=["token_choice", "token_choice_k2", "expert_choice_groups"],
+)
+def test_dynamic_batch_export_saves_and_routes_as_eager(options: dict, tmp_path) -> None:
+    """torch.export with a dynamic batch: token choice's capacity C = ceil(1.25 k T / E) and expert choice's group
+    count ceil(T / group_size) are functions of the batch size; no view between (E * C, dim) and (E, C, dim) and no
+    negative floor division guard them (the export failed with a constraint violation), and C is an integer
+    expression the exported program can serialise (torch.export.save failed on math.ceil). The loaded program gives
+    eager's outputs at other batch sizes, capacity drops included."""
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, **options).eval()
+    batch = torch.export.Dim("batch", min=2, max=32)  # token choice's C is 11 at 2 x 17 tokens
+    exported = torch.export.export(layer, (torch.randn(4, 17, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(exported, tmp_path / "moe.pt2")
+    loaded = torch.export.load(tmp_path / "moe.pt2").module()
+    for b in (2, 3, 7):
+        x = torch.randn(b, 17, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+
+
+def test_export_records_no_routing_statistics(recwarn: pytest.WarningsRecorder) -> None:
+    """``aux_loss`` and ``stats`` are a training loop's record: under torch.export the layer leaves them as they were
+    (torch.export warned that tensor attributes were assigned during export, for every V-MoE)."""
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, router="token_choice").eval()
+    x = torch.randn(2, 5, 8)
+    layer(x)
+    before = {"aux_loss": layer.aux_loss, **layer.stats}
+    torch.export.export(layer, (x,))
+    assert not [w for w in recwarn if "assigned during export" in str(w.message)]
+    after = {"aux_loss": layer.aux_loss, **layer.stats}
+    assert after.keys() == before.keys() and all(after[k] is v for k, v in before.items())  # the very tensors
+
+
+def test_token_choice_capacity_in_integers_is_the_float_ceil() -> None:
+    """Token choice's capacity is computed in integers for a dyadic capacity factor (so that an exported program
+    with a dynamic batch can be saved and its shape bounds are known): the integer the float expression
+    max(1, ceil(capacity_factor * k * T / E)) gives, for every factor, k, E and T tried."""
+    from zoo.nn.moe import _capacity
+
+    for cf in (0.5, 1.0, 1.25, 1.5, 2.0, 1.0625, 1.1, 0.3):
+        for E in (1, 3, 4, 8, 32):
+            for k in range(1, min(E, 3) + 1):
+                for T in [*range(0, 400), 10**6 + 7, 12_345_678]:
+                    assert _capacity(T, cf, k, E) == max(1, math.ceil(T * cf * k / E)), (cf, E, k, T)
+
+
+def test_small_capacity_dynamic_batch_export() -> None:
+    """A capacity of 2 at the smallest batch (2 x 5 tokens, 8 experts): the shape solver knows C > 1 over the whole
+    batch range (C as an integer floor division; a view of the flat dispatch guarded C != 1, and a ceil of a symbolic
+    float hides its bounds: the export failed with a constraint violation)."""
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 8, router="token_choice").eval()
+    batch = torch.export.Dim("batch", min=2, max=32)
+    exported = torch.export.export(layer, (torch.randn(2, 5, 8),), dynamic_shapes=({0: batch},))
+    for b in (2, 3, 9):
+        x = torch.randn(b, 5, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)

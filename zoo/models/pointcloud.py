@@ -484,13 +484,27 @@ def index_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out.reshape(*idx.shape, points.shape[-1])
 
 
+def _stable_argsort(key: torch.Tensor) -> torch.Tensor:
+    """``key.argsort(dim=1, stable=True)`` of a (B, N) float tensor, without a stable sort, which ONNX cannot express
+    (``torch.onnx.export`` has no ``aten.sort.stable``): a first sort ranks the distinct values (equal values share a
+    rank: 0.0 and -0.0, and the NaNs, which sort last), and the keys (rank, position) are unique, so any sort of them
+    gives the stable order."""
+    N = key.shape[1]
+    order = key.argsort(dim=1)
+    s = key.gather(1, order)
+    same = (s[:, 1:] == s[:, :-1]) | (s[:, 1:].isnan() & s[:, :-1].isnan())
+    rank = torch.cat([torch.zeros_like(order[:, :1]), (~same).long()], dim=1).cumsum(1)
+    rank = torch.empty_like(order).scatter_(1, order, rank)
+    return (rank * N + torch.arange(N, device=key.device)).argsort(dim=1)
+
+
 def _lexicographic_order(xyz: torch.Tensor) -> torch.Tensor:
     """(B, N) permutation sorting each cloud by x, then y, then z (stable sorts, least significant key first)."""
     B, N, D = xyz.shape
     perm = torch.arange(N, device=xyz.device).expand(B, N)
     for d in reversed(range(D)):
         key = xyz[..., d].gather(1, perm)
-        perm = perm.gather(1, key.argsort(dim=1, stable=True))
+        perm = perm.gather(1, _stable_argsort(key))
     return perm
 
 

@@ -68,6 +68,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from zoo._deprecation import renamed_argument, renamed_attribute
 from zoo.errors import ZooError
@@ -177,6 +178,32 @@ def _pair(value: Any) -> tuple[Any, Any]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _capacity(n_tokens: int, capacity_factor: float, k: int, num_experts: int) -> int:
+    """Token choice's capacity C = max(1, ceil(capacity_factor * k * n_tokens / num_experts)), as the float
+    expression computes it.
+
+    A capacity factor with a short binary expansion (1.25, 1.5, 2 ...: a denominator of at most 2^16, every usual
+    choice) makes that float expression exact for any realistic call, so C is computed in integers,
+    ceil(n a / b) = (n a + b - 1) // b with a / b = capacity_factor * k / num_experts: the same integer, and under
+    ``torch.export`` with a dynamic batch (``n_tokens`` symbolic) an expression the exported program can save (a
+    ``math.ceil`` of a symbolic float cannot be serialised) and whose range the shape solver can bound (shapes of
+    size C need C > 1 proven over the whole batch range). Any other factor keeps the float ceil.
+
+    Args:
+        n_tokens: the tokens of the call (an int, or a symbolic int under tracing).
+        capacity_factor: the capacity factor (> 0).
+        k: experts per token.
+        num_experts: E.
+    """
+    p, q = capacity_factor.as_integer_ratio()
+    if q > 2**16:
+        return torch.sym_max(1, math.ceil(n_tokens * capacity_factor * k / num_experts))
+    a, b = p * k, q * num_experts
+    g = math.gcd(a, b)
+    a, b = a // g, b // g
+    return torch.sym_max(1, (n_tokens * a + b - 1) // b)
 
 
 class MoE(nn.Module):
@@ -496,7 +523,7 @@ class MoE(nn.Module):
         groups, n = (1, flat.shape[0]) if x.dim() == 2 else (x.shape[0], x.shape[1])
         if self.group_size is not None:
             n = self.group_size
-            groups = -(-flat.shape[0] // n)
+            groups = (flat.shape[0] + n - 1) // n  # not -(-N // n): export's shape solver cannot bound that
         return self._expert_choice(logits, valid, groups, n)
 
     def _common_stats(
@@ -528,9 +555,11 @@ class MoE(nn.Module):
         else:
             n_valid = valid.sum()
             key = torch.where(valid.repeat(k), expert, E)  # padded tokens' assignments to an extra bin E
-        # slot of each assignment: its rank among the assignments to the same expert (stable sort: priority)
+        # slot of each assignment: its rank among the assignments to the same expert, in priority order. The sort
+        # key (expert, assignment number) is unique, so any sort gives the stable order; not a stable sort, which
+        # ONNX cannot express (torch.onnx.export has no aten.sort.stable)
         counts = torch.zeros(E + 1, dtype=torch.long, device=logits.device).scatter_add_(0, key, torch.ones_like(key))
-        order = torch.sort(key, stable=True).indices
+        order = torch.argsort(key * key.shape[0] + torch.arange(key.shape[0], device=logits.device))
         starts = counts.cumsum(0) - counts
         rank = torch.arange(key.shape[0], device=logits.device) - starts[key[order]]
         position = torch.empty_like(rank).scatter_(0, order, rank)
@@ -538,7 +567,7 @@ class MoE(nn.Module):
             C = N
             keep = key < E
         else:
-            C = max(1, math.ceil(N * self.capacity_factor * k / E))
+            C = _capacity(N, self.capacity_factor, k, E)
             if valid is None:
                 keep = position < C
             else:  # capacity from the valid tokens: ceil(capacity_factor * k * T_valid / E) <= C (same float ops)
@@ -582,7 +611,9 @@ class MoE(nn.Module):
         N, E = logits.shape
         pad = groups * n - N
         dev = logits.device
-        if valid is None and pad == 0:
+        # no padding: known statically (a symbolic batch under torch.export or torch.compile takes the general path
+        # below, which computes the same routing whatever pad turns out to be, rather than a guard on pad == 0)
+        if valid is None and statically_known_true(pad == 0):
             valid_g = None
             n_valid = torch.full((groups,), n, dtype=torch.long, device=dev)
         else:
@@ -607,13 +638,19 @@ class MoE(nn.Module):
         sel_w = weights.gather(-1, token)
         used = torch.arange(k_max, device=dev) < k_row.view(groups, 1, 1)  # slots beyond the group's k are empty
         offset = (torch.arange(groups, device=dev) * n).view(groups, 1, 1)
-        index = torch.where(used, token + offset, N).permute(1, 0, 2).reshape(E, groups * k_max)
-        weight = (sel_w * used).permute(1, 0, 2).reshape(E, groups * k_max)
+        # slot (e, g * k_max + j) of the (E, C) dispatch holds group g's j-th pick of expert e: gathered at those
+        # positions rather than reshaped from (G, E, k_max), since merging the group dim under torch.export with a
+        # dynamic batch (G a ceil of the batch size with group_size) adds a guard the shape solver cannot discharge
+        slot = torch.arange(groups * k_max, device=dev)
+        g, j = slot // max(k_max, 1), slot % max(k_max, 1)
+        e = torch.arange(E, device=dev).unsqueeze(1)
+        index = torch.where(used, token + offset, N)[g, e, j]
+        weight = (sel_w * used)[g, e, j]
 
         total_valid = n_valid.sum()
         stats = self._common_stats(logits, valid, total_valid)
         stats["tokens_per_expert"] = (index < N).sum(1).detach()
-        hit = torch.zeros(N + 1, dtype=logits.dtype, device=dev).index_fill_(0, index.reshape(-1), 1.0)[:N]
+        hit = torch.zeros(N + 1, dtype=logits.dtype, device=dev).index_put_((index,), logits.new_ones(()))[:N]
         if valid is not None:
             hit = hit * valid
         stats["dropped_fraction"] = ((total_valid - hit.sum()) / total_valid.clamp(min=1)).detach()
@@ -624,22 +661,26 @@ class MoE(nn.Module):
     # -------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """MoE(x) (E1), shaped like x; sets ``self.aux_loss`` and ``self.stats``."""
+        """MoE(x) (E1), shaped like x; sets ``self.aux_loss`` and ``self.stats`` (not under ``torch.export``)."""
         routing = self.route(x, padding_mask)
         flat, _ = self._flat_tokens(x, padding_mask)  # padded tokens are never dispatched, and are zeros anyway
         N = flat.shape[0]
-        E, C = routing.index.shape
-        # gather into a static (E, C, dim) buffer; empty slots read the appended zero row N
-        buffer = torch.cat([flat, flat.new_zeros(1, self.dim)]).index_select(0, routing.index.reshape(-1))
-        buffer = buffer.view(E, C, self.dim)
+        # gather into a static (E, C, dim) buffer; empty slots read the appended zero row N. The buffer and the
+        # experts' output stay (E, C, dim), indexed by the (E, C) index itself: under torch.export with a dynamic
+        # batch, C is a function of the batch size, and a view between (E * C, dim) and (E, C, dim) adds a guard
+        # (C != 1) that the shape solver cannot always prove over the batch range
+        buffer = torch.cat([flat, flat.new_zeros(1, self.dim)])[routing.index]
         # expert parallel: the slots travel to the experts' ranks and back (all-to-all); None (modules pickled
         # before the attribute existed too): every expert here
         shard = getattr(self, "expert_shard", None)
-        y = (self.experts(buffer) if shard is None else shard(self.experts, buffer)).reshape(E * C, self.dim)
-        y = y * routing.weight.reshape(E * C, 1).to(y.dtype)
-        out = y.new_zeros(N + 1, self.dim).index_add_(0, routing.index.reshape(-1), y)
-        self.aux_loss = routing.aux_loss
-        self.stats = routing.stats
+        y = self.experts(buffer) if shard is None else shard(self.experts, buffer)
+        y = y * routing.weight.unsqueeze(-1).to(y.dtype)
+        out = y.new_zeros(N + 1, self.dim).index_put_((routing.index,), y, accumulate=True)
+        if not torch.compiler.is_exporting():
+            # a training loop's record: torch.export would only warn that tensor attributes were assigned during
+            # export (and restore them afterwards), so the exported program leaves them out
+            self.aux_loss = routing.aux_loss
+            self.stats = routing.stats
         return out[:N].view(x.shape)
 
 

@@ -460,9 +460,14 @@ def _dykstra_sorted(
         steps.append((u, w, beta, rho, v.new_zeros(rows, m), v.new_empty(rows, m), v.new_empty(rows, m)))
     for _ in range(dykstra_iters):
         for u, w, beta, rho, c, hd, e in steps:
-            torch.sub(w, u, out=hd)
-            hd.mul_(0.5 if beta is None else beta)
-            torch.maximum(c, hd, out=e)
+            if torch.compiler.is_compiling():
+                # traced: no out= ops (an exported program keeps them, and they refuse inputs that require grad)
+                hd = (w - u) * (0.5 if beta is None else beta)
+                e = torch.maximum(c, hd)
+            else:
+                torch.sub(w, u, out=hd)
+                hd.mul_(0.5 if beta is None else beta)
+                torch.maximum(c, hd, out=e)
             c.sub_(e)
             u.add_(e)
             if rho is None:
@@ -522,6 +527,8 @@ _CHUNK_ENTRIES = 2**16
 
 
 def _row_chunks(rows: int, n: int, device: torch.device) -> list[slice]:
+    if torch.compiler.is_compiling():  # traced: all rows in one piece (a loop would specialise a dynamic batch)
+        return [slice(0, rows)]
     step = rows if device.type != "cpu" else max(1, _CHUNK_ENTRIES // max(n, 1))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
 
