@@ -370,18 +370,10 @@ class _MethodOf:
 
 
 def _take_indices(model: nn.Module, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
-    """timm's block selection (None: all, an int n: the last n, a list: those, negative from the end) over the
-    momentum stack's blocks, as one ZooError when it selects none."""
-    from timm.models._features import feature_take_indices
+    """timm's block selection over the momentum stack's blocks (one ZooError when it selects none)."""
+    from zoo.models.arguments import take_indices
 
-    depth = model.blocks.depth
-    try:
-        return feature_take_indices(depth, indices)
-    except (AssertionError, RuntimeError, TypeError) as e:
-        raise ZooError(
-            f"indices {indices!r} do not select blocks of this model ({depth} blocks): give None (all), an int n "
-            f"(the last n) or a list of block indices (negative from the end); {e}"
-        ) from None
+    return take_indices(model.blocks.depth, indices, "blocks")
 
 
 def _momentum_vit_forward_intermediates(

@@ -5,19 +5,20 @@ A family takes its architecture's arguments by name and hands the rest (``**kwar
 models). Anything the task does not take would surface as Python's ``TypeError: __init__() got an unexpected keyword
 argument``, after part of the model is built; :func:`check_model_kwargs` makes it one :class:`zoo.errors.ZooError`
 that names the argument, suggests the closest valid name and lists the valid ones, before anything is allocated.
+:func:`take_indices` is timm's block selection of ``forward_intermediates`` with the same kind of error.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from zoo.errors import ZooError
 from zoo.tasks.optim import refuse_training_settings
 
-__all__ = ["check_model_kwargs", "init_arguments"]
+__all__ = ["check_model_kwargs", "init_arguments", "take_indices"]
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
@@ -77,3 +78,24 @@ def check_model_kwargs(cls: type, kwargs: Mapping[str, Any], task: Callable[...,
         f"{cls.__name__} got the unknown {what} {', '.join(hints)}: remove or rename {them}; {cls.__name__} takes "
         f"{', '.join(valid)} (see help(zoo.models.{cls.__name__}))"
     )
+
+
+def take_indices(count: int, indices: int | Sequence[int] | None, unit: str) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices`` (None: all, an int n: the last n, a list: those, negative from the end): the
+    indices taken and the largest, or one ZooError naming the selection and what it may be.
+
+    Args:
+        count: how many there are to select from.
+        indices: the selection.
+        unit: what is selected, in the plural (``"blocks"``, ``"intervals"``).
+    """
+    from timm.models._features import feature_take_indices
+
+    one = unit[:-1] if unit.endswith("s") else unit
+    try:
+        return feature_take_indices(count, indices)
+    except (AssertionError, RuntimeError, TypeError) as e:
+        raise ZooError(
+            f"indices {indices!r} do not select {unit} of this model ({count} {unit}): give None (all), an int n "
+            f"(the last n) or a list of {one} indices (negative from the end); {e}"
+        ) from None

@@ -36,11 +36,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models._features import feature_take_indices
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
-from zoo.models.arguments import check_model_kwargs
+from zoo.models.arguments import check_model_kwargs, take_indices
 from zoo.nn import ResidualStack
 from zoo.nn.rules import RULES
 from zoo.pretrained import PretrainedCfg, build_model
@@ -551,13 +550,7 @@ class NeuralODE(HubMixin, ImageClassifier):
         return self.forward_head(self.forward_features(x))
 
     def _take_indices(self, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
-        try:
-            return feature_take_indices(len(self.intervals), indices)
-        except (AssertionError, RuntimeError, TypeError) as e:
-            raise ZooError(
-                f"indices {indices!r} do not select intervals of this model ({len(self.intervals)} intervals): give "
-                f"None (all), an int n (the last n) or a list of interval indices (negative from the end); {e}"
-            ) from None
+        return take_indices(len(self.intervals), indices, "intervals")
 
     def forward_intermediates(
         self,

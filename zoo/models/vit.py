@@ -33,12 +33,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from zoo.errors import ZooError
 from zoo.hub import HubMixin, load_weights
-from zoo.models.arguments import check_model_kwargs
+from zoo.models.arguments import check_model_kwargs, take_indices
 from zoo.nn.attention import SinkhornAttention, SinkhornSettings
 from zoo.pretrained import PretrainedCfg, build_model, register_pretrained_cfgs
 from zoo.registry import register_model
@@ -483,14 +482,7 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         return self.forward_head(self.forward_features(x))
 
     def _take_indices(self, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
-        try:
-            return feature_take_indices(len(self.blocks), indices)
-        except (AssertionError, RuntimeError, TypeError) as e:
-            raise ZooError(
-                f"indices {indices!r} do not select blocks of this model ({len(self.blocks)} blocks): give "
-                f"None (all), an int n (the last n) or a list of block indices (negative from the end); "
-                f"{e}"
-            ) from None
+        return take_indices(len(self.blocks), indices, "blocks")
 
     def forward_intermediates(
         self,
