@@ -66,7 +66,8 @@ Ratios are against the baseline measured in the same run.
   384, hidden 1536), for 8, 16, 32 and 64 experts: the cells of ``benchmarks/moe_routing.py``.
 
 The markdown report and the JSON file are written (atomically) after every section, so a run cut short leaves
-the sections it finished; ``"complete": true`` marks a finished run.
+the sections it finished; ``"complete": true`` marks a finished run. A section that raises keeps the rows it
+measured before the error, which its table shows; the next sections still run.
 """
 
 from __future__ import annotations
@@ -301,7 +302,13 @@ def free(device: torch.device, collect: bool = False) -> None:
     if collect:
         gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as e:
+            # a sticky CUDA error (an illegal access, a device-side assert) makes every later CUDA call raise: the
+            # next measurement reports it in its own check or section, and the report is still written; a cleanup
+            # that raised here instead ended the run before any report
+            print(f"gpu_suite: emptying the CUDA cache failed: {str(e).splitlines()[0][:200]}", file=sys.stderr)
 
 
 PEAK_METHOD = {"cuda": "cuda.max_memory_allocated", "cpu": "torch.profiler allocations"}
@@ -349,12 +356,16 @@ def memory_budget(device: torch.device, budget: int) -> Iterator[None]:
         yield
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    free(device, collect=True)
+    saved = torch.cuda.get_per_process_memory_fraction(device)
+    free(device, collect=True)  # the limit counts the allocator's reserved memory, its cache included
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        try:
+            torch.cuda.set_per_process_memory_fraction(saved, device)
+        except RuntimeError as e:  # a sticky CUDA error: the error that ends the block is the one to report
+            print(f"gpu_suite: restoring the memory fraction failed: {str(e).splitlines()[0][:200]}", file=sys.stderr)
         free(device, collect=True)
 
 
@@ -790,6 +801,13 @@ def measure(step: Callable[[], object], device: torch.device, sizes: Sizes) -> d
     }
 
 
+def _section(out: dict[str, Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
+    """A benchmark section's result ``out`` (a new one for None) and its ``rows`` and ``skipped`` lists. The section
+    appends to them as it goes, so that the rows measured before an error are still in the caller's ``out``."""
+    out = {} if out is None else out
+    return out, out.setdefault("rows", []), out.setdefault("skipped", [])
+
+
 def add_ratios(rows: list[dict[str, Any]], base: dict[str, Any] | None, keys: Sequence[str]) -> None:
     """``<key>_ratio`` = row[key] / base[key] where both were measured."""
     for row in rows:
@@ -798,9 +816,12 @@ def add_ratios(rows: list[dict[str, Any]], base: dict[str, Any] | None, keys: Se
             row[f"{key}_ratio"] = a / b if a is not None and b else None
 
 
-def bench_resnet(device: torch.device, sizes: Sizes, clock: Clock, started: float) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
+def bench_resnet(
+    device: torch.device, sizes: Sizes, clock: Clock, started: float, out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``resnet`` table (see the module's text): its rows and skipped items go into ``out`` (returned) as
+    they are measured."""
+    out, rows, skipped = _section(out)
     for method in RESNET_METHODS:
         # the slowest step so far, 1.5 times: a reversible step recomputes the forward
         estimate = expected_seconds([max((r.get("step_time") or 0 for r in rows), default=0)], sizes, 1.5)
@@ -822,10 +843,9 @@ def bench_resnet(device: torch.device, sizes: Sizes, clock: Clock, started: floa
         free(device, collect=True)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
+        add_ratios(rows, next((r for r in rows if r["method"] == "plain"), None), ("peak_bytes", "step_time"))
         log(started, f"resnet {method}: {_fmt_row(row)}")
-    base = next((r for r in rows if r["method"] == "plain"), None)
-    add_ratios(rows, base, ("peak_bytes", "step_time"))
-    return {"rows": rows, "skipped": skipped}
+    return out
 
 
 def _resnet_row(method: str, sizes: Sizes, device: torch.device) -> dict[str, Any]:
@@ -917,10 +937,14 @@ def largest_batch(
     return fit, "exact", probes
 
 
-def bench_budget(device: torch.device, sizes: Sizes, clock: Clock, started: float) -> dict[str, Any]:
+def bench_budget(
+    device: torch.device, sizes: Sizes, clock: Clock, started: float, out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``budget`` table (see the module's text): its rows and skipped items go into ``out`` (returned) as
+    they are measured."""
     budget = int(sizes.budget_gib * GIB)
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
+    out, rows, skipped = _section(out)
+    out["budget_bytes"] = budget
     durations: list[float] = []
     with memory_budget(device, budget):
         for method in BUDGET_METHODS:
@@ -934,13 +958,12 @@ def bench_budget(device: torch.device, sizes: Sizes, clock: Clock, started: floa
             row["wall_s"] = time.perf_counter() - t0
             durations.append(row["wall_s"])
             rows.append(row)
+            add_ratios(rows, next((r for r in rows if r["method"] == "plain"), None), ("max_batch",))
             log(
                 started,
                 f"budget {method}: largest batch {row['max_batch']} ({row['bound']}, {len(row['probes'])} probes)",
             )
-    base = next((r for r in rows if r["method"] == "plain"), None)
-    add_ratios(rows, base, ("max_batch",))
-    return {"budget_bytes": budget, "rows": rows, "skipped": skipped}
+    return out
 
 
 def _budget_row(method: str, sizes: Sizes, device: torch.device, budget: int, clock: Clock) -> dict[str, Any]:
@@ -1015,11 +1038,14 @@ def _probe_peak(
     return before + peak_bytes(training_step(model, opt, x, y), device)
 
 
-def bench_sinkhorn(device: torch.device, sizes: Sizes, clock: Clock, started: float) -> dict[str, Any]:
+def bench_sinkhorn(
+    device: torch.device, sizes: Sizes, clock: Clock, started: float, out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``sinkhorn`` table (see the module's text): its rows and skipped items go into ``out`` (returned) as
+    they are measured."""
     from zoo.ops.sinkhorn import attention, kernel_path
 
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
+    out, rows, skipped = _section(out)
     last: dict[str, Any] | None = None
     methods: dict[str, Callable[..., torch.Tensor]] = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
@@ -1051,7 +1077,7 @@ def bench_sinkhorn(device: torch.device, sizes: Sizes, clock: Clock, started: fl
         last = row
         rows.append(row)
         log(started, f"sinkhorn {seq} tokens: sdpa {_fmt_row(row['sdpa'])}; sinkhorn {_fmt_row(row['sinkhorn'])}")
-    return {"rows": rows, "skipped": skipped}
+    return out
 
 
 def _attention_cell(fn: Callable[..., torch.Tensor], seq: int, sizes: Sizes, device: torch.device) -> dict[str, Any]:
@@ -1062,12 +1088,15 @@ def _attention_cell(fn: Callable[..., torch.Tensor], seq: int, sizes: Sizes, dev
     return measure(lambda: fn(q, k, v).backward(grad), device, sizes)
 
 
-def bench_moe(device: torch.device, sizes: Sizes, clock: Clock, started: float) -> dict[str, Any]:
+def bench_moe(
+    device: torch.device, sizes: Sizes, clock: Clock, started: float, out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``moe`` table (see the module's text): its rows and skipped items go into ``out`` (returned) as
+    they are measured."""
     from moe_routing import build
 
     options = argparse.Namespace(seed=0, mlp_ratio=4, dim=sizes.bench_moe_dim, capacity_factor=1.0)
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
+    out, rows, skipped = _section(out)
     last: dict[str, Any] | None = None
     for i, experts in enumerate(sizes.bench_moe_experts):
         estimate = 0.0
@@ -1094,7 +1123,7 @@ def bench_moe(device: torch.device, sizes: Sizes, clock: Clock, started: float) 
         last = row
         rows.append(row)
         log(started, f"moe {experts} experts: " + "; ".join(f"{c} {_fmt_row(row[c])}" for c in MOE_CELLS))
-    return {"rows": rows, "skipped": skipped}
+    return out
 
 
 def _moe_cell(module: nn.Module, sizes: Sizes, device: torch.device) -> dict[str, Any]:
@@ -1496,11 +1525,12 @@ def main(argv: list[str] | None = None) -> int:
         # its cap, or its share of the time left (in proportion to the caps) when the checks ran long
         share = (deadline - time.perf_counter()) * caps[name] / sum(caps[n] for n in to_run[i:])
         clock = Clock(max(0.0, min(caps[name], share)), deadline)
+        section: dict[str, Any] = {"rows": [], "skipped": []}
         try:
-            section = benches[name](device, sizes, clock, started)
-        except Exception as e:  # one broken section is reported; the others still run
+            benches[name](device, sizes, clock, started, section)
+        except Exception as e:  # one broken section is reported with the rows it measured; the others still run
             traceback.print_exc()
-            section = {"rows": [], "skipped": [], "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            section["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             errors.append(name)
         free(device, collect=True)
         section.update(cap_s=clock.cap_s, wall_s=clock.elapsed())

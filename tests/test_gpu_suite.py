@@ -6,7 +6,9 @@ what is known about the suite before it first meets a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -366,3 +368,98 @@ def test_smoke_run_on_cuda(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert report["passed"] and report["machine"]["gpu"] == torch.cuda.get_device_name()
+
+
+# ------------------------------------------------------------------------------------------------ failures on the GPU
+
+
+def test_a_section_that_fails_keeps_the_rows_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A section that raises midway (a kernel failing at the second size) keeps the rows measured before, says
+    why it stopped, and the next section still runs; the reports are complete and the exit status is 1."""
+    sizes = gpu_suite.SMOKE
+    first, second = sizes.sinkhorn_seqs[:2]
+    cell = {"peak_bytes": 1024, "peak_method": "test", "step_times": [1e-3], "step_time": 1e-3}
+
+    def attention_cell(fn: object, seq: int, sizes: gpu_suite.Sizes, device: torch.device) -> dict:
+        if seq == second:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return dict(cell)
+
+    def bench_moe(device, sizes, clock, started, out=None):  # the next section: one row, as bench_moe writes it
+        out = {"rows": [], "skipped": []} if out is None else out
+        out["rows"].append({"experts": 2, **{c: dict(cell) for c in gpu_suite.MOE_CELLS}})
+        return out
+
+    monkeypatch.setattr(gpu_suite, "run_checks", lambda device, sizes, started: [])
+    monkeypatch.setattr(gpu_suite, "_attention_cell", attention_cell)
+    monkeypatch.setattr(gpu_suite, "bench_moe", bench_moe)
+    md, js = tmp_path / "a.md", tmp_path / "a.json"
+    argv = ["--smoke", "--sections", "sinkhorn", "moe", "--md", str(md), "--json", str(js)]
+    assert gpu_suite.main(argv) == 1
+    assert "section error(s): sinkhorn" in capsys.readouterr().err
+    report = json.loads(js.read_text())
+    assert report["complete"] is True and report["passed"] is False
+    sinkhorn = report["sections"]["sinkhorn"]
+    assert [r["seq"] for r in sinkhorn["rows"]] == [first]
+    assert sinkhorn["rows"][0]["sinkhorn"]["step_time"] == cell["step_time"]
+    assert sinkhorn["error"].startswith("RuntimeError: CUDA error: an illegal memory access")
+    assert [r["experts"] for r in report["sections"]["moe"]["rows"]] == [2]
+    text = md.read_text()
+    assert "**ERROR**: RuntimeError: CUDA error" in text and f"| {first} | " in text
+
+
+def test_emptying_the_cache_after_a_sticky_cuda_error_does_not_end_the_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """After an illegal access every CUDA call raises, torch.cuda.empty_cache included: the cleanup between checks
+    and sections says so and returns, so that the failed check or section is what the report shows."""
+
+    def empty_cache() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    gpu_suite.free(torch.device("cuda"), collect=True)
+    assert "emptying the CUDA cache failed: CUDA error: an illegal memory access" in capsys.readouterr().err
+
+
+class FakeAllocator:
+    """torch.cuda's memory-fraction calls on an 80 GiB card, recorded (the allocator state they set, no GPU)."""
+
+    total = 80 * 2**30
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.calls: list[tuple[str, float | None]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        props = type("Props", (), {"total_memory": self.total})()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: self.fraction)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self.set_fraction)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: self.calls.append(("empty_cache", None)))
+
+    def set_fraction(self, fraction: float, device: object = None) -> None:
+        assert isinstance(fraction, float) and 0 <= fraction <= 1  # what torch.cuda accepts
+        self.fraction = fraction
+        self.calls.append(("fraction", fraction))
+
+
+def test_memory_budget_limits_the_allocator_and_restores_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeAllocator(fraction=0.75)  # a limit set before the suite (by its caller) is put back, not lifted
+    fake.install(monkeypatch)
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)  # a full collection takes a second here; nothing to free
+    cuda = torch.device("cuda", 0)
+    for fails in (False, True):
+        fake.calls.clear()
+        with pytest.raises(RuntimeError, match="inside") if fails else contextlib.nullcontext():
+            with gpu_suite.memory_budget(cuda, 16 * 2**30):
+                assert fake.fraction == 16 / 80
+                # the cache was emptied before the limit was set (the limit counts the allocator's cached blocks)
+                assert fake.calls == [("empty_cache", None), ("fraction", 16 / 80)]
+                if fails:
+                    raise RuntimeError("inside")
+        assert fake.fraction == 0.75 and fake.calls[-1] == ("empty_cache", None)
+    with gpu_suite.memory_budget(cuda, 100 * 2**30):  # more than the card: no limit below the card
+        assert fake.fraction == 1.0
