@@ -10,6 +10,7 @@ Lightning, several seconds each) overlaps.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -880,6 +881,15 @@ def test_ckpt_path_takes_a_sharded_checkpoint_folder(tmp_path: Path) -> None:
         ),
         (["--model.init_args.optimizer.lr", "-1"], "zoo: error: the optimizer refused its arguments: Invalid"),
         (["--optimizer", "SGD", "--optimizer.lr", "-1"], "zoo: error: the optimizer refused its arguments: Invalid"),
+        pytest.param(  # a logger whose package is missing: the line says which (jsonargparse spreads it on lines)
+            ["--trainer.logger", "WandbLogger"],
+            "zoo: error: Problem with given class_path 'lightning.pytorch.loggers.WandbLogger': Requirement 'wandb",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
+        ),
+        (  # an optimizer argument with optimizer null (the family's default): no class to take it
+            ["--model.init_args.optimizer", "null", "--model.init_args.optimizer.lr", "0.05", "--print_config"],
+            "zoo: error: optimizer.lr: this configuration names no optimizer class",
+        ),
     ],
 )
 def test_strategy_and_optimizer_arguments_are_one_line(
@@ -893,8 +903,11 @@ def test_strategy_and_optimizer_arguments_are_one_line(
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith(message)
-    if "optimizer" in argv[0]:  # the fix names the option the user may have used, LightningCLI's or the model's
+    if "refused" in message:  # the fix names the option the user may have used, LightningCLI's or the model's
         assert "--optimizer.<argument>" in line and "--model.init_args.optimizer.<argument>" in line
+    if "null" in argv:  # the fix names the class first, in both forms
+        assert "--model.init_args.optimizer SGD --model.init_args.optimizer.lr" in line
+        assert "--optimizer SGD --optimizer.lr" in line
 
 
 # ------------------------------------------------------------------------------------------------

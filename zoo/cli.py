@@ -247,6 +247,10 @@ def _summarise_config_error(error: BaseException) -> str:
     for e in chain:
         if isinstance(e, ZooError):
             return str(e)
+    for e in chain:
+        hint = _no_optimizer_class_hint(str(e))
+        if hint:
+            return hint
     for e in reversed(chain):
         text = str(e)
         if text.startswith("Problem with given class_path"):
@@ -267,6 +271,27 @@ def _summarise_config_error(error: BaseException) -> str:
     return " ".join(lines[:1] + details[:1])
 
 
+def _no_optimizer_class_hint(text: str) -> str | None:
+    """For ``--model.init_args.optimizer.lr 0.05`` on a configuration whose optimizer is null (the family's
+    ``default_optimizer``): jsonargparse has no class to give the argument to and reports it against the abstract
+    ``torch.optim.Optimizer``; the line says to name the class first. None for any other error.
+
+    Args:
+        text: one error of the chain jsonargparse raised.
+    """
+    found = re.search(
+        r"Option '(\w+)' is not accepted\. Got value: Namespace\(class_path='torch\.optim\.Optimizer'", text
+    )
+    if not found or 'Parser key "optimizer"' not in text:
+        return None
+    arg = found.group(1)
+    return (
+        f"optimizer.{arg}: this configuration names no optimizer class (optimizer: null, the family's "
+        f"default_optimizer), so nothing takes {arg}: name the class first, e.g. --model.init_args.optimizer SGD "
+        f"--model.init_args.optimizer.{arg} <value> (or LightningCLI's --optimizer SGD --optimizer.{arg} <value>)"
+    )
+
+
 def _union_member_error(error: BaseException) -> str | None:
     """The constructor's message out of jsonargparse's "Does not validate against any of the Union subtypes" (an
     argument typed ``str | Strategy`` ..., whose class raised while being built: jsonargparse keeps only the text
@@ -275,10 +300,13 @@ def _union_member_error(error: BaseException) -> str | None:
         text = str(e)
         if "Does not validate against any of the Union subtypes" not in text or "Errors:" not in text:
             continue
-        listed = [
-            line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")
-        ]
-        reasons = [r for r in listed if not r.startswith("Expected a ")]
+        listed: list[list[str]] = []
+        for line in text.split("Errors:", 1)[1].splitlines():
+            if line.strip().startswith("- "):
+                listed.append([line.strip()[2:]])
+            elif listed and line.strip():  # a reason on several lines: "Problem with given class_path 'X':" and why
+                listed[-1].append(line.strip())
+        reasons = [" ".join(r) for r in listed if not r[0].startswith("Expected a ")]
         if reasons:
             return reasons[0]
     return None

@@ -174,8 +174,10 @@ def test_digits_dataloaders() -> None:
     ],
 )
 def test_digits_rejects_bad_arguments(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+    # the zoo's one error for bad input, still a ValueError as before
+    with pytest.raises(ZooError) as info:
         DigitsDataModule(**kwargs)
+    assert isinstance(info.value, ValueError) and str(next(iter(kwargs))) in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR

@@ -52,8 +52,7 @@ def trainer(**kwargs) -> pl.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
-        **kwargs,
+        **{"limit_val_batches": 0, **kwargs},
     )
 
 
@@ -133,6 +132,130 @@ def test_a_restored_schedule_outside_a_trainer_keeps_its_saved_length() -> None:
     again.load_state_dict(sched.state_dict())
     assert (again.total_steps, again.last_epoch) == (4, 2)
     assert again.get_last_lr() == pytest.approx(sched.get_last_lr())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "inverse_sqrt"])
+def test_a_param_group_added_during_fit_follows_the_schedule(schedule: str) -> None:
+    """Lightning's BaseFinetuning adds the unfrozen parameters as a new group at an epoch start: the zoo's schedules
+    step it (torch zips rates and groups strictly, and failed), keeping its ratio to the other groups."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class UnfreezeLayer1(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.layer1, train_bn=False)
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            if epoch == 1:  # the new group starts at a tenth of the current rate
+                self.unfreeze_and_add_param_group(pl_module.layer1, optimizer, initial_denom_lr=10.0)
+            if epoch == 2:  # and doubles (BackboneFinetuning raises the backbone's rate each epoch)
+                optimizer.param_groups[-1]["lr"] *= 2
+
+    class RecordAll(pl.Callback):
+        rates: list[list[float]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rates.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    sched = WarmupCosineLR if schedule == "cosine" else functools.partial(InverseSqrtLR, warmup_updates=0)
+    record = RecordAll()
+    t = trainer(max_epochs=3, callbacks=[UnfreezeLayer1(), record])
+    model = tiny_model(optimizer=SGD, lr_scheduler=sched)
+    t.fit(model, DataLoader(images(), batch_size=4))  # 2 steps per epoch
+    assert t.global_step == 6
+    assert {len(r) for r in record.rates[:2]} == {2} and {len(r) for r in record.rates[2:]} == {3}
+    frozen = {id(p) for p in model.layer1.parameters()}
+    assert frozen <= {id(p) for p in t.optimizers[0].param_groups[2]["params"]}
+    for step, rates in enumerate(record.rates[2:], start=2):  # the added group: a tenth, then a fifth, of the rate
+        assert rates[2] == pytest.approx(rates[0] / (10 if step < 4 else 5), rel=1e-9)
+    s = range(2, 6)
+    expected = (
+        [0.1 * (1 + math.cos(math.pi * k / 6)) / 2 for k in s]
+        if schedule == "cosine"
+        else [0.1 / math.sqrt(k) for k in s]
+    )
+    assert [r[0] for r in record.rates[2:]] == pytest.approx(expected, rel=1e-9)
+
+
+def test_backbone_finetuning_freezes_all_but_the_head_then_trains_it() -> None:
+    """Lightning's BackboneFinetuning needs ``model.backbone``: every parameter but the classifier's, without
+    changing the state_dict; frozen for the first epoch (batch norms train, its default), then a group of its own."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    model = tiny_model(optimizer=SGD)
+    keys = list(model.state_dict())
+    backbone = {id(p) for p in model.backbone.parameters()}
+    head = {id(p) for p in model.get_classifier().parameters()}
+    assert backbone.isdisjoint(head) and backbone | head == {id(p) for p in model.parameters()}
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    class Snapshot(pl.Callback):
+        after_first: list[torch.Tensor] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.after_first = [w.detach().clone() for w in convs]
+
+    start, snap = [w.detach().clone() for w in convs], Snapshot()
+    t = trainer(max_epochs=2, callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1), snap])
+    t.fit(model, DataLoader(images(), batch_size=4))
+    assert all(torch.equal(a, b) for a, b in zip(start, snap.after_first))  # frozen in epoch 0
+    assert not any(torch.equal(a, w) for a, w in zip(snap.after_first, convs))  # trained in epoch 1
+    assert {id(w) for w in convs} <= {id(p) for p in t.optimizers[0].param_groups[-1]["params"]}
+    assert list(model.state_dict()) == keys
+
+
+def test_test_reports_the_metrics_validate_reports() -> None:
+    """validate and test report the same metrics (top-5 accuracy too, with more than 5 classes), each against
+    its definition on the model's logits."""
+    torch.manual_seed(0)
+    model = zoo.cifar_resnet(layers=(1, 1, 1), widths=(4, 4, 4), num_classes=8)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 8, (16,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (validated,) = t.validate(model, loader, verbose=False)
+    (tested,) = t.test(model, loader, verbose=False)
+    assert {k.removeprefix("val_") for k in validated} == {k.removeprefix("test_") for k in tested}
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    top5 = (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).float().mean().item()
+    assert tested["test_acc5"] == pytest.approx(top5) and tested["test_acc5"] == pytest.approx(validated["val_acc5"])
+
+
+def test_cosine_spans_a_run_with_a_gradient_accumulation_schedule() -> None:
+    """GradientAccumulationScheduler({0: 1, 1: 2}) on 4 batches per epoch: 4 + 2 + 2 optimiser steps; the cosine
+    spans those 8 and ends at 0 (Lightning's estimate counts 12 and left it at a quarter of the peak)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    t = trainer(max_epochs=3, callbacks=[GradientAccumulationScheduler({0: 1, 1: 2})])
+    t.fit(tiny_model(optimizer=SGD, lr_scheduler=WarmupCosineLR), DataLoader(images(), batch_size=2))
+    sched = t.lr_scheduler_configs[0].scheduler
+    assert t.global_step == 8 and sched.total_steps == t.global_step
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_find_reads_and_sets_the_optimizer_learning_rate() -> None:
+    """Lightning's Tuner.lr_find needs ``model.lr``: it is the factory's rate, and the suggestion it sets is the
+    rate the next fit's optimiser starts from."""
+    from lightning.pytorch.tuner import Tuner
+
+    model = tiny_model(optimizer=functools.partial(torch.optim.SGD, lr=0.03))
+    assert model.lr == 0.03
+    assert tiny_model(optimizer=None).lr == type(model).default_optimizer.keywords["lr"]
+    t = trainer(max_epochs=20)
+    found = Tuner(t).lr_find(model, DataLoader(images(), batch_size=2), num_training=14, early_stop_threshold=None)
+    assert found.suggestion() is not None and model.lr == found.suggestion()
+    optimizer = model.configure_optimizers(total_steps=4)["optimizer"]  # the next fit's optimiser
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [found.suggestion()] * 2
+    with pytest.raises(ZooError, match="lr"):
+        model.lr = -1.0
+    # a factory that takes the groups alone (LightningCLI's --optimizer builder) is set too, at torch's default 1e-3
+    other = tiny_model(optimizer=lambda groups: torch.optim.Adam(groups))
+    assert other.lr == 1e-3
+    other.lr = 0.25
+    optimizer = other.configure_optimizers(total_steps=4)["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and {g["initial_lr"] for g in optimizer.param_groups} == {0.25}
 
 
 def test_optimizer_that_refuses_its_arguments_is_one_clear_error() -> None:
@@ -330,3 +453,20 @@ def test_a_fit_on_loaders_or_other_channels_keeps_the_cfg(tmp_path) -> None:
 
     trainer(max_steps=1, default_root_dir=tmp_path).fit(model, datamodule=OneChannel())
     assert model.pretrained_cfg == before
+
+
+def test_a_data_module_with_another_number_of_classes_is_one_clear_error() -> None:
+    """Every family: fewer outputs than the data's classes failed in the loss with torch's 'Target 3 is out of
+    bounds', more trained silently on classes that never occur; fit, validate and test each name the fix."""
+    data = zoo.data.DigitsDataModule(batch_size=8)  # 10 classes
+    model = tiny_model()  # 3 outputs
+    for run in ("fit", "validate", "test"):
+        with pytest.raises(
+            ZooError,
+            match=r"has 10 classes \(0, 1, .*\) but the model's classifier has 3 .*"
+            r"num_classes=10.*reset_classifier\(10\)",
+        ):
+            getattr(trainer(max_steps=1, limit_val_batches=1), run)(model, datamodule=data)
+    model.reset_classifier(10)  # the fix the message names
+    trainer(max_steps=1, limit_train_batches=1).fit(model, datamodule=data)
+    assert model.global_step == 1

@@ -17,11 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from zoo.errors import ZooError
 
-__all__ = ["InputsOnly", "ZooDataModule", "check_loader_args"]
+__all__ = ["DataArgumentError", "InputsOnly", "ZooDataModule", "check_loader_args"]
 
 
-class _LoaderArgumentError(ZooError, ValueError):
-    """A bad ``batch_size`` or ``num_workers``: a ZooError, and a ValueError as the image modules have raised."""
+class DataArgumentError(ZooError, ValueError):
+    """A bad data module argument (``batch_size``, ``image_size`` ...): a ZooError, the zoo's one error for bad
+    input, and a ValueError, as the image modules raised before."""
+
+
+_LoaderArgumentError = DataArgumentError  # the earlier name
 
 
 def check_loader_args(batch_size: int, num_workers: int) -> None:
@@ -32,7 +36,7 @@ def check_loader_args(batch_size: int, num_workers: int) -> None:
         ("num_workers", num_workers, 0, "a non-negative integer"),
     ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise _LoaderArgumentError(f"{name} must be {kind}, got {value!r}")
+            raise DataArgumentError(f"{name} must be {kind}, got {value!r}")
 
 
 class InputsOnly(Dataset):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from zoo.data.base import ZooDataModule
+from zoo.data.base import DataArgumentError, ZooDataModule
 from zoo.errors import ZooError
 
 __all__ = ["DigitsDataModule", "RandomTranslate"]
@@ -38,9 +38,9 @@ class RandomTranslate(Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int) -> None:
         """Store ``images`` (N, C, H, W), ``labels`` (N,) and the maximum shift in pixels."""
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
+            raise DataArgumentError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
         if max_shift < 0:
-            raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+            raise DataArgumentError(f"max_shift must be >= 0, got {max_shift}")
         self.images = images
         self.labels = labels
         self.max_shift = int(max_shift)
@@ -103,17 +103,17 @@ class DigitsDataModule(ZooDataModule):
         """Validate the arguments; the tensors themselves are built in ``setup``."""
         super().__init__(batch_size, num_workers)
         if int(image_size) != image_size or image_size < 8:
-            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+            raise DataArgumentError(f"image_size must be an integer >= 8, got {image_size!r}")
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+            raise DataArgumentError(f"channels must be 1 or 3, got {channels!r}")
         if not 0.0 < float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+            raise DataArgumentError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
         if not 0.0 <= float(test_fraction) < 1.0:
-            raise ValueError(f"test_fraction must lie in [0, 1) (0: no test split), got {test_fraction!r}")
+            raise DataArgumentError(f"test_fraction must lie in [0, 1) (0: no test split), got {test_fraction!r}")
         n_val, n_test = _split_sizes(float(val_fraction), float(test_fraction))
         sizes = {"val": n_val, "train": _NUM_SAMPLES - n_val - n_test} | ({"test": n_test} if n_test else {})
         if min(sizes.values()) < self.num_classes:
-            raise ValueError(
+            raise DataArgumentError(
                 f"val_fraction={val_fraction!r}, test_fraction={test_fraction!r} give splits of "
                 f"{', '.join(f'{k} {v}' for k, v in sizes.items())} images: a stratified split needs at least one "
                 f"image of each of the {self.num_classes} classes in each split"

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Subset
 from torchvision import datasets, transforms
 
-from zoo.data.base import ZooDataModule
+from zoo.data.base import DataArgumentError, ZooDataModule
 from zoo.errors import ZooError
 
 __all__ = [
@@ -75,7 +75,7 @@ class CIFARDataModule(ZooDataModule):
         if name not in _CIFAR_CLASSES:
             raise ZooError(f"unknown CIFAR dataset {dataset!r}; valid names: {', '.join(_CIFAR_CLASSES)}")
         if int(image_size) != image_size or image_size < 8:
-            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+            raise DataArgumentError(f"image_size must be an integer >= 8, got {image_size!r}")
         self.val_fraction = self._parse_val_split(val_split)
         self.save_hyperparameters()
         self.dataset_name = name
@@ -249,13 +249,13 @@ class ImageFolderDataModule(ZooDataModule):
         """Check the folders exist and list the classes (cheap); the datasets are built in ``setup``."""
         super().__init__(batch_size, num_workers)
         if int(image_size) != image_size or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+            raise DataArgumentError(f"image_size must be a positive integer, got {image_size!r}")
         if resize_size is not None and (int(resize_size) != resize_size or resize_size < image_size):
-            raise ValueError(f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}")
+            raise DataArgumentError(f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}")
         if len(mean) != len(std):
-            raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
+            raise DataArgumentError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
+            raise DataArgumentError(f"std must be positive, got {tuple(std)}")
         self.save_hyperparameters()
         self.root = Path(os.path.expanduser(str(root)))
         self.train_path = self.root / train_dir

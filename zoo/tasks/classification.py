@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.errors import ZooError
@@ -72,6 +73,19 @@ def record_normalisation(model: torch.nn.Module, datamodule: Any) -> None:
         model.default_cfg = model.pretrained_cfg
 
 
+def _at_learning_rate(factory: OptimizerCallable, lr: float, params: Any) -> torch.optim.Optimizer:
+    """``factory(params)`` with its learning rate set to ``lr``: every group's rate times lr / (the optimiser's
+    default rate), so groups the factory gives their own rates keep their ratios. Any factory (a
+    ``functools.partial``, LightningCLI's ``--optimizer`` builder that takes the groups alone); a module-level
+    function under ``functools.partial``, so the model still pickles (DDP spawn)."""
+    optimizer = factory(params)
+    old = optimizer.defaults.get("lr")
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr"] / old if old else lr
+    optimizer.defaults["lr"] = lr
+    return optimizer
+
+
 class ImageClassifier(pl.LightningModule):
     """A LightningModule for classification: cross-entropy, accuracy, and the injected optimiser and schedule.
 
@@ -119,7 +133,7 @@ class ImageClassifier(pl.LightningModule):
 
     def _make_metrics(self, num_classes: int) -> None:
         """Accuracy metrics for ``num_classes`` classes (none without a classifier)."""
-        for name in ("train_acc", "val_acc", "test_acc", "val_acc5"):
+        for name in ("train_acc", "val_acc", "test_acc", "val_acc5", "test_acc5"):
             if hasattr(self, name):
                 delattr(self, name)
         if num_classes < 2:
@@ -129,6 +143,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         if num_classes > 5:
             self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+            self.test_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
 
     def set_num_classes(self, num_classes: int) -> None:
         """Record a new head size (``reset_classifier``): hyperparameters, metrics and ``pretrained_cfg`` /
@@ -142,11 +157,40 @@ class ImageClassifier(pl.LightningModule):
         self._make_metrics(int(num_classes))
         record_num_classes(self, num_classes)
 
+    def _check_data_classes(self) -> None:
+        """One ZooError when the Trainer's data module has another number of classes than the classifier: fewer
+        outputs fail in the loss with torch's "Target k is out of bounds", more train silently on classes that
+        never occur (and a predictions file's columns no longer match ``class_names``)."""
+        data = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        classes, outputs = getattr(data, "num_classes", None), getattr(self, "num_classes", None)
+        if not (isinstance(outputs, int) and outputs > 0 and isinstance(classes, int) and classes > 0):
+            return  # no classifier (features), or a data module that does not say
+        if classes != outputs:
+            names = getattr(data, "class_names", None)
+            shown = f" ({', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''})" if names else ""
+            raise ZooError(
+                f"the data module has {classes} classes{shown} but the model's classifier has {outputs} "
+                f"outputs: build the model with num_classes={classes} (in a recipe, model.init_args.num_classes: "
+                f"{classes}), or model.reset_classifier({classes}) to fine-tune"
+            )
+
     def on_fit_start(self) -> None:
-        """Record the data module's normalisation in ``pretrained_cfg`` (:func:`record_normalisation`), so that
+        """Check the data module's number of classes against the classifier's (one ZooError naming the fix), and
+        record the data module's normalisation in ``pretrained_cfg`` (:func:`record_normalisation`), so that
         the checkpoints and ``save_pretrained`` of this fit carry the transform the model was trained with."""
+        self._check_data_classes()
         super().on_fit_start()
         record_normalisation(self, getattr(self.trainer, "datamodule", None))
+
+    def on_validation_start(self) -> None:
+        """Check the data module's number of classes before ``trainer.validate`` (and each validation of a fit)."""
+        self._check_data_classes()
+        super().on_validation_start()
+
+    def on_test_start(self) -> None:
+        """Check the data module's number of classes before ``trainer.test``."""
+        self._check_data_classes()
+        super().on_test_start()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose keys do not fit with one clear error (before Lightning loads it)."""
@@ -192,9 +236,10 @@ class ImageClassifier(pl.LightningModule):
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{stage}_acc", acc, prog_bar=True)
         self._extra_terms(stage)
-        if stage == "val" and hasattr(self, "val_acc5"):
-            self.val_acc5(logits, y)
-            self.log("val_acc5", self.val_acc5)
+        top5 = getattr(self, f"{stage}_acc5", None)  # the same metrics for val and test
+        if top5 is not None:
+            top5(logits, y)
+            self.log(f"{stage}_acc5", top5)
 
     # ---------------------------------------------------------------- extra losses from the model
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
@@ -220,7 +265,45 @@ class ImageClassifier(pl.LightningModule):
         out = self(x)
         return out.softmax(dim=-1) if hasattr(self, "train_acc") else out  # class probabilities, or features
 
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The network without its classifier head (``get_classifier()``) and metrics: what Lightning's
+        ``BackboneFinetuning`` freezes, then trains from its ``unfreeze_backbone_at_epoch`` as a parameter group of
+        its own (the schedule steps it too). A module the subclass registers as ``backbone`` wins.
+
+        A ``ModuleList`` of the other top-level modules, built on each access: not a submodule, so the
+        ``state_dict`` keys stay as they are."""
+        registered = self._modules.get("backbone")
+        if registered is not None:
+            return registered
+        head = self.get_classifier() if callable(getattr(self, "get_classifier", None)) else None
+        return torch.nn.ModuleList(
+            m
+            for m in self.children()
+            if m is not head and not isinstance(m, Metric) and any(True for _ in m.parameters())
+        )
+
     # ---------------------------------------------------------------- optimisation
+    @property
+    def lr(self) -> float:
+        """The learning rate the optimiser factory builds with (its ``lr`` argument, or the optimiser's default).
+
+        Lightning's ``Tuner.lr_find`` reads and, with ``update_attr=True``, sets ``model.lr``; setting it makes the
+        optimiser start at the new rate (the groups keep their ratios), the schedule scaling from it.
+        """
+        factory = self.optimizer_factory or type(self).default_optimizer
+        probe = torch.nn.Parameter(torch.zeros(1))  # the optimiser's defaults, without touching the model
+        try:
+            return float(factory([probe]).defaults["lr"])
+        except Exception as e:  # an optimiser that needs more than plain parameters: hasattr(model, "lr") is False
+            raise AttributeError(f"the optimizer factory does not tell its learning rate ({e})") from e
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        finite_float("lr", value, 0.0, low_open=True, hint="give a learning rate > 0")
+        factory = self.optimizer_factory or type(self).default_optimizer
+        self.optimizer_factory = functools.partial(_at_learning_rate, factory, float(value))
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weights (the optimiser's weight decay) and norms, biases, 1-d parameters (no decay)."""
         return parameter_groups(self)

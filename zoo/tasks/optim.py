@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch.nn as nn
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -154,6 +155,34 @@ def check_factory(name: str, factory: Any) -> Any:
     )
 
 
+def _adopt_added_groups(scheduler: LRScheduler) -> None:
+    """Schedule the parameter groups added to the optimiser after ``scheduler`` was built (Lightning's
+    ``BaseFinetuning.unfreeze_and_add_param_group``): torch zips the rates with the groups strictly, and failed.
+
+    A group found at rate lr_new while the first group runs at lr_0 of base b_0 gets the base lr_new b_0 / lr_0:
+    it goes on from its rate and follows the schedule's factor, keeping its ratio to the other groups (lr_0 = 0:
+    its rate is its base). An added group whose rate the callback changed since the last step (BackboneFinetuning
+    raises the backbone's rate each epoch) is rebased the same way; the groups the schedule was built with are
+    the schedule's alone.
+
+    Args:
+        scheduler: the schedule; its ``base_lrs`` grows by one entry per added group.
+    """
+    groups = scheduler.optimizer.param_groups
+    own = getattr(scheduler, "_own_groups", len(scheduler.base_lrs))
+    if len(groups) <= own:
+        return
+    last = list(getattr(scheduler, "_last_lr", None) or scheduler.base_lrs)
+    ratio = scheduler.base_lrs[0] / last[0] if scheduler.base_lrs and last[0] > 0 else 1.0
+    for i in range(own, len(groups)):
+        lr = float(groups[i]["lr"])
+        if i >= len(scheduler.base_lrs):
+            groups[i].setdefault("initial_lr", lr * ratio)  # torch's record of a group's base rate
+            scheduler.base_lrs.append(lr * ratio)
+        elif i < len(last) and lr != last[i]:
+            scheduler.base_lrs[i] = lr * ratio
+
+
 class _RunLengthScheduler(LRScheduler):
     """A per-step schedule whose factor depends on the length of the run, known once the Trainer (or the user)
     calls :meth:`bind_run_length`; until then the learning rates stay at their base values."""
@@ -166,6 +195,7 @@ class _RunLengthScheduler(LRScheduler):
         self.total_steps: int | None = None
         self.steps_per_epoch: float | None = None
         super().__init__(optimizer, last_epoch)
+        self._own_groups = len(self.base_lrs)  # groups added later follow _adopt_added_groups
         if total_steps is not None:
             self.bind_run_length(total_steps, steps_per_epoch)
 
@@ -208,6 +238,7 @@ class _RunLengthScheduler(LRScheduler):
         return [base * f for base in self.base_lrs]
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        _adopt_added_groups(self)
         if self.total_steps is None:
             if self.last_epoch <= 0:
                 return list(self.base_lrs)  # construction: set for real by bind_run_length
@@ -308,6 +339,7 @@ class InverseSqrtLR(LRScheduler):
         self.warmup_updates = int(warmup_updates)
         self.warmup_init_lr = float(warmup_init_lr)
         super().__init__(optimizer, last_epoch)
+        self._own_groups = len(self.base_lrs)  # groups added later follow _adopt_added_groups
 
     def lr_at(self, update: int, lr: float) -> float:
         """The learning rate after ``update`` updates for the peak ``lr``."""
@@ -320,6 +352,7 @@ class InverseSqrtLR(LRScheduler):
         return lr * math.sqrt(w / update)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        _adopt_added_groups(self)
         return [self.lr_at(max(self.last_epoch, 0), base) for base in self.base_lrs]
 
 
@@ -341,9 +374,24 @@ def _trainer_run_length(trainer: Any) -> tuple[int, float | None]:
     per_epoch = None
     if isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1:
         per_epoch = max(1.0, math.ceil(batches / max(trainer.accumulate_grad_batches, 1)))
+        accumulation = _accumulation_schedule(trainer)
+        if accumulation is not None and trainer.max_epochs and trainer.max_epochs > 0:
+            # Lightning counts every epoch at the accumulation of the first: with a GradientAccumulationScheduler
+            # epoch e takes ceil(batches / a(e)) optimiser steps, and the cosine would stop short of its end
+            per_epoch = float(math.ceil(batches / accumulation.get_accumulate_grad_batches(0)))
+            counted = sum(
+                math.ceil(batches / accumulation.get_accumulate_grad_batches(e)) for e in range(trainer.max_epochs)
+            )
+            total = min(counted, trainer.max_steps) if trainer.max_steps not in (None, -1) else counted
     elif trainer.max_epochs and trainer.max_epochs > 0:
         per_epoch = total / trainer.max_epochs
     return int(total), per_epoch
+
+
+def _accumulation_schedule(trainer: Any) -> GradientAccumulationScheduler | None:
+    """The trainer's ``GradientAccumulationScheduler`` callback, if it has one."""
+    found = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradientAccumulationScheduler)]
+    return found[0] if found else None
 
 
 def build_optimization(
