@@ -17,6 +17,7 @@ from zoo.data.pointcloud import (
     ModelNet40DataModule,
     PointCloudAugment,
     PointCloudDataset,
+    PointCloudFolderDataModule,
     SyntheticPointCloudDataModule,
     normalize_points,
     read_off,
@@ -304,3 +305,66 @@ def test_missing_modelnet40_files_are_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ZooError, match="layout must be"):
         ModelNet40DataModule(layout="ply")
     ModelNet40DataModule(root=str(tmp_path / "nowhere"))  # nothing is read at construction
+
+
+# ----------------------------------------------------------------------------------------------- your own clouds
+
+
+def test_dataset_takes_numpy_float64_and_refuses_class_names() -> None:
+    import numpy as np
+
+    points = np.random.default_rng(0).normal(size=(3, 5, 4))  # float64, as numpy makes them
+    data = PointCloudDataset(points, np.array([2, 0, 1]))
+    cloud, label = data[1]
+    assert cloud.dtype == torch.float32 and label.item() == 0
+    torch.testing.assert_close(cloud, torch.from_numpy(points[1]).float(), rtol=0, atol=0)
+    with pytest.raises(ZooError, match=r"labels must be numbers.*numpy\.unique\(labels, return_inverse=True\)"):
+        PointCloudDataset(points, np.array(["ball", "box", "ball"]))
+    with pytest.raises(ZooError, match="labels must be integer class indices"):
+        PointCloudDataset(points, np.array([0.0, 1.0, 0.0]))
+
+
+def test_folder_clouds_of_any_size_format_and_dtype_with_labels_from_train(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, classes in (("train", ("ball", "box", "plane")), ("val", ("plane",)), ("test", ("box",))):
+        for name in classes:
+            for i, n in enumerate((12, 17)):  # clouds of different sizes, 4 channels (xyz + intensity)
+                cloud = rng.normal(size=(n, 4))
+                f = tmp_path / split / name / (f"{i}.npy" if i else f"{i}.txt")
+                f.parent.mkdir(parents=True, exist_ok=True)
+                np.save(f, cloud) if i else np.savetxt(f, cloud, delimiter=",")  # float64 .npy, comma text
+                files[split, name, i] = cloud
+    dm = PointCloudFolderDataModule(str(tmp_path), num_points=10, normalization="none", batch_size=2)
+    dm.setup()
+    assert dm.class_names == ["ball", "box", "plane"] and dm.num_classes == 3
+    # val holds only "plane", test only "box": their labels are the train indices (2, 1), not 0
+    assert dm.val_dataset.labels.tolist() == [2, 2] and dm.test_dataset.labels.tolist() == [1, 1]
+    assert len(dm.train_dataset) == 6 and dm.train_dataset.points.dtype == torch.float32
+    for i in (0, 1):  # each item: 10 distinct points of its own file (a subset, not a resampling)
+        source = torch.from_numpy(files["val", "plane", i]).float()
+        picked = dm.val_dataset[i][0]
+        assert picked.shape == (10, 4)
+        assert all(bool((source == row).all(dim=1).any()) for row in picked)
+        assert torch.unique(picked, dim=0).shape[0] == 10
+    assert len(next(iter(dm.predict_dataloader()))) == 2  # predict reads test
+
+
+def test_folder_clouds_bad_layouts_are_one_clear_error(tmp_path: Path) -> None:
+    import numpy as np
+
+    for split, name, n in (("train", "a", 20), ("train", "b", 20), ("val", "c", 20)):
+        (tmp_path / split / name).mkdir(parents=True)
+        np.save(tmp_path / split / name / "0.npy", np.zeros((n, 3)))
+    with pytest.raises(ZooError, match=r"has classes \['c'\] that .*train lacks"):
+        PointCloudFolderDataModule(str(tmp_path), num_points=8).setup()
+    (tmp_path / "val" / "c").rename(tmp_path / "val" / "a")
+    with pytest.raises(ZooError, match="0.npy has 20 points, fewer than num_points=32: lower num_points"):
+        PointCloudFolderDataModule(str(tmp_path), num_points=32).setup()
+    np.save(tmp_path / "train" / "b" / "1.npy", np.zeros((20, 6)))
+    with pytest.raises(ZooError, match="has 6 channels per point, the clouds before it 3"):
+        PointCloudFolderDataModule(str(tmp_path), num_points=8).setup()
+    with pytest.raises(ZooError, match="has no train or val folder"):
+        PointCloudFolderDataModule(str(tmp_path / "train"), num_points=8).setup()

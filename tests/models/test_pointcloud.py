@@ -638,11 +638,35 @@ def test_save_and_reload(build, tmp_path: Path) -> None:
         (small_set, torch.randn(10, 3), r"expects points of shape \(B, N, 3\)"),
         (small_pct, clouds(2, 64, 2), r"expects points of shape \(B, N, 3\)"),
         (small_pct, clouds(2, 20), "clouds need at least 32 points, got 20"),
+        # a float64 numpy cloud (torch.from_numpy) or integer coordinates: one ZooError naming the cast, not
+        # torch's "mat1 and mat2 must have the same dtype" from the first Linear
+        (small_set, clouds(2, 10).double(), r"got torch\.float64: give points\.to\(torch\.float32\)"),
+        (small_pct, clouds(2, 64).double(), r"got torch\.float64: give points\.to\(torch\.float32\)"),
+        (small_set, torch.ones(2, 10, 3, dtype=torch.long), r"floating point coordinates.*got torch\.int64"),
     ],
 )
 def test_bad_points_are_one_clear_error(build, points: torch.Tensor, message: str) -> None:
     with pytest.raises(ZooError, match=message):
         build()(points)
+
+
+@pytest.mark.parametrize("num_classes", [3, 5])  # fewer outputs than classes, and more
+def test_model_and_data_with_other_numbers_of_classes_are_one_clear_error(num_classes: int, tmp_path: Path) -> None:
+    data = SyntheticPointCloudDataModule(
+        shapes=["sphere", "cube", "torus", "cone"], num_points=16, train_per_class=2, val_per_class=1, batch_size=4
+    )
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(ZooError, match=r"has 4 classes \(sphere, cube, torus, cone\).*num_classes=4"):
+        trainer.fit(small_set(num_classes=num_classes), datamodule=data)
+    with pytest.raises(ZooError, match="num_classes=4"):
+        trainer.test(small_set(num_classes=num_classes), datamodule=data)
+
+
+def test_float64_points_run_on_a_float64_model() -> None:
+    model = small_set().double()  # the dtype check follows the model's parameters
+    assert model(clouds(2, 10).double()).dtype == torch.float64
 
 
 def test_channels_first_points_get_the_transpose_hint() -> None:

@@ -874,3 +874,17 @@ def test_fairseq_reader_old_names_warn_and_forward():
             assert getattr(old, name) is getattr(moved, name)
     with pytest.raises(AttributeError):
         old.no_such_name  # noqa: B018
+
+
+def test_both_vocabulary_mismatches_in_one_error() -> None:
+    # a new corpus: both dictionaries differ from the model; one message names both settings (one edit, one run)
+    model = zoo.sinkformer_transformer_toy(src_vocab_size=40, tgt_vocab_size=40)
+    src, tgt = Dictionary(), Dictionary()
+    for i in range(20):
+        src.add_symbol(f"s{i}")
+    for i in range(28):
+        tgt.add_symbol(f"t{i}")
+    with pytest.raises(ZooError, match=r"set src_vocab_size: 24, tgt_vocab_size: 32 \(") as info:
+        model.check_dictionaries(src, tgt)
+    assert "source dictionary has 24" in str(info.value) and "target dictionary has 32" in str(info.value)
+    model.check_dictionaries(40, 40)  # matching sizes pass

@@ -1,10 +1,11 @@
 """Lightning data modules: the embedded digits dataset, CIFAR-10/100, ImageNet-style image folders, point clouds
-(ModelNet40 files and the embedded synthetic shapes), translation (fairseq binarized data, parallel
-text, the embedded number words). The image and point-cloud modules share :class:`ZooDataModule`'s loaders."""
+(ModelNet40 files, your own clouds in class folders, the embedded synthetic shapes), translation (fairseq
+binarized data, parallel text, the embedded number words). The image and point-cloud modules share
+:class:`ZooDataModule`'s loaders."""
 
 from zoo.data.base import ZooDataModule
 from zoo.data.digits import DigitsDataModule
-from zoo.data.pointcloud import ModelNet40DataModule, SyntheticPointCloudDataModule
+from zoo.data.pointcloud import ModelNet40DataModule, PointCloudFolderDataModule, SyntheticPointCloudDataModule
 from zoo.data.translation import FairseqBinarizedDataModule, NumbersDataModule, ParallelTextDataModule
 from zoo.data.vision import CIFARDataModule, ImageFolderDataModule
 
@@ -16,6 +17,7 @@ __all__ = [
     "ModelNet40DataModule",
     "NumbersDataModule",
     "ParallelTextDataModule",
+    "PointCloudFolderDataModule",
     "SyntheticPointCloudDataModule",
     "ZooDataModule",
 ]

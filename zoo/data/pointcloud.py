@@ -32,9 +32,11 @@ __all__ = [
     "ModelNet40DataModule",
     "PointCloudAugment",
     "PointCloudDataset",
+    "PointCloudFolderDataModule",
     "SyntheticPointCloudDataModule",
     "normalize_points",
     "read_off",
+    "read_points",
     "sample_surface",
 ]
 
@@ -228,9 +230,44 @@ class PointCloudAugment:
         return out
 
 
+def _as_tensor(name: str, values: Any) -> torch.Tensor:
+    """``values`` (a tensor, a numpy array, a list of numbers) as a tensor; strings are one ZooError."""
+    if isinstance(values, torch.Tensor):
+        return values
+    try:
+        import numpy as np
+
+        array = np.asarray(values)
+    except ValueError:
+        raise ZooError(f"{name} must be one array; clouds of different sizes: use PointCloudFolderDataModule") from None
+    if array.dtype.kind not in "biuf":
+        raise ZooError(
+            f"{name} must be numbers, got a {array.dtype} array; for class names as labels, map them to indices "
+            "first (e.g. numpy.unique(labels, return_inverse=True)[1]), or use PointCloudFolderDataModule"
+        )
+    return torch.from_numpy(array)
+
+
+def _check_sampling(num_points: Any, normalization: Any) -> None:
+    """One ZooError for a data module's ``num_points`` (a positive integer) or ``normalization`` (a known name)."""
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+        raise ZooError(f"num_points must be a positive integer, got {num_points!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ZooError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
+
+
 class PointCloudDataset(Dataset):
-    """Clouds ``points`` (M, P, C) and ``labels`` (M,): item i is ``num_points`` of cloud i (the first ones, or a
-    random subset with ``subsample="random"``), augmented by ``augment`` when given."""
+    """Clouds ``points`` (M, P, C) and ``labels`` (M,) (tensors or numpy arrays; points stored as float32, labels
+    as class indices 0..K-1): item i is ``num_points`` of cloud i (the first ones, or a random subset with
+    ``subsample="random"``), augmented by ``augment`` when given.
+
+    Args:
+        points: the clouds (M, P, C), xyz first, floating point.
+        labels: the class indices (M,), integers.
+        num_points: points per item (None: all P).
+        augment: a transform of one cloud (N, C) (e.g. :class:`PointCloudAugment`); None for none.
+        subsample: ``"first"`` or ``"random"`` (a new random subset at every access).
+    """
 
     def __init__(
         self,
@@ -240,16 +277,27 @@ class PointCloudDataset(Dataset):
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         subsample: str = "first",
     ) -> None:
+        points, labels = _as_tensor("points", points), _as_tensor("labels", labels)
         if points.dim() != 3 or labels.shape != points.shape[:1]:
             raise ZooError(
-                f"points must be (M, P, C) and labels (M,), got {tuple(points.shape)} and {tuple(labels.shape)}"
+                f"points must be (M, P, C) and labels (M,), got {tuple(points.shape)} and {tuple(labels.shape)}; "
+                "clouds of different sizes: resample each to one size, or keep one file per cloud and use "
+                "PointCloudFolderDataModule"
+            )
+        if not points.is_floating_point():
+            raise ZooError(f"points must be floating point coordinates, got {points.dtype}: give points.float()")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ZooError(
+                f"labels must be integer class indices 0..K-1, got {labels.dtype}: map your labels to indices first "
+                "(e.g. numpy.unique(labels, return_inverse=True)[1])"
             )
         num_points = points.shape[1] if num_points is None else int(num_points)
         if num_points > points.shape[1]:
             raise ZooError(f"num_points={num_points} exceeds the {points.shape[1]} points per cloud of the data")
         if subsample not in ("first", "random"):
             raise ZooError(f"subsample must be 'first' or 'random', got {subsample!r}")
-        self.points, self.labels = points, labels.long()
+        # float32 as every model expects (a float64 numpy array would fail in the first Linear)
+        self.points, self.labels = points.to(torch.float32), labels.long()
         self.num_points, self.augment, self.subsample = num_points, augment, subsample
 
     def __len__(self) -> int:
@@ -347,10 +395,7 @@ class ModelNet40DataModule(_PointCloudDataModule):
     ) -> None:
         if layout not in ("auto", "hdf5", "off"):
             raise ZooError(f"layout must be 'auto', 'hdf5' or 'off', got {layout!r}")
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-            raise ZooError(f"num_points must be a positive integer, got {num_points!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ZooError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
+        _check_sampling(num_points, normalization)
         if up_axis != "auto" and up_axis not in AXES:
             raise ZooError(f"up_axis must be 'auto' or one of {', '.join(AXES)}, got {up_axis!r}")
         super().__init__(
@@ -487,6 +532,163 @@ class ModelNet40DataModule(_PointCloudDataModule):
         test_x = normalize_points(test_x[:, : self.num_points], self.normalization)
         self.train_dataset = PointCloudDataset(train_x, train_y, self.num_points, augment=self.augmentation)
         self.val_dataset = PointCloudDataset(test_x, test_y, self.num_points)
+
+
+# ------------------------------------------------------------------------------------------------ your own clouds
+
+CLOUD_SUFFIXES = (".npy", ".txt", ".xyz", ".csv", ".pts", ".off")
+
+
+def read_points(path: str | os.PathLike) -> torch.Tensor:
+    """One cloud (P, C) float32 from ``path``: ``.npy`` (a (P, C) array, read without pickle), ``.txt`` /
+    ``.xyz`` / ``.csv`` / ``.pts`` (one point a line, values separated by spaces or commas, e.g. ModelNet40's
+    ``x,y,z,nx,ny,nz`` files; ``#`` comments) or ``.off`` (the mesh's vertices; sample its surface with
+    :func:`sample_surface` for points on it). Any float or integer dtype is read as float32."""
+    import numpy as np
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CLOUD_SUFFIXES:
+        raise ZooError(f"cannot read {path} as a point cloud: use one of {', '.join(CLOUD_SUFFIXES)}")
+    try:
+        if suffix == ".off":
+            return read_off(path)[0]
+        if suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            text = path.read_text(errors="replace").replace(",", " ")
+            array = np.loadtxt(text.splitlines(), ndmin=2, comments="#")
+    except (OSError, ValueError) as e:
+        raise ZooError(f"cannot read {path} as a point cloud: {str(e)[:120]}") from None
+    if array.ndim != 2 or array.shape[1] < 3 or array.dtype.kind not in "biuf":
+        raise ZooError(
+            f"{path}: a cloud must be numbers of shape (points, channels >= 3), got {array.dtype} {array.shape}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
+
+
+class PointCloudFolderDataModule(_PointCloudDataModule):
+    """Your own clouds, one file per cloud, in class folders: ``<root>/<split>/<class>/<cloud>`` with split
+    ``train``, ``val`` and optionally ``test`` (files read by :func:`read_points`: ``.npy``, ``.txt`` / ``.xyz`` /
+    ``.csv`` / ``.pts``, ``.off`` vertices). Class names are the train folder names, sorted, and label i is the
+    i-th name in every split (a val / test folder that train lacks is one ZooError, never a silent new label);
+    ``class_names`` and ``num_classes`` give them (build the model with ``num_classes=dm.num_classes``).
+
+    Clouds may have different numbers of points and channels stored as any float or integer dtype: each is read
+    as float32, normalised (``normalization``) and cut to ``num_points`` points, a random subset drawn once with
+    ``seed`` (the same points in every epoch and run; the train augmentation shuffles them). A cloud with fewer
+    points, or with a different number of channels than the others, is one ZooError naming the file. Without a
+    ``test`` folder, test and predict read ``val``.
+
+    Args:
+        root: the folder holding ``train/``, ``val/`` (and ``test/``).
+        num_points: points per cloud (every cloud needs at least this many).
+        normalization: ``"unit_sphere"``, ``"standardize"`` or ``"none"`` (:func:`normalize_points`, xyz only).
+        scale: the per-axis scaling range (low, high) of the train augmentation (:class:`PointCloudAugment`); None
+            for no scaling.
+        translate: the per-axis translation bound of the train augmentation.
+        rotate: the rotation bound (radians) of the train augmentation, about ``up_axis``.
+        jitter: the standard deviation of the train augmentation's jitter (0: none).
+        jitter_clip: the bound the jitter is clipped to.
+        shuffle_points: whether the train augmentation permutes the points.
+        up_axis: the axis the rotation augmentation turns about (x, y or z).
+        batch_size: samples per batch (an integer >= 1).
+        num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
+        seed: the seed of the subsets of ``num_points`` points.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_points: int = 1024,
+        normalization: str = "unit_sphere",
+        scale: Sequence[float] | None = (2 / 3, 1.5),
+        translate: float = 0.2,
+        rotate: float = 0.0,
+        jitter: float = 0.0,
+        jitter_clip: float = 0.05,
+        shuffle_points: bool = True,
+        up_axis: str = "z",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        _check_sampling(num_points, normalization)
+        super().__init__(
+            batch_size,
+            num_workers,
+            {
+                "scale": scale,
+                "translate": translate,
+                "rotate": rotate,
+                "jitter": jitter,
+                "jitter_clip": jitter_clip,
+                "shuffle_points": shuffle_points,
+                "up_axis": up_axis,
+            },
+        )
+        self.save_hyperparameters()
+        self.root, self.num_points = Path(root).expanduser(), num_points
+        self.normalization, self.seed = normalization, int(seed)
+        self.class_names: list[str] = []
+        self.num_classes = 0
+        self.in_chans: int | None = None
+        if (self.root / "test").is_dir():
+            self.test_split = "test"
+
+    def _read_split(self, split: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        folder = self.root / split
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if split == "train":
+            self.class_names, self.num_classes = classes, len(classes)
+        unknown = sorted(set(classes) - set(self.class_names))
+        if unknown:
+            raise ZooError(
+                f"{folder} has classes {unknown} that {self.root / 'train'} lacks: every class needs training "
+                "clouds (labels follow the train folders), so move or remove those folders"
+            )
+        clouds, labels = [], []
+        for label, name in enumerate(self.class_names):
+            files = sorted(f for f in (folder / name).glob("*") if f.suffix.lower() in CLOUD_SUFFIXES)
+            for f in files:
+                cloud = read_points(f)
+                if self.in_chans is None:
+                    self.in_chans = cloud.shape[1]
+                if cloud.shape[1] != self.in_chans:
+                    raise ZooError(
+                        f"{f} has {cloud.shape[1]} channels per point, the clouds before it {self.in_chans}: "
+                        "give every cloud the same channels (xyz first)"
+                    )
+                if cloud.shape[0] < self.num_points:
+                    raise ZooError(
+                        f"{f} has {cloud.shape[0]} points, fewer than num_points={self.num_points}: lower "
+                        "num_points, or remove (or resample) that cloud"
+                    )
+                pick = torch.randperm(cloud.shape[0], generator=g)[: self.num_points]
+                clouds.append(normalize_points(cloud[pick], self.normalization))
+                labels.append(label)
+        if not clouds:
+            raise ZooError(f"no clouds in {folder}: expected {folder}/<class>/<cloud>.npy (or .txt, .xyz, .csv, .off)")
+        return torch.stack(clouds), torch.tensor(labels, dtype=torch.long)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read every split once; later calls are no-ops."""
+        if self.val_dataset is not None:
+            return
+        missing = [s for s in ("train", "val") if not (self.root / s).is_dir()]
+        if missing:
+            raise ZooError(
+                f"{self.root} has no {' or '.join(missing)} folder: expected <root>/train/<class>/<cloud>.npy and "
+                "<root>/val/<class>/<cloud>.npy (optionally <root>/test/...)"
+            )
+        g = torch.Generator().manual_seed(self.seed)
+        train = self._read_split("train", g)
+        val = self._read_split("val", g)
+        test = self._read_split("test", g) if self.test_split == "test" else None
+        self.train_dataset = PointCloudDataset(*train, augment=self.augmentation)
+        self.val_dataset = PointCloudDataset(*val)
+        if test is not None:
+            self.test_dataset = PointCloudDataset(*test)
 
 
 # ------------------------------------------------------------------------------------------------ synthetic

@@ -113,6 +113,10 @@ class _PointCloudProtocol:
     def min_num_points(self) -> int:
         return 1
 
+    def _param_dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (what its input points must have)."""
+        return next(self.parameters()).dtype  # type: ignore[attr-defined]
+
     def pretrained_cfg_as_built(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """``cfg`` for this model as built: timm's image keys dropped, ``num_classes`` of the head, ``in_chans``
         (channels per point) and ``min_num_points`` (the fewest points a cloud may have)."""
@@ -152,8 +156,14 @@ class _PointCloudProtocol:
         self.set_num_classes(num_classes)  # type: ignore[attr-defined]
 
 
-def _check_points(points: torch.Tensor, in_chans: int, model: str) -> None:
-    """Shape-only check of a (B, N, C) point batch (no host sync)."""
+def _check_points(points: torch.Tensor, in_chans: int, model: str, dtype: torch.dtype | None = None) -> None:
+    """Shape and dtype check of a (B, N, C) point batch (metadata only, no host sync): floating point, and not
+    float64 for a model of another dtype (the usual numpy array), whose first Linear would fail obscurely."""
+    if not points.is_floating_point() or (points.dtype == torch.float64 and dtype not in (None, torch.float64)):
+        raise ZooError(
+            f"{model} expects floating point coordinates of the model's dtype ({dtype}), got {points.dtype}: "
+            f"give points.to({dtype}) (numpy arrays are float64)"
+        )
     if points.dim() != 3 or points.shape[-1] != in_chans:
         if points.dim() == 3 and points.shape[1] == in_chans:
             fix = (
@@ -438,7 +448,7 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
 
     def forward_features(self, points: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled (and decoded) seeds (B, num_seeds, embed_dim); zero for a fully padded cloud (see the class)."""
-        _check_points(points, self.in_chans, type(self).__name__)
+        _check_points(points, self.in_chans, type(self).__name__, self._param_dtype())
         if padding_mask is not None and (padding_mask.dtype != torch.bool or padding_mask.shape != points.shape[:2]):
             raise ZooError(
                 f"padding_mask must be a bool tensor of shape (B, N) = {tuple(points.shape[:2])} with True = padded "
@@ -762,7 +772,7 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
 
     def forward_features(self, points: torch.Tensor) -> torch.Tensor:
         """The fused per-centre features before pooling (B, S, fuse_dim), S = ``sample_points[-1]``."""
-        _check_points(points, self.in_chans, type(self).__name__)
+        _check_points(points, self.in_chans, type(self).__name__, self._param_dtype())
         if points.shape[1] < self.sample_points[0]:
             raise ZooError(
                 f"PointCloudTransformer samples {self.sample_points[0]} centres by farthest point sampling: clouds "

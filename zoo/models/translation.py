@@ -931,18 +931,28 @@ class SinkformerTranslation(SinkhornSettings, HubMixin, TranslationTask):
 
     def check_dictionaries(self, src_dict: Any = None, tgt_dict: Any = None) -> None:
         """One ZooError when a dictionary's size differs from the model's vocabulary (a Dictionary, a dict.txt path
-        or a size)."""
+        or a size); both sides in the one message, so that one edit fixes the configuration.
+
+        Args:
+            src_dict: the source dictionary (None: not checked).
+            tgt_dict: the target dictionary (None: not checked).
+        """
+        problems, fixes = [], []
         for side, d, n in (("source", src_dict, self.src_vocab_size), ("target", tgt_dict, self.tgt_vocab_size)):
             if d is None:
                 continue
             size = _dictionary_size(d)
             if size != n:
                 key = "src_vocab_size" if side == "source" else "tgt_vocab_size"
-                raise ZooError(
-                    f"vocabulary size mismatch: the {side} dictionary has {size} symbols but the model's "
-                    f"{side} embedding has {n} rows: set {key}: {size} (or use the dictionaries the "
-                    "weights were trained with)"
+                problems.append(
+                    f"the {side} dictionary has {size} symbols but the model's {side} embedding has {n} rows"
                 )
+                fixes.append(f"{key}: {size}")
+        if problems:
+            raise ZooError(
+                f"vocabulary size mismatch: {'; '.join(problems)}: set {', '.join(fixes)} (or use the dictionaries "
+                "the weights were trained with)"
+            )
 
     # ---------------------------------------------------------------- weights
     def load_any_weights(self, weights: str | os.PathLike) -> None:
