@@ -270,7 +270,7 @@ def _to_heun(spec: ResNetSpec, options: dict[str, Any]) -> ResNet:
     return build_resnet(HeunNet, spec, options)
 
 
-MOMENTUM_OPTIONS: tuple[str, ...] = ("gamma", "init_velocity", "keep_first_block", "stored_blocks")
+MOMENTUM_OPTIONS: tuple[str, ...] = ("gamma", "init_velocity", "keep_first_block", "stored_blocks", "fixed_point_bits")
 
 
 @register_target(

@@ -208,6 +208,20 @@ def test_resnet_reversible_grads_equal_full_grads(images) -> None:
             assert_close_to_scale(a, b, rtol=1e-5)
 
 
+def test_resnet_float64_source_keeps_float64_accuracy_with_fixed_point_bits(images) -> None:
+    """A float64 source converted with fixed_point_bits=48 (a training option of the momentum target): the
+    reversible output is full backprop's to float64 rounding, where the default 2^-32 grid is ~1e-10 off."""
+    source = build_resnet_source("tv_resnet18").double().eval()
+    x = images[:1].double()
+    full = converters.transform(source, to="momentum", gamma=0.9, memory="full")
+    want = full(x)
+    for bits, low, high in ((32, 1e-12, 1e-8), (48, 0.0, 1e-13)):
+        rev = converters.transform(source, to="momentum", gamma=0.9, memory="reversible", fixed_point_bits=bits)
+        assert rev.hparams.fixed_point_bits == bits and {s.fixed_point.frac_bits for s in rev.stages} == {bits}
+        error = float((rev(x) - want).abs().max() / want.abs().max())
+        assert low <= error <= high, (bits, error)
+
+
 # ------------------------------------------------------------------------------------------------ zoo convert
 
 

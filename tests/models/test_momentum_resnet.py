@@ -244,6 +244,30 @@ def test_reversible_resnet18_gradients_and_bn_stats_equal_full_backprop():
             torch.testing.assert_close(b_rev[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_float64_reversible_keeps_float64_accuracy_with_more_fixed_point_bits():
+    """A float64 Momentum ResNet (Trainer(precision="64-true"), model.double()) under memory="reversible": with
+    fixed_point_bits=48 its logits and gradients are full backprop's (autograd in float64) to ~1e-13, where the
+    32-bit default rounds every state to 2^-32 (~1e-10 off)."""
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (2,))
+    arch = {"layers": (2, 3), "widths": (4, 8)}
+    full = randomise_bn(small(memory="full", **arch), seed=1).double().train()
+    results = {}
+    for bits in (32, 48):
+        rev = small(fixed_point_bits=bits, **arch).double().train()
+        rev.load_state_dict(full.state_dict())
+        assert rev.hparams.fixed_point_bits == bits and {s.fixed_point.frac_bits for s in rev.stages} == {bits}
+        results[bits] = rev(x), rev
+    out = full(x)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(results[48][0], y).backward()
+    scale = float(out.abs().max())
+    assert float((results[32][0] - out).abs().max()) > 1e-11 * scale  # the default's 2^-32 grid shows
+    torch.testing.assert_close(results[48][0], out, rtol=0, atol=1e-13 * scale)
+    assert_grads_close(param_grads(results[48][1]), param_grads(full), rtol=1e-11)
+    with pytest.raises(ZooError, match="fixed_point_bits"):
+        small(fixed_point_bits=60)
+
+
 @pytest.mark.parametrize("memory", ["full", "reversible"])
 def test_initial_velocity_f_works_and_differs_from_zero(memory):
     zero, f = small(memory=memory), small(memory=memory, init_velocity="f")

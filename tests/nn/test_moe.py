@@ -467,6 +467,26 @@ def test_router_gradient_matches_the_reference(name: str) -> None:
         assert (hard.router.weight.grad - grad).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["token_k2_cap1", "token_k2_soft", "expert_cf1_group5", "expert_soft"])
+def test_float64_gradients_pass_gradcheck(name: str) -> None:
+    """Dispatch, expert MLPs and combine (hard, or relaxed top-k solved exactly by PAV) against central finite
+    differences in float64, for the input and every parameter of a tiny MoE, with a padded sequence."""
+    options = {**ROUTINGS[name], "group_size": 3} if "group_size" in ROUTINGS[name] else dict(ROUTINGS[name])
+    if options.get("topk") == "soft":
+        options.update(lam=0.5, solver="pav")  # exact (no truncated iterations); a relaxation finite differences see
+    torch.manual_seed(0)
+    moe = MoE(3, 4, 3, dtype=torch.float64, **options)
+    names = [n for n, _ in moe.named_parameters()]
+    x = seeded(2, 4, 3).double().requires_grad_(True)
+    pm = padding([4, 3], 4)
+    params = [p.detach().clone().requires_grad_(True) for p in moe.parameters()]
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(moe, dict(zip(names, ps)), (x, pm))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

@@ -80,6 +80,24 @@ def test_heun_rule_matches_definition():
     torch.testing.assert_close(stack(x), xn, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "rule, kwargs", [("euler", {}), ("heun", {}), ("momentum", {"gamma": 0.6}), ("momentum", {"init_velocity": "f"})]
+)
+def test_full_memory_gradients_pass_gradcheck_in_float64(rule, kwargs):
+    """memory="full" (the momentum rule's step is a fused custom autograd Function) against central finite
+    differences in float64, for the input and every parameter. (memory="reversible" rebuilds its state once, so it
+    cannot run gradcheck's repeated backward; test_momentum.py checks it against this memory to 1e-11.)"""
+    stack = ResidualStack(smooth_blocks(3, dim=3, hidden=4), rule=rule, scale=0.5, **kwargs).double()
+    names = [n for n, _ in stack.named_parameters()]
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) for p in stack.parameters()]
+
+    def f(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(stack, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
 def test_heun_is_closer_to_the_ode_than_euler():
     """On a smooth field both schemes converge; Heun's error at N is far below Euler's (O(1/N^2) vs O(1/N))."""
     x = torch.randn(8, 6)

@@ -47,7 +47,16 @@ from zoo.pretrained import (
 )
 from zoo.registry import register_model
 from zoo.tasks import ImageClassifier
-from zoo.validation import boolean, choice, finite_float, int_sequence, non_negative_int, positive_int, probability
+from zoo.validation import (
+    boolean,
+    choice,
+    finite_float,
+    int_sequence,
+    integer,
+    non_negative_int,
+    positive_int,
+    probability,
+)
 
 BLOCKS = ("basic", "bottleneck", "preact")
 STEMS = ("imagenet", "cifar", "tiny")
@@ -278,6 +287,12 @@ class ResNet(HubMixin, ImageClassifier):
             Each stored block saves one block forward per training step and holds its activations until backward
             reaches it; the last stages come first in backward, so their blocks are the cheap ones to store
             (docs/benchmarks.md). 0 (default): every block is rebuilt.
+        fixed_point_bits: fractional bits F of the exact fixed-point state of ``memory="reversible"``
+            (:class:`zoo.nn.ResidualStack`'s), an integer in [8, 52]: each stage's states are multiples of 2^-F
+            and must stay below 2^(61 - F) in size. 32 (default: 2^-32 ~ 2.3e-10, finer than float32's rounding)
+            fits float32 / bfloat16 / float16 training; a float64 model (``Trainer(precision="64-true")``,
+            ``model.double()``) keeps float64 accuracy with 48 to 52 (states then below 2^13 to 2^9). No effect
+            with another memory.
         **kwargs: the task's arguments (:class:`zoo.tasks.ImageClassifier`: ``optimizer``, ``lr_scheduler``,
             ``label_smoothing``); none of them changes the architecture.
 
@@ -290,7 +305,7 @@ class ResNet(HubMixin, ImageClassifier):
     """
 
     same_function_args = frozenset(
-        {"num_classes", "memory", "stored_blocks", "label_smoothing", "drop_rate", "drop_path_rate"}
+        {"num_classes", "memory", "stored_blocks", "fixed_point_bits", "label_smoothing", "drop_rate", "drop_path_rate"}
     )
     init_only_args = frozenset({"zero_init_last"})
 
@@ -317,6 +332,7 @@ class ResNet(HubMixin, ImageClassifier):
         weights: str | None = None,
         keep_first_block: bool = False,
         stored_blocks: int | Sequence[int] = 0,
+        fixed_point_bits: int = 32,
         **kwargs: Any,
     ):
         check_model_kwargs(type(self), kwargs, ImageClassifier)  # first: one ZooError before anything is built
@@ -353,6 +369,14 @@ class ResNet(HubMixin, ImageClassifier):
         boolean("zero_init_last", zero_init_last)
         boolean("keep_first_block", keep_first_block)
         stage_stored = _stored_blocks(stored_blocks, layer_counts, memory)
+        frac_bits = integer(
+            "fixed_point_bits",
+            fixed_point_bits,
+            8,
+            52,
+            hint="give the fractional bits of memory='reversible' as an integer in [8, 52] (32: float32 training, "
+            "48: float64)",
+        )
         super().__init__(num_classes=num_classes, **kwargs)
         self.block_type = block
         self.layer_counts = layer_counts
@@ -409,6 +433,7 @@ class ResNet(HubMixin, ImageClassifier):
                     transition=transition,
                     init_velocity=init_velocity,
                     stored_blocks=stage_stored[i],
+                    fixed_point_bits=frac_bits,
                 ),
             )
             self.stage_names.append(name)
@@ -791,7 +816,8 @@ class MomentumResNet(ResNet):
         memory: ``"reversible"``, ``"adjoint"`` or ``"full"``: how the stacks keep what backward needs.
         keep_first_block: whether the first block of every stage stays an ordinary block (as published).
         *args, **kwargs: the other arguments of :class:`ResNet` (``stored_blocks``: the last blocks of each stage
-            that store their activations instead of being rebuilt under ``memory="reversible"``).
+            that store their activations instead of being rebuilt under ``memory="reversible"``;
+            ``fixed_point_bits``: that memory's fixed-point resolution 2^-F, 32 by default, 48 for float64).
     """
 
     # what a file saved before an argument existed was built with (zoo.hub.from_pretrained fills it in)
