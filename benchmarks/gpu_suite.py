@@ -998,7 +998,8 @@ def budget_probe(
     ``budget``. An out-of-memory error is caught here, and the cache emptied after its traceback is gone.
 
     The fused fixed-point kernels switch to eager for good when a compiled call fails; an out-of-memory error is
-    not a compilation failure (and eager kernels need other temporaries), so they are switched back on after one.
+    not a compilation failure (zoo/ops/compiled.py raises it as it is), and should the kernels have fallen back
+    during a probe that ran out of memory anyway, they are switched back on.
     """
     from zoo.ops import fixed_point
 

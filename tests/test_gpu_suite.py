@@ -312,8 +312,9 @@ def test_budget_probe_catches_out_of_memory_and_the_search_goes_on() -> None:
 
 
 def test_budget_probe_turns_the_fused_kernels_back_on_after_out_of_memory() -> None:
-    """An out-of-memory error inside a compiled fixed-point kernel makes the kernels fall back to eager for good
-    (as after a failed compilation); the probe switches them back on, as they were before it."""
+    """A probe that ran out of memory leaves the fused kernels as they were before it, even if they fell back to
+    eager during it (a failed compilation does that; an out-of-memory error in a compiled kernel is raised as it
+    is, zoo/ops/compiled.py)."""
     from zoo.ops import fixed_point
 
     class FallsBackThenFails(OutOfMemoryAbove):

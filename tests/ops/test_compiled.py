@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from zoo.ops.compiled import CompiledKernels, _bind_constants
@@ -146,3 +147,26 @@ def test_elementwise_kernels_flatten_channels_last_arguments_in_memory_order() -
     assert torch.equal(out, x * 2 + y)
     _flat_call(kernel)(x, y.contiguous())  # mixed layouts: called as they are
     assert seen[-1] == (2, 3, 4, 5)
+
+
+def test_out_of_memory_in_a_compiled_kernel_is_raised_and_other_failures_fall_back(monkeypatch) -> None:
+    """An out-of-memory error is the step not fitting, not the compiler failing: it reaches the caller (a batch-size
+    search sees it) and the kernels stay compiled; any other failure of the compiled kernel runs it eagerly."""
+    failure: list[Exception] = []
+
+    def compile_that_fails(fn, **options):
+        def run(*args):
+            raise failure[0]
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    kernels = CompiledKernels({"double": lambda t: 2 * t}, env="ZOO_TEST_KERNELS", what="the test kernels")
+    failure.append(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(torch.OutOfMemoryError):
+        kernels["double"](torch.ones(3))
+    assert kernels.enabled
+    failure[0] = RuntimeError("no C compiler")
+    with pytest.warns(UserWarning, match="did not compile .*no C compiler.*running them eagerly"):
+        assert torch.equal(kernels["double"](torch.ones(3)), torch.full((3,), 2.0))
+    assert not kernels.enabled

@@ -124,6 +124,8 @@ class CompiledKernels:
                 return eager(*args)
             try:
                 return compiled(*args)
+            except torch.OutOfMemoryError:
+                raise  # the step does not fit: the eager kernels would not either, and the kernels stay compiled
             except Exception as e:  # no compiler toolchain, unsupported device ...: the same values, eagerly
                 self.enabled = False
                 first = str(e).splitlines()[0][:200] if str(e) else ""
