@@ -115,6 +115,27 @@ def test_optimizer_is_fairseqs_adam_with_inverse_sqrt() -> None:
     assert isinstance(constant, torch.optim.AdamW) and constant.param_groups[0]["lr"] == 5e-4
 
 
+def test_lr_find_runs_on_a_translation_task(tmp_path: Path) -> None:
+    """Lightning's Tuner.lr_find reads and sets ``model.lr`` (the optimiser factory's rate, ImageClassifier's
+    attribute too); the next fit's optimiser peaks at the suggestion, fairseq's adam settings kept."""
+    from lightning.pytorch.tuner import Tuner
+
+    dm = NumbersDataModule(train_size=64, valid_size=8, test_size=8, max_number=99, max_tokens=256, seed=0)
+    model = sinkformer_transformer_numbers()
+    before = model.configure_optimizers(total_steps=4)["optimizer"].param_groups[0]
+    assert model.lr == before["initial_lr"] > 0
+    # one batch an epoch: lr_find's 14 steps need 14 epochs
+    found = Tuner(trainer(tmp_path, max_epochs=100)).lr_find(model, dm, num_training=14, early_stop_threshold=None)
+    assert found.suggestion() is not None and model.lr == found.suggestion() != before["initial_lr"]
+    group = model.configure_optimizers(total_steps=4)["optimizer"].param_groups[0]
+    assert group["initial_lr"] == found.suggestion()
+    assert {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} == {
+        k: v for k, v in before.items() if k not in ("params", "lr", "initial_lr")
+    }  # the other adam settings kept
+    with pytest.raises(ZooError, match="lr"):
+        model.lr = 0.0
+
+
 def test_training_settings_are_not_model_arguments(tmp_path: Path) -> None:
     with pytest.raises(ZooError, match="optimizer must be a callable .*got 'adagrad'"):
         sinkformer_transformer_toy(optimizer="adagrad")

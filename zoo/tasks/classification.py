@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.errors import ZooError
 from zoo.tasks.optim import (
+    LearningRateAttribute,
     LRSchedulerCallable,
     OptimizerCallable,
     WarmupCosineLR,
@@ -73,20 +74,7 @@ def record_normalisation(model: torch.nn.Module, datamodule: Any) -> None:
         model.default_cfg = model.pretrained_cfg
 
 
-def _at_learning_rate(factory: OptimizerCallable, lr: float, params: Any) -> torch.optim.Optimizer:
-    """``factory(params)`` with its learning rate set to ``lr``: every group's rate times lr / (the optimiser's
-    default rate), so groups the factory gives their own rates keep their ratios. Any factory (a
-    ``functools.partial``, LightningCLI's ``--optimizer`` builder that takes the groups alone); a module-level
-    function under ``functools.partial``, so the model still pickles (DDP spawn)."""
-    optimizer = factory(params)
-    old = optimizer.defaults.get("lr")
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr"] / old if old else lr
-    optimizer.defaults["lr"] = lr
-    return optimizer
-
-
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(LearningRateAttribute, pl.LightningModule):
     """A LightningModule for classification: cross-entropy, accuracy, and the injected optimiser and schedule.
 
     Subclasses build the network and implement ``forward(x) -> logits``; the architecture's arguments (and
@@ -284,26 +272,6 @@ class ImageClassifier(pl.LightningModule):
         )
 
     # ---------------------------------------------------------------- optimisation
-    @property
-    def lr(self) -> float:
-        """The learning rate the optimiser factory builds with (its ``lr`` argument, or the optimiser's default).
-
-        Lightning's ``Tuner.lr_find`` reads and, with ``update_attr=True``, sets ``model.lr``; setting it makes the
-        optimiser start at the new rate (the groups keep their ratios), the schedule scaling from it.
-        """
-        factory = self.optimizer_factory or type(self).default_optimizer
-        probe = torch.nn.Parameter(torch.zeros(1))  # the optimiser's defaults, without touching the model
-        try:
-            return float(factory([probe]).defaults["lr"])
-        except Exception as e:  # an optimiser that needs more than plain parameters: hasattr(model, "lr") is False
-            raise AttributeError(f"the optimizer factory does not tell its learning rate ({e})") from e
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        finite_float("lr", value, 0.0, low_open=True, hint="give a learning rate > 0")
-        factory = self.optimizer_factory or type(self).default_optimizer
-        self.optimizer_factory = functools.partial(_at_learning_rate, factory, float(value))
-
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weights (the optimiser's weight decay) and norms, biases, 1-d parameters (no decay)."""
         return parameter_groups(self)

@@ -22,10 +22,12 @@ parameters get none. Schedules that need the length of the run (:class:`WarmupCo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -38,6 +40,7 @@ from zoo.validation import finite_float, non_negative_int, optional, positive_in
 __all__ = [
     "InverseSqrtLR",
     "LEGACY_TRAINING_ARGS",
+    "LearningRateAttribute",
     "LRSchedulerCallable",
     "OptimizerCallable",
     "WarmupCosineLR",
@@ -153,6 +156,45 @@ def check_factory(name: str, factory: Any) -> Any:
         f"training settings are no longer model arguments of their own (lr, momentum, weight_decay ...): "
         f"give e.g. {example}"
     )
+
+
+def _at_learning_rate(factory: Callable[..., Optimizer], lr: float, params: Any) -> Optimizer:
+    """``factory(params)`` with its learning rate set to ``lr``: every group's rate times lr / (the optimiser's
+    default rate), so groups the factory gives their own rates keep their ratios. Any factory (a
+    ``functools.partial``, LightningCLI's ``--optimizer`` builder that takes the groups alone); a module-level
+    function under ``functools.partial``, so the model still pickles (DDP spawn)."""
+    optimizer = factory(params)
+    old = optimizer.defaults.get("lr")
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr"] / old if old else lr
+    optimizer.defaults["lr"] = lr
+    return optimizer
+
+
+class LearningRateAttribute:
+    """``model.lr``: the learning rate the task's optimiser factory (``optimizer_factory``, else the class's
+    ``default_optimizer``) builds with, for Lightning's ``Tuner.lr_find``, which reads it and, with
+    ``update_attr=True``, sets it. Setting it makes the optimiser start at the new rate (groups keep their
+    ratios), the schedule scaling from it."""
+
+    optimizer_factory: Callable[..., Optimizer] | None
+    default_optimizer: Callable[..., Optimizer]
+
+    @property
+    def lr(self) -> float:
+        """The factory's rate (its ``lr`` argument, or the optimiser's default)."""
+        factory = self.optimizer_factory or type(self).default_optimizer
+        probe = nn.Parameter(torch.zeros(1))  # the optimiser's defaults, without touching the model
+        try:
+            return float(factory([probe]).defaults["lr"])
+        except Exception as e:  # an optimiser that needs more than plain parameters: hasattr(model, "lr") is False
+            raise AttributeError(f"the optimizer factory does not tell its learning rate ({e})") from e
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        finite_float("lr", value, 0.0, low_open=True, hint="give a learning rate > 0")
+        factory = self.optimizer_factory or type(self).default_optimizer
+        self.optimizer_factory = functools.partial(_at_learning_rate, factory, float(value))
 
 
 def _adopt_added_groups(scheduler: LRScheduler) -> None:

@@ -49,6 +49,7 @@ from zoo.errors import ZooError
 from zoo.tasks.bleu import CorpusBLEU
 from zoo.tasks.optim import (
     InverseSqrtLR,
+    LearningRateAttribute,
     LRSchedulerCallable,
     OptimizerCallable,
     build_optimization,
@@ -453,7 +454,7 @@ def beam_search(
 # ================================================================================================ Lightning task
 
 
-class TranslationTask(pl.LightningModule):
+class TranslationTask(LearningRateAttribute, pl.LightningModule):
     """A LightningModule for translation with fairseq's training and evaluation recipe.
 
     Subclasses build the network and implement ``forward(src_tokens, prev_output_tokens) -> logits`` and the
