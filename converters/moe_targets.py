@@ -26,7 +26,7 @@ import torch.nn as nn
 
 import zoo.hub
 from converters.registry import (
-    TRAINING_OPTIONS,
+    IMAGE_TRAINING_OPTIONS,
     _mirror_runtime_state,
     _not_the_zoo_family,
     register_target,
@@ -70,7 +70,7 @@ MOE_OPTIONS: tuple[str, ...] = (
     "solver",
     "dykstra_iters",
 )
-MOE_VIT_OPTIONS: tuple[str, ...] = ("aux_loss_weight", *TRAINING_OPTIONS)
+MOE_VIT_OPTIONS: tuple[str, ...] = ("aux_loss_weight", *IMAGE_TRAINING_OPTIONS)
 # deprecated option names (one release) -> their names in MOE_OPTIONS
 _RENAMED_MOE_OPTIONS: dict[str, str] = {
     "every": "moe_every",

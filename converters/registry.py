@@ -4,7 +4,8 @@ A conversion is a *target* (``to=...``, :func:`register_target`: one builder per
 modules ``converters/*_targets.py``) applied to a *source* (:func:`register_source`: the source-library files
 ``converters/torchvision.py``, ``converters/timm.py``, ``converters/torch.py``, ``converters/fairseq.py``, imported
 on first use). The shared helpers: :func:`source_device_dtype`, :func:`describe_module`, :func:`classifier_size`,
-``TRAINING_OPTIONS``. Import names from :mod:`converters`, which registers every target.
+``TRAINING_OPTIONS`` (``IMAGE_TRAINING_OPTIONS`` for image classifiers). Import names from :mod:`converters`, which
+registers every target.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from converters.sinkhorn_targets import AttentionSpec
 
 __all__ = [
+    "IMAGE_TRAINING_OPTIONS",
     "TRAINING_OPTIONS",
     "FamilyBuild",
     "Source",
@@ -296,6 +298,8 @@ def _carry_data_config(converted: nn.Module, source: nn.Module) -> None:
 # the training settings a converted LightningModule takes (zoo.tasks.ImageClassifier's injected factories and loss
 # option); listed here, not read from the task's signature
 TRAINING_OPTIONS: tuple[str, ...] = ("optimizer", "lr_scheduler", "label_smoothing")
+# and those of an image classifier (zoo.tasks.ImageClassifier's layer-wise learning-rate decay besides)
+IMAGE_TRAINING_OPTIONS: tuple[str, ...] = (*TRAINING_OPTIONS, "layer_decay")
 
 
 def source_device_dtype(model: nn.Module, label: str) -> tuple[torch.device, torch.dtype]:

@@ -33,7 +33,13 @@ import torch
 import torch.nn as nn
 
 import zoo.hub
-from converters.registry import TRAINING_OPTIONS, _class_name, classifier_size, register_target, source_device_dtype
+from converters.registry import (
+    IMAGE_TRAINING_OPTIONS,
+    _class_name,
+    classifier_size,
+    register_target,
+    source_device_dtype,
+)
 from zoo.errors import ZooError
 from zoo.models import DepthScaledResNet, HeunNet, MomentumResNet, ResNet
 
@@ -114,7 +120,7 @@ def resnet_spec(
     )
 
 
-RESNET_OPTIONS: tuple[str, ...] = ("memory", "drop_rate", "drop_path_rate", *TRAINING_OPTIONS)
+RESNET_OPTIONS: tuple[str, ...] = ("memory", "drop_rate", "drop_path_rate", *IMAGE_TRAINING_OPTIONS)
 
 
 def read_resnet_stages(model: nn.Module, label: str, block_kinds: Mapping[type, str]) -> tuple[str, tuple[int, ...]]:

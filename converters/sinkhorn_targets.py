@@ -12,8 +12,9 @@ Attention targets (family ``"attention"``: a timm ``VisionTransformer``, a torch
   architecture). A timm ``VisionTransformer`` of the standard layout (class token or average pooling,
   learned position embedding, timm ``Block``/``Attention``/``Mlp``, no register tokens) becomes the zoo
   :class:`zoo.models.SinkformerViT` LightningModule (trains with ``Trainer.fit``, saves with
-  ``save_pretrained``, accepts the training settings ``optimizer``, ``lr_scheduler``, ``label_smoothing``); any
-  other source comes back as itself (same class) with its attention swapped (an info line says why a ViT did not map).
+  ``save_pretrained``, accepts the training settings ``optimizer``, ``lr_scheduler``, ``label_smoothing``,
+  ``layer_decay``); any other source comes back as itself (same class) with its attention swapped (an info line
+  says why a ViT did not map).
   Copies: like every target, the source is left unchanged by default: the conversion works on a deep
   copy (the result's parameters are that copy's, moved by no further copy). ``inplace=True`` copies
   nothing: the swap happens in the source itself (which is returned), or the SinkformerViT is built
@@ -32,7 +33,7 @@ import torch.nn as nn
 
 import zoo.hub
 from converters.registry import (
-    TRAINING_OPTIONS,
+    IMAGE_TRAINING_OPTIONS,
     _class_name,
     _mirror_runtime_state,
     _not_the_zoo_family,
@@ -72,7 +73,7 @@ class AttentionSpec:
 
 
 SINKHORN_OPTIONS: tuple[str, ...] = ("n_iter", "record_stats", "inplace")
-SINKHORN_VIT_OPTIONS: tuple[str, ...] = TRAINING_OPTIONS
+SINKHORN_VIT_OPTIONS: tuple[str, ...] = IMAGE_TRAINING_OPTIONS
 
 
 def _attention_classes() -> tuple[type, type]:

@@ -113,9 +113,10 @@ def test_options_are_checked_per_family() -> None:
     with pytest.raises(ZooError, match="gamma=0 is the plain ResNet"):
         converters.transform(enc, to="momentum", gamma=0.0)  # reversible (default) needs gamma > 0
     model = converters.transform(
-        build_resnet_source("tv_resnet18"), to="momentum", label_smoothing=0.1, init_velocity="f"
+        build_resnet_source("tv_resnet18"), to="momentum", label_smoothing=0.1, init_velocity="f", layer_decay=0.9
     )
     assert model.hparams.label_smoothing == 0.1 and all(s.init_velocity == "f" for s in model.stages)
+    assert model.layer_decay == 0.9
 
 
 # ------------------------------------------------------------------------------------------------ ResNets

@@ -143,7 +143,7 @@ def test_timm_vit_dtype_and_trainer_fit(tmp_path) -> None:
     with torch.no_grad():
         assert close(model(images().double()), src(images().double()), 1e-10)
     model = converters.transform(
-        timm_vit(), to="sinkhorn", n_iter=3, optimizer=functools.partial(torch.optim.Adam, lr=1e-3)
+        timm_vit(), to="sinkhorn", n_iter=3, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), layer_decay=0.5
     )
     x, y = images(8), torch.arange(8) % 7
     trainer = pl.Trainer(
@@ -156,6 +156,8 @@ def test_timm_vit_dtype_and_trainer_fit(tmp_path) -> None:
         default_root_dir=tmp_path,
     )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    rate = {id(p): g["initial_lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert rate[id(model.head.weight)] == 1e-3 and rate[id(model.blocks[-1].mlp.fc1.weight)] == 0.5e-3  # layer_decay
     (ckpt,) = tmp_path.rglob("*.ckpt")
     reloaded = SinkformerViT.load_from_checkpoint(ckpt).eval()
     with torch.no_grad():

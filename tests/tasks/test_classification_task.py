@@ -372,6 +372,120 @@ def test_training_settings_are_not_hyperparameters_and_strings_get_the_new_form(
         tiny_model(lr=0.1)
 
 
+# ------------------------------------------------------------------------------------------------ layer-wise decay
+
+
+def _layer_decay_model(name: str) -> torch.nn.Module:
+    import timm
+
+    from converters import transform
+    from zoo.models import PointCloudTransformer, SetTransformer
+
+    torch.manual_seed(0)
+    if name == "timm_momentum_vit":
+        return transform(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3), to="momentum")
+    build = {
+        "resnet": tiny_model,
+        "momentum": lambda: zoo.momentum_cifar_resnet(layers=(2, 1, 1), widths=(4, 4, 4), num_classes=3),
+        "vit": lambda: zoo.sinkformer_vit_tiny_patch16_224(img_size=32, depth=2, num_classes=3),
+        "vmoe": lambda: zoo.vmoe_tiny_patch32_224(img_size=64, depth=2, num_experts=2, num_classes=3),
+        "set": lambda: SetTransformer(num_classes=3, embed_dim=16, num_heads=2, num_inducing=4),
+        "pct": lambda: PointCloudTransformer(
+            num_classes=3, embed_dim=8, sample_points=(16, 8), num_neighbors=4, depth=2, fuse_dim=16, head_dims=(8,)
+        ),
+        "neural_ode": lambda: zoo.neural_ode_digits(dim=4, width=3, switch_times="learned"),
+    }
+    return build[name]()
+
+
+@pytest.mark.parametrize("name", ["resnet", "momentum", "vit", "vmoe", "set", "pct", "neural_ode", "timm_momentum_vit"])
+def test_layer_decay_groups_are_timms(name: str) -> None:
+    """Every parameter gets the learning-rate factor and weight decay of timm's own ``param_groups_layer_decay``
+    (BEiT's recipe) through the model's ``group_matcher``: the stem lowest, the head at 1. (V-MoE's per-expert
+    biases are 2-d: timm decays them, the zoo exempts every bias.)"""
+    from timm.optim import param_groups_layer_decay
+
+    model = _layer_decay_model(name)
+    model.get_classifier().weight.requires_grad_(False)  # frozen parameters are left out, as timm's
+    ours = {
+        id(p): (group["lr_scale"], group.get("weight_decay") == 0.0)
+        for group in parameter_groups(model, layer_decay=0.6)
+        for p in group["params"]
+    }
+    nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    theirs = {
+        id(p): (group["lr_scale"], group["weight_decay"] == 0.0)
+        for group in param_groups_layer_decay(model, weight_decay=1.0, no_weight_decay_list=nwd, layer_decay=0.6)
+        for p in group["params"]
+    }
+    expert_biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias") and p.ndim > 1}
+    assert (name == "vmoe") == bool(expert_biases)
+    for key in expert_biases:
+        assert ours[key][1] and not theirs[key][1]
+        theirs[key] = (theirs[key][0], True)
+    assert ours == theirs
+    assert len({scale for scale, _ in ours.values()}) >= 4  # stem, at least two blocks, the head
+    assert max(scale for scale, _ in ours.values()) == 1.0
+
+
+def test_layer_decay_rates_hold_their_ratios_through_the_schedule() -> None:
+    """A fit with layer_decay=0.5 starts each layer at lr * 0.5 ** (L - l), stem to head, and the cosine keeps
+    the ratios at every step."""
+    model = tiny_model(optimizer=SGD, lr_scheduler=WarmupCosineLR, layer_decay=0.5)
+
+    class RecordAll(pl.Callback):
+        def __init__(self) -> None:
+            self.lrs: list[list[float]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    record = RecordAll()
+    t = trainer(max_epochs=2, callbacks=[record])
+    t.fit(model, DataLoader(images(), batch_size=2))
+    groups = t.optimizers[0].param_groups
+    layers = 1 + 3 + 1  # the stem, three blocks, the head
+    want = sorted({0.1 * 0.5 ** (layers - 1 - layer) for layer in range(layers)})
+    assert sorted({g["initial_lr"] for g in groups}) == pytest.approx(want)
+    rate = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
+    assert rate[id(model.fc.weight)] == pytest.approx(0.1) and rate[id(model.conv1.weight)] == pytest.approx(want[0])
+    assert all("lr_scale" not in g for g in groups)
+    moving = [lrs for lrs in record.lrs if max(lrs) > 0]
+    assert len(moving) >= 6 and len({round(max(lrs), 9) for lrs in moving}) >= 3  # the rate did move
+    for lrs in moving:
+        assert [lr / max(lrs) for lr in lrs] == pytest.approx([g["initial_lr"] / 0.1 for g in groups])
+    # model.lr (Tuner.lr_find) moves the whole ladder: the head at the new rate, the others in proportion
+    model.lr = 0.3
+    optimizer = model.configure_optimizers(total_steps=4)["optimizer"]
+    assert sorted({g["initial_lr"] for g in optimizer.param_groups}) == pytest.approx([3 * lr for lr in want])
+
+
+def test_layer_decay_from_a_recipe_override() -> None:
+    """``--model.init_args.layer_decay`` on a recipe: the ViT's head at the recipe's rate, the stem lowest."""
+    from zoo.cli import load_recipe
+
+    model, _ = load_recipe("digits_sinkformer_vit", "--model.init_args.layer_decay=0.75")
+    assert model.layer_decay == 0.75 and "layer_decay" not in model.hparams  # a training setting
+    optimizer = model.configure_optimizers(total_steps=10, steps_per_epoch=5)["optimizer"]
+    rate = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    base = model.lr
+    depth = len(model.blocks)
+    assert rate[id(model.head.weight)] == pytest.approx(base)
+    assert rate[id(model.blocks[-1].attn.qkv.weight)] == pytest.approx(base * 0.75)
+    assert rate[id(model.patch_embed.proj.weight)] == pytest.approx(base * 0.75 ** (depth + 1))
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, float("nan"), -0.5])
+def test_bad_layer_decay_is_one_clear_error(value: float) -> None:
+    with pytest.raises(ZooError, match=r"layer_decay.*\(0, 1\]"):
+        tiny_model(layer_decay=value)
+
+
+def test_layer_decay_without_a_group_matcher_names_the_fix() -> None:
+    with pytest.raises(ZooError, match=r"group_matcher.*leave layer_decay unset"):
+        parameter_groups(torch.nn.Sequential(torch.nn.Linear(2, 2)), layer_decay=0.5)
+
+
 # ------------------------------------------------------------------------------------------------ extra losses
 
 

@@ -446,6 +446,15 @@ class SetTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, ImageClass
     def attentions(self) -> list[SinkhornMultiheadAttention]:
         return [m for m in self.modules() if isinstance(m, SinkhornMultiheadAttention)]
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise learning-rate decay ...), in the order the data flows: each encoder
+        block, the pooling block, each decoder block; the head comes last.
+
+        Args:
+            coarse: timm's coarse grouping; the same groups here (a block is the smallest unit).
+        """
+        return {"encoder": r"^encoder\.(\d+)", "pool": r"^pool\.", "decoder": r"^decoder\.(\d+)"}
+
     def forward_features(self, points: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled (and decoded) seeds (B, num_seeds, embed_dim); zero for a fully padded cloud (see the class)."""
         _check_points(points, self.in_chans, type(self).__name__, self._param_dtype())
@@ -769,6 +778,20 @@ class PointCloudTransformer(_PointCloudProtocol, SinkhornSettings, HubMixin, Ima
         if any(b.attention != "sinkhorn" for b in self.blocks):
             raise ZooError("set_n_iter needs attention='sinkhorn' (attention='pct' has no iterations)")
         super().set_n_iter(n_iter)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise learning-rate decay ...): the stem (point and neighbour embeddings,
+        the layer before attention), each offset-attention block in order, the fusing layer; the head layers come
+        last.
+
+        Args:
+            coarse: timm's coarse grouping; the same groups here (a block is the smallest unit).
+        """
+        return {
+            "stem": r"^embedding|^neighbor_embedding|^pre_attention",
+            "blocks": r"^blocks\.(\d+)",
+            "fuse": r"^fuse\.",
+        }
 
     def forward_features(self, points: torch.Tensor) -> torch.Tensor:
         """The fused per-centre features before pooling (B, S, fuse_dim), S = ``sample_points[-1]``."""

@@ -409,6 +409,18 @@ class SinkformerViT(SinkhornSettings, HubMixin, ImageClassifier):
         """Parameters without weight decay besides norms and biases (timm's: position embedding, class token)."""
         return {"pos_embed", "cls_token"}
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's ViT parameter groups (layer-wise learning-rate decay ...): the stem (patch and position
+        embedding, class token), each block in order, the final norm; the head and ``fc_norm`` come last.
+
+        Args:
+            coarse: timm's coarse grouping; the same groups here (a block is the smallest unit).
+        """
+        return {
+            "stem": r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every block in backward instead of keeping its activations (timm's ``checkpoint_seq``, one
         block per segment, non-reentrant): the same gradients for about one block's activations of memory."""

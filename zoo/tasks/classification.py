@@ -91,6 +91,10 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
             run length (:class:`zoo.tasks.optim.WarmupCosineLR`, the default: cosine over the run) get it from the
             Trainer. None: a constant learning rate.
         label_smoothing: label smoothing of the cross-entropy.
+        layer_decay: layer-wise learning-rate decay for fine-tuning (BEiT / MAE: 0.65 .. 0.75): the layers of the
+            model's ``group_matcher`` (stem, blocks in order, head) train at ``lr * layer_decay ** (L - l)``, the
+            head at ``lr`` (:func:`zoo.tasks.optim.layer_scales`). None: one rate. A training setting, not saved
+            with the architecture.
 
     Extra training losses (an MoE layer's load-balancing loss ...) come from the model through
     :meth:`auxiliary_losses`; :meth:`diagnostics` adds logged values. Both are empty here.
@@ -105,6 +109,7 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         label_smoothing: float = 0.0,
+        layer_decay: float | None = None,
     ):
         super().__init__()
         non_negative_int(
@@ -116,7 +121,12 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         self.optimizer_factory = check_factory("optimizer", optimizer)
         self.lr_scheduler_factory = check_factory("lr_scheduler", lr_scheduler)
         finite_float("label_smoothing", label_smoothing, 0.0, 1.0)
-        self.save_hyperparameters(ignore=["weights", "optimizer", "lr_scheduler"])
+        if layer_decay is not None:
+            finite_float(
+                "layer_decay", layer_decay, 0.0, 1.0, low_open=True, hint="give a factor per layer in (0, 1], e.g. 0.75"
+            )
+        self.layer_decay = layer_decay
+        self.save_hyperparameters(ignore=["weights", "optimizer", "lr_scheduler", "layer_decay"])
         self._make_metrics(num_classes)
 
     def _make_metrics(self, num_classes: int) -> None:
@@ -273,8 +283,9 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weights (the optimiser's weight decay) and norms, biases, 1-d parameters (no decay)."""
-        return parameter_groups(self)
+        """Weights (the optimiser's weight decay) and norms, biases, 1-d parameters (no decay); per layer, with
+        timm's ``lr_scale``, under ``layer_decay``."""
+        return parameter_groups(self, layer_decay=self.layer_decay)
 
     def configure_optimizers(self, total_steps: int | None = None, steps_per_epoch: float | None = None) -> Any:
         """The optimiser over :meth:`parameter_groups` and its schedule, in Lightning's format.
@@ -291,4 +302,5 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
             trainer=trainer,
             total_steps=total_steps,
             steps_per_epoch=steps_per_epoch,
+            layer_decay=self.layer_decay,
         )

@@ -47,6 +47,7 @@ __all__ = [
     "build_optimization",
     "check_factory",
     "is_legacy_training_arg",
+    "layer_scales",
     "parameter_groups",
     "refuse_training_settings",
 ]
@@ -73,19 +74,58 @@ LEGACY_TRAINING_ARGS = frozenset(
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
-def parameter_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Two parameter groups: weights (the optimiser's own ``weight_decay``) and the parameters without decay
-    (``weight_decay=0``): those of normalisation layers, biases, every parameter with at most one dimension, and the
-    names in ``no_weight_decay`` or in ``model.no_weight_decay()`` (timm's convention: ``pos_embed``, ``cls_token``).
+def layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Layer-wise learning-rate decay (BEiT's, as timm's ``param_groups_layer_decay``): the learning-rate factor
+    of each parameter, by name, ``layer_decay ** (L - l)`` for a parameter of layer ``l`` out of layers 0 .. L.
 
-    Each parameter appears once (shared weights too); frozen parameters are left out. The no-decay group is
-    omitted when empty.
+    The layers are timm's: ``model.group_matcher(coarse=False)`` orders the parameters (the stem is layer 0, then
+    the blocks in order; what it leaves unmatched, the head, is the last layer, at factor 1), through
+    ``timm.models.group_parameters``, so a model gets the same factors here as from timm's optimiser factory.
+
+    Args:
+        model: a model with timm's ``group_matcher`` (every zoo image family, timm's models).
+        layer_decay: the factor per layer, in (0, 1] (BEiT / MAE fine-tuning: 0.65 .. 0.75).
+    """
+    finite_float(
+        "layer_decay", layer_decay, 0.0, 1.0, low_open=True, hint="give a factor per layer in (0, 1], e.g. 0.75"
+    )
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
+        raise ZooError(
+            f"layer_decay needs the model's layers in order, timm's group_matcher(), which "
+            f"{type(model).__name__} does not have; leave layer_decay unset (or add a group_matcher method)"
+        )
+    from timm.models import group_parameters
+
+    layer_of = group_parameters(model, matcher(coarse=False), reverse=True)
+    last = max(layer_of.values(), default=0)
+    return {name: layer_decay ** (last - layer) for name, layer in layer_of.items()}
+
+
+def parameter_groups(
+    model: nn.Module, no_weight_decay: Iterable[str] = (), layer_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """Parameter groups by weight decay and, with ``layer_decay``, by layer.
+
+    Weights get the optimiser's own ``weight_decay``; the parameters of normalisation layers, biases, every
+    parameter with at most one dimension, and the names in ``no_weight_decay`` or in ``model.no_weight_decay()``
+    (timm's convention: ``pos_embed``, ``cls_token``) get ``weight_decay=0``. Each parameter appears once (shared
+    weights too); frozen parameters are left out; empty groups are omitted.
+
+    With ``layer_decay`` (:func:`layer_scales`), each group holds one layer's weights or no-decay parameters and
+    carries timm's ``lr_scale`` (its rate is ``lr * lr_scale``: :func:`build_optimization` applies it, as torch's
+    optimisers ignore the key), stem first.
+
+    Args:
+        model: the model whose trainable parameters are grouped.
+        no_weight_decay: more parameter names (as in ``named_parameters``) without weight decay.
+        layer_decay: the learning-rate factor per layer from the head down, in (0, 1]; None for none.
     """
     skip = set(no_weight_decay)
     if callable(getattr(model, "no_weight_decay", None)):
         skip |= set(model.no_weight_decay())
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    scales = None if layer_decay is None else layer_scales(model, layer_decay)
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -94,11 +134,19 @@ def parameter_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> l
             seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
             exempt = isinstance(module, _NORMS) or name.endswith("bias") or p.ndim <= 1 or full in skip
-            (no_decay if exempt else decay).append(p)
-    groups: list[dict[str, Any]] = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            scale = 1.0 if scales is None else scales[full]
+            group = groups.get((scale, exempt))
+            if group is None:
+                group = groups[(scale, exempt)] = {"params": []}
+                if exempt:
+                    group["weight_decay"] = 0.0
+                if scales is not None:
+                    group["lr_scale"] = scale
+            group["params"].append(p)
+    if scales is None:  # the weights' group always, first (the optimiser's own error when it is all empty)
+        groups.setdefault((1.0, False), {"params": []})
+    # stem first (the smallest factor), weights before no-decay parameters in each layer
+    return [groups[key] for key in sorted(groups)]
 
 
 def is_legacy_training_arg(key: str, value: Any, accepted: Iterable[str]) -> bool:
@@ -443,9 +491,14 @@ def build_optimization(
     trainer: Any = None,
     total_steps: int | None = None,
     steps_per_epoch: float | None = None,
+    layer_decay: float | None = None,
 ) -> Any:
     """Lightning's ``configure_optimizers`` value: the optimiser over :func:`parameter_groups`, and the schedule
     (with its interval: ``scheduler.interval`` if it has one, else per epoch) bound to the run length.
+
+    With ``layer_decay``, each group's learning rate is the optimiser's times the group's ``lr_scale`` (the key is
+    then removed: torch's optimisers and schedules do not read it, timm's schedules would apply it twice); a
+    schedule built afterwards scales every group from its own starting rate, so the ratios hold all run.
 
     The run length comes from ``total_steps`` (and ``steps_per_epoch``) when given, else from the ``trainer``;
     without either, a schedule that needs it gets one clear error.
@@ -457,9 +510,11 @@ def build_optimization(
         trainer: the Lightning Trainer whose run length binds the schedule; None outside a Trainer.
         total_steps: the number of optimiser steps of the run; None to take it from ``trainer``.
         steps_per_epoch: the number of optimiser steps per epoch; None to take it from ``trainer``.
+        layer_decay: layer-wise learning-rate decay (:func:`layer_scales`); None for one rate.
     """
+    groups = parameter_groups(model, layer_decay=layer_decay)
     try:
-        opt = optimizer(parameter_groups(model))
+        opt = optimizer(groups)
     except (ValueError, TypeError) as e:  # torch's optimizers check their hyperparameters: lr < 0, betas ...
         raise ZooError(
             f"the optimizer refused its arguments: {e}; fix that value (on the command line: "
@@ -469,6 +524,14 @@ def build_optimization(
         raise ZooError(
             f"optimizer must build a torch.optim.Optimizer from the parameter groups, got {type(opt).__name__}"
         )
+    scaled = [group for group in opt.param_groups if "lr_scale" in group]
+    if layer_decay is not None and len(scaled) != len(groups):
+        raise ZooError(
+            f"layer_decay: the optimizer {type(opt).__name__} dropped the groups' lr_scale; give a torch.optim "
+            "optimizer (it keeps the groups as given), or leave layer_decay unset"
+        )
+    for group in scaled:
+        group["lr"] = group["lr"] * group.pop("lr_scale")
     if lr_scheduler is None:
         return opt
     sched = lr_scheduler(opt)
