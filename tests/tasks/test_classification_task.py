@@ -464,8 +464,11 @@ def test_layer_decay_from_a_recipe_override() -> None:
     """``--model.init_args.layer_decay`` on a recipe: the ViT's head at the recipe's rate, the stem lowest."""
     from zoo.cli import load_recipe
 
-    model, _ = load_recipe("digits_sinkformer_vit", "--model.init_args.layer_decay=0.75")
+    model, _ = load_recipe(
+        "digits_sinkformer_vit", "--model.init_args.layer_decay=0.75", "--model.init_args.cutmix_alpha=1.0"
+    )
     assert model.layer_decay == 0.75 and "layer_decay" not in model.hparams  # a training setting
+    assert model.cutmix_alpha == 1.0 and model.mixup_alpha == 0.0 and "cutmix_alpha" not in model.hparams
     optimizer = model.configure_optimizers(total_steps=10, steps_per_epoch=5)["optimizer"]
     rate = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
     base = model.lr
@@ -484,6 +487,118 @@ def test_bad_layer_decay_is_one_clear_error(value: float) -> None:
 def test_layer_decay_without_a_group_matcher_names_the_fix() -> None:
     with pytest.raises(ZooError, match=r"group_matcher.*leave layer_decay unset"):
         parameter_groups(torch.nn.Sequential(torch.nn.Linear(2, 2)), layer_decay=0.5)
+
+
+# ------------------------------------------------------------------------------------------------ MixUp / CutMix
+
+
+def test_probability_targets_get_the_cross_entropy_with_smoothing_before_mixing() -> None:
+    """``-sum_c q_c log softmax(z)_c`` with q = (1 - eps) p + eps / C, computed here by hand; for a mixed target
+    that is timm's Mixup (each one-hot label smoothed, then blended)."""
+    model = tiny_model(label_smoothing=0.1)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    a, b, lam = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 0, 2]), 0.3
+    smooth = lambda y: 0.9 * torch.nn.functional.one_hot(y, 3).double() + 0.1 / 3  # noqa: E731
+    mixed = lam * torch.nn.functional.one_hot(a, 3).double() + (1 - lam) * torch.nn.functional.one_hot(b, 3).double()
+    want = -(lam * smooth(a) + (1 - lam) * smooth(b)).mul(logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(model.loss(logits, mixed), want.float(), rtol=1e-6, atol=0)
+    with pytest.raises(ZooError, match=r"logits' shape \(4, 3\).*\(4, 5\)"):
+        model.loss(logits, torch.rand(4, 5))
+
+
+def _distinct_neighbours(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.arange(n) % 3  # y_i != y_(i-1) for every i
+
+
+def test_mixup_blends_each_image_with_its_neighbour_and_the_targets_alike() -> None:
+    model = tiny_model(mixup_alpha=0.8)
+    x, y = _distinct_neighbours()
+    torch.manual_seed(0)
+    xm, ym = model.mix_batch(x, y)
+    lam = ym[0, y[0]].item()
+    assert 0 < lam < 1 and ym.dtype == torch.float32
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    torch.testing.assert_close(ym, lam * onehot + (1 - lam) * onehot.roll(1, 0))
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x.roll(1, 0))
+
+
+def test_cutmix_pastes_one_box_from_the_neighbour_and_weights_by_area() -> None:
+    model = tiny_model(cutmix_alpha=1.0)
+    x, y = _distinct_neighbours()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        xm, ym = model.mix_batch(x, y)
+        from_neighbour = (xm == x.roll(1, 0)).all(dim=(0, 1)) & (xm != x).any(dim=(0, 1))
+        assert ((xm == x) | (xm == x.roll(1, 0))).all()
+        rows, cols = from_neighbour.any(1).nonzero().flatten(), from_neighbour.any(0).nonzero().flatten()
+        area = from_neighbour.sum().item()
+        if area:  # a box: every pixel inside its bounding rows x columns
+            assert area == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        lam = 1 - area / 64
+        onehot = torch.nn.functional.one_hot(y, 3).float()
+        torch.testing.assert_close(ym, lam * onehot + (1 - lam) * onehot.roll(1, 0))
+
+
+def test_mixup_and_cutmix_together_pick_one_per_batch() -> None:
+    model = tiny_model(mixup_alpha=0.8, cutmix_alpha=1.0)
+    x, y = _distinct_neighbours()
+    kinds = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        xm, _ = model.mix_batch(x, y)
+        kinds.add("cutmix" if ((xm == x) | (xm == x.roll(1, 0))).all() else "mixup")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_a_fit_mixes_training_batches_and_never_validation_batches() -> None:
+    """Training forwards see mixed images (not the data's), validation forwards the data's own; the loss stays
+    finite and the run is repeatable under a seed."""
+    data = images(8)
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        pl.seed_everything(0, verbose=False)
+        model = tiny_model(optimizer=SGD, lr_scheduler=None, mixup_alpha=0.8, cutmix_alpha=1.0)
+        seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        model.register_forward_pre_hook(lambda m, args: seen[m.training].append(args[0].clone()))
+        t = trainer(max_epochs=2, limit_val_batches=1.0, num_sanity_val_steps=0)
+        t.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+        assert torch.isfinite(t.callback_metrics["train_loss"]) and torch.isfinite(t.callback_metrics["val_loss"])
+        return seen[True], seen[False], model.fc.weight.detach().clone()
+
+    train_in, val_in, weights = run()
+    raw = data.tensors[0]
+    assert len(train_in) == 4 and not any(torch.equal(x, raw[:4]) or torch.equal(x, raw[4:]) for x in train_in)
+    assert all(torch.equal(x, raw[i % 2 * 4 : i % 2 * 4 + 4]) for i, x in enumerate(val_in))
+    again = run()
+    assert all(torch.equal(a, b) for a, b in zip(train_in, again[0])) and torch.equal(weights, again[2])
+
+
+def test_probability_targets_from_the_data_train_and_evaluate() -> None:
+    """A pipeline's own mixing (class probabilities as targets) trains; accuracy counts the most likely class."""
+    x, y = images(8).tensors
+    probs = 0.7 * torch.nn.functional.one_hot(y, 3).float() + 0.1
+    t = trainer(max_epochs=1, limit_val_batches=1.0)
+    model = tiny_model(optimizer=SGD, lr_scheduler=None)
+    t.fit(model, DataLoader(TensorDataset(x, probs), batch_size=4))
+    (soft,) = t.validate(model, DataLoader(TensorDataset(x, probs), batch_size=4), verbose=False)
+    (hard,) = t.validate(model, DataLoader(TensorDataset(x, y), batch_size=4), verbose=False)
+    assert soft["val_acc"] == hard["val_acc"]
+
+
+@pytest.mark.parametrize("bad", [{"mixup_alpha": -0.1}, {"cutmix_alpha": float("inf")}, {"mixup_alpha": "0.8"}])
+def test_bad_mixing_strength_is_one_clear_error(bad: dict) -> None:
+    with pytest.raises(ZooError, match=r"(mixup|cutmix)_alpha.*Beta concentration"):
+        tiny_model(**bad)
+
+
+def test_mixing_a_batch_that_is_not_images_names_the_fix() -> None:
+    from zoo.models import SetTransformer
+
+    model = SetTransformer(num_classes=3, embed_dim=8, num_heads=2, num_inducing=2, mixup_alpha=0.8)
+    with pytest.raises(ZooError, match=r"mix image batches \(B, C, H, W\).*\(2, 16, 3\).*set both to 0"):
+        model.training_step((torch.randn(2, 16, 3), torch.tensor([0, 1])), 0)
 
 
 # ------------------------------------------------------------------------------------------------ extra losses

@@ -40,6 +40,11 @@ def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
         model.default_cfg = model.pretrained_cfg
 
 
+def _class_indices(target: torch.Tensor) -> torch.Tensor:
+    """Class indices (B,) of a target: itself, or the most likely class of class probabilities (B, C)."""
+    return target.argmax(dim=-1) if target.is_floating_point() else target
+
+
 def _per_channel(values: Any) -> tuple[float, ...] | None:
     """``values`` (a tensor, a sequence of numbers) as a tuple of floats; None for anything else."""
     if isinstance(values, torch.Tensor):
@@ -95,6 +100,15 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
             model's ``group_matcher`` (stem, blocks in order, head) train at ``lr * layer_decay ** (L - l)``, the
             head at ``lr`` (:func:`zoo.tasks.optim.layer_scales`). None: one rate. A training setting, not saved
             with the architecture.
+        mixup_alpha: MixUp of the training batches (torchvision's ``transforms.v2.MixUp``): each image blended
+            with the next in the batch, ``lam * x_i + (1 - lam) * x_(i-1)``, ``lam ~ Beta(alpha, alpha)``, the
+            targets blended alike (class probabilities). 0: off.
+        cutmix_alpha: CutMix of the training batches (``transforms.v2.CutMix``): a box of area ``1 - lam`` pasted
+            from the next image, the targets weighted by the areas. 0: off; with both on, each batch gets one
+            of the two at random (timm's ``switch_prob`` 0.5). Validation and test batches are never mixed.
+
+    Targets are class indices (B,) or class probabilities (B, num_classes) (a data pipeline's own MixUp / CutMix,
+    timm's ``Mixup``): the loss is the cross-entropy against them, accuracy counts the most likely class.
 
     Extra training losses (an MoE layer's load-balancing loss ...) come from the model through
     :meth:`auxiliary_losses`; :meth:`diagnostics` adds logged values. Both are empty here.
@@ -110,6 +124,8 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         label_smoothing: float = 0.0,
         layer_decay: float | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__()
         non_negative_int(
@@ -126,7 +142,12 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
                 "layer_decay", layer_decay, 0.0, 1.0, low_open=True, hint="give a factor per layer in (0, 1], e.g. 0.75"
             )
         self.layer_decay = layer_decay
-        self.save_hyperparameters(ignore=["weights", "optimizer", "lr_scheduler", "layer_decay"])
+        hint = "give a Beta concentration >= 0 (0: off; timm's fine-tuning recipes: mixup 0.8, cutmix 1.0)"
+        self.mixup_alpha = finite_float("mixup_alpha", mixup_alpha, 0.0, hint=hint)
+        self.cutmix_alpha = finite_float("cutmix_alpha", cutmix_alpha, 0.0, hint=hint)
+        self.save_hyperparameters(
+            ignore=["weights", "optimizer", "lr_scheduler", "layer_decay", "mixup_alpha", "cutmix_alpha"]
+        )
         self._make_metrics(num_classes)
 
     def _make_metrics(self, num_classes: int) -> None:
@@ -198,8 +219,44 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
 
     # ---------------------------------------------------------------- steps
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy with label smoothing, computed in float32 (safe under autocast)."""
+        """Cross-entropy with label smoothing, computed in float32 (safe under autocast): ``-log softmax(z)_y``
+        for a class index y, ``-sum_c p_c log softmax(z)_c`` for class probabilities p (B, num_classes); the
+        smoothing mixes the target with the uniform distribution, ``(1 - eps) p + eps / C`` (for mixed targets
+        the same as smoothing each label before mixing, as timm's ``Mixup``)."""
+        if target.is_floating_point() and target.shape != logits.shape:
+            raise ZooError(
+                f"class-probability targets must have the logits' shape {tuple(logits.shape)}, got "
+                f"{tuple(target.shape)}; give class indices (B,) or probabilities (B, num_classes)"
+            )
+        target = target.float() if target.is_floating_point() else target
         return F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+
+    def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch after MixUp / CutMix (``mixup_alpha``, ``cutmix_alpha``): images (B, C, H, W) and
+        class probabilities (B, num_classes); unchanged when both are 0. The mixing weights are drawn on the CPU
+        from torch's generator (``seed_everything`` makes runs repeat), so no device value is read.
+
+        Args:
+            x: the images (B, C, H, W).
+            y: their class indices (B,).
+        """
+        if not (self.mixup_alpha or self.cutmix_alpha):
+            return x, y
+        if x.ndim != 4 or y.ndim != 1 or y.is_floating_point():
+            raise ZooError(
+                f"mixup_alpha / cutmix_alpha mix image batches (B, C, H, W) with class indices (B,), got inputs "
+                f"{tuple(x.shape)} and targets {y.dtype} {tuple(y.shape)}; set both to 0 for this data (mix the "
+                "batches in the data pipeline instead: the task takes class-probability targets)"
+            )
+        from torchvision.transforms import v2
+
+        mixers = [
+            mixer(alpha=alpha, num_classes=self.num_classes)
+            for mixer, alpha in ((v2.MixUp, self.mixup_alpha), (v2.CutMix, self.cutmix_alpha))
+            if alpha > 0
+        ]
+        mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+        return mixer(x, y)  # targets float32 whatever the images' dtype
 
     def _check_head(self) -> None:
         if not hasattr(self, "train_acc"):
@@ -210,10 +267,10 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self._check_head()
-        x, y = batch
+        x, y = self.mix_batch(*batch)
         logits = self(x)
         loss = self.loss(logits, y)
-        self.train_acc(logits.detach(), y)
+        self.train_acc(logits.detach(), _class_indices(y))
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
         return loss + self._extra_terms("train")
@@ -229,6 +286,7 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
+        y = _class_indices(y)
         acc = self.val_acc if stage == "val" else self.test_acc
         acc(logits, y)
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
