@@ -254,6 +254,18 @@ def test_cifar_fake_resize_and_root_is_batches_folder(fake_cifar: Path) -> None:
     assert next(iter(dm.predict_dataloader())).shape == (3, 3, 48, 48)
 
 
+def test_cifar_normalises_with_the_mean_and_std_given(fake_cifar: Path) -> None:
+    """A fine-tuned model's own normalisation (an augreg ViT's 0.5 / 0.5): pixels p in [0, 1] become 2 p - 1."""
+    own = CIFARDataModule(root=str(fake_cifar), batch_size=6, num_workers=0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    plain = CIFARDataModule(root=str(fake_cifar), batch_size=6, num_workers=0)
+    assert plain.mean == (0.4914, 0.4822, 0.4465) and own.mean == (0.5,) * 3
+    x, _ = next(iter(own.val_dataloader()))
+    pixels = torch.stack([torchvision.transforms.functional.to_tensor(own.val_dataset.data[i]) for i in range(6)])
+    torch.testing.assert_close(x, 2 * pixels - 1, rtol=0, atol=1e-6)
+    with pytest.raises(ZooError, match="give mean and std together"):
+        CIFARDataModule(root=str(fake_cifar), std=(0.5,) * 3)
+
+
 def test_cifar_fraction_val_split(fake_cifar: Path) -> None:
     dm = CIFARDataModule(root=str(fake_cifar), val_split="0.2", batch_size=4, num_workers=0)
     dm.setup("fit")
@@ -311,3 +323,91 @@ def test_image_folder_missing_val_raises(tmp_path: Path) -> None:
 def test_image_folder_missing_root_raises(tmp_path: Path) -> None:
     with pytest.raises(ZooError, match="nowhere"):
         ImageFolderDataModule(root=str(tmp_path / "nowhere"))
+
+
+def _tiny_vit(**kwargs):
+    import zoo
+
+    torch.manual_seed(0)
+    return zoo.sinkformer_vit_tiny_patch16_224(img_size=16, patch_size=8, depth=1, num_classes=3, **kwargs)
+
+
+def test_image_folder_preprocesses_as_the_models_pretrained_cfg(tmp_path: Path) -> None:
+    """Left None, size, crop, mean / std and interpolation follow the Trainer's model's pretrained_cfg (an augreg
+    ViT: mean 0.5, bicubic, crop_pct 0.9): the validation images equal timm's own eval transform of that cfg."""
+    from timm.data import create_transform, resolve_data_config
+
+    _write_image_folder(tmp_path, ["cat", "dog", "fish"])
+    dm = ImageFolderDataModule(root=str(tmp_path), batch_size=9, num_workers=0)
+    assert (dm.image_size, dm.mean, dm.interpolation) == (224, (0.485, 0.456, 0.406), "bilinear")  # no model yet
+    model = _tiny_vit(optimizer=lambda groups: torch.optim.SGD(groups, lr=0.0), lr_scheduler=None)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, datamodule=dm)
+    assert (dm.image_size, dm.resize_size, dm.mean, dm.std) == (16, 17, (0.5,) * 3, (0.5,) * 3)
+    assert dm.interpolation == "bicubic"
+    timm_eval = create_transform(**resolve_data_config({}, model=model))
+    want = torch.stack([timm_eval(Image.open(path).convert("RGB")) for path, _ in dm.val_dataset.samples])
+    torch.testing.assert_close(next(iter(dm.val_dataloader()))[0], want, rtol=0, atol=1e-6)
+    assert model.pretrained_cfg["mean"] == (0.5,) * 3  # and the fit records them as before
+
+
+def test_image_folder_arguments_win_over_the_models_cfg(tmp_path: Path) -> None:
+    _write_image_folder(tmp_path, ["cat", "dog"])
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), image_size=8, mean=(0.1, 0.2, 0.3), std=(1, 2, 3), interpolation="nearest", num_workers=0
+    )
+    dm._resolve(_tiny_vit().pretrained_cfg)
+    assert (dm.image_size, dm.resize_size, dm.mean, dm.std) == (8, 8, (0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    assert dm.interpolation == "nearest"
+
+
+def test_image_folder_random_erasing_erases_one_box_of_the_training_image(tmp_path: Path) -> None:
+    """With the same seed the pipeline with random_erasing=1 differs from the one without in one box (all
+    channels), filled with random normal values."""
+    _write_image_folder(tmp_path, ["cat", "dog"])
+    image = Image.open(tmp_path / "train" / "cat" / "img0.png").convert("RGB")
+    out = {}
+    for p in (0.0, 1.0):
+        dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, random_erasing=p, num_workers=0)
+        torch.manual_seed(3)
+        out[p] = dm.train_transform()(image)
+    changed = (out[0.0] != out[1.0]).all(dim=0)
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    assert changed.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) > 0
+    assert ((out[0.0] != out[1.0]).any(dim=0) == changed).all()
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment", "autoaugment", "augmix"])
+def test_image_folder_auto_augment_policies_change_the_training_images(tmp_path: Path, policy: str) -> None:
+    _write_image_folder(tmp_path, ["cat", "dog"])
+    image = Image.open(tmp_path / "train" / "cat" / "img0.png").convert("RGB")
+    plain = ImageFolderDataModule(root=str(tmp_path), image_size=16, hflip=0.0, num_workers=0)
+    policy_dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, hflip=0.0, auto_augment=policy, num_workers=0)
+    differs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = plain.train_transform()(image)
+        torch.manual_seed(seed)  # the same crop, then the policy
+        b = policy_dm.train_transform()(image)
+        assert b.shape == a.shape == (3, 16, 16)
+        differs.append(not torch.equal(a, b))
+    assert any(differs)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"interpolation": "lanczos"}, "interpolation must be one of bilinear, bicubic, nearest"),
+        ({"auto_augment": "rand-m9"}, "auto_augment must be one of randaugment"),
+        ({"mean": (0.5, 0.5, 0.5)}, "give mean and std together"),
+        ({"hflip": 2}, r"hflip must be a probability in \[0, 1\]"),
+        ({"random_erasing": -0.1}, r"random_erasing must be a probability"),
+        ({"image_size": 0}, "image_size must be a positive integer"),
+    ],
+)
+def test_image_folder_bad_preprocessing_argument_is_one_clear_error(tmp_path: Path, bad: dict, match: str) -> None:
+    _write_image_folder(tmp_path, ["cat", "dog"])
+    with pytest.raises(ZooError, match=match):
+        ImageFolderDataModule(root=str(tmp_path), num_workers=0, **bad)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,35 @@ _CIFAR_CLASSES: dict[str, type[datasets.CIFAR10]] = {
 }
 _CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
+_INTERPOLATIONS: dict[str, transforms.InterpolationMode] = {
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+    "nearest": transforms.InterpolationMode.NEAREST,
+}
+# torchvision's policies, each built with the crops' interpolation
+_AUTO_AUGMENT: dict[str, Callable[[transforms.InterpolationMode], Any]] = {
+    "randaugment": lambda mode: transforms.RandAugment(interpolation=mode),
+    "trivialaugment": lambda mode: transforms.TrivialAugmentWide(interpolation=mode),
+    "autoaugment": lambda mode: transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET, interpolation=mode),
+    "augmix": lambda mode: transforms.AugMix(interpolation=mode),
+}
+
+
+def _check_mean_std(
+    mean: Sequence[float] | None, std: Sequence[float] | None, default: str = "the dataset's"
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` as tuples of floats, None when neither is given; one DataArgumentError for one without the
+    other, different lengths, or a standard deviation <= 0."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise DataArgumentError(f"give mean and std together (or neither: {default})")
+    if len(mean) != len(std):
+        raise DataArgumentError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
+    if any(s <= 0 for s in std):
+        raise DataArgumentError(f"std must be positive, got {tuple(std)}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
 
 class CIFARDataModule(ZooDataModule):
     """CIFAR-10 or CIFAR-100 via ``torchvision.datasets`` with the standard augmentation.
@@ -56,6 +86,10 @@ class CIFARDataModule(ZooDataModule):
         image_size: the side the images are resized to (an integer >= 8; 32 keeps them as they are).
         augment: whether training images get the random crop and flip.
         val_split: ``"test"``, or the held-out fraction of the training set as a string (``"0.1"``).
+        mean: the per-channel mean the images are normalised with; None: the dataset's (``CIFAR_STATS``). A
+            pretrained model being fine-tuned wants its own (its ``pretrained_cfg["mean"]``: 0.5 for timm's augreg
+            ViTs).
+        std: the per-channel standard deviation (positive); None: the dataset's.
     """
 
     def __init__(
@@ -68,6 +102,8 @@ class CIFARDataModule(ZooDataModule):
         image_size: int = 32,
         augment: bool = True,
         val_split: str = "test",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         """Validate the arguments and, unless ``download`` is set, check that the data is on disk."""
         super().__init__(batch_size, num_workers)
@@ -85,7 +121,7 @@ class CIFARDataModule(ZooDataModule):
         self.augment = bool(augment)
         self.val_split = str(val_split)
         self.num_classes = _CIFAR_NUM_CLASSES[name]
-        self.mean, self.std = CIFAR_STATS[name]
+        self.mean, self.std = _check_mean_std(mean, std) or CIFAR_STATS[name]
         self.class_names: list[str] | None = None
         self.root = self._resolve_root(root)
         if not self.download:
@@ -212,24 +248,36 @@ def _list_classes(folder: Path) -> list[str]:
 
 
 class ImageFolderDataModule(ZooDataModule):
-    """An ImageNet-style dataset: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``.
+    """An ImageNet-style dataset: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``, preprocessed as
+    the model expects (timm's ``resolve_data_config`` / ``create_transform``).
 
-    Training uses ``RandomResizedCrop(image_size)`` and a horizontal flip; evaluation resizes the short
-    side to ``resize_size`` (default ``image_size * 256 // 224``) and centre-crops ``image_size``. The
-    class list comes from the train folder and is shared by the val folder. Test and predict read the val folder
-    (ImageNet-style datasets ship no labelled test split).
+    Training: ``RandomResizedCrop(image_size)``, a horizontal flip (``hflip``), the ``auto_augment`` policy when
+    given, tensor conversion, normalisation, then ``RandomErasing`` (``random_erasing``, random normal values, as
+    timm's ``pixel`` mode). Evaluation: the short side resized to ``resize_size``, a centre crop of ``image_size``,
+    normalisation. The class list comes from the train folder and is shared by the val folder. Test and predict
+    read the val folder (ImageNet-style datasets ship no labelled test split).
+
+    The settings left None follow the ``pretrained_cfg`` of the model being trained (``input_size``, ``mean``,
+    ``std``, ``interpolation``, ``crop_pct``: what its weights were trained with, e.g. mean 0.5 and bicubic for
+    timm's augreg ViTs), read in ``setup`` from the Trainer's model; without a Trainer, or keys the cfg lacks,
+    ImageNet's: 224 px, the ImageNet mean / std, bilinear, ``crop_pct`` 0.875.
 
     Args:
         root: the dataset's folder.
         train_dir: the training folder, relative to ``root``.
         val_dir: the validation folder, relative to ``root``.
-        image_size: the side of the square crops (a positive integer).
+        image_size: the side of the square crops (a positive integer); None: the model's input size.
         resize_size: the short side evaluation images are resized to before the centre crop (>= ``image_size``);
-            None for ``image_size * 256 // 224``.
+            None for ``floor(image_size / crop_pct)`` with the model's ``crop_pct`` (ImageNet's: 0.875).
         batch_size: samples per batch (an integer >= 1).
         num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
-        mean: the per-channel mean the images are normalised with.
-        std: the per-channel standard deviation (positive).
+        mean: the per-channel mean the images are normalised with; None: the model's.
+        std: the per-channel standard deviation (positive); None: the model's.
+        interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``, for crops and resizes; None: the model's.
+        hflip: the probability of the training images' horizontal flip, in [0, 1].
+        auto_augment: a torchvision policy for the training images: ``"randaugment"``, ``"trivialaugment"``,
+            ``"autoaugment"`` (the ImageNet policy) or ``"augmix"``; None for none.
+        random_erasing: the probability that a training image gets one random box erased, in [0, 1].
     """
 
     test_split = "val"
@@ -239,23 +287,37 @@ class ImageFolderDataModule(ZooDataModule):
         root: str,
         train_dir: str = "train",
         val_dir: str = "val",
-        image_size: int = 224,
+        image_size: int | None = None,
         resize_size: int | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        hflip: float = 0.5,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
     ) -> None:
-        """Check the folders exist and list the classes (cheap); the datasets are built in ``setup``."""
+        """Check the arguments and that the folders exist, and list the classes (cheap); the datasets are built in
+        ``setup``."""
         super().__init__(batch_size, num_workers)
-        if int(image_size) != image_size or image_size < 1:
-            raise DataArgumentError(f"image_size must be a positive integer, got {image_size!r}")
-        if resize_size is not None and (int(resize_size) != resize_size or resize_size < image_size):
+        if image_size is not None and (int(image_size) != image_size or image_size < 1):
+            raise DataArgumentError(f"image_size must be a positive integer (or null: the model's), got {image_size!r}")
+        if resize_size is not None and (int(resize_size) != resize_size or resize_size < (image_size or 1)):
             raise DataArgumentError(f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}")
-        if len(mean) != len(std):
-            raise DataArgumentError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
-        if any(s <= 0 for s in std):
-            raise DataArgumentError(f"std must be positive, got {tuple(std)}")
+        _check_mean_std(mean, std, "the model's")
+        if interpolation is not None and interpolation not in _INTERPOLATIONS:
+            raise DataArgumentError(
+                f"interpolation must be one of {', '.join(_INTERPOLATIONS)} (or null: the model's), got "
+                f"{interpolation!r}"
+            )
+        if auto_augment is not None and auto_augment not in _AUTO_AUGMENT:
+            raise DataArgumentError(
+                f"auto_augment must be one of {', '.join(_AUTO_AUGMENT)} (or null: none), got {auto_augment!r}"
+            )
+        for name, value in (("hflip", hflip), ("random_erasing", random_erasing)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise DataArgumentError(f"{name} must be a probability in [0, 1], got {value!r}")
         self.save_hyperparameters()
         self.root = Path(os.path.expanduser(str(root)))
         self.train_path = self.root / train_dir
@@ -276,27 +338,57 @@ class ImageFolderDataModule(ZooDataModule):
                 f"val folder '{self.val_path}' has classes missing from the train folder: {', '.join(unknown[:5])}"
             )
         self.num_classes = len(self.class_names)
-        self.image_size = int(image_size)
-        self.resize_size = int(resize_size) if resize_size is not None else self.image_size * 256 // 224
+        self.hflip = float(hflip)
+        self.auto_augment = auto_augment
+        self.random_erasing = float(random_erasing)
+        self._resolve({})
+
+    def _resolve(self, cfg: Mapping[str, Any]) -> None:
+        """Set ``image_size``, ``resize_size``, ``mean``, ``std``, ``interpolation``: the arguments given, else
+        the model's ``cfg`` (timm's ``pretrained_cfg`` keys), else ImageNet's."""
+        hp = self.hparams
+        size = tuple(cfg.get("input_size") or ())[-2:]
+        square = int(size[0]) if len(size) == 2 and size[0] == size[1] else None
+        self.image_size = int(hp.image_size or square or 224)
+        crop_pct = cfg.get("crop_pct")
+        crop_pct = float(crop_pct) if isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1 else 0.875
+        self.resize_size = int(hp.resize_size or math.floor(self.image_size / crop_pct))
+        mean, std = cfg.get("mean"), cfg.get("std")
+        rgb = all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std))  # the folder's images are RGB
+        if hp.mean is not None:
+            mean, std = hp.mean, hp.std
+        elif not rgb:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        interpolation = hp.interpolation or cfg.get("interpolation")
+        self.interpolation = interpolation if interpolation in _INTERPOLATIONS else "bilinear"
+
+    def _model_cfg(self) -> Mapping[str, Any]:
+        """The ``pretrained_cfg`` of the Trainer's model (empty without a Trainer or a cfg)."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        cfg = getattr(model, "pretrained_cfg", None)
+        return cfg if isinstance(cfg, Mapping) else {}
 
     def train_transform(self) -> transforms.Compose:
-        """RandomResizedCrop + horizontal flip + normalisation."""
-        return transforms.Compose(
-            [
-                transforms.RandomResizedCrop(self.image_size, antialias=True),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ]
-        )
+        """RandomResizedCrop + horizontal flip + the auto-augment policy + normalisation + random erasing."""
+        mode = _INTERPOLATIONS[self.interpolation]
+        ops: list[Any] = [transforms.RandomResizedCrop(self.image_size, interpolation=mode, antialias=True)]
+        if self.hflip > 0:
+            ops.append(transforms.RandomHorizontalFlip(self.hflip))
+        if self.auto_augment is not None:
+            ops.append(_AUTO_AUGMENT[self.auto_augment](mode))
+        ops += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+        if self.random_erasing > 0:
+            ops.append(transforms.RandomErasing(self.random_erasing, value="random"))
+        return transforms.Compose(ops)
 
     def eval_transform(self) -> transforms.Compose:
         """Resize the short side + centre crop + normalisation."""
         return transforms.Compose(
             [
-                transforms.Resize(self.resize_size, antialias=True),
+                transforms.Resize(self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation], antialias=True),
                 transforms.CenterCrop(self.image_size),
                 transforms.ToTensor(),
                 transforms.Normalize(self.mean, self.std),
@@ -311,7 +403,10 @@ class ImageFolderDataModule(ZooDataModule):
         return ds
 
     def setup(self, stage: str | None = None) -> None:
-        """Index the image files (idempotent)."""
+        """Follow the Trainer's model's ``pretrained_cfg`` where the arguments are None, and index the image files
+        (idempotent)."""
+        if self.train_dataset is None and self.val_dataset is None:
+            self._resolve(self._model_cfg())
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._build(self.train_path, self.train_transform())
         if self.val_dataset is None:
