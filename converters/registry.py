@@ -298,8 +298,15 @@ def _carry_data_config(converted: nn.Module, source: nn.Module) -> None:
 # the training settings a converted LightningModule takes (zoo.tasks.ImageClassifier's injected factories and loss
 # option); listed here, not read from the task's signature
 TRAINING_OPTIONS: tuple[str, ...] = ("optimizer", "lr_scheduler", "label_smoothing")
-# and those of an image classifier (zoo.tasks.ImageClassifier's layer-wise learning-rate decay and batch mixing)
-IMAGE_TRAINING_OPTIONS: tuple[str, ...] = (*TRAINING_OPTIONS, "layer_decay", "mixup_alpha", "cutmix_alpha")
+# and those of an image classifier (zoo.tasks.ImageClassifier's layer-wise learning-rate decay, batch mixing and
+# activation checkpointing)
+IMAGE_TRAINING_OPTIONS: tuple[str, ...] = (
+    *TRAINING_OPTIONS,
+    "layer_decay",
+    "mixup_alpha",
+    "cutmix_alpha",
+    "grad_checkpointing",
+)
 
 
 def source_device_dtype(model: nn.Module, label: str) -> tuple[torch.device, torch.dtype]:

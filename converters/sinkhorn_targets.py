@@ -13,8 +13,8 @@ Attention targets (family ``"attention"``: a timm ``VisionTransformer``, a torch
   learned position embedding, timm ``Block``/``Attention``/``Mlp``, no register tokens) becomes the zoo
   :class:`zoo.models.SinkformerViT` LightningModule (trains with ``Trainer.fit``, saves with
   ``save_pretrained``, accepts the training settings ``optimizer``, ``lr_scheduler``, ``label_smoothing``,
-  ``layer_decay``, ``mixup_alpha``, ``cutmix_alpha``); any other source comes back as itself (same class) with
-  its attention swapped (an info line says why a ViT did not map).
+  ``layer_decay``, ``mixup_alpha``, ``cutmix_alpha``, ``grad_checkpointing``); any other source comes back as
+  itself (same class) with its attention swapped (an info line says why a ViT did not map).
   Copies: like every target, the source is left unchanged by default: the conversion works on a deep
   copy (the result's parameters are that copy's, moved by no further copy). ``inplace=True`` copies
   nothing: the swap happens in the source itself (which is returned), or the SinkformerViT is built

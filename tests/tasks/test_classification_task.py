@@ -601,6 +601,33 @@ def test_mixing_a_batch_that_is_not_images_names_the_fix() -> None:
         model.training_step((torch.randn(2, 16, 3), torch.tensor([0, 1])), 0)
 
 
+# ------------------------------------------------------------------------------------------------ checkpointing
+
+
+def test_grad_checkpointing_turns_on_the_familys_checkpointing_in_a_fit() -> None:
+    """``grad_checkpointing=True`` (timm's flag, for a recipe): a block runs twice per step (its recompute in
+    backward), and one SGD step leaves the weights the run without it leaves."""
+
+    def fit(checkpointing: bool) -> tuple[int, torch.Tensor, bool]:
+        torch.manual_seed(0)
+        model = zoo.sinkformer_vit_tiny_patch16_224(
+            img_size=16, patch_size=8, depth=2, num_classes=3, grad_checkpointing=checkpointing,
+            optimizer=SGD, lr_scheduler=None,
+        )  # fmt: skip
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))  # the recompute may stop early
+        x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        trainer(max_steps=1).fit(model, DataLoader(TensorDataset(x, torch.tensor([0, 1, 2, 0])), batch_size=4))
+        return len(calls), model.blocks[0].mlp.fc1.weight.detach(), model.grad_checkpointing
+
+    assert fit(False)[0] == 1 and fit(False)[2] is False
+    calls, weights, on = fit(True)
+    assert calls == 2 and on is True and "grad_checkpointing" not in tiny_model().hparams
+    torch.testing.assert_close(weights, fit(False)[1], rtol=0, atol=1e-7)
+    with pytest.raises(ZooError, match="SetTransformer has no activation checkpointing"):
+        zoo.models.SetTransformer(num_classes=3, embed_dim=8, num_heads=2, num_inducing=2, grad_checkpointing=True)
+
+
 # ------------------------------------------------------------------------------------------------ extra losses
 
 

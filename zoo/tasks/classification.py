@@ -21,7 +21,7 @@ from zoo.tasks.optim import (
     check_factory,
     parameter_groups,
 )
-from zoo.validation import finite_float, non_negative_int
+from zoo.validation import boolean, finite_float, non_negative_int
 
 __all__ = ["ImageClassifier", "record_normalisation", "record_num_classes"]
 
@@ -107,6 +107,11 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
             from the next image, the targets weighted by the areas. 0: off; with both on, each batch gets one
             of the two at random (timm's ``switch_prob`` 0.5). Validation and test batches are never mixed.
 
+        grad_checkpointing: turn on the family's activation checkpointing (timm's ``set_grad_checkpointing``:
+            the same gradients for less memory and about one more forward) when a Trainer sets the model up,
+            as timm's ``--grad-checkpointing`` and Hugging Face's ``gradient_checkpointing``; the point-cloud
+            families have none.
+
     Targets are class indices (B,) or class probabilities (B, num_classes) (a data pipeline's own MixUp / CutMix,
     timm's ``Mixup``): the loss is the cross-entropy against them, accuracy counts the most likely class.
 
@@ -126,6 +131,7 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         layer_decay: float | None = None,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         non_negative_int(
@@ -145,8 +151,24 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         hint = "give a Beta concentration >= 0 (0: off; timm's fine-tuning recipes: mixup 0.8, cutmix 1.0)"
         self.mixup_alpha = finite_float("mixup_alpha", mixup_alpha, 0.0, hint=hint)
         self.cutmix_alpha = finite_float("cutmix_alpha", cutmix_alpha, 0.0, hint=hint)
+        if boolean("grad_checkpointing", grad_checkpointing) and not callable(
+            getattr(type(self), "set_grad_checkpointing", None)
+        ):
+            raise ZooError(
+                f"{type(self).__name__} has no activation checkpointing (set_grad_checkpointing); leave "
+                "grad_checkpointing false"
+            )
+        self.checkpoint_in_fit = bool(grad_checkpointing)
         self.save_hyperparameters(
-            ignore=["weights", "optimizer", "lr_scheduler", "layer_decay", "mixup_alpha", "cutmix_alpha"]
+            ignore=[
+                "weights",
+                "optimizer",
+                "lr_scheduler",
+                "layer_decay",
+                "mixup_alpha",
+                "cutmix_alpha",
+                "grad_checkpointing",
+            ]
         )
         self._make_metrics(num_classes)
 
@@ -192,6 +214,13 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
                 f"outputs: build the model with num_classes={classes} (in a recipe, model.init_args.num_classes: "
                 f"{classes}), or model.reset_classifier({classes}) to fine-tune"
             )
+
+    def setup(self, stage: str) -> None:
+        """Turn on activation checkpointing when built with ``grad_checkpointing=True`` (the families set their
+        own switch while building, after this class's constructor)."""
+        if self.checkpoint_in_fit:
+            self.set_grad_checkpointing(True)
+        super().setup(stage)
 
     def on_fit_start(self) -> None:
         """Check the data module's number of classes against the classifier's (one ZooError naming the fix), and
