@@ -368,3 +368,69 @@ def test_folder_clouds_bad_layouts_are_one_clear_error(tmp_path: Path) -> None:
         PointCloudFolderDataModule(str(tmp_path), num_points=8).setup()
     with pytest.raises(ZooError, match="has no train or val folder"):
         PointCloudFolderDataModule(str(tmp_path / "train"), num_points=8).setup()
+
+
+def test_pad_point_clouds_pads_with_zeros_and_marks_the_padding() -> None:
+    from zoo.data.pointcloud import pad_point_clouds
+
+    clouds = [torch.randn(3, 4), torch.randn(5, 4), torch.randn(1, 4)]
+    points, labels, mask = pad_point_clouds([(c, torch.tensor(i)) for i, c in enumerate(clouds)])
+    assert points.shape == (3, 5, 4) and labels.tolist() == [0, 1, 2] and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [2, 0, 4]
+    for cloud, row, padded in zip(clouds, points, mask):
+        torch.testing.assert_close(row[~padded], cloud, rtol=0, atol=0)
+        assert (row[padded] == 0).all()
+    inputs, inputs_mask = pad_point_clouds(clouds)  # prediction: the clouds alone
+    assert torch.equal(inputs, points) and torch.equal(inputs_mask, mask)
+
+
+def _write_clouds_of_many_sizes(root: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for c, name in enumerate(("ball", "box")):
+            for i in range(count):
+                f = root / split / name / f"{i}.npy"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                np.save(f, rng.normal(size=(5 + 3 * i + c, 3)) * (1 + c))
+
+
+def test_whole_clouds_of_many_sizes_train_a_set_transformer_with_padded_batches(tmp_path: Path) -> None:
+    """num_points=None: each cloud whole, batches padded with a mask; the Trainer's predictions of a padded batch
+    equal each cloud run alone (padding changes nothing), and a model without padding_mask says what to do."""
+    import lightning.pytorch as pl
+
+    from zoo.models import PointCloudTransformer, SetTransformer
+
+    _write_clouds_of_many_sizes(tmp_path)
+    dm = PointCloudFolderDataModule(str(tmp_path), num_points=None, batch_size=4, normalization="none")
+    dm.setup()
+    points, labels, mask = next(iter(dm.val_dataloader()))
+    assert points.shape[0] == 4 and mask.any() and labels.dtype == torch.long
+    torch.manual_seed(0)
+    model = SetTransformer(num_classes=2, embed_dim=8, num_heads=2, num_inducing=2, n_iter=3, lr_scheduler=None)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    predicted = torch.cat(trainer.predict(model, datamodule=dm))
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model(cloud[None]).softmax(-1) for cloud, _ in dm.val_dataset])
+    torch.testing.assert_close(predicted, alone, rtol=1e-5, atol=1e-6)
+    pct = PointCloudTransformer(num_classes=2, embed_dim=8, sample_points=(4, 2), num_neighbors=2, depth=1)
+    with pytest.raises(ZooError, match="padding_mask.*PointCloudTransformer does not take.*num_points"):
+        pct.training_step((points, labels, mask), 0)
+
+
+def test_dataset_of_clouds_of_different_sizes_gives_whole_clouds() -> None:
+    clouds = [torch.randn(4, 3).double(), torch.randn(7, 3)]
+    data = PointCloudDataset(clouds, [1, 0])
+    assert data[0][0].shape == (4, 3) and data[0][0].dtype == torch.float32 and len(data) == 2
+    assert data.collate_fn is not None
+    with pytest.raises(ZooError, match="leave num_points None"):
+        PointCloudDataset(clouds, [1, 0], num_points=3)
+    with pytest.raises(ZooError, match="one number of channels"):
+        PointCloudDataset([torch.randn(4, 3), torch.randn(5, 6)], [0, 1])

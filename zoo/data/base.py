@@ -44,6 +44,7 @@ class InputsOnly(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.collate_fn = getattr(dataset, "collate_fn", None)  # the inputs batch as the dataset's own items do
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -80,9 +81,11 @@ class ZooDataModule(pl.LightningDataModule):
         self.test_dataset: Dataset | None = None
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        """A DataLoader over ``dataset`` with the module's batch size and workers."""
+        """A DataLoader over ``dataset`` with the module's batch size and workers, and the dataset's
+        ``collate_fn`` when it has one (clouds of different sizes: :func:`zoo.data.pointcloud.pad_point_clouds`)."""
         return DataLoader(
             dataset,
+            collate_fn=getattr(dataset, "collate_fn", None),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

@@ -35,6 +35,7 @@ __all__ = [
     "PointCloudFolderDataModule",
     "SyntheticPointCloudDataModule",
     "normalize_points",
+    "pad_point_clouds",
     "read_off",
     "read_points",
     "sample_surface",
@@ -239,7 +240,10 @@ def _as_tensor(name: str, values: Any) -> torch.Tensor:
 
         array = np.asarray(values)
     except ValueError:
-        raise ZooError(f"{name} must be one array; clouds of different sizes: use PointCloudFolderDataModule") from None
+        raise ZooError(
+            f"{name} must be one array; clouds of different sizes: give a list of (P_i, C) clouds, or use "
+            "PointCloudFolderDataModule(num_points=None)"
+        ) from None
     if array.dtype.kind not in "biuf":
         raise ZooError(
             f"{name} must be numbers, got a {array.dtype} array; for class names as labels, map them to indices "
@@ -248,12 +252,37 @@ def _as_tensor(name: str, values: Any) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _check_sampling(num_points: Any, normalization: Any) -> None:
-    """One ZooError for a data module's ``num_points`` (a positive integer) or ``normalization`` (a known name)."""
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-        raise ZooError(f"num_points must be a positive integer, got {num_points!r}")
+def _check_sampling(num_points: Any, normalization: Any, whole: bool = False) -> None:
+    """One ZooError for a data module's ``num_points`` (a positive integer; None too where ``whole`` clouds are
+    allowed) or ``normalization`` (a known name)."""
+    if whole and num_points is None:
+        pass
+    elif isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+        either = " (or null: every cloud whole, batches padded)" if whole else ""
+        raise ZooError(f"num_points must be a positive integer{either}, got {num_points!r}")
     if normalization not in NORMALIZATIONS:
         raise ZooError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
+
+
+def pad_point_clouds(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor] | torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
+    """Collate clouds of different sizes (a DataLoader's ``collate_fn``): the points zero-padded to the largest
+    cloud, (B, N_max, C), with ``padding_mask`` (B, N_max), True = padded point, the models' convention. Samples
+    ``(points, label)`` give ``(points, labels, padding_mask)``; clouds alone (prediction) ``(points,
+    padding_mask)``.
+
+    Args:
+        samples: the dataset's items: (N_i, C) clouds, or (cloud, label) pairs.
+    """
+    labelled = isinstance(samples[0], (tuple, list))
+    clouds = [sample[0] if labelled else sample for sample in samples]
+    sizes = torch.tensor([cloud.shape[0] for cloud in clouds])
+    points = torch.nn.utils.rnn.pad_sequence(clouds, batch_first=True)
+    padding_mask = torch.arange(points.shape[1]) >= sizes[:, None]
+    if not labelled:
+        return points, padding_mask
+    return points, torch.stack([torch.as_tensor(sample[1]) for sample in samples]), padding_mask
 
 
 class PointCloudDataset(Dataset):
@@ -261,8 +290,11 @@ class PointCloudDataset(Dataset):
     as class indices 0..K-1): item i is ``num_points`` of cloud i (the first ones, or a random subset with
     ``subsample="random"``), augmented by ``augment`` when given.
 
+    ``points`` may also be a list of clouds of different sizes (P_i, C): items are then whole clouds
+    (``num_points`` None), batched by :func:`pad_point_clouds` (``collate_fn``) with a padding mask.
+
     Args:
-        points: the clouds (M, P, C), xyz first, floating point.
+        points: the clouds (M, P, C), xyz first, floating point; or a list of (P_i, C) clouds.
         labels: the class indices (M,), integers.
         num_points: points per item (None: all P).
         augment: a transform of one cloud (N, C) (e.g. :class:`PointCloudAugment`); None for none.
@@ -277,12 +309,16 @@ class PointCloudDataset(Dataset):
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         subsample: str = "first",
     ) -> None:
+        self.collate_fn: Callable[..., Any] | None = None
+        if isinstance(points, (list, tuple)) and len({tuple(getattr(c, "shape", ())) for c in points}) > 1:
+            self._set_clouds(points, labels, num_points, augment)  # clouds of different sizes
+            return
         points, labels = _as_tensor("points", points), _as_tensor("labels", labels)
         if points.dim() != 3 or labels.shape != points.shape[:1]:
             raise ZooError(
                 f"points must be (M, P, C) and labels (M,), got {tuple(points.shape)} and {tuple(labels.shape)}; "
-                "clouds of different sizes: resample each to one size, or keep one file per cloud and use "
-                "PointCloudFolderDataModule"
+                "clouds of different sizes: give them as a list of (P_i, C) clouds (batched with a padding mask), "
+                "or keep one file per cloud and use PointCloudFolderDataModule"
             )
         if not points.is_floating_point():
             raise ZooError(f"points must be floating point coordinates, got {points.dtype}: give points.float()")
@@ -300,12 +336,40 @@ class PointCloudDataset(Dataset):
         self.points, self.labels = points.to(torch.float32), labels.long()
         self.num_points, self.augment, self.subsample = num_points, augment, subsample
 
+    def _set_clouds(self, clouds: Sequence[Any], labels: Any, num_points: int | None, augment: Callable | None) -> None:
+        """A list of clouds (P_i, C) of any sizes: whole clouds as items, batched with :func:`pad_point_clouds`."""
+        if num_points is not None:
+            raise ZooError(
+                "num_points applies to clouds of one size (M, P, C); a list of clouds of different sizes gives each "
+                "cloud whole, batched with a padding mask: leave num_points None (or resample the clouds to one size)"
+            )
+        tensors = [_as_tensor("points", cloud) for cloud in clouds]
+        labels = _as_tensor("labels", labels)
+        channels = {t.shape[-1] for t in tensors if t.dim() == 2}
+        if not tensors or any(t.dim() != 2 or t.shape[0] < 1 for t in tensors) or len(channels) != 1:
+            raise ZooError(
+                "points given as a list must be non-empty (P_i, C) clouds with one number of channels C, got "
+                f"shapes {[tuple(t.shape) for t in tensors[:4]]}{' ...' if len(tensors) > 4 else ''}"
+            )
+        if labels.shape != (len(tensors),):
+            raise ZooError(f"labels must be ({len(tensors)},), one per cloud, got {tuple(labels.shape)}")
+        if not all(t.is_floating_point() for t in tensors):
+            raise ZooError("points must be floating point coordinates: give each cloud as float")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ZooError(f"labels must be integer class indices 0..K-1, got {labels.dtype}")
+        self.points = [t.to(torch.float32) for t in tensors]
+        self.labels = labels.long()
+        self.num_points, self.augment, self.subsample = None, augment, "first"
+        self.collate_fn = pad_point_clouds
+
     def __len__(self) -> int:
-        return int(self.points.shape[0])
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         cloud = self.points[index]
-        if self.subsample == "random" and self.num_points < cloud.shape[0]:
+        if self.num_points is None:
+            pass
+        elif self.subsample == "random" and self.num_points < cloud.shape[0]:
             cloud = cloud[torch.randperm(cloud.shape[0])[: self.num_points]]
         else:
             cloud = cloud[: self.num_points]
@@ -582,7 +646,9 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
 
     Args:
         root: the folder holding ``train/``, ``val/`` (and ``test/``).
-        num_points: points per cloud (every cloud needs at least this many).
+        num_points: points per cloud (every cloud needs at least this many); None: every cloud whole, the
+            batches zero-padded to their largest cloud with a ``padding_mask`` (``(points, labels,
+            padding_mask)``, :func:`pad_point_clouds`), for the models that take one (the Set Transformers).
         normalization: ``"unit_sphere"``, ``"standardize"`` or ``"none"`` (:func:`normalize_points`, xyz only).
         scale: the per-axis scaling range (low, high) of the train augmentation (:class:`PointCloudAugment`); None
             for no scaling.
@@ -600,7 +666,7 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
     def __init__(
         self,
         root: str,
-        num_points: int = 1024,
+        num_points: int | None = 1024,
         normalization: str = "unit_sphere",
         scale: Sequence[float] | None = (2 / 3, 1.5),
         translate: float = 0.2,
@@ -613,7 +679,7 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        _check_sampling(num_points, normalization)
+        _check_sampling(num_points, normalization, whole=True)
         super().__init__(
             batch_size,
             num_workers,
@@ -636,7 +702,7 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
         if (self.root / "test").is_dir():
             self.test_split = "test"
 
-    def _read_split(self, split: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_split(self, split: str, g: torch.Generator) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
         folder = self.root / split
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if split == "train":
@@ -659,17 +725,22 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
                         f"{f} has {cloud.shape[1]} channels per point, the clouds before it {self.in_chans}: "
                         "give every cloud the same channels (xyz first)"
                     )
+                if self.num_points is None:  # whole clouds, batched with a padding mask
+                    clouds.append(normalize_points(cloud, self.normalization))
+                    labels.append(label)
+                    continue
                 if cloud.shape[0] < self.num_points:
                     raise ZooError(
                         f"{f} has {cloud.shape[0]} points, fewer than num_points={self.num_points}: lower "
-                        "num_points, or remove (or resample) that cloud"
+                        "num_points (or null: every cloud whole, batches padded), or remove (or resample) that cloud"
                     )
                 pick = torch.randperm(cloud.shape[0], generator=g)[: self.num_points]
                 clouds.append(normalize_points(cloud[pick], self.normalization))
                 labels.append(label)
         if not clouds:
             raise ZooError(f"no clouds in {folder}: expected {folder}/<class>/<cloud>.npy (or .txt, .xyz, .csv, .off)")
-        return torch.stack(clouds), torch.tensor(labels, dtype=torch.long)
+        labels_tensor = torch.tensor(labels, dtype=torch.long)
+        return (clouds if self.num_points is None else torch.stack(clouds)), labels_tensor
 
     def setup(self, stage: str | None = None) -> None:
         """Read every split once; later calls are no-ops."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,6 +39,16 @@ def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
     if isinstance(cfg, dict):
         model.pretrained_cfg = {**cfg, "num_classes": int(num_classes)}
         model.default_cfg = model.pretrained_cfg
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(inputs, targets)``, or ``(inputs, targets, padding_mask)`` (clouds of different sizes, padded)."""
+    if not isinstance(batch, (list, tuple)) or len(batch) not in (2, 3):
+        raise ZooError(
+            f"a batch must be (inputs, targets) or (inputs, targets, padding_mask), got "
+            f"{type(batch).__name__}{f' of {len(batch)} items' if isinstance(batch, (list, tuple)) else ''}"
+        )
+    return batch[0], batch[1], batch[2] if len(batch) == 3 else None
 
 
 def _class_indices(target: torch.Tensor) -> torch.Tensor:
@@ -296,8 +307,9 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self._check_head()
-        x, y = self.mix_batch(*batch)
-        logits = self(x)
+        x, y, padding_mask = _unpack(batch)
+        x, y = self.mix_batch(x, y)
+        logits = self._logits(x, padding_mask)
         loss = self.loss(logits, y)
         self.train_acc(logits.detach(), _class_indices(y))
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
@@ -312,8 +324,8 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         self._check_head()
-        x, y = batch
-        logits = self(x)
+        x, y, padding_mask = _unpack(batch)
+        logits = self._logits(x, padding_mask)
         loss = self.loss(logits, y)
         y = _class_indices(y)
         acc = self.val_acc if stage == "val" else self.test_acc
@@ -345,9 +357,25 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
             self.log(f"{stage}_{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
         return sum(losses.values()) if losses else 0.0
 
+    def _logits(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """``self(x)``, with the batch's ``padding_mask`` when it has one (clouds of different sizes)."""
+        if padding_mask is None:
+            return self(x)
+        if "padding_mask" not in inspect.signature(self.forward).parameters:
+            raise ZooError(
+                f"the batch carries a padding_mask (clouds of different sizes), which {type(self).__name__} does not "
+                "take; give it clouds of one size (the data module's num_points), or use a Set Transformer"
+            )
+        return self(x, padding_mask=padding_mask)
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        out = self(x)
+        x, padding_mask = batch, None
+        if isinstance(batch, (list, tuple)):
+            x = batch[0]
+            last = batch[-1]  # (inputs, padding_mask) of padded clouds; (inputs, targets ...) otherwise
+            if len(batch) > 1 and last.dtype == torch.bool and last.shape == x.shape[:2]:
+                padding_mask = last
+        out = self._logits(x, padding_mask)
         return out.softmax(dim=-1) if hasattr(self, "train_acc") else out  # class probabilities, or features
 
     @property
