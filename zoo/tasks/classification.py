@@ -373,7 +373,12 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         if isinstance(batch, (list, tuple)):
             x = batch[0]
             last = batch[-1]  # (inputs, padding_mask) of padded clouds; (inputs, targets ...) otherwise
-            if len(batch) > 1 and last.dtype == torch.bool and last.shape == x.shape[:2]:
+            if (
+                len(batch) > 1
+                and isinstance(last, torch.Tensor)
+                and last.dtype == torch.bool
+                and last.shape == x.shape[:2]
+            ):
                 padding_mask = last
         out = self._logits(x, padding_mask)
         return out.softmax(dim=-1) if hasattr(self, "train_acc") else out  # class probabilities, or features
