@@ -65,9 +65,9 @@ Ratios are against the baseline measured in the same run.
   relaxed; capacity factor 1) against the dense timm ``Mlp`` of the same width, ViT-S/16 tokens (batch 64 x 197 x
   384, hidden 1536), for 8, 16, 32 and 64 experts: the cells of ``benchmarks/moe_routing.py``.
 
-The markdown report and the JSON file are written (atomically) after every section, so a run cut short leaves
-the sections it finished; ``"complete": true`` marks a finished run. A section that raises keeps the rows it
-measured before the error, which its table shows; the next sections still run.
+The markdown report and the JSON file are written (atomically) after every check and every section, so a run cut
+short leaves the checks and sections it finished; ``"complete": true`` marks a finished run. A section that raises
+keeps the rows it measured before the error, which its table shows; the next sections still run.
 """
 
 from __future__ import annotations
@@ -705,8 +705,11 @@ def check_moe(device: torch.device, sizes: Sizes, case: str) -> Check:
     )
 
 
-def run_checks(device: torch.device, sizes: Sizes, started: float) -> list[Check]:
-    """Every correctness check; one that raises is a FAIL with the error as its detail."""
+def run_checks(
+    device: torch.device, sizes: Sizes, started: float, on_check: Callable[[list[Check]], None] | None = None
+) -> list[Check]:
+    """Every correctness check; one that raises is a FAIL with the error as its detail. ``on_check`` gets the
+    checks done so far after each one (the report is written then: a run cut short keeps them)."""
     jobs: list[tuple[str, Callable[[], Check]]] = [
         ("reversible float64", lambda: check_reversible_mlp(device, sizes, torch.float64)),
         ("reversible float32", lambda: check_reversible_mlp(device, sizes, torch.float32)),
@@ -740,6 +743,8 @@ def run_checks(device: torch.device, sizes: Sizes, started: float) -> list[Check
                 f"{'PASS' if result.passed else 'FAIL'} {result.name}: max error {result.max_error:.2e} "
                 f"(tolerance {result.tolerance:.0e}){'; ' + result.detail if result.detail else ''}",
             )
+            if on_check is not None:
+                on_check(checks)
     free(device, collect=True)
     return checks
 
@@ -1216,7 +1221,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{'smoke run (tiny sizes)' if report['smoke'] else 'full run'}, started {report['started']}, "
         f"wall time {report['wall_s']:.0f} s (limit {sizes['time_limit']:.0f} s)"
-        f"{'' if report['complete'] else ', INCOMPLETE (written after every section)'}.",
+        f"{'' if report['complete'] else ', INCOMPLETE (written after every check and every section)'}.",
         "",
         "## Correctness checks",
         "",
@@ -1508,7 +1513,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(started, f"gpu_suite on {report['machine']['gpu'] or device} ({'smoke' if args.smoke else 'full'} run)")
 
-    checks = run_checks(device, sizes, started)
+    def record(done: list[Check]) -> None:
+        report["checks"] = [dataclasses.asdict(c) for c in done]
+        report["wall_s"] = time.perf_counter() - started
+        write_report(report, args.md, args.json)
+
+    checks = run_checks(device, sizes, started, record)
     report["checks"] = [dataclasses.asdict(c) for c in checks]
     report["wall_s"] = time.perf_counter() - started
     write_report(report, args.md, args.json)

@@ -464,3 +464,22 @@ def test_memory_budget_limits_the_allocator_and_restores_its_limit(monkeypatch: 
         assert fake.fraction == 0.75 and fake.calls[-1] == ("empty_cache", None)
     with gpu_suite.memory_budget(cuda, 100 * 2**30):  # more than the card: no limit below the card
         assert fake.fraction == 1.0
+
+
+def test_a_run_cut_short_during_the_checks_keeps_the_checks_done(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The report is written after every check: a run stopped by the machine's time limit in the middle of the
+    checks still leaves the verdicts it reached (marked incomplete)."""
+    done = gpu_suite.Check("reversible momentum stub", "-", True, 0.0, 1e-8)
+    monkeypatch.setattr(gpu_suite, "check_reversible_mlp", lambda *args: done)
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt  # what a kill looks like from inside: nothing after it runs
+
+    monkeypatch.setattr(gpu_suite, "check_reversible_resnet", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_suite.main(["--smoke", "--md", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["complete"] is False and [c["name"] for c in report["checks"]] == [done.name] * 2
+    assert "INCOMPLETE" in (tmp_path / "r.md").read_text()
