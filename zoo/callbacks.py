@@ -43,8 +43,9 @@ class PredictionWriter(BasePredictionWriter):
       (a tensor when every sample's is a tensor of one shape, a dict of such for dicts, else a list)}``.
       Several predict dataloaders: a list with one such dict per dataloader.
     - ``.csv``: a header, then one row per sample: ``index`` and the sample's values (a 1-D prediction per
-      sample; the columns are the data module's ``class_names`` when there is one name per column, else
-      0, 1, ...). Predictions that are not one number or one row per sample need ``.pt``.
+      sample; the columns are the data module's ``class_names`` when there is one name per column, else the
+      model's ``pretrained_cfg["label_names"]`` (recorded by its fit), else 0, 1, ...). Predictions that are not
+      one number or one row per sample need ``.pt``.
     - ``top_k``: instead of the full (N, C) scores, the k best classes per sample, as ``torch.topk`` gives them:
       ``.pt`` holds ``predictions = {"values": (N, k), "indices": (N, k)}``, ``.csv`` the columns
       ``top1_class, top1_score, ..., topk_class, topk_score`` (class indices; scores as predict_step gave them).
@@ -152,6 +153,8 @@ class PredictionWriter(BasePredictionWriter):
             loaders = [dict(sorted(merged[k].items())) for k in sorted(merged)]
             self.written = sum(len(x) for x in loaders)
             names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+            if names is None:  # the names the model's fit recorded (its checkpoint or save_pretrained carries them)
+                names = (getattr(pl_module, "pretrained_cfg", None) or {}).get("label_names")
             if self.format == "pt":
                 tables = [
                     {"index": torch.tensor(list(x), dtype=torch.long), "predictions": _collate(list(x.values()))}

@@ -1184,6 +1184,9 @@ def check_pretrained_cfg(raw: Any, source: str) -> dict[str, Any]:
     for k in _CFG_STRINGS:
         if raw.get(k) is not None and not isinstance(raw[k], str):
             raise ZooError(f"{where}[{k!r}] must be a string or null, got {type(raw[k]).__name__}")
+    labels = raw.get("label_names")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise ZooError(f"{where}['label_names'] must be a list of strings (one per class) or null, got {labels!r:.80}")
     for k in ("classifier", "paper_ids", "notes"):
         v = raw.get(k)
         if v is not None and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
@@ -1214,7 +1217,7 @@ def check_pretrained_cfg(raw: Any, source: str) -> dict[str, Any]:
     for k in (*_CFG_TUPLES, "notes"):
         if out.get(k) is not None:
             out[k] = getattr(checked, k) if k != "pool_size" else tuple(out[k])
-    for k in ("classifier", "paper_ids"):
+    for k in ("classifier", "paper_ids", "label_names"):
         if isinstance(out.get(k), list):
             out[k] = tuple(out[k])
     return out
@@ -1253,6 +1256,8 @@ def restore_pretrained_cfg(model: nn.Module, stored: Mapping[str, Any]) -> nn.Mo
     cfg = {**{k: v for k, v in own.items() if k not in fields}, **{k: v for k, v in stored.items() if k != "file"}}
     if isinstance(getattr(model, "num_classes", None), int):
         cfg["num_classes"] = int(model.num_classes)
+        if len(cfg.get("label_names") or ()) != cfg["num_classes"]:
+            cfg.pop("label_names", None)  # built with another head than the one the names are of
     hook = getattr(model, "pretrained_cfg_as_built", None)
     if callable(hook):
         cfg = hook(cfg)

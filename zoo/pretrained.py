@@ -92,6 +92,7 @@ class PretrainedCfg:
 
     Head and description:
         num_classes: the number of classes of the weights' classifier.
+        label_names: the class of each output, one string per class (a fit records its data module's names).
         pool_size: the spatial size of the last feature map, before pooling.
         first_conv: the name of the first convolution (what timm adapts for another ``in_chans``).
         classifier: the name of the classifier module (what ``reset_classifier`` replaces).
@@ -130,6 +131,8 @@ class PretrainedCfg:
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD
     # head / classifier and meta-data
     num_classes: int = 1000
+    # the class of each output (timm's key; a fit on a data module with class names records them)
+    label_names: tuple[str, ...] | None = None
     pool_size: tuple[int, ...] | None = None
     first_conv: str | None = None
     classifier: str | None = None
@@ -152,6 +155,8 @@ class PretrainedCfg:
                 setattr(self, name, tuple(value))
         if isinstance(self.notes, (list, str)):
             self.notes = (self.notes,) if isinstance(self.notes, str) else tuple(self.notes)
+        if isinstance(self.label_names, list):
+            self.label_names = tuple(self.label_names)
         where = f"pretrained cfg {self.name or '(unnamed)'}"
         for name in ("input_size", "test_input_size", "min_input_size"):
             value = getattr(self, name)
@@ -188,6 +193,14 @@ class PretrainedCfg:
             raise ZooError(f"{where}: crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ZooError(f"{where}: num_classes must be a non-negative integer, got {self.num_classes!r}")
+        if self.label_names is not None and (
+            not isinstance(self.label_names, tuple)
+            or not all(isinstance(name, str) for name in self.label_names)
+            or len(self.label_names) != self.num_classes
+        ):
+            raise ZooError(
+                f"{where}: label_names must be {self.num_classes} strings, one per class, got {self.label_names!r:.120}"
+            )
         if not isinstance(self.model_args, Mapping):
             raise ZooError(f"{where}: model_args must be a mapping of builder arguments, got {self.model_args!r}")
         self.model_args = dict(self.model_args)

@@ -695,6 +695,39 @@ def test_a_fit_records_the_data_modules_normalisation(tmp_path) -> None:
     assert zoo.from_pretrained(saved).pretrained_cfg["std"] == model.pretrained_cfg["std"]
 
 
+def test_a_fit_records_the_class_names_and_predictions_files_use_them(tmp_path) -> None:
+    """After a fit on a data module with class names, pretrained_cfg["label_names"] (timm's key) holds them; the
+    checkpoint and save_pretrained carry them; a predictions CSV written without that data module names its
+    columns with them; a new head drops them; a stored cfg with names that are not strings is refused."""
+    from zoo.callbacks import PredictionWriter
+    from zoo.data import DigitsDataModule
+    from zoo.hub import check_pretrained_cfg
+
+    torch.manual_seed(0)
+    model = zoo.cifar_resnet(layers=(1, 1, 1), widths=(4, 4, 4), num_classes=10)
+    assert "label_names" not in model.pretrained_cfg
+    dm = DigitsDataModule(image_size=8, channels=3, batch_size=32, augment=False)
+    dm.class_names = [f"digit {i}" for i in range(10)]  # as an image folder's class folders would name them
+    fit = trainer(max_steps=1, default_root_dir=tmp_path)
+    fit.fit(model, datamodule=dm)
+    names = tuple(dm.class_names)
+    assert model.pretrained_cfg["label_names"] == names and model.default_cfg is model.pretrained_cfg
+    fit.save_checkpoint(tmp_path / "fit.ckpt")
+    assert zoo.from_pretrained(tmp_path / "fit.ckpt").pretrained_cfg["label_names"] == names
+    loaded = zoo.from_pretrained(model.save_pretrained(tmp_path / "saved"))
+    assert loaded.pretrained_cfg["label_names"] == names
+    writer = PredictionWriter(tmp_path / "p.csv")
+    predict = trainer(callbacks=[writer])
+    predict.predict(loaded, DataLoader(torch.randn(3, 3, 8, 8), batch_size=2), return_predictions=False)
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == ",".join(["index", *names])
+    loaded.reset_classifier(4)
+    assert "label_names" not in loaded.pretrained_cfg
+    with pytest.raises(ZooError, match=r"label_names'\] must be a list of strings"):
+        check_pretrained_cfg({"label_names": [1, 2]}, "a file")
+    with pytest.raises(ZooError, match="label_names must be 10 strings, one per class"):
+        check_pretrained_cfg({"num_classes": 10, "label_names": ["a", "b"]}, "a file")
+
+
 def test_a_fit_on_loaders_or_other_channels_keeps_the_cfg(tmp_path) -> None:
     model = tiny_model()
     before = dict(model.pretrained_cfg)

@@ -24,7 +24,7 @@ from zoo.tasks.optim import (
 )
 from zoo.validation import boolean, finite_float, non_negative_int
 
-__all__ = ["ImageClassifier", "record_normalisation", "record_num_classes"]
+__all__ = ["ImageClassifier", "record_class_names", "record_normalisation", "record_num_classes"]
 
 
 def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
@@ -37,7 +37,32 @@ def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k != "label_names"}  # a new head: the old classes' names no longer hold
         model.pretrained_cfg = {**cfg, "num_classes": int(num_classes)}
+        model.default_cfg = model.pretrained_cfg
+
+
+# the most class names a model's pretrained_cfg records (the bound zoo.hub puts on a stored cfg's lists)
+_MAX_LABEL_NAMES = 1024
+
+
+def record_class_names(model: torch.nn.Module, datamodule: Any) -> None:
+    """Make ``model.pretrained_cfg`` (and ``default_cfg``) say ``label_names``, timm's key: the data module's
+    ``class_names``, output i's class, when there is one string per class of the classifier (at most 1024), so
+    that checkpoints and ``save_pretrained`` carry them (predictions files name their columns with them, as
+    Hugging Face's ``id2label``). Anything else leaves the cfg as it is.
+
+    Args:
+        model: the model being trained.
+        datamodule: the Trainer's data module (None when the data comes as loaders).
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    names = getattr(datamodule, "class_names", None)
+    outputs = getattr(model, "num_classes", None)
+    if not isinstance(cfg, dict) or not isinstance(names, (list, tuple)) or not isinstance(outputs, int):
+        return
+    if 0 < len(names) == outputs <= _MAX_LABEL_NAMES and all(isinstance(n, str) for n in names):
+        model.pretrained_cfg = {**cfg, "label_names": tuple(names)}
         model.default_cfg = model.pretrained_cfg
 
 
@@ -235,11 +260,13 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """Check the data module's number of classes against the classifier's (one ZooError naming the fix), and
-        record the data module's normalisation in ``pretrained_cfg`` (:func:`record_normalisation`), so that
-        the checkpoints and ``save_pretrained`` of this fit carry the transform the model was trained with."""
+        record the data module's normalisation and class names in ``pretrained_cfg`` (:func:`record_normalisation`,
+        :func:`record_class_names`), so that the checkpoints and ``save_pretrained`` of this fit carry the transform
+        the model was trained with and what its outputs mean."""
         self._check_data_classes()
         super().on_fit_start()
         record_normalisation(self, getattr(self.trainer, "datamodule", None))
+        record_class_names(self, getattr(self.trainer, "datamodule", None))
 
     def on_validation_start(self) -> None:
         """Check the data module's number of classes before ``trainer.validate`` (and each validation of a fit)."""
