@@ -40,12 +40,14 @@ class PredictionWriter(BasePredictionWriter):
 
     - ``.pt`` / ``.pth`` (``torch.save``; read with ``torch.load(path)``): ``{"index": LongTensor (N,), the
       samples' positions in the predict dataset, ascending; "predictions": the per-sample outputs stacked back
-      (a tensor when every sample's is a tensor of one shape, a dict of such for dicts, else a list)}``.
+      (a tensor when every sample's is a tensor of one shape, a dict of such for dicts, else a list)}``, and
+      ``"files"`` (the inputs' files) when the data module lists them.
       Several predict dataloaders: a list with one such dict per dataloader.
-    - ``.csv``: a header, then one row per sample: ``index`` and the sample's values (a 1-D prediction per
-      sample; the columns are the data module's ``class_names`` when there is one name per column, else the
-      model's ``pretrained_cfg["label_names"]`` (recorded by its fit), else 0, 1, ...). Predictions that are not
-      one number or one row per sample need ``.pt``.
+    - ``.csv``: a header, then one row per sample: ``index`` (then ``file``, the input's file, when the data
+      module lists them as ``predict_files``: :class:`zoo.data.ImageFilesDataModule`, the image folders) and the
+      sample's values (a 1-D prediction per sample; the columns are the data module's ``class_names`` when
+      there is one name per column, else the model's ``pretrained_cfg["label_names"]`` (recorded by its fit),
+      else 0, 1, ...). Predictions that are not one number or one row per sample need ``.pt``.
     - ``top_k``: instead of the full (N, C) scores, the k best classes per sample, as ``torch.topk`` gives them:
       ``.pt`` holds ``predictions = {"values": (N, k), "indices": (N, k)}``, ``.csv`` the columns
       ``top1_class, top1_score, ..., topk_class, topk_score`` (class indices; scores as predict_step gave them).
@@ -155,15 +157,20 @@ class PredictionWriter(BasePredictionWriter):
             names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
             if names is None:  # the names the model's fit recorded (its checkpoint or save_pretrained carries them)
                 names = (getattr(pl_module, "pretrained_cfg", None) or {}).get("label_names")
+            files = getattr(getattr(trainer, "datamodule", None), "predict_files", None)
+            if len(loaders) != 1 or not isinstance(files, (list, tuple)) or max(loaders[0], default=-1) >= len(files):
+                files = None  # the data module names the files of its one predict dataset only
             if self.format == "pt":
                 tables = [
                     {"index": torch.tensor(list(x), dtype=torch.long), "predictions": _collate(list(x.values()))}
                     for x in loaders
                 ]
+                if files is not None:
+                    tables[0]["files"] = [str(files[i]) for i in loaders[0]]
                 data = tables[0] if len(tables) == 1 else tables
                 atomic_write(self.output, lambda tmp: torch.save(data, tmp))
             else:
-                text = _csv_text(loaders[0] if loaders else {}, names, self.top_k)
+                text = _csv_text(loaders[0] if loaders else {}, names, self.top_k, files)
                 atomic_write(self.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         trainer.strategy.barrier("zoo.callbacks.PredictionWriter")
 
@@ -253,7 +260,12 @@ def _csv_row(sample: Any, prediction: Any) -> list[float]:
     )
 
 
-def _csv_text(samples: Mapping[int, Any], class_names: Sequence[str] | None, top_k: int | None) -> str:
+def _csv_text(
+    samples: Mapping[int, Any],
+    class_names: Sequence[str] | None,
+    top_k: int | None,
+    files: Sequence[str] | None = None,
+) -> str:
     rows = [[index, *_csv_row(sample, sample)] for index, sample in samples.items()]
     width = len(rows[0]) - 1 if rows else 0
     if top_k is not None:
@@ -264,6 +276,9 @@ def _csv_text(samples: Mapping[int, Any], class_names: Sequence[str] | None, top
         header = [str(i) for i in range(width)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
+    if files is not None:  # the input file of each row, after its index
+        header = ["file", *header]
+        rows = [[row[0], str(files[row[0]]), *row[1:]] for row in rows]
     writer.writerow(["index", *header])
     writer.writerows(rows)
     return out.getvalue()

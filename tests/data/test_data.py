@@ -329,7 +329,9 @@ def _tiny_vit(**kwargs):
     import zoo
 
     torch.manual_seed(0)
-    return zoo.sinkformer_vit_tiny_patch16_224(img_size=16, patch_size=8, depth=1, num_classes=3, **kwargs)
+    return zoo.sinkformer_vit_tiny_patch16_224(
+        **{"img_size": 16, "patch_size": 8, "depth": 1, "num_classes": 3, **kwargs}
+    )
 
 
 def test_image_folder_preprocesses_as_the_models_pretrained_cfg(tmp_path: Path) -> None:
@@ -411,3 +413,54 @@ def test_image_folder_bad_preprocessing_argument_is_one_clear_error(tmp_path: Pa
     _write_image_folder(tmp_path, ["cat", "dog"])
     with pytest.raises(ZooError, match=match):
         ImageFolderDataModule(root=str(tmp_path), num_workers=0, **bad)
+
+
+def test_image_files_predict_with_the_models_preprocessing_and_name_the_files(tmp_path: Path) -> None:
+    """Unlabelled images under a folder (any depth): preprocessed as the model's cfg says (timm's eval transform
+    of it), predicted in sorted path order, and the predictions CSV names each row's file and the classes the
+    model's fit recorded."""
+    import csv
+
+    from timm.data import create_transform, resolve_data_config
+
+    from zoo.callbacks import PredictionWriter
+    from zoo.data import ImageFilesDataModule
+
+    _write_image_folder(tmp_path / "new", ["b", "a"], split_dirs=("x",))
+    (tmp_path / "new" / "notes.txt").write_text("not an image")
+    dm = ImageFilesDataModule(root=str(tmp_path / "new"), batch_size=4, num_workers=0)
+    assert dm.predict_files == [f"x/{c}/img{i}.png" for c in ("a", "b") for i in range(3)]
+    model = _tiny_vit().eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": ("cat", "dog", "fish")}
+    writer = PredictionWriter(tmp_path / "p.csv")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
+    trainer.predict(model, datamodule=dm, return_predictions=False)
+    rows = list(csv.reader((tmp_path / "p.csv").open()))
+    assert rows[0] == ["index", "file", "cat", "dog", "fish"]
+    assert [r[1] for r in rows[1:]] == dm.predict_files
+    timm_eval = create_transform(**resolve_data_config({}, model=model))
+    images = torch.stack([timm_eval(Image.open(tmp_path / "new" / f).convert("RGB")) for f in dm.predict_files])
+    with torch.no_grad():
+        want = model(images).softmax(-1)
+    got = torch.tensor([[float(v) for v in r[2:]] for r in rows[1:]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ZooError, match="for predict only, not fit"):
+        dm.setup("fit")
+    with pytest.raises(ZooError, match="no image files at"):
+        ImageFilesDataModule(root=str(tmp_path / "new" / "notes.txt"))
+    with pytest.raises(ZooError, match="does not exist"):
+        ImageFilesDataModule(root=str(tmp_path / "missing"))
+
+
+def test_image_folder_predictions_name_the_val_files(tmp_path: Path) -> None:
+    from zoo.callbacks import PredictionWriter
+
+    _write_image_folder(tmp_path, ["cat", "dog"])
+    dm = ImageFolderDataModule(root=str(tmp_path), batch_size=4, num_workers=0)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(tmp_path / "p.pt")]
+    )
+    trainer.predict(_tiny_vit(num_classes=2).eval(), datamodule=dm, return_predictions=False)
+    saved = torch.load(tmp_path / "p.pt")
+    assert saved["files"] == [f"val/{c}/img{i}.png" for c in ("cat", "dog") for i in range(3)]
+    assert saved["predictions"].shape == (6, 2)

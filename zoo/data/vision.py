@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from zoo.data.base import DataArgumentError, ZooDataModule
 from zoo.errors import ZooError
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CIFARDataModule",
+    "ImageFilesDataModule",
     "ImageFolderDataModule",
 ]
 
@@ -247,7 +249,69 @@ def _list_classes(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-class ImageFolderDataModule(ZooDataModule):
+def _check_preprocessing(
+    image_size: Any, resize_size: Any, mean: Sequence[float] | None, std: Sequence[float] | None, interpolation: Any
+) -> None:
+    """One DataArgumentError for a bad size, mean / std or interpolation of :class:`_ModelPreprocessing`'s
+    modules (None is always allowed: the model's)."""
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise DataArgumentError(f"image_size must be a positive integer (or null: the model's), got {image_size!r}")
+    if resize_size is not None and (int(resize_size) != resize_size or resize_size < (image_size or 1)):
+        raise DataArgumentError(f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}")
+    _check_mean_std(mean, std, "the model's")
+    if interpolation is not None and interpolation not in _INTERPOLATIONS:
+        raise DataArgumentError(
+            f"interpolation must be one of {', '.join(_INTERPOLATIONS)} (or null: the model's), got {interpolation!r}"
+        )
+
+
+class _ModelPreprocessing(ZooDataModule):
+    """Image data modules that preprocess as the model expects: ``image_size``, ``resize_size``, ``mean``,
+    ``std`` and ``interpolation`` from the arguments (``hparams``), else the Trainer's model's ``pretrained_cfg``
+    (read in ``setup``), else ImageNet's; the evaluation transform (resize the short side, centre crop,
+    normalise)."""
+
+    def _resolve(self, cfg: Mapping[str, Any]) -> None:
+        """Set ``image_size``, ``resize_size``, ``mean``, ``std``, ``interpolation``: the arguments given, else
+        the model's ``cfg`` (timm's ``pretrained_cfg`` keys), else ImageNet's."""
+        hp = self.hparams
+        size = tuple(cfg.get("input_size") or ())[-2:]
+        square = int(size[0]) if len(size) == 2 and size[0] == size[1] else None
+        self.image_size = int(hp.image_size or square or 224)
+        crop_pct = cfg.get("crop_pct")
+        crop_pct = float(crop_pct) if isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1 else 0.875
+        self.resize_size = int(hp.resize_size or math.floor(self.image_size / crop_pct))
+        mean, std = cfg.get("mean"), cfg.get("std")
+        rgb = all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std))  # the folder's images are RGB
+        if hp.mean is not None:
+            mean, std = hp.mean, hp.std
+        elif not rgb:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        interpolation = hp.interpolation or cfg.get("interpolation")
+        self.interpolation = interpolation if interpolation in _INTERPOLATIONS else "bilinear"
+
+    def _model_cfg(self) -> Mapping[str, Any]:
+        """The ``pretrained_cfg`` of the Trainer's model (empty without a Trainer or a cfg)."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        cfg = getattr(model, "pretrained_cfg", None)
+        return cfg if isinstance(cfg, Mapping) else {}
+
+    def eval_transform(self) -> transforms.Compose:
+        """Resize the short side + centre crop + normalisation."""
+        return transforms.Compose(
+            [
+                transforms.Resize(self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation], antialias=True),
+                transforms.CenterCrop(self.image_size),
+                transforms.ToTensor(),
+                transforms.Normalize(self.mean, self.std),
+            ]
+        )
+
+
+class ImageFolderDataModule(_ModelPreprocessing):
     """An ImageNet-style dataset: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``, preprocessed as
     the model expects (timm's ``resolve_data_config`` / ``create_transform``).
 
@@ -301,16 +365,7 @@ class ImageFolderDataModule(ZooDataModule):
         """Check the arguments and that the folders exist, and list the classes (cheap); the datasets are built in
         ``setup``."""
         super().__init__(batch_size, num_workers)
-        if image_size is not None and (int(image_size) != image_size or image_size < 1):
-            raise DataArgumentError(f"image_size must be a positive integer (or null: the model's), got {image_size!r}")
-        if resize_size is not None and (int(resize_size) != resize_size or resize_size < (image_size or 1)):
-            raise DataArgumentError(f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}")
-        _check_mean_std(mean, std, "the model's")
-        if interpolation is not None and interpolation not in _INTERPOLATIONS:
-            raise DataArgumentError(
-                f"interpolation must be one of {', '.join(_INTERPOLATIONS)} (or null: the model's), got "
-                f"{interpolation!r}"
-            )
+        _check_preprocessing(image_size, resize_size, mean, std, interpolation)
         if auto_augment is not None and auto_augment not in _AUTO_AUGMENT:
             raise DataArgumentError(
                 f"auto_augment must be one of {', '.join(_AUTO_AUGMENT)} (or null: none), got {auto_augment!r}"
@@ -343,34 +398,6 @@ class ImageFolderDataModule(ZooDataModule):
         self.random_erasing = float(random_erasing)
         self._resolve({})
 
-    def _resolve(self, cfg: Mapping[str, Any]) -> None:
-        """Set ``image_size``, ``resize_size``, ``mean``, ``std``, ``interpolation``: the arguments given, else
-        the model's ``cfg`` (timm's ``pretrained_cfg`` keys), else ImageNet's."""
-        hp = self.hparams
-        size = tuple(cfg.get("input_size") or ())[-2:]
-        square = int(size[0]) if len(size) == 2 and size[0] == size[1] else None
-        self.image_size = int(hp.image_size or square or 224)
-        crop_pct = cfg.get("crop_pct")
-        crop_pct = float(crop_pct) if isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1 else 0.875
-        self.resize_size = int(hp.resize_size or math.floor(self.image_size / crop_pct))
-        mean, std = cfg.get("mean"), cfg.get("std")
-        rgb = all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std))  # the folder's images are RGB
-        if hp.mean is not None:
-            mean, std = hp.mean, hp.std
-        elif not rgb:
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        interpolation = hp.interpolation or cfg.get("interpolation")
-        self.interpolation = interpolation if interpolation in _INTERPOLATIONS else "bilinear"
-
-    def _model_cfg(self) -> Mapping[str, Any]:
-        """The ``pretrained_cfg`` of the Trainer's model (empty without a Trainer or a cfg)."""
-        trainer = getattr(self, "trainer", None)
-        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        cfg = getattr(model, "pretrained_cfg", None)
-        return cfg if isinstance(cfg, Mapping) else {}
-
     def train_transform(self) -> transforms.Compose:
         """RandomResizedCrop + horizontal flip + the auto-augment policy + normalisation + random erasing."""
         mode = _INTERPOLATIONS[self.interpolation]
@@ -383,17 +410,6 @@ class ImageFolderDataModule(ZooDataModule):
         if self.random_erasing > 0:
             ops.append(transforms.RandomErasing(self.random_erasing, value="random"))
         return transforms.Compose(ops)
-
-    def eval_transform(self) -> transforms.Compose:
-        """Resize the short side + centre crop + normalisation."""
-        return transforms.Compose(
-            [
-                transforms.Resize(self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation], antialias=True),
-                transforms.CenterCrop(self.image_size),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ]
-        )
 
     def _build(self, path: Path, transform: transforms.Compose) -> datasets.ImageFolder:
         """An ImageFolder over ``path`` with the train folder's class mapping."""
@@ -411,3 +427,95 @@ class ImageFolderDataModule(ZooDataModule):
             self.train_dataset = self._build(self.train_path, self.train_transform())
         if self.val_dataset is None:
             self.val_dataset = self._build(self.val_path, self.eval_transform())
+            # what predict reads (the val folder), relative to root, for the predictions file
+            self.predict_files = [str(Path(path).relative_to(self.root)) for path, _ in self.val_dataset.samples]
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Image files read as RGB and transformed (no labels): item i is ``transform(image i)``."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+class ImageFilesDataModule(_ModelPreprocessing):
+    """Unlabelled images to predict on (``zoo predict``, ``Trainer.predict``): the image files under ``root``
+    (its folders too, in sorted path order), preprocessed as the model expects, as
+    :class:`ImageFolderDataModule` evaluates (the settings left None follow the model's ``pretrained_cfg``: its
+    size, mean / std, interpolation and crop). ``predict_files`` lists the files, relative to ``root``, in the
+    order of the predictions (``zoo.callbacks.PredictionWriter`` writes them beside the predictions). There is no
+    training or validation split: fit, validate and test need labelled data.
+
+    Args:
+        root: a folder of images (any depth) or one image file.
+        image_size: the side of the square centre crop; None: the model's input size.
+        resize_size: the short side images are resized to before the crop (>= ``image_size``); None for
+            ``floor(image_size / crop_pct)`` with the model's ``crop_pct``.
+        batch_size: samples per batch (an integer >= 1).
+        num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
+        mean: the per-channel mean the images are normalised with; None: the model's.
+        std: the per-channel standard deviation (positive); None: the model's.
+        interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``; None: the model's.
+    """
+
+    test_split = "predict"
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int | None = None,
+        resize_size: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+    ) -> None:
+        """Check the arguments and list the image files (cheap)."""
+        super().__init__(batch_size, num_workers)
+        _check_preprocessing(image_size, resize_size, mean, std, interpolation)
+        self.save_hyperparameters()
+        self.root = Path(os.path.expanduser(str(root)))
+        if self.root.is_file():
+            paths = [self.root] if self.root.suffix.lower() in IMG_EXTENSIONS else []
+            base = self.root.parent
+        elif self.root.is_dir():
+            paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            base = self.root
+        else:
+            raise ZooError(f"images root '{self.root}' does not exist; point root at a folder of images or an image")
+        if not paths:
+            raise ZooError(
+                f"no image files at '{self.root}' (looked for {', '.join(IMG_EXTENSIONS)}); point root at a folder "
+                "that holds them"
+            )
+        self.paths = paths
+        self.predict_files = [str(p.relative_to(base)) for p in paths]
+        self.predict_dataset: torch.utils.data.Dataset | None = None
+        self._resolve({})
+
+    def setup(self, stage: str | None = None) -> None:
+        """Follow the Trainer's model's ``pretrained_cfg`` where the arguments are None (once)."""
+        if stage not in (None, "predict"):
+            raise ZooError(
+                f"ImageFilesDataModule holds unlabelled images, for predict only, not {stage}: give labelled data "
+                "(zoo.data.ImageFolderDataModule) to fit, validate or test"
+            )
+        if self.predict_dataset is None:
+            self._resolve(self._model_cfg())
+            self.predict_dataset = _ImageFiles(self.paths, self.eval_transform())
+
+    def predict_dataloader(self) -> DataLoader:
+        """The images in ``predict_files`` order, without labels."""
+        if self.predict_dataset is None:
+            self.setup("predict")
+        return self._loader(self.predict_dataset, shuffle=False)
