@@ -393,7 +393,7 @@ def test_a_section_that_fails_keeps_the_rows_it_measured(
         out["rows"].append({"experts": 2, **{c: dict(cell) for c in gpu_suite.MOE_CELLS}})
         return out
 
-    monkeypatch.setattr(gpu_suite, "run_checks", lambda device, sizes, started: [])
+    monkeypatch.setattr(gpu_suite, "run_checks", lambda device, sizes, started, on_check=None: [])
     monkeypatch.setattr(gpu_suite, "_attention_cell", attention_cell)
     monkeypatch.setattr(gpu_suite, "bench_moe", bench_moe)
     md, js = tmp_path / "a.md", tmp_path / "a.json"

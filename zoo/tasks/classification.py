@@ -142,7 +142,6 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         cutmix_alpha: CutMix of the training batches (``transforms.v2.CutMix``): a box of area ``1 - lam`` pasted
             from the next image, the targets weighted by the areas. 0: off; with both on, each batch gets one
             of the two at random (timm's ``switch_prob`` 0.5). Validation and test batches are never mixed.
-
         grad_checkpointing: turn on the family's activation checkpointing (timm's ``set_grad_checkpointing``:
             the same gradients for less memory and about one more forward) when a Trainer sets the model up,
             as timm's ``--grad-checkpointing`` and Hugging Face's ``gradient_checkpointing``; the point-cloud

@@ -110,7 +110,8 @@ def parameter_groups(
     Weights get the optimiser's own ``weight_decay``; the parameters of normalisation layers, biases, every
     parameter with at most one dimension, and the names in ``no_weight_decay`` or in ``model.no_weight_decay()``
     (timm's convention: ``pos_embed``, ``cls_token``) get ``weight_decay=0``. Each parameter appears once (shared
-    weights too); frozen parameters are left out; empty groups are omitted.
+    weights too); frozen parameters are left out. Without ``layer_decay``: the weights' group first (always), then
+    the no-decay group (omitted when empty).
 
     With ``layer_decay`` (:func:`layer_scales`), each group holds one layer's weights or no-decay parameters and
     carries timm's ``lr_scale`` (its rate is ``lr * lr_scale``: :func:`build_optimization` applies it, as torch's
@@ -134,7 +135,7 @@ def parameter_groups(
             seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
             exempt = isinstance(module, _NORMS) or name.endswith("bias") or p.ndim <= 1 or full in skip
-            scale = 1.0 if scales is None else scales[full]
+            scale = 1.0 if scales is None else scales.get(full, 1.0)  # unmatched: the head's layer, as timm
             group = groups.get((scale, exempt))
             if group is None:
                 group = groups[(scale, exempt)] = {"params": []}
