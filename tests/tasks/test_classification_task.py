@@ -258,6 +258,28 @@ def test_lr_find_reads_and_sets_the_optimizer_learning_rate() -> None:
     assert isinstance(optimizer, torch.optim.Adam) and {g["initial_lr"] for g in optimizer.param_groups} == {0.25}
 
 
+@pytest.mark.parametrize(
+    "eps, dtype, warns", [(1e-8, torch.float16, True), (1e-6, torch.float16, False), (1e-8, torch.bfloat16, False)]
+)
+def test_adam_eps_that_vanishes_in_float16_is_named(eps: float, dtype: torch.dtype, warns: bool) -> None:
+    """A float16 model (16-true) with Adam's default eps 1e-8 gets NaN in its first steps (eps is 0 in float16):
+    one warning names the fix; eps 1e-6, or bfloat16, train finite and get none."""
+    import warnings
+
+    model = tiny_model(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, eps=eps), lr_scheduler=None).to(dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = model.configure_optimizers(total_steps=4)
+    named = [w for w in caught if "eps is 0 in float16" in str(w.message)]
+    assert len(named) == int(warns)
+    x, y = images(8).tensors
+    for _ in range(4):
+        optimizer.zero_grad()
+        model.loss(model(x.to(dtype)), y).backward()
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters()) != warns
+
+
 def test_optimizer_that_refuses_its_arguments_is_one_clear_error() -> None:
     model = tiny_model(optimizer=functools.partial(torch.optim.SGD, lr=-1.0))
     with pytest.raises(ZooError, match=r"the optimizer refused its arguments: Invalid learning rate: -1.0"):
@@ -539,6 +561,24 @@ def test_cutmix_pastes_one_box_from_the_neighbour_and_weights_by_area() -> None:
         lam = 1 - area / 64
         onehot = torch.nn.functional.one_hot(y, 3).float()
         torch.testing.assert_close(ym, lam * onehot + (1 - lam) * onehot.roll(1, 0))
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float16])
+def test_mixing_under_a_half_default_dtype(default: torch.dtype) -> None:
+    """Lightning's bf16-true / 16-true make the default dtype half while training: the mixing weights are still
+    drawn (torch's Beta has no half sampler), the images stay in their dtype, the targets float32."""
+    model = tiny_model(mixup_alpha=0.8, cutmix_alpha=1.0).to(default)
+    x, y = _distinct_neighbours()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        for seed in range(4):
+            torch.manual_seed(seed)
+            xm, ym = model.mix_batch(x.to(default), y)
+            assert xm.dtype == default and ym.dtype == torch.float32 and torch.isfinite(model.loss(model(xm), ym))
+    finally:
+        torch.set_default_dtype(before)
+    assert torch.get_default_dtype() == before
 
 
 def test_mixup_and_cutmix_together_pick_one_per_batch() -> None:

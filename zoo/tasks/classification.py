@@ -316,11 +316,16 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
             )
         from torchvision.transforms import v2
 
-        mixers = [
-            mixer(alpha=alpha, num_classes=self.num_classes)
-            for mixer, alpha in ((v2.MixUp, self.mixup_alpha), (v2.CutMix, self.cutmix_alpha))
-            if alpha > 0
-        ]
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)  # bf16-true / 16-true make the default half: Beta has no half sampler
+        try:
+            mixers = [
+                mixer(alpha=alpha, num_classes=self.num_classes)
+                for mixer, alpha in ((v2.MixUp, self.mixup_alpha), (v2.CutMix, self.cutmix_alpha))
+                if alpha > 0
+            ]
+        finally:
+            torch.set_default_dtype(default)
         mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
         return mixer(x, y)  # targets float32 whatever the images' dtype
 

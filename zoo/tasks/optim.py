@@ -485,6 +485,26 @@ def _accumulation_schedule(trainer: Any) -> GradientAccumulationScheduler | None
     return found[0] if found else None
 
 
+# the smallest eps a float16 Adam update keeps: 1e-8 (torch's default) rounds to zero in float16, and a second
+# moment that underflowed then divides by zero
+_HALF_EPS = 1e-7
+
+
+def _warn_half_eps(optimizer: Optimizer) -> None:
+    """Warn when float16 parameters (``precision="16-true"``) meet an optimiser whose ``eps`` is zero in float16:
+    its first steps give inf / NaN (Adam's default 1e-8; a bfloat16 or float32 model is not concerned)."""
+    eps = [g.get("eps") for g in optimizer.param_groups if any(p.dtype == torch.float16 for p in g["params"])]
+    small = [e for e in eps if isinstance(e, (int, float)) and 0 <= e < _HALF_EPS]
+    if small:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"zoo: {type(optimizer).__name__}(eps={small[0]:g}) on float16 parameters: eps is 0 in float16, so the "
+            f"first steps give inf / NaN; use precision 16-mixed or bf16-true, or give eps >= {_HALF_EPS:g} "
+            "(--model.init_args.optimizer.eps 1e-6)"
+        )
+
+
 def build_optimization(
     model: nn.Module,
     optimizer: Callable[..., Optimizer],
@@ -525,6 +545,7 @@ def build_optimization(
         raise ZooError(
             f"optimizer must build a torch.optim.Optimizer from the parameter groups, got {type(opt).__name__}"
         )
+    _warn_half_eps(opt)
     scaled = [group for group in opt.param_groups if "lr_scale" in group]
     if layer_decay is not None and len(scaled) != len(groups):
         raise ZooError(
