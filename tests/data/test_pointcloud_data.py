@@ -423,6 +423,8 @@ def test_whole_clouds_of_many_sizes_train_a_set_transformer_with_padded_batches(
     pct = PointCloudTransformer(num_classes=2, embed_dim=8, sample_points=(4, 2), num_neighbors=2, depth=1)
     with pytest.raises(ZooError, match="padding_mask.*PointCloudTransformer does not take.*num_points"):
         pct.training_step((points, labels, mask), 0)
+    with pytest.raises(ZooError, match=r"third item must be the padding mask.*float32"):
+        model.training_step((points, labels, mask.float()), 0)  # e.g. sample weights: not a mask
 
 
 def test_dataset_of_clouds_of_different_sizes_gives_whole_clouds() -> None:

@@ -73,7 +73,16 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
             f"a batch must be (inputs, targets) or (inputs, targets, padding_mask), got "
             f"{type(batch).__name__}{f' of {len(batch)} items' if isinstance(batch, (list, tuple)) else ''}"
         )
-    return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    x, mask = batch[0], batch[2]
+    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == x.shape[:2]):
+        raise ZooError(
+            f"a batch's third item must be the padding mask of padded clouds, bool (B, N) = {tuple(x.shape[:2])} "
+            f"with True = padded point, got {getattr(mask, 'dtype', type(mask).__name__)} "
+            f"{tuple(getattr(mask, 'shape', ()))}; give (inputs, targets) otherwise"
+        )
+    return x, batch[1], mask
 
 
 def _class_indices(target: torch.Tensor) -> torch.Tensor:
