@@ -34,6 +34,8 @@ def test_save_pretrained_writes_a_card_that_huggingface_hub_parses(tmp_path) -> 
     model = small_model(
         optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
         lr_scheduler=functools.partial(WarmupCosineLR, warmup_epochs=2),
+        layer_decay=0.75,
+        mixup_alpha=0.8,
     )
     model.pretrained_cfg = {
         "architecture": "depth_scaled_cifar_resnet",
@@ -69,6 +71,7 @@ def test_save_pretrained_writes_a_card_that_huggingface_hub_parses(tmp_path) -> 
     assert "the 1/N factor folded into the last BatchNorm" in text and "| imagenet-1k/top1 | 80.9 | published |" in text
     assert json.dumps(model_config(model)["init_args"], indent=2, sort_keys=True) in text
     assert '"class_path": "torch.optim.SGD"' in text and '"warmup_epochs": 2' in text
+    assert '"layer_decay": 0.75' in text and '"mixup_alpha": 0.8' in text and "cutmix_alpha" not in text
     # the folder still loads (the card is for people; the weights file is the source of truth)
     loaded = zoo.from_pretrained(folder).eval()
     x = torch.randn(2, 3, 16, 16)

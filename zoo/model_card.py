@@ -189,6 +189,13 @@ def model_card(model: nn.Module, config: Mapping[str, Any], repo_id: str | None 
         name: describe_factory(getattr(model, f"{name}_factory", None)) for name in ("optimizer", "lr_scheduler")
     }
     training = {k: v for k, v in training.items() if v is not None}
+    # the image task's other training settings, where they differ from their defaults
+    for name, default in (("layer_decay", None), ("mixup_alpha", 0.0), ("cutmix_alpha", 0.0)):
+        value = getattr(model, name, default)
+        if value != default:
+            training[name] = value
+    if getattr(model, "checkpoint_in_fit", False):
+        training["grad_checkpointing"] = True
     if training:
         parts += [
             "## Training settings given to this model",
