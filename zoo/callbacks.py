@@ -1,5 +1,8 @@
 """Lightning callbacks shipped with zoo.
 
+``BackboneFinetuning`` is Lightning's, with the zoo's parameter groups for the backbone it unfreezes (weight
+decay on weights only, and the task's ``layer_decay``).
+
 ``PredictionWriter`` saves what ``predict_step`` returns to one file, in the dataset's order, also under DDP:
 
     zoo predict --config digits_depth_scaled_resnet --ckpt_path run.ckpt \\
@@ -20,14 +23,82 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import BackboneFinetuning as LightningBackboneFinetuning
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.optim import Optimizer
 
 from zoo.errors import ZooError
 from zoo.hub import atomic_write
 
-__all__ = ["PredictionWriter"]
+__all__ = ["BackboneFinetuning", "PredictionWriter"]
 
 _FORMATS = {".pt": "pt", ".pth": "pt", ".csv": "csv"}
+
+
+class BackboneFinetuning(LightningBackboneFinetuning):
+    """Lightning's ``BackboneFinetuning`` (the same arguments and rate schedule: the backbone frozen until
+    ``unfreeze_backbone_at_epoch``, then trained from ``backbone_initial_ratio_lr`` times the current rate, that
+    rate multiplied by ``lambda_func`` each epoch and, with ``should_align``, capped at the current rate), whose
+    backbone joins the optimiser as the zoo task's own groups are built (:func:`zoo.tasks.optim.parameter_groups`):
+    weights with the optimiser's weight decay, norms, biases, 1-d parameters and ``no_weight_decay()`` names without
+    (Lightning's adds one group with weight decay on everything), and under the task's ``layer_decay`` one pair of
+    groups per layer, at the backbone's rate times the layer's factor ``layer_decay ** (L - l)``. Every group it
+    added follows the backbone's rate, each keeping its factor; a resumed fit restores them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._added: list[tuple[int, float]] = []  # (index in the optimiser's groups, factor of the backbone's rate)
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        """Unfreeze the backbone at ``unfreeze_backbone_at_epoch`` as the zoo's groups; later, set their rates."""
+        from zoo.tasks.optim import parameter_groups
+
+        added = {index for index, _ in self._added}
+        # the task's rate: its head's (under layer_decay the first group is the stem's, at a fraction of it)
+        current = max(g["lr"] for i, g in enumerate(optimizer.param_groups) if i not in added)
+        if epoch == self.unfreeze_backbone_at_epoch:
+            given = self.backbone_initial_lr
+            rate = given if given is not None else current * self.backbone_initial_ratio_lr
+            self.previous_backbone_lr = rate
+            self.make_trainable(pl_module.backbone)
+            params = self.filter_params(pl_module.backbone, train_bn=self.train_bn, requires_grad=True)
+            wanted = {id(p) for p in self.filter_on_optimizer(optimizer, params)}
+            self._added = []
+            for group in parameter_groups(pl_module, layer_decay=getattr(pl_module, "layer_decay", None)):
+                chosen = [p for p in group["params"] if id(p) in wanted]
+                if not chosen:
+                    continue
+                scale = float(group.get("lr_scale", 1.0))
+                added = {"params": chosen, "lr": rate * scale}
+                if "weight_decay" in group:
+                    added["weight_decay"] = group["weight_decay"]
+                optimizer.add_param_group(added)
+                self._added.append((len(optimizer.param_groups) - 1, scale))
+        elif epoch > self.unfreeze_backbone_at_epoch:
+            rate = self.lambda_func(epoch + 1) * self.previous_backbone_lr
+            rate = current if (self.should_align and rate > current) else rate
+            for index, scale in self._added:
+                optimizer.param_groups[index]["lr"] = rate * scale
+            self.previous_backbone_lr = rate
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's state, and the groups this callback added (a resumed fit goes on setting their rates)."""
+        return {**super().state_dict(), "zoo_added_groups": [list(pair) for pair in self._added]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore Lightning's state and the groups added (a checkpoint's numbers, checked)."""
+        added = state_dict.get("zoo_added_groups", [])
+        if not isinstance(added, list) or not all(
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and isinstance(pair[0], int)
+            and isinstance(pair[1], (int, float))
+            for pair in added
+        ):
+            raise ZooError("the checkpoint's BackboneFinetuning state is damaged (zoo_added_groups); resume without it")
+        self._added = [(int(i), float(scale)) for i, scale in added]
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "zoo_added_groups"})
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -204,6 +204,55 @@ def test_backbone_finetuning_freezes_all_but_the_head_then_trains_it() -> None:
     assert list(model.state_dict()) == keys
 
 
+def test_zoo_backbone_finetuning_adds_the_backbone_as_the_tasks_groups(tmp_path) -> None:
+    """zoo.callbacks.BackboneFinetuning: at the unfreeze epoch the backbone joins the optimiser as the task's own
+    groups (no weight decay on norms and biases; the layer_decay factors), at Lightning's rate (0.1 x the current
+    rate), which every added group follows the next epoch (x 2, Lightning's default lambda), also after a
+    resume from the checkpoint of the unfreeze epoch."""
+    from zoo.callbacks import BackboneFinetuning
+    from zoo.tasks.optim import layer_scales
+
+    sgd = functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.01)
+
+    class Record(pl.Callback):
+        def __init__(self) -> None:
+            self.groups: dict[int, list[dict]] = {}
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            groups = trainer.optimizers[0].param_groups
+            self.groups[trainer.current_epoch] = [{**g, "params": list(g["params"])} for g in groups]
+
+    def fit(epochs: int, ckpt: str | None = None) -> tuple[torch.nn.Module, Record]:
+        torch.manual_seed(0)
+        model = tiny_model(optimizer=sgd, lr_scheduler=None, layer_decay=0.5)
+        record = Record()
+        callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1), record]
+        t = pl.Trainer(
+            accelerator="cpu", max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+        )  # fmt: skip
+        t.fit(model, DataLoader(images(), batch_size=4), ckpt_path=ckpt)
+        if ckpt is None and epochs == 2:
+            t.save_checkpoint(tmp_path / "unfrozen.ckpt")
+        return model, record
+
+    model, record = fit(3)
+    scales = layer_scales(model, 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # BatchNorm trains while the rest is frozen (train_bn): the weights are what the callback adds
+    added = record.groups[1][len(record.groups[0]) :]
+    assert len(added) == 4  # the stem and the three blocks: a layer each
+    for group in added:
+        for p in group["params"]:
+            assert group["lr"] == pytest.approx(0.1 * 0.1 * scales[names[id(p)]])  # the head's rate x 0.1 x factor
+            assert group["weight_decay"] == 0.01 and p.ndim == 4  # conv weights: the optimiser's weight decay
+    later = record.groups[2][-len(added) :]
+    assert [g["lr"] for g in later] == pytest.approx([2 * g["lr"] for g in added])
+    fit(2)
+    resumed = fit(3, str(tmp_path / "unfrozen.ckpt"))[1]
+    assert [g["lr"] for g in resumed.groups[2][-len(added) :]] == pytest.approx([g["lr"] for g in later])
+
+
 def test_test_reports_the_metrics_validate_reports() -> None:
     """validate and test report the same metrics (top-5 accuracy too, with more than 5 classes), each against
     its definition on the model's logits."""
