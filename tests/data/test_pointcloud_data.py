@@ -121,6 +121,13 @@ def test_augmentations_keep_shapes_and_labels() -> None:
     assert torch.equal(rot[:, 2], x[:, 2]) and torch.equal(rot[:, 5], x[:, 5])  # about z: z and normal z kept
     torch.testing.assert_close(rot[:, :2].norm(dim=1), x[:, :2].norm(dim=1))
     torch.testing.assert_close(rot[:, 3:5].norm(dim=1), x[:, 3:5].norm(dim=1))  # normals rotated too
+    assert not torch.allclose(rot[:, 3:5], x[:, 3:5])
+    # the same rotation with colour channels (normals=False): xyz turns, the rest does not
+    turn = {"scale": None, "translate": 0.0, "rotate": math.pi, "shuffle_points": False}
+    with_normals = PointCloudAugment(**turn)(x, torch.Generator().manual_seed(1))
+    rgb = PointCloudAugment(**turn, normals=False)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(rgb[:, :3], with_normals[:, :3]) and torch.equal(rgb[:, 3:], x[:, 3:])
+    assert not torch.allclose(with_normals[:, 3:5], x[:, 3:5])
     scaled = PointCloudAugment(scale=(0.5, 2.0), translate=0.0, shuffle_points=False)(x)
     ratio = scaled[:, :3] / x[:, :3]
     assert torch.allclose(ratio, ratio[:1].expand_as(ratio)) and ((ratio >= 0.5) & (ratio <= 2.0)).all()

@@ -168,7 +168,8 @@ def read_off(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PointCloudAugment:
-    """Random training augmentation of one cloud (N, C) (xyz first; channels 3:6, normals, are rotated too).
+    """Random training augmentation of one cloud (N, C) (xyz first; with ``normals``, channels 3:6 are normals
+    and turn with the points; otherwise the channels after xyz, colour or intensity, are left as they are).
 
     In order: rotation about the up axis by U(-rotate, rotate) radians, anisotropic scaling by U(scale) per axis,
     translation by U(-translate, translate) per axis, jitter N(0, jitter^2) clipped to [-jitter_clip, jitter_clip],
@@ -185,6 +186,7 @@ class PointCloudAugment:
         jitter_clip: float = 0.05,
         shuffle_points: bool = True,
         up_axis: str = "z",
+        normals: bool = True,
     ) -> None:
         if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1]):
             raise ZooError(f"scale must be None or (low, high) with 0 < low <= high, got {scale!r}")
@@ -199,12 +201,13 @@ class PointCloudAugment:
         self.translate, self.rotate = float(translate), float(rotate)
         self.jitter, self.jitter_clip = float(jitter), float(jitter_clip)
         self.shuffle_points, self.up_axis = bool(shuffle_points), up_axis
+        self.normals = bool(normals)
 
     def __repr__(self) -> str:
         return (
             f"PointCloudAugment(scale={self.scale}, translate={self.translate}, rotate={self.rotate}, "
             f"jitter={self.jitter}, jitter_clip={self.jitter_clip}, shuffle_points={self.shuffle_points}, "
-            f"up_axis={self.up_axis!r})"
+            f"up_axis={self.up_axis!r}, normals={self.normals})"
         )
 
     def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -215,7 +218,7 @@ class PointCloudAugment:
             angle = (torch.rand((), generator=g) * 2 - 1) * self.rotate
             r = _rotation_about(AXES[self.up_axis], angle).to(points.dtype)
             xyz = xyz @ r.T
-            if rest.shape[1] >= 3:
+            if self.normals and rest.shape[1] >= 3:
                 rest = torch.cat([rest[:, :3] @ r.T, rest[:, 3:]], dim=1)
         if self.scale is not None:
             lo, hi = self.scale
@@ -658,6 +661,8 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
         jitter_clip: the bound the jitter is clipped to.
         shuffle_points: whether the train augmentation permutes the points.
         up_axis: the axis the rotation augmentation turns about (x, y or z).
+        normals: whether channels 3:6 are normals, which the rotation turns with the points; False for colour,
+            intensity or other channels the rotation leaves alone.
         batch_size: samples per batch (an integer >= 1).
         num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
         seed: the seed of the subsets of ``num_points`` points.
@@ -675,6 +680,7 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
         jitter_clip: float = 0.05,
         shuffle_points: bool = True,
         up_axis: str = "z",
+        normals: bool = True,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
@@ -691,6 +697,7 @@ class PointCloudFolderDataModule(_PointCloudDataModule):
                 "jitter_clip": jitter_clip,
                 "shuffle_points": shuffle_points,
                 "up_axis": up_axis,
+                "normals": normals,
             },
         )
         self.save_hyperparameters()
