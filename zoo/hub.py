@@ -1018,7 +1018,7 @@ _WEIGHT_CLAIMS = ("source", "url", "file", "hf_hub_id", "conversion", "metrics")
 # bounds on a stored pretrained_cfg (an untrusted file's): its JSON size, one string, one list or mapping, nesting
 _MAX_CFG_BYTES = 1 << 18
 _MAX_CFG_STRING = 1 << 14
-_MAX_CFG_ITEMS = 1024
+MAX_CFG_ITEMS = 1024
 _MAX_CFG_DEPTH = 6
 _CFG_STRINGS = (
     "architecture",
@@ -1135,13 +1135,13 @@ def _check_plain(value: Any, where: str, depth: int = 0) -> None:
         if len(value) > _MAX_CFG_STRING:
             raise ZooError(f"{where} is a string of {len(value)} characters (at most {_MAX_CFG_STRING})")
     elif isinstance(value, list):
-        if len(value) > _MAX_CFG_ITEMS:
-            raise ZooError(f"{where} holds {len(value)} entries (at most {_MAX_CFG_ITEMS})")
+        if len(value) > MAX_CFG_ITEMS:
+            raise ZooError(f"{where} holds {len(value)} entries (at most {MAX_CFG_ITEMS})")
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]", depth + 1)
     elif isinstance(value, dict):
-        if len(value) > _MAX_CFG_ITEMS:
-            raise ZooError(f"{where} holds {len(value)} entries (at most {_MAX_CFG_ITEMS})")
+        if len(value) > MAX_CFG_ITEMS:
+            raise ZooError(f"{where} holds {len(value)} entries (at most {MAX_CFG_ITEMS})")
         for k, v in value.items():
             if not isinstance(k, str) or len(k) > _MAX_CFG_STRING:
                 raise ZooError(f"{where} has a key that is not a short string: {str(k)[:40]!r}")

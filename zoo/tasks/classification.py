@@ -20,6 +20,7 @@ from zoo.tasks.optim import (
     WarmupCosineLR,
     build_optimization,
     check_factory,
+    check_layer_decay,
     parameter_groups,
 )
 from zoo.validation import boolean, finite_float, non_negative_int
@@ -42,10 +43,6 @@ def record_num_classes(model: torch.nn.Module, num_classes: int) -> None:
         model.default_cfg = model.pretrained_cfg
 
 
-# the most class names a model's pretrained_cfg records (the bound zoo.hub puts on a stored cfg's lists)
-_MAX_LABEL_NAMES = 1024
-
-
 def record_class_names(model: torch.nn.Module, datamodule: Any) -> None:
     """Make ``model.pretrained_cfg`` (and ``default_cfg``) say ``label_names``, timm's key: the data module's
     ``class_names``, output i's class, when there is one string per class of the classifier (at most 1024), so
@@ -61,7 +58,9 @@ def record_class_names(model: torch.nn.Module, datamodule: Any) -> None:
     outputs = getattr(model, "num_classes", None)
     if not isinstance(cfg, dict) or not isinstance(names, (list, tuple)) or not isinstance(outputs, int):
         return
-    if 0 < len(names) == outputs <= _MAX_LABEL_NAMES and all(isinstance(n, str) for n in names):
+    from zoo.hub import MAX_CFG_ITEMS  # the bound on a stored cfg's lists: more names would not load back
+
+    if 0 < len(names) == outputs <= MAX_CFG_ITEMS and all(isinstance(n, str) for n in names):
         model.pretrained_cfg = {**cfg, "label_names": tuple(names)}
         model.default_cfg = model.pretrained_cfg
 
@@ -187,11 +186,7 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         self.optimizer_factory = check_factory("optimizer", optimizer)
         self.lr_scheduler_factory = check_factory("lr_scheduler", lr_scheduler)
         finite_float("label_smoothing", label_smoothing, 0.0, 1.0)
-        if layer_decay is not None:
-            finite_float(
-                "layer_decay", layer_decay, 0.0, 1.0, low_open=True, hint="give a factor per layer in (0, 1], e.g. 0.75"
-            )
-        self.layer_decay = layer_decay
+        self.layer_decay = None if layer_decay is None else check_layer_decay(layer_decay)
         hint = "give a Beta concentration >= 0 (0: off; timm's fine-tuning recipes: mixup 0.8, cutmix 1.0)"
         self.mixup_alpha = finite_float("mixup_alpha", mixup_alpha, 0.0, hint=hint)
         self.cutmix_alpha = finite_float("cutmix_alpha", cutmix_alpha, 0.0, hint=hint)

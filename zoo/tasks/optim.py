@@ -46,6 +46,7 @@ __all__ = [
     "WarmupCosineLR",
     "build_optimization",
     "check_factory",
+    "check_layer_decay",
     "is_legacy_training_arg",
     "layer_scales",
     "parameter_groups",
@@ -74,6 +75,17 @@ LEGACY_TRAINING_ARGS = frozenset(
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
+def check_layer_decay(layer_decay: Any) -> float:
+    """``layer_decay`` as a float in (0, 1]; one ZooError naming the range otherwise.
+
+    Args:
+        layer_decay: the factor per layer given.
+    """
+    return finite_float(
+        "layer_decay", layer_decay, 0.0, 1.0, low_open=True, hint="give a factor per layer in (0, 1], e.g. 0.75"
+    )
+
+
 def layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
     """Layer-wise learning-rate decay (BEiT's, as timm's ``param_groups_layer_decay``): the learning-rate factor
     of each parameter, by name, ``layer_decay ** (L - l)`` for a parameter of layer ``l`` out of layers 0 .. L.
@@ -86,9 +98,7 @@ def layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
         model: a model with timm's ``group_matcher`` (every zoo image family, timm's models).
         layer_decay: the factor per layer, in (0, 1] (BEiT / MAE fine-tuning: 0.65 .. 0.75).
     """
-    finite_float(
-        "layer_decay", layer_decay, 0.0, 1.0, low_open=True, hint="give a factor per layer in (0, 1], e.g. 0.75"
-    )
+    layer_decay = check_layer_decay(layer_decay)
     matcher = getattr(model, "group_matcher", None)
     if not callable(matcher):
         raise ZooError(
