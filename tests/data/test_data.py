@@ -363,6 +363,11 @@ def test_image_folder_arguments_win_over_the_models_cfg(tmp_path: Path) -> None:
     dm._resolve(_tiny_vit().pretrained_cfg)
     assert (dm.image_size, dm.resize_size, dm.mean, dm.std) == (8, 8, (0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
     assert dm.interpolation == "nearest"
+    free = ImageFolderDataModule(root=str(tmp_path), num_workers=0)
+    free._resolve({"interpolation": "lanczos"})  # any cfg interpolation timm's transforms take
+    assert free.interpolation == "lanczos" and free.eval_transform().transforms[0].interpolation.value == "lanczos"
+    free._resolve({"interpolation": "random"})  # timm's training option: evaluation resizes bilinearly
+    assert free.interpolation == "bilinear"
 
 
 def test_image_folder_random_erasing_erases_one_box_of_the_training_image(tmp_path: Path) -> None:
@@ -401,7 +406,7 @@ def test_image_folder_auto_augment_policies_change_the_training_images(tmp_path:
 @pytest.mark.parametrize(
     "bad, match",
     [
-        ({"interpolation": "lanczos"}, "interpolation must be one of bilinear, bicubic, nearest"),
+        ({"interpolation": "cubic"}, "interpolation must be one of nearest, bilinear, bicubic, box, hamming, lanczos"),
         ({"auto_augment": "rand-m9"}, "auto_augment must be one of randaugment"),
         ({"mean": (0.5, 0.5, 0.5)}, "give mean and std together"),
         ({"hflip": 2}, r"hflip must be a probability in \[0, 1\]"),

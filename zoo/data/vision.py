@@ -15,6 +15,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from zoo.data.base import DataArgumentError, ZooDataModule
 from zoo.errors import ZooError
+from zoo.pretrained import INTERPOLATIONS
 
 __all__ = [
     "CIFAR_STATS",
@@ -40,10 +41,10 @@ _CIFAR_CLASSES: dict[str, type[datasets.CIFAR10]] = {
 }
 _CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
+# the pretrained cfgs' interpolations (zoo.pretrained.INTERPOLATIONS) on PIL images; timm's "random" is a training
+# option, and evaluation then resizes bilinearly, as timm's does
 _INTERPOLATIONS: dict[str, transforms.InterpolationMode] = {
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-    "nearest": transforms.InterpolationMode.NEAREST,
+    name: transforms.InterpolationMode(name) for name in INTERPOLATIONS if name != "random"
 }
 # torchvision's policies, each built with the crops' interpolation
 _AUTO_AUGMENT: dict[str, Callable[[transforms.InterpolationMode], Any]] = {
@@ -337,7 +338,8 @@ class ImageFolderDataModule(_ModelPreprocessing):
         num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
         mean: the per-channel mean the images are normalised with; None: the model's.
         std: the per-channel standard deviation (positive); None: the model's.
-        interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``, for crops and resizes; None: the model's.
+        interpolation: ``"bilinear"``, ``"bicubic"``, ``"nearest"``, ``"box"``, ``"hamming"`` or ``"lanczos"``, for
+            crops and resizes; None: the model's (its ``"random"``, a training option, evaluates bilinearly).
         hflip: the probability of the training images' horizontal flip, in [0, 1].
         auto_augment: a torchvision policy for the training images: ``"randaugment"``, ``"trivialaugment"``,
             ``"autoaugment"`` (the ImageNet policy) or ``"augmix"``; None for none.
@@ -464,7 +466,8 @@ class ImageFilesDataModule(_ModelPreprocessing):
         num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
         mean: the per-channel mean the images are normalised with; None: the model's.
         std: the per-channel standard deviation (positive); None: the model's.
-        interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``; None: the model's.
+        interpolation: ``"bilinear"``, ``"bicubic"``, ``"nearest"``, ``"box"``, ``"hamming"`` or ``"lanczos"``;
+            None: the model's.
     """
 
     test_split = "predict"
