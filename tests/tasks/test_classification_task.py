@@ -253,6 +253,31 @@ def test_zoo_backbone_finetuning_adds_the_backbone_as_the_tasks_groups(tmp_path)
     assert [g["lr"] for g in resumed.groups[2][-len(added) :]] == pytest.approx([g["lr"] for g in later])
 
 
+def test_zoo_backbone_finetuning_keeps_norms_and_biases_out_of_weight_decay() -> None:
+    """A ViT's backbone joins at the unfreeze epoch in groups without weight decay for its layer norms and biases
+    (Lightning's callback put them in one group with the optimiser's decay), and with it for its weight matrices."""
+    from zoo.callbacks import BackboneFinetuning
+
+    torch.manual_seed(0)
+    model = zoo.sinkformer_vit_tiny_patch16_224(
+        img_size=16, patch_size=8, depth=1, num_classes=3, lr_scheduler=None,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.01),
+    )  # fmt: skip
+    callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = trainer(max_epochs=2, callbacks=[callback])
+    t.fit(model, DataLoader(TensorDataset(x, torch.arange(8) % 3), batch_size=4))
+    decay = {id(p): g["weight_decay"] for i, _ in callback._added for g in [t.optimizers[0].param_groups[i]]
+             for p in g["params"]}  # fmt: skip
+    # model.backbone: the child modules but the head (pos_embed and cls_token train from the start)
+    backbone = {id(p) for p in model.backbone.parameters()}
+    assert set(decay) == backbone
+    for name, p in model.named_parameters():
+        if id(p) in backbone:
+            assert decay[id(p)] == (0.0 if p.ndim <= 1 else 0.01), name
+    assert any(v == 0.0 for v in decay.values()) and any(v == 0.01 for v in decay.values())
+
+
 def test_test_reports_the_metrics_validate_reports() -> None:
     """validate and test report the same metrics (top-5 accuracy too, with more than 5 classes), each against
     its definition on the model's logits."""
