@@ -439,6 +439,8 @@ def test_dataset_of_clouds_of_different_sizes_gives_whole_clouds() -> None:
     data = PointCloudDataset(clouds, [1, 0])
     assert data[0][0].shape == (4, 3) and data[0][0].dtype == torch.float32 and len(data) == 2
     assert data.collate_fn is not None
+    as_lists = PointCloudDataset([c.tolist() for c in clouds], [1, 0])  # plain nested lists, as read from JSON
+    assert as_lists[1][0].shape == (7, 3) and as_lists.collate_fn is not None
     with pytest.raises(ZooError, match="leave num_points None"):
         PointCloudDataset(clouds, [1, 0], num_points=3)
     with pytest.raises(ZooError, match="one number of channels"):

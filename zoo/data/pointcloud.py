@@ -313,7 +313,7 @@ class PointCloudDataset(Dataset):
         subsample: str = "first",
     ) -> None:
         self.collate_fn: Callable[..., Any] | None = None
-        if isinstance(points, (list, tuple)) and len({tuple(getattr(c, "shape", ())) for c in points}) > 1:
+        if isinstance(points, (list, tuple)) and len({tuple(_as_tensor("points", c).shape) for c in points}) > 1:
             self._set_clouds(points, labels, num_points, augment)  # clouds of different sizes
             return
         points, labels = _as_tensor("points", points), _as_tensor("labels", labels)
