@@ -1,5 +1,6 @@
 """The FlexAttention Sinkhorn path (zoo.ops.sinkhorn_flex) against the chunked kernel: its forward on CPU (the
-unfused FlexAttention reference runs there), its backward and the automatic selection on CUDA only."""
+unfused FlexAttention reference runs there), its backward through FlexAttention's own autograd on CPU (the dense
+reference backward, with FlexAttention's CPU device check lifted), its fused CUDA kernels only with a GPU."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import zoo.ops.sinkhorn as sk
 import zoo.ops.sinkhorn_flex as sf
 
 pytestmark = pytest.mark.skipif(sf.flex_attention is None, reason="torch without flex_attention")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fused kernels need CUDA")
 
 
 def rand(*shape, seed=0, device="cpu"):
@@ -46,6 +47,52 @@ def test_forward_on_cpu_equals_chunked_kernel(mask, n_iter):
         ref = sk._SinkhornFunction.apply(q, k, v, bias, idx, None, n_iter, 0.7, factor, 2)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def assert_flex_gradients_equal_chunked(inputs, n_iter, tol, compiled):
+    """The flex path's output and gradients of q, k, v (a fixed random cotangent) equal the chunked kernel's, and
+    are finite. ``inputs``: a ``case``."""
+    q, k, v, bias, idx, factor = inputs
+    dout = rand(q.shape[0], q.shape[1], v.shape[2], seed=6, device=q.device)
+    results = []
+    for flex in (True, False):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        if flex:
+            out = sf.flex_sinkhorn(*ins, bias, idx, factor, n_iter, 0.5, compiled=compiled)
+        else:
+            out = sk._SinkhornFunction.apply(*ins, bias, idx, None, n_iter, 0.5, factor, 4)
+        results.append([out.detach(), *torch.autograd.grad((out * dout).sum(), ins)])
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def flex_reference_backward_on_cpu(monkeypatch):
+    """Lift FlexAttention's refusal of CPU inputs that require grad. Its autograd function is the one the CUDA path
+    runs; without torch.compile (or under the "eager" backend) its backward is the dense reference that its fused
+    CUDA kernels are generated to equal, and that math runs on any device."""
+    import torch.nn.attention.flex_attention as fa
+
+    if not hasattr(fa, "_validate_device"):
+        pytest.skip("this torch checks FlexAttention's device elsewhere")
+    monkeypatch.setattr(fa, "_validate_device", lambda *args, **kwargs: None)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("n_iter", [2, 3, 4, 5])
+@pytest.mark.parametrize("mask", ["none", "padding", "dense"])
+def test_backward_through_flexattention_autograd_equals_chunked_kernel(
+    flex_reference_backward_on_cpu, monkeypatch, mask, n_iter, traced
+):
+    """Gradients of q, k, v through FlexAttention's autograd (the log-sum-exps the potentials come from, the
+    potentials captured by score_mod, the closing call's lse factor) equal the chunked kernel's closed-form
+    backward; the dense mask's empty row and column give finite gradients. ``traced``: through the path's own
+    torch.compile settings (Dynamo, the "eager" backend), as the CUDA path calls it."""
+    if traced:
+        monkeypatch.setitem(sf._COMPILED, "flex", sf.compile_flex(backend="eager"))
+    assert_flex_gradients_equal_chunked(case(mask, n_iter), n_iter, tol=1e-5, compiled=traced)
 
 
 def test_not_selected_on_cpu():
@@ -151,19 +198,8 @@ def test_compiled_calls_follow_new_lengths_and_batches_without_recompiling(monke
 @pytest.mark.parametrize("mask", ["none", "padding", "dense"])
 def test_backward_on_cuda_equals_chunked_kernel(mask, n_iter):
     # head dims of at least 16 (FlexAttention's CUDA kernels); 24: not a power of two
-    q, k, v, bias, idx, factor = case(mask, n_iter, "cuda", N=4, L=128, S=96, E=16, Ev=24)
-    dout = rand(4, 128, 24, seed=6, device="cuda")
-    results = []
-    for flex in (True, False):
-        ins = [t.clone().requires_grad_() for t in (q, k, v)]
-        if flex:
-            out = sf.flex_sinkhorn(*ins, bias, idx, factor, n_iter, 0.5)
-        else:
-            out = sk._SinkhornFunction.apply(*ins, bias, idx, None, n_iter, 0.5, factor, 4)
-        results.append([out.detach(), *torch.autograd.grad((out * dout).sum(), ins)])
-    for a, b in zip(*results):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    inputs = case(mask, n_iter, "cuda", N=4, L=128, S=96, E=16, Ev=24)
+    assert_flex_gradients_equal_chunked(inputs, n_iter, tol=2e-4, compiled=True)
 
 
 def attention_against_the_cpu(device, mask_kind, n_iter, L, S, B=2, H=3, E=64):
