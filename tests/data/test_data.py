@@ -355,6 +355,57 @@ def test_image_folder_preprocesses_as_the_models_pretrained_cfg(tmp_path: Path) 
     assert model.pretrained_cfg["mean"] == (0.5,) * 3  # and the fit records them as before
 
 
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+@pytest.mark.parametrize("input_size, crop_pct", [((16, 16), 0.875), ((16, 16), 1.0), ((12, 20), 0.9), ((20, 12), 1.0)])
+def test_eval_transform_crops_as_timms_for_every_crop_mode_and_shape(
+    tmp_path: Path, crop_mode: str, input_size: tuple[int, int], crop_pct: float
+) -> None:
+    """The evaluation transform of a cfg with each of timm's crop modes, square and non-square input sizes, on
+    images wider, taller and smaller than the crop: equal to timm's create_transform of the same cfg (border: the
+    fitted image padded with the mean colour)."""
+    from timm.data import create_transform, resolve_data_config
+
+    _write_image_folder(tmp_path, ["cat", "dog"])
+    cfg = {
+        "input_size": (3, *input_size),
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
+        "interpolation": "bicubic",
+        "mean": (0.5, 0.25, 0.75),
+        "std": (0.5, 0.5, 0.5),
+    }
+    timm_eval = create_transform(**resolve_data_config({}, pretrained_cfg=cfg))
+    for module in (
+        ImageFolderDataModule(root=str(tmp_path), num_workers=0),
+        __import__("zoo.data", fromlist=["ImageFilesDataModule"]).ImageFilesDataModule(str(tmp_path), num_workers=0),
+    ):
+        module._resolve(cfg)
+        assert (module.crop_mode, module.crop_pct) == (crop_mode, crop_pct)
+        ours = module.eval_transform()
+        rng = np.random.default_rng(1)
+        for shape in ((30, 50), (50, 30), (9, 7), (16, 16)):
+            image = Image.fromarray(rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8))
+            want = timm_eval(image)
+            assert want.shape == (3, *input_size)
+            torch.testing.assert_close(ours(image), want, rtol=0, atol=1e-6)
+
+
+def test_crop_mode_and_crop_pct_arguments_win_over_the_models_cfg(tmp_path: Path) -> None:
+    """Given crop_mode / crop_pct / image_size win over the cfg's; a non-square image_size gives non-square
+    training and evaluation crops."""
+    _write_image_folder(tmp_path, ["cat", "dog"])
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=(8, 12), crop_pct=0.5, crop_mode="squash", num_workers=0)
+    dm._resolve({"input_size": (3, 16, 16), "crop_pct": 1.0, "crop_mode": "border"})
+    assert (dm.image_size, dm.resize_size, dm.crop_mode) == ((8, 12), (16, 24), "squash")
+    image = Image.open(tmp_path / "train" / "cat" / "img0.png").convert("RGB")
+    assert dm.eval_transform()(image).shape == dm.train_transform()(image).shape == (3, 8, 12)
+    # squash: the whole 20 x 28 image resized to 16 x 24, then the centre 8 x 12 of it
+    resized = torchvision.transforms.functional.resize(image, [16, 24], antialias=True)
+    want = torchvision.transforms.functional.to_tensor(torchvision.transforms.functional.center_crop(resized, [8, 12]))
+    want = torchvision.transforms.functional.normalize(want, dm.mean, dm.std)
+    torch.testing.assert_close(dm.eval_transform()(image), want, rtol=0, atol=1e-6)
+
+
 def test_image_folder_arguments_win_over_the_models_cfg(tmp_path: Path) -> None:
     _write_image_folder(tmp_path, ["cat", "dog"])
     dm = ImageFolderDataModule(
@@ -412,6 +463,10 @@ def test_image_folder_auto_augment_policies_change_the_training_images(tmp_path:
         ({"hflip": 2}, r"hflip must be a probability in \[0, 1\]"),
         ({"random_erasing": -0.1}, r"random_erasing must be a probability"),
         ({"image_size": 0}, "image_size must be a positive integer"),
+        ({"image_size": (8, 0)}, r"image_size must be a positive integer or a \[height, width\] pair"),
+        ({"image_size": (8, 12), "resize_size": 16}, "resize_size sizes square crops only.*give crop_pct instead"),
+        ({"crop_pct": 1.5}, r"crop_pct must be a fraction in \(0, 1\]"),
+        ({"crop_mode": "crop"}, "crop_mode must be one of center, squash, border"),
     ],
 )
 def test_image_folder_bad_preprocessing_argument_is_one_clear_error(tmp_path: Path, bad: dict, match: str) -> None:

@@ -15,7 +15,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from zoo.data.base import DataArgumentError, ZooDataModule
 from zoo.errors import ZooError
-from zoo.pretrained import INTERPOLATIONS
+from zoo.pretrained import CROP_MODES, INTERPOLATIONS
 
 __all__ = [
     "CIFAR_STATS",
@@ -251,14 +251,43 @@ def _list_classes(folder: Path) -> list[str]:
 
 
 def _check_preprocessing(
-    image_size: Any, resize_size: Any, mean: Sequence[float] | None, std: Sequence[float] | None, interpolation: Any
+    image_size: Any,
+    resize_size: Any,
+    crop_pct: Any,
+    crop_mode: Any,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    interpolation: Any,
 ) -> None:
-    """One DataArgumentError for a bad size, mean / std or interpolation of :class:`_ModelPreprocessing`'s
+    """One DataArgumentError for a bad size, crop, mean / std or interpolation of :class:`_ModelPreprocessing`'s
     modules (None is always allowed: the model's)."""
-    if image_size is not None and (int(image_size) != image_size or image_size < 1):
-        raise DataArgumentError(f"image_size must be a positive integer (or null: the model's), got {image_size!r}")
-    if resize_size is not None and (int(resize_size) != resize_size or resize_size < (image_size or 1)):
-        raise DataArgumentError(f"resize_size must be an integer >= image_size ({image_size}), got {resize_size!r}")
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    pair = isinstance(image_size, (list, tuple)) and len(image_size) == 2 and all(map(positive_int, image_size))
+    if image_size is not None and not (positive_int(image_size) or pair):
+        raise DataArgumentError(
+            "image_size must be a positive integer or a [height, width] pair of them (or null: the model's), got "
+            f"{image_size!r}"
+        )
+    if resize_size is not None:
+        if pair and image_size[0] != image_size[1]:
+            raise DataArgumentError(
+                f"resize_size sizes square crops only, and image_size is {list(image_size)}: give crop_pct instead "
+                "(the resize is then floor(side / crop_pct) per side)"
+            )
+        side = (image_size[0] if pair else image_size) or 1
+        if not positive_int(resize_size) or resize_size < side:
+            raise DataArgumentError(f"resize_size must be an integer >= image_size ({side}), got {resize_size!r}")
+    if crop_pct is not None and (
+        isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1
+    ):
+        raise DataArgumentError(f"crop_pct must be a fraction in (0, 1] (or null: the model's), got {crop_pct!r}")
+    if crop_mode is not None and crop_mode not in CROP_MODES:
+        raise DataArgumentError(
+            f"crop_mode must be one of {', '.join(CROP_MODES)} (or null: the model's), got {crop_mode!r}"
+        )
     _check_mean_std(mean, std, "the model's")
     if interpolation is not None and interpolation not in _INTERPOLATIONS:
         raise DataArgumentError(
@@ -266,22 +295,70 @@ def _check_preprocessing(
         )
 
 
+class _ResizeKeepRatio:
+    """Resize by one factor for both sides, to ``size`` = (h, w): the smallest image that covers it
+    (``cover=True``: one side equal, the other at least as long) or the largest that fits in it (one side equal,
+    the other at most as long); each new side is round(side / ratio)."""
+
+    def __init__(self, size: tuple[int, int], cover: bool, interpolation: transforms.InterpolationMode) -> None:
+        self.size, self.cover, self.interpolation = size, cover, interpolation
+
+    def __call__(self, image: Any) -> Any:
+        height, width = transforms.functional.get_dimensions(image)[1:]
+        ratios = (height / self.size[0], width / self.size[1])
+        ratio = min(ratios) if self.cover else max(ratios)
+        new_size = [round(height / ratio), round(width / ratio)]
+        return transforms.functional.resize(image, new_size, interpolation=self.interpolation, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, cover={self.cover}, interpolation={self.interpolation.value})"
+
+
+class _CenterCropOrPad:
+    """The centre crop of ``size`` = (h, w), the image first padded evenly to at least that size with ``fill``
+    (per channel, 0-255), where torchvision's ``CenterCrop`` would pad with black."""
+
+    def __init__(self, size: tuple[int, int], fill: Sequence[int]) -> None:
+        self.size, self.fill = size, list(fill)
+
+    def __call__(self, image: Any) -> Any:
+        height, width = transforms.functional.get_dimensions(image)[1:]
+        pad_h, pad_w = max(self.size[0] - height, 0), max(self.size[1] - width, 0)
+        if pad_h or pad_w:  # left, top, right, bottom: the odd pixel goes right / bottom
+            padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]
+            image = transforms.functional.pad(image, padding, fill=self.fill)
+        return transforms.functional.center_crop(image, list(self.size))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, fill={self.fill})"
+
+
 class _ModelPreprocessing(ZooDataModule):
-    """Image data modules that preprocess as the model expects: ``image_size``, ``resize_size``, ``mean``,
-    ``std`` and ``interpolation`` from the arguments (``hparams``), else the Trainer's model's ``pretrained_cfg``
-    (read in ``setup``), else ImageNet's; the evaluation transform (resize the short side, centre crop,
-    normalise)."""
+    """Image data modules that preprocess as the model expects: ``image_size``, ``resize_size``, ``crop_pct``,
+    ``crop_mode``, ``mean``, ``std`` and ``interpolation`` from the arguments (``hparams``), else the Trainer's
+    model's ``pretrained_cfg`` (read in ``setup``), else ImageNet's; the evaluation transform (resize, crop as
+    ``crop_mode`` says, normalise)."""
 
     def _resolve(self, cfg: Mapping[str, Any]) -> None:
-        """Set ``image_size``, ``resize_size``, ``mean``, ``std``, ``interpolation``: the arguments given, else
-        the model's ``cfg`` (timm's ``pretrained_cfg`` keys), else ImageNet's."""
+        """Set ``image_size``, ``resize_size``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
+        ``interpolation``: the arguments given, else the model's ``cfg`` (timm's ``pretrained_cfg`` keys), else
+        ImageNet's. Sizes are an int when square, else (height, width)."""
         hp = self.hparams
         size = tuple(cfg.get("input_size") or ())[-2:]
-        square = int(size[0]) if len(size) == 2 and size[0] == size[1] else None
-        self.image_size = int(hp.image_size or square or 224)
-        crop_pct = cfg.get("crop_pct")
-        crop_pct = float(crop_pct) if isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1 else 0.875
-        self.resize_size = int(hp.resize_size or math.floor(self.image_size / crop_pct))
+        model_size = size if len(size) == 2 and all(isinstance(s, int) and s >= 1 for s in size) else None
+        given = hp.image_size
+        height, width = (given, given) if isinstance(given, int) else tuple(given or model_size or (224, 224))
+        crop_pct = hp.crop_pct if hp.crop_pct is not None else cfg.get("crop_pct")
+        valid = isinstance(crop_pct, (int, float)) and not isinstance(crop_pct, bool) and 0 < crop_pct <= 1
+        self.crop_pct = float(crop_pct) if valid else 0.875
+        crop_mode = hp.crop_mode or cfg.get("crop_mode")
+        self.crop_mode = crop_mode if crop_mode in CROP_MODES else "center"
+        if hp.resize_size:
+            resize_h = resize_w = int(hp.resize_size)
+        else:
+            resize_h, resize_w = math.floor(height / self.crop_pct), math.floor(width / self.crop_pct)
+        self.image_size: int | tuple[int, int] = height if height == width else (height, width)
+        self.resize_size: int | tuple[int, int] = resize_h if resize_h == resize_w else (resize_h, resize_w)
         mean, std = cfg.get("mean"), cfg.get("std")
         rgb = all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std))  # the folder's images are RGB
         if hp.mean is not None:
@@ -301,15 +378,34 @@ class _ModelPreprocessing(ZooDataModule):
         return cfg if isinstance(cfg, Mapping) else {}
 
     def eval_transform(self) -> transforms.Compose:
-        """Resize the short side + centre crop + normalisation."""
-        return transforms.Compose(
-            [
-                transforms.Resize(self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation], antialias=True),
-                transforms.CenterCrop(self.image_size),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ]
-        )
+        """Resize + crop of ``image_size`` as ``crop_mode`` says + normalisation. With the resize size
+        S = ``resize_size`` (floor(side / ``crop_pct``) per side):
+
+        * ``"center"``: the aspect ratio kept, the smallest image that covers S (for a square S, the short side
+          resized to S), then the centre crop;
+        * ``"squash"``: both sides resized to S (the aspect ratio not kept), then the centre crop;
+        * ``"border"``: the aspect ratio kept, the largest image that fits in S, then padded with the mean colour
+          where it is smaller than the crop, and the centre crop.
+        """
+        mode = _INTERPOLATIONS[self.interpolation]
+        crop = _pair(self.image_size)
+        resize = _pair(self.resize_size)
+        ops: list[Any]
+        if self.crop_mode == "squash":
+            ops = [transforms.Resize(resize, interpolation=mode, antialias=True), transforms.CenterCrop(crop)]
+        elif self.crop_mode == "border":
+            fill = [round(255 * m) for m in self.mean]
+            ops = [_ResizeKeepRatio(resize, cover=False, interpolation=mode), _CenterCropOrPad(crop, fill)]
+        elif resize[0] == resize[1]:
+            ops = [transforms.Resize(resize[0], interpolation=mode, antialias=True), transforms.CenterCrop(crop)]
+        else:
+            ops = [_ResizeKeepRatio(resize, cover=True, interpolation=mode), transforms.CenterCrop(crop)]
+        return transforms.Compose([*ops, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a size given as one int (square) or a pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class ImageFolderDataModule(_ModelPreprocessing):
@@ -318,22 +414,26 @@ class ImageFolderDataModule(_ModelPreprocessing):
 
     Training: ``RandomResizedCrop(image_size)``, a horizontal flip (``hflip``), the ``auto_augment`` policy when
     given, tensor conversion, normalisation, then ``RandomErasing`` (``random_erasing``, random normal values, as
-    timm's ``pixel`` mode). Evaluation: the short side resized to ``resize_size``, a centre crop of ``image_size``,
-    normalisation. The class list comes from the train folder and is shared by the val folder. Test and predict
-    read the val folder (ImageNet-style datasets ship no labelled test split).
+    timm's ``pixel`` mode). Evaluation: a resize to ``resize_size`` and a crop of ``image_size`` as ``crop_mode``
+    says (by default the short side resized and the centre crop), normalisation. The class list comes from the
+    train folder and is shared by the val folder. Test and predict read the val folder (ImageNet-style datasets
+    ship no labelled test split).
 
     The settings left None follow the ``pretrained_cfg`` of the model being trained (``input_size``, ``mean``,
-    ``std``, ``interpolation``, ``crop_pct``: what its weights were trained with, e.g. mean 0.5 and bicubic for
-    timm's augreg ViTs), read in ``setup`` from the Trainer's model; without a Trainer, or keys the cfg lacks,
-    ImageNet's: 224 px, the ImageNet mean / std, bilinear, ``crop_pct`` 0.875.
+    ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``: what its weights were trained with, e.g. mean 0.5
+    and bicubic for timm's augreg ViTs, or the squashed full image of its CLIP ViTs at 384 px), read in ``setup``
+    from the Trainer's model; without a Trainer, or keys the cfg lacks, ImageNet's: 224 px, the ImageNet mean /
+    std, bilinear, ``crop_pct`` 0.875, centre crop.
 
     Args:
         root: the dataset's folder.
         train_dir: the training folder, relative to ``root``.
         val_dir: the validation folder, relative to ``root``.
-        image_size: the side of the square crops (a positive integer); None: the model's input size.
-        resize_size: the short side evaluation images are resized to before the centre crop (>= ``image_size``);
-            None for ``floor(image_size / crop_pct)`` with the model's ``crop_pct`` (ImageNet's: 0.875).
+        image_size: the side of the square crops (a positive integer) or their [height, width]; None: the model's
+            input size.
+        resize_size: the size evaluation images are resized to before the crop (an integer >= ``image_size``;
+            square crops only): their short side (``crop_mode`` center), both sides (squash) or their long side
+            (border); None for ``floor(side / crop_pct)`` per side.
         batch_size: samples per batch (an integer >= 1).
         num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
         mean: the per-channel mean the images are normalised with; None: the model's.
@@ -344,6 +444,11 @@ class ImageFolderDataModule(_ModelPreprocessing):
         auto_augment: a torchvision policy for the training images: ``"randaugment"``, ``"trivialaugment"``,
             ``"autoaugment"`` (the ImageNet policy) or ``"augmix"``; None for none.
         random_erasing: the probability that a training image gets one random box erased, in [0, 1].
+        crop_pct: the fraction of the resized image the crop keeps, in (0, 1]; None: the model's (ImageNet's:
+            0.875).
+        crop_mode: ``"center"`` (aspect ratio kept, centre crop), ``"squash"`` (both sides resized, aspect ratio
+            not kept) or ``"border"`` (the whole image fitted in, padded with the mean colour), timm's crop modes;
+            None: the model's.
     """
 
     test_split = "val"
@@ -353,7 +458,7 @@ class ImageFolderDataModule(_ModelPreprocessing):
         root: str,
         train_dir: str = "train",
         val_dir: str = "val",
-        image_size: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         resize_size: int | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
@@ -363,11 +468,13 @@ class ImageFolderDataModule(_ModelPreprocessing):
         hflip: float = 0.5,
         auto_augment: str | None = None,
         random_erasing: float = 0.0,
+        crop_pct: float | None = None,
+        crop_mode: str | None = None,
     ) -> None:
         """Check the arguments and that the folders exist, and list the classes (cheap); the datasets are built in
         ``setup``."""
         super().__init__(batch_size, num_workers)
-        _check_preprocessing(image_size, resize_size, mean, std, interpolation)
+        _check_preprocessing(image_size, resize_size, crop_pct, crop_mode, mean, std, interpolation)
         if auto_augment is not None and auto_augment not in _AUTO_AUGMENT:
             raise DataArgumentError(
                 f"auto_augment must be one of {', '.join(_AUTO_AUGMENT)} (or null: none), got {auto_augment!r}"
@@ -453,20 +560,27 @@ class ImageFilesDataModule(_ModelPreprocessing):
     """Unlabelled images to predict on (``zoo predict``, ``Trainer.predict``): the image files under ``root``
     (its folders too, in sorted path order), preprocessed as the model expects, as
     :class:`ImageFolderDataModule` evaluates (the settings left None follow the model's ``pretrained_cfg``: its
-    size, mean / std, interpolation and crop). ``predict_files`` lists the files, relative to ``root``, in the
-    order of the predictions (``zoo.callbacks.PredictionWriter`` writes them beside the predictions). There is no
-    training or validation split: fit, validate and test need labelled data.
+    size, mean / std, interpolation, crop_pct and crop_mode). ``predict_files`` lists the files, relative to
+    ``root``, in the order of the predictions (``zoo.callbacks.PredictionWriter`` writes them beside the
+    predictions). There is no training or validation split: fit, validate and test need labelled data.
 
     Args:
         root: a folder of images (any depth) or one image file.
-        image_size: the side of the square centre crop; None: the model's input size.
-        resize_size: the short side images are resized to before the crop (>= ``image_size``); None for
-            ``floor(image_size / crop_pct)`` with the model's ``crop_pct``.
+        image_size: the side of the square crops (a positive integer) or their [height, width]; None: the model's
+            input size.
+        resize_size: the size evaluation images are resized to before the crop (an integer >= ``image_size``;
+            square crops only): their short side (``crop_mode`` center), both sides (squash) or their long side
+            (border); None for ``floor(side / crop_pct)`` per side.
         batch_size: samples per batch (an integer >= 1).
         num_workers: DataLoader worker processes (an integer >= 0; 0 loads in the main process).
         mean: the per-channel mean the images are normalised with; None: the model's.
         std: the per-channel standard deviation (positive); None: the model's.
         interpolation: ``"bilinear"``, ``"bicubic"``, ``"nearest"``, ``"box"``, ``"hamming"`` or ``"lanczos"``;
+            None: the model's.
+        crop_pct: the fraction of the resized image the crop keeps, in (0, 1]; None: the model's (ImageNet's:
+            0.875).
+        crop_mode: ``"center"`` (aspect ratio kept, centre crop), ``"squash"`` (both sides resized, aspect ratio
+            not kept) or ``"border"`` (the whole image fitted in, padded with the mean colour), timm's crop modes;
             None: the model's.
     """
 
@@ -475,17 +589,19 @@ class ImageFilesDataModule(_ModelPreprocessing):
     def __init__(
         self,
         root: str,
-        image_size: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         resize_size: int | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         interpolation: str | None = None,
+        crop_pct: float | None = None,
+        crop_mode: str | None = None,
     ) -> None:
         """Check the arguments and list the image files (cheap)."""
         super().__init__(batch_size, num_workers)
-        _check_preprocessing(image_size, resize_size, mean, std, interpolation)
+        _check_preprocessing(image_size, resize_size, crop_pct, crop_mode, mean, std, interpolation)
         self.save_hyperparameters()
         self.root = Path(os.path.expanduser(str(root)))
         if self.root.is_file():
