@@ -265,16 +265,30 @@ def test_zoo_backbone_finetuning_keeps_norms_and_biases_out_of_weight_decay() ->
     )  # fmt: skip
     callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    t = trainer(max_epochs=2, callbacks=[callback])
+    start = model.pos_embed.detach().clone()
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.after_first = pl_module.pos_embed.detach().clone()
+
+    snap = Snapshot()
+    t = trainer(max_epochs=2, callbacks=[callback, snap])
     t.fit(model, DataLoader(TensorDataset(x, torch.arange(8) % 3), batch_size=4))
+    assert torch.equal(snap.after_first, start) and not torch.equal(model.pos_embed, start)  # frozen, then trained
     decay = {id(p): g["weight_decay"] for i, _ in callback._added for g in [t.optimizers[0].param_groups[i]]
              for p in g["params"]}  # fmt: skip
-    # model.backbone: the child modules but the head (pos_embed and cls_token train from the start)
+    # model.backbone: every parameter but the head's, pos_embed and cls_token (set on the model itself) included
     backbone = {id(p) for p in model.backbone.parameters()}
+    head = {id(p) for p in model.get_classifier().parameters()}
+    assert backbone.isdisjoint(head) and backbone | head == {id(p) for p in model.parameters()}
+    assert {id(model.pos_embed), id(model.cls_token)} <= backbone
     assert set(decay) == backbone
+    exempt = model.no_weight_decay()  # timm's: pos_embed, cls_token
+    assert {"pos_embed", "cls_token"} <= exempt
     for name, p in model.named_parameters():
         if id(p) in backbone:
-            assert decay[id(p)] == (0.0 if p.ndim <= 1 else 0.01), name
+            assert decay[id(p)] == (0.0 if p.ndim <= 1 or name in exempt else 0.01), name
     assert any(v == 0.0 for v in decay.values()) and any(v == 0.01 for v in decay.values())
 
 

@@ -424,17 +424,20 @@ class ImageClassifier(LearningRateAttribute, pl.LightningModule):
         ``BackboneFinetuning`` freezes, then trains from its ``unfreeze_backbone_at_epoch`` as a parameter group of
         its own (the schedule steps it too). A module the subclass registers as ``backbone`` wins.
 
-        A ``ModuleList`` of the other top-level modules, built on each access: not a submodule, so the
-        ``state_dict`` keys stay as they are."""
+        A module built on each access that holds the other top-level modules and the parameters set on the task
+        itself (a ViT's ``pos_embed`` and ``cls_token``: they freeze and unfreeze with the blocks). Not a
+        submodule, so the ``state_dict`` keys stay as they are."""
         registered = self._modules.get("backbone")
         if registered is not None:
             return registered
         head = self.get_classifier() if callable(getattr(self, "get_classifier", None)) else None
-        return torch.nn.ModuleList(
-            m
-            for m in self.children()
-            if m is not head and not isinstance(m, Metric) and any(True for _ in m.parameters())
-        )
+        backbone = torch.nn.Module()
+        for name, module in self.named_children():
+            if module is not head and not isinstance(module, Metric) and any(True for _ in module.parameters()):
+                backbone.add_module(name, module)
+        for name, param in self.named_parameters(recurse=False):
+            backbone.register_parameter(name, param)
+        return backbone
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
