@@ -537,3 +537,49 @@ def test_a_sharded_checkpoint_folder_read_as_a_file_names_the_ways_to_read_it(tm
         hub.load_checkpoint_file(folder)
     with pytest.raises(ZooError, match="does not exist"):
         hub.load_checkpoint_file(tmp_path / "missing.ckpt")
+
+
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """The address ranges of this process's mappings of ``path`` (Linux's /proc/self/maps)."""
+    real = os.path.realpath(path)
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == real:
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_checkpoint_reads_map_the_file_instead_of_reading_what_they_drop(tmp_path) -> None:
+    """A read of a Lightning checkpoint's weights (and the CLI's read of its hyperparameters) maps the file: the
+    tensors come back equal and their bytes lie in a mapping of the file, so the optimizer state the reader drops
+    is never read. A file in torch's legacy format, which cannot be mapped, is read whole; a truncated file is the
+    same clear error either way."""
+    weights = {"conv.weight": torch.randn(4, 3, 3, 3), "fc.bias": torch.randn(5)}
+    ckpt = {"state_dict": weights, "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(1000)}}}]}
+    ckpt["hyper_parameters"] = {"num_classes": 5}
+    path = tmp_path / "run.ckpt"
+    torch.save(ckpt, path)
+    mapped = hub.load_checkpoint_file(path, mmap=True)
+    ranges = _mapped_from(path)
+    assert ranges and mapped["hyper_parameters"] == {"num_classes": 5}
+    for name, tensor in mapped["state_dict"].items():
+        assert torch.equal(tensor, weights[name])
+        assert any(start <= tensor.data_ptr() < end for start, end in ranges), name
+    read = hub.load_checkpoint_file(path)
+    assert not any(start <= read["state_dict"]["fc.bias"].data_ptr() < end for start, end in _mapped_from(path))
+    del mapped
+    state, _ = hub.read_weights(str(path))  # zoo's reader: the weights, mapped, without the training state
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
+    assert any(start <= state["fc.bias"].data_ptr() < end for start, end in _mapped_from(path))
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    assert all(torch.equal(v, weights[k]) for k, v in hub.load_checkpoint_file(legacy, mmap=True).items())
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for mmap in (False, True):
+        with pytest.raises(ZooError, match="not a complete torch file"):
+            hub.load_checkpoint_file(truncated, mmap=mmap)

@@ -459,7 +459,7 @@ class ZooCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path")
         if not path or not Path(path).is_file():  # "last", "best", "registry:...": Lightning finds the file
             return
-        checkpoint = load_checkpoint_file(path)
+        checkpoint = load_checkpoint_file(path, mmap=True)  # its hyperparameters only: the tensors stay unread
         if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
             raise ZooError(
                 f"{path} is not a Lightning checkpoint (it has no 'state_dict'): --ckpt_path takes a "

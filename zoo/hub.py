@@ -32,6 +32,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -313,7 +314,8 @@ def _scoped_read(kind: str, path: Path, read: Callable[[Path], Any]) -> Any:
 def _read_checkpoint(path: Path) -> Any:
     """:func:`load_checkpoint_file` for zoo's readers: once per file within a :func:`checkpoint_reads` scope, and
     without a Lightning checkpoint's optimizer and scheduler states (a fit's, which no reader uses)."""
-    obj = _scoped_read("checkpoint", path, lambda p: _without_training_state(load_checkpoint_file(p)))
+    # mapped: the optimizer and scheduler states dropped here are never read from the file
+    obj = _scoped_read("checkpoint", path, lambda p: _without_training_state(load_checkpoint_file(p, mmap=True)))
     return dict(obj) if isinstance(obj, dict) else obj  # readers get their own top level; the scope's stays as read
 
 
@@ -432,13 +434,17 @@ def _lightning_init_args(hparams: Any) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if not (isinstance(k, str) and k.startswith("_"))}
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
+def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
     """``torch.load`` of an untrusted ``.pth`` / ``.pt`` / ``.bin`` / Lightning ``.ckpt`` file: tensors and plain
     containers only (``weights_only=True``, no allow-list beyond torch's own), one clear ZooError for an empty,
     truncated or foreign file. Nothing in the file can run code.
 
     Args:
         path: the file to load.
+        mmap: map the tensors' bytes from the file (``torch.load(mmap=True)``) instead of reading them: only what
+            the caller touches is read, so a reader of a checkpoint's hyperparameters, or of its weights without
+            its optimizer state, reads neither the rest nor holds it in memory. Files in torch's legacy (pre-zip)
+            format, which cannot be mapped, are read whole.
     """
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():
@@ -452,6 +458,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     if path.stat().st_size == 0:
         raise ZooError(f"{path} is empty (0 bytes): the file was not written completely; save or download it again")
     try:
+        if mmap and zipfile.is_zipfile(path):  # torch's zip format: the one that maps
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # refused classes, truncated zip, not a torch file at all, ...
         text = str(e)
