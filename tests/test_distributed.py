@@ -85,3 +85,40 @@ def test_ddp_two_cpu_processes_vmoe_soft_router(tmp_path):
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout
     lines = [line for line in proc.stdout.splitlines() if line.startswith("zoo: val_acc")]
     assert len(lines) == 1 and "val_moe/router_entropy" in lines[0], proc.stdout
+
+
+@pytest.mark.distributed
+def test_ddp_fit_resumed_from_a_checkpoint_repeats_the_uninterrupted_fit(tmp_path):
+    """DDP on 2 CPU processes, a ViT with dropout, drop-path, MixUp and random shifts loaded by a worker process
+    per rank: 2 epochs straight, and 1 epoch then a resume from its checkpoint for the second (constant rate, so
+    the two schedules agree), end with bit-identical weights: each rank's shard of the order, its augmentation and
+    its random draws follow the seed and the epoch, and every rank restores the checkpoint's generator state."""
+    import torch
+
+    def fit(name: str, epochs: int, ckpt: Path | None = None) -> Path:
+        root = tmp_path / name
+        cmd = [
+            sys.executable, "-m", "zoo.cli", "fit", "--config", str(ROOT / "recipes/digits_sinkformer_vit.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.max_epochs", str(epochs), "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root), "--model.init_args.drop_rate", "0.2",
+            "--model.init_args.drop_path_rate", "0.2", "--model.init_args.mixup_alpha", "0.8",
+            "--model.init_args.lr_scheduler", "null", "--data.init_args.augment", "true",
+            "--data.init_args.num_workers", "1",
+        ]  # fmt: skip
+        if ckpt is not None:
+            cmd += ["--ckpt_path", str(ckpt)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (path,) = root.rglob("*.ckpt")
+        return path
+
+    straight = torch.load(fit("straight", 2), weights_only=True)["state_dict"]
+    first = fit("first", 1)
+    resumed = torch.load(fit("resumed", 2, first), weights_only=True)["state_dict"]
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    one_epoch = torch.load(first, weights_only=True)["state_dict"]
+    assert not all(torch.equal(straight[k], one_epoch[k]) for k in straight)  # the second epoch trained

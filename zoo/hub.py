@@ -1623,7 +1623,8 @@ class HubMixin:
         """Lightning's hook: the checkpoint's ``hyper_parameters`` are brought up to date (:meth:`sync_hparams`),
         and the checkpoint names the model's registered class (LightningCLI records it, a plain ``Trainer`` does
         not), so that ``zoo.from_pretrained(ckpt)`` rebuilds a model trained either way, and holds its
-        ``pretrained_cfg`` as ``save_pretrained`` does (the transforms, and the source weights where they hold).
+        ``pretrained_cfg`` as ``save_pretrained`` does (the transforms, and the source weights where they hold),
+        and torch's random generators' states (:func:`zoo.tasks.resume.save_rng_states`).
 
         Args:
             checkpoint: the checkpoint Lightning is writing.
@@ -1644,23 +1645,31 @@ class HubMixin:
                 checkpoint[CHECKPOINT_CLASS_KEY] = path
         except ZooError:  # a subclass that is not registered: from_pretrained needs its class given
             pass
+        from zoo.tasks.resume import save_rng_states
+
+        save_rng_states(checkpoint)  # a resumed fit draws what this one would have drawn next
         parent = getattr(super(), "on_save_checkpoint", None)
         if callable(parent):
             parent(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's hook (``load_from_checkpoint``, a resumed fit): the ``pretrained_cfg`` the checkpoint
-        records becomes the model's, checked as untrusted input; then the task's own checks.
+        records becomes the model's, checked as untrusted input; then the task's own checks; in a resumed fit,
+        torch's random generators are set to the states the checkpoint holds
+        (:func:`zoo.tasks.resume.restore_rng_states`).
 
         Args:
             checkpoint: the checkpoint Lightning is reading.
         """
+        from zoo.tasks.resume import restore_rng_states
+
         stored = _checkpoint_pretrained_cfg(checkpoint, "the checkpoint")
         parent = getattr(super(), "on_load_checkpoint", None)
         if callable(parent):
             parent(checkpoint)
         if stored is not None:
             restore_pretrained_cfg(self, stored)  # type: ignore[arg-type]
+        restore_rng_states(self, checkpoint)
 
     def save_pretrained(self, path: str | os.PathLike, repo_id: str | None = None) -> Path:
         """Save weights, config and model card (folder) or weights with the config (one ``.safetensors`` file)."""

@@ -4,20 +4,37 @@
 settings (pinned memory when CUDA is available, persistent workers when there are workers), builds its datasets on
 first use when a loader is asked for before ``setup`` (``Trainer`` calls ``setup``; a script may not), and gives the
 predict loader the inputs of the evaluation split without their labels (:class:`InputsOnly`).
+
+Training loaders are resumable: epoch e's order is a permutation seeded by the run's seed and e
+(:class:`EpochShuffleSampler`, sharded over the Trainer's processes), and each sample's random augmentation draws
+from a generator seeded by (seed, e, index) (:class:`SeededSamples`), so a fit resumed at an epoch boundary
+sees the same batches, augmented the same way, as the uninterrupted fit, whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import numbers
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.errors import ZooError
 
-__all__ = ["DataArgumentError", "InputsOnly", "ZooDataModule", "check_loader_args"]
+__all__ = [
+    "DataArgumentError",
+    "EpochShuffleSampler",
+    "InputsOnly",
+    "SeededSamples",
+    "TrainingLoader",
+    "ZooDataModule",
+    "check_loader_args",
+    "run_seed",
+    "sample_seed",
+]
 
 
 class DataArgumentError(ZooError, ValueError):
@@ -53,6 +70,125 @@ class InputsOnly(Dataset):
         return self.dataset[index][0]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random augmentation in ``epoch`` of a run seeded ``seed``: the three numbers
+    mixed by SplitMix64's finaliser (x ^= x >> 30; x *= 0xbf58476d1ce4e5b9; x ^= x >> 27; x *= 0x94d049bb133111eb;
+    x ^= x >> 31, once per number folded in), so that neighbouring indices and epochs get unrelated streams; 63
+    bits (a valid ``torch.Generator`` seed).
+
+    Args:
+        seed: the run's seed.
+        epoch: the epoch.
+        index: the sample's index in the dataset.
+    """
+    x = 0x9E3779B97F4A7C15
+    for value in (seed, epoch, index):
+        x = (x + (int(value) & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """The training order: in epoch e a permutation seeded by ``seed + e`` (torch's ``DistributedSampler``, whose
+    ``set_epoch`` Lightning calls at each epoch's start), this process's shard of it, each index paired with its
+    :func:`sample_seed` for :class:`SeededSamples`. The order depends on the seed and the epoch alone, so a fit
+    resumed at epoch e (a new process, new workers) continues it; Lightning keeps it under DDP (it is a
+    ``DistributedSampler``) rather than swapping in its own.
+
+    Args:
+        dataset: the dataset (its length).
+        num_replicas: the number of processes sharing the data (the Trainer's world size).
+        rank: this process's rank.
+        seed: the run's seed, the same in every process.
+        drop_last: drop the tail that does not divide evenly among the processes (else repeat the head).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        for index in super().__iter__():
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+class SeededSamples(Dataset):
+    """A dataset whose item ``(index, seed)`` is ``dataset[index]`` computed with torch's CPU generator seeded by
+    ``seed`` (the random crops, flips and policies of its transform), the generator's state restored after, so
+    loading in the main process leaves the training's random stream (dropout, MixUp) as it was. A plain index
+    (a sampler Lightning swapped in, e.g. for ``overfit_batches``) reads the item unseeded.
+
+    Args:
+        dataset: the dataset whose items are seeded.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.collate_fn = getattr(dataset, "collate_fn", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        state = torch.random.get_rng_state()
+        torch.random.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.random.set_rng_state(state)
+
+
+class _FirstBatchStart:
+    """An iterator that creates ``start()``'s iterator at its first ``next``."""
+
+    def __init__(self, start: Any) -> None:
+        self._start, self._iterator = start, None
+
+    def __iter__(self) -> _FirstBatchStart:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._start()
+        return next(self._iterator)
+
+    def __getstate__(self) -> dict[str, Any]:  # a pickled loop state holds no live iterator (as Lightning's)
+        return {"_start": None, "_iterator": None}
+
+
+class TrainingLoader(DataLoader):
+    """A DataLoader whose epoch starts at its first batch: ``iter()`` returns an iterator that asks the sampler
+    for the epoch's order (and starts the workers' prefetching) only when the first batch is requested. Lightning
+    calls ``iter()`` on the training loader before it calls the sampler's ``set_epoch``; with worker processes the
+    order was fixed at that call, so the first epoch of a resumed fit repeated epoch 0's."""
+
+    def __iter__(self) -> Any:
+        return _FirstBatchStart(super().__iter__)
+
+
+def run_seed(world_size: int) -> int:
+    """The seed the training order derives from: ``seed_everything``'s (``PL_GLOBAL_SEED``); without one, torch's
+    initial seed in a single process (random unless the script seeded torch) and 0 across processes (every rank
+    must shuffle alike, as Lightning's own sampler does).
+
+    Args:
+        world_size: the number of processes sharing the data.
+    """
+    given = os.environ.get("PL_GLOBAL_SEED")
+    if given is not None and given.lstrip("-").isdigit():
+        return int(given) % 2**63
+    return torch.initial_seed() % 2**63 if world_size == 1 else 0  # room for seed + epoch in a generator seed
+
+
 class ZooDataModule(pl.LightningDataModule):
     """Base of the image and point-cloud data modules: the DataLoaders over the splits that ``setup`` builds.
 
@@ -82,16 +218,34 @@ class ZooDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         """A DataLoader over ``dataset`` with the module's batch size and workers, and the dataset's
-        ``collate_fn`` when it has one (clouds of different sizes: :func:`zoo.data.pointcloud.pad_point_clouds`)."""
-        return DataLoader(
+        ``collate_fn`` when it has one (clouds of different sizes: :func:`zoo.data.pointcloud.pad_point_clouds`).
+        ``shuffle``: the resumable training order (:class:`EpochShuffleSampler` over :class:`SeededSamples`),
+        sharded over the Trainer's data-parallel processes (its ``distributed_sampler_kwargs``) unless its
+        ``use_distributed_sampler`` is off. Every loader draws its
+        workers' seeds from a generator of its own, not from torch's global one, so that iterating a loader (a
+        sanity check, a validation) does not move the training's random stream."""
+        sampler = None
+        if shuffle:
+            # the data-parallel processes as Lightning would shard them (its Trainer switch honoured)
+            trainer = getattr(self, "trainer", None)
+            connector = getattr(trainer, "_accelerator_connector", None)
+            shard = getattr(connector, "use_distributed_sampler", True) and getattr(connector, "is_distributed", False)
+            kwargs = (trainer.distributed_sampler_kwargs or {}) if shard else {}
+            world, rank = int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+            dataset = SeededSamples(dataset)
+            # the tail is dropped by the batches (drop_last), not by the shards (as Lightning's own sampler)
+            sampler = EpochShuffleSampler(dataset, world, rank, run_seed(world))
+        generator = torch.Generator().manual_seed(run_seed(1) if shuffle else 0)
+        return (TrainingLoader if shuffle else DataLoader)(
             dataset,
             collate_fn=getattr(dataset, "collate_fn", None),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=drop_last,
+            generator=generator,
         )
 
     def _split(self, split: str, stage: str) -> Dataset:
