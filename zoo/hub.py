@@ -1671,6 +1671,16 @@ class HubMixin:
             restore_pretrained_cfg(self, stored)  # type: ignore[arg-type]
         restore_rng_states(self, checkpoint)
 
+    def on_train_start(self) -> None:
+        """Lightning's hook: a resumed fit's training loaders get their position in the epoch from the checkpoint
+        (:func:`zoo.tasks.resume.load_pending_loader_states`), then the task's own hook."""
+        from zoo.tasks.resume import load_pending_loader_states
+
+        load_pending_loader_states(self.trainer)  # type: ignore[attr-defined]
+        parent = getattr(super(), "on_train_start", None)
+        if callable(parent):
+            parent()
+
     def save_pretrained(self, path: str | os.PathLike, repo_id: str | None = None) -> Path:
         """Save weights, config and model card (folder) or weights with the config (one ``.safetensors`` file)."""
         return save_pretrained(self, path, repo_id=repo_id)  # type: ignore[arg-type]

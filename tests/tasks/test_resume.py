@@ -23,6 +23,14 @@ class StopAfterFirstEpoch(pl.Callback):
         trainer.should_stop = True
 
 
+class InterruptMidEpoch(pl.Callback):
+    """Stop the fit with an error at the end of batch 1 of epoch 1, as a preempted job would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            raise RuntimeError("preempted")
+
+
 def resnet() -> pl.LightningModule:
     return zoo.depth_scaled_cifar_resnet(
         layers=(1, 1, 1), widths=(4, 8, 8), num_classes=10,
@@ -38,21 +46,33 @@ def vit() -> pl.LightningModule:
     )  # fmt: skip
 
 
-def fit(root: Path, build, workers: int, interrupt: bool = False, resume: Path | None = None) -> list[torch.Tensor]:
-    """Three epochs of a few batches (the default warm-up cosine schedule spans them all), checkpointing the last
-    epoch's end; ``interrupt``: stop after the first epoch; ``resume``: continue from that checkpoint."""
+def fit(
+    root: Path,
+    build,
+    workers: int,
+    interrupt: pl.Callback | None = None,
+    resume: Path | None = None,
+    every_step: bool = False,
+) -> list[torch.Tensor]:
+    """A few batches an epoch under the default warm-up cosine schedule (it spans the run), checkpointing every
+    epoch's end (3 epochs of 3 batches) or, ``every_step``, every step (2 epochs of 4); ``interrupt``: a callback
+    that stops the fit; ``resume``: continue from a checkpoint."""
     pl.seed_everything(0)
     model = build()
     dm = DigitsDataModule(image_size=16, batch_size=32, num_workers=workers, augment=True)
-    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=root, save_last=True)]
-    if interrupt:
-        callbacks.append(StopAfterFirstEpoch())
+    steps = {"every_n_train_steps": 1} if every_step else {}
+    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=root, save_last=True, **steps)]
+    if interrupt is not None:
+        callbacks.append(interrupt)
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=3, limit_train_batches=3, limit_val_batches=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, deterministic=True,
-        default_root_dir=root,
+        accelerator="cpu", max_epochs=2 if every_step else 3, limit_train_batches=4 if every_step else 3,
+        limit_val_batches=0 if every_step else 1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, deterministic=True, default_root_dir=root,
     )  # fmt: skip
-    trainer.fit(model, datamodule=dm, ckpt_path=resume)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=resume)
+    except RuntimeError as error:
+        assert isinstance(interrupt, InterruptMidEpoch) and "preempted" in str(error)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -66,7 +86,7 @@ def test_a_resumed_fit_repeats_the_uninterrupted_fit(tmp_path: Path, build, work
     weights are bit-identical. Random augmentation (random shifts, in worker processes too), the shuffled order,
     dropout, drop-path and MixUp / CutMix all draw what they drew in the uninterrupted fit."""
     straight = fit(tmp_path / "straight", build, workers)
-    fit(tmp_path / "interrupted", build, workers, interrupt=True)
+    fit(tmp_path / "interrupted", build, workers, interrupt=StopAfterFirstEpoch())
     checkpoint = torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 0 and RNG_STATES_KEY in checkpoint
     resumed = fit(tmp_path / "resumed", build, workers, resume=tmp_path / "interrupted" / "last.ckpt")
@@ -80,7 +100,7 @@ def test_a_resumed_fit_repeats_the_uninterrupted_fit(tmp_path: Path, build, work
 def test_loading_a_checkpoint_outside_a_fit_leaves_the_random_state_alone(tmp_path: Path) -> None:
     """load_from_checkpoint (no Trainer fitting) reads the checkpoint's generator states but does not set them;
     a damaged entry stops a resumed fit with one clear error."""
-    fit(tmp_path, resnet, 0, interrupt=True)
+    fit(tmp_path, resnet, 0, interrupt=StopAfterFirstEpoch())
     path = tmp_path / "last.ckpt"
     torch.manual_seed(123)
     zoo.models.DepthScaledResNet.load_from_checkpoint(path)
@@ -139,3 +159,26 @@ def test_seeded_samples_draw_from_their_seed_and_restore_the_generator() -> None
     samples[(1, 9)]
     assert torch.equal(torch.rand(2), after)  # loading drew nothing from the global stream
     assert torch.equal(first, 2 + torch.rand(3, generator=torch.Generator().manual_seed(77)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_fit_resumed_in_the_middle_of_an_epoch_goes_on_with_the_batches_that_follow(tmp_path: Path, workers):
+    """Interrupted in batch 1 of epoch 1 (Lightning runs the checkpoint callback last: the newest checkpoint is
+    batch 0's), resumed from that checkpoint: the loader's state in it (epoch 1, 1 batch) makes the resumed epoch
+    go on with batches 1 to 3 of the same order, and the weights equal the uninterrupted fit's. (Lightning
+    restarted such an epoch's data from its first batch.)"""
+    straight = fit(tmp_path / "straight", resnet, workers, every_step=True)
+    fit(tmp_path / "interrupted", resnet, workers, InterruptMidEpoch(), every_step=True)
+    checkpoint = torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    resumed = fit(tmp_path / "resumed", resnet, workers, resume=tmp_path / "interrupted" / "last.ckpt", every_step=True)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_a_damaged_loader_state_is_one_error(tmp_path: Path) -> None:
+    fit(tmp_path / "interrupted", resnet, 0, InterruptMidEpoch(), every_step=True)
+    checkpoint = torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)
+    checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 1, "batches": -3}]
+    torch.save(checkpoint, tmp_path / "damaged.ckpt")
+    with pytest.raises(ZooError, match="training-loader state is damaged"):
+        fit(tmp_path / "again", resnet, 0, resume=tmp_path / "damaged.ckpt", every_step=True)

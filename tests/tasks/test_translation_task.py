@@ -375,3 +375,45 @@ def test_published_finding_transformer_weights_as_a_sinkformer_lose_little_and_r
     assert sinkhorn["val_loss"] < softmax["val_loss"] + 0.2 and sinkhorn["val_acc"] > softmax["val_acc"] - 0.05
     assert tuned["val_loss"] < sinkhorn["val_loss"] - 0.008 and tuned["val_loss"] < softmax["val_loss"] + 0.03
     assert tuned["val_acc"] >= sinkhorn["val_acc"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_translation_fit_resumed_in_the_middle_of_an_epoch_repeats_the_uninterrupted_fit(
+    tmp_path: Path, workers: int
+) -> None:
+    """The numbers task (token batches, dropout 0.1): interrupted after batch 1 of epoch 1 and resumed from that
+    step's checkpoint, the fit goes on with the same batches in the same order and the same dropout, and ends with
+    the uninterrupted fit's weights (Lightning creates the loader's iterator before it sets the epoch, which fixed
+    the token batches' order of a resumed epoch to epoch 0's, and restarted a mid-epoch resume from the first
+    batch)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Interrupt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                raise RuntimeError("preempted")
+
+    def fit(name: str, interrupt: bool = False, resume: Path | None = None) -> list[torch.Tensor]:
+        pl.seed_everything(0)
+        model = sinkformer_transformer_numbers()
+        dm = NumbersDataModule(
+            train_size=64, valid_size=8, test_size=8, max_number=99, max_tokens=96, seed=0, num_workers=workers
+        )
+        callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True)]
+        if interrupt:
+            callbacks.append(Interrupt())
+        t = pl.Trainer(
+            accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, deterministic=True, default_root_dir=tmp_path / name,
+        )  # fmt: skip
+        try:
+            t.fit(model, datamodule=dm, ckpt_path=resume)
+        except RuntimeError as error:
+            assert interrupt and "preempted" in str(error)
+        assert t.num_training_batches >= 3
+        return [p.detach().clone() for p in model.parameters()]
+
+    straight = fit("straight")
+    fit("interrupted", interrupt=True)
+    resumed = fit("resumed", resume=tmp_path / "interrupted" / "last.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))

@@ -7,8 +7,9 @@ predict loader the inputs of the evaluation split without their labels (:class:`
 
 Training loaders are resumable: epoch e's order is a permutation seeded by the run's seed and e
 (:class:`EpochShuffleSampler`, sharded over the Trainer's processes), and each sample's random augmentation draws
-from a generator seeded by (seed, e, index) (:class:`SeededSamples`), so a fit resumed at an epoch boundary
-sees the same batches, augmented the same way, as the uninterrupted fit, whatever the number of workers.
+from a generator seeded by (seed, e, index) (:class:`SeededSamples`), and the loader records how far into its
+epoch it is (:class:`TrainingLoader`), so a resumed fit sees the same batches, augmented the same way, as the
+uninterrupted fit, whatever the number of workers, from an epoch's end or its middle.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "TrainingLoader",
     "ZooDataModule",
     "check_loader_args",
+    "resume_position",
     "run_seed",
     "sample_seed",
 ]
@@ -112,10 +114,38 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self._resume: tuple[int, int] | None = None  # (epoch, position): where a resumed epoch goes on
+        self.skipped = 0  # the positions the current pass skipped (those a resumed fit had taken)
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Make the next pass, if it is over ``epoch``, start at ``position`` of its order (a fit resumed in the
+        middle of that epoch); a pass over another epoch starts at its beginning.
+
+        Args:
+            epoch: the epoch the interrupted fit was in.
+            position: how many samples of this process's shard it had already taken.
+        """
+        self._resume = (int(epoch), int(position))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        for index in super().__iter__():
-            yield index, sample_seed(self.seed, self.epoch, index)
+        start = self.skipped = resume_position(self)
+        for position, index in enumerate(super().__iter__()):
+            if position >= start:
+                yield index, sample_seed(self.seed, self.epoch, index)
+
+
+def resume_position(order: Any) -> int:
+    """Where a pass of ``order`` (a sampler or batch sampler with ``epoch`` and a ``_resume`` of (epoch, position)
+    or None) over its current epoch starts: the resumed position while the epoch is the resumed one (torch's
+    worker iterator asks for the order twice when it starts), else 0, the resume then forgotten.
+
+    Args:
+        order: the sampler or batch sampler.
+    """
+    resume = order._resume
+    if resume is not None and resume[0] != order.epoch:
+        order._resume = resume = None
+    return resume[1] if resume is not None else 0
 
 
 class SeededSamples(Dataset):
@@ -148,10 +178,10 @@ class SeededSamples(Dataset):
 
 
 class _FirstBatchStart:
-    """An iterator that creates ``start()``'s iterator at its first ``next``."""
+    """An iterator that creates ``start()``'s iterator at its first ``next`` and counts the batches it returns."""
 
     def __init__(self, start: Any) -> None:
-        self._start, self._iterator = start, None
+        self._start, self._iterator, self.taken = start, None, 0
 
     def __iter__(self) -> _FirstBatchStart:
         return self
@@ -159,20 +189,68 @@ class _FirstBatchStart:
     def __next__(self) -> Any:
         if self._iterator is None:
             self._iterator = self._start()
-        return next(self._iterator)
+        batch = next(self._iterator)
+        self.taken += 1
+        return batch
 
     def __getstate__(self) -> dict[str, Any]:  # a pickled loop state holds no live iterator (as Lightning's)
-        return {"_start": None, "_iterator": None}
+        return {"_start": None, "_iterator": None, "taken": self.taken}
 
 
 class TrainingLoader(DataLoader):
-    """A DataLoader whose epoch starts at its first batch: ``iter()`` returns an iterator that asks the sampler
-    for the epoch's order (and starts the workers' prefetching) only when the first batch is requested. Lightning
-    calls ``iter()`` on the training loader before it calls the sampler's ``set_epoch``; with worker processes the
-    order was fixed at that call, so the first epoch of a resumed fit repeated epoch 0's."""
+    """A DataLoader whose epoch starts at its first batch, and which resumes in the middle of an epoch.
+
+    ``iter()`` returns an iterator that asks the sampler for the epoch's order (and starts the workers'
+    prefetching) only when the first batch is requested: Lightning calls ``iter()`` on the training loader before
+    it calls the sampler's ``set_epoch``, and with worker processes the order was fixed at that call, so the first
+    epoch of a resumed fit repeated epoch 0's. ``state_dict`` / ``load_state_dict`` (Lightning's resumable-loader
+    protocol, saved with its loops in every checkpoint) record the epoch and the batches of it already returned,
+    and a fit resumed from a checkpoint written in the middle of an epoch goes on with the batches that follow
+    (with an :class:`EpochShuffleSampler`, or a batch sampler that has ``resume_at``; other samplers restart the
+    epoch, as Lightning does)."""
+
+    _pass: _FirstBatchStart | None = None
 
     def __iter__(self) -> Any:
-        return _FirstBatchStart(super().__iter__)
+        self._pass = _FirstBatchStart(super().__iter__)
+        return self._pass
+
+    def _resumable(self) -> tuple[Any, int] | None:
+        """What can start an epoch in its middle (``resume_at(epoch, position)``, ``skipped``, ``epoch``): a batch
+        sampler (positions are batches: ``zoo.data.translation.TokenBatchSampler``) or the sampler (positions are
+        samples: :class:`EpochShuffleSampler`), with the positions per batch; None for other samplers."""
+        if hasattr(self.batch_sampler, "resume_at"):
+            return self.batch_sampler, 1
+        if hasattr(self.sampler, "resume_at") and self.batch_size:
+            return self.sampler, self.batch_size
+        return None
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": the order's epoch, "batches": the batches of it trained on so far}`` (those a resumed
+        pass skipped included)."""
+        taken = self._pass.taken if self._pass is not None else 0
+        resumable = self._resumable()
+        if resumable is None:
+            return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": taken}
+        order, per_batch = resumable
+        return {"epoch": int(order.epoch), "batches": taken + order.skipped // per_batch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the recorded epoch after its recorded batches (a checkpoint's numbers, checked).
+
+        Args:
+            state_dict: what :meth:`state_dict` returned in the interrupted fit.
+        """
+        epoch, batches = state_dict.get("epoch"), state_dict.get("batches")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, batches)):
+            raise ZooError(
+                "the checkpoint's training-loader state is damaged (expected non-negative integers 'epoch' and "
+                f"'batches', got {state_dict!r}); resume from another checkpoint"
+            )
+        resumable = self._resumable()
+        if resumable is not None:
+            order, per_batch = resumable
+            order.resume_at(epoch, batches * per_batch)
 
 
 def run_seed(world_size: int) -> int:

@@ -5,8 +5,9 @@ global random generators. After a resume, dropout, drop-path, MixUp / CutMix and
 them started from the resumed process's seed: the fit went on differently from the one that was interrupted.
 The zoo's models write the generators' states into every checkpoint (:func:`save_rng_states`) and a resumed fit
 restores them (:func:`restore_rng_states`); the training data's order and augmentation follow the epoch alone
-(:mod:`zoo.data.base`). Together, a fit resumed from a checkpoint written at the end of an epoch repeats the
-uninterrupted fit's steps (bit for bit where the computation is deterministic).
+(:mod:`zoo.data.base`), and the training loader's position in its epoch comes back from the checkpoint too
+(:func:`load_pending_loader_states`). Together, a fit resumed from a checkpoint repeats the uninterrupted fit's
+steps (bit for bit where the computation is deterministic), from the end of an epoch or from its middle.
 
 Under DDP every process starts from the same seed and draws alike, so rank 0's states, which the checkpoint
 holds, are every rank's: its CPU generator's and its own CUDA device's, which every rank restores on its own device.
@@ -20,7 +21,7 @@ import torch
 
 from zoo.errors import ZooError
 
-__all__ = ["RNG_STATES_KEY", "restore_rng_states", "save_rng_states"]
+__all__ = ["RNG_STATES_KEY", "load_pending_loader_states", "restore_rng_states", "save_rng_states"]
 
 #: the checkpoint entry holding the generators' states
 RNG_STATES_KEY = "zoo_rng_states"
@@ -77,3 +78,19 @@ def restore_rng_states(module: Any, checkpoint: dict[str, Any]) -> None:
     torch.set_rng_state(cpu)
     if restore_cuda:
         torch.cuda.set_rng_state(cuda)
+
+
+def load_pending_loader_states(trainer: Any) -> None:
+    """Hand the training loaders the states a resumed fit's checkpoint holds for them, if Lightning has not: it
+    loads them when it sets the training data up, but a fit whose ``configure_optimizers`` asked for the run's
+    length (``trainer.estimated_stepping_batches``, which every schedule spanning the run needs) set the data up
+    before the checkpoint was read, and the states were dropped, so a fit resumed in the middle of an epoch started
+    that epoch's data again. Called at the start of training (``on_train_start``), before the first batch.
+
+    Args:
+        trainer: the Trainer of the fit.
+    """
+    fit_loop = getattr(trainer, "fit_loop", None)
+    load = getattr(fit_loop, "_load_combined_loader_states", None)
+    if callable(load):  # it loads only in a restarting fit with states still pending, once
+        load()

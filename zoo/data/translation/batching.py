@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler
 
+from zoo.data.base import resume_position
 from zoo.errors import ZooError
 
 __all__ = ["TokenBatchSampler", "batch_by_size"]
@@ -127,6 +128,8 @@ class TokenBatchSampler(BatchSampler):
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
         self.required_batch_size_multiple = required_batch_size_multiple
         self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
+        self._resume: tuple[int, int] | None = None  # (epoch, position): where a resumed epoch goes on
+        self.skipped = 0  # the batches the current pass skipped (those a resumed fit had trained on)
         self.even_batches, self.drop_last = bool(even_batches), False
         if num_replicas is None and sampler is not None and hasattr(sampler, "num_replicas"):
             num_replicas, rank = sampler.num_replicas, sampler.rank
@@ -157,6 +160,17 @@ class TokenBatchSampler(BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Make the next pass, if it is over ``epoch``, start at batch ``position`` of this process's batches (a
+        fit resumed in the middle of that epoch: ``zoo.data.base.TrainingLoader``); another epoch starts at its
+        first batch.
+
+        Args:
+            epoch: the epoch the interrupted fit was in.
+            position: how many of this process's batches of that epoch it had trained on.
+        """
+        self._resume = (int(epoch), int(position))
+
     def _epoch_batches(self) -> list[list[int]]:
         batches = list(self.batches)
         if self.shuffle:
@@ -169,7 +183,8 @@ class TokenBatchSampler(BatchSampler):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._epoch_batches())
+        self.skipped = resume_position(self)
+        return iter(self._epoch_batches()[self.skipped :])
 
     def __len__(self) -> int:
         n = len(self.batches)

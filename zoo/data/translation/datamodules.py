@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from zoo.data.base import TrainingLoader
 from zoo.data.translation.batching import TokenBatchSampler
 from zoo.data.translation.dataset import LanguagePairDataset, _merge, collate
 from zoo.data.translation.dictionary import Dictionary
@@ -155,12 +156,15 @@ class TranslationDataModule(pl.LightningDataModule):
             left_pad_source=self.left_pad_source,
             left_pad_target=self.left_pad_target,
         )
-        return DataLoader(
+        # training: the epoch's order fixed at its first batch, resumable mid-epoch (zoo.data.base.TrainingLoader);
+        # every loader seeds its workers from a generator of its own, not from torch's global one
+        return (TrainingLoader if shuffle else DataLoader)(
             ds,
             batch_sampler=sampler,
             collate_fn=collate_fn,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
