@@ -182,3 +182,47 @@ def test_a_damaged_loader_state_is_one_error(tmp_path: Path) -> None:
     torch.save(checkpoint, tmp_path / "damaged.ckpt")
     with pytest.raises(ZooError, match="training-loader state is damaged"):
         fit(tmp_path / "again", resnet, 0, resume=tmp_path / "damaged.ckpt", every_step=True)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_loader_state_follows_its_passes(workers: int) -> None:
+    """TrainingLoader's state: the epoch of the pass begun and the batches of it returned; a loader given that
+    state goes on with the rest of that epoch's batches (then counts from there), starts any other epoch at its
+    beginning, and keeps the last pass's state until a new pass returns its first batch (a checkpoint written
+    between set_epoch and the first batch must not skip the new epoch)."""
+    from zoo.data.base import TrainingLoader
+
+    data = SeededSamples(torch.arange(20.0))
+
+    def loader() -> TrainingLoader:
+        sampler = EpochShuffleSampler(data, 1, 0, seed=3)
+        return TrainingLoader(data, batch_size=4, sampler=sampler, num_workers=workers)
+
+    first = loader()
+    assert first.state_dict() == {"epoch": 0, "batches": 0}
+    epoch0 = [b.tolist() for b in first]
+    assert first.state_dict() == {"epoch": 0, "batches": 5} and sorted(sum(epoch0, [])) == list(range(20))
+    first.sampler.set_epoch(1)
+    assert first.state_dict() == {"epoch": 0, "batches": 5}  # no batch of epoch 1 yet
+    it = iter(first)
+    epoch1 = [next(it).tolist(), next(it).tolist()]
+    assert first.state_dict() == {"epoch": 1, "batches": 2}
+    epoch1 += [b.tolist() for b in it]
+    assert epoch1 != epoch0
+
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    resumed.sampler.set_epoch(1)
+    it = iter(resumed)
+    assert next(it).tolist() == epoch1[2]
+    assert resumed.state_dict() == {"epoch": 1, "batches": 3}
+    assert [b.tolist() for b in it] == epoch1[3:]
+    resumed.sampler.set_epoch(2)
+    assert len(list(resumed)) == 5  # the next epoch whole
+
+    other = loader()
+    other.load_state_dict({"epoch": 0, "batches": 5})  # an epoch-end state: epoch 1 starts at its beginning
+    other.sampler.set_epoch(1)
+    assert [b.tolist() for b in other] == epoch1
+    with pytest.raises(ZooError, match="training-loader state is damaged"):
+        other.load_state_dict([1, 2])  # type: ignore[arg-type]

@@ -178,10 +178,14 @@ class SeededSamples(Dataset):
 
 
 class _FirstBatchStart:
-    """An iterator that creates ``start()``'s iterator at its first ``next`` and counts the batches it returns."""
+    """An iterator that creates ``start()``'s iterator at its first ``next``, and knows where in its epoch it is:
+    ``epoch`` and ``taken`` (the batches of the epoch trained on, those a resumed pass skipped included), set from
+    ``position()`` = (epoch, batches skipped) once the first batch has come (the order is fixed by then)."""
 
-    def __init__(self, start: Any) -> None:
-        self._start, self._iterator, self.taken = start, None, 0
+    def __init__(self, start: Any, position: Any) -> None:
+        self._start, self._position, self._iterator = start, position, None
+        self.epoch: int | None = None
+        self.taken = 0
 
     def __iter__(self) -> _FirstBatchStart:
         return self
@@ -190,11 +194,13 @@ class _FirstBatchStart:
         if self._iterator is None:
             self._iterator = self._start()
         batch = next(self._iterator)
+        if self.epoch is None:
+            self.epoch, self.taken = self._position()
         self.taken += 1
         return batch
 
     def __getstate__(self) -> dict[str, Any]:  # a pickled loop state holds no live iterator (as Lightning's)
-        return {"_start": None, "_iterator": None, "taken": self.taken}
+        return {"_start": None, "_position": None, "_iterator": None, "epoch": self.epoch, "taken": self.taken}
 
 
 class TrainingLoader(DataLoader):
@@ -212,8 +218,16 @@ class TrainingLoader(DataLoader):
     _pass: _FirstBatchStart | None = None
 
     def __iter__(self) -> Any:
-        self._pass = _FirstBatchStart(super().__iter__)
+        self._pass = _FirstBatchStart(super().__iter__, self._position)
         return self._pass
+
+    def _position(self) -> tuple[int, int]:
+        """(the order's epoch, the batches of it this pass skipped)."""
+        resumable = self._resumable()
+        if resumable is None:
+            return int(getattr(self.sampler, "epoch", 0)), 0
+        order, per_batch = resumable
+        return int(order.epoch), order.skipped // per_batch
 
     def _resumable(self) -> tuple[Any, int] | None:
         """What can start an epoch in its middle (``resume_at(epoch, position)``, ``skipped``, ``epoch``): a batch
@@ -226,14 +240,11 @@ class TrainingLoader(DataLoader):
         return None
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch": the order's epoch, "batches": the batches of it trained on so far}`` (those a resumed
-        pass skipped included)."""
-        taken = self._pass.taken if self._pass is not None else 0
-        resumable = self._resumable()
-        if resumable is None:
-            return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": taken}
-        order, per_batch = resumable
-        return {"epoch": int(order.epoch), "batches": taken + order.skipped // per_batch}
+        """``{"epoch": the epoch of the last pass begun, "batches": the batches of it trained on so far}`` (those a
+        resumed pass skipped included); before any batch, the sampler's epoch and 0."""
+        if self._pass is not None and self._pass.epoch is not None:
+            return {"epoch": self._pass.epoch, "batches": self._pass.taken}
+        return {"epoch": self._position()[0], "batches": 0}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the recorded epoch after its recorded batches (a checkpoint's numbers, checked).
@@ -241,11 +252,13 @@ class TrainingLoader(DataLoader):
         Args:
             state_dict: what :meth:`state_dict` returned in the interrupted fit.
         """
-        epoch, batches = state_dict.get("epoch"), state_dict.get("batches")
+        epoch, batches = (
+            (state_dict.get(k) for k in ("epoch", "batches")) if isinstance(state_dict, dict) else (None,) * 2
+        )
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, batches)):
             raise ZooError(
                 "the checkpoint's training-loader state is damaged (expected non-negative integers 'epoch' and "
-                f"'batches', got {state_dict!r}); resume from another checkpoint"
+                f"'batches', got {repr(state_dict)[:200]}); resume from another checkpoint"
             )
         resumable = self._resumable()
         if resumable is not None:
